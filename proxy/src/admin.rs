@@ -1,0 +1,180 @@
+//! The admin listener: health, readiness, metrics, the publish API and the
+//! sessions API. Keep it on a network only operators and workers reach;
+//! the publish and sessions APIs also need the publish secret.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::json;
+
+use crate::edge::{Reject, Response};
+use crate::gateway::{Gateway, PublishError};
+use crate::jsonrpc::code;
+
+/// Answers one admin request. `body` is already read (and bounded).
+pub async fn handle(
+    gw: &Gateway,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    route(gw, method, path, headers, body)
+        .await
+        .unwrap_or_else(Reject::into_response)
+}
+
+async fn route(
+    gw: &Gateway,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, Reject> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, json!({"status": "ok"}))),
+        (&Method::GET, ["readyz"]) => Ok(readiness(gw)),
+        (&Method::GET, ["metrics"]) => {
+            let mut r = Response::empty(StatusCode::OK);
+            r.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r.body = crate::edge::ResponseBody::Full(Bytes::from(gw.metrics.render()));
+            Ok(r)
+        }
+        (&Method::POST, ["sessions", id, "messages"]) => {
+            authorize(gw, headers)?;
+            match gw.publish(id, &body).await {
+                Ok(event) => Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    json!({"event_id": event.to_string()}),
+                )),
+                Err(PublishError::UnknownSession) => Err(Reject::new(
+                    StatusCode::NOT_FOUND,
+                    code::SESSION_NOT_FOUND,
+                    "session not found: it expired, was deleted, or never existed",
+                )),
+                Err(PublishError::Invalid(e)) => Err(Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    e.code(),
+                    format!("the body must be one JSON-RPC message: {e}"),
+                )),
+                Err(PublishError::Store(e)) => Err(Reject::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code::INTERNAL_ERROR,
+                    e.to_string(),
+                )),
+            }
+        }
+        (&Method::DELETE, ["sessions", id]) => {
+            authorize(gw, headers)?;
+            match gw.end_session(id, "deleted through the admin API").await {
+                Ok(true) => Ok(Response::empty(StatusCode::NO_CONTENT)),
+                Ok(false) => Err(Reject::new(
+                    StatusCode::NOT_FOUND,
+                    code::SESSION_NOT_FOUND,
+                    "session not found",
+                )),
+                Err(e) => Err(Reject::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code::INTERNAL_ERROR,
+                    e.to_string(),
+                )),
+            }
+        }
+        (&Method::GET, ["orgs", org, "sessions"]) => {
+            authorize(gw, headers)?;
+            if gw.routes.org(org).is_none() {
+                return Err(Reject::new(
+                    StatusCode::NOT_FOUND,
+                    code::NOT_FOUND,
+                    format!("unknown org '{}'", org.escape_default()),
+                ));
+            }
+            let sessions = gw.store.list_org(org).await.map_err(|e| {
+                Reject::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code::INTERNAL_ERROR,
+                    e.to_string(),
+                )
+            })?;
+            let listed: Vec<serde_json::Value> = sessions
+                .iter()
+                .map(|s| {
+                    let mut v = json!(s);
+                    v["events_buffered"] = json!(gw.hub.get(&s.state.id).map_or(0, |l| l.len()));
+                    v
+                })
+                .collect();
+            Ok(json_response(
+                StatusCode::OK,
+                json!({"org": org, "count": listed.len(), "sessions": listed}),
+            ))
+        }
+        (_, ["healthz" | "readyz" | "metrics"]) => Err(Reject::method_not_allowed(method, "GET")),
+        (_, ["sessions", _, "messages"]) => Err(Reject::method_not_allowed(method, "POST")),
+        (_, ["orgs", _, "sessions"]) => Err(Reject::method_not_allowed(method, "GET")),
+        _ => Err(Reject::new(
+            StatusCode::NOT_FOUND,
+            code::NOT_FOUND,
+            format!(
+                "no admin endpoint at '{}'; see /healthz, /readyz, /metrics, /sessions/{{id}}/messages, /orgs/{{org}}/sessions",
+                path.escape_default()
+            ),
+        )),
+    }
+}
+
+fn readiness(gw: &Gateway) -> Response {
+    let orgs: serde_json::Map<String, serde_json::Value> = gw
+        .routes
+        .orgs()
+        .map(|o| (o.name.to_string(), json!({"replicas": o.pool.snapshot()})))
+        .collect();
+    if gw.is_draining() {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "draining", "orgs": orgs}),
+        )
+    } else {
+        json_response(StatusCode::OK, json!({"status": "ready", "orgs": orgs}))
+    }
+}
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response {
+    Response::json(status, Bytes::from(v.to_string()))
+}
+
+/// The publish and sessions APIs take `Authorization: Bearer <publish secret>`.
+fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), Reject> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    let unauthorized = |message: &str| {
+        let mut r = Reject::new(StatusCode::UNAUTHORIZED, code::BAD_REQUEST, message);
+        r.headers.push((
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"ratatosk-admin\""),
+        ));
+        r
+    };
+    match presented {
+        None => Err(unauthorized(
+            "missing Authorization: Bearer <publish secret>",
+        )),
+        Some(token)
+            if constant_time_eq::constant_time_eq(
+                token.as_bytes(),
+                gw.config.publish.secret.as_bytes(),
+            ) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(unauthorized("wrong publish secret")),
+    }
+}

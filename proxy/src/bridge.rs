@@ -1,0 +1,257 @@
+//! The era bridge: what a request looks like toward the upstream, and how
+//! the upstream's answer is read back as JSON-RPC messages.
+//!
+//! Toward a `stateless-2025` upstream the body passes through unchanged; the
+//! gateway's session travels as `Ratatosk-*` headers, never as the client's
+//! `Mcp-Session-Id`, and the client's credentials never go upstream.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures::{Stream, StreamExt};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+use crate::edge::{MCP_PROTOCOL_VERSION, REQUEST_ID};
+use crate::upstream::{Answer, AnswerKind, error_chain};
+
+pub const RATATOSK_SESSION: HeaderName = HeaderName::from_static("ratatosk-session");
+pub const RATATOSK_ORG: HeaderName = HeaderName::from_static("ratatosk-org");
+pub const RATATOSK_SUBJECT: HeaderName = HeaderName::from_static("ratatosk-subject");
+
+/// Trace context headers passed through to upstreams (W3C Trace Context).
+const TRACE_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+];
+
+/// Who and what a forwarded request is on behalf of.
+pub struct Forwarding<'a> {
+    pub session_id: &'a str,
+    pub org: &'a str,
+    pub subject: &'a str,
+    /// `None` for `initialize`, which negotiates it.
+    pub protocol_version: Option<&'a str>,
+    pub request_id: &'a str,
+}
+
+/// Headers of a request to the upstream. Built from scratch, so nothing
+/// of the client's (Authorization, cookies, its session id) leaks through
+/// except trace context.
+pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(10);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::ACCEPT,
+        HeaderValue::from_static("application/json, text/event-stream"),
+    );
+    let mut put = |name: HeaderName, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    if let Some(v) = f.protocol_version {
+        put(MCP_PROTOCOL_VERSION, v);
+    }
+    put(RATATOSK_SESSION, f.session_id);
+    put(RATATOSK_ORG, f.org);
+    put(RATATOSK_SUBJECT, f.subject);
+    put(REQUEST_ID, f.request_id);
+    for name in TRACE_HEADERS {
+        if let Some(v) = client.get(&name) {
+            h.insert(name, v.clone());
+        }
+    }
+    h
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("upstream {replica} sent nothing for {after:?}")]
+    Timeout { replica: String, after: Duration },
+    #[error("upstream {replica} broke off its answer: {reason}")]
+    Broken { replica: String, reason: String },
+    #[error("upstream {replica} answered with a body that is not JSON-RPC: {reason}")]
+    Garbled { replica: String, reason: String },
+}
+
+type SseEvents = Pin<
+    Box<
+        dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>>
+            + Send,
+    >,
+>;
+
+enum Source {
+    Json(Option<reqwest::Response>),
+    Sse(SseEvents),
+    Done,
+}
+
+/// Reads an upstream answer message by message, whether it came as JSON
+/// (one message or an array) or as SSE. Every wait is bounded by `timeout`.
+pub struct AnswerReader {
+    source: Source,
+    queued: std::collections::VecDeque<Bytes>,
+    timeout: Duration,
+    replica: String,
+    /// Held so the replica counts as busy until the answer is read.
+    _lease: crate::upstream::Lease,
+}
+
+impl AnswerReader {
+    pub fn new(answer: Answer, timeout: Duration) -> AnswerReader {
+        let replica = answer.lease.replica().to_owned();
+        let source = match answer.kind {
+            AnswerKind::Json => Source::Json(Some(answer.response)),
+            AnswerKind::Sse => Source::Sse(Box::pin(answer.response.bytes_stream().eventsource())),
+            AnswerKind::Empty => Source::Done,
+        };
+        AnswerReader {
+            source,
+            queued: Default::default(),
+            timeout,
+            replica,
+            _lease: answer.lease,
+        }
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The next message's raw JSON, or `None` at the end of the answer.
+    pub async fn next_message(&mut self) -> Result<Option<Bytes>, ReadError> {
+        loop {
+            if let Some(m) = self.queued.pop_front() {
+                return Ok(Some(m));
+            }
+            match &mut self.source {
+                Source::Done => return Ok(None),
+                Source::Json(response) => {
+                    let Some(response) = response.take() else {
+                        self.source = Source::Done;
+                        continue;
+                    };
+                    let body = tokio::time::timeout(self.timeout, response.bytes())
+                        .await
+                        .map_err(|_| self.timeout_error())?
+                        .map_err(|e| self.broken(&e))?;
+                    self.source = Source::Done;
+                    self.queued = split_json(&body).map_err(|reason| ReadError::Garbled {
+                        replica: self.replica.clone(),
+                        reason,
+                    })?;
+                }
+                Source::Sse(events) => {
+                    let next = tokio::time::timeout(self.timeout, events.next())
+                        .await
+                        .map_err(|_| self.timeout_error())?;
+                    match next {
+                        None => self.source = Source::Done,
+                        Some(Err(e)) => return Err(self.broken(&e)),
+                        Some(Ok(event)) => {
+                            // Priming events carry no data; other event types
+                            // are not JSON-RPC messages.
+                            let is_message = event.event.is_empty() || event.event == "message";
+                            if is_message && !event.data.trim().is_empty() {
+                                return Ok(Some(Bytes::from(event.data)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn timeout_error(&self) -> ReadError {
+        ReadError::Timeout {
+            replica: self.replica.clone(),
+            after: self.timeout,
+        }
+    }
+
+    fn broken(&self, e: &dyn std::error::Error) -> ReadError {
+        ReadError::Broken {
+            replica: self.replica.clone(),
+            reason: error_chain(e),
+        }
+    }
+}
+
+/// Splits a JSON body into messages: an array gives one per element.
+fn split_json(body: &Bytes) -> Result<std::collections::VecDeque<Bytes>, String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    match first {
+        None => Ok(Default::default()),
+        Some(b'[') => {
+            let items: Vec<&serde_json::value::RawValue> =
+                serde_json::from_slice(body).map_err(|e| e.to_string())?;
+            Ok(items
+                .into_iter()
+                .map(|raw| Bytes::copy_from_slice(raw.get().as_bytes()))
+                .collect())
+        }
+        Some(_) => {
+            serde_json::from_slice::<&serde_json::value::RawValue>(body)
+                .map_err(|e| e.to_string())?;
+            Ok(std::iter::once(body.clone()).collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_headers_carry_identity_and_never_credentials() {
+        let mut client = HeaderMap::new();
+        client.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret-token"),
+        );
+        client.insert(header::COOKIE, HeaderValue::from_static("sid=1"));
+        client.insert("mcp-session-id", HeaderValue::from_static("client-visible"));
+        client.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
+        let h = upstream_headers(
+            &Forwarding {
+                session_id: "S",
+                org: "org-1",
+                subject: "alice",
+                protocol_version: Some("2025-06-18"),
+                request_id: "req-1",
+            },
+            &client,
+        );
+        assert_eq!(h.get("ratatosk-session").expect("session"), "S");
+        assert_eq!(h.get("ratatosk-org").expect("org"), "org-1");
+        assert_eq!(h.get("ratatosk-subject").expect("subject"), "alice");
+        assert_eq!(
+            h.get("mcp-protocol-version").expect("version"),
+            "2025-06-18"
+        );
+        assert_eq!(h.get("traceparent").expect("trace"), "00-abc-def-01");
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert!(h.get(header::COOKIE).is_none());
+        assert!(h.get("mcp-session-id").is_none());
+    }
+
+    #[test]
+    fn json_bodies_split_into_messages() {
+        let one = split_json(&Bytes::from_static(
+            br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+        ))
+        .expect("ok");
+        assert_eq!(one.len(), 1);
+        let many = split_json(&Bytes::from_static(br#"[{"a":1}, {"b":2}]"#)).expect("ok");
+        assert_eq!(many.len(), 2);
+        assert_eq!(&many[1][..], br#"{"b":2}"#);
+        assert!(split_json(&Bytes::from_static(b"<html>")).is_err());
+        assert!(split_json(&Bytes::new()).expect("ok").is_empty());
+    }
+}

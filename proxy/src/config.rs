@@ -1,0 +1,757 @@
+//! The gateway's YAML configuration.
+//!
+//! Loading is three steps: parse YAML into a tree, expand `${ENV}`
+//! placeholders in string values, then deserialize into the typed structs
+//! below (unknown fields are errors) and check the rules serde cannot express.
+//! Every error names the file, the field path and what was expected.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ratatosk_auth::AuthMode;
+use serde::Deserialize;
+use url::Url;
+use yaml_serde::Value;
+
+/// Top level of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where MCP clients connect, e.g. `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// The admin listener: health, metrics, the publish and sessions APIs.
+    /// Keep it on a network only operators and workers reach.
+    pub admin_listen: SocketAddr,
+    /// Prefix before `/{org}/mcp`, e.g. `/api/v1/mcp`. Empty by default.
+    #[serde(default)]
+    pub base_path: String,
+    /// Browser origins allowed to call the gateway, e.g. `http://localhost:6274`.
+    /// A request with an `Origin` header not in this list gets 403; requests
+    /// without `Origin` (non-browser clients) are not affected.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+    #[serde(default)]
+    pub streams: StreamsConfig,
+    pub publish: PublishConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// One entry per organization; the key is the org alias used in paths.
+    pub orgs: BTreeMap<String, OrgConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted on the MCP endpoints and the publish API.
+    pub max_body_bytes: usize,
+    /// How long a client may take to send its request body.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// A session with no request and no open stream for this long ends.
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    /// Events kept per session for `Last-Event-ID` replay.
+    pub event_log_size: usize,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            idle_ttl: Duration::from_secs(30 * 60),
+            event_log_size: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Interval of SSE keep-alive comments on idle streams.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// The `retry` hint sent with the priming event.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            keepalive: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// Bearer secret for the publish and sessions APIs. Put it in the
+    /// environment: `secret: ${RATATOSK_PUBLISH_SECRET}`.
+    pub secret: String,
+}
+
+impl fmt::Debug for PublishConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublishConfig")
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Worker threads of the MCP listener.
+    pub threads: usize,
+    /// On SIGTERM, how long to keep serving open connections.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            shutdown_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgConfig {
+    /// How bearer tokens are validated. `none` serves everyone as anonymous.
+    #[serde(default)]
+    pub auth: AuthMode,
+    pub upstream: UpstreamConfig,
+}
+
+/// The MCP protocol era an upstream pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Era {
+    /// Streamable HTTP of 2025, without sessions (e.g. FastMCP `stateless_http`).
+    #[serde(rename = "stateless-2025")]
+    Stateless2025,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub era: Era,
+    /// Replica URLs of the MCP endpoint, e.g. `http://10.0.0.5:8000/mcp`.
+    pub replicas: Vec<String>,
+    /// Longest wait for the upstream's answer to start, and between two
+    /// events of a streamed answer.
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a replica that failed to connect or answered 5xx stays out
+    /// of rotation.
+    #[serde(default = "default_eject_for", with = "humantime_serde")]
+    pub eject_for: Duration,
+}
+
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_eject_for() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted field path, e.g. `orgs.org-1.upstream.replicas[0]`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "at `{}`: {}", self.path, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {}", render_problems(.problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    match problems {
+        [one] => one.to_string(),
+        many => {
+            let mut out = format!("{} problems:", many.len());
+            for p in many {
+                out.push_str("\n  - ");
+                out.push_str(&p.to_string());
+            }
+            out
+        }
+    }
+}
+
+impl Config {
+    /// Reads, expands and validates a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text, file, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses config text. `env` looks up `${NAME}` placeholders; `file` is
+    /// only used in error messages.
+    pub fn from_yaml(
+        text: &str,
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |problems: Vec<Problem>| ConfigError::Invalid {
+            file: file.to_owned(),
+            problems,
+        };
+        let mut tree: Value = yaml_serde::from_str(text).map_err(|e| {
+            invalid(vec![Problem {
+                path: String::new(),
+                message: format!("not valid YAML: {e}"),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        expand_env(&mut tree, &mut String::new(), env, &mut problems);
+        if !problems.is_empty() {
+            return Err(invalid(problems));
+        }
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            invalid(vec![Problem {
+                path: if path == "." { String::new() } else { path },
+                message: e.into_inner().to_string(),
+            }])
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(invalid(problems))
+        }
+    }
+
+    /// The rules serde cannot express. Returns every problem found.
+    fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut bad = |path: &str, message: String| {
+            problems.push(Problem {
+                path: path.to_owned(),
+                message,
+            })
+        };
+
+        if !self.base_path.is_empty() {
+            let ok = self.base_path.starts_with('/')
+                && !self.base_path.ends_with('/')
+                && self.base_path[1..].split('/').all(is_path_segment);
+            if !ok {
+                bad(
+                    "base_path",
+                    format!(
+                        "expected an absolute path like `/api/v1/mcp` (leading slash, no trailing slash, \
+                         segments of letters, digits, `-`, `_`, `.`), got `{}`",
+                        self.base_path
+                    ),
+                );
+            }
+        }
+        if self.listen == self.admin_listen {
+            bad(
+                "admin_listen",
+                format!("must differ from `listen` ({})", self.listen),
+            );
+        }
+        for (i, origin) in self.allowed_origins.iter().enumerate() {
+            if let Err(why) = check_origin(origin) {
+                bad(&format!("allowed_origins[{i}]"), why);
+            }
+        }
+        if self.limits.max_body_bytes == 0 || self.limits.max_body_bytes > 64 * 1024 * 1024 {
+            bad(
+                "limits.max_body_bytes",
+                format!(
+                    "expected between 1 and 67108864 bytes, got {}",
+                    self.limits.max_body_bytes
+                ),
+            );
+        }
+        if self.limits.body_read_timeout.is_zero() {
+            bad(
+                "limits.body_read_timeout",
+                "expected a positive duration like `30s`".into(),
+            );
+        }
+        if self.sessions.event_log_size == 0 || self.sessions.event_log_size > 1_000_000 {
+            bad(
+                "sessions.event_log_size",
+                format!(
+                    "expected between 1 and 1000000 events, got {}",
+                    self.sessions.event_log_size
+                ),
+            );
+        }
+        if self.sessions.idle_ttl < Duration::from_secs(1) {
+            bad(
+                "sessions.idle_ttl",
+                "expected at least `1s`, e.g. `30m`".into(),
+            );
+        }
+        if self.streams.keepalive < Duration::from_millis(100) {
+            bad(
+                "streams.keepalive",
+                "expected at least `100ms`, e.g. `15s`".into(),
+            );
+        }
+        if self.publish.secret.len() < 16 {
+            bad(
+                "publish.secret",
+                format!(
+                    "expected a secret of at least 16 characters, got {} (set it from the environment, e.g. `${{RATATOSK_PUBLISH_SECRET}}`)",
+                    self.publish.secret.len()
+                ),
+            );
+        }
+        if self.server.threads == 0 || self.server.threads > 1024 {
+            bad(
+                "server.threads",
+                format!("expected between 1 and 1024, got {}", self.server.threads),
+            );
+        }
+        if self.orgs.is_empty() {
+            bad("orgs", "expected at least one org".into());
+        }
+        for (name, org) in &self.orgs {
+            let at = format!("orgs.{name}");
+            if !is_path_segment(name) {
+                bad(
+                    &at,
+                    format!(
+                        "org name `{name}` must be a path segment of letters, digits, `-`, `_`, `.`"
+                    ),
+                );
+            }
+            if org.auth != AuthMode::None {
+                bad(
+                    &format!("{at}.auth"),
+                    format!(
+                        "auth mode `{}` is not available in this build yet; only `none` is",
+                        org.auth.as_str()
+                    ),
+                );
+            }
+            let up = &org.upstream;
+            if up.replicas.is_empty() {
+                bad(
+                    &format!("{at}.upstream.replicas"),
+                    "expected at least one replica URL".into(),
+                );
+            }
+            for (i, replica) in up.replicas.iter().enumerate() {
+                if let Err(why) = check_replica_url(replica) {
+                    bad(&format!("{at}.upstream.replicas[{i}]"), why);
+                }
+                if up.replicas[..i].contains(replica) {
+                    bad(
+                        &format!("{at}.upstream.replicas[{i}]"),
+                        format!("`{replica}` is listed twice"),
+                    );
+                }
+            }
+            if up.timeout.is_zero() {
+                bad(
+                    &format!("{at}.upstream.timeout"),
+                    "expected a positive duration like `60s`".into(),
+                );
+            }
+            if up.connect_timeout.is_zero() {
+                bad(
+                    &format!("{at}.upstream.connect_timeout"),
+                    "expected a positive duration like `2s`".into(),
+                );
+            }
+        }
+        problems
+    }
+}
+
+fn is_path_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// An allowed origin must be exactly what browsers send: scheme, host and
+/// optional port, nothing else.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let url = Url::parse(origin).map_err(|e| {
+        format!("expected an origin like `https://app.example.com`, got `{origin}` ({e})")
+    })?;
+    let serialized = url.origin().ascii_serialization();
+    if !matches!(url.scheme(), "http" | "https") || serialized != origin {
+        return Err(format!(
+            "expected an origin like `https://app.example.com` (scheme, host, optional port; no path or trailing slash), got `{origin}`"
+        ));
+    }
+    Ok(())
+}
+
+fn check_replica_url(replica: &str) -> Result<(), String> {
+    let url = Url::parse(replica).map_err(|e| {
+        format!("expected a URL like `http://127.0.0.1:8000/mcp`, got `{replica}` ({e})")
+    })?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "expected an `http://` URL, got `{replica}` (TLS to upstreams is not supported yet; \
+             keep upstreams on a trusted network)"
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("expected a host in `{replica}`"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("expected no query or fragment in `{replica}`"));
+    }
+    Ok(())
+}
+
+/// Expands `${NAME}` and `${NAME:-default}` in every string of the tree;
+/// `$$` is a literal `$`. A value that is a single placeholder is re-read as
+/// a YAML scalar, so `port: ${PORT}` yields a number.
+fn expand_env(
+    value: &mut Value,
+    path: &mut String,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) {
+    match value {
+        Value::String(s) => {
+            if !s.contains('$') {
+                return;
+            }
+            match expand_str(s, env) {
+                Ok(expanded) => {
+                    let whole =
+                        s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
+                    *value = match whole.then(|| yaml_serde::from_str::<Value>(&expanded)) {
+                        Some(Ok(
+                            scalar @ (Value::Number(_) | Value::Bool(_) | Value::String(_)),
+                        )) => scalar,
+                        _ => Value::String(expanded),
+                    };
+                }
+                Err(message) => problems.push(Problem {
+                    path: path.clone(),
+                    message,
+                }),
+            }
+        }
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                expand_env(item, path, env, problems);
+                path.truncate(len);
+            }
+        }
+        Value::Mapping(map) => {
+            for (key, item) in map.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                match key {
+                    Value::String(k) => path.push_str(k),
+                    other => path.push_str(&format!("{other:?}")),
+                }
+                expand_env(item, path, env, problems);
+                path.truncate(len);
+            }
+        }
+        Value::Tagged(tagged) => expand_env(&mut tagged.value, path, env, problems),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
+            let inner = &body[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            let valid_name =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid_name {
+                return Err(format!(
+                    "`${{{inner}}}` is not a valid placeholder: expected `${{NAME}}` or `${{NAME:-default}}`"
+                ));
+            }
+            match (env(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable `{name}` is not set (referenced as `${{{name}}}`)"
+                    ));
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123";
+
+    fn minimal() -> String {
+        format!(
+            r#"
+listen: 127.0.0.1:8080
+admin_listen: 127.0.0.1:9090
+publish:
+  secret: {SECRET}
+orgs:
+  org-1:
+    upstream:
+      era: stateless-2025
+      replicas: [http://127.0.0.1:9001/mcp]
+"#
+        )
+    }
+
+    fn parse_with(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_yaml(text, Path::new("gw.yaml"), &move |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        parse_with(text, &[])
+    }
+
+    fn only_problem(err: ConfigError) -> Problem {
+        let problems = err.problems().to_vec();
+        assert_eq!(problems.len(), 1, "expected one problem, got {problems:?}");
+        problems.into_iter().next().expect("one problem")
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(&minimal()).expect("valid");
+        assert_eq!(c.base_path, "");
+        assert_eq!(c.limits.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.sessions.event_log_size, 256);
+        assert_eq!(c.streams.keepalive, Duration::from_secs(15));
+        let org = &c.orgs["org-1"];
+        assert_eq!(org.auth, AuthMode::None);
+        assert_eq!(org.upstream.era, Era::Stateless2025);
+        assert_eq!(org.upstream.timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_field_names_its_path_and_the_expected_fields() {
+        let text = minimal().replace("      era:", "      eras: x\n      era:");
+        let err = parse(&text).expect_err("unknown field");
+        let p = only_problem(err);
+        assert!(p.path.starts_with("orgs.org-1.upstream"), "{p:?}");
+        assert!(p.message.contains("unknown field `eras`"), "{p:?}");
+        assert!(p.message.contains("`replicas`"), "{p:?}");
+    }
+
+    #[test]
+    fn error_display_names_file_path_and_expectation() {
+        let text = minimal().replace("stateless-2025", "stateless-2099");
+        let err = parse(&text).expect_err("bad era");
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with("gw.yaml: at `orgs.org-1.upstream.era`"),
+            "{shown}"
+        );
+        assert!(shown.contains("stateless-2025"), "{shown}");
+    }
+
+    #[test]
+    fn bad_duration_is_reported_at_its_field() {
+        let text = format!("{}sessions:\n  idle_ttl: forever\n", minimal());
+        let p = only_problem(parse(&text).expect_err("bad duration"));
+        assert_eq!(p.path, "sessions.idle_ttl");
+    }
+
+    #[test]
+    fn env_placeholders_expand_and_missing_ones_are_errors() {
+        let text = minimal()
+            .replace(SECRET, "${PUB_SECRET}")
+            .replace("127.0.0.1:8080", "${LISTEN:-127.0.0.1:8181}");
+        let c = parse_with(&text, &[("PUB_SECRET", "from-the-environment-1")]).expect("valid");
+        assert_eq!(c.publish.secret, "from-the-environment-1");
+        assert_eq!(c.listen.port(), 8181);
+
+        let p = only_problem(parse(&text).expect_err("missing env"));
+        assert_eq!(p.path, "publish.secret");
+        assert!(p.message.contains("`PUB_SECRET` is not set"), "{p:?}");
+    }
+
+    #[test]
+    fn whole_placeholder_becomes_a_number() {
+        let text = format!("{}limits:\n  max_body_bytes: ${{MAXB}}\n", minimal());
+        let c = parse_with(&text, &[("MAXB", "1024")]).expect("valid");
+        assert_eq!(c.limits.max_body_bytes, 1024);
+    }
+
+    #[test]
+    fn dollar_dollar_is_a_literal_dollar() {
+        assert_eq!(expand_str("a$$b", &|_| None).expect("ok"), "a$b");
+        assert_eq!(expand_str("cost $5", &|_| None).expect("ok"), "cost $5");
+        assert!(expand_str("${1-x}", &|_| None).is_err());
+        assert!(expand_str("${OPEN", &|_| None).is_err());
+    }
+
+    #[test]
+    fn semantic_rules_report_every_problem() {
+        let text = r#"
+listen: 127.0.0.1:8080
+admin_listen: 127.0.0.1:8080
+base_path: api/
+allowed_origins: ["http://localhost:6274/", "http://ok.example"]
+publish:
+  secret: short
+orgs:
+  "bad org":
+    upstream:
+      era: stateless-2025
+      replicas: []
+  org-2:
+    upstream:
+      era: stateless-2025
+      replicas: ["https://x/mcp", "ftp://y", "http://a/mcp", "http://a/mcp"]
+"#;
+        let err = parse(text).expect_err("invalid");
+        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        for expected in [
+            "base_path",
+            "admin_listen",
+            "allowed_origins[0]",
+            "publish.secret",
+            "orgs.bad org",
+            "orgs.bad org.upstream.replicas",
+            "orgs.org-2.upstream.replicas[0]",
+            "orgs.org-2.upstream.replicas[1]",
+            "orgs.org-2.upstream.replicas[3]",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+        }
+        assert!(!paths.contains(&"allowed_origins[1]"), "{paths:?}");
+        assert!(err.to_string().contains("problems:"));
+    }
+
+    #[test]
+    fn not_yaml_is_reported() {
+        let p = only_problem(parse("listen: [unclosed").expect_err("bad yaml"));
+        assert!(p.message.starts_with("not valid YAML"), "{p:?}");
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let text = minimal().replace("admin_listen: 127.0.0.1:9090\n", "");
+        let p = only_problem(parse(&text).expect_err("missing"));
+        assert!(p.message.contains("missing field `admin_listen`"), "{p:?}");
+    }
+
+    #[test]
+    fn secret_is_not_printed_by_debug() {
+        let c = parse(&minimal()).expect("valid");
+        assert!(!format!("{c:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/gateway.yaml");
+        let text = std::fs::read_to_string(&path).expect("conf/gateway.yaml exists");
+        parse_with(
+            &text,
+            &[("RATATOSK_PUBLISH_SECRET", "example-secret-for-tests")],
+        )
+        .expect("conf/gateway.yaml is valid");
+    }
+}

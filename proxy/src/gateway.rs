@@ -1,0 +1,1213 @@
+//! The gateway core: one request in, one response out, no sockets.
+//!
+//! [`Gateway::handle`] walks the request path of ARCHITECTURE.md: edge
+//! checks, route, (auth), session, bridge, upstream. The Pingora glue in
+//! `server.rs` only reads the request and writes what comes back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{HeaderValue, Method, StatusCode};
+use ratatosk_auth::{AuthMode, Identity};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::{AnswerReader, Forwarding, ReadError, upstream_headers};
+use crate::config::Config;
+use crate::edge::{
+    self, DEFAULT_VERSION, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response,
+};
+use crate::jsonrpc::{self, Body, Id, Kind, Message, code};
+use crate::metrics::Metrics;
+use crate::routes::{Endpoint, OrgRoute, RouteError, Routes};
+use crate::session::{self, SessionState, SessionStore, StoreError, Transport};
+use crate::stream::{
+    AttachError, ChunkSource, EventId, Hub, KeepaliveHook, LiveStream, STANDALONE, SessionLog,
+    StreamId, StreamMetrics, priming_frame, sse_frame,
+};
+use crate::upstream::{AnswerKind, Pool, UpstreamError};
+
+/// Code of the error answered to a request the client cancelled.
+const REQUEST_CANCELLED: i64 = -32800;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("org '{org}': cannot build the upstream client: {source}")]
+    Client { org: String, source: reqwest::Error },
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub routes: Routes,
+    pub store: Arc<dyn SessionStore>,
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    /// Requests being answered upstream, by (session, JSON-RPC id), so a
+    /// `notifications/cancelled` or a DELETE can stop them.
+    in_flight: Arc<InFlightMap>,
+    draining: AtomicBool,
+}
+
+/// Why a publish was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("session not found")]
+    UnknownSession,
+    #[error("{0}")]
+    Invalid(jsonrpc::FramingError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Gateway {
+    pub fn new(config: Config, store: Arc<dyn SessionStore>) -> Result<Arc<Gateway>, BuildError> {
+        let metrics = Arc::new(Metrics::new()?);
+        let mut orgs = Vec::new();
+        for (name, org) in &config.orgs {
+            let pool =
+                Pool::new(name, &org.upstream, &metrics).map_err(|source| BuildError::Client {
+                    org: name.clone(),
+                    source,
+                })?;
+            orgs.push(OrgRoute {
+                name: name.as_str().into(),
+                auth: org.auth,
+                pool: Arc::new(pool),
+            });
+            metrics.sessions.with_label_values(&[name]).set(0);
+            metrics.open_streams.with_label_values(&[name]).set(0);
+        }
+        Ok(Arc::new(Gateway {
+            routes: Routes::new(&config.base_path, orgs),
+            hub: Hub::new(config.sessions.event_log_size),
+            store,
+            metrics,
+            in_flight: Arc::new(DashMap::new()),
+            draining: AtomicBool::new(false),
+            config: Arc::new(config),
+        }))
+    }
+
+    /// Routes that serve every caller as anonymous. The binary warns about
+    /// each at start.
+    pub fn unauthenticated_orgs(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .routes
+            .orgs()
+            .filter(|o| o.auth == AuthMode::None)
+            .map(|o| o.name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Answers one request.
+    pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
+        let mut response = match edge::check_origin(&req.headers, &self.config.allowed_origins) {
+            Err(reject) => {
+                let label = self.label_for_path(&req.path, &req.method);
+                reject.into_response().labeled(label)
+            }
+            Ok(origin) => {
+                let mut r = self.route(&req, origin.is_some()).await;
+                if let Some(origin) = origin {
+                    edge::add_cors(&mut r.headers, origin);
+                }
+                r
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&req.request_id) {
+            response.headers.insert(edge::REQUEST_ID, v);
+        }
+        response
+    }
+
+    pub fn label_for_path(&self, path: &str, method: &Method) -> Label {
+        Label {
+            org: self.routes.resolve(path).ok().map(|(o, _)| o.name.clone()),
+            method: http_label(method),
+        }
+    }
+
+    async fn route(self: &Arc<Self>, req: &Request, has_origin: bool) -> Response {
+        let (org, endpoint) = match self.routes.resolve(&req.path) {
+            Ok(found) => found,
+            Err(RouteError::NoEndpoint) => {
+                return Reject::new(
+                    StatusCode::NOT_FOUND,
+                    code::NOT_FOUND,
+                    format!(
+                        "no MCP endpoint at '{}'; expected {}/{{org}}/mcp, /sse or /messages",
+                        req.path.escape_default(),
+                        self.routes.base_path()
+                    ),
+                )
+                .into_response()
+                .labeled(Label {
+                    org: None,
+                    method: http_label(&req.method),
+                });
+            }
+            Err(RouteError::UnknownOrg(name)) => {
+                return Reject::new(
+                    StatusCode::NOT_FOUND,
+                    code::NOT_FOUND,
+                    format!("unknown org '{}'", name.escape_default()),
+                )
+                .into_response()
+                .labeled(Label {
+                    org: None,
+                    method: http_label(&req.method),
+                });
+            }
+        };
+        let mut label = Label {
+            org: Some(org.name.clone()),
+            method: http_label(&req.method),
+        };
+        if req.method == Method::OPTIONS
+            && has_origin
+            && let Some(origin) = req.headers.get(http::header::ORIGIN)
+        {
+            return edge::preflight(origin.clone()).labeled(label);
+        }
+        // Token validation lands with the auth bridge; until then every
+        // route is `auth: none` (the config refuses other modes).
+        let identity = Identity::anonymous(&org.name);
+        let result = match (endpoint, &req.method) {
+            (Endpoint::Mcp, &Method::POST) => self.mcp_post(&org, &identity, req, &mut label).await,
+            (Endpoint::Mcp, &Method::GET) => self.mcp_get(&org, &identity, req).await,
+            (Endpoint::Mcp, &Method::DELETE) => self.mcp_delete(&org, &identity, req).await,
+            (Endpoint::Mcp, m) => Err(Reject::method_not_allowed(m, "GET, POST, DELETE, OPTIONS")),
+            (Endpoint::Sse, &Method::GET) => self.legacy_open(&org, &identity, req).await,
+            (Endpoint::Sse, m) => Err(Reject::method_not_allowed(m, "GET, OPTIONS")),
+            (Endpoint::Messages, &Method::POST) => {
+                self.legacy_post(&org, &identity, req, &mut label).await
+            }
+            (Endpoint::Messages, m) => Err(Reject::method_not_allowed(m, "POST, OPTIONS")),
+        };
+        result.unwrap_or_else(Reject::into_response).labeled(label)
+    }
+
+    // ----- Streamable HTTP -------------------------------------------------
+
+    async fn mcp_post(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        req: &Request,
+        label: &mut Label,
+    ) -> Result<Response, Reject> {
+        edge::check_post_framing(&req.headers)?;
+        let header_version = edge::protocol_version(&req.headers)?;
+        let body = parse_post_body(&req.body)?;
+        label.method = body_label(&body);
+        if let Body::Batch(_) = &body {
+            let version = header_version.unwrap_or(DEFAULT_VERSION);
+            if !edge::allows_batches(version) {
+                return Err(Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    code::INVALID_REQUEST,
+                    format!(
+                        "JSON-RPC batches are not allowed in protocol version {version}; send one message per POST"
+                    ),
+                ));
+            }
+        }
+        if let Some(init) = body
+            .messages()
+            .iter()
+            .find(|m| m.method() == Some("initialize"))
+        {
+            if matches!(body, Body::Batch(_)) || !init.is_request() {
+                return Err(Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    code::INVALID_REQUEST,
+                    "initialize must be a request of its own, not part of a batch or a notification",
+                ));
+            }
+            return self.initialize(org, identity, init, req).await;
+        }
+        let session = self
+            .session_for(
+                org,
+                identity,
+                req.header(&MCP_SESSION_ID),
+                Transport::StreamableHttp,
+            )
+            .await?;
+        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
+
+        let mut requests = Vec::new();
+        for m in body.messages() {
+            if m.is_request() {
+                requests.push(m.clone());
+            } else {
+                self.absorb(&session, m).await;
+            }
+        }
+        if requests.is_empty() {
+            return Ok(Response::empty(StatusCode::ACCEPTED));
+        }
+        if let [only] = requests.as_slice()
+            && let Some(answer) = self.answer_locally(&session, only).await
+        {
+            return Ok(Response::json(StatusCode::OK, answer));
+        }
+        self.forward_streamable(org, session, log, requests, req)
+            .await
+    }
+
+    async fn forward_streamable(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        session: Arc<SessionState>,
+        log: Arc<SessionLog>,
+        requests: Vec<Message>,
+        req: &Request,
+    ) -> Result<Response, Reject> {
+        let headers = upstream_headers(
+            &Forwarding {
+                session_id: &session.id,
+                org: &org.name,
+                subject: &session.subject,
+                protocol_version: Some(&session.protocol_version),
+                request_id: &req.request_id,
+            },
+            &req.headers,
+        );
+        if let [single] = requests.as_slice() {
+            let id = single.request_id().cloned();
+            let guard = self.track(&session.id, id.as_ref());
+            let answer = tokio::select! {
+                a = org.pool.send(headers, single.raw.clone()) => a,
+                _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
+            };
+            let answer = answer.map_err(|e| upstream_reject(e, id.as_ref()))?;
+            match answer.kind {
+                AnswerKind::Json => {
+                    // Pass the upstream's JSON through as it is.
+                    let timeout = org.pool.timeout;
+                    let replica = answer.lease.replica().to_owned();
+                    let body = tokio::select! {
+                        b = tokio::time::timeout(timeout, answer.response.bytes()) => b,
+                        _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
+                    };
+                    let body = match body {
+                        Ok(Ok(body)) => body,
+                        Ok(Err(e)) => {
+                            return Err(upstream_reject(
+                                UpstreamError::Failed {
+                                    replica,
+                                    reason: crate::upstream::error_chain(&e),
+                                },
+                                id.as_ref(),
+                            ));
+                        }
+                        Err(_) => {
+                            return Err(upstream_reject(
+                                UpstreamError::Timeout {
+                                    replica,
+                                    after: timeout,
+                                },
+                                id.as_ref(),
+                            ));
+                        }
+                    };
+                    return Ok(Response::json(StatusCode::OK, body));
+                }
+                AnswerKind::Empty => {
+                    return Err(upstream_reject(
+                        UpstreamError::Failed {
+                            replica: answer.lease.replica().to_owned(),
+                            reason: format!(
+                                "answered HTTP {} without a body to a request",
+                                answer.status
+                            ),
+                        },
+                        id.as_ref(),
+                    ));
+                }
+                AnswerKind::Sse => {
+                    let stream = log.begin_stream().map_err(|_| session_not_found())?;
+                    let reader = AnswerReader::new(answer, org.pool.timeout);
+                    let this = self.clone();
+                    let (org_name, pending) = (org.name.clone(), id.into_iter().collect());
+                    let log2 = log.clone();
+                    tokio::spawn(async move {
+                        this.relay(reader, &log2, stream, pending, &org_name, &guard.token)
+                            .await;
+                        log2.end_stream(stream);
+                        drop(guard);
+                    });
+                    return Ok(self.post_stream_response(org, &session, log, stream));
+                }
+            }
+        }
+
+        // A batch (2025-03-26): each request goes upstream on its own, and
+        // every answer streams back on one SSE response.
+        let stream = log.begin_stream().map_err(|_| session_not_found())?;
+        let this = self.clone();
+        let org2 = org.clone();
+        let log2 = log.clone();
+        let session2 = session.clone();
+        tokio::spawn(async move {
+            let jobs = requests.into_iter().map(|m| {
+                let (this, org, log, session, headers) = (
+                    this.clone(),
+                    org2.clone(),
+                    log2.clone(),
+                    session2.clone(),
+                    headers.clone(),
+                );
+                async move {
+                    this.forward_into(&org, &session, &log, stream, &m, headers)
+                        .await;
+                }
+            });
+            futures::future::join_all(jobs).await;
+            log2.end_stream(stream);
+        });
+        Ok(self.post_stream_response(org, &session, log, stream))
+    }
+
+    fn post_stream_response(
+        &self,
+        org: &OrgRoute,
+        session: &SessionState,
+        log: Arc<SessionLog>,
+        stream: StreamId,
+    ) -> Response {
+        match log.attach(stream, None) {
+            Ok(attach) => {
+                let live = self.live_stream(org, session, log, attach, None);
+                Response::sse(Box::new(live))
+            }
+            Err(_) => session_not_found().into_response(),
+        }
+    }
+
+    fn live_stream(
+        &self,
+        org: &OrgRoute,
+        session: &SessionState,
+        log: Arc<SessionLog>,
+        attach: crate::stream::Attach,
+        prelude: Option<Bytes>,
+    ) -> LiveStream {
+        let hook: Arc<dyn KeepaliveHook> = Arc::new(Toucher {
+            store: self.store.clone(),
+            session: session.id.clone(),
+        });
+        let metrics = StreamMetrics {
+            delivered: self
+                .metrics
+                .events_delivered
+                .with_label_values(&[&org.name]),
+            open: self.metrics.open_streams.with_label_values(&[&org.name]),
+        };
+        let mut live = LiveStream::new(
+            log,
+            attach,
+            prelude,
+            self.config.streams.keepalive,
+            Some(hook),
+            Some(metrics),
+        );
+        if edge::wants_priming(&session.protocol_version) {
+            live.set_prelude(priming_frame(live.position(), self.config.streams.retry));
+        }
+        live
+    }
+
+    /// Forwards one request and appends everything it answers to `stream`.
+    async fn forward_into(
+        self: &Arc<Self>,
+        org: &OrgRoute,
+        session: &SessionState,
+        log: &SessionLog,
+        stream: StreamId,
+        request: &Message,
+        headers: http::HeaderMap,
+    ) {
+        let id = request.request_id().cloned();
+        let guard = self.track(&session.id, id.as_ref());
+        let answer = tokio::select! {
+            a = org.pool.send(headers, request.raw.clone()) => a,
+            _ = guard.token.cancelled() => return,
+        };
+        match answer {
+            Ok(answer) => {
+                let reader = AnswerReader::new(answer, org.pool.timeout);
+                let pending = id.into_iter().collect();
+                self.relay(reader, log, stream, pending, &org.name, &guard.token)
+                    .await;
+            }
+            Err(e) => {
+                let reject = upstream_reject(e, id.as_ref());
+                let body = jsonrpc::error_body(id.as_ref(), reject.code, &reject.message);
+                // A closed log means the session ended: nobody is left to tell.
+                let _ = self.append(log, stream, &body, &org.name);
+            }
+        }
+    }
+
+    /// Copies an upstream answer into a stream of the session log until
+    /// every pending request has its response, the answer ends, or the
+    /// request is cancelled. Missing responses become JSON-RPC errors, so
+    /// the client is never left waiting.
+    async fn relay(
+        &self,
+        mut reader: AnswerReader,
+        log: &SessionLog,
+        stream: StreamId,
+        mut pending: Vec<Id>,
+        org: &str,
+        cancel: &CancellationToken,
+    ) {
+        let failure = loop {
+            let next = tokio::select! {
+                n = reader.next_message() => n,
+                _ = cancel.cancelled() => {
+                    tracing::debug!(replica = reader.replica(), "request cancelled; upstream answer dropped");
+                    return;
+                }
+            };
+            match next {
+                Ok(Some(message)) => {
+                    if let Ok(parsed) = jsonrpc::parse_message(&message)
+                        && let Kind::Response { id } = &parsed.kind
+                    {
+                        pending.retain(|p| p != id);
+                    }
+                    if self.append(log, stream, &message, org).is_err() {
+                        return;
+                    }
+                    if pending.is_empty() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    break format!(
+                        "upstream {} ended its answer without a response",
+                        reader.replica()
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(org, error = %e, "upstream answer failed");
+                    break e.to_string();
+                }
+            }
+        };
+        let failure_code = code::UPSTREAM_ERROR;
+        for id in pending {
+            let body = jsonrpc::error_body(Some(&id), failure_code, &failure);
+            if self.append(log, stream, &body, org).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn append(
+        &self,
+        log: &SessionLog,
+        stream: StreamId,
+        payload: &[u8],
+        org: &str,
+    ) -> Result<EventId, crate::stream::Closed> {
+        let id = log.append(stream, payload)?;
+        self.metrics
+            .events_published
+            .with_label_values(&[org, "upstream"])
+            .inc();
+        Ok(id)
+    }
+
+    async fn initialize(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        init: &Message,
+        req: &Request,
+    ) -> Result<Response, Reject> {
+        let session_id = session::mint_id();
+        let id = init.request_id().cloned();
+        let response = self
+            .negotiate(org, &session_id, &identity.subject, init, req)
+            .await?;
+        let params = init.params().unwrap_or(Value::Null);
+        let Some(version) = negotiated_version(&response) else {
+            // A JSON-RPC error from the upstream: no session is created.
+            return Ok(Response::json(StatusCode::OK, response));
+        };
+        if !edge::SUPPORTED_VERSIONS.contains(&version.as_str()) {
+            return Err(Reject::new(
+                StatusCode::BAD_GATEWAY,
+                code::UPSTREAM_ERROR,
+                format!("upstream negotiated protocol version '{version}', which the gateway does not support"),
+            )
+            .with_id(id.as_ref()));
+        }
+        let state = SessionState {
+            id: session_id.clone(),
+            org: org.name.to_string(),
+            subject: identity.subject.clone(),
+            transport: Transport::StreamableHttp,
+            protocol_version: version,
+            client_info: params.get("clientInfo").cloned(),
+            client_capabilities: params.get("capabilities").cloned(),
+            log_level: None,
+            created_at_ms: session::now_ms(),
+        };
+        self.create_session(state).await?;
+        let header = HeaderValue::from_str(&session_id).map_err(|_| {
+            Reject::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code::INTERNAL_ERROR,
+                "minted an invalid session id",
+            )
+        })?;
+        Ok(Response::json(StatusCode::OK, response).with_header(MCP_SESSION_ID, header))
+    }
+
+    /// Sends `initialize` upstream and returns the upstream's response to it.
+    async fn negotiate(
+        &self,
+        org: &OrgRoute,
+        session_id: &str,
+        subject: &str,
+        init: &Message,
+        req: &Request,
+    ) -> Result<Bytes, Reject> {
+        let id = init.request_id().cloned();
+        let headers = upstream_headers(
+            &Forwarding {
+                session_id,
+                org: &org.name,
+                subject,
+                protocol_version: None,
+                request_id: &req.request_id,
+            },
+            &req.headers,
+        );
+        let answer = org
+            .pool
+            .send(headers, init.raw.clone())
+            .await
+            .map_err(|e| upstream_reject(e, id.as_ref()))?;
+        let mut reader = AnswerReader::new(answer, org.pool.timeout);
+        loop {
+            match reader.next_message().await {
+                Ok(Some(message)) => {
+                    if let Ok(parsed) = jsonrpc::parse_message(&message)
+                        && matches!(&parsed.kind, Kind::Response { id: rid } if Some(rid) == id.as_ref())
+                    {
+                        return Ok(message);
+                    }
+                }
+                Ok(None) => {
+                    return Err(Reject::new(
+                        StatusCode::BAD_GATEWAY,
+                        code::UPSTREAM_ERROR,
+                        format!(
+                            "upstream {} ended its answer to initialize without a response",
+                            reader.replica()
+                        ),
+                    )
+                    .with_id(id.as_ref()));
+                }
+                Err(e) => return Err(read_reject(e, id.as_ref())),
+            }
+        }
+    }
+
+    async fn create_session(&self, state: SessionState) -> Result<Arc<SessionState>, Reject> {
+        let org = state.org.clone();
+        let id = state.id.clone();
+        let state = self.store.insert(state).await.map_err(store_reject)?;
+        self.hub.create(&id);
+        self.metrics.sessions.with_label_values(&[&org]).inc();
+        tracing::info!(org, session = %short(&id), transport = ?state.transport, "session created");
+        Ok(state)
+    }
+
+    /// Ends a session everywhere: store, log, streams and in-flight requests.
+    pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, StoreError> {
+        let removed = self.store.remove(id).await?;
+        self.hub.remove(id);
+        self.in_flight.retain(|(sid, _), token| {
+            if sid == id {
+                token.cancel();
+                false
+            } else {
+                true
+            }
+        });
+        match removed {
+            Some(state) => {
+                self.metrics.sessions.with_label_values(&[&state.org]).dec();
+                tracing::info!(org = %state.org, session = %short(id), "session ended: {why}");
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Finds the caller's session; any mismatch looks like an unknown id.
+    async fn session_for(
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
+        id: Option<&str>,
+        transport: Transport,
+    ) -> Result<Arc<SessionState>, Reject> {
+        let Some(id) = id else {
+            return Err(Reject::bad_request(match transport {
+                Transport::StreamableHttp => {
+                    "missing Mcp-Session-Id header: send initialize first, then echo the Mcp-Session-Id it returned"
+                }
+                Transport::LegacySse => {
+                    "missing session_id query parameter: use the URL from the endpoint event of the /sse stream"
+                }
+            }));
+        };
+        if !session::is_plausible_id(id) {
+            return Err(session_not_found());
+        }
+        match self.store.lookup(id).await.map_err(store_reject)? {
+            Some(s)
+                if *s.org == *org.name
+                    && s.subject == identity.subject
+                    && s.transport == transport =>
+            {
+                Ok(s)
+            }
+            _ => Err(session_not_found()),
+        }
+    }
+
+    /// Handles a client notification or response that does not go upstream.
+    async fn absorb(&self, session: &SessionState, message: &Message) {
+        match message.method() {
+            Some("notifications/cancelled") => {
+                let target = message
+                    .params()
+                    .and_then(|p| p.get("requestId").cloned())
+                    .and_then(|v| Id::from_value(&v));
+                if let Some(target) = target
+                    && let Some((_, token)) = self.in_flight.remove(&(session.id.clone(), target))
+                {
+                    token.cancel();
+                    tracing::debug!(session = %short(&session.id), "request cancelled by the client");
+                }
+            }
+            Some(method) => {
+                tracing::debug!(session = %short(&session.id), method, "client notification absorbed");
+            }
+            None => {
+                tracing::debug!(session = %short(&session.id), "client response absorbed: no pending server request");
+            }
+        }
+    }
+
+    /// Requests the gateway answers itself, without a round trip upstream.
+    async fn answer_locally(&self, session: &SessionState, request: &Message) -> Option<Bytes> {
+        let id = request.request_id()?;
+        let result = match request.method()? {
+            "ping" => json!({}),
+            "logging/setLevel" => {
+                let level = request
+                    .params()
+                    .and_then(|p| p.get("level").and_then(Value::as_str).map(str::to_owned));
+                let Some(level) = level else {
+                    return Some(jsonrpc::error_body(
+                        Some(id),
+                        -32602,
+                        "logging/setLevel needs params.level",
+                    ));
+                };
+                let mut updated = session.clone();
+                updated.log_level = Some(level);
+                if let Err(e) = self.store.replace(updated).await {
+                    return Some(jsonrpc::error_body(
+                        Some(id),
+                        code::INTERNAL_ERROR,
+                        &e.to_string(),
+                    ));
+                }
+                json!({})
+            }
+            _ => return None,
+        };
+        Some(Bytes::from(
+            json!({"jsonrpc": "2.0", "id": id.to_value(), "result": result}).to_string(),
+        ))
+    }
+
+    fn track(&self, session: &str, id: Option<&Id>) -> InFlight {
+        let token = CancellationToken::new();
+        let key = id.map(|id| (session.to_owned(), id.clone()));
+        if let Some(key) = &key {
+            self.in_flight.insert(key.clone(), token.clone());
+        }
+        InFlight {
+            map: self.in_flight.clone(),
+            key,
+            token,
+        }
+    }
+
+    async fn mcp_get(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        req: &Request,
+    ) -> Result<Response, Reject> {
+        edge::check_get_framing(&req.headers)?;
+        edge::protocol_version(&req.headers)?;
+        let session = self
+            .session_for(
+                org,
+                identity,
+                req.header(&MCP_SESSION_ID),
+                Transport::StreamableHttp,
+            )
+            .await?;
+        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
+        let resume = match req.header(&LAST_EVENT_ID) {
+            None => None,
+            Some(text) => Some(EventId::parse(text).ok_or_else(|| {
+                Reject::bad_request(format!(
+                    "Last-Event-ID '{}' is not an event id of this gateway (expected '<stream>.<seq>')",
+                    text.escape_default()
+                ))
+            })?),
+        };
+        let attach = log
+            .attach(
+                resume.map_or(STANDALONE, |e| e.stream),
+                resume.map(|e| e.seq),
+            )
+            .map_err(|e| match e {
+                AttachError::Closed => session_not_found(),
+                AttachError::UnknownEvent => Reject::bad_request(format!(
+                    "Last-Event-ID '{}' names an event this session never had",
+                    req.header(&LAST_EVENT_ID)
+                        .unwrap_or_default()
+                        .escape_default()
+                )),
+            })?;
+        if attach.gap {
+            tracing::warn!(org = %org.name, session = %short(&session.id),
+                "resumed stream may have missed events: they left the event log (raise sessions.event_log_size)");
+        }
+        let live = self.live_stream(org, &session, log, attach, None);
+        Ok(Response::sse(Box::new(live)))
+    }
+
+    async fn mcp_delete(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        req: &Request,
+    ) -> Result<Response, Reject> {
+        let session = self
+            .session_for(
+                org,
+                identity,
+                req.header(&MCP_SESSION_ID),
+                Transport::StreamableHttp,
+            )
+            .await?;
+        self.end_session(&session.id, "deleted by the client")
+            .await
+            .map_err(store_reject)?;
+        Ok(Response::empty(StatusCode::NO_CONTENT))
+    }
+
+    // ----- legacy HTTP+SSE (2024-11-05) ------------------------------------
+
+    async fn legacy_open(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        req: &Request,
+    ) -> Result<Response, Reject> {
+        if req.headers.contains_key(http::header::ACCEPT) {
+            edge::check_get_framing(&req.headers)?;
+        }
+        let state = SessionState {
+            id: session::mint_id(),
+            org: org.name.to_string(),
+            subject: identity.subject.clone(),
+            transport: Transport::LegacySse,
+            protocol_version: String::new(),
+            client_info: None,
+            client_capabilities: None,
+            log_level: None,
+            created_at_ms: session::now_ms(),
+        };
+        let session = self.create_session(state).await?;
+        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
+        let attach = log
+            .attach(STANDALONE, None)
+            .map_err(|_| session_not_found())?;
+        let endpoint = format!(
+            "{}?session_id={}",
+            self.routes.path_of(&org.name, Endpoint::Messages),
+            session.id
+        );
+        let prelude = sse_frame(None, Some("endpoint"), endpoint.as_bytes());
+        let live = self.live_stream(org, &session, log, attach, Some(prelude));
+        Ok(Response::sse(Box::new(LegacyStream {
+            live,
+            gateway: self.clone(),
+            session: session.id.clone(),
+        })))
+    }
+
+    async fn legacy_post(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        req: &Request,
+        label: &mut Label,
+    ) -> Result<Response, Reject> {
+        let session_id = req.query_param("session_id");
+        let session = self
+            .session_for(org, identity, session_id.as_deref(), Transport::LegacySse)
+            .await?;
+        edge::check_json_content_type(&req.headers)?;
+        let body = parse_post_body(&req.body)?;
+        label.method = body_label(&body);
+        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
+        let this = self.clone();
+        let org = org.clone();
+        let headers = req.headers.clone();
+        let request_id = req.request_id.clone();
+        tokio::spawn(async move {
+            let jobs = body
+                .messages()
+                .iter()
+                .map(|m| this.legacy_message(&org, &session, &log, m, &headers, &request_id));
+            futures::future::join_all(jobs).await;
+        });
+        Ok(Response::json(
+            StatusCode::ACCEPTED,
+            Bytes::from_static(b"{}"),
+        ))
+    }
+
+    /// One message of a legacy POST; answers go on the `/sse` stream.
+    async fn legacy_message(
+        self: &Arc<Self>,
+        org: &OrgRoute,
+        session: &Arc<SessionState>,
+        log: &SessionLog,
+        message: &Message,
+        client_headers: &http::HeaderMap,
+        request_id: &str,
+    ) {
+        if !message.is_request() {
+            self.absorb(session, message).await;
+            return;
+        }
+        if message.method() == Some("initialize") {
+            let req = Request {
+                method: Method::POST,
+                path: String::new(),
+                query: None,
+                headers: client_headers.clone(),
+                body: Bytes::new(),
+                request_id: request_id.to_owned(),
+            };
+            let answer = match self
+                .negotiate(org, &session.id, &session.subject, message, &req)
+                .await
+            {
+                Ok(answer) => {
+                    if let Some(version) = negotiated_version(&answer) {
+                        let params = message.params().unwrap_or(Value::Null);
+                        let mut updated = (**session).clone();
+                        updated.protocol_version = version;
+                        updated.client_info = params.get("clientInfo").cloned();
+                        updated.client_capabilities = params.get("capabilities").cloned();
+                        if let Err(e) = self.store.replace(updated).await {
+                            tracing::warn!(error = %e, "cannot record the negotiated session");
+                        }
+                    }
+                    answer
+                }
+                Err(reject) => {
+                    jsonrpc::error_body(reject.id.as_ref(), reject.code, &reject.message)
+                }
+            };
+            let _ = self.append(log, STANDALONE, &answer, &org.name);
+            return;
+        }
+        // Re-read: initialize may have recorded the negotiated version.
+        let current = match self.store.lookup(&session.id).await {
+            Ok(Some(s)) => s,
+            _ => session.clone(),
+        };
+        if let Some(answer) = self.answer_locally(&current, message).await {
+            let _ = self.append(log, STANDALONE, &answer, &org.name);
+            return;
+        }
+        let version = if current.protocol_version.is_empty() {
+            "2024-11-05"
+        } else {
+            current.protocol_version.as_str()
+        };
+        let headers = upstream_headers(
+            &Forwarding {
+                session_id: &current.id,
+                org: &org.name,
+                subject: &current.subject,
+                protocol_version: Some(version),
+                request_id,
+            },
+            client_headers,
+        );
+        self.forward_into(org, &current, log, STANDALONE, message, headers)
+            .await;
+    }
+
+    // ----- admin API ---------------------------------------------------------
+
+    /// Delivers one JSON-RPC message to a session's standalone stream.
+    pub async fn publish(&self, session_id: &str, body: &Bytes) -> Result<EventId, PublishError> {
+        let message = jsonrpc::parse_message(body).map_err(PublishError::Invalid)?;
+        if !session::is_plausible_id(session_id) {
+            return Err(PublishError::UnknownSession);
+        }
+        let state = self
+            .store
+            .lookup(session_id)
+            .await?
+            .ok_or(PublishError::UnknownSession)?;
+        let log = self
+            .hub
+            .get(session_id)
+            .ok_or(PublishError::UnknownSession)?;
+        let id = log
+            .append(STANDALONE, &message.raw)
+            .map_err(|_| PublishError::UnknownSession)?;
+        self.metrics
+            .events_published
+            .with_label_values(&[&state.org, "publish"])
+            .inc();
+        Ok(id)
+    }
+
+    /// Removes idle sessions; run periodically.
+    pub async fn reap_idle(&self) -> usize {
+        let ttl = self.config.sessions.idle_ttl.as_millis() as u64;
+        let cutoff = session::now_ms().saturating_sub(ttl);
+        let expired = match self.store.remove_idle(cutoff).await {
+            Ok(expired) => expired,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reap idle sessions");
+                return 0;
+            }
+        };
+        for state in &expired {
+            self.hub.remove(&state.id);
+            self.metrics.sessions.with_label_values(&[&state.org]).dec();
+            tracing::info!(org = %state.org, session = %short(&state.id), "session expired after being idle");
+        }
+        for org in self.routes.orgs() {
+            org.pool.available();
+        }
+        expired.len()
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.hub.close_all();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+type InFlightMap = DashMap<(String, Id), CancellationToken>;
+
+/// A registered in-flight request; unregisters on drop.
+struct InFlight {
+    map: Arc<InFlightMap>,
+    key: Option<(String, Id)>,
+    token: CancellationToken,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.map.remove(&key);
+        }
+    }
+}
+
+/// Keeps a session alive while one of its streams is open.
+struct Toucher {
+    store: Arc<dyn SessionStore>,
+    session: String,
+}
+
+#[async_trait]
+impl KeepaliveHook for Toucher {
+    async fn on_keepalive(&self) {
+        if let Err(e) = self.store.touch(&self.session).await {
+            tracing::warn!(error = %e, "cannot refresh a session with an open stream");
+        }
+    }
+}
+
+/// The legacy `/sse` stream: the session lives exactly as long as it.
+struct LegacyStream {
+    live: LiveStream,
+    gateway: Arc<Gateway>,
+    session: String,
+}
+
+#[async_trait]
+impl ChunkSource for LegacyStream {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        self.live.next_chunk().await
+    }
+    fn written(&mut self) {
+        self.live.written();
+    }
+}
+
+impl Drop for LegacyStream {
+    fn drop(&mut self) {
+        let gateway = self.gateway.clone();
+        let session = std::mem::take(&mut self.session);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = gateway
+                    .end_session(&session, "its /sse stream closed")
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot end a legacy session");
+                }
+            });
+        }
+    }
+}
+
+fn parse_post_body(body: &Bytes) -> Result<Body, Reject> {
+    jsonrpc::parse_body(body)
+        .map_err(|e| Reject::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+}
+
+fn body_label(body: &Body) -> &'static str {
+    match body {
+        Body::Single(m) => m.method().map_or("response", jsonrpc::method_label),
+        Body::Batch(_) => "batch",
+    }
+}
+
+fn http_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The `protocolVersion` of a successful initialize response.
+fn negotiated_version(response: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(response).ok()?;
+    v.get("result")?
+        .get("protocolVersion")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn session_not_found() -> Reject {
+    Reject::new(
+        StatusCode::NOT_FOUND,
+        code::SESSION_NOT_FOUND,
+        "session not found: it expired, was deleted, or never existed; initialize a new one",
+    )
+}
+
+fn store_reject(e: StoreError) -> Reject {
+    Reject::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        code::INTERNAL_ERROR,
+        e.to_string(),
+    )
+}
+
+fn cancelled(id: Option<&Id>) -> Reject {
+    Reject::new(
+        StatusCode::OK,
+        REQUEST_CANCELLED,
+        "request cancelled by the client",
+    )
+    .with_id(id)
+}
+
+/// Maps an upstream failure to what the client sees. The status says which
+/// side failed (502 or 504); the JSON-RPC error says which upstream and why.
+/// An upstream 404 is never passed on: to MCP clients it means "session gone".
+pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
+    let status = match &e {
+        UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::Status {
+            status,
+            body,
+            content_type,
+            ..
+        } if status.is_client_error()
+            && *status != StatusCode::NOT_FOUND
+            && content_type
+                .as_deref()
+                .is_some_and(|ct| crate::upstream::mime_is(ct, "application/json"))
+            && jsonrpc::parse_message(body).is_ok() =>
+        {
+            // The upstream refused the request itself, in JSON-RPC: pass it on.
+            let message = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| {
+                    v.pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| e.to_string());
+            let upstream_code = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v.pointer("/error/code").and_then(Value::as_i64))
+                .unwrap_or(code::UPSTREAM_ERROR);
+            return Reject::new(*status, upstream_code, message).with_id(id);
+        }
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    Reject::new(status, code::UPSTREAM_ERROR, e.to_string()).with_id(id)
+}
+
+fn read_reject(e: ReadError, id: Option<&Id>) -> Reject {
+    let status = match e {
+        ReadError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    Reject::new(status, code::UPSTREAM_ERROR, e.to_string()).with_id(id)
+}
+
+/// The first characters of a session id, enough to follow it in logs
+/// without writing a usable id into them.
+pub fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}

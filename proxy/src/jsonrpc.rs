@@ -1,0 +1,369 @@
+//! JSON-RPC 2.0 framing: what kind of message a body holds, and error bodies.
+//!
+//! The gateway forwards bodies as the client sent them; it only reads the
+//! envelope (`id`, `method`, presence of `result`/`error`) to route them.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+/// Standard and gateway-specific JSON-RPC error codes.
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// Transport-level problem with the HTTP request (headers, origin, size).
+    pub const BAD_REQUEST: i64 = -32000;
+    /// The `Mcp-Session-Id` is unknown, ended or belongs to someone else.
+    pub const SESSION_NOT_FOUND: i64 = -32001;
+    /// The upstream failed, timed out or could not be reached.
+    pub const UPSTREAM_ERROR: i64 = -32002;
+    /// The route does not exist.
+    pub const NOT_FOUND: i64 = -32004;
+}
+
+/// A JSON-RPC id: a string or a number, kept as its raw JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Id(Box<str>);
+
+impl Id {
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.0).unwrap_or(Value::Null)
+    }
+
+    /// An id from a parsed value; `None` unless a string or a number.
+    pub fn from_value(v: &Value) -> Option<Id> {
+        match v {
+            Value::String(_) | Value::Number(_) => Some(Id(v.to_string().into())),
+            _ => None,
+        }
+    }
+}
+
+/// What a single JSON-RPC message is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Request { id: Id, method: String },
+    Notification { method: String },
+    Response { id: Id },
+}
+
+/// One message: its kind, and the exact bytes it came in.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub kind: Kind,
+    pub raw: Bytes,
+}
+
+impl Message {
+    pub fn method(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Request { method, .. } | Kind::Notification { method } => Some(method),
+            Kind::Response { .. } => None,
+        }
+    }
+    pub fn request_id(&self) -> Option<&Id> {
+        match &self.kind {
+            Kind::Request { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+    pub fn is_request(&self) -> bool {
+        matches!(self.kind, Kind::Request { .. })
+    }
+    /// `params` of the message, parsed. Only used for the few methods the
+    /// gateway reads (initialize, cancellation).
+    pub fn params(&self) -> Option<Value> {
+        #[derive(Deserialize)]
+        struct P {
+            params: Option<Value>,
+        }
+        serde_json::from_slice::<P>(&self.raw).ok()?.params
+    }
+}
+
+/// A POST body: one message, or a batch (allowed only in 2025-03-26).
+#[derive(Debug, Clone)]
+pub enum Body {
+    Single(Message),
+    Batch(Vec<Message>),
+}
+
+impl Body {
+    pub fn messages(&self) -> &[Message] {
+        match self {
+            Body::Single(m) => std::slice::from_ref(m),
+            Body::Batch(ms) => ms,
+        }
+    }
+}
+
+/// Why a body is not a JSON-RPC message; each maps to a precise error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("invalid JSON-RPC message: {0}")]
+    Invalid(String),
+}
+
+impl FramingError {
+    pub fn code(&self) -> i64 {
+        match self {
+            FramingError::NotJson(_) => code::PARSE_ERROR,
+            FramingError::Invalid(_) => code::INVALID_REQUEST,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    jsonrpc: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    method: Option<String>,
+    #[serde(borrow)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+}
+
+/// Parses a POST body into one message or a batch.
+pub fn parse_body(body: &Bytes) -> Result<Body, FramingError> {
+    let first = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .copied()
+        .ok_or_else(|| FramingError::NotJson("the body is empty".into()))?;
+    if first == b'[' {
+        let items: Vec<&RawValue> =
+            serde_json::from_slice(body).map_err(|e| FramingError::NotJson(e.to_string()))?;
+        if items.is_empty() {
+            return Err(FramingError::Invalid("the batch is empty".into()));
+        }
+        let messages = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| {
+                parse_message(&Bytes::copy_from_slice(raw.get().as_bytes()))
+                    .map_err(|e| FramingError::Invalid(format!("batch item {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Body::Batch(messages))
+    } else {
+        parse_message(body).map(Body::Single)
+    }
+}
+
+/// Parses exactly one JSON-RPC message (not a batch). The message keeps
+/// `raw` itself (a cheap clone), not a copy.
+pub fn parse_message(raw: &Bytes) -> Result<Message, FramingError> {
+    let env: Envelope<'_> = match serde_json::from_slice(raw) {
+        Ok(env) => env,
+        Err(e) if e.is_data() => {
+            return Err(FramingError::Invalid(
+                "expected a JSON object with \"jsonrpc\": \"2.0\"".into(),
+            ));
+        }
+        Err(e) => return Err(FramingError::NotJson(e.to_string())),
+    };
+    match env.jsonrpc.map(RawValue::get) {
+        Some("\"2.0\"") => {}
+        _ => {
+            return Err(FramingError::Invalid("\"jsonrpc\" must be \"2.0\"".into()));
+        }
+    }
+    let id = match env.id {
+        None => None,
+        Some(raw_id) => {
+            let text = raw_id.get();
+            let valid =
+                text.starts_with('"') || serde_json::from_str::<serde_json::Number>(text).is_ok();
+            if !valid {
+                return Err(FramingError::Invalid(format!(
+                    "\"id\" must be a string or a number, got {text}"
+                )));
+            }
+            Some(Id(text.into()))
+        }
+    };
+    let kind = match (env.method, id, env.result.is_some() || env.error.is_some()) {
+        (Some(method), _, _) if method.is_empty() => {
+            return Err(FramingError::Invalid("\"method\" is empty".into()));
+        }
+        (Some(method), Some(id), false) => Kind::Request { id, method },
+        (Some(method), None, false) => Kind::Notification { method },
+        (None, Some(id), true) => Kind::Response { id },
+        (Some(_), _, true) => {
+            return Err(FramingError::Invalid(
+                "a message cannot have both \"method\" and \"result\"/\"error\"".into(),
+            ));
+        }
+        (None, None, true) => {
+            return Err(FramingError::Invalid("a response needs an \"id\"".into()));
+        }
+        (None, _, false) => {
+            return Err(FramingError::Invalid(
+                "expected \"method\" (request or notification) or \"result\"/\"error\" (response)"
+                    .into(),
+            ));
+        }
+    };
+    Ok(Message {
+        kind,
+        raw: raw.clone(),
+    })
+}
+
+/// A JSON-RPC error response body.
+pub fn error_body(id: Option<&Id>, code: i64, message: &str) -> Bytes {
+    let id = id.map_or(Value::Null, Id::to_value);
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": { "code": code, "message": message },
+    });
+    Bytes::from(body.to_string())
+}
+
+/// The MCP methods known by name; anything else is counted as `other`, so a
+/// client cannot blow up metric cardinality.
+pub fn method_label(method: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn single(s: &str) -> Result<Message, FramingError> {
+        match parse_body(&Bytes::copy_from_slice(s.as_bytes()))? {
+            Body::Single(m) => Ok(m),
+            Body::Batch(_) => panic!("unexpected batch"),
+        }
+    }
+
+    #[test]
+    fn request_notification_response_are_told_apart() {
+        let r = single(r#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#).expect("request");
+        assert_eq!(
+            r.kind,
+            Kind::Request {
+                id: Id("7".into()),
+                method: "tools/list".into()
+            }
+        );
+        let n = single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .expect("notification");
+        assert_eq!(n.method(), Some("notifications/initialized"));
+        assert!(!n.is_request());
+        let resp = single(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#).expect("response");
+        assert_eq!(
+            resp.kind,
+            Kind::Response {
+                id: Id("\"a\"".into())
+            }
+        );
+    }
+
+    #[test]
+    fn raw_bytes_are_kept_exactly() {
+        let text = r#"{"jsonrpc": "2.0", "id": 1, "method": "x", "params": {"k": [1, 2]}}"#;
+        let m = single(text).expect("ok");
+        assert_eq!(&m.raw[..], text.as_bytes());
+        assert_eq!(m.params(), Some(json!({"k": [1, 2]})));
+    }
+
+    #[test]
+    fn not_json_is_a_parse_error() {
+        for bad in ["", "   ", "{", "hello", "{\"jsonrpc\":\"2.0\",}"] {
+            let err = single(bad).expect_err(bad);
+            assert_eq!(err.code(), code::PARSE_ERROR, "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_shapes_are_invalid_requests() {
+        for bad in [
+            "42",
+            r#""str""#,
+            r#"{"id":1,"method":"x"}"#,
+            r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#,
+            r#"{"jsonrpc":"2.0","id":{"a":1},"method":"x"}"#,
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            r#"{"jsonrpc":"2.0","method":""}"#,
+            r#"{"jsonrpc":"2.0","method":"x","id":1,"result":{}}"#,
+            r#"{"jsonrpc":"2.0","result":{}}"#,
+        ] {
+            let err = single(bad).expect_err(bad);
+            assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn batches_parse_item_by_item() {
+        let body = Bytes::from_static(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"a"},{"jsonrpc":"2.0","method":"b"}]"#,
+        );
+        let Body::Batch(items) = parse_body(&body).expect("batch") else {
+            panic!("expected a batch")
+        };
+        assert_eq!(items.len(), 2);
+        assert_eq!(
+            &items[0].raw[..],
+            br#"{"jsonrpc":"2.0","id":1,"method":"a"}"#
+        );
+
+        let err = parse_body(&Bytes::from_static(b"[]")).expect_err("empty");
+        assert_eq!(err.code(), code::INVALID_REQUEST);
+        let err = parse_body(&Bytes::from_static(br#"[{"jsonrpc":"2.0"}]"#)).expect_err("bad item");
+        assert!(err.to_string().contains("batch item 0"), "{err}");
+    }
+
+    #[test]
+    fn error_body_echoes_the_id() {
+        let body = error_body(Some(&Id("\"x-1\"".into())), code::SESSION_NOT_FOUND, "gone");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["id"], "x-1");
+        assert_eq!(v["error"]["code"], code::SESSION_NOT_FOUND);
+        assert_eq!(v["error"]["message"], "gone");
+        let v: Value =
+            serde_json::from_slice(&error_body(None, code::PARSE_ERROR, "p")).expect("json");
+        assert!(v["id"].is_null());
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(method_label("tools/call"), "tools/call");
+        assert_eq!(method_label("x/evil-cardinality-1234"), "other");
+    }
+}

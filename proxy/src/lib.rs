@@ -1,0 +1,19 @@
+//! Ratatosk: an MCP gateway on Pingora.
+//!
+//! One module per box of the request path (see ARCHITECTURE.md): `edge`,
+//! `routes`, `session`, `stream`, `bridge`, `upstream`, `admin`, `config`,
+//! `metrics`. [`gateway::Gateway`] strings them together without sockets;
+//! `server` is the thin Pingora glue.
+
+pub mod admin;
+pub mod bridge;
+pub mod config;
+pub mod edge;
+pub mod gateway;
+pub mod jsonrpc;
+pub mod metrics;
+pub mod routes;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod upstream;

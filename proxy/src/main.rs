@@ -1,0 +1,161 @@
+//! `ratatosk --config FILE` runs the gateway; `ratatosk check --config FILE`
+//! validates a config and exits non-zero if it is wrong.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pingora_core::server::Server;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+use ratatosk::config::Config;
+use ratatosk::gateway::Gateway;
+use ratatosk::server::{AdminApp, Housekeeping, McpProxy};
+use ratatosk::session::MemorySessionStore;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "ratatosk",
+    version,
+    about = "MCP gateway",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// The gateway config (YAML).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and exit: 0 if valid, 1 with every problem otherwise.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match (cli.command, cli.config) {
+        (Some(Command::Check { config }), _) => check(&config),
+        (None, Some(config)) => {
+            init_logging();
+            match run(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("ratatosk: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        (None, None) => {
+            eprintln!("ratatosk: missing --config FILE (see --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} org{}: {})",
+                path.display(),
+                config.orgs.len(),
+                if config.orgs.len() == 1 { "" } else { "s" },
+                config.orgs.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("RATATOSK_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn"));
+    let json = std::env::var("RATATOSK_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    // Pingora panics on a busy port; find out first and say which.
+    for (what, addr) in [
+        ("listen", config.listen),
+        ("admin_listen", config.admin_listen),
+    ] {
+        TcpListener::bind(addr).with_context(|| {
+            format!(
+                "{}: `{what}` address {addr} is not available",
+                path.display()
+            )
+        })?;
+    }
+    let (listen, admin_listen) = (config.listen.to_string(), config.admin_listen.to_string());
+    let server_conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let gateway = Gateway::new(config, Arc::new(MemorySessionStore::new()))
+        .context("cannot build the gateway")?;
+    for org in gateway.unauthenticated_orgs() {
+        tracing::warn!(
+            org,
+            "!!! AUTH IS OFF for org '{org}' (auth: none): anyone who can reach the gateway can use its MCP servers !!!"
+        );
+    }
+
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+
+    let mut mcp = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        McpProxy {
+            gateway: gateway.clone(),
+        },
+        "ratatosk mcp",
+    );
+    mcp.add_tcp(&listen);
+    server.add_service(mcp);
+
+    let mut admin = Service::new(
+        "ratatosk admin".to_string(),
+        AdminApp {
+            gateway: gateway.clone(),
+        },
+    );
+    admin.add_tcp(&admin_listen);
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "ratatosk housekeeping",
+        Housekeeping {
+            gateway: gateway.clone(),
+        },
+    ));
+
+    tracing::info!(%listen, %admin_listen, base_path = %gateway.config.base_path, "ratatosk listening");
+    server.run_forever();
+}

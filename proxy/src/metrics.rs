@@ -1,0 +1,137 @@
+//! Prometheus metrics, served as text by the admin listener.
+//!
+//! Label values are bounded: orgs come from the config (unknown ones are
+//! counted as `unknown`), methods from a fixed list, replicas from the config.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by org, MCP method (or HTTP verb for GET/DELETE) and HTTP status.
+    pub requests: IntCounterVec,
+    pub sessions: IntGaugeVec,
+    pub open_streams: IntGaugeVec,
+    pub upstream_latency: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    /// 1 while a replica is in rotation, 0 while it is ejected.
+    pub replica_up: IntGaugeVec,
+    /// Events appended to session logs, by org and source (`publish`, `upstream`).
+    pub events_published: IntCounterVec,
+    /// Events written to a client connection, by org.
+    pub events_delivered: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new_custom(Some("ratatosk".into()), None)?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "MCP requests by org, method and HTTP status",
+            ),
+            &["org", "method", "status"],
+        )?;
+        let sessions = IntGaugeVec::new(
+            Opts::new("sessions", "Live gateway sessions by org"),
+            &["org"],
+        )?;
+        let open_streams = IntGaugeVec::new(
+            Opts::new(
+                "open_streams",
+                "Open SSE streams held by the gateway, by org",
+            ),
+            &["org"],
+        )?;
+        let upstream_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_latency_seconds",
+                "Time from sending a request upstream to its response headers",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["org", "replica"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "upstream_errors_total",
+                "Upstream failures by org, replica and kind (connect, timeout, status, protocol)",
+            ),
+            &["org", "replica", "kind"],
+        )?;
+        let replica_up = IntGaugeVec::new(
+            Opts::new("upstream_replica_up", "1 while a replica is in rotation"),
+            &["org", "replica"],
+        )?;
+        let events_published = IntCounterVec::new(
+            Opts::new(
+                "events_published_total",
+                "Messages appended to session event logs, by org and source",
+            ),
+            &["org", "source"],
+        )?;
+        let events_delivered = IntCounterVec::new(
+            Opts::new(
+                "events_delivered_total",
+                "Events written to client SSE connections, by org",
+            ),
+            &["org"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(open_streams.clone()))?;
+        registry.register(Box::new(upstream_latency.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(replica_up.clone()))?;
+        registry.register(Box::new(events_published.clone()))?;
+        registry.register(Box::new(events_delivered.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            sessions,
+            open_streams,
+            upstream_latency,
+            upstream_errors,
+            replica_up,
+            events_published,
+            events_delivered,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_with_prefix_and_labels() {
+        let m = Metrics::new().expect("metrics");
+        m.requests
+            .with_label_values(&["org-1", "tools/call", "200"])
+            .inc();
+        m.sessions.with_label_values(&["org-1"]).set(3);
+        let text = String::from_utf8(m.render()).expect("utf8");
+        assert!(
+            text.contains(
+                "ratatosk_requests_total{method=\"tools/call\",org=\"org-1\",status=\"200\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("ratatosk_sessions{org=\"org-1\"} 3"),
+            "{text}"
+        );
+    }
+}

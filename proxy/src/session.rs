@@ -1,0 +1,281 @@
+//! Gateway-owned MCP sessions.
+//!
+//! Sessions are minted here, not by upstreams, so upstreams can be stateless.
+//! State sits behind [`SessionStore`]: [`MemorySessionStore`] is the
+//! single-node default; a shared store for several nodes implements the same
+//! trait.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use base64::Engine;
+use dashmap::DashMap;
+use rand::Rng;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Mints a session id: 256 random bits from a CSPRNG, base64url (43
+/// visible ASCII characters).
+pub fn mint_id() -> String {
+    let bytes: [u8; 32] = rand::rng().random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Whether a client-supplied id could be one we minted. Anything else is
+/// refused before it reaches a store or a log line.
+pub fn is_plausible_id(id: &str) -> bool {
+    id.len() == 43
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Which client transport a session was opened with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// Streamable HTTP (`/mcp`), 2025-03-26 and later.
+    StreamableHttp,
+    /// HTTP+SSE of 2024-11-05 (`/sse` + `/messages`).
+    LegacySse,
+}
+
+/// What the gateway remembers about a session.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SessionState {
+    pub id: String,
+    pub org: String,
+    /// The identity the session is bound to; another subject gets 404.
+    pub subject: String,
+    pub transport: Transport,
+    /// Negotiated at `initialize`; empty until then on legacy sessions.
+    pub protocol_version: String,
+    pub client_info: Option<Value>,
+    pub client_capabilities: Option<Value>,
+    pub log_level: Option<String>,
+    pub created_at_ms: u64,
+}
+
+/// A session with its last activity, as stores list them.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionRecord {
+    #[serde(flatten)]
+    pub state: Arc<SessionState>,
+    pub last_seen_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    async fn insert(&self, state: SessionState) -> Result<Arc<SessionState>, StoreError>;
+    /// Looks a session up and records activity on it.
+    async fn lookup(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError>;
+    /// Records activity without reading the state (open streams call this
+    /// so a session with a listener does not expire). False if it is gone.
+    async fn touch(&self, id: &str) -> Result<bool, StoreError>;
+    /// Replaces the state of an existing session. False if it is gone.
+    async fn replace(&self, state: SessionState) -> Result<bool, StoreError>;
+    async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError>;
+    async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Removes and returns sessions idle since before `cutoff_ms`.
+    async fn remove_idle(&self, cutoff_ms: u64) -> Result<Vec<Arc<SessionState>>, StoreError>;
+}
+
+struct Entry {
+    state: Arc<SessionState>,
+    last_seen_ms: AtomicU64,
+}
+
+/// In-process store: a sharded map. Sessions are lost on restart, which
+/// clients see as 404 and answer by re-initializing.
+#[derive(Default)]
+pub struct MemorySessionStore {
+    sessions: DashMap<String, Entry>,
+}
+
+impl MemorySessionStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemorySessionStore {
+    async fn insert(&self, state: SessionState) -> Result<Arc<SessionState>, StoreError> {
+        let state = Arc::new(state);
+        self.sessions.insert(
+            state.id.clone(),
+            Entry {
+                state: state.clone(),
+                last_seen_ms: AtomicU64::new(now_ms()),
+            },
+        );
+        Ok(state)
+    }
+
+    async fn lookup(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {
+        Ok(self.sessions.get(id).map(|e| {
+            e.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+            e.state.clone()
+        }))
+    }
+
+    async fn touch(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .sessions
+            .get(id)
+            .map(|e| e.last_seen_ms.store(now_ms(), Ordering::Relaxed))
+            .is_some())
+    }
+
+    async fn replace(&self, state: SessionState) -> Result<bool, StoreError> {
+        Ok(match self.sessions.get_mut(&state.id) {
+            Some(mut e) => {
+                e.state = Arc::new(state);
+                e.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {
+        Ok(self.sessions.remove(id).map(|(_, e)| e.state))
+    }
+
+    async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut out: Vec<SessionRecord> = self
+            .sessions
+            .iter()
+            .filter(|e| e.state.org == org)
+            .map(|e| SessionRecord {
+                state: e.state.clone(),
+                last_seen_ms: e.last_seen_ms.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by_key(|r| r.state.created_at_ms);
+        Ok(out)
+    }
+
+    async fn remove_idle(&self, cutoff_ms: u64) -> Result<Vec<Arc<SessionState>>, StoreError> {
+        let mut removed = Vec::new();
+        self.sessions.retain(|_, e| {
+            let keep = e.last_seen_ms.load(Ordering::Relaxed) >= cutoff_ms;
+            if !keep {
+                removed.push(e.state.clone());
+            }
+            keep
+        });
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_state(id: &str, org: &str) -> SessionState {
+    SessionState {
+        id: id.to_owned(),
+        org: org.to_owned(),
+        subject: "anonymous".into(),
+        transport: Transport::StreamableHttp,
+        protocol_version: "2025-06-18".into(),
+        client_info: None,
+        client_capabilities: None,
+        log_level: None,
+        created_at_ms: now_ms(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn minted_ids_are_unique_plausible_and_long() {
+        let ids: HashSet<String> = (0..10_000).map(|_| mint_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(100) {
+            assert!(is_plausible_id(id), "{id}");
+            assert_eq!(id.len(), 43);
+        }
+        assert!(!is_plausible_id("short"));
+        assert!(!is_plausible_id(&"a".repeat(42).replace('a', "/")));
+        assert!(!is_plausible_id(&format!("{}\n", &mint_id()[..42])));
+    }
+
+    #[tokio::test]
+    async fn insert_lookup_replace_remove() {
+        let store = MemorySessionStore::new();
+        let id = mint_id();
+        store
+            .insert(test_state(&id, "org-1"))
+            .await
+            .expect("insert");
+        let got = store.lookup(&id).await.expect("lookup").expect("present");
+        assert_eq!(got.org, "org-1");
+        assert!(store.lookup("nope").await.expect("lookup").is_none());
+
+        let mut changed = (*got).clone();
+        changed.protocol_version = "2024-11-05".into();
+        assert!(store.replace(changed).await.expect("replace"));
+        let got = store.lookup(&id).await.expect("lookup").expect("present");
+        assert_eq!(got.protocol_version, "2024-11-05");
+
+        assert!(store.remove(&id).await.expect("remove").is_some());
+        assert!(store.lookup(&id).await.expect("lookup").is_none());
+        assert!(!store.touch(&id).await.expect("touch"));
+        assert!(
+            !store
+                .replace(test_state(&id, "org-1"))
+                .await
+                .expect("replace")
+        );
+        assert!(store.remove(&id).await.expect("remove").is_none());
+    }
+
+    #[tokio::test]
+    async fn list_is_per_org() {
+        let store = MemorySessionStore::new();
+        for org in ["org-1", "org-1", "org-2"] {
+            store
+                .insert(test_state(&mint_id(), org))
+                .await
+                .expect("insert");
+        }
+        assert_eq!(store.list_org("org-1").await.expect("list").len(), 2);
+        assert_eq!(store.list_org("org-2").await.expect("list").len(), 1);
+        assert!(store.list_org("org-3").await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_are_removed_and_touched_ones_kept() {
+        let store = MemorySessionStore::new();
+        let idle = mint_id();
+        let busy = mint_id();
+        store.insert(test_state(&idle, "o")).await.expect("insert");
+        store.insert(test_state(&busy, "o")).await.expect("insert");
+        // Age both, then show activity on one.
+        for e in store.sessions.iter() {
+            e.last_seen_ms.store(1_000, Ordering::Relaxed);
+        }
+        assert!(store.touch(&busy).await.expect("touch"));
+        let removed = store.remove_idle(now_ms() - 60_000).await.expect("reap");
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].id, idle);
+        assert!(store.lookup(&busy).await.expect("lookup").is_some());
+        assert!(store.lookup(&idle).await.expect("lookup").is_none());
+    }
+}

@@ -1,0 +1,791 @@
+//! The stream hub: per-session event logs and the SSE streams fed from them.
+//!
+//! Every SSE stream the gateway serves reads from its session's log: the
+//! standalone stream (the Streamable HTTP GET stream, or the legacy `/sse`
+//! stream) and each POST response stream. A log is one bounded ring of
+//! pre-encoded SSE frames plus one [`Notify`]; a waiting stream costs a
+//! cursor, not a task, a channel or a buffer of its own.
+//!
+//! Event ids are `{stream}.{seq}`: `seq` is unique in the session and
+//! increasing, `stream` says which stream the event belongs to, so a
+//! `Last-Event-ID` replays that stream's missed events and no other's.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+use dashmap::DashMap;
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::Notify;
+
+/// Which stream of a session an event belongs to.
+pub type StreamId = u32;
+
+/// The session's standalone stream: the GET stream, or the legacy `/sse`.
+pub const STANDALONE: StreamId = 0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventId {
+    pub stream: StreamId,
+    pub seq: u64,
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.stream, self.seq)
+    }
+}
+
+impl EventId {
+    /// Parses a `Last-Event-ID` value.
+    pub fn parse(s: &str) -> Option<EventId> {
+        let (stream, seq) = s.trim().split_once('.')?;
+        let all_digits =
+            |t: &str| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(stream) || !all_digits(seq) {
+            return None;
+        }
+        Some(EventId {
+            stream: stream.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// A keep-alive: an SSE comment, ignored by clients, that keeps
+/// intermediaries from cutting an idle stream and shows us a dead client.
+pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Encodes one SSE event. `data` may span lines; each becomes a `data:` line.
+pub fn sse_frame(id: Option<EventId>, event: Option<&str>, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 48);
+    if let Some(id) = id {
+        out.put_slice(b"id: ");
+        out.put_slice(id.to_string().as_bytes());
+        out.put_u8(b'\n');
+    }
+    if let Some(event) = event {
+        out.put_slice(b"event: ");
+        out.put_slice(event.as_bytes());
+        out.put_u8(b'\n');
+    }
+    // SSE lines end at \n, \r\n or \r; split on all three.
+    let mut rest = data;
+    loop {
+        let end = rest.iter().position(|&b| b == b'\n' || b == b'\r');
+        out.put_slice(b"data: ");
+        match end {
+            Some(i) => {
+                out.put_slice(&rest[..i]);
+                out.put_u8(b'\n');
+                let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = &rest[i + skip..];
+            }
+            None => {
+                out.put_slice(rest);
+                out.put_u8(b'\n');
+                break;
+            }
+        }
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// The priming event of 2025-11-25: an id and empty data, so the client has
+/// a `Last-Event-ID` to reconnect with before any real event arrives.
+pub fn priming_frame(id: EventId, retry: Duration) -> Bytes {
+    Bytes::from(format!(
+        "id: {id}\nretry: {}\ndata: \n\n",
+        retry.as_millis()
+    ))
+}
+
+struct Event {
+    id: EventId,
+    frame: Bytes,
+}
+
+struct LogInner {
+    next_seq: u64,
+    next_stream: StreamId,
+    events: VecDeque<Event>,
+    /// Highest seq ever evicted from the ring; a cursor below it may have
+    /// missed events.
+    evicted_upto: u64,
+    /// Highest standalone seq written to a client connection; a standalone
+    /// stream opened without `Last-Event-ID` starts after it.
+    standalone_delivered: u64,
+    /// POST streams whose upstream answer is still arriving.
+    producing: Vec<StreamId>,
+    /// The current reader of each stream; an older reader of the same
+    /// stream stops at its next wake-up.
+    readers: Vec<(StreamId, u64)>,
+    next_reader: u64,
+    closed: bool,
+}
+
+/// Why an event could not be appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the session has ended")]
+pub struct Closed;
+
+/// A session's bounded event log and its live readers.
+pub struct SessionLog {
+    inner: Mutex<LogInner>,
+    wake: Notify,
+    capacity: usize,
+}
+
+impl SessionLog {
+    pub fn new(capacity: usize) -> Self {
+        SessionLog {
+            inner: Mutex::new(LogInner {
+                next_seq: 1,
+                next_stream: STANDALONE + 1,
+                events: VecDeque::new(),
+                evicted_upto: 0,
+                standalone_delivered: 0,
+                producing: Vec::new(),
+                readers: Vec::new(),
+                next_reader: 1,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogInner> {
+        // A panic while holding this lock cannot leave the ring half-written
+        // (every mutation is a single push/pop), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a POST response stream and returns its id.
+    pub fn begin_stream(&self) -> Result<StreamId, Closed> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Closed);
+        }
+        let id = inner.next_stream;
+        inner.next_stream = inner.next_stream.wrapping_add(1).max(STANDALONE + 1);
+        inner.producing.push(id);
+        Ok(id)
+    }
+
+    /// Marks a POST stream complete: its readers end once they have read
+    /// everything in it.
+    pub fn end_stream(&self, stream: StreamId) {
+        self.lock().producing.retain(|s| *s != stream);
+        self.wake.notify_waiters();
+    }
+
+    /// Appends one JSON-RPC message to a stream and wakes its reader.
+    pub fn append(&self, stream: StreamId, payload: &[u8]) -> Result<EventId, Closed> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Closed);
+        }
+        let id = EventId {
+            stream,
+            seq: inner.next_seq,
+        };
+        inner.next_seq += 1;
+        let frame = sse_frame(Some(id), Some("message"), payload);
+        inner.events.push_back(Event { id, frame });
+        while inner.events.len() > self.capacity {
+            if let Some(old) = inner.events.pop_front() {
+                inner.evicted_upto = old.id.seq;
+            }
+        }
+        drop(inner);
+        self.wake.notify_waiters();
+        Ok(id)
+    }
+
+    /// Ends the log: readers stop, appends fail.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Number of events held.
+    pub fn len(&self) -> usize {
+        self.lock().events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Registers a new reader of `stream`, superseding any earlier one.
+    /// `resume_after` is the seq of the last event the client saw; `None`
+    /// means "everything not yet delivered" for the standalone stream, and
+    /// "from the start" for a POST stream.
+    pub fn attach(
+        &self,
+        stream: StreamId,
+        resume_after: Option<u64>,
+    ) -> Result<Attach, AttachError> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(AttachError::Closed);
+        }
+        if let Some(seq) = resume_after
+            && seq >= inner.next_seq
+        {
+            return Err(AttachError::UnknownEvent);
+        }
+        if stream != STANDALONE && stream >= inner.next_stream {
+            return Err(AttachError::UnknownEvent);
+        }
+        let cursor = match (resume_after, stream) {
+            (Some(seq), _) => seq,
+            (None, STANDALONE) => inner.standalone_delivered,
+            (None, _) => 0,
+        };
+        let reader = inner.next_reader;
+        inner.next_reader += 1;
+        inner.readers.retain(|(s, _)| *s != stream);
+        inner.readers.push((stream, reader));
+        let gap = cursor < inner.evicted_upto;
+        drop(inner);
+        // Wake the superseded reader so it stops now, not at its keep-alive.
+        self.wake.notify_waiters();
+        Ok(Attach {
+            stream,
+            reader,
+            cursor,
+            gap,
+        })
+    }
+
+    fn detach(&self, stream: StreamId, reader: u64) {
+        self.lock()
+            .readers
+            .retain(|(s, r)| !(*s == stream && *r == reader));
+    }
+
+    fn mark_delivered(&self, stream: StreamId, upto: u64) {
+        if stream == STANDALONE {
+            let mut inner = self.lock();
+            inner.standalone_delivered = inner.standalone_delivered.max(upto);
+        }
+    }
+
+    /// Frames of `stream` after `cursor`, concatenated, with the count and
+    /// the new cursor.
+    fn poll(&self, stream: StreamId, reader: u64, cursor: u64) -> Poll {
+        let inner = self.lock();
+        if inner.closed || !inner.readers.contains(&(stream, reader)) {
+            return Poll::End;
+        }
+        let start = inner.events.partition_point(|e| e.id.seq <= cursor);
+        let mut count = 0;
+        let mut upto = cursor;
+        let mut out = BytesMut::new();
+        for e in inner
+            .events
+            .range(start..)
+            .filter(|e| e.id.stream == stream)
+        {
+            out.extend_from_slice(&e.frame);
+            count += 1;
+            upto = e.id.seq;
+        }
+        if count > 0 {
+            Poll::Events {
+                chunk: out.freeze(),
+                count,
+                upto,
+            }
+        } else if stream != STANDALONE && !inner.producing.contains(&stream) {
+            Poll::End
+        } else {
+            Poll::Wait
+        }
+    }
+}
+
+enum Poll {
+    Events { chunk: Bytes, count: u64, upto: u64 },
+    Wait,
+    End,
+}
+
+/// A reader's registration, from [`SessionLog::attach`].
+#[derive(Debug, Clone, Copy)]
+pub struct Attach {
+    pub stream: StreamId,
+    reader: u64,
+    cursor: u64,
+    /// The ring no longer holds every event after the cursor.
+    pub gap: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("the session has ended")]
+    Closed,
+    #[error("Last-Event-ID names an event this session never had")]
+    UnknownEvent,
+}
+
+/// All sessions' logs on this node.
+pub struct Hub {
+    logs: DashMap<String, Arc<SessionLog>>,
+    capacity: usize,
+}
+
+impl Hub {
+    pub fn new(capacity: usize) -> Self {
+        Hub {
+            logs: DashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Creates the log of a new session.
+    pub fn create(&self, session: &str) -> Arc<SessionLog> {
+        let log = Arc::new(SessionLog::new(self.capacity));
+        self.logs.insert(session.to_owned(), log.clone());
+        log
+    }
+
+    pub fn get(&self, session: &str) -> Option<Arc<SessionLog>> {
+        self.logs.get(session).map(|l| l.clone())
+    }
+
+    /// Ends a session's log and every stream reading it.
+    pub fn remove(&self, session: &str) {
+        if let Some((_, log)) = self.logs.remove(session) {
+            log.close();
+        }
+    }
+
+    /// Ends every stream, for shutdown.
+    pub fn close_all(&self) {
+        for log in self.logs.iter() {
+            log.close();
+        }
+    }
+}
+
+/// A streamed response body, written chunk by chunk by the HTTP layer.
+#[async_trait]
+pub trait ChunkSource: Send {
+    /// The next chunk to write, or `None` when the response is complete.
+    async fn next_chunk(&mut self) -> Option<Bytes>;
+    /// Called after the last chunk was written to the client successfully.
+    fn written(&mut self) {}
+}
+
+/// Per-stream counters, resolved to their label values once.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    pub delivered: IntCounter,
+    pub open: IntGauge,
+}
+
+/// Something to call on every keep-alive, so an open stream keeps its
+/// session from expiring.
+#[async_trait]
+pub trait KeepaliveHook: Send + Sync {
+    async fn on_keepalive(&self);
+}
+
+/// An SSE stream fed from a session log.
+pub struct LiveStream {
+    log: Arc<SessionLog>,
+    attach: Attach,
+    cursor: u64,
+    prelude: Option<Bytes>,
+    keepalive: Duration,
+    on_keepalive: Option<Arc<dyn KeepaliveHook>>,
+    metrics: Option<StreamMetrics>,
+    unacked: (u64, u64),
+}
+
+impl LiveStream {
+    /// `prelude` is written first: the legacy `endpoint` event, or the
+    /// priming event.
+    pub fn new(
+        log: Arc<SessionLog>,
+        attach: Attach,
+        prelude: Option<Bytes>,
+        keepalive: Duration,
+        on_keepalive: Option<Arc<dyn KeepaliveHook>>,
+        metrics: Option<StreamMetrics>,
+    ) -> Self {
+        if let Some(m) = &metrics {
+            m.open.inc();
+        }
+        LiveStream {
+            cursor: attach.cursor,
+            log,
+            attach,
+            prelude,
+            keepalive,
+            on_keepalive,
+            metrics,
+            unacked: (0, 0),
+        }
+    }
+
+    /// The id to announce in a priming event: the position this stream
+    /// starts from, so a reconnect with it loses nothing.
+    pub fn position(&self) -> EventId {
+        EventId {
+            stream: self.attach.stream,
+            seq: self.cursor,
+        }
+    }
+
+    pub fn set_prelude(&mut self, prelude: Bytes) {
+        self.prelude = Some(prelude);
+    }
+}
+
+#[async_trait]
+impl ChunkSource for LiveStream {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(p) = self.prelude.take() {
+            return Some(p);
+        }
+        loop {
+            // Register interest before looking, so an append between the
+            // look and the wait still wakes us.
+            let notified = self.log.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self
+                .log
+                .poll(self.attach.stream, self.attach.reader, self.cursor)
+            {
+                Poll::Events { chunk, count, upto } => {
+                    self.cursor = upto;
+                    self.unacked = (count, upto);
+                    return Some(chunk);
+                }
+                Poll::End => return None,
+                Poll::Wait => {}
+            }
+            if tokio::time::timeout(self.keepalive, notified)
+                .await
+                .is_err()
+            {
+                if let Some(hook) = &self.on_keepalive {
+                    hook.on_keepalive().await;
+                }
+                return Some(Bytes::from_static(KEEPALIVE));
+            }
+        }
+    }
+
+    fn written(&mut self) {
+        let (count, upto) = std::mem::take(&mut self.unacked);
+        if count > 0 {
+            self.log.mark_delivered(self.attach.stream, upto);
+            if let Some(m) = &self.metrics {
+                m.delivered.inc_by(count);
+            }
+        }
+    }
+}
+
+impl Drop for LiveStream {
+    fn drop(&mut self) {
+        self.log.detach(self.attach.stream, self.attach.reader);
+        if let Some(m) = &self.metrics {
+            m.open.dec();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KA: Duration = Duration::from_secs(3600);
+
+    fn text(b: &Bytes) -> &str {
+        std::str::from_utf8(b).expect("utf8")
+    }
+
+    /// Reads what a stream has now, acknowledging it as written.
+    async fn drain_now(s: &mut LiveStream) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_millis(20), s.next_chunk()).await {
+                Ok(Some(chunk)) => {
+                    s.written();
+                    out.extend(
+                        text(&chunk)
+                            .split("\n\n")
+                            .filter(|f| !f.is_empty())
+                            .map(str::to_owned),
+                    );
+                }
+                Ok(None) | Err(_) => return out,
+            }
+        }
+    }
+
+    fn ids(frames: &[String]) -> Vec<String> {
+        frames
+            .iter()
+            .filter_map(|f| {
+                f.lines()
+                    .find_map(|l| l.strip_prefix("id: "))
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frames_split_multiline_data() {
+        let f = sse_frame(
+            Some(EventId { stream: 3, seq: 9 }),
+            Some("message"),
+            b"{\n \"a\": 1\r\n}\r",
+        );
+        assert_eq!(
+            text(&f),
+            "id: 3.9\nevent: message\ndata: {\ndata:  \"a\": 1\ndata: }\ndata: \n\n"
+        );
+        assert_eq!(text(&sse_frame(None, None, b"{}")), "data: {}\n\n");
+        let p = priming_frame(EventId { stream: 0, seq: 4 }, Duration::from_millis(1500));
+        assert_eq!(text(&p), "id: 0.4\nretry: 1500\ndata: \n\n");
+    }
+
+    #[test]
+    fn event_ids_round_trip_and_reject_garbage() {
+        let id = EventId {
+            stream: 12,
+            seq: 345,
+        };
+        assert_eq!(EventId::parse(&id.to_string()), Some(id));
+        for bad in [
+            "",
+            "1",
+            "1.",
+            ".1",
+            "a.1",
+            "1.-2",
+            "1.2.3",
+            "99999999999.1",
+            "1.999999999999999999999",
+        ] {
+            assert_eq!(EventId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_are_unique_and_increasing_across_streams() {
+        let log = SessionLog::new(100);
+        let p = log.begin_stream().expect("open");
+        let a = log.append(STANDALONE, b"{}").expect("append");
+        let b = log.append(p, b"{}").expect("append");
+        let c = log.append(STANDALONE, b"{}").expect("append");
+        assert!(a.seq < b.seq && b.seq < c.seq);
+        assert_eq!((a.stream, b.stream), (STANDALONE, p));
+    }
+
+    #[test]
+    fn the_ring_is_bounded() {
+        let log = SessionLog::new(3);
+        for _ in 0..10 {
+            log.append(STANDALONE, b"{}").expect("append");
+        }
+        assert_eq!(log.len(), 3);
+        let a = log.attach(STANDALONE, Some(2)).expect("attach");
+        assert!(a.gap, "events 3..7 were evicted");
+        let a = log.attach(STANDALONE, Some(7)).expect("attach");
+        assert!(!a.gap);
+    }
+
+    #[tokio::test]
+    async fn replay_gives_exactly_the_missed_events_of_that_stream() {
+        let log = Arc::new(SessionLog::new(100));
+        let post = log.begin_stream().expect("open");
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            seen.push(
+                log.append(STANDALONE, format!("{{\"n\":{i}}}").as_bytes())
+                    .expect("append"),
+            );
+            log.append(post, b"{\"other\":true}").expect("append");
+        }
+        let missed: Vec<EventId> = (3..8)
+            .map(|i| {
+                log.append(STANDALONE, format!("{{\"n\":{i}}}").as_bytes())
+                    .expect("append")
+            })
+            .collect();
+
+        let a = log.attach(STANDALONE, Some(seen[2].seq)).expect("attach");
+        let mut s = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let frames = drain_now(&mut s).await;
+        let expected: Vec<String> = missed.iter().map(ToString::to_string).collect();
+        assert_eq!(ids(&frames), expected);
+        assert!(frames.iter().all(|f| !f.contains("other")));
+        assert!(frames[0].contains("{\"n\":3}"));
+    }
+
+    #[tokio::test]
+    async fn fresh_standalone_stream_gets_only_undelivered_events() {
+        let log = Arc::new(SessionLog::new(100));
+        log.append(STANDALONE, b"{\"n\":1}").expect("append");
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut first = LiveStream::new(log.clone(), a, None, KA, None, None);
+        assert_eq!(drain_now(&mut first).await.len(), 1);
+        drop(first);
+        log.append(STANDALONE, b"{\"n\":2}").expect("append");
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut second = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let frames = drain_now(&mut second).await;
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("{\"n\":2}"));
+    }
+
+    #[tokio::test]
+    async fn live_events_wake_a_waiting_reader() {
+        let log = Arc::new(SessionLog::new(100));
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut s = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let waiter = tokio::spawn(async move { s.next_chunk().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        log.append(STANDALONE, b"{\"live\":1}").expect("append");
+        let chunk = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("woken")
+            .expect("joined")
+            .expect("chunk");
+        assert!(text(&chunk).contains("{\"live\":1}"));
+    }
+
+    #[tokio::test]
+    async fn keepalive_is_sent_when_idle() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        #[async_trait]
+        impl KeepaliveHook for Count {
+            async fn on_keepalive(&self) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let hook = Arc::new(Count(Default::default()));
+        let log = Arc::new(SessionLog::new(10));
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut s = LiveStream::new(
+            log,
+            a,
+            None,
+            Duration::from_millis(30),
+            Some(hook.clone()),
+            None,
+        );
+        let chunk = s.next_chunk().await.expect("keepalive");
+        assert_eq!(&chunk[..], KEEPALIVE);
+        assert_eq!(hook.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_reader_supersedes_the_old_one() {
+        let log = Arc::new(SessionLog::new(10));
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut old = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let waiter = tokio::spawn(async move { old.next_chunk().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _new = log.attach(STANDALONE, None).expect("attach");
+        let ended = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("old reader stops")
+            .expect("joined");
+        assert!(ended.is_none());
+    }
+
+    #[tokio::test]
+    async fn post_stream_reader_ends_after_the_stream_is_complete() {
+        let log = Arc::new(SessionLog::new(10));
+        let p = log.begin_stream().expect("open");
+        let a = log.attach(p, None).expect("attach");
+        let mut s = LiveStream::new(log.clone(), a, None, KA, None, None);
+        log.append(p, b"{\"progress\":1}").expect("append");
+        log.append(p, b"{\"result\":1}").expect("append");
+        log.end_stream(p);
+        let frames = drain_now(&mut s).await;
+        assert_eq!(frames.len(), 2);
+        assert!(s.next_chunk().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn closing_the_log_ends_readers_and_refuses_appends() {
+        let log = Arc::new(SessionLog::new(10));
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut s = LiveStream::new(log.clone(), a, None, KA, None, None);
+        log.close();
+        assert!(s.next_chunk().await.is_none());
+        assert_eq!(log.append(STANDALONE, b"{}"), Err(Closed));
+        assert_eq!(
+            log.attach(STANDALONE, None).err(),
+            Some(AttachError::Closed)
+        );
+    }
+
+    #[test]
+    fn unknown_resume_points_are_refused() {
+        let log = SessionLog::new(10);
+        log.append(STANDALONE, b"{}").expect("append");
+        assert_eq!(
+            log.attach(STANDALONE, Some(99)).err(),
+            Some(AttachError::UnknownEvent)
+        );
+        assert_eq!(
+            log.attach(7, Some(0)).err(),
+            Some(AttachError::UnknownEvent)
+        );
+    }
+
+    #[tokio::test]
+    async fn prelude_comes_first_and_metrics_count() {
+        let delivered = IntCounter::new("d", "d").expect("counter");
+        let open = IntGauge::new("o", "o").expect("gauge");
+        let log = Arc::new(SessionLog::new(10));
+        log.append(STANDALONE, b"{}").expect("append");
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let metrics = StreamMetrics {
+            delivered: delivered.clone(),
+            open: open.clone(),
+        };
+        let mut s = LiveStream::new(
+            log,
+            a,
+            Some(Bytes::from_static(b"event: endpoint\ndata: /x\n\n")),
+            KA,
+            None,
+            Some(metrics),
+        );
+        assert_eq!(open.get(), 1);
+        let first = s.next_chunk().await.expect("prelude");
+        assert!(text(&first).starts_with("event: endpoint"));
+        s.written();
+        assert_eq!(delivered.get(), 0);
+        s.next_chunk().await.expect("event");
+        s.written();
+        assert_eq!(delivered.get(), 1);
+        drop(s);
+        assert_eq!(open.get(), 0);
+    }
+}

@@ -1,0 +1,503 @@
+//! Upstream pools: the replicas of one org's MCP server.
+//!
+//! A request goes to the replica with the fewest outstanding requests. A
+//! replica that refuses connections or answers 5xx leaves rotation for a
+//! cool-down. A request that never reached a replica (connect failure) is
+//! tried on the next one; one that did reach it is never re-sent, because a
+//! `tools/call` is not idempotent.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use prometheus::{Histogram, IntCounter, IntGauge};
+
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+
+/// How an upstream answered, by `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerKind {
+    Json,
+    Sse,
+    /// 202 Accepted or another body-less success.
+    Empty,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no replica of org '{org}' could be reached (tried {tried}): {last}")]
+    Unreachable {
+        org: String,
+        tried: String,
+        last: String,
+    },
+    #[error("upstream {replica} did not answer within {after:?}")]
+    Timeout { replica: String, after: Duration },
+    #[error("upstream {replica} answered HTTP {status}")]
+    Status {
+        replica: String,
+        status: StatusCode,
+        body: Bytes,
+        content_type: Option<String>,
+    },
+    #[error("upstream {replica} failed: {reason}")]
+    Failed { replica: String, reason: String },
+}
+
+struct Replica {
+    url: String,
+    outstanding: AtomicUsize,
+    /// Milliseconds after the pool's epoch until which the replica is out
+    /// of rotation; 0 when it is in.
+    ejected_until: AtomicU64,
+    up: IntGauge,
+    latency: Histogram,
+    err_connect: IntCounter,
+    err_timeout: IntCounter,
+    err_status: IntCounter,
+    err_protocol: IntCounter,
+}
+
+/// One org's replicas and the client that reaches them.
+pub struct Pool {
+    org: String,
+    replicas: Vec<Replica>,
+    next: AtomicUsize,
+    epoch: Instant,
+    eject_for: Duration,
+    pub timeout: Duration,
+    client: reqwest::Client,
+}
+
+/// A replica chosen for one request. It counts as outstanding until dropped.
+pub struct Lease {
+    pool: Arc<Pool>,
+    index: usize,
+}
+
+impl Lease {
+    pub fn replica(&self) -> &str {
+        &self.pool.replicas[self.index].url
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.replicas[self.index]
+            .outstanding
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response whose headers have arrived; the body is read by the caller.
+pub struct Answer {
+    pub kind: AnswerKind,
+    pub status: StatusCode,
+    pub response: reqwest::Response,
+    /// Keeps the replica counted as busy while the body streams.
+    pub lease: Lease,
+}
+
+impl Pool {
+    pub fn new(org: &str, cfg: &UpstreamConfig, metrics: &Metrics) -> Result<Pool, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        let replicas = cfg
+            .replicas
+            .iter()
+            .map(|url| {
+                let labels = [org, url.as_str()];
+                let err = |kind: &str| {
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[org, url.as_str(), kind])
+                };
+                let up = metrics.replica_up.with_label_values(&labels);
+                up.set(1);
+                Replica {
+                    url: url.clone(),
+                    outstanding: AtomicUsize::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    up,
+                    latency: metrics.upstream_latency.with_label_values(&labels),
+                    err_connect: err("connect"),
+                    err_timeout: err("timeout"),
+                    err_status: err("status"),
+                    err_protocol: err("protocol"),
+                }
+            })
+            .collect();
+        Ok(Pool {
+            org: org.to_owned(),
+            replicas,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            eject_for: cfg.eject_for,
+            timeout: cfg.timeout,
+            client,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn in_rotation(&self, r: &Replica, now: u64) -> bool {
+        let until = r.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if now >= until {
+            // The cool-down is over: take it back (once).
+            if r.ejected_until
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                r.up.set(1);
+                tracing::info!(org = %self.org, replica = %r.url, "replica back in rotation");
+            }
+            return true;
+        }
+        false
+    }
+
+    fn eject(&self, index: usize, why: &str) {
+        let r = &self.replicas[index];
+        let until = self.now_ms() + self.eject_for.as_millis() as u64;
+        r.ejected_until.store(until.max(1), Ordering::Relaxed);
+        r.up.set(0);
+        tracing::warn!(org = %self.org, replica = %r.url, cool_down = ?self.eject_for, "replica ejected: {why}");
+    }
+
+    /// Replicas in rotation now.
+    pub fn available(&self) -> usize {
+        let now = self.now_ms();
+        self.replicas
+            .iter()
+            .filter(|r| self.in_rotation(r, now))
+            .count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+    }
+
+    /// Picks the replica with the fewest outstanding requests among those in
+    /// rotation and not yet tried; ties rotate. If every untried replica is
+    /// ejected, the one whose cool-down ends first is tried anyway: a pool
+    /// that is all ejected must still be able to recover.
+    fn pick(self: &Arc<Self>, tried: &[usize]) -> Option<Lease> {
+        let now = self.now_ms();
+        let n = self.replicas.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(usize, usize)> = None;
+        let mut fallback: Option<(usize, u64)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if tried.contains(&i) {
+                continue;
+            }
+            let r = &self.replicas[i];
+            if self.in_rotation(r, now) {
+                let load = r.outstanding.load(Ordering::Relaxed);
+                if best.is_none_or(|(_, l)| load < l) {
+                    best = Some((i, load));
+                }
+            } else {
+                let until = r.ejected_until.load(Ordering::Relaxed);
+                if fallback.is_none_or(|(_, u)| until < u) {
+                    fallback = Some((i, until));
+                }
+            }
+        }
+        let index = best.map(|(i, _)| i).or(fallback.map(|(i, _)| i))?;
+        self.replicas[index]
+            .outstanding
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Lease {
+            pool: self.clone(),
+            index,
+        })
+    }
+
+    /// Sends one POST to a replica and waits for the response headers.
+    pub async fn send(
+        self: &Arc<Self>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Answer, UpstreamError> {
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_error = String::from("no replica configured");
+        while let Some(lease) = self.pick(&tried) {
+            let index = lease.index;
+            tried.push(index);
+            let replica = &self.replicas[index];
+            let started = Instant::now();
+            let request = self
+                .client
+                .post(&replica.url)
+                .headers(headers.clone())
+                .body(body.clone())
+                .send();
+            let response = match tokio::time::timeout(self.timeout, request).await {
+                Err(_) => {
+                    replica.err_timeout.inc();
+                    return Err(UpstreamError::Timeout {
+                        replica: replica.url.clone(),
+                        after: self.timeout,
+                    });
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    replica.err_connect.inc();
+                    self.eject(index, &format!("cannot connect: {}", error_chain(&e)));
+                    last_error = format!("{}: {}", replica.url, error_chain(&e));
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    replica.err_protocol.inc();
+                    self.eject(index, &format!("request failed: {}", error_chain(&e)));
+                    return Err(UpstreamError::Failed {
+                        replica: replica.url.clone(),
+                        reason: error_chain(&e),
+                    });
+                }
+                Ok(Ok(response)) => response,
+            };
+            replica.latency.observe(started.elapsed().as_secs_f64());
+            let status = response.status();
+            if status.is_server_error() {
+                replica.err_status.inc();
+                self.eject(index, &format!("answered HTTP {status}"));
+            }
+            if !status.is_success() {
+                if !status.is_server_error() {
+                    replica.err_status.inc();
+                }
+                let content_type = content_type(response.headers());
+                let body = tokio::time::timeout(self.timeout, response.bytes())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                return Err(UpstreamError::Status {
+                    replica: replica.url.clone(),
+                    status,
+                    body,
+                    content_type,
+                });
+            }
+            let kind = match content_type(response.headers()).as_deref() {
+                Some(ct) if mime_is(ct, "text/event-stream") => AnswerKind::Sse,
+                Some(ct) if mime_is(ct, "application/json") => AnswerKind::Json,
+                _ if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT => {
+                    AnswerKind::Empty
+                }
+                other => {
+                    replica.err_protocol.inc();
+                    return Err(UpstreamError::Failed {
+                        replica: replica.url.clone(),
+                        reason: format!(
+                            "answered HTTP {status} with Content-Type {:?}; expected application/json or text/event-stream",
+                            other.unwrap_or("(none)")
+                        ),
+                    });
+                }
+            };
+            return Ok(Answer {
+                kind,
+                status,
+                response,
+                lease,
+            });
+        }
+        Err(UpstreamError::Unreachable {
+            org: self.org.clone(),
+            tried: tried
+                .iter()
+                .map(|i| self.replicas[*i].url.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            last: last_error,
+        })
+    }
+
+    /// Counts a failure seen while reading a body (a dead replica mid-stream).
+    pub fn body_failed(&self, lease: &Lease, timed_out: bool) {
+        let r = &self.replicas[lease.index];
+        if timed_out {
+            r.err_timeout.inc();
+        } else {
+            r.err_protocol.inc();
+        }
+    }
+
+    /// Replica states for the admin API.
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        let now = self.now_ms();
+        self.replicas
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "url": r.url,
+                    "in_rotation": self.in_rotation(r, now),
+                    "outstanding": r.outstanding.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Whether a Content-Type names the given media type, ignoring parameters
+/// and case.
+pub fn mime_is(content_type: &str, media: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
+}
+
+/// An error with its causes, e.g. "error sending request: connection refused".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Era;
+
+    fn pool(replicas: &[&str]) -> Arc<Pool> {
+        let cfg = UpstreamConfig {
+            era: Era::Stateless2025,
+            replicas: replicas.iter().map(|s| s.to_string()).collect(),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            eject_for: Duration::from_secs(30),
+        };
+        let metrics = Metrics::new().expect("metrics");
+        Arc::new(Pool::new("org-1", &cfg, &metrics).expect("pool"))
+    }
+
+    #[test]
+    fn least_outstanding_wins() {
+        let p = pool(&["http://a/mcp", "http://b/mcp", "http://c/mcp"]);
+        let a = p.pick(&[]).expect("lease");
+        let b = p.pick(&[]).expect("lease");
+        let c = p.pick(&[]).expect("lease");
+        let mut picked = vec![a.index, b.index, c.index];
+        picked.sort();
+        assert_eq!(picked, vec![0, 1, 2], "each replica got one");
+        let busy = b.index;
+        drop(b);
+        for _ in 0..5 {
+            let next = p.pick(&[]).expect("lease");
+            assert_eq!(next.index, busy, "the idle replica is chosen");
+        }
+    }
+
+    #[test]
+    fn ejected_replicas_are_skipped_until_all_are_out() {
+        let p = pool(&["http://a/mcp", "http://b/mcp"]);
+        p.eject(0, "test");
+        assert_eq!(p.available(), 1);
+        for _ in 0..10 {
+            assert_eq!(p.pick(&[]).expect("lease").index, 1);
+        }
+        // Tried b already: a is used despite its ejection rather than failing.
+        assert_eq!(p.pick(&[1]).expect("lease").index, 0);
+        assert!(p.pick(&[0, 1]).is_none());
+    }
+
+    #[test]
+    fn ejection_ends_after_the_cool_down() {
+        let p = pool(&["http://a/mcp"]);
+        p.eject(0, "test");
+        assert_eq!(p.available(), 0);
+        // Pretend the cool-down ended a moment ago.
+        std::thread::sleep(Duration::from_millis(2));
+        p.replicas[0].ejected_until.store(1, Ordering::Relaxed);
+        assert_eq!(p.available(), 1);
+        assert_eq!(p.replicas[0].up.get(), 1);
+    }
+
+    #[test]
+    fn media_types_ignore_parameters() {
+        assert!(mime_is(
+            "text/event-stream; charset=utf-8",
+            "text/event-stream"
+        ));
+        assert!(mime_is("Application/JSON", "application/json"));
+        assert!(!mime_is("application/jsonx", "application/json"));
+    }
+
+    #[tokio::test]
+    async fn refused_connections_eject_and_fail_over() {
+        // Bind then drop a listener: nothing listens on that port now.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead_addr = dead.local_addr().expect("addr");
+        drop(dead);
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let live_addr = live.local_addr().expect("addr");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut sock, _)) = live.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let body = "{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            }
+        });
+        let p = pool(&[
+            &format!("http://{dead_addr}/mcp"),
+            &format!("http://{live_addr}/mcp"),
+        ]);
+        for _ in 0..4 {
+            let answer = p
+                .send(HeaderMap::new(), Bytes::from_static(b"{}"))
+                .await
+                .expect("answered by the live replica");
+            assert_eq!(answer.kind, AnswerKind::Json);
+            assert!(answer.lease.replica().contains(&live_addr.to_string()));
+        }
+        assert_eq!(p.available(), 1, "the dead replica is out of rotation");
+        assert_eq!(
+            p.replicas[0].err_connect.get(),
+            1,
+            "tried once, then skipped"
+        );
+    }
+}
