@@ -6,7 +6,7 @@
 //! `Mcp-Session-Id`, and the client's credentials never go upstream.
 
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use eventsource_stream::{EventStreamError, Eventsource};
@@ -73,6 +73,8 @@ pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
 pub enum ReadError {
     #[error("upstream {replica} sent nothing for {after:?}")]
     Timeout { replica: String, after: Duration },
+    #[error("upstream {replica} did not finish within the route's max_duration of {after:?}")]
+    TooLong { replica: String, after: Duration },
     #[error("upstream {replica} broke off its answer: {reason}")]
     Broken { replica: String, reason: String },
     #[error("upstream {replica} answered with a body that is not JSON-RPC: {reason}")]
@@ -98,13 +100,17 @@ pub struct AnswerReader {
     source: Source,
     queued: std::collections::VecDeque<Bytes>,
     timeout: Duration,
+    deadline: Instant,
+    max_duration: Duration,
     replica: String,
     /// Held so the replica counts as busy until the answer is read.
     _lease: crate::upstream::Lease,
 }
 
 impl AnswerReader {
-    pub fn new(answer: Answer, timeout: Duration) -> AnswerReader {
+    /// `timeout` bounds each wait; `max_duration` bounds the whole answer,
+    /// counted from now.
+    pub fn new(answer: Answer, timeout: Duration, max_duration: Duration) -> AnswerReader {
         let replica = answer.lease.replica().to_owned();
         let source = match answer.kind {
             AnswerKind::Json => Source::Json(Some(answer.response)),
@@ -115,6 +121,8 @@ impl AnswerReader {
             source,
             queued: Default::default(),
             timeout,
+            deadline: Instant::now() + max_duration,
+            max_duration,
             replica,
             _lease: answer.lease,
         }
@@ -130,6 +138,10 @@ impl AnswerReader {
             if let Some(m) = self.queued.pop_front() {
                 return Ok(Some(m));
             }
+            if matches!(self.source, Source::Done) {
+                return Ok(None);
+            }
+            let wait = self.wait()?;
             match &mut self.source {
                 Source::Done => return Ok(None),
                 Source::Json(response) => {
@@ -137,7 +149,7 @@ impl AnswerReader {
                         self.source = Source::Done;
                         continue;
                     };
-                    let body = tokio::time::timeout(self.timeout, response.bytes())
+                    let body = tokio::time::timeout(wait, response.bytes())
                         .await
                         .map_err(|_| self.timeout_error())?
                         .map_err(|e| self.broken(&e))?;
@@ -148,7 +160,7 @@ impl AnswerReader {
                     })?;
                 }
                 Source::Sse(events) => {
-                    let next = tokio::time::timeout(self.timeout, events.next())
+                    let next = tokio::time::timeout(wait, events.next())
                         .await
                         .map_err(|_| self.timeout_error())?;
                     match next {
@@ -168,10 +180,29 @@ impl AnswerReader {
         }
     }
 
+    /// How long the next wait may take, or the error if the deadline passed.
+    fn wait(&self) -> Result<Duration, ReadError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ReadError::TooLong {
+                replica: self.replica.clone(),
+                after: self.max_duration,
+            });
+        }
+        Ok(left.min(self.timeout))
+    }
+
     fn timeout_error(&self) -> ReadError {
-        ReadError::Timeout {
-            replica: self.replica.clone(),
-            after: self.timeout,
+        if Instant::now() >= self.deadline {
+            ReadError::TooLong {
+                replica: self.replica.clone(),
+                after: self.max_duration,
+            }
+        } else {
+            ReadError::Timeout {
+                replica: self.replica.clone(),
+                after: self.timeout,
+            }
         }
     }
 

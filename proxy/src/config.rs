@@ -166,6 +166,10 @@ pub struct UpstreamConfig {
     /// events of a streamed answer.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Longest a single request may take in all, however steadily its
+    /// answer streams (progress notifications included).
+    #[serde(default = "default_max_duration", with = "humantime_serde")]
+    pub max_duration: Duration,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// How long a replica that failed to connect or answered 5xx stays out
@@ -176,6 +180,9 @@ pub struct UpstreamConfig {
 
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_max_duration() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
@@ -417,6 +424,12 @@ impl Config {
                 bad(
                     &format!("{at}.upstream.timeout"),
                     "expected a positive duration like `60s`".into(),
+                );
+            }
+            if up.max_duration.is_zero() {
+                bad(
+                    &format!("{at}.upstream.max_duration"),
+                    "expected a positive duration like `10m`".into(),
                 );
             }
             if up.connect_timeout.is_zero() {

@@ -335,7 +335,7 @@ impl Gateway {
                 }
                 AnswerKind::Sse => {
                     let stream = log.begin_stream().map_err(|_| session_not_found())?;
-                    let reader = AnswerReader::new(answer, org.pool.timeout);
+                    let reader = AnswerReader::new(answer, org.pool.timeout, org.pool.max_duration);
                     let this = self.clone();
                     let (org_name, pending) = (org.name.clone(), id.into_iter().collect());
                     let log2 = log.clone();
@@ -444,7 +444,7 @@ impl Gateway {
         };
         match answer {
             Ok(answer) => {
-                let reader = AnswerReader::new(answer, org.pool.timeout);
+                let reader = AnswerReader::new(answer, org.pool.timeout, org.pool.max_duration);
                 let pending = id.into_iter().collect();
                 self.relay(reader, log, stream, pending, &org.name, &guard.token)
                     .await;
@@ -601,7 +601,7 @@ impl Gateway {
             .send(headers, init.raw.clone())
             .await
             .map_err(|e| upstream_reject(e, id.as_ref()))?;
-        let mut reader = AnswerReader::new(answer, org.pool.timeout);
+        let mut reader = AnswerReader::new(answer, org.pool.timeout, org.pool.max_duration);
         loop {
             match reader.next_message().await {
                 Ok(Some(message)) => {
@@ -1200,7 +1200,7 @@ pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
 
 fn read_reject(e: ReadError, id: Option<&Id>) -> Reject {
     let status = match e {
-        ReadError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        ReadError::Timeout { .. } | ReadError::TooLong { .. } => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
     };
     Reject::new(status, code::UPSTREAM_ERROR, e.to_string()).with_id(id)

@@ -102,6 +102,7 @@ mod tests {
             era: Era::Stateless2025,
             replicas: vec!["http://127.0.0.1:1/mcp".into()],
             timeout: Duration::from_secs(1),
+            max_duration: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(1),
             eject_for: Duration::from_secs(1),
         };

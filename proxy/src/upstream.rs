@@ -69,6 +69,7 @@ pub struct Pool {
     epoch: Instant,
     eject_for: Duration,
     pub timeout: Duration,
+    pub max_duration: Duration,
     client: reqwest::Client,
 }
 
@@ -141,6 +142,7 @@ impl Pool {
             epoch: Instant::now(),
             eject_for: cfg.eject_for,
             timeout: cfg.timeout,
+            max_duration: cfg.max_duration,
             client,
         })
     }
@@ -399,6 +401,7 @@ mod tests {
             era: Era::Stateless2025,
             replicas: replicas.iter().map(|s| s.to_string()).collect(),
             timeout: Duration::from_secs(5),
+            max_duration: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(1),
             eject_for: Duration::from_secs(30),
         };

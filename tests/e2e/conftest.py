@@ -1,0 +1,67 @@
+"""Shared fixtures: two real FastMCP replicas and a gateway in front of them.
+
+The shared gateway serves under `base_path: /api/v1/mcp`, so every test also
+proves that paths like `http://host/api/v1/mcp/org-1/sse` work.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Gateway, free_port, org, start_replicas  # noqa: E402
+
+BASE_PATH = "/api/v1/mcp"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def admin_port() -> int:
+    """The shared gateway's admin port, chosen before the replicas start so
+    that notify_me knows where to publish."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def replicas(log_dir, admin_port):
+    started = start_replicas(2, log_dir, f"http://127.0.0.1:{admin_port}")
+    yield started
+    for r in started:
+        r.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(log_dir, replicas, admin_port):
+    gw = Gateway(
+        log_dir,
+        {
+            "org-1": org(replicas),
+            "org-2": org(replicas),
+            # Short limits, to show that timeouts end in JSON-RPC errors.
+            "org-slow": org(replicas, timeout="1s", max_duration="2s"),
+            # Nothing listens on these ports.
+            "org-dead": org([f"http://127.0.0.1:{free_port()}/mcp", f"http://127.0.0.1:{free_port()}/mcp"],
+                            eject_for="1s"),
+        },
+        base_path=BASE_PATH,
+        admin_port=admin_port,
+    )
+    gw.start_and_wait()
+    yield gw
+    try:
+        gw.assert_healthy()
+    finally:
+        gw.stop()

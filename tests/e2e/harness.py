@@ -1,0 +1,372 @@
+"""Process harness for the end-to-end tests.
+
+Starts the real gateway binary and real upstream replicas on loopback ports,
+waits for readiness with a timeout and a clear error, and stops only the
+processes it started, by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx2
+
+ROOT = Path(__file__).resolve().parents[2]
+PUBLISH_SECRET = "e2e-publish-secret-local-only"
+PROTOCOL = "2025-11-25"
+ACCEPT_BOTH = "application/json, text/event-stream"
+
+
+def gateway_binary() -> Path:
+    explicit = os.environ.get("RATATOSK_BIN")
+    if explicit:
+        return Path(explicit)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return target / "debug" / "ratatosk"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 20.0, every: float = 0.05,
+               alive: Callable[[], str | None] | None = None) -> None:
+    """Polls `check` until it is true. Fails with `what` after `timeout`,
+    or at once if `alive` reports that a process died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None:
+            dead = alive()
+            if dead:
+                raise AssertionError(f"{what}: {dead}")
+        try:
+            if check():
+                return
+        except (OSError, httpx2.HTTPError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+        time.sleep(every)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Proc:
+    """A child process with its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = {**os.environ, **self.env}
+        self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True)
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def death(self) -> str | None:
+        """Why the process is no longer running, or None if it is."""
+        if self.popen is None:
+            return f"{self.name} was never started"
+        code = self.popen.poll()
+        if code is None:
+            return None
+        return f"{self.name} exited with code {code}; log tail:\n{self.log_tail()}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stops this process (its own process group, started by us) by pid."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class Replica(Proc):
+    """One replica of upstream-examples/python-fastmcp."""
+
+    def __init__(self, port: int, log_dir: Path, admin_url: str):
+        super().__init__(
+            name=f"python-fastmcp:{port}",
+            argv=[str(ROOT / "upstream-examples/python-fastmcp/run"), "--port", str(port)],
+            log_path=log_dir / f"replica-{port}.log",
+            env={"RATATOSK_ADMIN_URL": admin_url, "RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET,
+                 "RATATOSK_NOTIFY_DELAY_MS": "200"},
+        )
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/mcp"
+
+    def seen_headers(self) -> list[dict[str, str]]:
+        return httpx2.get(f"http://127.0.0.1:{self.port}/debug/headers", timeout=5).json()
+
+    def wait_ready(self, timeout: float = 90.0) -> "Replica":
+        wait_until(f"{self.name} listening", lambda: "READY" in self.log_text(), timeout=timeout,
+                   every=0.1, alive=self.death)
+        return self
+
+
+def start_replicas(n: int, log_dir: Path, admin_url: str) -> list[Replica]:
+    """Starts n replicas at once and waits until all listen."""
+    replicas = [Replica(free_port(), log_dir, admin_url) for _ in range(n)]
+    try:
+        for r in replicas:
+            r.start()
+        for r in replicas:
+            r.wait_ready()
+    except BaseException:
+        for r in replicas:
+            r.stop()
+        raise
+    return replicas
+
+
+
+class Gateway(Proc):
+    """The ratatosk binary with a config written for the test."""
+
+    def __init__(self, log_dir: Path, orgs: dict[str, dict], *, base_path: str = "",
+                 idle_ttl: str = "30m", keepalive: str = "1s", event_log_size: int = 256,
+                 max_body_bytes: int = 65536, name: str = "gateway", admin_port: int | None = None):
+        self.port = free_port()
+        self.admin_port = admin_port or free_port()
+        self.base_path = base_path
+        self.config_path = log_dir / f"{name}.yaml"
+        config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "admin_listen": f"127.0.0.1:{self.admin_port}",
+            "base_path": base_path,
+            "allowed_origins": ["http://localhost:6274"],
+            "limits": {"max_body_bytes": max_body_bytes, "body_read_timeout": "5s"},
+            "sessions": {"idle_ttl": idle_ttl, "event_log_size": event_log_size},
+            "streams": {"keepalive": keepalive, "retry": "500ms"},
+            # The secret itself comes from the environment, as in production.
+            "publish": {"secret": "${RATATOSK_PUBLISH_SECRET}"},
+            "server": {"threads": 2, "shutdown_grace": "1s"},
+            "orgs": orgs,
+        }
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # JSON is YAML: no YAML library is needed in the test venv.
+        self.config_path.write_text(json.dumps(config, indent=2))
+        super().__init__(
+            name=name,
+            argv=[str(gateway_binary()), "--config", str(self.config_path)],
+            log_path=log_dir / f"{name}.log",
+            env={"RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET, "RATATOSK_LOG": "info", "NO_COLOR": "1"},
+        )
+
+    def start_and_wait(self, timeout: float = 20.0) -> "Gateway":
+        if not gateway_binary().exists():
+            raise AssertionError(f"gateway binary {gateway_binary()} is missing: run cargo build first")
+        self.start()
+        wait_until(f"{self.name} /healthz", lambda: self.admin_get("/healthz").status_code == 200,
+                   timeout=timeout, alive=self.death)
+        wait_until(f"{self.name} MCP listener", lambda: port_open(self.port), timeout=timeout,
+                   alive=self.death)
+        return self
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base(self) -> str:
+        return f"{self.origin}{self.base_path}"
+
+    def url(self, org: str, endpoint: str = "mcp") -> str:
+        return f"{self.base}/{org}/{endpoint}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def admin_get(self, path: str, **kw) -> httpx2.Response:
+        return httpx2.get(self.admin + path, timeout=5, **kw)
+
+    def publish(self, session_id: str, message: dict, secret: str = PUBLISH_SECRET) -> httpx2.Response:
+        return httpx2.post(f"{self.admin}/sessions/{session_id}/messages", json=message,
+                           headers={"Authorization": f"Bearer {secret}"}, timeout=5)
+
+    def sessions(self, org: str) -> list[dict]:
+        r = self.admin_get(f"/orgs/{org}/sessions", headers={"Authorization": f"Bearer {PUBLISH_SECRET}"})
+        r.raise_for_status()
+        return r.json()["sessions"]
+
+    def metrics(self) -> str:
+        return self.admin_get("/metrics").text
+
+    def assert_healthy(self) -> None:
+        dead = self.death()
+        assert dead is None, dead
+        assert "panicked" not in self.log_text(), self.log_tail(80)
+        assert self.admin_get("/healthz").status_code == 200
+
+
+def org(replicas: list[Replica] | list[str], **upstream) -> dict:
+    urls = [r.url if isinstance(r, Replica) else r for r in replicas]
+    return {"auth": "none", "upstream": {"era": "stateless-2025", "replicas": urls, **upstream}}
+
+
+# ----- raw HTTP helpers ---------------------------------------------------------
+
+def post(url: str, body, *, session: str | None = None, headers: dict | None = None,
+         version: str | None = PROTOCOL, timeout: float = 10) -> httpx2.Response:
+    h = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH}
+    if version:
+        h["MCP-Protocol-Version"] = version
+    if session:
+        h["Mcp-Session-Id"] = session
+    h.update(headers or {})
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx2.post(url, content=data, headers=h, timeout=timeout)
+
+
+def initialize(url: str, name: str = "e2e-raw") -> str:
+    """Initializes a session over raw HTTP and returns its id."""
+    r = post(url, {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                   "params": {"protocolVersion": PROTOCOL, "capabilities": {},
+                              "clientInfo": {"name": name, "version": "1"}}}, version=None)
+    assert r.status_code == 200, r.text
+    sid = r.headers["mcp-session-id"]
+    r2 = post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session=sid)
+    assert r2.status_code == 202, r2.text
+    return sid
+
+
+def rpc_error(r: httpx2.Response) -> dict:
+    """The JSON-RPC error of a refusal, checked for shape."""
+    assert r.headers.get("content-type", "").startswith("application/json"), r.headers
+    body = r.json()
+    assert body["jsonrpc"] == "2.0", body
+    assert "error" in body, body
+    assert isinstance(body["error"]["code"], int), body
+    assert body["error"]["message"], body
+    return body["error"]
+
+
+@dataclass
+class SseEvent:
+    id: str | None
+    event: str | None
+    data: str
+
+
+class SseReader:
+    """Reads SSE events (and counts comments) from a streaming response."""
+
+    def __init__(self, response: httpx2.Response):
+        self.response = response
+        self.lines: Iterator[str] = response.iter_lines()
+        self.comments = 0
+
+    def next_event(self) -> SseEvent:
+        ev_id = ev_type = None
+        data: list[str] = []
+        seen = False
+        for line in self.lines:
+            if line == "":
+                if seen:
+                    return SseEvent(ev_id, ev_type, "\n".join(data))
+                continue
+            if line.startswith(":"):
+                self.comments += 1
+                continue
+            seen = True
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "id":
+                ev_id = value
+            elif name == "event":
+                ev_type = value
+            elif name == "data":
+                data.append(value)
+        raise EOFError("stream ended")
+
+    def next_message(self) -> tuple[str | None, dict]:
+        """The next event that carries a JSON-RPC message (skips priming)."""
+        while True:
+            ev = self.next_event()
+            if ev.data.strip():
+                return ev.id, json.loads(ev.data)
+
+    def next_comment(self) -> None:
+        before = self.comments
+        for line in self.lines:
+            if line.startswith(":"):
+                self.comments += 1
+            if self.comments > before:
+                return
+        raise EOFError("stream ended")
+
+
+# ----- official MCP client helpers ----------------------------------------------
+
+from contextlib import asynccontextmanager  # noqa: E402
+
+from mcp import ClientSession, types  # noqa: E402
+from mcp.client.sse import sse_client  # noqa: E402
+from mcp.client.streamable_http import streamable_http_client  # noqa: E402
+
+
+@asynccontextmanager
+async def streamable_session(url: str, headers: dict | None = None, **callbacks):
+    """An initialized ClientSession over Streamable HTTP (mcp 2.x client)."""
+    http = httpx2.AsyncClient(headers=headers or {}, timeout=httpx2.Timeout(30.0, read=60.0))
+    async with http, streamable_http_client(url, http_client=http) as (read, write):
+        async with ClientSession(read, write, read_timeout_seconds=30,
+                                 client_info=types.Implementation(name="e2e-streamable", version="1"),
+                                 **callbacks) as session:
+            await session.initialize()
+            yield session
+
+
+@asynccontextmanager
+async def legacy_session(url: str, **callbacks):
+    """An initialized ClientSession over HTTP+SSE of 2024-11-05 (sse_client)."""
+    async with sse_client(url, timeout=10.0, sse_read_timeout=60.0) as (read, write):
+        async with ClientSession(read, write, read_timeout_seconds=30,
+                                 client_info=types.Implementation(name="e2e-legacy", version="1"),
+                                 **callbacks) as session:
+            await session.initialize()
+            yield session
