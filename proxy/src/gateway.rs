@@ -25,8 +25,8 @@ use crate::metrics::Metrics;
 use crate::routes::{Endpoint, OrgRoute, RouteError, Routes};
 use crate::session::{self, SessionState, SessionStore, StoreError, Transport};
 use crate::stream::{
-    AttachError, ChunkSource, EventId, Hub, KeepaliveHook, LiveStream, STANDALONE, SessionLog,
-    StreamId, StreamMetrics, priming_frame, sse_frame,
+    AttachError, ChunkSource, EventId, Hub, LiveStream, STANDALONE, SessionLog, StreamId,
+    StreamMetrics, priming_frame, sse_frame,
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
@@ -401,10 +401,6 @@ impl Gateway {
         attach: crate::stream::Attach,
         prelude: Option<Bytes>,
     ) -> LiveStream {
-        let hook: Arc<dyn KeepaliveHook> = Arc::new(Toucher {
-            store: self.store.clone(),
-            session: session.id.clone(),
-        });
         let metrics = StreamMetrics {
             delivered: self
                 .metrics
@@ -417,7 +413,6 @@ impl Gateway {
             attach,
             prelude,
             self.config.streams.keepalive,
-            Some(hook),
             Some(metrics),
         );
         if edge::wants_priming(&session.protocol_version) {
@@ -1006,8 +1001,14 @@ impl Gateway {
         Ok(id)
     }
 
-    /// Removes idle sessions; run periodically.
+    /// Removes idle sessions; run periodically. A session with a client
+    /// stream open on this node is not idle, however long it has been quiet.
     pub async fn reap_idle(&self) -> usize {
+        for id in self.hub.sessions_with_readers() {
+            if let Err(e) = self.store.touch(&id).await {
+                tracing::warn!(error = %e, "cannot refresh a session with an open stream");
+            }
+        }
         let ttl = self.config.sessions.idle_ttl.as_millis() as u64;
         let cutoff = session::now_ms().saturating_sub(ttl);
         let expired = match self.store.remove_idle(cutoff).await {
@@ -1051,21 +1052,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             self.map.remove(&key);
-        }
-    }
-}
-
-/// Keeps a session alive while one of its streams is open.
-struct Toucher {
-    store: Arc<dyn SessionStore>,
-    session: String,
-}
-
-#[async_trait]
-impl KeepaliveHook for Toucher {
-    async fn on_keepalive(&self) {
-        if let Err(e) = self.store.touch(&self.session).await {
-            tracing::warn!(error = %e, "cannot refresh a session with an open stream");
         }
     }
 }
@@ -1210,4 +1196,346 @@ fn read_reject(e: ReadError, id: Option<&Id>) -> Reject {
 /// without writing a usable id into them.
 pub fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The request path driven without a client socket: requests go straight
+    //! into `Gateway::handle`; upstreams are loopback stubs.
+
+    use super::*;
+    use crate::edge::ResponseBody;
+    use crate::session::MemorySessionStore;
+    use crate::testing;
+    use http::HeaderMap;
+    use std::path::Path;
+    use std::time::Duration;
+
+    const SECRET: &str = "unit-test-secret-0123";
+
+    fn gateway(replicas: &[String]) -> Arc<Gateway> {
+        let list = replicas
+            .iter()
+            .map(|r| format!("\"{r}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
+             allowed_origins: [\"http://ok.example\"]\nlimits: {{max_body_bytes: 1024}}\n\
+             streams: {{keepalive: 10s}}\npublish: {{secret: {SECRET}}}\n\
+             orgs:\n  org-1:\n    upstream: {{era: stateless-2025, replicas: [{list}], timeout: 2s}}\n"
+        );
+        let config = Config::from_yaml(&yaml, Path::new("unit.yaml"), &|_| None).expect("config");
+        Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway")
+    }
+
+    fn request(method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> Request {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        Request {
+            method,
+            path: path.into(),
+            query: None,
+            headers: h,
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            request_id: "unit".into(),
+        }
+    }
+
+    fn post(body: &str, extra: &[(&str, &str)]) -> Request {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+        ];
+        headers.extend_from_slice(extra);
+        request(Method::POST, "/gw/org-1/mcp", &headers, body)
+    }
+
+    fn json_of(r: &Response) -> Value {
+        match &r.body {
+            ResponseBody::Full(b) => serde_json::from_slice(b).expect("json body"),
+            _ => panic!("expected a full body"),
+        }
+    }
+
+    async fn next_text(r: &mut Response) -> String {
+        let ResponseBody::Stream(src) = &mut r.body else {
+            panic!("expected a stream")
+        };
+        let chunk = tokio::time::timeout(Duration::from_secs(5), src.next_chunk())
+            .await
+            .expect("a chunk in time")
+            .expect("stream open");
+        src.written();
+        String::from_utf8(chunk.to_vec()).expect("utf8")
+    }
+
+    const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"unit","version":"1"}}}"#;
+
+    async fn mcp_stub() -> testing::Stub {
+        testing::stub(|body| {
+            let id = testing::request_id(body);
+            let text = String::from_utf8_lossy(body);
+            if text.contains("\"initialize\"") {
+                (200, "application/json", format!(
+                    r#"{{"jsonrpc":"2.0","id":{id},"result":{{"protocolVersion":"2025-06-18","capabilities":{{}},"serverInfo":{{"name":"stub","version":"1"}}}}}}"#
+                ))
+            } else {
+                (200, "text/event-stream", format!(
+                    "event: message\r\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progressToken\":1,\"progress\":1}}}}\r\n\r\n\
+                     event: message\r\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"ok\":true}}}}\r\n\r\n"
+                ))
+            }
+        })
+        .await
+    }
+
+    async fn initialize(gw: &Arc<Gateway>) -> String {
+        let r = gw.handle(post(INIT, &[])).await;
+        assert_eq!(r.status, StatusCode::OK);
+        r.headers
+            .get(&MCP_SESSION_ID)
+            .expect("session id")
+            .to_str()
+            .expect("ascii")
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn initialize_mints_a_session_and_published_messages_reach_its_stream() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        assert!(session::is_plausible_id(&sid));
+        let state = gw.store.lookup(&sid).await.expect("store").expect("stored");
+        assert_eq!(state.protocol_version, "2025-06-18");
+        assert_eq!(state.client_info.as_ref().expect("info")["name"], "unit");
+
+        let mut stream = gw
+            .handle(request(
+                Method::GET,
+                "/gw/org-1/mcp",
+                &[("accept", "text/event-stream"), ("mcp-session-id", &sid)],
+                "",
+            ))
+            .await;
+        assert_eq!(stream.status, StatusCode::OK);
+        assert_eq!(
+            stream.headers.get("x-accel-buffering").expect("header"),
+            "no"
+        );
+        let id = gw
+            .publish(
+                &sid,
+                &Bytes::from_static(
+                    br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"hi"}}"#,
+                ),
+            )
+            .await
+            .expect("published");
+        let text = next_text(&mut stream).await;
+        assert!(
+            text.starts_with(&format!("id: {id}\nevent: message\ndata: ")),
+            "{text}"
+        );
+        assert!(text.contains("\"hi\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_sse_answer_is_relayed_event_by_event_with_gateway_ids() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        let mut r = gw
+            .handle(post(
+                r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"x"}}"#,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-06-18"),
+                ],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let mut text = String::new();
+        while !text.contains("\"result\"") {
+            text.push_str(&next_text(&mut r).await);
+        }
+        let ids: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .collect();
+        assert_eq!(ids.len(), 2, "{text}");
+        assert!(
+            ids.iter().all(|i| i.starts_with("1.")),
+            "POST stream 1: {ids:?}"
+        );
+        assert!(text.find("notifications/progress") < text.find("\"result\""));
+        let ResponseBody::Stream(src) = &mut r.body else {
+            panic!()
+        };
+        assert!(
+            src.next_chunk().await.is_none(),
+            "the stream ends after the result"
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_are_precise() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
+        let cases: Vec<(Request, StatusCode, i64)> = vec![
+            (
+                post("nope", &[("mcp-session-id", &sid)]),
+                StatusCode::BAD_REQUEST,
+                code::PARSE_ERROR,
+            ),
+            (post(list, &[]), StatusCode::BAD_REQUEST, code::BAD_REQUEST),
+            (
+                post(list, &[("mcp-session-id", &"x".repeat(43))]),
+                StatusCode::NOT_FOUND,
+                code::SESSION_NOT_FOUND,
+            ),
+            (
+                post(
+                    &format!("[{list}]"),
+                    &[
+                        ("mcp-session-id", &sid),
+                        ("mcp-protocol-version", "2025-06-18"),
+                    ],
+                ),
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+            ),
+            (
+                post(
+                    list,
+                    &[("mcp-session-id", &sid), ("origin", "http://evil.example")],
+                ),
+                StatusCode::FORBIDDEN,
+                code::BAD_REQUEST,
+            ),
+            (
+                post(
+                    list,
+                    &[
+                        ("mcp-session-id", &sid),
+                        ("mcp-protocol-version", "2030-01-01"),
+                    ],
+                ),
+                StatusCode::BAD_REQUEST,
+                code::BAD_REQUEST,
+            ),
+            (
+                request(
+                    Method::POST,
+                    "/gw/org-1/mcp",
+                    &[("content-type", "text/plain"), ("accept", "*/*")],
+                    list,
+                ),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code::BAD_REQUEST,
+            ),
+            (
+                request(Method::POST, "/gw/org-9/mcp", &[], list),
+                StatusCode::NOT_FOUND,
+                code::NOT_FOUND,
+            ),
+            (
+                request(Method::PATCH, "/gw/org-1/mcp", &[], ""),
+                StatusCode::METHOD_NOT_ALLOWED,
+                code::BAD_REQUEST,
+            ),
+            (
+                request(
+                    Method::GET,
+                    "/gw/org-1/mcp",
+                    &[
+                        ("accept", "text/event-stream"),
+                        ("mcp-session-id", &sid),
+                        ("last-event-id", "x"),
+                    ],
+                    "",
+                ),
+                StatusCode::BAD_REQUEST,
+                code::BAD_REQUEST,
+            ),
+        ];
+        for (req, status, code) in cases {
+            let what = format!("{} {} {:?}", req.method, req.path, req.headers);
+            let r = gw.handle(req).await;
+            assert_eq!(r.status, status, "{what}");
+            let body = json_of(&r);
+            assert_eq!(body["error"]["code"], code, "{what}: {body}");
+            assert_eq!(body["jsonrpc"], "2.0");
+        }
+        // Nothing of that harmed the session.
+        let ok = gw
+            .handle(post(
+                r#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#,
+                &[("mcp-session-id", &sid)],
+            ))
+            .await;
+        assert_eq!(json_of(&ok)["result"], json!({}));
+    }
+
+    #[tokio::test]
+    async fn no_session_is_created_when_the_upstream_is_down() {
+        let gw = gateway(&[testing::dead_url()]);
+        let r = gw.handle(post(INIT, &[])).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert!(r.headers.get(&MCP_SESSION_ID).is_none());
+        assert_eq!(json_of(&r)["error"]["code"], code::UPSTREAM_ERROR);
+        assert_eq!(json_of(&r)["id"], 1);
+        assert!(gw.store.list_org("org-1").await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn delete_ends_the_session_and_its_streams() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        let mut stream = gw
+            .handle(request(
+                Method::GET,
+                "/gw/org-1/mcp",
+                &[("accept", "text/event-stream"), ("mcp-session-id", &sid)],
+                "",
+            ))
+            .await;
+        let del = gw
+            .handle(request(
+                Method::DELETE,
+                "/gw/org-1/mcp",
+                &[("mcp-session-id", &sid)],
+                "",
+            ))
+            .await;
+        assert_eq!(del.status, StatusCode::NO_CONTENT);
+        let ResponseBody::Stream(src) = &mut stream.body else {
+            panic!()
+        };
+        assert!(src.next_chunk().await.is_none(), "the open stream ends");
+        let again = gw
+            .handle(post(
+                r#"{"jsonrpc":"2.0","id":4,"method":"ping"}"#,
+                &[("mcp-session-id", &sid)],
+            ))
+            .await;
+        assert_eq!(again.status, StatusCode::NOT_FOUND);
+        assert!(matches!(
+            gw.publish(
+                &sid,
+                &Bytes::from_static(br#"{"jsonrpc":"2.0","method":"x"}"#)
+            )
+            .await,
+            Err(PublishError::UnknownSession)
+        ));
+    }
 }

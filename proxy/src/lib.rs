@@ -17,3 +17,6 @@ pub mod server;
 pub mod session;
 pub mod stream;
 pub mod upstream;
+
+#[cfg(test)]
+mod testing;

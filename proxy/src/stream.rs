@@ -217,6 +217,11 @@ impl SessionLog {
         self.wake.notify_waiters();
     }
 
+    /// Whether any stream of the session has a client attached.
+    pub fn has_readers(&self) -> bool {
+        !self.lock().readers.is_empty()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.lock().closed
     }
@@ -375,6 +380,15 @@ impl Hub {
         }
     }
 
+    /// Sessions with at least one client stream attached on this node.
+    pub fn sessions_with_readers(&self) -> Vec<String> {
+        self.logs
+            .iter()
+            .filter(|l| l.has_readers())
+            .map(|l| l.key().clone())
+            .collect()
+    }
+
     /// Ends every stream, for shutdown.
     pub fn close_all(&self) {
         for log in self.logs.iter() {
@@ -399,13 +413,6 @@ pub struct StreamMetrics {
     pub open: IntGauge,
 }
 
-/// Something to call on every keep-alive, so an open stream keeps its
-/// session from expiring.
-#[async_trait]
-pub trait KeepaliveHook: Send + Sync {
-    async fn on_keepalive(&self);
-}
-
 /// An SSE stream fed from a session log.
 pub struct LiveStream {
     log: Arc<SessionLog>,
@@ -413,7 +420,6 @@ pub struct LiveStream {
     cursor: u64,
     prelude: Option<Bytes>,
     keepalive: Duration,
-    on_keepalive: Option<Arc<dyn KeepaliveHook>>,
     metrics: Option<StreamMetrics>,
     unacked: (u64, u64),
 }
@@ -426,7 +432,6 @@ impl LiveStream {
         attach: Attach,
         prelude: Option<Bytes>,
         keepalive: Duration,
-        on_keepalive: Option<Arc<dyn KeepaliveHook>>,
         metrics: Option<StreamMetrics>,
     ) -> Self {
         if let Some(m) = &metrics {
@@ -438,7 +443,6 @@ impl LiveStream {
             attach,
             prelude,
             keepalive,
-            on_keepalive,
             metrics,
             unacked: (0, 0),
         }
@@ -486,9 +490,6 @@ impl ChunkSource for LiveStream {
                 .await
                 .is_err()
             {
-                if let Some(hook) = &self.on_keepalive {
-                    hook.on_keepalive().await;
-                }
                 return Some(Bytes::from_static(KEEPALIVE));
             }
         }
@@ -636,7 +637,7 @@ mod tests {
             .collect();
 
         let a = log.attach(STANDALONE, Some(seen[2].seq)).expect("attach");
-        let mut s = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let mut s = LiveStream::new(log.clone(), a, None, KA, None);
         let frames = drain_now(&mut s).await;
         let expected: Vec<String> = missed.iter().map(ToString::to_string).collect();
         assert_eq!(ids(&frames), expected);
@@ -649,12 +650,12 @@ mod tests {
         let log = Arc::new(SessionLog::new(100));
         log.append(STANDALONE, b"{\"n\":1}").expect("append");
         let a = log.attach(STANDALONE, None).expect("attach");
-        let mut first = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let mut first = LiveStream::new(log.clone(), a, None, KA, None);
         assert_eq!(drain_now(&mut first).await.len(), 1);
         drop(first);
         log.append(STANDALONE, b"{\"n\":2}").expect("append");
         let a = log.attach(STANDALONE, None).expect("attach");
-        let mut second = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let mut second = LiveStream::new(log.clone(), a, None, KA, None);
         let frames = drain_now(&mut second).await;
         assert_eq!(frames.len(), 1);
         assert!(frames[0].contains("{\"n\":2}"));
@@ -664,7 +665,7 @@ mod tests {
     async fn live_events_wake_a_waiting_reader() {
         let log = Arc::new(SessionLog::new(100));
         let a = log.attach(STANDALONE, None).expect("attach");
-        let mut s = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let mut s = LiveStream::new(log.clone(), a, None, KA, None);
         let waiter = tokio::spawn(async move { s.next_chunk().await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         log.append(STANDALONE, b"{\"live\":1}").expect("append");
@@ -678,34 +679,18 @@ mod tests {
 
     #[tokio::test]
     async fn keepalive_is_sent_when_idle() {
-        struct Count(std::sync::atomic::AtomicUsize);
-        #[async_trait]
-        impl KeepaliveHook for Count {
-            async fn on_keepalive(&self) {
-                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        let hook = Arc::new(Count(Default::default()));
         let log = Arc::new(SessionLog::new(10));
         let a = log.attach(STANDALONE, None).expect("attach");
-        let mut s = LiveStream::new(
-            log,
-            a,
-            None,
-            Duration::from_millis(30),
-            Some(hook.clone()),
-            None,
-        );
+        let mut s = LiveStream::new(log, a, None, Duration::from_millis(30), None);
         let chunk = s.next_chunk().await.expect("keepalive");
         assert_eq!(&chunk[..], KEEPALIVE);
-        assert_eq!(hook.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_new_reader_supersedes_the_old_one() {
         let log = Arc::new(SessionLog::new(10));
         let a = log.attach(STANDALONE, None).expect("attach");
-        let mut old = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let mut old = LiveStream::new(log.clone(), a, None, KA, None);
         let waiter = tokio::spawn(async move { old.next_chunk().await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let _new = log.attach(STANDALONE, None).expect("attach");
@@ -721,7 +706,7 @@ mod tests {
         let log = Arc::new(SessionLog::new(10));
         let p = log.begin_stream().expect("open");
         let a = log.attach(p, None).expect("attach");
-        let mut s = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let mut s = LiveStream::new(log.clone(), a, None, KA, None);
         log.append(p, b"{\"progress\":1}").expect("append");
         log.append(p, b"{\"result\":1}").expect("append");
         log.end_stream(p);
@@ -734,7 +719,7 @@ mod tests {
     async fn closing_the_log_ends_readers_and_refuses_appends() {
         let log = Arc::new(SessionLog::new(10));
         let a = log.attach(STANDALONE, None).expect("attach");
-        let mut s = LiveStream::new(log.clone(), a, None, KA, None, None);
+        let mut s = LiveStream::new(log.clone(), a, None, KA, None);
         log.close();
         assert!(s.next_chunk().await.is_none());
         assert_eq!(log.append(STANDALONE, b"{}"), Err(Closed));
@@ -774,7 +759,6 @@ mod tests {
             a,
             Some(Bytes::from_static(b"event: endpoint\ndata: /x\n\n")),
             KA,
-            None,
             Some(metrics),
         );
         assert_eq!(open.get(), 1);

@@ -395,6 +395,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::config::Era;
+    use crate::testing;
 
     fn pool(replicas: &[&str]) -> Arc<Pool> {
         let cfg = UpstreamConfig {
@@ -463,44 +464,77 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connections_eject_and_fail_over() {
-        // Bind then drop a listener: nothing listens on that port now.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let dead_addr = dead.local_addr().expect("addr");
-        drop(dead);
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let live_addr = live.local_addr().expect("addr");
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut sock, _)) = live.accept().await {
-                let mut buf = [0u8; 4096];
-                let _ = sock.read(&mut buf).await;
-                let body = "{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}";
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            }
-        });
-        let p = pool(&[
-            &format!("http://{dead_addr}/mcp"),
-            &format!("http://{live_addr}/mcp"),
-        ]);
+        let live = testing::stub(|body| {
+            (
+                200,
+                "application/json",
+                format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{},\"result\":{{}}}}",
+                    testing::request_id(body)
+                ),
+            )
+        })
+        .await;
+        let p = pool(&[&testing::dead_url(), &live.url()]);
         for _ in 0..4 {
             let answer = p
-                .send(HeaderMap::new(), Bytes::from_static(b"{}"))
+                .send(HeaderMap::new(), Bytes::from_static(b"{\"id\":1}"))
                 .await
                 .expect("answered by the live replica");
             assert_eq!(answer.kind, AnswerKind::Json);
-            assert!(answer.lease.replica().contains(&live_addr.to_string()));
+            assert_eq!(answer.lease.replica(), live.url());
         }
+        assert_eq!(live.hits(), 4);
         assert_eq!(p.available(), 1, "the dead replica is out of rotation");
         assert_eq!(
             p.replicas[0].err_connect.get(),
             1,
             "tried once, then skipped"
         );
+    }
+
+    #[tokio::test]
+    async fn a_5xx_ejects_the_replica_without_resending_the_request() {
+        let failing = testing::stub(|_| (503, "text/plain", "overloaded".into())).await;
+        let healthy = testing::stub(|_| (200, "application/json", "{}".into())).await;
+        let p = pool(&[&failing.url(), &healthy.url()]);
+        let err = match p.send(HeaderMap::new(), Bytes::from_static(b"{}")).await {
+            Err(e) => e,
+            Ok(_) => panic!("the first pick is the failing replica, whose 503 must surface"),
+        };
+        assert!(
+            matches!(err, UpstreamError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE),
+            "{err}"
+        );
+        assert_eq!(
+            healthy.hits(),
+            0,
+            "a request that reached a replica is not sent again"
+        );
+        for _ in 0..5 {
+            p.send(HeaderMap::new(), Bytes::from_static(b"{}"))
+                .await
+                .expect("healthy replica answers");
+        }
+        assert_eq!(
+            failing.hits(),
+            1,
+            "the ejected replica gets no traffic during its cool-down"
+        );
+        assert_eq!(healthy.hits(), 5);
+        assert_eq!(p.replicas[0].up.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn answers_that_are_neither_json_nor_sse_are_protocol_errors() {
+        let odd = testing::stub(|_| (200, "text/html", "<html>".into())).await;
+        let p = pool(&[&odd.url()]);
+        match p.send(HeaderMap::new(), Bytes::from_static(b"{}")).await {
+            Err(UpstreamError::Failed { reason, .. }) => {
+                assert!(reason.contains("text/html"), "{reason}")
+            }
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("an HTML answer must be refused"),
+        }
     }
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 import httpx2
 import pytest
@@ -63,10 +64,19 @@ def test_idle_sessions_expire(tmp_path, replicas):
     try:
         url = gw.url("org-1")
         sid = initialize(url)
-        assert sid in {s["id"] for s in gw.sessions("org-1")}
-        # Listing does not count as activity; the session ends on its own.
-        wait_until("the idle session to expire", lambda: sid not in {s["id"] for s in gw.sessions("org-1")},
-                   timeout=10)
+        listening = initialize(url)
+        assert {sid, listening} <= {s["id"] for s in gw.sessions("org-1")}
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=5)) as http, http.stream(
+                "GET", url, headers={"Accept": "text/event-stream", "Mcp-Session-Id": listening}) as stream:
+            assert stream.status_code == 200
+            # Listing does not count as activity; the idle session ends on its own.
+            wait_until("the idle session to expire", lambda: sid not in {s["id"] for s in gw.sessions("org-1")},
+                       timeout=10)
+            # A session with an open stream is not idle, however quiet.
+            time.sleep(2.5)  # more than twice the 1 s TTL
+            assert listening in {s["id"] for s in gw.sessions("org-1")}
+        wait_until("the session to expire once its stream closed",
+                   lambda: listening not in {s["id"] for s in gw.sessions("org-1")}, timeout=10)
         r = post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, session=sid)
         assert r.status_code == 404
         assert rpc_error(r)["code"] == -32001
