@@ -9,7 +9,7 @@ import time
 import pytest
 from mcp import MCPError
 
-from harness import Gateway, org, start_replicas, streamable_session
+from harness import Gateway, legacy_session, org, start_replicas, streamable_session
 
 pytestmark = pytest.mark.anyio
 
@@ -44,18 +44,23 @@ def metric(text: str, name: str, **labels) -> float:
 
 async def test_killing_a_replica_loses_no_call(own_stack):
     gw, (victim, survivor) = own_stack
-    async with streamable_session(gw.url("org-1")) as s:
+    async with streamable_session(gw.url("org-1")) as s, legacy_session(gw.url("org-1", "sse")) as legacy:
         for i in range(4):  # both replicas are in use
             assert (await s.call_tool("add", {"a": i, "b": 1})).content[0].text == str(i + 1)
+            assert (await legacy.call_tool("add", {"a": i, "b": 2})).content[0].text == str(i + 2)
         victim.kill()
         for i in range(20):
             result = await s.call_tool("add", {"a": i, "b": 100})
             assert result.content[0].text == str(i + 100), result
+            result = await legacy.call_tool("add", {"a": i, "b": 200})
+            assert result.content[0].text == str(i + 200), result
     text = gw.metrics()
     assert metric(text, "ratatosk_upstream_replica_up", replica=victim.url) == 0
     assert metric(text, "ratatosk_upstream_replica_up", replica=survivor.url) == 1
     assert metric(text, "ratatosk_upstream_errors_total", replica=victim.url, kind="connect") >= 1
     assert metric(text, "ratatosk_requests_total", org="org-1", method="tools/call", status="200") >= 24
+    # Legacy POSTs are answered 202; their answers went on the /sse stream.
+    assert metric(text, "ratatosk_requests_total", org="org-1", method="tools/call", status="202") >= 24
 
 
 async def test_silent_upstream_hits_the_route_timeout(gateway):

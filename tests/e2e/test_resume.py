@@ -4,6 +4,7 @@ and exact replay with Last-Event-ID."""
 from __future__ import annotations
 
 import httpx2
+import pytest
 
 from harness import SseReader, initialize, rpc_error
 
@@ -84,3 +85,89 @@ def test_replay_never_crosses_sessions_and_rejects_foreign_ids(gateway):
             reader = SseReader(r)
             assert gateway.publish(b, note("for-b")).status_code == 202
             assert reader.next_message()[1]["params"]["data"] == "for-b"
+
+
+class Relay:
+    """A TCP relay between a client and the gateway whose connections can be
+    cut, as a network blip would."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.streams: set = set()
+        self.port = 0
+
+    async def serve(self, task_status):
+        import anyio
+
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        task_status.started()
+        await listener.serve(self.handle)
+
+    async def handle(self, client):
+        import anyio
+
+        async with client, await anyio.connect_tcp("127.0.0.1", self.target_port) as upstream:
+            self.streams |= {client, upstream}
+
+            async def pipe(a, b):
+                try:
+                    async for chunk in a:
+                        await b.send(chunk)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
+                    pass
+                finally:
+                    await b.aclose()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pipe, client, upstream)
+                tg.start_soon(pipe, upstream, client)
+            self.streams -= {client, upstream}
+
+    async def cut(self) -> int:
+        cut = list(self.streams)
+        for s in cut:
+            await s.aclose()
+        return len(cut)
+
+
+@pytest.mark.anyio
+async def test_official_client_resumes_its_get_stream_after_a_network_cut(gateway):
+    import anyio
+
+    from harness import streamable_session
+
+    received: list[str] = []
+    arrived = anyio.Event()
+
+    async def on_log(params) -> None:
+        received.append(params.data)
+        if params.data == "sentinel":
+            arrived.set()
+
+    relay = Relay(gateway.port)
+    async with anyio.create_task_group() as tg:
+        await tg.start(relay.serve)
+        url = f"http://127.0.0.1:{relay.port}{gateway.base_path}/org-1/mcp"
+        async with streamable_session(url, logging_callback=on_log) as s:
+            # The newest session of this client name is ours.
+            sid = max((x for x in gateway.sessions("org-1")
+                       if (x.get("client_info") or {}).get("name") == "e2e-streamable"),
+                      key=lambda x: x["created_at_ms"])["id"]
+            assert gateway.publish(sid, note("before")).status_code == 202
+            with anyio.fail_after(10):
+                while "before" not in received:
+                    await anyio.sleep(0.02)
+            assert await relay.cut() >= 2
+            for i in range(5):
+                assert gateway.publish(sid, note(f"cut-{i}")).status_code == 202
+            # The client reconnects by itself (after the 500 ms retry hint)
+            # with Last-Event-ID; then a sentinel shows nothing came twice.
+            with anyio.fail_after(15):
+                while len(received) < 6:
+                    await anyio.sleep(0.02)
+            assert gateway.publish(sid, note("sentinel")).status_code == 202
+            with anyio.fail_after(10):
+                await arrived.wait()
+            assert received == ["before"] + [f"cut-{i}" for i in range(5)] + ["sentinel"]
+        tg.cancel_scope.cancel()
