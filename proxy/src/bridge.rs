@@ -8,7 +8,9 @@
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -77,15 +79,34 @@ pub enum ReadError {
     TooLong { replica: String, after: Duration },
     #[error("upstream {replica} broke off its answer: {reason}")]
     Broken { replica: String, reason: String },
+    #[error("upstream {replica} sent an answer larger than {max} bytes (limits.max_answer_bytes)")]
+    TooLarge { replica: String, max: usize },
     #[error("upstream {replica} answered with a body that is not JSON-RPC: {reason}")]
     Garbled { replica: String, reason: String },
 }
 
+/// Bounds on reading one upstream answer.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Longest wait for the next piece of the answer.
+    pub timeout: Duration,
+    /// Longest the whole answer may take.
+    pub max_duration: Duration,
+    /// Most bytes the whole answer may have.
+    pub max_bytes: usize,
+}
+
+/// A body read failure: the transport's, or the answer outgrew its cap.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+    #[error("the answer exceeds {0} bytes")]
+    TooLarge(usize),
+}
+
 type SseEvents = Pin<
-    Box<
-        dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>>
-            + Send,
-    >,
+    Box<dyn Stream<Item = Result<eventsource_stream::Event, EventStreamError<BodyError>>> + Send>,
 >;
 
 enum Source {
@@ -95,41 +116,82 @@ enum Source {
 }
 
 /// Reads an upstream answer message by message, whether it came as JSON
-/// (one message or an array) or as SSE. Every wait is bounded by `timeout`.
+/// (one message or an array) or as SSE, within its [`ReadLimits`].
 pub struct AnswerReader {
     source: Source,
-    queued: std::collections::VecDeque<Bytes>,
-    timeout: Duration,
-    deadline: Instant,
-    max_duration: Duration,
-    replica: String,
+    queued: VecDeque<Bytes>,
+    bounds: Bounds,
     /// Held so the replica counts as busy until the answer is read.
     _lease: crate::upstream::Lease,
 }
 
+/// The limits of one answer, and whose answer it is (for errors).
+struct Bounds {
+    limits: ReadLimits,
+    deadline: Instant,
+    replica: String,
+}
+
 impl AnswerReader {
-    /// `timeout` bounds each wait; `max_duration` bounds the whole answer,
-    /// counted from now.
-    pub fn new(answer: Answer, timeout: Duration, max_duration: Duration) -> AnswerReader {
+    /// The limits count from now.
+    pub fn new(answer: Answer, limits: ReadLimits) -> AnswerReader {
         let replica = answer.lease.replica().to_owned();
         let source = match answer.kind {
             AnswerKind::Json => Source::Json(Some(answer.response)),
-            AnswerKind::Sse => Source::Sse(Box::pin(answer.response.bytes_stream().eventsource())),
+            AnswerKind::Sse => {
+                let max = limits.max_bytes;
+                let mut seen = 0usize;
+                let capped = answer.response.bytes_stream().map(move |chunk| {
+                    let chunk = chunk?;
+                    seen = seen.saturating_add(chunk.len());
+                    if seen > max {
+                        Err(BodyError::TooLarge(max))
+                    } else {
+                        Ok(chunk)
+                    }
+                });
+                Source::Sse(Box::pin(capped.eventsource()))
+            }
             AnswerKind::Empty => Source::Done,
         };
         AnswerReader {
             source,
-            queued: Default::default(),
-            timeout,
-            deadline: Instant::now() + max_duration,
-            max_duration,
-            replica,
+            queued: VecDeque::new(),
+            bounds: Bounds {
+                limits,
+                deadline: Instant::now() + limits.max_duration,
+                replica,
+            },
             _lease: answer.lease,
         }
     }
 
     pub fn replica(&self) -> &str {
-        &self.replica
+        &self.bounds.replica
+    }
+
+    /// The whole body of a JSON answer, unparsed beyond a syntax check.
+    pub async fn json_body(&mut self) -> Result<Bytes, ReadError> {
+        match &mut self.source {
+            Source::Json(response) => match response.take() {
+                Some(response) => {
+                    self.source = Source::Done;
+                    let body = self.bounds.read_capped(response).await?;
+                    serde_json::from_slice::<&serde_json::value::RawValue>(&body).map_err(|e| {
+                        ReadError::Garbled {
+                            replica: self.bounds.replica.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    Ok(body)
+                }
+                None => Ok(Bytes::new()),
+            },
+            _ => Err(ReadError::Garbled {
+                replica: self.bounds.replica.clone(),
+                reason: "expected a JSON answer".into(),
+            }),
+        }
     }
 
     /// The next message's raw JSON, or `None` at the end of the answer.
@@ -138,10 +200,6 @@ impl AnswerReader {
             if let Some(m) = self.queued.pop_front() {
                 return Ok(Some(m));
             }
-            if matches!(self.source, Source::Done) {
-                return Ok(None);
-            }
-            let wait = self.wait()?;
             match &mut self.source {
                 Source::Done => return Ok(None),
                 Source::Json(response) => {
@@ -149,23 +207,26 @@ impl AnswerReader {
                         self.source = Source::Done;
                         continue;
                     };
-                    let body = tokio::time::timeout(wait, response.bytes())
-                        .await
-                        .map_err(|_| self.timeout_error())?
-                        .map_err(|e| self.broken(&e))?;
                     self.source = Source::Done;
+                    let body = self.bounds.read_capped(response).await?;
                     self.queued = split_json(&body).map_err(|reason| ReadError::Garbled {
-                        replica: self.replica.clone(),
+                        replica: self.bounds.replica.clone(),
                         reason,
                     })?;
                 }
                 Source::Sse(events) => {
-                    let next = tokio::time::timeout(wait, events.next())
+                    let next = tokio::time::timeout(self.bounds.wait()?, events.next())
                         .await
-                        .map_err(|_| self.timeout_error())?;
+                        .map_err(|_| self.bounds.timeout_error())?;
                     match next {
                         None => self.source = Source::Done,
-                        Some(Err(e)) => return Err(self.broken(&e)),
+                        Some(Err(EventStreamError::Transport(BodyError::TooLarge(max)))) => {
+                            return Err(ReadError::TooLarge {
+                                replica: self.bounds.replica.clone(),
+                                max,
+                            });
+                        }
+                        Some(Err(e)) => return Err(self.bounds.broken(&e)),
                         Some(Ok(event)) => {
                             // Priming events carry no data; other event types
                             // are not JSON-RPC messages.
@@ -179,6 +240,36 @@ impl AnswerReader {
             }
         }
     }
+}
+
+impl Bounds {
+    /// Reads a whole body, chunk by chunk, within the limits.
+    async fn read_capped(&self, mut response: reqwest::Response) -> Result<Bytes, ReadError> {
+        let max = self.limits.max_bytes;
+        if response.content_length().is_some_and(|n| n > max as u64) {
+            return Err(ReadError::TooLarge {
+                replica: self.replica.clone(),
+                max,
+            });
+        }
+        let mut body = BytesMut::new();
+        loop {
+            let chunk = tokio::time::timeout(self.wait()?, response.chunk())
+                .await
+                .map_err(|_| self.timeout_error())?
+                .map_err(|e| self.broken(&e))?;
+            let Some(chunk) = chunk else {
+                return Ok(body.freeze());
+            };
+            if body.len() + chunk.len() > max {
+                return Err(ReadError::TooLarge {
+                    replica: self.replica.clone(),
+                    max,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+    }
 
     /// How long the next wait may take, or the error if the deadline passed.
     fn wait(&self) -> Result<Duration, ReadError> {
@@ -186,22 +277,22 @@ impl AnswerReader {
         if left.is_zero() {
             return Err(ReadError::TooLong {
                 replica: self.replica.clone(),
-                after: self.max_duration,
+                after: self.limits.max_duration,
             });
         }
-        Ok(left.min(self.timeout))
+        Ok(left.min(self.limits.timeout))
     }
 
     fn timeout_error(&self) -> ReadError {
         if Instant::now() >= self.deadline {
             ReadError::TooLong {
                 replica: self.replica.clone(),
-                after: self.max_duration,
+                after: self.limits.max_duration,
             }
         } else {
             ReadError::Timeout {
                 replica: self.replica.clone(),
-                after: self.timeout,
+                after: self.limits.timeout,
             }
         }
     }
@@ -215,7 +306,7 @@ impl AnswerReader {
 }
 
 /// Splits a JSON body into messages: an array gives one per element.
-fn split_json(body: &Bytes) -> Result<std::collections::VecDeque<Bytes>, String> {
+fn split_json(body: &Bytes) -> Result<VecDeque<Bytes>, String> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     match first {
         None => Ok(Default::default()),
@@ -270,6 +361,53 @@ mod tests {
         assert!(h.get(header::AUTHORIZATION).is_none());
         assert!(h.get(header::COOKIE).is_none());
         assert!(h.get("mcp-session-id").is_none());
+    }
+
+    async fn reader_for(kind: &'static str, body: String, max_bytes: usize) -> AnswerReader {
+        use crate::config::{Era, UpstreamConfig};
+        use std::sync::Arc;
+        let up = crate::testing::stub(move |_| (200, kind, body.clone())).await;
+        let cfg = UpstreamConfig {
+            era: Era::Stateless2025,
+            replicas: vec![up.url()],
+            timeout: Duration::from_secs(2),
+            max_duration: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            eject_for: Duration::from_secs(1),
+        };
+        let metrics = crate::metrics::Metrics::new().expect("metrics");
+        let pool =
+            Arc::new(crate::upstream::Pool::new("o", &cfg, max_bytes, &metrics).expect("pool"));
+        let answer = pool
+            .send(HeaderMap::new(), Bytes::from_static(b"{}"))
+            .await
+            .expect("answer");
+        AnswerReader::new(answer, pool.read_limits)
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_cap_are_refused_not_buffered() {
+        let big = format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":\"{}\"}}",
+            "x".repeat(4096)
+        );
+        let mut json = reader_for("application/json", big.clone(), 2048).await;
+        assert!(matches!(
+            json.json_body().await,
+            Err(ReadError::TooLarge { max: 2048, .. })
+        ));
+
+        let sse = format!("event: message\ndata: {big}\n\n");
+        let mut events = reader_for("text/event-stream", sse.clone(), 2048).await;
+        assert!(matches!(
+            events.next_message().await,
+            Err(ReadError::TooLarge { max: 2048, .. })
+        ));
+
+        let mut fits = reader_for("text/event-stream", sse, 1 << 20).await;
+        let first = fits.next_message().await.expect("read").expect("a message");
+        assert_eq!(first.len(), big.len());
+        assert!(fits.next_message().await.expect("read").is_none());
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Limits {
     /// How long a client may take to send its request body.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Largest answer (JSON body, or all of an SSE stream) taken from an upstream.
+    pub max_answer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -61,6 +63,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 4 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
+            max_answer_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -335,6 +338,15 @@ impl Config {
                 format!(
                     "expected between 1 and 67108864 bytes, got {}",
                     self.limits.max_body_bytes
+                ),
+            );
+        }
+        if self.limits.max_answer_bytes < 1024 {
+            bad(
+                "limits.max_answer_bytes",
+                format!(
+                    "expected at least 1024 bytes, got {}",
+                    self.limits.max_answer_bytes
                 ),
             );
         }

@@ -69,11 +69,16 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new()?);
         let mut orgs = Vec::new();
         for (name, org) in &config.orgs {
-            let pool =
-                Pool::new(name, &org.upstream, &metrics).map_err(|source| BuildError::Client {
-                    org: name.clone(),
-                    source,
-                })?;
+            let pool = Pool::new(
+                name,
+                &org.upstream,
+                config.limits.max_answer_bytes,
+                &metrics,
+            )
+            .map_err(|source| BuildError::Client {
+                org: name.clone(),
+                source,
+            })?;
             orgs.push(OrgRoute {
                 name: name.as_str().into(),
                 auth: org.auth,
@@ -292,32 +297,10 @@ impl Gateway {
             match answer.kind {
                 AnswerKind::Json => {
                     // Pass the upstream's JSON through as it is.
-                    let timeout = org.pool.timeout;
-                    let replica = answer.lease.replica().to_owned();
+                    let mut reader = AnswerReader::new(answer, org.pool.read_limits);
                     let body = tokio::select! {
-                        b = tokio::time::timeout(timeout, answer.response.bytes()) => b,
+                        b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
                         _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
-                    };
-                    let body = match body {
-                        Ok(Ok(body)) => body,
-                        Ok(Err(e)) => {
-                            return Err(upstream_reject(
-                                UpstreamError::Failed {
-                                    replica,
-                                    reason: crate::upstream::error_chain(&e),
-                                },
-                                id.as_ref(),
-                            ));
-                        }
-                        Err(_) => {
-                            return Err(upstream_reject(
-                                UpstreamError::Timeout {
-                                    replica,
-                                    after: timeout,
-                                },
-                                id.as_ref(),
-                            ));
-                        }
                     };
                     return Ok(Response::json(StatusCode::OK, body));
                 }
@@ -335,7 +318,7 @@ impl Gateway {
                 }
                 AnswerKind::Sse => {
                     let stream = log.begin_stream().map_err(|_| session_not_found())?;
-                    let reader = AnswerReader::new(answer, org.pool.timeout, org.pool.max_duration);
+                    let reader = AnswerReader::new(answer, org.pool.read_limits);
                     let this = self.clone();
                     let (org_name, pending) = (org.name.clone(), id.into_iter().collect());
                     let log2 = log.clone();
@@ -439,7 +422,7 @@ impl Gateway {
         };
         match answer {
             Ok(answer) => {
-                let reader = AnswerReader::new(answer, org.pool.timeout, org.pool.max_duration);
+                let reader = AnswerReader::new(answer, org.pool.read_limits);
                 let pending = id.into_iter().collect();
                 self.relay(reader, log, stream, pending, &org.name, &guard.token)
                     .await;
@@ -596,7 +579,7 @@ impl Gateway {
             .send(headers, init.raw.clone())
             .await
             .map_err(|e| upstream_reject(e, id.as_ref()))?;
-        let mut reader = AnswerReader::new(answer, org.pool.timeout, org.pool.max_duration);
+        let mut reader = AnswerReader::new(answer, org.pool.read_limits);
         loop {
             match reader.next_message().await {
                 Ok(Some(message)) => {

@@ -109,7 +109,7 @@ mod tests {
         let org = |name: &str| OrgRoute {
             name: name.into(),
             auth: AuthMode::None,
-            pool: Arc::new(Pool::new(name, &cfg, &metrics).expect("pool")),
+            pool: Arc::new(Pool::new(name, &cfg, 1 << 20, &metrics).expect("pool")),
         };
         Routes::new(base, [org("org-1"), org("org-2")])
     }

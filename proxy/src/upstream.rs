@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use prometheus::{Histogram, IntCounter, IntGauge};
 
+use crate::bridge::ReadLimits;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 
@@ -68,8 +69,9 @@ pub struct Pool {
     next: AtomicUsize,
     epoch: Instant,
     eject_for: Duration,
-    pub timeout: Duration,
-    pub max_duration: Duration,
+    timeout: Duration,
+    /// How answers of this pool are read.
+    pub read_limits: ReadLimits,
     client: reqwest::Client,
 }
 
@@ -103,7 +105,12 @@ pub struct Answer {
 }
 
 impl Pool {
-    pub fn new(org: &str, cfg: &UpstreamConfig, metrics: &Metrics) -> Result<Pool, reqwest::Error> {
+    pub fn new(
+        org: &str,
+        cfg: &UpstreamConfig,
+        max_answer_bytes: usize,
+        metrics: &Metrics,
+    ) -> Result<Pool, reqwest::Error> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(cfg.connect_timeout)
@@ -142,7 +149,11 @@ impl Pool {
             epoch: Instant::now(),
             eject_for: cfg.eject_for,
             timeout: cfg.timeout,
-            max_duration: cfg.max_duration,
+            read_limits: ReadLimits {
+                timeout: cfg.timeout,
+                max_duration: cfg.max_duration,
+                max_bytes: max_answer_bytes,
+            },
             client,
         })
     }
@@ -407,7 +418,7 @@ mod tests {
             eject_for: Duration::from_secs(30),
         };
         let metrics = Metrics::new().expect("metrics");
-        Arc::new(Pool::new("org-1", &cfg, &metrics).expect("pool"))
+        Arc::new(Pool::new("org-1", &cfg, 1 << 20, &metrics).expect("pool"))
     }
 
     #[test]
