@@ -238,15 +238,14 @@ impl Gateway {
             }
             return self.initialize(org, identity, init, req).await;
         }
-        let session = self
-            .session_for(
+        let (session, log) = self
+            .session_with_log(
                 org,
                 identity,
                 req.header(&MCP_SESSION_ID),
                 Transport::StreamableHttp,
             )
             .await?;
-        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
 
         let mut requests = Vec::new();
         for m in body.messages() {
@@ -670,6 +669,19 @@ impl Gateway {
         }
     }
 
+    /// The caller's session and its event log.
+    async fn session_with_log(
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
+        id: Option<&str>,
+        transport: Transport,
+    ) -> Result<(Arc<SessionState>, Arc<SessionLog>), Reject> {
+        let session = self.session_for(org, identity, id, transport).await?;
+        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
+        Ok((session, log))
+    }
+
     /// Handles a client notification or response that does not go upstream.
     async fn absorb(&self, session: &SessionState, message: &Message) {
         match message.method() {
@@ -749,15 +761,14 @@ impl Gateway {
     ) -> Result<Response, Reject> {
         edge::check_get_framing(&req.headers)?;
         edge::protocol_version(&req.headers)?;
-        let session = self
-            .session_for(
+        let (session, log) = self
+            .session_with_log(
                 org,
                 identity,
                 req.header(&MCP_SESSION_ID),
                 Transport::StreamableHttp,
             )
             .await?;
-        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
         let resume = match req.header(&LAST_EVENT_ID) {
             None => None,
             Some(text) => Some(EventId::parse(text).ok_or_else(|| {
@@ -858,13 +869,12 @@ impl Gateway {
         label: &mut Label,
     ) -> Result<Response, Reject> {
         let session_id = req.query_param("session_id");
-        let session = self
-            .session_for(org, identity, session_id.as_deref(), Transport::LegacySse)
+        let (session, log) = self
+            .session_with_log(org, identity, session_id.as_deref(), Transport::LegacySse)
             .await?;
         edge::check_json_content_type(&req.headers)?;
         let body = parse_post_body(&req.body)?;
         label.method = body_label(&body);
-        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
         let this = self.clone();
         let org = org.clone();
         let headers = req.headers.clone();
