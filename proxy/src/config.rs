@@ -56,6 +56,8 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     /// Largest answer (JSON body, or all of an SSE stream) taken from an upstream.
     pub max_answer_bytes: usize,
+    /// Most messages in one JSON-RPC batch (2025-03-26 and legacy clients).
+    pub max_batch: usize,
 }
 
 impl Default for Limits {
@@ -64,6 +66,7 @@ impl Default for Limits {
             max_body_bytes: 4 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
             max_answer_bytes: 64 * 1024 * 1024,
+            max_batch: 32,
         }
     }
 }
@@ -74,8 +77,13 @@ pub struct SessionsConfig {
     /// A session with no request and no open stream for this long ends.
     #[serde(with = "humantime_serde")]
     pub idle_ttl: Duration,
-    /// Events kept per session for `Last-Event-ID` replay.
+    /// Events kept per session for `Last-Event-ID` replay: this many for
+    /// the standalone stream, and as many again for POST response streams.
     pub event_log_size: usize,
+    /// Bytes kept in each of those two rings (the newest event is always kept).
+    pub event_log_bytes: usize,
+    /// Requests one session may have waiting on upstreams at once; more get 429.
+    pub max_in_flight: usize,
 }
 
 impl Default for SessionsConfig {
@@ -83,6 +91,8 @@ impl Default for SessionsConfig {
         SessionsConfig {
             idle_ttl: Duration::from_secs(30 * 60),
             event_log_size: 256,
+            event_log_bytes: 4 * 1024 * 1024,
+            max_in_flight: 64,
         }
     }
 }
@@ -365,6 +375,30 @@ impl Config {
                 ),
             );
         }
+        if self.limits.max_batch == 0 || self.limits.max_batch > 1000 {
+            bad(
+                "limits.max_batch",
+                format!("expected between 1 and 1000, got {}", self.limits.max_batch),
+            );
+        }
+        if self.sessions.max_in_flight == 0 || self.sessions.max_in_flight > 100_000 {
+            bad(
+                "sessions.max_in_flight",
+                format!(
+                    "expected between 1 and 100000, got {}",
+                    self.sessions.max_in_flight
+                ),
+            );
+        }
+        if self.sessions.event_log_bytes < 1024 {
+            bad(
+                "sessions.event_log_bytes",
+                format!(
+                    "expected at least 1024 bytes, got {}",
+                    self.sessions.event_log_bytes
+                ),
+            );
+        }
         if self.sessions.idle_ttl < Duration::from_secs(1) {
             bad(
                 "sessions.idle_ttl",
@@ -451,9 +485,45 @@ impl Config {
                 );
             }
         }
+        let mut durations = vec![
+            (
+                "limits.body_read_timeout".to_owned(),
+                self.limits.body_read_timeout,
+            ),
+            ("sessions.idle_ttl".to_owned(), self.sessions.idle_ttl),
+            ("streams.keepalive".to_owned(), self.streams.keepalive),
+            ("streams.retry".to_owned(), self.streams.retry),
+            (
+                "server.shutdown_grace".to_owned(),
+                self.server.shutdown_grace,
+            ),
+        ];
+        for (name, org) in &self.orgs {
+            let up = &org.upstream;
+            for (field, d) in [
+                ("timeout", up.timeout),
+                ("max_duration", up.max_duration),
+                ("connect_timeout", up.connect_timeout),
+                ("eject_for", up.eject_for),
+            ] {
+                durations.push((format!("orgs.{name}.upstream.{field}"), d));
+            }
+        }
+        for (path, d) in durations {
+            if d > MAX_DURATION {
+                problems.push(Problem {
+                    path,
+                    message: format!("expected at most 30 days, got {}s", d.as_secs()),
+                });
+            }
+        }
         problems
     }
 }
+
+/// No duration in the config may exceed this; larger ones are mistakes and
+/// would overflow time arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn is_path_segment(s: &str) -> bool {
     !s.is_empty()
@@ -493,6 +563,11 @@ fn check_replica_url(replica: &str) -> Result<(), String> {
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("expected no query or fragment in `{replica}`"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "expected no user or password in the URL: it would show in metrics and logs".into(),
+        );
     }
     Ok(())
 }
@@ -748,6 +823,29 @@ orgs:
         }
         assert!(!paths.contains(&"allowed_origins[1]"), "{paths:?}");
         assert!(err.to_string().contains("problems:"));
+    }
+
+    #[test]
+    fn absurd_durations_and_credentials_in_urls_are_refused() {
+        let text = minimal()
+            .replace(
+                "era: stateless-2025",
+                "era: stateless-2025\n      max_duration: 100years",
+            )
+            .replace(
+                "http://127.0.0.1:9001/mcp",
+                "http://user:pw@127.0.0.1:9001/mcp",
+            );
+        let err = parse(&text).expect_err("invalid");
+        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert!(
+            paths.contains(&"orgs.org-1.upstream.max_duration"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"orgs.org-1.upstream.replicas[0]"),
+            "{paths:?}"
+        );
     }
 
     #[test]

@@ -5,11 +5,12 @@
 //! `server.rs` only reads the request and writes what comes back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures::StreamExt;
 use http::{HeaderValue, Method, StatusCode};
 use ratatosk_auth::{AuthMode, Identity};
 use serde_json::{Value, json};
@@ -17,18 +18,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{AnswerReader, Forwarding, ReadError, upstream_headers};
 use crate::config::Config;
-use crate::edge::{
-    self, DEFAULT_VERSION, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response,
-};
+use crate::edge::{self, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response};
 use crate::jsonrpc::{self, Body, Id, Kind, Message, code};
 use crate::metrics::Metrics;
 use crate::routes::{Endpoint, OrgRoute, RouteError, Routes};
 use crate::session::{self, SessionState, SessionStore, StoreError, Transport};
 use crate::stream::{
-    AttachError, ChunkSource, EventId, Hub, LiveStream, STANDALONE, SessionLog, StreamId,
-    StreamMetrics, priming_frame, sse_frame,
+    AttachError, ChunkSource, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog,
+    StreamId, StreamMetrics, priming_frame, sse_frame,
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
+
+/// How many requests of one batch go upstream at once.
+const BATCH_CONCURRENCY: usize = 8;
 
 /// Code of the error answered to a request the client cancelled.
 const REQUEST_CANCELLED: i64 = -32800;
@@ -50,6 +52,7 @@ pub struct Gateway {
     /// Requests being answered upstream, by (session, JSON-RPC id), so a
     /// `notifications/cancelled` or a DELETE can stop them.
     in_flight: Arc<InFlightMap>,
+    next_generation: AtomicU64,
     draining: AtomicBool,
 }
 
@@ -89,10 +92,14 @@ impl Gateway {
         }
         Ok(Arc::new(Gateway {
             routes: Routes::new(&config.base_path, orgs),
-            hub: Hub::new(config.sessions.event_log_size),
+            hub: Hub::new(LogLimits {
+                max_events: config.sessions.event_log_size,
+                max_bytes: config.sessions.event_log_bytes,
+            }),
             store,
             metrics,
             in_flight: Arc::new(DashMap::new()),
+            next_generation: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         }))
@@ -113,23 +120,39 @@ impl Gateway {
 
     /// Answers one request.
     pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
-        let mut response = match edge::check_origin(&req.headers, &self.config.allowed_origins) {
-            Err(reject) => {
-                let label = self.label_for_path(&req.path, &req.method);
-                reject.into_response().labeled(label)
-            }
-            Ok(origin) => {
-                let mut r = self.route(&req, origin.is_some()).await;
-                if let Some(origin) = origin {
-                    edge::add_cors(&mut r.headers, origin);
-                }
-                r
-            }
+        let mut response = if self.is_draining() {
+            // Not 404: that would tell clients their session is gone.
+            Reject::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::INTERNAL_ERROR,
+                "the gateway is shutting down; retry shortly",
+            )
+            .into_response()
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+            .labeled(self.label_for_path(&req.path, &req.method))
+        } else {
+            self.check_and_route(&req).await
         };
         if let Ok(v) = HeaderValue::from_str(&req.request_id) {
             response.headers.insert(edge::REQUEST_ID, v);
         }
         response
+    }
+
+    async fn check_and_route(self: &Arc<Self>, req: &Request) -> Response {
+        match edge::check_origin(&req.headers, &self.config.allowed_origins) {
+            Err(reject) => {
+                let label = self.label_for_path(&req.path, &req.method);
+                reject.into_response().labeled(label)
+            }
+            Ok(origin) => {
+                let mut r = self.route(req, origin.is_some()).await;
+                if let Some(origin) = origin {
+                    edge::add_cors(&mut r.headers, origin);
+                }
+                r
+            }
+        }
     }
 
     pub fn label_for_path(&self, path: &str, method: &Method) -> Label {
@@ -201,6 +224,35 @@ impl Gateway {
 
     // ----- Streamable HTTP -------------------------------------------------
 
+    /// Batches are allowed only where the protocol version allows them, and
+    /// only up to `limits.max_batch` messages.
+    fn check_batch(&self, body: &Body, version: &str) -> Result<(), Reject> {
+        let Body::Batch(items) = body else {
+            return Ok(());
+        };
+        if !edge::allows_batches(version) {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                format!(
+                    "JSON-RPC batches are not allowed in protocol version {version}; send one message per POST"
+                ),
+            ));
+        }
+        let max = self.config.limits.max_batch;
+        if items.len() > max {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                format!(
+                    "a batch may hold at most {max} messages (limits.max_batch), this one has {}",
+                    items.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     async fn mcp_post(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
@@ -212,17 +264,8 @@ impl Gateway {
         let header_version = edge::protocol_version(&req.headers)?;
         let body = parse_post_body(&req.body)?;
         label.method = body_label(&body);
-        if let Body::Batch(_) = &body {
-            let version = header_version.unwrap_or(DEFAULT_VERSION);
-            if !edge::allows_batches(version) {
-                return Err(Reject::new(
-                    StatusCode::BAD_REQUEST,
-                    code::INVALID_REQUEST,
-                    format!(
-                        "JSON-RPC batches are not allowed in protocol version {version}; send one message per POST"
-                    ),
-                ));
-            }
+        if let Some(version) = header_version {
+            self.check_batch(&body, version)?;
         }
         if let Some(init) = body
             .messages()
@@ -246,6 +289,10 @@ impl Gateway {
                 Transport::StreamableHttp,
             )
             .await?;
+        check_version_matches(header_version, &session)?;
+        if header_version.is_none() {
+            self.check_batch(&body, &session.protocol_version)?;
+        }
 
         let mut requests = Vec::new();
         for m in body.messages() {
@@ -287,7 +334,7 @@ impl Gateway {
         );
         if let [single] = requests.as_slice() {
             let id = single.request_id().cloned();
-            let guard = self.track(&session.id, id.as_ref());
+            let guard = self.track(&log, &session.id, id.as_ref())?;
             let answer = tokio::select! {
                 a = org.pool.send(headers, single.raw.clone()) => a,
                 _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
@@ -340,20 +387,11 @@ impl Gateway {
         let log2 = log.clone();
         let session2 = session.clone();
         tokio::spawn(async move {
-            let jobs = requests.into_iter().map(|m| {
-                let (this, org, log, session, headers) = (
-                    this.clone(),
-                    org2.clone(),
-                    log2.clone(),
-                    session2.clone(),
-                    headers.clone(),
-                );
-                async move {
-                    this.forward_into(&org, &session, &log, stream, &m, headers)
-                        .await;
-                }
-            });
-            futures::future::join_all(jobs).await;
+            futures::stream::iter(requests.iter())
+                .for_each_concurrent(BATCH_CONCURRENCY, |m| {
+                    this.forward_into(&org2, &session2, &log2, stream, m, headers.clone())
+                })
+                .await;
             log2.end_stream(stream);
         });
         Ok(self.post_stream_response(org, &session, log, stream))
@@ -408,13 +446,20 @@ impl Gateway {
         self: &Arc<Self>,
         org: &OrgRoute,
         session: &SessionState,
-        log: &SessionLog,
+        log: &Arc<SessionLog>,
         stream: StreamId,
         request: &Message,
         headers: http::HeaderMap,
     ) {
         let id = request.request_id().cloned();
-        let guard = self.track(&session.id, id.as_ref());
+        let guard = match self.track(log, &session.id, id.as_ref()) {
+            Ok(guard) => guard,
+            Err(reject) => {
+                let body = jsonrpc::error_body(id.as_ref(), reject.code, &reject.message);
+                let _ = self.append(log, stream, &body, &org.name);
+                return;
+            }
+        };
         let answer = tokio::select! {
             a = org.pool.send(headers, request.raw.clone()) => a,
             _ = guard.token.cancelled() => return,
@@ -618,7 +663,7 @@ impl Gateway {
     pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, StoreError> {
         let removed = self.store.remove(id).await?;
         self.hub.remove(id);
-        self.in_flight.retain(|(sid, _), token| {
+        self.in_flight.retain(|(sid, _), (_, token)| {
             if sid == id {
                 token.cancel();
                 false
@@ -691,7 +736,8 @@ impl Gateway {
                     .and_then(|p| p.get("requestId").cloned())
                     .and_then(|v| Id::from_value(&v));
                 if let Some(target) = target
-                    && let Some((_, token)) = self.in_flight.remove(&(session.id.clone(), target))
+                    && let Some((_, (_, token))) =
+                        self.in_flight.remove(&(session.id.clone(), target))
                 {
                     token.cancel();
                     tracing::debug!(session = %short(&session.id), "request cancelled by the client");
@@ -740,17 +786,52 @@ impl Gateway {
         ))
     }
 
-    fn track(&self, session: &str, id: Option<&Id>) -> InFlight {
+    /// Registers a request about to go upstream: it takes one of the
+    /// session's in-flight slots, and its id becomes cancellable.
+    fn track(
+        &self,
+        log: &Arc<SessionLog>,
+        session: &str,
+        id: Option<&Id>,
+    ) -> Result<InFlight, Reject> {
+        let max = self.config.sessions.max_in_flight;
+        let slot = log.try_reserve(max).ok_or_else(|| {
+            Reject::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                code::BAD_REQUEST,
+                format!("this session already has {max} requests in flight (sessions.max_in_flight); wait for their answers"),
+            )
+            .with_id(id)
+        })?;
         let token = CancellationToken::new();
-        let key = id.map(|id| (session.to_owned(), id.clone()));
-        if let Some(key) = &key {
-            self.in_flight.insert(key.clone(), token.clone());
-        }
-        InFlight {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let key = match id {
+            None => None,
+            Some(id) => {
+                let key = (session.to_owned(), id.clone());
+                match self.in_flight.entry(key.clone()) {
+                    dashmap::Entry::Occupied(_) => {
+                        return Err(Reject::new(
+                            StatusCode::BAD_REQUEST,
+                            code::INVALID_REQUEST,
+                            format!("request id {} is already in flight in this session; ids must be unique", id.as_json()),
+                        )
+                        .with_id(Some(id)));
+                    }
+                    dashmap::Entry::Vacant(v) => {
+                        v.insert((generation, token.clone()));
+                    }
+                }
+                Some(key)
+            }
+        };
+        Ok(InFlight {
             map: self.in_flight.clone(),
             key,
+            generation,
             token,
-        }
+            _slot: slot,
+        })
     }
 
     async fn mcp_get(
@@ -760,7 +841,7 @@ impl Gateway {
         req: &Request,
     ) -> Result<Response, Reject> {
         edge::check_get_framing(&req.headers)?;
-        edge::protocol_version(&req.headers)?;
+        let header_version = edge::protocol_version(&req.headers)?;
         let (session, log) = self
             .session_with_log(
                 org,
@@ -769,6 +850,7 @@ impl Gateway {
                 Transport::StreamableHttp,
             )
             .await?;
+        check_version_matches(header_version, &session)?;
         let resume = match req.header(&LAST_EVENT_ID) {
             None => None,
             Some(text) => Some(EventId::parse(text).ok_or_else(|| {
@@ -875,16 +957,17 @@ impl Gateway {
         edge::check_json_content_type(&req.headers)?;
         let body = parse_post_body(&req.body)?;
         label.method = body_label(&body);
+        self.check_batch(&body, "2024-11-05")?;
         let this = self.clone();
         let org = org.clone();
         let headers = req.headers.clone();
         let request_id = req.request_id.clone();
         tokio::spawn(async move {
-            let jobs = body
-                .messages()
-                .iter()
-                .map(|m| this.legacy_message(&org, &session, &log, m, &headers, &request_id));
-            futures::future::join_all(jobs).await;
+            futures::stream::iter(body.messages())
+                .for_each_concurrent(BATCH_CONCURRENCY, |m| {
+                    this.legacy_message(&org, &session, &log, m, &headers, &request_id)
+                })
+                .await;
         });
         Ok(Response::json(
             StatusCode::ACCEPTED,
@@ -897,7 +980,7 @@ impl Gateway {
         self: &Arc<Self>,
         org: &OrgRoute,
         session: &Arc<SessionState>,
-        log: &SessionLog,
+        log: &Arc<SessionLog>,
         message: &Message,
         client_headers: &http::HeaderMap,
         request_id: &str,
@@ -1002,9 +1085,7 @@ impl Gateway {
                 tracing::warn!(error = %e, "cannot refresh a session with an open stream");
             }
         }
-        let ttl = self.config.sessions.idle_ttl.as_millis() as u64;
-        let cutoff = session::now_ms().saturating_sub(ttl);
-        let expired = match self.store.remove_idle(cutoff).await {
+        let expired = match self.store.remove_idle(self.config.sessions.idle_ttl).await {
             Ok(expired) => expired,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reap idle sessions");
@@ -1032,19 +1113,24 @@ impl Gateway {
     }
 }
 
-type InFlightMap = DashMap<(String, Id), CancellationToken>;
+/// In-flight requests by (session, id): a generation (to tell registrations
+/// apart) and the token that cancels the request.
+type InFlightMap = DashMap<(String, Id), (u64, CancellationToken)>;
 
 /// A registered in-flight request; unregisters on drop.
 struct InFlight {
     map: Arc<InFlightMap>,
     key: Option<(String, Id)>,
+    generation: u64,
     token: CancellationToken,
+    _slot: crate::stream::Slot,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.map.remove(&key);
+            let generation = self.generation;
+            self.map.remove_if(&key, |_, (g, _)| *g == generation);
         }
     }
 }
@@ -1080,6 +1166,18 @@ impl Drop for LegacyStream {
                 }
             });
         }
+    }
+}
+
+/// A request's `MCP-Protocol-Version`, when given, must be the one the
+/// session negotiated.
+fn check_version_matches(header: Option<&str>, session: &SessionState) -> Result<(), Reject> {
+    match header {
+        Some(v) if v != session.protocol_version => Err(Reject::bad_request(format!(
+            "MCP-Protocol-Version {v} does not match the version negotiated for this session ({})",
+            session.protocol_version
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -1207,6 +1305,11 @@ mod tests {
     const SECRET: &str = "unit-test-secret-0123";
 
     fn gateway(replicas: &[String]) -> Arc<Gateway> {
+        gateway_with(replicas, "")
+    }
+
+    /// `sessions` is extra YAML for the `sessions:` map, e.g. `max_in_flight: 1`.
+    fn gateway_with(replicas: &[String], sessions: &str) -> Arc<Gateway> {
         let list = replicas
             .iter()
             .map(|r| format!("\"{r}\""))
@@ -1215,7 +1318,7 @@ mod tests {
         let yaml = format!(
             "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
              allowed_origins: [\"http://ok.example\"]\nlimits: {{max_body_bytes: 1024}}\n\
-             streams: {{keepalive: 10s}}\npublish: {{secret: {SECRET}}}\n\
+             streams: {{keepalive: 10s}}\npublish: {{secret: {SECRET}}}\nsessions: {{{sessions}}}\n\
              orgs:\n  org-1:\n    upstream: {{era: stateless-2025, replicas: [{list}], timeout: 2s}}\n"
         );
         let config = Config::from_yaml(&yaml, Path::new("unit.yaml"), &|_| None).expect("config");
@@ -1476,6 +1579,128 @@ mod tests {
             ))
             .await;
         assert_eq!(json_of(&ok)["result"], json!({}));
+    }
+
+    #[tokio::test]
+    async fn batches_follow_the_negotiated_version_and_the_size_cap() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await; // negotiates 2025-06-18
+        let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+        let batch = format!("[{ping}]");
+        let no_header = gw.handle(post(&batch, &[("mcp-session-id", &sid)])).await;
+        assert_eq!(
+            no_header.status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            json_of(&no_header)
+        );
+        assert!(
+            json_of(&no_header)["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("2025-06-18")
+        );
+
+        let mismatch = gw
+            .handle(post(
+                ping,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-11-25"),
+                ],
+            ))
+            .await;
+        assert_eq!(mismatch.status, StatusCode::BAD_REQUEST);
+        assert!(
+            json_of(&mismatch)["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("does not match")
+        );
+
+        let huge = format!("[{}]", vec![ping; 33].join(","));
+        let r = gw
+            .handle(post(
+                &huge,
+                &[
+                    ("mcp-protocol-version", "2025-03-26"),
+                    ("mcp-session-id", &sid),
+                ],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(up.hits(), 1, "nothing but initialize went upstream");
+    }
+
+    #[tokio::test]
+    async fn a_session_cannot_flood_the_upstream() {
+        let up = mcp_stub().await;
+        let gw = gateway_with(&[up.url()], "max_in_flight: 1");
+        let sid = initialize(&gw).await;
+        let slow = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"slow"}}"#;
+        let busy = {
+            let gw = gw.clone();
+            let sid = sid.clone();
+            tokio::spawn(async move {
+                let mut r = gw.handle(post(slow, &[("mcp-session-id", &sid)])).await;
+                next_text(&mut r).await
+            })
+        };
+        // Wait until the slow request is in flight.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while up.hits() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slow request never reached the upstream"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let second = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"x"}}"#;
+        let refused = gw.handle(post(second, &[("mcp-session-id", &sid)])).await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(json_of(&refused)["id"], 3);
+        assert!(
+            busy.await
+                .expect("joined")
+                .contains("notifications/progress")
+        );
+        // The slot is free again once the answer is read.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = gw.handle(post(second, &[("mcp-session-id", &sid)])).await;
+            if r.status == StatusCode::OK {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slot was never released"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn draining_answers_503_not_404() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        gw.set_draining();
+        let r = gw
+            .handle(post(
+                r#"{"jsonrpc":"2.0","id":5,"method":"ping"}"#,
+                &[("mcp-session-id", &sid)],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers
+                .get(http::header::RETRY_AFTER)
+                .expect("retry-after"),
+            "1"
+        );
+        let r = gw.handle(post(INIT, &[])).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[tokio::test]

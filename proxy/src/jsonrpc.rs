@@ -39,9 +39,28 @@ impl Id {
     /// An id from a parsed value; `None` unless a string or a number.
     pub fn from_value(v: &Value) -> Option<Id> {
         match v {
-            Value::String(_) | Value::Number(_) => Some(Id(v.to_string().into())),
+            Value::String(_) | Value::Number(_) => Id::canonical(&v.to_string()),
             _ => None,
         }
+    }
+
+    /// The id in one spelling, so that `"a"` and `"\u0061"`, or `1` and
+    /// `1.0`, written by different JSON encoders, compare equal.
+    fn canonical(text: &str) -> Option<Id> {
+        let text = text.trim();
+        if text.starts_with('"') {
+            let s: String = serde_json::from_str(text).ok()?;
+            return serde_json::to_string(&s).ok().map(|t| Id(t.into()));
+        }
+        let n: serde_json::Number = serde_json::from_str(text).ok()?;
+        let whole = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15);
+        let spelled = match (n.as_i64(), n.as_u64(), whole) {
+            (Some(i), _, _) => i.to_string(),
+            (None, Some(u), _) => u.to_string(),
+            (None, None, Some(f)) => format!("{}", f as i64),
+            _ => n.to_string(),
+        };
+        Some(Id(spelled.into()))
     }
 }
 
@@ -181,17 +200,12 @@ pub fn parse_message(raw: &Bytes) -> Result<Message, FramingError> {
     }
     let id = match env.id {
         None => None,
-        Some(raw_id) => {
-            let text = raw_id.get();
-            let valid =
-                text.starts_with('"') || serde_json::from_str::<serde_json::Number>(text).is_ok();
-            if !valid {
-                return Err(FramingError::Invalid(format!(
-                    "\"id\" must be a string or a number, got {text}"
-                )));
-            }
-            Some(Id(text.into()))
-        }
+        Some(raw_id) => Some(Id::canonical(raw_id.get()).ok_or_else(|| {
+            FramingError::Invalid(format!(
+                "\"id\" must be a string or a number, got {}",
+                raw_id.get()
+            ))
+        })?),
     };
     let kind = match (env.method, id, env.result.is_some() || env.error.is_some()) {
         (Some(method), _, _) if method.is_empty() => {
@@ -347,6 +361,20 @@ mod tests {
         assert_eq!(err.code(), code::INVALID_REQUEST);
         let err = parse_body(&Bytes::from_static(br#"[{"jsonrpc":"2.0"}]"#)).expect_err("bad item");
         assert!(err.to_string().contains("batch item 0"), "{err}");
+    }
+
+    #[test]
+    fn ids_compare_in_one_spelling() {
+        let a = single(r#"{"jsonrpc":"2.0","id":"\u0061","method":"x"}"#).expect("ok");
+        let b = single(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#).expect("ok");
+        assert_eq!(a.request_id(), Some(&Id("\"a\"".into())));
+        assert!(matches!(&b.kind, Kind::Response { id } if Some(id) == a.request_id()));
+        let one = single(r#"{"jsonrpc":"2.0","id":1.0,"method":"x"}"#).expect("ok");
+        assert_eq!(one.request_id(), Some(&Id("1".into())));
+        assert_eq!(Id::from_value(&json!(1)), one.request_id().cloned());
+        assert_eq!(Id::from_value(&json!("a")), a.request_id().cloned());
+        let frac = single(r#"{"jsonrpc":"2.0","id":1.5,"method":"x"}"#).expect("ok");
+        assert_eq!(frac.request_id(), Some(&Id("1.5".into())));
     }
 
     #[test]

@@ -85,6 +85,9 @@ impl McpProxy {
             let h = session.req_header();
             (h.method.clone(), h.uri.path().to_owned())
         };
+        if self.gateway.is_draining() {
+            session.set_keepalive(None);
+        }
         let response = match read_request(session, limits, request_id).await {
             Ok(req) => self.gateway.handle(req).await,
             Err(reject) => {
@@ -149,7 +152,7 @@ async fn read_request(
     Ok(Request { body, ..request })
 }
 
-/// Reads a body of at most `limits.max_body_bytes`, each read bounded by
+/// Reads a body of at most `limits.max_body_bytes`, all of it within
 /// `limits.body_read_timeout`.
 pub async fn read_body(session: &mut ServerSession, limits: &Limits) -> Result<Bytes, Reject> {
     let max = limits.max_body_bytes;
@@ -162,38 +165,34 @@ pub async fn read_body(session: &mut ServerSession, limits: &Limits) -> Result<B
     if declared.is_some_and(|n| n > max as u64) {
         return Err(edge::body_too_large(max));
     }
-    session.set_read_timeout(Some(limits.body_read_timeout));
-    let mut body = BytesMut::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > max {
-                    return Err(edge::body_too_large(max));
-                }
-                body.extend_from_slice(&chunk);
+    let read_all = async {
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await.map_err(|e| {
+            Reject::new(
+                http::StatusCode::BAD_REQUEST,
+                crate::jsonrpc::code::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        })? {
+            if body.len() + chunk.len() > max {
+                return Err(edge::body_too_large(max));
             }
-            Ok(None) => return Ok(body.freeze()),
-            Err(e) => {
-                let timed_out = matches!(e.etype(), ErrorType::ReadTimedout);
-                return Err(Reject::new(
-                    if timed_out {
-                        http::StatusCode::REQUEST_TIMEOUT
-                    } else {
-                        http::StatusCode::BAD_REQUEST
-                    },
-                    crate::jsonrpc::code::BAD_REQUEST,
-                    if timed_out {
-                        format!(
-                            "the request body did not arrive within {:?}",
-                            limits.body_read_timeout
-                        )
-                    } else {
-                        format!("cannot read the request body: {e}")
-                    },
-                ));
-            }
+            body.extend_from_slice(&chunk);
         }
-    }
+        Ok(body.freeze())
+    };
+    tokio::time::timeout(limits.body_read_timeout, read_all)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Reject::new(
+                http::StatusCode::REQUEST_TIMEOUT,
+                crate::jsonrpc::code::BAD_REQUEST,
+                format!(
+                    "the request body did not arrive within {:?} (limits.body_read_timeout)",
+                    limits.body_read_timeout
+                ),
+            ))
+        })
 }
 
 /// Writes a response; streams are written chunk by chunk until the source
@@ -233,6 +232,13 @@ async fn write_response(
         ResponseBody::Stream(_) => None,
     };
     let framing = match &fixed {
+        // 204 and 304 carry no body and, per RFC 9110, no Content-Length.
+        Some(_)
+            if status == http::StatusCode::NO_CONTENT
+                || status == http::StatusCode::NOT_MODIFIED =>
+        {
+            Ok(())
+        }
         Some(b) => head.insert_header(header::CONTENT_LENGTH, b.len()),
         None if session.req_header().version == Version::HTTP_11 => {
             head.insert_header(header::TRANSFER_ENCODING, "chunked")
@@ -301,8 +307,10 @@ impl ServeHttp for AdminApp {
         let mut out = http::Response::new(Vec::new());
         *out.status_mut() = response.status;
         *out.headers_mut() = response.headers;
-        out.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if response.status != http::StatusCode::NO_CONTENT {
+            out.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         *out.body_mut() = body;
         out
     }

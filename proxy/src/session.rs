@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -90,25 +90,45 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn replace(&self, state: SessionState) -> Result<bool, StoreError>;
     async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError>;
     async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError>;
-    /// Removes and returns sessions idle since before `cutoff_ms`.
-    async fn remove_idle(&self, cutoff_ms: u64) -> Result<Vec<Arc<SessionState>>, StoreError>;
+    /// Removes and returns sessions idle for longer than `ttl`.
+    async fn remove_idle(&self, ttl: Duration) -> Result<Vec<Arc<SessionState>>, StoreError>;
 }
 
 struct Entry {
     state: Arc<SessionState>,
-    last_seen_ms: AtomicU64,
+    /// Milliseconds after the store's epoch: monotonic, so a wall-clock
+    /// step cannot expire every session at once.
+    last_seen: AtomicU64,
 }
 
 /// In-process store: a sharded map. Sessions are lost on restart, which
 /// clients see as 404 and answer by re-initializing.
-#[derive(Default)]
 pub struct MemorySessionStore {
     sessions: DashMap<String, Entry>,
+    epoch: Instant,
+}
+
+impl Default for MemorySessionStore {
+    fn default() -> Self {
+        MemorySessionStore {
+            sessions: DashMap::new(),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl MemorySessionStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn tick(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A monotonic last-seen tick as wall-clock milliseconds, for display.
+    fn wall_clock(&self, tick: u64) -> u64 {
+        now_ms().saturating_sub(self.tick().saturating_sub(tick))
     }
 }
 
@@ -120,7 +140,7 @@ impl SessionStore for MemorySessionStore {
             state.id.clone(),
             Entry {
                 state: state.clone(),
-                last_seen_ms: AtomicU64::new(now_ms()),
+                last_seen: AtomicU64::new(self.tick()),
             },
         );
         Ok(state)
@@ -128,7 +148,7 @@ impl SessionStore for MemorySessionStore {
 
     async fn lookup(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {
         Ok(self.sessions.get(id).map(|e| {
-            e.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+            e.last_seen.store(self.tick(), Ordering::Relaxed);
             e.state.clone()
         }))
     }
@@ -137,7 +157,7 @@ impl SessionStore for MemorySessionStore {
         Ok(self
             .sessions
             .get(id)
-            .map(|e| e.last_seen_ms.store(now_ms(), Ordering::Relaxed))
+            .map(|e| e.last_seen.store(self.tick(), Ordering::Relaxed))
             .is_some())
     }
 
@@ -145,7 +165,7 @@ impl SessionStore for MemorySessionStore {
         Ok(match self.sessions.get_mut(&state.id) {
             Some(mut e) => {
                 e.state = Arc::new(state);
-                e.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+                e.last_seen.store(self.tick(), Ordering::Relaxed);
                 true
             }
             None => false,
@@ -163,17 +183,19 @@ impl SessionStore for MemorySessionStore {
             .filter(|e| e.state.org == org)
             .map(|e| SessionRecord {
                 state: e.state.clone(),
-                last_seen_ms: e.last_seen_ms.load(Ordering::Relaxed),
+                last_seen_ms: self.wall_clock(e.last_seen.load(Ordering::Relaxed)),
             })
             .collect();
         out.sort_by_key(|r| r.state.created_at_ms);
         Ok(out)
     }
 
-    async fn remove_idle(&self, cutoff_ms: u64) -> Result<Vec<Arc<SessionState>>, StoreError> {
+    async fn remove_idle(&self, ttl: Duration) -> Result<Vec<Arc<SessionState>>, StoreError> {
+        let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = self.tick().saturating_sub(ttl);
         let mut removed = Vec::new();
         self.sessions.retain(|_, e| {
-            let keep = e.last_seen_ms.load(Ordering::Relaxed) >= cutoff_ms;
+            let keep = e.last_seen.load(Ordering::Relaxed) >= cutoff;
             if !keep {
                 removed.push(e.state.clone());
             }
@@ -267,12 +289,13 @@ mod tests {
         let busy = mint_id();
         store.insert(test_state(&idle, "o")).await.expect("insert");
         store.insert(test_state(&busy, "o")).await.expect("insert");
-        // Age both, then show activity on one.
-        for e in store.sessions.iter() {
-            e.last_seen_ms.store(1_000, Ordering::Relaxed);
-        }
+        // Let both age past a short TTL, then show activity on one.
+        tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(store.touch(&busy).await.expect("touch"));
-        let removed = store.remove_idle(now_ms() - 60_000).await.expect("reap");
+        let removed = store
+            .remove_idle(Duration::from_millis(20))
+            .await
+            .expect("reap");
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].id, idle);
         assert!(store.lookup(&busy).await.expect("lookup").is_some());

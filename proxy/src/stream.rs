@@ -12,8 +12,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -113,13 +114,61 @@ struct Event {
     frame: Bytes,
 }
 
+/// A bounded run of events, oldest first, bounded by count and by bytes.
+/// The newest event is always kept, however large, so a live reader gets it.
+#[derive(Default)]
+struct Ring {
+    events: VecDeque<Event>,
+    bytes: usize,
+    /// Highest seq evicted; a cursor below it may have missed events.
+    evicted_upto: u64,
+}
+
+impl Ring {
+    fn push(&mut self, event: Event, max_events: usize, max_bytes: usize) {
+        self.bytes += event.frame.len();
+        self.events.push_back(event);
+        while self.events.len() > 1 && (self.events.len() > max_events || self.bytes > max_bytes) {
+            if let Some(old) = self.events.pop_front() {
+                self.bytes -= old.frame.len();
+                self.evicted_upto = old.id.seq;
+            }
+        }
+    }
+
+    /// Frames of `stream` after `cursor`, up to about `max_chunk` bytes.
+    fn after(&self, stream: StreamId, cursor: u64, max_chunk: usize) -> Option<(Bytes, u64, u64)> {
+        let start = self.events.partition_point(|e| e.id.seq <= cursor);
+        let mut out = BytesMut::new();
+        let (mut count, mut upto) = (0, cursor);
+        for e in self.events.range(start..).filter(|e| e.id.stream == stream) {
+            if count > 0 && out.len() + e.frame.len() > max_chunk {
+                break;
+            }
+            out.extend_from_slice(&e.frame);
+            count += 1;
+            upto = e.id.seq;
+        }
+        (count > 0).then(|| (out.freeze(), count, upto))
+    }
+}
+
+/// How much a session log holds: per ring, the standalone stream's and the
+/// POST streams', so POST traffic never pushes out published messages.
+#[derive(Debug, Clone, Copy)]
+pub struct LogLimits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+}
+
+/// Most bytes handed to one write; a backlog goes out in several.
+const MAX_CHUNK: usize = 256 * 1024;
+
 struct LogInner {
     next_seq: u64,
     next_stream: StreamId,
-    events: VecDeque<Event>,
-    /// Highest seq ever evicted from the ring; a cursor below it may have
-    /// missed events.
-    evicted_upto: u64,
+    standalone: Ring,
+    posts: Ring,
     /// Highest standalone seq written to a client connection; a standalone
     /// stream opened without `Last-Event-ID` starts after it.
     standalone_delivered: u64,
@@ -132,6 +181,16 @@ struct LogInner {
     closed: bool,
 }
 
+impl LogInner {
+    fn ring(&self, stream: StreamId) -> &Ring {
+        if stream == STANDALONE {
+            &self.standalone
+        } else {
+            &self.posts
+        }
+    }
+}
+
 /// Why an event could not be appended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the session has ended")]
@@ -141,17 +200,30 @@ pub struct Closed;
 pub struct SessionLog {
     inner: Mutex<LogInner>,
     wake: Notify,
-    capacity: usize,
+    limits: LogLimits,
+    /// Requests of this session now waiting on an upstream (see [`Slot`]).
+    in_flight: AtomicUsize,
+}
+
+/// One of a session's in-flight request slots; released on drop.
+pub struct Slot {
+    log: Arc<SessionLog>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.log.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl SessionLog {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(limits: LogLimits) -> Self {
         SessionLog {
             inner: Mutex::new(LogInner {
                 next_seq: 1,
                 next_stream: STANDALONE + 1,
-                events: VecDeque::new(),
-                evicted_upto: 0,
+                standalone: Ring::default(),
+                posts: Ring::default(),
                 standalone_delivered: 0,
                 producing: Vec::new(),
                 readers: Vec::new(),
@@ -159,7 +231,11 @@ impl SessionLog {
                 closed: false,
             }),
             wake: Notify::new(),
-            capacity: capacity.max(1),
+            in_flight: AtomicUsize::new(0),
+            limits: LogLimits {
+                max_events: limits.max_events.max(1),
+                max_bytes: limits.max_bytes,
+            },
         }
     }
 
@@ -167,6 +243,16 @@ impl SessionLog {
         // A panic while holding this lock cannot leave the ring half-written
         // (every mutation is a single push/pop), so poisoning is ignored.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes an in-flight slot if fewer than `max` are taken.
+    pub fn try_reserve(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot { log: self.clone() })
     }
 
     /// Starts a POST response stream and returns its id.
@@ -199,12 +285,15 @@ impl SessionLog {
             seq: inner.next_seq,
         };
         inner.next_seq += 1;
-        let frame = sse_frame(Some(id), Some("message"), payload);
-        inner.events.push_back(Event { id, frame });
-        while inner.events.len() > self.capacity {
-            if let Some(old) = inner.events.pop_front() {
-                inner.evicted_upto = old.id.seq;
-            }
+        let event = Event {
+            id,
+            frame: sse_frame(Some(id), Some("message"), payload),
+        };
+        let (max_events, max_bytes) = (self.limits.max_events, self.limits.max_bytes);
+        if stream == STANDALONE {
+            inner.standalone.push(event, max_events, max_bytes);
+        } else {
+            inner.posts.push(event, max_events, max_bytes);
         }
         drop(inner);
         self.wake.notify_waiters();
@@ -228,7 +317,8 @@ impl SessionLog {
 
     /// Number of events held.
     pub fn len(&self) -> usize {
-        self.lock().events.len()
+        let inner = self.lock();
+        inner.standalone.events.len() + inner.posts.events.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -265,7 +355,7 @@ impl SessionLog {
         inner.next_reader += 1;
         inner.readers.retain(|(s, _)| *s != stream);
         inner.readers.push((stream, reader));
-        let gap = cursor < inner.evicted_upto;
+        let gap = cursor < inner.ring(stream).evicted_upto;
         drop(inner);
         // Wake the superseded reader so it stops now, not at its keep-alive.
         self.wake.notify_waiters();
@@ -297,29 +387,10 @@ impl SessionLog {
         if inner.closed || !inner.readers.contains(&(stream, reader)) {
             return Poll::End;
         }
-        let start = inner.events.partition_point(|e| e.id.seq <= cursor);
-        let mut count = 0;
-        let mut upto = cursor;
-        let mut out = BytesMut::new();
-        for e in inner
-            .events
-            .range(start..)
-            .filter(|e| e.id.stream == stream)
-        {
-            out.extend_from_slice(&e.frame);
-            count += 1;
-            upto = e.id.seq;
-        }
-        if count > 0 {
-            Poll::Events {
-                chunk: out.freeze(),
-                count,
-                upto,
-            }
-        } else if stream != STANDALONE && !inner.producing.contains(&stream) {
-            Poll::End
-        } else {
-            Poll::Wait
+        match inner.ring(stream).after(stream, cursor, MAX_CHUNK) {
+            Some((chunk, count, upto)) => Poll::Events { chunk, count, upto },
+            None if stream != STANDALONE && !inner.producing.contains(&stream) => Poll::End,
+            None => Poll::Wait,
         }
     }
 }
@@ -351,20 +422,20 @@ pub enum AttachError {
 /// All sessions' logs on this node.
 pub struct Hub {
     logs: DashMap<String, Arc<SessionLog>>,
-    capacity: usize,
+    limits: LogLimits,
 }
 
 impl Hub {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(limits: LogLimits) -> Self {
         Hub {
             logs: DashMap::new(),
-            capacity,
+            limits,
         }
     }
 
     /// Creates the log of a new session.
     pub fn create(&self, session: &str) -> Arc<SessionLog> {
-        let log = Arc::new(SessionLog::new(self.capacity));
+        let log = Arc::new(SessionLog::new(self.limits));
         self.logs.insert(session.to_owned(), log.clone());
         log
     }
@@ -420,6 +491,9 @@ pub struct LiveStream {
     cursor: u64,
     prelude: Option<Bytes>,
     keepalive: Duration,
+    /// When the next keep-alive is due unless something else is written;
+    /// wake-ups for other streams of the session do not postpone it.
+    next_keepalive: Instant,
     metrics: Option<StreamMetrics>,
     unacked: (u64, u64),
 }
@@ -443,6 +517,7 @@ impl LiveStream {
             attach,
             prelude,
             keepalive,
+            next_keepalive: Instant::now() + keepalive,
             metrics,
             unacked: (0, 0),
         }
@@ -466,6 +541,7 @@ impl LiveStream {
 impl ChunkSource for LiveStream {
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if let Some(p) = self.prelude.take() {
+            self.next_keepalive = Instant::now() + self.keepalive;
             return Some(p);
         }
         loop {
@@ -481,15 +557,15 @@ impl ChunkSource for LiveStream {
                 Poll::Events { chunk, count, upto } => {
                     self.cursor = upto;
                     self.unacked = (count, upto);
+                    self.next_keepalive = Instant::now() + self.keepalive;
                     return Some(chunk);
                 }
                 Poll::End => return None,
                 Poll::Wait => {}
             }
-            if tokio::time::timeout(self.keepalive, notified)
-                .await
-                .is_err()
-            {
+            let deadline = tokio::time::Instant::from_std(self.next_keepalive);
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.next_keepalive = Instant::now() + self.keepalive;
                 return Some(Bytes::from_static(KEEPALIVE));
             }
         }
@@ -520,6 +596,13 @@ mod tests {
     use super::*;
 
     const KA: Duration = Duration::from_secs(3600);
+
+    fn limits(max_events: usize) -> LogLimits {
+        LogLimits {
+            max_events,
+            max_bytes: 1 << 20,
+        }
+    }
 
     fn text(b: &Bytes) -> &str {
         std::str::from_utf8(b).expect("utf8")
@@ -595,7 +678,7 @@ mod tests {
 
     #[test]
     fn ids_are_unique_and_increasing_across_streams() {
-        let log = SessionLog::new(100);
+        let log = SessionLog::new(limits(100));
         let p = log.begin_stream().expect("open");
         let a = log.append(STANDALONE, b"{}").expect("append");
         let b = log.append(p, b"{}").expect("append");
@@ -606,7 +689,7 @@ mod tests {
 
     #[test]
     fn the_ring_is_bounded() {
-        let log = SessionLog::new(3);
+        let log = SessionLog::new(limits(3));
         for _ in 0..10 {
             log.append(STANDALONE, b"{}").expect("append");
         }
@@ -619,7 +702,7 @@ mod tests {
 
     #[tokio::test]
     async fn replay_gives_exactly_the_missed_events_of_that_stream() {
-        let log = Arc::new(SessionLog::new(100));
+        let log = Arc::new(SessionLog::new(limits(100)));
         let post = log.begin_stream().expect("open");
         let mut seen = Vec::new();
         for i in 0..3 {
@@ -647,7 +730,7 @@ mod tests {
 
     #[tokio::test]
     async fn fresh_standalone_stream_gets_only_undelivered_events() {
-        let log = Arc::new(SessionLog::new(100));
+        let log = Arc::new(SessionLog::new(limits(100)));
         log.append(STANDALONE, b"{\"n\":1}").expect("append");
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut first = LiveStream::new(log.clone(), a, None, KA, None);
@@ -663,7 +746,7 @@ mod tests {
 
     #[tokio::test]
     async fn live_events_wake_a_waiting_reader() {
-        let log = Arc::new(SessionLog::new(100));
+        let log = Arc::new(SessionLog::new(limits(100)));
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut s = LiveStream::new(log.clone(), a, None, KA, None);
         let waiter = tokio::spawn(async move { s.next_chunk().await });
@@ -679,7 +762,7 @@ mod tests {
 
     #[tokio::test]
     async fn keepalive_is_sent_when_idle() {
-        let log = Arc::new(SessionLog::new(10));
+        let log = Arc::new(SessionLog::new(limits(10)));
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut s = LiveStream::new(log, a, None, Duration::from_millis(30), None);
         let chunk = s.next_chunk().await.expect("keepalive");
@@ -687,8 +770,92 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn keepalives_are_due_even_while_other_streams_are_busy() {
+        let log = Arc::new(SessionLog::new(limits(10_000)));
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut idle = LiveStream::new(log.clone(), a, None, Duration::from_millis(100), None);
+        let post = log.begin_stream().expect("open");
+        let busy = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for _ in 0..100 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let _ = log.append(post, b"{}");
+                }
+            })
+        };
+        let started = Instant::now();
+        let chunk = tokio::time::timeout(Duration::from_secs(2), idle.next_chunk())
+            .await
+            .expect("a keep-alive in time")
+            .expect("open");
+        assert_eq!(&chunk[..], KEEPALIVE);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        busy.abort();
+    }
+
+    #[tokio::test]
+    async fn post_traffic_never_pushes_out_published_messages() {
+        let log = Arc::new(SessionLog::new(limits(4)));
+        let kept = log.append(STANDALONE, b"{\"kept\":1}").expect("append");
+        let post = log.begin_stream().expect("open");
+        for _ in 0..100 {
+            log.append(post, b"{\"progress\":1}").expect("append");
+        }
+        let a = log.attach(STANDALONE, None).expect("attach");
+        assert!(!a.gap);
+        let mut s = LiveStream::new(log, a, None, KA, None);
+        let frames = drain_now(&mut s).await;
+        assert_eq!(ids(&frames), vec![kept.to_string()]);
+    }
+
+    #[test]
+    fn rings_are_bounded_by_bytes_but_keep_the_newest() {
+        let log = SessionLog::new(LogLimits {
+            max_events: 1000,
+            max_bytes: 100,
+        });
+        for _ in 0..10 {
+            log.append(STANDALONE, &[b'x'; 40]).expect("append");
+        }
+        assert_eq!(log.len(), 1, "each frame is over 40 bytes: only one fits");
+        log.append(STANDALONE, &[b'y'; 500]).expect("append");
+        assert_eq!(
+            log.len(),
+            1,
+            "an event bigger than the budget is still kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_written_in_bounded_chunks() {
+        let log = Arc::new(SessionLog::new(LogLimits {
+            max_events: 1000,
+            max_bytes: 8 << 20,
+        }));
+        let payload = vec![b'z'; 100 * 1024];
+        for _ in 0..5 {
+            log.append(STANDALONE, &payload).expect("append");
+        }
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut s = LiveStream::new(log, a, None, KA, None);
+        let first = s.next_chunk().await.expect("chunk");
+        assert!(first.len() <= MAX_CHUNK, "{}", first.len());
+        s.written();
+        let mut total = first.len();
+        while total < 5 * payload.len() {
+            total += s.next_chunk().await.expect("chunk").len();
+            s.written();
+        }
+    }
+
+    #[tokio::test]
     async fn a_new_reader_supersedes_the_old_one() {
-        let log = Arc::new(SessionLog::new(10));
+        let log = Arc::new(SessionLog::new(limits(10)));
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut old = LiveStream::new(log.clone(), a, None, KA, None);
         let waiter = tokio::spawn(async move { old.next_chunk().await });
@@ -703,7 +870,7 @@ mod tests {
 
     #[tokio::test]
     async fn post_stream_reader_ends_after_the_stream_is_complete() {
-        let log = Arc::new(SessionLog::new(10));
+        let log = Arc::new(SessionLog::new(limits(10)));
         let p = log.begin_stream().expect("open");
         let a = log.attach(p, None).expect("attach");
         let mut s = LiveStream::new(log.clone(), a, None, KA, None);
@@ -717,7 +884,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_the_log_ends_readers_and_refuses_appends() {
-        let log = Arc::new(SessionLog::new(10));
+        let log = Arc::new(SessionLog::new(limits(10)));
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut s = LiveStream::new(log.clone(), a, None, KA, None);
         log.close();
@@ -730,8 +897,21 @@ mod tests {
     }
 
     #[test]
+    fn in_flight_slots_are_bounded_and_released() {
+        let log = Arc::new(SessionLog::new(limits(10)));
+        let a = log.try_reserve(2).expect("first");
+        let _b = log.try_reserve(2).expect("second");
+        assert!(
+            log.try_reserve(2).is_none(),
+            "the third waits for a free slot"
+        );
+        drop(a);
+        assert!(log.try_reserve(2).is_some());
+    }
+
+    #[test]
     fn unknown_resume_points_are_refused() {
-        let log = SessionLog::new(10);
+        let log = SessionLog::new(limits(10));
         log.append(STANDALONE, b"{}").expect("append");
         assert_eq!(
             log.attach(STANDALONE, Some(99)).err(),
@@ -747,7 +927,7 @@ mod tests {
     async fn prelude_comes_first_and_metrics_count() {
         let delivered = IntCounter::new("d", "d").expect("counter");
         let open = IntGauge::new("o", "o").expect("gauge");
-        let log = Arc::new(SessionLog::new(10));
+        let log = Arc::new(SessionLog::new(limits(10)));
         log.append(STANDALONE, b"{}").expect("append");
         let a = log.attach(STANDALONE, None).expect("attach");
         let metrics = StreamMetrics {

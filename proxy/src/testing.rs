@@ -82,6 +82,10 @@ async fn serve(mut sock: TcpStream, respond: Arc<Responder>, hits: Arc<AtomicUsi
         let body: Vec<u8> = buf[head_end..head_end + len].to_vec();
         buf.drain(..head_end + len);
         hits.fetch_add(1, Ordering::SeqCst);
+        if body.windows(6).any(|w| w == b"\"slow\"") {
+            // A request naming "slow" waits, to keep it in flight.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         let (status, content_type, answer) = respond(&body);
         let resp = format!(
             "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{answer}",

@@ -50,6 +50,8 @@ pub enum UpstreamError {
 
 struct Replica {
     url: String,
+    /// How clients see it in errors, e.g. `org-1#2`: the URL is internal.
+    name: String,
     outstanding: AtomicUsize,
     /// Milliseconds after the pool's epoch until which the replica is out
     /// of rotation; 0 when it is in.
@@ -82,8 +84,9 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// The replica's public name, for errors clients see.
     pub fn replica(&self) -> &str {
-        &self.pool.replicas[self.index].url
+        &self.pool.replicas[self.index].name
     }
 }
 
@@ -120,7 +123,8 @@ impl Pool {
         let replicas = cfg
             .replicas
             .iter()
-            .map(|url| {
+            .enumerate()
+            .map(|(i, url)| {
                 let labels = [org, url.as_str()];
                 let err = |kind: &str| {
                     metrics
@@ -131,6 +135,7 @@ impl Pool {
                 up.set(1);
                 Replica {
                     url: url.clone(),
+                    name: format!("{org}#{}", i + 1),
                     outstanding: AtomicUsize::new(0),
                     ejected_until: AtomicU64::new(0),
                     up,
@@ -183,10 +188,11 @@ impl Pool {
 
     fn eject(&self, index: usize, why: &str) {
         let r = &self.replicas[index];
-        let until = self.now_ms() + self.eject_for.as_millis() as u64;
+        let cool_down = u64::try_from(self.eject_for.as_millis()).unwrap_or(u64::MAX);
+        let until = self.now_ms().saturating_add(cool_down);
         r.ejected_until.store(until.max(1), Ordering::Relaxed);
         r.up.set(0);
-        tracing::warn!(org = %self.org, replica = %r.url, cool_down = ?self.eject_for, "replica ejected: {why}");
+        tracing::warn!(org = %self.org, replica = %r.url, name = %r.name, cool_down = ?self.eject_for, "replica ejected: {why}");
     }
 
     /// Replicas in rotation now.
@@ -266,23 +272,24 @@ impl Pool {
             let response = match tokio::time::timeout(self.timeout, request).await {
                 Err(_) => {
                     replica.err_timeout.inc();
+                    tracing::warn!(org = %self.org, replica = %replica.url, after = ?self.timeout, "upstream did not answer in time");
                     return Err(UpstreamError::Timeout {
-                        replica: replica.url.clone(),
+                        replica: replica.name.clone(),
                         after: self.timeout,
                     });
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     replica.err_connect.inc();
                     self.eject(index, &format!("cannot connect: {}", error_chain(&e)));
-                    last_error = format!("{}: {}", replica.url, error_chain(&e));
+                    last_error = format!("{}: cannot connect", replica.name);
                     continue;
                 }
                 Ok(Err(e)) => {
                     replica.err_protocol.inc();
                     self.eject(index, &format!("request failed: {}", error_chain(&e)));
                     return Err(UpstreamError::Failed {
-                        replica: replica.url.clone(),
-                        reason: error_chain(&e),
+                        replica: replica.name.clone(),
+                        reason: "the request failed (see the gateway log)".into(),
                     });
                 }
                 Ok(Ok(response)) => response,
@@ -298,13 +305,10 @@ impl Pool {
                     replica.err_status.inc();
                 }
                 let content_type = content_type(response.headers());
-                let body = tokio::time::timeout(self.timeout, response.bytes())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+                let body = read_error_body(response, self.timeout).await;
+                tracing::warn!(org = %self.org, replica = %replica.url, %status, "upstream refused a request");
                 return Err(UpstreamError::Status {
-                    replica: replica.url.clone(),
+                    replica: replica.name.clone(),
                     status,
                     body,
                     content_type,
@@ -319,7 +323,7 @@ impl Pool {
                 other => {
                     replica.err_protocol.inc();
                     return Err(UpstreamError::Failed {
-                        replica: replica.url.clone(),
+                        replica: replica.name.clone(),
                         reason: format!(
                             "answered HTTP {status} with Content-Type {:?}; expected application/json or text/event-stream",
                             other.unwrap_or("(none)")
@@ -338,7 +342,7 @@ impl Pool {
             org: self.org.clone(),
             tried: tried
                 .iter()
-                .map(|i| self.replicas[*i].url.as_str())
+                .map(|i| self.replicas[*i].name.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
             last: last_error,
@@ -362,6 +366,7 @@ impl Pool {
             .iter()
             .map(|r| {
                 serde_json::json!({
+                    "name": r.name,
                     "url": r.url,
                     "in_rotation": self.in_rotation(r, now),
                     "outstanding": r.outstanding.load(Ordering::Relaxed),
@@ -369,6 +374,24 @@ impl Pool {
             })
             .collect()
     }
+}
+
+/// The start of an error answer's body (64 KiB at most), for passing a
+/// JSON-RPC error on; whatever cannot be read in time is dropped.
+async fn read_error_body(mut response: reqwest::Response, timeout: Duration) -> Bytes {
+    const MAX: usize = 64 * 1024;
+    let mut body = bytes::BytesMut::new();
+    let read = async {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            let room = MAX - body.len();
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if body.len() >= MAX {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, read).await;
+    body.freeze()
 }
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
@@ -493,7 +516,7 @@ mod tests {
                 .await
                 .expect("answered by the live replica");
             assert_eq!(answer.kind, AnswerKind::Json);
-            assert_eq!(answer.lease.replica(), live.url());
+            assert_eq!(answer.lease.replica(), "org-1#2");
         }
         assert_eq!(live.hits(), 4);
         assert_eq!(p.available(), 1, "the dead replica is out of rotation");

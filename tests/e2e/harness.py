@@ -262,14 +262,15 @@ def post(url: str, body, *, session: str | None = None, headers: dict | None = N
     return httpx2.post(url, content=data, headers=h, timeout=timeout)
 
 
-def initialize(url: str, name: str = "e2e-raw") -> str:
+def initialize(url: str, name: str = "e2e-raw", version: str = PROTOCOL) -> str:
     """Initializes a session over raw HTTP and returns its id."""
     r = post(url, {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                   "params": {"protocolVersion": PROTOCOL, "capabilities": {},
+                   "params": {"protocolVersion": version, "capabilities": {},
                               "clientInfo": {"name": name, "version": "1"}}}, version=None)
     assert r.status_code == 200, r.text
+    assert r.json()["result"]["protocolVersion"] == version, r.text
     sid = r.headers["mcp-session-id"]
-    r2 = post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session=sid)
+    r2 = post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session=sid, version=version)
     assert r2.status_code == 202, r2.text
     return sid
 

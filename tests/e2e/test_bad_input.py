@@ -41,7 +41,7 @@ def test_batch_with_2025_06_18(gateway, sid):
 
 def test_batch_is_answered_in_2025_03_26(gateway):
     url = gateway.url("org-1")
-    sid = initialize(url)
+    sid = initialize(url, version="2025-03-26")
     batch = [{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}},
              {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 3, "b": 4}}}]
     r = post(url, batch, session=sid, version="2025-03-26")
@@ -121,6 +121,16 @@ def test_allowed_origin_gets_cors(gateway, sid):
         "Origin": "http://localhost:6274", "Access-Control-Request-Method": "POST"})
     assert pre.status_code == 204
     assert "mcp-session-id" in pre.headers["access-control-allow-headers"].lower()
+
+
+def test_protocol_version_must_match_the_session(gateway, sid):
+    expect(post(gateway.url("org-1"), TOOLS_LIST, session=sid, version="2025-06-18"), 400, -32000,
+           "does not match", "2025-11-25")
+
+
+def test_batch_without_header_follows_the_negotiated_version(gateway, sid):
+    batch = [TOOLS_LIST]
+    expect(post(gateway.url("org-1"), batch, session=sid, version=None), 400, -32600, "batch", "2025-11-25")
 
 
 def test_unsupported_protocol_version(gateway, sid):
