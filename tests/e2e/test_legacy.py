@@ -35,7 +35,7 @@ async def test_legacy_progress_arrives_before_the_result(gateway):
         done = time.monotonic()
         assert result.content[0].text == "counted to 4"
         assert len(times) == 4
-        assert times[0] - started < 0.35, times
+        assert times[0] - started < 0.6, times
         assert done - times[0] > 0.2, (times, done)
 
 

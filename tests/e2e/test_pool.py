@@ -73,7 +73,7 @@ async def test_silent_upstream_hits_the_route_timeout(gateway):
         elapsed = time.monotonic() - started
     assert "sent nothing for 1s" in err.value.message, err.value.message
     assert err.value.code == -32002
-    assert elapsed < 2.5, elapsed
+    assert elapsed < 2.9, elapsed  # without the timeout it would take 3 s
 
 
 async def test_streaming_answer_is_capped_by_max_duration(gateway):

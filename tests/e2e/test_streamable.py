@@ -46,7 +46,7 @@ async def test_progress_arrives_before_the_result(gateway):
         times = [t for t, _ in progress]
         # Streamed as they happen: ~100 ms apart, the first well before the
         # result, not all bunched at the end.
-        assert times[0] - started < 0.35, times
+        assert times[0] - started < 0.6, times
         assert done - times[0] > 0.3, (times, done)
         gaps = [b - a for a, b in zip(times, times[1:])]
         assert min(gaps) > 0.05, gaps
