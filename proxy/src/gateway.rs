@@ -282,14 +282,8 @@ impl Gateway {
             return self.initialize(org, identity, init, req).await;
         }
         let (session, log) = self
-            .session_with_log(
-                org,
-                identity,
-                req.header(&MCP_SESSION_ID),
-                Transport::StreamableHttp,
-            )
+            .streamable_session(org, identity, req, header_version)
             .await?;
-        check_version_matches(header_version, &session)?;
         if header_version.is_none() {
             self.check_batch(&body, &session.protocol_version)?;
         }
@@ -714,6 +708,23 @@ impl Gateway {
         }
     }
 
+    /// The session a Streamable HTTP request names, checked against the
+    /// request's `MCP-Protocol-Version`.
+    async fn streamable_session(
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
+        req: &Request,
+        header_version: Option<&str>,
+    ) -> Result<(Arc<SessionState>, Arc<SessionLog>), Reject> {
+        let id = req.header(&MCP_SESSION_ID);
+        let (session, log) = self
+            .session_with_log(org, identity, id, Transport::StreamableHttp)
+            .await?;
+        check_version_matches(header_version, &session)?;
+        Ok((session, log))
+    }
+
     /// The caller's session and its event log.
     async fn session_with_log(
         &self,
@@ -843,14 +854,8 @@ impl Gateway {
         edge::check_get_framing(&req.headers)?;
         let header_version = edge::protocol_version(&req.headers)?;
         let (session, log) = self
-            .session_with_log(
-                org,
-                identity,
-                req.header(&MCP_SESSION_ID),
-                Transport::StreamableHttp,
-            )
+            .streamable_session(org, identity, req, header_version)
             .await?;
-        check_version_matches(header_version, &session)?;
         let resume = match req.header(&LAST_EVENT_ID) {
             None => None,
             Some(text) => Some(EventId::parse(text).ok_or_else(|| {
@@ -888,13 +893,9 @@ impl Gateway {
         identity: &Identity,
         req: &Request,
     ) -> Result<Response, Reject> {
-        let session = self
-            .session_for(
-                org,
-                identity,
-                req.header(&MCP_SESSION_ID),
-                Transport::StreamableHttp,
-            )
+        let header_version = edge::protocol_version(&req.headers)?;
+        let (session, _) = self
+            .streamable_session(org, identity, req, header_version)
             .await?;
         self.end_session(&session.id, "deleted by the client")
             .await
