@@ -1,13 +1,30 @@
 //! `ratatosk-auth`: turns a bearer token into an [`Identity`].
 //!
-//! This crate holds the public types the gateway is written against. Token
-//! validation itself (JWKS, RFC 7662 introspection, the cache) lands with the
-//! auth-bridge issue; until then routes run with [`AuthMode::None`] and every
-//! request is served as [`Identity::anonymous`].
+//! The [`Validator`] checks Keycloak (or any OIDC provider's) access tokens
+//! in one of three [`AuthMode`]s, caches the results (positive until the
+//! token expires, negative briefly), coalesces concurrent look-ups of one
+//! token into one call to the provider, and refuses tokens of sessions that
+//! back-channel logout ended. [`forward`] serves the same checks to other
+//! proxies (nginx `auth_request`, Traefik `ForwardAuth`, Envoy `ext_authz`).
 
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+
+pub mod claims;
+pub mod config;
+pub mod forward;
+pub mod logout;
+pub mod metadata;
+pub mod metrics;
+pub mod provider;
+pub mod validator;
+
+#[cfg(test)]
+mod testing;
+
+pub use config::ProviderConfig;
+pub use validator::Validator;
 
 /// Who is calling, as far as the gateway is concerned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +39,7 @@ pub struct Identity {
     pub client_id: Option<String>,
     pub audience: Vec<String>,
     pub expires_at: Option<SystemTime>,
+    pub issued_at: Option<SystemTime>,
     /// The identity provider's session (`sid`), used by back-channel logout.
     pub session_id: Option<String>,
 }
@@ -41,6 +59,7 @@ impl Identity {
             client_id: None,
             audience: Vec::new(),
             expires_at: None,
+            issued_at: None,
             session_id: None,
         }
     }
@@ -52,10 +71,29 @@ impl Identity {
     pub fn belongs_to(&self, org: &str) -> bool {
         self.orgs.iter().any(|o| o == org)
     }
+
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+
+    /// Checks the identity against a route: its org, then its scopes.
+    pub fn authorize(&self, org: &str, required_scopes: &[String]) -> Result<(), AuthError> {
+        if !self.belongs_to(org) {
+            return Err(AuthError::WrongOrg {
+                org: org.to_owned(),
+            });
+        }
+        if let Some(missing) = required_scopes.iter().find(|s| !self.has_scope(s)) {
+            return Err(AuthError::InsufficientScope {
+                scope: missing.clone(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How a route validates bearer tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum AuthMode {
     /// No validation: every caller is [`Identity::anonymous`]. The gateway
     /// warns loudly at start for every route that uses it.
@@ -82,23 +120,89 @@ impl AuthMode {
             AuthMode::JwtIntrospect => "jwt+introspect",
         }
     }
+
+    pub fn uses_introspection(self) -> bool {
+        matches!(self, AuthMode::Introspect | AuthMode::JwtIntrospect)
+    }
 }
 
-/// Why a token was not turned into an identity.
+/// Why a request was not let through.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum AuthError {
-    #[error("no bearer token in the Authorization header")]
+    #[error("no bearer token: send Authorization: Bearer <access token>")]
     MissingToken,
     #[error("malformed Authorization header: {0}")]
     MalformedHeader(String),
     #[error("invalid token: {0}")]
     InvalidToken(String),
-    #[error("token is not valid for org '{org}'")]
+    #[error("the token is not valid for org '{org}'")]
     WrongOrg { org: String },
-    #[error("token lacks the required scope '{scope}'")]
+    #[error("the token lacks the required scope '{scope}'")]
     InsufficientScope { scope: String },
-    #[error("identity provider unavailable: {0}")]
+    #[error("the identity provider is unavailable: {0}")]
     Unavailable(String),
+}
+
+impl AuthError {
+    /// The HTTP status this refusal is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthError::MissingToken
+            | AuthError::MalformedHeader(_)
+            | AuthError::InvalidToken(_) => 401,
+            AuthError::WrongOrg { .. } | AuthError::InsufficientScope { .. } => 403,
+            AuthError::Unavailable(_) => 503,
+        }
+    }
+
+    /// The RFC 6750 `error` code, if the refusal has one.
+    pub fn bearer_error(&self) -> Option<&'static str> {
+        match self {
+            AuthError::MissingToken => None,
+            AuthError::MalformedHeader(_) => Some("invalid_request"),
+            AuthError::InvalidToken(_) | AuthError::WrongOrg { .. } => Some("invalid_token"),
+            AuthError::InsufficientScope { .. } => Some("insufficient_scope"),
+            AuthError::Unavailable(_) => None,
+        }
+    }
+}
+
+/// The bearer token of an `Authorization` header value.
+pub fn bearer_token(header: Option<&[u8]>, max_len: usize) -> Result<&str, AuthError> {
+    let Some(raw) = header else {
+        return Err(AuthError::MissingToken);
+    };
+    let value = std::str::from_utf8(raw)
+        .map_err(|_| AuthError::MalformedHeader("the header is not ASCII".into()))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| AuthError::MalformedHeader("expected `Bearer <token>`".into()))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::MalformedHeader(format!(
+            "expected the Bearer scheme, got `{}`",
+            scheme.escape_default()
+        )));
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::MalformedHeader(
+            "the bearer token is empty".into(),
+        ));
+    }
+    if token.len() > max_len {
+        return Err(AuthError::InvalidToken(format!(
+            "the token is {} bytes long; at most {max_len} are accepted",
+            token.len()
+        )));
+    }
+    // RFC 6750 b64token characters.
+    let b64token = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
+    if !token.bytes().all(b64token) {
+        return Err(AuthError::MalformedHeader(
+            "the bearer token has characters a token cannot have".into(),
+        ));
+    }
+    Ok(token)
 }
 
 #[cfg(test)]
@@ -125,5 +229,63 @@ mod tests {
             let parsed: AuthMode = serde_json::from_str(&json).expect("mode parses");
             assert_eq!(parsed, mode);
         }
+    }
+
+    #[test]
+    fn authorize_checks_org_then_scopes() {
+        let mut id = Identity::anonymous("org-1");
+        id.scopes = vec!["mcp:tools".into()];
+        assert_eq!(id.authorize("org-1", &["mcp:tools".into()]), Ok(()));
+        assert!(matches!(
+            id.authorize("org-2", &[]),
+            Err(AuthError::WrongOrg { .. })
+        ));
+        assert_eq!(
+            id.authorize("org-1", &["admin".into()]),
+            Err(AuthError::InsufficientScope {
+                scope: "admin".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bearer_headers_are_parsed_strictly() {
+        assert_eq!(
+            bearer_token(Some(b"Bearer abc.def-_~+/="), 100),
+            Ok("abc.def-_~+/=")
+        );
+        assert_eq!(bearer_token(Some(b"bearer  x "), 100), Ok("x"));
+        assert_eq!(bearer_token(None, 100), Err(AuthError::MissingToken));
+        for bad in [
+            &b"Basic dXNlcg=="[..],
+            b"Bearer",
+            b"Bearer ",
+            b"Bearer a b",
+            b"Bearer \xff",
+        ] {
+            assert!(
+                matches!(
+                    bearer_token(Some(bad), 100),
+                    Err(AuthError::MalformedHeader(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let long = format!("Bearer {}", "a".repeat(101));
+        assert!(matches!(
+            bearer_token(Some(long.as_bytes()), 100),
+            Err(AuthError::InvalidToken(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_map_to_statuses() {
+        assert_eq!(AuthError::MissingToken.status(), 401);
+        assert_eq!(AuthError::WrongOrg { org: "o".into() }.status(), 403);
+        assert_eq!(
+            AuthError::InsufficientScope { scope: "s".into() }.bearer_error(),
+            Some("insufficient_scope")
+        );
+        assert_eq!(AuthError::Unavailable("down".into()).status(), 503);
     }
 }

@@ -1,0 +1,144 @@
+//! Token claims, from a JWT payload or an introspection answer, and the
+//! [`Identity`] made of them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::Identity;
+
+/// The claims the gateway reads. Both a JWT payload and an RFC 7662
+/// introspection answer deserialize into this.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Claims {
+    pub iss: Option<String>,
+    pub sub: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub aud: Vec<String>,
+    pub exp: Option<i64>,
+    pub iat: Option<i64>,
+    pub nbf: Option<i64>,
+    pub sid: Option<String>,
+    /// Space-separated scopes.
+    pub scope: Option<String>,
+    pub preferred_username: Option<String>,
+    /// Introspection's name for the user.
+    pub username: Option<String>,
+    pub azp: Option<String>,
+    pub client_id: Option<String>,
+    /// Keycloak's organizations: a list of aliases, or a map keyed by alias
+    /// when the mapper adds ids or attributes.
+    pub organization: Option<Value>,
+    /// Introspection only: whether the token is active.
+    pub active: Option<bool>,
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+        Null,
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+        Some(OneOrMany::Null) | None => Vec::new(),
+    })
+}
+
+/// Organization aliases from the `organization` claim, in either shape.
+pub fn organizations(claim: Option<&Value>) -> Vec<String> {
+    match claim {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        Some(Value::Object(map)) => map.keys().cloned().collect(),
+        Some(Value::String(one)) => vec![one.clone()],
+        _ => Vec::new(),
+    }
+}
+
+fn time(secs: Option<i64>) -> Option<SystemTime> {
+    let secs = u64::try_from(secs?).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
+impl Claims {
+    /// The identity these claims describe. A token without `sub` has no
+    /// one to bind a session to, so it is refused.
+    pub fn identity(&self) -> Result<Identity, String> {
+        let subject = self
+            .sub
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or("the token has no `sub` claim")?;
+        Ok(Identity {
+            subject,
+            username: self
+                .preferred_username
+                .clone()
+                .or_else(|| self.username.clone()),
+            orgs: organizations(self.organization.as_ref()),
+            scopes: self
+                .scope
+                .as_deref()
+                .map(|s| s.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            client_id: self.azp.clone().or_else(|| self.client_id.clone()),
+            audience: self.aud.clone(),
+            expires_at: time(self.exp),
+            issued_at: time(self.iat),
+            session_id: self.sid.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn organizations_as_list_or_map() {
+        assert_eq!(
+            organizations(Some(&json!(["org-1", "org-2"]))),
+            vec!["org-1", "org-2"]
+        );
+        let mut from_map =
+            organizations(Some(&json!({"org-2": {"id": "x"}, "org-1": {"id": "y"}})));
+        from_map.sort();
+        assert_eq!(from_map, vec!["org-1", "org-2"]);
+        assert_eq!(organizations(Some(&json!("org-1"))), vec!["org-1"]);
+        assert!(organizations(None).is_empty());
+        assert!(organizations(Some(&json!(42))).is_empty());
+    }
+
+    #[test]
+    fn claims_become_an_identity() {
+        let c: Claims = serde_json::from_value(json!({
+            "iss": "http://kc/realms/r", "sub": "u-1", "aud": "gw", "exp": 2_000_000_000i64,
+            "iat": 1_999_999_000i64, "sid": "s-1", "scope": "openid mcp:tools",
+            "preferred_username": "alice", "azp": "mcp-client", "organization": ["org-1"]
+        }))
+        .expect("claims");
+        let id = c.identity().expect("identity");
+        assert_eq!(id.subject, "u-1");
+        assert_eq!(id.audience, vec!["gw"]);
+        assert_eq!(id.scopes, vec!["openid", "mcp:tools"]);
+        assert_eq!(id.orgs, vec!["org-1"]);
+        assert_eq!(id.session_id.as_deref(), Some("s-1"));
+        assert_eq!(id.client_id.as_deref(), Some("mcp-client"));
+        assert!(id.expires_at.is_some() && id.issued_at.is_some());
+    }
+
+    #[test]
+    fn a_token_without_subject_is_refused() {
+        let c: Claims = serde_json::from_value(json!({"aud": ["a", "b"]})).expect("claims");
+        assert_eq!(c.aud, vec!["a", "b"]);
+        assert!(c.identity().is_err());
+    }
+}

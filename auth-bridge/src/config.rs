@@ -1,0 +1,168 @@
+//! The identity provider settings shared by the gateway and the
+//! forward-auth server.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How to reach and trust the identity provider (a Keycloak realm).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// The realm's issuer, e.g. `http://127.0.0.1:8180/realms/ratatosk`.
+    /// Tokens must carry exactly this `iss`.
+    pub issuer: String,
+    /// The audience tokens must be issued for (`aud`), e.g. the gateway's
+    /// public URL. Set a matching audience mapper in the realm.
+    pub audience: String,
+    /// The confidential client used for introspection.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Its secret; put it in the environment.
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// Bound on every call to the provider (discovery, keys, introspection).
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Allowed clock difference with the provider when checking `exp`/`nbf`.
+    #[serde(default = "default_skew", with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// The shortest interval between two JWKS fetches (a token with an
+    /// unknown key id triggers one).
+    #[serde(default = "default_jwks_refetch", with = "humantime_serde")]
+    pub jwks_min_refetch: Duration,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// The longest an access token of the realm can live. A logged-out
+    /// session stays on the revocation list this long.
+    #[serde(default = "default_max_token_lifetime", with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
+    /// Client ids whose back-channel logout tokens are accepted (their `aud`).
+    #[serde(default)]
+    pub logout_client_ids: Vec<String>,
+    /// The longest bearer token accepted, in bytes.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Validation results kept at most; the cache evicts beyond this.
+    pub max_entries: u64,
+    /// A valid token is trusted from the cache this long at most (and never
+    /// past its `exp`).
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// An invalid token is refused from the cache this long.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Turns the cache off (for comparisons; every request then validates).
+    pub enabled: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 100_000,
+            max_ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(10),
+            enabled: true,
+        }
+    }
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_skew() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jwks_refetch() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_token_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_token_bytes() -> usize {
+    16 * 1024
+}
+
+impl ProviderConfig {
+    /// Problems with the settings, as (field, message), for the caller's
+    /// config report. `needs_introspection` is true when a route uses it.
+    pub fn problems(&self, needs_introspection: bool) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        match url::Url::parse(&self.issuer) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+            _ => out.push((
+                "issuer".into(),
+                format!(
+                    "expected the realm's issuer URL, e.g. `https://sso.example.com/realms/acme`, got `{}`",
+                    self.issuer
+                ),
+            )),
+        }
+        if self.audience.trim().is_empty() {
+            out.push(("audience".into(), "expected a non-empty audience".into()));
+        }
+        if needs_introspection {
+            if self.client_id.as_deref().is_none_or(str::is_empty) {
+                out.push((
+                    "client_id".into(),
+                    "introspection needs a confidential client id".into(),
+                ));
+            }
+            if self.client_secret.as_deref().is_none_or(str::is_empty) {
+                out.push((
+                    "client_secret".into(),
+                    "introspection needs the client's secret (set it from the environment)".into(),
+                ));
+            }
+        }
+        let max = Duration::from_secs(30 * 24 * 3600);
+        for (field, d) in [
+            ("timeout", self.timeout),
+            ("jwks_min_refetch", self.jwks_min_refetch),
+            ("cache.max_ttl", self.cache.max_ttl),
+            ("cache.negative_ttl", self.cache.negative_ttl),
+            ("max_token_lifetime", self.max_token_lifetime),
+            ("clock_skew", self.clock_skew),
+        ] {
+            if d > max {
+                out.push((field.into(), "expected at most 30 days".into()));
+            }
+        }
+        if self.timeout.is_zero() {
+            out.push((
+                "timeout".into(),
+                "expected a positive duration like `3s`".into(),
+            ));
+        }
+        if self.max_token_bytes < 256 || self.max_token_bytes > 1024 * 1024 {
+            out.push((
+                "max_token_bytes".into(),
+                format!(
+                    "expected between 256 and 1048576, got {}",
+                    self.max_token_bytes
+                ),
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,355 @@
+//! Forward-auth: the auth bridge as a check service for other proxies.
+//!
+//! nginx `auth_request`, Traefik `ForwardAuth` and Envoy `ext_authz` (HTTP
+//! service) all send the original request's headers to a URL and let the
+//! request through on 2xx. This server answers:
+//! - 200 with `X-Ratatosk-Subject`, `-Org`, `-Scopes`, `-Username`;
+//! - 401 or 403 with the same `WWW-Authenticate` challenge as the gateway;
+//! - 503 when the identity provider cannot be reached and nothing is cached.
+//!
+//! The org comes from a header (`X-Ratatosk-Org` by default, set by the
+//! proxy per location) or else from the first path segment of the original
+//! URI (`X-Forwarded-Uri`, `X-Original-URI`, or the request path itself).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, Registry, TextEncoder};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::ProviderConfig;
+use crate::metadata::{metadata_path, resource_metadata, www_authenticate};
+use crate::{AuthError, AuthMode, Validator, bearer_token};
+
+/// `ratatosk-auth serve --config FILE`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    pub listen: SocketAddr,
+    /// The public URL of what the proxy protects; resources are
+    /// `{public_url}/{org}/mcp`.
+    pub public_url: String,
+    pub identity: ProviderConfig,
+    /// The mode for orgs that do not set their own.
+    #[serde(default = "default_mode")]
+    pub mode: AuthMode,
+    /// The header the proxy sets to name the org.
+    #[serde(default = "default_org_header")]
+    pub org_header: String,
+    /// Path of the back-channel logout endpoint on this server.
+    #[serde(default = "default_logout_path")]
+    pub backchannel_logout_path: String,
+    pub orgs: BTreeMap<String, ForwardOrg>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardOrg {
+    #[serde(default)]
+    pub mode: Option<AuthMode>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+fn default_mode() -> AuthMode {
+    AuthMode::Jwt
+}
+fn default_org_header() -> String {
+    "x-ratatosk-org".into()
+}
+fn default_logout_path() -> String {
+    "/backchannel-logout".into()
+}
+
+impl ForwardConfig {
+    /// Every problem, as `field: message`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let introspects = self.mode.uses_introspection()
+            || self
+                .orgs
+                .values()
+                .any(|o| o.mode.is_some_and(AuthMode::uses_introspection));
+        for (field, msg) in self.identity.problems(introspects) {
+            out.push(format!("identity.{field}: {msg}"));
+        }
+        if self.orgs.is_empty() {
+            out.push("orgs: expected at least one org".into());
+        }
+        for (name, org) in &self.orgs {
+            if org.mode == Some(AuthMode::None)
+                || (org.mode.is_none() && self.mode == AuthMode::None)
+            {
+                out.push(format!(
+                    "orgs.{name}.mode: `none` makes no sense for a check service"
+                ));
+            }
+        }
+        if url::Url::parse(&self.public_url).is_err() {
+            out.push(format!(
+                "public_url: expected a URL, got `{}`",
+                self.public_url
+            ));
+        }
+        if !self.backchannel_logout_path.starts_with('/') {
+            out.push("backchannel_logout_path: expected a path starting with `/`".into());
+        }
+        out
+    }
+}
+
+pub struct ForwardAuth {
+    config: ForwardConfig,
+    validator: Arc<Validator>,
+    registry: Registry,
+}
+
+type Answer = Response<Full<Bytes>>;
+
+impl ForwardAuth {
+    pub fn new(config: ForwardConfig) -> Result<Arc<ForwardAuth>, crate::validator::BuildError> {
+        let registry = Registry::new_custom(Some("ratatosk".into()), None)?;
+        let validator = Validator::new(config.identity.clone(), &registry)?;
+        Ok(Arc::new(ForwardAuth {
+            config,
+            validator,
+            registry,
+        }))
+    }
+
+    /// Serves until the process is told to stop.
+    pub async fn serve(self: Arc<Self>) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.config.listen).await?;
+        tracing::info!(listen = %self.config.listen, "forward-auth listening");
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => accepted?,
+                _ = shutdown_signal() => return Ok(()),
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Answer {
+        let path = req.uri().path().to_owned();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/healthz") => json_answer(StatusCode::OK, json!({"status": "ok"})),
+            (&Method::GET, "/metrics") => {
+                let mut out = Vec::new();
+                let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+                let mut r = Response::new(Full::new(Bytes::from(out)));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            (&Method::POST, p) if p == self.config.backchannel_logout_path => {
+                self.logout(req).await
+            }
+            (&Method::GET, p) if p.starts_with("/.well-known/oauth-protected-resource/") => {
+                self.metadata(p)
+            }
+            _ => self.check(&req).await,
+        }
+    }
+
+    fn resource_path(org: &str) -> String {
+        format!("/{org}/mcp")
+    }
+
+    fn metadata(&self, path: &str) -> Answer {
+        let org = self
+            .config
+            .orgs
+            .iter()
+            .find(|(name, _)| metadata_path(&Self::resource_path(name)) == path);
+        match org {
+            Some((name, cfg)) => json_answer(
+                StatusCode::OK,
+                resource_metadata(
+                    &format!(
+                        "{}{}",
+                        self.config.public_url.trim_end_matches('/'),
+                        Self::resource_path(name)
+                    ),
+                    &self.config.identity.issuer,
+                    &advertised_scopes(&cfg.scopes),
+                    name,
+                ),
+            ),
+            None => json_answer(StatusCode::NOT_FOUND, json!({"error": "no such resource"})),
+        }
+    }
+
+    fn org_of<'a>(&'a self, req: &'a Request<Incoming>) -> Option<String> {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        if let Some(org) = header(&self.config.org_header) {
+            return Some(org.to_owned());
+        }
+        let uri = header("x-forwarded-uri")
+            .or_else(|| header("x-original-uri"))
+            .unwrap_or_else(|| req.uri().path());
+        uri.trim_start_matches('/')
+            .split(['/', '?'])
+            .next()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    }
+
+    async fn check(&self, req: &Request<Incoming>) -> Answer {
+        let Some(org_name) = self.org_of(req) else {
+            return json_answer(
+                StatusCode::FORBIDDEN,
+                json!({"error": format!("no org: set the {} header in the proxy", self.config.org_header)}),
+            );
+        };
+        let Some(org) = self.config.orgs.get(&org_name) else {
+            return json_answer(
+                StatusCode::FORBIDDEN,
+                json!({"error": format!("unknown org '{}'", org_name.escape_default())}),
+            );
+        };
+        let mode = org.mode.unwrap_or(self.config.mode);
+        let result = async {
+            let token = bearer_token(
+                req.headers()
+                    .get(http::header::AUTHORIZATION)
+                    .map(HeaderValue::as_bytes),
+                self.config.identity.max_token_bytes,
+            )?;
+            let identity = self.validator.validate(token, mode).await?;
+            identity.authorize(&org_name, &org.scopes)?;
+            Ok::<_, AuthError>(identity)
+        }
+        .await;
+        match result {
+            Ok(identity) => {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::OK;
+                let h = r.headers_mut();
+                let mut put = |name: &'static str, value: &str| {
+                    if let Ok(v) = HeaderValue::from_str(value) {
+                        h.insert(name, v);
+                    }
+                };
+                put("x-ratatosk-subject", &identity.subject);
+                put("x-ratatosk-org", &org_name);
+                put("x-ratatosk-scopes", &identity.scopes.join(" "));
+                if let Some(u) = &identity.username {
+                    put("x-ratatosk-username", u);
+                }
+                r
+            }
+            Err(e) => {
+                let metadata_url = format!(
+                    "{}{}",
+                    self.config.public_url.trim_end_matches('/'),
+                    metadata_path(&Self::resource_path(&org_name))
+                );
+                let mut r = json_answer(
+                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
+                    json!({"error": e.bearer_error().unwrap_or("unavailable"), "error_description": e.to_string()}),
+                );
+                if e.status() != 503
+                    && let Ok(v) = HeaderValue::from_str(&www_authenticate(
+                        &metadata_url,
+                        &advertised_scopes(&org.scopes).join(" "),
+                        &e,
+                    ))
+                {
+                    r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+                }
+                r
+            }
+        }
+    }
+
+    async fn logout(&self, req: Request<Incoming>) -> Answer {
+        let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return json_answer(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"}));
+            }
+        };
+        logout_answer(self.validator.backchannel_logout(&body).await.map(|_| ()))
+    }
+}
+
+/// The answer to a back-channel logout request (OIDC Back-Channel Logout 2.8).
+pub fn logout_answer(result: Result<(), crate::logout::LogoutError>) -> Answer {
+    let mut r = match result {
+        Ok(()) => Response::new(Full::new(Bytes::new())),
+        Err(e @ crate::logout::LogoutError::Invalid(_)) => json_answer(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "error_description": e.to_string()}),
+        ),
+        Err(e) => json_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "temporarily_unavailable", "error_description": e.to_string()}),
+        ),
+    };
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+/// The scopes a client should ask for: the route's, plus the organization
+/// claim for every org the user is in.
+pub fn advertised_scopes(required: &[String]) -> Vec<String> {
+    let mut scopes = vec!["openid".to_owned(), "organization:*".to_owned()];
+    scopes.extend(required.iter().cloned());
+    scopes
+}
+
+fn json_answer(status: StatusCode, body: serde_json::Value) -> Answer {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

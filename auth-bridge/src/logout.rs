@@ -1,0 +1,104 @@
+//! OpenID Connect back-channel logout: the provider POSTs a signed
+//! `logout_token` when a user session ends.
+
+use jsonwebtoken::Validation;
+use serde::Deserialize;
+
+use crate::provider::{KeyError, Provider};
+
+/// The event of the spec's `events` claim.
+pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+
+/// What a verified logout token ends: a provider session, or all of a
+/// subject's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogoutEvent {
+    pub sid: Option<String>,
+    pub sub: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogoutError {
+    /// The request or the token is wrong: answer 400.
+    #[error("invalid logout request: {0}")]
+    Invalid(String),
+    /// The provider's keys could not be fetched: answer 503 so it retries.
+    #[error("cannot verify the logout token now: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Deserialize)]
+struct LogoutClaims {
+    sub: Option<String>,
+    sid: Option<String>,
+    events: Option<serde_json::Map<String, serde_json::Value>>,
+    nonce: Option<serde_json::Value>,
+}
+
+/// Verifies the `logout_token` of a form body: signature, `iss`, `aud`
+/// (one of the configured client ids), `iat`, the logout event, `sid` or
+/// `sub`, and no `nonce` (which would make it an ID token).
+pub async fn verify(provider: &Provider, form: &[u8]) -> Result<LogoutEvent, LogoutError> {
+    let invalid = |why: String| LogoutError::Invalid(why);
+    let config = provider.config();
+    if config.logout_client_ids.is_empty() {
+        return Err(invalid(
+            "no client ids are configured for back-channel logout (identity.logout_client_ids)"
+                .into(),
+        ));
+    }
+    let token = url::form_urlencoded::parse(form)
+        .find(|(k, _)| k == "logout_token")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| invalid("the form has no logout_token".into()))?;
+    if token.len() > config.max_token_bytes {
+        return Err(invalid("the logout token is too long".into()));
+    }
+    let header =
+        jsonwebtoken::decode_header(&token).map_err(|e| invalid(format!("not a JWT: {e}")))?;
+    let kid = header
+        .kid
+        .as_deref()
+        .ok_or_else(|| invalid("the JWT header has no kid".into()))?;
+    let key = provider.signing_key(kid).await.map_err(|e| match e {
+        KeyError::Unavailable(why) => LogoutError::Unavailable(why),
+        other => invalid(other.to_string()),
+    })?;
+    if header.alg != key.algorithm {
+        return Err(invalid("the JWT's alg does not match its key".into()));
+    }
+    let mut v = Validation::new(key.algorithm);
+    v.set_issuer(&[config.issuer.as_str()]);
+    let audiences: Vec<&str> = config
+        .logout_client_ids
+        .iter()
+        .map(String::as_str)
+        .collect();
+    v.set_audience(&audiences);
+    v.set_required_spec_claims(&["iss", "aud", "iat"]);
+    // Logout tokens may carry exp; if present it is checked.
+    v.validate_exp = false;
+    v.leeway = config.clock_skew.as_secs();
+    let data = jsonwebtoken::decode::<LogoutClaims>(&token, &key.key, &v)
+        .map_err(|e| invalid(format!("the logout token does not verify: {e}")))?;
+    let claims = data.claims;
+    let has_event = claims
+        .events
+        .as_ref()
+        .is_some_and(|e| e.contains_key(BACKCHANNEL_LOGOUT_EVENT));
+    if !has_event {
+        return Err(invalid(format!(
+            "the token lacks the {BACKCHANNEL_LOGOUT_EVENT} event"
+        )));
+    }
+    if claims.nonce.is_some() {
+        return Err(invalid("a logout token must not carry a nonce".into()));
+    }
+    if claims.sid.is_none() && claims.sub.is_none() {
+        return Err(invalid("the logout token names neither sid nor sub".into()));
+    }
+    Ok(LogoutEvent {
+        sid: claims.sid,
+        sub: claims.sub,
+    })
+}

@@ -1,0 +1,418 @@
+//! The identity provider: OIDC discovery, its signing keys, introspection.
+//!
+//! Discovery is lazy and retried, so the gateway starts (and serves `auth:
+//! none` routes and cached identities) while the provider is down. Every
+//! call is bounded by the configured timeout.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use openidconnect::core::{
+    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClientAuthMethod, CoreGrantType,
+    CoreJsonWebKey, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm,
+    CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
+};
+use openidconnect::{AdditionalProviderMetadata, IssuerUrl, ProviderMetadata};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::claims::Claims;
+use crate::config::ProviderConfig;
+use crate::metrics::AuthMetrics;
+
+/// Keycloak's discovery document adds the introspection endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IntrospectionMetadata {
+    introspection_endpoint: Option<String>,
+}
+impl AdditionalProviderMetadata for IntrospectionMetadata {}
+
+type Metadata = ProviderMetadata<
+    IntrospectionMetadata,
+    CoreAuthDisplay,
+    CoreClientAuthMethod,
+    CoreClaimName,
+    CoreClaimType,
+    CoreGrantType,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm,
+    CoreJsonWebKey,
+    CoreResponseMode,
+    CoreResponseType,
+    CoreSubjectIdentifierType,
+>;
+
+#[derive(Debug)]
+struct Endpoints {
+    jwks_uri: String,
+    introspection: Option<String>,
+}
+
+/// A signing key from the JWKS.
+pub struct SigningKey {
+    pub key: DecodingKey,
+    pub algorithm: Algorithm,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The provider did not answer (or answered garbage): not the token's fault.
+    #[error("{0}")]
+    Unavailable(String),
+    /// No key with that id, even after a fresh JWKS (or too soon to refetch).
+    #[error("the token was signed with an unknown key (kid `{0}`)")]
+    UnknownKid(String),
+}
+
+/// Why introspection gave no answer about the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct HttpError(String);
+
+pub struct Provider {
+    config: ProviderConfig,
+    http: reqwest::Client,
+    endpoints: RwLock<Option<Arc<Endpoints>>>,
+    discovery: Mutex<()>,
+    keys: RwLock<HashMap<String, Arc<SigningKey>>>,
+    /// When keys were last fetched; a fetch holds the lock (single flight).
+    last_fetch: Mutex<Option<Instant>>,
+    metrics: AuthMetrics,
+}
+
+impl Provider {
+    pub fn new(config: ProviderConfig, metrics: AuthMetrics) -> Result<Provider, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .build()?;
+        Ok(Provider {
+            config,
+            http,
+            endpoints: RwLock::new(None),
+            discovery: Mutex::new(()),
+            keys: RwLock::new(HashMap::new()),
+            last_fetch: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &ProviderConfig {
+        &self.config
+    }
+
+    fn cached_endpoints(&self) -> Option<Arc<Endpoints>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The provider's endpoints, discovered once (OIDC discovery with the
+    /// `openidconnect` crate, which also checks the issuer matches).
+    async fn endpoints(&self) -> Result<Arc<Endpoints>, Unavailable> {
+        if let Some(e) = self.cached_endpoints() {
+            return Ok(e);
+        }
+        let _one = self.discovery.lock().await;
+        if let Some(e) = self.cached_endpoints() {
+            return Ok(e);
+        }
+        let issuer = IssuerUrl::new(self.config.issuer.clone()).map_err(|e| {
+            Unavailable(format!("issuer `{}` is not a URL: {e}", self.config.issuer))
+        })?;
+        let client = self.http.clone();
+        let fetch = move |req: openidconnect::HttpRequest| {
+            let client = client.clone();
+            async move { send(&client, req).await }
+        };
+        let metadata = tokio::time::timeout(
+            self.config.timeout * 2,
+            Metadata::discover_async(issuer, &fetch),
+        )
+        .await
+        .map_err(|_| {
+            Unavailable(format!(
+                "OIDC discovery of {} timed out",
+                self.config.issuer
+            ))
+        })?
+        .map_err(|e| {
+            Unavailable(format!(
+                "OIDC discovery of {} failed: {}",
+                self.config.issuer,
+                error_chain(&e)
+            ))
+        })?;
+        let endpoints = Arc::new(Endpoints {
+            jwks_uri: metadata.jwks_uri().url().to_string(),
+            introspection: metadata
+                .additional_metadata()
+                .introspection_endpoint
+                .clone(),
+        });
+        tracing::info!(issuer = %self.config.issuer, jwks = %endpoints.jwks_uri, "identity provider discovered");
+        *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = Some(endpoints.clone());
+        Ok(endpoints)
+    }
+
+    fn cached_key(&self, kid: &str) -> Option<Arc<SigningKey>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kid)
+            .cloned()
+    }
+
+    /// The signing key with this id. An unknown id triggers a JWKS fetch,
+    /// at most once per `jwks_min_refetch`.
+    pub async fn signing_key(&self, kid: &str) -> Result<Arc<SigningKey>, KeyError> {
+        if let Some(k) = self.cached_key(kid) {
+            return Ok(k);
+        }
+        let mut last = self.last_fetch.lock().await;
+        if let Some(k) = self.cached_key(kid) {
+            return Ok(k);
+        }
+        if last.is_some_and(|t| t.elapsed() < self.config.jwks_min_refetch) {
+            return Err(KeyError::UnknownKid(kid.to_owned()));
+        }
+        let fetched = self.fetch_keys().await;
+        // A failed fetch also counts, so a down provider is not hammered.
+        *last = Some(Instant::now());
+        let keys = fetched.inspect_err(|_| {
+            self.metrics
+                .jwks_fetches
+                .with_label_values(&["failed"])
+                .inc();
+        })?;
+        self.metrics.jwks_fetches.with_label_values(&["ok"]).inc();
+        tracing::info!(keys = keys.len(), "signing keys fetched");
+        let found = keys.get(kid).cloned();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        found.ok_or_else(|| KeyError::UnknownKid(kid.to_owned()))
+    }
+
+    async fn fetch_keys(&self) -> Result<HashMap<String, Arc<SigningKey>>, KeyError> {
+        let endpoints = self
+            .endpoints()
+            .await
+            .map_err(|e| KeyError::Unavailable(e.0))?;
+        let unavailable =
+            |what: String| KeyError::Unavailable(format!("JWKS {}: {what}", endpoints.jwks_uri));
+        let response = self
+            .http
+            .get(&endpoints.jwks_uri)
+            .send()
+            .await
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        if !response.status().is_success() {
+            return Err(unavailable(format!("answered HTTP {}", response.status())));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        parse_jwks(&body).map_err(unavailable)
+    }
+
+    /// Asks the provider about a token (RFC 7662), as the confidential client.
+    pub async fn introspect(&self, token: &str) -> Result<Claims, Unavailable> {
+        let endpoints = self.endpoints().await?;
+        let url = endpoints.introspection.as_deref().ok_or_else(|| {
+            Unavailable(format!(
+                "{} announces no introspection_endpoint",
+                self.config.issuer
+            ))
+        })?;
+        let (Some(id), Some(secret)) = (&self.config.client_id, &self.config.client_secret) else {
+            return Err(Unavailable(
+                "introspection needs identity.client_id and identity.client_secret".into(),
+            ));
+        };
+        self.metrics.introspections.inc();
+        let started = Instant::now();
+        let result = self.call_introspection(url, id, secret, token).await;
+        self.metrics
+            .introspection_latency
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.introspection_failures.inc();
+        }
+        result
+    }
+
+    async fn call_introspection(
+        &self,
+        url: &str,
+        client_id: &str,
+        secret: &str,
+        token: &str,
+    ) -> Result<Claims, Unavailable> {
+        let fail = |what: String| Unavailable(format!("introspection at {url}: {what}"));
+        // RFC 6749 2.3.1: the credentials are form-urlencoded before Basic.
+        let form = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", token)
+            .append_pair("token_type_hint", "access_token")
+            .finish();
+        let response = self
+            .http
+            .post(url)
+            .basic_auth(form(client_id), Some(form(secret)))
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| fail(error_chain(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(fail(format!(
+                "answered HTTP {status}{}",
+                if status.as_u16() == 401 {
+                    " (check identity.client_id and identity.client_secret)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let body = response.bytes().await.map_err(|e| fail(error_chain(&e)))?;
+        let claims: Claims = serde_json::from_slice(&body).map_err(|e| {
+            fail(format!(
+                "answered something that is not an introspection response: {e}"
+            ))
+        })?;
+        if claims.active.is_none() {
+            return Err(fail("answered without the `active` member".into()));
+        }
+        Ok(claims)
+    }
+}
+
+/// Signing keys of a JWKS document by key id. Keys for encryption, without
+/// an id, or of a kind `jsonwebtoken` cannot use are skipped.
+fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<SigningKey>>, String> {
+    #[derive(Deserialize)]
+    struct RawSet {
+        keys: Vec<serde_json::Value>,
+    }
+    let set: RawSet =
+        serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let mut out = HashMap::new();
+    for raw in set.keys {
+        let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let Some(kid) = jwk.common.key_id.clone() else {
+            continue;
+        };
+        let algorithm = match jwk.common.key_algorithm.map(signing_algorithm) {
+            Some(Some(a)) => a,
+            Some(None) => continue,
+            None => match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                _ => continue,
+            },
+        };
+        if let Ok(key) = DecodingKey::from_jwk(&jwk) {
+            out.insert(kid, Arc::new(SigningKey { key, algorithm }));
+        }
+    }
+    Ok(out)
+}
+
+fn signing_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
+    Some(match a {
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::ES256 => Algorithm::ES256,
+        KeyAlgorithm::ES384 => Algorithm::ES384,
+        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
+        // HMAC keys are never published; encryption algorithms do not sign.
+        _ => return None,
+    })
+}
+
+async fn send(
+    client: &reqwest::Client,
+    req: openidconnect::HttpRequest,
+) -> Result<openidconnect::HttpResponse, HttpError> {
+    let (parts, body) = req.into_parts();
+    let response = client
+        .request(parts.method, parts.uri.to_string())
+        .headers(parts.headers)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| HttpError(error_chain(&e)))?;
+    let mut builder = http::Response::builder().status(response.status());
+    for (k, v) in response.headers() {
+        builder = builder.header(k, v);
+    }
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| HttpError(error_chain(&e)))?;
+    builder
+        .body(body.to_vec())
+        .map_err(|e| HttpError(e.to_string()))
+}
+
+/// An error with its causes.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwks_keeps_signing_keys_only() {
+        // A Keycloak-shaped JWKS: one RSA signing key, one encryption key,
+        // one key of an unknown kind.
+        let doc = serde_json::json!({"keys": [
+            {"kid": "sig-1", "kty": "RSA", "alg": "RS256", "use": "sig",
+             "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw",
+             "e": "AQAB"},
+            {"kid": "enc-1", "kty": "RSA", "alg": "RSA-OAEP", "use": "enc",
+             "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw",
+             "e": "AQAB"},
+            {"kid": "odd", "kty": "XYZ"}
+        ]});
+        let keys = parse_jwks(doc.to_string().as_bytes()).expect("jwks");
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys["sig-1"].algorithm, Algorithm::RS256);
+        assert!(parse_jwks(b"<html>").is_err());
+    }
+}

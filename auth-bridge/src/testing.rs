@@ -1,0 +1,226 @@
+//! A stand-in identity provider for unit tests: discovery, JWKS and
+//! introspection on loopback, with tokens signed by a key made per test.
+//! The end-to-end tests use a real Keycloak instead.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use p256::pkcs8::EncodePrivateKey;
+use serde_json::{Value, json};
+
+pub const AUDIENCE: &str = "http://gateway.test";
+pub const KID: &str = "test-key-1";
+
+pub struct FakeIdp {
+    pub issuer: String,
+    encoding: EncodingKey,
+    pub introspections: Arc<AtomicUsize>,
+    pub jwks_fetches: Arc<AtomicUsize>,
+    /// Answers garbage to JWKS and introspection while set.
+    pub garbage: Arc<AtomicBool>,
+    /// Refuses connections while set (by answering nothing: dropping them).
+    pub down: Arc<AtomicBool>,
+    /// Tokens introspection reports as inactive.
+    pub revoked: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeIdp {
+    pub async fn start() -> FakeIdp {
+        let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+        let der = secret.to_pkcs8_der().expect("der");
+        let encoding = EncodingKey::from_ec_der(der.as_bytes());
+        let mut jwk: Value =
+            serde_json::from_str(&secret.public_key().to_jwk_string()).expect("jwk");
+        jwk["kid"] = json!(KID);
+        jwk["alg"] = json!("ES256");
+        jwk["use"] = json!("sig");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let issuer = format!("http://{addr}/realms/test");
+        let idp = FakeIdp {
+            issuer: issuer.clone(),
+            encoding,
+            introspections: Default::default(),
+            jwks_fetches: Default::default(),
+            garbage: Default::default(),
+            down: Default::default(),
+            revoked: Default::default(),
+        };
+        let state = Arc::new(State {
+            issuer,
+            jwks: json!({"keys": [jwk]}),
+            introspections: idp.introspections.clone(),
+            jwks_fetches: idp.jwks_fetches.clone(),
+            garbage: idp.garbage.clone(),
+            down: idp.down.clone(),
+            revoked: idp.revoked.clone(),
+            key: jsonwebtoken::DecodingKey::from_jwk(
+                &serde_json::from_value(jwk.clone()).expect("jwk"),
+            )
+            .expect("decoding key"),
+        });
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if state.down.load(Ordering::SeqCst) {
+                    drop(stream);
+                    continue;
+                }
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let state = state.clone();
+                        async move {
+                            // While down, even open connections break.
+                            if state.down.load(Ordering::SeqCst) {
+                                return Err("down");
+                            }
+                            Ok(state.answer(req).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        idp
+    }
+
+    /// A signed access token with these claims over sensible defaults.
+    pub fn token(&self, overrides: Value) -> String {
+        let now = crate::validator::unix_now();
+        let mut claims = json!({
+            "iss": self.issuer, "aud": [AUDIENCE, "gateway-client"], "sub": "user-1",
+            "exp": now + 300, "iat": now, "sid": "session-1", "scope": "openid mcp:tools",
+            "preferred_username": "alice", "azp": "mcp-client", "organization": ["org-1"],
+        });
+        if let (Some(c), Some(o)) = (claims.as_object_mut(), overrides.as_object()) {
+            for (k, v) in o {
+                c.insert(k.clone(), v.clone());
+            }
+        }
+        self.sign(&claims)
+    }
+
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(KID.into());
+        jsonwebtoken::encode(&header, claims, &self.encoding).expect("sign")
+    }
+
+    pub fn config(&self) -> crate::ProviderConfig {
+        crate::ProviderConfig {
+            issuer: self.issuer.clone(),
+            audience: AUDIENCE.into(),
+            client_id: Some("gateway-client".into()),
+            client_secret: Some("test-secret".into()),
+            timeout: Duration::from_secs(2),
+            clock_skew: Duration::from_secs(0),
+            jwks_min_refetch: Duration::from_secs(60),
+            cache: Default::default(),
+            max_token_lifetime: Duration::from_secs(600),
+            logout_client_ids: vec!["mcp-client".into()],
+            max_token_bytes: 16 * 1024,
+        }
+    }
+}
+
+struct State {
+    issuer: String,
+    jwks: Value,
+    introspections: Arc<AtomicUsize>,
+    jwks_fetches: Arc<AtomicUsize>,
+    garbage: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
+    revoked: Arc<std::sync::Mutex<Vec<String>>>,
+    key: jsonwebtoken::DecodingKey,
+}
+
+impl State {
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_owned();
+        let garbage = self.garbage.load(Ordering::SeqCst);
+        let base = "/realms/test";
+        let body = if path == format!("{base}/.well-known/openid-configuration") {
+            json!({
+                "issuer": self.issuer,
+                "authorization_endpoint": format!("{}/protocol/openid-connect/auth", self.issuer),
+                "token_endpoint": format!("{}/protocol/openid-connect/token", self.issuer),
+                "jwks_uri": format!("{}/protocol/openid-connect/certs", self.issuer),
+                "introspection_endpoint": format!("{}/protocol/openid-connect/token/introspect", self.issuer),
+                "response_types_supported": ["code"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["ES256"],
+            })
+            .to_string()
+        } else if path == format!("{base}/protocol/openid-connect/certs") {
+            self.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+            if garbage {
+                "<html>oops</html>".into()
+            } else {
+                self.jwks.to_string()
+            }
+        } else if path == format!("{base}/protocol/openid-connect/token/introspect") {
+            self.introspections.fetch_add(1, Ordering::SeqCst);
+            let form = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            // Slow enough that concurrent look-ups overlap.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if garbage {
+                "not json at all".into()
+            } else {
+                let token = url::form_urlencoded::parse(&form)
+                    .find(|(k, _)| k == "token")
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                self.introspect(&token).to_string()
+            }
+        } else {
+            return Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(Full::new(Bytes::new()))
+                .expect("response");
+        };
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("response")
+    }
+
+    /// Active if the token is one of ours (signature), unexpired, and not revoked.
+    fn introspect(&self, token: &str) -> Value {
+        if self
+            .revoked
+            .lock()
+            .map(|r| r.iter().any(|t| t == token))
+            .unwrap_or(false)
+        {
+            return json!({"active": false});
+        }
+        let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
+        v.validate_aud = false;
+        v.leeway = 0;
+        match jsonwebtoken::decode::<Value>(token, &self.key, &v) {
+            Ok(data) => {
+                let mut claims = data.claims;
+                claims["active"] = json!(true);
+                claims
+            }
+            Err(_) => json!({"active": false}),
+        }
+    }
+}

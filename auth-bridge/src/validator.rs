@@ -1,0 +1,661 @@
+//! The validator: token in, identity out, through a cache.
+//!
+//! - The cache (`moka`) is keyed by a SHA-256 of the mode and the token, so
+//!   tokens are not kept in memory. A valid token is cached until
+//!   min(`cache.max_ttl`, its `exp`); an invalid one for `cache.negative_ttl`;
+//!   a provider failure is not cached at all.
+//! - Concurrent misses for one token wait on one verification: exactly one
+//!   call to the provider.
+//! - Back-channel logout puts the session (`sid`) on a revocation list that
+//!   every validation checks, cached or not, so a logged-out token is
+//!   refused at once in every mode, even though its signature still holds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use jsonwebtoken::Validation;
+use moka::Expiry;
+use moka::future::Cache;
+use prometheus::Registry;
+use sha2::{Digest, Sha256};
+
+use crate::claims::Claims;
+use crate::config::ProviderConfig;
+use crate::logout::{self, LogoutEvent};
+use crate::metrics::AuthMetrics;
+use crate::provider::{KeyError, Provider};
+use crate::{AuthError, AuthMode, Identity};
+
+/// What the cache remembers about a token.
+#[derive(Clone)]
+enum Verdict {
+    Valid(Arc<Identity>),
+    Invalid(Arc<str>),
+}
+
+struct VerdictExpiry {
+    max_ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl Expiry<[u8; 32], Verdict> for VerdictExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Verdict,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(match value {
+            Verdict::Valid(id) => id
+                .expires_at
+                .and_then(|exp| exp.duration_since(SystemTime::now()).ok())
+                .map_or(self.max_ttl, |left| left.min(self.max_ttl)),
+            Verdict::Invalid(_) => self.negative_ttl,
+        })
+    }
+}
+
+/// Sessions and subjects that logged out, until their tokens expire.
+#[derive(Default)]
+struct Revocations {
+    /// `sid` → until when it stays listed.
+    sessions: DashMap<String, Instant>,
+    /// `sub` → (logged out at, listed until): tokens issued before the
+    /// logout are refused; later logins are not.
+    subjects: DashMap<String, (SystemTime, Instant)>,
+}
+
+pub struct Validator {
+    provider: Provider,
+    cache: Cache<[u8; 32], Verdict>,
+    revocations: Revocations,
+    metrics: AuthMetrics,
+}
+
+impl Validator {
+    pub fn new(config: ProviderConfig, registry: &Registry) -> Result<Arc<Validator>, BuildError> {
+        let metrics = AuthMetrics::register(registry)?;
+        let cache = Cache::builder()
+            .max_capacity(config.cache.max_entries)
+            .expire_after(VerdictExpiry {
+                max_ttl: config.cache.max_ttl,
+                negative_ttl: config.cache.negative_ttl,
+            })
+            .support_invalidation_closures()
+            .build();
+        Ok(Arc::new(Validator {
+            provider: Provider::new(config, metrics.clone())?,
+            cache,
+            revocations: Revocations::default(),
+            metrics,
+        }))
+    }
+
+    pub fn config(&self) -> &ProviderConfig {
+        self.provider.config()
+    }
+
+    pub fn metrics(&self) -> &AuthMetrics {
+        &self.metrics
+    }
+
+    /// Validates a bearer token in the given mode.
+    pub async fn validate(&self, token: &str, mode: AuthMode) -> Result<Arc<Identity>, AuthError> {
+        let result = self.validate_inner(token, mode).await;
+        let outcome = match &result {
+            Ok(_) => "valid",
+            Err(AuthError::Unavailable(_)) => "unavailable",
+            Err(AuthError::InvalidToken(why)) if why.starts_with(LOGGED_OUT) => "revoked",
+            Err(_) => "invalid",
+        };
+        self.metrics
+            .validations
+            .with_label_values(&[mode.as_str(), outcome])
+            .inc();
+        result
+    }
+
+    async fn validate_inner(
+        &self,
+        token: &str,
+        mode: AuthMode,
+    ) -> Result<Arc<Identity>, AuthError> {
+        if mode == AuthMode::None {
+            return Err(AuthError::InvalidToken(
+                "this route does not validate tokens".into(),
+            ));
+        }
+        let verdict = if self.config().cache.enabled {
+            let key = cache_key(mode, token);
+            match self.cache.get(&key).await {
+                Some(v) => {
+                    self.metrics.cache.with_label_values(&["hit"]).inc();
+                    v
+                }
+                None => {
+                    let entry = self
+                        .cache
+                        .entry(key)
+                        .or_try_insert_with(self.verify(token, mode))
+                        .await
+                        .map_err(|e: Arc<AuthError>| (*e).clone())?;
+                    let outcome = if entry.is_fresh() {
+                        "miss"
+                    } else {
+                        "coalesced"
+                    };
+                    self.metrics.cache.with_label_values(&[outcome]).inc();
+                    entry.into_value()
+                }
+            }
+        } else {
+            self.verify(token, mode).await?
+        };
+        match verdict {
+            Verdict::Invalid(why) => Err(AuthError::InvalidToken(why.to_string())),
+            Verdict::Valid(identity) => {
+                self.check_live(&identity)?;
+                Ok(identity)
+            }
+        }
+    }
+
+    /// What the cache cannot know: time passing, and logouts since.
+    fn check_live(&self, id: &Identity) -> Result<(), AuthError> {
+        let skew = self.config().clock_skew;
+        if let Some(exp) = id.expires_at
+            && exp + skew < SystemTime::now()
+        {
+            return Err(AuthError::InvalidToken("the token has expired".into()));
+        }
+        if let Some(sid) = &id.session_id
+            && self.revocations.sessions.contains_key(sid)
+        {
+            return Err(AuthError::InvalidToken(format!(
+                "{LOGGED_OUT} (session ended)"
+            )));
+        }
+        if let Some(entry) = self.revocations.subjects.get(&id.subject) {
+            let (at, _) = *entry;
+            if id.issued_at.is_none_or(|iat| iat <= at) {
+                return Err(AuthError::InvalidToken(format!(
+                    "{LOGGED_OUT} (user logged out)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies a token with the provider's keys or the provider itself.
+    /// `Err` only when the provider could not be asked.
+    async fn verify(&self, token: &str, mode: AuthMode) -> Result<Verdict, AuthError> {
+        let verdict = match mode {
+            AuthMode::None => Verdict::Invalid("this route does not validate tokens".into()),
+            AuthMode::Jwt => self.verify_jwt(token).await?,
+            AuthMode::Introspect => self.verify_introspect(token).await?,
+            AuthMode::JwtIntrospect => match self.verify_jwt(token).await? {
+                Verdict::Valid(_) => self.verify_introspect(token).await?,
+                invalid => invalid,
+            },
+        };
+        Ok(verdict)
+    }
+
+    async fn verify_jwt(&self, token: &str) -> Result<Verdict, AuthError> {
+        let config = self.config();
+        let header = match jsonwebtoken::decode_header(token) {
+            Ok(h) => h,
+            Err(e) => return Ok(invalid(format!("not a JWT: {e}"))),
+        };
+        let Some(kid) = header.kid.as_deref() else {
+            return Ok(invalid("the JWT header has no `kid`"));
+        };
+        let key = match self.provider.signing_key(kid).await {
+            Ok(k) => k,
+            Err(KeyError::Unavailable(why)) => return Err(AuthError::Unavailable(why)),
+            Err(e @ KeyError::UnknownKid(_)) => return Ok(invalid(e.to_string())),
+        };
+        if header.alg != key.algorithm {
+            return Ok(invalid(format!(
+                "the JWT says alg {:?}, its key is for {:?}",
+                header.alg, key.algorithm
+            )));
+        }
+        let mut v = Validation::new(key.algorithm);
+        v.set_issuer(&[config.issuer.as_str()]);
+        v.set_audience(&[config.audience.as_str()]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.leeway = config.clock_skew.as_secs();
+        v.validate_nbf = true;
+        match jsonwebtoken::decode::<Claims>(token, &key.key, &v) {
+            Ok(data) => Ok(match data.claims.identity() {
+                Ok(id) => Verdict::Valid(Arc::new(id)),
+                Err(why) => invalid(why),
+            }),
+            Err(e) => Ok(invalid(jwt_error(&e, config))),
+        }
+    }
+
+    async fn verify_introspect(&self, token: &str) -> Result<Verdict, AuthError> {
+        let config = self.config();
+        let claims = self
+            .provider
+            .introspect(token)
+            .await
+            .map_err(|e| AuthError::Unavailable(e.0))?;
+        if claims.active != Some(true) {
+            return Ok(invalid(
+                "the identity provider says the token is not active (expired, revoked, or not its own)",
+            ));
+        }
+        if let Some(iss) = &claims.iss
+            && iss != &config.issuer
+        {
+            return Ok(invalid(format!(
+                "the token was issued by `{iss}`, not `{}`",
+                config.issuer
+            )));
+        }
+        if !claims.aud.iter().any(|a| a == &config.audience) {
+            return Ok(invalid(format!(
+                "the token is not for this gateway: its audience {:?} lacks `{}`",
+                claims.aud, config.audience
+            )));
+        }
+        Ok(match claims.identity() {
+            Ok(id) => Verdict::Valid(Arc::new(id)),
+            Err(why) => invalid(why),
+        })
+    }
+
+    /// Handles a back-channel logout request body
+    /// (`application/x-www-form-urlencoded` with `logout_token`): verifies
+    /// the token, then revokes its session at once.
+    pub async fn backchannel_logout(
+        &self,
+        form: &[u8],
+    ) -> Result<LogoutEvent, logout::LogoutError> {
+        let result = logout::verify(&self.provider, form).await;
+        match &result {
+            Ok(event) => {
+                self.metrics.logouts.with_label_values(&["accepted"]).inc();
+                self.revoke(event);
+            }
+            Err(e) => {
+                self.metrics.logouts.with_label_values(&["rejected"]).inc();
+                tracing::warn!(error = %e, "back-channel logout refused");
+            }
+        }
+        result
+    }
+
+    /// Refuses, from now on, every token of a logged-out session (or, when
+    /// only the subject is known, every token the subject held), and drops
+    /// them from the cache.
+    pub fn revoke(&self, event: &LogoutEvent) {
+        let until = Instant::now() + self.config().max_token_lifetime;
+        self.sweep_revocations();
+        match (&event.sid, &event.sub) {
+            (Some(sid), _) => {
+                self.revocations.sessions.insert(sid.clone(), until);
+                let sid = sid.clone();
+                let _ = self.cache.invalidate_entries_if(move |_, v| {
+                    matches!(v, Verdict::Valid(id) if id.session_id.as_deref() == Some(sid.as_str()))
+                });
+            }
+            (None, Some(sub)) => {
+                self.revocations
+                    .subjects
+                    .insert(sub.clone(), (SystemTime::now(), until));
+                let sub = sub.clone();
+                let _ = self.cache.invalidate_entries_if(
+                    move |_, v| matches!(v, Verdict::Valid(id) if id.subject == sub),
+                );
+            }
+            (None, None) => {}
+        }
+        self.metrics
+            .revoked
+            .set((self.revocations.sessions.len() + self.revocations.subjects.len()) as i64);
+        tracing::info!(sid = ?event.sid, sub = ?event.sub, "session logged out: its tokens are refused from now on");
+    }
+
+    fn sweep_revocations(&self) {
+        let now = Instant::now();
+        self.revocations.sessions.retain(|_, until| *until > now);
+        self.revocations
+            .subjects
+            .retain(|_, (_, until)| *until > now);
+    }
+
+    /// Whether a provider session is on the revocation list.
+    pub fn is_revoked(&self, sid: &str) -> bool {
+        self.revocations.sessions.contains_key(sid)
+    }
+}
+
+const LOGGED_OUT: &str = "the token's session was logged out";
+
+fn invalid(why: impl Into<String>) -> Verdict {
+    Verdict::Invalid(Arc::from(why.into()))
+}
+
+fn cache_key(mode: AuthMode, token: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(mode.as_str().as_bytes());
+    h.update([0]);
+    h.update(token.as_bytes());
+    h.finalize().into()
+}
+
+fn jwt_error(e: &jsonwebtoken::errors::Error, config: &ProviderConfig) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::ExpiredSignature => "the token has expired".into(),
+        ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".into(),
+        ErrorKind::InvalidSignature => "the token's signature does not verify".into(),
+        ErrorKind::InvalidAudience => format!(
+            "the token is not for this gateway: its audience lacks `{}`",
+            config.audience
+        ),
+        ErrorKind::InvalidIssuer => format!("the token was not issued by `{}`", config.issuer),
+        ErrorKind::MissingRequiredClaim(c) => format!("the token lacks the `{c}` claim"),
+        _ => format!("the token does not verify: {e}"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot register auth metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot build the HTTP client for the identity provider: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Seconds since the epoch, for claims in tests and tools.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeIdp;
+    use serde_json::json;
+    use std::sync::atomic::Ordering;
+
+    fn validator(idp: &FakeIdp) -> Arc<Validator> {
+        Validator::new(idp.config(), &Registry::new()).expect("validator")
+    }
+
+    fn count(v: &Validator, outcome: &str) -> u64 {
+        v.metrics.cache.with_label_values(&[outcome]).get()
+    }
+
+    #[tokio::test]
+    async fn a_good_jwt_becomes_an_identity_and_is_cached() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        let token = idp.token(json!({}));
+        let id = v.validate(&token, AuthMode::Jwt).await.expect("valid");
+        assert_eq!(id.subject, "user-1");
+        assert_eq!(id.orgs, vec!["org-1"]);
+        assert!(id.has_scope("mcp:tools"));
+        v.validate(&token, AuthMode::Jwt)
+            .await
+            .expect("valid again");
+        assert_eq!((count(&v, "miss"), count(&v, "hit")), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn bad_jwts_are_refused_for_what_they_are() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        let good = idp.token(json!({}));
+        let mut flipped = good.clone().into_bytes();
+        let last = flipped.len() - 5;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        let cases = [
+            (String::from_utf8(flipped).expect("ascii"), "signature"),
+            (idp.token(json!({"aud": "someone-else"})), "audience"),
+            (idp.token(json!({"exp": unix_now() - 60})), "expired"),
+            (
+                idp.token(json!({"iss": "http://evil/realms/test"})),
+                "issued",
+            ),
+            ("garbage".to_owned(), "not a JWT"),
+        ];
+        for (token, why) in cases {
+            match v.validate(&token, AuthMode::Jwt).await {
+                Err(AuthError::InvalidToken(msg)) => assert!(msg.contains(why), "{why}: {msg}"),
+                other => panic!("{why}: expected InvalidToken, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_key_ids_refetch_at_most_once_per_interval() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        v.validate(&idp.token(json!({})), AuthMode::Jwt)
+            .await
+            .expect("valid");
+        let fetched = idp.jwks_fetches.load(Ordering::SeqCst);
+        for i in 0..5 {
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+            header.kid = Some(format!("rotated-{i}"));
+            let forged = jsonwebtoken::encode(
+                &header,
+                &json!({"sub": "x"}),
+                &jsonwebtoken::EncodingKey::from_secret(b"k"),
+            )
+            .expect("encode");
+            let err = v
+                .validate(&forged, AuthMode::Jwt)
+                .await
+                .expect_err("unknown kid");
+            assert!(err.to_string().contains("unknown key"), "{err}");
+        }
+        assert_eq!(
+            idp.jwks_fetches.load(Ordering::SeqCst),
+            fetched,
+            "refetches are rate-limited"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_make_exactly_one_introspection() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        let token = idp.token(json!({}));
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (v, t) = (v.clone(), token.clone());
+                tokio::spawn(async move { v.validate(&t, AuthMode::Introspect).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("joined").expect("valid");
+        }
+        assert_eq!(idp.introspections.load(Ordering::SeqCst), 1);
+        assert_eq!(v.metrics.introspections.get(), 1);
+        assert_eq!(count(&v, "miss"), 1);
+        assert_eq!(
+            count(&v, "miss") + count(&v, "hit") + count(&v, "coalesced"),
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn inactive_tokens_are_cached_negatively() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        let token = idp.token(json!({}));
+        idp.revoked.lock().expect("lock").push(token.clone());
+        for _ in 0..3 {
+            let err = v
+                .validate(&token, AuthMode::Introspect)
+                .await
+                .expect_err("inactive");
+            assert!(matches!(err, AuthError::InvalidToken(_)), "{err:?}");
+        }
+        assert_eq!(idp.introspections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_down_provider_serves_the_cache_and_is_503_otherwise() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        let known = idp.token(json!({}));
+        v.validate(&known, AuthMode::Introspect)
+            .await
+            .expect("valid");
+        idp.down.store(true, Ordering::SeqCst);
+        v.validate(&known, AuthMode::Introspect)
+            .await
+            .expect("still served from the cache");
+        let fresh = idp.token(json!({"sub": "user-2"}));
+        let started = std::time::Instant::now();
+        let err = v
+            .validate(&fresh, AuthMode::Introspect)
+            .await
+            .expect_err("unavailable");
+        assert!(matches!(err, AuthError::Unavailable(_)), "{err:?}");
+        assert_eq!(err.status(), 503);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "bounded by the timeout"
+        );
+        // Not cached: once the provider is back, the same token is fine.
+        idp.down.store(false, Ordering::SeqCst);
+        v.validate(&fresh, AuthMode::Introspect)
+            .await
+            .expect("valid after recovery");
+    }
+
+    #[tokio::test]
+    async fn garbage_from_the_provider_is_unavailable_not_invalid() {
+        let idp = FakeIdp::start().await;
+        idp.garbage.store(true, Ordering::SeqCst);
+        let v = validator(&idp);
+        let token = idp.token(json!({}));
+        for mode in [AuthMode::Jwt, AuthMode::Introspect] {
+            let err = v.validate(&token, mode).await.expect_err("garbage");
+            assert!(
+                matches!(err, AuthError::Unavailable(_)),
+                "{mode:?}: {err:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn backchannel_logout_revokes_cached_and_fresh_tokens_of_the_session() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        let token = idp.token(json!({}));
+        let other_session = idp.token(json!({"sid": "session-2"}));
+        v.validate(&token, AuthMode::Jwt).await.expect("valid");
+        v.validate(&other_session, AuthMode::Jwt)
+            .await
+            .expect("valid");
+        let logout = idp.sign(&json!({
+            "iss": idp.issuer, "aud": "mcp-client", "iat": unix_now(), "jti": "j1",
+            "sid": "session-1", "sub": "user-1",
+            "events": {crate::logout::BACKCHANNEL_LOGOUT_EVENT: {}},
+        }));
+        let form = format!("logout_token={logout}");
+        let event = v
+            .backchannel_logout(form.as_bytes())
+            .await
+            .expect("accepted");
+        assert_eq!(event.sid.as_deref(), Some("session-1"));
+        let err = v
+            .validate(&token, AuthMode::Jwt)
+            .await
+            .expect_err("revoked");
+        assert!(err.to_string().contains("logged out"), "{err}");
+        // A new cache key (another mode) verifies the signature afresh: still refused.
+        assert!(v.validate(&token, AuthMode::JwtIntrospect).await.is_err());
+        v.validate(&other_session, AuthMode::Jwt)
+            .await
+            .expect("other sessions unaffected");
+        assert_eq!(
+            v.metrics
+                .validations
+                .with_label_values(&["jwt", "revoked"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_logout_tokens_are_refused() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        let event = json!({crate::logout::BACKCHANNEL_LOGOUT_EVENT: {}});
+        let base = json!({"iss": idp.issuer, "aud": "mcp-client", "iat": unix_now(), "sid": "s", "events": event});
+        let with = |k: &str, val: serde_json::Value| {
+            let mut c = base.clone();
+            c[k] = val;
+            format!("logout_token={}", idp.sign(&c))
+        };
+        let cases = vec![
+            (with("aud", json!("other-client")), "verify"),
+            (with("events", json!({})), "event"),
+            (with("nonce", json!("n")), "nonce"),
+            (with("iss", json!("http://evil")), "verify"),
+            ("logout_token=garbage".to_owned(), "JWT"),
+            ("nothing=here".to_owned(), "no logout_token"),
+        ];
+        for (form, why) in cases {
+            match v.backchannel_logout(form.as_bytes()).await {
+                Err(crate::logout::LogoutError::Invalid(msg)) => {
+                    assert!(msg.contains(why), "{why}: {msg}")
+                }
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        let mut c = base.clone();
+        c.as_object_mut().expect("object").remove("sid");
+        let form = format!("logout_token={}", idp.sign(&c));
+        assert!(
+            v.backchannel_logout(form.as_bytes()).await.is_err(),
+            "needs sid or sub"
+        );
+    }
+
+    #[tokio::test]
+    async fn logging_out_a_subject_spares_its_later_logins() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        let before = idp.token(json!({"iat": unix_now() - 10, "sid": null}));
+        v.validate(&before, AuthMode::Jwt).await.expect("valid");
+        v.revoke(&LogoutEvent {
+            sid: None,
+            sub: Some("user-1".into()),
+        });
+        assert!(v.validate(&before, AuthMode::Jwt).await.is_err());
+        let after = idp.token(json!({"iat": unix_now() + 1, "sid": null}));
+        v.validate(&after, AuthMode::Jwt)
+            .await
+            .expect("a later login is fine");
+    }
+
+    #[tokio::test]
+    async fn without_the_cache_every_request_asks() {
+        let idp = FakeIdp::start().await;
+        let mut config = idp.config();
+        config.cache.enabled = false;
+        let v = Validator::new(config, &Registry::new()).expect("validator");
+        let token = idp.token(json!({}));
+        for _ in 0..3 {
+            v.validate(&token, AuthMode::Introspect)
+                .await
+                .expect("valid");
+        }
+        assert_eq!(idp.introspections.load(Ordering::SeqCst), 3);
+    }
+}
