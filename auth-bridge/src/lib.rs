@@ -20,8 +20,8 @@ pub mod metrics;
 pub mod provider;
 pub mod validator;
 
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use config::ProviderConfig;
 pub use validator::Validator;

@@ -17,6 +17,8 @@ use p256::pkcs8::EncodePrivateKey;
 use serde_json::{Value, json};
 
 pub const AUDIENCE: &str = "http://gateway.test";
+/// The client id logout tokens are addressed to.
+pub const LOGOUT_CLIENT: &str = "mcp-client";
 pub const KID: &str = "test-key-1";
 
 pub struct FakeIdp {

@@ -21,6 +21,8 @@ use crate::upstream::{Answer, AnswerKind, error_chain};
 pub const RATATOSK_SESSION: HeaderName = HeaderName::from_static("ratatosk-session");
 pub const RATATOSK_ORG: HeaderName = HeaderName::from_static("ratatosk-org");
 pub const RATATOSK_SUBJECT: HeaderName = HeaderName::from_static("ratatosk-subject");
+pub const RATATOSK_SCOPES: HeaderName = HeaderName::from_static("ratatosk-scopes");
+pub const RATATOSK_USERNAME: HeaderName = HeaderName::from_static("ratatosk-username");
 
 /// Trace context headers passed through to upstreams (W3C Trace Context).
 const TRACE_HEADERS: [HeaderName; 2] = [
@@ -32,7 +34,8 @@ const TRACE_HEADERS: [HeaderName; 2] = [
 pub struct Forwarding<'a> {
     pub session_id: &'a str,
     pub org: &'a str,
-    pub subject: &'a str,
+    /// The caller, as the auth bridge established it.
+    pub identity: &'a ratatosk_auth::Identity,
     /// `None` for `initialize`, which negotiates it.
     pub protocol_version: Option<&'a str>,
     pub request_id: &'a str,
@@ -61,7 +64,13 @@ pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
     }
     put(RATATOSK_SESSION, f.session_id);
     put(RATATOSK_ORG, f.org);
-    put(RATATOSK_SUBJECT, f.subject);
+    put(RATATOSK_SUBJECT, &f.identity.subject);
+    if !f.identity.scopes.is_empty() {
+        put(RATATOSK_SCOPES, &f.identity.scopes.join(" "));
+    }
+    if let Some(username) = &f.identity.username {
+        put(RATATOSK_USERNAME, username);
+    }
     put(REQUEST_ID, f.request_id);
     for name in TRACE_HEADERS {
         if let Some(v) = client.get(&name) {
@@ -340,11 +349,14 @@ mod tests {
         client.insert(header::COOKIE, HeaderValue::from_static("sid=1"));
         client.insert("mcp-session-id", HeaderValue::from_static("client-visible"));
         client.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
+        let mut alice = ratatosk_auth::Identity::anonymous("org-1");
+        alice.subject = "alice".into();
+        alice.scopes = vec!["openid".into(), "mcp:tools".into()];
         let h = upstream_headers(
             &Forwarding {
                 session_id: "S",
                 org: "org-1",
-                subject: "alice",
+                identity: &alice,
                 protocol_version: Some("2025-06-18"),
                 request_id: "req-1",
             },
@@ -353,6 +365,10 @@ mod tests {
         assert_eq!(h.get("ratatosk-session").expect("session"), "S");
         assert_eq!(h.get("ratatosk-org").expect("org"), "org-1");
         assert_eq!(h.get("ratatosk-subject").expect("subject"), "alice");
+        assert_eq!(
+            h.get("ratatosk-scopes").expect("scopes"),
+            "openid mcp:tools"
+        );
         assert_eq!(
             h.get("mcp-protocol-version").expect("version"),
             "2025-06-18"

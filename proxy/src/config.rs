@@ -42,8 +42,23 @@ pub struct Config {
     pub publish: PublishConfig,
     #[serde(default)]
     pub server: ServerConfig,
+    /// The URL clients use to reach the gateway, e.g. `https://mcp.example.com`.
+    /// Resource URLs (RFC 9728) are built from it. Default: `http://{listen}`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// The identity provider (a Keycloak realm). Required when an org uses
+    /// an `auth` mode other than `none`.
+    #[serde(default)]
+    pub identity: Option<ratatosk_auth::ProviderConfig>,
+    /// Where the identity provider POSTs back-channel logout tokens.
+    #[serde(default = "default_logout_path")]
+    pub backchannel_logout_path: String,
     /// One entry per organization; the key is the org alias used in paths.
     pub orgs: BTreeMap<String, OrgConfig>,
+}
+
+fn default_logout_path() -> String {
+    "/auth/backchannel-logout".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,6 +173,10 @@ pub struct OrgConfig {
     /// How bearer tokens are validated. `none` serves everyone as anonymous.
     #[serde(default)]
     pub auth: AuthMode,
+    /// Scopes a token needs for this org; a token without one gets 403
+    /// `insufficient_scope`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
     pub upstream: UpstreamConfig,
 }
 
@@ -260,6 +279,13 @@ fn render_problems(problems: &[Problem]) -> String {
 }
 
 impl Config {
+    /// The URL clients reach the gateway at, without a trailing slash.
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
     /// Reads, expands and validates a config file.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
@@ -439,13 +465,20 @@ impl Config {
                     ),
                 );
             }
-            if org.auth != AuthMode::None {
+            if org.auth != AuthMode::None && self.identity.is_none() {
                 bad(
                     &format!("{at}.auth"),
                     format!(
-                        "auth mode `{}` is not available in this build yet; only `none` is",
+                        "auth mode `{}` needs an `identity` section (the identity provider)",
                         org.auth.as_str()
                     ),
+                );
+            }
+            if org.auth == AuthMode::None && !org.scopes.is_empty() {
+                bad(
+                    &format!("{at}.scopes"),
+                    "scopes can only be required of tokens: set `auth` to a mode other than `none`"
+                        .into(),
                 );
             }
             let up = &org.upstream;
@@ -484,6 +517,30 @@ impl Config {
                     "expected a positive duration like `2s`".into(),
                 );
             }
+        }
+        if let Some(identity) = &self.identity {
+            let introspects = self.orgs.values().any(|o| o.auth.uses_introspection());
+            for (field, message) in identity.problems(introspects) {
+                bad(&format!("identity.{field}"), message);
+            }
+        }
+        if let Some(url) = &self.public_url {
+            let ok = Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.query().is_none());
+            if !ok || url.ends_with('/') {
+                bad(
+                    "public_url",
+                    format!(
+                        "expected a URL like `https://mcp.example.com` (no trailing slash), got `{url}`"
+                    ),
+                );
+            }
+        }
+        if !self.backchannel_logout_path.starts_with('/') {
+            bad(
+                "backchannel_logout_path",
+                "expected an absolute path like `/auth/backchannel-logout`".into(),
+            );
         }
         let mut durations = vec![
             (

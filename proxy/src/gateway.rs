@@ -41,11 +41,17 @@ pub enum BuildError {
     Client { org: String, source: reqwest::Error },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cannot build the token validator: {0}")]
+    Auth(#[from] ratatosk_auth::validator::BuildError),
 }
 
 pub struct Gateway {
     pub config: Arc<Config>,
     pub routes: Routes,
+    /// Validates tokens; `None` when no org needs it.
+    pub validator: Option<Arc<ratatosk_auth::Validator>>,
+    /// `config.public_url()`, computed once.
+    pub public_url: String,
     pub store: Arc<dyn SessionStore>,
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
@@ -85,13 +91,23 @@ impl Gateway {
             orgs.push(OrgRoute {
                 name: name.as_str().into(),
                 auth: org.auth,
+                scopes: org.scopes.clone(),
                 pool: Arc::new(pool),
             });
             metrics.sessions.with_label_values(&[name]).set(0);
             metrics.open_streams.with_label_values(&[name]).set(0);
         }
+        let validator = match &config.identity {
+            Some(identity) => Some(ratatosk_auth::Validator::new(
+                identity.clone(),
+                metrics.registry(),
+            )?),
+            None => None,
+        };
         Ok(Arc::new(Gateway {
             routes: Routes::new(&config.base_path, orgs),
+            validator,
+            public_url: config.public_url(),
             hub: Hub::new(LogLimits {
                 max_events: config.sessions.event_log_size,
                 max_bytes: config.sessions.event_log_bytes,
@@ -163,6 +179,12 @@ impl Gateway {
     }
 
     async fn route(self: &Arc<Self>, req: &Request, has_origin: bool) -> Response {
+        if let Some(answer) = self.serve_auth_paths(req).await {
+            return answer.labeled(Label {
+                org: None,
+                method: "auth",
+            });
+        }
         let (org, endpoint) = match self.routes.resolve(&req.path) {
             Ok(found) => found,
             Err(RouteError::NoEndpoint) => {
@@ -204,9 +226,10 @@ impl Gateway {
         {
             return edge::preflight(origin.clone()).labeled(label);
         }
-        // Token validation lands with the auth bridge; until then every
-        // route is `auth: none` (the config refuses other modes).
-        let identity = Identity::anonymous(&org.name);
+        let identity = match self.authenticate(&org, req).await {
+            Ok(identity) => identity,
+            Err(reject) => return reject.into_response().labeled(label),
+        };
         let result = match (endpoint, &req.method) {
             (Endpoint::Mcp, &Method::POST) => self.mcp_post(&org, &identity, req, &mut label).await,
             (Endpoint::Mcp, &Method::GET) => self.mcp_get(&org, &identity, req).await,
@@ -304,13 +327,14 @@ impl Gateway {
         {
             return Ok(Response::json(StatusCode::OK, answer));
         }
-        self.forward_streamable(org, session, log, requests, req)
+        self.forward_streamable(org, identity, session, log, requests, req)
             .await
     }
 
     async fn forward_streamable(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
+        identity: &Identity,
         session: Arc<SessionState>,
         log: Arc<SessionLog>,
         requests: Vec<Message>,
@@ -320,7 +344,7 @@ impl Gateway {
             &Forwarding {
                 session_id: &session.id,
                 org: &org.name,
-                subject: &session.subject,
+                identity,
                 protocol_version: Some(&session.protocol_version),
                 request_id: &req.request_id,
             },
@@ -555,7 +579,7 @@ impl Gateway {
         let session_id = session::mint_id();
         let id = init.request_id().cloned();
         let response = self
-            .negotiate(org, &session_id, &identity.subject, init, req)
+            .negotiate(org, &session_id, identity, init, req)
             .await?;
         let params = init.params().unwrap_or(Value::Null);
         let Some(version) = negotiated_version(&response) else {
@@ -574,6 +598,7 @@ impl Gateway {
             id: session_id.clone(),
             org: org.name.to_string(),
             subject: identity.subject.clone(),
+            idp_session: identity.session_id.clone(),
             transport: Transport::StreamableHttp,
             protocol_version: version,
             client_info: params.get("clientInfo").cloned(),
@@ -597,7 +622,7 @@ impl Gateway {
         &self,
         org: &OrgRoute,
         session_id: &str,
-        subject: &str,
+        identity: &Identity,
         init: &Message,
         req: &Request,
     ) -> Result<Bytes, Reject> {
@@ -606,7 +631,7 @@ impl Gateway {
             &Forwarding {
                 session_id,
                 org: &org.name,
-                subject,
+                identity,
                 protocol_version: None,
                 request_id: &req.request_id,
             },
@@ -918,6 +943,7 @@ impl Gateway {
             id: session::mint_id(),
             org: org.name.to_string(),
             subject: identity.subject.clone(),
+            idp_session: identity.session_id.clone(),
             transport: Transport::LegacySse,
             protocol_version: String::new(),
             client_info: None,
@@ -963,10 +989,11 @@ impl Gateway {
         let org = org.clone();
         let headers = req.headers.clone();
         let request_id = req.request_id.clone();
+        let identity = identity.clone();
         tokio::spawn(async move {
             futures::stream::iter(body.messages())
                 .for_each_concurrent(BATCH_CONCURRENCY, |m| {
-                    this.legacy_message(&org, &session, &log, m, &headers, &request_id)
+                    this.legacy_message(&org, &identity, &session, &log, m, &headers, &request_id)
                 })
                 .await;
         });
@@ -977,9 +1004,11 @@ impl Gateway {
     }
 
     /// One message of a legacy POST; answers go on the `/sse` stream.
+    #[allow(clippy::too_many_arguments)]
     async fn legacy_message(
         self: &Arc<Self>,
         org: &OrgRoute,
+        identity: &Identity,
         session: &Arc<SessionState>,
         log: &Arc<SessionLog>,
         message: &Message,
@@ -1000,7 +1029,7 @@ impl Gateway {
                 request_id: request_id.to_owned(),
             };
             let answer = match self
-                .negotiate(org, &session.id, &session.subject, message, &req)
+                .negotiate(org, &session.id, identity, message, &req)
                 .await
             {
                 Ok(answer) => {
@@ -1041,7 +1070,7 @@ impl Gateway {
             &Forwarding {
                 session_id: &current.id,
                 org: &org.name,
-                subject: &current.subject,
+                identity,
                 protocol_version: Some(version),
                 request_id,
             },
@@ -1311,6 +1340,11 @@ mod tests {
 
     /// `sessions` is extra YAML for the `sessions:` map, e.g. `max_in_flight: 1`.
     fn gateway_with(replicas: &[String], sessions: &str) -> Arc<Gateway> {
+        gateway_yaml(replicas, sessions, "", "")
+    }
+
+    /// `top` is extra top-level YAML; `org` extra keys of `org-1`, in flow style.
+    fn gateway_yaml(replicas: &[String], sessions: &str, top: &str, org: &str) -> Arc<Gateway> {
         let list = replicas
             .iter()
             .map(|r| format!("\"{r}\""))
@@ -1319,8 +1353,8 @@ mod tests {
         let yaml = format!(
             "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
              allowed_origins: [\"http://ok.example\"]\nlimits: {{max_body_bytes: 1024}}\n\
-             streams: {{keepalive: 10s}}\npublish: {{secret: {SECRET}}}\nsessions: {{{sessions}}}\n\
-             orgs:\n  org-1:\n    upstream: {{era: stateless-2025, replicas: [{list}], timeout: 2s}}\n"
+             streams: {{keepalive: 10s}}\npublish: {{secret: {SECRET}}}\nsessions: {{{sessions}}}\n{top}\n\
+             orgs:\n  org-1: {{{org} upstream: {{era: stateless-2025, replicas: [{list}], timeout: 2s}}}}\n"
         );
         let config = Config::from_yaml(&yaml, Path::new("unit.yaml"), &|_| None).expect("config");
         Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway")
@@ -1702,6 +1736,176 @@ mod tests {
         );
         let r = gw.handle(post(INIT, &[])).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    mod auth {
+        use super::*;
+        use ratatosk_auth::testing::{AUDIENCE, FakeIdp, LOGOUT_CLIENT};
+
+        async fn secured(idp: &FakeIdp, org_extra: &str) -> (Arc<Gateway>, testing::Stub) {
+            let up = mcp_stub().await;
+            let top = format!(
+                "public_url: http://gw.test\nidentity: {{issuer: \"{}\", audience: \"{AUDIENCE}\", \
+                 client_id: gateway-client, client_secret: s3cret, clock_skew: 0s, \
+                 logout_client_ids: [{LOGOUT_CLIENT}]}}",
+                idp.issuer
+            );
+            let gw = gateway_yaml(&[up.url()], "", &top, &format!("auth: jwt, {org_extra}"));
+            (gw, up)
+        }
+
+        fn bearer(token: &str) -> String {
+            format!("Bearer {token}")
+        }
+
+        #[tokio::test]
+        async fn no_token_gets_401_with_a_challenge_and_the_metadata_is_served() {
+            let idp = FakeIdp::start().await;
+            let (gw, _up) = secured(&idp, "").await;
+            let r = gw.handle(post(INIT, &[])).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+            let challenge = r
+                .headers
+                .get(http::header::WWW_AUTHENTICATE)
+                .expect("challenge");
+            let meta_path = "/.well-known/oauth-protected-resource/gw/org-1/mcp";
+            assert!(
+                challenge.to_str().expect("ascii").starts_with(&format!(
+                    "Bearer resource_metadata=\"http://gw.test{meta_path}\""
+                )),
+                "{challenge:?}"
+            );
+            let m = gw.handle(request(Method::GET, meta_path, &[], "")).await;
+            assert_eq!(m.status, StatusCode::OK);
+            let doc = json_of(&m);
+            assert_eq!(doc["resource"], "http://gw.test/gw/org-1/mcp");
+            assert_eq!(doc["authorization_servers"][0], idp.issuer.as_str());
+            let bad = gw
+                .handle(post(INIT, &[("authorization", "Bearer not-a-jwt")]))
+                .await;
+            assert_eq!(bad.status, StatusCode::UNAUTHORIZED);
+            assert!(
+                bad.headers[http::header::WWW_AUTHENTICATE]
+                    .to_str()
+                    .expect("ascii")
+                    .contains("invalid_token")
+            );
+        }
+
+        #[tokio::test]
+        async fn wrong_org_and_missing_scope_are_403() {
+            let idp = FakeIdp::start().await;
+            let (gw, _up) = secured(&idp, "scopes: [mcp:admin],").await;
+            let other_org =
+                idp.token(json!({"organization": ["org-2"], "scope": "openid mcp:admin"}));
+            let r = gw
+                .handle(post(INIT, &[("authorization", &bearer(&other_org))]))
+                .await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN);
+            assert!(
+                json_of(&r)["error"]["message"]
+                    .as_str()
+                    .expect("msg")
+                    .contains("org-1")
+            );
+            let no_scope = idp.token(json!({"scope": "openid"}));
+            let r = gw
+                .handle(post(INIT, &[("authorization", &bearer(&no_scope))]))
+                .await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN);
+            let challenge = r.headers[http::header::WWW_AUTHENTICATE]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            assert!(
+                challenge.contains("error=\"insufficient_scope\"")
+                    && challenge.contains("scope=\"mcp:admin\""),
+                "{challenge}"
+            );
+            let ok = idp.token(json!({"scope": "openid mcp:admin"}));
+            assert_eq!(
+                gw.handle(post(INIT, &[("authorization", &bearer(&ok))]))
+                    .await
+                    .status,
+                StatusCode::OK
+            );
+        }
+
+        #[tokio::test]
+        async fn sessions_are_bound_to_their_subject() {
+            let idp = FakeIdp::start().await;
+            let (gw, _up) = secured(&idp, "").await;
+            let alice = idp.token(json!({"sub": "alice"}));
+            let bob = idp.token(json!({"sub": "bob", "sid": "bob-session"}));
+            let r = gw
+                .handle(post(INIT, &[("authorization", &bearer(&alice))]))
+                .await;
+            let sid = r.headers[&MCP_SESSION_ID]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            let ping = r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#;
+            let as_bob = gw
+                .handle(post(
+                    ping,
+                    &[("authorization", &bearer(&bob)), ("mcp-session-id", &sid)],
+                ))
+                .await;
+            assert_eq!(as_bob.status, StatusCode::NOT_FOUND);
+            let as_alice = gw
+                .handle(post(
+                    ping,
+                    &[("authorization", &bearer(&alice)), ("mcp-session-id", &sid)],
+                ))
+                .await;
+            assert_eq!(as_alice.status, StatusCode::OK);
+        }
+
+        #[tokio::test]
+        async fn backchannel_logout_ends_the_sessions_and_refuses_the_token() {
+            let idp = FakeIdp::start().await;
+            let (gw, _up) = secured(&idp, "").await;
+            let token = idp.token(json!({"sid": "kc-session-9"}));
+            let r = gw
+                .handle(post(INIT, &[("authorization", &bearer(&token))]))
+                .await;
+            let sid = r.headers[&MCP_SESSION_ID]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            assert!(gw.store.lookup(&sid).await.expect("store").is_some());
+            let logout = idp.sign(&json!({
+                "iss": idp.issuer, "aud": LOGOUT_CLIENT, "iat": ratatosk_auth::validator::unix_now(),
+                "sid": "kc-session-9", "events": {ratatosk_auth::logout::BACKCHANNEL_LOGOUT_EVENT: {}},
+            }));
+            let form = format!("logout_token={logout}");
+            let r = gw
+                .handle(request(
+                    Method::POST,
+                    "/auth/backchannel-logout",
+                    &[("content-type", "application/x-www-form-urlencoded")],
+                    &form,
+                ))
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(
+                gw.store.lookup(&sid).await.expect("store").is_none(),
+                "the gateway session ended"
+            );
+            let again = gw
+                .handle(post(INIT, &[("authorization", &bearer(&token))]))
+                .await;
+            assert_eq!(again.status, StatusCode::UNAUTHORIZED);
+            let bad = gw
+                .handle(request(
+                    Method::POST,
+                    "/auth/backchannel-logout",
+                    &[],
+                    "logout_token=forged",
+                ))
+                .await;
+            assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+        }
     }
 
     #[tokio::test]

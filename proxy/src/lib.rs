@@ -6,6 +6,7 @@
 //! `server` is the thin Pingora glue.
 
 pub mod admin;
+pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod edge;

@@ -101,6 +101,11 @@ impl Metrics {
         })
     }
 
+    /// The registry, for other components' metrics (the auth bridge's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();

@@ -21,6 +21,8 @@ pub enum Endpoint {
 pub struct OrgRoute {
     pub name: Arc<str>,
     pub auth: AuthMode,
+    /// Scopes a token needs for this org.
+    pub scopes: Vec<String>,
     pub pool: Arc<Pool>,
 }
 
@@ -109,6 +111,7 @@ mod tests {
         let org = |name: &str| OrgRoute {
             name: name.into(),
             auth: AuthMode::None,
+            scopes: Vec::new(),
             pool: Arc::new(Pool::new(name, &cfg, 1 << 20, &metrics).expect("pool")),
         };
         Routes::new(base, [org("org-1"), org("org-2")])

@@ -55,6 +55,9 @@ pub struct SessionState {
     pub org: String,
     /// The identity the session is bound to; another subject gets 404.
     pub subject: String,
+    /// The identity provider's session (`sid`) of the token that opened it;
+    /// a back-channel logout of that session ends this one too.
+    pub idp_session: Option<String>,
     pub transport: Transport,
     /// Negotiated at `initialize`; empty until then on legacy sessions.
     pub protocol_version: String,
@@ -211,6 +214,7 @@ pub(crate) fn test_state(id: &str, org: &str) -> SessionState {
         id: id.to_owned(),
         org: org.to_owned(),
         subject: "anonymous".into(),
+        idp_session: None,
         transport: Transport::StreamableHttp,
         protocol_version: "2025-06-18".into(),
         client_info: None,

@@ -1,0 +1,204 @@
+//! The gateway's side of the auth bridge: who is calling (bearer token to
+//! [`Identity`]), RFC 9728 metadata, and back-channel logout.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, header};
+use ratatosk_auth::forward::advertised_scopes;
+use ratatosk_auth::logout::{LogoutError, LogoutEvent};
+use ratatosk_auth::metadata::{metadata_path, resource_metadata, www_authenticate};
+use ratatosk_auth::{AuthError, AuthMode, Identity, bearer_token};
+use serde_json::json;
+
+use crate::edge::{Reject, Request, Response};
+use crate::gateway::Gateway;
+use crate::jsonrpc::code;
+use crate::routes::{Endpoint, OrgRoute};
+
+impl Gateway {
+    /// The caller's identity on an org's route, checked against the org and
+    /// its required scopes.
+    pub(crate) async fn authenticate(
+        &self,
+        org: &OrgRoute,
+        req: &Request,
+    ) -> Result<Arc<Identity>, Reject> {
+        if org.auth == AuthMode::None {
+            return Ok(Arc::new(Identity::anonymous(&org.name)));
+        }
+        let result = async {
+            let validator = self.validator.as_ref().ok_or_else(|| {
+                AuthError::Unavailable("no identity provider is configured".into())
+            })?;
+            let token = bearer_token(
+                req.headers
+                    .get(header::AUTHORIZATION)
+                    .map(HeaderValue::as_bytes),
+                validator.config().max_token_bytes,
+            )?;
+            let identity = validator.validate(token, org.auth).await?;
+            identity.authorize(&org.name, &org.scopes)?;
+            Ok::<_, AuthError>(identity)
+        }
+        .await;
+        result.map_err(|e| self.auth_reject(org, &e))
+    }
+
+    /// A refusal with the challenge that sends clients to the metadata.
+    fn auth_reject(&self, org: &OrgRoute, e: &AuthError) -> Reject {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+        let rpc_code = if status == StatusCode::SERVICE_UNAVAILABLE {
+            code::INTERNAL_ERROR
+        } else {
+            code::BAD_REQUEST
+        };
+        let mut reject = Reject::new(status, rpc_code, e.to_string());
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            let challenge = www_authenticate(
+                &self.metadata_url(org),
+                &advertised_scopes(&org.scopes).join(" "),
+                e,
+            );
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                reject.headers.push((header::WWW_AUTHENTICATE, v));
+            }
+        } else {
+            reject
+                .headers
+                .push((header::RETRY_AFTER, HeaderValue::from_static("2")));
+        }
+        if e.status() == 401 {
+            tracing::info!(org = %org.name, reason = %e, "request refused: no valid token");
+        }
+        reject
+    }
+
+    /// The resource an org's MCP endpoint is, per RFC 9728.
+    fn resource_url(&self, org: &str) -> String {
+        format!(
+            "{}{}",
+            self.public_url,
+            self.routes.path_of(org, Endpoint::Mcp)
+        )
+    }
+
+    fn metadata_url(&self, org: &OrgRoute) -> String {
+        format!(
+            "{}{}",
+            self.public_url,
+            metadata_path(&self.routes.path_of(&org.name, Endpoint::Mcp))
+        )
+    }
+
+    /// Answers the paths that are not an org's endpoints: RFC 9728 metadata
+    /// and back-channel logout. `None` for every other path.
+    pub(crate) async fn serve_auth_paths(&self, req: &Request) -> Option<Response> {
+        if let Some(resource) = req
+            .path
+            .strip_prefix("/.well-known/oauth-protected-resource")
+        {
+            return Some(self.serve_metadata(&req.method, resource));
+        }
+        if req.path == self.config.backchannel_logout_path {
+            return Some(self.serve_logout(req).await);
+        }
+        None
+    }
+
+    fn serve_metadata(&self, method: &Method, resource_path: &str) -> Response {
+        let org = self
+            .routes
+            .orgs()
+            .find(|o| self.routes.path_of(&o.name, Endpoint::Mcp) == resource_path)
+            .filter(|o| o.auth != AuthMode::None);
+        let (Some(org), Some(validator)) = (org, &self.validator) else {
+            return Reject::new(
+                StatusCode::NOT_FOUND,
+                code::NOT_FOUND,
+                format!(
+                    "no protected resource at '{}'",
+                    resource_path.escape_default()
+                ),
+            )
+            .into_response();
+        };
+        if method != Method::GET {
+            return Reject::method_not_allowed(method, "GET").into_response();
+        }
+        let doc = resource_metadata(
+            &self.resource_url(&org.name),
+            &validator.config().issuer,
+            &advertised_scopes(&org.scopes),
+            &org.name,
+        );
+        Response::json(StatusCode::OK, Bytes::from(doc.to_string()))
+    }
+
+    async fn serve_logout(&self, req: &Request) -> Response {
+        let Some(validator) = &self.validator else {
+            return Reject::new(
+                StatusCode::NOT_FOUND,
+                code::NOT_FOUND,
+                "back-channel logout needs an identity provider",
+            )
+            .into_response();
+        };
+        if req.method != Method::POST {
+            return Reject::method_not_allowed(&req.method, "POST").into_response();
+        }
+        let result = validator.backchannel_logout(&req.body).await;
+        if let Ok(event) = &result {
+            self.end_sessions_of(event).await;
+        }
+        let (status, body) = match result {
+            Ok(_) => (StatusCode::OK, Bytes::new()),
+            Err(e @ LogoutError::Invalid(_)) => (
+                StatusCode::BAD_REQUEST,
+                Bytes::from(
+                    json!({"error": "invalid_request", "error_description": e.to_string()})
+                        .to_string(),
+                ),
+            ),
+            Err(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from(
+                    json!({"error": "temporarily_unavailable", "error_description": e.to_string()})
+                        .to_string(),
+                ),
+            ),
+        };
+        let mut r = if body.is_empty() {
+            Response::empty(status)
+        } else {
+            Response::json(status, body)
+        };
+        r.headers
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+
+    /// Ends the gateway sessions that a provider logout ended.
+    async fn end_sessions_of(&self, event: &LogoutEvent) {
+        for org in self.routes.orgs() {
+            let sessions = match self.store.list_org(&org.name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list sessions to end after a logout");
+                    continue;
+                }
+            };
+            for record in sessions {
+                let s = &record.state;
+                let hit = match (&event.sid, &event.sub) {
+                    (Some(sid), _) => s.idp_session.as_deref() == Some(sid.as_str()),
+                    (None, Some(sub)) => &s.subject == sub,
+                    (None, None) => false,
+                };
+                if hit && let Err(e) = self.end_session(&s.id, "its user logged out").await {
+                    tracing::warn!(error = %e, "cannot end a logged-out session");
+                }
+            }
+        }
+    }
+}
