@@ -141,6 +141,7 @@ impl ForwardAuth {
                     async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(std::time::Duration::from_secs(10))
                     .serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = conn.await {
@@ -351,5 +352,79 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeIdp;
+
+    #[tokio::test]
+    async fn checks_tokens_over_http() {
+        let idp = FakeIdp::start().await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let config = ForwardConfig {
+            listen: format!("127.0.0.1:{port}").parse().expect("addr"),
+            public_url: "http://proxy.test".into(),
+            identity: idp.config(),
+            mode: AuthMode::Jwt,
+            org_header: default_org_header(),
+            backchannel_logout_path: default_logout_path(),
+            orgs: [("org-1".to_owned(), ForwardOrg::default())]
+                .into_iter()
+                .collect(),
+        };
+        assert!(config.problems().is_empty(), "{:?}", config.problems());
+        let server = ForwardAuth::new(config).expect("server");
+        tokio::spawn(server.serve());
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while http.get(format!("{base}/healthz")).send().await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server never listened"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let token = idp.token(serde_json::json!({}));
+        let ok = http
+            .get(format!("{base}/check"))
+            .header("x-ratatosk-org", "org-1")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(ok.status(), 200);
+        assert_eq!(ok.headers()["x-ratatosk-subject"], "user-1");
+        let denied = http
+            .get(format!("{base}/check"))
+            .header("x-forwarded-uri", "/org-1/mcp")
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(denied.status(), 401);
+        let challenge = denied.headers()["www-authenticate"]
+            .to_str()
+            .expect("ascii");
+        assert!(
+            challenge.contains("http://proxy.test/.well-known/oauth-protected-resource/org-1/mcp"),
+            "{challenge}"
+        );
+        let other = http
+            .get(format!("{base}/check"))
+            .header("x-ratatosk-org", "org-9")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(other.status(), 403);
     }
 }

@@ -72,18 +72,15 @@ pub enum KeyError {
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct HttpError(String);
-
 pub struct Provider {
     config: ProviderConfig,
     http: reqwest::Client,
     endpoints: RwLock<Option<Arc<Endpoints>>>,
     discovery: Mutex<()>,
     keys: RwLock<HashMap<String, Arc<SigningKey>>>,
-    /// When keys were last fetched; a fetch holds the lock (single flight).
-    last_fetch: Mutex<Option<Instant>>,
+    /// When keys were last fetched, and why that failed if it did; a fetch
+    /// holds the lock (single flight).
+    last_fetch: Mutex<Option<(Instant, Option<String>)>>,
     metrics: AuthMetrics,
 }
 
@@ -129,28 +126,8 @@ impl Provider {
         let issuer = IssuerUrl::new(self.config.issuer.clone()).map_err(|e| {
             Unavailable(format!("issuer `{}` is not a URL: {e}", self.config.issuer))
         })?;
-        let client = self.http.clone();
-        let fetch = move |req: openidconnect::HttpRequest| {
-            let client = client.clone();
-            async move { send(&client, req).await }
-        };
-        let metadata = tokio::time::timeout(
-            self.config.timeout * 2,
-            Metadata::discover_async(issuer, &fetch),
-        )
-        .await
-        .map_err(|_| {
-            Unavailable(format!(
-                "OIDC discovery of {} timed out",
-                self.config.issuer
-            ))
-        })?
-        .map_err(|e| {
-            Unavailable(format!(
-                "OIDC discovery of {} failed: {}",
-                self.config.issuer,
-                error_chain(&e)
-            ))
+        let metadata = self.discover(&issuer).await.map_err(|why| {
+            Unavailable(format!("OIDC discovery of {}: {why}", self.config.issuer))
         })?;
         let endpoints = Arc::new(Endpoints {
             jwks_uri: metadata.jwks_uri().url().to_string(),
@@ -162,6 +139,36 @@ impl Provider {
         tracing::info!(issuer = %self.config.issuer, jwks = %endpoints.jwks_uri, "identity provider discovered");
         *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = Some(endpoints.clone());
         Ok(endpoints)
+    }
+
+    /// Fetches and checks the discovery document. The `openidconnect` types
+    /// parse it; the key set is fetched separately (in `jsonwebtoken`'s
+    /// form, with its own rate limit), so discovery itself fetches no keys.
+    async fn discover(&self, issuer: &IssuerUrl) -> Result<Metadata, String> {
+        let url = issuer
+            .join(".well-known/openid-configuration")
+            .map_err(|e| e.to_string())?;
+        let response = self
+            .http
+            .get(url.as_str())
+            .header(http::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        if !response.status().is_success() {
+            return Err(format!("{url} answered HTTP {}", response.status()));
+        }
+        let body = response.bytes().await.map_err(|e| error_chain(&e))?;
+        let metadata: Metadata = serde_json::from_slice(&body)
+            .map_err(|e| format!("{url} is not a discovery document: {e}"))?;
+        if metadata.issuer() != issuer {
+            return Err(format!(
+                "the document names issuer `{}`; tokens must come from `{}`",
+                metadata.issuer().as_str(),
+                issuer.as_str()
+            ));
+        }
+        Ok(metadata)
     }
 
     fn cached_key(&self, kid: &str) -> Option<Arc<SigningKey>> {
@@ -182,12 +189,29 @@ impl Provider {
         if let Some(k) = self.cached_key(kid) {
             return Ok(k);
         }
-        if last.is_some_and(|t| t.elapsed() < self.config.jwks_min_refetch) {
-            return Err(KeyError::UnknownKid(kid.to_owned()));
+        if let Some((at, failure)) = last.as_ref()
+            && at.elapsed() < self.config.jwks_min_refetch
+        {
+            // Too soon to fetch again. If the last fetch failed, the keys are
+            // unknown, not the token's key: that is the provider's fault.
+            return Err(match failure {
+                Some(why) => KeyError::Unavailable(why.clone()),
+                None => KeyError::UnknownKid(kid.to_owned()),
+            });
         }
+        self.refresh(&mut last).await?;
+        self.cached_key(kid)
+            .ok_or_else(|| KeyError::UnknownKid(kid.to_owned()))
+    }
+
+    /// Fetches the keys and records the attempt (a failed one too, so a
+    /// down provider is not hammered).
+    async fn refresh(&self, last: &mut Option<(Instant, Option<String>)>) -> Result<(), KeyError> {
         let fetched = self.fetch_keys().await;
-        // A failed fetch also counts, so a down provider is not hammered.
-        *last = Some(Instant::now());
+        *last = Some((
+            Instant::now(),
+            fetched.as_ref().err().map(|e| e.to_string()),
+        ));
         let keys = fetched.inspect_err(|_| {
             self.metrics
                 .jwks_fetches
@@ -196,9 +220,16 @@ impl Provider {
         })?;
         self.metrics.jwks_fetches.with_label_values(&["ok"]).inc();
         tracing::info!(keys = keys.len(), "signing keys fetched");
-        let found = keys.get(kid).cloned();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        found.ok_or_else(|| KeyError::UnknownKid(kid.to_owned()))
+        Ok(())
+    }
+
+    /// Discovers the provider and fetches its keys ahead of the first
+    /// token, so the first requests do not wait and a provider that is down
+    /// at start shows in the log at once.
+    pub async fn prefetch(&self) -> Result<(), KeyError> {
+        let mut last = self.last_fetch.lock().await;
+        self.refresh(&mut last).await
     }
 
     async fn fetch_keys(&self) -> Result<HashMap<String, Arc<SigningKey>>, KeyError> {
@@ -278,6 +309,14 @@ impl Provider {
             .await
             .map_err(|e| fail(error_chain(&e)))?;
         let status = response.status();
+        if status == reqwest::StatusCode::BAD_REQUEST {
+            // Keycloak answers 400 (not `active: false`) for a token it cannot
+            // parse at all: that is about the token, not the provider.
+            return Ok(Claims {
+                active: Some(false),
+                ..Claims::default()
+            });
+        }
         if !status.is_success() {
             return Err(fail(format!(
                 "answered HTTP {status}{}",
@@ -351,31 +390,6 @@ fn signing_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
         // HMAC keys are never published; encryption algorithms do not sign.
         _ => return None,
     })
-}
-
-async fn send(
-    client: &reqwest::Client,
-    req: openidconnect::HttpRequest,
-) -> Result<openidconnect::HttpResponse, HttpError> {
-    let (parts, body) = req.into_parts();
-    let response = client
-        .request(parts.method, parts.uri.to_string())
-        .headers(parts.headers)
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| HttpError(error_chain(&e)))?;
-    let mut builder = http::Response::builder().status(response.status());
-    for (k, v) in response.headers() {
-        builder = builder.header(k, v);
-    }
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| HttpError(error_chain(&e)))?;
-    builder
-        .body(body.to_vec())
-        .map_err(|e| HttpError(e.to_string()))
 }
 
 /// An error with its causes.

@@ -100,6 +100,19 @@ impl Validator {
         &self.metrics
     }
 
+    /// Discovers the provider and fetches its signing keys now; a failure is
+    /// logged and retried on demand later.
+    pub async fn warm_up(&self) {
+        match self.provider.prefetch().await {
+            Ok(()) => {
+                tracing::info!(issuer = %self.config().issuer, "identity provider reachable; signing keys loaded")
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %self.config().issuer, error = %e, "identity provider not reachable yet; will retry on demand")
+            }
+        }
+    }
+
     /// Validates a bearer token in the given mode.
     pub async fn validate(&self, token: &str, mode: AuthMode) -> Result<Arc<Identity>, AuthError> {
         let result = self.validate_inner(token, mode).await;
@@ -239,11 +252,14 @@ impl Validator {
 
     async fn verify_introspect(&self, token: &str) -> Result<Verdict, AuthError> {
         let config = self.config();
-        let claims = self
+        let mut claims = self
             .provider
             .introspect(token)
             .await
             .map_err(|e| AuthError::Unavailable(e.0))?;
+        if claims.active == Some(true) && claims.organization.is_none() {
+            claims.organization = organization_from_payload(token, claims.sub.as_deref());
+        }
         if claims.active != Some(true) {
             return Ok(invalid(
                 "the identity provider says the token is not active (expired, revoked, or not its own)",
@@ -336,6 +352,23 @@ impl Validator {
 }
 
 const LOGGED_OUT: &str = "the token's session was logged out";
+
+/// Keycloak leaves the `organization` claim out of introspection answers
+/// for tokens issued with a dynamic scope (`organization:*`,
+/// `organization:<alias>`). The token itself carries it; once the provider
+/// has said this very token is active (so its signature held), its payload
+/// can be read for the claim. Only a payload about the same subject counts.
+fn organization_from_payload(token: &str, subject: Option<&str>) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Claims = serde_json::from_slice(&bytes).ok()?;
+    (claims.sub.is_some() && claims.sub.as_deref() == subject)
+        .then_some(claims.organization)
+        .flatten()
+}
 
 fn invalid(why: impl Into<String>) -> Verdict {
     Verdict::Invalid(Arc::from(why.into()))
@@ -642,6 +675,24 @@ mod tests {
         v.validate(&after, AuthMode::Jwt)
             .await
             .expect("a later login is fine");
+    }
+
+    #[test]
+    fn organizations_are_read_from_the_payload_of_the_same_subject_only() {
+        use base64::Engine;
+        let enc = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let token = format!(
+            "h.{}.s",
+            enc(json!({"sub": "u1", "organization": ["org-1"]}))
+        );
+        assert_eq!(
+            organization_from_payload(&token, Some("u1")),
+            Some(json!(["org-1"]))
+        );
+        assert_eq!(organization_from_payload(&token, Some("u2")), None);
+        assert_eq!(organization_from_payload("opaque-token", Some("u1")), None);
     }
 
     #[tokio::test]

@@ -38,7 +38,7 @@ impl Gateway {
                 validator.config().max_token_bytes,
             )?;
             let identity = validator.validate(token, org.auth).await?;
-            identity.authorize(&org.name, &org.scopes)?;
+            identity.authorize(&org.organization, &org.scopes)?;
             Ok::<_, AuthError>(identity)
         }
         .await;

@@ -177,6 +177,11 @@ pub struct OrgConfig {
     /// `insufficient_scope`.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// The identity provider's organization alias a token must carry in its
+    /// `organization` claim. Default: the org's name. Lets several routes
+    /// (say, with different auth modes) serve one organization.
+    #[serde(default)]
+    pub organization: Option<String>,
     pub upstream: UpstreamConfig,
 }
 
@@ -472,6 +477,12 @@ impl Config {
                         "auth mode `{}` needs an `identity` section (the identity provider)",
                         org.auth.as_str()
                     ),
+                );
+            }
+            if org.auth == AuthMode::None && org.organization.is_some() {
+                bad(
+                    &format!("{at}.organization"),
+                    "an organization can only be required of tokens: set `auth` to a mode other than `none`".into(),
                 );
             }
             if org.auth == AuthMode::None && !org.scopes.is_empty() {

@@ -92,6 +92,7 @@ impl Gateway {
                 name: name.as_str().into(),
                 auth: org.auth,
                 scopes: org.scopes.clone(),
+                organization: org.organization.clone().unwrap_or_else(|| name.clone()),
                 pool: Arc::new(pool),
             });
             metrics.sessions.with_label_values(&[name]).set(0);

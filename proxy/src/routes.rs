@@ -23,6 +23,8 @@ pub struct OrgRoute {
     pub auth: AuthMode,
     /// Scopes a token needs for this org.
     pub scopes: Vec<String>,
+    /// The organization alias tokens must carry.
+    pub organization: String,
     pub pool: Arc<Pool>,
 }
 
@@ -112,6 +114,7 @@ mod tests {
             name: name.into(),
             auth: AuthMode::None,
             scopes: Vec::new(),
+            organization: name.into(),
             pool: Arc::new(Pool::new(name, &cfg, 1 << 20, &metrics).expect("pool")),
         };
         Routes::new(base, [org("org-1"), org("org-2")])

@@ -324,6 +324,9 @@ pub struct Housekeeping {
 #[async_trait]
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        if let Some(validator) = self.gateway.validator.clone() {
+            tokio::spawn(async move { validator.warm_up().await });
+        }
         let ttl = self.gateway.config.sessions.idle_ttl;
         let period = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
         loop {

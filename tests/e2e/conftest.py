@@ -65,3 +65,55 @@ def gateway(log_dir, replicas, admin_port):
         gw.assert_healthy()
     finally:
         gw.stop()
+
+
+# ----- Keycloak and a gateway that validates its tokens ----------------------------
+
+from harness import KC_AUDIENCE, KC_GATEWAY_SECRET, Keycloak  # noqa: E402
+
+# Routes of the auth gateway: several per Keycloak organization, one per mode.
+AUTH_ORGS = {
+    "org-1": ("jwt", "org-1", []),
+    "org-2": ("jwt", "org-2", []),
+    "org-1-introspect": ("introspect", "org-1", []),
+    "org-2-introspect": ("introspect", "org-2", []),
+    "org-1-both": ("jwt+introspect", "org-1", []),
+    "org-1-admin": ("jwt", "org-1", ["mcp:admin"]),
+}
+
+
+@pytest.fixture(scope="session")
+def auth_gateway_port() -> int:
+    """Chosen before Keycloak starts: Keycloak's back-channel logout URL names it."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def keycloak(tmp_path_factory, auth_gateway_port):
+    kc = Keycloak(tmp_path_factory.mktemp("keycloak"),
+                  f"http://127.0.0.1:{auth_gateway_port}/auth/backchannel-logout")
+    kc.start()
+    yield kc
+    kc.stop()
+
+
+def identity_config(issuer: str, **over) -> dict:
+    return {"issuer": issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
+            "client_secret": "${RATATOSK_KC_SECRET}", "timeout": "2s", "clock_skew": "0s",
+            "jwks_min_refetch": "1s", "logout_client_ids": ["mcp-client"], **over}
+
+
+@pytest.fixture(scope="session")
+def auth_gateway(log_dir, replicas, keycloak, auth_gateway_port):
+    orgs = {name: org(replicas, auth=mode, organization=alias, **({"scopes": scopes} if scopes else {}))
+            for name, (mode, alias, scopes) in AUTH_ORGS.items()}
+    gw = Gateway(log_dir, orgs, name="gateway-auth", port=auth_gateway_port,
+                 extra={"identity": identity_config(keycloak.issuer),
+                        "public_url": f"http://127.0.0.1:{auth_gateway_port}"},
+                 env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
+    gw.start_and_wait()
+    yield gw
+    try:
+        gw.assert_healthy()
+    finally:
+        gw.stop()

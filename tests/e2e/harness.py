@@ -168,8 +168,9 @@ class Gateway(Proc):
 
     def __init__(self, log_dir: Path, orgs: dict[str, dict], *, base_path: str = "",
                  idle_ttl: str = "30m", keepalive: str = "1s", event_log_size: int = 256,
-                 max_body_bytes: int = 65536, name: str = "gateway", admin_port: int | None = None):
-        self.port = free_port()
+                 max_body_bytes: int = 65536, name: str = "gateway", admin_port: int | None = None,
+                 port: int | None = None, extra: dict | None = None, env: dict | None = None):
+        self.port = port or free_port()
         self.admin_port = admin_port or free_port()
         self.base_path = base_path
         self.config_path = log_dir / f"{name}.yaml"
@@ -185,6 +186,7 @@ class Gateway(Proc):
             "publish": {"secret": "${RATATOSK_PUBLISH_SECRET}"},
             "server": {"threads": 2, "shutdown_grace": "1s"},
             "orgs": orgs,
+            **(extra or {}),
         }
         log_dir.mkdir(parents=True, exist_ok=True)
         # JSON is YAML: no YAML library is needed in the test venv.
@@ -193,7 +195,8 @@ class Gateway(Proc):
             name=name,
             argv=[str(gateway_binary()), "--config", str(self.config_path)],
             log_path=log_dir / f"{name}.log",
-            env={"RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET, "RATATOSK_LOG": "info", "NO_COLOR": "1"},
+            env={"RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET, "RATATOSK_LOG": "info", "NO_COLOR": "1",
+                 **(env or {})},
         )
 
     def start_and_wait(self, timeout: float = 20.0) -> "Gateway":
@@ -243,9 +246,89 @@ class Gateway(Proc):
         assert self.admin_get("/healthz").status_code == 200
 
 
-def org(replicas: list[Replica] | list[str], **upstream) -> dict:
+def org(replicas: list[Replica] | list[str], auth: str = "none", **upstream) -> dict:
+    """An org's config; keys `scopes` and `organization` go to the org, the
+    rest to its upstream."""
     urls = [r.url if isinstance(r, Replica) else r for r in replicas]
-    return {"auth": "none", "upstream": {"era": "stateless-2025", "replicas": urls, **upstream}}
+    extra = {k: upstream.pop(k) for k in ("scopes", "organization") if k in upstream}
+    return {"auth": auth, **extra, "upstream": {"era": "stateless-2025", "replicas": urls, **upstream}}
+
+
+# ----- Keycloak -------------------------------------------------------------------
+
+# LOCAL-ONLY test credentials of keycloak/realm-ratatosk.json.
+KC_PASSWORDS = {"alice": "alice-local-only", "bob": "bob-local-only", "carol": "carol-local-only"}
+KC_GATEWAY_SECRET = "ratatosk-gateway-local-only-secret"
+KC_ADMIN_PASSWORD = "admin-local-only"
+KC_AUDIENCE = "http://127.0.0.1:8080"
+
+
+class Keycloak:
+    """A real Keycloak started by keycloak/start, on loopback ports."""
+
+    def __init__(self, run_dir: Path, backchannel_url: str):
+        self.port = free_port()
+        self.management_port = free_port()
+        self.run_dir = run_dir
+        self.backchannel_url = backchannel_url
+        self.issuer = f"http://127.0.0.1:{self.port}/realms/ratatosk"
+
+    def _env(self) -> dict:
+        return {**os.environ, "KEYCLOAK_PORT": str(self.port),
+                "KEYCLOAK_MANAGEMENT_PORT": str(self.management_port),
+                "KEYCLOAK_RUN_DIR": str(self.run_dir), "RATATOSK_BACKCHANNEL_URL": self.backchannel_url,
+                "KEYCLOAK_ADMIN_PASSWORD": KC_ADMIN_PASSWORD}
+
+    def start(self, reuse: bool = False) -> "Keycloak":
+        env = self._env()
+        if reuse:
+            env["KEYCLOAK_REUSE"] = "1"
+        out = subprocess.run([str(ROOT / "keycloak/start")], env=env, capture_output=True, text=True,
+                             timeout=600)
+        if out.returncode != 0:
+            raise AssertionError(f"keycloak/start failed ({out.returncode}):\n{out.stderr[-4000:]}")
+        assert out.stdout.strip() == self.issuer, (out.stdout, self.issuer)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run([str(ROOT / "keycloak/stop")], env=self._env(), capture_output=True, timeout=120)
+
+    def token_response(self, user: str, client: str = "mcp-client",
+                       scope: str = "openid organization:* mcp:tools") -> dict:
+        r = httpx2.post(f"{self.issuer}/protocol/openid-connect/token", timeout=10, data={
+            "grant_type": "password", "client_id": client, "username": user,
+            "password": KC_PASSWORDS[user], "scope": scope})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def token(self, user: str, **kw) -> str:
+        return self.token_response(user, **kw)["access_token"]
+
+    def admin_token(self) -> str:
+        r = httpx2.post(f"http://127.0.0.1:{self.port}/realms/master/protocol/openid-connect/token", timeout=10,
+                        data={"grant_type": "password", "client_id": "admin-cli", "username": "admin",
+                              "password": KC_ADMIN_PASSWORD})
+        assert r.status_code == 200, r.text
+        return r.json()["access_token"]
+
+    def admin(self, method: str, path: str, **kw) -> httpx2.Response:
+        return httpx2.request(method, f"http://127.0.0.1:{self.port}/admin/realms/ratatosk{path}", timeout=30,
+                              headers={"Authorization": f"Bearer {self.admin_token()}"}, **kw)
+
+    def logout_user(self, user: str) -> None:
+        """Ends every Keycloak session of the user (admin API); Keycloak
+        then sends back-channel logout tokens to the clients involved."""
+        users = self.admin("GET", "/users", params={"username": user, "exact": "true"}).json()
+        r = self.admin("POST", f"/users/{users[0]['id']}/logout")
+        assert r.status_code == 204, r.text
+
+
+def claims(token: str) -> dict:
+    """The payload of a JWT, unverified (for test bookkeeping only)."""
+    import base64
+
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
 # ----- raw HTTP helpers ---------------------------------------------------------

@@ -1,0 +1,148 @@
+"""Forward-auth: real nginx (Debian package) in front of a FastMCP replica,
+asking `ratatosk-auth serve` about every request with `auth_request`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from conftest import identity_config
+from harness import (KC_GATEWAY_SECRET, PROTOCOL, Proc, claims, free_port, gateway_binary, port_open,
+                     post, wait_until)
+
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "nginx-e2e", "version": "1"}}}
+
+
+def nginx_conf(root: Path, port: int, auth_port: int, upstream_port: int) -> str:
+    locations = []
+    for org in ("org-1", "org-2"):
+        locations.append(f"""
+        location = /_auth/{org} {{
+            internal;
+            proxy_pass http://127.0.0.1:{auth_port}/check;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Ratatosk-Org {org};
+        }}
+        location = /{org}/mcp {{
+            auth_request /_auth/{org};
+            auth_request_set $rt_subject $upstream_http_x_ratatosk_subject;
+            auth_request_set $rt_scopes $upstream_http_x_ratatosk_scopes;
+            proxy_set_header Authorization "";
+            proxy_set_header Ratatosk-Subject $rt_subject;
+            proxy_set_header Ratatosk-Scopes $rt_scopes;
+            proxy_set_header Ratatosk-Org {org};
+            proxy_http_version 1.1;
+            proxy_buffering off;
+            proxy_pass http://127.0.0.1:{upstream_port}/mcp;
+        }}""")
+    return f"""
+daemon off;
+master_process off;
+error_log {root}/error.log info;
+pid {root}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    access_log {root}/access.log;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location /.well-known/oauth-protected-resource/ {{
+            proxy_pass http://127.0.0.1:{auth_port};
+        }}
+        {''.join(locations)}
+    }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def nginx_stack(tmp_path_factory, keycloak, replicas):
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        raise AssertionError("nginx is not installed: scripts/prereqs installs the Debian package")
+    root = tmp_path_factory.mktemp("nginx")
+    port, auth_port = free_port(), free_port()
+    config = {
+        "listen": f"127.0.0.1:{auth_port}",
+        "public_url": f"http://127.0.0.1:{port}",
+        "identity": identity_config(keycloak.issuer),
+        "mode": "jwt",
+        "orgs": {"org-1": {}, "org-2": {"mode": "introspect"}},
+    }
+    (root / "auth.yaml").write_text(json.dumps(config))
+    auth_bin = gateway_binary().parent / "ratatosk-auth"
+    auth = Proc("ratatosk-auth", [str(auth_bin), "serve", "--config", str(root / "auth.yaml")],
+                root / "ratatosk-auth.log", env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET, "NO_COLOR": "1"})
+    (root / "nginx.conf").write_text(nginx_conf(root, port, auth_port, replicas[0].port))
+    proxy = Proc("nginx", [nginx, "-p", str(root), "-c", str(root / "nginx.conf")], root / "nginx.log")
+    auth.start()
+    proxy.start()
+    try:
+        wait_until("ratatosk-auth listening", lambda: port_open(auth_port), alive=auth.death)
+        wait_until("nginx listening", lambda: port_open(port), alive=proxy.death)
+        yield f"http://127.0.0.1:{port}", auth, replicas[0]
+        assert auth.death() is None, auth.death()
+        assert "panicked" not in auth.log_text()
+    finally:
+        proxy.stop()
+        auth.stop()
+
+
+def test_nginx_refuses_without_a_token_with_the_bridge_challenge(nginx_stack, keycloak):
+    base, _, _ = nginx_stack
+    r = post(f"{base}/org-1/mcp", INIT, version=None)
+    assert r.status_code == 401
+    challenge = r.headers["www-authenticate"]
+    url = re.search(r'resource_metadata="([^"]+)"', challenge).group(1)
+    assert url.startswith(base)
+    doc = httpx2.get(url, timeout=5).json()
+    assert doc["authorization_servers"] == [keycloak.issuer]
+
+
+def test_nginx_lets_alice_in_and_strips_her_token(nginx_stack, keycloak):
+    base, _, replica = nginx_stack
+    alice = keycloak.token("alice")
+    r = post(f"{base}/org-1/mcp", INIT, version=None,
+             headers={"Authorization": f"Bearer {alice}", "X-Request-Id": "via-nginx-1"})
+    assert r.status_code == 200, r.text
+    assert '"protocolVersion"' in r.text
+    seen = [h for h in replica.seen_headers() if h.get("ratatosk-org") == "org-1" and "ratatosk-subject" in h]
+    assert seen, replica.seen_headers()[-3:]
+    last = seen[-1]
+    assert last["ratatosk-subject"] == claims(alice)["sub"]
+    assert "authorization" not in last
+    assert "mcp:tools" in last["ratatosk-scopes"]
+
+
+def test_nginx_enforces_orgs_in_both_modes(nginx_stack, keycloak):
+    base, _, _ = nginx_stack
+    bob = keycloak.token("bob")
+    assert post(f"{base}/org-1/mcp", INIT, version=None, headers={"Authorization": f"Bearer {bob}"}).status_code == 403
+    # org-2 is checked by introspection.
+    ok = post(f"{base}/org-2/mcp", INIT, version=None, headers={"Authorization": f"Bearer {bob}"})
+    assert ok.status_code == 200, ok.text
+    bad = post(f"{base}/org-2/mcp", INIT, version=None, headers={"Authorization": "Bearer garbage"})
+    assert bad.status_code == 401
+
+
+def test_the_forward_auth_binary_checks_its_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: 127.0.0.1:1\npublic_url: x\nidentity: {issuer: nope, audience: a}\norgs: {}\nbogus: 1\n")
+    import subprocess
+
+    out = subprocess.run([str(gateway_binary().parent / "ratatosk-auth"), "check", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "bogus" in out.stderr, out.stderr

@@ -1,0 +1,174 @@
+"""Keycloak tokens through the gateway, against the real Keycloak started by
+keycloak/start with the ratatosk realm (users alice in org-1, bob in org-2,
+carol in both)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx2
+import pytest
+
+from harness import PROTOCOL, claims, post, rpc_error, streamable_session
+
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "auth-e2e", "version": "1"}}}
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def init(gw, org_name: str, token: str | None) -> httpx2.Response:
+    return post(gw.url(org_name), INIT, version=None, headers=bearer(token) if token else {})
+
+
+def session_of(gw, org_name: str, token: str) -> str:
+    r = init(gw, org_name, token)
+    assert r.status_code == 200, r.text
+    return r.headers["mcp-session-id"]
+
+
+def metric(gw, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", gw.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_each_user_reaches_exactly_their_orgs(auth_gateway, keycloak):
+    alice, bob, carol = (keycloak.token(u) for u in ("alice", "bob", "carol"))
+    expected = {
+        (alice, "org-1"): 200, (alice, "org-2"): 403,
+        (bob, "org-1"): 403, (bob, "org-2"): 200,
+        (carol, "org-1"): 200, (carol, "org-2"): 200,
+    }
+    for (token, org_name), status in expected.items():
+        r = init(auth_gateway, org_name, token)
+        assert r.status_code == status, (claims(token)["preferred_username"], org_name, r.text)
+        if status == 403:
+            err = rpc_error(r)
+            assert org_name in err["message"]
+            assert 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+def test_no_token_gets_401_and_the_metadata_names_the_realm(auth_gateway, keycloak):
+    r = init(auth_gateway, "org-1", None)
+    assert r.status_code == 401
+    assert rpc_error(r)["message"].startswith("no bearer token")
+    challenge = r.headers["www-authenticate"]
+    url = re.search(r'resource_metadata="([^"]+)"', challenge).group(1)
+    assert "organization:*" in challenge
+    doc = httpx2.get(url, timeout=5).json()
+    assert doc["authorization_servers"] == [keycloak.issuer]
+    assert doc["resource"] == auth_gateway.url("org-1")
+    # The authorization server's own metadata is where the document says.
+    assert httpx2.get(f"{keycloak.issuer}/.well-known/openid-configuration", timeout=5).status_code == 200
+
+
+def test_rejected_tokens_get_401(auth_gateway, keycloak):
+    good = keycloak.token("alice")
+    head, payload, sig = good.split(".")
+    flipped = f"{head}.{payload}.{sig[:10]}{'A' if sig[10] != 'A' else 'B'}{sig[11:]}"
+    other_audience = keycloak.token("alice", client="other-audience")
+    assert "http://127.0.0.1:8080" not in claims(other_audience).get("aud", [])
+    short = keycloak.token("alice", client="mcp-client-short")
+    # Wait out the 2-second lifespan of the short token (the gateway allows no clock skew here).
+    while time.time() <= claims(short)["exp"] + 0.2:
+        time.sleep(0.1)
+    cases = {"flipped signature": flipped, "other audience": other_audience, "expired": short,
+             "garbage": "this-is-not-a-jwt", "empty-ish": "e30.e30.e30"}
+    for org_name in ("org-1", "org-1-introspect"):
+        for what, token in cases.items():
+            r = init(auth_gateway, org_name, token)
+            assert r.status_code == 401, (org_name, what, r.text)
+            assert 'error="invalid_token"' in r.headers["www-authenticate"], (org_name, what)
+            assert rpc_error(r)["code"] == -32000
+
+
+def test_malformed_authorization_and_huge_tokens(auth_gateway):
+    for header in ["Basic YWxpY2U6cHc=", "Bearer", "Bearer a b", "Bearer " + "x" * (64 * 1024)]:
+        r = post(auth_gateway.url("org-1"), INIT, version=None, headers={"Authorization": header})
+        assert r.status_code in (400, 401, 431), (header[:20], r.status_code)
+        if r.status_code == 401:
+            assert "www-authenticate" in r.headers
+            assert rpc_error(r)["message"]
+    auth_gateway.assert_healthy()
+
+
+def test_missing_scope_is_403_insufficient_scope(auth_gateway, keycloak):
+    r = init(auth_gateway, "org-1-admin", keycloak.token("alice"))
+    assert r.status_code == 403
+    challenge = r.headers["www-authenticate"]
+    assert 'error="insufficient_scope"' in challenge and 'scope="mcp:admin"' in challenge
+
+
+def test_one_fresh_token_a_thousand_times_makes_one_introspection(auth_gateway, keycloak):
+    token = keycloak.token("carol")
+    before = metric(auth_gateway, "ratatosk_auth_introspections_total")
+
+    async def flood() -> list[int]:
+        limits = httpx2.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx2.AsyncClient(limits=limits, timeout=60) as http:
+            async def one() -> int:
+                # No session: the request is refused after the token check,
+                # without reaching an upstream.
+                r = await http.post(auth_gateway.url("org-2-introspect"), json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                                    headers={**bearer(token), "Accept": "application/json, text/event-stream",
+                                             "MCP-Protocol-Version": PROTOCOL})
+                return r.status_code
+            return await asyncio.gather(*(one() for _ in range(1000)))
+
+    statuses = asyncio.run(flood())
+    assert statuses.count(400) == 1000, {s: statuses.count(s) for s in set(statuses)}
+    assert metric(auth_gateway, "ratatosk_auth_introspections_total") - before == 1
+
+
+@pytest.mark.anyio
+async def test_sessions_are_bound_to_the_user_and_upstreams_never_see_the_token(auth_gateway, keycloak, replicas):
+    alice, bob = keycloak.token("alice"), keycloak.token("carol")
+    sid = session_of(auth_gateway, "org-1", alice)
+    tools_list = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    as_other = post(auth_gateway.url("org-1"), tools_list, session=sid, headers=bearer(bob))
+    assert as_other.status_code == 404
+    assert rpc_error(as_other)["code"] == -32001
+    mine = post(auth_gateway.url("org-1"), tools_list, session=sid, headers={**bearer(alice), "X-Request-Id": f"bind-{sid[:8]}"})
+    assert mine.status_code == 200
+    seen = [h for r in replicas for h in r.seen_headers() if h.get("x-request-id") == f"bind-{sid[:8]}"]
+    assert len(seen) == 1, seen
+    h = seen[0]
+    assert "authorization" not in h
+    assert h["ratatosk-subject"] == claims(alice)["sub"]
+    assert h["ratatosk-org"] == "org-1"
+    assert "mcp:tools" in h["ratatosk-scopes"].split()
+    assert h["ratatosk-session"] == sid
+    # The official client works with a token, too.
+    async with streamable_session(auth_gateway.url("org-1"), headers=bearer(alice)) as s:
+        assert (await s.call_tool("add", {"a": 1, "b": 2})).content[0].text == "3"
+
+
+def test_logout_refuses_the_token_within_a_second_in_every_mode(auth_gateway, keycloak):
+    token = keycloak.token("alice")
+    routes = ["org-1", "org-1-introspect", "org-1-both"]
+    sessions = {r: session_of(auth_gateway, r, token) for r in routes}  # cached in every mode now
+    listed = {s["id"] for r in routes for s in auth_gateway.sessions(r)}
+    assert set(sessions.values()) <= listed
+    ping = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
+    for r in routes:
+        assert post(auth_gateway.url(r), ping, session=sessions[r], headers=bearer(token)).status_code == 200
+    keycloak.logout_user("alice")
+    started = time.monotonic()
+    refused: dict[str, float] = {}
+    while len(refused) < len(routes) and time.monotonic() - started < 1.0:
+        for r in routes:
+            if r not in refused and post(auth_gateway.url(r), ping, session=sessions[r],
+                                         headers=bearer(token)).status_code == 401:
+                refused[r] = time.monotonic() - started
+    assert set(refused) == set(routes), f"still accepted after 1 s: {set(routes) - set(refused)}"
+    # The gateway sessions of that Keycloak session ended too.
+    listed = {s["id"] for r in routes for s in auth_gateway.sessions(r)}
+    assert not set(sessions.values()) & listed
+    # A new login works again.
+    assert init(auth_gateway, "org-1", keycloak.token("alice")).status_code == 200
+    text = auth_gateway.metrics()
+    assert 'ratatosk_auth_backchannel_logouts_total{result="accepted"}' in text
