@@ -23,6 +23,7 @@ pub const KID: &str = "test-key-1";
 
 pub struct FakeIdp {
     pub issuer: String,
+    algorithm: Algorithm,
     encoding: EncodingKey,
     pub introspections: Arc<AtomicUsize>,
     pub jwks_fetches: Arc<AtomicUsize>,
@@ -35,14 +36,32 @@ pub struct FakeIdp {
 }
 
 impl FakeIdp {
+    /// An IdP signing with ES256 (a key made in microseconds).
     pub async fn start() -> FakeIdp {
         let secret = p256::SecretKey::random(&mut rand_core::OsRng);
         let der = secret.to_pkcs8_der().expect("der");
         let encoding = EncodingKey::from_ec_der(der.as_bytes());
         let mut jwk: Value =
             serde_json::from_str(&secret.public_key().to_jwk_string()).expect("jwk");
-        jwk["kid"] = json!(KID);
         jwk["alg"] = json!("ES256");
+        Self::serve(encoding, jwk, Algorithm::ES256).await
+    }
+
+    /// An IdP signing with RS256 and a 2048-bit key, as Keycloak does.
+    pub async fn start_rsa() -> FakeIdp {
+        use base64::Engine;
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::traits::PublicKeyParts;
+        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).expect("rsa key");
+        let der = key.to_pkcs1_der().expect("der");
+        let encoding = EncodingKey::from_rsa_der(der.as_bytes());
+        let b64 = |b: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwk = json!({"kty": "RSA", "alg": "RS256", "n": b64(key.n().to_bytes_be()), "e": b64(key.e().to_bytes_be())});
+        Self::serve(encoding, jwk, Algorithm::RS256).await
+    }
+
+    async fn serve(encoding: EncodingKey, mut jwk: Value, algorithm: Algorithm) -> FakeIdp {
+        jwk["kid"] = json!(KID);
         jwk["use"] = json!("sig");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -51,6 +70,7 @@ impl FakeIdp {
         let issuer = format!("http://{addr}/realms/test");
         let idp = FakeIdp {
             issuer: issuer.clone(),
+            algorithm,
             encoding,
             introspections: Default::default(),
             jwks_fetches: Default::default(),
@@ -66,6 +86,7 @@ impl FakeIdp {
             garbage: idp.garbage.clone(),
             down: idp.down.clone(),
             revoked: idp.revoked.clone(),
+            algorithm,
             key: jsonwebtoken::DecodingKey::from_jwk(
                 &serde_json::from_value(jwk.clone()).expect("jwk"),
             )
@@ -115,7 +136,7 @@ impl FakeIdp {
     }
 
     pub fn sign(&self, claims: &Value) -> String {
-        let mut header = Header::new(Algorithm::ES256);
+        let mut header = Header::new(self.algorithm);
         header.kid = Some(KID.into());
         jsonwebtoken::encode(&header, claims, &self.encoding).expect("sign")
     }
@@ -145,6 +166,7 @@ struct State {
     garbage: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
     revoked: Arc<std::sync::Mutex<Vec<String>>>,
+    algorithm: Algorithm,
     key: jsonwebtoken::DecodingKey,
 }
 
@@ -213,7 +235,7 @@ impl State {
         {
             return json!({"active": false});
         }
-        let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
+        let mut v = jsonwebtoken::Validation::new(self.algorithm);
         v.validate_aud = false;
         v.leeway = 0;
         match jsonwebtoken::decode::<Value>(token, &self.key, &v) {

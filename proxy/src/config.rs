@@ -917,6 +917,32 @@ orgs:
     }
 
     #[test]
+    fn auth_needs_an_identity_provider_and_introspection_its_secret() {
+        let text = minimal().replace(
+            "era: stateless-2025",
+            "era: stateless-2025\n    auth: introspect",
+        );
+        let text = text.replace(
+            "    upstream:\n      era: stateless-2025\n    auth: introspect",
+            "    auth: introspect\n    upstream:\n      era: stateless-2025",
+        );
+        let p = only_problem(parse(&text).expect_err("no identity"));
+        assert_eq!(p.path, "orgs.org-1.auth");
+        assert!(p.message.contains("identity"), "{p:?}");
+
+        let with_identity = format!(
+            "{text}identity:\n  issuer: http://kc/realms/r\n  audience: http://gw\n  client_id: gw\n"
+        );
+        let p = only_problem(parse(&with_identity).expect_err("no secret"));
+        assert_eq!(p.path, "identity.client_secret");
+
+        let complete = format!("{with_identity}  client_secret: s\n");
+        let c = parse(&complete).expect("valid");
+        assert_eq!(c.orgs["org-1"].auth, AuthMode::Introspect);
+        assert_eq!(c.public_url(), "http://127.0.0.1:8080");
+    }
+
+    #[test]
     fn not_yaml_is_reported() {
         let p = only_problem(parse("listen: [unclosed").expect_err("bad yaml"));
         assert!(p.message.starts_with("not valid YAML"), "{p:?}");
@@ -941,7 +967,10 @@ orgs:
         let text = std::fs::read_to_string(&path).expect("conf/gateway.yaml exists");
         parse_with(
             &text,
-            &[("RATATOSK_PUBLISH_SECRET", "example-secret-for-tests")],
+            &[
+                ("RATATOSK_PUBLISH_SECRET", "example-secret-for-tests"),
+                ("RATATOSK_CLIENT_SECRET", "example-client-secret"),
+            ],
         )
         .expect("conf/gateway.yaml is valid");
     }
