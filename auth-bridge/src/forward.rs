@@ -208,14 +208,18 @@ impl ForwardAuth {
         if let Some(org) = header(&self.config.org_header) {
             return Some(org.to_owned());
         }
-        let uri = header("x-forwarded-uri")
-            .or_else(|| header("x-original-uri"))
-            .unwrap_or_else(|| req.uri().path());
-        uri.trim_start_matches('/')
-            .split(['/', '?'])
-            .next()
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
+        let uri = match header("x-forwarded-uri").or_else(|| header("x-original-uri")) {
+            Some(original) => original,
+            // Envoy's ext_authz appends the original path to its path
+            // prefix: `/check/org-1/mcp`.
+            None => {
+                let path = req.uri().path();
+                path.strip_prefix("/check")
+                    .filter(|rest| rest.starts_with('/'))
+                    .unwrap_or(path)
+            }
+        };
+        org_from_path(uri)
     }
 
     async fn check(&self, req: &Request<Incoming>) -> Answer {
@@ -297,6 +301,15 @@ impl ForwardAuth {
     }
 }
 
+/// The first segment of a path: `/org-1/mcp?x` gives `org-1`.
+fn org_from_path(uri: &str) -> Option<String> {
+    uri.trim_start_matches('/')
+        .split(['/', '?'])
+        .next()
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
 /// The answer to a back-channel logout request (OIDC Back-Channel Logout 2.8).
 pub fn logout_answer(result: Result<(), crate::logout::LogoutError>) -> Answer {
     let mut r = match result {
@@ -360,6 +373,13 @@ mod tests {
     use super::*;
     use crate::testing::FakeIdp;
 
+    #[test]
+    fn orgs_come_from_the_first_path_segment() {
+        assert_eq!(org_from_path("/org-1/mcp?x=1").as_deref(), Some("org-1"));
+        assert_eq!(org_from_path("org-2").as_deref(), Some("org-2"));
+        assert_eq!(org_from_path("/"), None);
+    }
+
     #[tokio::test]
     async fn checks_tokens_over_http() {
         let idp = FakeIdp::start().await;
@@ -411,6 +431,15 @@ mod tests {
             .await
             .expect("answer");
         assert_eq!(denied.status(), 401);
+        // Envoy ext_authz style: the original path after the check prefix.
+        let envoy = http
+            .post(format!("{base}/check/org-1/mcp"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(envoy.status(), 200);
+        assert_eq!(envoy.headers()["x-ratatosk-org"], "org-1");
         let challenge = denied.headers()["www-authenticate"]
             .to_str()
             .expect("ascii");

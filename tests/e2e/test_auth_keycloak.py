@@ -172,3 +172,30 @@ def test_logout_refuses_the_token_within_a_second_in_every_mode(auth_gateway, ke
     assert init(auth_gateway, "org-1", keycloak.token("alice")).status_code == 200
     text = auth_gateway.metrics()
     assert 'ratatosk_auth_backchannel_logouts_total{result="accepted"}' in text
+
+
+def test_the_realm_is_set_up_as_documented(keycloak, auth_gateway_port):
+    clients = {c["clientId"]: c for c in keycloak.admin("GET", "/clients").json()}
+    mcp = clients["mcp-client"]
+    assert mcp["publicClient"] is True
+    assert mcp["attributes"]["pkce.code.challenge.method"] == "S256"
+    assert mcp["attributes"]["backchannel.logout.url"] == f"http://127.0.0.1:{auth_gateway_port}/auth/backchannel-logout"
+    assert clients["ratatosk-gateway"]["publicClient"] is False
+    orgs = {o["alias"]: o for o in keycloak.admin("GET", "/organizations").json()}
+    assert set(orgs) == {"org-1", "org-2"}
+    members = {alias: {m["username"] for m in keycloak.admin("GET", f"/organizations/{o['id']}/members").json()}
+               for alias, o in orgs.items()}
+    assert members == {"org-1": {"alice", "carol"}, "org-2": {"bob", "carol"}}
+    # The import kept Keycloak's default scopes (the clientScopes pitfall).
+    scopes = {s["name"] for s in keycloak.admin("GET", "/client-scopes").json()}
+    assert {"profile", "email", "roles", "organization", "mcp:tools"} <= scopes
+    # An MCP client on localhost may register itself (the Trusted Hosts policy).
+    r = httpx2.post(f"{keycloak.issuer}/clients-registrations/openid-connect", timeout=10, json={
+        "client_name": "e2e-dynamic-client", "redirect_uris": ["http://localhost:6274/oauth/callback"],
+        "token_endpoint_auth_method": "none", "grant_types": ["authorization_code"]})
+    assert r.status_code == 201, r.text
+    # ...but not with redirects to another host.
+    r = httpx2.post(f"{keycloak.issuer}/clients-registrations/openid-connect", timeout=10, json={
+        "client_name": "e2e-evil-client", "redirect_uris": ["https://evil.example/cb"],
+        "token_endpoint_auth_method": "none", "grant_types": ["authorization_code"]})
+    assert r.status_code == 403, r.text
