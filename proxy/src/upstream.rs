@@ -411,19 +411,7 @@ pub fn mime_is(content_type: &str, media: &str) -> bool {
 }
 
 /// An error with its causes, e.g. "error sending request: connection refused".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub use ratatosk_auth::provider::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Gateway, free_port, org, start_replicas  # noqa: E402
+from harness import Gateway, free_port, org, running, start_replicas  # noqa: E402
 
 BASE_PATH = "/api/v1/mcp"
 
@@ -59,12 +59,8 @@ def gateway(log_dir, replicas, admin_port):
         base_path=BASE_PATH,
         admin_port=admin_port,
     )
-    gw.start_and_wait()
-    yield gw
-    try:
-        gw.assert_healthy()
-    finally:
-        gw.stop()
+    with running(gw):
+        yield gw
 
 
 # ----- Keycloak and a gateway that validates its tokens ----------------------------
@@ -111,9 +107,5 @@ def auth_gateway(log_dir, replicas, keycloak, auth_gateway_port):
                  extra={"identity": identity_config(keycloak.issuer),
                         "public_url": f"http://127.0.0.1:{auth_gateway_port}"},
                  env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
-    gw.start_and_wait()
-    yield gw
-    try:
-        gw.assert_healthy()
-    finally:
-        gw.stop()
+    with running(gw):
+        yield gw

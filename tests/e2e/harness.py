@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -246,6 +247,17 @@ class Gateway(Proc):
         assert self.admin_get("/healthz").status_code == 200
 
 
+@contextmanager
+def running(gw: "Gateway"):
+    """Starts a gateway, yields it, checks it is still healthy, stops it."""
+    gw.start_and_wait()
+    try:
+        yield gw
+        gw.assert_healthy()
+    finally:
+        gw.stop()
+
+
 def org(replicas: list[Replica] | list[str], auth: str = "none", **upstream) -> dict:
     """An org's config; keys `scopes` and `organization` go to the org, the
     rest to its upstream."""
@@ -426,7 +438,6 @@ class SseReader:
 
 # ----- official MCP client helpers ----------------------------------------------
 
-from contextlib import asynccontextmanager  # noqa: E402
 
 from mcp import ClientSession, types  # noqa: E402
 from mcp.client.sse import sse_client  # noqa: E402

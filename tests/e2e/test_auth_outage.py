@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import identity_config
-from harness import Gateway, KC_GATEWAY_SECRET, PROTOCOL, org, post, rpc_error
+from harness import Gateway, KC_GATEWAY_SECRET, PROTOCOL, org, post, rpc_error, running
 
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "outage", "version": "1"}}}
@@ -107,8 +107,7 @@ def test_garbage_from_the_provider_is_503_and_harms_nothing(tmp_path, replicas, 
                             "open": org(replicas)},
                  name="gateway-garbage", extra={"identity": identity_config(garbage_idp)},
                  env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
-    gw.start_and_wait()
-    try:
+    with running(gw):
         # A well-formed JWT whose key the provider cannot deliver.
         token = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ4In0.c2ln"
         for route, what in (("jwt", "JWKS"), ("introspect", "introspection")):
@@ -117,6 +116,3 @@ def test_garbage_from_the_provider_is_503_and_harms_nothing(tmp_path, replicas, 
             assert what in rpc_error(r)["message"], (route, rpc_error(r))
         # Routes without auth are unaffected.
         assert post(gw.url("open"), INIT, version=None).status_code == 200
-        gw.assert_healthy()
-    finally:
-        gw.stop()

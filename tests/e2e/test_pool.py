@@ -9,7 +9,7 @@ import time
 import pytest
 from mcp import MCPError
 
-from harness import Gateway, legacy_session, org, start_replicas, streamable_session
+from harness import Gateway, legacy_session, org, running, start_replicas, streamable_session
 
 pytestmark = pytest.mark.anyio
 
@@ -23,11 +23,9 @@ def own_stack(log_dir, tmp_path):
     reps = start_replicas(2, tmp_path, f"http://127.0.0.1:{admin}")
     gw = Gateway(tmp_path, {"org-1": org(reps, eject_for="30s")}, name="gateway-pool", admin_port=admin)
     try:
-        gw.start_and_wait()
-        yield gw, reps
-        gw.assert_healthy()
+        with running(gw):
+            yield gw, reps
     finally:
-        gw.stop()
         for r in reps:
             r.stop()
 
