@@ -41,13 +41,27 @@ pub struct ForwardConfig {
     /// The mode for orgs that do not set their own.
     #[serde(default = "default_mode")]
     pub mode: AuthMode,
-    /// The header the proxy sets to name the org.
+    /// Where the org of a check comes from. `uri` (the default): the first
+    /// segment of the original path. `header`: the `org_header` the proxy
+    /// sets per location; use it only if the proxy overwrites that header,
+    /// or clients could name an org of their choosing.
+    #[serde(default)]
+    pub org_from: OrgSource,
+    /// The header the proxy sets to name the org (with `org_from: header`).
     #[serde(default = "default_org_header")]
     pub org_header: String,
     /// Path of the back-channel logout endpoint on this server.
     #[serde(default = "default_logout_path")]
     pub backchannel_logout_path: String,
     pub orgs: BTreeMap<String, ForwardOrg>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrgSource {
+    #[default]
+    Uri,
+    Header,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -114,6 +128,9 @@ pub struct ForwardAuth {
 
 type Answer = Response<Full<Bytes>>;
 
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 10_000;
+
 impl ForwardAuth {
     pub fn new(config: ForwardConfig) -> Result<Arc<ForwardAuth>, crate::validator::BuildError> {
         let registry = Registry::new_custom(Some("ratatosk".into()), None)?;
@@ -129,13 +146,31 @@ impl ForwardAuth {
     pub async fn serve(self: Arc<Self>) -> std::io::Result<()> {
         let listener = tokio::net::TcpListener::bind(self.config.listen).await?;
         tracing::info!(listen = %self.config.listen, "forward-auth listening");
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let (stream, _) = tokio::select! {
-                accepted = listener.accept() => accepted?,
-                _ = shutdown_signal() => return Ok(()),
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = &mut shutdown => return Ok(()),
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, or a connection aborted before
+                    // accept: keep serving the others.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                tracing::warn!("connection refused: {MAX_CONNECTIONS} connections are open");
+                continue;
             };
             let this = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
@@ -171,7 +206,13 @@ impl ForwardAuth {
             (&Method::GET, p) if p.starts_with("/.well-known/oauth-protected-resource/") => {
                 self.metadata(p)
             }
-            _ => self.check(&req).await,
+            (_, p) if p == "/check" || p.starts_with("/check/") => self.check(&req).await,
+            // Deny by default: a proxy sending checks to the wrong path must
+            // not get a 2xx for, say, /healthz.
+            _ => json_answer(
+                StatusCode::NOT_FOUND,
+                json!({"error": "checks are answered at /check (or /check/<original path>)"}),
+            ),
         }
     }
 
@@ -205,8 +246,8 @@ impl ForwardAuth {
 
     fn org_of<'a>(&'a self, req: &'a Request<Incoming>) -> Option<String> {
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-        if let Some(org) = header(&self.config.org_header) {
-            return Some(org.to_owned());
+        if self.config.org_from == OrgSource::Header {
+            return header(&self.config.org_header).map(str::to_owned);
         }
         let uri = match header("x-forwarded-uri").or_else(|| header("x-original-uri")) {
             Some(original) => original,
@@ -272,9 +313,16 @@ impl ForwardAuth {
                     self.config.public_url.trim_end_matches('/'),
                     metadata_path(&Self::resource_path(&org_name))
                 );
+                let description = match &e {
+                    AuthError::Unavailable(detail) => {
+                        tracing::warn!(detail = %detail, "identity provider unavailable");
+                        "the identity provider is unavailable; retry shortly".to_owned()
+                    }
+                    other => other.to_string(),
+                };
                 let mut r = json_answer(
                     StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
-                    json!({"error": e.bearer_error().unwrap_or("unavailable"), "error_description": e.to_string()}),
+                    json!({"error": e.bearer_error().unwrap_or("unavailable"), "error_description": description}),
                 );
                 if e.status() != 503
                     && let Ok(v) = HeaderValue::from_str(&www_authenticate(
@@ -301,13 +349,20 @@ impl ForwardAuth {
     }
 }
 
-/// The first segment of a path: `/org-1/mcp?x` gives `org-1`.
+/// The first segment of a path: `/org-1/mcp?x` gives `org-1`. The path is
+/// percent-decoded first, and one with `.` or `..` segments (which a proxy
+/// would resolve to another route than the one checked) names no org.
 fn org_from_path(uri: &str) -> Option<String> {
-    uri.trim_start_matches('/')
-        .split(['/', '?'])
-        .next()
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
+    let path = uri.split(['?', '#']).next().unwrap_or("");
+    let decoded: String =
+        url::form_urlencoded::parse(format!("p={}", path.replace('+', "%2B")).as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())?;
+    let mut segments = decoded.split('/').filter(|s| !s.is_empty());
+    if decoded.split('/').any(|s| s == "." || s == "..") || decoded.contains('\\') {
+        return None;
+    }
+    segments.next().map(str::to_owned)
 }
 
 /// The answer to a back-channel logout request (OIDC Back-Channel Logout 2.8).
@@ -377,7 +432,16 @@ mod tests {
     fn orgs_come_from_the_first_path_segment() {
         assert_eq!(org_from_path("/org-1/mcp?x=1").as_deref(), Some("org-1"));
         assert_eq!(org_from_path("org-2").as_deref(), Some("org-2"));
+        assert_eq!(org_from_path("//org-1/mcp").as_deref(), Some("org-1"));
         assert_eq!(org_from_path("/"), None);
+        for ambiguous in [
+            "/org-1/../org-2/mcp",
+            "/org-1/%2E%2E/org-2/mcp",
+            "/org-1%2F..%2Forg-2/mcp",
+            "/./org-1",
+        ] {
+            assert_eq!(org_from_path(ambiguous), None, "{ambiguous}");
+        }
     }
 
     #[tokio::test]
@@ -392,6 +456,7 @@ mod tests {
             public_url: "http://proxy.test".into(),
             identity: idp.config(),
             mode: AuthMode::Jwt,
+            org_from: OrgSource::Uri,
             org_header: default_org_header(),
             backchannel_logout_path: default_logout_path(),
             orgs: [("org-1".to_owned(), ForwardOrg::default())]
@@ -417,7 +482,7 @@ mod tests {
         let token = idp.token(serde_json::json!({}));
         let ok = http
             .get(format!("{base}/check"))
-            .header("x-ratatosk-org", "org-1")
+            .header("x-forwarded-uri", "/org-1/mcp")
             .bearer_auth(&token)
             .send()
             .await
@@ -449,11 +514,28 @@ mod tests {
         );
         let other = http
             .get(format!("{base}/check"))
-            .header("x-ratatosk-org", "org-9")
+            .header("x-forwarded-uri", "/org-9/mcp")
             .bearer_auth(&token)
             .send()
             .await
             .expect("answer");
         assert_eq!(other.status(), 403);
+        // With org_from: uri, a client's own X-Ratatosk-Org is ignored.
+        let smuggled = http
+            .get(format!("{base}/check"))
+            .header("x-forwarded-uri", "/org-9/mcp")
+            .header("x-ratatosk-org", "org-1")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(smuggled.status(), 403);
+        let not_a_check = http
+            .get(format!("{base}/org-1/mcp"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(not_a_check.status(), 404);
     }
 }

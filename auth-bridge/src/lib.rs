@@ -147,9 +147,9 @@ impl AuthError {
     /// The HTTP status this refusal is answered with.
     pub fn status(&self) -> u16 {
         match self {
-            AuthError::MissingToken
-            | AuthError::MalformedHeader(_)
-            | AuthError::InvalidToken(_) => 401,
+            AuthError::MissingToken | AuthError::InvalidToken(_) => 401,
+            // RFC 6750 3.1: a malformed request is a 400.
+            AuthError::MalformedHeader(_) => 400,
             AuthError::WrongOrg { .. } | AuthError::InsufficientScope { .. } => 403,
             AuthError::Unavailable(_) => 503,
         }
@@ -160,10 +160,22 @@ impl AuthError {
         match self {
             AuthError::MissingToken => None,
             AuthError::MalformedHeader(_) => Some("invalid_request"),
-            AuthError::InvalidToken(_) | AuthError::WrongOrg { .. } => Some("invalid_token"),
-            AuthError::InsufficientScope { .. } => Some("insufficient_scope"),
+            AuthError::InvalidToken(_) => Some("invalid_token"),
+            // A token of another org lacks privileges, it is not invalid: the
+            // challenge names the scope that gets a token for this org.
+            AuthError::WrongOrg { .. } | AuthError::InsufficientScope { .. } => {
+                Some("insufficient_scope")
+            }
             AuthError::Unavailable(_) => None,
         }
+    }
+}
+
+/// At most `max` characters of text from a client, for messages and logs.
+pub fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_owned(),
     }
 }
 
@@ -174,14 +186,10 @@ pub fn bearer_token(header: Option<&[u8]>, max_len: usize) -> Result<&str, AuthE
     };
     let value = std::str::from_utf8(raw)
         .map_err(|_| AuthError::MalformedHeader("the header is not ASCII".into()))?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or_else(|| AuthError::MalformedHeader("expected `Bearer <token>`".into()))?;
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(AuthError::MalformedHeader(format!(
-            "expected the Bearer scheme, got `{}`",
-            scheme.escape_default()
-        )));
+        // Another scheme (Basic, ...) carries no bearer token.
+        return Err(AuthError::MissingToken);
     }
     let token = token.trim();
     if token.is_empty() {
@@ -256,13 +264,12 @@ mod tests {
         );
         assert_eq!(bearer_token(Some(b"bearer  x "), 100), Ok("x"));
         assert_eq!(bearer_token(None, 100), Err(AuthError::MissingToken));
-        for bad in [
-            &b"Basic dXNlcg=="[..],
-            b"Bearer",
-            b"Bearer ",
-            b"Bearer a b",
-            b"Bearer \xff",
-        ] {
+        assert_eq!(
+            bearer_token(Some(b"Basic dXNlcg=="), 100),
+            Err(AuthError::MissingToken),
+            "another scheme is no bearer token"
+        );
+        for bad in [&b"Bearer"[..], b"Bearer ", b"Bearer a b", b"Bearer \xff"] {
             assert!(
                 matches!(
                     bearer_token(Some(bad), 100),
@@ -287,5 +294,17 @@ mod tests {
             Some("insufficient_scope")
         );
         assert_eq!(AuthError::Unavailable("down".into()).status(), 503);
+        assert_eq!(AuthError::MalformedHeader("x".into()).status(), 400);
+        assert_eq!(
+            AuthError::WrongOrg { org: "o".into() }.bearer_error(),
+            Some("insufficient_scope")
+        );
+    }
+
+    #[test]
+    fn clipping_keeps_short_text_and_cuts_long_text() {
+        assert_eq!(clip("abc", 5), "abc");
+        assert_eq!(clip("abcdef", 3), "abc…");
+        assert_eq!(clip("ääää", 2), "ää…");
     }
 }

@@ -1,6 +1,9 @@
 //! OpenID Connect back-channel logout: the provider POSTs a signed
 //! `logout_token` when a user session ends.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
 use jsonwebtoken::Validation;
 use serde::Deserialize;
 
@@ -15,7 +18,12 @@ pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/back
 pub struct LogoutEvent {
     pub sid: Option<String>,
     pub sub: Option<String>,
+    /// When the provider issued the logout token.
+    pub issued_at: Option<std::time::SystemTime>,
 }
+
+/// How old a logout token may be: they are sent the moment a session ends.
+const MAX_LOGOUT_AGE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogoutError {
@@ -31,6 +39,9 @@ pub enum LogoutError {
 struct LogoutClaims {
     sub: Option<String>,
     sid: Option<String>,
+    iat: Option<i64>,
+    exp: Option<i64>,
+    jti: Option<String>,
     events: Option<serde_json::Map<String, serde_json::Value>>,
     nonce: Option<serde_json::Value>,
 }
@@ -38,7 +49,11 @@ struct LogoutClaims {
 /// Verifies the `logout_token` of a form body: signature, `iss`, `aud`
 /// (one of the configured client ids), `iat`, the logout event, `sid` or
 /// `sub`, and no `nonce` (which would make it an ID token).
-pub async fn verify(provider: &Provider, form: &[u8]) -> Result<LogoutEvent, LogoutError> {
+pub async fn verify(
+    provider: &Provider,
+    seen: &DashMap<String, SystemTime>,
+    form: &[u8],
+) -> Result<LogoutEvent, LogoutError> {
     let invalid = |why: String| LogoutError::Invalid(why);
     let config = provider.config();
     if config.logout_client_ids.is_empty() {
@@ -62,6 +77,7 @@ pub async fn verify(provider: &Provider, form: &[u8]) -> Result<LogoutEvent, Log
         .ok_or_else(|| invalid("the JWT header has no kid".into()))?;
     let key = provider.signing_key(kid).await.map_err(|e| match e {
         KeyError::Unavailable(why) => LogoutError::Unavailable(why),
+        e @ KeyError::NotYetKnown(_) => LogoutError::Unavailable(e.to_string()),
         other => invalid(other.to_string()),
     })?;
     if header.alg != key.algorithm {
@@ -75,8 +91,8 @@ pub async fn verify(provider: &Provider, form: &[u8]) -> Result<LogoutEvent, Log
         .map(String::as_str)
         .collect();
     v.set_audience(&audiences);
-    v.set_required_spec_claims(&["iss", "aud", "iat"]);
-    // Logout tokens may carry exp; if present it is checked.
+    v.set_required_spec_claims(&["iss", "aud"]);
+    // Time claims are checked below.
     v.validate_exp = false;
     v.leeway = config.clock_skew.as_secs();
     let data = jsonwebtoken::decode::<LogoutClaims>(&token, &key.key, &v)
@@ -97,8 +113,47 @@ pub async fn verify(provider: &Provider, form: &[u8]) -> Result<LogoutEvent, Log
     if claims.sid.is_none() && claims.sub.is_none() {
         return Err(invalid("the logout token names neither sid nor sub".into()));
     }
+    // jsonwebtoken checks no time claim here (exp is optional in logout
+    // tokens, iat it does not check at all): do it, so an old captured
+    // token cannot be replayed.
+    let now = SystemTime::now();
+    let skew = config.clock_skew;
+    let at = |secs: i64| {
+        u64::try_from(secs)
+            .ok()
+            .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+    };
+    let issued = claims
+        .iat
+        .and_then(at)
+        .ok_or_else(|| invalid("the logout token has no valid iat".into()))?;
+    if issued > now + skew {
+        return Err(invalid("the logout token was issued in the future".into()));
+    }
+    if now
+        .duration_since(issued)
+        .is_ok_and(|age| age > MAX_LOGOUT_AGE + skew)
+    {
+        return Err(invalid("the logout token is too old".into()));
+    }
+    if let Some(exp) = claims.exp
+        && at(exp).is_none_or(|e| e.checked_add(skew).is_some_and(|e| e < now))
+    {
+        return Err(invalid("the logout token has expired".into()));
+    }
+    // Each token once: remember ids until they are too old to be accepted.
+    if let Some(jti) = claims.jti {
+        seen.retain(|_, t| {
+            now.duration_since(*t)
+                .is_ok_and(|age| age <= MAX_LOGOUT_AGE + skew * 2)
+        });
+        if seen.insert(jti, issued).is_some() {
+            return Err(invalid("this logout token was already used".into()));
+        }
+    }
     Ok(LogoutEvent {
         sid: claims.sid,
         sub: claims.sub,
+        issued_at: Some(issued),
     })
 }

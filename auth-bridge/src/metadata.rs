@@ -33,10 +33,8 @@ pub fn www_authenticate(metadata_url: &str, scope: &str, error: &AuthError) -> S
             quote(&error.to_string())
         ));
     }
-    let scope = match error {
-        AuthError::InsufficientScope { scope } => scope.as_str(),
-        _ => scope,
-    };
+    // The whole set a client should ask for, not just what was missing: a
+    // client that steps up asks for exactly this.
     if !scope.is_empty() {
         out.push_str(&format!(", scope=\"{}\"", quote(scope)));
     }
@@ -72,14 +70,14 @@ mod tests {
         assert!(bad.contains("sig 'bad'"), "{bad}");
         let scope = www_authenticate(
             url,
-            "openid",
+            "openid organization:* mcp:tools",
             &AuthError::InsufficientScope {
                 scope: "mcp:tools".into(),
             },
         );
         assert!(
             scope.contains("error=\"insufficient_scope\"")
-                && scope.ends_with("scope=\"mcp:tools\""),
+                && scope.ends_with("scope=\"openid organization:* mcp:tools\""),
             "{scope}"
         );
     }

@@ -62,9 +62,13 @@ pub enum KeyError {
     /// The provider did not answer (or answered garbage): not the token's fault.
     #[error("{0}")]
     Unavailable(String),
-    /// No key with that id, even after a fresh JWKS (or too soon to refetch).
+    /// No key with that id in a freshly fetched JWKS.
     #[error("the token was signed with an unknown key (kid `{0}`)")]
     UnknownKid(String),
+    /// No key with that id, and the keys were fetched too recently to fetch
+    /// them again: the key may be new, so the verdict must not be cached.
+    #[error("the token was signed with a key not known yet (kid `{0}`); retry shortly")]
+    NotYetKnown(String),
 }
 
 /// Why introspection gave no answer about the token.
@@ -76,7 +80,9 @@ pub struct Provider {
     config: ProviderConfig,
     http: reqwest::Client,
     endpoints: RwLock<Option<Arc<Endpoints>>>,
-    discovery: Mutex<()>,
+    /// Held during discovery (single flight), with the last failure, so a
+    /// provider that is down is asked again only after a pause.
+    discovery: Mutex<Option<(Instant, String)>>,
     keys: RwLock<HashMap<String, Arc<SigningKey>>>,
     /// When keys were last fetched, and why that failed if it did; a fetch
     /// holds the lock (single flight).
@@ -95,7 +101,7 @@ impl Provider {
             config,
             http,
             endpoints: RwLock::new(None),
-            discovery: Mutex::new(()),
+            discovery: Mutex::new(None),
             keys: RwLock::new(HashMap::new()),
             last_fetch: Mutex::new(None),
             metrics,
@@ -104,6 +110,13 @@ impl Provider {
 
     pub fn config(&self) -> &ProviderConfig {
         &self.config
+    }
+
+    /// How long a failed discovery or key fetch is not retried.
+    fn retry_pause(&self) -> std::time::Duration {
+        self.config
+            .jwks_min_refetch
+            .min(std::time::Duration::from_secs(5))
     }
 
     fn cached_endpoints(&self) -> Option<Arc<Endpoints>> {
@@ -119,16 +132,27 @@ impl Provider {
         if let Some(e) = self.cached_endpoints() {
             return Ok(e);
         }
-        let _one = self.discovery.lock().await;
+        let mut failure = self.discovery.lock().await;
         if let Some(e) = self.cached_endpoints() {
             return Ok(e);
+        }
+        if let Some((at, why)) = failure.as_ref()
+            && at.elapsed() < self.retry_pause()
+        {
+            return Err(Unavailable(why.clone()));
         }
         let issuer = IssuerUrl::new(self.config.issuer.clone()).map_err(|e| {
             Unavailable(format!("issuer `{}` is not a URL: {e}", self.config.issuer))
         })?;
-        let metadata = self.discover(&issuer).await.map_err(|why| {
-            Unavailable(format!("OIDC discovery of {}: {why}", self.config.issuer))
-        })?;
+        let metadata = match self.discover(&issuer).await {
+            Ok(m) => m,
+            Err(why) => {
+                let why = format!("OIDC discovery of {}: {why}", self.config.issuer);
+                *failure = Some((Instant::now(), why.clone()));
+                return Err(Unavailable(why));
+            }
+        };
+        *failure = None;
         let endpoints = Arc::new(Endpoints {
             jwks_uri: metadata.jwks_uri().url().to_string(),
             introspection: metadata
@@ -158,7 +182,7 @@ impl Provider {
         if !response.status().is_success() {
             return Err(format!("{url} answered HTTP {}", response.status()));
         }
-        let body = response.bytes().await.map_err(|e| error_chain(&e))?;
+        let body = read_capped(response).await?;
         let metadata: Metadata = serde_json::from_slice(&body)
             .map_err(|e| format!("{url} is not a discovery document: {e}"))?;
         if metadata.issuer() != issuer {
@@ -196,12 +220,12 @@ impl Provider {
             // unknown, not the token's key: that is the provider's fault.
             return Err(match failure {
                 Some(why) => KeyError::Unavailable(why.clone()),
-                None => KeyError::UnknownKid(kid.to_owned()),
+                None => KeyError::NotYetKnown(crate::clip(kid, 64)),
             });
         }
         self.refresh(&mut last).await?;
         self.cached_key(kid)
-            .ok_or_else(|| KeyError::UnknownKid(kid.to_owned()))
+            .ok_or_else(|| KeyError::UnknownKid(crate::clip(kid, 64)))
     }
 
     /// Fetches the keys and records the attempt (a failed one too, so a
@@ -218,6 +242,21 @@ impl Provider {
                 .with_label_values(&["failed"])
                 .inc();
         })?;
+        if keys.is_empty() {
+            // A key set with no usable key is a provider problem; the keys
+            // held so far stay.
+            *last = Some((
+                Instant::now(),
+                Some("the JWKS holds no usable signing key".into()),
+            ));
+            self.metrics
+                .jwks_fetches
+                .with_label_values(&["failed"])
+                .inc();
+            return Err(KeyError::Unavailable(
+                "the JWKS holds no usable signing key".into(),
+            ));
+        }
         self.metrics.jwks_fetches.with_label_values(&["ok"]).inc();
         tracing::info!(keys = keys.len(), "signing keys fetched");
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
@@ -248,10 +287,7 @@ impl Provider {
         if !response.status().is_success() {
             return Err(unavailable(format!("answered HTTP {}", response.status())));
         }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| unavailable(error_chain(&e)))?;
+        let body = read_capped(response).await.map_err(unavailable)?;
         parse_jwks(&body).map_err(unavailable)
     }
 
@@ -327,7 +363,7 @@ impl Provider {
                 }
             )));
         }
-        let body = response.bytes().await.map_err(|e| fail(error_chain(&e)))?;
+        let body = read_capped(response).await.map_err(fail)?;
         let claims: Claims = serde_json::from_slice(&body).map_err(|e| {
             fail(format!(
                 "answered something that is not an introspection response: {e}"
@@ -390,6 +426,27 @@ fn signing_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
         // HMAC keys are never published; encryption algorithms do not sign.
         _ => return None,
     })
+}
+
+/// The most a provider answer may weigh; discovery documents, key sets and
+/// introspection answers are a few KiB.
+const MAX_ANSWER: usize = 1024 * 1024;
+
+async fn read_capped(mut response: reqwest::Response) -> Result<bytes::Bytes, String> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER as u64)
+    {
+        return Err(format!("answered more than {MAX_ANSWER} bytes"));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(format!("answered more than {MAX_ANSWER} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// An error with its causes.

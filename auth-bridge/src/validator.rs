@@ -68,6 +68,8 @@ struct Revocations {
 
 pub struct Validator {
     provider: Provider,
+    /// Ids of logout tokens already accepted, against replays.
+    logout_ids: DashMap<String, SystemTime>,
     cache: Cache<[u8; 32], Verdict>,
     revocations: Revocations,
     metrics: AuthMetrics,
@@ -86,6 +88,7 @@ impl Validator {
             .build();
         Ok(Arc::new(Validator {
             provider: Provider::new(config, metrics.clone())?,
+            logout_ids: DashMap::new(),
             cache,
             revocations: Revocations::default(),
             metrics,
@@ -115,7 +118,16 @@ impl Validator {
 
     /// Validates a bearer token in the given mode.
     pub async fn validate(&self, token: &str, mode: AuthMode) -> Result<Arc<Identity>, AuthError> {
-        let result = self.validate_inner(token, mode).await;
+        // Every provider call is bounded; this bounds their sum (discovery,
+        // keys, introspection, and any wait behind another request's call).
+        let budget = self.config().timeout * 3;
+        let result = tokio::time::timeout(budget, self.validate_inner(token, mode))
+            .await
+            .unwrap_or_else(|_| {
+                Err(AuthError::Unavailable(format!(
+                    "no answer from the identity provider within {budget:?}"
+                )))
+            });
         let outcome = match &result {
             Ok(_) => "valid",
             Err(AuthError::Unavailable(_)) => "unavailable",
@@ -178,7 +190,7 @@ impl Validator {
     fn check_live(&self, id: &Identity) -> Result<(), AuthError> {
         let skew = self.config().clock_skew;
         if let Some(exp) = id.expires_at
-            && exp + skew < SystemTime::now()
+            && exp.checked_add(skew).is_some_and(|t| t < SystemTime::now())
         {
             return Err(AuthError::InvalidToken("the token has expired".into()));
         }
@@ -219,7 +231,12 @@ impl Validator {
         let config = self.config();
         let header = match jsonwebtoken::decode_header(token) {
             Ok(h) => h,
-            Err(e) => return Ok(invalid(format!("not a JWT: {e}"))),
+            Err(e) => {
+                return Ok(invalid(format!(
+                    "not a JWT: {}",
+                    crate::clip(&e.to_string(), 80)
+                )));
+            }
         };
         let Some(kid) = header.kid.as_deref() else {
             return Ok(invalid("the JWT header has no `kid`"));
@@ -228,6 +245,10 @@ impl Validator {
             Ok(k) => k,
             Err(KeyError::Unavailable(why)) => return Err(AuthError::Unavailable(why)),
             Err(e @ KeyError::UnknownKid(_)) => return Ok(invalid(e.to_string())),
+            // Refused now, but not cached: the key may have just rotated in.
+            Err(e @ KeyError::NotYetKnown(_)) => {
+                return Err(AuthError::InvalidToken(e.to_string()));
+            }
         };
         if header.alg != key.algorithm {
             return Ok(invalid(format!(
@@ -292,7 +313,7 @@ impl Validator {
         &self,
         form: &[u8],
     ) -> Result<LogoutEvent, logout::LogoutError> {
-        let result = logout::verify(&self.provider, form).await;
+        let result = logout::verify(&self.provider, &self.logout_ids, form).await;
         match &result {
             Ok(event) => {
                 self.metrics.logouts.with_label_values(&["accepted"]).inc();
@@ -321,9 +342,10 @@ impl Validator {
                 });
             }
             (None, Some(sub)) => {
-                self.revocations
-                    .subjects
-                    .insert(sub.clone(), (SystemTime::now(), until));
+                // Tokens issued up to the logout are refused; the logout's
+                // own time, not ours, draws the line.
+                let at = event.issued_at.unwrap_or_else(SystemTime::now);
+                self.revocations.subjects.insert(sub.clone(), (at, until));
                 let sub = sub.clone();
                 let _ = self.cache.invalidate_entries_if(
                     move |_, v| matches!(v, Verdict::Valid(id) if id.subject == sub),
@@ -490,7 +512,10 @@ mod tests {
                 .validate(&forged, AuthMode::Jwt)
                 .await
                 .expect_err("unknown kid");
-            assert!(err.to_string().contains("unknown key"), "{err}");
+            assert!(
+                matches!(err, AuthError::InvalidToken(_)) && err.to_string().contains("rotated-"),
+                "{err}"
+            );
         }
         assert_eq!(
             idp.jwks_fetches.load(Ordering::SeqCst),
@@ -669,6 +694,7 @@ mod tests {
         v.revoke(&LogoutEvent {
             sid: None,
             sub: Some("user-1".into()),
+            issued_at: Some(SystemTime::now()),
         });
         assert!(v.validate(&before, AuthMode::Jwt).await.is_err());
         let after = idp.token(json!({"iat": unix_now() + 1, "sid": null}));

@@ -53,7 +53,16 @@ impl Gateway {
         } else {
             code::BAD_REQUEST
         };
-        let mut reject = Reject::new(status, rpc_code, e.to_string());
+        // Provider trouble is for operators: the log gets the details (its
+        // URLs, the error), the client a plain message.
+        let message = match e {
+            AuthError::Unavailable(detail) => {
+                tracing::warn!(org = %org.name, detail = %detail, "identity provider unavailable");
+                "the identity provider is unavailable; retry shortly".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut reject = Reject::new(status, rpc_code, message);
         if status != StatusCode::SERVICE_UNAVAILABLE {
             let challenge = www_authenticate(
                 &self.metadata_url(org),

@@ -1820,7 +1820,7 @@ mod tests {
                 .to_owned();
             assert!(
                 challenge.contains("error=\"insufficient_scope\"")
-                    && challenge.contains("scope=\"mcp:admin\""),
+                    && challenge.contains("scope=\"openid organization:* mcp:admin\""),
                 "{challenge}"
             );
             let ok = idp.token(json!({"scope": "openid mcp:admin"}));

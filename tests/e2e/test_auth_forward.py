@@ -79,6 +79,8 @@ def nginx_stack(tmp_path_factory, keycloak, replicas):
         "public_url": f"http://127.0.0.1:{port}",
         "identity": identity_config(keycloak.issuer),
         "mode": "jwt",
+        # nginx sets X-Ratatosk-Org per location, overwriting any client's.
+        "org_from": "header",
         "orgs": {"org-1": {}, "org-2": {"mode": "introspect"}},
     }
     (root / "auth.yaml").write_text(json.dumps(config))
