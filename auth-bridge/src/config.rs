@@ -87,6 +87,10 @@ impl Default for CacheConfig {
     }
 }
 
+/// No duration in a config may exceed this: larger ones are mistakes, and
+/// would overflow time arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 fn default_timeout() -> Duration {
     Duration::from_secs(3)
 }
@@ -135,7 +139,6 @@ impl ProviderConfig {
                 ));
             }
         }
-        let max = Duration::from_secs(30 * 24 * 3600);
         for (field, d) in [
             ("timeout", self.timeout),
             ("jwks_min_refetch", self.jwks_min_refetch),
@@ -144,7 +147,7 @@ impl ProviderConfig {
             ("max_token_lifetime", self.max_token_lifetime),
             ("clock_skew", self.clock_skew),
         ] {
-            if d > max {
+            if d > MAX_DURATION {
                 out.push((field.into(), "expected at most 30 days".into()));
             }
         }

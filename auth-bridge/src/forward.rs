@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::ProviderConfig;
-use crate::metadata::{metadata_path, resource_metadata, www_authenticate};
+use crate::metadata::{advertised_scopes, metadata_path, resource_metadata, www_authenticate};
 use crate::{AuthError, AuthMode, Validator, bearer_token};
 
 /// `ratatosk-auth serve --config FILE`.
@@ -385,14 +385,6 @@ pub fn logout_answer(result: Result<(), crate::logout::LogoutError>) -> Answer {
     r
 }
 
-/// The scopes a client should ask for: the route's, plus the organization
-/// claim for every org the user is in.
-pub fn advertised_scopes(required: &[String]) -> Vec<String> {
-    let mut scopes = vec!["openid".to_owned(), "organization:*".to_owned()];
-    scopes.extend(required.iter().cloned());
-    scopes
-}
-
 fn json_answer(status: StatusCode, body: serde_json::Value) -> Answer {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
@@ -480,29 +472,24 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let token = idp.token(serde_json::json!({}));
-        let ok = http
-            .get(format!("{base}/check"))
-            .header("x-forwarded-uri", "/org-1/mcp")
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("answer");
+        // A check: the path asked, then extra headers (name, value).
+        let ask = |path: &str, token: Option<&str>, headers: &[(&str, &str)]| {
+            let mut req = http.post(format!("{base}{path}"));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            async move { req.send().await.expect("answer") }
+        };
+        let ok = ask("/check", Some(&token), &[("x-forwarded-uri", "/org-1/mcp")]).await;
         assert_eq!(ok.status(), 200);
         assert_eq!(ok.headers()["x-ratatosk-subject"], "user-1");
-        let denied = http
-            .get(format!("{base}/check"))
-            .header("x-forwarded-uri", "/org-1/mcp")
-            .send()
-            .await
-            .expect("answer");
+        let denied = ask("/check", None, &[("x-forwarded-uri", "/org-1/mcp")]).await;
         assert_eq!(denied.status(), 401);
         // Envoy ext_authz style: the original path after the check prefix.
-        let envoy = http
-            .post(format!("{base}/check/org-1/mcp"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("answer");
+        let envoy = ask("/check/org-1/mcp", Some(&token), &[]).await;
         assert_eq!(envoy.status(), 200);
         assert_eq!(envoy.headers()["x-ratatosk-org"], "org-1");
         let challenge = denied.headers()["www-authenticate"]
@@ -512,30 +499,20 @@ mod tests {
             challenge.contains("http://proxy.test/.well-known/oauth-protected-resource/org-1/mcp"),
             "{challenge}"
         );
-        let other = http
-            .get(format!("{base}/check"))
-            .header("x-forwarded-uri", "/org-9/mcp")
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("answer");
+        let other = ask("/check", Some(&token), &[("x-forwarded-uri", "/org-9/mcp")]).await;
         assert_eq!(other.status(), 403);
         // With org_from: uri, a client's own X-Ratatosk-Org is ignored.
-        let smuggled = http
-            .get(format!("{base}/check"))
-            .header("x-forwarded-uri", "/org-9/mcp")
-            .header("x-ratatosk-org", "org-1")
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("answer");
+        let smuggled = ask(
+            "/check",
+            Some(&token),
+            &[
+                ("x-forwarded-uri", "/org-9/mcp"),
+                ("x-ratatosk-org", "org-1"),
+            ],
+        )
+        .await;
         assert_eq!(smuggled.status(), 403);
-        let not_a_check = http
-            .get(format!("{base}/org-1/mcp"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("answer");
+        let not_a_check = ask("/org-1/mcp", Some(&token), &[]).await;
         assert_eq!(not_a_check.status(), 404);
     }
 }

@@ -34,42 +34,27 @@ enum Command {
 }
 
 fn load(path: &Path) -> Result<ForwardConfig, String> {
+    let file = path.display();
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
-    let text = expand_env(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let config: ForwardConfig =
-        serde_path_to_error::deserialize(yaml_serde::Deserializer::from_str(&text))
-            .map_err(|e| format!("{}: at `{}`: {}", path.display(), e.path(), e.inner()))?;
+        .map_err(|e| format!("{file}: cannot read the config file: {e}"))?;
+    let mut tree: yaml_serde::Value =
+        yaml_serde::from_str(&text).map_err(|e| format!("{file}: not valid YAML: {e}"))?;
+    let problems = ratatosk_auth::env::expand_env(&mut tree, &|name| std::env::var(name).ok());
+    if !problems.is_empty() {
+        let listed: Vec<String> = problems
+            .iter()
+            .map(|(at, why)| format!("at `{at}`: {why}"))
+            .collect();
+        return Err(format!("{file}: {}", listed.join("\n  ")));
+    }
+    let config: ForwardConfig = serde_path_to_error::deserialize(tree)
+        .map_err(|e| format!("{file}: at `{}`: {}", e.path(), e.inner()))?;
     let problems = config.problems();
     if problems.is_empty() {
         Ok(config)
     } else {
-        Err(format!("{}: {}", path.display(), problems.join("\n  ")))
+        Err(format!("{file}: {}", problems.join("\n  ")))
     }
-}
-
-/// `${NAME}` and `${NAME:-default}` from the environment.
-fn expand_env(text: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("${") {
-        out.push_str(&rest[..i]);
-        let body = &rest[i + 2..];
-        let end = body.find('}').ok_or("unclosed `${`")?;
-        let inner = &body[..end];
-        let (name, default) = match inner.split_once(":-") {
-            Some((n, d)) => (n, Some(d)),
-            None => (inner, None),
-        };
-        match (std::env::var(name).ok(), default) {
-            (Some(v), _) => out.push_str(&v),
-            (None, Some(d)) => out.push_str(d),
-            (None, None) => return Err(format!("environment variable `{name}` is not set")),
-        }
-        rest = &body[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
 }
 
 fn main() -> ExitCode {

@@ -41,6 +41,14 @@ pub fn www_authenticate(metadata_url: &str, scope: &str, error: &AuthError) -> S
     out
 }
 
+/// The scopes a client should ask for: the route's, plus the organization
+/// claim for every org the user is in.
+pub fn advertised_scopes(required: &[String]) -> Vec<String> {
+    let mut scopes = vec!["openid".to_owned(), "organization:*".to_owned()];
+    scopes.extend(required.iter().cloned());
+    scopes
+}
+
 /// A quoted-string body: no quotes, backslashes or control characters.
 fn quote(s: &str) -> String {
     s.chars()

@@ -99,10 +99,6 @@ impl Validator {
         self.provider.config()
     }
 
-    pub fn metrics(&self) -> &AuthMetrics {
-        &self.metrics
-    }
-
     /// Discovers the provider and fetches its signing keys now; a failure is
     /// logged and retried on demand later.
     pub async fn warm_up(&self) {
@@ -365,11 +361,6 @@ impl Validator {
         self.revocations
             .subjects
             .retain(|_, (_, until)| *until > now);
-    }
-
-    /// Whether a provider session is on the revocation list.
-    pub fn is_revoked(&self, sid: &str) -> bool {
-        self.revocations.sessions.contains_key(sid)
     }
 }
 

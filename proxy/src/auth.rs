@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
-use ratatosk_auth::forward::advertised_scopes;
 use ratatosk_auth::logout::{LogoutError, LogoutEvent};
-use ratatosk_auth::metadata::{metadata_path, resource_metadata, www_authenticate};
+use ratatosk_auth::metadata::{
+    advertised_scopes, metadata_path, resource_metadata, www_authenticate,
+};
 use ratatosk_auth::{AuthError, AuthMode, Identity, bearer_token};
 use serde_json::json;
 
@@ -25,7 +26,7 @@ impl Gateway {
         req: &Request,
     ) -> Result<Arc<Identity>, Reject> {
         if org.auth == AuthMode::None {
-            return Ok(Arc::new(Identity::anonymous(&org.name)));
+            return Ok(org.anonymous.clone());
         }
         let result = async {
             let validator = self.validator.as_ref().ok_or_else(|| {

@@ -25,7 +25,7 @@ use crate::routes::{Endpoint, OrgRoute, RouteError, Routes};
 use crate::session::{self, SessionState, SessionStore, StoreError, Transport};
 use crate::stream::{
     AttachError, ChunkSource, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog,
-    StreamId, StreamMetrics, priming_frame, sse_frame,
+    StreamId, priming_frame, sse_frame,
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
@@ -93,6 +93,8 @@ impl Gateway {
                 auth: org.auth,
                 scopes: org.scopes.clone(),
                 organization: org.organization.clone().unwrap_or_else(|| name.clone()),
+                anonymous: Arc::new(Identity::anonymous(name)),
+                metrics: metrics.for_org(name),
                 pool: Arc::new(pool),
             });
             metrics.sessions.with_label_values(&[name]).set(0);
@@ -385,10 +387,10 @@ impl Gateway {
                     let stream = log.begin_stream().map_err(|_| session_not_found())?;
                     let reader = AnswerReader::new(answer, org.pool.read_limits);
                     let this = self.clone();
-                    let (org_name, pending) = (org.name.clone(), id.into_iter().collect());
+                    let (org2, pending) = (org.clone(), id.into_iter().collect());
                     let log2 = log.clone();
                     tokio::spawn(async move {
-                        this.relay(reader, &log2, stream, pending, &org_name, &guard.token)
+                        this.relay(reader, &log2, stream, pending, &org2, &guard.token)
                             .await;
                         log2.end_stream(stream);
                         drop(guard);
@@ -440,19 +442,12 @@ impl Gateway {
         attach: crate::stream::Attach,
         prelude: Option<Bytes>,
     ) -> LiveStream {
-        let metrics = StreamMetrics {
-            delivered: self
-                .metrics
-                .events_delivered
-                .with_label_values(&[&org.name]),
-            open: self.metrics.open_streams.with_label_values(&[&org.name]),
-        };
         let mut live = LiveStream::new(
             log,
             attach,
             prelude,
             self.config.streams.keepalive,
-            Some(metrics),
+            Some(org.metrics.stream.clone()),
         );
         if edge::wants_priming(&session.protocol_version) {
             live.set_prelude(priming_frame(live.position(), self.config.streams.retry));
@@ -475,7 +470,7 @@ impl Gateway {
             Ok(guard) => guard,
             Err(reject) => {
                 let body = jsonrpc::error_body(id.as_ref(), reject.code, &reject.message);
-                let _ = self.append(log, stream, &body, &org.name);
+                let _ = self.append(log, stream, &body, org);
                 return;
             }
         };
@@ -487,14 +482,14 @@ impl Gateway {
             Ok(answer) => {
                 let reader = AnswerReader::new(answer, org.pool.read_limits);
                 let pending = id.into_iter().collect();
-                self.relay(reader, log, stream, pending, &org.name, &guard.token)
+                self.relay(reader, log, stream, pending, org, &guard.token)
                     .await;
             }
             Err(e) => {
                 let reject = upstream_reject(e, id.as_ref());
                 let body = jsonrpc::error_body(id.as_ref(), reject.code, &reject.message);
                 // A closed log means the session ended: nobody is left to tell.
-                let _ = self.append(log, stream, &body, &org.name);
+                let _ = self.append(log, stream, &body, org);
             }
         }
     }
@@ -509,7 +504,7 @@ impl Gateway {
         log: &SessionLog,
         stream: StreamId,
         mut pending: Vec<Id>,
-        org: &str,
+        org: &OrgRoute,
         cancel: &CancellationToken,
     ) {
         let failure = loop {
@@ -541,7 +536,7 @@ impl Gateway {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!(org, error = %e, "upstream answer failed");
+                    tracing::warn!(org = %org.name, error = %e, "upstream answer failed");
                     break e.to_string();
                 }
             }
@@ -555,18 +550,16 @@ impl Gateway {
         }
     }
 
+    /// Appends an upstream's message to a stream, counting it.
     fn append(
         &self,
         log: &SessionLog,
         stream: StreamId,
         payload: &[u8],
-        org: &str,
+        org: &OrgRoute,
     ) -> Result<EventId, crate::stream::Closed> {
         let id = log.append(stream, payload)?;
-        self.metrics
-            .events_published
-            .with_label_values(&[org, "upstream"])
-            .inc();
+        org.metrics.published_upstream.inc();
         Ok(id)
     }
 
@@ -580,7 +573,14 @@ impl Gateway {
         let session_id = session::mint_id();
         let id = init.request_id().cloned();
         let response = self
-            .negotiate(org, &session_id, identity, init, req)
+            .negotiate(
+                org,
+                &session_id,
+                identity,
+                init,
+                &req.headers,
+                &req.request_id,
+            )
             .await?;
         let params = init.params().unwrap_or(Value::Null);
         let Some(version) = negotiated_version(&response) else {
@@ -625,7 +625,8 @@ impl Gateway {
         session_id: &str,
         identity: &Identity,
         init: &Message,
-        req: &Request,
+        client_headers: &http::HeaderMap,
+        request_id: &str,
     ) -> Result<Bytes, Reject> {
         let id = init.request_id().cloned();
         let headers = upstream_headers(
@@ -634,9 +635,9 @@ impl Gateway {
                 org: &org.name,
                 identity,
                 protocol_version: None,
-                request_id: &req.request_id,
+                request_id,
             },
-            &req.headers,
+            client_headers,
         );
         let answer = org
             .pool
@@ -1021,16 +1022,15 @@ impl Gateway {
             return;
         }
         if message.method() == Some("initialize") {
-            let req = Request {
-                method: Method::POST,
-                path: String::new(),
-                query: None,
-                headers: client_headers.clone(),
-                body: Bytes::new(),
-                request_id: request_id.to_owned(),
-            };
             let answer = match self
-                .negotiate(org, &session.id, identity, message, &req)
+                .negotiate(
+                    org,
+                    &session.id,
+                    identity,
+                    message,
+                    client_headers,
+                    request_id,
+                )
                 .await
             {
                 Ok(answer) => {
@@ -1050,7 +1050,7 @@ impl Gateway {
                     jsonrpc::error_body(reject.id.as_ref(), reject.code, &reject.message)
                 }
             };
-            let _ = self.append(log, STANDALONE, &answer, &org.name);
+            let _ = self.append(log, STANDALONE, &answer, org);
             return;
         }
         // Re-read: initialize may have recorded the negotiated version.
@@ -1059,7 +1059,7 @@ impl Gateway {
             _ => session.clone(),
         };
         if let Some(answer) = self.answer_locally(&current, message).await {
-            let _ = self.append(log, STANDALONE, &answer, &org.name);
+            let _ = self.append(log, STANDALONE, &answer, org);
             return;
         }
         let version = if current.protocol_version.is_empty() {
@@ -1101,10 +1101,9 @@ impl Gateway {
         let id = log
             .append(STANDALONE, &message.raw)
             .map_err(|_| PublishError::UnknownSession)?;
-        self.metrics
-            .events_published
-            .with_label_values(&[&state.org, "publish"])
-            .inc();
+        if let Some(org) = self.routes.org(&state.org) {
+            org.metrics.published_publish.inc();
+        }
         Ok(id)
     }
 
@@ -1407,6 +1406,17 @@ mod tests {
         String::from_utf8(chunk.to_vec()).expect("utf8")
     }
 
+    /// Opens the session's GET stream.
+    async fn open_stream(gw: &Arc<Gateway>, sid: &str) -> Response {
+        gw.handle(request(
+            Method::GET,
+            "/gw/org-1/mcp",
+            &[("accept", "text/event-stream"), ("mcp-session-id", sid)],
+            "",
+        ))
+        .await
+    }
+
     const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"unit","version":"1"}}}"#;
 
     async fn mcp_stub() -> testing::Stub {
@@ -1448,14 +1458,7 @@ mod tests {
         assert_eq!(state.protocol_version, "2025-06-18");
         assert_eq!(state.client_info.as_ref().expect("info")["name"], "unit");
 
-        let mut stream = gw
-            .handle(request(
-                Method::GET,
-                "/gw/org-1/mcp",
-                &[("accept", "text/event-stream"), ("mcp-session-id", &sid)],
-                "",
-            ))
-            .await;
+        let mut stream = open_stream(&gw, &sid).await;
         assert_eq!(stream.status, StatusCode::OK);
         assert_eq!(
             stream.headers.get("x-accel-buffering").expect("header"),
@@ -1925,14 +1928,7 @@ mod tests {
         let up = mcp_stub().await;
         let gw = gateway(&[up.url()]);
         let sid = initialize(&gw).await;
-        let mut stream = gw
-            .handle(request(
-                Method::GET,
-                "/gw/org-1/mcp",
-                &[("accept", "text/event-stream"), ("mcp-session-id", &sid)],
-                "",
-            ))
-            .await;
+        let mut stream = open_stream(&gw, &sid).await;
         let del = gw
             .handle(request(
                 Method::DELETE,

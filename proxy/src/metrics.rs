@@ -4,8 +4,19 @@
 //! counted as `unknown`), methods from a fixed list, replicas from the config.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::stream::StreamMetrics;
+
+/// See [`Metrics::for_org`].
+#[derive(Clone)]
+pub struct OrgMetrics {
+    pub stream: StreamMetrics,
+    pub published_upstream: IntCounter,
+    pub published_publish: IntCounter,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -104,6 +115,19 @@ impl Metrics {
     /// The registry, for other components' metrics (the auth bridge's).
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// One org's per-event and per-stream series, resolved once, so the
+    /// paths that touch them do no label look-up.
+    pub fn for_org(&self, org: &str) -> OrgMetrics {
+        OrgMetrics {
+            stream: StreamMetrics {
+                delivered: self.events_delivered.with_label_values(&[org]),
+                open: self.open_streams.with_label_values(&[org]),
+            },
+            published_upstream: self.events_published.with_label_values(&[org, "upstream"]),
+            published_publish: self.events_published.with_label_values(&[org, "publish"]),
+        }
     }
 
     /// The Prometheus text exposition of every metric.

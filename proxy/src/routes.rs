@@ -25,6 +25,9 @@ pub struct OrgRoute {
     pub scopes: Vec<String>,
     /// The organization alias tokens must carry.
     pub organization: String,
+    /// Who every caller is when `auth` is `none`.
+    pub anonymous: Arc<ratatosk_auth::Identity>,
+    pub metrics: crate::metrics::OrgMetrics,
     pub pool: Arc<Pool>,
 }
 
@@ -115,6 +118,8 @@ mod tests {
             auth: AuthMode::None,
             scopes: Vec::new(),
             organization: name.into(),
+            anonymous: Arc::new(ratatosk_auth::Identity::anonymous(name)),
+            metrics: metrics.for_org(name),
             pool: Arc::new(Pool::new(name, &cfg, 1 << 20, &metrics).expect("pool")),
         };
         Routes::new(base, [org("org-1"), org("org-2")])

@@ -311,10 +311,6 @@ impl SessionLog {
         !self.lock().readers.is_empty()
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.lock().closed
-    }
-
     /// Number of events held.
     pub fn len(&self) -> usize {
         let inner = self.lock();

@@ -71,8 +71,7 @@ pub struct Pool {
     next: AtomicUsize,
     epoch: Instant,
     eject_for: Duration,
-    timeout: Duration,
-    /// How answers of this pool are read.
+    /// How long to wait for answers of this pool, and how they are read.
     pub read_limits: ReadLimits,
     client: reqwest::Client,
 }
@@ -153,7 +152,6 @@ impl Pool {
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
             eject_for: cfg.eject_for,
-            timeout: cfg.timeout,
             read_limits: ReadLimits {
                 timeout: cfg.timeout,
                 max_duration: cfg.max_duration,
@@ -202,14 +200,6 @@ impl Pool {
             .iter()
             .filter(|r| self.in_rotation(r, now))
             .count()
-    }
-
-    pub fn len(&self) -> usize {
-        self.replicas.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.replicas.is_empty()
     }
 
     /// Picks the replica with the fewest outstanding requests among those in
@@ -269,13 +259,13 @@ impl Pool {
                 .headers(headers.clone())
                 .body(body.clone())
                 .send();
-            let response = match tokio::time::timeout(self.timeout, request).await {
+            let response = match tokio::time::timeout(self.read_limits.timeout, request).await {
                 Err(_) => {
                     replica.err_timeout.inc();
-                    tracing::warn!(org = %self.org, replica = %replica.url, after = ?self.timeout, "upstream did not answer in time");
+                    tracing::warn!(org = %self.org, replica = %replica.url, after = ?self.read_limits.timeout, "upstream did not answer in time");
                     return Err(UpstreamError::Timeout {
                         replica: replica.name.clone(),
-                        after: self.timeout,
+                        after: self.read_limits.timeout,
                     });
                 }
                 Ok(Err(e)) if e.is_connect() => {
@@ -305,7 +295,7 @@ impl Pool {
                     replica.err_status.inc();
                 }
                 let content_type = content_type(response.headers());
-                let body = read_error_body(response, self.timeout).await;
+                let body = read_error_body(response, self.read_limits.timeout).await;
                 tracing::warn!(org = %self.org, replica = %replica.url, %status, "upstream refused a request");
                 return Err(UpstreamError::Status {
                     replica: replica.name.clone(),
@@ -347,16 +337,6 @@ impl Pool {
                 .join(", "),
             last: last_error,
         })
-    }
-
-    /// Counts a failure seen while reading a body (a dead replica mid-stream).
-    pub fn body_failed(&self, lease: &Lease, timed_out: bool) {
-        let r = &self.replicas[lease.index];
-        if timed_out {
-            r.err_timeout.inc();
-        } else {
-            r.err_protocol.inc();
-        }
     }
 
     /// Replica states for the admin API.

@@ -73,15 +73,13 @@ class GarbageIdp(http.server.BaseHTTPRequestHandler):
                                "id_token_signing_alg_values_supported": ["RS256"]}).encode()
         else:
             body = b"<html>definitely not a key set</html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.answer(body)
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = b"{\"this\": is not json"
+        self.answer(b"{\"this\": is not json")
+
+    def answer(self, body: bytes) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
