@@ -1,0 +1,928 @@
+"""The benchmark harness: starts the systems under test on loopback, runs
+scenarios A-E with the Rust load generator, stops everything by pid, and
+writes bench/RESULTS.md (between its harness markers) and PNG plots.
+
+Run it through `bench/run` (or `make bench`), which installs the peers and
+builds the release binaries first. `bench/run --smoke` is the small CI
+version: N = 200, seconds instead of minutes, one run; it checks that the
+harness works (no errors, nothing lost), not how fast anything is.
+
+Every process started here is started in a new session and stopped by its
+process-group id, which is its own pid; nothing is stopped by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+BIN = ROOT / "target" / "release"
+LOADGEN = BIN / "ratatosk-loadgen"
+
+# LOCAL USE ONLY: test credentials of the local realm (keycloak/realm-ratatosk.json).
+KC_USER, KC_PASSWORD = "alice", "alice-local-only"
+KC_GATEWAY_SECRET = "ratatosk-gateway-local-only-secret"
+KC_AUDIENCE = "http://127.0.0.1:8080"
+PUBLISH_SECRET = "bench-publish-secret-local-only"
+
+MARK_BEGIN = "<!-- harness:begin -->"
+MARK_END = "<!-- harness:end -->"
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_tcp(port: int, timeout: float, what: str, proc: "Proc | None" = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise BenchError(f"{what} exited ({proc.popen.returncode}); see {proc.log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def http(method: str, url: str, data: bytes | None = None, headers: dict | None = None,
+         timeout: float = 10) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Proc:
+    """A process of ours, in its own session (process group = its pid)."""
+
+    def __init__(self, name: str, cmd: list[str], run_dir: Path, env: dict | None = None,
+                 stdin: bool = False, stdout_pipe: bool = False):
+        self.name = name
+        self.log_path = run_dir / f"{name}.log"
+        self.log_file = open(self.log_path, "ab")
+        full_env = {**os.environ, **(env or {})}
+        self.popen = subprocess.Popen(
+            cmd, env=full_env, start_new_session=True,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else self.log_file,
+            stderr=self.log_file, text=True)
+        self.pid = self.popen.pid
+
+    def pids(self) -> list[int]:
+        """This process and its descendants."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        out, i = [self.pid], 0
+        while i < len(out):
+            out.extend(children.get(out[i], []))
+            i += 1
+        return out
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.popen.wait(10)
+        # Children left in the group (e.g. nginx workers) go with it.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.log_file.close()
+
+
+def memory_kib(pids: list[int]) -> dict:
+    """RSS and PSS summed over processes, in KiB (PSS shares shared pages out)."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            continue
+    return {"rss_kib": rss, "pss_kib": pss}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(f[11]) + int(f[12])
+        except OSError:
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Loadgen:
+    """`ratatosk-loadgen streams`, driven line by line."""
+
+    def __init__(self, run_dir: Path, args: list[str], name: str):
+        self.proc = Proc(name, [str(LOADGEN), "streams", *args], run_dir, stdin=True,
+                         stdout_pipe=True, env={"RUST_BACKTRACE": "0"})
+
+    def read(self, timeout: float) -> dict:
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.popen.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise BenchError(f"load generator gave no answer within {timeout}s; see {self.proc.log_path}")
+        line = self.proc.popen.stdout.readline()
+        if not line:
+            raise BenchError(f"load generator exited ({self.proc.popen.wait(5)}); see {self.proc.log_path}")
+        return json.loads(line)
+
+    def send(self, word: str) -> None:
+        self.proc.popen.stdin.write(word + "\n")
+        self.proc.popen.stdin.flush()
+
+    def quit(self) -> None:
+        try:
+            self.send("quit")
+            self.proc.popen.wait(30)
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            pass
+        self.proc.stop()
+
+
+def loadgen_json(args: list[str], timeout: float) -> dict:
+    out = subprocess.run([str(LOADGEN), *args], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "RUST_BACKTRACE": "0"})
+    if out.returncode != 0:
+        raise BenchError(f"loadgen {args[0]} failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+# ---------------------------------------------------------------- systems
+
+
+class Systems:
+    """Everything under test, started once and stopped at the end."""
+
+    def __init__(self, run_dir: Path, smoke: bool):
+        self.run_dir = run_dir
+        self.smoke = smoke
+        self.procs: list[Proc] = []
+        self.kc_env: dict | None = None
+        self.versions: dict[str, str] = {}
+
+    def add(self, p: Proc) -> Proc:
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        if self.kc_env is not None:
+            subprocess.run([str(ROOT / "keycloak/stop")], env=self.kc_env, capture_output=True, timeout=120)
+
+    # -- the stub upstream
+    def start_stub(self) -> str:
+        port = free_port()
+        self.stub = self.add(Proc("stub", [str(BIN / "ratatosk-stub"), "--listen", f"127.0.0.1:{port}"],
+                                  self.run_dir))
+        wait_tcp(port, 10, "ratatosk-stub", self.stub)
+        self.stub_port = port
+        return f"http://127.0.0.1:{port}/mcp"
+
+    # -- Keycloak
+    def start_keycloak(self) -> None:
+        port, mport = free_port(), free_port()
+        self.kc_env = {**os.environ, "KEYCLOAK_PORT": str(port), "KEYCLOAK_MANAGEMENT_PORT": str(mport),
+                       "KEYCLOAK_RUN_DIR": str(self.run_dir / "keycloak")}
+        log("starting Keycloak (keycloak/start)")
+        out = subprocess.run([str(ROOT / "keycloak/start")], env=self.kc_env, capture_output=True,
+                             text=True, timeout=600)
+        if out.returncode != 0:
+            raise BenchError(f"keycloak/start failed: {out.stderr[-3000:]}")
+        self.issuer = out.stdout.strip().splitlines()[-1]
+        m = re.search(r"keycloak-quarkus-dist-([\d.]+)|(\d+\.\d+\.\d+)", out.stderr)
+        self.versions["Keycloak"] = m.group(1) or m.group(2) if m else "?"
+
+    def tokens(self, n: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            body = urllib.parse.urlencode({
+                "grant_type": "password", "client_id": "mcp-client", "username": KC_USER,
+                "password": KC_PASSWORD, "scope": "openid organization:* mcp:tools"}).encode()
+            status, raw = http("POST", f"{self.issuer}/protocol/openid-connect/token", body,
+                               {"Content-Type": "application/x-www-form-urlencoded"})
+            if status != 200:
+                raise BenchError(f"Keycloak token request: {status} {raw[:300]!r}")
+            out.append(json.loads(raw)["access_token"])
+        return out
+
+    # -- the gateway
+    def start_gateway(self, name: str, stub_url: str, cache: bool = True) -> dict:
+        port, admin = free_port(), free_port()
+        org = {"upstream": {"era": "stateless-2025", "replicas": [stub_url], "timeout": "30s"}}
+        config = {
+            "listen": f"127.0.0.1:{port}",
+            "admin_listen": f"127.0.0.1:{admin}",
+            "public_url": f"http://127.0.0.1:{port}",
+            "sessions": {"idle_ttl": "2h", "event_log_size": 64},
+            "streams": {"keepalive": "15s"},
+            "publish": {"secret": "${BENCH_PUBLISH_SECRET}"},
+            "identity": {"issuer": self.issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
+                         "client_secret": "${BENCH_KC_SECRET}", "timeout": "5s",
+                         "cache": {"enabled": cache}},
+            "orgs": {"jwt": {"auth": "jwt", "organization": "org-1", **org},
+                     "introspect": {"auth": "introspect", "organization": "org-1", **org}},
+        }
+        path = self.run_dir / f"{name}.yaml"
+        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        p = self.add(Proc(name, [str(BIN / "ratatosk"), "--config", str(path)], self.run_dir,
+                          env={"BENCH_PUBLISH_SECRET": PUBLISH_SECRET, "BENCH_KC_SECRET": KC_GATEWAY_SECRET,
+                               # An access log line per request, as in production, but not
+                               # the per-request info lines: nginx runs with access_log off.
+                               "RATATOSK_LOG": "warn", "NO_COLOR": "1"}))
+        wait_tcp(port, 20, name, p)
+        wait_tcp(admin, 20, name, p)
+        return {"proc": p, "base": f"http://127.0.0.1:{port}", "admin": f"http://127.0.0.1:{admin}"}
+
+    # -- nginx as a reverse proxy
+    def start_nginx_proxy(self) -> str:
+        port = free_port()
+        d = self.run_dir / "nginx-proxy"
+        (d / "tmp").mkdir(parents=True, exist_ok=True)
+        (d / "nginx.conf").write_text(f"""
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 300000;
+events {{ worker_connections 100000; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+  upstream stub {{ server 127.0.0.1:{self.stub_port}; keepalive 128; keepalive_requests 100000000; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://stub;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+""")
+        p = self.add(Proc("nginx-proxy", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"),
+                                          "-g", "daemon off;"], self.run_dir))
+        wait_tcp(port, 10, "nginx (proxy_pass)", p)
+        self.nginx_proxy = p
+        return f"http://127.0.0.1:{port}/mcp"
+
+    # -- Nginx + Nchan
+    def start_nchan(self) -> dict:
+        port = free_port()
+        d = self.run_dir / "nchan"
+        (d / "tmp").mkdir(parents=True, exist_ok=True)
+        module = "/usr/lib/nginx/modules/ngx_nchan_module.so"
+        (d / "nginx.conf").write_text(f"""
+load_module {module};
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 300000;
+events {{ worker_connections 150000; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+  nchan_shared_memory_size 512M;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location ~ ^/sub/(\\d+)$ {{
+      nchan_subscriber eventsource;
+      nchan_channel_id $1;
+      nchan_eventsource_ping_interval 15;
+    }}
+    location ~ ^/pub/(\\d+)$ {{
+      nchan_publisher;
+      nchan_channel_id $1;
+    }}
+  }}
+}}
+""")
+        p = self.add(Proc("nchan", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"),
+                                    "-g", "daemon off;"], self.run_dir))
+        wait_tcp(port, 10, "nginx + nchan", p)
+        return {"proc": p, "sub": f"http://127.0.0.1:{port}/sub", "pub": f"http://127.0.0.1:{port}/pub"}
+
+    # -- Pushpin
+    def start_pushpin(self) -> dict:
+        d = self.run_dir / "pushpin"
+        (d / "log").mkdir(parents=True, exist_ok=True)
+        (d / "run").mkdir(parents=True, exist_ok=True)
+        http_port, pub_port = free_port(), free_port()
+        ports = {k: free_port() for k in ("push_in", "push_in_sub", "command")}
+        (d / "routes").write_text(f"* 127.0.0.1:{self.stub_port}\n")
+        conf = Path("/etc/pushpin/pushpin.conf").read_text()
+        settings = {
+            "rundir": str(d / "run"), "ipc_prefix": f"bench{os.getpid()}-", "http_port": str(http_port),
+            "logdir": str(d / "log"), "log_level": "1", "client_maxconn": "200000",
+            "routesfile": str(d / "routes"),
+            "push_in_spec": f"tcp://127.0.0.1:{ports['push_in']}",
+            "push_in_sub_specs": f"tcp://127.0.0.1:{ports['push_in_sub']}",
+            "push_in_http_addr": "127.0.0.1", "push_in_http_port": str(pub_port),
+            "command_spec": f"tcp://127.0.0.1:{ports['command']}",
+            # The default rate limit (2,500 messages/s) would make the fan-out
+            # a measure of the limit; lift it, as one would for this load.
+            "message_rate": "1000000", "message_hwm": "1000000",
+        }
+        for key, value in settings.items():
+            conf, n = re.subn(rf"(?m)^{key}=.*$", f"{key}={value}", conf)
+            if n != 1:
+                raise BenchError(f"pushpin.conf: expected one '{key}=' line, found {n}")
+        # Debian's package points the proxy at a system-wide zurl (its HTTP
+        # client to origins); run one of this instance's own instead.
+        conf, n = re.subn(r"(?m)^services=.*$", "services=condure,zurl,pushpin-proxy,pushpin-handler", conf)
+        zurl = "\n".join(f"{k}=ipc://{{rundir}}/{{ipc_prefix}}{v}" for k, v in (
+            ("zurl_out_specs", "zurl-in"), ("zurl_out_stream_specs", "zurl-in-stream"),
+            ("zurl_in_specs", "zurl-out")))
+        conf, m = re.subn(r"(?m)^\[proxy\]$", "[proxy]\n" + zurl, conf)
+        if n != 1 or m != 1:
+            raise BenchError("pushpin.conf: no 'services=' line or no [proxy] section")
+        (d / "pushpin.conf").write_text(conf)
+        p = self.add(Proc("pushpin", ["pushpin", "--config", str(d / "pushpin.conf")], self.run_dir))
+        wait_tcp(http_port, 30, "pushpin", p)
+        wait_tcp(pub_port, 30, "pushpin (publish)", p)
+        return {"proc": p, "sub": f"http://127.0.0.1:{http_port}/grip",
+                "pub": f"http://127.0.0.1:{pub_port}/publish/"}
+
+
+def peer_versions() -> dict:
+    def cmd(args: list[str]) -> str:
+        try:
+            out = subprocess.run(args, capture_output=True, text=True, timeout=20)
+            return (out.stdout + out.stderr).strip()
+        except OSError:
+            return "?"
+
+    def deb(pkg: str) -> str:
+        return cmd(["dpkg-query", "-W", "-f=${Version}", pkg]) or "?"
+
+    rustc = cmd(["rustc", "--version"])
+    return {"nginx": deb("nginx"), "Pushpin": deb("pushpin"), "Nchan (libnginx-mod-nchan)": deb("libnginx-mod-nchan"),
+            "rustc": rustc, "Python": platform.python_version()}
+
+
+def machine() -> dict:
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {"cores": os.cpu_count(), "memory_gib": round(mem_kib / 1024 / 1024, 1), "cpu": model,
+            "kernel": platform.release()}
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def scenario_a(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
+    """Request overhead: tools/call on one session, jwt mode with a cached token."""
+    out: dict[str, list] = {k: [] for k in targets}
+    for r in range(runs):
+        token = s.tokens(1)[0]
+        for name, (url, procs) in targets.items():
+            pids = [pid for p in procs for pid in p.pids()]
+            c0 = cpu_seconds(pids)
+            res = loadgen_json(["rpc", "--url", url, "--concurrency", "64", "--duration", cfg["a_duration"],
+                                "--warmup", cfg["a_warmup"], "--init", "--token", token], timeout=600)
+            res["cpu_us_per_request"] = (cpu_seconds(pids) - c0) * 1e6 / max(res["ok"], 1) if procs else None
+            log(f"A run {r + 1} {name}: {res['rps']:.0f} req/s, p50 {res['latency']['p50_us']} µs, "
+                f"p99 {res['latency']['p99_us']} µs, errors {res['errors']}")
+            out[name].append(res)
+    return out
+
+
+def scenario_d(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
+    out: dict[str, list] = {k: [] for k in targets}
+    for r in range(runs):
+        token = s.tokens(1)[0]
+        for name, url in targets.items():
+            res = loadgen_json(["setup", "--url", url, "--concurrency", "1", "--duration", cfg["d_duration"],
+                                "--warmup", "1s", "--token", token], timeout=600)
+            log(f"D run {r + 1} {name}: p50 {res['latency']['p50_us']} µs, p99 {res['latency']['p99_us']} µs, "
+                f"errors {res['errors']}")
+            out[name].append(res)
+    return out
+
+
+def hold_streams(s: Systems, name: str, system: str, n: int, args: list[str], proc: Proc,
+                 idle_seconds: float, fanout: bool) -> dict:
+    """Scenario B (and C when `fanout`): hold n idle streams on one system."""
+    base_mem = memory_kib(proc.pids())
+    lg = Loadgen(s.run_dir, ["--system", system, "--n", str(n), *args], f"loadgen-{name}-{n}")
+    try:
+        res: dict = {"n": n, "base": base_mem}
+        if system == "gateway":
+            ses = lg.read(600)
+            res["sessions_seconds"] = ses["seconds"]
+            time.sleep(1)
+            res["after_sessions"] = memory_kib(proc.pids())
+            lg.send("go")
+        opened = lg.read(600)
+        res["open"] = opened
+        if opened["failed"]:
+            raise BenchError(f"{name}: {opened['failed']} of {n} streams failed: {opened['first_failure']}")
+        time.sleep(2)
+        pids = proc.pids()
+        c0 = cpu_seconds(pids)
+        time.sleep(idle_seconds)
+        res["idle_cpu_percent"] = (cpu_seconds(pids) - c0) * 100 / idle_seconds
+        res["held"] = memory_kib(pids)
+        lg.send("status")
+        status = lg.read(60)
+        if status["open"] != n:
+            raise BenchError(f"{name}: {n - status['open']} of {n} streams closed while idle")
+        for key in ("rss_kib", "pss_kib"):
+            res[f"per_stream_{key[:3]}_bytes"] = (res["held"][key] - base_mem[key]) * 1024 / n
+        if system == "gateway":
+            for key in ("rss_kib", "pss_kib"):
+                res[f"per_stream_only_{key[:3]}_bytes"] = (
+                    (res["held"][key] - res["after_sessions"][key]) * 1024 / n)
+        log(f"B {name} N={n}: {res['per_stream_pss_bytes']:.0f} B/stream (PSS delta), "
+            f"idle CPU {res['idle_cpu_percent']:.2f}%")
+        if fanout:
+            lg.send("fanout")
+            fo = lg.read(300)
+            res["fanout"] = fo
+            log(f"C {name} N={n}: p50 {fo['latency']['p50_us']} µs, p99 {fo['latency']['p99_us']} µs, "
+                f"all in {fo['all_delivered_seconds'] * 1000:.0f} ms, lost {fo['lost']}, "
+                f"publish errors {fo['publish_errors']}")
+        return res
+    finally:
+        lg.quit()
+        time.sleep(1)
+
+
+def scenario_bc(s: Systems, cfg: dict, runs: int, gw: dict, pushpin: dict, nchan: dict) -> dict:
+    out: dict = {}
+    for n in cfg["b_sizes"]:
+        for r in range(runs):
+            token = s.tokens(1)[0]
+            systems = [
+                ("gateway", "gateway", gw["proc"],
+                 ["--stream-url", f"{gw['base']}/jwt/mcp", "--publish-url", gw["admin"],
+                  "--token", token, "--secret", PUBLISH_SECRET]),
+                ("pushpin", "pushpin", pushpin["proc"],
+                 ["--stream-url", pushpin["sub"], "--publish-url", pushpin["pub"]]),
+                ("nchan", "nchan", nchan["proc"],
+                 ["--stream-url", nchan["sub"], "--publish-url", nchan["pub"]]),
+            ]
+            for name, system, proc, args in systems:
+                res = hold_streams(s, name, system, n, args, proc, cfg["idle_seconds"],
+                                   fanout=n == cfg["c_size"])
+                out.setdefault(name, {}).setdefault(str(n), []).append(res)
+    return out
+
+
+def scenario_e(s: Systems, cfg: dict, gw_cached: dict, gw_uncached: dict, runs: int) -> dict:
+    out: dict[str, list] = {"cache on": [], "cache off": []}
+    for r in range(runs):
+        tokens = s.tokens(cfg["e_tokens"])
+        path = s.run_dir / "tokens.txt"
+        path.write_text("\n".join(tokens) + "\n")
+        for name, gw in (("cache on", gw_cached), ("cache off", gw_uncached)):
+            before = introspections(gw)
+            res = loadgen_json(["rpc", "--url", f"{gw['base']}/introspect/mcp", "--concurrency", "64",
+                                "--requests", str(cfg["e_requests"]), "--tokens-file", str(path), "--init",
+                                "--method", "tools/list"], timeout=900)
+            res["introspections"] = introspections(gw) - before
+            res["distinct_tokens"] = len(tokens)
+            log(f"E run {r + 1} {name}: {res['introspections']} introspections for {res['ok']} requests "
+                f"({len(tokens)} tokens), p99 {res['latency']['p99_us']} µs, errors {res['errors']}")
+            out[name].append(res)
+    return out
+
+
+def introspections(gw: dict) -> int:
+    status, body = http("GET", f"{gw['admin']}/metrics")
+    if status != 200:
+        raise BenchError(f"gateway /metrics answered {status}")
+    for line in body.decode().splitlines():
+        if re.match(r"^\w*auth_introspections_total(\{[^}]*\})? ", line):
+            return int(float(line.split()[-1]))
+    raise BenchError("gateway /metrics has no auth_introspections_total")
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt_us(us: float) -> str:
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+
+
+def med(runs: list[dict], *path: str) -> float:
+    vals = []
+    for r in runs:
+        v = r
+        for p in path:
+            v = v[p]
+        vals.append(v)
+    return median(vals)
+
+
+def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bool | None]]]:
+    lines: list[str] = []
+    goals: list[tuple[str, str, str, bool | None]] = []
+    a = res.get("A")
+    if a:
+        lines += ["### A. Request overhead (`tools/call` on one session, 64 connections)", "",
+                  "| path | req/s | p50 | p99 | CPU of the proxy per request | req/s vs direct | req/s vs nginx |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        direct, nginx = med(a["direct"], "rps"), med(a["nginx"], "rps")
+        for name, runs in a.items():
+            rps = med(runs, "rps")
+            cpu = median([r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request") is not None])
+            cpu_s = "-" if cpu != cpu else f"{cpu:.1f} µs"
+            lines.append(f"| {name} | {rps:,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
+                         f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {cpu_s} | {rps / direct:.2f} | {rps / nginx:.2f} |")
+        g = med(a["gateway"], "rps")
+        lines.append("")
+        # Ratios per run (same run, same moment), then their median.
+        per_run_direct = [x["rps"] / d["rps"] for x, d in zip(a["gateway"], a["direct"])]
+        per_run_nginx = [x["rps"] / n["rps"] for x, n in zip(a["gateway"], a["nginx"])]
+        lines.append(f"Gateway ÷ direct per run: {', '.join(f'{x:.2f}' for x in per_run_direct)}; "
+                     f"gateway ÷ nginx per run: {', '.join(f'{x:.2f}' for x in per_run_nginx)}.")
+        lines.append("")
+        goals.append(("A", "gateway throughput ≥ 0.8 × direct", f"{median(per_run_direct):.2f} ×",
+                      median(per_run_direct) >= 0.8))
+        goals.append(("A", "gateway throughput ≥ nginx proxy_pass", f"{median(per_run_nginx):.2f} ×",
+                      median(per_run_nginx) >= 1.0))
+        _ = g
+    bc = res.get("BC")
+    if bc:
+        lines += ["### B. Idle SSE streams", "",
+                  "Memory is the growth of the system's memory from before the streams to while they are "
+                  "held, divided by N. PSS shares shared pages out between processes (RSS would count "
+                  "nginx's shared memory zone once per worker); for the one-process gateway the two agree. "
+                  "The gateway row includes a session per stream (MCP streams belong to sessions); "
+                  "\"stream only\" leaves the sessions out.", "",
+                  "| N | system | bytes per stream (PSS) | bytes per stream (RSS) | total RSS ÷ N | idle CPU | gateway ÷ this |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for n in sorted({int(k) for v in bc.values() for k in v}):
+            gw_runs = bc.get("gateway", {}).get(str(n), [])
+            gw_pss = med(gw_runs, "per_stream_pss_bytes") if gw_runs else float("nan")
+            for name in ("gateway", "pushpin", "nchan"):
+                runs = bc.get(name, {}).get(str(n))
+                if not runs:
+                    continue
+                pss, rss = med(runs, "per_stream_pss_bytes"), med(runs, "per_stream_rss_bytes")
+                total = median([r["held"]["rss_kib"] * 1024 / n for r in runs])
+                cpu = med(runs, "idle_cpu_percent")
+                label = name
+                if name == "gateway":
+                    only = med(runs, "per_stream_only_pss_bytes")
+                    label = f"gateway (stream only: {only:,.0f} B)"
+                ratio = "-" if name == "gateway" else f"{gw_pss / pss:.2f}"
+                lines.append(f"| {n:,} | {label} | {pss:,.0f} | {rss:,.0f} | {total:,.0f} | {cpu:.2f} % | {ratio} |")
+            if gw_runs:
+                goals.append(("B", f"≤ 8 KiB gateway memory per idle stream (N = {n:,})", f"{gw_pss / 1024:.1f} KiB",
+                              gw_pss <= 8192))
+                pp = bc.get("pushpin", {}).get(str(n))
+                if pp:
+                    ratio = gw_pss / med(pp, "per_stream_pss_bytes")
+                    goals.append(("B", f"≤ 0.5 × Pushpin's memory per stream (N = {n:,})", f"{ratio:.2f} ×",
+                                  ratio <= 0.5))
+        lines.append("")
+        c_rows = []
+        for name in ("gateway", "pushpin", "nchan"):
+            for n, runs in bc.get(name, {}).items():
+                fo = [r["fanout"] for r in runs if "fanout" in r]
+                if fo:
+                    c_rows.append((name, int(n), fo))
+        if c_rows:
+            lines += ["### C. Fan-out: one message published to each of N streams", "",
+                      "Each system gets N publish requests (one per stream, 32 connections) through its own "
+                      "publish API; latency is from sending a message's publish request to its arrival on its "
+                      "stream, measured in the one load-generator process.", "",
+                      "| N | system | p50 | p99 | max | until all N have it | lost | p99 gateway ÷ this |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            gw_p99 = {n: median([f["latency"]["p99_us"] for f in fo]) for name, n, fo in c_rows if name == "gateway"}
+            for name, n, fo in c_rows:
+                p99 = median([f["latency"]["p99_us"] for f in fo])
+                ratio = "-" if name == "gateway" or n not in gw_p99 else f"{gw_p99[n] / p99:.2f}"
+                lines.append(
+                    f"| {n:,} | {name} | {fmt_us(median([f['latency']['p50_us'] for f in fo]))} | {fmt_us(p99)} | "
+                    f"{fmt_us(median([f['latency']['max_us'] for f in fo]))} | "
+                    f"{median([f['all_delivered_seconds'] for f in fo]) * 1000:.0f} ms | "
+                    f"{sum(f['lost'] for f in fo)} | {ratio} |")
+                if name != "gateway" and n in gw_p99:
+                    goals.append(("C", f"gateway fan-out p99 ≤ {name}'s (N = {n:,})",
+                                  f"{fmt_us(gw_p99[n])} vs {fmt_us(p99)}", gw_p99[n] <= p99))
+            lines.append("")
+    d = res.get("D")
+    if d:
+        lines += ["### D. Session set-up (`initialize` + `notifications/initialized` + `tools/list`, one client)", "",
+                  "| path | p50 | p99 | added at p50 |", "| --- | --- | --- | --- |"]
+        base = med(d["direct"], "latency", "p50_us")
+        for name, runs in d.items():
+            p50 = med(runs, "latency", "p50_us")
+            lines.append(f"| {name} | {fmt_us(p50)} | {fmt_us(med(runs, 'latency', 'p99_us'))} | "
+                         f"{'-' if name == 'direct' else fmt_us(p50 - base)} |")
+        added = [g["latency"]["p50_us"] - x["latency"]["p50_us"] for g, x in zip(d["gateway"], d["direct"])]
+        goals.append(("D", "gateway adds ≤ 1 ms at p50 to session set-up", fmt_us(median(added)),
+                      median(added) <= 1000))
+        lines.append("")
+    e = res.get("E")
+    if e:
+        lines += ["### E. Auth: `introspect` mode against the real Keycloak", "",
+                  "| cache | requests | distinct tokens | introspections | p50 | p99 | errors |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, runs in e.items():
+            lines.append(f"| {name} | {med(runs, 'ok'):,.0f} | {med(runs, 'distinct_tokens'):.0f} | "
+                         f"{med(runs, 'introspections'):,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
+                         f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {sum(r['errors'] for r in runs)} |")
+        on = e["cache on"]
+        ok = all(r["introspections"] == r["distinct_tokens"] for r in on)
+        goals.append(("E", "introspections = distinct tokens, not requests",
+                      ", ".join(f"{r['introspections']} for {r['distinct_tokens']}" for r in on), ok))
+        lines.append("")
+    return lines, goals
+
+
+def render(res: dict, command: str) -> str:
+    meta = res["meta"]
+    m = meta["machine"]
+    tables, goals = goals_and_tables(res)
+    out = [MARK_BEGIN, "",
+           f"## Harness run of {meta['date']} (`{command}`)", "",
+           f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}. "
+           f"Everything (load generator, systems, stub upstream) shares these cores, on loopback. "
+           f"Each scenario ran {meta['runs']} times; tables give medians of the runs, and ratios are taken "
+           f"between systems measured in the same run.", "",
+           "Versions: " + "; ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
+           "### Goals", "", "| scenario | goal | measured | met |", "| --- | --- | --- | --- |"]
+    for sc, goal, measured, met in goals:
+        out.append(f"| {sc} | {goal} | {measured} | {'yes' if met else 'no'} |")
+    out += ["", *tables]
+    plots = meta.get("plots", [])
+    if plots:
+        out += ["### Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    out += ["Raw numbers: `bench/results.json`.", "", MARK_END]
+    return "\n".join(out)
+
+
+def write_results_md(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if MARK_BEGIN in text and MARK_END in text:
+        before, rest = text.split(MARK_BEGIN, 1)
+        after = rest.split(MARK_END, 1)[1]
+        text = before + section + after
+    else:
+        head, sep, tail = text.partition("\n## ")
+        text = head.rstrip() + "\n\n" + section + "\n\n" + (sep.lstrip("\n") + tail if sep else "")
+    path.write_text(text.rstrip() + "\n")
+
+
+def plots(res: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    if "A" in res:
+        names = list(res["A"])
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+        ax1.bar(names, [med(res["A"][n], "rps") for n in names], color="#4c72b0")
+        ax1.set_title("A: tools/call throughput (req/s)")
+        x = range(len(names))
+        ax2.bar([i - 0.2 for i in x], [med(res["A"][n], "latency", "p50_us") / 1000 for n in names], 0.4, label="p50")
+        ax2.bar([i + 0.2 for i in x], [med(res["A"][n], "latency", "p99_us") / 1000 for n in names], 0.4, label="p99")
+        ax2.set_xticks(list(x), names)
+        ax2.set_title("A: latency (ms)")
+        ax2.legend()
+        save(fig, "plot-a-request-overhead.png")
+    if "BC" in res:
+        systems = [s for s in ("gateway", "pushpin", "nchan") if s in res["BC"]]
+        sizes = sorted({int(k) for s in systems for k in res["BC"][s]})
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        w = 0.8 / max(len(systems), 1)
+        for j, s in enumerate(systems):
+            vals = [med(res["BC"][s][str(n)], "per_stream_pss_bytes") / 1024 if str(n) in res["BC"][s] else 0
+                    for n in sizes]
+            ax.bar([i + j * w for i in range(len(sizes))], vals, w, label=s)
+        ax.axhline(8, color="red", linestyle="--", linewidth=1, label="goal: 8 KiB")
+        ax.set_xticks([i + w * (len(systems) - 1) / 2 for i in range(len(sizes))], [f"N={n:,}" for n in sizes])
+        ax.set_ylabel("KiB per idle stream")
+        ax.set_title("B: memory per idle SSE stream")
+        ax.legend()
+        save(fig, "plot-b-idle-streams.png")
+        c = [(s, n, [r["fanout"] for r in runs if "fanout" in r]) for s in systems
+             for n, runs in res["BC"][s].items()]
+        c = [x for x in c if x[2]]
+        if c:
+            fig, ax = plt.subplots(figsize=(7, 3.4))
+            labels = [f"{s}\nN={int(n):,}" for s, n, _ in c]
+            x = range(len(c))
+            ax.bar([i - 0.2 for i in x], [median([f["latency"]["p50_us"] for f in fo]) / 1000 for _, _, fo in c],
+                   0.4, label="p50")
+            ax.bar([i + 0.2 for i in x], [median([f["latency"]["p99_us"] for f in fo]) / 1000 for _, _, fo in c],
+                   0.4, label="p99")
+            ax.set_xticks(list(x), labels)
+            ax.set_ylabel("ms, publish to delivery")
+            ax.set_title("C: fan-out latency")
+            ax.legend()
+            save(fig, "plot-c-fanout.png")
+    if "E" in res:
+        names = list(res["E"])
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar(names, [med(res["E"][n], "introspections") for n in names], color="#dd8452")
+        ax.set_yscale("log")
+        ax.set_title("E: introspection calls for 10,000 requests")
+        save(fig, "plot-e-introspections.png")
+    return made
+
+
+def smoke_checks(res: dict) -> list[str]:
+    """What must hold for the harness to work (not how fast anything is)."""
+    problems = []
+    for name, runs in res.get("A", {}).items():
+        for r in runs:
+            if r["ok"] == 0 or r["errors"]:
+                problems.append(f"A {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+    for name, runs in res.get("D", {}).items():
+        for r in runs:
+            if r["ok"] == 0 or r["errors"]:
+                problems.append(f"D {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+    for name, sizes in res.get("BC", {}).items():
+        for n, runs in sizes.items():
+            for r in runs:
+                if r["open"]["opened"] != int(n):
+                    problems.append(f"B {name}: {r['open']['opened']} of {n} streams opened")
+                fo = r.get("fanout")
+                if fo and (fo["lost"] or fo["publish_errors"] or fo["delivered"] != int(n)):
+                    problems.append(f"C {name}: delivered {fo['delivered']} of {n}, lost {fo['lost']}, "
+                                    f"publish errors {fo['publish_errors']} ({fo['first_error']})")
+    for name, runs in res.get("E", {}).items():
+        for r in runs:
+            if r["errors"] or r["ok"] == 0:
+                problems.append(f"E {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+            if name == "cache on" and r["introspections"] != r["distinct_tokens"]:
+                problems.append(f"E cache on: {r['introspections']} introspections for {r['distinct_tokens']} tokens")
+            if name == "cache off" and r["introspections"] < r["ok"]:
+                problems.append(f"E cache off: {r['introspections']} introspections for {r['ok']} requests")
+    return problems
+
+
+FULL = {"a_duration": "20s", "a_warmup": "2s", "b_sizes": [10_000, 50_000, 100_000], "c_size": 10_000,
+        "idle_seconds": 10.0, "d_duration": "10s", "e_tokens": 100, "e_requests": 10_000, "runs": 3}
+SMOKE = {"a_duration": "2s", "a_warmup": "0s", "b_sizes": [200], "c_size": 200, "idle_seconds": 1.0,
+         "d_duration": "2s", "e_tokens": 10, "e_requests": 300, "runs": 1}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="the small CI run (checks, no published results)")
+    ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
+    ap.add_argument("--only", default="A,B,C,D,E", help="scenarios to run, e.g. A,D (B and C run together)")
+    ap.add_argument("--sizes", help="stream counts for B, e.g. 10000,50000")
+    ap.add_argument("--out", help="where results.json, RESULTS.md and the plots go (default bench/; "
+                                  "smoke: a temporary directory)")
+    args = ap.parse_args()
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.runs:
+        cfg["runs"] = args.runs
+    if args.sizes:
+        cfg["b_sizes"] = [int(x) for x in args.sizes.split(",")]
+        cfg["c_size"] = cfg["c_size"] if cfg["c_size"] in cfg["b_sizes"] else min(cfg["b_sizes"])
+    only = set(args.only.upper().split(","))
+    out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="ratatosk-bench-smoke-"))
+                                               if args.smoke else BENCH)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = ROOT / ".run" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True)
+    log(f"logs in {run_dir}")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1_048_576, 1_048_576))
+    except (ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    res: dict = {"meta": {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": cfg["runs"],
+                          "config": cfg, "smoke": args.smoke}}
+    s = Systems(run_dir, args.smoke)
+    started = time.monotonic()
+    try:
+        stub = s.start_stub()
+        s.start_keycloak()
+        gw = s.start_gateway("gateway", stub)
+        runs = cfg["runs"]
+        if "A" in only:
+            nginx = s.start_nginx_proxy()
+            res["A"] = scenario_a(s, cfg, {
+                "direct": (stub, []),
+                "gateway": (f"{gw['base']}/jwt/mcp", [gw["proc"]]),
+                "nginx": (nginx, [s.nginx_proxy]),
+            }, runs)
+        if "D" in only:
+            res["D"] = scenario_d(s, cfg, {"direct": stub, "gateway": f"{gw['base']}/jwt/mcp"}, runs)
+        if "E" in only:
+            uncached = s.start_gateway("gateway-nocache", stub, cache=False)
+            res["E"] = scenario_e(s, cfg, gw, uncached, runs)
+        if only & {"B", "C"}:
+            if not args.smoke:
+                avail = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                             if line.startswith("MemAvailable:"))
+                # About 60 KiB per stream across all parties is plenty.
+                fits = [n for n in cfg["b_sizes"] if n * 60 < avail]
+                if fits != cfg["b_sizes"]:
+                    log(f"skipping N = {sorted(set(cfg['b_sizes']) - set(fits))}: not enough memory")
+                cfg["b_sizes"] = fits
+            pushpin = s.start_pushpin()
+            nchan = s.start_nchan()
+            res["BC"] = scenario_bc(s, cfg, runs, gw, pushpin, nchan)
+    finally:
+        s.stop_all()
+    res["meta"]["versions"] = {**peer_versions(), **s.versions}
+    res["meta"]["seconds"] = round(time.monotonic() - started)
+    res["meta"]["plots"] = plots(res, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    command = "bench/run --smoke" if args.smoke else "make bench"
+    write_results_md(out_dir / "RESULTS.md", render(res, command))
+    log(f"results in {out_dir / 'RESULTS.md'} ({res['meta']['seconds']} s)")
+    if args.smoke:
+        problems = smoke_checks(res)
+        for p in problems:
+            log(f"smoke check failed: {p}")
+        checked = sum(len(runs) for k in ("A", "D", "E") for runs in res.get(k, {}).values())
+        checked += sum(len(runs) for sizes in res.get("BC", {}).values() for runs in sizes.values())
+        print(f"smoke: {max(checked - len(problems), 0)} passed, {len(problems)} failed")
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        log(f"error: {e}")
+        sys.exit(1)
