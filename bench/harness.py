@@ -283,9 +283,8 @@ class Systems:
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         p = self.add(Proc(name, [str(BIN / "ratatosk"), "--config", str(path)], self.run_dir,
                           env={"BENCH_PUBLISH_SECRET": PUBLISH_SECRET, "BENCH_KC_SECRET": KC_GATEWAY_SECRET,
-                               # An access log line per request, as in production, but not
-                               # the per-request info lines: nginx runs with access_log off.
-                               "RATATOSK_LOG": "warn", "NO_COLOR": "1"}))
+                               # No access log on either side: nginx runs with access_log off.
+                               "RATATOSK_LOG": "warn"}))
         wait_tcp(port, 20, name, p)
         wait_tcp(admin, 20, name, p)
         return {"proc": p, "base": f"http://127.0.0.1:{port}", "admin": f"http://127.0.0.1:{admin}"}
@@ -398,6 +397,20 @@ http {{
         p = self.add(Proc("pushpin", ["pushpin", "--config", str(d / "pushpin.conf")], self.run_dir))
         wait_tcp(http_port, 30, "pushpin", p)
         wait_tcp(pub_port, 30, "pushpin (publish)", p)
+        # Listening is not ready: requests sent before its zurl is connected
+        # get 502. Wait until a held stream really opens.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", http_port), timeout=2) as c:
+                    c.sendall(b"GET /grip/probe HTTP/1.1\r\nHost: pushpin\r\nAccept: text/event-stream\r\n\r\n")
+                    if c.recv(64).startswith(b"HTTP/1.1 200"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError("pushpin did not open a held stream within 30 s; see its logs in " + str(d / "log"))
+            time.sleep(0.2)
         return {"proc": p, "sub": f"http://127.0.0.1:{http_port}/grip",
                 "pub": f"http://127.0.0.1:{pub_port}/publish/"}
 
@@ -889,6 +902,15 @@ def main() -> int:
             uncached = s.start_gateway("gateway-nocache", stub, cache=False)
             res["E"] = scenario_e(s, cfg, gw, uncached, runs)
         if only & {"B", "C"}:
+            # Every stream is an open file in the server and in the load
+            # generator; without CAP_SYS_RESOURCE the hard limit caps N.
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            cap = (hard - 1500) // 1000 * 1000
+            if any(n > cap for n in cfg["b_sizes"]):
+                log(f"open files are capped at {hard} per process: N above {cap:,} cannot be held; "
+                    f"running {cap:,} instead")
+                res["meta"]["fd_limit"] = hard
+                cfg["b_sizes"] = sorted({min(n, cap) for n in cfg["b_sizes"]})
             if not args.smoke:
                 avail = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                              if line.startswith("MemAvailable:"))

@@ -1,11 +1,16 @@
 //! Pingora glue. Each phase is one small function; the logic lives in
 //! [`Gateway`] and the modules it calls.
 //!
-//! - [`McpProxy::request_filter`]: read the request (bounded), let the
-//!   gateway answer it, write the answer (streaming SSE chunk by chunk).
-//!   Every MCP request is answered here: the gateway reads and rewrites each
-//!   message, and holds streams itself, so Pingora's upstream phases are not
-//!   used for MCP traffic.
+//! - [`McpApp`]: an HTTP server app on Pingora's listener and connection
+//!   handling. It reads the request (bounded), lets the gateway answer it,
+//!   and writes the answer. The gateway reads and rewrites every message and
+//!   holds streams itself, so no proxy phases are needed: an earlier version
+//!   ran as a `ProxyHttp` whose per-request futures and modules cost 2.5x the
+//!   CPU of nginx per request and ~15 KiB per idle stream (bench/RESULTS.md).
+//! - Long-lived GET streams (the standalone stream and the legacy `/sse`
+//!   stream) leave Pingora's session once the head is written: a small task
+//!   holds the socket and writes chunks as events arrive, so an idle stream
+//!   costs its socket, its write buffer and that task.
 //! - [`AdminApp`]: the admin listener.
 //! - [`Housekeeping`]: reaps idle sessions, and drains streams on shutdown.
 
@@ -14,70 +19,69 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Version, header};
+use http::{HeaderValue, Method, Version, header};
 use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::{Error, ErrorType};
 use pingora_http::ResponseHeader;
-use pingora_proxy::{ProxyHttp, Session};
 use rand::Rng;
+use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use crate::config::Limits;
 use crate::edge::{self, Reject, Request, Response, ResponseBody};
 use crate::gateway::Gateway;
+use crate::stream::ChunkSource;
 
 /// How long a client may leave a write blocked (a full TCP window) before
 /// its connection is dropped, so one stalled client never pins resources.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub struct McpProxy {
+/// How long a connection may wait for its first request head, and an idle
+/// keep-alive connection for the next one (seconds).
+const IDLE_SECS: u64 = 60;
+
+/// The MCP listener's app.
+pub struct McpApp {
     pub gateway: Arc<Gateway>,
 }
 
-pub struct RequestCtx {
-    request_id: String,
-}
-
 #[async_trait]
-impl ProxyHttp for McpProxy {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            request_id: String::new(),
+impl HttpServerApp for McpApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        session.set_read_timeout(Some(Duration::from_secs(IDLE_SECS)));
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::debug!("cannot read a request head: {e}");
+                return None;
+            }
         }
-    }
-
-    /// Answers the request in full; always returns `Ok(true)`.
-    async fn request_filter(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> pingora_core::Result<bool> {
-        ctx.request_id = request_id(session.req_header().headers.get(&edge::REQUEST_ID));
-        let span = tracing::info_span!("request", id = %ctx.request_id);
-        self.serve(session, &ctx.request_id).instrument(span).await;
-        Ok(true)
-    }
-
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> pingora_core::Result<Box<HttpPeer>> {
-        Err(Error::explain(
-            ErrorType::InternalError,
-            "every MCP request is answered in request_filter",
-        ))
+        let keepalive = !*shutdown.borrow() && !self.gateway.is_draining();
+        session.set_keepalive(keepalive.then_some(IDLE_SECS));
+        let request_id = request_id(session.req_header().headers.get(&edge::REQUEST_ID));
+        let span = tracing::info_span!("request", id = %request_id);
+        self.serve(session, request_id).instrument(span).await
     }
 }
 
-impl McpProxy {
-    async fn serve(&self, session: &mut Session, request_id: &str) {
+/// What happened to a response, for the access log.
+type Outcome = &'static str;
+
+impl McpApp {
+    async fn serve(
+        &self,
+        mut session: ServerSession,
+        request_id: String,
+    ) -> Option<ReusedHttpStream> {
         let started = Instant::now();
         let limits = &self.gateway.config.limits;
         session.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -85,35 +89,52 @@ impl McpProxy {
             let h = session.req_header();
             (h.method.clone(), h.uri.path().to_owned())
         };
-        if self.gateway.is_draining() {
-            session.set_keepalive(None);
-        }
-        let response = match read_request(session, limits, request_id).await {
-            Ok(req) => self.gateway.handle(req).await,
+        let response = match read_request(&mut session, limits, &request_id).await {
+            // Boxed: the handling future is large and done before the answer
+            // is written, so it should not stay in this one's state.
+            Ok(req) => Box::pin(self.gateway.handle(req)).await,
             Err(reject) => {
                 // The rest of the body was not read: do not reuse the connection.
                 session.set_keepalive(None);
                 let mut r = reject
                     .into_response()
                     .labeled(self.gateway.label_for_path(&path, &method));
-                if let Ok(v) = HeaderValue::from_str(request_id) {
+                if let Ok(v) = HeaderValue::from_str(&request_id) {
                     r.headers.insert(edge::REQUEST_ID, v);
                 }
                 r
             }
         };
-        let status = response.status;
-        let streamed = matches!(response.body, ResponseBody::Stream(_));
-        let outcome = write_response(session, response, &self.gateway).await;
-        tracing::info!(
-            %method,
-            path,
-            status = status.as_u16(),
-            streamed,
-            ms = started.elapsed().as_millis() as u64,
-            outcome,
-            "served"
-        );
+        let status = response.status.as_u16();
+        let detach = method == Method::GET
+            && matches!(response.body, ResponseBody::Stream(_))
+            && matches!(session, ServerSession::H1(_));
+        let log_served = move |streamed: bool, outcome: Outcome| {
+            tracing::info!(
+                %method,
+                path,
+                status,
+                streamed,
+                ms = started.elapsed().as_millis() as u64,
+                outcome,
+                "served"
+            );
+        };
+        let (outcome, reuse) = write_response(session, response, &self.gateway, detach).await;
+        match outcome {
+            Written::Done(outcome, streamed) => log_served(streamed, outcome),
+            Written::Detached(stream, source) => {
+                let span = tracing::Span::current();
+                tokio::spawn(
+                    async move {
+                        let outcome = pump(stream, source).await;
+                        log_served(true, outcome);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        reuse
     }
 }
 
@@ -135,7 +156,7 @@ fn request_id(given: Option<&HeaderValue>) -> String {
 /// Reads the request head and the whole body, refusing bodies over the
 /// limit before buffering them.
 async fn read_request(
-    session: &mut Session,
+    session: &mut ServerSession,
     limits: &Limits,
     request_id: &str,
 ) -> Result<Request, Reject> {
@@ -195,14 +216,26 @@ pub async fn read_body(session: &mut ServerSession, limits: &Limits) -> Result<B
         })
 }
 
+/// How a response went out.
+enum Written {
+    /// Written (or abandoned) in full: the access log outcome, and whether it
+    /// was a stream.
+    Done(Outcome, bool),
+    /// The head is out; the socket and the event source are handed to
+    /// [`pump`].
+    Detached(Stream, Box<dyn ChunkSource>),
+}
+
 /// Writes a response; streams are written chunk by chunk until the source
-/// ends or a write fails (the client is gone). Returns what happened, for
-/// the access log.
+/// ends or a write fails (the client is gone). With `detach`, a stream's
+/// socket is taken out of the session once the head is written. Returns the
+/// connection for reuse when the exchange finished cleanly.
 async fn write_response(
-    session: &mut Session,
+    mut session: ServerSession,
     response: Response,
     gateway: &Gateway,
-) -> &'static str {
+    detach: bool,
+) -> (Written, Option<ReusedHttpStream>) {
     let Response {
         status,
         headers,
@@ -218,12 +251,14 @@ async fn write_response(
             status.as_str(),
         ])
         .inc();
+    let done = |outcome: Outcome, streamed: bool| (Written::Done(outcome, streamed), None);
+    let streamed = matches!(body, ResponseBody::Stream(_));
     let Ok(mut head) = ResponseHeader::build(status, Some(headers.len() + 2)) else {
-        return "bad response header";
+        return done("bad response header", streamed);
     };
     for (name, value) in headers.iter() {
         if head.append_header(name.clone(), value.clone()).is_err() {
-            return "bad response header";
+            return done("bad response header", streamed);
         }
     }
     let fixed = match &body {
@@ -246,40 +281,85 @@ async fn write_response(
         None => Ok(()),
     };
     if framing.is_err() {
-        return "bad response header";
+        return done("bad response header", streamed);
     }
-    if session
-        .write_response_header(Box::new(head), false)
-        .await
-        .is_err()
-    {
-        return "client gone before the header";
+    if session.write_response_header(Box::new(head)).await.is_err() {
+        return done("client gone before the header", streamed);
     }
-    match body {
+    let outcome = match body {
         ResponseBody::Empty | ResponseBody::Full(_) => {
-            let data = fixed.filter(|b| !b.is_empty());
-            match session.write_response_body(data, true).await {
+            let data = fixed.unwrap_or_default();
+            let written = if data.is_empty() {
+                session.finish_body().await.map(|_| ())
+            } else {
+                session.write_response_body(data, true).await
+            };
+            match written {
                 Ok(()) => "complete",
-                Err(_) => "client gone during the body",
+                Err(_) => return done("client gone during the body", false),
             }
+        }
+        ResponseBody::Stream(source) if detach => {
+            // A chunked head without a body is flushed when written.
+            return match session {
+                ServerSession::H1(h1) => (Written::Detached(h1.into_inner(), source), None),
+                _ => done("not an HTTP/1 session", true),
+            };
         }
         ResponseBody::Stream(mut source) => {
             while let Some(chunk) = source.next_chunk().await {
-                if session
-                    .write_response_body(Some(chunk), false)
-                    .await
-                    .is_err()
-                {
-                    return "stream ended: client gone";
+                if session.write_response_body(chunk, false).await.is_err() {
+                    return done("stream ended: client gone", true);
                 }
                 source.written();
             }
-            match session.write_response_body(None, true).await {
-                Ok(()) => "stream complete",
-                Err(_) => "client gone at the end of the stream",
+            if session.finish_body().await.is_err() {
+                return done("client gone at the end of the stream", true);
             }
+            "stream complete"
         }
+    };
+    let settings = HttpPersistentSettings::for_session(&session);
+    let reuse = match session.finish().await {
+        Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
+        _ => None,
+    };
+    (Written::Done(outcome, streamed), reuse)
+}
+
+/// Writes a detached stream's events as HTTP/1.1 chunks until the source
+/// ends (then the closing chunk) or the client is gone. The connection is
+/// not reused afterwards.
+async fn pump(mut stream: Stream, mut source: Box<dyn ChunkSource>) -> Outcome {
+    let mut frame = BytesMut::new();
+    while let Some(chunk) = source.next_chunk().await {
+        if chunk.is_empty() {
+            continue;
+        }
+        frame.clear();
+        frame.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        frame.extend_from_slice(&chunk);
+        frame.extend_from_slice(b"\r\n");
+        if !write_flush(&mut stream, &frame).await {
+            return "stream ended: client gone";
+        }
+        source.written();
     }
+    if write_flush(&mut stream, b"0\r\n\r\n").await {
+        "stream complete"
+    } else {
+        "client gone at the end of the stream"
+    }
+}
+
+/// Writes and flushes within [`WRITE_TIMEOUT`]; false if the client is gone
+/// or stalled.
+async fn write_flush(stream: &mut Stream, data: &[u8]) -> bool {
+    let write = async {
+        stream.write_all(data).await?;
+        stream.flush().await
+    };
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
 }
 
 /// The admin listener's app.

@@ -129,8 +129,9 @@ struct StreamArgs {
     /// Gateway: the publish secret.
     #[arg(long)]
     secret: Option<String>,
-    /// Streams being opened at once.
-    #[arg(long, default_value_t = 256)]
+    /// Streams being opened at once (Pushpin 1.36 answers 500 to some
+    /// opens at 256).
+    #[arg(long, default_value_t = 64)]
     open_concurrency: usize,
     /// Publish connections.
     #[arg(long, default_value_t = 32)]
