@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora_core::server::Server;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::services::background::background_service;
@@ -140,19 +140,34 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
 
-    let mut mcp = Service::new(
-        "ratatosk mcp".to_string(),
-        McpApp {
-            gateway: gateway.clone(),
-        },
-    );
-    // No L4 read buffer: Pingora reads request heads into a buffer of its own,
-    // and a 64 KiB one per connection would dominate the memory of an idle SSE
-    // stream (see bench/RESULTS.md). Writes keep the default MSS-sized buffer.
-    mcp.add_listener(
-        ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::default().read(0)),
-    );
-    server.add_service(mcp);
+    // One MCP service per thread, each a single-threaded runtime with its own
+    // SO_REUSEPORT listener on the same address: the kernel spreads
+    // connections, and a connection's socket, task, upstream connections and
+    // timers all stay on one thread (as nginx's workers do). With one shared
+    // listener, Pingora registers every accepted socket with the accepting
+    // runtime and wakes the serving thread across threads on each event
+    // (bench/RESULTS.md).
+    let threads = gateway.config.server.threads;
+    for i in 0..threads {
+        let mut mcp = Service::new(
+            format!("ratatosk mcp {i}"),
+            McpApp {
+                gateway: gateway.clone(),
+            },
+        );
+        mcp.threads = Some(1);
+        // No L4 read buffer: Pingora reads request heads into a buffer of its
+        // own, and a 64 KiB one per connection would dominate the memory of
+        // an idle SSE stream. Writes keep the default MSS-sized buffer.
+        let mut options = TcpSocketOptions::default();
+        options.so_reuseport = Some(threads > 1);
+        mcp.add_listener(
+            ListenerConfig::tcp(listen.as_str())
+                .tcp_socket_options(options)
+                .l4_buffer(L4BufferSettings::default().read(0)),
+        );
+        server.add_service(mcp);
+    }
 
     let mut admin = Service::new(
         "ratatosk admin".to_string(),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use prometheus::{Histogram, IntCounter, IntGauge};
+use thread_local::ThreadLocal;
 
 use crate::bridge::ReadLimits;
 use crate::config::UpstreamConfig;
@@ -73,7 +74,21 @@ pub struct Pool {
     eject_for: Duration,
     /// How long to wait for answers of this pool, and how they are read.
     pub read_limits: ReadLimits,
-    client: reqwest::Client,
+    /// One client, and so one connection pool, per thread. The gateway runs
+    /// one runtime per thread, and a pooled connection is driven by a task
+    /// on the runtime that opened it: one shared pool cost two cross-thread
+    /// wake-ups per request (bench/RESULTS.md).
+    clients: ThreadLocal<reqwest::Client>,
+    connect_timeout: Duration,
+}
+
+fn build_client(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
 }
 
 /// A replica chosen for one request. It counts as outstanding until dropped.
@@ -113,12 +128,8 @@ impl Pool {
         max_answer_bytes: usize,
         metrics: &Metrics,
     ) -> Result<Pool, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(cfg.connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
+        let clients = ThreadLocal::new();
+        clients.get_or_try(|| build_client(cfg.connect_timeout))?;
         let replicas = cfg
             .replicas
             .iter()
@@ -157,7 +168,8 @@ impl Pool {
                 max_duration: cfg.max_duration,
                 max_bytes: max_answer_bytes,
             },
-            client,
+            clients,
+            connect_timeout: cfg.connect_timeout,
         })
     }
 
@@ -253,8 +265,19 @@ impl Pool {
             tried.push(index);
             let replica = &self.replicas[index];
             let started = Instant::now();
-            let request = self
-                .client
+            let client = match self
+                .clients
+                .get_or_try(|| build_client(self.connect_timeout))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(UpstreamError::Failed {
+                        replica: replica.name.clone(),
+                        reason: format!("cannot build an HTTP client: {e}"),
+                    });
+                }
+            };
+            let request = client
                 .post(&replica.url)
                 .headers(headers.clone())
                 .body(body.clone())
