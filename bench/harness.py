@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -220,11 +221,18 @@ class Systems:
         self.procs.append(p)
         return p
 
+    def stop(self, p: Proc) -> None:
+        p.stop()
+        self.procs.remove(p)
+
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             p.stop()
         if self.kc_env is not None:
             subprocess.run([str(ROOT / "keycloak/stop")], env=self.kc_env, capture_output=True, timeout=120)
+            # The unpacked distribution (~190 MB) is a copy of the cached one;
+            # its log stays.
+            shutil.rmtree(self.run_dir / "keycloak" / "dist", ignore_errors=True)
 
     # -- the stub upstream
     def start_stub(self) -> str:
@@ -323,9 +331,9 @@ http {{
         return f"http://127.0.0.1:{port}/mcp"
 
     # -- Nginx + Nchan
-    def start_nchan(self) -> dict:
+    def start_nchan(self, name: str = "nchan") -> dict:
         port = free_port()
-        d = self.run_dir / "nchan"
+        d = self.run_dir / name
         (d / "tmp").mkdir(parents=True, exist_ok=True)
         module = "/usr/lib/nginx/modules/ngx_nchan_module.so"
         (d / "nginx.conf").write_text(f"""
@@ -354,14 +362,14 @@ http {{
   }}
 }}
 """)
-        p = self.add(Proc("nchan", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"),
+        p = self.add(Proc(name, ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"),
                                     "-g", "daemon off;"], self.run_dir))
         wait_tcp(port, 10, "nginx + nchan", p)
         return {"proc": p, "sub": f"http://127.0.0.1:{port}/sub", "pub": f"http://127.0.0.1:{port}/pub"}
 
     # -- Pushpin
-    def start_pushpin(self) -> dict:
-        d = self.run_dir / "pushpin"
+    def start_pushpin(self, name: str = "pushpin") -> dict:
+        d = self.run_dir / name
         (d / "log").mkdir(parents=True, exist_ok=True)
         (d / "run").mkdir(parents=True, exist_ok=True)
         http_port, pub_port = free_port(), free_port()
@@ -394,7 +402,7 @@ http {{
         if n != 1 or m != 1:
             raise BenchError("pushpin.conf: no 'services=' line or no [proxy] section")
         (d / "pushpin.conf").write_text(conf)
-        p = self.add(Proc("pushpin", ["pushpin", "--config", str(d / "pushpin.conf")], self.run_dir))
+        p = self.add(Proc(name, ["pushpin", "--config", str(d / "pushpin.conf")], self.run_dir))
         wait_tcp(http_port, 30, "pushpin", p)
         wait_tcp(pub_port, 30, "pushpin (publish)", p)
         # Listening is not ready: requests sent before its zurl is connected
@@ -426,7 +434,7 @@ def peer_versions() -> dict:
     def deb(pkg: str) -> str:
         return cmd(["dpkg-query", "-W", "-f=${Version}", pkg]) or "?"
 
-    rustc = cmd(["rustc", "--version"])
+    rustc = cmd(["rustc", "--version"]).removeprefix("rustc ")
     return {"nginx": deb("nginx"), "Pushpin": deb("pushpin"), "Nchan (libnginx-mod-nchan)": deb("libnginx-mod-nchan"),
             "rustc": rustc, "Python": platform.python_version()}
 
@@ -498,7 +506,7 @@ def hold_streams(s: Systems, name: str, system: str, n: int, args: list[str], pr
         opened = lg.read(600)
         res["open"] = opened
         if opened["failed"]:
-            raise BenchError(f"{name}: {opened['failed']} of {n} streams failed: {opened['first_failure']}")
+            log(f"B {name} N={n}: {opened['failed']} streams failed to open: {opened['first_failure']}")
         time.sleep(2)
         pids = proc.pids()
         c0 = cpu_seconds(pids)
@@ -507,14 +515,17 @@ def hold_streams(s: Systems, name: str, system: str, n: int, args: list[str], pr
         res["held"] = memory_kib(pids)
         lg.send("status")
         status = lg.read(60)
-        if status["open"] != n:
-            raise BenchError(f"{name}: {n - status['open']} of {n} streams closed while idle")
+        res["closed_while_idle"] = status["closed"]
+        if status["closed"]:
+            log(f"B {name} N={n}: {status['closed']} streams closed while idle")
+        held = max(opened["opened"] - status["closed"], 1)
+        res["held_streams"] = held
         for key in ("rss_kib", "pss_kib"):
-            res[f"per_stream_{key[:3]}_bytes"] = (res["held"][key] - base_mem[key]) * 1024 / n
+            res[f"per_stream_{key[:3]}_bytes"] = (res["held"][key] - base_mem[key]) * 1024 / held
         if system == "gateway":
             for key in ("rss_kib", "pss_kib"):
                 res[f"per_stream_only_{key[:3]}_bytes"] = (
-                    (res["held"][key] - res["after_sessions"][key]) * 1024 / n)
+                    (res["held"][key] - res["after_sessions"][key]) * 1024 / held)
         log(f"B {name} N={n}: {res['per_stream_pss_bytes']:.0f} B/stream (PSS delta), "
             f"idle CPU {res['idle_cpu_percent']:.2f}%")
         if fanout:
@@ -530,23 +541,29 @@ def hold_streams(s: Systems, name: str, system: str, n: int, args: list[str], pr
         time.sleep(1)
 
 
-def scenario_bc(s: Systems, cfg: dict, runs: int, gw: dict, pushpin: dict, nchan: dict) -> dict:
+def scenario_bc(s: Systems, cfg: dict, runs: int, stub: str) -> dict:
+    """Each run holds its streams on a freshly started system, so the memory
+    it grows by is that run's alone (allocators keep what they freed)."""
     out: dict = {}
     for n in cfg["b_sizes"]:
         for r in range(runs):
-            token = s.tokens(1)[0]
-            systems = [
-                ("gateway", "gateway", gw["proc"],
-                 ["--stream-url", f"{gw['base']}/jwt/mcp", "--publish-url", gw["admin"],
-                  "--token", token, "--secret", PUBLISH_SECRET]),
-                ("pushpin", "pushpin", pushpin["proc"],
-                 ["--stream-url", pushpin["sub"], "--publish-url", pushpin["pub"]]),
-                ("nchan", "nchan", nchan["proc"],
-                 ["--stream-url", nchan["sub"], "--publish-url", nchan["pub"]]),
-            ]
-            for name, system, proc, args in systems:
-                res = hold_streams(s, name, system, n, args, proc, cfg["idle_seconds"],
-                                   fanout=n == cfg["c_size"])
+            for name in ("gateway", "pushpin", "nchan"):
+                if name == "gateway":
+                    gw = s.start_gateway(f"gateway-b{n}-{r}", stub)
+                    token = s.tokens(1)[0]
+                    proc, args = gw["proc"], ["--stream-url", f"{gw['base']}/jwt/mcp", "--publish-url",
+                                              gw["admin"], "--token", token, "--secret", PUBLISH_SECRET]
+                elif name == "pushpin":
+                    pp = s.start_pushpin(f"pushpin-b{n}-{r}")
+                    proc, args = pp["proc"], ["--stream-url", pp["sub"], "--publish-url", pp["pub"]]
+                else:
+                    nc = s.start_nchan(f"nchan-b{n}-{r}")
+                    proc, args = nc["proc"], ["--stream-url", nc["sub"], "--publish-url", nc["pub"]]
+                try:
+                    res = hold_streams(s, name, name, n, args, proc, cfg["idle_seconds"],
+                                       fanout=n == cfg["c_size"])
+                finally:
+                    s.stop(proc)
                 out.setdefault(name, {}).setdefault(str(n), []).append(res)
     return out
 
@@ -633,8 +650,8 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                   "nginx's shared memory zone once per worker); for the one-process gateway the two agree. "
                   "The gateway row includes a session per stream (MCP streams belong to sessions); "
                   "\"stream only\" leaves the sessions out.", "",
-                  "| N | system | bytes per stream (PSS) | bytes per stream (RSS) | total RSS ÷ N | idle CPU | gateway ÷ this |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| N | system | streams held (min of runs) | bytes per stream (PSS) | bytes per stream (RSS) | total RSS ÷ N | idle CPU | gateway ÷ this |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for n in sorted({int(k) for v in bc.values() for k in v}):
             gw_runs = bc.get("gateway", {}).get(str(n), [])
             gw_pss = med(gw_runs, "per_stream_pss_bytes") if gw_runs else float("nan")
@@ -650,7 +667,8 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                     only = med(runs, "per_stream_only_pss_bytes")
                     label = f"gateway (stream only: {only:,.0f} B)"
                 ratio = "-" if name == "gateway" else f"{gw_pss / pss:.2f}"
-                lines.append(f"| {n:,} | {label} | {pss:,.0f} | {rss:,.0f} | {total:,.0f} | {cpu:.2f} % | {ratio} |")
+                held = min(r.get("held_streams", n) for r in runs)
+                lines.append(f"| {n:,} | {label} | {held:,} | {pss:,.0f} | {rss:,.0f} | {total:,.0f} | {cpu:.2f} % | {ratio} |")
             if gw_runs:
                 goals.append(("B", f"≤ 8 KiB gateway memory per idle stream (N = {n:,})", f"{gw_pss / 1024:.1f} KiB",
                               gw_pss <= 8192))
@@ -724,12 +742,14 @@ def render(res: dict, command: str) -> str:
            f"## Harness run of {meta['date']} (`{command}`)", "",
            f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}. "
            f"Everything (load generator, systems, stub upstream) shares these cores, on loopback. "
-           f"Each scenario ran {meta['runs']} times; tables give medians of the runs, and ratios are taken "
+           f"Each scenario ran {meta['runs']} time(s); tables give medians of the runs, and ratios are taken "
            f"between systems measured in the same run.", "",
            "Versions: " + "; ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
            "### Goals", "", "| scenario | goal | measured | met |", "| --- | --- | --- | --- |"]
     for sc, goal, measured, met in goals:
         out.append(f"| {sc} | {goal} | {measured} | {'yes' if met else 'no'} |")
+    for key, why in res.get("failed", {}).items():
+        out += ["", f"**Scenario {key} did not complete:** {why}"]
     out += ["", *tables]
     plots = meta.get("plots", [])
     if plots:
@@ -818,7 +838,7 @@ def plots(res: dict, out_dir: Path) -> list[str]:
 
 def smoke_checks(res: dict) -> list[str]:
     """What must hold for the harness to work (not how fast anything is)."""
-    problems = []
+    problems = [f"scenario {k} failed: {v}" for k, v in res.get("failed", {}).items()]
     for name, runs in res.get("A", {}).items():
         for r in runs:
             if r["ok"] == 0 or r["errors"]:
@@ -830,8 +850,9 @@ def smoke_checks(res: dict) -> list[str]:
     for name, sizes in res.get("BC", {}).items():
         for n, runs in sizes.items():
             for r in runs:
-                if r["open"]["opened"] != int(n):
-                    problems.append(f"B {name}: {r['open']['opened']} of {n} streams opened")
+                if r["open"]["opened"] != int(n) or r["closed_while_idle"]:
+                    problems.append(f"B {name}: {r['open']['opened']} of {n} streams opened, "
+                                    f"{r['closed_while_idle']} closed while idle")
                 fo = r.get("fanout")
                 if fo and (fo["lost"] or fo["publish_errors"] or fo["delivered"] != int(n)):
                     problems.append(f"C {name}: delivered {fo['delivered']} of {n}, lost {fo['lost']}, "
@@ -859,6 +880,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
     ap.add_argument("--only", default="A,B,C,D,E", help="scenarios to run, e.g. A,D (B and C run together)")
     ap.add_argument("--sizes", help="stream counts for B, e.g. 10000,50000")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other scenarios of the results.json already in --out")
     ap.add_argument("--out", help="where results.json, RESULTS.md and the plots go (default bench/; "
                                   "smoke: a temporary directory)")
     args = ap.parse_args()
@@ -884,23 +907,31 @@ def main() -> int:
                           "config": cfg, "smoke": args.smoke}}
     s = Systems(run_dir, args.smoke)
     started = time.monotonic()
+    def attempt(key: str, fn) -> None:
+        """A failed scenario is recorded and the others still run."""
+        try:
+            res[key] = fn()
+        except (BenchError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+            log(f"scenario {key} failed: {e}")
+            res.setdefault("failed", {})[key] = str(e)
+
     try:
         stub = s.start_stub()
         s.start_keycloak()
-        gw = s.start_gateway("gateway", stub)
+        gw = s.start_gateway("gateway", stub) if only & {"A", "D", "E"} else {}
         runs = cfg["runs"]
         if "A" in only:
             nginx = s.start_nginx_proxy()
-            res["A"] = scenario_a(s, cfg, {
+            attempt("A", lambda: scenario_a(s, cfg, {
                 "direct": (stub, []),
                 "gateway": (f"{gw['base']}/jwt/mcp", [gw["proc"]]),
                 "nginx": (nginx, [s.nginx_proxy]),
-            }, runs)
+            }, runs))
         if "D" in only:
-            res["D"] = scenario_d(s, cfg, {"direct": stub, "gateway": f"{gw['base']}/jwt/mcp"}, runs)
+            attempt("D", lambda: scenario_d(s, cfg, {"direct": stub, "gateway": f"{gw['base']}/jwt/mcp"}, runs))
         if "E" in only:
             uncached = s.start_gateway("gateway-nocache", stub, cache=False)
-            res["E"] = scenario_e(s, cfg, gw, uncached, runs)
+            attempt("E", lambda: scenario_e(s, cfg, gw, uncached, runs))
         if only & {"B", "C"}:
             # Every stream is an open file in the server and in the load
             # generator; without CAP_SYS_RESOURCE the hard limit caps N.
@@ -919,11 +950,13 @@ def main() -> int:
                 if fits != cfg["b_sizes"]:
                     log(f"skipping N = {sorted(set(cfg['b_sizes']) - set(fits))}: not enough memory")
                 cfg["b_sizes"] = fits
-            pushpin = s.start_pushpin()
-            nchan = s.start_nchan()
-            res["BC"] = scenario_bc(s, cfg, runs, gw, pushpin, nchan)
+            attempt("BC", lambda: scenario_bc(s, cfg, runs, stub))
     finally:
         s.stop_all()
+    if args.merge and (out_dir / "results.json").exists():
+        old = json.loads((out_dir / "results.json").read_text())
+        res = {**old, **{k: v for k, v in res.items() if k != "meta"},
+               "meta": {**old["meta"], "merged": sorted(k for k in res if k != "meta")}}
     res["meta"]["versions"] = {**peer_versions(), **s.versions}
     res["meta"]["seconds"] = round(time.monotonic() - started)
     res["meta"]["plots"] = plots(res, out_dir)
