@@ -302,17 +302,8 @@ class Systems:
         port = free_port()
         d = self.run_dir / "nginx-proxy"
         (d / "tmp").mkdir(parents=True, exist_ok=True)
-        (d / "nginx.conf").write_text(f"""
-worker_processes auto;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-worker_rlimit_nofile 300000;
-events {{ worker_connections 100000; }}
-http {{
-  access_log off;
+        (d / "nginx.conf").write_text(nginx_prelude(d) + f"""
   keepalive_requests 100000000;
-  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
-  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
   upstream stub {{ server 127.0.0.1:{self.stub_port}; keepalive 128; keepalive_requests 100000000; }}
   server {{
     listen 127.0.0.1:{port} backlog=4096;
@@ -336,17 +327,7 @@ http {{
         d = self.run_dir / name
         (d / "tmp").mkdir(parents=True, exist_ok=True)
         module = "/usr/lib/nginx/modules/ngx_nchan_module.so"
-        (d / "nginx.conf").write_text(f"""
-load_module {module};
-worker_processes auto;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-worker_rlimit_nofile 300000;
-events {{ worker_connections 150000; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
-  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+        (d / "nginx.conf").write_text(nginx_prelude(d, f"load_module {module};") + f"""
   nchan_shared_memory_size 512M;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
@@ -421,6 +402,22 @@ http {{
             time.sleep(0.2)
         return {"proc": p, "sub": f"http://127.0.0.1:{http_port}/grip",
                 "pub": f"http://127.0.0.1:{pub_port}/publish/"}
+
+
+def nginx_prelude(d: Path, main: str = "") -> str:
+    """The start of an nginx.conf that keeps everything under `d`, up to
+    the inside of its `http` block."""
+    return f"""
+{main}
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 300000;
+events {{ worker_connections 150000; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;"""
 
 
 def peer_versions() -> dict:

@@ -1,7 +1,7 @@
 //! `ratatosk --config FILE` runs the gateway; `ratatosk check --config FILE`
 //! validates a config and exits non-zero if it is wrong.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -117,6 +117,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
             )
         })?;
     }
+    let listen_addr = config.listen;
     let (listen, admin_listen) = (config.listen.to_string(), config.admin_listen.to_string());
     let server_conf = ServerConf {
         threads: config.server.threads,
@@ -149,6 +150,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     // (bench/RESULTS.md).
     let threads = gateway.config.server.threads;
     for i in 0..threads {
+        let key = listen_key(listen_addr, i);
         let mut mcp = Service::new(
             format!("ratatosk mcp {i}"),
             McpApp {
@@ -162,7 +164,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let mut options = TcpSocketOptions::default();
         options.so_reuseport = Some(threads > 1);
         mcp.add_listener(
-            ListenerConfig::tcp(listen.as_str())
+            ListenerConfig::tcp(key.as_str())
                 .tcp_socket_options(options)
                 .l4_buffer(L4BufferSettings::default().read(0)),
         );
@@ -187,4 +189,34 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
     tracing::info!(%listen, %admin_listen, base_path = %gateway.config.base_path, "ratatosk listening");
     server.run_forever();
+}
+
+/// The address string of service `i`'s listener. Pingora shares one
+/// listening socket among services whose address strings are equal (its fd
+/// table is keyed by the string), and each of them would close it at
+/// shutdown. The port written with `i` leading zeros is the same address
+/// under another key, so every service binds its own `SO_REUSEPORT` socket.
+fn listen_key(addr: SocketAddr, i: usize) -> String {
+    let ip = match addr {
+        SocketAddr::V4(a) => a.ip().to_string(),
+        SocketAddr::V6(a) => format!("[{}]", a.ip()),
+    };
+    format!("{ip}:{}{}", "0".repeat(i), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_keys_differ_but_name_the_same_address() {
+        for addr in ["127.0.0.1:8080", "[::1]:443"] {
+            let addr: SocketAddr = addr.parse().expect("address");
+            let keys: Vec<String> = (0..4).map(|i| listen_key(addr, i)).collect();
+            for (i, k) in keys.iter().enumerate() {
+                assert_eq!(k.parse::<SocketAddr>().expect("parses"), addr);
+                assert!(keys[..i].iter().all(|other| other != k));
+            }
+        }
+    }
 }

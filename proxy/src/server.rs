@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Version, header};
+use pingora_core::ErrorType;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use pingora_http::ResponseHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
@@ -62,14 +63,56 @@ impl HttpServerApp for McpApp {
             Ok(false) => return None,
             Err(e) => {
                 tracing::debug!("cannot read a request head: {e}");
+                if matches!(e.etype(), ErrorType::InvalidHTTPHeader | ErrorType::H1Error) {
+                    refuse_malformed_head(&mut session, e.etype().as_str()).await;
+                }
                 return None;
             }
         }
-        let keepalive = !*shutdown.borrow() && !self.gateway.is_draining();
+        let keepalive = !*shutdown.borrow()
+            && !self.gateway.is_draining()
+            && wants_keepalive(session.req_header());
         session.set_keepalive(keepalive.then_some(IDLE_SECS));
         let request_id = request_id(session.req_header().headers.get(&edge::REQUEST_ID));
         let span = tracing::info_span!("request", id = %request_id);
         self.serve(session, request_id).instrument(span).await
+    }
+}
+
+/// HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when
+/// asked to.
+fn wants_keepalive(head: &RequestHeader) -> bool {
+    let connection = |token: &str| {
+        head.headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match head.version {
+        Version::HTTP_11 => !connection("close"),
+        Version::HTTP_10 => connection("keep-alive"),
+        _ => false,
+    }
+}
+
+/// A 400 with a JSON-RPC error body for a request head that cannot be
+/// parsed; the connection closes after it.
+async fn refuse_malformed_head(session: &mut ServerSession, what: &str) {
+    let body = crate::jsonrpc::error_body(
+        None,
+        crate::jsonrpc::code::BAD_REQUEST,
+        &format!("malformed HTTP request head ({what})"),
+    );
+    let Ok(mut head) = ResponseHeader::build(http::StatusCode::BAD_REQUEST, Some(3)) else {
+        return;
+    };
+    let framed = head
+        .insert_header(header::CONTENT_TYPE, "application/json")
+        .and_then(|()| head.insert_header(header::CONTENT_LENGTH, body.len()));
+    if framed.is_ok() {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.write_error_response(head, body)).await;
     }
 }
 
@@ -106,9 +149,11 @@ impl McpApp {
             }
         };
         let status = response.status.as_u16();
+        // Only HTTP/1.1 streams are chunked, and so can be written by `pump`.
         let detach = method == Method::GET
             && matches!(response.body, ResponseBody::Stream(_))
-            && matches!(session, ServerSession::H1(_));
+            && matches!(session, ServerSession::H1(_))
+            && session.req_header().version == Version::HTTP_11;
         let log_served = move |streamed: bool, outcome: Outcome| {
             tracing::info!(
                 %method,
@@ -283,21 +328,27 @@ async fn write_response(
     if framing.is_err() {
         return done("bad response header", streamed);
     }
-    if session.write_response_header(Box::new(head)).await.is_err() {
+    if detach {
+        // The connection ends with the stream: say so in the head.
+        session.set_keepalive(None);
+    }
+    // Pingora's write timeout does not cover the flush of a head (or of the
+    // end of a body): bound each such wait here.
+    if !bounded(session.write_response_header(Box::new(head))).await {
         return done("client gone before the header", streamed);
     }
     let outcome = match body {
         ResponseBody::Empty | ResponseBody::Full(_) => {
             let data = fixed.unwrap_or_default();
             let written = if data.is_empty() {
-                session.finish_body().await.map(|_| ())
+                bounded(async { session.finish_body().await.map(|_| ()) }).await
             } else {
-                session.write_response_body(data, true).await
+                bounded(session.write_response_body(data, true)).await
             };
-            match written {
-                Ok(()) => "complete",
-                Err(_) => return done("client gone during the body", false),
+            if !written {
+                return done("client gone during the body", false);
             }
+            "complete"
         }
         ResponseBody::Stream(source) if detach => {
             // A chunked head without a body is flushed when written.
@@ -313,15 +364,15 @@ async fn write_response(
                 }
                 source.written();
             }
-            if session.finish_body().await.is_err() {
+            if !bounded(async { session.finish_body().await.map(|_| ()) }).await {
                 return done("client gone at the end of the stream", true);
             }
             "stream complete"
         }
     };
     let settings = HttpPersistentSettings::for_session(&session);
-    let reuse = match session.finish().await {
-        Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
+    let reuse = match tokio::time::timeout(WRITE_TIMEOUT, session.finish()).await {
+        Ok(Ok(Some(s))) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
         _ => None,
     };
     (Written::Done(outcome, streamed), reuse)
@@ -350,6 +401,11 @@ async fn pump(mut stream: Stream, mut source: Box<dyn ChunkSource>) -> Outcome {
     } else {
         "client gone at the end of the stream"
     }
+}
+
+/// True if `write` succeeded within [`WRITE_TIMEOUT`].
+async fn bounded(write: impl Future<Output = pingora_core::Result<()>>) -> bool {
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
 }
 
 /// Writes and flushes within [`WRITE_TIMEOUT`]; false if the client is gone

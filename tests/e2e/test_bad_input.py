@@ -3,6 +3,10 @@ harms nothing: afterwards a normal call works and the gateway is alive."""
 
 from __future__ import annotations
 
+import json
+import socket
+from urllib.parse import urlsplit
+
 import httpx2
 import pytest
 
@@ -187,3 +191,47 @@ def test_client_refusing_sse_is_told_before_anything_else(gateway):
     r = httpx2.post(gateway.url("org-1"), json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}},
                     headers={"Accept": "application/json"}, timeout=5)
     expect(r, 406, -32000, "text/event-stream")
+
+
+def raw_exchange(port: int, request: bytes, until: bytes = b"\r\n\r\n", limit: int = 4096) -> bytes:
+    """Sends raw bytes and reads until `until` has arrived (and what came with it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        got = b""
+        while until not in got and len(got) < limit:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_malformed_request_head_gets_a_json_rpc_400(gateway):
+    got = raw_exchange(gateway.port, b"POST /x HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n", until=b"}")
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), got
+    err = json.loads(body)["error"]
+    assert err["code"] == -32000 and "malformed" in err["message"], err
+    gateway.assert_healthy()
+
+
+def test_long_lived_streams_say_the_connection_ends_with_them(gateway, sid):
+    path = urlsplit(gateway.url("org-1")).path
+    request = (f"GET {path} HTTP/1.1\r\nHost: a\r\nAccept: text/event-stream\r\n"
+               f"Mcp-Session-Id: {sid}\r\n\r\n").encode()
+    head = raw_exchange(gateway.port, request).split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200"), head
+    assert b"transfer-encoding: chunked" in head and b"connection: close" in head, head
+
+
+def test_http_1_0_streams_are_not_chunked(gateway):
+    sid = initialize(gateway.url("org-1"))
+    path = urlsplit(gateway.url("org-1")).path
+    request = (f"GET {path} HTTP/1.0\r\nHost: a\r\nAccept: text/event-stream\r\n"
+               f"Mcp-Session-Id: {sid}\r\n\r\n").encode()
+    got = raw_exchange(gateway.port, request, until=b"\n\n")
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), got
+    assert b"transfer-encoding" not in head.lower(), head
+    # The priming event comes first, as SSE text, without chunk-size lines.
+    assert body.startswith((b"id:", b"event:", b"retry:", b"data:", b":")), body

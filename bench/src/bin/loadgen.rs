@@ -380,15 +380,12 @@ async fn rpc(a: RpcArgs, sources: Sources, timeout: Duration) -> anyhow::Result<
             tally
         }));
     }
-    let mut tallies = Vec::new();
-    for w in workers {
-        tallies.push(w.await?);
-    }
+    let tally = join(workers).await?;
     let seconds = match a.duration {
         Some(d) => d.as_secs_f64(),
         None => measure_from.elapsed().as_secs_f64(),
     };
-    Ok(Tally::merge(tallies).report(seconds))
+    Ok(tally.report(seconds))
 }
 
 async fn setup(
@@ -467,11 +464,16 @@ async fn setup(
             tally
         }));
     }
+    Ok(join(workers).await?.report(a.duration.as_secs_f64()))
+}
+
+/// Waits for every worker and adds up what they saw.
+async fn join(workers: Vec<tokio::task::JoinHandle<Tally>>) -> anyhow::Result<Tally> {
     let mut tallies = Vec::new();
     for w in workers {
         tallies.push(w.await?);
     }
-    Ok(Tally::merge(tallies).report(a.duration.as_secs_f64()))
+    Ok(Tally::merge(tallies))
 }
 
 /// Shared state of the stream readers.

@@ -182,15 +182,17 @@ async fn post(req: Request<Incoming>, sse: bool) -> Answer {
             )
         }
         "ping" => (json!({}), false),
-        "tools/list" => (
-            json!({"tools": [
-                {"name": "echo", "description": "Returns its text.",
-                 "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}},
-                {"name": "echo_sse", "description": "Returns its text in an SSE answer.",
-                 "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}}
-            ]}),
-            false,
-        ),
+        "tools/list" => {
+            let tool = |name: &str, description: &str| {
+                json!({"name": name, "description": description, "inputSchema":
+                    {"type": "object", "properties": {"text": {"type": "string"}}}})
+            };
+            (
+                json!({"tools": [tool("echo", "Returns its text."),
+                    tool("echo_sse", "Returns its text in an SSE answer.")]}),
+                false,
+            )
+        }
         "tools/call" => {
             let name = params
                 .get("name")
