@@ -336,16 +336,9 @@ async fn rpc(a: RpcArgs, sources: Sources, timeout: Duration) -> anyhow::Result<
                 {
                     break;
                 }
-                let c = match conn.as_mut() {
-                    Some(c) => c,
-                    None => match Conn::open(&sources, w, &target, timeout).await {
-                        Ok(c) => conn.insert(c),
-                        Err(e) => {
-                            tally.error(format!("{e:#}"));
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
+                let Some(c) = connected(&mut conn, &mut tally, &sources, w, &target, timeout).await
+                else {
+                    continue;
                 };
                 let token = (!tokens.is_empty()).then(|| {
                     tokens[next_token.fetch_add(1, Ordering::Relaxed) % tokens.len()].as_str()
@@ -404,16 +397,9 @@ async fn setup(
             let mut tally = Tally::new();
             let mut conn: Option<Conn> = None;
             while Instant::now() < stop_at {
-                let c = match conn.as_mut() {
-                    Some(c) => c,
-                    None => match Conn::open(&sources, w, &target, timeout).await {
-                        Ok(c) => conn.insert(c),
-                        Err(e) => {
-                            tally.error(format!("{e:#}"));
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
+                let Some(c) = connected(&mut conn, &mut tally, &sources, w, &target, timeout).await
+                else {
+                    continue;
                 };
                 let t0 = Instant::now();
                 let outcome = async {
@@ -465,6 +451,29 @@ async fn setup(
         }));
     }
     Ok(join(workers).await?.report(a.duration.as_secs_f64()))
+}
+
+/// The worker's connection, opened if there is none; on failure the error
+/// is counted and the caller retries after a pause.
+async fn connected<'a>(
+    conn: &'a mut Option<Conn>,
+    tally: &mut Tally,
+    sources: &Sources,
+    worker: usize,
+    target: &Target,
+    timeout: Duration,
+) -> Option<&'a mut Conn> {
+    if conn.is_none() {
+        match Conn::open(sources, worker, target, timeout).await {
+            Ok(c) => *conn = Some(c),
+            Err(e) => {
+                tally.error(format!("{e:#}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return None;
+            }
+        }
+    }
+    conn.as_mut()
 }
 
 /// Waits for every worker and adds up what they saw.

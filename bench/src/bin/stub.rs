@@ -137,27 +137,13 @@ fn grip_hold(channel: &str, keepalive: u32) -> Answer {
 }
 
 async fn post(req: Request<Incoming>, sse: bool) -> Answer {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                &Value::Null,
-                -32700,
-                &e.to_string(),
-            );
-        }
+    let parsed = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => serde_json::from_slice::<Value>(&b.to_bytes()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     };
-    let msg: Value = match serde_json::from_slice(&body) {
+    let msg = match parsed {
         Ok(v) => v,
-        Err(e) => {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                &Value::Null,
-                -32700,
-                &e.to_string(),
-            );
-        }
+        Err(e) => return rpc_error(StatusCode::BAD_REQUEST, &Value::Null, -32700, &e),
     };
     let Some(id) = msg.get("id").cloned() else {
         // A notification or a client's answer.
