@@ -210,9 +210,8 @@ def loadgen_json(args: list[str], timeout: float) -> dict:
 class Systems:
     """Everything under test, started once and stopped at the end."""
 
-    def __init__(self, run_dir: Path, smoke: bool):
+    def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.smoke = smoke
         self.procs: list[Proc] = []
         self.kc_env: dict | None = None
         self.versions: dict[str, str] = {}
@@ -487,11 +486,11 @@ def scenario_d(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
     return out
 
 
-def hold_streams(s: Systems, name: str, system: str, n: int, args: list[str], proc: Proc,
+def hold_streams(s: Systems, system: str, n: int, args: list[str], proc: Proc,
                  idle_seconds: float, fanout: bool) -> dict:
     """Scenario B (and C when `fanout`): hold n idle streams on one system."""
     base_mem = memory_kib(proc.pids())
-    lg = Loadgen(s.run_dir, ["--system", system, "--n", str(n), *args], f"loadgen-{name}-{n}")
+    lg = Loadgen(s.run_dir, ["--system", system, "--n", str(n), *args], f"loadgen-{system}-{n}")
     try:
         res: dict = {"n": n, "base": base_mem}
         if system == "gateway":
@@ -503,7 +502,7 @@ def hold_streams(s: Systems, name: str, system: str, n: int, args: list[str], pr
         opened = lg.read(600)
         res["open"] = opened
         if opened["failed"]:
-            log(f"B {name} N={n}: {opened['failed']} streams failed to open: {opened['first_failure']}")
+            log(f"B {system} N={n}: {opened['failed']} streams failed to open: {opened['first_failure']}")
         time.sleep(2)
         pids = proc.pids()
         c0 = cpu_seconds(pids)
@@ -514,7 +513,7 @@ def hold_streams(s: Systems, name: str, system: str, n: int, args: list[str], pr
         status = lg.read(60)
         res["closed_while_idle"] = status["closed"]
         if status["closed"]:
-            log(f"B {name} N={n}: {status['closed']} streams closed while idle")
+            log(f"B {system} N={n}: {status['closed']} streams closed while idle")
         held = max(opened["opened"] - status["closed"], 1)
         res["held_streams"] = held
         for key in ("rss_kib", "pss_kib"):
@@ -523,13 +522,13 @@ def hold_streams(s: Systems, name: str, system: str, n: int, args: list[str], pr
             for key in ("rss_kib", "pss_kib"):
                 res[f"per_stream_only_{key[:3]}_bytes"] = (
                     (res["held"][key] - res["after_sessions"][key]) * 1024 / held)
-        log(f"B {name} N={n}: {res['per_stream_pss_bytes']:.0f} B/stream (PSS delta), "
+        log(f"B {system} N={n}: {res['per_stream_pss_bytes']:.0f} B/stream (PSS delta), "
             f"idle CPU {res['idle_cpu_percent']:.2f}%")
         if fanout:
             lg.send("fanout")
             fo = lg.read(300)
             res["fanout"] = fo
-            log(f"C {name} N={n}: p50 {fo['latency']['p50_us']} µs, p99 {fo['latency']['p99_us']} µs, "
+            log(f"C {system} N={n}: p50 {fo['latency']['p50_us']} µs, p99 {fo['latency']['p99_us']} µs, "
                 f"all in {fo['all_delivered_seconds'] * 1000:.0f} ms, lost {fo['lost']}, "
                 f"publish errors {fo['publish_errors']}")
         return res
@@ -557,7 +556,7 @@ def scenario_bc(s: Systems, cfg: dict, runs: int, stub: str) -> dict:
                     nc = s.start_nchan(f"nchan-b{n}-{r}")
                     proc, args = nc["proc"], ["--stream-url", nc["sub"], "--publish-url", nc["pub"]]
                 try:
-                    res = hold_streams(s, name, name, n, args, proc, cfg["idle_seconds"],
+                    res = hold_streams(s, name, n, args, proc, cfg["idle_seconds"],
                                        fanout=n == cfg["c_size"])
                 finally:
                     s.stop(proc)
@@ -626,7 +625,6 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
             cpu_s = "-" if cpu != cpu else f"{cpu:.1f} µs"
             lines.append(f"| {name} | {rps:,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
                          f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {cpu_s} | {rps / direct:.2f} | {rps / nginx:.2f} |")
-        g = med(a["gateway"], "rps")
         lines.append("")
         # Ratios per run (same run, same moment), then their median.
         per_run_direct = [x["rps"] / d["rps"] for x, d in zip(a["gateway"], a["direct"])]
@@ -638,7 +636,6 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                       median(per_run_direct) >= 0.8))
         goals.append(("A", "gateway throughput ≥ nginx proxy_pass", f"{median(per_run_nginx):.2f} ×",
                       median(per_run_nginx) >= 1.0))
-        _ = g
     bc = res.get("BC")
     if bc:
         lines += ["### B. Idle SSE streams", "",
@@ -902,7 +899,7 @@ def main() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     res: dict = {"meta": {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "runs": cfg["runs"],
                           "config": cfg, "smoke": args.smoke}}
-    s = Systems(run_dir, args.smoke)
+    s = Systems(run_dir)
     started = time.monotonic()
     def attempt(key: str, fn) -> None:
         """A failed scenario is recorded and the others still run."""

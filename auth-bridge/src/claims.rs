@@ -18,7 +18,6 @@ pub struct Claims {
     pub aud: Vec<String>,
     pub exp: Option<i64>,
     pub iat: Option<i64>,
-    pub nbf: Option<i64>,
     pub sid: Option<String>,
     /// Space-separated scopes.
     pub scope: Option<String>,
@@ -62,7 +61,8 @@ pub fn organizations(claim: Option<&Value>) -> Vec<String> {
     }
 }
 
-fn time(secs: Option<i64>) -> Option<SystemTime> {
+/// A NumericDate claim as a time; `None` if absent or out of range.
+pub(crate) fn time(secs: Option<i64>) -> Option<SystemTime> {
     let secs = u64::try_from(secs?).ok()?;
     UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }

@@ -26,8 +26,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::ProviderConfig;
-use crate::metadata::{advertised_scopes, metadata_path, resource_metadata, www_authenticate};
-use crate::{AuthError, AuthMode, Validator, bearer_token};
+use crate::metadata::{advertised_scopes, challenge, metadata_path, resource_metadata};
+use crate::{AuthError, AuthMode, Validator};
 
 /// `ratatosk-auth serve --config FILE`.
 #[derive(Debug, Clone, Deserialize)]
@@ -277,18 +277,14 @@ impl ForwardAuth {
             );
         };
         let mode = org.mode.unwrap_or(self.config.mode);
-        let result = async {
-            let token = bearer_token(
-                req.headers()
-                    .get(http::header::AUTHORIZATION)
-                    .map(HeaderValue::as_bytes),
-                self.config.identity.max_token_bytes,
-            )?;
-            let identity = self.validator.validate(token, mode).await?;
-            identity.authorize(&org_name, &org.scopes)?;
-            Ok::<_, AuthError>(identity)
-        }
-        .await;
+        let authorization = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        let result = self
+            .validator
+            .authenticate(authorization, mode, &org_name, &org.scopes)
+            .await;
         match result {
             Ok(identity) => {
                 let mut r = Response::new(Full::new(Bytes::new()));
@@ -313,23 +309,15 @@ impl ForwardAuth {
                     self.config.public_url.trim_end_matches('/'),
                     metadata_path(&Self::resource_path(&org_name))
                 );
-                let description = match &e {
-                    AuthError::Unavailable(detail) => {
-                        tracing::warn!(detail = %detail, "identity provider unavailable");
-                        "the identity provider is unavailable; retry shortly".to_owned()
-                    }
-                    other => other.to_string(),
-                };
+                if let AuthError::Unavailable(detail) = &e {
+                    tracing::warn!(detail = %detail, "identity provider unavailable");
+                }
                 let mut r = json_answer(
                     StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
-                    json!({"error": e.bearer_error().unwrap_or("unavailable"), "error_description": description}),
+                    json!({"error": e.bearer_error().unwrap_or("unavailable"), "error_description": e.client_message()}),
                 );
-                if e.status() != 503
-                    && let Ok(v) = HeaderValue::from_str(&www_authenticate(
-                        &metadata_url,
-                        &advertised_scopes(&org.scopes).join(" "),
-                        &e,
-                    ))
+                if let Some(challenge) = challenge(&metadata_url, &org.scopes, &e)
+                    && let Ok(v) = HeaderValue::from_str(&challenge)
                 {
                     r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
                 }
@@ -345,7 +333,18 @@ impl ForwardAuth {
                 return json_answer(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"}));
             }
         };
-        logout_answer(self.validator.backchannel_logout(&body).await.map(|_| ()))
+        let mut r = match self.validator.backchannel_logout(&body).await {
+            Ok(_) => Response::new(Full::new(Bytes::new())),
+            Err(e) => {
+                let (status, body) = e.answer();
+                json_answer(status, body)
+            }
+        };
+        r.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        r
     }
 }
 
@@ -363,26 +362,6 @@ fn org_from_path(uri: &str) -> Option<String> {
         return None;
     }
     segments.next().map(str::to_owned)
-}
-
-/// The answer to a back-channel logout request (OIDC Back-Channel Logout 2.8).
-pub fn logout_answer(result: Result<(), crate::logout::LogoutError>) -> Answer {
-    let mut r = match result {
-        Ok(()) => Response::new(Full::new(Bytes::new())),
-        Err(e @ crate::logout::LogoutError::Invalid(_)) => json_answer(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "invalid_request", "error_description": e.to_string()}),
-        ),
-        Err(e) => json_answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": "temporarily_unavailable", "error_description": e.to_string()}),
-        ),
-    };
-    r.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
-    r
 }
 
 fn json_answer(status: StatusCode, body: serde_json::Value) -> Answer {

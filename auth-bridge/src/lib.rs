@@ -46,7 +46,7 @@ pub struct Identity {
 }
 
 /// The subject every request gets on a route with `auth: none`.
-pub const ANONYMOUS_SUBJECT: &str = "anonymous";
+const ANONYMOUS_SUBJECT: &str = "anonymous";
 
 impl Identity {
     /// The identity of every caller on a route with `auth: none`. It belongs to
@@ -153,6 +153,18 @@ impl AuthError {
             AuthError::MalformedHeader(_) => 400,
             AuthError::WrongOrg { .. } | AuthError::InsufficientScope { .. } => 403,
             AuthError::Unavailable(_) => 503,
+        }
+    }
+
+    /// What the client is told. Provider trouble is for operators (the
+    /// caller logs the details, its URLs and errors); the client gets a
+    /// plain message.
+    pub fn client_message(&self) -> String {
+        match self {
+            AuthError::Unavailable(_) => {
+                "the identity provider is unavailable; retry shortly".to_owned()
+            }
+            other => other.to_string(),
         }
     }
 

@@ -1,12 +1,13 @@
 //! OpenID Connect back-channel logout: the provider POSTs a signed
 //! `logout_token` when a user session ends.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use jsonwebtoken::Validation;
 use serde::Deserialize;
 
+use crate::claims::time;
 use crate::provider::{KeyError, Provider};
 
 /// The event of the spec's `events` claim.
@@ -33,6 +34,24 @@ pub enum LogoutError {
     /// The provider's keys could not be fetched: answer 503 so it retries.
     #[error("cannot verify the logout token now: {0}")]
     Unavailable(String),
+}
+
+impl LogoutError {
+    /// The answer to a refused back-channel logout request (OIDC
+    /// Back-Channel Logout 2.8): its status and JSON body. A logout that
+    /// succeeded is answered 200 without a body; every answer carries
+    /// `Cache-Control: no-store`.
+    pub fn answer(&self) -> (http::StatusCode, serde_json::Value) {
+        let (status, error) = match self {
+            LogoutError::Invalid(_) => (http::StatusCode::BAD_REQUEST, "invalid_request"),
+            LogoutError::Unavailable(_) => (
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+            ),
+        };
+        let body = serde_json::json!({"error": error, "error_description": self.to_string()});
+        (status, body)
+    }
 }
 
 #[derive(Deserialize)]
@@ -118,15 +137,8 @@ pub async fn verify(
     // token cannot be replayed.
     let now = SystemTime::now();
     let skew = config.clock_skew;
-    let at = |secs: i64| {
-        u64::try_from(secs)
-            .ok()
-            .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
-    };
-    let issued = claims
-        .iat
-        .and_then(at)
-        .ok_or_else(|| invalid("the logout token has no valid iat".into()))?;
+    let issued =
+        time(claims.iat).ok_or_else(|| invalid("the logout token has no valid iat".into()))?;
     if issued > now + skew {
         return Err(invalid("the logout token was issued in the future".into()));
     }
@@ -137,7 +149,7 @@ pub async fn verify(
         return Err(invalid("the logout token is too old".into()));
     }
     if let Some(exp) = claims.exp
-        && at(exp).is_none_or(|e| e.checked_add(skew).is_some_and(|e| e < now))
+        && time(Some(exp)).is_none_or(|e| e.checked_add(skew).is_some_and(|e| e < now))
     {
         return Err(invalid("the logout token has expired".into()));
     }

@@ -22,6 +22,13 @@ pub fn resource_metadata(resource: &str, issuer: &str, scopes: &[String], name: 
     })
 }
 
+/// The challenge for a refusal of a route requiring `scopes`: none for an
+/// unavailable provider (503), where retrying, not a new token, helps.
+pub fn challenge(metadata_url: &str, scopes: &[String], error: &AuthError) -> Option<String> {
+    (error.status() != 503)
+        .then(|| www_authenticate(metadata_url, &advertised_scopes(scopes).join(" "), error))
+}
+
 /// The `WWW-Authenticate` value for a refusal (RFC 6750, RFC 9728).
 /// `scope` is what a client should ask for.
 pub fn www_authenticate(metadata_url: &str, scope: &str, error: &AuthError) -> String {

@@ -1,6 +1,57 @@
 //! Metrics of the auth bridge, registered in the caller's registry.
 
+use std::sync::OnceLock;
+
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::AuthMode;
+
+/// How a validation ended, as counted in `auth_validations_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Valid,
+    Invalid,
+    Revoked,
+    Unavailable,
+}
+
+/// How a cache look-up went, as counted in `auth_cache_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+    Coalesced,
+}
+
+impl Outcome {
+    const ALL: usize = 4;
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Valid => "valid",
+            Outcome::Invalid => "invalid",
+            Outcome::Revoked => "revoked",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Coalesced => "coalesced",
+        }
+    }
+}
+
+/// Counter handles resolved on first use: the validation path does no label
+/// look-up, and a series appears in `/metrics` once it is counted.
+#[derive(Clone, Default)]
+struct Handles {
+    validations: [[OnceLock<IntCounter>; Outcome::ALL]; 4],
+    cache: [OnceLock<IntCounter>; 3],
+}
 
 #[derive(Clone)]
 pub struct AuthMetrics {
@@ -19,6 +70,7 @@ pub struct AuthMetrics {
     pub logouts: IntCounterVec,
     /// Sessions and subjects on the revocation list.
     pub revoked: IntGauge,
+    handles: Handles,
 }
 
 impl AuthMetrics {
@@ -70,6 +122,7 @@ impl AuthMetrics {
                 "auth_revoked_entries",
                 "Logged-out sessions and subjects on the revocation list",
             )?,
+            handles: Handles::default(),
         };
         registry.register(Box::new(m.validations.clone()))?;
         registry.register(Box::new(m.cache.clone()))?;
@@ -80,5 +133,26 @@ impl AuthMetrics {
         registry.register(Box::new(m.logouts.clone()))?;
         registry.register(Box::new(m.revoked.clone()))?;
         Ok(m)
+    }
+
+    /// The `auth_validations_total` counter of a mode and outcome.
+    pub fn validation(&self, mode: AuthMode, outcome: Outcome) -> &IntCounter {
+        // Exhaustive, so a new mode cannot index past the array.
+        let m = match mode {
+            AuthMode::None => 0,
+            AuthMode::Jwt => 1,
+            AuthMode::Introspect => 2,
+            AuthMode::JwtIntrospect => 3,
+        };
+        self.handles.validations[m][outcome as usize].get_or_init(|| {
+            self.validations
+                .with_label_values(&[mode.as_str(), outcome.as_str()])
+        })
+    }
+
+    /// The `auth_cache_total` counter of an outcome.
+    pub fn cache_outcome(&self, outcome: CacheOutcome) -> &IntCounter {
+        self.handles.cache[outcome as usize]
+            .get_or_init(|| self.cache.with_label_values(&[outcome.as_str()]))
     }
 }

@@ -231,7 +231,17 @@ impl Provider {
     /// Fetches the keys and records the attempt (a failed one too, so a
     /// down provider is not hammered).
     async fn refresh(&self, last: &mut Option<(Instant, Option<String>)>) -> Result<(), KeyError> {
-        let fetched = self.fetch_keys().await;
+        // A key set with no usable key is a provider problem too; the keys
+        // held so far stay.
+        let fetched = self.fetch_keys().await.and_then(|keys| {
+            if keys.is_empty() {
+                Err(KeyError::Unavailable(
+                    "the JWKS holds no usable signing key".into(),
+                ))
+            } else {
+                Ok(keys)
+            }
+        });
         *last = Some((
             Instant::now(),
             fetched.as_ref().err().map(|e| e.to_string()),
@@ -242,21 +252,6 @@ impl Provider {
                 .with_label_values(&["failed"])
                 .inc();
         })?;
-        if keys.is_empty() {
-            // A key set with no usable key is a provider problem; the keys
-            // held so far stay.
-            *last = Some((
-                Instant::now(),
-                Some("the JWKS holds no usable signing key".into()),
-            ));
-            self.metrics
-                .jwks_fetches
-                .with_label_values(&["failed"])
-                .inc();
-            return Err(KeyError::Unavailable(
-                "the JWKS holds no usable signing key".into(),
-            ));
-        }
         self.metrics.jwks_fetches.with_label_values(&["ok"]).inc();
         tracing::info!(keys = keys.len(), "signing keys fetched");
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::claims::Claims;
 use crate::config::ProviderConfig;
 use crate::logout::{self, LogoutEvent};
-use crate::metrics::AuthMetrics;
+use crate::metrics::{AuthMetrics, CacheOutcome, Outcome};
 use crate::provider::{KeyError, Provider};
 use crate::{AuthError, AuthMode, Identity};
 
@@ -113,6 +113,22 @@ impl Validator {
     }
 
     /// Validates a bearer token in the given mode.
+    /// What every entry point checks: the bearer token of an
+    /// `Authorization` header, validated in `mode`, of a member of `org`
+    /// with every scope in `scopes`.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        mode: AuthMode,
+        org: &str,
+        scopes: &[String],
+    ) -> Result<Arc<Identity>, AuthError> {
+        let token = crate::bearer_token(authorization, self.config().max_token_bytes)?;
+        let identity = self.validate(token, mode).await?;
+        identity.authorize(org, scopes)?;
+        Ok(identity)
+    }
+
     pub async fn validate(&self, token: &str, mode: AuthMode) -> Result<Arc<Identity>, AuthError> {
         // Every provider call is bounded; this bounds their sum (discovery,
         // keys, introspection, and any wait behind another request's call).
@@ -125,15 +141,12 @@ impl Validator {
                 )))
             });
         let outcome = match &result {
-            Ok(_) => "valid",
-            Err(AuthError::Unavailable(_)) => "unavailable",
-            Err(AuthError::InvalidToken(why)) if why.starts_with(LOGGED_OUT) => "revoked",
-            Err(_) => "invalid",
+            Ok(_) => Outcome::Valid,
+            Err(AuthError::Unavailable(_)) => Outcome::Unavailable,
+            Err(AuthError::InvalidToken(why)) if why.starts_with(LOGGED_OUT) => Outcome::Revoked,
+            Err(_) => Outcome::Invalid,
         };
-        self.metrics
-            .validations
-            .with_label_values(&[mode.as_str(), outcome])
-            .inc();
+        self.metrics.validation(mode, outcome).inc();
         result
     }
 
@@ -151,7 +164,7 @@ impl Validator {
             let key = cache_key(mode, token);
             match self.cache.get(&key).await {
                 Some(v) => {
-                    self.metrics.cache.with_label_values(&["hit"]).inc();
+                    self.metrics.cache_outcome(CacheOutcome::Hit).inc();
                     v
                 }
                 None => {
@@ -162,11 +175,11 @@ impl Validator {
                         .await
                         .map_err(|e: Arc<AuthError>| (*e).clone())?;
                     let outcome = if entry.is_fresh() {
-                        "miss"
+                        CacheOutcome::Miss
                     } else {
-                        "coalesced"
+                        CacheOutcome::Coalesced
                     };
-                    self.metrics.cache.with_label_values(&[outcome]).inc();
+                    self.metrics.cache_outcome(outcome).inc();
                     entry.into_value()
                 }
             }
@@ -274,13 +287,13 @@ impl Validator {
             .introspect(token)
             .await
             .map_err(|e| AuthError::Unavailable(e.0))?;
-        if claims.active == Some(true) && claims.organization.is_none() {
-            claims.organization = organization_from_payload(token, claims.sub.as_deref());
-        }
         if claims.active != Some(true) {
             return Ok(invalid(
                 "the identity provider says the token is not active (expired, revoked, or not its own)",
             ));
+        }
+        if claims.organization.is_none() {
+            claims.organization = organization_from_payload(token, claims.sub.as_deref());
         }
         if let Some(iss) = &claims.iss
             && iss != &config.issuer

@@ -5,12 +5,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
-use ratatosk_auth::logout::{LogoutError, LogoutEvent};
-use ratatosk_auth::metadata::{
-    advertised_scopes, metadata_path, resource_metadata, www_authenticate,
-};
-use ratatosk_auth::{AuthError, AuthMode, Identity, bearer_token};
-use serde_json::json;
+use ratatosk_auth::logout::LogoutEvent;
+use ratatosk_auth::metadata::{advertised_scopes, challenge, metadata_path, resource_metadata};
+use ratatosk_auth::{AuthError, AuthMode, Identity};
 
 use crate::edge::{Reject, Request, Response};
 use crate::gateway::Gateway;
@@ -28,21 +25,20 @@ impl Gateway {
         if org.auth == AuthMode::None {
             return Ok(org.anonymous.clone());
         }
-        let result = async {
-            let validator = self.validator.as_ref().ok_or_else(|| {
-                AuthError::Unavailable("no identity provider is configured".into())
-            })?;
-            let token = bearer_token(
-                req.headers
+        let result = match self.validator.as_ref() {
+            Some(validator) => {
+                let authorization = req
+                    .headers
                     .get(header::AUTHORIZATION)
-                    .map(HeaderValue::as_bytes),
-                validator.config().max_token_bytes,
-            )?;
-            let identity = validator.validate(token, org.auth).await?;
-            identity.authorize(&org.organization, &org.scopes)?;
-            Ok::<_, AuthError>(identity)
-        }
-        .await;
+                    .map(HeaderValue::as_bytes);
+                validator
+                    .authenticate(authorization, org.auth, &org.organization, &org.scopes)
+                    .await
+            }
+            None => Err(AuthError::Unavailable(
+                "no identity provider is configured".into(),
+            )),
+        };
         result.map_err(|e| self.auth_reject(org, &e))
     }
 
@@ -54,31 +50,21 @@ impl Gateway {
         } else {
             code::BAD_REQUEST
         };
-        // Provider trouble is for operators: the log gets the details (its
-        // URLs, the error), the client a plain message.
-        let message = match e {
-            AuthError::Unavailable(detail) => {
-                tracing::warn!(org = %org.name, detail = %detail, "identity provider unavailable");
-                "the identity provider is unavailable; retry shortly".to_owned()
-            }
-            other => other.to_string(),
-        };
-        let mut reject = Reject::new(status, rpc_code, message);
-        if status != StatusCode::SERVICE_UNAVAILABLE {
-            let challenge = www_authenticate(
-                &self.metadata_url(org),
-                &advertised_scopes(&org.scopes).join(" "),
-                e,
-            );
-            if let Ok(v) = HeaderValue::from_str(&challenge) {
-                reject.headers.push((header::WWW_AUTHENTICATE, v));
-            }
-        } else {
-            reject
-                .headers
-                .push((header::RETRY_AFTER, HeaderValue::from_static("2")));
+        if let AuthError::Unavailable(detail) = e {
+            tracing::warn!(org = %org.name, detail = %detail, "identity provider unavailable");
         }
-        if e.status() == 401 {
+        let mut reject = Reject::new(status, rpc_code, e.client_message());
+        match challenge(&self.metadata_url(org), &org.scopes, e) {
+            Some(challenge) => {
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    reject.headers.push((header::WWW_AUTHENTICATE, v));
+                }
+            }
+            None => reject
+                .headers
+                .push((header::RETRY_AFTER, HeaderValue::from_static("2"))),
+        }
+        if status == StatusCode::UNAUTHORIZED {
             tracing::info!(org = %org.name, reason = %e, "request refused: no valid token");
         }
         reject
@@ -161,27 +147,12 @@ impl Gateway {
         if let Ok(event) = &result {
             self.end_sessions_of(event).await;
         }
-        let (status, body) = match result {
-            Ok(_) => (StatusCode::OK, Bytes::new()),
-            Err(e @ LogoutError::Invalid(_)) => (
-                StatusCode::BAD_REQUEST,
-                Bytes::from(
-                    json!({"error": "invalid_request", "error_description": e.to_string()})
-                        .to_string(),
-                ),
-            ),
-            Err(e) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Bytes::from(
-                    json!({"error": "temporarily_unavailable", "error_description": e.to_string()})
-                        .to_string(),
-                ),
-            ),
-        };
-        let mut r = if body.is_empty() {
-            Response::empty(status)
-        } else {
-            Response::json(status, body)
+        let mut r = match result {
+            Ok(_) => Response::empty(StatusCode::OK),
+            Err(e) => {
+                let (status, body) = e.answer();
+                Response::json(status, Bytes::from(body.to_string()))
+            }
         };
         r.headers
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

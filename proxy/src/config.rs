@@ -513,23 +513,17 @@ impl Config {
                     );
                 }
             }
-            if up.timeout.is_zero() {
-                bad(
-                    &format!("{at}.upstream.timeout"),
-                    "expected a positive duration like `60s`".into(),
-                );
-            }
-            if up.max_duration.is_zero() {
-                bad(
-                    &format!("{at}.upstream.max_duration"),
-                    "expected a positive duration like `10m`".into(),
-                );
-            }
-            if up.connect_timeout.is_zero() {
-                bad(
-                    &format!("{at}.upstream.connect_timeout"),
-                    "expected a positive duration like `2s`".into(),
-                );
+            for (field, d, example) in [
+                ("timeout", up.timeout, "60s"),
+                ("max_duration", up.max_duration, "10m"),
+                ("connect_timeout", up.connect_timeout, "2s"),
+            ] {
+                if d.is_zero() {
+                    bad(
+                        &format!("{at}.upstream.{field}"),
+                        format!("expected a positive duration like `{example}`"),
+                    );
+                }
             }
         }
         if let Some(identity) = &self.identity {

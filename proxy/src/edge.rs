@@ -19,8 +19,6 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Protocol versions the gateway speaks toward clients.
 pub const SUPPORTED_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
-/// Assumed when a Streamable HTTP request has no `MCP-Protocol-Version`.
-pub const DEFAULT_VERSION: &str = "2025-03-26";
 
 /// A request as the gateway core sees it: headers and the whole body.
 #[derive(Debug, Clone)]
@@ -162,11 +160,13 @@ impl Reject {
         self
     }
 
+    /// The JSON-RPC error message this refusal stands for.
+    pub fn body(&self) -> Bytes {
+        jsonrpc::error_body(self.id.as_ref(), self.code, &self.message)
+    }
+
     pub fn into_response(self) -> Response {
-        let mut r = Response::json(
-            self.status,
-            jsonrpc::error_body(self.id.as_ref(), self.code, &self.message),
-        );
+        let mut r = Response::json(self.status, self.body());
         for (name, value) in self.headers {
             r.headers.insert(name, value);
         }
@@ -182,12 +182,6 @@ impl Reject {
         r.headers
             .push((header::ALLOW, HeaderValue::from_static(allow)));
         r
-    }
-}
-
-impl From<Reject> for Response {
-    fn from(r: Reject) -> Response {
-        r.into_response()
     }
 }
 

@@ -37,8 +37,11 @@ const REQUEST_CANCELLED: i64 = -32800;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("org '{org}': cannot build the upstream client: {source}")]
-    Client { org: String, source: reqwest::Error },
+    #[error("org '{org}': {source}")]
+    Client {
+        org: String,
+        source: crate::upstream::PoolError,
+    },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot build the token validator: {0}")]
@@ -97,8 +100,6 @@ impl Gateway {
                 metrics: metrics.for_org(name),
                 pool: Arc::new(pool),
             });
-            metrics.sessions.with_label_values(&[name]).set(0);
-            metrics.open_streams.with_label_values(&[name]).set(0);
         }
         let validator = match &config.identity {
             Some(identity) => Some(ratatosk_auth::Validator::new(
@@ -387,7 +388,7 @@ impl Gateway {
                     let stream = log.begin_stream().map_err(|_| session_not_found())?;
                     let reader = AnswerReader::new(answer, org.pool.read_limits);
                     let this = self.clone();
-                    let (org2, pending) = (org.clone(), id.into_iter().collect());
+                    let (org2, pending) = (org.clone(), id);
                     let log2 = log.clone();
                     tokio::spawn(async move {
                         this.relay(reader, &log2, stream, pending, &org2, &guard.token)
@@ -469,7 +470,7 @@ impl Gateway {
         let guard = match self.track(log, &session.id, id.as_ref()) {
             Ok(guard) => guard,
             Err(reject) => {
-                let body = jsonrpc::error_body(id.as_ref(), reject.code, &reject.message);
+                let body = reject.with_id(id.as_ref()).body();
                 let _ = self.append(log, stream, &body, org);
                 return;
             }
@@ -481,13 +482,10 @@ impl Gateway {
         match answer {
             Ok(answer) => {
                 let reader = AnswerReader::new(answer, org.pool.read_limits);
-                let pending = id.into_iter().collect();
-                self.relay(reader, log, stream, pending, org, &guard.token)
-                    .await;
+                self.relay(reader, log, stream, id, org, &guard.token).await;
             }
             Err(e) => {
-                let reject = upstream_reject(e, id.as_ref());
-                let body = jsonrpc::error_body(id.as_ref(), reject.code, &reject.message);
+                let body = upstream_reject(e, id.as_ref()).body();
                 // A closed log means the session ended: nobody is left to tell.
                 let _ = self.append(log, stream, &body, org);
             }
@@ -495,7 +493,7 @@ impl Gateway {
     }
 
     /// Copies an upstream answer into a stream of the session log until
-    /// every pending request has its response, the answer ends, or the
+    /// the pending request has its response, the answer ends, or the
     /// request is cancelled. Missing responses become JSON-RPC errors, so
     /// the client is never left waiting.
     async fn relay(
@@ -503,7 +501,7 @@ impl Gateway {
         mut reader: AnswerReader,
         log: &SessionLog,
         stream: StreamId,
-        mut pending: Vec<Id>,
+        mut pending: Option<Id>,
         org: &OrgRoute,
         cancel: &CancellationToken,
     ) {
@@ -519,13 +517,14 @@ impl Gateway {
                 Ok(Some(message)) => {
                     if let Ok(parsed) = jsonrpc::parse_message(&message)
                         && let Kind::Response { id } = &parsed.kind
+                        && pending.as_ref() == Some(id)
                     {
-                        pending.retain(|p| p != id);
+                        pending = None;
                     }
                     if self.append(log, stream, &message, org).is_err() {
                         return;
                     }
-                    if pending.is_empty() {
+                    if pending.is_none() {
                         return;
                     }
                 }
@@ -541,12 +540,10 @@ impl Gateway {
                 }
             }
         };
-        let failure_code = code::UPSTREAM_ERROR;
-        for id in pending {
-            let body = jsonrpc::error_body(Some(&id), failure_code, &failure);
-            if self.append(log, stream, &body, org).is_err() {
-                return;
-            }
+        if let Some(id) = pending {
+            let body = jsonrpc::error_body(Some(&id), code::UPSTREAM_ERROR, &failure);
+            // A closed log means the session ended: nobody is left to tell.
+            let _ = self.append(log, stream, &body, org);
         }
     }
 
@@ -595,18 +592,14 @@ impl Gateway {
             )
             .with_id(id.as_ref()));
         }
-        let state = SessionState {
-            id: session_id.clone(),
-            org: org.name.to_string(),
-            subject: identity.subject.clone(),
-            idp_session: identity.session_id.clone(),
-            transport: Transport::StreamableHttp,
-            protocol_version: version,
-            client_info: params.get("clientInfo").cloned(),
-            client_capabilities: params.get("capabilities").cloned(),
-            log_level: None,
-            created_at_ms: session::now_ms(),
-        };
+        let mut state = SessionState::new(
+            session_id.clone(),
+            &org.name,
+            identity,
+            Transport::StreamableHttp,
+            version,
+        );
+        state.set_client(&params);
         self.create_session(state).await?;
         let header = HeaderValue::from_str(&session_id).map_err(|_| {
             Reject::new(
@@ -670,12 +663,19 @@ impl Gateway {
         }
     }
 
+    /// Moves the org's sessions gauge (its handle was resolved at start).
+    fn count_session(&self, org: &str, by: i64) {
+        if let Some(route) = self.routes.org(org) {
+            route.metrics.sessions.add(by);
+        }
+    }
+
     async fn create_session(&self, state: SessionState) -> Result<Arc<SessionState>, Reject> {
         let org = state.org.clone();
         let id = state.id.clone();
         let state = self.store.insert(state).await.map_err(store_reject)?;
         self.hub.create(&id);
-        self.metrics.sessions.with_label_values(&[&org]).inc();
+        self.count_session(&org, 1);
         tracing::info!(org, session = %short(&id), transport = ?state.transport, "session created");
         Ok(state)
     }
@@ -694,7 +694,7 @@ impl Gateway {
         });
         match removed {
             Some(state) => {
-                self.metrics.sessions.with_label_values(&[&state.org]).dec();
+                self.count_session(&state.org, -1);
                 tracing::info!(org = %state.org, session = %short(id), "session ended: {why}");
                 Ok(true)
             }
@@ -802,7 +802,7 @@ impl Gateway {
                 let Some(level) = level else {
                     return Some(jsonrpc::error_body(
                         Some(id),
-                        -32602,
+                        code::INVALID_PARAMS,
                         "logging/setLevel needs params.level",
                     ));
                 };
@@ -941,18 +941,13 @@ impl Gateway {
         if req.headers.contains_key(http::header::ACCEPT) {
             edge::check_get_framing(&req.headers)?;
         }
-        let state = SessionState {
-            id: session::mint_id(),
-            org: org.name.to_string(),
-            subject: identity.subject.clone(),
-            idp_session: identity.session_id.clone(),
-            transport: Transport::LegacySse,
-            protocol_version: String::new(),
-            client_info: None,
-            client_capabilities: None,
-            log_level: None,
-            created_at_ms: session::now_ms(),
-        };
+        let state = SessionState::new(
+            session::mint_id(),
+            &org.name,
+            identity,
+            Transport::LegacySse,
+            String::new(),
+        );
         let session = self.create_session(state).await?;
         let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
         let attach = log
@@ -975,7 +970,7 @@ impl Gateway {
     async fn legacy_post(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
-        identity: &Identity,
+        identity: &Arc<Identity>,
         req: &Request,
         label: &mut Label,
     ) -> Result<Response, Reject> {
@@ -1038,17 +1033,14 @@ impl Gateway {
                         let params = message.params().unwrap_or(Value::Null);
                         let mut updated = (**session).clone();
                         updated.protocol_version = version;
-                        updated.client_info = params.get("clientInfo").cloned();
-                        updated.client_capabilities = params.get("capabilities").cloned();
+                        updated.set_client(&params);
                         if let Err(e) = self.store.replace(updated).await {
                             tracing::warn!(error = %e, "cannot record the negotiated session");
                         }
                     }
                     answer
                 }
-                Err(reject) => {
-                    jsonrpc::error_body(reject.id.as_ref(), reject.code, &reject.message)
-                }
+                Err(reject) => reject.body(),
             };
             let _ = self.append(log, STANDALONE, &answer, org);
             return;
@@ -1124,7 +1116,7 @@ impl Gateway {
         };
         for state in &expired {
             self.hub.remove(&state.id);
-            self.metrics.sessions.with_label_values(&[&state.org]).dec();
+            self.count_session(&state.org, -1);
             tracing::info!(org = %state.org, session = %short(&state.id), "session expired after being idle");
         }
         for org in self.routes.orgs() {
@@ -1286,17 +1278,14 @@ pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
             && jsonrpc::parse_message(body).is_ok() =>
         {
             // The upstream refused the request itself, in JSON-RPC: pass it on.
-            let message = serde_json::from_slice::<Value>(body)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| e.to_string());
-            let upstream_code = serde_json::from_slice::<Value>(body)
-                .ok()
-                .and_then(|v| v.pointer("/error/code").and_then(Value::as_i64))
+            let refusal = serde_json::from_slice::<Value>(body).unwrap_or_default();
+            let message = refusal
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .map_or_else(|| e.to_string(), str::to_owned);
+            let upstream_code = refusal
+                .pointer("/error/code")
+                .and_then(Value::as_i64)
                 .unwrap_or(code::UPSTREAM_ERROR);
             return Reject::new(*status, upstream_code, message).with_id(id);
         }
@@ -1392,6 +1381,14 @@ mod tests {
             ResponseBody::Full(b) => serde_json::from_slice(b).expect("json body"),
             _ => panic!("expected a full body"),
         }
+    }
+
+    /// The JSON-RPC error message of a refused request.
+    fn error_message(r: &Response) -> String {
+        json_of(r)["error"]["message"]
+            .as_str()
+            .expect("an error message")
+            .to_owned()
     }
 
     async fn next_text(r: &mut Response) -> String {
@@ -1634,12 +1631,7 @@ mod tests {
             "{}",
             json_of(&no_header)
         );
-        assert!(
-            json_of(&no_header)["error"]["message"]
-                .as_str()
-                .expect("message")
-                .contains("2025-06-18")
-        );
+        assert!(error_message(&no_header).contains("2025-06-18"));
 
         let mismatch = gw
             .handle(post(
@@ -1651,12 +1643,7 @@ mod tests {
             ))
             .await;
         assert_eq!(mismatch.status, StatusCode::BAD_REQUEST);
-        assert!(
-            json_of(&mismatch)["error"]["message"]
-                .as_str()
-                .expect("message")
-                .contains("does not match")
-        );
+        assert!(error_message(&mismatch).contains("does not match"));
 
         let huge = format!("[{}]", vec![ping; 33].join(","));
         let r = gw
@@ -1806,12 +1793,7 @@ mod tests {
                 .handle(post(INIT, &[("authorization", &bearer(&other_org))]))
                 .await;
             assert_eq!(r.status, StatusCode::FORBIDDEN);
-            assert!(
-                json_of(&r)["error"]["message"]
-                    .as_str()
-                    .expect("msg")
-                    .contains("org-1")
-            );
+            assert!(error_message(&r).contains("org-1"));
             let no_scope = idp.token(json!({"scope": "openid"}));
             let r = gw
                 .handle(post(INIT, &[("authorization", &bearer(&no_scope))]))

@@ -4,8 +4,8 @@
 //! counted as `unknown`), methods from a fixed list, replicas from the config.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::stream::StreamMetrics;
@@ -13,6 +13,7 @@ use crate::stream::StreamMetrics;
 /// See [`Metrics::for_org`].
 #[derive(Clone)]
 pub struct OrgMetrics {
+    pub sessions: IntGauge,
     pub stream: StreamMetrics,
     pub published_upstream: IntCounter,
     pub published_publish: IntCounter,
@@ -121,6 +122,7 @@ impl Metrics {
     /// paths that touch them do no label look-up.
     pub fn for_org(&self, org: &str) -> OrgMetrics {
         OrgMetrics {
+            sessions: self.sessions.with_label_values(&[org]),
             stream: StreamMetrics {
                 delivered: self.events_delivered.with_label_values(&[org]),
                 open: self.open_streams.with_label_values(&[org]),

@@ -14,6 +14,7 @@
 //! - [`AdminApp`]: the admin listener.
 //! - [`Housekeeping`]: reaps idle sessions, and drains streams on shutdown.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::ResponseHeader;
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
@@ -69,31 +70,15 @@ impl HttpServerApp for McpApp {
                 return None;
             }
         }
-        let keepalive = !*shutdown.borrow()
-            && !self.gateway.is_draining()
-            && wants_keepalive(session.req_header());
+        // Pingora has decided from the request whether the connection may be
+        // kept (HTTP version, `Connection`, ambiguous framing); bound the
+        // idle wait, and close while draining.
+        let keepalive =
+            session.get_keepalive().is_some() && !*shutdown.borrow() && !self.gateway.is_draining();
         session.set_keepalive(keepalive.then_some(IDLE_SECS));
         let request_id = request_id(session.req_header().headers.get(&edge::REQUEST_ID));
         let span = tracing::info_span!("request", id = %request_id);
         self.serve(session, request_id).instrument(span).await
-    }
-}
-
-/// HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when
-/// asked to.
-fn wants_keepalive(head: &RequestHeader) -> bool {
-    let connection = |token: &str| {
-        head.headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    match head.version {
-        Version::HTTP_11 => !connection("close"),
-        Version::HTTP_10 => connection("keep-alive"),
-        _ => false,
     }
 }
 
@@ -298,36 +283,33 @@ async fn write_response(
         .inc();
     let done = |outcome: Outcome, streamed: bool| (Written::Done(outcome, streamed), None);
     let streamed = matches!(body, ResponseBody::Stream(_));
-    let Ok(mut head) = ResponseHeader::build(status, Some(headers.len() + 2)) else {
-        return done("bad response header", streamed);
-    };
-    for (name, value) in headers.iter() {
-        if head.append_header(name.clone(), value.clone()).is_err() {
-            return done("bad response header", streamed);
-        }
-    }
-    let fixed = match &body {
-        ResponseBody::Empty => Some(Bytes::new()),
-        ResponseBody::Full(b) => Some(b.clone()),
-        ResponseBody::Stream(_) => None,
-    };
-    let framing = match &fixed {
+    // The gateway's header map moves into the head as it is.
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = headers;
+    match &body {
         // 204 and 304 carry no body and, per RFC 9110, no Content-Length.
-        Some(_)
-            if status == http::StatusCode::NO_CONTENT
-                || status == http::StatusCode::NOT_MODIFIED =>
-        {
-            Ok(())
+        _ if status == http::StatusCode::NO_CONTENT || status == http::StatusCode::NOT_MODIFIED => {
         }
-        Some(b) => head.insert_header(header::CONTENT_LENGTH, b.len()),
-        None if session.req_header().version == Version::HTTP_11 => {
-            head.insert_header(header::TRANSFER_ENCODING, "chunked")
+        ResponseBody::Empty => {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
         }
-        None => Ok(()),
-    };
-    if framing.is_err() {
-        return done("bad response header", streamed);
+        ResponseBody::Full(b) => {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+        }
+        ResponseBody::Stream(_) if session.req_header().version == Version::HTTP_11 => {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        ResponseBody::Stream(_) => {}
     }
+    let head = ResponseHeader::from(parts);
     if detach {
         // The connection ends with the stream: say so in the head.
         session.set_keepalive(None);
@@ -339,7 +321,10 @@ async fn write_response(
     }
     let outcome = match body {
         ResponseBody::Empty | ResponseBody::Full(_) => {
-            let data = fixed.unwrap_or_default();
+            let data = match body {
+                ResponseBody::Full(b) => b,
+                _ => Bytes::new(),
+            };
             let written = if data.is_empty() {
                 bounded(async { session.finish_body().await.map(|_| ()) }).await
             } else {
@@ -388,7 +373,8 @@ async fn pump(mut stream: Stream, mut source: Box<dyn ChunkSource>) -> Outcome {
             continue;
         }
         frame.clear();
-        frame.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        // Writing into a BytesMut cannot fail.
+        let _ = write!(frame, "{:x}\r\n", chunk.len());
         frame.extend_from_slice(&chunk);
         frame.extend_from_slice(b"\r\n");
         if !write_flush(&mut stream, &frame).await {

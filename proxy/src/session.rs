@@ -67,6 +67,36 @@ pub struct SessionState {
     pub created_at_ms: u64,
 }
 
+impl SessionState {
+    /// A new session of `org` bound to `identity`.
+    pub fn new(
+        id: String,
+        org: &str,
+        identity: &ratatosk_auth::Identity,
+        transport: Transport,
+        protocol_version: String,
+    ) -> SessionState {
+        SessionState {
+            id,
+            org: org.to_owned(),
+            subject: identity.subject.clone(),
+            idp_session: identity.session_id.clone(),
+            transport,
+            protocol_version,
+            client_info: None,
+            client_capabilities: None,
+            log_level: None,
+            created_at_ms: now_ms(),
+        }
+    }
+
+    /// Records what the client said about itself in `initialize`.
+    pub fn set_client(&mut self, initialize_params: &Value) {
+        self.client_info = initialize_params.get("clientInfo").cloned();
+        self.client_capabilities = initialize_params.get("capabilities").cloned();
+    }
+}
+
 /// A session with its last activity, as stores list them.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionRecord {
@@ -86,8 +116,9 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn insert(&self, state: SessionState) -> Result<Arc<SessionState>, StoreError>;
     /// Looks a session up and records activity on it.
     async fn lookup(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError>;
-    /// Records activity without reading the state (open streams call this
-    /// so a session with a listener does not expire). False if it is gone.
+    /// Records activity without reading the state (the reaper calls this
+    /// for sessions with an open stream, so they do not expire). False if it
+    /// is gone.
     async fn touch(&self, id: &str) -> Result<bool, StoreError>;
     /// Replaces the state of an existing session. False if it is gone.
     async fn replace(&self, state: SessionState) -> Result<bool, StoreError>;

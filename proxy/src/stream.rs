@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -64,9 +65,8 @@ pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
 pub fn sse_frame(id: Option<EventId>, event: Option<&str>, data: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 48);
     if let Some(id) = id {
-        out.put_slice(b"id: ");
-        out.put_slice(id.to_string().as_bytes());
-        out.put_u8(b'\n');
+        // Writing into a BytesMut cannot fail.
+        let _ = writeln!(out, "id: {id}");
     }
     if let Some(event) = event {
         out.put_slice(b"event: ");
@@ -139,17 +139,24 @@ impl Ring {
     /// Frames of `stream` after `cursor`, up to about `max_chunk` bytes.
     fn after(&self, stream: StreamId, cursor: u64, max_chunk: usize) -> Option<(Bytes, u64, u64)> {
         let start = self.events.partition_point(|e| e.id.seq <= cursor);
-        let mut out = BytesMut::new();
-        let (mut count, mut upto) = (0, cursor);
-        for e in self.events.range(start..).filter(|e| e.id.stream == stream) {
-            if count > 0 && out.len() + e.frame.len() > max_chunk {
+        let mut frames = self.events.range(start..).filter(|e| e.id.stream == stream);
+        let first = frames.next()?;
+        let (mut count, mut upto, mut len) = (1, first.id.seq, first.frame.len());
+        // One frame (a client keeping up) goes out as it is, without a copy.
+        let mut joined: Option<BytesMut> = None;
+        for e in frames {
+            if len + e.frame.len() > max_chunk {
                 break;
             }
-            out.extend_from_slice(&e.frame);
+            joined
+                .get_or_insert_with(|| BytesMut::from(&first.frame[..]))
+                .extend_from_slice(&e.frame);
+            len += e.frame.len();
             count += 1;
             upto = e.id.seq;
         }
-        (count > 0).then(|| (out.freeze(), count, upto))
+        let chunk = joined.map_or_else(|| first.frame.clone(), BytesMut::freeze);
+        Some((chunk, count, upto))
     }
 }
 

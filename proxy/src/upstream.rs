@@ -50,7 +50,10 @@ pub enum UpstreamError {
 }
 
 struct Replica {
+    /// As configured: for logs, metrics and the admin API.
     url: String,
+    /// Parsed once: requests reuse it rather than parse `url` each time.
+    target: reqwest::Url,
     /// How clients see it in errors, e.g. `org-1#2`: the URL is internal.
     name: String,
     outstanding: AtomicUsize,
@@ -63,6 +66,17 @@ struct Replica {
     err_timeout: IntCounter,
     err_status: IntCounter,
     err_protocol: IntCounter,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("cannot build the upstream client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("replica '{url}' is not a URL: {source}")]
+    Url {
+        url: String,
+        source: url::ParseError,
+    },
 }
 
 /// One org's replicas and the client that reaches them.
@@ -127,7 +141,7 @@ impl Pool {
         cfg: &UpstreamConfig,
         max_answer_bytes: usize,
         metrics: &Metrics,
-    ) -> Result<Pool, reqwest::Error> {
+    ) -> Result<Pool, PoolError> {
         let clients = ThreadLocal::new();
         clients.get_or_try(|| build_client(cfg.connect_timeout))?;
         let replicas = cfg
@@ -135,6 +149,10 @@ impl Pool {
             .iter()
             .enumerate()
             .map(|(i, url)| {
+                let target = reqwest::Url::parse(url).map_err(|source| PoolError::Url {
+                    url: url.clone(),
+                    source,
+                })?;
                 let labels = [org, url.as_str()];
                 let err = |kind: &str| {
                     metrics
@@ -143,8 +161,9 @@ impl Pool {
                 };
                 let up = metrics.replica_up.with_label_values(&labels);
                 up.set(1);
-                Replica {
+                Ok(Replica {
                     url: url.clone(),
+                    target,
                     name: format!("{org}#{}", i + 1),
                     outstanding: AtomicUsize::new(0),
                     ejected_until: AtomicU64::new(0),
@@ -154,9 +173,9 @@ impl Pool {
                     err_timeout: err("timeout"),
                     err_status: err("status"),
                     err_protocol: err("protocol"),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, PoolError>>()?;
         Ok(Pool {
             org: org.to_owned(),
             replicas,
@@ -278,7 +297,7 @@ impl Pool {
                 }
             };
             let request = client
-                .post(&replica.url)
+                .post(replica.target.clone())
                 .headers(headers.clone())
                 .body(body.clone())
                 .send();
@@ -309,15 +328,12 @@ impl Pool {
             };
             replica.latency.observe(started.elapsed().as_secs_f64());
             let status = response.status();
-            if status.is_server_error() {
-                replica.err_status.inc();
-                self.eject(index, &format!("answered HTTP {status}"));
-            }
             if !status.is_success() {
-                if !status.is_server_error() {
-                    replica.err_status.inc();
+                replica.err_status.inc();
+                if status.is_server_error() {
+                    self.eject(index, &format!("answered HTTP {status}"));
                 }
-                let content_type = content_type(response.headers());
+                let content_type = content_type(response.headers()).map(str::to_owned);
                 let body = read_error_body(response, self.read_limits.timeout).await;
                 tracing::warn!(org = %self.org, replica = %replica.url, %status, "upstream refused a request");
                 return Err(UpstreamError::Status {
@@ -327,7 +343,7 @@ impl Pool {
                     content_type,
                 });
             }
-            let kind = match content_type(response.headers()).as_deref() {
+            let kind = match content_type(response.headers()) {
                 Some(ct) if mime_is(ct, "text/event-stream") => AnswerKind::Sse,
                 Some(ct) if mime_is(ct, "application/json") => AnswerKind::Json,
                 _ if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT => {
@@ -397,11 +413,10 @@ async fn read_error_body(mut response: reqwest::Response, timeout: Duration) -> 
     body.freeze()
 }
 
-fn content_type(headers: &HeaderMap) -> Option<String> {
+fn content_type(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
 }
 
 /// Whether a Content-Type names the given media type, ignoring parameters
