@@ -130,7 +130,12 @@ fn readiness(gw: &Gateway) -> Response {
     let orgs: serde_json::Map<String, serde_json::Value> = gw
         .routes
         .orgs()
-        .map(|o| (o.name.to_string(), json!({"replicas": o.pool.snapshot()})))
+        .map(|o| {
+            (
+                o.name.to_string(),
+                json!({"replicas": o.pool.snapshot(), "era": o.era.snapshot()}),
+            )
+        })
         .collect();
     if gw.is_draining() {
         json_response(

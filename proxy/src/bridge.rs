@@ -15,8 +15,14 @@ use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
-use crate::edge::{MCP_PROTOCOL_VERSION, REQUEST_ID};
-use crate::upstream::{Answer, AnswerKind, error_chain};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use serde_json::{Map, Value};
+
+use crate::config::Era;
+use crate::edge::{MCP_PROTOCOL_VERSION, MCP_SESSION_ID, REQUEST_ID};
+use crate::upstream::{Answer, AnswerKind, Pool, UpstreamError, error_chain};
 
 pub const RATATOSK_SESSION: HeaderName = HeaderName::from_static("ratatosk-session");
 pub const RATATOSK_ORG: HeaderName = HeaderName::from_static("ratatosk-org");
@@ -62,7 +68,10 @@ pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
     if let Some(v) = f.protocol_version {
         put(MCP_PROTOCOL_VERSION, v);
     }
-    put(RATATOSK_SESSION, f.session_id);
+    // Modern clients have no gateway session.
+    if !f.session_id.is_empty() {
+        put(RATATOSK_SESSION, f.session_id);
+    }
     put(RATATOSK_ORG, f.org);
     put(RATATOSK_SUBJECT, &f.identity.subject);
     if !f.identity.scopes.is_empty() {
@@ -177,6 +186,11 @@ impl AnswerReader {
 
     pub fn replica(&self) -> &str {
         &self.bounds.replica
+    }
+
+    /// Whether the answer is one JSON body (not yet read) rather than SSE.
+    pub fn is_json(&self) -> bool {
+        matches!(self.source, Source::Json(Some(_)))
     }
 
     /// The whole body of a JSON answer, unparsed beyond a syntax check.
@@ -335,6 +349,213 @@ fn split_json(body: &Bytes) -> Result<VecDeque<Bytes>, String> {
     }
 }
 
+/// How long the upstream's own description (its `server/discover` or
+/// `initialize` result) is reused before it is asked again.
+const INFO_TTL: Duration = Duration::from_secs(60);
+
+/// What an org's upstream speaks: as configured, or found out by probing
+/// (`auto`); plus its cached self-description, which the gateway needs to
+/// answer `initialize` or `server/discover` across eras.
+pub struct UpstreamEra {
+    org: String,
+    configured: Era,
+    /// `Era as u8 + 1` once known; 0 while an `auto` upstream is unprobed.
+    resolved: AtomicU8,
+    probing: tokio::sync::Mutex<()>,
+    info: std::sync::Mutex<Option<(Instant, Arc<Value>)>>,
+    gauge: prometheus::IntGaugeVec,
+}
+
+/// Why the upstream's era or description could not be found out.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("upstream {replica} answered {method} without a result: {answer}")]
+    NoResult {
+        replica: String,
+        method: &'static str,
+        answer: String,
+    },
+}
+
+const ERAS: [Era; 3] = [Era::Stateless2025, Era::Stateful2025, Era::Modern];
+
+impl UpstreamEra {
+    pub fn new(org: &str, configured: Era, metrics: &crate::metrics::Metrics) -> UpstreamEra {
+        let this = UpstreamEra {
+            org: org.to_owned(),
+            configured,
+            resolved: AtomicU8::new(0),
+            probing: tokio::sync::Mutex::new(()),
+            info: std::sync::Mutex::new(None),
+            gauge: metrics.upstream_era.clone(),
+        };
+        if configured != Era::Auto {
+            this.set(configured);
+        }
+        this
+    }
+
+    fn set(&self, era: Era) {
+        let index = ERAS.iter().position(|e| *e == era).unwrap_or(0);
+        self.resolved.store(index as u8 + 1, Ordering::Release);
+        for e in ERAS {
+            self.gauge
+                .with_label_values(&[self.org.as_str(), e.as_str()])
+                .set(i64::from(e == era));
+        }
+    }
+
+    pub fn configured(&self) -> Era {
+        self.configured
+    }
+
+    /// The era, if known without a probe.
+    pub fn known(&self) -> Option<Era> {
+        match self.resolved.load(Ordering::Acquire) {
+            0 => None,
+            n => ERAS.get(usize::from(n - 1)).copied(),
+        }
+    }
+
+    /// The era; an `auto` upstream is probed once (concurrent callers wait
+    /// for the same probe). A failed probe is retried by the next caller.
+    pub async fn resolve(&self, pool: &Arc<Pool>) -> Result<Era, ProbeError> {
+        if let Some(era) = self.known() {
+            return Ok(era);
+        }
+        let _probe = self.probing.lock().await;
+        if let Some(era) = self.known() {
+            return Ok(era);
+        }
+        let (era, info) = self.probe(pool).await?;
+        tracing::info!(org = %self.org, era = era.as_str(), "upstream era found by probing");
+        self.set(era);
+        self.remember(info);
+        Ok(era)
+    }
+
+    fn remember(&self, info: Value) -> Arc<Value> {
+        let info = Arc::new(info);
+        if let Ok(mut slot) = self.info.lock() {
+            *slot = Some((Instant::now(), info.clone()));
+        }
+        info
+    }
+
+    /// `server/discover` first; a modern refusal also proves a modern
+    /// upstream. Anything else means a handshake-era upstream, whose
+    /// `initialize` answer tells stateful (it mints a session) from
+    /// stateless.
+    async fn probe(&self, pool: &Arc<Pool>) -> Result<(Era, Value), ProbeError> {
+        match self.ask(pool, "server/discover").await {
+            Ok((result, _)) if result.get("supportedVersions").is_some() => {
+                return Ok((Era::Modern, result));
+            }
+            Err(ProbeError::Upstream(UpstreamError::Status { body, .. }))
+                if crate::era::is_modern_refusal(&body) =>
+            {
+                // Modern, but it refused the probe: describe it as empty.
+                return Ok((Era::Modern, serde_json::json!({})));
+            }
+            Err(ProbeError::Upstream(
+                e @ (UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. }),
+            )) => return Err(e.into()),
+            _ => {}
+        }
+        let (result, stateful) = self.ask(pool, "initialize").await?;
+        let era = if stateful {
+            Era::Stateful2025
+        } else {
+            Era::Stateless2025
+        };
+        Ok((era, result))
+    }
+
+    /// The upstream's description: its `server/discover` result (modern)
+    /// or its `initialize` result (handshake era), cached for a minute.
+    pub async fn info(&self, pool: &Arc<Pool>, era: Era) -> Result<Arc<Value>, ProbeError> {
+        if let Ok(slot) = self.info.lock()
+            && let Some((at, info)) = slot.as_ref()
+            && at.elapsed() < INFO_TTL
+        {
+            return Ok(info.clone());
+        }
+        let method = if era == Era::Modern {
+            "server/discover"
+        } else {
+            "initialize"
+        };
+        let (result, _) = self.ask(pool, method).await?;
+        Ok(self.remember(result))
+    }
+
+    /// Sends one gateway-made request; returns its result and whether the
+    /// answer minted an upstream session.
+    async fn ask(
+        &self,
+        pool: &Arc<Pool>,
+        method: &'static str,
+    ) -> Result<(Value, bool), ProbeError> {
+        let mut headers = HeaderMap::with_capacity(6);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&self.org) {
+            headers.insert(RATATOSK_ORG, v);
+        }
+        let body = if method == "initialize" {
+            crate::era::initialize_request("ratatosk-probe")
+        } else {
+            crate::era::put_modern_headers(&mut headers, method, &Map::new(), None);
+            crate::era::discover_request("ratatosk-probe")
+        };
+        let answer = pool.send(headers, body).await?;
+        let stateful = answer.response.headers().contains_key(MCP_SESSION_ID);
+        let mut reader = AnswerReader::new(answer, pool.read_limits);
+        while let Some(message) = reader.next_message().await? {
+            let Ok(v) = serde_json::from_slice::<Value>(&message) else {
+                continue;
+            };
+            if v.get("id").and_then(Value::as_str) != Some("ratatosk-probe") {
+                continue;
+            }
+            if let Some(result) = v.get("result") {
+                return Ok((result.clone(), stateful));
+            }
+            return Err(ProbeError::NoResult {
+                replica: reader.replica().to_owned(),
+                method,
+                answer: String::from_utf8_lossy(&message)
+                    .chars()
+                    .take(300)
+                    .collect(),
+            });
+        }
+        Err(ProbeError::NoResult {
+            replica: reader.replica().to_owned(),
+            method,
+            answer: "(no response)".into(),
+        })
+    }
+
+    /// For the admin API.
+    pub fn snapshot(&self) -> Value {
+        serde_json::json!({
+            "configured": self.configured.as_str(),
+            "resolved": self.known().map(Era::as_str),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +611,7 @@ mod tests {
             max_duration: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             eject_for: Duration::from_secs(1),
+            max_input_rounds: 10,
         };
         let metrics = crate::metrics::Metrics::new().expect("metrics");
         let pool =

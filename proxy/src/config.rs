@@ -187,11 +187,31 @@ pub struct OrgConfig {
 }
 
 /// The MCP protocol era an upstream pool speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum Era {
     /// Streamable HTTP of 2025, without sessions (e.g. FastMCP `stateless_http`).
     #[serde(rename = "stateless-2025")]
     Stateless2025,
+    /// Streamable HTTP of 2025 with the upstream's own `Mcp-Session-Id`.
+    #[serde(rename = "stateful-2025")]
+    Stateful2025,
+    /// The stateless protocol of 2026-07-28: `_meta` on every request, MRTR.
+    #[serde(rename = "modern")]
+    Modern,
+    /// Found out by probing: `server/discover`, then a legacy `initialize`.
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+impl Era {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Era::Stateless2025 => "stateless-2025",
+            Era::Stateful2025 => "stateful-2025",
+            Era::Modern => "modern",
+            Era::Auto => "auto",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,6 +234,15 @@ pub struct UpstreamConfig {
     /// of rotation.
     #[serde(default = "default_eject_for", with = "humantime_serde")]
     pub eject_for: Duration,
+    /// Most `InputRequiredResult` rounds one request of a legacy client may
+    /// take with a modern upstream before the gateway gives up on it.
+    #[serde(default = "default_max_input_rounds")]
+    pub max_input_rounds: u32,
+}
+
+fn default_max_input_rounds() -> u32 {
+    // What the official SDK clients allow (mcp, TypeScript, Go, C#).
+    10
 }
 
 fn default_upstream_timeout() -> Duration {
@@ -512,6 +541,18 @@ impl Config {
                         format!("`{replica}` is listed twice"),
                     );
                 }
+            }
+            if up.era == Era::Stateful2025 {
+                bad(
+                    &format!("{at}.upstream.era"),
+                    "`stateful-2025` upstreams are not bridged yet; run the upstream stateless, or as `modern`".into(),
+                );
+            }
+            if up.max_input_rounds == 0 {
+                bad(
+                    &format!("{at}.upstream.max_input_rounds"),
+                    "expected at least 1 round".into(),
+                );
             }
             for (field, d, example) in [
                 ("timeout", up.timeout, "60s"),

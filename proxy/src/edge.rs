@@ -138,6 +138,8 @@ pub struct Reject {
     pub id: Option<Id>,
     /// Extra headers, e.g. `Allow` on 405.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The JSON-RPC error's `data`, as JSON text.
+    pub data: Option<String>,
 }
 
 impl Reject {
@@ -148,7 +150,13 @@ impl Reject {
             message: message.into(),
             id: None,
             headers: Vec::new(),
+            data: None,
         }
+    }
+
+    pub fn with_data(mut self, data: serde_json::Value) -> Reject {
+        self.data = Some(data.to_string());
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Reject {
@@ -162,7 +170,15 @@ impl Reject {
 
     /// The JSON-RPC error message this refusal stands for.
     pub fn body(&self) -> Bytes {
-        jsonrpc::error_body(self.id.as_ref(), self.code, &self.message)
+        match &self.data {
+            None => jsonrpc::error_body(self.id.as_ref(), self.code, &self.message),
+            Some(data) => jsonrpc::error_body_with_data(
+                self.id.as_ref(),
+                self.code,
+                &self.message,
+                serde_json::from_str(data).unwrap_or_default(),
+            ),
+        }
     }
 
     pub fn into_response(self) -> Response {

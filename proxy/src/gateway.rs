@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{AnswerReader, Forwarding, ReadError, upstream_headers};
-use crate::config::Config;
+use crate::config::{Config, Era};
 use crate::edge::{self, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response};
 use crate::jsonrpc::{self, Body, Id, Kind, Message, code};
 use crate::metrics::Metrics;
@@ -28,6 +28,8 @@ use crate::stream::{
     StreamId, priming_frame, sse_frame,
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
+
+mod modern;
 
 /// How many requests of one batch go upstream at once.
 const BATCH_CONCURRENCY: usize = 8;
@@ -62,6 +64,10 @@ pub struct Gateway {
     /// `notifications/cancelled` or a DELETE can stop them.
     in_flight: Arc<InFlightMap>,
     next_generation: AtomicU64,
+    /// The gateway's own requests to clients (MRTR input requests), waiting
+    /// for the client's response.
+    replies: modern::ReplyMap,
+    next_reply: AtomicU64,
     draining: AtomicBool,
 }
 
@@ -98,6 +104,12 @@ impl Gateway {
                 organization: org.organization.clone().unwrap_or_else(|| name.clone()),
                 anonymous: Arc::new(Identity::anonymous(name)),
                 metrics: metrics.for_org(name),
+                era: Arc::new(crate::bridge::UpstreamEra::new(
+                    name,
+                    org.upstream.era,
+                    &metrics,
+                )),
+                max_input_rounds: org.upstream.max_input_rounds,
                 pool: Arc::new(pool),
             });
         }
@@ -120,6 +132,8 @@ impl Gateway {
             metrics,
             in_flight: Arc::new(DashMap::new()),
             next_generation: AtomicU64::new(1),
+            replies: DashMap::new(),
+            next_reply: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         }))
@@ -288,9 +302,16 @@ impl Gateway {
         label: &mut Label,
     ) -> Result<Response, Reject> {
         edge::check_post_framing(&req.headers)?;
-        let header_version = edge::protocol_version(&req.headers)?;
         let body = parse_post_body(&req.body)?;
         label.method = body_label(&body);
+        if !req.headers.contains_key(&MCP_SESSION_ID)
+            && let Body::Single(m) = &body
+            && m.method() != Some("initialize")
+            && crate::era::looks_modern(&req.headers, m.params().as_ref())
+        {
+            return self.modern_post(org, identity, req, m).await;
+        }
+        let header_version = edge::protocol_version(&req.headers)?;
         if let Some(version) = header_version {
             self.check_batch(&body, version)?;
         }
@@ -354,7 +375,12 @@ impl Gateway {
             },
             &req.headers,
         );
-        if let [single] = requests.as_slice() {
+        let era = self
+            .upstream_era(org, requests.first().and_then(Message::request_id))
+            .await?;
+        if let [single] = requests.as_slice()
+            && era != Era::Modern
+        {
             let id = single.request_id().cloned();
             let guard = self.track(&log, &session.id, id.as_ref())?;
             let answer = tokio::select! {
@@ -391,7 +417,7 @@ impl Gateway {
                     let (org2, pending) = (org.clone(), id);
                     let log2 = log.clone();
                     tokio::spawn(async move {
-                        this.relay(reader, &log2, stream, pending, &org2, &guard.token)
+                        this.relay(reader, &log2, stream, pending, &org2, &guard.token, false)
                             .await;
                         log2.end_stream(stream);
                         drop(guard);
@@ -401,8 +427,9 @@ impl Gateway {
             }
         }
 
-        // A batch (2025-03-26): each request goes upstream on its own, and
-        // every answer streams back on one SSE response.
+        // A batch (2025-03-26), or a modern upstream (whose answer may need
+        // the client's input on the way): each request goes upstream on its
+        // own, and every answer streams back on one SSE response.
         let stream = log.begin_stream().map_err(|_| session_not_found())?;
         let this = self.clone();
         let org2 = org.clone();
@@ -475,6 +502,18 @@ impl Gateway {
                 return;
             }
         };
+        match self.upstream_era(org, id.as_ref()).await {
+            Ok(Era::Modern) => {
+                self.exchange_modern(org, session, log, stream, request, headers, &guard.token)
+                    .await;
+                return;
+            }
+            Ok(_) => {}
+            Err(reject) => {
+                let _ = self.append(log, stream, &reject.body(), org);
+                return;
+            }
+        }
         let answer = tokio::select! {
             a = org.pool.send(headers, request.raw.clone()) => a,
             _ = guard.token.cancelled() => return,
@@ -482,7 +521,8 @@ impl Gateway {
         match answer {
             Ok(answer) => {
                 let reader = AnswerReader::new(answer, org.pool.read_limits);
-                self.relay(reader, log, stream, id, org, &guard.token).await;
+                self.relay(reader, log, stream, id, org, &guard.token, false)
+                    .await;
             }
             Err(e) => {
                 let body = upstream_reject(e, id.as_ref()).body();
@@ -495,7 +535,9 @@ impl Gateway {
     /// Copies an upstream answer into a stream of the session log until
     /// the pending request has its response, the answer ends, or the
     /// request is cancelled. Missing responses become JSON-RPC errors, so
-    /// the client is never left waiting.
+    /// the client is never left waiting. With `hold`, the response itself
+    /// is returned instead of appended, for the caller to look at first.
+    #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
         mut reader: AnswerReader,
@@ -504,13 +546,14 @@ impl Gateway {
         mut pending: Option<Id>,
         org: &OrgRoute,
         cancel: &CancellationToken,
-    ) {
+        hold: bool,
+    ) -> Option<Bytes> {
         let failure = loop {
             let next = tokio::select! {
                 n = reader.next_message() => n,
                 _ = cancel.cancelled() => {
                     tracing::debug!(replica = reader.replica(), "request cancelled; upstream answer dropped");
-                    return;
+                    return None;
                 }
             };
             match next {
@@ -519,14 +562,16 @@ impl Gateway {
                         && let Kind::Response { id } = &parsed.kind
                         && pending.as_ref() == Some(id)
                     {
+                        if hold {
+                            return Some(message);
+                        }
                         pending = None;
                     }
                     if self.append(log, stream, &message, org).is_err() {
-                        return;
+                        return None;
                     }
-                    if pending.is_none() {
-                        return;
-                    }
+                    // Done once the response is through.
+                    pending.as_ref()?;
                 }
                 Ok(None) => {
                     break format!(
@@ -545,6 +590,7 @@ impl Gateway {
             // A closed log means the session ended: nobody is left to tell.
             let _ = self.append(log, stream, &body, org);
         }
+        None
     }
 
     /// Appends an upstream's message to a stream, counting it.
@@ -622,6 +668,9 @@ impl Gateway {
         request_id: &str,
     ) -> Result<Bytes, Reject> {
         let id = init.request_id().cloned();
+        if self.upstream_era(org, id.as_ref()).await? == Era::Modern {
+            return self.initialize_from_modern(org, init).await;
+        }
         let headers = upstream_headers(
             &Forwarding {
                 session_id,
@@ -784,6 +833,7 @@ impl Gateway {
             Some(method) => {
                 tracing::debug!(session = %short(&session.id), method, "client notification absorbed");
             }
+            None if self.take_reply(&session.id, message) => {}
             None => {
                 tracing::debug!(session = %short(&session.id), "client response absorbed: no pending server request");
             }
@@ -1287,7 +1337,11 @@ pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
                 .pointer("/error/code")
                 .and_then(Value::as_i64)
                 .unwrap_or(code::UPSTREAM_ERROR);
-            return Reject::new(*status, upstream_code, message).with_id(id);
+            let mut reject = Reject::new(*status, upstream_code, message).with_id(id);
+            if let Some(data) = refusal.pointer("/error/data") {
+                reject = reject.with_data(data.clone());
+            }
+            return reject;
         }
         _ => StatusCode::BAD_GATEWAY,
     };

@@ -246,6 +246,17 @@ pub fn error_body(id: Option<&Id>, code: i64, message: &str) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// A JSON-RPC error response body with `data`.
+pub fn error_body_with_data(id: Option<&Id>, code: i64, message: &str, data: Value) -> Bytes {
+    let id = id.map_or(Value::Null, Id::to_value);
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": { "code": code, "message": message, "data": data },
+    });
+    Bytes::from(body.to_string())
+}
+
 /// The MCP methods known by name; anything else is counted as `other`, so a
 /// client cannot blow up metric cardinality.
 pub fn method_label(method: &str) -> &'static str {

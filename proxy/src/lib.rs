@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod edge;
+pub mod era;
 pub mod gateway;
 pub mod jsonrpc;
 pub mod metrics;

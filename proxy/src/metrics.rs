@@ -33,6 +33,11 @@ pub struct Metrics {
     pub events_published: IntCounterVec,
     /// Events written to a client connection, by org.
     pub events_delivered: IntCounterVec,
+    /// 1 for the era an org's upstream speaks (configured or probed).
+    pub upstream_era: IntGaugeVec,
+    /// Era translations by org and what was translated (`input_round`,
+    /// `meta_injected`, `handshake`, `discover`).
+    pub bridged: IntCounterVec,
 }
 
 impl Metrics {
@@ -92,6 +97,22 @@ impl Metrics {
             ),
             &["org"],
         )?;
+        let upstream_era = IntGaugeVec::new(
+            Opts::new(
+                "upstream_era",
+                "1 for the protocol era an org's upstream speaks (configured or probed); none while unknown",
+            ),
+            &["org", "era"],
+        )?;
+        let bridged = IntCounterVec::new(
+            Opts::new(
+                "bridged_total",
+                "Era translations by org and kind (input_round, meta_injected, handshake, discover)",
+            ),
+            &["org", "kind"],
+        )?;
+        registry.register(Box::new(upstream_era.clone()))?;
+        registry.register(Box::new(bridged.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(open_streams.clone()))?;
@@ -110,6 +131,8 @@ impl Metrics {
             replica_up,
             events_published,
             events_delivered,
+            upstream_era,
+            bridged,
         })
     }
 

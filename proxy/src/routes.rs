@@ -28,6 +28,10 @@ pub struct OrgRoute {
     /// Who every caller is when `auth` is `none`.
     pub anonymous: Arc<ratatosk_auth::Identity>,
     pub metrics: crate::metrics::OrgMetrics,
+    /// The era the upstream speaks, configured or probed.
+    pub era: Arc<crate::bridge::UpstreamEra>,
+    /// `upstream.max_input_rounds`.
+    pub max_input_rounds: u32,
     pub pool: Arc<Pool>,
 }
 
@@ -112,6 +116,7 @@ mod tests {
             max_duration: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(1),
             eject_for: Duration::from_secs(1),
+            max_input_rounds: 10,
         };
         let org = |name: &str| OrgRoute {
             name: name.into(),
@@ -120,6 +125,8 @@ mod tests {
             organization: name.into(),
             anonymous: Arc::new(ratatosk_auth::Identity::anonymous(name)),
             metrics: metrics.for_org(name),
+            era: Arc::new(crate::bridge::UpstreamEra::new(name, cfg.era, &metrics)),
+            max_input_rounds: cfg.max_input_rounds,
             pool: Arc::new(Pool::new(name, &cfg, 1 << 20, &metrics).expect("pool")),
         };
         Routes::new(base, [org("org-1"), org("org-2")])

@@ -343,7 +343,27 @@ async fn write_response(
             };
         }
         ResponseBody::Stream(mut source) => {
-            while let Some(chunk) = source.next_chunk().await {
+            // Watch the client while waiting for the next chunk: closing a
+            // response stream is how a 2026-07-28 client cancels, and the
+            // upstream must hear of it now, not at the next keep-alive.
+            let mut watch = true;
+            loop {
+                let next = if watch {
+                    tokio::select! {
+                        chunk = source.next_chunk() => chunk,
+                        idle = session.read_body_or_idle(true) => {
+                            if idle.is_err() {
+                                return done("stream ended: client closed it", true);
+                            }
+                            // Bytes of a pipelined request: stop watching.
+                            watch = false;
+                            continue;
+                        }
+                    }
+                } else {
+                    source.next_chunk().await
+                };
+                let Some(chunk) = next else { break };
                 if session.write_response_body(chunk, false).await.is_err() {
                     return done("stream ended: client gone", true);
                 }
@@ -449,6 +469,8 @@ impl BackgroundService for Housekeeping {
         if let Some(validator) = self.gateway.validator.clone() {
             tokio::spawn(async move { validator.warm_up().await });
         }
+        let gateway = self.gateway.clone();
+        tokio::spawn(async move { gateway.probe_eras().await });
         let ttl = self.gateway.config.sessions.idle_ttl;
         let period = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
         loop {
@@ -460,6 +482,7 @@ impl BackgroundService for Housekeeping {
                 }
                 _ = tokio::time::sleep(period) => {
                     self.gateway.reap_idle().await;
+                    self.gateway.probe_eras().await;
                 }
             }
         }

@@ -445,6 +445,7 @@ mod tests {
             max_duration: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(1),
             eject_for: Duration::from_secs(30),
+            max_input_rounds: 10,
         };
         let metrics = Metrics::new().expect("metrics");
         Arc::new(Pool::new("org-1", &cfg, 1 << 20, &metrics).expect("pool"))

@@ -1,0 +1,840 @@
+//! MCP eras: which one a client request speaks, the checks a modern
+//! (2026-07-28) request must pass, and the message translations between
+//! eras. Pure functions over JSON; the gateway decides when to apply them.
+//!
+//! The rules come from the 2026-07-28 specification (`basic/index.mdx`,
+//! `basic/transports/streamable-http.mdx`, `basic/patterns/mrtr.mdx`); see
+//! `docs/research/era-bridge.md`.
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde_json::{Map, Value, json};
+
+use crate::edge::{MCP_PROTOCOL_VERSION, Reject, SUPPORTED_VERSIONS};
+use crate::jsonrpc::{Id, code};
+use crate::session::SessionState;
+
+/// The stateless protocol version, the only modern one so far.
+pub const MODERN_VERSION: &str = "2026-07-28";
+/// Modern versions the gateway speaks.
+pub const MODERN_VERSIONS: &[&str] = &[MODERN_VERSION];
+/// The newest handshake-era version, used toward legacy upstreams on behalf
+/// of modern clients.
+pub const LATEST_LEGACY: &str = "2025-11-25";
+
+pub const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+pub const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+pub const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
+pub const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
+pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+const META_PREFIX: &str = "io.modelcontextprotocol/";
+
+pub const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+pub const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+const MCP_PARAM_PREFIX: &str = "mcp-param-";
+
+/// Error codes the 2026-07-28 revision defines.
+pub mod errors {
+    /// A required header is missing or disagrees with the body.
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// The request needs a client capability the client did not declare.
+    pub const MISSING_CAPABILITY: i64 = -32021;
+    /// The protocol version is not one the receiver speaks.
+    pub const UNSUPPORTED_VERSION: i64 = -32022;
+}
+
+/// Methods whose results a modern receiver must mark cacheable.
+const CACHEABLE: &[&str] = &[
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "server/discover",
+];
+
+/// Methods that may answer with an `InputRequiredResult`.
+pub const MAY_NEED_INPUT: &[&str] = &["tools/call", "prompts/get", "resources/read"];
+
+/// Whether a protocol version names the modern era.
+pub fn is_modern_version(v: &str) -> bool {
+    MODERN_VERSIONS.contains(&v)
+}
+
+/// Whether a sessionless, non-`initialize` POST speaks the modern era: its
+/// `MCP-Protocol-Version` is not a handshake-era version, or its `_meta`
+/// carries a protocol version (ARCHITECTURE.md, MCP-NOTES.md).
+pub fn looks_modern(headers: &HeaderMap, params: Option<&Value>) -> bool {
+    if let Some(v) = headers.get(&MCP_PROTOCOL_VERSION) {
+        return !SUPPORTED_VERSIONS.contains(&v.to_str().unwrap_or(""));
+    }
+    params
+        .and_then(|p| p.get("_meta"))
+        .and_then(|m| m.get(META_VERSION))
+        .is_some()
+}
+
+/// What a valid modern request declared about its client.
+#[derive(Debug, Clone)]
+pub struct ModernRequest {
+    pub method: String,
+    pub id: Option<Id>,
+    pub params: Map<String, Value>,
+}
+
+fn mismatch(message: String) -> Reject {
+    Reject::new(StatusCode::BAD_REQUEST, errors::HEADER_MISMATCH, message)
+}
+
+/// A header's value with the `=?base64?...?=` encoding undone.
+fn header_text(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, Reject> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(mismatch(format!("header {name} is given more than once")));
+    }
+    let text = first.to_str().map_err(|_| {
+        mismatch(format!(
+            "header {name} has characters outside visible ASCII; use the =?base64?...?= form"
+        ))
+    })?;
+    if let Some(inner) = text
+        .strip_prefix("=?base64?")
+        .and_then(|t| t.strip_suffix("?="))
+    {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(inner)
+            .map_err(|_| mismatch(format!("header {name} is not valid =?base64?...?= text")))?;
+        let decoded = String::from_utf8(bytes)
+            .map_err(|_| mismatch(format!("header {name} does not decode to UTF-8 text")))?;
+        return Ok(Some(decoded));
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// The body field `Mcp-Name` must mirror, for the methods that have one.
+fn name_field(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    }
+}
+
+/// Checks a modern request the way a 2026-07-28 server must, in the order
+/// the `mcp` Python SDK uses, so clients see the same error from the
+/// gateway as from a server: missing `_meta` keys (-32602), then header
+/// mismatches (-32020), then the version itself (-32022).
+pub fn check_modern(
+    headers: &HeaderMap,
+    method: &str,
+    id: Option<&Id>,
+    params: Option<Value>,
+) -> Result<ModernRequest, Reject> {
+    let params = match params {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_PARAMS,
+                "params must be an object",
+            )
+            .with_id(id));
+        }
+    };
+    let meta = params.get("_meta").and_then(Value::as_object);
+    let version = meta.and_then(|m| m.get(META_VERSION));
+    let Some(version) = version else {
+        return Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            code::INVALID_PARAMS,
+            format!("params._meta must carry \"{META_VERSION}\" on every 2026-07-28 request"),
+        )
+        .with_id(id));
+    };
+    if meta.and_then(|m| m.get(META_CAPABILITIES)).is_none() {
+        return Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            code::INVALID_PARAMS,
+            format!("params._meta must carry \"{META_CAPABILITIES}\" ({{}} for none)"),
+        )
+        .with_id(id));
+    }
+    let body_version = version.as_str();
+    match header_text(headers, &MCP_PROTOCOL_VERSION).map_err(|r| r.with_id(id))? {
+        None => {
+            return Err(mismatch(
+                "missing MCP-Protocol-Version header: it must equal params._meta protocolVersion"
+                    .into(),
+            )
+            .with_id(id));
+        }
+        Some(h) if Some(h.as_str()) != body_version => {
+            return Err(mismatch(format!(
+                "MCP-Protocol-Version header '{}' does not match params._meta protocolVersion {version}",
+                h.escape_default()
+            ))
+            .with_id(id));
+        }
+        Some(_) => {}
+    }
+    match header_text(headers, &MCP_METHOD).map_err(|r| r.with_id(id))? {
+        None => {
+            return Err(mismatch(format!(
+                "missing Mcp-Method header: it must equal the body's method '{method}'"
+            ))
+            .with_id(id));
+        }
+        Some(h) if h != method => {
+            return Err(mismatch(format!(
+                "Mcp-Method header '{}' does not match the body's method '{method}'",
+                h.escape_default()
+            ))
+            .with_id(id));
+        }
+        Some(_) => {}
+    }
+    if let Some(field) = name_field(method) {
+        let body_name = params.get(field).and_then(Value::as_str).unwrap_or("");
+        match header_text(headers, &MCP_NAME).map_err(|r| r.with_id(id))? {
+            None => {
+                return Err(mismatch(format!(
+                    "missing Mcp-Name header: {method} needs it to equal params.{field}"
+                ))
+                .with_id(id));
+            }
+            Some(h) if h != body_name => {
+                return Err(mismatch(format!(
+                    "Mcp-Name header '{}' does not match params.{field} '{}'",
+                    h.escape_default(),
+                    body_name.escape_default()
+                ))
+                .with_id(id));
+            }
+            Some(_) => {}
+        }
+    }
+    let Some(requested) = body_version else {
+        return Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            code::INVALID_PARAMS,
+            format!("params._meta \"{META_VERSION}\" must be a string"),
+        )
+        .with_id(id));
+    };
+    if !is_modern_version(requested) {
+        return Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            errors::UNSUPPORTED_VERSION,
+            "Unsupported protocol version",
+        )
+        .with_data(json!({"supported": MODERN_VERSIONS, "requested": requested}))
+        .with_id(id));
+    }
+    Ok(ModernRequest {
+        method: method.to_owned(),
+        id: id.cloned(),
+        params,
+    })
+}
+
+/// The modern headers a request to a modern upstream carries: the version,
+/// `Mcp-Method`, `Mcp-Name`, and the client's `Mcp-Param-*` as they came.
+pub fn put_modern_headers(
+    h: &mut HeaderMap,
+    method: &str,
+    params: &Map<String, Value>,
+    client: Option<&HeaderMap>,
+) {
+    h.insert(
+        MCP_PROTOCOL_VERSION,
+        HeaderValue::from_static(MODERN_VERSION),
+    );
+    if let Ok(v) = HeaderValue::from_str(method) {
+        h.insert(MCP_METHOD, v);
+    }
+    if let Some(field) = name_field(method)
+        && let Some(name) = params.get(field).and_then(Value::as_str)
+    {
+        h.insert(MCP_NAME, encode_header(name));
+    }
+    if let Some(client) = client {
+        for (name, value) in client {
+            if name.as_str().starts_with(MCP_PARAM_PREFIX) {
+                h.append(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// The client's own modern headers, as they came, for a modern upstream
+/// that checks them against the body itself.
+pub fn copy_modern_headers(client: &HeaderMap, h: &mut HeaderMap) {
+    for (name, value) in client {
+        if name == MCP_PROTOCOL_VERSION
+            || name == MCP_METHOD
+            || name == MCP_NAME
+            || name.as_str().starts_with(MCP_PARAM_PREFIX)
+        {
+            h.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// A header value, in the `=?base64?...?=` form when it is not plain
+/// visible ASCII without surrounding space.
+fn encode_header(text: &str) -> HeaderValue {
+    let plain = !text.is_empty()
+        && text.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && text.trim() == text
+        && !text.starts_with("=?");
+    if plain && let Ok(v) = HeaderValue::from_str(text) {
+        return v;
+    }
+    let encoded = format!(
+        "=?base64?{}?=",
+        base64::engine::general_purpose::STANDARD.encode(text)
+    );
+    HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The `_meta` a legacy session stands for, as a modern upstream wants it
+/// on every request.
+pub fn session_meta(session: &SessionState) -> Map<String, Value> {
+    let mut meta = Map::new();
+    meta.insert(META_VERSION.into(), Value::from(MODERN_VERSION));
+    meta.insert(
+        META_CAPABILITIES.into(),
+        session
+            .client_capabilities
+            .clone()
+            .unwrap_or_else(|| json!({})),
+    );
+    if let Some(info) = &session.client_info {
+        meta.insert(META_CLIENT_INFO.into(), info.clone());
+    }
+    if let Some(level) = &session.log_level {
+        meta.insert(META_LOG_LEVEL.into(), Value::from(level.as_str()));
+    }
+    meta
+}
+
+/// A request body with `_meta` entries added (the client's own entries,
+/// e.g. `progressToken`, stay).
+pub fn request_with_meta(
+    id: &Id,
+    method: &str,
+    mut params: Map<String, Value>,
+    meta: &Map<String, Value>,
+) -> Bytes {
+    let entry = params
+        .entry("_meta")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !entry.is_object() {
+        *entry = Value::Object(Map::new());
+    }
+    if let Value::Object(m) = entry {
+        for (k, v) in meta {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    Bytes::from(
+        json!({"jsonrpc": "2.0", "id": id.to_value(), "method": method, "params": params})
+            .to_string(),
+    )
+}
+
+/// A modern client's request as a legacy upstream wants it: the modern
+/// `_meta` keys removed (a legacy server has no use for them).
+pub fn request_without_modern_meta(
+    id: Option<&Id>,
+    method: &str,
+    mut params: Map<String, Value>,
+) -> Bytes {
+    if let Some(Value::Object(meta)) = params.get_mut("_meta") {
+        meta.retain(|k, _| !k.starts_with(META_PREFIX));
+        if meta.is_empty() {
+            params.remove("_meta");
+        }
+    }
+    let mut body = json!({"jsonrpc": "2.0", "method": method, "params": params});
+    if let Some(id) = id {
+        body["id"] = id.to_value();
+    }
+    Bytes::from(body.to_string())
+}
+
+/// What an `InputRequiredResult` asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputRequired {
+    /// Key → `{method, params}`.
+    pub requests: Map<String, Value>,
+    pub state: Option<String>,
+}
+
+/// The parsed response when it is an `InputRequiredResult`.
+pub fn input_required(response: &Value) -> Option<InputRequired> {
+    let result = response.get("result")?;
+    if result.get("resultType").and_then(Value::as_str) != Some("input_required") {
+        return None;
+    }
+    Some(InputRequired {
+        requests: result
+            .get("inputRequests")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+        state: result
+            .get("requestState")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+/// The client capability a server-to-client request needs.
+pub fn capability_for(method: &str) -> Option<&'static str> {
+    match method {
+        "roots/list" => Some("roots"),
+        "sampling/createMessage" => Some("sampling"),
+        "elicitation/create" => Some("elicitation"),
+        _ => None,
+    }
+}
+
+/// A modern input request as a request to a client of `version`: URL-mode
+/// elicitation gets the `elicitationId` 2025-11-25 requires, and the `mode`
+/// field is dropped for clients older than it.
+pub fn client_request(id: &Id, method: &str, params: Option<&Value>, version: &str) -> Bytes {
+    let mut params = params.cloned().unwrap_or_else(|| json!({}));
+    if method == "elicitation/create"
+        && let Value::Object(p) = &mut params
+    {
+        let url_mode = p.get("mode").and_then(Value::as_str) == Some("url");
+        if version < "2025-11-25" && !url_mode {
+            p.remove("mode");
+        }
+        if url_mode && !p.contains_key("elicitationId") {
+            p.insert(
+                "elicitationId".into(),
+                Value::from(crate::session::mint_id()),
+            );
+        }
+    }
+    Bytes::from(
+        json!({"jsonrpc": "2.0", "id": id.to_value(), "method": method, "params": params})
+            .to_string(),
+    )
+}
+
+/// A modern result as a legacy client expects it: without `resultType`,
+/// `ttlMs` and `cacheScope`. Strict legacy clients (the TypeScript SDK)
+/// refuse an empty result with extra keys.
+pub fn response_to_legacy(mut response: Value) -> Value {
+    if let Some(Value::Object(result)) = response.get_mut("result") {
+        result.remove("resultType");
+        result.remove("ttlMs");
+        result.remove("cacheScope");
+    }
+    response
+}
+
+/// A legacy result as a modern client must see it: `resultType` on every
+/// result, `ttlMs`/`cacheScope` on cacheable ones (not shared, not cached:
+/// the safe reading of an upstream that said nothing).
+pub fn response_to_modern(mut response: Value, method: &str) -> Value {
+    if let Some(Value::Object(result)) = response.get_mut("result") {
+        result
+            .entry("resultType")
+            .or_insert_with(|| Value::from("complete"));
+        if CACHEABLE.contains(&method) {
+            result.entry("ttlMs").or_insert_with(|| Value::from(0));
+            result
+                .entry("cacheScope")
+                .or_insert_with(|| Value::from("private"));
+        }
+    }
+    response
+}
+
+/// `server/discover`'s result for a legacy upstream, from its `initialize`
+/// result.
+pub fn discover_from_initialize(init: &Value) -> Value {
+    let mut result = Map::new();
+    result.insert("resultType".into(), Value::from("complete"));
+    result.insert("supportedVersions".into(), json!(MODERN_VERSIONS));
+    result.insert(
+        "capabilities".into(),
+        init.get("capabilities")
+            .cloned()
+            .unwrap_or_else(|| json!({})),
+    );
+    if let Some(instructions) = init.get("instructions") {
+        result.insert("instructions".into(), instructions.clone());
+    }
+    result.insert("ttlMs".into(), Value::from(0));
+    result.insert("cacheScope".into(), Value::from("private"));
+    if let Some(info) = init.get("serverInfo") {
+        result.insert("_meta".into(), json!({ META_SERVER_INFO: info }));
+    }
+    Value::Object(result)
+}
+
+/// The `initialize` result a legacy client gets for a modern upstream,
+/// from the upstream's `server/discover` result.
+pub fn initialize_from_discover(discover: &Value, requested: Option<&str>) -> Value {
+    let version = requested
+        .filter(|v| SUPPORTED_VERSIONS.contains(v))
+        .unwrap_or(LATEST_LEGACY);
+    let mut result = Map::new();
+    result.insert("protocolVersion".into(), Value::from(version));
+    result.insert(
+        "capabilities".into(),
+        discover
+            .get("capabilities")
+            .cloned()
+            .unwrap_or_else(|| json!({})),
+    );
+    result.insert(
+        "serverInfo".into(),
+        discover
+            .pointer(&format!("/_meta/{}", META_SERVER_INFO.replace('/', "~1")))
+            .cloned()
+            .unwrap_or_else(|| json!({"name": "ratatosk-upstream", "version": "unknown"})),
+    );
+    if let Some(instructions) = discover.get("instructions") {
+        result.insert("instructions".into(), instructions.clone());
+    }
+    Value::Object(result)
+}
+
+/// The body of a `server/discover` request the gateway sends as a client.
+pub fn discover_request(id: &str) -> Bytes {
+    Bytes::from(
+        json!({
+            "jsonrpc": "2.0", "id": id, "method": "server/discover",
+            "params": {"_meta": {
+                META_VERSION: MODERN_VERSION,
+                META_CAPABILITIES: {},
+                META_CLIENT_INFO: {"name": "ratatosk", "version": env!("CARGO_PKG_VERSION")},
+            }},
+        })
+        .to_string(),
+    )
+}
+
+/// The body of an `initialize` request the gateway sends as a client.
+pub fn initialize_request(id: &str) -> Bytes {
+    Bytes::from(
+        json!({
+            "jsonrpc": "2.0", "id": id, "method": "initialize",
+            "params": {
+                "protocolVersion": LATEST_LEGACY,
+                "capabilities": {},
+                "clientInfo": {"name": "ratatosk", "version": env!("CARGO_PKG_VERSION")},
+            },
+        })
+        .to_string(),
+    )
+}
+
+/// Whether a 4xx body from a probed upstream is a modern JSON-RPC error,
+/// which proves the upstream modern (streamable-http.mdx §Backward
+/// Compatibility).
+pub fn is_modern_refusal(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/code").and_then(Value::as_i64))
+        .is_some_and(|c| {
+            matches!(
+                c,
+                errors::HEADER_MISMATCH | errors::MISSING_CAPABILITY | errors::UNSUPPORTED_VERSION
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    fn params(version: &str) -> Value {
+        json!({"name": "add", "arguments": {"a": 1},
+               "_meta": {META_VERSION: version, META_CAPABILITIES: {}}})
+    }
+
+    fn id() -> Id {
+        Id::from_value(&json!(7)).expect("id")
+    }
+
+    #[test]
+    fn a_consistent_modern_request_passes() {
+        let h = headers(&[
+            ("mcp-protocol-version", MODERN_VERSION),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "add"),
+        ]);
+        let r = check_modern(&h, "tools/call", Some(&id()), Some(params(MODERN_VERSION)))
+            .expect("valid");
+        assert_eq!(r.method, "tools/call");
+        assert_eq!(r.params["name"], "add");
+    }
+
+    #[test]
+    fn header_mismatches_are_32020() {
+        let cases = [
+            (
+                vec![("mcp-method", "tools/call"), ("mcp-name", "add")],
+                "missing MCP-Protocol-Version",
+            ),
+            (
+                vec![
+                    ("mcp-protocol-version", MODERN_VERSION),
+                    ("mcp-method", "tools/list"),
+                    ("mcp-name", "add"),
+                ],
+                "Mcp-Method header 'tools/list'",
+            ),
+            (
+                vec![
+                    ("mcp-protocol-version", MODERN_VERSION),
+                    ("mcp-method", "tools/call"),
+                ],
+                "missing Mcp-Name",
+            ),
+            (
+                vec![
+                    ("mcp-protocol-version", MODERN_VERSION),
+                    ("mcp-method", "tools/call"),
+                    ("mcp-name", "sub"),
+                ],
+                "Mcp-Name header 'sub'",
+            ),
+            (
+                vec![
+                    ("mcp-protocol-version", MODERN_VERSION),
+                    ("mcp-method", "tools/call"),
+                    ("mcp-method", "tools/call"),
+                    ("mcp-name", "add"),
+                ],
+                "more than once",
+            ),
+        ];
+        for (pairs, expected) in cases {
+            let e = check_modern(
+                &headers(&pairs),
+                "tools/call",
+                Some(&id()),
+                Some(params(MODERN_VERSION)),
+            )
+            .expect_err("mismatch");
+            assert_eq!(e.code, errors::HEADER_MISMATCH, "{pairs:?}");
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains(expected), "{pairs:?}: {}", e.message);
+            assert_eq!(e.id, Some(id()));
+        }
+    }
+
+    #[test]
+    fn base64_header_values_are_decoded() {
+        let name = " spaced name ";
+        let encoded = format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(name)
+        );
+        let h = headers(&[
+            ("mcp-protocol-version", MODERN_VERSION),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", &encoded),
+        ]);
+        let mut p = params(MODERN_VERSION);
+        p["name"] = json!(name);
+        check_modern(&h, "tools/call", None, Some(p)).expect("decoded name matches");
+        assert_eq!(encode_header(name).to_str().expect("ascii"), encoded);
+        assert_eq!(encode_header("add").to_str().expect("ascii"), "add");
+    }
+
+    #[test]
+    fn unsupported_versions_are_32022_with_data() {
+        let h = headers(&[
+            ("mcp-protocol-version", "2099-01-01"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "add"),
+        ]);
+        let e = check_modern(&h, "tools/call", Some(&id()), Some(params("2099-01-01")))
+            .expect_err("unsupported");
+        assert_eq!(e.code, errors::UNSUPPORTED_VERSION);
+        let body: Value = serde_json::from_slice(&e.body()).expect("json");
+        assert_eq!(body["error"]["data"]["requested"], "2099-01-01");
+        assert_eq!(body["error"]["data"]["supported"], json!([MODERN_VERSION]));
+    }
+
+    #[test]
+    fn missing_meta_is_invalid_params_before_headers() {
+        let e = check_modern(&HeaderMap::new(), "tools/list", None, Some(json!({})))
+            .expect_err("no meta");
+        assert_eq!(e.code, code::INVALID_PARAMS);
+        let e = check_modern(
+            &HeaderMap::new(),
+            "tools/list",
+            None,
+            Some(json!({"_meta": {META_VERSION: MODERN_VERSION}})),
+        )
+        .expect_err("no capabilities");
+        assert!(e.message.contains("clientCapabilities"), "{}", e.message);
+    }
+
+    #[test]
+    fn era_detection() {
+        assert!(looks_modern(
+            &headers(&[("mcp-protocol-version", MODERN_VERSION)]),
+            None
+        ));
+        assert!(looks_modern(
+            &headers(&[("mcp-protocol-version", "2099-01-01")]),
+            None
+        ));
+        assert!(!looks_modern(
+            &headers(&[("mcp-protocol-version", "2025-06-18")]),
+            None
+        ));
+        assert!(looks_modern(
+            &HeaderMap::new(),
+            Some(&params(MODERN_VERSION))
+        ));
+        assert!(!looks_modern(
+            &HeaderMap::new(),
+            Some(&json!({"name": "x"}))
+        ));
+    }
+
+    #[test]
+    fn meta_is_injected_next_to_the_clients_own() {
+        let mut state = SessionState::new(
+            "s".into(),
+            "o",
+            &ratatosk_auth::Identity::anonymous("o"),
+            crate::session::Transport::StreamableHttp,
+            "2025-06-18".into(),
+        );
+        state.set_client(&json!({"capabilities": {"roots": {}}, "clientInfo": {"name": "c"}}));
+        state.log_level = Some("debug".into());
+        let params = json!({"name": "add", "_meta": {"progressToken": 3}});
+        let Value::Object(params) = params else {
+            unreachable!()
+        };
+        let body = request_with_meta(&id(), "tools/call", params, &session_meta(&state));
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        let meta = &v["params"]["_meta"];
+        assert_eq!(meta["progressToken"], 3);
+        assert_eq!(meta[META_VERSION], MODERN_VERSION);
+        assert_eq!(meta[META_CAPABILITIES], json!({"roots": {}}));
+        assert_eq!(meta[META_CLIENT_INFO]["name"], "c");
+        assert_eq!(meta[META_LOG_LEVEL], "debug");
+        assert_eq!(v["id"], 7);
+    }
+
+    #[test]
+    fn modern_meta_is_removed_for_legacy_upstreams() {
+        let Value::Object(p) = params(MODERN_VERSION) else {
+            unreachable!()
+        };
+        let body = request_without_modern_meta(Some(&id()), "tools/call", p);
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert!(v["params"].get("_meta").is_none(), "{v}");
+        assert_eq!(v["params"]["arguments"]["a"], 1);
+    }
+
+    #[test]
+    fn results_are_reshaped_per_era() {
+        let legacy = response_to_legacy(
+            json!({"id": 1, "result": {"resultType": "complete", "ttlMs": 5, "cacheScope": "public", "tools": []}}),
+        );
+        assert_eq!(legacy["result"], json!({"tools": []}));
+        let modern = response_to_modern(json!({"id": 1, "result": {"tools": []}}), "tools/list");
+        assert_eq!(modern["result"]["resultType"], "complete");
+        assert_eq!(modern["result"]["ttlMs"], 0);
+        assert_eq!(modern["result"]["cacheScope"], "private");
+        let call = response_to_modern(json!({"id": 1, "result": {"content": []}}), "tools/call");
+        assert!(call["result"].get("ttlMs").is_none());
+        let error = response_to_modern(json!({"id": 1, "error": {"code": -1}}), "tools/call");
+        assert!(error.get("result").is_none());
+    }
+
+    #[test]
+    fn input_required_results_are_recognised() {
+        let r = json!({"id": 1, "result": {"resultType": "input_required",
+            "inputRequests": {"roots": {"method": "roots/list"}}, "requestState": "abc"}});
+        let ir = input_required(&r).expect("input required");
+        assert_eq!(ir.state.as_deref(), Some("abc"));
+        assert_eq!(ir.requests["roots"]["method"], "roots/list");
+        assert!(input_required(&json!({"id": 1, "result": {"resultType": "complete"}})).is_none());
+        assert!(input_required(&json!({"id": 1, "result": {}})).is_none());
+    }
+
+    #[test]
+    fn elicitation_requests_fit_the_clients_version() {
+        let form = client_request(
+            &id(),
+            "elicitation/create",
+            Some(&json!({"mode": "form", "message": "ok?"})),
+            "2025-06-18",
+        );
+        let v: Value = serde_json::from_slice(&form).expect("json");
+        assert!(v["params"].get("mode").is_none());
+        let url = client_request(
+            &id(),
+            "elicitation/create",
+            Some(&json!({"mode": "url", "message": "go", "url": "https://x"})),
+            "2025-11-25",
+        );
+        let v: Value = serde_json::from_slice(&url).expect("json");
+        assert!(
+            v["params"]["elicitationId"]
+                .as_str()
+                .is_some_and(|s| s.len() > 16)
+        );
+    }
+
+    #[test]
+    fn handshake_translations() {
+        let init = json!({"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                          "serverInfo": {"name": "up", "version": "1"}, "instructions": "hi"});
+        let d = discover_from_initialize(&init);
+        assert_eq!(d["supportedVersions"], json!([MODERN_VERSION]));
+        assert_eq!(d["_meta"][META_SERVER_INFO]["name"], "up");
+        assert_eq!(d["ttlMs"], 0);
+        let back = initialize_from_discover(&d, Some("2025-06-18"));
+        assert_eq!(back["protocolVersion"], "2025-06-18");
+        assert_eq!(back["serverInfo"]["name"], "up");
+        assert_eq!(back["capabilities"], json!({"tools": {}}));
+        assert_eq!(
+            initialize_from_discover(&d, Some("1999-01-01"))["protocolVersion"],
+            LATEST_LEGACY
+        );
+    }
+
+    #[test]
+    fn probe_refusals() {
+        assert!(is_modern_refusal(
+            br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32022,"message":"x"}}"#
+        ));
+        assert!(!is_modern_refusal(
+            br#"{"jsonrpc":"2.0","id":"server-error","error":{"code":-32600,"message":"x"}}"#
+        ));
+        assert!(!is_modern_refusal(b"not json"));
+    }
+}

@@ -1,0 +1,630 @@
+//! The era bridge on the request path (ARCHITECTURE.md, "Era bridge"):
+//! 2026-07-28 clients on any upstream, and handshake-era clients of a
+//! 2026-07-28 upstream, whose `InputRequiredResult`s become real requests to
+//! the client.
+
+use std::time::Duration;
+
+use serde_json::Map;
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+use crate::bridge::{AnswerReader, ProbeError};
+use crate::config::Era;
+use crate::era::{self, errors};
+use crate::stream::KEEPALIVE;
+
+/// Messages a piped answer may hold before the upstream is made to wait.
+const PIPE_DEPTH: usize = 16;
+
+/// Longest pause before retrying an upstream that shed load (an
+/// `InputRequiredResult` with only a `requestState`).
+const MAX_SHED_BACKOFF: Duration = Duration::from_millis(250);
+
+impl Gateway {
+    /// The org's upstream era, probed first if it is `auto` and unknown.
+    pub(super) async fn upstream_era(
+        &self,
+        org: &OrgRoute,
+        id: Option<&Id>,
+    ) -> Result<Era, Reject> {
+        let era = org
+            .era
+            .resolve(&org.pool)
+            .await
+            .map_err(|e| probe_reject(e, id))?;
+        if era == Era::Stateful2025 {
+            return Err(Reject::new(
+                StatusCode::BAD_GATEWAY,
+                code::UPSTREAM_ERROR,
+                format!(
+                    "the upstream of org '{}' keeps sessions of its own (stateful-2025), which this gateway does not bridge yet",
+                    org.name
+                ),
+            )
+            .with_id(id));
+        }
+        Ok(era)
+    }
+
+    /// Probes the upstreams whose era is `auto` and still unknown, so the
+    /// first client does not wait for it and `/metrics` shows it early.
+    pub async fn probe_eras(&self) {
+        for org in self.routes.orgs() {
+            if org.era.known().is_none()
+                && let Err(e) = org.era.resolve(&org.pool).await
+            {
+                tracing::warn!(org = %org.name, error = %e, "cannot find out the upstream's era yet; will retry");
+            }
+        }
+    }
+
+    fn count_bridged(&self, org: &OrgRoute, kind: &str) {
+        self.metrics
+            .bridged
+            .with_label_values(&[&org.name, kind])
+            .inc();
+    }
+
+    // ----- 2026-07-28 clients ---------------------------------------------
+
+    /// A sessionless 2026-07-28 request: checked as a modern server would,
+    /// then passed to a modern upstream or translated for a legacy one.
+    pub(super) async fn modern_post(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        req: &Request,
+        message: &Message,
+    ) -> Result<Response, Reject> {
+        let Some(method) = message.method() else {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "a 2026-07-28 client sends requests and notifications only, never responses",
+            ));
+        };
+        let id = message.request_id();
+        let request = era::check_modern(&req.headers, method, id, message.params())?;
+        let Some(id) = id else {
+            // Nothing for an upstream to do: cancellation is closing the
+            // response stream, and the rest were removed in 2026-07-28.
+            return Ok(Response::empty(StatusCode::ACCEPTED));
+        };
+        match self.upstream_era(org, Some(id)).await? {
+            Era::Modern => self.modern_to_modern(org, identity, req, message).await,
+            _ => self.modern_to_legacy(org, identity, req, id, request).await,
+        }
+    }
+
+    /// Pass-through, plus auth and routing: the client's modern headers go
+    /// along, its credentials do not.
+    async fn modern_to_modern(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        req: &Request,
+        message: &Message,
+    ) -> Result<Response, Reject> {
+        let id = message.request_id().cloned();
+        let mut headers = upstream_headers(
+            &Forwarding {
+                session_id: "",
+                org: &org.name,
+                identity,
+                protocol_version: None,
+                request_id: &req.request_id,
+            },
+            &req.headers,
+        );
+        era::copy_modern_headers(&req.headers, &mut headers);
+        let answer = org
+            .pool
+            .send(headers, message.raw.clone())
+            .await
+            .map_err(|e| upstream_reject(e, id.as_ref()))?;
+        self.answer_modern_client(org, answer, id, None).await
+    }
+
+    /// A modern client's request to a handshake-era upstream: the gateway
+    /// has done the handshake (and answers `server/discover` from it), the
+    /// request goes without the modern `_meta`, the result comes back with
+    /// the modern result fields.
+    async fn modern_to_legacy(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        req: &Request,
+        id: &Id,
+        request: era::ModernRequest,
+    ) -> Result<Response, Reject> {
+        let info = org
+            .era
+            .info(&org.pool, Era::Stateless2025)
+            .await
+            .map_err(|e| probe_reject(e, Some(id)))?;
+        match request.method.as_str() {
+            "server/discover" => {
+                self.count_bridged(org, "discover");
+                let result = era::discover_from_initialize(&info);
+                return Ok(Response::json(
+                    StatusCode::OK,
+                    Bytes::from(
+                        json!({"jsonrpc": "2.0", "id": id.to_value(), "result": result})
+                            .to_string(),
+                    ),
+                ));
+            }
+            "subscriptions/listen" => {
+                // A stateless 2025 upstream has no channel for change
+                // notifications: acknowledge an empty subset and hold the
+                // stream, as a modern server with nothing to offer would.
+                let ack = json!({
+                    "jsonrpc": "2.0",
+                    "method": "notifications/subscriptions/acknowledged",
+                    "params": {
+                        "_meta": {"io.modelcontextprotocol/subscriptionId": id.to_value()},
+                        "notifications": {},
+                    },
+                });
+                return Ok(Response::sse(Box::new(Quiet {
+                    first: Some(sse_frame(None, Some("message"), ack.to_string().as_bytes())),
+                    keepalive: self.config.streams.keepalive,
+                })));
+            }
+            _ => {}
+        }
+        let version = info
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(era::LATEST_LEGACY);
+        let headers = upstream_headers(
+            &Forwarding {
+                session_id: "",
+                org: &org.name,
+                identity,
+                protocol_version: Some(version),
+                request_id: &req.request_id,
+            },
+            &req.headers,
+        );
+        self.count_bridged(org, "handshake");
+        let body = era::request_without_modern_meta(Some(id), &request.method, request.params);
+        let answer = org
+            .pool
+            .send(headers, body)
+            .await
+            .map_err(|e| upstream_reject(e, Some(id)))?;
+        self.answer_modern_client(org, answer, Some(id.clone()), Some(request.method))
+            .await
+    }
+
+    /// Streams an upstream answer to a modern client: JSON stays JSON, SSE
+    /// is piped message by message. `to_modern` names the request's method
+    /// when its result must be reshaped for a modern client. Dropping the
+    /// response (the client closed it) drops the upstream request: that is
+    /// the cancellation of 2026-07-28.
+    async fn answer_modern_client(
+        &self,
+        org: &OrgRoute,
+        answer: crate::upstream::Answer,
+        id: Option<Id>,
+        to_modern: Option<String>,
+    ) -> Result<Response, Reject> {
+        let mut reader = AnswerReader::new(answer, org.pool.read_limits);
+        if reader.is_json() {
+            let body = reader
+                .json_body()
+                .await
+                .map_err(|e| read_reject(e, id.as_ref()))?;
+            let body = match &to_modern {
+                Some(method) => reshape(&body, |v| era::response_to_modern(v, method)),
+                None => body,
+            };
+            return Ok(Response::json(StatusCode::OK, body));
+        }
+        let Some(id) = id else {
+            return Ok(Response::empty(StatusCode::ACCEPTED));
+        };
+        let (tx, rx) = mpsc::channel(PIPE_DEPTH);
+        let task = tokio::spawn(pipe(reader, tx, id, to_modern));
+        Ok(Response::sse(Box::new(Pipe {
+            rx,
+            task,
+            keepalive: self.config.streams.keepalive,
+        })))
+    }
+
+    // ----- handshake-era clients of a modern upstream ----------------------
+
+    /// The `initialize` answer for a modern upstream, made by the gateway
+    /// from the upstream's `server/discover`.
+    pub(super) async fn initialize_from_modern(
+        &self,
+        org: &OrgRoute,
+        init: &Message,
+    ) -> Result<Bytes, Reject> {
+        let id = init.request_id();
+        let info = org
+            .era
+            .info(&org.pool, Era::Modern)
+            .await
+            .map_err(|e| probe_reject(e, id))?;
+        let params = init.params().unwrap_or(Value::Null);
+        let requested = params.get("protocolVersion").and_then(Value::as_str);
+        let result = era::initialize_from_discover(&info, requested);
+        self.count_bridged(org, "handshake");
+        Ok(Bytes::from(
+            json!({"jsonrpc": "2.0", "id": id.map(Id::to_value), "result": result}).to_string(),
+        ))
+    }
+
+    /// One request of a handshake-era session to a modern upstream: the
+    /// session's data goes along as `_meta`; an `InputRequiredResult` turns
+    /// into requests to the client on `stream`, and the upstream is asked
+    /// again with the answers, at most `upstream.max_input_rounds` times.
+    /// Only the final result reaches the client.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn exchange_modern(
+        self: &Arc<Self>,
+        org: &OrgRoute,
+        session: &SessionState,
+        log: &Arc<SessionLog>,
+        stream: StreamId,
+        request: &Message,
+        headers: http::HeaderMap,
+        cancel: &CancellationToken,
+    ) {
+        let Some(id) = request.request_id() else {
+            return;
+        };
+        let method = request.method().unwrap_or_default();
+        let mut params = match request.params() {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) => map,
+            Some(_) => {
+                let body =
+                    jsonrpc::error_body(Some(id), code::INVALID_PARAMS, "params must be an object");
+                let _ = self.append(log, stream, &body, org);
+                return;
+            }
+        };
+        let meta = era::session_meta(session);
+        self.count_bridged(org, "meta_injected");
+        let max_rounds = org.max_input_rounds;
+        let mut round: u32 = 0;
+        loop {
+            let mut h = headers.clone();
+            era::put_modern_headers(&mut h, method, &params, None);
+            let body = era::request_with_meta(id, method, params.clone(), &meta);
+            let answer = tokio::select! {
+                a = org.pool.send(h, body) => a,
+                _ = cancel.cancelled() => return,
+            };
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = self.append(log, stream, &upstream_reject(e, Some(id)).body(), org);
+                    return;
+                }
+            };
+            let reader = AnswerReader::new(answer, org.pool.read_limits);
+            let Some(response) = self
+                .relay(reader, log, stream, Some(id.clone()), org, cancel, true)
+                .await
+            else {
+                return;
+            };
+            let Ok(value) = serde_json::from_slice::<Value>(&response) else {
+                let _ = self.append(log, stream, &response, org);
+                return;
+            };
+            let Some(input) = era::input_required(&value) else {
+                let body = serde_json::to_vec(&era::response_to_legacy(value)).unwrap_or_default();
+                let _ = self.append(log, stream, &body, org);
+                return;
+            };
+            round += 1;
+            if round > max_rounds {
+                let body = jsonrpc::error_body(
+                    Some(id),
+                    code::UPSTREAM_ERROR,
+                    &format!(
+                        "the upstream of org '{}' still asked for input after {max_rounds} rounds (upstream.max_input_rounds); giving up on {method}",
+                        org.name
+                    ),
+                );
+                let _ = self.append(log, stream, &body, org);
+                return;
+            }
+            self.count_bridged(org, "input_round");
+            let answers = if input.requests.is_empty() {
+                // Load shedding: the upstream asks for the same call again.
+                let pause = (Duration::from_millis(50) * round).min(MAX_SHED_BACKOFF);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {},
+                    _ = cancel.cancelled() => return,
+                }
+                Map::new()
+            } else {
+                match self
+                    .ask_client(org, session, log, stream, &input.requests, cancel)
+                    .await
+                {
+                    Ok(Some(answers)) => answers,
+                    Ok(None) => return,
+                    Err(reject) => {
+                        let _ = self.append(log, stream, &reject.with_id(Some(id)).body(), org);
+                        return;
+                    }
+                }
+            };
+            params.remove("inputResponses");
+            params.remove("requestState");
+            if !answers.is_empty() {
+                params.insert("inputResponses".into(), Value::Object(answers));
+            }
+            if let Some(state) = input.state {
+                params.insert("requestState".into(), Value::from(state));
+            }
+        }
+    }
+
+    /// Sends an upstream's input requests to the client on `stream` and
+    /// collects the results by key. `Ok(None)`: the request was cancelled.
+    async fn ask_client(
+        &self,
+        org: &OrgRoute,
+        session: &SessionState,
+        log: &Arc<SessionLog>,
+        stream: StreamId,
+        requests: &Map<String, Value>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Map<String, Value>>, Reject> {
+        let declared = session
+            .client_capabilities
+            .as_ref()
+            .and_then(Value::as_object);
+        let mut asks = Vec::with_capacity(requests.len());
+        for (key, request) in requests {
+            let Some(method) = request.get("method").and_then(Value::as_str) else {
+                return Err(Reject::new(
+                    StatusCode::BAD_GATEWAY,
+                    code::UPSTREAM_ERROR,
+                    format!(
+                        "the upstream of org '{}' sent input request '{key}' without a method",
+                        org.name
+                    ),
+                ));
+            };
+            let Some(capability) = era::capability_for(method) else {
+                return Err(Reject::new(
+                    StatusCode::BAD_GATEWAY,
+                    code::UPSTREAM_ERROR,
+                    format!(
+                        "the upstream of org '{}' asked for input by '{method}', which is not a client request",
+                        org.name
+                    ),
+                ));
+            };
+            if !declared.is_some_and(|caps| caps.contains_key(capability)) {
+                return Err(Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    errors::MISSING_CAPABILITY,
+                    format!(
+                        "the upstream needs the client to answer {method}, but this client did not declare the '{capability}' capability in initialize"
+                    ),
+                )
+                .with_data(json!({"requiredCapabilities": {capability: {}}})));
+            }
+            asks.push((key, method, request.get("params")));
+        }
+        let mut pending = PendingReplies {
+            map: &self.replies,
+            keys: Vec::with_capacity(asks.len()),
+        };
+        let mut waits = Vec::with_capacity(asks.len());
+        for (key, method, params) in asks {
+            let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
+            let Some(rid) = Id::from_value(&Value::from(format!("ratatosk-{n}"))) else {
+                continue;
+            };
+            let (tx, rx) = oneshot::channel();
+            let entry = (session.id.clone(), rid.clone());
+            self.replies.insert(entry.clone(), tx);
+            pending.keys.push(entry);
+            let body = era::client_request(&rid, method, params, &session.protocol_version);
+            if self.append(log, stream, &body, org).is_err() {
+                return Ok(None);
+            }
+            waits.push((key, method, rx));
+        }
+        let wait = org.pool.read_limits.max_duration;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut answers = Map::new();
+        for (key, method, rx) in waits {
+            let reply = tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx) => r,
+                _ = cancel.cancelled() => return Ok(None),
+            };
+            let reply = match reply {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(_)) => return Ok(None),
+                Err(_) => {
+                    return Err(Reject::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        code::UPSTREAM_ERROR,
+                        format!(
+                            "the client did not answer {method} within {wait:?} (upstream.max_duration)"
+                        ),
+                    ));
+                }
+            };
+            match reply.get("result") {
+                Some(result) => {
+                    answers.insert(key.clone(), result.clone());
+                }
+                None => {
+                    let why = reply
+                        .pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no result");
+                    return Err(Reject::new(
+                        StatusCode::OK,
+                        code::UPSTREAM_ERROR,
+                        format!("the client answered {method} with an error: {why}"),
+                    ));
+                }
+            }
+        }
+        Ok(Some(answers))
+    }
+
+    /// Hands a client's response to the input request waiting for it.
+    /// False if nothing waits for that id.
+    pub(super) fn take_reply(&self, session: &str, message: &Message) -> bool {
+        let Kind::Response { id } = &message.kind else {
+            return false;
+        };
+        let Some((_, tx)) = self.replies.remove(&(session.to_owned(), id.clone())) else {
+            return false;
+        };
+        match serde_json::from_slice::<Value>(&message.raw) {
+            Ok(v) => {
+                let _ = tx.send(v);
+            }
+            Err(_) => drop(tx),
+        }
+        true
+    }
+}
+
+/// Client requests of the gateway's waiting for answers, by (session, id).
+pub(super) type ReplyMap = DashMap<(String, Id), oneshot::Sender<Value>>;
+
+/// Removes the entries of one round when it ends, however it ends.
+struct PendingReplies<'a> {
+    map: &'a ReplyMap,
+    keys: Vec<(String, Id)>,
+}
+
+impl Drop for PendingReplies<'_> {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.map.remove(key);
+        }
+    }
+}
+
+/// A JSON body rewritten by `f`; unchanged if it is not JSON.
+fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => Bytes::from(f(v).to_string()),
+        Err(_) => body.clone(),
+    }
+}
+
+fn probe_reject(e: ProbeError, id: Option<&Id>) -> Reject {
+    match e {
+        ProbeError::Upstream(e) => upstream_reject(e, id),
+        ProbeError::Read(e) => read_reject(e, id),
+        e @ ProbeError::NoResult { .. } => {
+            Reject::new(StatusCode::BAD_GATEWAY, code::UPSTREAM_ERROR, e.to_string()).with_id(id)
+        }
+    }
+}
+
+/// An upstream SSE answer on its way to a modern client, one message per
+/// event, with keep-alives while the upstream is quiet.
+struct Pipe {
+    rx: mpsc::Receiver<Bytes>,
+    task: tokio::task::JoinHandle<()>,
+    keepalive: Duration,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        // The client is gone: so is the upstream request.
+        self.task.abort();
+    }
+}
+
+#[async_trait]
+impl ChunkSource for Pipe {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        match tokio::time::timeout(self.keepalive, self.rx.recv()).await {
+            Ok(chunk) => chunk,
+            Err(_) => Some(Bytes::from_static(KEEPALIVE)),
+        }
+    }
+}
+
+/// Reads an upstream answer into a pipe until the response to `id`.
+async fn pipe(
+    mut reader: AnswerReader,
+    tx: mpsc::Sender<Bytes>,
+    id: Id,
+    to_modern: Option<String>,
+) {
+    let frame = |m: &[u8]| sse_frame(None, Some("message"), m);
+    loop {
+        let (out, last) = match reader.next_message().await {
+            Ok(Some(message)) => match jsonrpc::parse_message(&message).map(|m| m.kind) {
+                Ok(Kind::Response { id: rid }) if rid == id => {
+                    let body = match &to_modern {
+                        Some(method) => reshape(&message, |v| era::response_to_modern(v, method)),
+                        None => message,
+                    };
+                    (body, true)
+                }
+                Ok(Kind::Request { method, .. }) if to_modern.is_some() => {
+                    // A stateless 2025 upstream that asks the client a
+                    // question can never get the answer: the answer would
+                    // reach a fresh transport of it. Say so now.
+                    let why = format!(
+                        "the upstream asked the client for {method}, but a stateless-2025 upstream cannot receive the answer; run it stateful (era stateful-2025) or modern"
+                    );
+                    (
+                        jsonrpc::error_body(Some(&id), code::UPSTREAM_ERROR, &why),
+                        true,
+                    )
+                }
+                _ => (message, false),
+            },
+            Ok(None) => {
+                let why = format!(
+                    "upstream {} ended its answer without a response",
+                    reader.replica()
+                );
+                (
+                    jsonrpc::error_body(Some(&id), code::UPSTREAM_ERROR, &why),
+                    true,
+                )
+            }
+            Err(e) => (
+                jsonrpc::error_body(Some(&id), code::UPSTREAM_ERROR, &e.to_string()),
+                true,
+            ),
+        };
+        if tx.send(frame(&out)).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// A stream with nothing to say but its first event and keep-alives.
+struct Quiet {
+    first: Option<Bytes>,
+    keepalive: Duration,
+}
+
+#[async_trait]
+impl ChunkSource for Quiet {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        tokio::time::sleep(self.keepalive).await;
+        Some(Bytes::from_static(KEEPALIVE))
+    }
+}
