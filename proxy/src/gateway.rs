@@ -558,14 +558,22 @@ impl Gateway {
             };
             match next {
                 Ok(Some(message)) => {
-                    if let Ok(parsed) = jsonrpc::parse_message(&message)
-                        && let Kind::Response { id } = &parsed.kind
-                        && pending.as_ref() == Some(id)
-                    {
-                        if hold {
-                            return Some(message);
+                    match jsonrpc::parse_message(&message).map(|m| m.kind) {
+                        Ok(Kind::Response { id }) if pending.as_ref() == Some(&id) => {
+                            if hold {
+                                return Some(message);
+                            }
+                            pending = None;
                         }
-                        pending = None;
+                        Ok(Kind::Request { method, .. })
+                            if org.era.known() == Some(Era::Stateless2025) =>
+                        {
+                            // The client's answer would reach a fresh
+                            // transport of the upstream, never this call:
+                            // fail it now rather than let both sides wait.
+                            break modern::unanswerable(&org.name, &method);
+                        }
+                        _ => {}
                     }
                     if self.append(log, stream, &message, org).is_err() {
                         return None;

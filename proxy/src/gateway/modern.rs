@@ -227,7 +227,7 @@ impl Gateway {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
         let (tx, rx) = mpsc::channel(PIPE_DEPTH);
-        let task = tokio::spawn(pipe(reader, tx, id, to_modern));
+        let task = tokio::spawn(pipe(reader, tx, id, to_modern, org.name.clone()));
         Ok(Response::sse(Box::new(Pipe {
             rx,
             task,
@@ -499,6 +499,15 @@ impl Gateway {
     }
 }
 
+/// Why a stateless 2025 upstream's question to the client fails at once:
+/// the client's answer would reach a fresh transport of the upstream, never
+/// the call that asked.
+pub(super) fn unanswerable(org: &str, method: &str) -> String {
+    format!(
+        "the upstream of org '{org}' asked the client for {method}, but a stateless-2025 upstream cannot receive the answer; run it stateful (era stateful-2025) or modern"
+    )
+}
+
 /// Client requests of the gateway's waiting for answers, by (session, id).
 pub(super) type ReplyMap = DashMap<(String, Id), oneshot::Sender<Value>>;
 
@@ -565,6 +574,7 @@ async fn pipe(
     tx: mpsc::Sender<Bytes>,
     id: Id,
     to_modern: Option<String>,
+    org: Arc<str>,
 ) {
     let frame = |m: &[u8]| sse_frame(None, Some("message"), m);
     loop {
@@ -578,12 +588,7 @@ async fn pipe(
                     (body, true)
                 }
                 Ok(Kind::Request { method, .. }) if to_modern.is_some() => {
-                    // A stateless 2025 upstream that asks the client a
-                    // question can never get the answer: the answer would
-                    // reach a fresh transport of it. Say so now.
-                    let why = format!(
-                        "the upstream asked the client for {method}, but a stateless-2025 upstream cannot receive the answer; run it stateful (era stateful-2025) or modern"
-                    );
+                    let why = unanswerable(&org, &method);
                     (
                         jsonrpc::error_body(Some(&id), code::UPSTREAM_ERROR, &why),
                         true,
