@@ -68,6 +68,9 @@ pub struct Gateway {
     /// for the client's response.
     replies: modern::ReplyMap,
     next_reply: AtomicU64,
+    /// Upstream `subscriptions/listen` streams of legacy sessions of modern
+    /// upstreams, by session.
+    listeners: DashMap<String, CancellationToken>,
     draining: AtomicBool,
 }
 
@@ -134,6 +137,7 @@ impl Gateway {
             next_generation: AtomicU64::new(1),
             replies: DashMap::new(),
             next_reply: AtomicU64::new(1),
+            listeners: DashMap::new(),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         }))
@@ -348,7 +352,10 @@ impl Gateway {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         }
         if let [only] = requests.as_slice()
-            && let Some(answer) = self.answer_locally(&session, only).await
+            && let Some(answer) = match self.change_subscription(org, &session, &log, only).await {
+                Some(answer) => Some(answer),
+                None => self.answer_locally(&session, only).await,
+            }
         {
             return Ok(Response::json(StatusCode::OK, answer));
         }
@@ -741,6 +748,7 @@ impl Gateway {
     pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, StoreError> {
         let removed = self.store.remove(id).await?;
         self.hub.remove(id);
+        self.stop_listener(id);
         self.in_flight.retain(|(sid, _), (_, token)| {
             if sid == id {
                 token.cancel();
@@ -968,6 +976,7 @@ impl Gateway {
             tracing::warn!(org = %org.name, session = %short(&session.id),
                 "resumed stream may have missed events: they left the event log (raise sessions.event_log_size)");
         }
+        self.ensure_listener(org, &session.id, &log, false);
         let live = self.live_stream(org, &session, log, attach, None);
         Ok(Response::sse(Box::new(live)))
     }
@@ -1062,7 +1071,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     async fn legacy_message(
         self: &Arc<Self>,
-        org: &OrgRoute,
+        org: &Arc<OrgRoute>,
         identity: &Identity,
         session: &Arc<SessionState>,
         log: &Arc<SessionLog>,
@@ -1095,6 +1104,8 @@ impl Gateway {
                         if let Err(e) = self.store.replace(updated).await {
                             tracing::warn!(error = %e, "cannot record the negotiated session");
                         }
+                        // The /sse stream is the standalone stream.
+                        self.ensure_listener(org, &session.id, log, false);
                     }
                     answer
                 }
@@ -1108,7 +1119,11 @@ impl Gateway {
             Ok(Some(s)) => s,
             _ => session.clone(),
         };
-        if let Some(answer) = self.answer_locally(&current, message).await {
+        let local = match self.change_subscription(org, &current, log, message).await {
+            Some(answer) => Some(answer),
+            None => self.answer_locally(&current, message).await,
+        };
+        if let Some(answer) = local {
             let _ = self.append(log, STANDALONE, &answer, org);
             return;
         }
@@ -1174,6 +1189,7 @@ impl Gateway {
         };
         for state in &expired {
             self.hub.remove(&state.id);
+            self.stop_listener(&state.id);
             self.count_session(&state.org, -1);
             tracing::info!(org = %state.org, session = %short(&state.id), "session expired after being idle");
         }

@@ -64,6 +64,9 @@ pub struct SessionState {
     pub client_info: Option<Value>,
     pub client_capabilities: Option<Value>,
     pub log_level: Option<String>,
+    /// URIs of `resources/subscribe`, kept by the gateway when the upstream
+    /// is modern (its `subscriptions/listen` filter).
+    pub resource_subscriptions: Vec<String>,
     pub created_at_ms: u64,
 }
 
@@ -86,6 +89,7 @@ impl SessionState {
             client_info: None,
             client_capabilities: None,
             log_level: None,
+            resource_subscriptions: Vec::new(),
             created_at_ms: now_ms(),
         }
     }
@@ -251,6 +255,7 @@ pub(crate) fn test_state(id: &str, org: &str) -> SessionState {
         client_info: None,
         client_capabilities: None,
         log_level: None,
+        resource_subscriptions: Vec::new(),
         created_at_ms: now_ms(),
     }
 }

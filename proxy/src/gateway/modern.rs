@@ -633,3 +633,186 @@ impl ChunkSource for Quiet {
         Some(Bytes::from_static(KEEPALIVE))
     }
 }
+
+/// Read limits of a `subscriptions/listen` stream: it is meant to stay open
+/// and quiet for as long as the session lives.
+const LISTEN_LIMITS: crate::bridge::ReadLimits = crate::bridge::ReadLimits {
+    timeout: Duration::from_secs(365 * 24 * 3600),
+    max_duration: Duration::from_secs(365 * 24 * 3600),
+    max_bytes: usize::MAX,
+};
+
+/// Longest pause between two attempts to reopen a listen stream.
+const MAX_LISTEN_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Gateway {
+    /// Makes sure a legacy session of a modern upstream has its upstream
+    /// `subscriptions/listen` stream feeding the session's standalone
+    /// stream (the GET stream, or the `/sse` stream). With `refilter`, an
+    /// open listen is replaced by one with the session's current filter.
+    pub(super) fn ensure_listener(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        session_id: &str,
+        log: &Arc<SessionLog>,
+        refilter: bool,
+    ) {
+        if org.era.known() != Some(Era::Modern) {
+            return;
+        }
+        if !refilter && self.listeners.contains_key(session_id) {
+            return;
+        }
+        let token = CancellationToken::new();
+        if let Some(old) = self.listeners.insert(session_id.to_owned(), token.clone()) {
+            old.cancel();
+        }
+        let (this, org, log) = (self.clone(), org.clone(), log.clone());
+        let id = session_id.to_owned();
+        tokio::spawn(async move { this.listen(&org, &id, &log, &token).await });
+    }
+
+    /// Stops a session's listen stream, if it has one.
+    pub(super) fn stop_listener(&self, session_id: &str) {
+        if let Some((_, token)) = self.listeners.remove(session_id) {
+            token.cancel();
+        }
+    }
+
+    /// Holds the upstream listen stream of one session, reopening it when
+    /// the upstream ends or drops it, until the session ends or the
+    /// filter changes.
+    async fn listen(
+        &self,
+        org: &OrgRoute,
+        session_id: &str,
+        log: &SessionLog,
+        stop: &CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        let mut round = 0u64;
+        loop {
+            let session = match self.store.lookup(session_id).await {
+                Ok(Some(s)) => s,
+                _ => return,
+            };
+            round += 1;
+            let Some(id) = Id::from_value(&Value::from(format!("ratatosk-listen-{round}"))) else {
+                return;
+            };
+            let mut params = Map::new();
+            params.insert(
+                "notifications".into(),
+                json!({
+                    "toolsListChanged": true,
+                    "promptsListChanged": true,
+                    "resourcesListChanged": true,
+                    "resourceSubscriptions": session.resource_subscriptions,
+                }),
+            );
+            let mut caller = Identity::anonymous(&org.name);
+            caller.subject.clone_from(&session.subject);
+            let mut headers = upstream_headers(
+                &Forwarding {
+                    session_id,
+                    org: &org.name,
+                    identity: &caller,
+                    protocol_version: None,
+                    request_id: &format!("listen-{}", short(session_id)),
+                },
+                &http::HeaderMap::new(),
+            );
+            era::put_modern_headers(&mut headers, "subscriptions/listen", &params, None);
+            let body = era::request_with_meta(
+                &id,
+                "subscriptions/listen",
+                params,
+                &era::session_meta(&session),
+            );
+            let answer = tokio::select! {
+                a = org.pool.send(headers, body) => a,
+                _ = stop.cancelled() => return,
+            };
+            match answer {
+                Ok(answer) => {
+                    let mut reader = AnswerReader::new(answer, LISTEN_LIMITS);
+                    loop {
+                        let next = tokio::select! {
+                            n = reader.next_message() => n,
+                            _ = stop.cancelled() => return,
+                        };
+                        let Ok(Some(message)) = next else { break };
+                        let parsed = jsonrpc::parse_message(&message);
+                        match parsed.as_ref().map(|m| &m.kind) {
+                            Ok(Kind::Notification { method })
+                                if method != "notifications/subscriptions/acknowledged" =>
+                            {
+                                backoff = Duration::from_millis(100);
+                                if self.append(log, STANDALONE, &message, org).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(Kind::Response { .. }) => break,
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(org = %org.name, session = %short(session_id), error = %e, "cannot open the upstream listen stream; retrying");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {},
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_LISTEN_BACKOFF);
+        }
+    }
+
+    /// `resources/subscribe` and `resources/unsubscribe` for a modern
+    /// upstream, which has neither: the URI joins or leaves the session's
+    /// listen filter, and the listen stream is reopened with it.
+    pub(super) async fn change_subscription(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        session: &SessionState,
+        log: &Arc<SessionLog>,
+        request: &Message,
+    ) -> Option<Bytes> {
+        let subscribe = match request.method() {
+            Some("resources/subscribe") => true,
+            Some("resources/unsubscribe") => false,
+            _ => return None,
+        };
+        if org.era.known() != Some(Era::Modern) {
+            return None;
+        }
+        let id = request.request_id()?;
+        let uri = request
+            .params()
+            .and_then(|p| p.get("uri").and_then(Value::as_str).map(str::to_owned));
+        let Some(uri) = uri else {
+            return Some(jsonrpc::error_body(
+                Some(id),
+                code::INVALID_PARAMS,
+                "params.uri is required",
+            ));
+        };
+        let mut updated = session.clone();
+        updated.resource_subscriptions.retain(|u| *u != uri);
+        if subscribe {
+            updated.resource_subscriptions.push(uri);
+        }
+        if let Err(e) = self.store.replace(updated).await {
+            return Some(jsonrpc::error_body(
+                Some(id),
+                code::INTERNAL_ERROR,
+                &e.to_string(),
+            ));
+        }
+        self.ensure_listener(org, &session.id, log, true);
+        Some(Bytes::from(
+            json!({"jsonrpc": "2.0", "id": id.to_value(), "result": {}}).to_string(),
+        ))
+    }
+}
