@@ -148,6 +148,43 @@ class Replica(Proc):
         return self
 
 
+class Example(Proc):
+    """One replica of any upstream example (upstream-examples/<name>/run)."""
+
+    def __init__(self, name: str, log_dir: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        super().__init__(
+            name=f"{name}:{self.port}",
+            argv=[str(ROOT / "upstream-examples" / name / "run"), "--port", str(self.port), *args],
+            log_path=log_dir / f"{name}-{self.port}.log",
+            env=env or {},
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/mcp"
+
+    def events(self) -> list[dict]:
+        """What `sleep_then_return` recorded: started, finished, cancelled."""
+        return httpx2.get(f"{self.base}/debug/events", timeout=5).json()
+
+    def event_time(self, tag: str, event: str) -> float | None:
+        return next((e["at"] for e in self.events() if e["tag"] == tag and e["event"] == event), None)
+
+    def wait_ready(self, timeout: float = 180.0) -> "Example":
+        wait_until(f"{self.name} listening", lambda: "READY" in self.log_text(), timeout=timeout,
+                   every=0.1, alive=self.death)
+        return self
+
+
+@contextmanager
+def started(example: Example):
+    """An example upstream, running and ready, for the length of a block."""
+    example.start()
+    try:
+        yield example.wait_ready()
+    finally:
+        example.stop()
+
+
 def start_replicas(n: int, log_dir: Path, admin_url: str) -> list[Replica]:
     """Starts n replicas at once and waits until all listen."""
     replicas = [Replica(free_port(), log_dir, admin_url) for _ in range(n)]

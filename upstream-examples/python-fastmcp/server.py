@@ -1,14 +1,17 @@
-"""Example stateless FastMCP (2.x) upstream for Ratatosk tests.
+"""Example FastMCP (2.x) upstream for Ratatosk tests.
 
-Serves Streamable HTTP at /mcp with stateless_http=True, plus GET /debug/headers.
+Serves Streamable HTTP at /mcp, stateless (stateless_http=True) by default or
+stateful with --stateful, plus GET /debug/headers and GET /debug/events.
 Run it through ./run (which prepares the venv), e.g.:
 
-    ./run --port 9001 [--host 127.0.0.1]
+    ./run --port 9001 [--host 127.0.0.1] [--stateful] [--name python-fastmcp]
 
 Environment:
     RATATOSK_ADMIN_URL        default http://127.0.0.1:9090 (notify_me publishes here)
     RATATOSK_PUBLISH_SECRET   bearer secret for the publish call (notify_me fails without it)
     RATATOSK_NOTIFY_DELAY_MS  delay before notify_me publishes, default 200
+    RATATOSK_INPUT_TIMEOUT_S  how long ask_roots/confirm wait for the client's answer
+                              in stateful mode, default 30
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import logging
 import os
 import socket
 import sys
+import time
 import warnings
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -38,25 +44,60 @@ import uvicorn  # noqa: E402
 from fastmcp import Context, FastMCP  # noqa: E402
 from fastmcp.exceptions import ToolError  # noqa: E402
 from fastmcp.server.dependencies import get_http_request  # noqa: E402
+from mcp import types as mt  # noqa: E402
+from mcp.shared.exceptions import McpError  # noqa: E402
+from mcp.shared.message import ServerMessageMetadata  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 
 MCP_PATH = "/mcp"
 DEBUG_HEADERS_PATH = "/debug/headers"
+DEBUG_EVENTS_PATH = "/debug/events"
+# Requests to these paths are not recorded in SEEN_HEADERS.
+UNRECORDED_PATHS = frozenset({DEBUG_HEADERS_PATH, DEBUG_EVENTS_PATH})
 SEEN_MAX = 200
+EVENTS_MAX = 500
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
+DEFAULT_INPUT_TIMEOUT_S = 30.0
+
+# The requestedSchema `confirm` sends (same in every example).
+CONFIRM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"confirmed": {"type": "boolean", "title": "Confirmed"}},
+    "required": ["confirmed"],
+}
 
 log = logging.getLogger("upstream")
 
 # Headers of the last SEEN_MAX HTTP requests, oldest first. Each entry is a
 # dict of lowercase header name -> value (repeated headers joined with ", ").
 # Nothing is filtered out: authorization, cookies, mcp-session-id etc. are all
-# kept. Requests to /debug/headers itself are not recorded.
+# kept. Requests to /debug/headers and /debug/events are not recorded.
 SEEN_HEADERS: collections.deque[dict[str, str]] = collections.deque(maxlen=SEEN_MAX)
+
+# sleep_then_return lifecycle events, oldest first: {"tag", "event", "at"}.
+EVENTS: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_MAX)
 
 # Keep strong references to background tasks so they are not garbage-collected.
 _BACKGROUND: set[asyncio.Task[None]] = set()
+
+# Set from the command line in main(): False means stateless_http=True.
+STATEFUL = False
+
+# Stateless mode only: in-flight sleep_then_return calls that a later
+# notifications/cancelled POST may cancel. Key: (Ratatosk-Session header or "",
+# JSON encoding of the request id); value: (ServerSession, request id).
+_CANCELLABLE: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def _record(tag: str, event: str) -> None:
+    EVENTS.append({"tag": tag, "event": event, "at": time.time()})
+    log.info("sleep_then_return tag=%r %s", tag, event)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 class RecordHeadersMiddleware:
@@ -66,7 +107,7 @@ class RecordHeadersMiddleware:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") != DEBUG_HEADERS_PATH:
+        if scope["type"] == "http" and scope.get("path") not in UNRECORDED_PATHS:
             entry: dict[str, str] = {}
             for raw_name, raw_value in scope.get("headers", []):
                 name = raw_name.decode("latin-1").lower()
@@ -74,6 +115,74 @@ class RecordHeadersMiddleware:
                 entry[name] = f"{entry[name]}, {value}" if name in entry else value
             SEEN_HEADERS.append(entry)
         await self.app(scope, receive, send)
+
+
+class StatelessCancelMiddleware:
+    """Stateless mode only: make a POSTed notifications/cancelled reach its request.
+
+    With stateless_http=True every POST gets a fresh transport and session, so
+    the SDK drops a notifications/cancelled (its session never saw the
+    request). This pure ASGI middleware reads each POST body to /mcp (they are
+    small), and for notifications/cancelled looks up the in-flight call that
+    registered itself in _CANCELLABLE (sleep_then_return does) and cancels it
+    exactly as the SDK does in stateful mode (RequestResponder.cancel(): the
+    tool sees CancelledError, the client gets error code 0 "Request
+    cancelled"). The body is then replayed to the app unchanged (202).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if STATEFUL or scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != MCP_PATH:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away before the body was complete
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if b"notifications/cancelled" in body:
+            await self._cancel(scope, body)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _cancel(scope: dict, body: bytes) -> None:
+        try:
+            msg = json.loads(body)
+        except ValueError:
+            return
+        if not isinstance(msg, dict) or msg.get("method") != "notifications/cancelled":
+            return
+        params = msg.get("params") or {}
+        if not isinstance(params, dict) or "requestId" not in params:
+            return
+        rs = ""
+        for raw_name, raw_value in scope.get("headers", []):
+            if raw_name.lower() == b"ratatosk-session":
+                rs = raw_value.decode("latin-1")
+        entry = _CANCELLABLE.get((rs, json.dumps(params["requestId"])))
+        if entry is None:
+            log.info("notifications/cancelled for unknown request %r (ratatosk-session=%r)", params["requestId"], rs)
+            return
+        session, request_id = entry
+        responder = session._in_flight.get(request_id)  # noqa: SLF001 - pinned mcp 1.30
+        if responder is not None:
+            log.info("cancelling request %r on notifications/cancelled", request_id)
+            await responder.cancel()
 
 
 mcp = FastMCP(name="ratatosk-example-python-fastmcp")
@@ -157,13 +266,114 @@ def seen_headers() -> list[dict[str, str]]:
     return list(SEEN_HEADERS)
 
 
+def _input_timeout() -> float:
+    return float(os.environ.get("RATATOSK_INPUT_TIMEOUT_S", str(DEFAULT_INPUT_TIMEOUT_S)))
+
+
+def _client_caps(ctx: Context) -> mt.ClientCapabilities | None:
+    params = ctx.session.client_params
+    return params.capabilities if params is not None else None
+
+
+async def _ask_client(ctx: Context, tool: str, request: mt.ServerRequest, result_type: type[Any]) -> Any:
+    """Send a server->client request on this tools/call's own SSE stream and wait for the answer.
+
+    Stateless (the default), this is what any stateless 2025 server does: the
+    request goes out, but the client's answer is POSTed to a fresh transport
+    that knows nothing of it, so the wait ends only at the timeout. The
+    gateway notices the question and ends the call at once; called directly,
+    the tool fails after RATATOSK_INPUT_TIMEOUT_S.
+    """
+    timeout = _input_timeout()
+    try:
+        return await ctx.session.send_request(
+            request,
+            result_type,
+            request_read_timeout_seconds=timedelta(seconds=timeout),
+            # Related to the tools/call, so it travels on that POST's SSE stream
+            # (not on the standalone GET stream).
+            metadata=ServerMessageMetadata(related_request_id=ctx.request_context.request_id),
+        )
+    except McpError as exc:
+        if exc.error.code == 408 or "timed out" in exc.error.message.lower():
+            raise ToolError(f"{tool}: no answer from the client within {timeout:g} s") from None
+        raise ToolError(f"{tool}: the client answered with error {exc.error.code}: {exc.error.message}") from None
+
+
+@mcp.tool
+async def ask_roots(ctx: Context) -> str:
+    """Ask the client for its roots (roots/list) and return {"roots":[uri,...]} as compact JSON."""
+    caps = _client_caps(ctx)
+    if STATEFUL and (caps is None or caps.roots is None):
+        raise ToolError("ask_roots: the client did not declare the roots capability")
+    result = await _ask_client(ctx, "ask_roots", mt.ServerRequest(mt.ListRootsRequest()), mt.ListRootsResult)
+    return _compact({"roots": [str(root.uri) for root in result.roots]})
+
+
+@mcp.tool
+async def confirm(question: str, ctx: Context) -> str:
+    """Ask the client to confirm (form elicitation with a boolean "confirmed") and
+    return {"action":...,"confirmed":...} as compact JSON."""
+    caps = _client_caps(ctx)
+    if STATEFUL:
+        el = caps.elicitation if caps is not None else None
+        # `elicitation: {}` means form mode; with sub-keys, `form` must be among them.
+        if el is None or (el.form is None and el.url is not None):
+            raise ToolError("confirm: the client did not declare the elicitation (form) capability")
+    request = mt.ServerRequest(
+        mt.ElicitRequest(params=mt.ElicitRequestFormParams(message=question, requestedSchema=CONFIRM_SCHEMA))
+    )
+    result: mt.ElicitResult = await _ask_client(ctx, "confirm", request, mt.ElicitResult)
+    if result.action != "accept":
+        return _compact({"action": result.action})
+    confirmed = (result.content or {}).get("confirmed")
+    if not isinstance(confirmed, bool):
+        raise ToolError(f"confirm: accepted without a boolean 'confirmed' (content={result.content!r})")
+    return _compact({"action": "accept", "confirmed": confirmed})
+
+
+@mcp.tool
+async def sleep_then_return(seconds: int | float, ctx: Context, tag: str = "") -> str:
+    """Record "started", sleep, record "finished" and return "slept <seconds>".
+
+    A cancelled call records "cancelled" (see GET /debug/events)."""
+    if seconds < 0 or seconds > 3600:
+        raise ToolError("seconds must be between 0 and 3600")
+    key: tuple[str, str] | None = None
+    if not STATEFUL:
+        request_id = ctx.request_context.request_id
+        key = (get_http_request().headers.get("ratatosk-session", ""), json.dumps(request_id))
+        _CANCELLABLE[key] = (ctx.session, request_id)
+    _record(tag, "started")
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _record(tag, "cancelled")
+        raise
+    finally:
+        if key is not None and _CANCELLABLE.get(key, (None, None))[0] is ctx.session:
+            del _CANCELLABLE[key]
+    _record(tag, "finished")
+    return f"slept {seconds}"
+
+
 @mcp.custom_route(DEBUG_HEADERS_PATH, methods=["GET"])
 async def debug_headers(request: Request) -> JSONResponse:
     return JSONResponse(list(SEEN_HEADERS))
 
 
-def _configure_logging(port: int) -> None:
-    fmt = f"%(asctime)s [py-fastmcp:{port}] %(levelname)s %(name)s: %(message)s"
+@mcp.custom_route(DEBUG_EVENTS_PATH, methods=["GET"])
+async def debug_events(request: Request) -> JSONResponse:
+    return JSONResponse(list(EVENTS))
+
+
+def _log_prefix(name: str) -> str:
+    """python-fastmcp -> py-fastmcp, python-stateful -> py-stateful; other names unchanged."""
+    return "py-" + name[len("python-") :] if name.startswith("python-") else name
+
+
+def _configure_logging(name: str, port: int) -> None:
+    fmt = f"%(asctime)s [{_log_prefix(name)}:{port}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)
     # fastmcp installs rich handlers on its own logger at import; route it through ours.
     fl = logging.getLogger("fastmcp")
@@ -173,11 +383,11 @@ def _configure_logging(port: int) -> None:
     fl.setLevel(logging.INFO)
 
 
-async def _serve(host: str, port: int) -> None:
+async def _serve(host: str, port: int, name: str) -> None:
     app = mcp.http_app(
         path=MCP_PATH,
-        stateless_http=True,
-        middleware=[Middleware(RecordHeadersMiddleware)],
+        stateless_http=not STATEFUL,
+        middleware=[Middleware(RecordHeadersMiddleware), Middleware(StatelessCancelMiddleware)],
     )
     # Bind ourselves so a busy port fails fast and clearly.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -199,7 +409,7 @@ async def _serve(host: str, port: int) -> None:
             if server.should_exit:
                 return
             await asyncio.sleep(0.01)
-        print(f"READY python-fastmcp url=http://{host}:{port}{MCP_PATH} pid={os.getpid()}", flush=True)
+        print(f"READY {name} url=http://{host}:{port}{MCP_PATH} pid={os.getpid()}", flush=True)
 
     ann = asyncio.create_task(announce())
     try:
@@ -212,9 +422,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--stateful",
+        action="store_true",
+        help="keep sessions (stateless_http=False); the server mints Mcp-Session-Id",
+    )
+    parser.add_argument("--name", default="python-fastmcp", help="name used in the READY line and log prefix")
     args = parser.parse_args()
-    _configure_logging(args.port)
-    asyncio.run(_serve(args.host, args.port))
+    global STATEFUL
+    STATEFUL = args.stateful
+    _configure_logging(args.name, args.port)
+    log.info("mode: %s", "stateful" if STATEFUL else "stateless")
+    asyncio.run(_serve(args.host, args.port, args.name))
 
 
 if __name__ == "__main__":

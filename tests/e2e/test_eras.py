@@ -1,0 +1,356 @@
+"""The era bridge (issue 5): every client era against every upstream era,
+through the gateway, with the official MCP clients and the real example
+upstreams.
+
+Client eras: 2024-11-05 HTTP+SSE (`sse_client`), 2025 Streamable HTTP (the
+`mcp` 2.x `ClientSession`, which speaks 2025-11-25) and 2026-07-28 (the `mcp`
+2.x `Client` in modern mode). Upstream eras: `stateless-2025`
+(python-fastmcp, FastMCP 2.x) and `modern` (python-modern, `mcp` 2.3 server;
+go, go-sdk v1.8).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx2
+import mcp_types as mt
+import pytest
+from mcp.client.client import Client
+from mcp.shared.exceptions import MCPError
+
+from harness import (ACCEPT_BOTH, ROOT, Example, Gateway, SseReader, initialize, legacy_session, org, post,
+                     rpc_error, running, started, streamable_session, wait_until)
+
+pytestmark = pytest.mark.anyio
+
+MODERN = "2026-07-28"
+ROOTS = ["file:///tmp/ratatosk-a", "file:///tmp/ratatosk-b"]
+CLIENT_ERAS = ["sse-2024", "streamable-2025", "modern-2026"]
+UNANSWERABLE = "stateless-2025 upstream cannot receive the answer"
+
+
+@pytest.fixture(scope="module")
+def modern_upstream(log_dir):
+    with started(Example("python-modern", log_dir)) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def go_upstream(log_dir):
+    with started(Example("go", log_dir)) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def ts_upstream(log_dir):
+    with started(Example("typescript", log_dir)) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def eras_gateway(log_dir, replicas, modern_upstream, go_upstream, ts_upstream):
+    gw = Gateway(
+        log_dir,
+        {
+            "s25": org(replicas),
+            "modern": org([modern_upstream.url], era="modern"),
+            "modern-3": org([modern_upstream.url], era="modern", max_input_rounds=3),
+            "auto-modern": org([modern_upstream.url], era="auto"),
+            "auto-s25": org(replicas, era="auto"),
+            "go": org([go_upstream.url], era="modern"),
+            "ts": org([ts_upstream.url]),
+        },
+        name="eras-gateway",
+    )
+    with running(gw):
+        yield gw
+
+
+UPSTREAMS = {"s25": "stateless-2025", "modern": "modern"}
+
+
+async def list_roots(ctx, *args):
+    return mt.ListRootsResult(roots=[mt.Root(uri=u) for u in ROOTS])
+
+
+async def elicit(ctx, params):
+    return mt.ElicitResult(action="accept", content={"confirmed": True})
+
+
+class Api:
+    """One client of one era, with the few calls the matrix makes."""
+
+    def __init__(self, session):
+        self.session = session
+
+    async def tool_names(self) -> set[str]:
+        return {t.name for t in (await self.session.list_tools()).tools}
+
+    async def call(self, name: str, args: dict, progress=None) -> str:
+        result = await self.session.call_tool(name, args, progress_callback=progress)
+        assert not result.is_error, result
+        return result.content[0].text
+
+
+@asynccontextmanager
+async def client(era: str, gw: Gateway, org_name: str, **callbacks):
+    callbacks.setdefault("list_roots_callback", list_roots)
+    callbacks.setdefault("elicitation_callback", elicit)
+    if era == "sse-2024":
+        async with legacy_session(gw.url(org_name, "sse"), **callbacks) as s:
+            yield Api(s)
+    elif era == "streamable-2025":
+        async with streamable_session(gw.url(org_name), **callbacks) as s:
+            yield Api(s)
+    else:
+        async with Client(gw.url(org_name), mode=MODERN, **callbacks) as c:
+            yield Api(c)
+
+
+@pytest.mark.parametrize("upstream", list(UPSTREAMS))
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_matrix_list_add_and_progress(eras_gateway, era, upstream):
+    async with client(era, eras_gateway, upstream) as c:
+        assert {"add", "slow_count", "ask_roots", "confirm", "sleep_then_return"} <= await c.tool_names()
+        assert await c.call("add", {"a": 20, "b": 22}) == "42"
+        seen: list[float] = []
+
+        async def on_progress(progress, total, message) -> None:
+            seen.append(progress)
+
+        assert await c.call("slow_count", {"n": 3}, progress=on_progress) == "counted to 3"
+        assert seen == [1, 2, 3]
+
+
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_matrix_modern_upstream_gets_roots_and_elicitation_answers(eras_gateway, era):
+    asked: list[str] = []
+
+    async def answer(ctx, params):
+        asked.append(params.message)
+        return mt.ElicitResult(action="accept", content={"confirmed": False})
+
+    async with client(era, eras_gateway, "modern", elicitation_callback=answer) as c:
+        assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
+        assert json.loads(await c.call("confirm", {"question": f"ship {era}?"})) == {
+            "action": "accept", "confirmed": False}
+        assert asked == [f"ship {era}?"]
+
+
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_matrix_stateless_2025_questions_fail_fast_and_clearly(eras_gateway, era):
+    """A stateless 2025 upstream cannot get an answer back from any client
+    (it would reach a fresh transport), so the call fails at once with an
+    error that says why, instead of hanging until the tool's own timeout."""
+    async with client(era, eras_gateway, "s25") as c:
+        for tool, args in [("ask_roots", {}), ("confirm", {"question": "ok?"})]:
+            started = time.monotonic()
+            with pytest.raises(MCPError) as failed:
+                await c.call(tool, args)
+            assert UNANSWERABLE in str(failed.value), failed.value
+            assert time.monotonic() - started < 5
+        assert await c.call("add", {"a": 1, "b": 1}) == "2"
+
+
+async def test_a_client_without_the_capability_gets_a_clear_error(eras_gateway):
+    async with streamable_session(eras_gateway.url("modern")) as s:  # no roots callback
+        started = time.monotonic()
+        with pytest.raises(MCPError) as failed:
+            await s.call_tool("ask_roots", {})
+        # The upstream refuses with -32021 (it sees the session's declared
+        # capabilities in _meta); an upstream that asked anyway would get the
+        # gateway's own -32021.
+        assert failed.value.error.code == -32021
+        assert "roots" in failed.value.error.message
+        assert time.monotonic() - started < 5
+
+
+async def test_endless_input_requests_are_bounded(eras_gateway, modern_upstream):
+    async with streamable_session(eras_gateway.url("modern-3"), list_roots_callback=list_roots) as s:
+        with pytest.raises(MCPError) as failed:
+            await s.call_tool("endless_input", {})
+        assert "after 3 rounds (upstream.max_input_rounds)" in failed.value.error.message
+        assert await s.call_tool("add", {"a": 1, "b": 2})
+    eras_gateway.assert_healthy()
+
+
+def test_cancel_from_a_2025_client_reaches_a_modern_upstream(eras_gateway, modern_upstream):
+    url = eras_gateway.url("modern")
+    sid = initialize(url)
+    tag = f"cancel-{uuid.uuid4()}"
+    lines: list[str] = []
+
+    def call() -> None:
+        body = {"jsonrpc": "2.0", "id": 77, "method": "tools/call",
+                "params": {"name": "sleep_then_return", "arguments": {"seconds": 30, "tag": tag}}}
+        headers = {"Accept": ACCEPT_BOTH, "Content-Type": "application/json",
+                   "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=40)) as http, \
+                http.stream("POST", url, json=body, headers=headers) as r:
+            lines.extend(r.iter_lines())
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    wait_until("the tool started", lambda: modern_upstream.event_time(tag, "started") is not None, timeout=10)
+    sent = time.time()
+    r = post(url, {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                   "params": {"requestId": 77, "reason": "user"}}, session=sid)
+    assert r.status_code == 202
+    wait_until("the upstream recorded the cancel",
+               lambda: modern_upstream.event_time(tag, "cancelled") is not None, timeout=5)
+    assert modern_upstream.event_time(tag, "cancelled") - sent < 1.0
+    caller.join(timeout=10)
+    assert not caller.is_alive()
+    # The call's stream ended without a result: cancelled requests get none.
+    assert not any('"id":77' in line.replace(" ", "") for line in lines if line.startswith("data:")), lines
+    assert modern_upstream.event_time(tag, "finished") is None
+
+
+def test_list_changed_from_a_modern_upstream_reaches_the_get_stream(eras_gateway, modern_upstream):
+    url = eras_gateway.url("modern")
+    sid = initialize(url)
+    headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+    with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
+            http.stream("GET", url, headers=headers) as r:
+        assert r.status_code == 200
+        events = SseReader(r)
+
+        # The upstream listen stream opens in the background: raise the
+        # change every 200 ms until one arrives (a raise reaches only the
+        # listens open at that moment).
+        seen = threading.Event()
+
+        def raise_changes() -> None:
+            deadline = time.monotonic() + 10
+            while not seen.is_set() and time.monotonic() < deadline:
+                httpx2.post(f"{modern_upstream.base}/debug/tools-changed", timeout=5)
+                seen.wait(0.2)
+
+        raiser = threading.Thread(target=raise_changes, daemon=True)
+        raiser.start()
+        try:
+            _, message = events.next_message()
+        finally:
+            seen.set()
+            raiser.join(timeout=10)
+        assert message["method"] == "notifications/tools/list_changed", message
+
+
+def test_modern_header_mismatch_is_32020(eras_gateway):
+    url = eras_gateway.url("modern")
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list",
+            "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                                 "io.modelcontextprotocol/clientCapabilities": {}}}}
+    r = post(url, body, version=MODERN, headers={"Mcp-Method": "tools/call"})
+    assert r.status_code == 400
+    assert rpc_error(r)["code"] == -32020
+    assert "Mcp-Method" in rpc_error(r)["message"]
+    eras_gateway.assert_healthy()
+
+
+def test_unsupported_modern_version_is_32022_with_data(eras_gateway):
+    url = eras_gateway.url("s25")
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list",
+            "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2099-01-01",
+                                 "io.modelcontextprotocol/clientCapabilities": {}}}}
+    r = post(url, body, version="2099-01-01", headers={"Mcp-Method": "tools/list"})
+    assert r.status_code == 400
+    error = rpc_error(r)
+    assert error["code"] == -32022
+    assert error["data"] == {"supported": [MODERN], "requested": "2099-01-01"}
+    eras_gateway.assert_healthy()
+
+
+def modern_call(url: str, name: str, args: dict, **extra) -> httpx2.Response:
+    params = {"name": name, "arguments": args, **extra,
+              "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                        "io.modelcontextprotocol/clientCapabilities": {"roots": {}}}}
+    return post(url, {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params},
+                version=MODERN, headers={"Mcp-Method": "tools/call", "Mcp-Name": name})
+
+
+def result_of(r: httpx2.Response) -> dict:
+    if r.headers["content-type"].startswith("application/json"):
+        return r.json()["result"]
+    for line in r.text.splitlines():
+        if line.startswith("data:") and '"result"' in line:
+            return json.loads(line[5:])["result"]
+    raise AssertionError(r.text)
+
+
+@pytest.mark.parametrize("org_name", ["modern", "go"])
+def test_a_tampered_request_state_gets_the_upstreams_own_refusal(eras_gateway, org_name):
+    url = eras_gateway.url(org_name)
+    first = result_of(modern_call(url, "ask_roots", {}))
+    assert first["resultType"] == "input_required"
+    state = first.get("requestState") or "state"
+    answers = {"roots": {"roots": [{"uri": ROOTS[0]}]}}
+    r = modern_call(url, "ask_roots", {}, inputResponses=answers, requestState=state + "tampered")
+    error = rpc_error(r)
+    assert r.status_code == 400, r.text
+    assert error["code"] == -32602
+    eras_gateway.assert_healthy()
+
+
+def test_auto_eras_are_probed_and_shown(eras_gateway):
+    def resolved() -> dict:
+        orgs = eras_gateway.admin_get("/readyz").json()["orgs"]
+        return {name: orgs[name]["era"]["resolved"] for name in ("auto-modern", "auto-s25")}
+
+    wait_until("auto eras probed", lambda: None not in resolved().values(), timeout=20)
+    assert resolved() == {"auto-modern": "modern", "auto-s25": "stateless-2025"}
+    metrics = eras_gateway.metrics()
+    assert 'ratatosk_upstream_era{era="modern",org="auto-modern"} 1' in metrics
+    assert 'ratatosk_upstream_era{era="stateless-2025",org="auto-s25"} 1' in metrics
+
+
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_auto_orgs_serve_every_client_era(eras_gateway, era):
+    async with client(era, eras_gateway, "auto-modern") as c:
+        assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
+    async with client(era, eras_gateway, "auto-s25") as c:
+        assert await c.call("add", {"a": 2, "b": 2}) == "4"
+
+
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_go_example_runs_add_and_ask_roots(eras_gateway, era):
+    async with client(era, eras_gateway, "go") as c:
+        assert await c.call("add", {"a": 2, "b": 3}) == "5"
+        assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
+        assert json.loads(await c.call("confirm", {"question": "go?"})) == {"action": "accept", "confirmed": True}
+
+
+def ts_client(url: str) -> dict:
+    """The TypeScript SDK client (upstream-examples/typescript/client.mjs):
+    initialize, add(2, 3), ask_roots answered with file:///tmp/ts-root."""
+    script = ROOT / "upstream-examples" / "typescript" / "client.mjs"
+    done = subprocess.run(["node", str(script), url, "--timeout-ms", "20000"],
+                          capture_output=True, text=True, timeout=60, cwd=script.parent)
+    assert done.stdout.strip(), done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("org_name", ["go", "modern"])
+def test_typescript_sdk_client_gets_mrtr_bridged(eras_gateway, org_name):
+    """A TypeScript SDK client (2025 era only) runs add and ask_roots on a
+    modern upstream: the gateway turns the upstream's InputRequiredResult into
+    a roots/list request the TS client answers."""
+    out = ts_client(eras_gateway.url(org_name))
+    assert out["ok"], out
+    assert out["add"] == "5" and not out["add_is_error"], out
+    assert json.loads(out["ask_roots"]) == {"roots": ["file:///tmp/ts-root"]}, out
+    assert out["roots_requests"] == 1, out
+
+
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_typescript_example_runs_add(eras_gateway, era):
+    async with client(era, eras_gateway, "ts") as c:
+        assert await c.call("add", {"a": 2, "b": 3}) == "5"
+        assert await c.call("slow_count", {"n": 2}) == "counted to 2"
