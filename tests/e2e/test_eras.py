@@ -354,3 +354,25 @@ async def test_typescript_example_runs_add(eras_gateway, era):
     async with client(era, eras_gateway, "ts") as c:
         assert await c.call("add", {"a": 2, "b": 3}) == "5"
         assert await c.call("slow_count", {"n": 2}) == "counted to 2"
+
+
+def test_modern_client_listens_through_the_gateway(eras_gateway, modern_upstream):
+    """subscriptions/listen of a 2026-07-28 client is passed through and held
+    open: the acknowledgement, then the upstream's tools/list_changed."""
+    body = {"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen",
+            "params": {"notifications": {"toolsListChanged": True},
+                       "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                                 "io.modelcontextprotocol/clientCapabilities": {}}}}
+    headers = {"Accept": ACCEPT_BOTH, "Content-Type": "application/json",
+               "MCP-Protocol-Version": MODERN, "Mcp-Method": "subscriptions/listen"}
+    with httpx2.Client(timeout=httpx2.Timeout(10, read=20)) as http, \
+            http.stream("POST", eras_gateway.url("modern"), json=body, headers=headers) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = SseReader(r)
+        _, ack = events.next_message()
+        assert ack["method"] == "notifications/subscriptions/acknowledged", ack
+        assert httpx2.post(f"{modern_upstream.base}/debug/tools-changed", timeout=5).status_code == 200
+        _, changed = events.next_message()
+        assert changed["method"] == "notifications/tools/list_changed", changed
+        assert changed["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "listen-1"

@@ -123,7 +123,9 @@ impl Gateway {
             .send(headers, message.raw.clone())
             .await
             .map_err(|e| upstream_reject(e, id.as_ref()))?;
-        self.answer_modern_client(org, answer, id, None).await
+        let listen = message.method() == Some("subscriptions/listen");
+        self.answer_modern_client(org, answer, id, None, listen)
+            .await
     }
 
     /// A modern client's request to a handshake-era upstream: the gateway
@@ -195,7 +197,7 @@ impl Gateway {
             .send(headers, body)
             .await
             .map_err(|e| upstream_reject(e, Some(id)))?;
-        self.answer_modern_client(org, answer, Some(id.clone()), Some(request.method))
+        self.answer_modern_client(org, answer, Some(id.clone()), Some(request.method), false)
             .await
     }
 
@@ -210,8 +212,15 @@ impl Gateway {
         answer: crate::upstream::Answer,
         id: Option<Id>,
         to_modern: Option<String>,
+        listen: bool,
     ) -> Result<Response, Reject> {
-        let mut reader = AnswerReader::new(answer, org.pool.read_limits);
+        // A listen stream is meant to stay open and quiet.
+        let limits = if listen {
+            LISTEN_LIMITS
+        } else {
+            org.pool.read_limits
+        };
+        let mut reader = AnswerReader::new(answer, limits);
         if reader.is_json() {
             let body = reader
                 .json_body()
