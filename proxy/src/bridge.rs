@@ -47,11 +47,10 @@ pub struct Forwarding<'a> {
     pub request_id: &'a str,
 }
 
-/// Headers of a request to the upstream. Built from scratch, so nothing
-/// of the client's (Authorization, cookies, its session id) leaks through
-/// except trace context.
-pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(10);
+/// The headers of every JSON-RPC POST to an upstream: JSON in, JSON or
+/// SSE back.
+fn json_rpc_headers(capacity: usize) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(capacity);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -60,6 +59,14 @@ pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
         header::ACCEPT,
         HeaderValue::from_static("application/json, text/event-stream"),
     );
+    h
+}
+
+/// Headers of a request to the upstream. Built from scratch, so nothing
+/// of the client's (Authorization, cookies, its session id) leaks through
+/// except trace context.
+pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
+    let mut h = json_rpc_headers(10);
     let mut put = |name: HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             h.insert(name, v);
@@ -475,14 +482,22 @@ impl UpstreamEra {
         Ok((era, result))
     }
 
+    fn fresh_info(&self) -> Option<Arc<Value>> {
+        let slot = self.info.lock().ok()?;
+        let (at, info) = slot.as_ref()?;
+        (at.elapsed() < INFO_TTL).then(|| info.clone())
+    }
+
     /// The upstream's description: its `server/discover` result (modern)
     /// or its `initialize` result (handshake era), cached for a minute.
+    /// Concurrent callers after expiry wait for one refresh.
     pub async fn info(&self, pool: &Arc<Pool>, era: Era) -> Result<Arc<Value>, ProbeError> {
-        if let Ok(slot) = self.info.lock()
-            && let Some((at, info)) = slot.as_ref()
-            && at.elapsed() < INFO_TTL
-        {
-            return Ok(info.clone());
+        if let Some(info) = self.fresh_info() {
+            return Ok(info);
+        }
+        let _refresh = self.probing.lock().await;
+        if let Some(info) = self.fresh_info() {
+            return Ok(info);
         }
         let method = if era == Era::Modern {
             "server/discover"
@@ -500,15 +515,7 @@ impl UpstreamEra {
         pool: &Arc<Pool>,
         method: &'static str,
     ) -> Result<(Value, bool), ProbeError> {
-        let mut headers = HeaderMap::with_capacity(6);
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static("application/json, text/event-stream"),
-        );
+        let mut headers = json_rpc_headers(6);
         if let Ok(v) = HeaderValue::from_str(&self.org) {
             headers.insert(RATATOSK_ORG, v);
         }

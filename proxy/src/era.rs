@@ -75,11 +75,10 @@ pub fn looks_modern(headers: &HeaderMap, params: Option<&Value>) -> bool {
         .is_some()
 }
 
-/// What a valid modern request declared about its client.
+/// A modern request that passed the checks: its method and params object.
 #[derive(Debug, Clone)]
 pub struct ModernRequest {
     pub method: String,
-    pub id: Option<Id>,
     pub params: Map<String, Value>,
 }
 
@@ -124,6 +123,31 @@ fn name_field(method: &str) -> Option<&'static str> {
     }
 }
 
+fn invalid_params(message: String) -> Reject {
+    Reject::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, message)
+}
+
+/// A header that must be present and equal `expected` (`None`: the body
+/// has nothing it could equal); `what` says what it mirrors.
+fn expect_header(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    label: &str,
+    expected: Option<&str>,
+    what: &str,
+) -> Result<(), Reject> {
+    match header_text(headers, name)? {
+        None => Err(mismatch(format!(
+            "missing {label} header: it must equal {what}"
+        ))),
+        Some(h) if Some(h.as_str()) != expected => Err(mismatch(format!(
+            "{label} header '{}' does not match {what}",
+            h.escape_default()
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Checks a modern request the way a 2026-07-28 server must, in the order
 /// the `mcp` Python SDK uses, so clients see the same error from the
 /// gateway as from a server: missing `_meta` keys (-32602), then header
@@ -137,94 +161,62 @@ pub fn check_modern(
     let params = match params {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(map)) => map,
-        Some(_) => {
-            return Err(Reject::new(
-                StatusCode::BAD_REQUEST,
-                code::INVALID_PARAMS,
-                "params must be an object",
-            )
-            .with_id(id));
-        }
+        Some(_) => return Err(invalid_params("params must be an object".into()).with_id(id)),
     };
+    check_modern_params(headers, method, &params).map_err(|r| r.with_id(id))?;
+    Ok(ModernRequest {
+        method: method.to_owned(),
+        params,
+    })
+}
+
+fn check_modern_params(
+    headers: &HeaderMap,
+    method: &str,
+    params: &Map<String, Value>,
+) -> Result<(), Reject> {
     let meta = params.get("_meta").and_then(Value::as_object);
-    let version = meta.and_then(|m| m.get(META_VERSION));
-    let Some(version) = version else {
-        return Err(Reject::new(
-            StatusCode::BAD_REQUEST,
-            code::INVALID_PARAMS,
-            format!("params._meta must carry \"{META_VERSION}\" on every 2026-07-28 request"),
-        )
-        .with_id(id));
+    let Some(version) = meta.and_then(|m| m.get(META_VERSION)) else {
+        return Err(invalid_params(format!(
+            "params._meta must carry \"{META_VERSION}\" on every 2026-07-28 request"
+        )));
     };
     if meta.and_then(|m| m.get(META_CAPABILITIES)).is_none() {
-        return Err(Reject::new(
-            StatusCode::BAD_REQUEST,
-            code::INVALID_PARAMS,
-            format!("params._meta must carry \"{META_CAPABILITIES}\" ({{}} for none)"),
-        )
-        .with_id(id));
+        return Err(invalid_params(format!(
+            "params._meta must carry \"{META_CAPABILITIES}\" ({{}} for none)"
+        )));
     }
-    let body_version = version.as_str();
-    match header_text(headers, &MCP_PROTOCOL_VERSION).map_err(|r| r.with_id(id))? {
-        None => {
-            return Err(mismatch(
-                "missing MCP-Protocol-Version header: it must equal params._meta protocolVersion"
-                    .into(),
-            )
-            .with_id(id));
-        }
-        Some(h) if Some(h.as_str()) != body_version => {
-            return Err(mismatch(format!(
-                "MCP-Protocol-Version header '{}' does not match params._meta protocolVersion {version}",
-                h.escape_default()
-            ))
-            .with_id(id));
-        }
-        Some(_) => {}
-    }
-    match header_text(headers, &MCP_METHOD).map_err(|r| r.with_id(id))? {
-        None => {
-            return Err(mismatch(format!(
-                "missing Mcp-Method header: it must equal the body's method '{method}'"
-            ))
-            .with_id(id));
-        }
-        Some(h) if h != method => {
-            return Err(mismatch(format!(
-                "Mcp-Method header '{}' does not match the body's method '{method}'",
-                h.escape_default()
-            ))
-            .with_id(id));
-        }
-        Some(_) => {}
-    }
+    expect_header(
+        headers,
+        &MCP_PROTOCOL_VERSION,
+        "MCP-Protocol-Version",
+        version.as_str(),
+        &format!("params._meta protocolVersion {version}"),
+    )?;
+    expect_header(
+        headers,
+        &MCP_METHOD,
+        "Mcp-Method",
+        Some(method),
+        &format!("the body's method '{method}'"),
+    )?;
     if let Some(field) = name_field(method) {
         let body_name = params.get(field).and_then(Value::as_str).unwrap_or("");
-        match header_text(headers, &MCP_NAME).map_err(|r| r.with_id(id))? {
-            None => {
-                return Err(mismatch(format!(
-                    "missing Mcp-Name header: {method} needs it to equal params.{field}"
-                ))
-                .with_id(id));
-            }
-            Some(h) if h != body_name => {
-                return Err(mismatch(format!(
-                    "Mcp-Name header '{}' does not match params.{field} '{}'",
-                    h.escape_default(),
-                    body_name.escape_default()
-                ))
-                .with_id(id));
-            }
-            Some(_) => {}
-        }
+        expect_header(
+            headers,
+            &MCP_NAME,
+            "Mcp-Name",
+            Some(body_name),
+            &format!(
+                "params.{field} '{}' of {method}",
+                body_name.escape_default()
+            ),
+        )?;
     }
-    let Some(requested) = body_version else {
-        return Err(Reject::new(
-            StatusCode::BAD_REQUEST,
-            code::INVALID_PARAMS,
-            format!("params._meta \"{META_VERSION}\" must be a string"),
-        )
-        .with_id(id));
+    let Some(requested) = version.as_str() else {
+        return Err(invalid_params(format!(
+            "params._meta \"{META_VERSION}\" must be a string"
+        )));
     };
     if !is_modern_version(requested) {
         return Err(Reject::new(
@@ -232,14 +224,9 @@ pub fn check_modern(
             errors::UNSUPPORTED_VERSION,
             "Unsupported protocol version",
         )
-        .with_data(json!({"supported": MODERN_VERSIONS, "requested": requested}))
-        .with_id(id));
+        .with_data(json!({"supported": MODERN_VERSIONS, "requested": requested})));
     }
-    Ok(ModernRequest {
-        method: method.to_owned(),
-        id: id.cloned(),
-        params,
-    })
+    Ok(())
 }
 
 /// The modern headers a request to a modern upstream carries: the version,
@@ -323,6 +310,15 @@ pub fn session_meta(session: &SessionState) -> Map<String, Value> {
     meta
 }
 
+/// A JSON-RPC request (or, without an id, notification) body.
+fn request_body(id: Option<&Id>, method: &str, params: Value) -> Bytes {
+    let mut body = json!({"jsonrpc": "2.0", "method": method, "params": params});
+    if let Some(id) = id {
+        body["id"] = id.to_value();
+    }
+    Bytes::from(body.to_string())
+}
+
 /// A request body with `_meta` entries added (the client's own entries,
 /// e.g. `progressToken`, stay).
 pub fn request_with_meta(
@@ -342,10 +338,7 @@ pub fn request_with_meta(
             m.insert(k.clone(), v.clone());
         }
     }
-    Bytes::from(
-        json!({"jsonrpc": "2.0", "id": id.to_value(), "method": method, "params": params})
-            .to_string(),
-    )
+    request_body(Some(id), method, Value::from(params))
 }
 
 /// A modern client's request as a legacy upstream wants it: the modern
@@ -361,11 +354,7 @@ pub fn request_without_modern_meta(
             params.remove("_meta");
         }
     }
-    let mut body = json!({"jsonrpc": "2.0", "method": method, "params": params});
-    if let Some(id) = id {
-        body["id"] = id.to_value();
-    }
-    Bytes::from(body.to_string())
+    request_body(id, method, Value::Object(params))
 }
 
 /// What an `InputRequiredResult` asks for.
@@ -424,10 +413,7 @@ pub fn client_request(id: &Id, method: &str, params: Option<&Value>, version: &s
             );
         }
     }
-    Bytes::from(
-        json!({"jsonrpc": "2.0", "id": id.to_value(), "method": method, "params": params})
-            .to_string(),
-    )
+    request_body(Some(id), method, params)
 }
 
 /// A modern result as a legacy client expects it: without `resultType`,
@@ -559,17 +545,7 @@ pub fn is_modern_refusal(body: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).expect("name"),
-                HeaderValue::from_str(v).expect("value"),
-            );
-        }
-        h
-    }
+    use crate::testing::headers;
 
     fn params(version: &str) -> Value {
         json!({"name": "add", "arguments": {"a": 1},

@@ -311,9 +311,12 @@ impl Gateway {
         if !req.headers.contains_key(&MCP_SESSION_ID)
             && let Body::Single(m) = &body
             && m.method() != Some("initialize")
-            && crate::era::looks_modern(&req.headers, m.params().as_ref())
         {
-            return self.modern_post(org, identity, req, m).await;
+            // Parsed once: the modern checks use the same params.
+            let params = m.params();
+            if crate::era::looks_modern(&req.headers, params.as_ref()) {
+                return self.modern_post(org, identity, req, m, params).await;
+            }
         }
         let header_version = edge::protocol_version(&req.headers)?;
         if let Some(version) = header_version {
@@ -352,10 +355,7 @@ impl Gateway {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         }
         if let [only] = requests.as_slice()
-            && let Some(answer) = match self.change_subscription(org, &session, &log, only).await {
-                Some(answer) => Some(answer),
-                None => self.answer_locally(&session, only).await,
-            }
+            && let Some(answer) = self.answer_locally(org, &session, &log, only).await
         {
             return Ok(Response::json(StatusCode::OK, answer));
         }
@@ -856,38 +856,59 @@ impl Gateway {
         }
     }
 
-    /// Requests the gateway answers itself, without a round trip upstream.
-    async fn answer_locally(&self, session: &SessionState, request: &Message) -> Option<Bytes> {
+    /// Requests the gateway answers itself, without a round trip upstream:
+    /// `ping`; `logging/setLevel`, kept in the session; and, when the
+    /// upstream is modern and has neither, `resources/subscribe` and
+    /// `resources/unsubscribe`: the URI joins or leaves the session's listen
+    /// filter, and the listen stream is reopened with it.
+    async fn answer_locally(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        session: &SessionState,
+        log: &Arc<SessionLog>,
+        request: &Message,
+    ) -> Option<Bytes> {
         let id = request.request_id()?;
-        let result = match request.method()? {
-            "ping" => json!({}),
-            "logging/setLevel" => {
-                let level = request
-                    .params()
-                    .and_then(|p| p.get("level").and_then(Value::as_str).map(str::to_owned));
-                let Some(level) = level else {
-                    return Some(jsonrpc::error_body(
-                        Some(id),
-                        code::INVALID_PARAMS,
-                        "logging/setLevel needs params.level",
-                    ));
-                };
-                let mut updated = session.clone();
-                updated.log_level = Some(level);
-                if let Err(e) = self.store.replace(updated).await {
-                    return Some(jsonrpc::error_body(
-                        Some(id),
-                        code::INTERNAL_ERROR,
-                        &e.to_string(),
-                    ));
-                }
-                json!({})
-            }
-            _ => return None,
+        let method = request.method()?;
+        let subscription = matches!(method, "resources/subscribe" | "resources/unsubscribe")
+            && org.era.known() == Some(Era::Modern);
+        if method == "ping" {
+            return Some(jsonrpc::result_body(Some(id), json!({})));
+        }
+        if method != "logging/setLevel" && !subscription {
+            return None;
+        }
+        let field = if subscription { "uri" } else { "level" };
+        let value = request
+            .params()
+            .and_then(|p| p.get(field).and_then(Value::as_str).map(str::to_owned));
+        let Some(value) = value else {
+            return Some(jsonrpc::error_body(
+                Some(id),
+                code::INVALID_PARAMS,
+                &format!("{method} needs params.{field}"),
+            ));
         };
-        Some(Bytes::from(
-            json!({"jsonrpc": "2.0", "id": id.to_value(), "result": result}).to_string(),
-        ))
+        let mut updated = session.clone();
+        if subscription {
+            updated.resource_subscriptions.retain(|u| *u != value);
+            if method == "resources/subscribe" {
+                updated.resource_subscriptions.push(value);
+            }
+        } else {
+            updated.log_level = Some(value);
+        }
+        if let Err(e) = self.store.replace(updated).await {
+            return Some(jsonrpc::error_body(
+                Some(id),
+                code::INTERNAL_ERROR,
+                &e.to_string(),
+            ));
+        }
+        if subscription {
+            self.ensure_listener(org, &session.id, log, true);
+        }
+        Some(jsonrpc::result_body(Some(id), json!({})))
     }
 
     /// Registers a request about to go upstream: it takes one of the
@@ -1119,11 +1140,7 @@ impl Gateway {
             Ok(Some(s)) => s,
             _ => session.clone(),
         };
-        let local = match self.change_subscription(org, &current, log, message).await {
-            Some(answer) => Some(answer),
-            None => self.answer_locally(&current, message).await,
-        };
-        if let Some(answer) = local {
+        if let Some(answer) = self.answer_locally(org, &current, log, message).await {
             let _ = self.append(log, STANDALONE, &answer, org);
             return;
         }
@@ -1395,7 +1412,6 @@ mod tests {
     use crate::edge::ResponseBody;
     use crate::session::MemorySessionStore;
     use crate::testing;
-    use http::HeaderMap;
     use std::path::Path;
     use std::time::Duration;
 
@@ -1428,18 +1444,11 @@ mod tests {
     }
 
     fn request(method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> Request {
-        let mut h = HeaderMap::new();
-        for (k, v) in headers {
-            h.insert(
-                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
-                HeaderValue::from_str(v).expect("value"),
-            );
-        }
         Request {
             method,
             path: path.into(),
             query: None,
-            headers: h,
+            headers: testing::headers(headers),
             body: Bytes::copy_from_slice(body.as_bytes()),
             request_id: "unit".into(),
         }

@@ -246,6 +246,12 @@ pub fn error_body(id: Option<&Id>, code: i64, message: &str) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// A JSON-RPC success response body.
+pub fn result_body(id: Option<&Id>, result: Value) -> Bytes {
+    let id = id.map_or(Value::Null, Id::to_value);
+    Bytes::from(json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string())
+}
+
 /// A JSON-RPC error response body with `data`.
 pub fn error_body_with_data(id: Option<&Id>, code: i64, message: &str, data: Value) -> Bytes {
     let id = id.map_or(Value::Null, Id::to_value);

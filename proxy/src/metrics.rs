@@ -17,6 +17,16 @@ pub struct OrgMetrics {
     pub stream: StreamMetrics,
     pub published_upstream: IntCounter,
     pub published_publish: IntCounter,
+    pub bridged: BridgeCounters,
+}
+
+/// `bridged_total` of one org, by kind.
+#[derive(Clone)]
+pub struct BridgeCounters {
+    pub input_round: IntCounter,
+    pub meta_injected: IntCounter,
+    pub handshake: IntCounter,
+    pub discover: IntCounter,
 }
 
 pub struct Metrics {
@@ -152,6 +162,12 @@ impl Metrics {
             },
             published_upstream: self.events_published.with_label_values(&[org, "upstream"]),
             published_publish: self.events_published.with_label_values(&[org, "publish"]),
+            bridged: BridgeCounters {
+                input_round: self.bridged.with_label_values(&[org, "input_round"]),
+                meta_injected: self.bridged.with_label_values(&[org, "meta_injected"]),
+                handshake: self.bridged.with_label_values(&[org, "handshake"]),
+                discover: self.bridged.with_label_values(&[org, "discover"]),
+            },
         }
     }
 

@@ -104,3 +104,15 @@ pub fn request_id(body: &[u8]) -> String {
         .and_then(|v| v.get("id").map(|id| id.to_string()))
         .unwrap_or_else(|| "null".into())
 }
+
+/// A header map from (name, value) pairs; repeated names are kept.
+pub fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            http::HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    h
+}

@@ -6,16 +6,13 @@
 use std::time::Duration;
 
 use serde_json::Map;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::*;
 use crate::bridge::{AnswerReader, ProbeError};
 use crate::config::Era;
 use crate::era::{self, errors};
 use crate::stream::KEEPALIVE;
-
-/// Messages a piped answer may hold before the upstream is made to wait.
-const PIPE_DEPTH: usize = 16;
 
 /// Longest pause before retrying an upstream that shed load (an
 /// `InputRequiredResult` with only a `requestState`).
@@ -59,13 +56,6 @@ impl Gateway {
         }
     }
 
-    fn count_bridged(&self, org: &OrgRoute, kind: &str) {
-        self.metrics
-            .bridged
-            .with_label_values(&[&org.name, kind])
-            .inc();
-    }
-
     // ----- 2026-07-28 clients ---------------------------------------------
 
     /// A sessionless 2026-07-28 request: checked as a modern server would,
@@ -76,6 +66,7 @@ impl Gateway {
         identity: &Identity,
         req: &Request,
         message: &Message,
+        params: Option<Value>,
     ) -> Result<Response, Reject> {
         let Some(method) = message.method() else {
             return Err(Reject::new(
@@ -85,7 +76,7 @@ impl Gateway {
             ));
         };
         let id = message.request_id();
-        let request = era::check_modern(&req.headers, method, id, message.params())?;
+        let request = era::check_modern(&req.headers, method, id, params)?;
         let Some(id) = id else {
             // Nothing for an upstream to do: cancellation is closing the
             // response stream, and the rest were removed in 2026-07-28.
@@ -106,26 +97,18 @@ impl Gateway {
         req: &Request,
         message: &Message,
     ) -> Result<Response, Reject> {
-        let id = message.request_id().cloned();
-        let mut headers = upstream_headers(
-            &Forwarding {
-                session_id: "",
-                org: &org.name,
-                identity,
-                protocol_version: None,
-                request_id: &req.request_id,
-            },
-            &req.headers,
-        );
+        let mut headers = sessionless_headers(org, identity, req, None);
         era::copy_modern_headers(&req.headers, &mut headers);
-        let answer = org
-            .pool
-            .send(headers, message.raw.clone())
-            .await
-            .map_err(|e| upstream_reject(e, id.as_ref()))?;
         let listen = message.method() == Some("subscriptions/listen");
-        self.answer_modern_client(org, answer, id, None, listen)
-            .await
+        self.answer_modern_client(
+            org,
+            headers,
+            message.raw.clone(),
+            message.request_id(),
+            None,
+            listen,
+        )
+        .await
     }
 
     /// A modern client's request to a handshake-era upstream: the gateway
@@ -147,14 +130,11 @@ impl Gateway {
             .map_err(|e| probe_reject(e, Some(id)))?;
         match request.method.as_str() {
             "server/discover" => {
-                self.count_bridged(org, "discover");
+                org.metrics.bridged.discover.inc();
                 let result = era::discover_from_initialize(&info);
                 return Ok(Response::json(
                     StatusCode::OK,
-                    Bytes::from(
-                        json!({"jsonrpc": "2.0", "id": id.to_value(), "result": result})
-                            .to_string(),
-                    ),
+                    jsonrpc::result_body(Some(id), result),
                 ));
             }
             "subscriptions/listen" => {
@@ -180,28 +160,14 @@ impl Gateway {
             .get("protocolVersion")
             .and_then(Value::as_str)
             .unwrap_or(era::LATEST_LEGACY);
-        let headers = upstream_headers(
-            &Forwarding {
-                session_id: "",
-                org: &org.name,
-                identity,
-                protocol_version: Some(version),
-                request_id: &req.request_id,
-            },
-            &req.headers,
-        );
-        self.count_bridged(org, "handshake");
+        let headers = sessionless_headers(org, identity, req, Some(version));
+        org.metrics.bridged.handshake.inc();
         let body = era::request_without_modern_meta(Some(id), &request.method, request.params);
-        let answer = org
-            .pool
-            .send(headers, body)
-            .await
-            .map_err(|e| upstream_reject(e, Some(id)))?;
-        self.answer_modern_client(org, answer, Some(id.clone()), Some(request.method), false)
+        self.answer_modern_client(org, headers, body, Some(id), Some(request.method), false)
             .await
     }
 
-    /// Streams an upstream answer to a modern client: JSON stays JSON, SSE
+    /// Sends a modern client's request upstream and streams the answer back: JSON stays JSON, SSE
     /// is piped message by message. `to_modern` names the request's method
     /// when its result must be reshaped for a modern client. Dropping the
     /// response (the client closed it) drops the upstream request: that is
@@ -209,11 +175,17 @@ impl Gateway {
     async fn answer_modern_client(
         &self,
         org: &OrgRoute,
-        answer: crate::upstream::Answer,
-        id: Option<Id>,
+        headers: http::HeaderMap,
+        body: Bytes,
+        id: Option<&Id>,
         to_modern: Option<String>,
         listen: bool,
     ) -> Result<Response, Reject> {
+        let answer = org
+            .pool
+            .send(headers, body)
+            .await
+            .map_err(|e| upstream_reject(e, id))?;
         // A listen stream is meant to stay open and quiet.
         let limits = if listen {
             LISTEN_LIMITS
@@ -222,10 +194,7 @@ impl Gateway {
         };
         let mut reader = AnswerReader::new(answer, limits);
         if reader.is_json() {
-            let body = reader
-                .json_body()
-                .await
-                .map_err(|e| read_reject(e, id.as_ref()))?;
+            let body = reader.json_body().await.map_err(|e| read_reject(e, id))?;
             let body = match &to_modern {
                 Some(method) => reshape(&body, |v| era::response_to_modern(v, method)),
                 None => body,
@@ -235,12 +204,13 @@ impl Gateway {
         let Some(id) = id else {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
-        let (tx, rx) = mpsc::channel(PIPE_DEPTH);
-        let task = tokio::spawn(pipe(reader, tx, id, to_modern, org.name.clone()));
         Ok(Response::sse(Box::new(Pipe {
-            rx,
-            task,
+            reader,
+            id: id.clone(),
+            to_modern,
+            org: org.name.clone(),
             keepalive: self.config.streams.keepalive,
+            done: false,
         })))
     }
 
@@ -262,10 +232,8 @@ impl Gateway {
         let params = init.params().unwrap_or(Value::Null);
         let requested = params.get("protocolVersion").and_then(Value::as_str);
         let result = era::initialize_from_discover(&info, requested);
-        self.count_bridged(org, "handshake");
-        Ok(Bytes::from(
-            json!({"jsonrpc": "2.0", "id": id.map(Id::to_value), "result": result}).to_string(),
-        ))
+        org.metrics.bridged.handshake.inc();
+        Ok(jsonrpc::result_body(id, result))
     }
 
     /// One request of a handshake-era session to a modern upstream: the
@@ -299,7 +267,7 @@ impl Gateway {
             }
         };
         let meta = era::session_meta(session);
-        self.count_bridged(org, "meta_injected");
+        org.metrics.bridged.meta_injected.inc();
         let max_rounds = org.max_input_rounds;
         let mut round: u32 = 0;
         loop {
@@ -346,7 +314,7 @@ impl Gateway {
                 let _ = self.append(log, stream, &body, org);
                 return;
             }
-            self.count_bridged(org, "input_round");
+            org.metrics.bridged.input_round.inc();
             let answers = if input.requests.is_empty() {
                 // Load shedding: the upstream asks for the same call again.
                 let pause = (Duration::from_millis(50) * round).min(MAX_SHED_BACKOFF);
@@ -542,6 +510,26 @@ fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
     }
 }
 
+/// Headers toward the upstream for a modern client, which has no gateway
+/// session.
+fn sessionless_headers(
+    org: &OrgRoute,
+    identity: &Identity,
+    req: &Request,
+    protocol_version: Option<&str>,
+) -> http::HeaderMap {
+    upstream_headers(
+        &Forwarding {
+            session_id: "",
+            org: &org.name,
+            identity,
+            protocol_version,
+            request_id: &req.request_id,
+        },
+        &req.headers,
+    )
+}
+
 fn probe_reject(e: ProbeError, id: Option<&Id>) -> Reject {
     match e {
         ProbeError::Upstream(e) => upstream_reject(e, id),
@@ -553,53 +541,46 @@ fn probe_reject(e: ProbeError, id: Option<&Id>) -> Reject {
 }
 
 /// An upstream SSE answer on its way to a modern client, one message per
-/// event, with keep-alives while the upstream is quiet.
+/// event, with keep-alives while the upstream is quiet. No task of its
+/// own: the client's pulls drive the upstream reads, and dropping it (the
+/// client closed the stream) drops the upstream request.
 struct Pipe {
-    rx: mpsc::Receiver<Bytes>,
-    task: tokio::task::JoinHandle<()>,
+    reader: AnswerReader,
+    id: Id,
+    /// The request's method, when its result must be reshaped for a
+    /// modern client (the upstream is of the handshake era).
+    to_modern: Option<String>,
+    org: Arc<str>,
     keepalive: Duration,
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        // The client is gone: so is the upstream request.
-        self.task.abort();
-    }
+    done: bool,
 }
 
 #[async_trait]
 impl ChunkSource for Pipe {
     async fn next_chunk(&mut self) -> Option<Bytes> {
-        match tokio::time::timeout(self.keepalive, self.rx.recv()).await {
-            Ok(chunk) => chunk,
-            Err(_) => Some(Bytes::from_static(KEEPALIVE)),
+        if self.done {
+            return None;
         }
-    }
-}
-
-/// Reads an upstream answer into a pipe until the response to `id`.
-async fn pipe(
-    mut reader: AnswerReader,
-    tx: mpsc::Sender<Bytes>,
-    id: Id,
-    to_modern: Option<String>,
-    org: Arc<str>,
-) {
-    let frame = |m: &[u8]| sse_frame(None, Some("message"), m);
-    loop {
-        let (out, last) = match reader.next_message().await {
+        // Reading an SSE answer is cancel-safe: a keep-alive between two
+        // events loses nothing.
+        let Ok(next) = tokio::time::timeout(self.keepalive, self.reader.next_message()).await
+        else {
+            return Some(Bytes::from_static(KEEPALIVE));
+        };
+        let id = &self.id;
+        let (out, last) = match next {
             Ok(Some(message)) => match jsonrpc::parse_message(&message).map(|m| m.kind) {
-                Ok(Kind::Response { id: rid }) if rid == id => {
-                    let body = match &to_modern {
+                Ok(Kind::Response { id: rid }) if rid == *id => {
+                    let body = match &self.to_modern {
                         Some(method) => reshape(&message, |v| era::response_to_modern(v, method)),
                         None => message,
                     };
                     (body, true)
                 }
-                Ok(Kind::Request { method, .. }) if to_modern.is_some() => {
-                    let why = unanswerable(&org, &method);
+                Ok(Kind::Request { method, .. }) if self.to_modern.is_some() => {
+                    let why = unanswerable(&self.org, &method);
                     (
-                        jsonrpc::error_body(Some(&id), code::UPSTREAM_ERROR, &why),
+                        jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why),
                         true,
                     )
                 }
@@ -608,21 +589,20 @@ async fn pipe(
             Ok(None) => {
                 let why = format!(
                     "upstream {} ended its answer without a response",
-                    reader.replica()
+                    self.reader.replica()
                 );
                 (
-                    jsonrpc::error_body(Some(&id), code::UPSTREAM_ERROR, &why),
+                    jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why),
                     true,
                 )
             }
             Err(e) => (
-                jsonrpc::error_body(Some(&id), code::UPSTREAM_ERROR, &e.to_string()),
+                jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &e.to_string()),
                 true,
             ),
         };
-        if tx.send(frame(&out)).await.is_err() || last {
-            return;
-        }
+        self.done = last;
+        Some(sse_frame(None, Some("message"), &out))
     }
 }
 
@@ -776,52 +756,5 @@ impl Gateway {
             }
             backoff = (backoff * 2).min(MAX_LISTEN_BACKOFF);
         }
-    }
-
-    /// `resources/subscribe` and `resources/unsubscribe` for a modern
-    /// upstream, which has neither: the URI joins or leaves the session's
-    /// listen filter, and the listen stream is reopened with it.
-    pub(super) async fn change_subscription(
-        self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        session: &SessionState,
-        log: &Arc<SessionLog>,
-        request: &Message,
-    ) -> Option<Bytes> {
-        let subscribe = match request.method() {
-            Some("resources/subscribe") => true,
-            Some("resources/unsubscribe") => false,
-            _ => return None,
-        };
-        if org.era.known() != Some(Era::Modern) {
-            return None;
-        }
-        let id = request.request_id()?;
-        let uri = request
-            .params()
-            .and_then(|p| p.get("uri").and_then(Value::as_str).map(str::to_owned));
-        let Some(uri) = uri else {
-            return Some(jsonrpc::error_body(
-                Some(id),
-                code::INVALID_PARAMS,
-                "params.uri is required",
-            ));
-        };
-        let mut updated = session.clone();
-        updated.resource_subscriptions.retain(|u| *u != uri);
-        if subscribe {
-            updated.resource_subscriptions.push(uri);
-        }
-        if let Err(e) = self.store.replace(updated).await {
-            return Some(jsonrpc::error_body(
-                Some(id),
-                code::INTERNAL_ERROR,
-                &e.to_string(),
-            ));
-        }
-        self.ensure_listener(org, &session.id, log, true);
-        Some(Bytes::from(
-            json!({"jsonrpc": "2.0", "id": id.to_value(), "result": {}}).to_string(),
-        ))
     }
 }
