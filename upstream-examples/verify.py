@@ -526,31 +526,32 @@ async def check_shared_key(log_dir: Path) -> None:
 Check = Callable[[Server, str], Awaitable[None]]
 
 
+def fastmcp_plan(questions: list[tuple[str, str, Check]]) -> list[tuple[str, str, Check]]:
+    """The FastMCP 2.x checks, stateless or stateful: they differ only in
+    how the client's answers to questions fare."""
+    return [
+        ("auto falls back to initialize", "auto", lambda s, m: check_auto(s, "2025-11-25")),
+        ("add", "legacy", check_add),
+        ("slow_count progress", "legacy", check_slow_count),
+        *questions,
+        ("sleep_then_return finished", "legacy", check_sleep),
+        ("sleep_then_return cancelled (notifications/cancelled)", "legacy", check_cancel),
+        ("raw legacy cancel on the wire", "legacy", check_raw_legacy_cancel),
+        ("/debug/headers", "legacy", check_debug_headers),
+    ]
+
+
 def plan(example: str) -> list[tuple[str, str, Check]]:
     """(check name, client mode, check) for one example."""
     if example == "python-fastmcp":
-        return [
-            ("auto falls back to initialize", "auto", lambda s, m: check_auto(s, "2025-11-25")),
-            ("add", "legacy", check_add),
-            ("slow_count progress", "legacy", check_slow_count),
+        return fastmcp_plan([
             ("ask_roots asks, but the answer cannot come back (stateless)", "legacy", check_input_unanswerable),
-            ("sleep_then_return finished", "legacy", check_sleep),
-            ("sleep_then_return cancelled (notifications/cancelled)", "legacy", check_cancel),
-            ("raw legacy cancel on the wire", "legacy", check_raw_legacy_cancel),
-            ("/debug/headers", "legacy", check_debug_headers),
-        ]
+        ])
     if example == "python-stateful":
-        return [
-            ("auto falls back to initialize", "auto", lambda s, m: check_auto(s, "2025-11-25")),
-            ("add", "legacy", check_add),
-            ("slow_count progress", "legacy", check_slow_count),
+        return fastmcp_plan([
             ("ask_roots", "legacy", check_ask_roots),
             ("confirm accept/decline/cancel", "legacy", check_confirm),
-            ("sleep_then_return finished", "legacy", check_sleep),
-            ("sleep_then_return cancelled (notifications/cancelled)", "legacy", check_cancel),
-            ("raw legacy cancel on the wire", "legacy", check_raw_legacy_cancel),
-            ("/debug/headers", "legacy", check_debug_headers),
-        ]
+        ])
     if example == "python-modern":
         return [
             ("auto picks 2026-07-28", "auto", lambda s, m: check_auto(s, MODERN)),

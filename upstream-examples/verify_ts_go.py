@@ -339,6 +339,23 @@ def run_ts_client(url: str, marker: str) -> dict[str, Any]:
     return out
 
 
+def check_stateless_legacy_wire(url: str, label: str) -> None:
+    """A stateless legacy server: initialize echoes 2025-06-18 over SSE and
+    mints no session; there is no GET stream and nothing to DELETE."""
+    st, h, body = http("POST", url, init_body("2025-06-18"))
+    msgs = messages(h, body)
+    check(
+        st == 200 and h.get("content-type") == "text/event-stream" and "mcp-session-id" not in h
+        and msgs and msgs[0]["result"]["protocolVersion"] == "2025-06-18",
+        f"{label}: legacy initialize -> 200 SSE, echoes 2025-06-18, no Mcp-Session-Id",
+        (st, h, body[:300]),
+    )
+    st, _h, _b = http("GET", url, headers={"Accept": "text/event-stream"})
+    check(st == 405, f"{label}: GET -> 405", st)
+    st, _h, _b = http("DELETE", url)
+    check(st == 405, f"{label}: DELETE -> 405", st)
+
+
 async def suite_typescript() -> None:
     stateless = Example("typescript", [])
     stateful = Example("typescript", ["--stateful"])
@@ -348,21 +365,10 @@ async def suite_typescript() -> None:
         check_busy_port(stateless)
 
         # --- stateless: wire
-        st, h, body = http("POST", stateless.url, init_body("2025-06-18"))
-        msgs = messages(h, body)
-        check(
-            st == 200 and h.get("content-type") == "text/event-stream" and "mcp-session-id" not in h
-            and msgs and msgs[0]["result"]["protocolVersion"] == "2025-06-18",
-            "ts stateless: initialize -> 200 SSE, no Mcp-Session-Id",
-            (st, h, body[:300]),
-        )
+        check_stateless_legacy_wire(stateless.url, "ts stateless")
         st, h, body = http("POST", stateless.url, init_body(MODERN))
         msgs = messages(h, body)
         check(msgs and msgs[0]["result"]["protocolVersion"] == "2025-11-25", "ts stateless: initialize 2026-07-28 -> answered 2025-11-25", body[:300])
-        st, _h, _b = http("GET", stateless.url, headers={"Accept": "text/event-stream"})
-        check(st == 405, "ts stateless: GET -> 405", st)
-        st, _h, _b = http("DELETE", stateless.url)
-        check(st == 405, "ts stateless: DELETE -> 405", st)
         st, h, body = http(
             "POST", stateless.url,
             {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 2, "b": 3}}},
@@ -503,18 +509,7 @@ async def suite_go() -> None:
         check(st == 400 and err.get("code") == -32021, "go: ask_roots without roots capability -> 400 -32021", (st, body[:300]))
 
         # --- wire: legacy
-        st, h, body = http("POST", url, init_body("2025-06-18"))
-        msgs = messages(h, body)
-        check(
-            st == 200 and h.get("content-type") == "text/event-stream" and "mcp-session-id" not in h
-            and msgs and msgs[0]["result"]["protocolVersion"] == "2025-06-18",
-            "go: legacy initialize -> 200 SSE, echoes 2025-06-18, no Mcp-Session-Id",
-            (st, h, body[:300]),
-        )
-        st, _h, _b = http("GET", url, headers={"Accept": "text/event-stream"})
-        check(st == 405, "go: GET -> 405", st)
-        st, _h, _b = http("DELETE", url)
-        check(st == 405, "go: DELETE -> 405", st)
+        check_stateless_legacy_wire(url, "go")
         headers_check(ex, "go")
 
         # --- Python client, 2026-07-28 (drives MRTR itself; cancel = closing the POST stream)

@@ -125,29 +125,6 @@ class Proc:
         self.stop(signal.SIGKILL)
 
 
-class Replica(Proc):
-    """One replica of upstream-examples/python-fastmcp."""
-
-    def __init__(self, port: int, log_dir: Path, admin_url: str):
-        super().__init__(
-            name=f"python-fastmcp:{port}",
-            argv=[str(ROOT / "upstream-examples/python-fastmcp/run"), "--port", str(port)],
-            log_path=log_dir / f"replica-{port}.log",
-            env={"RATATOSK_ADMIN_URL": admin_url, "RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET,
-                 "RATATOSK_NOTIFY_DELAY_MS": "200"},
-        )
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}/mcp"
-
-    def seen_headers(self) -> list[dict[str, str]]:
-        return httpx2.get(f"http://127.0.0.1:{self.port}/debug/headers", timeout=5).json()
-
-    def wait_ready(self, timeout: float = 90.0) -> "Replica":
-        wait_until(f"{self.name} listening", lambda: "READY" in self.log_text(), timeout=timeout,
-                   every=0.1, alive=self.death)
-        return self
-
-
 class Example(Proc):
     """One replica of any upstream example (upstream-examples/<name>/run)."""
 
@@ -175,6 +152,19 @@ class Example(Proc):
         return self
 
 
+class Replica(Example):
+    """One replica of upstream-examples/python-fastmcp, publishing to the
+    gateway's admin API from `notify_me`."""
+
+    def __init__(self, log_dir: Path, admin_url: str):
+        super().__init__("python-fastmcp", log_dir, env={
+            "RATATOSK_ADMIN_URL": admin_url, "RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET,
+            "RATATOSK_NOTIFY_DELAY_MS": "200"})
+
+    def seen_headers(self) -> list[dict[str, str]]:
+        return httpx2.get(f"{self.base}/debug/headers", timeout=5).json()
+
+
 @contextmanager
 def started(example: Example):
     """An example upstream, running and ready, for the length of a block."""
@@ -187,7 +177,7 @@ def started(example: Example):
 
 def start_replicas(n: int, log_dir: Path, admin_url: str) -> list[Replica]:
     """Starts n replicas at once and waits until all listen."""
-    replicas = [Replica(free_port(), log_dir, admin_url) for _ in range(n)]
+    replicas = [Replica(log_dir, admin_url) for _ in range(n)]
     try:
         for r in replicas:
             r.start()

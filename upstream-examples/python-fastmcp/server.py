@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import logging
 import os
-import socket
 import sys
-import time
 import warnings
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -40,7 +38,6 @@ except ImportError:  # pragma: no cover
     pass
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from fastmcp import Context, FastMCP  # noqa: E402
 from fastmcp.exceptions import ToolError  # noqa: E402
 from fastmcp.server.dependencies import get_http_request  # noqa: E402
@@ -48,36 +45,27 @@ from mcp import types as mt  # noqa: E402
 from mcp.shared.exceptions import McpError  # noqa: E402
 from mcp.shared.message import ServerMessageMetadata  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
-from starlette.requests import Request  # noqa: E402
-from starlette.responses import JSONResponse  # noqa: E402
 
-MCP_PATH = "/mcp"
-DEBUG_HEADERS_PATH = "/debug/headers"
-DEBUG_EVENTS_PATH = "/debug/events"
-# Requests to these paths are not recorded in SEEN_HEADERS.
-UNRECORDED_PATHS = frozenset({DEBUG_HEADERS_PATH, DEBUG_EVENTS_PATH})
-SEEN_MAX = 200
-EVENTS_MAX = 500
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python-common"))
+from example_http import (  # noqa: E402
+    CONFIRM_SCHEMA,
+    DEBUG_EVENTS_PATH,
+    DEBUG_HEADERS_PATH,
+    MCP_PATH,
+    SEEN_HEADERS,
+    RecordHeadersMiddleware,
+    compact,
+    configure_logging,
+    debug_events,
+    debug_headers,
+    record,
+    serve,
+)
+
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
 DEFAULT_INPUT_TIMEOUT_S = 30.0
 
-# The requestedSchema `confirm` sends (same in every example).
-CONFIRM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"confirmed": {"type": "boolean", "title": "Confirmed"}},
-    "required": ["confirmed"],
-}
-
 log = logging.getLogger("upstream")
-
-# Headers of the last SEEN_MAX HTTP requests, oldest first. Each entry is a
-# dict of lowercase header name -> value (repeated headers joined with ", ").
-# Nothing is filtered out: authorization, cookies, mcp-session-id etc. are all
-# kept. Requests to /debug/headers and /debug/events are not recorded.
-SEEN_HEADERS: collections.deque[dict[str, str]] = collections.deque(maxlen=SEEN_MAX)
-
-# sleep_then_return lifecycle events, oldest first: {"tag", "event", "at"}.
-EVENTS: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_MAX)
 
 # Keep strong references to background tasks so they are not garbage-collected.
 _BACKGROUND: set[asyncio.Task[None]] = set()
@@ -89,32 +77,6 @@ STATEFUL = False
 # notifications/cancelled POST may cancel. Key: (Ratatosk-Session header or "",
 # JSON encoding of the request id); value: (ServerSession, request id).
 _CANCELLABLE: dict[tuple[str, str], tuple[Any, Any]] = {}
-
-
-def _record(tag: str, event: str) -> None:
-    EVENTS.append({"tag": tag, "event": event, "at": time.time()})
-    log.info("sleep_then_return tag=%r %s", tag, event)
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-class RecordHeadersMiddleware:
-    """Pure ASGI middleware (does not buffer streaming responses)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") not in UNRECORDED_PATHS:
-            entry: dict[str, str] = {}
-            for raw_name, raw_value in scope.get("headers", []):
-                name = raw_name.decode("latin-1").lower()
-                value = raw_value.decode("latin-1")
-                entry[name] = f"{entry[name]}, {value}" if name in entry else value
-            SEEN_HEADERS.append(entry)
-        await self.app(scope, receive, send)
 
 
 class StatelessCancelMiddleware:
@@ -307,7 +269,7 @@ async def ask_roots(ctx: Context) -> str:
     if STATEFUL and (caps is None or caps.roots is None):
         raise ToolError("ask_roots: the client did not declare the roots capability")
     result = await _ask_client(ctx, "ask_roots", mt.ServerRequest(mt.ListRootsRequest()), mt.ListRootsResult)
-    return _compact({"roots": [str(root.uri) for root in result.roots]})
+    return compact({"roots": [str(root.uri) for root in result.roots]})
 
 
 @mcp.tool
@@ -325,11 +287,11 @@ async def confirm(question: str, ctx: Context) -> str:
     )
     result: mt.ElicitResult = await _ask_client(ctx, "confirm", request, mt.ElicitResult)
     if result.action != "accept":
-        return _compact({"action": result.action})
+        return compact({"action": result.action})
     confirmed = (result.content or {}).get("confirmed")
     if not isinstance(confirmed, bool):
         raise ToolError(f"confirm: accepted without a boolean 'confirmed' (content={result.content!r})")
-    return _compact({"action": "accept", "confirmed": confirmed})
+    return compact({"action": "accept", "confirmed": confirmed})
 
 
 @mcp.tool
@@ -344,37 +306,25 @@ async def sleep_then_return(seconds: int | float, ctx: Context, tag: str = "") -
         request_id = ctx.request_context.request_id
         key = (get_http_request().headers.get("ratatosk-session", ""), json.dumps(request_id))
         _CANCELLABLE[key] = (ctx.session, request_id)
-    _record(tag, "started")
+    record(tag, "started")
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
-        _record(tag, "cancelled")
+        record(tag, "cancelled")
         raise
     finally:
         if key is not None and _CANCELLABLE.get(key, (None, None))[0] is ctx.session:
             del _CANCELLABLE[key]
-    _record(tag, "finished")
+    record(tag, "finished")
     return f"slept {seconds}"
 
 
-@mcp.custom_route(DEBUG_HEADERS_PATH, methods=["GET"])
-async def debug_headers(request: Request) -> JSONResponse:
-    return JSONResponse(list(SEEN_HEADERS))
-
-
-@mcp.custom_route(DEBUG_EVENTS_PATH, methods=["GET"])
-async def debug_events(request: Request) -> JSONResponse:
-    return JSONResponse(list(EVENTS))
-
-
-def _log_prefix(name: str) -> str:
-    """python-fastmcp -> py-fastmcp, python-stateful -> py-stateful; other names unchanged."""
-    return "py-" + name[len("python-") :] if name.startswith("python-") else name
+mcp.custom_route(DEBUG_HEADERS_PATH, methods=["GET"])(debug_headers)
+mcp.custom_route(DEBUG_EVENTS_PATH, methods=["GET"])(debug_events)
 
 
 def _configure_logging(name: str, port: int) -> None:
-    fmt = f"%(asctime)s [{_log_prefix(name)}:{port}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)
+    configure_logging(name, port)
     # fastmcp installs rich handlers on its own logger at import; route it through ours.
     fl = logging.getLogger("fastmcp")
     for h in fl.handlers[:]:
@@ -389,33 +339,7 @@ async def _serve(host: str, port: int, name: str) -> None:
         stateless_http=not STATEFUL,
         middleware=[Middleware(RecordHeadersMiddleware), Middleware(StatelessCancelMiddleware)],
     )
-    # Bind ourselves so a busy port fails fast and clearly.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        log.error("cannot bind %s:%s: %s", host, port, exc)
-        raise SystemExit(2) from None
-    sock.listen(512)
-    sock.set_inheritable(True)
-
-    config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-
-    async def announce() -> None:
-        while not server.started:
-            if server.should_exit:
-                return
-            await asyncio.sleep(0.01)
-        print(f"READY {name} url=http://{host}:{port}{MCP_PATH} pid={os.getpid()}", flush=True)
-
-    ann = asyncio.create_task(announce())
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        ann.cancel()
+    await serve(app, host, port, name)
 
 
 def main() -> None:

@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import json
 import logging
 import os
-import socket
 import sys
-import time
+from pathlib import Path
 from typing import Any
 
 import anyio
-import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.request_state import RequestStateSecurity
@@ -51,52 +47,32 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-MCP_PATH = "/mcp"
-DEBUG_HEADERS_PATH = "/debug/headers"
-DEBUG_EVENTS_PATH = "/debug/events"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python-common"))
+from example_http import (  # noqa: E402
+    CONFIRM_SCHEMA,
+    DEBUG_EVENTS_PATH,
+    DEBUG_HEADERS_PATH,
+    MCP_PATH,
+    SEEN_HEADERS,
+    RecordHeadersMiddleware,
+    compact,
+    configure_logging,
+    debug_events,
+    debug_headers,
+    record,
+    serve,
+)
+
 DEBUG_TOOLS_CHANGED_PATH = "/debug/tools-changed"
-# Requests to these paths are not recorded in SEEN_HEADERS.
-UNRECORDED_PATHS = frozenset({DEBUG_HEADERS_PATH, DEBUG_EVENTS_PATH, DEBUG_TOOLS_CHANGED_PATH})
-SEEN_MAX = 200
-EVENTS_MAX = 500
 STATE_KEY_ENV = "RATATOSK_EXAMPLE_STATE_KEY"
 # The MCP server name. It is also the audience claim of sealed requestState, so
 # it stays the same whatever --name says: replicas sharing a key must agree on it.
 SERVER_NAME = "ratatosk-example-python-modern"
 
-# The requestedSchema `confirm` sends (same in every example).
-CONFIRM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"confirmed": {"type": "boolean", "title": "Confirmed"}},
-    "required": ["confirmed"],
-}
-
 log = logging.getLogger("upstream")
 
-# Headers of the last SEEN_MAX HTTP requests, oldest first (lowercase names,
-# repeated headers joined with ", "). Nothing is filtered out.
-SEEN_HEADERS: collections.deque[dict[str, str]] = collections.deque(maxlen=SEEN_MAX)
-# sleep_then_return lifecycle events, oldest first: {"tag", "event", "at"}.
-EVENTS: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_MAX)
 # Fan-out to open subscriptions/listen streams (ctx.notify_* and /debug/tools-changed).
 BUS = InMemorySubscriptionBus()
-
-
-class RecordHeadersMiddleware:
-    """Pure ASGI middleware (does not buffer streaming responses)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") not in UNRECORDED_PATHS:
-            entry: dict[str, str] = {}
-            for raw_name, raw_value in scope.get("headers", []):
-                name = raw_name.decode("latin-1").lower()
-                value = raw_value.decode("latin-1")
-                entry[name] = f"{entry[name]}, {value}" if name in entry else value
-            SEEN_HEADERS.append(entry)
-        await self.app(scope, receive, send)
 
 
 def _state_security() -> RequestStateSecurity | None:
@@ -111,15 +87,6 @@ def _state_security() -> RequestStateSecurity | None:
 
 
 mcp = MCPServer(SERVER_NAME, request_state_security=_state_security(), subscriptions=BUS)
-
-
-def _record(tag: str, event: str) -> None:
-    EVENTS.append({"tag": tag, "event": event, "at": time.time()})
-    log.info("sleep_then_return tag=%r %s", tag, event)
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
 
 
 def _require_modern(ctx: Context, tool: str) -> None:
@@ -187,7 +154,7 @@ async def ask_roots(ctx: Context) -> str | InputRequiredResult:
     if answer is not None:
         roots = _as(ListRootsResult, answer)
         if roots is not None:
-            return _compact({"roots": [str(root.uri) for root in roots.roots]})
+            return compact({"roots": [str(root.uri) for root in roots.roots]})
         log.info("ask_roots: unusable answer %r; asking again", answer)
     return InputRequiredResult(input_requests={"roots": ListRootsRequest()}, request_state="ask_roots")
 
@@ -207,10 +174,10 @@ async def confirm(question: str, ctx: Context) -> str | InputRequiredResult:
         result = _as(ElicitResult, answer)
         if result is not None:
             if result.action != "accept":
-                return _compact({"action": result.action})
+                return compact({"action": result.action})
             confirmed = (result.content or {}).get("confirmed")
             if isinstance(confirmed, bool):
-                return _compact({"action": "accept", "confirmed": confirmed})
+                return compact({"action": "accept", "confirmed": confirmed})
         log.info("confirm: unusable answer %r; asking again", answer)
     request = ElicitRequest(params=ElicitRequestFormParams(message=question, requested_schema=CONFIRM_SCHEMA))
     return InputRequiredResult(input_requests={"confirm": request}, request_state="confirm")
@@ -236,13 +203,13 @@ async def sleep_then_return(seconds: int | float, tag: str = "") -> str:
     "cancelled" (see GET /debug/events)."""
     if seconds < 0 or seconds > 3600:
         raise ToolError("seconds must be between 0 and 3600")
-    _record(tag, "started")
+    record(tag, "started")
     try:
         await anyio.sleep(seconds)
     except anyio.get_cancelled_exc_class():
-        _record(tag, "cancelled")
+        record(tag, "cancelled")
         raise
-    _record(tag, "finished")
+    record(tag, "finished")
     return f"slept {seconds}"
 
 
@@ -262,14 +229,8 @@ def seen_headers() -> list[dict[str, str]]:
     return list(SEEN_HEADERS)
 
 
-@mcp.custom_route(DEBUG_HEADERS_PATH, methods=["GET"])
-async def debug_headers(request: Request) -> JSONResponse:
-    return JSONResponse(list(SEEN_HEADERS))
-
-
-@mcp.custom_route(DEBUG_EVENTS_PATH, methods=["GET"])
-async def debug_events(request: Request) -> JSONResponse:
-    return JSONResponse(list(EVENTS))
+mcp.custom_route(DEBUG_HEADERS_PATH, methods=["GET"])(debug_headers)
+mcp.custom_route(DEBUG_EVENTS_PATH, methods=["GET"])(debug_events)
 
 
 @mcp.custom_route(DEBUG_TOOLS_CHANGED_PATH, methods=["POST"])
@@ -277,16 +238,6 @@ async def debug_tools_changed(request: Request) -> JSONResponse:
     await BUS.publish(ToolsListChanged())
     log.info("published notifications/tools/list_changed (POST %s)", DEBUG_TOOLS_CHANGED_PATH)
     return JSONResponse({"published": "notifications/tools/list_changed"})
-
-
-def _log_prefix(name: str) -> str:
-    """python-modern -> py-modern; other names unchanged."""
-    return "py-" + name[len("python-") :] if name.startswith("python-") else name
-
-
-def _configure_logging(name: str, port: int) -> None:
-    fmt = f"%(asctime)s [{_log_prefix(name)}:{port}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)
 
 
 async def _serve(host: str, port: int, name: str) -> None:
@@ -300,33 +251,7 @@ async def _serve(host: str, port: int, name: str) -> None:
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
     )
-    # Bind ourselves so a busy port fails fast and clearly.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        log.error("cannot bind %s:%s: %s", host, port, exc)
-        raise SystemExit(2) from None
-    sock.listen(512)
-    sock.set_inheritable(True)
-
-    config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-
-    async def announce() -> None:
-        while not server.started:
-            if server.should_exit:
-                return
-            await asyncio.sleep(0.01)
-        print(f"READY {name} url=http://{host}:{port}{MCP_PATH} pid={os.getpid()}", flush=True)
-
-    ann = asyncio.create_task(announce())
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        ann.cancel()
+    await serve(app, host, port, name)
 
 
 def main() -> None:
@@ -335,7 +260,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="python-modern", help="name used in the READY line and log prefix")
     args = parser.parse_args()
-    _configure_logging(args.name, args.port)
+    configure_logging(args.name, args.port)
     log.info(
         "requestState key: %s",
         f"shared ({STATE_KEY_ENV})" if os.environ.get(STATE_KEY_ENV) else "per-process (random)",

@@ -245,20 +245,29 @@ function inflightKey(req, id) {
     return `${req.headers['ratatosk-session'] ?? ''}\u0000${JSON.stringify(id)}`;
 }
 
+const TOO_LARGE = Symbol('too large');
+
+// Reads a POST body (413 when over MAX_BODY) and hands it to the SDK, which
+// parses and validates it itself (@hono/node-server reads rawBody). Returns
+// the parsed JSON (undefined if it is not JSON), or TOO_LARGE once answered.
+async function takeBody(req, res) {
+    const body = await readBody(req);
+    if (body === null) {
+        jsonRpcError(res, 413, -32000, `Payload too large (max ${MAX_BODY} bytes)`);
+        return TOO_LARGE;
+    }
+    req.rawBody = body;
+    return tryParse(body);
+}
+
 async function handleStateless(req, res) {
     if (req.method !== 'POST') {
         // As in the SDK's stateless example: no standalone stream, no session to delete.
         jsonRpcError(res, 405, -32000, 'Method not allowed.', { Allow: 'POST' });
         return;
     }
-    const body = await readBody(req);
-    if (body === null) {
-        jsonRpcError(res, 413, -32000, `Payload too large (max ${MAX_BODY} bytes)`);
-        return;
-    }
-    // Let the SDK parse and validate the body itself (@hono/node-server reads rawBody).
-    req.rawBody = body;
-    const parsed = tryParse(body);
+    const parsed = await takeBody(req, res);
+    if (parsed === TOO_LARGE) return;
     const messages = Array.isArray(parsed) ? parsed : parsed && typeof parsed === 'object' ? [parsed] : [];
 
     for (const m of messages) {
@@ -322,13 +331,8 @@ async function handleStateful(req, res) {
         jsonRpcError(res, 400, -32000, 'Bad Request: Mcp-Session-Id header is required');
         return;
     }
-    const body = await readBody(req);
-    if (body === null) {
-        jsonRpcError(res, 413, -32000, `Payload too large (max ${MAX_BODY} bytes)`);
-        return;
-    }
-    req.rawBody = body;
-    const parsed = tryParse(body);
+    const parsed = await takeBody(req, res);
+    if (parsed === TOO_LARGE) return;
     const isInit = Array.isArray(parsed) ? parsed.some(isInitializeRequest) : isInitializeRequest(parsed);
     if (!isInit) {
         if (parsed === undefined) jsonRpcError(res, 400, -32700, 'Parse error: Invalid JSON');

@@ -1,0 +1,119 @@
+"""What the Python example upstreams share: header and event recording for
+the tests, the `confirm` schema, logging, and serving on a socket of their
+own with one READY line.
+
+Imported by python-fastmcp/server.py and python-modern/server.py, which put
+this folder on sys.path; it needs only uvicorn and starlette, which both of
+their venvs have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+MCP_PATH = "/mcp"
+DEBUG_HEADERS_PATH = "/debug/headers"
+DEBUG_EVENTS_PATH = "/debug/events"
+
+# The requestedSchema `confirm` sends (same in every example).
+CONFIRM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"confirmed": {"type": "boolean", "title": "Confirmed"}},
+    "required": ["confirmed"],
+}
+
+log = logging.getLogger("upstream")
+
+# Headers of the last 200 HTTP requests, oldest first. Each entry is a dict of
+# lowercase header name -> value (repeated headers joined with ", "). Nothing
+# is filtered out: authorization, cookies, mcp-session-id etc. are all kept.
+SEEN_HEADERS: collections.deque[dict[str, str]] = collections.deque(maxlen=200)
+
+# sleep_then_return lifecycle events, oldest first: {"tag", "event", "at"}.
+EVENTS: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
+
+
+def record(tag: str, event: str) -> None:
+    EVENTS.append({"tag": tag, "event": event, "at": time.time()})
+    log.info("sleep_then_return tag=%r %s", tag, event)
+
+
+def compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class RecordHeadersMiddleware:
+    """Pure ASGI middleware (does not buffer streaming responses). Requests
+    to the /debug/ paths are not recorded."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not scope.get("path", "").startswith("/debug/"):
+            entry: dict[str, str] = {}
+            for raw_name, raw_value in scope.get("headers", []):
+                name = raw_name.decode("latin-1").lower()
+                value = raw_value.decode("latin-1")
+                entry[name] = f"{entry[name]}, {value}" if name in entry else value
+            SEEN_HEADERS.append(entry)
+        await self.app(scope, receive, send)
+
+
+async def debug_headers(request: Request) -> JSONResponse:
+    return JSONResponse(list(SEEN_HEADERS))
+
+
+async def debug_events(request: Request) -> JSONResponse:
+    return JSONResponse(list(EVENTS))
+
+
+def configure_logging(name: str, port: int) -> None:
+    """Log lines to stderr, prefixed `[py-<x>:<port>]` for `python-<x>`."""
+    prefix = "py-" + name[len("python-") :] if name.startswith("python-") else name
+    fmt = f"%(asctime)s [{prefix}:{port}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr, force=True)
+
+
+async def serve(app: Any, host: str, port: int, name: str) -> None:
+    """Serves `app` until stopped; prints `READY <name> url=... pid=...` on
+    stdout once listening. A busy port exits with code 2."""
+    # Bind ourselves so a busy port fails fast and clearly.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        log.error("cannot bind %s:%s: %s", host, port, exc)
+        raise SystemExit(2) from None
+    sock.listen(512)
+    sock.set_inheritable(True)
+
+    config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.01)
+        print(f"READY {name} url=http://{host}:{port}{MCP_PATH} pid={os.getpid()}", flush=True)
+
+    ann = asyncio.create_task(announce())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        ann.cancel()
