@@ -373,6 +373,34 @@ pub struct UpstreamEra {
     gauge: prometheus::IntGaugeVec,
 }
 
+/// The result of the gateway's request `ratatosk-probe` in `reader`.
+async fn read_result(reader: &mut AnswerReader, method: &'static str) -> Result<Value, ProbeError> {
+    while let Some(message) = reader.next_message().await? {
+        let Ok(v) = serde_json::from_slice::<Value>(&message) else {
+            continue;
+        };
+        if v.get("id").and_then(Value::as_str) != Some("ratatosk-probe") {
+            continue;
+        }
+        if let Some(result) = v.get("result") {
+            return Ok(result.clone());
+        }
+        return Err(ProbeError::NoResult {
+            replica: reader.replica().to_owned(),
+            method,
+            answer: String::from_utf8_lossy(&message)
+                .chars()
+                .take(300)
+                .collect(),
+        });
+    }
+    Err(ProbeError::NoResult {
+        replica: reader.replica().to_owned(),
+        method,
+        answer: "(no response)".into(),
+    })
+}
+
 /// Why the upstream's era or description could not be found out.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -525,33 +553,24 @@ impl UpstreamEra {
             crate::era::put_modern_headers(&mut headers, method, &Map::new(), None);
             crate::era::discover_request("ratatosk-probe")
         };
-        let answer = pool.send(headers, body).await?;
-        let stateful = answer.response.headers().contains_key(MCP_SESSION_ID);
+        let answer = pool.send(headers.clone(), body).await?;
+        let minted = answer.response.headers().get(MCP_SESSION_ID).cloned();
+        let replica = answer.lease.url().to_owned();
         let mut reader = AnswerReader::new(answer, pool.read_limits);
-        while let Some(message) = reader.next_message().await? {
-            let Ok(v) = serde_json::from_slice::<Value>(&message) else {
-                continue;
-            };
-            if v.get("id").and_then(Value::as_str) != Some("ratatosk-probe") {
-                continue;
-            }
-            if let Some(result) = v.get("result") {
-                return Ok((result.clone(), stateful));
-            }
-            return Err(ProbeError::NoResult {
-                replica: reader.replica().to_owned(),
-                method,
-                answer: String::from_utf8_lossy(&message)
-                    .chars()
-                    .take(300)
-                    .collect(),
+        let result = read_result(&mut reader, method).await;
+        drop(reader);
+        let stateful = minted.is_some();
+        if let Some(session) = minted {
+            // The probe's session is of no use: end it rather than leave
+            // it to the upstream's expiry.
+            let pool = pool.clone();
+            headers.insert(MCP_SESSION_ID, session);
+            tokio::spawn(async move {
+                let close = pool.send_to(&replica, http::Method::DELETE, headers, Bytes::new());
+                let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
             });
         }
-        Err(ProbeError::NoResult {
-            replica: reader.replica().to_owned(),
-            method,
-            answer: "(no response)".into(),
-        })
+        Ok((result?, stateful))
     }
 
     /// For the admin API.

@@ -542,12 +542,6 @@ impl Config {
                     );
                 }
             }
-            if up.era == Era::Stateful2025 {
-                bad(
-                    &format!("{at}.upstream.era"),
-                    "`stateful-2025` upstreams are not bridged yet; run the upstream stateless, or as `modern`".into(),
-                );
-            }
             if up.max_input_rounds == 0 {
                 bad(
                     &format!("{at}.upstream.max_input_rounds"),

@@ -311,7 +311,7 @@ pub fn session_meta(session: &SessionState) -> Map<String, Value> {
 }
 
 /// A JSON-RPC request (or, without an id, notification) body.
-fn request_body(id: Option<&Id>, method: &str, params: Value) -> Bytes {
+pub fn request_body(id: Option<&Id>, method: &str, params: Value) -> Bytes {
     let mut body = json!({"jsonrpc": "2.0", "method": method, "params": params});
     if let Some(id) = id {
         body["id"] = id.to_value();

@@ -30,6 +30,7 @@ use crate::stream::{
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
 mod modern;
+mod stateful;
 
 /// How many requests of one batch go upstream at once.
 const BATCH_CONCURRENCY: usize = 8;
@@ -71,6 +72,15 @@ pub struct Gateway {
     /// Upstream `subscriptions/listen` streams of legacy sessions of modern
     /// upstreams, by session.
     listeners: DashMap<String, CancellationToken>,
+    /// One re-initialization at a time per session, when a stateful
+    /// upstream lost the session's upstream session.
+    rebinding: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Hidden sessions of 2026-07-28 clients with a stateful upstream: by
+    /// (org, subject, client), the gateway session id.
+    hidden: DashMap<String, String>,
+    /// Upstream calls waiting for a 2026-07-28 client's input, by the
+    /// `requestState` the client was given.
+    parked: Arc<stateful::ParkedMap>,
     draining: AtomicBool,
 }
 
@@ -138,6 +148,9 @@ impl Gateway {
             replies: DashMap::new(),
             next_reply: AtomicU64::new(1),
             listeners: DashMap::new(),
+            rebinding: DashMap::new(),
+            hidden: DashMap::new(),
+            parked: Arc::new(DashMap::new()),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         }))
@@ -348,7 +361,10 @@ impl Gateway {
             if m.is_request() {
                 requests.push(m.clone());
             } else {
-                self.absorb(&session, m).await;
+                self.absorb(org, &session, m, || {
+                    session_headers(org, identity, &session, &req.headers, &req.request_id)
+                })
+                .await;
             }
         }
         if requests.is_empty() {
@@ -372,16 +388,7 @@ impl Gateway {
         requests: Vec<Message>,
         req: &Request,
     ) -> Result<Response, Reject> {
-        let headers = upstream_headers(
-            &Forwarding {
-                session_id: &session.id,
-                org: &org.name,
-                identity,
-                protocol_version: Some(&session.protocol_version),
-                request_id: &req.request_id,
-            },
-            &req.headers,
-        );
+        let headers = session_headers(org, identity, &session, &req.headers, &req.request_id);
         let era = self
             .upstream_era(org, requests.first().and_then(Message::request_id))
             .await?;
@@ -391,7 +398,7 @@ impl Gateway {
             let id = single.request_id().cloned();
             let guard = self.track(&log, &session.id, id.as_ref())?;
             let answer = tokio::select! {
-                a = org.pool.send(headers, single.raw.clone()) => a,
+                a = self.send_in_session(org, &session, headers, single.raw.clone()) => a,
                 _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
             };
             let answer = answer.map_err(|e| upstream_reject(e, id.as_ref()))?;
@@ -522,7 +529,7 @@ impl Gateway {
             }
         }
         let answer = tokio::select! {
-            a = org.pool.send(headers, request.raw.clone()) => a,
+            a = self.send_in_session(org, session, headers, request.raw.clone()) => a,
             _ = guard.token.cancelled() => return,
         };
         match answer {
@@ -630,7 +637,7 @@ impl Gateway {
     ) -> Result<Response, Reject> {
         let session_id = session::mint_id();
         let id = init.request_id().cloned();
-        let response = self
+        let (response, upstream) = self
             .negotiate(
                 org,
                 &session_id,
@@ -661,6 +668,7 @@ impl Gateway {
             version,
         );
         state.set_client(&params);
+        state.upstream = upstream;
         self.create_session(state).await?;
         let header = HeaderValue::from_str(&session_id).map_err(|_| {
             Reject::new(
@@ -672,7 +680,8 @@ impl Gateway {
         Ok(Response::json(StatusCode::OK, response).with_header(MCP_SESSION_ID, header))
     }
 
-    /// Sends `initialize` upstream and returns the upstream's response to it.
+    /// Sends `initialize` upstream and returns the upstream's response to
+    /// it, with the upstream's own session if it is stateful.
     async fn negotiate(
         &self,
         org: &OrgRoute,
@@ -681,10 +690,10 @@ impl Gateway {
         init: &Message,
         client_headers: &http::HeaderMap,
         request_id: &str,
-    ) -> Result<Bytes, Reject> {
+    ) -> Result<(Bytes, Option<session::UpstreamSession>), Reject> {
         let id = init.request_id().cloned();
         if self.upstream_era(org, id.as_ref()).await? == Era::Modern {
-            return self.initialize_from_modern(org, init).await;
+            return Ok((self.initialize_from_modern(org, init).await?, None));
         }
         let headers = upstream_headers(
             &Forwarding {
@@ -696,35 +705,7 @@ impl Gateway {
             },
             client_headers,
         );
-        let answer = org
-            .pool
-            .send(headers, init.raw.clone())
-            .await
-            .map_err(|e| upstream_reject(e, id.as_ref()))?;
-        let mut reader = AnswerReader::new(answer, org.pool.read_limits);
-        loop {
-            match reader.next_message().await {
-                Ok(Some(message)) => {
-                    if let Ok(parsed) = jsonrpc::parse_message(&message)
-                        && matches!(&parsed.kind, Kind::Response { id: rid } if Some(rid) == id.as_ref())
-                    {
-                        return Ok(message);
-                    }
-                }
-                Ok(None) => {
-                    return Err(Reject::new(
-                        StatusCode::BAD_GATEWAY,
-                        code::UPSTREAM_ERROR,
-                        format!(
-                            "upstream {} ended its answer to initialize without a response",
-                            reader.replica()
-                        ),
-                    )
-                    .with_id(id.as_ref()));
-                }
-                Err(e) => return Err(read_reject(e, id.as_ref())),
-            }
-        }
+        self.handshake(org, headers, init).await
     }
 
     /// Moves the org's sessions gauge (its handle was resolved at start).
@@ -749,6 +730,7 @@ impl Gateway {
         let removed = self.store.remove(id).await?;
         self.hub.remove(id);
         self.stop_listener(id);
+        self.rebinding.remove(id);
         self.in_flight.retain(|(sid, _), (_, token)| {
             if sid == id {
                 token.cancel();
@@ -759,6 +741,7 @@ impl Gateway {
         });
         match removed {
             Some(state) => {
+                self.close_upstream(&state);
                 self.count_session(&state.org, -1);
                 tracing::info!(org = %state.org, session = %short(id), "session ended: {why}");
                 Ok(true)
@@ -783,6 +766,7 @@ impl Gateway {
                 Transport::LegacySse => {
                     "missing session_id query parameter: use the URL from the endpoint event of the /sse stream"
                 }
+                Transport::Hidden => "missing session id",
             }));
         };
         if !session::is_plausible_id(id) {
@@ -830,8 +814,23 @@ impl Gateway {
         Ok((session, log))
     }
 
-    /// Handles a client notification or response that does not go upstream.
-    async fn absorb(&self, session: &SessionState, message: &Message) {
+    /// Handles a client notification or response. A stateful upstream
+    /// gets each (its session expects them: `notifications/initialized`,
+    /// cancellations, answers to its requests); other upstreams have no
+    /// session to give them to. Cancellation also stops the request here.
+    async fn absorb(
+        &self,
+        org: &OrgRoute,
+        session: &SessionState,
+        message: &Message,
+        headers: impl FnOnce() -> http::HeaderMap,
+    ) {
+        if message.method().is_none() && self.take_reply(&session.id, message) {
+            return;
+        }
+        if session.upstream.is_some() {
+            self.pass_upstream(org, session, headers(), message).await;
+        }
         match message.method() {
             Some("notifications/cancelled") => {
                 let target = message
@@ -847,11 +846,10 @@ impl Gateway {
                 }
             }
             Some(method) => {
-                tracing::debug!(session = %short(&session.id), method, "client notification absorbed");
+                tracing::debug!(session = %short(&session.id), method, "client notification handled");
             }
-            None if self.take_reply(&session.id, message) => {}
             None => {
-                tracing::debug!(session = %short(&session.id), "client response absorbed: no pending server request");
+                tracing::debug!(session = %short(&session.id), "client response handled");
             }
         }
     }
@@ -1101,7 +1099,10 @@ impl Gateway {
         request_id: &str,
     ) {
         if !message.is_request() {
-            self.absorb(session, message).await;
+            self.absorb(org, session, message, || {
+                session_headers(org, identity, session, client_headers, request_id)
+            })
+            .await;
             return;
         }
         if message.method() == Some("initialize") {
@@ -1116,12 +1117,13 @@ impl Gateway {
                 )
                 .await
             {
-                Ok(answer) => {
+                Ok((answer, upstream)) => {
                     if let Some(version) = negotiated_version(&answer) {
                         let params = message.params().unwrap_or(Value::Null);
                         let mut updated = (**session).clone();
                         updated.protocol_version = version;
                         updated.set_client(&params);
+                        updated.upstream = upstream;
                         if let Err(e) = self.store.replace(updated).await {
                             tracing::warn!(error = %e, "cannot record the negotiated session");
                         }
@@ -1144,21 +1146,7 @@ impl Gateway {
             let _ = self.append(log, STANDALONE, &answer, org);
             return;
         }
-        let version = if current.protocol_version.is_empty() {
-            "2024-11-05"
-        } else {
-            current.protocol_version.as_str()
-        };
-        let headers = upstream_headers(
-            &Forwarding {
-                session_id: &current.id,
-                org: &org.name,
-                identity,
-                protocol_version: Some(version),
-                request_id,
-            },
-            client_headers,
-        );
+        let headers = session_headers(org, identity, &current, client_headers, request_id);
         self.forward_into(org, &current, log, STANDALONE, message, headers)
             .await;
     }
@@ -1207,9 +1195,13 @@ impl Gateway {
         for state in &expired {
             self.hub.remove(&state.id);
             self.stop_listener(&state.id);
+            self.rebinding.remove(&state.id);
+            self.close_upstream(state);
             self.count_session(&state.org, -1);
             tracing::info!(org = %state.org, session = %short(&state.id), "session expired after being idle");
         }
+        self.forget_hidden(&expired);
+        self.expire_parked();
         for org in self.routes.orgs() {
             org.pool.available();
         }
@@ -1284,6 +1276,32 @@ impl Drop for LegacyStream {
 
 /// A request's `MCP-Protocol-Version`, when given, must be the one the
 /// session negotiated.
+/// Headers of a session's message to the upstream, on behalf of the
+/// caller.
+pub(super) fn session_headers(
+    org: &OrgRoute,
+    identity: &Identity,
+    session: &SessionState,
+    client_headers: &http::HeaderMap,
+    request_id: &str,
+) -> http::HeaderMap {
+    let version = if session.protocol_version.is_empty() {
+        "2024-11-05"
+    } else {
+        session.protocol_version.as_str()
+    };
+    upstream_headers(
+        &Forwarding {
+            session_id: &session.id,
+            org: &org.name,
+            identity,
+            protocol_version: Some(version),
+            request_id,
+        },
+        client_headers,
+    )
+}
+
 fn check_version_matches(header: Option<&str>, session: &SessionState) -> Result<(), Reject> {
     match header {
         Some(v) if v != session.protocol_version => Err(Reject::bad_request(format!(

@@ -27,6 +27,8 @@ pub struct BridgeCounters {
     pub meta_injected: IntCounter,
     pub handshake: IntCounter,
     pub discover: IntCounter,
+    /// Upstream sessions opened again after a stateful upstream lost one.
+    pub reinitialized: IntCounter,
 }
 
 pub struct Metrics {
@@ -46,7 +48,7 @@ pub struct Metrics {
     /// 1 for the era an org's upstream speaks (configured or probed).
     pub upstream_era: IntGaugeVec,
     /// Era translations by org and what was translated (`input_round`,
-    /// `meta_injected`, `handshake`, `discover`).
+    /// `meta_injected`, `handshake`, `discover`, `reinitialized`).
     pub bridged: IntCounterVec,
 }
 
@@ -167,6 +169,7 @@ impl Metrics {
                 meta_injected: self.bridged.with_label_values(&[org, "meta_injected"]),
                 handshake: self.bridged.with_label_values(&[org, "handshake"]),
                 discover: self.bridged.with_label_values(&[org, "discover"]),
+                reinitialized: self.bridged.with_label_values(&[org, "reinitialized"]),
             },
         }
     }

@@ -46,6 +46,9 @@ pub enum Transport {
     StreamableHttp,
     /// HTTP+SSE of 2024-11-05 (`/sse` + `/messages`).
     LegacySse,
+    /// The gateway's own session with a stateful upstream on behalf of a
+    /// 2026-07-28 client (one per user and client); no client names it.
+    Hidden,
 }
 
 /// What the gateway remembers about a session.
@@ -67,7 +70,26 @@ pub struct SessionState {
     /// URIs of `resources/subscribe`, kept by the gateway when the upstream
     /// is modern (its `subscriptions/listen` filter).
     pub resource_subscriptions: Vec<String>,
+    /// The upstream's own session, when the upstream is stateful.
+    pub upstream: Option<UpstreamSession>,
     pub created_at_ms: u64,
+}
+
+/// A session a stateful upstream minted for a gateway session, pinned to
+/// the replica that holds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UpstreamSession {
+    /// The replica's configured URL.
+    pub replica: String,
+    /// The upstream's `Mcp-Session-Id`. Never shown: it is the key to
+    /// the upstream session.
+    #[serde(skip)]
+    pub id: String,
+    pub protocol_version: String,
+    /// The client's `initialize` params, replayed when the upstream loses
+    /// the session.
+    #[serde(skip)]
+    pub initialize: Value,
 }
 
 impl SessionState {
@@ -90,6 +112,7 @@ impl SessionState {
             client_capabilities: None,
             log_level: None,
             resource_subscriptions: Vec::new(),
+            upstream: None,
             created_at_ms: now_ms(),
         }
     }
@@ -256,6 +279,7 @@ pub(crate) fn test_state(id: &str, org: &str) -> SessionState {
         client_capabilities: None,
         log_level: None,
         resource_subscriptions: Vec::new(),
+        upstream: None,
         created_at_ms: now_ms(),
     }
 }

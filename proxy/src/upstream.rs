@@ -116,6 +116,19 @@ impl Lease {
     pub fn replica(&self) -> &str {
         &self.pool.replicas[self.index].name
     }
+
+    /// The replica's configured URL: where an upstream session it minted
+    /// lives.
+    pub fn url(&self) -> &str {
+        &self.pool.replicas[self.index].url
+    }
+}
+
+/// How one request to one replica went.
+enum Attempt {
+    Done(Result<Answer, UpstreamError>),
+    /// The replica could not be connected to; another may be tried.
+    NotReached(String),
 }
 
 impl Drop for Lease {
@@ -280,102 +293,152 @@ impl Pool {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::from("no replica configured");
         while let Some(lease) = self.pick(&tried) {
-            let index = lease.index;
-            tried.push(index);
-            let replica = &self.replicas[index];
-            let started = Instant::now();
-            let client = match self
-                .clients
-                .get_or_try(|| build_client(self.connect_timeout))
+            tried.push(lease.index);
+            match self
+                .attempt(lease, http::Method::POST, headers.clone(), body.clone())
+                .await
             {
-                Ok(c) => c,
-                Err(e) => {
-                    return Err(UpstreamError::Failed {
-                        replica: replica.name.clone(),
-                        reason: format!("cannot build an HTTP client: {e}"),
-                    });
-                }
-            };
-            let request = client
-                .post(replica.target.clone())
-                .headers(headers.clone())
-                .body(body.clone())
-                .send();
-            let response = match tokio::time::timeout(self.read_limits.timeout, request).await {
-                Err(_) => {
-                    replica.err_timeout.inc();
-                    tracing::warn!(org = %self.org, replica = %replica.url, after = ?self.read_limits.timeout, "upstream did not answer in time");
-                    return Err(UpstreamError::Timeout {
-                        replica: replica.name.clone(),
-                        after: self.read_limits.timeout,
-                    });
-                }
-                Ok(Err(e)) if e.is_connect() => {
-                    replica.err_connect.inc();
-                    self.eject(index, &format!("cannot connect: {}", error_chain(&e)));
-                    last_error = format!("{}: cannot connect", replica.name);
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    replica.err_protocol.inc();
-                    self.eject(index, &format!("request failed: {}", error_chain(&e)));
-                    return Err(UpstreamError::Failed {
-                        replica: replica.name.clone(),
-                        reason: "the request failed (see the gateway log)".into(),
-                    });
-                }
-                Ok(Ok(response)) => response,
-            };
-            replica.latency.observe(started.elapsed().as_secs_f64());
-            let status = response.status();
-            if !status.is_success() {
-                replica.err_status.inc();
-                if status.is_server_error() {
-                    self.eject(index, &format!("answered HTTP {status}"));
-                }
-                let content_type = content_type(response.headers()).map(str::to_owned);
-                let body = read_error_body(response, self.read_limits.timeout).await;
-                tracing::warn!(org = %self.org, replica = %replica.url, %status, "upstream refused a request");
-                return Err(UpstreamError::Status {
-                    replica: replica.name.clone(),
-                    status,
-                    body,
-                    content_type,
-                });
+                Attempt::Done(result) => return result,
+                Attempt::NotReached(why) => last_error = why,
             }
-            let kind = match content_type(response.headers()) {
-                Some(ct) if mime_is(ct, "text/event-stream") => AnswerKind::Sse,
-                Some(ct) if mime_is(ct, "application/json") => AnswerKind::Json,
-                _ if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT => {
-                    AnswerKind::Empty
-                }
-                other => {
-                    replica.err_protocol.inc();
-                    return Err(UpstreamError::Failed {
-                        replica: replica.name.clone(),
-                        reason: format!(
-                            "answered HTTP {status} with Content-Type {:?}; expected application/json or text/event-stream",
-                            other.unwrap_or("(none)")
-                        ),
-                    });
-                }
-            };
-            return Ok(Answer {
-                kind,
-                status,
-                response,
-                lease,
-            });
         }
-        Err(UpstreamError::Unreachable {
+        Err(self.unreachable(&tried, last_error))
+    }
+
+    /// Sends one request to the replica at `url` only, as the messages of
+    /// an upstream session must: no fail-over. A replica that is no longer
+    /// configured, or cannot be connected to, is `Unreachable`.
+    pub async fn send_to(
+        self: &Arc<Self>,
+        url: &str,
+        method: http::Method,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Answer, UpstreamError> {
+        let Some(index) = self.replicas.iter().position(|r| r.url == url) else {
+            return Err(UpstreamError::Unreachable {
+                org: self.org.clone(),
+                tried: "(none)".into(),
+                last: "the replica holding the upstream session is no longer configured".into(),
+            });
+        };
+        self.replicas[index]
+            .outstanding
+            .fetch_add(1, Ordering::Relaxed);
+        let lease = Lease {
+            pool: self.clone(),
+            index,
+        };
+        match self.attempt(lease, method, headers, body).await {
+            Attempt::Done(result) => result,
+            Attempt::NotReached(why) => Err(self.unreachable(&[index], why)),
+        }
+    }
+
+    fn unreachable(&self, tried: &[usize], last: String) -> UpstreamError {
+        UpstreamError::Unreachable {
             org: self.org.clone(),
             tried: tried
                 .iter()
                 .map(|i| self.replicas[*i].name.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
-            last: last_error,
-        })
+            last,
+        }
+    }
+
+    /// One request to the leased replica.
+    async fn attempt(
+        &self,
+        lease: Lease,
+        method: http::Method,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Attempt {
+        let index = lease.index;
+        let replica = &self.replicas[index];
+        let started = Instant::now();
+        let client = match self
+            .clients
+            .get_or_try(|| build_client(self.connect_timeout))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                return Attempt::Done(Err(UpstreamError::Failed {
+                    replica: replica.name.clone(),
+                    reason: format!("cannot build an HTTP client: {e}"),
+                }));
+            }
+        };
+        let request = client
+            .request(method, replica.target.clone())
+            .headers(headers)
+            .body(body)
+            .send();
+        let response = match tokio::time::timeout(self.read_limits.timeout, request).await {
+            Err(_) => {
+                replica.err_timeout.inc();
+                tracing::warn!(org = %self.org, replica = %replica.url, after = ?self.read_limits.timeout, "upstream did not answer in time");
+                return Attempt::Done(Err(UpstreamError::Timeout {
+                    replica: replica.name.clone(),
+                    after: self.read_limits.timeout,
+                }));
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                replica.err_connect.inc();
+                self.eject(index, &format!("cannot connect: {}", error_chain(&e)));
+                return Attempt::NotReached(format!("{}: cannot connect", replica.name));
+            }
+            Ok(Err(e)) => {
+                replica.err_protocol.inc();
+                self.eject(index, &format!("request failed: {}", error_chain(&e)));
+                return Attempt::Done(Err(UpstreamError::Failed {
+                    replica: replica.name.clone(),
+                    reason: "the request failed (see the gateway log)".into(),
+                }));
+            }
+            Ok(Ok(response)) => response,
+        };
+        replica.latency.observe(started.elapsed().as_secs_f64());
+        let status = response.status();
+        if !status.is_success() {
+            replica.err_status.inc();
+            if status.is_server_error() {
+                self.eject(index, &format!("answered HTTP {status}"));
+            }
+            let content_type = content_type(response.headers()).map(str::to_owned);
+            let body = read_error_body(response, self.read_limits.timeout).await;
+            tracing::warn!(org = %self.org, replica = %replica.url, %status, "upstream refused a request");
+            return Attempt::Done(Err(UpstreamError::Status {
+                replica: replica.name.clone(),
+                status,
+                body,
+                content_type,
+            }));
+        }
+        let kind = match content_type(response.headers()) {
+            Some(ct) if mime_is(ct, "text/event-stream") => AnswerKind::Sse,
+            Some(ct) if mime_is(ct, "application/json") => AnswerKind::Json,
+            _ if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT => {
+                AnswerKind::Empty
+            }
+            other => {
+                replica.err_protocol.inc();
+                return Attempt::Done(Err(UpstreamError::Failed {
+                    replica: replica.name.clone(),
+                    reason: format!(
+                        "answered HTTP {status} with Content-Type {:?}; expected application/json or text/event-stream",
+                        other.unwrap_or("(none)")
+                    ),
+                }));
+            }
+        };
+        Attempt::Done(Ok(Answer {
+            kind,
+            status,
+            response,
+            lease,
+        }))
     }
 
     /// Replica states for the admin API.
@@ -532,6 +595,40 @@ mod tests {
             1,
             "tried once, then skipped"
         );
+    }
+
+    #[tokio::test]
+    async fn pinned_sends_reach_their_replica_only() {
+        let a = testing::stub(|_| (200, "application/json", "{}".into())).await;
+        let b = testing::stub(|_| (200, "application/json", "{}".into())).await;
+        let dead = testing::dead_url();
+        let p = pool(&[&a.url(), &b.url(), &dead]);
+        for _ in 0..3 {
+            let answer = p
+                .send_to(&b.url(), http::Method::POST, HeaderMap::new(), Bytes::new())
+                .await
+                .expect("answered by the pinned replica");
+            assert_eq!(answer.lease.url(), b.url());
+        }
+        assert_eq!((a.hits(), b.hits()), (0, 3), "never another replica");
+        // A dead pinned replica is not failed over: the session is there.
+        let lost = p
+            .send_to(&dead, http::Method::POST, HeaderMap::new(), Bytes::new())
+            .await;
+        assert!(matches!(lost, Err(UpstreamError::Unreachable { .. })));
+        let gone = p
+            .send_to(
+                "http://127.0.0.1:1/gone",
+                http::Method::POST,
+                HeaderMap::new(),
+                Bytes::new(),
+            )
+            .await;
+        assert!(
+            matches!(&gone, Err(UpstreamError::Unreachable { last, .. }) if last.contains("no longer configured"))
+        );
+        assert_eq!((a.hits(), b.hits()), (0, 3));
+        assert_eq!(p.snapshot()[1]["outstanding"], 0, "leases are released");
     }
 
     #[tokio::test]

@@ -146,10 +146,23 @@ class Example(Proc):
     def event_time(self, tag: str, event: str) -> float | None:
         return next((e["at"] for e in self.events() if e["tag"] == tag and e["event"] == event), None)
 
-    def wait_ready(self, timeout: float = 180.0) -> "Example":
-        wait_until(f"{self.name} listening", lambda: "READY" in self.log_text(), timeout=timeout,
-                   every=0.1, alive=self.death)
+    def seen_headers(self) -> list[dict[str, str]]:
+        """The headers of the last requests (the Python examples)."""
+        return httpx2.get(f"{self.base}/debug/headers", timeout=5).json()
+
+    def wait_ready(self, timeout: float = 180.0, starts: int = 1) -> "Example":
+        """Waits for the `starts`-th readiness line of this example's log."""
+        wait_until(f"{self.name} listening", lambda: self.log_text().count("READY") >= starts,
+                   timeout=timeout, every=0.1, alive=self.death)
         return self
+
+    def restart(self) -> None:
+        """Stops this replica and starts it again on the same port: whatever
+        it held in memory (its sessions) is gone."""
+        starts = self.log_text().count("READY") + 1
+        self.stop()
+        self.start()
+        self.wait_ready(timeout=60, starts=starts)
 
 
 class Replica(Example):
@@ -160,9 +173,6 @@ class Replica(Example):
         super().__init__("python-fastmcp", log_dir, env={
             "RATATOSK_ADMIN_URL": admin_url, "RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET,
             "RATATOSK_NOTIFY_DELAY_MS": "200"})
-
-    def seen_headers(self) -> list[dict[str, str]]:
-        return httpx2.get(f"{self.base}/debug/headers", timeout=5).json()
 
 
 @contextmanager
@@ -285,10 +295,10 @@ def running(gw: "Gateway"):
         gw.stop()
 
 
-def org(replicas: list[Replica] | list[str], auth: str = "none", **upstream) -> dict:
+def org(replicas: list[Example] | list[str], auth: str = "none", **upstream) -> dict:
     """An org's config; keys `scopes` and `organization` go to the org, the
     rest to its upstream."""
-    urls = [r.url if isinstance(r, Replica) else r for r in replicas]
+    urls = [r.url if isinstance(r, Example) else r for r in replicas]
     extra = {k: upstream.pop(k) for k in ("scopes", "organization") if k in upstream}
     return {"auth": auth, **extra, "upstream": {"era": "stateless-2025", "replicas": urls, **upstream}}
 

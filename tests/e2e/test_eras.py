@@ -5,8 +5,9 @@ upstreams.
 Client eras: 2024-11-05 HTTP+SSE (`sse_client`), 2025 Streamable HTTP (the
 `mcp` 2.x `ClientSession`, which speaks 2025-11-25) and 2026-07-28 (the `mcp`
 2.x `Client` in modern mode). Upstream eras: `stateless-2025`
-(python-fastmcp, FastMCP 2.x) and `modern` (python-modern, `mcp` 2.3 server;
-go, go-sdk v1.8).
+(python-fastmcp, FastMCP 2.x; typescript), `stateful-2025` (python-stateful,
+FastMCP 2.x with sessions; typescript --stateful) and `modern` (python-modern,
+`mcp` 2.3 server; go, go-sdk v1.8).
 """
 
 from __future__ import annotations
@@ -55,10 +56,45 @@ def ts_upstream(log_dir):
 
 
 @pytest.fixture(scope="module")
-def eras_gateway(log_dir, replicas, modern_upstream, go_upstream, ts_upstream):
+def stateful_upstreams(log_dir):
+    a, b = Example("python-stateful", log_dir), Example("python-stateful", log_dir)
+    with started(a), started(b):
+        yield [a, b]
+
+
+@pytest.fixture(scope="module")
+def ts_stateful_upstream(log_dir):
+    with started(Example("typescript", log_dir, "--stateful")) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def loss_upstreams(log_dir):
+    """Stateful replicas the loss tests restart and stop: one alone (org
+    "loss-1"), two together (org "loss-2")."""
+    ups = [Example("python-stateful", log_dir) for _ in range(3)]
+    for up in ups:
+        up.start()
+    try:
+        for up in ups:
+            up.wait_ready()
+        yield ups
+    finally:
+        for up in ups:
+            up.stop()
+
+
+@pytest.fixture(scope="module")
+def eras_gateway(log_dir, replicas, modern_upstream, go_upstream, ts_upstream, stateful_upstreams,
+                 ts_stateful_upstream, loss_upstreams):
     gw = Gateway(
         log_dir,
         {
+            "stateful": org(stateful_upstreams, era="stateful-2025"),
+            "auto-stateful": org(stateful_upstreams[:1], era="auto"),
+            "ts-stateful": org([ts_stateful_upstream], era="stateful-2025"),
+            "loss-1": org(loss_upstreams[:1], era="stateful-2025"),
+            "loss-2": org(loss_upstreams[1:], era="stateful-2025"),
             "s25": org(replicas),
             "modern": org([modern_upstream.url], era="modern"),
             "modern-3": org([modern_upstream.url], era="modern", max_input_rounds=3),
@@ -73,7 +109,7 @@ def eras_gateway(log_dir, replicas, modern_upstream, go_upstream, ts_upstream):
         yield gw
 
 
-UPSTREAMS = {"s25": "stateless-2025", "modern": "modern"}
+UPSTREAMS = {"s25": "stateless-2025", "modern": "modern", "stateful": "stateful-2025"}
 
 
 async def list_roots(ctx, *args):
@@ -129,15 +165,19 @@ async def test_matrix_list_add_and_progress(eras_gateway, era, upstream):
         assert seen == [1, 2, 3]
 
 
+@pytest.mark.parametrize("upstream", ["modern", "stateful"])
 @pytest.mark.parametrize("era", CLIENT_ERAS)
-async def test_matrix_modern_upstream_gets_roots_and_elicitation_answers(eras_gateway, era):
+async def test_matrix_roots_and_elicitation_answers_reach_the_tool(eras_gateway, era, upstream):
+    """A modern upstream asks by InputRequiredResult, a stateful one by
+    requests on its session; either way the client's answers reach the
+    tool's result."""
     asked: list[str] = []
 
     async def answer(ctx, params):
         asked.append(params.message)
         return mt.ElicitResult(action="accept", content={"confirmed": False})
 
-    async with client(era, eras_gateway, "modern", elicitation_callback=answer) as c:
+    async with client(era, eras_gateway, upstream, elicitation_callback=answer) as c:
         assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
         assert json.loads(await c.call("confirm", {"question": f"ship {era}?"})) == {
             "action": "accept", "confirmed": False}
@@ -181,8 +221,17 @@ async def test_endless_input_requests_are_bounded(eras_gateway, modern_upstream)
     eras_gateway.assert_healthy()
 
 
-def test_cancel_from_a_2025_client_reaches_a_modern_upstream(eras_gateway, modern_upstream):
-    url = eras_gateway.url("modern")
+@pytest.mark.parametrize("upstream", ["modern", "stateful"])
+def test_cancel_from_a_2025_client_reaches_the_upstream(eras_gateway, modern_upstream, stateful_upstreams,
+                                                        upstream):
+    """A modern upstream sees its response stream close; a stateful one gets
+    the notifications/cancelled on its session."""
+    ups = [modern_upstream] if upstream == "modern" else stateful_upstreams
+
+    def event_time(tag: str, event: str) -> float | None:
+        return next((t for up in ups if (t := up.event_time(tag, event)) is not None), None)
+
+    url = eras_gateway.url(upstream)
     sid = initialize(url)
     tag = f"cancel-{uuid.uuid4()}"
     lines: list[str] = []
@@ -198,19 +247,19 @@ def test_cancel_from_a_2025_client_reaches_a_modern_upstream(eras_gateway, moder
 
     caller = threading.Thread(target=call, daemon=True)
     caller.start()
-    wait_until("the tool started", lambda: modern_upstream.event_time(tag, "started") is not None, timeout=10)
+    wait_until("the tool started", lambda: event_time(tag, "started") is not None, timeout=10)
     sent = time.time()
     r = post(url, {"jsonrpc": "2.0", "method": "notifications/cancelled",
                    "params": {"requestId": 77, "reason": "user"}}, session=sid)
     assert r.status_code == 202
     wait_until("the upstream recorded the cancel",
-               lambda: modern_upstream.event_time(tag, "cancelled") is not None, timeout=5)
-    assert modern_upstream.event_time(tag, "cancelled") - sent < 1.0
+               lambda: event_time(tag, "cancelled") is not None, timeout=5)
+    assert event_time(tag, "cancelled") - sent < 1.0
     caller.join(timeout=10)
     assert not caller.is_alive()
     # The call's stream ended without a result: cancelled requests get none.
     assert not any('"id":77' in line.replace(" ", "") for line in lines if line.startswith("data:")), lines
-    assert modern_upstream.event_time(tag, "finished") is None
+    assert event_time(tag, "finished") is None
 
 
 def test_list_changed_from_a_modern_upstream_reaches_the_get_stream(eras_gateway, modern_upstream):
@@ -285,8 +334,11 @@ def result_of(r: httpx2.Response) -> dict:
     raise AssertionError(r.text)
 
 
-@pytest.mark.parametrize("org_name", ["modern", "go"])
+@pytest.mark.parametrize("org_name", ["modern", "go", "stateful"])
 def test_a_tampered_request_state_gets_the_upstreams_own_refusal(eras_gateway, org_name):
+    """Modern upstreams check their own requestState; for a stateful
+    upstream, the state is the gateway's (it names the parked call) and the
+    gateway refuses a tampered one the same way."""
     url = eras_gateway.url(org_name)
     first = result_of(modern_call(url, "ask_roots", {}))
     assert first["resultType"] == "input_required"
@@ -302,13 +354,15 @@ def test_a_tampered_request_state_gets_the_upstreams_own_refusal(eras_gateway, o
 def test_auto_eras_are_probed_and_shown(eras_gateway):
     def resolved() -> dict:
         orgs = eras_gateway.admin_get("/readyz").json()["orgs"]
-        return {name: orgs[name]["era"]["resolved"] for name in ("auto-modern", "auto-s25")}
+        return {name: orgs[name]["era"]["resolved"] for name in ("auto-modern", "auto-s25", "auto-stateful")}
 
     wait_until("auto eras probed", lambda: None not in resolved().values(), timeout=20)
-    assert resolved() == {"auto-modern": "modern", "auto-s25": "stateless-2025"}
+    assert resolved() == {"auto-modern": "modern", "auto-s25": "stateless-2025",
+                          "auto-stateful": "stateful-2025"}
     metrics = eras_gateway.metrics()
     assert 'ratatosk_upstream_era{era="modern",org="auto-modern"} 1' in metrics
     assert 'ratatosk_upstream_era{era="stateless-2025",org="auto-s25"} 1' in metrics
+    assert 'ratatosk_upstream_era{era="stateful-2025",org="auto-stateful"} 1' in metrics
 
 
 @pytest.mark.parametrize("era", CLIENT_ERAS)
@@ -317,6 +371,8 @@ async def test_auto_orgs_serve_every_client_era(eras_gateway, era):
         assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
     async with client(era, eras_gateway, "auto-s25") as c:
         assert await c.call("add", {"a": 2, "b": 2}) == "4"
+    async with client(era, eras_gateway, "auto-stateful") as c:
+        assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
 
 
 @pytest.mark.parametrize("era", CLIENT_ERAS)
@@ -337,11 +393,13 @@ def ts_client(url: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("org_name", ["go", "modern"])
-def test_typescript_sdk_client_gets_mrtr_bridged(eras_gateway, org_name):
-    """A TypeScript SDK client (2025 era only) runs add and ask_roots on a
-    modern upstream: the gateway turns the upstream's InputRequiredResult into
-    a roots/list request the TS client answers."""
+@pytest.mark.parametrize("org_name", ["go", "modern", "ts-stateful"])
+def test_typescript_sdk_client_gets_roots_asked(eras_gateway, org_name):
+    """A TypeScript SDK client (2025 era only) runs add and ask_roots: on a
+    modern upstream the gateway turns the InputRequiredResult into a
+    roots/list request; on the stateful TypeScript example the upstream's
+    own roots/list reaches the client and its answer goes back to the
+    upstream session."""
     out = ts_client(eras_gateway.url(org_name))
     assert out["ok"], out
     assert out["add"] == "5" and not out["add_is_error"], out
@@ -354,6 +412,72 @@ async def test_typescript_example_runs_add(eras_gateway, era):
     async with client(era, eras_gateway, "ts") as c:
         assert await c.call("add", {"a": 2, "b": 3}) == "5"
         assert await c.call("slow_count", {"n": 2}) == "counted to 2"
+
+
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_typescript_stateful_example_runs_add_and_ask_roots(eras_gateway, era):
+    async with client(era, eras_gateway, "ts-stateful") as c:
+        assert await c.call("add", {"a": 2, "b": 3}) == "5"
+        assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
+        assert json.loads(await c.call("confirm", {"question": "ts?"})) == {"action": "accept", "confirmed": True}
+
+
+def reinitialized(gw: Gateway, org_name: str) -> int:
+    for line in gw.metrics().splitlines():
+        if line.startswith("ratatosk_bridged_total{") and f'org="{org_name}"' in line \
+                and 'kind="reinitialized"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def initializes(gw: Gateway, org_name: str) -> int:
+    """initialize requests the gateway answered for the org."""
+    total = 0
+    for line in gw.metrics().splitlines():
+        if line.startswith("ratatosk_requests_total{") and f'org="{org_name}"' in line \
+                and 'method="initialize"' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_stateful_upstream_loss_restarted_replica(eras_gateway, loss_upstreams, era):
+    """The replica holding the upstream session restarts (and answers 404
+    for it): the next tools/call succeeds, the client does not initialize
+    again, and the gateway re-initialized the upstream session once."""
+    before = reinitialized(eras_gateway, "loss-1")
+    async with client(era, eras_gateway, "loss-1") as c:
+        assert await c.call("add", {"a": 1, "b": 2}) == "3"
+        handshakes = initializes(eras_gateway, "loss-1")
+        loss_upstreams[0].restart()
+        assert await c.call("add", {"a": 2, "b": 2}) == "4"
+        assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
+        assert initializes(eras_gateway, "loss-1") == handshakes
+    assert reinitialized(eras_gateway, "loss-1") == before + 1
+    eras_gateway.assert_healthy()
+
+
+@pytest.mark.parametrize("era", CLIENT_ERAS)
+async def test_stateful_upstream_loss_replica_gone(eras_gateway, loss_upstreams, era):
+    """The replica holding the upstream session goes away: the session moves
+    to the other replica, and the client sees no error."""
+    pair = loss_upstreams[1:]
+    async with client(era, eras_gateway, "loss-2") as c:
+        mark = [len(up.seen_headers()) for up in pair]
+        assert await c.call("add", {"a": 1, "b": 2}) == "3"
+        holders = [up for up, n in zip(pair, mark) if len(up.seen_headers()) > n]
+        assert len(holders) == 1, "one replica holds the session"
+        holder, other = holders[0], next(up for up in pair if up is not holders[0])
+        holder.stop()
+        try:
+            assert await c.call("add", {"a": 5, "b": 5}) == "10"
+            assert json.loads(await c.call("ask_roots", {})) == {"roots": ROOTS}
+            assert any("mcp-session-id" in h for h in other.seen_headers())
+        finally:
+            starts = holder.log_text().count("READY") + 1
+            holder.start()
+            holder.wait_ready(timeout=60, starts=starts)
+    eras_gateway.assert_healthy()
 
 
 def test_modern_client_listens_through_the_gateway(eras_gateway, modern_upstream):

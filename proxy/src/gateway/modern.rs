@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::Map;
 use tokio::sync::oneshot;
 
+use super::stateful::Park;
 use super::*;
 use crate::bridge::{AnswerReader, ProbeError};
 use crate::config::Era;
@@ -25,23 +26,10 @@ impl Gateway {
         org: &OrgRoute,
         id: Option<&Id>,
     ) -> Result<Era, Reject> {
-        let era = org
-            .era
+        org.era
             .resolve(&org.pool)
             .await
-            .map_err(|e| probe_reject(e, id))?;
-        if era == Era::Stateful2025 {
-            return Err(Reject::new(
-                StatusCode::BAD_GATEWAY,
-                code::UPSTREAM_ERROR,
-                format!(
-                    "the upstream of org '{}' keeps sessions of its own (stateful-2025), which this gateway does not bridge yet",
-                    org.name
-                ),
-            )
-            .with_id(id));
-        }
-        Ok(era)
+            .map_err(|e| probe_reject(e, id))
     }
 
     /// Probes the upstreams whose era is `auto` and still unknown, so the
@@ -156,6 +144,11 @@ impl Gateway {
             }
             _ => {}
         }
+        if org.era.known() == Some(Era::Stateful2025) {
+            return self
+                .modern_to_stateful(org, identity, req, id, request)
+                .await;
+        }
         let version = info
             .get("protocolVersion")
             .and_then(Value::as_str)
@@ -167,11 +160,8 @@ impl Gateway {
             .await
     }
 
-    /// Sends a modern client's request upstream and streams the answer back: JSON stays JSON, SSE
-    /// is piped message by message. `to_modern` names the request's method
-    /// when its result must be reshaped for a modern client. Dropping the
-    /// response (the client closed it) drops the upstream request: that is
-    /// the cancellation of 2026-07-28.
+    /// Sends a modern client's request upstream and streams the answer
+    /// back (see [`Gateway::respond_modern`]).
     async fn answer_modern_client(
         &self,
         org: &OrgRoute,
@@ -192,7 +182,26 @@ impl Gateway {
         } else {
             org.pool.read_limits
         };
-        let mut reader = AnswerReader::new(answer, limits);
+        let reader = AnswerReader::new(answer, limits);
+        self.respond_modern(org, reader, id, to_modern, None, None)
+            .await
+    }
+
+    /// A modern client's answer: JSON stays JSON, SSE is piped message by
+    /// message. `to_modern` names the request's method when its result
+    /// must be reshaped for a modern client. With `park`, an upstream
+    /// request to the client parks the upstream call and becomes an
+    /// `InputRequiredResult`. Dropping the response (the client closed it)
+    /// drops the upstream request: that is the cancellation of 2026-07-28.
+    pub(super) async fn respond_modern(
+        &self,
+        org: &OrgRoute,
+        mut reader: AnswerReader,
+        id: Option<&Id>,
+        to_modern: Option<String>,
+        park: Option<Park>,
+        upstream_id: Option<Id>,
+    ) -> Result<Response, Reject> {
         if reader.is_json() {
             let body = reader.json_body().await.map_err(|e| read_reject(e, id))?;
             let body = match &to_modern {
@@ -205,12 +214,13 @@ impl Gateway {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
         Ok(Response::sse(Box::new(Pipe {
-            reader,
+            reader: Some(reader),
             id: id.clone(),
+            upstream_id,
             to_modern,
             org: org.name.clone(),
             keepalive: self.config.streams.keepalive,
-            done: false,
+            park,
         })))
     }
 
@@ -503,7 +513,7 @@ impl Drop for PendingReplies<'_> {
 }
 
 /// A JSON body rewritten by `f`; unchanged if it is not JSON.
-fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
+pub(super) fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => Bytes::from(f(v).to_string()),
         Err(_) => body.clone(),
@@ -512,7 +522,7 @@ fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
 
 /// Headers toward the upstream for a modern client, which has no gateway
 /// session.
-fn sessionless_headers(
+pub(super) fn sessionless_headers(
     org: &OrgRoute,
     identity: &Identity,
     req: &Request,
@@ -530,7 +540,7 @@ fn sessionless_headers(
     )
 }
 
-fn probe_reject(e: ProbeError, id: Option<&Id>) -> Reject {
+pub(super) fn probe_reject(e: ProbeError, id: Option<&Id>) -> Reject {
     match e {
         ProbeError::Upstream(e) => upstream_reject(e, id),
         ProbeError::Read(e) => read_reject(e, id),
@@ -545,51 +555,71 @@ fn probe_reject(e: ProbeError, id: Option<&Id>) -> Reject {
 /// own: the client's pulls drive the upstream reads, and dropping it (the
 /// client closed the stream) drops the upstream request.
 struct Pipe {
-    reader: AnswerReader,
+    /// `None` once the answer is complete (or parked).
+    reader: Option<AnswerReader>,
+    /// The id the client waits on.
     id: Id,
+    /// The id the upstream answers with, when it is not `id`: a resumed
+    /// call answers the request that started it.
+    upstream_id: Option<Id>,
     /// The request's method, when its result must be reshaped for a
     /// modern client (the upstream is of the handshake era).
     to_modern: Option<String>,
     org: Arc<str>,
     keepalive: Duration,
-    done: bool,
+    /// Where an upstream request to the client parks the call; without
+    /// it, such a request cannot be answered (stateless upstream).
+    park: Option<Park>,
 }
 
 #[async_trait]
 impl ChunkSource for Pipe {
     async fn next_chunk(&mut self) -> Option<Bytes> {
-        if self.done {
-            return None;
-        }
+        let reader = self.reader.as_mut()?;
         // Reading an SSE answer is cancel-safe: a keep-alive between two
         // events loses nothing.
-        let Ok(next) = tokio::time::timeout(self.keepalive, self.reader.next_message()).await
-        else {
+        let Ok(next) = tokio::time::timeout(self.keepalive, reader.next_message()).await else {
             return Some(Bytes::from_static(KEEPALIVE));
         };
         let id = &self.id;
         let (out, last) = match next {
             Ok(Some(message)) => match jsonrpc::parse_message(&message).map(|m| m.kind) {
-                Ok(Kind::Response { id: rid }) if rid == *id => {
+                Ok(Kind::Response { id: rid })
+                    if rid == *self.upstream_id.as_ref().unwrap_or(id) =>
+                {
+                    let renamed = self.upstream_id.is_some();
                     let body = match &self.to_modern {
-                        Some(method) => reshape(&message, |v| era::response_to_modern(v, method)),
+                        Some(method) => reshape(&message, |mut v| {
+                            if renamed {
+                                v["id"] = id.to_value();
+                            }
+                            era::response_to_modern(v, method)
+                        }),
                         None => message,
                     };
                     (body, true)
                 }
                 Ok(Kind::Request { method, .. }) if self.to_modern.is_some() => {
-                    let why = unanswerable(&self.org, &method);
-                    (
-                        jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why),
-                        true,
-                    )
+                    match (self.park.take(), self.reader.take()) {
+                        (Some(park), Some(reader)) => {
+                            let call = self.upstream_id.take().unwrap_or_else(|| id.clone());
+                            (park.park(reader, call, id, &message), true)
+                        }
+                        _ => {
+                            let why = unanswerable(&self.org, &method);
+                            (
+                                jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why),
+                                true,
+                            )
+                        }
+                    }
                 }
                 _ => (message, false),
             },
             Ok(None) => {
                 let why = format!(
                     "upstream {} ended its answer without a response",
-                    self.reader.replica()
+                    reader.replica()
                 );
                 (
                     jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why),
@@ -601,7 +631,9 @@ impl ChunkSource for Pipe {
                 true,
             ),
         };
-        self.done = last;
+        if last {
+            self.reader = None;
+        }
         Some(sse_frame(None, Some("message"), &out))
     }
 }
@@ -625,7 +657,7 @@ impl ChunkSource for Quiet {
 
 /// Read limits of a `subscriptions/listen` stream: it is meant to stay open
 /// and quiet for as long as the session lives.
-const LISTEN_LIMITS: crate::bridge::ReadLimits = crate::bridge::ReadLimits {
+pub(super) const LISTEN_LIMITS: crate::bridge::ReadLimits = crate::bridge::ReadLimits {
     timeout: Duration::from_secs(365 * 24 * 3600),
     max_duration: Duration::from_secs(365 * 24 * 3600),
     max_bytes: usize::MAX,
@@ -637,7 +669,8 @@ const MAX_LISTEN_BACKOFF: Duration = Duration::from_secs(5);
 impl Gateway {
     /// Makes sure a legacy session of a modern upstream has its upstream
     /// `subscriptions/listen` stream feeding the session's standalone
-    /// stream (the GET stream, or the `/sse` stream). With `refilter`, an
+    /// stream (the GET stream, or the `/sse` stream); of a stateful
+    /// upstream, its upstream session's GET stream. With `refilter`, an
     /// open listen is replaced by one with the session's current filter.
     pub(super) fn ensure_listener(
         self: &Arc<Self>,
@@ -646,9 +679,11 @@ impl Gateway {
         log: &Arc<SessionLog>,
         refilter: bool,
     ) {
-        if org.era.known() != Some(Era::Modern) {
-            return;
-        }
+        let stateful = match org.era.known() {
+            Some(Era::Modern) => false,
+            Some(Era::Stateful2025) => true,
+            _ => return,
+        };
         if !refilter && self.listeners.contains_key(session_id) {
             return;
         }
@@ -658,7 +693,13 @@ impl Gateway {
         }
         let (this, org, log) = (self.clone(), org.clone(), log.clone());
         let id = session_id.to_owned();
-        tokio::spawn(async move { this.listen(&org, &id, &log, &token).await });
+        tokio::spawn(async move {
+            if stateful {
+                this.follow(&org, &id, &log, &token).await;
+            } else {
+                this.listen(&org, &id, &log, &token).await;
+            }
+        });
     }
 
     /// Stops a session's listen stream, if it has one.
@@ -699,18 +740,7 @@ impl Gateway {
                     "resourceSubscriptions": session.resource_subscriptions,
                 }),
             );
-            let mut caller = Identity::anonymous(&org.name);
-            caller.subject.clone_from(&session.subject);
-            let mut headers = upstream_headers(
-                &Forwarding {
-                    session_id,
-                    org: &org.name,
-                    identity: &caller,
-                    protocol_version: None,
-                    request_id: &format!("listen-{}", short(session_id)),
-                },
-                &http::HeaderMap::new(),
-            );
+            let mut headers = stateful::background_headers(org, &session, "listen");
             era::put_modern_headers(&mut headers, "subscriptions/listen", &params, None);
             let body = era::request_with_meta(
                 &id,
