@@ -195,6 +195,11 @@ impl AnswerReader {
         &self.bounds.replica
     }
 
+    /// When the answer must be complete (`max_duration` from the request).
+    pub fn deadline(&self) -> Instant {
+        self.bounds.deadline
+    }
+
     /// Whether the answer is one JSON body (not yet read) rather than SSE.
     pub fn is_json(&self) -> bool {
         matches!(self.source, Source::Json(Some(_)))

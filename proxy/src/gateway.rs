@@ -29,6 +29,7 @@ use crate::stream::{
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
+mod hidden;
 mod modern;
 mod stateful;
 
@@ -74,13 +75,15 @@ pub struct Gateway {
     listeners: DashMap<String, CancellationToken>,
     /// One re-initialization at a time per session, when a stateful
     /// upstream lost the session's upstream session.
-    rebinding: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    rebinding: DashMap<String, Arc<stateful::Rebinding>>,
     /// Hidden sessions of 2026-07-28 clients with a stateful upstream: by
     /// (org, subject, client), the gateway session id.
     hidden: DashMap<String, String>,
+    /// Hidden sessions being opened, so concurrent first calls open one.
+    opening: hidden::OpeningMap,
     /// Upstream calls waiting for a 2026-07-28 client's input, by the
     /// `requestState` the client was given.
-    parked: Arc<stateful::ParkedMap>,
+    parked: Arc<hidden::ParkedMap>,
     draining: AtomicBool,
 }
 
@@ -150,6 +153,7 @@ impl Gateway {
             listeners: DashMap::new(),
             rebinding: DashMap::new(),
             hidden: DashMap::new(),
+            opening: DashMap::new(),
             parked: Arc::new(DashMap::new()),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
@@ -742,6 +746,7 @@ impl Gateway {
         match removed {
             Some(state) => {
                 self.close_upstream(&state);
+                self.forget_hidden(std::slice::from_ref(&state));
                 self.count_session(&state.org, -1);
                 tracing::info!(org = %state.org, session = %short(id), "session ended: {why}");
                 Ok(true)
@@ -887,16 +892,18 @@ impl Gateway {
                 &format!("{method} needs params.{field}"),
             ));
         };
-        let mut updated = session.clone();
-        if subscription {
-            updated.resource_subscriptions.retain(|u| *u != value);
-            if method == "resources/subscribe" {
-                updated.resource_subscriptions.push(value);
+        let subscribe = method == "resources/subscribe";
+        let change = |s: &mut SessionState| {
+            if subscription {
+                s.resource_subscriptions.retain(|u| *u != value);
+                if subscribe {
+                    s.resource_subscriptions.push(value.clone());
+                }
+            } else {
+                s.log_level = Some(value.clone());
             }
-        } else {
-            updated.log_level = Some(value);
-        }
-        if let Err(e) = self.store.replace(updated).await {
+        };
+        if let Err(e) = self.store.update(&session.id, &change).await {
             return Some(jsonrpc::error_body(
                 Some(id),
                 code::INTERNAL_ERROR,
@@ -1120,11 +1127,17 @@ impl Gateway {
                 Ok((answer, upstream)) => {
                     if let Some(version) = negotiated_version(&answer) {
                         let params = message.params().unwrap_or(Value::Null);
-                        let mut updated = (**session).clone();
-                        updated.protocol_version = version;
-                        updated.set_client(&params);
-                        updated.upstream = upstream;
-                        if let Err(e) = self.store.replace(updated).await {
+                        if let Ok(Some(current)) = self.store.lookup(&session.id).await {
+                            // A second initialize: its upstream session
+                            // replaces the first one's.
+                            self.close_upstream(&current);
+                        }
+                        let change = |s: &mut SessionState| {
+                            s.protocol_version.clone_from(&version);
+                            s.set_client(&params);
+                            s.upstream.clone_from(&upstream);
+                        };
+                        if let Err(e) = self.store.update(&session.id, &change).await {
                             tracing::warn!(error = %e, "cannot record the negotiated session");
                         }
                         // The /sse stream is the standalone stream.
@@ -1202,6 +1215,8 @@ impl Gateway {
         }
         self.forget_hidden(&expired);
         self.expire_parked();
+        // Entries a late task re-created for an ended session.
+        self.rebinding.retain(|id, _| self.hub.get(id).is_some());
         for org in self.routes.orgs() {
             org.pool.available();
         }

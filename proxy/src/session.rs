@@ -147,8 +147,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// for sessions with an open stream, so they do not expire). False if it
     /// is gone.
     async fn touch(&self, id: &str) -> Result<bool, StoreError>;
-    /// Replaces the state of an existing session. False if it is gone.
-    async fn replace(&self, state: SessionState) -> Result<bool, StoreError>;
+    /// Changes a session where it is stored; false if it is gone (a
+    /// session that ended is never re-created). `change` sees the current
+    /// state, so concurrent changes of different fields keep each other.
+    async fn update(
+        &self,
+        id: &str,
+        change: &(dyn for<'s> Fn(&'s mut SessionState) + Send + Sync),
+    ) -> Result<bool, StoreError>;
     async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError>;
     async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError>;
     /// Removes and returns sessions idle for longer than `ttl`.
@@ -222,9 +228,15 @@ impl SessionStore for MemorySessionStore {
             .is_some())
     }
 
-    async fn replace(&self, state: SessionState) -> Result<bool, StoreError> {
-        Ok(match self.sessions.get_mut(&state.id) {
+    async fn update(
+        &self,
+        id: &str,
+        change: &(dyn for<'s> Fn(&'s mut SessionState) + Send + Sync),
+    ) -> Result<bool, StoreError> {
+        Ok(match self.sessions.get_mut(id) {
             Some(mut e) => {
+                let mut state = (*e.state).clone();
+                change(&mut state);
                 e.state = Arc::new(state);
                 e.last_seen.store(self.tick(), Ordering::Relaxed);
                 true
@@ -303,7 +315,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn insert_lookup_replace_remove() {
+    async fn insert_lookup_update_remove() {
         let store = MemorySessionStore::new();
         let id = mint_id();
         store
@@ -314,20 +326,28 @@ mod tests {
         assert_eq!(got.org, "org-1");
         assert!(store.lookup("nope").await.expect("lookup").is_none());
 
-        let mut changed = (*got).clone();
-        changed.protocol_version = "2024-11-05".into();
-        assert!(store.replace(changed).await.expect("replace"));
+        let set_version = |s: &mut SessionState| s.protocol_version = "2024-11-05".into();
+        assert!(store.update(&id, &set_version).await.expect("update"));
+        assert!(
+            store
+                .update(&id, &|s: &mut SessionState| s.log_level =
+                    Some("debug".into()))
+                .await
+                .expect("update")
+        );
         let got = store.lookup(&id).await.expect("lookup").expect("present");
-        assert_eq!(got.protocol_version, "2024-11-05");
+        assert_eq!(
+            got.protocol_version, "2024-11-05",
+            "one change keeps the other"
+        );
+        assert_eq!(got.log_level.as_deref(), Some("debug"));
 
         assert!(store.remove(&id).await.expect("remove").is_some());
         assert!(store.lookup(&id).await.expect("lookup").is_none());
         assert!(!store.touch(&id).await.expect("touch"));
         assert!(
-            !store
-                .replace(test_state(&id, "org-1"))
-                .await
-                .expect("replace")
+            !store.update(&id, &set_version).await.expect("update"),
+            "an ended session is not re-created"
         );
         assert!(store.remove(&id).await.expect("remove").is_none());
     }

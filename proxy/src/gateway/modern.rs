@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Map;
 use tokio::sync::oneshot;
 
-use super::stateful::Park;
+use super::hidden::{Asked, Park};
 use super::*;
 use crate::bridge::{AnswerReader, ProbeError};
 use crate::config::Era;
@@ -602,8 +602,15 @@ impl ChunkSource for Pipe {
                 Ok(Kind::Request { method, .. }) if self.to_modern.is_some() => {
                     match (self.park.take(), self.reader.take()) {
                         (Some(park), Some(reader)) => {
-                            let call = self.upstream_id.take().unwrap_or_else(|| id.clone());
-                            (park.park(reader, call, id, &message), true)
+                            let call = self.upstream_id.clone().unwrap_or_else(|| id.clone());
+                            match park.on_request(reader, call, id, &message) {
+                                Asked::Parked(input_required) => (input_required, true),
+                                Asked::Answered(park, reader) => {
+                                    self.park = Some(park);
+                                    self.reader = Some(reader);
+                                    return Some(Bytes::from_static(KEEPALIVE));
+                                }
+                            }
                         }
                         _ => {
                             let why = unanswerable(&self.org, &method);
@@ -635,6 +642,19 @@ impl ChunkSource for Pipe {
             self.reader = None;
         }
         Some(sse_frame(None, Some("message"), &out))
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        // A call of a hidden session the client left before its end: a
+        // 2025 upstream does not take a closed stream for a cancellation.
+        if self.reader.is_some()
+            && let Some(park) = &self.park
+        {
+            let call = self.upstream_id.as_ref().unwrap_or(&self.id);
+            park.cancel(call, "the client closed the stream");
+        }
     }
 }
 
