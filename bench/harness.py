@@ -1,5 +1,5 @@
 """The benchmark harness: starts the systems under test on loopback, runs
-scenarios A-E with the Rust load generator, stops everything by pid, and
+scenarios A-F with the Rust load generator, stops everything by pid, and
 writes bench/RESULTS.md (between its harness markers) and PNG plots.
 
 Run it through `bench/run` (or `make bench`), which installs the peers and
@@ -242,6 +242,35 @@ class Systems:
         self.stub_port = port
         return f"http://127.0.0.1:{port}/mcp"
 
+    def start_era_stub(self, era: str) -> str:
+        """A stub speaking `era` (stateful-2025 or modern), for scenario F."""
+        port = free_port()
+        p = self.add(Proc(f"stub-{era}", [str(BIN / "ratatosk-stub"), "--listen", f"127.0.0.1:{port}",
+                                          "--era", era], self.run_dir))
+        wait_tcp(port, 10, f"ratatosk-stub --era {era}", p)
+        return f"http://127.0.0.1:{port}/mcp"
+
+    def start_era_gateway(self, upstreams: dict[str, str]) -> dict:
+        """A gateway with one org per upstream era (`<era>` -> stub URL), no auth."""
+        port, admin = free_port(), free_port()
+        config = {
+            "listen": f"127.0.0.1:{port}",
+            "admin_listen": f"127.0.0.1:{admin}",
+            "public_url": f"http://127.0.0.1:{port}",
+            "sessions": {"idle_ttl": "2h", "event_log_size": 64},
+            "streams": {"keepalive": "15s"},
+            "publish": {"secret": "${BENCH_PUBLISH_SECRET}"},
+            "orgs": {era: {"auth": "none", "upstream": {"era": era, "replicas": [url], "timeout": "30s"}}
+                     for era, url in upstreams.items()},
+        }
+        path = self.run_dir / "gateway-eras.yaml"
+        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        p = self.add(Proc("gateway-eras", [str(BIN / "ratatosk"), "--config", str(path)], self.run_dir,
+                          env={"BENCH_PUBLISH_SECRET": PUBLISH_SECRET, "RATATOSK_LOG": "warn"}))
+        wait_tcp(port, 20, "gateway-eras", p)
+        wait_tcp(admin, 20, "gateway-eras", p)
+        return {"proc": p, "base": f"http://127.0.0.1:{port}"}
+
     # -- Keycloak
     def start_keycloak(self) -> None:
         port, mport = free_port(), free_port()
@@ -470,6 +499,28 @@ def scenario_a(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
             log(f"A run {r + 1} {name}: {res['rps']:.0f} req/s, p50 {res['latency']['p50_us']} µs, "
                 f"p99 {res['latency']['p99_us']} µs, errors {res['errors']}")
             out[name].append(res)
+    return out
+
+
+ERAS = ("stateless-2025", "stateful-2025", "modern")
+
+
+def scenario_f(s: Systems, cfg: dict, gw: dict, runs: int) -> dict:
+    """Era bridge: a 2025 client's tools/call on one session, through the
+    gateway, to a stub of each upstream era (no auth, so only the bridge
+    differs)."""
+    out: dict[str, list] = {era: [] for era in ERAS}
+    pids = gw["proc"].pids()
+    for r in range(runs):
+        for era in ERAS:
+            c0 = cpu_seconds(pids)
+            res = loadgen_json(["rpc", "--url", f"{gw['base']}/{era}/mcp", "--concurrency", "64",
+                                "--duration", cfg["a_duration"], "--warmup", cfg["a_warmup"], "--init"],
+                               timeout=600)
+            res["cpu_us_per_request"] = (cpu_seconds(pids) - c0) * 1e6 / max(res["ok"], 1)
+            log(f"F run {r + 1} {era}: {res['rps']:.0f} req/s, p50 {res['latency']['p50_us']} µs, "
+                f"p99 {res['latency']['p99_us']} µs, errors {res['errors']}")
+            out[era].append(res)
     return out
 
 
@@ -725,6 +776,22 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
         goals.append(("E", "introspections = distinct tokens, not requests",
                       ", ".join(f"{r['introspections']} for {r['distinct_tokens']}" for r in on), ok))
         lines.append("")
+    f = res.get("F")
+    if f:
+        lines += ["### F. Era bridge (a 2025 client's `tools/call` on one session, 64 connections, no auth)", "",
+                  "The same stub upstream speaking each era. `stateful-2025`: every message goes to the "
+                  "upstream session pinned to its replica. `modern`: each request gets the session's `_meta` "
+                  "and its answer is read for an `InputRequiredResult` and reshaped, and the client's answer "
+                  "is always a stream.", "",
+                  "| upstream era | req/s | p50 | p99 | CPU of the gateway per request | req/s vs stateless-2025 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        base = f["stateless-2025"]
+        for era, runs in f.items():
+            ratios = [x["rps"] / b["rps"] for x, b in zip(runs, base)]
+            lines.append(f"| {era} | {med(runs, 'rps'):,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
+                         f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {med(runs, 'cpu_us_per_request'):.1f} µs | "
+                         f"{median(ratios):.2f} |")
+        lines.append("")
     return lines, goals
 
 
@@ -851,6 +918,10 @@ def smoke_checks(res: dict) -> list[str]:
                 if fo and (fo["lost"] or fo["publish_errors"] or fo["delivered"] != int(n)):
                     problems.append(f"C {name}: delivered {fo['delivered']} of {n}, lost {fo['lost']}, "
                                     f"publish errors {fo['publish_errors']} ({fo['first_error']})")
+    for name, runs in res.get("F", {}).items():
+        for r in runs:
+            if r["ok"] == 0 or r["errors"]:
+                problems.append(f"F {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
     for name, runs in res.get("E", {}).items():
         for r in runs:
             if r["errors"] or r["ok"] == 0:
@@ -872,7 +943,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the small CI run (checks, no published results)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
-    ap.add_argument("--only", default="A,B,C,D,E", help="scenarios to run, e.g. A,D (B and C run together)")
+    ap.add_argument("--only", default="A,B,C,D,E,F", help="scenarios to run, e.g. A,D (B and C run together)")
     ap.add_argument("--sizes", help="stream counts for B, e.g. 10000,50000")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other scenarios of the results.json already in --out")
@@ -911,7 +982,8 @@ def main() -> int:
 
     try:
         stub = s.start_stub()
-        s.start_keycloak()
+        if only & {"A", "B", "C", "D", "E"}:
+            s.start_keycloak()
         gw = s.start_gateway("gateway", stub) if only & {"A", "D", "E"} else {}
         runs = cfg["runs"]
         if "A" in only:
@@ -926,6 +998,10 @@ def main() -> int:
         if "E" in only:
             uncached = s.start_gateway("gateway-nocache", stub, cache=False)
             attempt("E", lambda: scenario_e(s, cfg, gw, uncached, runs))
+        if "F" in only:
+            eras = s.start_era_gateway({"stateless-2025": stub, "stateful-2025": s.start_era_stub("stateful-2025"),
+                                        "modern": s.start_era_stub("modern")})
+            attempt("F", lambda: scenario_f(s, cfg, eras, runs))
         if only & {"B", "C"}:
             # Every stream is an open file in the server and in the load
             # generator; without CAP_SYS_RESOURCE the hard limit caps N.
@@ -962,7 +1038,7 @@ def main() -> int:
         problems = smoke_checks(res)
         for p in problems:
             log(f"smoke check failed: {p}")
-        checked = sum(len(runs) for k in ("A", "D", "E") for runs in res.get(k, {}).values())
+        checked = sum(len(runs) for k in ("A", "D", "E", "F") for runs in res.get(k, {}).values())
         checked += sum(len(runs) for sizes in res.get("BC", {}).values() for runs in sizes.values())
         print(f"smoke: {max(checked - len(problems), 0)} passed, {len(problems)} failed")
         return 1 if problems else 0

@@ -124,14 +124,43 @@ struct Ring {
     evicted_upto: u64,
 }
 
+/// How far past its limits a ring may grow to keep events no reader has
+/// taken yet.
+const UNREAD_HEADROOM: usize = 8;
+
 impl Ring {
-    fn push(&mut self, event: Event, max_events: usize, max_bytes: usize) {
+    /// Appends, then evicts while over the limits: the oldest event that
+    /// `unread` does not hold for (no reader still has to take it), up to
+    /// [`UNREAD_HEADROOM`] times the limits; past that, the oldest. Busy
+    /// neighbours and one slow reader must not take a live answer away.
+    /// The newest event is always kept.
+    fn push(
+        &mut self,
+        event: Event,
+        max_events: usize,
+        max_bytes: usize,
+        unread: impl Fn(&Event) -> bool,
+    ) {
         self.bytes += event.frame.len();
         self.events.push_back(event);
+        let (hard_events, hard_bytes) = (
+            max_events.saturating_mul(UNREAD_HEADROOM),
+            max_bytes.saturating_mul(UNREAD_HEADROOM),
+        );
         while self.events.len() > 1 && (self.events.len() > max_events || self.bytes > max_bytes) {
-            if let Some(old) = self.events.pop_front() {
+            let within_headroom = self.events.len() <= hard_events && self.bytes <= hard_bytes;
+            let older = self.events.len() - 1;
+            let victim = if within_headroom {
+                match self.events.range(..older).position(|e| !unread(e)) {
+                    Some(i) => i,
+                    None => break,
+                }
+            } else {
+                0
+            };
+            if let Some(old) = self.events.remove(victim) {
                 self.bytes -= old.frame.len();
-                self.evicted_upto = old.id.seq;
+                self.evicted_upto = self.evicted_upto.max(old.id.seq);
             }
         }
     }
@@ -184,11 +213,27 @@ struct LogInner {
     /// The current reader of each stream; an older reader of the same
     /// stream stops at its next wake-up.
     readers: Vec<(StreamId, u64)>,
+    /// How far the reader of each POST stream still producing or read has
+    /// taken it (highest seq).
+    post_taken: Vec<(StreamId, u64)>,
     next_reader: u64,
     closed: bool,
 }
 
 impl LogInner {
+    /// Whether a POST stream may still be read live: its answer is still
+    /// arriving, or a client reads it.
+    fn live(&self, stream: StreamId) -> bool {
+        self.producing.contains(&stream) || self.readers.iter().any(|(s, _)| *s == stream)
+    }
+
+    /// Forgets how far a POST stream was read once it is no longer live.
+    fn settle(&mut self, stream: StreamId) {
+        if !self.live(stream) {
+            self.post_taken.retain(|(s, _)| *s != stream);
+        }
+    }
+
     fn ring(&self, stream: StreamId) -> &Ring {
         if stream == STANDALONE {
             &self.standalone
@@ -234,6 +279,7 @@ impl SessionLog {
                 standalone_delivered: 0,
                 producing: Vec::new(),
                 readers: Vec::new(),
+                post_taken: Vec::new(),
                 next_reader: 1,
                 closed: false,
             }),
@@ -277,7 +323,10 @@ impl SessionLog {
     /// Marks a POST stream complete: its readers end once they have read
     /// everything in it.
     pub fn end_stream(&self, stream: StreamId) {
-        self.lock().producing.retain(|s| *s != stream);
+        let mut inner = self.lock();
+        inner.producing.retain(|s| *s != stream);
+        inner.settle(stream);
+        drop(inner);
         self.wake.notify_waiters();
     }
 
@@ -298,9 +347,22 @@ impl SessionLog {
         };
         let (max_events, max_bytes) = (self.limits.max_events, self.limits.max_bytes);
         if stream == STANDALONE {
-            inner.standalone.push(event, max_events, max_bytes);
+            inner
+                .standalone
+                .push(event, max_events, max_bytes, |_| false);
         } else {
-            inner.posts.push(event, max_events, max_bytes);
+            let inner = &mut *inner;
+            let unread = |e: &Event| {
+                let taken = inner
+                    .post_taken
+                    .iter()
+                    .find(|(s, _)| *s == e.id.stream)
+                    .map_or(0, |(_, t)| *t);
+                e.id.seq > taken
+                    && (inner.producing.contains(&e.id.stream)
+                        || inner.readers.iter().any(|(s, _)| *s == e.id.stream))
+            };
+            inner.posts.push(event, max_events, max_bytes, unread);
         }
         drop(inner);
         self.wake.notify_waiters();
@@ -371,9 +433,13 @@ impl SessionLog {
     }
 
     fn detach(&self, stream: StreamId, reader: u64) {
-        self.lock()
+        let mut inner = self.lock();
+        inner
             .readers
             .retain(|(s, r)| !(*s == stream && *r == reader));
+        if stream != STANDALONE {
+            inner.settle(stream);
+        }
     }
 
     fn mark_delivered(&self, stream: StreamId, upto: u64) {
@@ -386,12 +452,20 @@ impl SessionLog {
     /// Frames of `stream` after `cursor`, concatenated, with the count and
     /// the new cursor.
     fn poll(&self, stream: StreamId, reader: u64, cursor: u64) -> Poll {
-        let inner = self.lock();
+        let mut inner = self.lock();
         if inner.closed || !inner.readers.contains(&(stream, reader)) {
             return Poll::End;
         }
         match inner.ring(stream).after(stream, cursor, MAX_CHUNK) {
-            Some((chunk, count, upto)) => Poll::Events { chunk, count, upto },
+            Some((chunk, count, upto)) => {
+                if stream != STANDALONE {
+                    match inner.post_taken.iter_mut().find(|(s, _)| *s == stream) {
+                        Some((_, taken)) => *taken = (*taken).max(upto),
+                        None => inner.post_taken.push((stream, upto)),
+                    }
+                }
+                Poll::Events { chunk, count, upto }
+            }
             None if stream != STANDALONE && !inner.producing.contains(&stream) => Poll::End,
             None => Poll::Wait,
         }
@@ -814,6 +888,75 @@ mod tests {
         let mut s = LiveStream::new(log, a, None, KA, None);
         let frames = drain_now(&mut s).await;
         assert_eq!(ids(&frames), vec![kept.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn busy_neighbours_never_evict_an_answer_not_yet_read() {
+        // 30 calls at once on one session, a log of 4 events (so up to 32
+        // with the headroom): each answer still reaches its own stream.
+        let log = Arc::new(SessionLog::new(limits(4)));
+        let mut streams = Vec::new();
+        for i in 0..30 {
+            let stream = log.begin_stream().expect("open");
+            let a = log.attach(stream, None).expect("attach");
+            streams.push((i, LiveStream::new(log.clone(), a, None, KA, None)));
+        }
+        for (i, s) in &streams {
+            let stream = s.position().stream;
+            log.append(stream, format!("{{\"answer\":{i}}}").as_bytes())
+                .expect("append");
+            log.end_stream(stream);
+        }
+        for (i, s) in &mut streams {
+            let frames = drain_now(s).await;
+            assert_eq!(frames.len(), 1, "stream {i}: {frames:?}");
+            assert!(frames[0].contains(&format!("{{\"answer\":{i}}}")));
+        }
+        drop(streams);
+        // Read and done: the next append brings the ring back to its size.
+        let last = log.begin_stream().expect("open");
+        log.append(last, b"{}").expect("append");
+        assert!(log.len() <= 4, "{} events held", log.len());
+    }
+
+    #[tokio::test]
+    async fn one_slow_reader_keeps_its_answer_without_pinning_the_log() {
+        let log = Arc::new(SessionLog::new(limits(4)));
+        let slow = log.begin_stream().expect("open");
+        let a = log.attach(slow, None).expect("attach");
+        let mut slow_reader = LiveStream::new(log.clone(), a, None, KA, None);
+        log.append(slow, b"{\"slow\":1}").expect("append");
+        log.end_stream(slow);
+        for _ in 0..200 {
+            let quick = log.begin_stream().expect("open");
+            let a = log.attach(quick, None).expect("attach");
+            let mut reader = LiveStream::new(log.clone(), a, None, KA, None);
+            log.append(quick, b"{}").expect("append");
+            log.end_stream(quick);
+            assert_eq!(drain_now(&mut reader).await.len(), 1);
+        }
+        assert!(
+            log.len() <= 5,
+            "read answers are evicted around the slow one: {}",
+            log.len()
+        );
+        let frames = drain_now(&mut slow_reader).await;
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("{\"slow\":1}"));
+    }
+
+    #[tokio::test]
+    async fn unread_answers_are_kept_only_up_to_the_headroom() {
+        let log = Arc::new(SessionLog::new(limits(2)));
+        for _ in 0..100 {
+            let stream = log.begin_stream().expect("open");
+            log.append(stream, b"{}").expect("append");
+        }
+        assert_eq!(
+            log.len(),
+            2 * UNREAD_HEADROOM,
+            "bounded even if nobody reads"
+        );
     }
 
     #[test]

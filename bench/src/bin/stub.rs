@@ -8,14 +8,20 @@
 //! - `GET /grip/{i}`: a GRIP hold (`Grip-Hold: stream`, channel `s{i}`), the
 //!   origin side of Pushpin's idle streams in the benchmark.
 //!
+//! `--era stateful-2025` mints an `Mcp-Session-Id` at `initialize` and
+//! wants it on every later POST; `--era modern` answers `server/discover`
+//! and marks results `resultType: complete` (2026-07-28). The era benchmark
+//! (scenario F) puts the gateway's bridges in front of them.
+//!
 //! Prints `READY <addr>` on stdout once it listens.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use bytes::Bytes;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -37,7 +43,23 @@ struct Args {
     /// Keep-alive interval Pushpin sends on held GRIP streams.
     #[arg(long, default_value_t = 15)]
     grip_keepalive_secs: u32,
+    /// The protocol era to speak.
+    #[arg(long, value_enum, default_value = "stateless-2025")]
+    era: Era,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Era {
+    #[value(name = "stateless-2025")]
+    Stateless,
+    #[value(name = "stateful-2025")]
+    Stateful,
+    #[value(name = "modern")]
+    Modern,
+}
+
+/// Session ids minted by a stateful stub.
+static SESSIONS: AtomicU64 = AtomicU64::new(1);
 
 const MAX_BODY: usize = 1 << 20;
 
@@ -56,7 +78,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     println!("READY {}", listener.local_addr()?);
-    let (sse, keepalive) = (args.sse, args.grip_keepalive_secs);
+    let (sse, keepalive, era) = (args.sse, args.grip_keepalive_secs, args.era);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
@@ -68,7 +90,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, sse, keepalive));
+            let svc = service_fn(move |req| handle(req, sse, keepalive, era));
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), svc)
@@ -93,10 +115,15 @@ fn rpc_error(status: StatusCode, id: &Value, code: i64, message: &str) -> Answer
     respond(status, "application/json", body.to_string())
 }
 
-async fn handle(req: Request<Incoming>, sse: bool, keepalive: u32) -> Result<Answer, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    sse: bool,
+    keepalive: u32,
+    era: Era,
+) -> Result<Answer, Infallible> {
     let path = req.uri().path().to_owned();
     let answer = match (req.method().clone(), path.as_str()) {
-        (Method::POST, "/mcp") => post(req, sse).await,
+        (Method::POST, "/mcp") => post(req, sse, era).await,
         (Method::DELETE, "/mcp") => respond(StatusCode::OK, "text/plain", ""),
         (Method::GET, "/mcp") => {
             let mut r = respond(
@@ -136,7 +163,8 @@ fn grip_hold(channel: &str, keepalive: u32) -> Answer {
     r
 }
 
-async fn post(req: Request<Incoming>, sse: bool) -> Answer {
+async fn post(req: Request<Incoming>, sse: bool, era: Era) -> Answer {
+    let has_session = req.headers().contains_key("mcp-session-id");
     let parsed = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => serde_json::from_slice::<Value>(&b.to_bytes()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
@@ -154,7 +182,21 @@ async fn post(req: Request<Incoming>, sse: bool) -> Answer {
         .and_then(Value::as_str)
         .unwrap_or_default();
     let params = msg.get("params").cloned().unwrap_or(Value::Null);
-    let (result, as_sse) = match method {
+    if era == Era::Stateful && method != "initialize" && !has_session {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &id,
+            -32600,
+            "missing Mcp-Session-Id",
+        );
+    }
+    let (mut result, as_sse) = match method {
+        "server/discover" if era == Era::Modern => (
+            json!({"supportedVersions": ["2026-07-28"],
+                "capabilities": {"tools": {"listChanged": false}},
+                "serverInfo": {"name": "ratatosk-stub", "version": env!("CARGO_PKG_VERSION")}}),
+            false,
+        ),
         "initialize" => {
             let version = params
                 .get("protocolVersion")
@@ -212,8 +254,13 @@ async fn post(req: Request<Incoming>, sse: bool) -> Answer {
             );
         }
     };
+    if era == Era::Modern
+        && let Value::Object(r) = &mut result
+    {
+        r.insert("resultType".into(), json!("complete"));
+    }
     let answer = json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string();
-    if as_sse {
+    let mut r = if as_sse {
         respond(
             StatusCode::OK,
             "text/event-stream",
@@ -221,5 +268,12 @@ async fn post(req: Request<Incoming>, sse: bool) -> Answer {
         )
     } else {
         respond(StatusCode::OK, "application/json", answer)
+    };
+    if era == Era::Stateful
+        && method == "initialize"
+        && let Ok(v) = format!("stub-{}", SESSIONS.fetch_add(1, Ordering::Relaxed)).parse()
+    {
+        r.headers_mut().insert("mcp-session-id", v);
     }
+    r
 }
