@@ -563,3 +563,107 @@ def test_a_modern_client_closing_its_stream_cancels_the_stateful_call(eras_gatew
     assert event_time("cancelled") - closed < 2.0
     assert event_time("finished") is None
     eras_gateway.assert_healthy()
+
+
+class RawStreamable:
+    """A 2025-03-26 or 2025-06-18 Streamable HTTP client over raw HTTP (the
+    SDK clients speak 2025-11-25): it answers roots/list and
+    elicitation/create requests that arrive on a POST's stream."""
+
+    def __init__(self, url: str, version: str):
+        self.url, self.version, self.next_id = url, version, 100
+        caps = {"roots": {}} if version == "2025-03-26" else {"roots": {}, "elicitation": {}}
+        self.sid = initialize_with(url, version, caps)
+        self.asked: list[str] = []
+
+    def _answer(self, request: dict) -> None:
+        self.asked.append(request["method"])
+        if request["method"] == "roots/list":
+            result = {"roots": [{"uri": u} for u in ROOTS]}
+        else:
+            result = {"action": "accept", "content": {"confirmed": True}}
+        r = post(self.url, {"jsonrpc": "2.0", "id": request["id"], "result": result},
+                 session=self.sid, version=self.version)
+        assert r.status_code == 202, r.text
+
+    def send(self, body) -> list[dict]:
+        """POSTs a request or a batch; returns the responses, answering the
+        requests and collecting the progress that come first."""
+        ids = {m["id"] for m in (body if isinstance(body, list) else [body])}
+        headers = {"Accept": ACCEPT_BOTH, "Content-Type": "application/json",
+                   "Mcp-Session-Id": self.sid, "MCP-Protocol-Version": self.version}
+        responses: list[dict] = []
+        self.progress: list[float] = []
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=30)) as http, \
+                http.stream("POST", self.url, json=body, headers=headers) as r:
+            assert r.status_code == 200, r.read()
+            if r.headers["content-type"].startswith("application/json"):
+                data = json.loads(r.read())
+                return data if isinstance(data, list) else [data]
+            events = SseReader(r)
+            while len(responses) < len(ids):
+                _, m = events.next_message()
+                if m.get("id") in ids and "method" not in m:
+                    responses.append(m)
+                elif m.get("method") == "notifications/progress":
+                    self.progress.append(m["params"]["progress"])
+                elif "method" in m and "id" in m:
+                    self._answer(m)
+        return responses
+
+    def call(self, name: str, args: dict, progress: bool = False) -> dict:
+        self.next_id += 1
+        params = {"name": name, "arguments": args}
+        if progress:
+            params["_meta"] = {"progressToken": f"p{self.next_id}"}
+        [response] = self.send({"jsonrpc": "2.0", "id": self.next_id, "method": "tools/call", "params": params})
+        return response
+
+
+def initialize_with(url: str, version: str, capabilities: dict) -> str:
+    r = post(url, {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                   "params": {"protocolVersion": version, "capabilities": capabilities,
+                              "clientInfo": {"name": f"raw-{version}", "version": "1"}}}, version=None)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["protocolVersion"] == version, r.text
+    sid = r.headers["mcp-session-id"]
+    assert post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                session=sid, version=version).status_code == 202
+    return sid
+
+
+def text_of(response: dict) -> str:
+    assert "result" in response, response
+    assert not response["result"].get("isError"), response
+    return response["result"]["content"][0]["text"]
+
+
+@pytest.mark.parametrize("upstream", list(UPSTREAMS))
+@pytest.mark.parametrize("version", ["2025-03-26", "2025-06-18"])
+def test_matrix_older_2025_clients(eras_gateway, version, upstream):
+    """2025-03-26 and 2025-06-18 clients against every upstream era: list,
+    add, progress, ask_roots and confirm (elicitation exists from 2025-06-18
+    on); a 2025-03-26 batch gets every answer."""
+    c = RawStreamable(eras_gateway.url(upstream), version)
+    [listed] = c.send({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert {"add", "slow_count", "ask_roots", "confirm"} <= {t["name"] for t in listed["result"]["tools"]}
+    assert text_of(c.call("add", {"a": 20, "b": 22})) == "42"
+    assert text_of(c.call("slow_count", {"n": 3}, progress=True)) == "counted to 3"
+    assert c.progress == [1, 2, 3]
+    roots = c.call("ask_roots", {})
+    confirm = c.call("confirm", {"question": "ok?"})
+    if upstream == "s25":
+        assert UNANSWERABLE in json.dumps(roots) and UNANSWERABLE in json.dumps(confirm)
+    else:
+        assert json.loads(text_of(roots)) == {"roots": ROOTS}
+        if version == "2025-03-26":
+            # No elicitation in 2025-03-26: refused, with the reason.
+            assert "elicitation" in json.dumps(confirm), confirm
+            assert "error" in confirm or confirm["result"].get("isError"), confirm
+        else:
+            assert json.loads(text_of(confirm)) == {"action": "accept", "confirmed": True}
+    if version == "2025-03-26":
+        batch = [{"jsonrpc": "2.0", "id": 201 + i, "method": "tools/call",
+                  "params": {"name": "add", "arguments": {"a": i, "b": 1}}} for i in range(2)]
+        answers = {m["id"]: text_of(m) for m in c.send(batch)}
+        assert answers == {201: "1", 202: "2"}
