@@ -445,9 +445,13 @@ impl Gateway {
             }
         }
 
-        // A batch (2025-03-26), or a modern upstream (whose answer may need
-        // the client's input on the way): each request goes upstream on its
-        // own, and every answer streams back on one SSE response.
+        if let [single] = requests.as_slice() {
+            return self
+                .forward_modern(org, session, log, single.clone(), headers)
+                .await;
+        }
+        // A batch (2025-03-26): each request goes upstream on its own, and
+        // every answer streams back on one SSE response.
         let stream = log.begin_stream().map_err(|_| session_not_found())?;
         let this = self.clone();
         let org2 = org.clone();
@@ -522,8 +526,17 @@ impl Gateway {
         };
         match self.upstream_era(org, id.as_ref()).await {
             Ok(Era::Modern) => {
-                self.exchange_modern(org, session, log, stream, request, headers, &guard.token)
-                    .await;
+                self.exchange_modern(
+                    org,
+                    session,
+                    log,
+                    stream,
+                    request,
+                    headers,
+                    &guard.token,
+                    None,
+                )
+                .await;
                 return;
             }
             Ok(_) => {}
@@ -822,7 +835,9 @@ impl Gateway {
     /// Handles a client notification or response. A stateful upstream
     /// gets each (its session expects them: `notifications/initialized`,
     /// cancellations, answers to its requests); other upstreams have no
-    /// session to give them to. Cancellation also stops the request here.
+    /// session to give them to. A cancellation first stops the request
+    /// here, so that nothing the upstream still says about it (an SDK may
+    /// answer "cancelled") reaches the client.
     async fn absorb(
         &self,
         org: &OrgRoute,
@@ -833,30 +848,23 @@ impl Gateway {
         if message.method().is_none() && self.take_reply(&session.id, message) {
             return;
         }
+        if message.method() == Some("notifications/cancelled") {
+            let target = message
+                .params()
+                .and_then(|p| p.get("requestId").cloned())
+                .and_then(|v| Id::from_value(&v));
+            if let Some(target) = target
+                && let Some((_, (_, token))) = self.in_flight.remove(&(session.id.clone(), target))
+            {
+                token.cancel();
+                tracing::debug!(session = %short(&session.id), "request cancelled by the client");
+            }
+        }
         if session.upstream.is_some() {
             self.pass_upstream(org, session, headers(), message).await;
         }
-        match message.method() {
-            Some("notifications/cancelled") => {
-                let target = message
-                    .params()
-                    .and_then(|p| p.get("requestId").cloned())
-                    .and_then(|v| Id::from_value(&v));
-                if let Some(target) = target
-                    && let Some((_, (_, token))) =
-                        self.in_flight.remove(&(session.id.clone(), target))
-                {
-                    token.cancel();
-                    tracing::debug!(session = %short(&session.id), "request cancelled by the client");
-                }
-            }
-            Some(method) => {
-                tracing::debug!(session = %short(&session.id), method, "client notification handled");
-            }
-            None => {
-                tracing::debug!(session = %short(&session.id), "client response handled");
-            }
-        }
+        tracing::debug!(session = %short(&session.id), method = message.method().unwrap_or("(response)"),
+            "client notification or response handled");
     }
 
     /// Requests the gateway answers itself, without a round trip upstream:

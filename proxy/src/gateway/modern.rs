@@ -246,11 +246,82 @@ impl Gateway {
         Ok(jsonrpc::result_body(id, result))
     }
 
+    /// A single request of a handshake-era session to a modern upstream.
+    /// The first round is sent before the response is chosen: a complete
+    /// JSON answer (the common case) goes back as JSON, with no stream.
+    /// An SSE answer, or one that needs the client's input, continues in
+    /// [`Gateway::exchange_modern`] on a POST stream.
+    pub(super) async fn forward_modern(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        session: Arc<SessionState>,
+        log: Arc<SessionLog>,
+        request: Message,
+        headers: http::HeaderMap,
+    ) -> Result<Response, Reject> {
+        let id = request.request_id().cloned();
+        let guard = self.track(&log, &session.id, id.as_ref())?;
+        let first = match id.as_ref().map(|id| modern_round(&session, &request, id)) {
+            Some(Ok(round)) => {
+                org.metrics.bridged.meta_injected.inc();
+                let mut h = headers.clone();
+                era::put_modern_headers(&mut h, &round.method, &round.params, None);
+                let body =
+                    era::request_with_meta(&round.id, &round.method, round.params, &round.meta);
+                let answer = tokio::select! {
+                    a = org.pool.send(h, body) => a,
+                    _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
+                };
+                let answer = answer.map_err(|e| upstream_reject(e, id.as_ref()))?;
+                if answer.kind == AnswerKind::Json {
+                    let mut reader = AnswerReader::new(answer, org.pool.read_limits);
+                    let body = tokio::select! {
+                        b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
+                        _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
+                    };
+                    match serde_json::from_slice::<Value>(&body) {
+                        Ok(v) if era::input_required(&v).is_none() => {
+                            let legacy = serde_json::to_vec(&era::response_to_legacy(v))
+                                .map_or(body, Bytes::from);
+                            return Ok(Response::json(StatusCode::OK, legacy));
+                        }
+                        Ok(v) => Some(First::Value(v)),
+                        Err(_) => return Ok(Response::json(StatusCode::OK, body)),
+                    }
+                } else {
+                    Some(First::Answer(answer))
+                }
+            }
+            // A notification, or bad params: the exchange says so.
+            _ => None,
+        };
+        let stream = log.begin_stream().map_err(|_| session_not_found())?;
+        let (this, org2, session2, log2) =
+            (self.clone(), org.clone(), session.clone(), log.clone());
+        tokio::spawn(async move {
+            this.exchange_modern(
+                &org2,
+                &session2,
+                &log2,
+                stream,
+                &request,
+                headers,
+                &guard.token,
+                first,
+            )
+            .await;
+            log2.end_stream(stream);
+            drop(guard);
+        });
+        Ok(self.post_stream_response(org, &session, log, stream))
+    }
+
     /// One request of a handshake-era session to a modern upstream: the
     /// session's data goes along as `_meta`; an `InputRequiredResult` turns
     /// into requests to the client on `stream`, and the upstream is asked
     /// again with the answers, at most `upstream.max_input_rounds` times.
-    /// Only the final result reaches the client.
+    /// Only the final result reaches the client. `first` is the first
+    /// round's answer when the caller already has it.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn exchange_modern(
         self: &Arc<Self>,
@@ -261,50 +332,66 @@ impl Gateway {
         request: &Message,
         headers: http::HeaderMap,
         cancel: &CancellationToken,
+        mut first: Option<First>,
     ) {
         let Some(id) = request.request_id() else {
             return;
         };
-        let method = request.method().unwrap_or_default();
-        let mut params = match request.params() {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(map)) => map,
-            Some(_) => {
-                let body =
-                    jsonrpc::error_body(Some(id), code::INVALID_PARAMS, "params must be an object");
+        let ModernRound {
+            method,
+            mut params,
+            meta,
+            ..
+        } = match modern_round(session, request, id) {
+            Ok(round) => round,
+            Err(body) => {
                 let _ = self.append(log, stream, &body, org);
                 return;
             }
         };
-        let meta = era::session_meta(session);
-        org.metrics.bridged.meta_injected.inc();
+        if first.is_none() {
+            org.metrics.bridged.meta_injected.inc();
+        }
         let max_rounds = org.max_input_rounds;
         let mut round: u32 = 0;
         loop {
-            let mut h = headers.clone();
-            era::put_modern_headers(&mut h, method, &params, None);
-            let body = era::request_with_meta(id, method, params.clone(), &meta);
-            let answer = tokio::select! {
-                a = org.pool.send(h, body) => a,
-                _ = cancel.cancelled() => return,
-            };
-            let answer = match answer {
-                Ok(a) => a,
-                Err(e) => {
-                    let _ = self.append(log, stream, &upstream_reject(e, Some(id)).body(), org);
-                    return;
+            let answer = match first.take() {
+                Some(First::Value(value)) => Ok(value),
+                Some(First::Answer(answer)) => Err(answer),
+                None => {
+                    let mut h = headers.clone();
+                    era::put_modern_headers(&mut h, &method, &params, None);
+                    let body = era::request_with_meta(id, &method, params.clone(), &meta);
+                    let answer = tokio::select! {
+                        a = org.pool.send(h, body) => a,
+                        _ = cancel.cancelled() => return,
+                    };
+                    match answer {
+                        Ok(a) => Err(a),
+                        Err(e) => {
+                            let body = upstream_reject(e, Some(id)).body();
+                            let _ = self.append(log, stream, &body, org);
+                            return;
+                        }
+                    }
                 }
             };
-            let reader = AnswerReader::new(answer, org.pool.read_limits);
-            let Some(response) = self
-                .relay(reader, log, stream, Some(id.clone()), org, cancel, true)
-                .await
-            else {
-                return;
-            };
-            let Ok(value) = serde_json::from_slice::<Value>(&response) else {
-                let _ = self.append(log, stream, &response, org);
-                return;
+            let value = match answer {
+                Ok(value) => value,
+                Err(answer) => {
+                    let reader = AnswerReader::new(answer, org.pool.read_limits);
+                    let Some(response) = self
+                        .relay(reader, log, stream, Some(id.clone()), org, cancel, true)
+                        .await
+                    else {
+                        return;
+                    };
+                    let Ok(value) = serde_json::from_slice::<Value>(&response) else {
+                        let _ = self.append(log, stream, &response, org);
+                        return;
+                    };
+                    value
+                }
             };
             let Some(input) = era::input_required(&value) else {
                 let body = serde_json::to_vec(&era::response_to_legacy(value)).unwrap_or_default();
@@ -484,6 +571,45 @@ impl Gateway {
         }
         true
     }
+}
+
+/// The first round's answer of a modern exchange, when the caller has it.
+pub(super) enum First {
+    /// A JSON answer, read: it asked for input.
+    Value(Value),
+    /// An SSE answer, not yet read.
+    Answer(crate::upstream::Answer),
+}
+
+/// What every round of a modern exchange sends: the request's method and
+/// params, and the session's `_meta`.
+struct ModernRound {
+    id: Id,
+    method: String,
+    params: Map<String, Value>,
+    meta: Map<String, Value>,
+}
+
+/// The parts of a handshake-era request for a modern upstream, or the
+/// error body to answer instead.
+fn modern_round(session: &SessionState, request: &Message, id: &Id) -> Result<ModernRound, Bytes> {
+    let params = match request.params() {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(jsonrpc::error_body(
+                Some(id),
+                code::INVALID_PARAMS,
+                "params must be an object",
+            ));
+        }
+    };
+    Ok(ModernRound {
+        id: id.clone(),
+        method: request.method().unwrap_or_default().to_owned(),
+        params,
+        meta: era::session_meta(session),
+    })
 }
 
 /// Why a stateless 2025 upstream's question to the client fails at once:
