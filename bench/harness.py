@@ -781,8 +781,8 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
         lines += ["### F. Era bridge (a 2025 client's `tools/call` on one session, 64 connections, no auth)", "",
                   "The same stub upstream speaking each era. `stateful-2025`: every message goes to the "
                   "upstream session pinned to its replica. `modern`: each request gets the session's `_meta` "
-                  "and its answer is read for an `InputRequiredResult` and reshaped, and the client's answer "
-                  "is always a stream.", "",
+                  "and its answer is read for an `InputRequiredResult` and reshaped before the client gets it.",
+                  "",
                   "| upstream era | req/s | p50 | p99 | CPU of the gateway per request | req/s vs stateless-2025 |",
                   "| --- | --- | --- | --- | --- | --- |"]
         base = f["stateless-2025"]
