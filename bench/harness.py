@@ -250,27 +250,6 @@ class Systems:
         wait_tcp(port, 10, f"ratatosk-stub --era {era}", p)
         return f"http://127.0.0.1:{port}/mcp"
 
-    def start_era_gateway(self, upstreams: dict[str, str]) -> dict:
-        """A gateway with one org per upstream era (`<era>` -> stub URL), no auth."""
-        port, admin = free_port(), free_port()
-        config = {
-            "listen": f"127.0.0.1:{port}",
-            "admin_listen": f"127.0.0.1:{admin}",
-            "public_url": f"http://127.0.0.1:{port}",
-            "sessions": {"idle_ttl": "2h", "event_log_size": 64},
-            "streams": {"keepalive": "15s"},
-            "publish": {"secret": "${BENCH_PUBLISH_SECRET}"},
-            "orgs": {era: {"auth": "none", "upstream": {"era": era, "replicas": [url], "timeout": "30s"}}
-                     for era, url in upstreams.items()},
-        }
-        path = self.run_dir / "gateway-eras.yaml"
-        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-        p = self.add(Proc("gateway-eras", [str(BIN / "ratatosk"), "--config", str(path)], self.run_dir,
-                          env={"BENCH_PUBLISH_SECRET": PUBLISH_SECRET, "RATATOSK_LOG": "warn"}))
-        wait_tcp(port, 20, "gateway-eras", p)
-        wait_tcp(admin, 20, "gateway-eras", p)
-        return {"proc": p, "base": f"http://127.0.0.1:{port}"}
-
     # -- Keycloak
     def start_keycloak(self) -> None:
         port, mport = free_port(), free_port()
@@ -300,8 +279,24 @@ class Systems:
 
     # -- the gateway
     def start_gateway(self, name: str, stub_url: str, cache: bool = True) -> dict:
-        port, admin = free_port(), free_port()
         org = {"upstream": {"era": "stateless-2025", "replicas": [stub_url], "timeout": "30s"}}
+        return self.run_gateway(name, {
+            "identity": {"issuer": self.issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
+                         "client_secret": "${BENCH_KC_SECRET}", "timeout": "5s",
+                         "cache": {"enabled": cache}},
+            "orgs": {"jwt": {"auth": "jwt", "organization": "org-1", **org},
+                     "introspect": {"auth": "introspect", "organization": "org-1", **org}},
+        })
+
+    def start_era_gateway(self, upstreams: dict[str, str]) -> dict:
+        """A gateway with one org per upstream era (`<era>` -> stub URL), no auth."""
+        return self.run_gateway("gateway-eras", {"orgs": {
+            era: {"auth": "none", "upstream": {"era": era, "replicas": [url], "timeout": "30s"}}
+            for era, url in upstreams.items()}})
+
+    def run_gateway(self, name: str, config: dict) -> dict:
+        """Starts a gateway with `config` (identity, orgs) on fresh loopback ports."""
+        port, admin = free_port(), free_port()
         config = {
             "listen": f"127.0.0.1:{port}",
             "admin_listen": f"127.0.0.1:{admin}",
@@ -309,11 +304,7 @@ class Systems:
             "sessions": {"idle_ttl": "2h", "event_log_size": 64},
             "streams": {"keepalive": "15s"},
             "publish": {"secret": "${BENCH_PUBLISH_SECRET}"},
-            "identity": {"issuer": self.issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
-                         "client_secret": "${BENCH_KC_SECRET}", "timeout": "5s",
-                         "cache": {"enabled": cache}},
-            "orgs": {"jwt": {"auth": "jwt", "organization": "org-1", **org},
-                     "introspect": {"auth": "introspect", "organization": "org-1", **org}},
+            **config,
         }
         path = self.run_dir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
