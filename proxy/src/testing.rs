@@ -9,8 +9,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// What the stub answers: status, content type and body, given the request body.
-pub type Responder = dyn Fn(&[u8]) -> (u16, &'static str, String) + Send + Sync;
+/// A stub's full answer: status, headers (with the content type) and body.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// What a full stub answers, given the request head (lower-cased) and body.
+pub type FullResponder = dyn Fn(&str, &[u8]) -> Reply + Send + Sync;
 
 pub struct Stub {
     pub addr: SocketAddr,
@@ -31,10 +38,23 @@ impl Stub {
 pub async fn stub(
     respond: impl Fn(&[u8]) -> (u16, &'static str, String) + Send + Sync + 'static,
 ) -> Stub {
+    full_stub(move |_, body| {
+        let (status, content_type, body) = respond(body);
+        Reply {
+            status,
+            headers: vec![("content-type".into(), content_type.into())],
+            body,
+        }
+    })
+    .await
+}
+
+/// Starts a stub upstream that sees the request head and sets headers.
+pub async fn full_stub(respond: impl Fn(&str, &[u8]) -> Reply + Send + Sync + 'static) -> Stub {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let hits = Arc::new(AtomicUsize::new(0));
-    let respond: Arc<Responder> = Arc::new(respond);
+    let respond: Arc<FullResponder> = Arc::new(respond);
     let counter = hits.clone();
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
@@ -52,7 +72,7 @@ pub fn dead_url() -> String {
     format!("http://{addr}/mcp")
 }
 
-async fn serve(mut sock: TcpStream, respond: Arc<Responder>, hits: Arc<AtomicUsize>) {
+async fn serve(mut sock: TcpStream, respond: Arc<FullResponder>, hits: Arc<AtomicUsize>) {
     let mut buf = Vec::new();
     loop {
         // Head.
@@ -86,11 +106,16 @@ async fn serve(mut sock: TcpStream, respond: Arc<Responder>, hits: Arc<AtomicUsi
             // A request naming "slow" waits, to keep it in flight.
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        let (status, content_type, answer) = respond(&body);
-        let resp = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{answer}",
-            answer.len()
-        );
+        let reply = respond(&head, &body);
+        let mut resp = format!("HTTP/1.1 {} X\r\n", reply.status);
+        for (name, value) in &reply.headers {
+            resp.push_str(&format!("{name}: {value}\r\n"));
+        }
+        resp.push_str(&format!(
+            "content-length: {}\r\n\r\n{}",
+            reply.body.len(),
+            reply.body
+        ));
         if sock.write_all(resp.as_bytes()).await.is_err() {
             return;
         }

@@ -122,8 +122,8 @@ impl Gateway {
 
     /// Replaces the lost upstream session `lost` of a gateway session:
     /// `initialize` with the client's params on a healthy replica, then
-    /// `notifications/initialized`, then the new session is recorded and
-    /// the lost one closed. Concurrent callers wait for one
+    /// `notifications/initialized` (and the session's log level), then the
+    /// new session is recorded and the lost one closed. Concurrent callers wait for one
     /// re-initialization and share it.
     async fn rebind(
         &self,
@@ -160,9 +160,21 @@ impl Gateway {
         h.remove(&MCP_SESSION_ID);
         h.remove(&MCP_PROTOCOL_VERSION);
         let fresh = self
-            .open_upstream(org, h, lost.initialize.clone())
+            .open_upstream(org, h.clone(), lost.initialize.clone())
             .await
             .map_err(|r| fail(r.message))?;
+        if let Some(level) = &current.log_level {
+            // The lost session's log level goes to the new one.
+            let set = Id::from_value(&Value::from("ratatosk-set-level")).map(|id| {
+                crate::era::request_body(Some(&id), "logging/setLevel", json!({"level": level}))
+            });
+            if let Some(body) = set
+                && let Err(e) = send_bound(org, &fresh, Method::POST, h, body).await
+            {
+                tracing::warn!(org = %org.name, session = %short(session_id), error = %e,
+                    "cannot set the log level of the new upstream session");
+            }
+        }
         let change = |s: &mut SessionState| {
             if s.upstream.as_ref().is_some_and(|u| u.id == lost.id) {
                 s.upstream = Some(fresh.clone());
