@@ -33,7 +33,7 @@ async fn route(
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, json!({"status": "ok"}))),
-        (&Method::GET, ["readyz"]) => Ok(readiness(gw)),
+        (&Method::GET, ["readyz"]) => Ok(readiness(gw).await),
         (&Method::GET, ["metrics"]) => {
             let mut r = Response::empty(StatusCode::OK);
             r.headers.insert(
@@ -102,7 +102,7 @@ async fn route(
             let listed: Vec<serde_json::Value> = sessions
                 .iter()
                 .map(|s| {
-                    let mut v = json!(s);
+                    let mut v = s.public();
                     v["events_buffered"] = json!(gw.hub.get(&s.state.id).map_or(0, |l| l.len()));
                     v
                 })
@@ -126,7 +126,8 @@ async fn route(
     }
 }
 
-fn readiness(gw: &Gateway) -> Response {
+/// Ready unless draining or the session store does not answer.
+async fn readiness(gw: &Gateway) -> Response {
     let orgs: serde_json::Map<String, serde_json::Value> = gw
         .routes
         .orgs()
@@ -137,14 +138,26 @@ fn readiness(gw: &Gateway) -> Response {
             )
         })
         .collect();
-    if gw.is_draining() {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "draining", "orgs": orgs}),
-        )
+    let store = match gw.store.ready().await {
+        Ok(()) => json!({"kind": gw.store.kind(), "ok": true}),
+        Err(e) => json!({"kind": gw.store.kind(), "ok": false, "error": e.to_string()}),
+    };
+    let status = if gw.is_draining() {
+        "draining"
+    } else if store["ok"] == false {
+        "store unavailable"
     } else {
-        json_response(StatusCode::OK, json!({"status": "ready", "orgs": orgs}))
-    }
+        "ready"
+    };
+    let code = if status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        code,
+        json!({"status": status, "store": store, "orgs": orgs}),
+    )
 }
 
 fn json_response(status: StatusCode, v: serde_json::Value) -> Response {

@@ -100,6 +100,23 @@ pub struct SessionsConfig {
     pub event_log_bytes: usize,
     /// Requests one session may have waiting on upstreams at once; more get 429.
     pub max_in_flight: usize,
+    /// Where sessions live: `memory` (this process, the default) or
+    /// `redis` (shared by every gateway node).
+    pub store: StoreKind,
+    /// The Redis URL (`redis://[:password@]host:port[/db]`) with
+    /// `store: redis`. Keep a password out of the file: `${REDIS_URL}`.
+    pub url: Option<String>,
+    /// Prefix of every Redis key, so that several gateways can share one
+    /// Redis.
+    pub key_prefix: String,
+}
+
+/// Where sessions live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Memory,
+    Redis,
 }
 
 impl Default for SessionsConfig {
@@ -109,6 +126,9 @@ impl Default for SessionsConfig {
             event_log_size: 256,
             event_log_bytes: 4 * 1024 * 1024,
             max_in_flight: 64,
+            store: StoreKind::Memory,
+            url: None,
+            key_prefix: "ratatosk:".into(),
         }
     }
 }
@@ -462,6 +482,31 @@ impl Config {
                 ),
             );
         }
+        match (self.sessions.store, &self.sessions.url) {
+            (StoreKind::Redis, None) => bad(
+                "sessions.url",
+                "`store: redis` needs the Redis URL, e.g. `redis://127.0.0.1:6379/` or `${REDIS_URL}`"
+                    .into(),
+            ),
+            (StoreKind::Redis, Some(url)) if !url.starts_with("redis://") => bad(
+                "sessions.url",
+                "expected a `redis://` URL (TLS to Redis is not built in)".into(),
+            ),
+            (StoreKind::Memory, Some(_)) => bad(
+                "sessions.url",
+                "only used with `store: redis`; remove it, or add `store: redis`".into(),
+            ),
+            _ => {}
+        }
+        if self.sessions.key_prefix.is_empty()
+            || self.sessions.key_prefix.len() > 64
+            || self.sessions.key_prefix.contains(char::is_whitespace)
+        {
+            bad(
+                "sessions.key_prefix",
+                "expected 1 to 64 characters without spaces, e.g. `ratatosk:`".into(),
+            );
+        }
         if self.sessions.idle_ttl < Duration::from_secs(1) {
             bad(
                 "sessions.idle_ttl",
@@ -764,6 +809,47 @@ orgs:
         let p = only_problem(parse(&text).expect_err("missing env"));
         assert_eq!(p.path, "publish.secret");
         assert!(p.message.contains("`PUB_SECRET` is not set"), "{p:?}");
+    }
+
+    #[test]
+    fn the_session_store_is_memory_unless_redis_is_asked_for_with_a_url() {
+        let c = parse(&minimal()).expect("valid");
+        assert_eq!(c.sessions.store, StoreKind::Memory);
+        let redis = format!(
+            "{}sessions:\n  store: redis\n  url: ${{REDIS_URL}}\n  key_prefix: \"gw1:\"\n",
+            minimal()
+        );
+        let c =
+            parse_with(&redis, &[("REDIS_URL", "redis://:pw@127.0.0.1:6379/0")]).expect("valid");
+        assert_eq!(c.sessions.store, StoreKind::Redis);
+        assert_eq!(
+            c.sessions.url.as_deref(),
+            Some("redis://:pw@127.0.0.1:6379/0")
+        );
+        assert_eq!(c.sessions.key_prefix, "gw1:");
+        for (extra, path, says) in [
+            ("  store: redis\n", "sessions.url", "needs the Redis URL"),
+            (
+                "  store: redis\n  url: http://x\n",
+                "sessions.url",
+                "redis://",
+            ),
+            (
+                "  url: redis://127.0.0.1/\n",
+                "sessions.url",
+                "only used with `store: redis`",
+            ),
+            (
+                "  key_prefix: \"a b\"\n",
+                "sessions.key_prefix",
+                "without spaces",
+            ),
+        ] {
+            let text = format!("{}sessions:\n{extra}", minimal());
+            let p = only_problem(parse(&text).expect_err(extra));
+            assert_eq!(p.path, path);
+            assert!(p.message.contains(says), "{p:?}");
+        }
     }
 
     #[test]

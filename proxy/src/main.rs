@@ -14,9 +14,10 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 use ratatosk::config::Config;
+use ratatosk::config::StoreKind;
 use ratatosk::gateway::Gateway;
 use ratatosk::server::{AdminApp, Housekeeping, McpApp};
-use ratatosk::session::MemorySessionStore;
+use ratatosk::session::{MemorySessionStore, RedisSessionStore, SessionStore};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -129,8 +130,10 @@ fn run(path: &Path) -> anyhow::Result<()> {
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
-    let gateway = Gateway::new(config, Arc::new(MemorySessionStore::new()))
-        .context("cannot build the gateway")?;
+    // A shared store's connection is driven by a runtime of its own: the
+    // serving threads' runtimes only start with the server.
+    let (store, _store_runtime) = session_store(&config, path)?;
+    let gateway = Gateway::new(config, store).context("cannot build the gateway")?;
     for org in gateway.unauthenticated_orgs() {
         tracing::warn!(
             org,
@@ -189,6 +192,35 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
     tracing::info!(%listen, %admin_listen, base_path = %gateway.config.base_path, "ratatosk listening");
     server.run_forever();
+}
+
+/// The configured session store, and the runtime that drives a shared
+/// store's connection (kept for the life of the process).
+fn session_store(
+    config: &Config,
+    path: &Path,
+) -> anyhow::Result<(Arc<dyn SessionStore>, Option<tokio::runtime::Runtime>)> {
+    let sessions = &config.sessions;
+    let (StoreKind::Redis, Some(url)) = (sessions.store, &sessions.url) else {
+        return Ok((Arc::new(MemorySessionStore::new()), None));
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ratatosk-redis")
+        .enable_all()
+        .build()
+        .context("cannot start the session store's runtime")?;
+    let store = {
+        let _driven_by = runtime.enter();
+        RedisSessionStore::new(url, &sessions.key_prefix, sessions.idle_ttl).with_context(|| {
+            format!(
+                "{}: `sessions.url` is not a usable Redis URL",
+                path.display()
+            )
+        })?
+    };
+    tracing::info!(prefix = %sessions.key_prefix, "sessions are kept in redis");
+    Ok((Arc::new(store), Some(runtime)))
 }
 
 /// The address string of service `i`'s listener. Pingora shares one

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use dashmap::DashMap;
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Mints a session id: 256 random bits from a CSPRNG, base64url (43
@@ -38,8 +38,11 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+mod redis;
+pub use redis::{RedisSessionStore, RedisStoreError};
+
 /// Which client transport a session was opened with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// Streamable HTTP (`/mcp`), 2025-03-26 and later.
@@ -51,8 +54,10 @@ pub enum Transport {
     Hidden,
 }
 
-/// What the gateway remembers about a session.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What the gateway remembers about a session. Serialized whole for a
+/// shared store; the admin API leaves out the upstream session's secrets
+/// (see [`SessionRecord::public`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionState {
     pub id: String,
     pub org: String,
@@ -77,18 +82,16 @@ pub struct SessionState {
 
 /// A session a stateful upstream minted for a gateway session, pinned to
 /// the replica that holds it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpstreamSession {
     /// The replica's configured URL.
     pub replica: String,
     /// The upstream's `Mcp-Session-Id`. Never shown: it is the key to
     /// the upstream session.
-    #[serde(skip)]
     pub id: String,
     pub protocol_version: String,
     /// The client's `initialize` params, replayed when the upstream loses
     /// the session.
-    #[serde(skip)]
     pub initialize: Value,
 }
 
@@ -132,10 +135,25 @@ pub struct SessionRecord {
     pub last_seen_ms: u64,
 }
 
+impl SessionRecord {
+    /// As the admin API shows it: without the upstream session's id and
+    /// the client's initialize params.
+    pub fn public(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+        if let Some(Value::Object(up)) = v.get_mut("upstream") {
+            up.remove("id");
+            up.remove("initialize");
+        }
+        v
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("session store unavailable: {0}")]
     Unavailable(String),
+    #[error("session store: {0}")]
+    Redis(#[from] RedisStoreError),
 }
 
 #[async_trait]
@@ -159,6 +177,12 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError>;
     /// Removes and returns sessions idle for longer than `ttl`.
     async fn remove_idle(&self, ttl: Duration) -> Result<Vec<Arc<SessionState>>, StoreError>;
+    /// What the store is, for `/readyz`.
+    fn kind(&self) -> &'static str;
+    /// Whether the store answers now (`/readyz`).
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 struct Entry {
@@ -201,6 +225,10 @@ impl MemorySessionStore {
 
 #[async_trait]
 impl SessionStore for MemorySessionStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     async fn insert(&self, state: SessionState) -> Result<Arc<SessionState>, StoreError> {
         let state = Arc::new(state);
         self.sessions.insert(
@@ -314,61 +342,76 @@ mod tests {
         assert!(!is_plausible_id(&format!("{}\n", &mint_id()[..42])));
     }
 
-    #[tokio::test]
-    async fn insert_lookup_update_remove() {
-        let store = MemorySessionStore::new();
+    // ----- the trait-level suite, run against both stores -----------------
+
+    async fn insert_lookup_update_remove(store: &dyn SessionStore) {
         let id = mint_id();
         store
             .insert(test_state(&id, "org-1"))
             .await
             .expect("insert");
         let got = store.lookup(&id).await.expect("lookup").expect("present");
-        assert_eq!(got.org, "org-1");
+        assert_eq!(*got, test_state_like(&got, &id, "org-1"));
         assert!(store.lookup("nope").await.expect("lookup").is_none());
 
         let set_version = |s: &mut SessionState| s.protocol_version = "2024-11-05".into();
         assert!(store.update(&id, &set_version).await.expect("update"));
-        assert!(
-            store
-                .update(&id, &|s: &mut SessionState| s.log_level =
-                    Some("debug".into()))
-                .await
-                .expect("update")
-        );
+        let upstream = UpstreamSession {
+            replica: "http://127.0.0.1:1/mcp".into(),
+            id: "upstream-secret".into(),
+            protocol_version: "2025-06-18".into(),
+            initialize: serde_json::json!({"protocolVersion": "2025-06-18"}),
+        };
+        let up = upstream.clone();
+        let set_more = move |s: &mut SessionState| {
+            s.log_level = Some("debug".into());
+            s.upstream = Some(up.clone());
+        };
+        assert!(store.update(&id, &set_more).await.expect("update"));
         let got = store.lookup(&id).await.expect("lookup").expect("present");
         assert_eq!(
             got.protocol_version, "2024-11-05",
             "one change keeps the other"
         );
         assert_eq!(got.log_level.as_deref(), Some("debug"));
+        assert_eq!(got.upstream.as_ref(), Some(&upstream), "kept whole");
 
-        assert!(store.remove(&id).await.expect("remove").is_some());
+        let removed = store.remove(&id).await.expect("remove").expect("was there");
+        assert_eq!(removed.id, id);
         assert!(store.lookup(&id).await.expect("lookup").is_none());
         assert!(!store.touch(&id).await.expect("touch"));
         assert!(
             !store.update(&id, &set_version).await.expect("update"),
             "an ended session is not re-created"
         );
+        assert!(store.lookup(&id).await.expect("lookup").is_none());
         assert!(store.remove(&id).await.expect("remove").is_none());
     }
 
-    #[tokio::test]
-    async fn list_is_per_org() {
-        let store = MemorySessionStore::new();
-        for org in ["org-1", "org-1", "org-2"] {
-            store
-                .insert(test_state(&mint_id(), org))
-                .await
-                .expect("insert");
-        }
-        assert_eq!(store.list_org("org-1").await.expect("list").len(), 2);
-        assert_eq!(store.list_org("org-2").await.expect("list").len(), 1);
-        assert!(store.list_org("org-3").await.expect("list").is_empty());
+    /// `test_state` with the creation time of `got` (the clock moved on).
+    fn test_state_like(got: &SessionState, id: &str, org: &str) -> SessionState {
+        let mut want = test_state(id, org);
+        want.created_at_ms = got.created_at_ms;
+        want
     }
 
-    #[tokio::test]
-    async fn idle_sessions_are_removed_and_touched_ones_kept() {
-        let store = MemorySessionStore::new();
+    async fn list_is_per_org(store: &dyn SessionStore) {
+        let mut ids = Vec::new();
+        for org in ["org-1", "org-1", "org-2"] {
+            let id = mint_id();
+            store.insert(test_state(&id, org)).await.expect("insert");
+            ids.push(id);
+        }
+        let listed = store.list_org("org-1").await.expect("list");
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|r| r.last_seen_ms > 0));
+        assert_eq!(store.list_org("org-2").await.expect("list").len(), 1);
+        assert!(store.list_org("org-3").await.expect("list").is_empty());
+        store.remove(&ids[0]).await.expect("remove");
+        assert_eq!(store.list_org("org-1").await.expect("list").len(), 1);
+    }
+
+    async fn idle_sessions_are_removed_and_touched_ones_kept(store: &dyn SessionStore) {
         let idle = mint_id();
         let busy = mint_id();
         store.insert(test_state(&idle, "o")).await.expect("insert");
@@ -384,5 +427,58 @@ mod tests {
         assert_eq!(removed[0].id, idle);
         assert!(store.lookup(&busy).await.expect("lookup").is_some());
         assert!(store.lookup(&idle).await.expect("lookup").is_none());
+        assert_eq!(store.list_org("o").await.expect("list").len(), 1);
+    }
+
+    /// Concurrent changes of one session, from `stores` (one per node),
+    /// all land.
+    async fn concurrent_changes_keep_each_other(stores: &[&dyn SessionStore]) {
+        let id = mint_id();
+        stores[0]
+            .insert(test_state(&id, "org-1"))
+            .await
+            .expect("insert");
+        let changes = (0..24).map(|i| {
+            let store = stores[i % stores.len()];
+            let id = id.clone();
+            async move {
+                let uri = format!("file:///{i}");
+                let add = move |s: &mut SessionState| s.resource_subscriptions.push(uri.clone());
+                assert!(store.update(&id, &add).await.expect("update"));
+            }
+        });
+        futures::future::join_all(changes).await;
+        let got = stores[stores.len() - 1]
+            .lookup(&id)
+            .await
+            .expect("lookup")
+            .expect("present");
+        let mut uris = got.resource_subscriptions.clone();
+        uris.sort();
+        uris.dedup();
+        assert_eq!(uris.len(), 24, "every change landed: {uris:?}");
+    }
+
+    #[tokio::test]
+    async fn memory_store_suite() {
+        let store = MemorySessionStore::new();
+        insert_lookup_update_remove(&store).await;
+        list_is_per_org(&store).await;
+        idle_sessions_are_removed_and_touched_ones_kept(&MemorySessionStore::new()).await;
+        concurrent_changes_keep_each_other(&[&store]).await;
+    }
+
+    #[tokio::test]
+    async fn redis_store_suite() {
+        let redis = crate::testing::RedisServer::start().await;
+        let ttl = Duration::from_secs(60);
+        let node = |prefix: &str| RedisSessionStore::new(&redis.url(), prefix, ttl).expect("store");
+        insert_lookup_update_remove(&node("a:")).await;
+        list_is_per_org(&node("b:")).await;
+        idle_sessions_are_removed_and_touched_ones_kept(&node("c:")).await;
+        // Two nodes sharing one prefix.
+        let (one, two) = (node("d:"), node("d:"));
+        concurrent_changes_keep_each_other(&[&one, &two]).await;
+        one.ping().await.expect("ping");
     }
 }

@@ -141,3 +141,54 @@ pub fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
     }
     h
 }
+
+/// A real `redis-server` (the Debian package; `scripts/test` installs it)
+/// on a free loopback port, with no persistence; stopped by pid on drop.
+pub struct RedisServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: scripts/test installs it (apt-get install redis-server)");
+        let server = RedisServer { child, port };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(mut sock) = TcpStream::connect(("127.0.0.1", port)).await {
+                let mut pong = [0u8; 7];
+                if sock.write_all(b"PING\r\n").await.is_ok()
+                    && sock.read_exact(&mut pong).await.is_ok()
+                    && &pong == b"+PONG\r\n"
+                {
+                    return server;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server on port {port} did not answer PING within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -201,6 +201,39 @@ def start_replicas(n: int, log_dir: Path, admin_url: str) -> list[Replica]:
 
 
 
+class RedisServer(Proc):
+    """A real redis-server (Debian package; scripts/prereqs installs it) on a
+    free loopback port, without persistence: a restart loses everything."""
+
+    def __init__(self, log_dir: Path, name: str = "redis"):
+        self.port = free_port()
+        super().__init__(name=name, argv=["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                          "--save", "", "--appendonly", "no"],
+                         log_path=log_dir / f"{name}-{self.port}.log")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/"
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as c:
+                c.sendall(b"PING\r\n")
+                return c.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start_and_wait(self) -> "RedisServer":
+        self.start()
+        wait_until(f"{self.name} answering PING", self.answers, timeout=10, every=0.05, alive=self.death)
+        return self
+
+    def keys(self, pattern: str) -> list[str]:
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "--scan", "--pattern", pattern],
+                             capture_output=True, text=True, timeout=10, check=True)
+        return [line for line in out.stdout.splitlines() if line]
+
+
 class Gateway(Proc):
     """The ratatosk binary with a config written for the test."""
 

@@ -1,0 +1,351 @@
+//! The shared session store: sessions in Redis, so that several gateway
+//! nodes serve the same sessions (`sessions.store: redis`).
+//!
+//! Keys, under the configured prefix `P`:
+//! - `P s:{id}`: a hash, `state` (the session as JSON) and `v` (a version
+//!   that every change bumps: changes are compare-and-set, so concurrent
+//!   changes from any node keep each other);
+//! - `P idle`: a sorted set of session ids by last activity (milliseconds
+//!   of the Redis server's clock, so the nodes' clocks do not matter);
+//! - `P org:{org}`: a set of the org's session ids.
+//!
+//! Every change is one Lua script, so a node that dies half-way leaves
+//! nothing half-written. A session key also expires by itself (twice the
+//! idle timeout after its last activity) if no node is left to reap it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::{SessionRecord, SessionState, SessionStore, StoreError};
+
+/// How long one Redis operation may take, and one connection attempt.
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Attempts of a compare-and-set change before it gives up; between
+/// attempts, a random pause that grows with each.
+const MAX_CHANGE_ATTEMPTS: u32 = 32;
+
+/// Most sessions one reaping pass removes.
+const REAP_BATCH: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("a session stored in redis is not valid: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("session {0} kept changing under {MAX_CHANGE_ATTEMPTS} attempts to change it")]
+    Contended(String),
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        StoreError::Redis(e.into())
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Redis(e.into())
+    }
+}
+
+/// The time of the Redis server, in milliseconds (Lua prelude).
+const NOW: &str = "local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+pub struct RedisSessionStore {
+    conn: ConnectionManager,
+    prefix: String,
+    /// How long a session key outlives its last activity, if no node
+    /// reaps it first.
+    key_ttl_ms: u64,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    insert: Script,
+    lookup: Script,
+    touch: Script,
+    change: Script,
+    remove: Script,
+    reap: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let with_now = |body: &str| Script::new(&format!("{NOW}{body}"));
+        Scripts {
+            // KEYS: session, idle, org set. ARGV: id, state, key ttl.
+            insert: with_now(
+                "redis.call('HSET', KEYS[1], 'state', ARGV[2], 'v', 1)
+                 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+                 redis.call('ZADD', KEYS[2], now, ARGV[1])
+                 redis.call('SADD', KEYS[3], ARGV[1])
+                 return 1",
+            ),
+            // KEYS: session, idle. ARGV: id, key ttl. -> {state, v} or nil.
+            lookup: with_now(
+                "local r = redis.call('HMGET', KEYS[1], 'state', 'v')
+                 if not r[1] then return false end
+                 redis.call('ZADD', KEYS[2], now, ARGV[1])
+                 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                 return r",
+            ),
+            // KEYS: session, idle. ARGV: id, key ttl. -> 1, or 0 if gone.
+            touch: with_now(
+                "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+                 redis.call('ZADD', KEYS[2], now, ARGV[1])
+                 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                 return 1",
+            ),
+            // KEYS: session. ARGV: expected version, new state.
+            // -> 1 changed, 0 changed meanwhile (try again), -1 gone.
+            change: Script::new(
+                "local v = redis.call('HGET', KEYS[1], 'v')
+                 if not v then return -1 end
+                 if v ~= ARGV[1] then return 0 end
+                 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'v', tonumber(v) + 1)
+                 return 1",
+            ),
+            // KEYS: session, idle. ARGV: id, org set prefix. -> state or nil.
+            remove: Script::new(
+                "local s = redis.call('HGET', KEYS[1], 'state')
+                 redis.call('DEL', KEYS[1])
+                 redis.call('ZREM', KEYS[2], ARGV[1])
+                 if not s then return false end
+                 redis.call('SREM', ARGV[2] .. cjson.decode(s)['org'], ARGV[1])
+                 return s",
+            ),
+            // KEYS: idle. ARGV: idle ttl, session key prefix, org set
+            // prefix, batch. -> the states removed. Atomic: with several
+            // nodes reaping, each expired session goes to exactly one.
+            reap: with_now(
+                "local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]),
+                     'LIMIT', 0, tonumber(ARGV[4]))
+                 local out = {}
+                 for _, id in ipairs(ids) do
+                     local k = ARGV[2] .. id
+                     local s = redis.call('HGET', k, 'state')
+                     redis.call('DEL', k)
+                     redis.call('ZREM', KEYS[1], id)
+                     if s then
+                         redis.call('SREM', ARGV[3] .. cjson.decode(s)['org'], id)
+                         table.insert(out, s)
+                     end
+                 end
+                 return out",
+            ),
+        }
+    }
+}
+
+impl RedisSessionStore {
+    /// A store on the Redis at `url`. The connection is made on first use
+    /// and made again whenever it breaks, so a gateway starts, and
+    /// recovers, without Redis being up at that moment. Must be called
+    /// within the Tokio runtime that will drive the connection.
+    pub fn new(url: &str, prefix: &str, idle_ttl: Duration) -> Result<Self, RedisStoreError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(OP_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(RedisSessionStore {
+            conn,
+            prefix: prefix.to_owned(),
+            key_ttl_ms: u64::try_from(idle_ttl.as_millis().saturating_mul(2)).unwrap_or(u64::MAX),
+            scripts: Scripts::new(),
+        })
+    }
+
+    fn session_key(&self, id: &str) -> String {
+        format!("{}s:{id}", self.prefix)
+    }
+
+    fn idle_key(&self) -> String {
+        format!("{}idle", self.prefix)
+    }
+
+    fn org_prefix(&self) -> String {
+        format!("{}org:", self.prefix)
+    }
+
+    /// Whether Redis answers now.
+    pub async fn ping(&self) -> Result<(), RedisStoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// The session and its version, recording activity.
+    async fn fetch(&self, id: &str) -> Result<Option<(SessionState, String)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let found: Option<(String, String)> = self
+            .scripts
+            .lookup
+            .key(self.session_key(id))
+            .key(self.idle_key())
+            .arg(id)
+            .arg(self.key_ttl_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        match found {
+            None => Ok(None),
+            Some((state, version)) => Ok(Some((serde_json::from_str(&state)?, version))),
+        }
+    }
+}
+
+#[async_trait]
+impl SessionStore for RedisSessionStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(self.ping().await?)
+    }
+
+    async fn insert(&self, state: SessionState) -> Result<Arc<SessionState>, StoreError> {
+        let json = serde_json::to_string(&state)?;
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .insert
+            .key(self.session_key(&state.id))
+            .key(self.idle_key())
+            .key(format!("{}{}", self.org_prefix(), state.org))
+            .arg(&state.id)
+            .arg(json)
+            .arg(self.key_ttl_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(Arc::new(state))
+    }
+
+    async fn lookup(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {
+        Ok(self.fetch(id).await?.map(|(state, _)| Arc::new(state)))
+    }
+
+    async fn touch(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let touched: i64 = self
+            .scripts
+            .touch
+            .key(self.session_key(id))
+            .key(self.idle_key())
+            .arg(id)
+            .arg(self.key_ttl_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(touched == 1)
+    }
+
+    async fn update(
+        &self,
+        id: &str,
+        change: &(dyn for<'s> Fn(&'s mut SessionState) + Send + Sync),
+    ) -> Result<bool, StoreError> {
+        for attempt in 0..MAX_CHANGE_ATTEMPTS {
+            if attempt > 0 {
+                let pause = rand::Rng::random_range(&mut rand::rng(), 0..200 * attempt);
+                tokio::time::sleep(Duration::from_micros(u64::from(pause))).await;
+            }
+            let Some((mut state, version)) = self.fetch(id).await? else {
+                return Ok(false);
+            };
+            change(&mut state);
+            let json = serde_json::to_string(&state)?;
+            let mut conn = self.conn.clone();
+            let outcome: i64 = self
+                .scripts
+                .change
+                .key(self.session_key(id))
+                .arg(version)
+                .arg(json)
+                .invoke_async(&mut conn)
+                .await?;
+            match outcome {
+                1 => return Ok(true),
+                -1 => return Ok(false),
+                _ => continue,
+            }
+        }
+        Err(RedisStoreError::Contended(crate::gateway::short(id).to_owned()).into())
+    }
+
+    async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {
+        let mut conn = self.conn.clone();
+        let removed: Option<String> = self
+            .scripts
+            .remove
+            .key(self.session_key(id))
+            .key(self.idle_key())
+            .arg(id)
+            .arg(self.org_prefix())
+            .invoke_async(&mut conn)
+            .await?;
+        match removed {
+            None => Ok(None),
+            Some(state) => Ok(Some(Arc::new(serde_json::from_str(&state)?))),
+        }
+    }
+
+    async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let org_key = format!("{}{org}", self.org_prefix());
+        let ids: Vec<String> = conn.smembers(&org_key).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hget(self.session_key(id), "state")
+                .zscore(self.idle_key(), id);
+        }
+        let rows: Vec<(Option<String>, Option<f64>)> = pipe.query_async(&mut conn).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut gone = Vec::new();
+        for (id, (state, seen)) in ids.iter().zip(rows) {
+            match state {
+                Some(state) => out.push(SessionRecord {
+                    state: Arc::new(serde_json::from_str(&state)?),
+                    last_seen_ms: seen.map_or(0, |ms| ms as u64),
+                }),
+                // Its key expired without a reaper: tidy the index.
+                None => gone.push(id.clone()),
+            }
+        }
+        if !gone.is_empty() {
+            let _: i64 = conn.srem(&org_key, gone).await?;
+        }
+        out.sort_by_key(|r| r.state.created_at_ms);
+        Ok(out)
+    }
+
+    async fn remove_idle(&self, ttl: Duration) -> Result<Vec<Arc<SessionState>>, StoreError> {
+        let mut conn = self.conn.clone();
+        let removed: Vec<String> = self
+            .scripts
+            .reap
+            .key(self.idle_key())
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(format!("{}s:", self.prefix))
+            .arg(self.org_prefix())
+            .arg(REAP_BATCH)
+            .invoke_async(&mut conn)
+            .await?;
+        removed
+            .iter()
+            .map(|s| Ok(Arc::new(serde_json::from_str(s)?)))
+            .collect()
+    }
+}

@@ -1,0 +1,85 @@
+"""The shared session store (issue 6, first slice): a gateway with
+`sessions.store: redis` against a real redis-server, and what it does when
+Redis goes away and comes back."""
+
+from __future__ import annotations
+
+import time
+
+import httpx2
+import pytest
+
+from harness import (ACCEPT_BOTH, Gateway, RedisServer, SseReader, initialize, org, post, rpc_error,
+                     running, streamable_session, wait_until)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def redis(log_dir):
+    server = RedisServer(log_dir).start_and_wait()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def redis_gateway(log_dir, replicas, redis: RedisServer, name: str) -> Gateway:
+    return Gateway(log_dir, {"s25": org(replicas)}, name=name, extra={"sessions": {
+        "idle_ttl": "30m", "event_log_size": 256,
+        "store": "redis", "url": "${E2E_REDIS_URL}", "key_prefix": f"{name}:"}},
+        env={"E2E_REDIS_URL": redis.url})
+
+
+async def test_sessions_live_in_redis(log_dir, replicas, redis):
+    with running(redis_gateway(log_dir, replicas, redis, "redis-gw")) as gw:
+        ready = gw.admin_get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["store"] == {"kind": "redis", "ok": True}
+        async with streamable_session(gw.url("s25")) as s:
+            assert (await s.call_tool("add", {"a": 2, "b": 3})).content[0].text == "5"
+            keys = redis.keys("redis-gw:s:*")
+            assert len(keys) == 1, keys
+            [listed] = gw.sessions("s25")
+            assert listed["id"] == keys[0].removeprefix("redis-gw:s:")
+            assert listed["protocol_version"] and listed["last_seen_ms"] > 0
+        # The client's DELETE ended it, in Redis too.
+        wait_until("the session key removed", lambda: redis.keys("redis-gw:s:*") == [], timeout=5)
+
+
+def test_redis_going_away_and_coming_back(log_dir, replicas, redis):
+    with running(redis_gateway(log_dir, replicas, redis, "redis-gw-restart")) as gw:
+        url = gw.url("s25")
+        sid = initialize(url)
+        headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
+                http.stream("GET", url, headers=headers) as stream:
+            assert stream.status_code == 200
+            events = SseReader(stream)
+            redis.stop()
+            wait_until("/readyz says the store is down", lambda: gw.admin_get("/readyz").status_code == 503,
+                       timeout=10)
+            assert gw.admin_get("/readyz").json()["store"]["ok"] is False
+            # New state cannot be made: a clear 503, not a hang.
+            started = time.monotonic()
+            r = post(url, {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                           "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                      "clientInfo": {"name": "e2e", "version": "1"}}}, version=None)
+            assert r.status_code == 503, r.text
+            assert "session store unavailable" in rpc_error(r)["message"] or "redis" in rpc_error(r)["message"]
+            assert time.monotonic() - started < 8
+            # The open stream keeps its keep-alives (1 s) meanwhile.
+            events.next_comment()
+            events.next_comment()
+            # Redis comes back empty (no persistence): the node recovers by
+            # itself; the old session is gone, which clients see as 404.
+            redis.start_and_wait()
+        wait_until("/readyz ready again", lambda: gw.admin_get("/readyz").status_code == 200, timeout=15)
+        r = post(url, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, session=sid)
+        assert r.status_code == 404, r.text
+        sid2 = initialize(url)
+        assert sid2 != sid
+        r = post(url, {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                       "params": {"name": "add", "arguments": {"a": 1, "b": 1}}}, session=sid2)
+        assert r.status_code == 200, r.text
+        gw.assert_healthy()
