@@ -185,18 +185,26 @@ impl RedisSessionStore {
         Ok(())
     }
 
-    /// The session and its version, recording activity.
-    async fn fetch(&self, id: &str) -> Result<Option<(SessionState, String)>, StoreError> {
+    /// Runs `script` (lookup or touch), which records activity on session
+    /// `id`.
+    async fn with_activity<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        id: &str,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        let found: Option<(String, String)> = self
-            .scripts
-            .lookup
+        Ok(script
             .key(self.session_key(id))
             .key(self.idle_key())
             .arg(id)
             .arg(self.key_ttl_ms)
             .invoke_async(&mut conn)
-            .await?;
+            .await?)
+    }
+
+    /// The session and its version, recording activity.
+    async fn fetch(&self, id: &str) -> Result<Option<(SessionState, String)>, StoreError> {
+        let found: Option<(String, String)> = self.with_activity(&self.scripts.lookup, id).await?;
         match found {
             None => Ok(None),
             Some((state, version)) => Ok(Some((serde_json::from_str(&state)?, version))),
@@ -236,16 +244,7 @@ impl SessionStore for RedisSessionStore {
     }
 
     async fn touch(&self, id: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let touched: i64 = self
-            .scripts
-            .touch
-            .key(self.session_key(id))
-            .key(self.idle_key())
-            .arg(id)
-            .arg(self.key_ttl_ms)
-            .invoke_async(&mut conn)
-            .await?;
+        let touched: i64 = self.with_activity(&self.scripts.touch, id).await?;
         Ok(touched == 1)
     }
 
