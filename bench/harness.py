@@ -369,6 +369,21 @@ class Systems:
 
     # -- Pushpin
     def start_pushpin(self, name: str = "pushpin") -> dict:
+        """Pushpin on fresh ports. Its parts bind ports we only probed as
+        free; one taken in between is tried again on new ports."""
+        for attempt in range(3):
+            try:
+                return self._start_pushpin(f"{name}-{attempt}" if attempt else name)
+            except BenchError:
+                logs = self.run_dir / (f"{name}-{attempt}" if attempt else name) / "log"
+                taken = any("Address already in use" in f.read_text(errors="replace")
+                            for f in logs.glob("*.log"))
+                if not taken or attempt == 2:
+                    raise
+                log(f"{name}: a probed port was taken meanwhile; trying again on new ports")
+        raise BenchError("unreachable")
+
+    def _start_pushpin(self, name: str) -> dict:
         d = self.run_dir / name
         (d / "log").mkdir(parents=True, exist_ok=True)
         (d / "run").mkdir(parents=True, exist_ok=True)
@@ -403,8 +418,12 @@ class Systems:
             raise BenchError("pushpin.conf: no 'services=' line or no [proxy] section")
         (d / "pushpin.conf").write_text(conf)
         p = self.add(Proc(name, ["pushpin", "--config", str(d / "pushpin.conf")], self.run_dir))
-        wait_tcp(http_port, 30, "pushpin", p)
-        wait_tcp(pub_port, 30, "pushpin (publish)", p)
+        try:
+            wait_tcp(http_port, 30, "pushpin", p)
+            wait_tcp(pub_port, 30, "pushpin (publish)", p)
+        except BenchError:
+            self.stop(p)
+            raise
         # Listening is not ready: requests sent before its zurl is connected
         # get 502. Wait until a held stream really opens.
         deadline = time.monotonic() + 30
