@@ -138,21 +138,15 @@ async fn readiness(gw: &Gateway) -> Response {
             )
         })
         .collect();
-    let store = match gw.store.ready().await {
+    let ready = gw.store.ready().await;
+    let store = match &ready {
         Ok(()) => json!({"kind": gw.store.kind(), "ok": true}),
         Err(e) => json!({"kind": gw.store.kind(), "ok": false, "error": e.to_string()}),
     };
-    let status = if gw.is_draining() {
-        "draining"
-    } else if store["ok"] == false {
-        "store unavailable"
-    } else {
-        "ready"
-    };
-    let code = if status == "ready" {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let (code, status) = match ready {
+        _ if gw.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+        Ok(()) => (StatusCode::OK, "ready"),
     };
     json_response(
         code,

@@ -5,23 +5,21 @@
 //! gateway's session travels as `Ratatosk-*` headers, never as the client's
 //! `Mcp-Session-Id`, and the client's credentials never go upstream.
 
-use std::pin::Pin;
-use std::time::{Duration, Instant};
-
 use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, header};
-
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use serde_json::{Map, Value};
 
 use crate::config::Era;
 use crate::edge::{MCP_PROTOCOL_VERSION, MCP_SESSION_ID, REQUEST_ID};
+use crate::jsonrpc::{self, Id, Kind};
 use crate::upstream::{Answer, AnswerKind, Pool, UpstreamError, error_chain};
 
 pub const RATATOSK_SESSION: HeaderName = HeaderName::from_static("ratatosk-session");
@@ -229,6 +227,20 @@ impl AnswerReader {
         }
     }
 
+    /// Reads on to the response to request `id`, past what comes before
+    /// it (progress, the upstream's own requests); `None` if the answer
+    /// ends without one.
+    pub async fn response_to(&mut self, id: &Id) -> Result<Option<Bytes>, ReadError> {
+        while let Some(message) = self.next_message().await? {
+            if let Ok(parsed) = jsonrpc::parse_message(&message)
+                && matches!(&parsed.kind, Kind::Response { id: rid } if rid == id)
+            {
+                return Ok(Some(message));
+            }
+        }
+        Ok(None)
+    }
+
     /// The next message's raw JSON, or `None` at the end of the answer.
     pub async fn next_message(&mut self) -> Result<Option<Bytes>, ReadError> {
         loop {
@@ -378,32 +390,32 @@ pub struct UpstreamEra {
     gauge: prometheus::IntGaugeVec,
 }
 
-/// The result of the gateway's request `ratatosk-probe` in `reader`.
-async fn read_result(reader: &mut AnswerReader, method: &'static str) -> Result<Value, ProbeError> {
-    while let Some(message) = reader.next_message().await? {
-        let Ok(v) = serde_json::from_slice::<Value>(&message) else {
-            continue;
-        };
-        if v.get("id").and_then(Value::as_str) != Some("ratatosk-probe") {
-            continue;
+/// The result of the gateway's request `id` in `reader`.
+async fn read_result(
+    reader: &mut AnswerReader,
+    id: &Id,
+    method: &'static str,
+) -> Result<Value, ProbeError> {
+    let response = reader.response_to(id).await?;
+    let no_result = |answer: String| ProbeError::NoResult {
+        replica: reader.replica().to_owned(),
+        method,
+        answer,
+    };
+    let Some(response) = response else {
+        return Err(no_result("(no response)".into()));
+    };
+    match serde_json::from_slice::<Value>(&response) {
+        Ok(Value::Object(mut v)) if v.contains_key("result") => {
+            Ok(v.remove("result").unwrap_or_default())
         }
-        if let Some(result) = v.get("result") {
-            return Ok(result.clone());
-        }
-        return Err(ProbeError::NoResult {
-            replica: reader.replica().to_owned(),
-            method,
-            answer: String::from_utf8_lossy(&message)
+        _ => Err(no_result(
+            String::from_utf8_lossy(&response)
                 .chars()
                 .take(300)
                 .collect(),
-        });
+        )),
     }
-    Err(ProbeError::NoResult {
-        replica: reader.replica().to_owned(),
-        method,
-        answer: "(no response)".into(),
-    })
 }
 
 /// Why the upstream's era or description could not be found out.
@@ -552,17 +564,22 @@ impl UpstreamEra {
         if let Ok(v) = HeaderValue::from_str(&self.org) {
             headers.insert(RATATOSK_ORG, v);
         }
+        let id = Id::from_value(&Value::from("ratatosk-probe")).ok_or(ProbeError::NoResult {
+            replica: self.org.clone(),
+            method,
+            answer: "(no request id)".into(),
+        })?;
         let body = if method == "initialize" {
-            crate::era::initialize_request("ratatosk-probe")
+            crate::era::initialize_request(&id)
         } else {
-            crate::era::put_modern_headers(&mut headers, method, &Map::new(), None);
-            crate::era::discover_request("ratatosk-probe")
+            crate::era::put_modern_headers(&mut headers, method, &Map::new());
+            crate::era::discover_request(&id)
         };
         let answer = pool.send(headers.clone(), body).await?;
         let minted = answer.response.headers().get(MCP_SESSION_ID).cloned();
         let replica = answer.lease.url().to_owned();
         let mut reader = AnswerReader::new(answer, pool.read_limits);
-        let result = read_result(&mut reader, method).await;
+        let result = read_result(&mut reader, &id, method).await;
         drop(reader);
         let stateful = minted.is_some();
         if let Some(session) = minted {

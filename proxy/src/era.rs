@@ -54,9 +54,6 @@ const CACHEABLE: &[&str] = &[
     "server/discover",
 ];
 
-/// Methods that may answer with an `InputRequiredResult`.
-pub const MAY_NEED_INPUT: &[&str] = &["tools/call", "prompts/get", "resources/read"];
-
 /// Whether a protocol version names the modern era.
 pub fn is_modern_version(v: &str) -> bool {
     MODERN_VERSIONS.contains(&v)
@@ -229,14 +226,9 @@ fn check_modern_params(
     Ok(())
 }
 
-/// The modern headers a request to a modern upstream carries: the version,
-/// `Mcp-Method`, `Mcp-Name`, and the client's `Mcp-Param-*` as they came.
-pub fn put_modern_headers(
-    h: &mut HeaderMap,
-    method: &str,
-    params: &Map<String, Value>,
-    client: Option<&HeaderMap>,
-) {
+/// The modern headers a request of the gateway's to a modern upstream
+/// carries: the version, `Mcp-Method` and `Mcp-Name`.
+pub fn put_modern_headers(h: &mut HeaderMap, method: &str, params: &Map<String, Value>) {
     h.insert(
         MCP_PROTOCOL_VERSION,
         HeaderValue::from_static(MODERN_VERSION),
@@ -248,13 +240,6 @@ pub fn put_modern_headers(
         && let Some(name) = params.get(field).and_then(Value::as_str)
     {
         h.insert(MCP_NAME, encode_header(name));
-    }
-    if let Some(client) = client {
-        for (name, value) in client {
-            if name.as_str().starts_with(MCP_PARAM_PREFIX) {
-                h.append(name.clone(), value.clone());
-            }
-        }
     }
 }
 
@@ -497,34 +482,28 @@ pub fn initialize_from_discover(discover: &Value, requested: Option<&str>) -> Va
     Value::Object(result)
 }
 
+/// Who the gateway is when it speaks to an upstream as a client.
+fn gateway_info() -> Value {
+    json!({"name": "ratatosk", "version": env!("CARGO_PKG_VERSION")})
+}
+
 /// The body of a `server/discover` request the gateway sends as a client.
-pub fn discover_request(id: &str) -> Bytes {
-    Bytes::from(
-        json!({
-            "jsonrpc": "2.0", "id": id, "method": "server/discover",
-            "params": {"_meta": {
-                META_VERSION: MODERN_VERSION,
-                META_CAPABILITIES: {},
-                META_CLIENT_INFO: {"name": "ratatosk", "version": env!("CARGO_PKG_VERSION")},
-            }},
-        })
-        .to_string(),
-    )
+pub fn discover_request(id: &Id) -> Bytes {
+    let mut meta = Map::new();
+    meta.insert(META_VERSION.into(), Value::from(MODERN_VERSION));
+    meta.insert(META_CAPABILITIES.into(), json!({}));
+    meta.insert(META_CLIENT_INFO.into(), gateway_info());
+    request_with_meta(id, "server/discover", Map::new(), &meta)
 }
 
 /// The body of an `initialize` request the gateway sends as a client.
-pub fn initialize_request(id: &str) -> Bytes {
-    Bytes::from(
-        json!({
-            "jsonrpc": "2.0", "id": id, "method": "initialize",
-            "params": {
-                "protocolVersion": LATEST_LEGACY,
-                "capabilities": {},
-                "clientInfo": {"name": "ratatosk", "version": env!("CARGO_PKG_VERSION")},
-            },
-        })
-        .to_string(),
-    )
+pub fn initialize_request(id: &Id) -> Bytes {
+    let params = json!({
+        "protocolVersion": LATEST_LEGACY,
+        "capabilities": {},
+        "clientInfo": gateway_info(),
+    });
+    request_body(Some(id), "initialize", params)
 }
 
 /// Whether a 4xx body from a probed upstream is a modern JSON-RPC error,

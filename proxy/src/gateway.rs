@@ -526,17 +526,25 @@ impl Gateway {
         };
         match self.upstream_era(org, id.as_ref()).await {
             Ok(Era::Modern) => {
-                self.exchange_modern(
-                    org,
-                    session,
-                    log,
-                    stream,
-                    request,
-                    headers,
-                    &guard.token,
-                    None,
-                )
-                .await;
+                let Some(id) = id.as_ref() else { return };
+                match modern::ModernRound::of(org, session, request, id) {
+                    Ok(round) => {
+                        self.exchange_modern(
+                            org,
+                            session,
+                            log,
+                            stream,
+                            round,
+                            headers,
+                            &guard.token,
+                            None,
+                        )
+                        .await;
+                    }
+                    Err(body) => {
+                        let _ = self.append(log, stream, &body, org);
+                    }
+                }
                 return;
             }
             Ok(_) => {}
@@ -708,8 +716,14 @@ impl Gateway {
         client_headers: &http::HeaderMap,
         request_id: &str,
     ) -> Result<(Bytes, Option<session::UpstreamSession>), Reject> {
-        let id = init.request_id().cloned();
-        if self.upstream_era(org, id.as_ref()).await? == Era::Modern {
+        let id = init.request_id().ok_or_else(|| {
+            Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "initialize must be a request (with an id)",
+            )
+        })?;
+        if self.upstream_era(org, Some(id)).await? == Era::Modern {
             return Ok((self.initialize_from_modern(org, init).await?, None));
         }
         let headers = upstream_headers(
@@ -722,7 +736,9 @@ impl Gateway {
             },
             client_headers,
         );
-        self.handshake(org, headers, init).await
+        let params = init.params().unwrap_or(Value::Null);
+        self.handshake(org, headers, id, init.raw.clone(), params)
+            .await
     }
 
     /// Moves the org's sessions gauge (its handle was resolved at start).
@@ -745,9 +761,6 @@ impl Gateway {
     /// Ends a session everywhere: store, log, streams and in-flight requests.
     pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, StoreError> {
         let removed = self.store.remove(id).await?;
-        self.hub.remove(id);
-        self.stop_listener(id);
-        self.rebinding.remove(id);
         self.in_flight.retain(|(sid, _), (_, token)| {
             if sid == id {
                 token.cancel();
@@ -758,14 +771,32 @@ impl Gateway {
         });
         match removed {
             Some(state) => {
-                self.close_upstream(&state);
-                self.forget_hidden(std::slice::from_ref(&state));
-                self.count_session(&state.org, -1);
-                tracing::info!(org = %state.org, session = %short(id), "session ended: {why}");
+                self.forget_session(&state, why);
                 Ok(true)
             }
-            None => Ok(false),
+            None => {
+                self.drop_local(id);
+                Ok(false)
+            }
         }
+    }
+
+    /// What is left to do on this node when a session ends: its local
+    /// state, its upstream session, the gauge.
+    fn forget_session(&self, state: &SessionState, why: &str) {
+        self.drop_local(&state.id);
+        self.close_upstream(state);
+        self.forget_hidden(state);
+        self.count_session(&state.org, -1);
+        tracing::info!(org = %state.org, session = %short(&state.id), "session ended: {why}");
+    }
+
+    /// A session's log and streams, its upstream listen (or GET) stream
+    /// and its re-initialization lock.
+    fn drop_local(&self, id: &str) {
+        self.hub.remove(id);
+        self.stop_listener(id);
+        self.rebinding.remove(id);
     }
 
     /// Finds the caller's session; any mismatch looks like an unknown id.
@@ -1220,17 +1251,9 @@ impl Gateway {
             }
         };
         for state in &expired {
-            self.hub.remove(&state.id);
-            self.stop_listener(&state.id);
-            self.rebinding.remove(&state.id);
-            self.close_upstream(state);
-            self.count_session(&state.org, -1);
-            tracing::info!(org = %state.org, session = %short(&state.id), "session expired after being idle");
+            self.forget_session(state, "expired after being idle");
         }
-        self.forget_hidden(&expired);
         self.expire_parked();
-        // Entries a late task re-created for an ended session.
-        self.rebinding.retain(|id, _| self.hub.get(id).is_some());
         for org in self.routes.orgs() {
             org.pool.available();
         }
@@ -1244,6 +1267,33 @@ impl Gateway {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Pauses between attempts to reopen a session's background upstream
+/// stream (a listen, or a stateful upstream's GET stream): from 100 ms,
+/// doubling up to 5 s, and back to the start once the stream delivers.
+struct Backoff(std::time::Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(std::time::Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// Waits the pause, then lengthens it; false if `stop` came first.
+    async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(self.0) => {},
+            _ = stop.cancelled() => return false,
+        }
+        self.0 = (self.0 * 2).min(std::time::Duration::from_secs(5));
+        true
     }
 }
 
@@ -1303,8 +1353,6 @@ impl Drop for LegacyStream {
     }
 }
 
-/// A request's `MCP-Protocol-Version`, when given, must be the one the
-/// session negotiated.
 /// Headers of a session's message to the upstream, on behalf of the
 /// caller.
 pub(super) fn session_headers(
@@ -1331,6 +1379,8 @@ pub(super) fn session_headers(
     )
 }
 
+/// A request's `MCP-Protocol-Version`, when given, must be the one the
+/// session negotiated.
 fn check_version_matches(header: Option<&str>, session: &SessionState) -> Result<(), Reject> {
     match header {
         Some(v) if v != session.protocol_version => Err(Reject::bad_request(format!(

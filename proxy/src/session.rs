@@ -308,20 +308,13 @@ impl SessionStore for MemorySessionStore {
 
 #[cfg(test)]
 pub(crate) fn test_state(id: &str, org: &str) -> SessionState {
-    SessionState {
-        id: id.to_owned(),
-        org: org.to_owned(),
-        subject: "anonymous".into(),
-        idp_session: None,
-        transport: Transport::StreamableHttp,
-        protocol_version: "2025-06-18".into(),
-        client_info: None,
-        client_capabilities: None,
-        log_level: None,
-        resource_subscriptions: Vec::new(),
-        upstream: None,
-        created_at_ms: now_ms(),
-    }
+    SessionState::new(
+        id.to_owned(),
+        org,
+        &ratatosk_auth::Identity::anonymous(org),
+        Transport::StreamableHttp,
+        "2025-06-18".into(),
+    )
 }
 
 #[cfg(test)]

@@ -227,6 +227,16 @@ impl LogInner {
         self.producing.contains(&stream) || self.readers.iter().any(|(s, _)| *s == stream)
     }
 
+    /// Whether a POST stream's event is still to be taken by a reader.
+    fn unread(&self, e: &Event) -> bool {
+        let taken = self
+            .post_taken
+            .iter()
+            .find(|(s, _)| *s == e.id.stream)
+            .map_or(0, |(_, t)| *t);
+        e.id.seq > taken && self.live(e.id.stream)
+    }
+
     /// Forgets how far a POST stream was read once it is no longer live.
     fn settle(&mut self, stream: StreamId) {
         if !self.live(stream) {
@@ -351,18 +361,11 @@ impl SessionLog {
                 .standalone
                 .push(event, max_events, max_bytes, |_| false);
         } else {
-            let inner = &mut *inner;
-            let unread = |e: &Event| {
-                let taken = inner
-                    .post_taken
-                    .iter()
-                    .find(|(s, _)| *s == e.id.stream)
-                    .map_or(0, |(_, t)| *t);
-                e.id.seq > taken
-                    && (inner.producing.contains(&e.id.stream)
-                        || inner.readers.iter().any(|(s, _)| *s == e.id.stream))
-            };
-            inner.posts.push(event, max_events, max_bytes, unread);
+            // Out of the log for the push, so that the ring can ask the
+            // log which events are still unread.
+            let mut posts = std::mem::take(&mut inner.posts);
+            posts.push(event, max_events, max_bytes, |e| inner.unread(e));
+            inner.posts = posts;
         }
         drop(inner);
         self.wake.notify_waiters();

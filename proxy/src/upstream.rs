@@ -275,13 +275,18 @@ impl Pool {
             }
         }
         let index = best.map(|(i, _)| i).or(fallback.map(|(i, _)| i))?;
+        Some(self.lease(index))
+    }
+
+    /// Counts replica `index` busy until the lease is dropped.
+    fn lease(self: &Arc<Self>, index: usize) -> Lease {
         self.replicas[index]
             .outstanding
             .fetch_add(1, Ordering::Relaxed);
-        Some(Lease {
+        Lease {
             pool: self.clone(),
             index,
-        })
+        }
     }
 
     /// Sends one POST to a replica and waits for the response headers.
@@ -322,14 +327,7 @@ impl Pool {
                 last: "the replica holding the upstream session is no longer configured".into(),
             });
         };
-        self.replicas[index]
-            .outstanding
-            .fetch_add(1, Ordering::Relaxed);
-        let lease = Lease {
-            pool: self.clone(),
-            index,
-        };
-        match self.attempt(lease, method, headers, body).await {
+        match self.attempt(self.lease(index), method, headers, body).await {
             Attempt::Done(result) => result,
             Attempt::NotReached(why) => Err(self.unreachable(&[index], why)),
         }

@@ -50,6 +50,7 @@ pub(super) struct Parked {
 /// The context of a modern client's call in a hidden session: where its
 /// upstream requests are answered, and where the call parks when the
 /// client must answer.
+#[derive(Clone)]
 pub(super) struct Park {
     map: Arc<ParkedMap>,
     org: Arc<OrgRoute>,
@@ -83,14 +84,12 @@ impl Park {
         let request: Value = serde_json::from_slice(request).unwrap_or(Value::Null);
         let upstream_id = request.get("id").cloned().unwrap_or(Value::Null);
         let method = request.get("method").and_then(Value::as_str).unwrap_or("");
-        if let Some(refusal) = self.refusal(method) {
-            let body = match refusal {
-                None => json!({"jsonrpc": "2.0", "id": upstream_id, "result": {}}),
-                Some((code, message)) => json!({
-                    "jsonrpc": "2.0", "id": upstream_id,
-                    "error": {"code": code, "message": message},
-                }),
-            };
+        if let Some(answer) = self.own_answer(method) {
+            let mut body = json!({"jsonrpc": "2.0", "id": upstream_id});
+            match answer {
+                Ok(result) => body["result"] = result,
+                Err((code, message)) => body["error"] = json!({"code": code, "message": message}),
+            }
             self.reply(body);
             return Asked::Answered(self, reader);
         }
@@ -122,16 +121,15 @@ impl Park {
         ))
     }
 
-    /// How the gateway answers an upstream request itself, if it does:
-    /// `Some(None)` for `ping` (an empty result), `Some(Some(error))` for
-    /// a request it cannot or may not hand to the client, `None` to park
-    /// the call and ask the client.
-    fn refusal(&self, method: &str) -> Option<Option<(i64, String)>> {
+    /// The gateway's own answer to an upstream request, when it gives
+    /// one: a result for `ping`, an error for a request it cannot or may
+    /// not hand to the client; `None` to park the call and ask the client.
+    fn own_answer(&self, method: &str) -> Option<Result<Value, (i64, String)>> {
         if method == "ping" {
-            return Some(None);
+            return Some(Ok(json!({})));
         }
         let Some(capability) = era::capability_for(method) else {
-            return Some(Some((
+            return Some(Err((
                 code::METHOD_NOT_FOUND,
                 format!("the gateway does not pass {method} to a 2026-07-28 client"),
             )));
@@ -143,13 +141,13 @@ impl Park {
             .and_then(Value::as_object)
             .is_some_and(|caps| caps.contains_key(capability));
         if !declared {
-            return Some(Some((
+            return Some(Err((
                 era::errors::MISSING_CAPABILITY,
                 format!("the client did not declare the '{capability}' capability"),
             )));
         }
         if self.rounds >= self.org.max_input_rounds {
-            return Some(Some((
+            return Some(Err((
                 code::UPSTREAM_ERROR,
                 format!(
                     "this call already asked the client {} times (upstream.max_input_rounds)",
@@ -164,7 +162,7 @@ impl Park {
             .filter(|p| p.park.session.subject == *subject)
             .count();
         if waiting >= MAX_PARKED_PER_CALLER {
-            return Some(Some((
+            return Some(Err((
                 code::UPSTREAM_ERROR,
                 format!("{waiting} calls of this caller already wait for its input"),
             )));
@@ -190,12 +188,7 @@ impl Park {
     /// Sends the gateway's own message to the hidden session in the
     /// background; failures are only logged.
     pub(super) fn reply(&self, body: Value) {
-        let park = Park {
-            map: self.map.clone(),
-            org: self.org.clone(),
-            session: self.session.clone(),
-            rounds: self.rounds,
-        };
+        let park = self.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(REPLY_TIMEOUT, park.send(body)).await {
                 Ok(Ok(_)) => {}
@@ -399,11 +392,10 @@ impl Gateway {
         }
     }
 
-    /// Drops the hidden-session entries of ended sessions.
-    pub(super) fn forget_hidden(&self, ended: &[Arc<SessionState>]) {
-        if ended.iter().any(|s| s.transport == Transport::Hidden) {
-            self.hidden
-                .retain(|_, id| !ended.iter().any(|s| s.id == *id));
+    /// Drops the hidden-session entry of an ended session.
+    pub(super) fn forget_hidden(&self, ended: &SessionState) {
+        if ended.transport == Transport::Hidden {
+            self.hidden.retain(|_, id| *id != ended.id);
         }
     }
 

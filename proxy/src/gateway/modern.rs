@@ -111,15 +111,18 @@ impl Gateway {
         id: &Id,
         request: era::ModernRequest,
     ) -> Result<Response, Reject> {
-        let info = org
-            .era
-            .info(&org.pool, Era::Stateless2025)
-            .await
-            .map_err(|e| probe_reject(e, Some(id)))?;
+        // The upstream's own description, only where it is needed: a
+        // stateful upstream's calls do not wait for it.
+        let info = || async {
+            org.era
+                .info(&org.pool, Era::Stateless2025)
+                .await
+                .map_err(|e| probe_reject(e, Some(id)))
+        };
         match request.method.as_str() {
             "server/discover" => {
                 org.metrics.bridged.discover.inc();
-                let result = era::discover_from_initialize(&info);
+                let result = era::discover_from_initialize(&*info().await?);
                 return Ok(Response::json(
                     StatusCode::OK,
                     jsonrpc::result_body(Some(id), result),
@@ -149,6 +152,7 @@ impl Gateway {
                 .modern_to_stateful(org, identity, req, id, request)
                 .await;
         }
+        let info = info().await?;
         let version = info
             .get("protocolVersion")
             .and_then(Value::as_str)
@@ -261,19 +265,19 @@ impl Gateway {
     ) -> Result<Response, Reject> {
         let id = request.request_id().cloned();
         let guard = self.track(&log, &session.id, id.as_ref())?;
-        let first = match id.as_ref().map(|id| modern_round(&session, &request, id)) {
+        let round = id
+            .as_ref()
+            .map(|id| ModernRound::of(org, &session, &request, id));
+        let (round, first) = match round {
             Some(Ok(round)) => {
-                org.metrics.bridged.meta_injected.inc();
-                let mut h = headers.clone();
-                era::put_modern_headers(&mut h, &round.method, &round.params, None);
-                let body =
-                    era::request_with_meta(&round.id, &round.method, round.params, &round.meta);
-                let answer = tokio::select! {
-                    a = org.pool.send(h, body) => a,
-                    _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
-                };
-                let answer = answer.map_err(|e| upstream_reject(e, id.as_ref()))?;
-                if answer.kind == AnswerKind::Json {
+                let answer = round
+                    .send(org, &headers, &guard.token)
+                    .await
+                    .ok_or_else(|| cancelled(id.as_ref()))?
+                    .map_err(|e| upstream_reject(e, id.as_ref()))?;
+                if answer.kind != AnswerKind::Json {
+                    (round, First::Answer(answer))
+                } else {
                     let mut reader = AnswerReader::new(answer, org.pool.read_limits);
                     let body = tokio::select! {
                         b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
@@ -285,15 +289,19 @@ impl Gateway {
                                 .map_or(body, Bytes::from);
                             return Ok(Response::json(StatusCode::OK, legacy));
                         }
-                        Ok(v) => Some(First::Value(v)),
+                        Ok(v) => (round, First::Value(v)),
                         Err(_) => return Ok(Response::json(StatusCode::OK, body)),
                     }
-                } else {
-                    Some(First::Answer(answer))
                 }
             }
-            // A notification, or bad params: the exchange says so.
-            _ => None,
+            // Bad params: the answer says so, on the stream as before.
+            Some(Err(body)) => {
+                let stream = log.begin_stream().map_err(|_| session_not_found())?;
+                let _ = self.append(&log, stream, &body, org);
+                log.end_stream(stream);
+                return Ok(self.post_stream_response(org, &session, log, stream));
+            }
+            None => return Ok(Response::empty(StatusCode::ACCEPTED)),
         };
         let stream = log.begin_stream().map_err(|_| session_not_found())?;
         let (this, org2, session2, log2) =
@@ -304,10 +312,10 @@ impl Gateway {
                 &session2,
                 &log2,
                 stream,
-                &request,
+                round,
                 headers,
                 &guard.token,
-                first,
+                Some(first),
             )
             .await;
             log2.end_stream(stream);
@@ -329,52 +337,26 @@ impl Gateway {
         session: &SessionState,
         log: &Arc<SessionLog>,
         stream: StreamId,
-        request: &Message,
+        mut round: ModernRound,
         headers: http::HeaderMap,
         cancel: &CancellationToken,
         mut first: Option<First>,
     ) {
-        let Some(id) = request.request_id() else {
-            return;
-        };
-        let ModernRound {
-            method,
-            mut params,
-            meta,
-            ..
-        } = match modern_round(session, request, id) {
-            Ok(round) => round,
-            Err(body) => {
-                let _ = self.append(log, stream, &body, org);
-                return;
-            }
-        };
-        if first.is_none() {
-            org.metrics.bridged.meta_injected.inc();
-        }
-        let max_rounds = org.max_input_rounds;
-        let mut round: u32 = 0;
+        let id = round.id.clone();
+        let mut rounds: u32 = 0;
         loop {
             let answer = match first.take() {
                 Some(First::Value(value)) => Ok(value),
                 Some(First::Answer(answer)) => Err(answer),
-                None => {
-                    let mut h = headers.clone();
-                    era::put_modern_headers(&mut h, &method, &params, None);
-                    let body = era::request_with_meta(id, &method, params.clone(), &meta);
-                    let answer = tokio::select! {
-                        a = org.pool.send(h, body) => a,
-                        _ = cancel.cancelled() => return,
-                    };
-                    match answer {
-                        Ok(a) => Err(a),
-                        Err(e) => {
-                            let body = upstream_reject(e, Some(id)).body();
-                            let _ = self.append(log, stream, &body, org);
-                            return;
-                        }
+                None => match round.send(org, &headers, cancel).await {
+                    None => return,
+                    Some(Ok(a)) => Err(a),
+                    Some(Err(e)) => {
+                        let body = upstream_reject(e, Some(&id)).body();
+                        let _ = self.append(log, stream, &body, org);
+                        return;
                     }
-                }
+                },
             };
             let value = match answer {
                 Ok(value) => value,
@@ -398,14 +380,15 @@ impl Gateway {
                 let _ = self.append(log, stream, &body, org);
                 return;
             };
-            round += 1;
-            if round > max_rounds {
+            rounds += 1;
+            let max_rounds = org.max_input_rounds;
+            if rounds > max_rounds {
                 let body = jsonrpc::error_body(
-                    Some(id),
+                    Some(&id),
                     code::UPSTREAM_ERROR,
                     &format!(
-                        "the upstream of org '{}' still asked for input after {max_rounds} rounds (upstream.max_input_rounds); giving up on {method}",
-                        org.name
+                        "the upstream of org '{}' still asked for input after {max_rounds} rounds (upstream.max_input_rounds); giving up on {}",
+                        org.name, round.method
                     ),
                 );
                 let _ = self.append(log, stream, &body, org);
@@ -414,7 +397,7 @@ impl Gateway {
             org.metrics.bridged.input_round.inc();
             let answers = if input.requests.is_empty() {
                 // Load shedding: the upstream asks for the same call again.
-                let pause = (Duration::from_millis(50) * round).min(MAX_SHED_BACKOFF);
+                let pause = (Duration::from_millis(50) * rounds).min(MAX_SHED_BACKOFF);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {},
                     _ = cancel.cancelled() => return,
@@ -428,18 +411,22 @@ impl Gateway {
                     Ok(Some(answers)) => answers,
                     Ok(None) => return,
                     Err(reject) => {
-                        let _ = self.append(log, stream, &reject.with_id(Some(id)).body(), org);
+                        let _ = self.append(log, stream, &reject.with_id(Some(&id)).body(), org);
                         return;
                     }
                 }
             };
-            params.remove("inputResponses");
-            params.remove("requestState");
+            round.params.remove("inputResponses");
+            round.params.remove("requestState");
             if !answers.is_empty() {
-                params.insert("inputResponses".into(), Value::Object(answers));
+                round
+                    .params
+                    .insert("inputResponses".into(), Value::Object(answers));
             }
             if let Some(state) = input.state {
-                params.insert("requestState".into(), Value::from(state));
+                round
+                    .params
+                    .insert("requestState".into(), Value::from(state));
             }
         }
     }
@@ -582,34 +569,59 @@ pub(super) enum First {
 }
 
 /// What every round of a modern exchange sends: the request's method and
-/// params, and the session's `_meta`.
-struct ModernRound {
+/// params, and the session's `_meta`, worked out once per request.
+pub(super) struct ModernRound {
     id: Id,
     method: String,
     params: Map<String, Value>,
     meta: Map<String, Value>,
 }
 
-/// The parts of a handshake-era request for a modern upstream, or the
-/// error body to answer instead.
-fn modern_round(session: &SessionState, request: &Message, id: &Id) -> Result<ModernRound, Bytes> {
-    let params = match request.params() {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(map)) => map,
-        Some(_) => {
-            return Err(jsonrpc::error_body(
-                Some(id),
-                code::INVALID_PARAMS,
-                "params must be an object",
-            ));
+impl ModernRound {
+    /// The parts of a handshake-era request for a modern upstream, or the
+    /// error body to answer instead.
+    pub(super) fn of(
+        org: &OrgRoute,
+        session: &SessionState,
+        request: &Message,
+        id: &Id,
+    ) -> Result<ModernRound, Bytes> {
+        let params = match request.params() {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) => map,
+            Some(_) => {
+                return Err(jsonrpc::error_body(
+                    Some(id),
+                    code::INVALID_PARAMS,
+                    "params must be an object",
+                ));
+            }
+        };
+        org.metrics.bridged.meta_injected.inc();
+        Ok(ModernRound {
+            id: id.clone(),
+            method: request.method().unwrap_or_default().to_owned(),
+            params,
+            meta: era::session_meta(session),
+        })
+    }
+
+    /// Sends this round upstream; `None` if the request was cancelled
+    /// first.
+    async fn send(
+        &self,
+        org: &OrgRoute,
+        headers: &http::HeaderMap,
+        cancel: &CancellationToken,
+    ) -> Option<Result<crate::upstream::Answer, UpstreamError>> {
+        let mut h = headers.clone();
+        era::put_modern_headers(&mut h, &self.method, &self.params);
+        let body = era::request_with_meta(&self.id, &self.method, self.params.clone(), &self.meta);
+        tokio::select! {
+            a = org.pool.send(h, body) => Some(a),
+            _ = cancel.cancelled() => None,
         }
-    };
-    Ok(ModernRound {
-        id: id.clone(),
-        method: request.method().unwrap_or_default().to_owned(),
-        params,
-        meta: era::session_meta(session),
-    })
+    }
 }
 
 /// Why a stateless 2025 upstream's question to the client fails at once:
@@ -809,9 +821,6 @@ pub(super) const LISTEN_LIMITS: crate::bridge::ReadLimits = crate::bridge::ReadL
     max_bytes: usize::MAX,
 };
 
-/// Longest pause between two attempts to reopen a listen stream.
-const MAX_LISTEN_BACKOFF: Duration = Duration::from_secs(5);
-
 impl Gateway {
     /// Makes sure a legacy session of a modern upstream has its upstream
     /// `subscriptions/listen` stream feeding the session's standalone
@@ -865,7 +874,7 @@ impl Gateway {
         log: &SessionLog,
         stop: &CancellationToken,
     ) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         let mut round = 0u64;
         loop {
             let session = match self.store.lookup(session_id).await {
@@ -887,7 +896,7 @@ impl Gateway {
                 }),
             );
             let mut headers = stateful::background_headers(org, &session, "listen");
-            era::put_modern_headers(&mut headers, "subscriptions/listen", &params, None);
+            era::put_modern_headers(&mut headers, "subscriptions/listen", &params);
             let body = era::request_with_meta(
                 &id,
                 "subscriptions/listen",
@@ -912,7 +921,7 @@ impl Gateway {
                             Ok(Kind::Notification { method })
                                 if method != "notifications/subscriptions/acknowledged" =>
                             {
-                                backoff = Duration::from_millis(100);
+                                backoff.reset();
                                 if self.append(log, STANDALONE, &message, org).is_err() {
                                     return;
                                 }
@@ -926,11 +935,9 @@ impl Gateway {
                     tracing::warn!(org = %org.name, session = %short(session_id), error = %e, "cannot open the upstream listen stream; retrying");
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {},
-                _ = stop.cancelled() => return,
+            if !backoff.wait(stop).await {
+                return;
             }
-            backoff = (backoff * 2).min(MAX_LISTEN_BACKOFF);
         }
     }
 }

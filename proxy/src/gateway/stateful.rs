@@ -20,9 +20,6 @@ use crate::upstream::Answer;
 /// Longest wait for an upstream to confirm the end of one of its sessions.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Longest pause between two attempts to reopen an upstream GET stream.
-const MAX_FOLLOW_BACKOFF: Duration = Duration::from_secs(5);
-
 /// Coordination around one gateway session's upstream session: one
 /// re-initialization at a time, and a signal to the session's GET stream
 /// follower that the upstream session changed.
@@ -33,20 +30,22 @@ pub(super) struct Rebinding {
 }
 
 impl Gateway {
-    /// Sends `initialize` upstream; returns the response to it and, when
-    /// the upstream minted a session of its own, that session.
+    /// Sends `initialize` (request `id`, `body`, whose params are
+    /// `params`) upstream; returns the response to it and, when the
+    /// upstream minted a session of its own, that session.
     pub(super) async fn handshake(
         &self,
         org: &OrgRoute,
         headers: HeaderMap,
-        init: &Message,
+        id: &Id,
+        body: Bytes,
+        params: Value,
     ) -> Result<(Bytes, Option<UpstreamSession>), Reject> {
-        let id = init.request_id();
         let answer = org
             .pool
-            .send(headers, init.raw.clone())
+            .send(headers, body)
             .await
-            .map_err(|e| upstream_reject(e, id))?;
+            .map_err(|e| upstream_reject(e, Some(id)))?;
         let minted = answer
             .response
             .headers()
@@ -55,35 +54,27 @@ impl Gateway {
             .map(str::to_owned);
         let replica = answer.lease.url().to_owned();
         let mut reader = AnswerReader::new(answer, org.pool.read_limits);
-        let response = loop {
-            match reader.next_message().await {
-                Ok(Some(message)) => {
-                    if let Ok(parsed) = jsonrpc::parse_message(&message)
-                        && matches!(&parsed.kind, Kind::Response { id: rid } if Some(rid) == id)
-                    {
-                        break message;
-                    }
-                }
-                Ok(None) => {
-                    return Err(Reject::new(
-                        StatusCode::BAD_GATEWAY,
-                        code::UPSTREAM_ERROR,
-                        format!(
-                            "upstream {} ended its answer to initialize without a response",
-                            reader.replica()
-                        ),
-                    )
-                    .with_id(id));
-                }
-                Err(e) => return Err(read_reject(e, id)),
-            }
+        let Some(response) = reader
+            .response_to(id)
+            .await
+            .map_err(|e| read_reject(e, Some(id)))?
+        else {
+            return Err(Reject::new(
+                StatusCode::BAD_GATEWAY,
+                code::UPSTREAM_ERROR,
+                format!(
+                    "upstream {} ended its answer to initialize without a response",
+                    reader.replica()
+                ),
+            )
+            .with_id(Some(id)));
         };
         let bound = match (minted, negotiated_version(&response)) {
             (Some(session), Some(version)) => Some(UpstreamSession {
                 replica,
                 id: session,
                 protocol_version: version,
-                initialize: init.params().unwrap_or(Value::Null),
+                initialize: params,
             }),
             _ => None,
         };
@@ -218,11 +209,12 @@ impl Gateway {
                 ),
             )
         };
-        let init = Id::from_value(&Value::from("ratatosk-initialize"))
-            .map(|id| crate::era::request_body(Some(&id), "initialize", params))
-            .and_then(|body| jsonrpc::parse_message(&body).ok())
+        let id = Id::from_value(&Value::from("ratatosk-initialize"))
             .ok_or_else(|| fail("cannot build the initialize request".into()))?;
-        let (response, bound) = self.handshake(org, headers.clone(), &init).await?;
+        let body = crate::era::request_body(Some(&id), "initialize", params.clone());
+        let (response, bound) = self
+            .handshake(org, headers.clone(), &id, body, params)
+            .await?;
         let Some(bound) = bound else {
             return Err(fail(format!(
                 "it answered initialize without a session: {}",
@@ -274,17 +266,24 @@ impl Gateway {
         log: &SessionLog,
         stop: &CancellationToken,
     ) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
+        // Taken once: a follower that outlives its session must not put
+        // the entry back.
+        let coordination = self.rebinding_of(session_id);
         loop {
             let session = match self.store.lookup(session_id).await {
                 Ok(Some(s)) => s,
-                _ => return,
+                Ok(None) => {
+                    // Ended before this follower started.
+                    self.rebinding.remove(session_id);
+                    return;
+                }
+                Err(_) => return,
             };
             let Some(bound) = session.upstream.clone() else {
                 return;
             };
             let headers = background_headers(org, &session, "follow");
-            let coordination = self.rebinding_of(session_id);
             let answer = tokio::select! {
                 a = send_bound(org, &bound, Method::GET, headers.clone(), Bytes::new()) => a,
                 _ = stop.cancelled() => return,
@@ -301,7 +300,7 @@ impl Gateway {
                             _ = stop.cancelled() => return,
                         };
                         let Ok(Some(message)) = next else { break };
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         if self.append(log, STANDALONE, &message, org).is_err() {
                             return;
                         }
@@ -330,11 +329,9 @@ impl Gateway {
                         "cannot open the upstream session's GET stream; retrying");
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {},
-                _ = stop.cancelled() => return,
+            if !backoff.wait(stop).await {
+                return;
             }
-            backoff = (backoff * 2).min(MAX_FOLLOW_BACKOFF);
         }
     }
 
