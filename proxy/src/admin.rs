@@ -126,7 +126,8 @@ async fn route(
     }
 }
 
-/// Ready unless draining or the session store does not answer.
+/// Ready unless draining, or the session store or the node bus does not
+/// answer.
 async fn readiness(gw: &Gateway) -> Response {
     let orgs: serde_json::Map<String, serde_json::Value> = gw
         .routes
@@ -143,15 +144,19 @@ async fn readiness(gw: &Gateway) -> Response {
         Ok(()) => json!({"kind": gw.store.kind(), "ok": true}),
         Err(e) => json!({"kind": gw.store.kind(), "ok": false, "error": e.to_string()}),
     };
+    // A node off the bus would miss other nodes' events and notices.
+    let bus_up = gw.hub.events().is_none_or(|e| e.bus_up());
     let (code, status) = match ready {
         _ if gw.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+        Ok(()) if !bus_up => (StatusCode::SERVICE_UNAVAILABLE, "event bus unavailable"),
         Ok(()) => (StatusCode::OK, "ready"),
     };
-    json_response(
-        code,
-        json!({"status": status, "store": store, "orgs": orgs}),
-    )
+    let mut body = json!({"status": status, "store": store, "orgs": orgs});
+    if let Some(events) = gw.hub.events() {
+        body["events"] = json!({"bus": events.bus_up(), "dropped": events.dropped()});
+    }
+    json_response(code, body)
 }
 
 fn json_response(status: StatusCode, v: serde_json::Value) -> Response {

@@ -98,6 +98,10 @@ pub struct SessionsConfig {
     pub event_log_size: usize,
     /// Bytes kept in each of those two rings (the newest event is always kept).
     pub event_log_bytes: usize,
+    /// With `store: redis`, events older than this leave the shared log
+    /// (which is also bounded by `event_log_size`).
+    #[serde(with = "humantime_serde")]
+    pub event_log_max_age: Duration,
     /// Requests one session may have waiting on upstreams at once; more get 429.
     pub max_in_flight: usize,
     /// Where sessions live: `memory` (this process, the default) or
@@ -125,6 +129,7 @@ impl Default for SessionsConfig {
             idle_ttl: Duration::from_secs(30 * 60),
             event_log_size: 256,
             event_log_bytes: 4 * 1024 * 1024,
+            event_log_max_age: Duration::from_secs(30 * 60),
             max_in_flight: 64,
             store: StoreKind::Memory,
             url: None,

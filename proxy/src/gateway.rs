@@ -25,7 +25,9 @@ use crate::routes::{Endpoint, OrgRoute, RouteError, Routes};
 use crate::session::{self, SessionState, SessionStore, StoreError, Transport};
 use crate::stream::{
     AttachError, ChunkSource, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog,
-    StreamId, priming_frame, sse_frame,
+    StreamId, priming_frame,
+    shared::{BusHandler, Notice, SharedEvents},
+    sse_frame,
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
@@ -61,6 +63,9 @@ pub struct Gateway {
     pub public_url: String,
     pub store: Arc<dyn SessionStore>,
     pub hub: Hub,
+    /// This node's random tag (the shared log's, with one): it keeps the
+    /// gateway's own request ids apart from other nodes'.
+    node: u32,
     pub metrics: Arc<Metrics>,
     /// Requests being answered upstream, by (session, JSON-RPC id), so a
     /// `notifications/cancelled` or a DELETE can stop them.
@@ -100,6 +105,17 @@ pub enum PublishError {
 
 impl Gateway {
     pub fn new(config: Config, store: Arc<dyn SessionStore>) -> Result<Arc<Gateway>, BuildError> {
+        Self::with_events(config, store, None)
+    }
+
+    /// A gateway node; with `events`, one of several that share their
+    /// sessions' event logs (and tell each other about sessions, requests
+    /// and logouts) through Redis.
+    pub fn with_events(
+        config: Config,
+        store: Arc<dyn SessionStore>,
+        events: Option<Arc<SharedEvents>>,
+    ) -> Result<Arc<Gateway>, BuildError> {
         let metrics = Arc::new(Metrics::new()?);
         let mut orgs = Vec::new();
         for (name, org) in &config.orgs {
@@ -136,14 +152,19 @@ impl Gateway {
             )?),
             None => None,
         };
-        Ok(Arc::new(Gateway {
+        let limits = LogLimits {
+            max_events: config.sessions.event_log_size,
+            max_bytes: config.sessions.event_log_bytes,
+        };
+        let gateway = Arc::new(Gateway {
             routes: Routes::new(&config.base_path, orgs),
             validator,
             public_url: config.public_url(),
-            hub: Hub::new(LogLimits {
-                max_events: config.sessions.event_log_size,
-                max_bytes: config.sessions.event_log_bytes,
-            }),
+            node: events.as_ref().map_or_else(rand::random, |e| e.node()),
+            hub: match &events {
+                Some(events) => Hub::shared(limits, events.clone()),
+                None => Hub::new(limits),
+            },
             store,
             metrics,
             in_flight: Arc::new(DashMap::new()),
@@ -157,7 +178,12 @@ impl Gateway {
             parked: Arc::new(DashMap::new()),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
-        }))
+        });
+        if let Some(events) = &events {
+            let handler: Arc<dyn BusHandler> = gateway.clone();
+            events.start(Arc::downgrade(&handler));
+        }
+        Ok(gateway)
     }
 
     /// Routes that serve every caller as anonymous. The binary warns about
@@ -647,10 +673,10 @@ impl Gateway {
         stream: StreamId,
         payload: &[u8],
         org: &OrgRoute,
-    ) -> Result<EventId, crate::stream::Closed> {
-        let id = log.append(stream, payload)?;
+    ) -> Result<(), crate::stream::Closed> {
+        log.append(stream, payload)?;
         org.metrics.published_upstream.inc();
-        Ok(id)
+        Ok(())
     }
 
     async fn initialize(
@@ -761,14 +787,7 @@ impl Gateway {
     /// Ends a session everywhere: store, log, streams and in-flight requests.
     pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, StoreError> {
         let removed = self.store.remove(id).await?;
-        self.in_flight.retain(|(sid, _), (_, token)| {
-            if sid == id {
-                token.cancel();
-                false
-            } else {
-                true
-            }
-        });
+        self.stop_requests(id);
         match removed {
             Some(state) => {
                 self.forget_session(&state, why);
@@ -781,9 +800,26 @@ impl Gateway {
         }
     }
 
-    /// What is left to do on this node when a session ends: its local
-    /// state, its upstream session, the gauge.
+    /// Stops the session's requests running on this node.
+    fn stop_requests(&self, id: &str) {
+        self.in_flight.retain(|(sid, _), (_, token)| {
+            if sid == id {
+                token.cancel();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// What is left to do when a session ends: its local state (and other
+    /// nodes' too), its upstream session, the gauge.
     fn forget_session(&self, state: &SessionState, why: &str) {
+        if let Some(events) = self.hub.events() {
+            events.notify(&Notice::Ended {
+                session: state.id.clone(),
+            });
+        }
         self.drop_local(&state.id);
         self.close_upstream(state);
         self.forget_hidden(state);
@@ -859,7 +895,12 @@ impl Gateway {
         transport: Transport,
     ) -> Result<(Arc<SessionState>, Arc<SessionLog>), Reject> {
         let session = self.session_for(org, identity, id, transport).await?;
-        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
+        let log = self
+            .hub
+            .open(&session.id, false)
+            .await
+            .map_err(store_reject)?
+            .ok_or_else(session_not_found)?;
         Ok((session, log))
     }
 
@@ -879,16 +920,34 @@ impl Gateway {
         if message.method().is_none() && self.take_reply(&session.id, message) {
             return;
         }
+        if let (Some(events), Kind::Response { id }) = (self.hub.events(), &message.kind)
+            && id.as_json().starts_with("\"ratatosk-")
+        {
+            // The gateway's own request, sent by another node.
+            events.notify(&Notice::Reply {
+                session: session.id.clone(),
+                body: String::from_utf8_lossy(&message.raw).into_owned(),
+            });
+            return;
+        }
         if message.method() == Some("notifications/cancelled") {
             let target = message
                 .params()
                 .and_then(|p| p.get("requestId").cloned())
                 .and_then(|v| Id::from_value(&v));
-            if let Some(target) = target
-                && let Some((_, (_, token))) = self.in_flight.remove(&(session.id.clone(), target))
-            {
-                token.cancel();
-                tracing::debug!(session = %short(&session.id), "request cancelled by the client");
+            if let Some(target) = target {
+                if let Some((_, (_, token))) =
+                    self.in_flight.remove(&(session.id.clone(), target.clone()))
+                {
+                    token.cancel();
+                    tracing::debug!(session = %short(&session.id), "request cancelled by the client");
+                } else if let Some(events) = self.hub.events() {
+                    // It may run on another node.
+                    events.notify(&Notice::Cancel {
+                        session: session.id.clone(),
+                        id: target.to_value(),
+                    });
+                }
             }
         }
         if session.upstream.is_some() {
@@ -1028,6 +1087,16 @@ impl Gateway {
                     text.escape_default()
                 ))
             })?),
+        };
+        // Another node may have served the stream up to its last event.
+        let log = if log.is_mirror() {
+            self.hub
+                .open(&session.id, true)
+                .await
+                .map_err(store_reject)?
+                .ok_or_else(session_not_found)?
+        } else {
+            log
         };
         let attach = log
             .attach(
@@ -1222,13 +1291,11 @@ impl Gateway {
             .lookup(session_id)
             .await?
             .ok_or(PublishError::UnknownSession)?;
-        let log = self
+        let id = self
             .hub
-            .get(session_id)
+            .publish(session_id, &message.raw)
+            .await?
             .ok_or(PublishError::UnknownSession)?;
-        let id = log
-            .append(STANDALONE, &message.raw)
-            .map_err(|_| PublishError::UnknownSession)?;
         if let Some(org) = self.routes.org(&state.org) {
             org.metrics.published_publish.inc();
         }
@@ -1254,6 +1321,7 @@ impl Gateway {
             self.forget_session(state, "expired after being idle");
         }
         self.expire_parked();
+        self.hub.drop_idle_mirrors();
         for org in self.routes.orgs() {
             org.pool.available();
         }
@@ -1267,6 +1335,48 @@ impl Gateway {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// What other nodes tell this one (Redis mode).
+impl BusHandler for Gateway {
+    fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    fn notice(&self, notice: Notice) {
+        match notice {
+            Notice::Ended { session } => {
+                self.stop_requests(&session);
+                self.drop_local(&session);
+            }
+            Notice::Cancel { session, id } => {
+                if let Some(id) = Id::from_value(&id)
+                    && let Some((_, (_, token))) = self.in_flight.remove(&(session, id))
+                {
+                    token.cancel();
+                }
+            }
+            Notice::Reply { session, body } => {
+                if let Ok(message) = jsonrpc::parse_message(&Bytes::from(body)) {
+                    self.take_reply(&session, &message);
+                }
+            }
+            Notice::Logout {
+                sid,
+                sub,
+                issued_at_ms,
+            } => {
+                if let Some(validator) = &self.validator {
+                    validator.revoke(&ratatosk_auth::logout::LogoutEvent {
+                        sid,
+                        sub,
+                        issued_at: issued_at_ms
+                            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+                    });
+                }
+            }
+        }
     }
 }
 

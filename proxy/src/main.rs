@@ -18,6 +18,7 @@ use ratatosk::config::StoreKind;
 use ratatosk::gateway::Gateway;
 use ratatosk::server::{AdminApp, Housekeeping, McpApp};
 use ratatosk::session::{MemorySessionStore, RedisSessionStore, SessionStore};
+use ratatosk::stream::shared::{SharedEvents, SharedLimits};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -132,8 +133,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
     };
     // A shared store's connection is driven by a runtime of its own: the
     // serving threads' runtimes only start with the server.
-    let (store, _store_runtime) = session_store(&config, path)?;
-    let gateway = Gateway::new(config, store).context("cannot build the gateway")?;
+    let (store, events, _store_runtime) = session_store(&config, path)?;
+    let gateway =
+        Gateway::with_events(config, store, events).context("cannot build the gateway")?;
     for org in gateway.unauthenticated_orgs() {
         tracing::warn!(
             org,
@@ -194,15 +196,19 @@ fn run(path: &Path) -> anyhow::Result<()> {
     server.run_forever();
 }
 
-/// The configured session store, and the runtime that drives a shared
-/// store's connection (kept for the life of the process).
-fn session_store(
-    config: &Config,
-    path: &Path,
-) -> anyhow::Result<(Arc<dyn SessionStore>, Option<tokio::runtime::Runtime>)> {
+/// The configured session store; with a shared store, the shared event
+/// log, and the runtime that drives their connections (kept for the life
+/// of the process).
+type Shared = (
+    Arc<dyn SessionStore>,
+    Option<Arc<SharedEvents>>,
+    Option<tokio::runtime::Runtime>,
+);
+
+fn session_store(config: &Config, path: &Path) -> anyhow::Result<Shared> {
     let sessions = &config.sessions;
     let (StoreKind::Redis, Some(url)) = (sessions.store, &sessions.url) else {
-        return Ok((Arc::new(MemorySessionStore::new()), None));
+        return Ok((Arc::new(MemorySessionStore::new()), None, None));
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -210,17 +216,30 @@ fn session_store(
         .enable_all()
         .build()
         .context("cannot start the session store's runtime")?;
-    let store = {
-        let _driven_by = runtime.enter();
-        RedisSessionStore::new(url, &sessions.key_prefix, sessions.idle_ttl).with_context(|| {
-            format!(
-                "{}: `sessions.url` is not a usable Redis URL",
-                path.display()
-            )
-        })?
+    let unusable = || {
+        format!(
+            "{}: `sessions.url` is not a usable Redis URL",
+            path.display()
+        )
     };
-    tracing::info!(prefix = %sessions.key_prefix, "sessions are kept in redis");
-    Ok((Arc::new(store), Some(runtime)))
+    let (store, events) = {
+        let _driven_by = runtime.enter();
+        let store = RedisSessionStore::new(url, &sessions.key_prefix, sessions.idle_ttl)
+            .with_context(unusable)?;
+        let events = SharedEvents::new(
+            url,
+            &sessions.key_prefix,
+            SharedLimits {
+                max_events: sessions.event_log_size,
+                max_age: sessions.event_log_max_age,
+                idle_ttl: sessions.idle_ttl,
+            },
+        )
+        .with_context(unusable)?;
+        (store, events)
+    };
+    tracing::info!(prefix = %sessions.key_prefix, node = events.node(), "sessions and their events are kept in redis");
+    Ok((Arc::new(store), Some(events), Some(runtime)))
 }
 
 /// The address string of service `i`'s listener. Pingora shares one

@@ -38,7 +38,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-mod redis;
+pub(crate) mod redis;
 pub use redis::{RedisSessionStore, RedisStoreError};
 
 /// Which client transport a session was opened with.

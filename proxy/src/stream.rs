@@ -10,7 +10,7 @@
 //! increasing, `stream` says which stream the event belongs to, so a
 //! `Last-Event-ID` replays that stream's missed events and no other's.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,8 +23,12 @@ use dashmap::DashMap;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::Notify;
 
+pub mod shared;
+
+use shared::SharedEvents;
+
 /// Which stream of a session an event belongs to.
-pub type StreamId = u32;
+pub type StreamId = u64;
 
 /// The session's standalone stream: the GET stream, or the legacy `/sse`.
 pub const STANDALONE: StreamId = 0;
@@ -201,6 +205,8 @@ pub struct LogLimits {
 const MAX_CHUNK: usize = 256 * 1024;
 
 struct LogInner {
+    /// The seq the next event gets; in a mirror, the seq it waits for next
+    /// (every event before it has been applied).
     next_seq: u64,
     next_stream: StreamId,
     standalone: Ring,
@@ -218,6 +224,48 @@ struct LogInner {
     post_taken: Vec<(StreamId, u64)>,
     next_reader: u64,
     closed: bool,
+    /// A mirror's entries that arrived ahead of one still missing.
+    pending: BTreeMap<u64, Entry>,
+    /// A mirror has read the shared log once (before that, arrivals wait).
+    synced: bool,
+    /// A mirror's read of the shared log is under way.
+    filling: bool,
+    /// POST streams a mirror was asked for before it heard of them (their
+    /// node may not have sent their start yet): read as producing until
+    /// then.
+    tentative: Vec<(StreamId, Instant)>,
+    /// The POST streams a mirror saw end last, newest last.
+    ended: VecDeque<StreamId>,
+}
+
+/// How long a mirror waits to hear of a POST stream it was asked for.
+const TENTATIVE_FOR: Duration = Duration::from_secs(10);
+
+/// How many ended POST streams a mirror remembers.
+const ENDED_KEPT: usize = 64;
+
+/// One entry of a shared log, as a mirror applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Message {
+        stream: StreamId,
+        payload: Bytes,
+    },
+    /// A POST stream starts: its answer is arriving.
+    Begin(StreamId),
+    /// A POST stream is complete.
+    End(StreamId),
+}
+
+/// What a read of the shared log found after a seq.
+#[derive(Debug, Default)]
+pub struct LogRead {
+    /// The session's last seq.
+    pub last_seq: u64,
+    /// Highest standalone seq delivered to a client, on any node.
+    pub delivered: u64,
+    /// The entries after the seq asked for, in seq order.
+    pub entries: Vec<(u64, Entry)>,
 }
 
 impl LogInner {
@@ -244,6 +292,76 @@ impl LogInner {
         }
     }
 
+    /// Adds one event to its ring, evicting as the limits say.
+    fn push_event(&mut self, id: EventId, payload: &[u8], limits: LogLimits) {
+        let event = Event {
+            id,
+            frame: sse_frame(Some(id), Some("message"), payload),
+        };
+        if id.stream == STANDALONE {
+            self.standalone
+                .push(event, limits.max_events, limits.max_bytes, |_| false);
+        } else {
+            // Out of the log for the push, so that the ring can ask the
+            // log which events are still unread.
+            let mut posts = std::mem::take(&mut self.posts);
+            posts.push(event, limits.max_events, limits.max_bytes, |e| {
+                self.unread(e)
+            });
+            self.posts = posts;
+        }
+    }
+
+    /// Applies a mirror's entry `seq`, the one it waits for next.
+    fn apply(&mut self, seq: u64, entry: Entry, limits: LogLimits) {
+        match entry {
+            Entry::Message { stream, payload } => {
+                self.push_event(EventId { stream, seq }, &payload, limits);
+            }
+            Entry::Begin(stream) => {
+                self.tentative.retain(|(s, _)| *s != stream);
+                if !self.producing.contains(&stream) {
+                    self.producing.push(stream);
+                }
+            }
+            Entry::End(stream) => {
+                self.producing.retain(|s| *s != stream);
+                self.tentative.retain(|(s, _)| *s != stream);
+                if self.ended.len() >= ENDED_KEPT {
+                    self.ended.pop_front();
+                }
+                self.ended.push_back(stream);
+                self.settle(stream);
+            }
+        }
+        self.next_seq = seq + 1;
+    }
+
+    /// Applies the pending entries that follow on; true if some are still
+    /// held back by a missing one.
+    fn drain_pending(&mut self, limits: LogLimits) -> bool {
+        while let Some(entry) = self.pending.first_entry() {
+            let seq = *entry.key();
+            if seq < self.next_seq {
+                entry.remove();
+            } else if seq == self.next_seq {
+                let e = entry.remove();
+                self.apply(seq, e, limits);
+            } else {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Records that the events up to `seq` can no longer be had: a reader
+    /// resuming from before them has a gap.
+    fn lost_upto(&mut self, seq: u64) {
+        self.standalone.evicted_upto = self.standalone.evicted_upto.max(seq);
+        self.posts.evicted_upto = self.posts.evicted_upto.max(seq);
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+
     fn ring(&self, stream: StreamId) -> &Ring {
         if stream == STANDALONE {
             &self.standalone
@@ -259,12 +377,27 @@ impl LogInner {
 pub struct Closed;
 
 /// A session's bounded event log and its live readers.
+///
+/// With a shared log (Redis mode) this is the node's mirror of it: appends
+/// go to the shared log, and come back, with their seq, through
+/// [`SessionLog::offer`] in seq order; readers read the mirror as they
+/// would a local log.
 pub struct SessionLog {
     inner: Mutex<LogInner>,
     wake: Notify,
     limits: LogLimits,
     /// Requests of this session now waiting on an upstream (see [`Slot`]).
     in_flight: AtomicUsize,
+    shared: Option<Link>,
+    /// When the node last used this log (ms of [`Hub::clock`]), to drop an
+    /// idle mirror.
+    used: std::sync::atomic::AtomicU64,
+}
+
+/// A mirror's way to the shared log.
+struct Link {
+    events: Arc<SharedEvents>,
+    session: Arc<str>,
 }
 
 /// One of a session's in-flight request slots; released on drop.
@@ -280,6 +413,24 @@ impl Drop for Slot {
 
 impl SessionLog {
     pub fn new(limits: LogLimits) -> Self {
+        Self::with_link(limits, None)
+    }
+
+    /// A mirror of session `session`'s shared log. `synced` says the node
+    /// knows it to be empty (the session was just created here).
+    fn mirror(limits: LogLimits, events: Arc<SharedEvents>, session: &str, synced: bool) -> Self {
+        let log = Self::with_link(
+            limits,
+            Some(Link {
+                events,
+                session: session.into(),
+            }),
+        );
+        log.lock().synced = synced;
+        log
+    }
+
+    fn with_link(limits: LogLimits, shared: Option<Link>) -> Self {
         SessionLog {
             inner: Mutex::new(LogInner {
                 next_seq: 1,
@@ -292,9 +443,16 @@ impl SessionLog {
                 post_taken: Vec::new(),
                 next_reader: 1,
                 closed: false,
+                pending: BTreeMap::new(),
+                synced: true,
+                filling: false,
+                tentative: Vec::new(),
+                ended: VecDeque::new(),
             }),
             wake: Notify::new(),
             in_flight: AtomicUsize::new(0),
+            shared,
+            used: std::sync::atomic::AtomicU64::new(0),
             limits: LogLimits {
                 max_events: limits.max_events.max(1),
                 max_bytes: limits.max_bytes,
@@ -324,15 +482,35 @@ impl SessionLog {
         if inner.closed {
             return Err(Closed);
         }
-        let id = inner.next_stream;
-        inner.next_stream = inner.next_stream.wrapping_add(1).max(STANDALONE + 1);
+        let id = match &self.shared {
+            Some(link) => link.events.next_stream_id(),
+            None => {
+                let id = inner.next_stream;
+                inner.next_stream = inner.next_stream.wrapping_add(1).max(STANDALONE + 1);
+                id
+            }
+        };
         inner.producing.push(id);
+        drop(inner);
+        if let Some(link) = &self.shared {
+            link.events.enqueue(&link.session, shared::Op::Begin(id));
+        }
         Ok(id)
     }
 
     /// Marks a POST stream complete: its readers end once they have read
     /// everything in it.
     pub fn end_stream(&self, stream: StreamId) {
+        if let Some(link) = &self.shared {
+            // The end comes back after the stream's last event.
+            link.events.enqueue(&link.session, shared::Op::End(stream));
+            return;
+        }
+        self.end_local(stream);
+    }
+
+    /// Ends a POST stream on this node only.
+    pub(crate) fn end_local(&self, stream: StreamId) {
         let mut inner = self.lock();
         inner.producing.retain(|s| *s != stream);
         inner.settle(stream);
@@ -340,8 +518,27 @@ impl SessionLog {
         self.wake.notify_waiters();
     }
 
-    /// Appends one JSON-RPC message to a stream and wakes its reader.
-    pub fn append(&self, stream: StreamId, payload: &[u8]) -> Result<EventId, Closed> {
+    /// Appends one JSON-RPC message to a stream and wakes its reader. A
+    /// mirror sends it to the shared log instead, and gets it back in order.
+    pub fn append(&self, stream: StreamId, payload: &[u8]) -> Result<(), Closed> {
+        let Some(link) = &self.shared else {
+            return self.append_local(stream, payload).map(|_| ());
+        };
+        if self.lock().closed {
+            return Err(Closed);
+        }
+        link.events.enqueue(
+            &link.session,
+            shared::Op::Message {
+                stream,
+                payload: Bytes::copy_from_slice(payload),
+            },
+        );
+        Ok(())
+    }
+
+    /// Appends to a local log, and says the event's id.
+    pub fn append_local(&self, stream: StreamId, payload: &[u8]) -> Result<EventId, Closed> {
         let mut inner = self.lock();
         if inner.closed {
             return Err(Closed);
@@ -351,25 +548,85 @@ impl SessionLog {
             seq: inner.next_seq,
         };
         inner.next_seq += 1;
-        let event = Event {
-            id,
-            frame: sse_frame(Some(id), Some("message"), payload),
-        };
-        let (max_events, max_bytes) = (self.limits.max_events, self.limits.max_bytes);
-        if stream == STANDALONE {
-            inner
-                .standalone
-                .push(event, max_events, max_bytes, |_| false);
-        } else {
-            // Out of the log for the push, so that the ring can ask the
-            // log which events are still unread.
-            let mut posts = std::mem::take(&mut inner.posts);
-            posts.push(event, max_events, max_bytes, |e| inner.unread(e));
-            inner.posts = posts;
-        }
+        inner.push_event(id, payload, self.limits);
         drop(inner);
         self.wake.notify_waiters();
         Ok(id)
+    }
+
+    /// A mirror takes entry `seq` of the shared log, arriving live. True if
+    /// the mirror now misses an entry before it and should read the shared
+    /// log (see [`SessionLog::apply_read`]).
+    pub fn offer(&self, seq: u64, entry: Entry) -> bool {
+        let mut inner = self.lock();
+        if inner.closed || seq < inner.next_seq {
+            return false;
+        }
+        if !inner.synced || seq > inner.next_seq {
+            inner.pending.insert(seq, entry);
+            if inner.pending.len() > self.limits.max_events.saturating_mul(UNREAD_HEADROOM) {
+                inner.pending.pop_first();
+            }
+            if inner.synced && !inner.filling {
+                inner.filling = true;
+                return true;
+            }
+            return false;
+        }
+        inner.apply(seq, entry, self.limits);
+        inner.drain_pending(self.limits);
+        drop(inner);
+        self.wake.notify_waiters();
+        false
+    }
+
+    /// The seq after which a read of the shared log should start, marking
+    /// a read under way.
+    pub fn read_from(&self) -> u64 {
+        let mut inner = self.lock();
+        inner.filling = true;
+        if inner.synced { inner.next_seq - 1 } else { 0 }
+    }
+
+    /// A mirror applies what a read of the shared log found. Entries the
+    /// shared log no longer holds count as evicted. True if entries that
+    /// arrived meanwhile still wait on a missing one (read again).
+    pub fn apply_read(&self, read: LogRead) -> bool {
+        let mut inner = self.lock();
+        if inner.closed {
+            return false;
+        }
+        if !inner.synced {
+            // The first read: what came before it is not to be had here.
+            let first = read.entries.first().map_or(read.last_seq + 1, |(s, _)| *s);
+            inner.next_seq = 1;
+            inner.lost_upto(first.saturating_sub(1));
+            inner.synced = true;
+        }
+        for (seq, entry) in read.entries {
+            if seq < inner.next_seq {
+                continue;
+            }
+            if seq > inner.next_seq {
+                inner.lost_upto(seq - 1);
+            }
+            inner.apply(seq, entry, self.limits);
+        }
+        if read.last_seq >= inner.next_seq {
+            // Expired with the shared log's key.
+            inner.lost_upto(read.last_seq);
+        }
+        inner.standalone_delivered = inner.standalone_delivered.max(read.delivered);
+        let behind = inner.drain_pending(self.limits);
+        inner.filling = behind;
+        drop(inner);
+        self.wake.notify_waiters();
+        behind
+    }
+
+    /// The shared log's link, if this is a mirror.
+    pub fn is_mirror(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Ends the log: readers stop, appends fail.
@@ -411,7 +668,8 @@ impl SessionLog {
         {
             return Err(AttachError::UnknownEvent);
         }
-        if stream != STANDALONE && stream >= inner.next_stream {
+        // A mirror knows the streams of other nodes only by their events.
+        if stream != STANDALONE && stream >= inner.next_stream && self.shared.is_none() {
             return Err(AttachError::UnknownEvent);
         }
         let cursor = match (resume_after, stream) {
@@ -419,6 +677,17 @@ impl SessionLog {
             (None, STANDALONE) => inner.standalone_delivered,
             (None, _) => 0,
         };
+        if self.shared.is_some()
+            && stream != STANDALONE
+            && !inner.producing.contains(&stream)
+            && !inner.ended.contains(&stream)
+            && !inner.posts.events.iter().any(|e| e.id.stream == stream)
+        {
+            inner.producing.push(stream);
+            inner
+                .tentative
+                .push((stream, Instant::now() + TENTATIVE_FOR));
+        }
         let reader = inner.next_reader;
         inner.next_reader += 1;
         inner.readers.retain(|(s, _)| *s != stream);
@@ -449,6 +718,11 @@ impl SessionLog {
         if stream == STANDALONE {
             let mut inner = self.lock();
             inner.standalone_delivered = inner.standalone_delivered.max(upto);
+            drop(inner);
+            if let Some(link) = &self.shared {
+                link.events
+                    .enqueue(&link.session, shared::Op::Delivered(upto));
+            }
         }
     }
 
@@ -470,7 +744,20 @@ impl SessionLog {
                 Poll::Events { chunk, count, upto }
             }
             None if stream != STANDALONE && !inner.producing.contains(&stream) => Poll::End,
-            None => Poll::Wait,
+            None => {
+                let now = Instant::now();
+                if inner
+                    .tentative
+                    .iter()
+                    .any(|(s, until)| *s == stream && *until <= now)
+                {
+                    // Never heard of: gone from the shared log, or never was.
+                    inner.tentative.retain(|(s, _)| *s != stream);
+                    inner.producing.retain(|s| *s != stream);
+                    return Poll::End;
+                }
+                Poll::Wait
+            }
         }
     }
 }
@@ -499,29 +786,174 @@ pub enum AttachError {
     UnknownEvent,
 }
 
-/// All sessions' logs on this node.
+/// All sessions' logs on this node: the logs themselves, or with a shared
+/// log, this node's mirrors of them.
 pub struct Hub {
     logs: DashMap<String, Arc<SessionLog>>,
     limits: LogLimits,
+    shared: Option<Arc<SharedEvents>>,
+    started: Instant,
 }
+
+/// How long a mirror nobody on this node uses is kept.
+const MIRROR_IDLE: Duration = Duration::from_secs(120);
 
 impl Hub {
     pub fn new(limits: LogLimits) -> Self {
         Hub {
             logs: DashMap::new(),
             limits,
+            shared: None,
+            started: Instant::now(),
         }
+    }
+
+    /// A hub of mirrors of the shared log.
+    pub fn shared(limits: LogLimits, events: Arc<SharedEvents>) -> Self {
+        Hub {
+            shared: Some(events),
+            ..Hub::new(limits)
+        }
+    }
+
+    pub fn events(&self) -> Option<&Arc<SharedEvents>> {
+        self.shared.as_ref()
+    }
+
+    fn clock(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn new_log(&self, session: &str, synced: bool) -> Arc<SessionLog> {
+        let log = match &self.shared {
+            Some(events) => SessionLog::mirror(self.limits, events.clone(), session, synced),
+            None => SessionLog::new(self.limits),
+        };
+        log.used.store(self.clock(), Ordering::Relaxed);
+        Arc::new(log)
     }
 
     /// Creates the log of a new session.
     pub fn create(&self, session: &str) -> Arc<SessionLog> {
-        let log = Arc::new(SessionLog::new(self.limits));
+        let log = self.new_log(session, true);
         self.logs.insert(session.to_owned(), log.clone());
         log
     }
 
+    /// The log this node has for a session, if any.
     pub fn get(&self, session: &str) -> Option<Arc<SessionLog>> {
         self.logs.get(session).map(|l| l.clone())
+    }
+
+    /// A session's log. With a shared log, a node that has no mirror of it
+    /// makes one and reads the shared log into it; `current` reads what the
+    /// mirror may not have yet even if it has one (before a stream resumes
+    /// from an event another node served). `None`: the session is gone.
+    pub async fn open(
+        &self,
+        session: &str,
+        current: bool,
+    ) -> Result<Option<Arc<SessionLog>>, crate::session::StoreError> {
+        let Some(_) = &self.shared else {
+            return Ok(self.get(session));
+        };
+        let (log, fresh) = match self.logs.entry(session.to_owned()) {
+            dashmap::Entry::Occupied(e) => (e.get().clone(), false),
+            dashmap::Entry::Vacant(v) => (v.insert(self.new_log(session, false)).clone(), true),
+        };
+        log.used.store(self.clock(), Ordering::Relaxed);
+        if (fresh || current || !log.lock().synced) && !self.sync(session, &log).await? {
+            return Ok(None);
+        }
+        Ok(Some(log))
+    }
+
+    /// Reads the shared log into a mirror, after what it has. False if the
+    /// session is gone (the mirror is then dropped).
+    pub async fn sync(
+        &self,
+        session: &str,
+        log: &Arc<SessionLog>,
+    ) -> Result<bool, crate::session::StoreError> {
+        let Some(events) = &self.shared else {
+            return Ok(true);
+        };
+        // Entries that arrive while a read is under way may wait on one
+        // the read did not see yet: a few reads settle it.
+        for _ in 0..4 {
+            let from = log.read_from();
+            let read = events.read(session, from).await.inspect_err(|_| {
+                log.lock().filling = false;
+            })?;
+            let Some(read) = read else {
+                self.remove(session);
+                return Ok(false);
+            };
+            if !log.apply_read(read) {
+                break;
+            }
+        }
+        Ok(true)
+    }
+
+    /// A live entry of the shared log for a mirror on this node; the
+    /// mirror, if it now misses an entry and should be read again.
+    pub fn offer(&self, session: &str, seq: u64, entry: Entry) -> Option<Arc<SessionLog>> {
+        let log = self.get(session)?;
+        log.offer(seq, entry).then_some(log)
+    }
+
+    /// Every mirror, to read what a broken bus subscription missed.
+    pub fn mirrors(&self) -> Vec<(String, Arc<SessionLog>)> {
+        self.logs
+            .iter()
+            .map(|l| (l.key().clone(), l.value().clone()))
+            .collect()
+    }
+
+    /// Publishes one message on a session's standalone stream; `None` if
+    /// the session is gone.
+    pub async fn publish(
+        &self,
+        session: &str,
+        payload: &[u8],
+    ) -> Result<Option<EventId>, crate::session::StoreError> {
+        let seq = match &self.shared {
+            None => {
+                return Ok(self
+                    .get(session)
+                    .and_then(|log| log.append_local(STANDALONE, payload).ok()));
+            }
+            Some(events) => events
+                .publish(session, payload)
+                .await
+                .map_err(|()| crate::session::StoreError::Redis(RedisUnavailable.into()))?,
+        };
+        Ok(seq.map(|seq| EventId {
+            stream: STANDALONE,
+            seq,
+        }))
+    }
+
+    /// Drops mirrors nobody on this node has used for a while; a later use
+    /// reads the shared log again.
+    pub fn drop_idle_mirrors(&self) {
+        if self.shared.is_none() {
+            return;
+        }
+        let cutoff = self
+            .clock()
+            .saturating_sub(u64::try_from(MIRROR_IDLE.as_millis()).unwrap_or(0));
+        self.logs.retain(|_, log| {
+            let busy = log.has_readers()
+                || !log.lock().producing.is_empty()
+                || log.in_flight.load(Ordering::Acquire) > 0
+                || log.used.load(Ordering::Relaxed) > cutoff;
+            if !busy {
+                log.close();
+            }
+            busy
+        });
     }
 
     /// Ends a session's log and every stream reading it.
@@ -547,6 +979,11 @@ impl Hub {
         }
     }
 }
+
+/// The node's writer could not hand an event to Redis.
+#[derive(Debug, thiserror::Error)]
+#[error("the shared event log did not take the event in time")]
+pub struct RedisUnavailable;
 
 /// A streamed response body, written chunk by chunk by the HTTP layer.
 #[async_trait]
@@ -741,6 +1178,12 @@ mod tests {
             seq: 345,
         };
         assert_eq!(EventId::parse(&id.to_string()), Some(id));
+        // A shared log's POST streams carry the node's tag in the high bits.
+        let wide = EventId {
+            stream: u64::MAX,
+            seq: 1,
+        };
+        assert_eq!(EventId::parse(&wide.to_string()), Some(wide));
         for bad in [
             "",
             "1",
@@ -749,7 +1192,7 @@ mod tests {
             "a.1",
             "1.-2",
             "1.2.3",
-            "99999999999.1",
+            "99999999999999999999.1",
             "1.999999999999999999999",
         ] {
             assert_eq!(EventId::parse(bad), None, "{bad}");
@@ -760,9 +1203,9 @@ mod tests {
     fn ids_are_unique_and_increasing_across_streams() {
         let log = SessionLog::new(limits(100));
         let p = log.begin_stream().expect("open");
-        let a = log.append(STANDALONE, b"{}").expect("append");
-        let b = log.append(p, b"{}").expect("append");
-        let c = log.append(STANDALONE, b"{}").expect("append");
+        let a = log.append_local(STANDALONE, b"{}").expect("append");
+        let b = log.append_local(p, b"{}").expect("append");
+        let c = log.append_local(STANDALONE, b"{}").expect("append");
         assert!(a.seq < b.seq && b.seq < c.seq);
         assert_eq!((a.stream, b.stream), (STANDALONE, p));
     }
@@ -771,7 +1214,7 @@ mod tests {
     fn the_ring_is_bounded() {
         let log = SessionLog::new(limits(3));
         for _ in 0..10 {
-            log.append(STANDALONE, b"{}").expect("append");
+            log.append_local(STANDALONE, b"{}").expect("append");
         }
         assert_eq!(log.len(), 3);
         let a = log.attach(STANDALONE, Some(2)).expect("attach");
@@ -787,14 +1230,14 @@ mod tests {
         let mut seen = Vec::new();
         for i in 0..3 {
             seen.push(
-                log.append(STANDALONE, format!("{{\"n\":{i}}}").as_bytes())
+                log.append_local(STANDALONE, format!("{{\"n\":{i}}}").as_bytes())
                     .expect("append"),
             );
-            log.append(post, b"{\"other\":true}").expect("append");
+            log.append_local(post, b"{\"other\":true}").expect("append");
         }
         let missed: Vec<EventId> = (3..8)
             .map(|i| {
-                log.append(STANDALONE, format!("{{\"n\":{i}}}").as_bytes())
+                log.append_local(STANDALONE, format!("{{\"n\":{i}}}").as_bytes())
                     .expect("append")
             })
             .collect();
@@ -811,12 +1254,12 @@ mod tests {
     #[tokio::test]
     async fn fresh_standalone_stream_gets_only_undelivered_events() {
         let log = Arc::new(SessionLog::new(limits(100)));
-        log.append(STANDALONE, b"{\"n\":1}").expect("append");
+        log.append_local(STANDALONE, b"{\"n\":1}").expect("append");
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut first = LiveStream::new(log.clone(), a, None, KA, None);
         assert_eq!(drain_now(&mut first).await.len(), 1);
         drop(first);
-        log.append(STANDALONE, b"{\"n\":2}").expect("append");
+        log.append_local(STANDALONE, b"{\"n\":2}").expect("append");
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut second = LiveStream::new(log.clone(), a, None, KA, None);
         let frames = drain_now(&mut second).await;
@@ -831,7 +1274,8 @@ mod tests {
         let mut s = LiveStream::new(log.clone(), a, None, KA, None);
         let waiter = tokio::spawn(async move { s.next_chunk().await });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        log.append(STANDALONE, b"{\"live\":1}").expect("append");
+        log.append_local(STANDALONE, b"{\"live\":1}")
+            .expect("append");
         let chunk = tokio::time::timeout(Duration::from_secs(2), waiter)
             .await
             .expect("woken")
@@ -860,7 +1304,7 @@ mod tests {
             tokio::spawn(async move {
                 for _ in 0..100 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
-                    let _ = log.append(post, b"{}");
+                    let _ = log.append_local(post, b"{}");
                 }
             })
         };
@@ -881,10 +1325,12 @@ mod tests {
     #[tokio::test]
     async fn post_traffic_never_pushes_out_published_messages() {
         let log = Arc::new(SessionLog::new(limits(4)));
-        let kept = log.append(STANDALONE, b"{\"kept\":1}").expect("append");
+        let kept = log
+            .append_local(STANDALONE, b"{\"kept\":1}")
+            .expect("append");
         let post = log.begin_stream().expect("open");
         for _ in 0..100 {
-            log.append(post, b"{\"progress\":1}").expect("append");
+            log.append_local(post, b"{\"progress\":1}").expect("append");
         }
         let a = log.attach(STANDALONE, None).expect("attach");
         assert!(!a.gap);
@@ -906,7 +1352,7 @@ mod tests {
         }
         for (i, s) in &streams {
             let stream = s.position().stream;
-            log.append(stream, format!("{{\"answer\":{i}}}").as_bytes())
+            log.append_local(stream, format!("{{\"answer\":{i}}}").as_bytes())
                 .expect("append");
             log.end_stream(stream);
         }
@@ -918,7 +1364,7 @@ mod tests {
         drop(streams);
         // Read and done: the next append brings the ring back to its size.
         let last = log.begin_stream().expect("open");
-        log.append(last, b"{}").expect("append");
+        log.append_local(last, b"{}").expect("append");
         assert!(log.len() <= 4, "{} events held", log.len());
     }
 
@@ -928,13 +1374,13 @@ mod tests {
         let slow = log.begin_stream().expect("open");
         let a = log.attach(slow, None).expect("attach");
         let mut slow_reader = LiveStream::new(log.clone(), a, None, KA, None);
-        log.append(slow, b"{\"slow\":1}").expect("append");
+        log.append_local(slow, b"{\"slow\":1}").expect("append");
         log.end_stream(slow);
         for _ in 0..200 {
             let quick = log.begin_stream().expect("open");
             let a = log.attach(quick, None).expect("attach");
             let mut reader = LiveStream::new(log.clone(), a, None, KA, None);
-            log.append(quick, b"{}").expect("append");
+            log.append_local(quick, b"{}").expect("append");
             log.end_stream(quick);
             assert_eq!(drain_now(&mut reader).await.len(), 1);
         }
@@ -953,7 +1399,7 @@ mod tests {
         let log = Arc::new(SessionLog::new(limits(2)));
         for _ in 0..100 {
             let stream = log.begin_stream().expect("open");
-            log.append(stream, b"{}").expect("append");
+            log.append_local(stream, b"{}").expect("append");
         }
         assert_eq!(
             log.len(),
@@ -969,10 +1415,10 @@ mod tests {
             max_bytes: 100,
         });
         for _ in 0..10 {
-            log.append(STANDALONE, &[b'x'; 40]).expect("append");
+            log.append_local(STANDALONE, &[b'x'; 40]).expect("append");
         }
         assert_eq!(log.len(), 1, "each frame is over 40 bytes: only one fits");
-        log.append(STANDALONE, &[b'y'; 500]).expect("append");
+        log.append_local(STANDALONE, &[b'y'; 500]).expect("append");
         assert_eq!(
             log.len(),
             1,
@@ -988,7 +1434,7 @@ mod tests {
         }));
         let payload = vec![b'z'; 100 * 1024];
         for _ in 0..5 {
-            log.append(STANDALONE, &payload).expect("append");
+            log.append_local(STANDALONE, &payload).expect("append");
         }
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut s = LiveStream::new(log, a, None, KA, None);
@@ -1023,8 +1469,8 @@ mod tests {
         let p = log.begin_stream().expect("open");
         let a = log.attach(p, None).expect("attach");
         let mut s = LiveStream::new(log.clone(), a, None, KA, None);
-        log.append(p, b"{\"progress\":1}").expect("append");
-        log.append(p, b"{\"result\":1}").expect("append");
+        log.append_local(p, b"{\"progress\":1}").expect("append");
+        log.append_local(p, b"{\"result\":1}").expect("append");
         log.end_stream(p);
         let frames = drain_now(&mut s).await;
         assert_eq!(frames.len(), 2);
@@ -1038,7 +1484,7 @@ mod tests {
         let mut s = LiveStream::new(log.clone(), a, None, KA, None);
         log.close();
         assert!(s.next_chunk().await.is_none());
-        assert_eq!(log.append(STANDALONE, b"{}"), Err(Closed));
+        assert_eq!(log.append_local(STANDALONE, b"{}"), Err(Closed));
         assert_eq!(
             log.attach(STANDALONE, None).err(),
             Some(AttachError::Closed)
@@ -1061,7 +1507,7 @@ mod tests {
     #[test]
     fn unknown_resume_points_are_refused() {
         let log = SessionLog::new(limits(10));
-        log.append(STANDALONE, b"{}").expect("append");
+        log.append_local(STANDALONE, b"{}").expect("append");
         assert_eq!(
             log.attach(STANDALONE, Some(99)).err(),
             Some(AttachError::UnknownEvent)
@@ -1077,7 +1523,7 @@ mod tests {
         let delivered = IntCounter::new("d", "d").expect("counter");
         let open = IntGauge::new("o", "o").expect("gauge");
         let log = Arc::new(SessionLog::new(limits(10)));
-        log.append(STANDALONE, b"{}").expect("append");
+        log.append_local(STANDALONE, b"{}").expect("append");
         let a = log.attach(STANDALONE, None).expect("attach");
         let metrics = StreamMetrics {
             delivered: delivered.clone(),

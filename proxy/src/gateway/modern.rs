@@ -487,7 +487,8 @@ impl Gateway {
         let mut waits = Vec::with_capacity(asks.len());
         for (key, method, params) in asks {
             let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
-            let Some(rid) = Id::from_value(&Value::from(format!("ratatosk-{n}"))) else {
+            let Some(rid) = Id::from_value(&Value::from(format!("ratatosk-{}-{n}", self.node)))
+            else {
                 continue;
             };
             let (tx, rx) = oneshot::channel();

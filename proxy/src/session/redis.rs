@@ -7,7 +7,8 @@
 //!   changes from any node keep each other);
 //! - `P idle`: a sorted set of session ids by last activity (milliseconds
 //!   of the Redis server's clock, so the nodes' clocks do not matter);
-//! - `P org:{org}`: a set of the org's session ids.
+//! - `P org:{org}`: a set of the org's session ids;
+//! - the session's event log, see [`crate::stream::shared`].
 //!
 //! Every change is one Lua script, so a node that dies half-way leaves
 //! nothing half-written. A session key also expires by itself (twice the
@@ -23,7 +24,7 @@ use redis::{AsyncCommands, Script};
 use super::{SessionRecord, SessionState, SessionStore, StoreError};
 
 /// How long one Redis operation may take, and one connection attempt.
-const OP_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Attempts of a compare-and-set change before it gives up; between
 /// attempts, a random pause that grows with each.
@@ -40,6 +41,8 @@ pub enum RedisStoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("session {0} kept changing under {MAX_CHANGE_ATTEMPTS} attempts to change it")]
     Contended(String),
+    #[error(transparent)]
+    Unavailable(#[from] crate::stream::RedisUnavailable),
 }
 
 impl From<redis::RedisError> for StoreError {
@@ -55,7 +58,7 @@ impl From<serde_json::Error> for StoreError {
 }
 
 /// The time of the Redis server, in milliseconds (Lua prelude).
-const NOW: &str = "local t = redis.call('TIME')
+pub(crate) const NOW: &str = "local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 ";
 
@@ -113,17 +116,18 @@ impl Scripts {
                  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'v', tonumber(v) + 1)
                  return 1",
             ),
-            // KEYS: session, idle. ARGV: id, org set prefix. -> state or nil.
+            // KEYS: session, idle, its two event streams. ARGV: id, org
+            // set prefix. -> state or nil.
             remove: Script::new(
                 "local s = redis.call('HGET', KEYS[1], 'state')
-                 redis.call('DEL', KEYS[1])
+                 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
                  redis.call('ZREM', KEYS[2], ARGV[1])
                  if not s then return false end
                  redis.call('SREM', ARGV[2] .. cjson.decode(s)['org'], ARGV[1])
                  return s",
             ),
             // KEYS: idle. ARGV: idle ttl, session key prefix, org set
-            // prefix, batch. -> the states removed. Atomic: with several
+            // prefix, batch, event stream prefix. -> the states removed. Atomic: with several
             // nodes reaping, each expired session goes to exactly one.
             reap: with_now(
                 "local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]),
@@ -132,7 +136,7 @@ impl Scripts {
                  for _, id in ipairs(ids) do
                      local k = ARGV[2] .. id
                      local s = redis.call('HGET', k, 'state')
-                     redis.call('DEL', k)
+                     redis.call('DEL', k, ARGV[5] .. id .. ':a', ARGV[5] .. id .. ':p')
                      redis.call('ZREM', KEYS[1], id)
                      if s then
                          redis.call('SREM', ARGV[3] .. cjson.decode(s)['org'], id)
@@ -288,6 +292,8 @@ impl SessionStore for RedisSessionStore {
             .remove
             .key(self.session_key(id))
             .key(self.idle_key())
+            .key(format!("{}e:{id}:a", self.prefix))
+            .key(format!("{}e:{id}:p", self.prefix))
             .arg(id)
             .arg(self.org_prefix())
             .invoke_async(&mut conn)
@@ -340,6 +346,7 @@ impl SessionStore for RedisSessionStore {
             .arg(format!("{}s:", self.prefix))
             .arg(self.org_prefix())
             .arg(REAP_BATCH)
+            .arg(format!("{}e:", self.prefix))
             .invoke_async(&mut conn)
             .await?;
         removed

@@ -1,0 +1,895 @@
+//! The shared event log (`sessions.store: redis`): every node's appends go
+//! to one log per session in Redis, and come back to every node that
+//! mirrors the session through one pub/sub subscription per node.
+//!
+//! Keys, under the configured prefix `P`, beside the session's hash
+//! `P s:{id}` (which also holds `q`, the session's last seq, and `d`, the
+//! highest standalone seq delivered to a client):
+//! - `P e:{id}:a`: a Redis stream, the standalone stream's events;
+//! - `P e:{id}:p`: a Redis stream, the POST streams' events, so that POST
+//!   traffic never pushes out published messages.
+//!
+//! Each stream's entry ids are `{seq}-0`, so a read after a seq is one
+//! `XRANGE`; each is bounded by length (`XADD MAXLEN`) and by age (the
+//! append trims entries older than `sessions.event_log_max_age`), and
+//! expires with the session.
+//!
+//! One Lua script appends: it takes the next seq, adds the entry and
+//! publishes it on the node bus (`P bus`), all at once, so the bus carries
+//! every session's entries in seq order. A mirror applies them in that
+//! order; one that finds an entry missing (a node that was not subscribed
+//! for a while) reads the log after its last seq.
+//!
+//! Appends are sent by one writer task per node, in order, many to a
+//! pipeline. The bus also carries notices between nodes: a session ended,
+//! a cancellation, a client's answer to a gateway request, a logout.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Entry, Hub, LogRead, StreamId};
+use crate::session::redis::{NOW, OP_TIMEOUT, RedisStoreError};
+
+/// Most operations the writer sends in one pipeline.
+const BATCH: usize = 512;
+
+/// How long the writer keeps trying a batch Redis refused to take.
+const RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// What a node sends to the shared log.
+pub(crate) enum Op {
+    Message {
+        stream: StreamId,
+        payload: Bytes,
+    },
+    Begin(StreamId),
+    End(StreamId),
+    /// The standalone stream was delivered up to this seq.
+    Delivered(u64),
+    /// A message for the nodes (JSON of a [`Notice`]).
+    Notice(Bytes),
+}
+
+struct Queued {
+    session: Arc<str>,
+    op: Op,
+    /// For a publish: the seq it got, `None` if the session is gone.
+    done: Option<oneshot::Sender<Result<Option<u64>, ()>>>,
+}
+
+/// Something one node tells all the others.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Notice {
+    /// The session ended: drop its mirror, stop its requests.
+    Ended { session: String },
+    /// The client cancelled a request; the node running it stops it.
+    Cancel {
+        session: String,
+        id: serde_json::Value,
+    },
+    /// A client's answer to a request the gateway sent it; the node
+    /// waiting for it takes it.
+    Reply { session: String, body: String },
+    /// A provider logout: refuse those tokens.
+    Logout {
+        sid: Option<String>,
+        sub: Option<String>,
+        issued_at_ms: Option<u64>,
+    },
+}
+
+/// What a node does with what arrives on the bus.
+pub trait BusHandler: Send + Sync {
+    fn hub(&self) -> &Hub;
+    fn notice(&self, notice: Notice);
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SharedLimits {
+    pub max_events: usize,
+    pub max_age: Duration,
+    pub idle_ttl: Duration,
+}
+
+/// One node's side of the shared event log.
+pub struct SharedEvents {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    channel: String,
+    /// This node's random tag: it makes POST stream ids unique across
+    /// nodes, and lets a node skip its own notices.
+    node: u32,
+    next_stream: AtomicU32,
+    tx: mpsc::UnboundedSender<Queued>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
+    runtime: tokio::runtime::Handle,
+    max_events: usize,
+    max_age_ms: u64,
+    key_ttl_ms: u64,
+    append: Script,
+    read: Script,
+    bus_up: AtomicBool,
+    dropped: AtomicU64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl SharedEvents {
+    /// Must be called within the Tokio runtime that will drive the
+    /// connections and the node's writer and bus tasks.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        limits: SharedLimits,
+    ) -> Result<Arc<Self>, RedisStoreError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(OP_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(Arc::new(SharedEvents {
+            client,
+            conn,
+            prefix: prefix.to_owned(),
+            channel: format!("{prefix}bus"),
+            node: rand::random::<u32>().max(1),
+            next_stream: AtomicU32::new(1),
+            tx,
+            rx: Mutex::new(Some(rx)),
+            runtime: tokio::runtime::Handle::current(),
+            max_events: limits.max_events.max(1),
+            max_age_ms: millis(limits.max_age),
+            key_ttl_ms: millis(limits.idle_ttl).saturating_mul(2),
+            append: Script::new(&format!("{NOW}{APPEND}")),
+            read: Script::new(READ),
+            bus_up: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+        }))
+    }
+
+    /// Starts the node's writer and its bus subscription, which deliver to
+    /// `handler` for as long as it lives.
+    pub fn start(self: &Arc<Self>, handler: Weak<dyn BusHandler>) {
+        let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(rx) = rx else { return };
+        self.runtime
+            .spawn(self.clone().write_loop(rx, handler.clone()));
+        self.runtime.spawn(self.clone().bus_loop(handler));
+    }
+
+    /// Whether the node's bus subscription is up.
+    pub fn bus_up(&self) -> bool {
+        self.bus_up.load(Ordering::Relaxed)
+    }
+
+    /// Entries the writer gave up on (Redis did not take them in time).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn node(&self) -> u32 {
+        self.node
+    }
+
+    /// A POST stream id no other node hands out: the node tag above a
+    /// counter.
+    pub(crate) fn next_stream_id(&self) -> StreamId {
+        let n = self.next_stream.fetch_add(1, Ordering::Relaxed).max(1);
+        (u64::from(self.node) << 32) | u64::from(n)
+    }
+
+    pub(crate) fn enqueue(&self, session: &Arc<str>, op: Op) {
+        let _ = self.tx.send(Queued {
+            session: session.clone(),
+            op,
+            done: None,
+        });
+    }
+
+    /// Appends a message to a session's standalone stream; its seq, or
+    /// `None` if the session is gone.
+    pub async fn publish(&self, session: &str, payload: &[u8]) -> Result<Option<u64>, ()> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Queued {
+                session: session.into(),
+                op: Op::Message {
+                    stream: super::STANDALONE,
+                    payload: Bytes::copy_from_slice(payload),
+                },
+                done: Some(done),
+            })
+            .map_err(|_| ())?;
+        rx.await.map_err(|_| ())?
+    }
+
+    /// Tells every node (this one too).
+    pub fn notify(&self, notice: &Notice) {
+        let Ok(json) = serde_json::to_vec(notice) else {
+            return;
+        };
+        let mut body = format!("n\n{}\n", self.node).into_bytes();
+        body.extend_from_slice(&json);
+        let _ = self.tx.send(Queued {
+            session: "".into(),
+            op: Op::Notice(body.into()),
+            done: None,
+        });
+    }
+
+    fn keys(&self, session: &str) -> [String; 3] {
+        [
+            format!("{}s:{session}", self.prefix),
+            format!("{}e:{session}:a", self.prefix),
+            format!("{}e:{session}:p", self.prefix),
+        ]
+    }
+
+    /// The session's log after `after`; `None` if the session is gone.
+    pub async fn read(
+        &self,
+        session: &str,
+        after: u64,
+    ) -> Result<Option<LogRead>, RedisStoreError> {
+        let [hash, a, p] = self.keys(session);
+        let mut conn = self.conn.clone();
+        let value: Value = self
+            .read
+            .key(hash)
+            .key(a)
+            .key(p)
+            .arg(after)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(parse_read(value))
+    }
+
+    async fn write_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Queued>,
+        handler: Weak<dyn BusHandler>,
+    ) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while rx.recv_many(&mut batch, BATCH).await > 0 {
+            match self.write(&batch).await {
+                Ok(replies) => {
+                    for (q, reply) in batch.drain(..).zip(replies) {
+                        if let Some(done) = q.done {
+                            let seq = match reply {
+                                Value::Int(n) => u64::try_from(n).ok(),
+                                _ => None,
+                            };
+                            let _ = done.send(Ok(seq));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, entries = batch.len(),
+                        "redis did not take events; they are dropped");
+                    self.dropped
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let handler = handler.upgrade();
+                    for q in batch.drain(..) {
+                        if let Some(done) = q.done {
+                            let _ = done.send(Err(()));
+                        }
+                        // Readers of a stream whose end is lost end here.
+                        if let (Op::Begin(stream) | Op::End(stream), Some(h)) = (&q.op, &handler)
+                            && let Some(log) = h.hub().get(&q.session)
+                        {
+                            log.end_local(*stream);
+                        }
+                    }
+                }
+            }
+            if handler.strong_count() == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Sends one batch as one pipeline; while Redis refuses connections,
+    /// tries again for a while.
+    async fn write(&self, batch: &[Queued]) -> Result<Vec<Value>, RedisStoreError> {
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.append).ignore();
+        for q in batch {
+            let (kind, stream, payload): (&str, u64, &[u8]) = match &q.op {
+                Op::Notice(body) => {
+                    pipe.cmd("PUBLISH").arg(&self.channel).arg(body.as_ref());
+                    continue;
+                }
+                Op::Message { stream, payload } => ("m", *stream, payload),
+                Op::Begin(stream) => ("b", *stream, b""),
+                Op::End(stream) => ("e", *stream, b""),
+                Op::Delivered(upto) => ("d", *upto, b""),
+            };
+            let [hash, a, p] = self.keys(&q.session);
+            let mut invocation = self.append.key(hash);
+            invocation
+                .key(a)
+                .key(p)
+                .arg(kind)
+                .arg(stream)
+                .arg(payload)
+                .arg(self.max_events)
+                .arg(self.max_age_ms)
+                .arg(self.key_ttl_ms)
+                .arg(&self.channel)
+                .arg(&*q.session);
+            pipe.invoke_script(&invocation);
+        }
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut conn = self.conn.clone();
+            match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                Ok(replies) => return Ok(replies),
+                Err(e) if e.is_connection_refusal() && started.elapsed() < RETRY_FOR => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Holds the node's one subscription, and makes it again when it
+    /// breaks; each time it is made, every mirror reads what it missed.
+    async fn bus_loop(self: Arc<Self>, handler: Weak<dyn BusHandler>) {
+        let mut pause = Duration::from_millis(100);
+        while handler.strong_count() > 0 {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&self.channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            match tokio::time::timeout(OP_TIMEOUT, subscribed).await {
+                Ok(Ok(pubsub)) => {
+                    self.bus_up.store(true, Ordering::Relaxed);
+                    tracing::info!(channel = %self.channel, "subscribed to the node bus");
+                    pause = Duration::from_millis(100);
+                    if let Some(h) = handler.upgrade() {
+                        for (session, log) in h.hub().mirrors() {
+                            self.spawn_sync(&h, session, log);
+                        }
+                    }
+                    let mut messages = pubsub.into_on_message();
+                    while let Some(msg) = messages.next().await {
+                        let Some(h) = handler.upgrade() else { return };
+                        self.dispatch(&h, msg.get_payload_bytes());
+                    }
+                    self.bus_up.store(false, Ordering::Relaxed);
+                    tracing::warn!("the node bus subscription broke; subscribing again");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot subscribe to the node bus");
+                }
+                Err(_) => tracing::warn!("subscribing to the node bus timed out"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn spawn_sync(
+        &self,
+        handler: &Arc<dyn BusHandler>,
+        session: String,
+        log: Arc<super::SessionLog>,
+    ) {
+        let handler = handler.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = handler.hub().sync(&session, &log).await {
+                tracing::warn!(error = %e, "cannot read a session's shared event log");
+            }
+        });
+    }
+
+    fn dispatch(&self, handler: &Arc<dyn BusHandler>, payload: &[u8]) {
+        match parse_bus(payload) {
+            Some(Bus::Entry {
+                session,
+                seq,
+                entry,
+            }) => {
+                if let Some(log) = handler.hub().offer(session, seq, entry) {
+                    self.spawn_sync(handler, session.to_owned(), log);
+                }
+            }
+            Some(Bus::Notice { node, notice }) => {
+                if node != self.node {
+                    handler.notice(notice);
+                }
+            }
+            None => tracing::warn!("a message on the node bus is not understood; ignored"),
+        }
+    }
+}
+
+enum Bus<'a> {
+    Entry {
+        session: &'a str,
+        seq: u64,
+        entry: Entry,
+    },
+    Notice {
+        node: u32,
+        notice: Notice,
+    },
+}
+
+/// Reads a bus message: `e\n{session}\n{seq}\n{stream}\n{kind}\n{payload}`
+/// (from the append script) or `n\n{node}\n{notice JSON}`.
+fn parse_bus(payload: &[u8]) -> Option<Bus<'_>> {
+    let mut fields = payload.splitn(6, |b| *b == b'\n');
+    fn text(f: Option<&[u8]>) -> Option<&str> {
+        f.and_then(|f| std::str::from_utf8(f).ok())
+    }
+    match fields.next()? {
+        b"e" => {
+            let session = text(fields.next())?;
+            let seq = text(fields.next())?.parse().ok()?;
+            let stream = text(fields.next())?.parse().ok()?;
+            let kind = fields.next()?;
+            let body = fields.next().unwrap_or_default();
+            Some(Bus::Entry {
+                session,
+                seq,
+                entry: entry(kind, stream, body)?,
+            })
+        }
+        b"n" => {
+            let mut fields = payload[2..].splitn(2, |b| *b == b'\n');
+            let node = text(fields.next())?.parse().ok()?;
+            let notice = serde_json::from_slice(fields.next()?).ok()?;
+            Some(Bus::Notice { node, notice })
+        }
+        _ => None,
+    }
+}
+
+fn entry(kind: &[u8], stream: StreamId, body: &[u8]) -> Option<Entry> {
+    Some(match kind {
+        b"m" => Entry::Message {
+            stream,
+            payload: Bytes::copy_from_slice(body),
+        },
+        b"b" => Entry::Begin(stream),
+        b"e" => Entry::End(stream),
+        _ => return None,
+    })
+}
+
+/// Reads the read script's answer: false, or `{q, d, n_a, [seq, stream,
+/// kind, payload] * n_a, n_p, [..] * n_p}`; the two streams are merged by
+/// seq.
+fn parse_read(value: Value) -> Option<LogRead> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    let int = |v: Option<&Value>| match v {
+        Some(Value::Int(n)) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    fn bytes(v: Option<&Value>) -> Option<&[u8]> {
+        match v {
+            Some(Value::BulkString(b)) => Some(b.as_slice()),
+            _ => None,
+        }
+    }
+    let mut read = LogRead {
+        last_seq: int(items.first())?,
+        delivered: int(items.get(1))?,
+        entries: Vec::new(),
+    };
+    let mut i = 2;
+    let mut runs = Vec::with_capacity(2);
+    for _ in 0..2 {
+        let n = usize::try_from(int(items.get(i))?).ok()?;
+        i += 1;
+        let mut run = Vec::with_capacity(n);
+        for _ in 0..n {
+            let seq = int(items.get(i))?;
+            let stream = std::str::from_utf8(bytes(items.get(i + 1))?)
+                .ok()?
+                .parse()
+                .ok()?;
+            let kind = bytes(items.get(i + 2))?;
+            let body = bytes(items.get(i + 3))?;
+            run.push((seq, entry(kind, stream, body)?));
+            i += 4;
+        }
+        runs.push(run);
+    }
+    read.entries = runs.concat();
+    read.entries.sort_by_key(|(seq, _)| *seq);
+    Some(read)
+}
+
+/// KEYS: session hash, standalone stream, POST stream. ARGV: kind (m
+/// message, b begin, e end, d delivered), stream (for d: the seq),
+/// payload, max length, max age ms, key ttl ms, bus channel, session id.
+/// -> the entry's seq (0 for d), or false if the session is gone.
+const APPEND: &str = "
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[1] == 'd' then
+    local d = tonumber(redis.call('HGET', KEYS[1], 'd') or '0') or 0
+    if tonumber(ARGV[2]) > d then redis.call('HSET', KEYS[1], 'd', ARGV[2]) end
+    return 0
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'q', 1)
+local key = KEYS[3]
+if ARGV[2] == '0' then key = KEYS[2] end
+redis.call('XADD', key, 'MAXLEN', ARGV[4], seq .. '-0', 't', now, 's', ARGV[2], 'k', ARGV[1], 'm', ARGV[3])
+local old = redis.call('XRANGE', key, '-', '+', 'COUNT', 8)
+local cut = nil
+for _, e in ipairs(old) do
+    if tonumber(e[2][2]) < now - tonumber(ARGV[5]) then cut = e[1] else break end
+end
+if cut then
+    redis.call('XTRIM', key, 'MINID', (tonumber(string.match(cut, '^(%d+)')) + 1) .. '-0')
+end
+redis.call('PEXPIRE', key, ARGV[6])
+redis.call('PUBLISH', ARGV[7], 'e\\n' .. ARGV[8] .. '\\n' .. seq .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[3])
+return seq
+";
+
+/// KEYS: session hash, standalone stream, POST stream. ARGV: after seq.
+/// -> false if the session is gone, else see [`parse_read`].
+const READ: &str = "
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local h = redis.call('HMGET', KEYS[1], 'q', 'd')
+local out = {tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0}
+local from = '(' .. ARGV[1] .. '-0'
+for i = 2, 3 do
+    local es = redis.call('XRANGE', KEYS[i], from, '+')
+    table.insert(out, #es)
+    for _, e in ipairs(es) do
+        local f = e[2]
+        table.insert(out, tonumber(string.match(e[1], '^(%d+)')))
+        table.insert(out, f[4])
+        table.insert(out, f[6])
+        table.insert(out, f[8])
+    end
+end
+return out
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{RedisSessionStore, SessionStore, test_state};
+    use crate::stream::{ChunkSource, LiveStream, LogLimits, STANDALONE};
+
+    const LIMITS: LogLimits = LogLimits {
+        max_events: 64,
+        max_bytes: 1 << 20,
+    };
+
+    /// A gateway node, as far as the shared log goes.
+    struct Node {
+        hub: Hub,
+        notices: Mutex<Vec<Notice>>,
+    }
+
+    impl BusHandler for Node {
+        fn hub(&self) -> &Hub {
+            &self.hub
+        }
+        fn notice(&self, notice: Notice) {
+            self.notices.lock().expect("lock").push(notice);
+        }
+    }
+
+    async fn node(url: &str, prefix: &str) -> Arc<Node> {
+        let events = SharedEvents::new(
+            url,
+            prefix,
+            SharedLimits {
+                max_events: LIMITS.max_events,
+                max_age: Duration::from_secs(60),
+                idle_ttl: Duration::from_secs(60),
+            },
+        )
+        .expect("events");
+        let node = Arc::new(Node {
+            hub: Hub::shared(LIMITS, events.clone()),
+            notices: Mutex::new(Vec::new()),
+        });
+        let handler: Arc<dyn BusHandler> = node.clone();
+        events.start(Arc::downgrade(&handler));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !events.bus_up() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the node bus did not come up in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        node
+    }
+
+    /// The ids and data of the next `n` events a stream gives, waiting up
+    /// to 10 s for them.
+    async fn read(stream: &mut LiveStream, n: usize) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while out.len() < n {
+            let chunk = tokio::time::timeout_at(deadline, stream.next_chunk())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("only {} of {n} events arrived in 10 s: {out:?}", out.len())
+                });
+            let Some(chunk) = chunk else { break };
+            stream.written();
+            for frame in std::str::from_utf8(&chunk).expect("utf8").split("\n\n") {
+                let id = frame.lines().find_map(|l| l.strip_prefix("id: "));
+                let data = frame.lines().find_map(|l| l.strip_prefix("data: "));
+                if let (Some(id), Some(data)) = (id, data) {
+                    out.push((id.to_owned(), data.to_owned()));
+                }
+            }
+        }
+        out
+    }
+
+    fn reader(
+        log: &Arc<crate::stream::SessionLog>,
+        stream: StreamId,
+        after: Option<u64>,
+    ) -> LiveStream {
+        let attach = log.attach(stream, after).expect("attach");
+        LiveStream::new(log.clone(), attach, None, Duration::from_secs(3600), None)
+    }
+
+    /// The event-log suite: `nodes` share the session's log (one node: a
+    /// local log). The session is created on the first node.
+    async fn event_log_suite(nodes: &[&Hub], session: &str) {
+        let first = nodes[0];
+        first.create(session);
+        let last = nodes[nodes.len() - 1];
+        // Published through every node, read on the last.
+        for i in 0..30 {
+            let id = nodes[i % nodes.len()]
+                .publish(session, format!("{{\"n\":{i}}}").as_bytes())
+                .await
+                .expect("publish")
+                .expect("the session exists");
+            assert_eq!(id.stream, STANDALONE);
+        }
+        let log = last
+            .open(session, true)
+            .await
+            .expect("open")
+            .expect("session");
+        let mut stream = reader(&log, STANDALONE, None);
+        let got = read(&mut stream, 30).await;
+        let data: Vec<String> = got.iter().map(|(_, d)| d.clone()).collect();
+        let want: Vec<String> = (0..30).map(|i| format!("{{\"n\":{i}}}")).collect();
+        assert_eq!(data, want, "every event once, in order");
+        // Resumed on the first node from the tenth: the rest, exactly once.
+        let tenth = crate::stream::EventId::parse(&got[9].0).expect("an event id");
+        for i in 30..35 {
+            last.publish(session, format!("{{\"n\":{i}}}").as_bytes())
+                .await
+                .expect("publish");
+        }
+        let log = first
+            .open(session, true)
+            .await
+            .expect("open")
+            .expect("session");
+        let mut resumed = reader(&log, STANDALONE, Some(tenth.seq));
+        let rest: Vec<String> = read(&mut resumed, 25)
+            .await
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        let want: Vec<String> = (10..35).map(|i| format!("{{\"n\":{i}}}")).collect();
+        assert_eq!(rest, want);
+        // A POST stream answered on the first node, read from the last.
+        let post = log.begin_stream().expect("begin");
+        for i in 0..3 {
+            log.append(post, format!("{{\"p\":{i}}}").as_bytes())
+                .expect("append");
+        }
+        log.end_stream(post);
+        let log = last
+            .open(session, true)
+            .await
+            .expect("open")
+            .expect("session");
+        let mut answer = reader(&log, post, Some(0));
+        let got: Vec<String> = read(&mut answer, 4)
+            .await
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        assert_eq!(
+            got,
+            ["{\"p\":0}", "{\"p\":1}", "{\"p\":2}"],
+            "the stream's events, then its end"
+        );
+        // A session nobody has: nothing to open or publish to.
+        assert!(
+            last.open("no-such-session", false)
+                .await
+                .expect("open")
+                .is_none()
+        );
+        assert!(
+            first
+                .publish("no-such-session", b"{}")
+                .await
+                .expect("publish")
+                .is_none()
+        );
+    }
+
+    fn message(n: u64) -> Entry {
+        Entry::Message {
+            stream: STANDALONE,
+            payload: Bytes::from(format!("{{\"n\":{n}}}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mirror_applies_entries_in_seq_order_and_fills_gaps() {
+        // Never connected: the mirror is driven by hand.
+        let events = SharedEvents::new(
+            "redis://127.0.0.1:1/",
+            "t:",
+            SharedLimits {
+                max_events: 64,
+                max_age: Duration::from_secs(60),
+                idle_ttl: Duration::from_secs(60),
+            },
+        )
+        .expect("events");
+        let log = Arc::new(crate::stream::SessionLog::mirror(LIMITS, events, "s", true));
+        let mut stream = reader(&log, STANDALONE, None);
+        assert!(!log.offer(1, message(1)));
+        assert!(
+            log.offer(3, message(3)),
+            "2 is missing: read the shared log"
+        );
+        assert!(!log.offer(4, message(4)), "one read at a time");
+        assert_eq!(
+            read(&mut stream, 1).await,
+            [("0.1".to_owned(), "{\"n\":1}".to_owned())]
+        );
+        assert_eq!(log.read_from(), 1);
+        let behind = log.apply_read(LogRead {
+            last_seq: 3,
+            delivered: 0,
+            entries: vec![(2, message(2)), (3, message(3))],
+        });
+        assert!(!behind);
+        let ids: Vec<String> = read(&mut stream, 3)
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, ["0.2", "0.3", "0.4"], "in order, once each");
+        // 5 left the shared log before it was read: a resume from before it
+        // has a gap; what is there arrives.
+        assert!(log.offer(7, message(7)));
+        assert!(!log.apply_read(LogRead {
+            last_seq: 7,
+            delivered: 0,
+            entries: vec![(6, message(6)), (7, message(7))],
+        }));
+        let ids: Vec<String> = read(&mut stream, 2)
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, ["0.6", "0.7"]);
+        assert!(log.attach(STANDALONE, Some(4)).expect("attach").gap);
+        assert!(!log.attach(STANDALONE, Some(5)).expect("attach").gap);
+    }
+
+    #[tokio::test]
+    async fn local_event_log_suite() {
+        event_log_suite(&[&Hub::new(LIMITS)], "local").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_event_log_suite() {
+        let redis = crate::testing::RedisServer::start().await;
+        let store =
+            RedisSessionStore::new(&redis.url(), "t:", Duration::from_secs(60)).expect("store");
+        store
+            .insert(test_state("shared-one", "org"))
+            .await
+            .expect("insert");
+        let (a, b, c) = (
+            node(&redis.url(), "t:").await,
+            node(&redis.url(), "t:").await,
+            node(&redis.url(), "t:").await,
+        );
+        event_log_suite(&[&a.hub, &b.hub, &c.hub], "shared-one").await;
+        // Notices reach the other nodes, not the sender.
+        let ended = Notice::Ended {
+            session: "shared-one".into(),
+        };
+        a.hub.events().expect("shared").notify(&ended);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while c.notices.lock().expect("lock").is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the notice did not arrive in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*c.notices.lock().expect("lock"), [ended]);
+        assert!(a.notices.lock().expect("lock").is_empty());
+        // An ended session's log is gone from Redis, and refuses events.
+        store.remove("shared-one").await.expect("remove");
+        assert!(
+            a.hub
+                .publish("shared-one", b"{}")
+                .await
+                .expect("publish")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn bus_messages_parse() {
+        let Some(Bus::Entry {
+            session,
+            seq,
+            entry,
+        }) = parse_bus(b"e\nabc\n7\n0\nm\n{\"a\":\n1}")
+        else {
+            panic!("an entry");
+        };
+        assert_eq!((session, seq), ("abc", 7));
+        assert_eq!(
+            entry,
+            Entry::Message {
+                stream: 0,
+                payload: Bytes::from_static(b"{\"a\":\n1}")
+            }
+        );
+        let Some(Bus::Entry { entry, .. }) = parse_bus(b"e\nabc\n8\n42\ne\n") else {
+            panic!("an entry");
+        };
+        assert_eq!(entry, Entry::End(42));
+        let notice = Notice::Ended {
+            session: "s".into(),
+        };
+        let mut raw = b"n\n9\n".to_vec();
+        raw.extend(serde_json::to_vec(&notice).expect("json"));
+        let Some(Bus::Notice { node, notice: got }) = parse_bus(&raw) else {
+            panic!("a notice");
+        };
+        assert_eq!((node, got), (9, notice));
+        for bad in [
+            &b""[..],
+            b"x\n1",
+            b"e\nabc\nseven\n0\nm\n{}",
+            b"e\nabc\n1\n0\nz\n{}",
+            b"n\nnode\n{}",
+        ] {
+            assert!(parse_bus(bad).is_none(), "{bad:?}");
+        }
+    }
+}
