@@ -205,10 +205,16 @@ class RedisServer(Proc):
     """A real redis-server (Debian package; scripts/prereqs installs it) on a
     free loopback port, without persistence: a restart loses everything."""
 
-    def __init__(self, log_dir: Path, name: str = "redis"):
+    def __init__(self, log_dir: Path, name: str = "redis", persist: bool = False):
+        """With `persist`, every write goes to an append-only file first, so a
+        restart keeps the data."""
         self.port = free_port()
+        data_dir = log_dir / f"{name}-{self.port}-data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        durability = (["--appendonly", "yes", "--appendfsync", "always"] if persist
+                      else ["--appendonly", "no"])
         super().__init__(name=name, argv=["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no"],
+                                          "--dir", str(data_dir), "--save", "", *durability],
                          log_path=log_dir / f"{name}-{self.port}.log")
 
     @property

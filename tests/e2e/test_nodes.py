@@ -1,0 +1,351 @@
+"""Distributed mode (issue 6): several gateway nodes share sessions, event
+logs and live fan-out through one real redis-server. Clients hop between
+nodes with no stickiness; a node dies; Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import threading
+import time
+
+import httpx2
+import pytest
+
+import rawhttp
+from harness import (KC_AUDIENCE, KC_GATEWAY_SECRET, PUBLISH_SECRET, Gateway, RedisServer, SseReader, free_port,
+                     initialize, org, post, wait_until)
+
+pytestmark = pytest.mark.anyio
+
+
+def node(log_dir, replicas, redis: RedisServer, name: str, prefix: str, orgs: dict | None = None,
+         **kw) -> Gateway:
+    sessions = {"idle_ttl": "30m", "event_log_size": 256, "store": "redis", "url": "${E2E_REDIS_URL}",
+                "key_prefix": prefix}
+    extra = kw.pop("extra", {})
+    return Gateway(log_dir, orgs or {"s25": org(replicas)}, name=name,
+                   extra={"sessions": sessions, **extra},
+                   env={"E2E_REDIS_URL": redis.url, **kw.pop("env", {})}, **kw)
+
+
+class Nodes:
+    """Gateway nodes started together and stopped together."""
+
+    def __init__(self, gateways: list[Gateway]):
+        self.all = gateways
+
+    def __enter__(self) -> list[Gateway]:
+        try:
+            for gw in self.all:
+                gw.start_and_wait()
+            for gw in self.all:
+                wait_until(f"{gw.name} ready (store and bus)", lambda gw=gw: gw.admin_get("/readyz").status_code == 200,
+                           timeout=15)
+        except BaseException:
+            self.stop()
+            raise
+        return self.all
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                for gw in self.all:
+                    if gw.popen is not None and gw.popen.returncode is None and gw.death() is None:
+                        gw.assert_healthy()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        for gw in self.all:
+            gw.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(log_dir):
+    server = RedisServer(log_dir, name="redis-nodes").start_and_wait()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def three(log_dir, replicas, redis):
+    with Nodes([node(log_dir, replicas, redis, f"node-{c}", "nodes:") for c in "abc"]) as gws:
+        yield gws
+
+
+def get_headers(sid: str, last_event_id: str | None = None) -> dict:
+    h = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+    if last_event_id:
+        h["Last-Event-ID"] = last_event_id
+    return h
+
+
+def answers(r: httpx2.Response) -> list[dict]:
+    """The JSON-RPC messages of a POST's answer, JSON or SSE."""
+    if r.headers.get("content-type", "").startswith("application/json"):
+        return [r.json()]
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+def note(n: int) -> dict:
+    return {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": n}}
+
+
+def test_any_node_serves_any_request_of_a_session(three):
+    a, b, c = three
+    sid = initialize(a.url("s25"))
+    with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
+            http.stream("GET", b.url("s25"), headers=get_headers(sid)) as stream:
+        assert stream.status_code == 200
+        events = SseReader(stream)
+        r = post(c.url("s25"), {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                "params": {"name": "add", "arguments": {"a": 2, "b": 3}}}, session=sid)
+        assert r.status_code == 200, r.text
+        assert answers(r)[-1]["result"]["content"][0]["text"] == "5", r.text
+        # A publish through A's admin API arrives on the stream B holds.
+        published = time.monotonic()
+        r = a.publish(sid, note(1))
+        assert r.status_code == 202, r.text
+        _, message = events.next_message()
+        print(f"publish on A -> stream on B: {(time.monotonic() - published) * 1000:.1f} ms")
+        assert message == note(1)
+        # A tool's progress and answer, streamed by C, reach the client too.
+        r = post(c.url("s25"), {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                                "params": {"name": "slow_count", "arguments": {"n": 2},
+                                           "_meta": {"progressToken": "p"}}}, session=sid)
+        assert r.status_code == 200, r.text
+        messages = answers(r)
+        assert [m.get("method") for m in messages[:-1]] == ["notifications/progress"] * 2, r.text
+        assert messages[-1]["id"] == 3 and "result" in messages[-1], r.text
+        # DELETE on C ends the session everywhere: B's stream ends, A says 404.
+        r = httpx2.delete(c.url("s25"), headers={"Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"},
+                          timeout=10)
+        assert r.status_code == 204, r.text
+        with pytest.raises(EOFError):
+            while True:
+                events.next_event()
+    r = post(a.url("s25"), {"jsonrpc": "2.0", "id": 4, "method": "tools/list"}, session=sid)
+    assert r.status_code == 404, r.text
+
+
+def test_a_legacy_sse_client_posts_to_any_node(three):
+    a, b, c = three
+    with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
+            http.stream("GET", b.url("s25", "sse"), headers={"Accept": "text/event-stream"}) as stream:
+        assert stream.status_code == 200
+        events = SseReader(stream)
+        endpoint = events.next_event()
+        assert endpoint.event == "endpoint", endpoint
+        for n, gw in enumerate([a, c], start=1):
+            r = httpx2.post(gw.origin + endpoint.data, timeout=10, json={
+                "jsonrpc": "2.0", "id": n, "method": "initialize" if n == 1 else "tools/list",
+                "params": {"protocolVersion": "2024-11-05", "capabilities": {},
+                           "clientInfo": {"name": "legacy", "version": "1"}} if n == 1 else {}})
+            assert r.status_code == 202, r.text
+            _, answer = events.next_message()
+            assert answer["id"] == n and "result" in answer, answer
+
+
+def test_a_stream_resumes_on_another_node_after_its_node_dies(log_dir, replicas, redis):
+    """SIGKILL the node holding the stream while events are published; the
+    client resumes on another node with Last-Event-ID and gets every event
+    once, in order."""
+    total = 300
+    with Nodes([node(log_dir, replicas, redis, f"death-{c}", "death:") for c in "abc"]) as (a, b, c):
+        sid = initialize(a.url("s25"))
+        failures: list[str] = []
+        published = threading.Event()
+
+        def publish_all() -> None:
+            for n in range(total):
+                r = (a, c)[n % 2].publish(sid, note(n))
+                if r.status_code != 202:
+                    failures.append(f"publish {n}: {r.status_code} {r.text}")
+                    return
+                time.sleep(0.002)
+            published.set()
+
+        got: list[int] = []
+        last_id = None
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http:
+            publisher = threading.Thread(target=publish_all, daemon=True)
+            with http.stream("GET", b.url("s25"), headers=get_headers(sid)) as stream:
+                assert stream.status_code == 200
+                events = SseReader(stream)
+                publisher.start()
+                while len(got) < 40:
+                    last_id, message = events.next_message()
+                    got.append(message["params"]["data"])
+                b.kill()
+            assert not published.is_set(), "the publisher finished before node B died: raise `total`"
+            with http.stream("GET", c.url("s25"), headers=get_headers(sid, last_id)) as stream:
+                assert stream.status_code == 200
+                events = SseReader(stream)
+                while len(got) < total and not failures:
+                    _, message = events.next_message()
+                    got.append(message["params"]["data"])
+            publisher.join(30)
+        assert not failures, failures
+        assert got == list(range(total)), f"lost or repeated: {sorted(set(range(total)) ^ set(got))[:20]}"
+        # The dead node's stream id means nothing to the others (nothing to check
+        # there); the nodes left are healthy.
+        a.assert_healthy()
+        c.assert_healthy()
+
+
+async def test_load_1000_sessions_100_events_while_clients_hop(three):
+    """1,000 sessions over 3 nodes, 100 events each published through random
+    nodes while every client hops from node to node with Last-Event-ID:
+    nothing lost, nothing repeated, order kept per stream."""
+    sessions, per_session = 1000, 100
+    rng = random.Random(6)
+    mcp = [rawhttp.Pool("127.0.0.1", gw.port, 16) for gw in three]
+    admin = [rawhttp.Pool("127.0.0.1", gw.admin_port, 32) for gw in three]
+    json_headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    auth = {"Authorization": f"Bearer {PUBLISH_SECRET}", "Content-Type": "application/json"}
+    path = three[0].url("s25").removeprefix(three[0].origin)
+
+    async def open_session(i: int) -> str:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                           "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                      "clientInfo": {"name": f"load-{i}", "version": "1"}}}).encode()
+        status, head, answer = await mcp[i % 3].request("POST", path, json_headers, body)
+        assert status == 200, answer
+        return head["mcp-session-id"]
+
+    try:
+        sids = await asyncio.gather(*(open_session(i) for i in range(sessions)))
+        received: dict[str, list[int]] = {sid: [] for sid in sids}
+        hops = {sid: 0 for sid in sids}
+
+        async def publish(sid: str) -> None:
+            for n in range(per_session):
+                status, _, answer = await rng.choice(admin).request(
+                    "POST", f"/sessions/{sid}/messages", auth, json.dumps(note(n)).encode())
+                assert status == 202, answer
+
+        async def read(i: int, sid: str) -> None:
+            last_id = None
+            at = i % 3
+            got = received[sid]
+            while len(got) < per_session:
+                # Each connection takes a random run of events, then hops.
+                run = rng.randint(10, 40)
+                events = rawhttp.sse_messages("127.0.0.1", three[at].port, path, get_headers(sid, last_id))
+                async with contextlib.aclosing(events):
+                    async for ev_id, message in events:
+                        got.append(message["params"]["data"])
+                        last_id = ev_id
+                        run -= 1
+                        if run == 0 or len(got) >= per_session:
+                            break
+                hops[sid] += 1
+                at = (at + 1) % 3
+
+        started = time.monotonic()
+        readers = [asyncio.create_task(read(i, sid)) for i, sid in enumerate(sids)]
+        await asyncio.wait_for(asyncio.gather(*(publish(sid) for sid in sids)), timeout=600)
+        await asyncio.wait_for(asyncio.gather(*readers), timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        for pool in mcp + admin:
+            pool.close()
+    wrong = {sid: got for sid, got in received.items() if got != list(range(per_session))}
+    total = sum(len(g) for g in received.values())
+    print(f"{total} events to {sessions} sessions in {elapsed:.1f} s; {sum(hops.values())} connections")
+    assert not wrong, f"{len(wrong)} sessions lost, repeated or reordered events, e.g. {next(iter(wrong.values()))}"
+    assert total == sessions * per_session
+    assert min(hops.values()) >= 3, "every client hopped across the nodes"
+    for gw in three:
+        assert gw.admin_get("/readyz").json()["events"]["dropped"] == 0
+
+
+def test_redis_restart_keeps_the_sessions_redis_kept(log_dir, replicas):
+    """Redis with its append-only file restarts: readiness goes down and comes
+    back on every node, by itself; sessions and their logs survive, and a
+    stream left open across the restart gets what is published after it."""
+    redis = RedisServer(log_dir, name="redis-aof", persist=True).start_and_wait()
+    try:
+        with Nodes([node(log_dir, replicas, redis, f"aof-{c}", "aof:") for c in "ab"]) as (a, b):
+            sid = initialize(a.url("s25"))
+            with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
+                    http.stream("GET", b.url("s25"), headers=get_headers(sid)) as stream:
+                events = SseReader(stream)
+                assert a.publish(sid, note(0)).status_code == 202
+                first_id, message = events.next_message()
+                assert message == note(0)
+                redis.stop()
+                for gw in (a, b):
+                    wait_until(f"{gw.name} unready", lambda gw=gw: gw.admin_get("/readyz").status_code == 503,
+                               timeout=10)
+                events.next_comment()  # keep-alives go on meanwhile
+                r = a.publish(sid, note(1))
+                assert r.status_code == 503, r.text
+                redis.start_and_wait()
+                for gw in (a, b):
+                    wait_until(f"{gw.name} ready again", lambda gw=gw: gw.admin_get("/readyz").status_code == 200,
+                               timeout=15)
+                assert a.publish(sid, note(2)).status_code == 202
+                _, message = events.next_message()
+                assert message == note(2), "the stream open across the restart gets new events"
+            r = post(b.url("s25"), {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                    "params": {"name": "add", "arguments": {"a": 1, "b": 2}}}, session=sid)
+            assert r.status_code == 200, r.text
+            # The log survived too: a resume from the first event on A.
+            with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
+                    http.stream("GET", a.url("s25"), headers=get_headers(sid, first_id)) as stream:
+                _, message = SseReader(stream).next_message()
+                assert message == note(2)
+    finally:
+        redis.stop()
+
+
+def test_a_logout_on_one_node_refuses_the_token_on_another_within_a_second(log_dir, replicas, redis, keycloak):
+    """Keycloak's back-channel logout reaches node A only; node C, which has
+    the token cached (jwt: checked locally; introspect: cached verdict), must
+    refuse it within a second all the same."""
+    identity = {"issuer": keycloak.issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
+                "client_secret": "${RATATOSK_KC_SECRET}", "timeout": "2s", "clock_skew": "0s",
+                "jwks_min_refetch": "1s", "logout_client_ids": ["mcp-client"]}
+    routes = {"org-1": org(replicas, auth="jwt", organization="org-1"),
+              "org-1-introspect": org(replicas, auth="introspect", organization="org-1")}
+    gateways = []
+    for c in "ac":
+        port = free_port()
+        gateways.append(node(log_dir, replicas, redis, f"logout-{c}", "logout:", orgs=routes, port=port,
+                             extra={"identity": identity, "public_url": f"http://127.0.0.1:{port}"},
+                             env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET}))
+    [client] = keycloak.admin("GET", "/clients", params={"clientId": "mcp-client"}).json()
+    before = client["attributes"]["backchannel.logout.url"]
+    with Nodes(gateways) as (a, c):
+        client["attributes"]["backchannel.logout.url"] = f"http://127.0.0.1:{a.port}/auth/backchannel-logout"
+        assert keycloak.admin("PUT", f"/clients/{client['id']}", json=client).status_code == 204
+        try:
+            token = keycloak.token("alice")
+            auth = {"Authorization": f"Bearer {token}"}
+            init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                    "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                               "clientInfo": {"name": "logout", "version": "1"}}}
+            for route in routes:  # the token is now cached on C
+                r = post(c.url(route), init, version=None, headers=auth)
+                assert r.status_code == 200, r.text
+            keycloak.logout_user("alice")
+            started = time.monotonic()
+            refused: dict[str, float] = {}
+            while len(refused) < len(routes) and time.monotonic() - started < 1.0:
+                for route in routes:
+                    if route not in refused and post(c.url(route), init, version=None,
+                                                     headers=auth).status_code == 401:
+                        refused[route] = time.monotonic() - started
+            assert set(refused) == set(routes), f"still accepted on C after 1 s: {set(routes) - set(refused)}"
+            print("refused on C after (s):", {k: round(v, 3) for k, v in refused.items()})
+            assert post(c.url("org-1"), init, version=None,
+                        headers={"Authorization": f"Bearer {keycloak.token('alice')}"}).status_code == 200
+        finally:
+            client["attributes"]["backchannel.logout.url"] = before
+            assert keycloak.admin("PUT", f"/clients/{client['id']}", json=client).status_code == 204
