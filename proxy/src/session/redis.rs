@@ -149,19 +149,30 @@ impl Scripts {
     }
 }
 
+/// A client of the Redis at `url`, and a multiplexed connection to it
+/// that is made on first use and made again whenever it breaks, with
+/// [`OP_TIMEOUT`] on each connection attempt and each answer. Must be
+/// called within the Tokio runtime that will drive the connection.
+pub(crate) fn connection(
+    url: &str,
+) -> Result<(redis::Client, ConnectionManager), redis::RedisError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(OP_TIMEOUT))
+        .set_response_timeout(Some(OP_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+    Ok((client, conn))
+}
+
 impl RedisSessionStore {
     /// A store on the Redis at `url`. The connection is made on first use
     /// and made again whenever it breaks, so a gateway starts, and
     /// recovers, without Redis being up at that moment. Must be called
     /// within the Tokio runtime that will drive the connection.
     pub fn new(url: &str, prefix: &str, idle_ttl: Duration) -> Result<Self, RedisStoreError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let (_, conn) = connection(url)?;
         Ok(RedisSessionStore {
             conn,
             prefix: prefix.to_owned(),

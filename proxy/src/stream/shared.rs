@@ -30,13 +30,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Entry, Hub, LogRead, StreamId};
-use crate::session::redis::{NOW, OP_TIMEOUT, RedisStoreError};
+use crate::session::redis::{NOW, OP_TIMEOUT, RedisStoreError, connection};
 
 /// Most operations the writer sends in one pipeline.
 const BATCH: usize = 512;
@@ -134,13 +134,7 @@ impl SharedEvents {
         prefix: &str,
         limits: SharedLimits,
     ) -> Result<Arc<Self>, RedisStoreError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let (client, conn) = connection(url)?;
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Arc::new(SharedEvents {
             client,
@@ -308,10 +302,21 @@ impl SharedEvents {
     async fn write(&self, batch: &[Queued]) -> Result<Vec<Value>, RedisStoreError> {
         let mut pipe = redis::pipe();
         pipe.load_script(&self.append).ignore();
-        for q in batch {
+        // Of a session's delivery marks in one batch, the last says it all.
+        let mut last_mark = std::collections::HashMap::new();
+        for (i, q) in batch.iter().enumerate() {
+            if let Op::Delivered(_) = q.op {
+                last_mark.insert(&*q.session, i);
+            }
+        }
+        for (i, q) in batch.iter().enumerate() {
             let (kind, stream, payload): (&str, u64, &[u8]) = match &q.op {
                 Op::Notice(body) => {
                     pipe.cmd("PUBLISH").arg(&self.channel).arg(body.as_ref());
+                    continue;
+                }
+                Op::Delivered(_) if last_mark.get(&*q.session) != Some(&i) => {
+                    pipe.cmd("PING");
                     continue;
                 }
                 Op::Message { stream, payload } => ("m", *stream, payload),
