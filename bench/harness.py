@@ -1,5 +1,5 @@
 """The benchmark harness: starts the systems under test on loopback, runs
-scenarios A-F with the Rust load generator, stops everything by pid, and
+scenarios A-F and R with the Rust load generator, stops everything by pid, and
 writes bench/RESULTS.md (between its harness markers) and PNG plots.
 
 Run it through `bench/run` (or `make bench`), which installs the peers and
@@ -196,6 +196,75 @@ class Loadgen:
         self.proc.stop()
 
 
+def redis_call(port: int, *args: str, timeout: float = 10):
+    """One Redis command over a raw socket (RESP2): a bulk string (bytes),
+    an integer, a status line or a list of these; an error reply raises."""
+    cmd = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+        c.sendall(cmd.encode())
+        f = c.makefile("rb")
+
+        def reply():
+            line = f.readline()
+            kind, rest = line[:1], line[1:].rstrip(b"\r\n")
+            if kind == b"$":
+                n = int(rest)
+                return None if n < 0 else f.read(n + 2)[:n]
+            if kind == b":":
+                return int(rest)
+            if kind == b"+":
+                return rest.decode()
+            if kind == b"*":
+                n = int(rest)
+                return None if n < 0 else [reply() for _ in range(n)]
+            raise BenchError(f"redis {args[0]}: {line.decode(errors='replace').strip()}")
+
+        return reply()
+
+
+def redis_info(port: int, section: str) -> dict[str, str]:
+    raw = redis_call(port, "INFO", section).decode()
+    return dict(line.split(":", 1) for line in raw.splitlines() if ":" in line and not line.startswith("#"))
+
+
+def redis_memory(port: int) -> dict:
+    """Redis `used_memory` (everything its allocator holds for it), the
+    dataset's part of it, and the number of keys."""
+    info = redis_info(port, "memory")
+    return {"used_memory": int(info["used_memory"]), "used_memory_dataset": int(info["used_memory_dataset"]),
+            "keys": redis_call(port, "DBSIZE")}
+
+
+def redis_commands(port: int) -> int:
+    return int(redis_info(port, "stats")["total_commands_processed"])
+
+
+def redis_command_calls(port: int) -> dict[str, int]:
+    """Calls so far per command (`INFO commandstats`; commands that scripts
+    run count too)."""
+    return {k.removeprefix("cmdstat_"): int(re.search(r"calls=(\d+)", v).group(1))
+            for k, v in redis_info(port, "commandstats").items()}
+
+
+def redis_key_sample(port: int) -> dict:
+    """`MEMORY USAGE` of one key of each type, to tell where the memory is."""
+    out: dict = {}
+    for kind in ("hash", "stream", "string", "zset", "set"):
+        cursor = "0"
+        while True:
+            cursor_b, keys = redis_call(port, "SCAN", cursor, "COUNT", "1000", "TYPE", kind)
+            if keys:
+                key = keys[0].decode(errors="replace")
+                out[kind] = {"key": key, "bytes": redis_call(port, "MEMORY", "USAGE", key, "SAMPLES", "0")}
+                if kind == "stream":
+                    out[kind]["entries"] = redis_call(port, "XLEN", key)
+                break
+            cursor = cursor_b.decode()
+            if cursor == "0":
+                break
+    return out
+
+
 def loadgen_json(args: list[str], timeout: float) -> dict:
     out = subprocess.run([str(LOADGEN), *args], capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "RUST_BACKTRACE": "0"})
@@ -277,16 +346,46 @@ class Systems:
             out.append(json.loads(raw)["access_token"])
         return out
 
+    # -- Redis, for gateways in distributed mode (scenario R)
+    def start_redis(self, name: str) -> dict:
+        """An empty, non-persistent redis-server on a fresh loopback port."""
+        port = free_port()
+        p = self.add(Proc(name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(self.run_dir)], self.run_dir))
+        wait_tcp(port, 10, "redis-server", p)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if redis_call(port, "PING") == "PONG":
+                    break
+            except (OSError, BenchError):
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"redis-server on port {port} does not answer PING; see {p.log_path}")
+            time.sleep(0.1)
+        self.versions["Redis"] = redis_info(port, "server").get("redis_version", "?")
+        return {"proc": p, "port": port, "url": f"redis://127.0.0.1:{port}/"}
+
     # -- the gateway
-    def start_gateway(self, name: str, stub_url: str, cache: bool = True) -> dict:
+    def start_gateway(self, name: str, stub_url: str, cache: bool = True, sessions: dict | None = None) -> dict:
+        """The bench gateway: orgs `jwt` and `introspect` on `stub_url`;
+        `sessions` replaces the default sessions section (e.g. `store: redis`)."""
         org = {"upstream": {"era": "stateless-2025", "replicas": [stub_url], "timeout": "30s"}}
-        return self.run_gateway(name, {
+        extra = {"sessions": sessions} if sessions is not None else {}
+        return self.run_gateway(name, {**extra,
             "identity": {"issuer": self.issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
                          "client_secret": "${BENCH_KC_SECRET}", "timeout": "5s",
                          "cache": {"enabled": cache}},
             "orgs": {"jwt": {"auth": "jwt", "organization": "org-1", **org},
                      "introspect": {"auth": "introspect", "organization": "org-1", **org}},
         })
+
+    def start_redis_gateway(self, name: str, stub_url: str, redis: dict) -> dict:
+        """A gateway node in distributed mode: sessions in `redis`, under the
+        key prefix every bench node shares."""
+        return self.start_gateway(name, stub_url, sessions={
+            "idle_ttl": "2h", "event_log_size": R_EVENT_LOG, "store": "redis", "url": redis["url"],
+            "key_prefix": "bench:"})
 
     def start_era_gateway(self, upstreams: dict[str, str]) -> dict:
         """A gateway with one org per upstream era (`<era>` -> stub URL), no auth."""
@@ -548,8 +647,14 @@ def scenario_d(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
 
 
 def hold_streams(s: Systems, system: str, n: int, args: list[str], proc: Proc,
-                 idle_seconds: float, fanout: bool) -> dict:
-    """Scenario B (and C when `fanout`): hold n idle streams on one system."""
+                 idle_seconds: float, fanout: bool, fanouts: int = 1, on_phase=None, extra=None) -> dict:
+    """Scenario B (and C when `fanout`): hold n idle streams on one system.
+    `fanouts` > 1 fans out again (results in `fanout`, then `fanout_2`, ...);
+    `on_phase(phase)` is called at "base" (before anything is opened),
+    "sessions" (gateway), "held", and "fanout", "fanout_2", ... (scenario R
+    reads Redis then); `extra(loadgen, res)` runs last, streams still held."""
+    phase = on_phase or (lambda _: None)
+    phase("base")
     base_mem = memory_kib(proc.pids())
     lg = Loadgen(s.run_dir, ["--system", system, "--n", str(n), *args], f"loadgen-{system}-{n}")
     try:
@@ -559,6 +664,7 @@ def hold_streams(s: Systems, system: str, n: int, args: list[str], proc: Proc,
             res["sessions_seconds"] = ses["seconds"]
             time.sleep(1)
             res["after_sessions"] = memory_kib(proc.pids())
+            phase("sessions")
             lg.send("go")
         opened = lg.read(600)
         res["open"] = opened
@@ -585,13 +691,19 @@ def hold_streams(s: Systems, system: str, n: int, args: list[str], proc: Proc,
                     (res["held"][key] - res["after_sessions"][key]) * 1024 / held)
         log(f"B {system} N={n}: {res['per_stream_pss_bytes']:.0f} B/stream (PSS delta), "
             f"idle CPU {res['idle_cpu_percent']:.2f}%")
-        if fanout:
+        phase("held")
+        for k in range(fanouts if fanout else 0):
+            key = "fanout" if k == 0 else f"fanout_{k + 1}"
             lg.send("fanout")
             fo = lg.read(300)
-            res["fanout"] = fo
-            log(f"C {system} N={n}: p50 {fo['latency']['p50_us']} µs, p99 {fo['latency']['p99_us']} µs, "
-                f"all in {fo['all_delivered_seconds'] * 1000:.0f} ms, lost {fo['lost']}, "
-                f"publish errors {fo['publish_errors']}")
+            res[key] = fo
+            log(f"C {system} N={n}{'' if k == 0 else f' (fan-out {k + 1})'}: p50 {fo['latency']['p50_us']} µs, "
+                f"p99 {fo['latency']['p99_us']} µs, all in {fo['all_delivered_seconds'] * 1000:.0f} ms, "
+                f"lost {fo['lost']}, publish errors {fo['publish_errors']}"
+                + (f" ({fo['first_error']})" if fo.get("first_error") else ""))
+            phase(key)
+        if extra is not None:
+            extra(lg, res)
         return res
     finally:
         lg.quit()
@@ -623,6 +735,141 @@ def scenario_bc(s: Systems, cfg: dict, runs: int, stub: str) -> dict:
                     s.stop(proc)
                 out.setdefault(name, {}).setdefault(str(n), []).append(res)
     return out
+
+
+R_PATHS = ("1 node, memory", "1 node, redis", "2 nodes, redis")
+R_EVENT_LOG = 64  # sessions.event_log_size of every bench gateway
+R_FILL = R_EVENT_LOG + 6  # events published to each session in all, to see its log at its bound
+
+
+def scenario_r(s: Systems, cfg: dict, gw: dict, stub: str, runs: int) -> dict:
+    """Issue 6: scenarios A, B and C with two gateway nodes sharing their
+    sessions through Redis, beside the single-node gateway `gw` (memory
+    store). jwt org, one cached token per run, like scenario A."""
+    out: dict = {"date": time.strftime("%Y-%m-%d"), "runs": runs, "n": cfg["c_size"],
+                 "a_duration": cfg["a_duration"], "a_warmup": cfg["a_warmup"],
+                 "rpc": {"json": {k: [] for k in R_PATHS}, "sse": {k: [] for k in R_PATHS}}, "streams": []}
+    redis = s.start_redis("redis-r")
+    r1 = s.start_redis_gateway("gateway-r1", stub, redis)
+    r2 = s.start_redis_gateway("gateway-r2", stub, redis)
+    try:
+        for r in range(runs):
+            token = s.tokens(1)[0]
+            for answer in ("json", "sse"):
+                for name in R_PATHS:
+                    if name == "1 node, memory":
+                        nodes, urls = {"gateway": gw}, [f"{gw['base']}/jwt/mcp"]
+                    else:
+                        # Both nodes run in both redis rows (node 2 idles in the
+                        # first); their CPU is summed.
+                        nodes = {"node 1": r1, "node 2": r2}
+                        urls = [f"{r1['base']}/jwt/mcp"] + ([f"{r2['base']}/jwt/mcp"] if name.startswith("2") else [])
+                    res = r_rpc(cfg, token, urls, answer == "sse", nodes,
+                                redis if name.endswith("redis") else None)
+                    log(f"R run {r + 1} {answer} {name}: {res['rps']:.0f} req/s, p50 {res['latency']['p50_us']} µs, "
+                        f"p99 {res['latency']['p99_us']} µs, gateway CPU {res['cpu_us_per_request']:.1f} µs/req, "
+                        f"errors {res['errors']}" + (f" ({res['first_error']})" if res["errors"] else ""))
+                    out["rpc"][answer][name].append(res)
+            out["streams"].append(r_streams(s, cfg, stub, token, r))
+    finally:
+        for p in (r2, r1, redis):
+            s.stop(p["proc"])
+    return out
+
+
+def r_rpc(cfg: dict, token: str, urls: list[str], sse: bool, nodes: dict, redis: dict | None) -> dict:
+    """`rpc --init` on urls[0] (the session's node), its workers spread over
+    `urls`; CPU per request of the gateway nodes and of redis-server."""
+    procs = {k: g["proc"] for k, g in nodes.items()}
+    pids = {k: p.pids() for k, p in procs.items()}
+    rpids = redis["proc"].pids() if redis else []
+    c0 = {k: cpu_seconds(v) for k, v in pids.items()}
+    rc0 = cpu_seconds(rpids)
+    cmd0 = redis_commands(redis["port"]) if redis else 0
+    calls0 = redis_command_calls(redis["port"]) if redis else {}
+    args = ["rpc", "--url", urls[0], *[x for u in urls[1:] for x in ("--also-url", u)], "--concurrency", "64",
+            "--duration", cfg["a_duration"], "--warmup", cfg["a_warmup"], "--init", "--token", token]
+    res = loadgen_json(args + (["--sse"] if sse else []), timeout=600)
+    ok = max(res["ok"], 1)
+    res["nodes"] = len(urls)
+    res["node_cpu_us_per_request"] = {k: (cpu_seconds(v) - c0[k]) * 1e6 / ok for k, v in pids.items()}
+    res["cpu_us_per_request"] = sum(res["node_cpu_us_per_request"].values())
+    if redis:
+        res["redis_cpu_us_per_request"] = (cpu_seconds(rpids) - rc0) * 1e6 / ok
+        res["redis_commands_per_request"] = (redis_commands(redis["port"]) - cmd0) / ok
+        calls = redis_command_calls(redis["port"])
+        res["redis_calls_per_request"] = {k: (v - calls0.get(k, 0)) / ok for k, v in sorted(calls.items())
+                                          if k not in ("info", "dbsize") and v > calls0.get(k, 0)}
+    return res
+
+
+def r_streams(s: Systems, cfg: dict, stub: str, token: str, r: int) -> dict:
+    """B and C across nodes: N sessions and streams held on node 1, one
+    message to each published through node 2's admin API, twice. A fresh
+    Redis and fresh nodes, so the memory measured is this run's alone."""
+    n = cfg["c_size"]
+    redis = s.start_redis(f"redis-rs{r}")
+    n1 = s.start_redis_gateway(f"gateway-rs{r}-node1", stub, redis)
+    n2 = s.start_redis_gateway(f"gateway-rs{r}-node2", stub, redis)
+    mem: dict[str, dict] = {}
+
+    def on_phase(phase: str) -> None:
+        if phase.startswith("fanout") or phase == "full":
+            time.sleep(1)  # the bus's output buffers drain
+        mem[phase] = redis_memory(redis["port"])
+        if phase in ("sessions", "fanout", "fanout_2", "full"):
+            mem[phase]["sample"] = redis_key_sample(redis["port"])
+
+    def fill(lg: Loadgen, res: dict) -> None:
+        """More fan-outs, until each session's log has had R_FILL events:
+        the log at its bound (event_log_size)."""
+        t0, rounds = time.monotonic(), R_FILL - 2
+        agg = {"rounds": rounds, "delivered_min": n, "lost": 0, "publish_errors": 0, "first_error": None}
+        for _ in range(rounds):
+            lg.send("fanout")
+            fo = lg.read(300)
+            agg["delivered_min"] = min(agg["delivered_min"], fo["delivered"])
+            agg["lost"] += fo["lost"]
+            agg["publish_errors"] += fo["publish_errors"]
+            agg["first_error"] = agg["first_error"] or fo["first_error"]
+        agg["seconds"] = time.monotonic() - t0
+        res["fill"] = agg
+        log(f"R fill: {rounds} more fan-outs in {agg['seconds']:.0f} s, lost {agg['lost']}, "
+            f"publish errors {agg['publish_errors']}" + (f" ({agg['first_error']})" if agg["first_error"] else ""))
+        on_phase("full")
+
+    try:
+        args = ["--stream-url", f"{n1['base']}/jwt/mcp", "--publish-url", n2["admin"], "--token", token,
+                "--secret", PUBLISH_SECRET]
+        res = hold_streams(s, "gateway", n, args, n1["proc"], cfg["idle_seconds"], fanout=True, fanouts=2,
+                           on_phase=on_phase, extra=fill)
+    finally:
+        for p in (n2, n1, redis):
+            s.stop(p["proc"])
+    res["redis"] = mem
+
+    def per(a: str, b: str, items: int, what: str = "used_memory") -> float:
+        return (mem[b][what] - mem[a][what]) / max(items, 1)
+
+    held = res["held_streams"]
+    res["redis_keys_per_session"] = (mem["sessions"]["keys"] - mem["base"]["keys"]) / n
+    for what, suffix in (("used_memory", ""), ("used_memory_dataset", "_dataset")):
+        res[f"redis_bytes_per_session{suffix}"] = per("base", "sessions", n, what)
+        res[f"redis_bytes_per_stream{suffix}"] = per("sessions", "held", held, what)
+        res[f"redis_bytes_per_1000_events{suffix}"] = per("held", "fanout", res["fanout"]["delivered"], what) * 1000
+        res[f"redis_bytes_per_1000_events_2{suffix}"] = per("fanout", "fanout_2", res["fanout_2"]["delivered"],
+                                                            what) * 1000
+        # Every session's log at its bound: what it holds per session, and
+        # per 1,000 events it keeps (R_EVENT_LOG each).
+        res[f"redis_bytes_per_full_log{suffix}"] = per("held", "full", n, what)
+        res[f"redis_bytes_per_1000_kept_events{suffix}"] = per("held", "full", n * R_EVENT_LOG, what) * 1000
+    res["redis_full_log_entries"] = mem["full"]["sample"].get("stream", {}).get("entries")
+    log(f"R run {r + 1} Redis: {res['redis_bytes_per_session']:.0f} B/session "
+        f"({res['redis_keys_per_session']:.1f} keys), {res['redis_bytes_per_stream']:.0f} B/stream, "
+        f"{res['redis_bytes_per_1000_events']:,.0f} B per 1,000 first events, "
+        f"{res['redis_bytes_per_1000_events_2']:,.0f} B per 1,000 second events, "
+        f"{res['redis_bytes_per_full_log']:,.0f} B per full log ({res['redis_full_log_entries']} entries)")
+    return res
 
 
 def scenario_e(s: Systems, cfg: dict, gw_cached: dict, gw_uncached: dict, runs: int) -> dict:
@@ -802,7 +1049,160 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                          f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {med(runs, 'cpu_us_per_request'):.1f} µs | "
                          f"{median(ratios):.2f} |")
         lines.append("")
+    r = res.get("R")
+    if r:
+        lines += r_tables(r, res.get("BC"))
     return lines, goals
+
+
+def humantime_seconds(text: str) -> float:
+    """"20s", "2s", "500ms", "1m" in seconds."""
+    m = re.fullmatch(r"([\d.]+)(ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text}")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[m.group(2)]
+
+
+def per_run_diff(runs: list[dict], base: list[dict], *path: str) -> float:
+    """The median of run k's value minus base run k's (same run, same moment)."""
+    return median([med([x], *path) - med([b], *path) for x, b in zip(runs, base)])
+
+
+def signed_us(us: float) -> str:
+    return ("+" if us >= 0 else "−") + fmt_us(abs(us))
+
+
+def r_tables(r: dict, bc: dict | None) -> list[str]:
+    """Scenario R's section: A, B and C on two nodes sharing Redis."""
+    n = r["n"]
+    warmup_note = ""
+    if "a_warmup" in r:
+        dur, warm = (humantime_seconds(r[k]) for k in ("a_duration", "a_warmup"))
+        if warm > 0:
+            warmup_note = (f"Per-request figures divide what was counted from the start of the {r['a_warmup']} "
+                           f"warm-up by the requests measured in the {r['a_duration']} after it, as in A, so they are "
+                           f"about {warm / dur:.0%} high (a Redis command sent once per request shows as "
+                           f"{(dur + warm) / dur:.2f}). ")
+    lines = ["### R. Two nodes and Redis (issue 6)", "",
+             f"Run of {r['date']}, {r['runs']} time(s). Gateway nodes with `sessions: {{store: redis}}` on one "
+             "local redis-server (no persistence), against the same stub and jwt org (cached token) as A, "
+             "beside the single-node gateway with its sessions in memory. `tools/call` on one session, "
+             "64 connections; the session is opened on node 1, and with 2 nodes every other connection "
+             "sends to node 2, which finds the session in Redis. SSE: tool `echo_sse`, whose answer is an SSE "
+             "stream; with Redis its events go through the session's shared log (a Redis stream) and the "
+             "nodes' bus. Gateway CPU is the sum over the nodes running (both redis rows run both nodes; "
+             "node 2 idles in \"1 node, redis\"); redis-server's CPU is given apart. " + warmup_note +
+             "Ratios and differences are taken per run against \"1 node, memory\" in the same run, then their "
+             "median.", "",
+             "| answer | path | req/s | p50 | p99 | gateway CPU per request | redis-server CPU per request | "
+             "Redis commands per request | req/s ÷ 1 node, memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    added: list[str] = []
+    for answer, paths in r["rpc"].items():
+        label = "JSON" if answer == "json" else "SSE"
+        base = paths["1 node, memory"]
+        for name, runs in paths.items():
+            if not runs:
+                continue
+            ratios = [x["rps"] / b["rps"] for x, b in zip(runs, base)]
+            redis_cpu = med(runs, "redis_cpu_us_per_request") if "redis_cpu_us_per_request" in runs[0] else None
+            cmds = med(runs, "redis_commands_per_request") if "redis_commands_per_request" in runs[0] else None
+            lines.append(
+                f"| {label} | {name} | {med(runs, 'rps'):,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
+                f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {med(runs, 'cpu_us_per_request'):.1f} µs | "
+                f"{'-' if redis_cpu is None else f'{redis_cpu:.1f} µs'} | {'-' if cmds is None else f'{cmds:.1f}'} | "
+                f"{median(ratios):.2f} |")
+            if name != "1 node, memory":
+                cpu = per_run_diff(runs, base, "cpu_us_per_request")
+                added.append(
+                    f"| {label} | {name} | {cpu:+.1f} µs | {'-' if redis_cpu is None else f'{redis_cpu:.1f} µs'} | "
+                    f"{cpu + (redis_cpu or 0):+.1f} µs | {signed_us(per_run_diff(runs, base, 'latency', 'p50_us'))} | "
+                    f"{signed_us(per_run_diff(runs, base, 'latency', 'p99_us'))} | {median(ratios):.2f} |")
+    idle = []
+    for answer, paths in r["rpc"].items():
+        runs = [x for x in paths.get("1 node, redis", []) if "node 2" in x.get("node_cpu_us_per_request", {})]
+        if runs:
+            idle.append(f"{'JSON' if answer == 'json' else 'SSE'} "
+                        f"{median([x['node_cpu_us_per_request']['node 2'] for x in runs]):.1f} µs")
+    for answer, paths in r["rpc"].items():
+        runs = [x for x in paths.get("1 node, redis", []) if "redis_calls_per_request" in x]
+        if runs:
+            calls = runs[len(runs) // 2]["redis_calls_per_request"]
+            top = sorted(calls.items(), key=lambda kv: -kv[1])
+            lines += ["", f"Redis commands per {'JSON' if answer == 'json' else 'SSE'} request by command "
+                      f"(\"1 node, redis\", `INFO commandstats`, commands run by scripts included): "
+                      + ", ".join(f"`{k}` {v:.2f}" for k, v in top if v >= 0.01) + "."]
+    if idle:
+        lines += ["", "Node 2's part of the gateway CPU in \"1 node, redis\", where it gets no request, per request "
+                  "to node 1: " + ", ".join(idle) + "."]
+    lines += ["", "What Redis adds per request, against \"1 node, memory\":", "",
+              "| answer | path | gateway CPU | + redis-server CPU | = CPU added | p50 added | p99 added | req/s ratio |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |", *added, ""]
+    st = r["streams"]
+    if st:
+        lines += [f"Streams across nodes (B and C): N = {n:,} sessions and their GET streams held on node 1, "
+                  "one message to each published through node 2's admin API (the message crosses Redis), "
+                  "then a second one. Each run starts a fresh redis-server and fresh nodes. Memory per stream "
+                  "is node 1's growth (PSS) divided by N, with its session and without (\"stream only\").", "",
+                  "| N | system | streams held (min of runs) | bytes per stream (PSS) | stream only | idle CPU | "
+                  "fan-out p50 | p99 | max | until all N have it | delivered (min) | lost | publish errors |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows: list[tuple[str, list[dict], str]] = []
+        single = (bc or {}).get("gateway", {}).get(str(n), [])
+        single = [x for x in single if "fanout" in x]
+        if single:
+            rows.append(("1 node, memory (scenario B/C above)", single, "fanout"))
+        rows.append(("2 nodes, redis: 1st message", st, "fanout"))
+        rows.append(("2 nodes, redis: 2nd message", st, "fanout_2"))
+        for label, runs, key in rows:
+            fo = [x[key] for x in runs if key in x]
+            if not fo:
+                continue
+            first = key == "fanout"
+            mem_cols = (f"{min(x.get('held_streams', n) for x in runs):,} | {med(runs, 'per_stream_pss_bytes'):,.0f} | "
+                        f"{med(runs, 'per_stream_only_pss_bytes'):,.0f} | {med(runs, 'idle_cpu_percent'):.2f} %"
+                        if first else "same streams | - | - | -")
+            lines.append(
+                f"| {n:,} | {label} | {mem_cols} | {fmt_us(median([f['latency']['p50_us'] for f in fo]))} | "
+                f"{fmt_us(median([f['latency']['p99_us'] for f in fo]))} | "
+                f"{fmt_us(median([f['latency']['max_us'] for f in fo]))} | "
+                f"{median([f['all_delivered_seconds'] for f in fo]) * 1000:.0f} ms | "
+                f"{min(f['delivered'] for f in fo):,} | {sum(f['lost'] for f in fo)} | "
+                f"{sum(f['publish_errors'] for f in fo)} |")
+
+        def both(key: str) -> str:
+            ds = [x[f"{key}_dataset"] for x in st if f"{key}_dataset" in x]
+            return f"{med(st, key):,.0f} | {median(ds):,.0f}" if ds else f"{med(st, key):,.0f} | -"
+
+        lines += ["", "Redis memory: growth of `used_memory` (all Redis holds: data, allocator overhead, "
+                  "client buffers) and of `used_memory_dataset` (the data), divided by the sessions, streams or "
+                  "events added; medians of the runs. Then Redis's own `MEMORY USAGE` of sample keys.", "",
+                  "| what | bytes (`used_memory`) | bytes (dataset) |", "| --- | --- | --- |",
+                  f"| per session (after N sessions are opened; {med(st, 'redis_keys_per_session'):.1f} keys each) | "
+                  f"{both('redis_bytes_per_session')} |",
+                  f"| per open GET stream | {both('redis_bytes_per_stream')} |",
+                  f"| per 1,000 events: the first event of each session (starts its log) | "
+                  f"{both('redis_bytes_per_1000_events')} |",
+                  f"| per 1,000 events: a second event to each session | "
+                  f"{both('redis_bytes_per_1000_events_2')} |"]
+        if all("redis_bytes_per_full_log" in x for x in st):
+            lines += [f"| per session's log at its bound ({R_FILL} events published to each session, "
+                      f"`event_log_size` {R_EVENT_LOG}) | {both('redis_bytes_per_full_log')} |",
+                      f"| per 1,000 events kept in those logs | {both('redis_bytes_per_1000_kept_events')} |"]
+
+        def usage(phase: str, kind: str) -> float:
+            return median([x["redis"][phase]["sample"][kind]["bytes"] for x in st
+                           if kind in x["redis"].get(phase, {}).get("sample", {})])
+
+        for phase, kind, what in (("sessions", "hash", "one session's hash"),
+                                  ("fanout", "stream", "one session's event log (a Redis stream) with 1 event"),
+                                  ("fanout_2", "stream", "the same with 2 events"),
+                                  ("full", "stream", f"the same after {R_FILL} events")):
+            b = usage(phase, kind)
+            if b == b:
+                lines.append(f"| `MEMORY USAGE` of {what} | {b:,.0f} | |")
+        lines.append("")
+    return lines
 
 
 def render(res: dict, command: str) -> str:
@@ -932,6 +1332,26 @@ def smoke_checks(res: dict) -> list[str]:
         for r in runs:
             if r["ok"] == 0 or r["errors"]:
                 problems.append(f"F {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+    rr = res.get("R", {})
+    for answer, paths in rr.get("rpc", {}).items():
+        for name, runs in paths.items():
+            for r in runs:
+                if r["ok"] == 0 or r["errors"]:
+                    problems.append(f"R {answer} {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+    for r in rr.get("streams", []):
+        n = rr["n"]
+        if r["open"]["opened"] != n or r["closed_while_idle"]:
+            problems.append(f"R streams: {r['open']['opened']} of {n} streams opened "
+                            f"({r['open']['first_failure']}), {r['closed_while_idle']} closed while idle")
+        fill = r.get("fill")
+        if not fill or fill["lost"] or fill["publish_errors"] or fill["delivered_min"] != n:
+            problems.append("R fill: " + (f"delivered min {fill['delivered_min']} of {n}, lost {fill['lost']}, publish "
+                                          f"errors {fill['publish_errors']} ({fill['first_error']})" if fill else "missing"))
+        for key in ("fanout", "fanout_2"):
+            fo = r.get(key)
+            if not fo or fo["lost"] or fo["publish_errors"] or fo["delivered"] != n:
+                problems.append(f"R {key}: " + (f"delivered {fo['delivered']} of {n}, lost {fo['lost']}, publish "
+                                                f"errors {fo['publish_errors']} ({fo['first_error']})" if fo else "missing"))
     for name, runs in res.get("E", {}).items():
         for r in runs:
             if r["errors"] or r["ok"] == 0:
@@ -953,7 +1373,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the small CI run (checks, no published results)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
-    ap.add_argument("--only", default="A,B,C,D,E,F", help="scenarios to run, e.g. A,D (B and C run together)")
+    ap.add_argument("--only", default="A,B,C,D,E,F,R",
+                    help="scenarios to run, e.g. A,D (B and C run together; R is A, B and C on two nodes and Redis)")
     ap.add_argument("--sizes", help="stream counts for B, e.g. 10000,50000")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other scenarios of the results.json already in --out")
@@ -992,9 +1413,9 @@ def main() -> int:
 
     try:
         stub = s.start_stub()
-        if only & {"A", "B", "C", "D", "E"}:
+        if only & {"A", "B", "C", "D", "E", "R"}:
             s.start_keycloak()
-        gw = s.start_gateway("gateway", stub) if only & {"A", "D", "E"} else {}
+        gw = s.start_gateway("gateway", stub) if only & {"A", "D", "E", "R"} else {}
         runs = cfg["runs"]
         if "A" in only:
             nginx = s.start_nginx_proxy()
@@ -1031,6 +1452,8 @@ def main() -> int:
                     log(f"skipping N = {sorted(set(cfg['b_sizes']) - set(fits))}: not enough memory")
                 cfg["b_sizes"] = fits
             attempt("BC", lambda: scenario_bc(s, cfg, runs, stub))
+        if "R" in only:
+            attempt("R", lambda: scenario_r(s, cfg, gw, stub, runs))
     finally:
         s.stop_all()
     if args.merge and (out_dir / "results.json").exists():
@@ -1050,6 +1473,8 @@ def main() -> int:
             log(f"smoke check failed: {p}")
         checked = sum(len(runs) for k in ("A", "D", "E", "F") for runs in res.get(k, {}).values())
         checked += sum(len(runs) for sizes in res.get("BC", {}).values() for runs in sizes.values())
+        checked += sum(len(runs) for paths in res.get("R", {}).get("rpc", {}).values() for runs in paths.values())
+        checked += len(res.get("R", {}).get("streams", []))
         print(f"smoke: {max(checked - len(problems), 0)} passed, {len(problems)} failed")
         return 1 if problems else 0
     return 0

@@ -1,6 +1,7 @@
 //! `ratatosk-loadgen`: the benchmark load generator.
 //!
-//! - `rpc`: closed-loop JSON-RPC requests (scenarios A and E);
+//! - `rpc`: closed-loop JSON-RPC requests (scenarios A, E, F and R; with
+//!   `--also-url`, spread over several gateway nodes sharing the session);
 //! - `setup`: session set-up, `initialize` + `notifications/initialized` +
 //!   `tools/list` (scenario D);
 //! - `streams`: holds N idle SSE streams, then fans one message out to each
@@ -52,9 +53,13 @@ enum Cmd {
 
 #[derive(Parser)]
 struct RpcArgs {
-    /// The MCP endpoint.
+    /// The MCP endpoint (where the session is opened with --init).
     #[arg(long)]
     url: String,
+    /// More endpoints of the same session (other gateway nodes): worker w
+    /// sends to `[url, also-url...][w mod count]`. Repeatable.
+    #[arg(long = "also-url")]
+    also_url: Vec<String>,
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// Run this long (after the warm-up)...
@@ -290,6 +295,10 @@ async fn rpc(a: RpcArgs, sources: Sources, timeout: Duration) -> anyhow::Result<
         bail!("give exactly one of --duration and --requests");
     }
     let target = Target::parse(&a.url)?;
+    let mut targets = vec![target.clone()];
+    for u in &a.also_url {
+        targets.push(Target::parse(u)?);
+    }
     let tokens = Arc::new(read_tokens(&a)?);
     let first = tokens.first().map(String::as_str);
     let session = if a.init {
@@ -313,7 +322,7 @@ async fn rpc(a: RpcArgs, sources: Sources, timeout: Duration) -> anyhow::Result<
     let mut workers = Vec::new();
     for w in 0..a.concurrency.max(1) {
         let (target, tokens, session, params, budget, next_token) = (
-            target.clone(),
+            targets[w % targets.len()].clone(),
             tokens.clone(),
             session.clone(),
             params.clone(),
