@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use jsonwebtoken::Validation;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::claims::time;
 use crate::provider::{KeyError, Provider};
@@ -14,8 +14,9 @@ use crate::provider::{KeyError, Provider};
 pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
 
 /// What a verified logout token ends: a provider session, or all of a
-/// subject's sessions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// subject's sessions. Serializable, so that one gateway node can tell
+/// the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogoutEvent {
     pub sid: Option<String>,
     pub sub: Option<String>,

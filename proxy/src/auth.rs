@@ -147,15 +147,7 @@ impl Gateway {
         if let Ok(event) = &result {
             if let Some(events) = self.hub.events() {
                 // Every other node refuses the tokens too.
-                events.notify(&crate::stream::shared::Notice::Logout {
-                    sid: event.sid.clone(),
-                    sub: event.sub.clone(),
-                    issued_at_ms: event.issued_at.and_then(|t| {
-                        t.duration_since(std::time::UNIX_EPOCH)
-                            .ok()
-                            .and_then(|d| u64::try_from(d.as_millis()).ok())
-                    }),
-                });
+                events.notify(&crate::stream::shared::Notice::Logout(event.clone()));
             }
             self.end_sessions_of(event).await;
         }

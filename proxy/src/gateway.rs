@@ -379,9 +379,10 @@ impl Gateway {
             }
             return self.initialize(org, identity, init, req).await;
         }
-        let (session, log) = self
+        let session = self
             .streamable_session(org, identity, req, header_version)
             .await?;
+        let log = self.session_log(&session, false).await?;
         if header_version.is_none() {
             self.check_batch(&body, &session.protocol_version)?;
         }
@@ -877,13 +878,13 @@ impl Gateway {
         identity: &Identity,
         req: &Request,
         header_version: Option<&str>,
-    ) -> Result<(Arc<SessionState>, Arc<SessionLog>), Reject> {
+    ) -> Result<Arc<SessionState>, Reject> {
         let id = req.header(&MCP_SESSION_ID);
-        let (session, log) = self
-            .session_with_log(org, identity, id, Transport::StreamableHttp)
+        let session = self
+            .session_for(org, identity, id, Transport::StreamableHttp)
             .await?;
         check_version_matches(header_version, &session)?;
-        Ok((session, log))
+        Ok(session)
     }
 
     /// The caller's session and its event log.
@@ -895,13 +896,22 @@ impl Gateway {
         transport: Transport,
     ) -> Result<(Arc<SessionState>, Arc<SessionLog>), Reject> {
         let session = self.session_for(org, identity, id, transport).await?;
-        let log = self
-            .hub
-            .open(&session.id, false)
+        let log = self.session_log(&session, false).await?;
+        Ok((session, log))
+    }
+
+    /// A session's event log on this node; `current` for a stream about to
+    /// resume (see [`Hub::open`]).
+    async fn session_log(
+        &self,
+        session: &SessionState,
+        current: bool,
+    ) -> Result<Arc<SessionLog>, Reject> {
+        self.hub
+            .open(&session.id, current)
             .await
             .map_err(store_reject)?
-            .ok_or_else(session_not_found)?;
-        Ok((session, log))
+            .ok_or_else(session_not_found)
     }
 
     /// Handles a client notification or response. A stateful upstream
@@ -921,7 +931,7 @@ impl Gateway {
             return;
         }
         if let (Some(events), Kind::Response { id }) = (self.hub.events(), &message.kind)
-            && id.as_json().starts_with("\"ratatosk-")
+            && modern::answers_gateway_request(id)
         {
             // The gateway's own request, sent by another node.
             events.notify(&Notice::Reply {
@@ -1076,7 +1086,7 @@ impl Gateway {
     ) -> Result<Response, Reject> {
         edge::check_get_framing(&req.headers)?;
         let header_version = edge::protocol_version(&req.headers)?;
-        let (session, log) = self
+        let session = self
             .streamable_session(org, identity, req, header_version)
             .await?;
         let resume = match req.header(&LAST_EVENT_ID) {
@@ -1089,15 +1099,7 @@ impl Gateway {
             })?),
         };
         // Another node may have served the stream up to its last event.
-        let log = if log.is_mirror() {
-            self.hub
-                .open(&session.id, true)
-                .await
-                .map_err(store_reject)?
-                .ok_or_else(session_not_found)?
-        } else {
-            log
-        };
+        let log = self.session_log(&session, true).await?;
         let attach = log
             .attach(
                 resume.map_or(STANDALONE, |e| e.stream),
@@ -1128,7 +1130,7 @@ impl Gateway {
         req: &Request,
     ) -> Result<Response, Reject> {
         let header_version = edge::protocol_version(&req.headers)?;
-        let (session, _) = self
+        let session = self
             .streamable_session(org, identity, req, header_version)
             .await?;
         self.end_session(&session.id, "deleted by the client")
@@ -1362,18 +1364,9 @@ impl BusHandler for Gateway {
                     self.take_reply(&session, &message);
                 }
             }
-            Notice::Logout {
-                sid,
-                sub,
-                issued_at_ms,
-            } => {
+            Notice::Logout(event) => {
                 if let Some(validator) = &self.validator {
-                    validator.revoke(&ratatosk_auth::logout::LogoutEvent {
-                        sid,
-                        sub,
-                        issued_at: issued_at_ms
-                            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
-                    });
+                    validator.revoke(&event);
                 }
             }
         }

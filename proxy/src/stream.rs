@@ -624,11 +624,6 @@ impl SessionLog {
         behind
     }
 
-    /// The shared log's link, if this is a mirror.
-    pub fn is_mirror(&self) -> bool {
-        self.shared.is_some()
-    }
-
     /// Ends the log: readers stop, appends fail.
     pub fn close(&self) {
         self.lock().closed = true;

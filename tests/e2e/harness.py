@@ -323,6 +323,19 @@ class Gateway(Proc):
         assert self.admin_get("/healthz").status_code == 200
 
 
+def redis_gateway(log_dir: Path, replicas, redis: RedisServer, name: str, prefix: str | None = None,
+                  orgs: dict | None = None, extra: dict | None = None, env: dict | None = None,
+                  **kw) -> "Gateway":
+    """A gateway node keeping its sessions and event logs in `redis` under
+    `prefix` (default `<name>:`); nodes with one prefix share them. Its org
+    is `s25` on `replicas` unless `orgs` says otherwise."""
+    sessions = {"idle_ttl": "30m", "event_log_size": 256, "store": "redis", "url": "${E2E_REDIS_URL}",
+                "key_prefix": prefix or f"{name}:"}
+    return Gateway(log_dir, orgs or {"s25": org(replicas)}, name=name,
+                   extra={"sessions": sessions, **(extra or {})},
+                   env={"E2E_REDIS_URL": redis.url, **(env or {})}, **kw)
+
+
 @contextmanager
 def running(gw: "Gateway"):
     """Starts a gateway, yields it, checks it is still healthy, stops it."""

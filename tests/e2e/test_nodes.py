@@ -15,20 +15,11 @@ import httpx2
 import pytest
 
 import rawhttp
-from harness import (KC_AUDIENCE, KC_GATEWAY_SECRET, PUBLISH_SECRET, Gateway, RedisServer, SseReader, free_port,
-                     initialize, org, post, wait_until)
+from conftest import identity_config
+from harness import (KC_GATEWAY_SECRET, PUBLISH_SECRET, Gateway, RedisServer, SseReader, free_port, initialize, org,
+                     post, redis_gateway, wait_until)
 
 pytestmark = pytest.mark.anyio
-
-
-def node(log_dir, replicas, redis: RedisServer, name: str, prefix: str, orgs: dict | None = None,
-         **kw) -> Gateway:
-    sessions = {"idle_ttl": "30m", "event_log_size": 256, "store": "redis", "url": "${E2E_REDIS_URL}",
-                "key_prefix": prefix}
-    extra = kw.pop("extra", {})
-    return Gateway(log_dir, orgs or {"s25": org(replicas)}, name=name,
-                   extra={"sessions": sessions, **extra},
-                   env={"E2E_REDIS_URL": redis.url, **kw.pop("env", {})}, **kw)
 
 
 class Nodes:
@@ -74,7 +65,7 @@ def redis(log_dir):
 
 @pytest.fixture(scope="module")
 def three(log_dir, replicas, redis):
-    with Nodes([node(log_dir, replicas, redis, f"node-{c}", "nodes:") for c in "abc"]) as gws:
+    with Nodes([redis_gateway(log_dir, replicas, redis, f"node-{c}", "nodes:") for c in "abc"]) as gws:
         yield gws
 
 
@@ -156,7 +147,7 @@ def test_a_stream_resumes_on_another_node_after_its_node_dies(log_dir, replicas,
     client resumes on another node with Last-Event-ID and gets every event
     once, in order."""
     total = 300
-    with Nodes([node(log_dir, replicas, redis, f"death-{c}", "death:") for c in "abc"]) as (a, b, c):
+    with Nodes([redis_gateway(log_dir, replicas, redis, f"death-{c}", "death:") for c in "abc"]) as (a, b, c):
         sid = initialize(a.url("s25"))
         failures: list[str] = []
         published = threading.Event()
@@ -271,7 +262,7 @@ def test_redis_restart_keeps_the_sessions_redis_kept(log_dir, replicas):
     stream left open across the restart gets what is published after it."""
     redis = RedisServer(log_dir, name="redis-aof", persist=True).start_and_wait()
     try:
-        with Nodes([node(log_dir, replicas, redis, f"aof-{c}", "aof:") for c in "ab"]) as (a, b):
+        with Nodes([redis_gateway(log_dir, replicas, redis, f"aof-{c}", "aof:") for c in "ab"]) as (a, b):
             sid = initialize(a.url("s25"))
             with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
                     http.stream("GET", b.url("s25"), headers=get_headers(sid)) as stream:
@@ -309,15 +300,13 @@ def test_a_logout_on_one_node_refuses_the_token_on_another_within_a_second(log_d
     """Keycloak's back-channel logout reaches node A only; node C, which has
     the token cached (jwt: checked locally; introspect: cached verdict), must
     refuse it within a second all the same."""
-    identity = {"issuer": keycloak.issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
-                "client_secret": "${RATATOSK_KC_SECRET}", "timeout": "2s", "clock_skew": "0s",
-                "jwks_min_refetch": "1s", "logout_client_ids": ["mcp-client"]}
+    identity = identity_config(keycloak.issuer)
     routes = {"org-1": org(replicas, auth="jwt", organization="org-1"),
               "org-1-introspect": org(replicas, auth="introspect", organization="org-1")}
     gateways = []
     for c in "ac":
         port = free_port()
-        gateways.append(node(log_dir, replicas, redis, f"logout-{c}", "logout:", orgs=routes, port=port,
+        gateways.append(redis_gateway(log_dir, replicas, redis, f"logout-{c}", "logout:", orgs=routes, port=port,
                              extra={"identity": identity, "public_url": f"http://127.0.0.1:{port}"},
                              env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET}))
     [client] = keycloak.admin("GET", "/clients", params={"clientId": "mcp-client"}).json()

@@ -9,8 +9,8 @@ import time
 import httpx2
 import pytest
 
-from harness import (ACCEPT_BOTH, Gateway, RedisServer, SseReader, initialize, org, post, rpc_error,
-                     running, streamable_session, wait_until)
+from harness import (ACCEPT_BOTH, RedisServer, SseReader, initialize, post, redis_gateway, rpc_error, running,
+                     streamable_session, wait_until)
 
 pytestmark = pytest.mark.anyio
 
@@ -22,13 +22,6 @@ def redis(log_dir):
         yield server
     finally:
         server.stop()
-
-
-def redis_gateway(log_dir, replicas, redis: RedisServer, name: str) -> Gateway:
-    return Gateway(log_dir, {"s25": org(replicas)}, name=name, extra={"sessions": {
-        "idle_ttl": "30m", "event_log_size": 256,
-        "store": "redis", "url": "${E2E_REDIS_URL}", "key_prefix": f"{name}:"}},
-        env={"E2E_REDIS_URL": redis.url})
 
 
 async def test_sessions_live_in_redis(log_dir, replicas, redis):

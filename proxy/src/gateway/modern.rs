@@ -487,8 +487,10 @@ impl Gateway {
         let mut waits = Vec::with_capacity(asks.len());
         for (key, method, params) in asks {
             let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
-            let Some(rid) = Id::from_value(&Value::from(format!("ratatosk-{}-{n}", self.node)))
-            else {
+            let Some(rid) = Id::from_value(&Value::from(format!(
+                "{INPUT_REQUEST_PREFIX}{}-{n}",
+                self.node
+            ))) else {
                 continue;
             };
             let (tx, rx) = oneshot::channel();
@@ -559,6 +561,17 @@ impl Gateway {
         }
         true
     }
+}
+
+/// How the ids of the gateway's own requests to a client start (then the
+/// node's tag and a counter, so nodes never mint the same one).
+const INPUT_REQUEST_PREFIX: &str = "ratatosk-input-";
+
+/// Whether a client's response answers a request the gateway sent it.
+pub(super) fn answers_gateway_request(id: &Id) -> bool {
+    id.as_json()
+        .strip_prefix('"')
+        .is_some_and(|s| s.starts_with(INPUT_REQUEST_PREFIX))
 }
 
 /// The first round's answer of a modern exchange, when the caller has it.

@@ -58,11 +58,30 @@ pub(crate) enum Op {
     Notice(Bytes),
 }
 
+/// For a publish: the seq it got, `None` if the session is gone.
+type Done = oneshot::Sender<Result<Option<u64>, ()>>;
+
 struct Queued {
     session: Arc<str>,
     op: Op,
-    /// For a publish: the seq it got, `None` if the session is gone.
-    done: Option<oneshot::Sender<Result<Option<u64>, ()>>>,
+    done: Option<Done>,
+}
+
+/// Of a session's delivery marks in one batch, the last says it all: the
+/// others are dropped.
+fn drop_superseded_marks(batch: &mut Vec<Queued>) {
+    let mut last = std::collections::HashMap::new();
+    for (i, q) in batch.iter().enumerate() {
+        if let Op::Delivered(_) = q.op {
+            last.insert(q.session.clone(), i);
+        }
+    }
+    let mut i = 0;
+    batch.retain(|q| {
+        let keep = !matches!(q.op, Op::Delivered(_)) || last.get(&q.session) == Some(&i);
+        i += 1;
+        keep
+    });
 }
 
 /// Something one node tells all the others.
@@ -80,11 +99,7 @@ pub enum Notice {
     /// waiting for it takes it.
     Reply { session: String, body: String },
     /// A provider logout: refuse those tokens.
-    Logout {
-        sid: Option<String>,
-        sub: Option<String>,
-        issued_at_ms: Option<u64>,
-    },
+    Logout(ratatosk_auth::logout::LogoutEvent),
 }
 
 /// What a node does with what arrives on the bus.
@@ -188,27 +203,25 @@ impl SharedEvents {
     }
 
     pub(crate) fn enqueue(&self, session: &Arc<str>, op: Op) {
-        let _ = self.tx.send(Queued {
-            session: session.clone(),
-            op,
-            done: None,
-        });
+        self.send(session.clone(), op, None);
+    }
+
+    /// Hands an operation to the writer; false if the writer is gone.
+    fn send(&self, session: Arc<str>, op: Op, done: Option<Done>) -> bool {
+        self.tx.send(Queued { session, op, done }).is_ok()
     }
 
     /// Appends a message to a session's standalone stream; its seq, or
     /// `None` if the session is gone.
     pub async fn publish(&self, session: &str, payload: &[u8]) -> Result<Option<u64>, ()> {
         let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Queued {
-                session: session.into(),
-                op: Op::Message {
-                    stream: super::STANDALONE,
-                    payload: Bytes::copy_from_slice(payload),
-                },
-                done: Some(done),
-            })
-            .map_err(|_| ())?;
+        let op = Op::Message {
+            stream: super::STANDALONE,
+            payload: Bytes::copy_from_slice(payload),
+        };
+        if !self.send(session.into(), op, Some(done)) {
+            return Err(());
+        }
         rx.await.map_err(|_| ())?
     }
 
@@ -219,11 +232,7 @@ impl SharedEvents {
         };
         let mut body = format!("n\n{}\n", self.node).into_bytes();
         body.extend_from_slice(&json);
-        let _ = self.tx.send(Queued {
-            session: "".into(),
-            op: Op::Notice(body.into()),
-            done: None,
-        });
+        self.send("".into(), Op::Notice(body.into()), None);
     }
 
     fn keys(&self, session: &str) -> [String; 3] {
@@ -260,6 +269,7 @@ impl SharedEvents {
     ) {
         let mut batch = Vec::with_capacity(BATCH);
         while rx.recv_many(&mut batch, BATCH).await > 0 {
+            drop_superseded_marks(&mut batch);
             match self.write(&batch).await {
                 Ok(replies) => {
                     for (q, reply) in batch.drain(..).zip(replies) {
@@ -302,21 +312,10 @@ impl SharedEvents {
     async fn write(&self, batch: &[Queued]) -> Result<Vec<Value>, RedisStoreError> {
         let mut pipe = redis::pipe();
         pipe.load_script(&self.append).ignore();
-        // Of a session's delivery marks in one batch, the last says it all.
-        let mut last_mark = std::collections::HashMap::new();
-        for (i, q) in batch.iter().enumerate() {
-            if let Op::Delivered(_) = q.op {
-                last_mark.insert(&*q.session, i);
-            }
-        }
-        for (i, q) in batch.iter().enumerate() {
+        for q in batch {
             let (kind, stream, payload): (&str, u64, &[u8]) = match &q.op {
                 Op::Notice(body) => {
                     pipe.cmd("PUBLISH").arg(&self.channel).arg(body.as_ref());
-                    continue;
-                }
-                Op::Delivered(_) if last_mark.get(&*q.session) != Some(&i) => {
-                    pipe.cmd("PING");
                     continue;
                 }
                 Op::Message { stream, payload } => ("m", *stream, payload),
@@ -808,6 +807,40 @@ mod tests {
         assert_eq!(ids, ["0.6", "0.7"]);
         assert!(log.attach(STANDALONE, Some(4)).expect("attach").gap);
         assert!(!log.attach(STANDALONE, Some(5)).expect("attach").gap);
+    }
+
+    #[test]
+    fn a_batch_keeps_only_each_sessions_last_delivery_mark() {
+        let q = |session: &str, op: Op| Queued {
+            session: session.into(),
+            op,
+            done: None,
+        };
+        let mut batch = vec![
+            q("a", Op::Delivered(1)),
+            q("b", Op::Delivered(5)),
+            q("a", Op::Begin(7)),
+            q("a", Op::Delivered(3)),
+        ];
+        drop_superseded_marks(&mut batch);
+        let kept: Vec<(String, Option<u64>)> = batch
+            .iter()
+            .map(|q| {
+                let mark = match q.op {
+                    Op::Delivered(n) => Some(n),
+                    _ => None,
+                };
+                (q.session.to_string(), mark)
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("b".into(), Some(5)),
+                ("a".into(), None),
+                ("a".into(), Some(3))
+            ]
+        );
     }
 
     #[tokio::test]
