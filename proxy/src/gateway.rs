@@ -89,6 +89,8 @@ pub struct Gateway {
     /// Upstream calls waiting for a 2026-07-28 client's input, by the
     /// `requestState` the client was given.
     parked: Arc<hidden::ParkedMap>,
+    /// Retries of calls parked on other nodes, waiting for those nodes.
+    resumes: hidden::ResumeMap,
     draining: AtomicBool,
 }
 
@@ -176,6 +178,7 @@ impl Gateway {
             hidden: DashMap::new(),
             opening: DashMap::new(),
             parked: Arc::new(DashMap::new()),
+            resumes: DashMap::new(),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         });
@@ -1346,7 +1349,7 @@ impl BusHandler for Gateway {
         &self.hub
     }
 
-    fn notice(&self, notice: Notice) {
+    fn notice(self: Arc<Self>, notice: Notice) {
         match notice {
             Notice::Ended { session } => {
                 self.stop_requests(&session);
@@ -1367,6 +1370,20 @@ impl BusHandler for Gateway {
             Notice::Logout(event) => {
                 if let Some(validator) = &self.validator {
                     validator.revoke(&event);
+                }
+            }
+            Notice::Resume(request) => {
+                if request.node == self.node {
+                    tokio::spawn(self.resume_for(request));
+                }
+            }
+            Notice::Resumed {
+                node,
+                token,
+                outcome,
+            } => {
+                if node == self.node {
+                    self.resumed(&token, outcome);
                 }
             }
         }

@@ -23,6 +23,7 @@ import httpx2
 ROOT = Path(__file__).resolve().parents[2]
 PUBLISH_SECRET = "e2e-publish-secret-local-only"
 PROTOCOL = "2025-11-25"
+MODERN = "2026-07-28"
 ACCEPT_BOTH = "application/json, text/event-stream"
 
 
@@ -457,6 +458,28 @@ def initialize(url: str, name: str = "e2e-raw", version: str = PROTOCOL) -> str:
     r2 = post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session=sid, version=version)
     assert r2.status_code == 202, r2.text
     return sid
+
+
+def modern_call(url: str, name: str, args: dict, caps: dict | None = None, timeout: float = 10,
+                **extra) -> httpx2.Response:
+    """A raw 2026-07-28 tools/call (id 5); `extra` goes into its params
+    (`requestState`, `inputResponses`). The client declares `caps`, by
+    default roots."""
+    params = {"name": name, "arguments": args, **extra,
+              "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                        "io.modelcontextprotocol/clientCapabilities": {"roots": {}} if caps is None else caps}}
+    return post(url, {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params},
+                version=MODERN, headers={"Mcp-Method": "tools/call", "Mcp-Name": name}, timeout=timeout)
+
+
+def result_of(r: httpx2.Response) -> dict:
+    """The JSON-RPC result of an answer, JSON or SSE."""
+    if r.headers["content-type"].startswith("application/json"):
+        return r.json()["result"]
+    for line in r.text.splitlines():
+        if line.startswith("data:") and '"result"' in line:
+            return json.loads(line[5:])["result"]
+    raise AssertionError(r.text)
 
 
 def rpc_error(r: httpx2.Response) -> dict:

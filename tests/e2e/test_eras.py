@@ -26,12 +26,11 @@ import pytest
 from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
-from harness import (ACCEPT_BOTH, ROOT, Example, Gateway, SseReader, initialize, legacy_session, org, post,
-                     rpc_error, running, started, streamable_session, wait_until)
+from harness import (ACCEPT_BOTH, MODERN, ROOT, Example, Gateway, SseReader, initialize, legacy_session, modern_call,
+                     org, post, result_of, rpc_error, running, started, streamable_session, wait_until)
 
 pytestmark = pytest.mark.anyio
 
-MODERN = "2026-07-28"
 ROOTS = ["file:///tmp/ratatosk-a", "file:///tmp/ratatosk-b"]
 CLIENT_ERAS = ["sse-2024", "streamable-2025", "modern-2026"]
 UNANSWERABLE = "stateless-2025 upstream cannot receive the answer"
@@ -315,23 +314,6 @@ def test_unsupported_modern_version_is_32022_with_data(eras_gateway):
     assert error["code"] == -32022
     assert error["data"] == {"supported": [MODERN], "requested": "2099-01-01"}
     eras_gateway.assert_healthy()
-
-
-def modern_call(url: str, name: str, args: dict, **extra) -> httpx2.Response:
-    params = {"name": name, "arguments": args, **extra,
-              "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
-                        "io.modelcontextprotocol/clientCapabilities": {"roots": {}}}}
-    return post(url, {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params},
-                version=MODERN, headers={"Mcp-Method": "tools/call", "Mcp-Name": name})
-
-
-def result_of(r: httpx2.Response) -> dict:
-    if r.headers["content-type"].startswith("application/json"):
-        return r.json()["result"]
-    for line in r.text.splitlines():
-        if line.startswith("data:") and '"result"' in line:
-            return json.loads(line[5:])["result"]
-    raise AssertionError(r.text)
 
 
 @pytest.mark.parametrize("org_name", ["modern", "go", "stateful"])

@@ -16,8 +16,9 @@ import pytest
 
 import rawhttp
 from conftest import identity_config
-from harness import (KC_GATEWAY_SECRET, PUBLISH_SECRET, Gateway, RedisServer, SseReader, free_port, initialize, org,
-                     post, redis_gateway, wait_until)
+from harness import (ACCEPT_BOTH, KC_GATEWAY_SECRET, MODERN, PUBLISH_SECRET, Example, Gateway, RedisServer, SseReader,
+                     free_port, initialize, modern_call, org, post, redis_gateway, result_of, rpc_error, started,
+                     wait_until)
 
 pytestmark = pytest.mark.anyio
 
@@ -64,8 +65,19 @@ def redis(log_dir):
 
 
 @pytest.fixture(scope="module")
-def three(log_dir, replicas, redis):
-    with Nodes([redis_gateway(log_dir, replicas, redis, f"node-{c}", "nodes:") for c in "abc"]) as gws:
+def stateful_upstream(log_dir):
+    with started(Example("python-stateful", log_dir)) as up:
+        yield up
+
+
+def node_orgs(replicas, stateful_upstream) -> dict:
+    return {"s25": org(replicas), "stateful": org([stateful_upstream], era="stateful-2025")}
+
+
+@pytest.fixture(scope="module")
+def three(log_dir, replicas, redis, stateful_upstream):
+    orgs = node_orgs(replicas, stateful_upstream)
+    with Nodes([redis_gateway(log_dir, replicas, redis, f"node-{c}", "nodes:", orgs=orgs) for c in "abc"]) as gws:
         yield gws
 
 
@@ -140,6 +152,103 @@ def test_a_legacy_sse_client_posts_to_any_node(three):
             assert r.status_code == 202, r.text
             _, answer = events.next_message()
             assert answer["id"] == n and "result" in answer, answer
+
+
+ROOTS = ["file:///tmp/nodes-a", "file:///tmp/nodes-b"]
+
+
+def parked(r: httpx2.Response) -> tuple[str, str, dict]:
+    """The input key, the request and the requestState of an InputRequiredResult."""
+    assert r.status_code == 200, r.text
+    result = result_of(r)
+    assert result["resultType"] == "input_required", result
+    [(key, request)] = result["inputRequests"].items()
+    return key, request, result["requestState"]
+
+
+def test_a_modern_clients_input_may_reach_any_node(three):
+    """A 2026-07-28 client of a stateful upstream: the call parks on the node
+    that holds the upstream's answer stream; the retry with the client's
+    input may reach any node, which streams the rest of the call."""
+    a, b, c = three
+    key, request, state = parked(modern_call(a.url("stateful"), "ask_roots", {}))
+    assert request["method"] == "roots/list", request
+    answer = {key: {"roots": [{"uri": u} for u in ROOTS]}}
+    started_at = time.monotonic()
+    r = modern_call(b.url("stateful"), "ask_roots", {}, inputResponses=answer, requestState=state)
+    print(f"retry on B of a call parked on A: {(time.monotonic() - started_at) * 1000:.1f} ms")
+    assert r.status_code == 200, r.text
+    result = result_of(r)
+    assert result["resultType"] == "complete", result
+    assert json.loads(result["content"][0]["text"]) == {"roots": ROOTS}, result
+    # The call is answered: the same state is refused everywhere, A too.
+    for gw in (c, a):
+        r = modern_call(gw.url("stateful"), "ask_roots", {}, inputResponses=answer, requestState=state)
+        assert r.status_code == 400, r.text
+        assert rpc_error(r)["code"] == -32602, r.text
+    # Another call parks on B and is answered through C (elicitation).
+    caps = {"elicitation": {}}
+    key, request, state = parked(modern_call(b.url("stateful"), "confirm", {"question": "go?"}, caps=caps))
+    assert request["method"] == "elicitation/create", request
+    # A state naming B with another random part is refused by B, via C.
+    tag, _ = state.split(".", 1)
+    r = modern_call(c.url("stateful"), "confirm", {"question": "go?"}, caps=caps,
+                    inputResponses={key: {"action": "accept"}}, requestState=f"{tag}.forged")
+    assert r.status_code == 400 and rpc_error(r)["code"] == -32602, r.text
+    r = modern_call(c.url("stateful"), "confirm", {"question": "go?"}, caps=caps,
+                    inputResponses={key: {"action": "accept", "content": {"confirmed": True}}}, requestState=state)
+    assert r.status_code == 200, r.text
+    assert json.loads(result_of(r)["content"][0]["text"]) == {"action": "accept", "confirmed": True}, r.text
+
+
+def test_leaving_a_call_resumed_on_another_node_cancels_it(three, stateful_upstream):
+    """The client reads the rest of a call parked on A from B and leaves
+    early: A cancels the call at the upstream."""
+    a, b, _ = three
+    tag = f"nodes-cancel-{random.random()}"
+    args = {"seconds": 30, "tag": tag}
+    key, _, state = parked(modern_call(a.url("stateful"), "ask_roots_then_sleep", args))
+    params = {"name": "ask_roots_then_sleep", "arguments": args, "requestState": state,
+              "inputResponses": {key: {"roots": [{"uri": ROOTS[0]}]}},
+              "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                        "io.modelcontextprotocol/clientCapabilities": {"roots": {}}}}
+    headers = {"Accept": ACCEPT_BOTH, "Content-Type": "application/json", "MCP-Protocol-Version": MODERN,
+               "Mcp-Method": "tools/call", "Mcp-Name": "ask_roots_then_sleep"}
+    body = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params}
+    with httpx2.Client(timeout=httpx2.Timeout(10, read=40)) as http, \
+            http.stream("POST", b.url("stateful"), json=body, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream"), r.headers
+        wait_until("the upstream got the roots", lambda: stateful_upstream.event_time(tag, "answered") is not None,
+                   timeout=10)
+    left = time.monotonic()
+    wait_until("the upstream call cancelled", lambda: stateful_upstream.event_time(tag, "cancelled") is not None,
+               timeout=5)
+    print(f"client left B -> call cancelled on A's upstream session: {(time.monotonic() - left) * 1000:.0f} ms")
+    assert stateful_upstream.event_time(tag, "finished") is None
+
+
+def test_a_retry_for_a_call_on_a_dead_node_gets_502(log_dir, replicas, redis, stateful_upstream, three):
+    """The node holding a parked call dies: a retry elsewhere gets 502 and
+    a message saying to call again, not a hang."""
+    a = three[0]
+    orgs = node_orgs(replicas, stateful_upstream)
+    with Nodes([redis_gateway(log_dir, replicas, redis, "node-d", "nodes:", orgs=orgs)]) as (d,):
+        key, _, state = parked(modern_call(d.url("stateful"), "ask_roots", {}))
+        d.kill()
+        asked = time.monotonic()
+        r = modern_call(a.url("stateful"), "ask_roots", {}, timeout=30, requestState=state,
+                        inputResponses={key: {"roots": []}})
+        waited = time.monotonic() - asked
+        assert r.status_code == 502, r.text
+        error = rpc_error(r)
+        assert error["code"] == -32002, error
+        assert "did not answer" in error["message"] and "call again without requestState" in error["message"], error
+        assert waited < 20, waited
+    # The call can simply be made again, on any node.
+    key, _, state = parked(modern_call(a.url("stateful"), "ask_roots", {}))
+    r = modern_call(a.url("stateful"), "ask_roots", {}, requestState=state, inputResponses={key: {"roots": []}})
+    assert json.loads(result_of(r)["content"][0]["text"]) == {"roots": []}, r.text
 
 
 def test_a_stream_resumes_on_another_node_after_its_node_dies(log_dir, replicas, redis):

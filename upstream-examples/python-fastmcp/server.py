@@ -319,6 +319,28 @@ async def sleep_then_return(seconds: int | float, ctx: Context, tag: str = "") -
     return f"slept {seconds}"
 
 
+@mcp.tool
+async def ask_roots_then_sleep(seconds: int | float, ctx: Context, tag: str = "") -> str:
+    """Ask the client for its roots like ask_roots, record "answered", then
+    sleep like sleep_then_return (records "cancelled" if cancelled, else
+    "finished") and return the roots JSON."""
+    if seconds < 0 or seconds > 3600:
+        raise ToolError("seconds must be between 0 and 3600")
+    caps = _client_caps(ctx)
+    if STATEFUL and (caps is None or caps.roots is None):
+        raise ToolError("ask_roots_then_sleep: the client did not declare the roots capability")
+    result = await _ask_client(ctx, "ask_roots_then_sleep", mt.ServerRequest(mt.ListRootsRequest()),
+                               mt.ListRootsResult)
+    record(tag, "answered")
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        record(tag, "cancelled")
+        raise
+    record(tag, "finished")
+    return compact({"roots": [str(root.uri) for root in result.roots]})
+
+
 mcp.custom_route(DEBUG_HEADERS_PATH, methods=["GET"])(debug_headers)
 mcp.custom_route(DEBUG_EVENTS_PATH, methods=["GET"])(debug_events)
 

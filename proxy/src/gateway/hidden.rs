@@ -7,14 +7,24 @@
 //! `requestState` names the parked call; the client's retry with
 //! `inputResponses` hands the answer to the upstream and streams the rest of
 //! the call.
+//!
+//! A parked call holds the upstream's open answer stream, so it lives on
+//! one node; its `requestState` names that node. In Redis mode a retry that
+//! reaches another node goes to the owner over the bus: the owner hands the
+//! input to the upstream and writes the rest of the call to a POST stream
+//! of the hidden session's shared log, which the retry's node serves.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Map;
 
+use tokio::sync::oneshot;
+
+use super::modern::{Pipe, Step};
 use super::stateful::{background_headers, send_bound};
 use super::*;
 use crate::era;
+use crate::stream::shared::{ResumeRequest, Resumed};
 
 /// The key of the one input request of an `InputRequiredResult` the
 /// gateway makes from an upstream's request.
@@ -29,6 +39,22 @@ const MAX_PARKED_PER_CALLER: usize = 32;
 
 /// Longest wait for the upstream to take a reply of the gateway's.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait for the node holding a parked call to take a retry that
+/// reached another node (it hands the input to the upstream first).
+const RESUME_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Retries waiting for the node that holds their call, by token.
+pub(super) type ResumeMap = DashMap<String, oneshot::Sender<Resumed>>;
+
+/// The node a `requestState` of this gateway's names: `{node:08x}.{random}`.
+fn owner_of(state: &str) -> Option<u32> {
+    let (tag, _) = state.split_once('.')?;
+    if tag.len() != 8 {
+        return None;
+    }
+    u32::from_str_radix(tag, 16).ok()
+}
 
 /// Upstream calls waiting for a modern client's input, by `requestState`.
 pub(super) type ParkedMap = DashMap<String, Parked>;
@@ -53,6 +79,8 @@ pub(super) struct Parked {
 #[derive(Clone)]
 pub(super) struct Park {
     map: Arc<ParkedMap>,
+    /// This node's tag, which the `requestState`s it mints carry.
+    node: u32,
     org: Arc<OrgRoute>,
     session: Arc<SessionState>,
     /// Input rounds so far.
@@ -93,7 +121,7 @@ impl Park {
             self.reply(body);
             return Asked::Answered(self, reader);
         }
-        let state = session::mint_id();
+        let state = format!("{:08x}.{}", self.node, session::mint_id());
         let input = json!({
             "method": method,
             "params": request.get("params").cloned().unwrap_or_else(|| json!({})),
@@ -235,7 +263,7 @@ impl Gateway {
         let hidden = self.hidden_session(org, identity, req, &params).await?;
         let headers = session_headers(org, identity, &hidden, &req.headers, &req.request_id);
         let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
-        let call = Id::from_value(&Value::from(format!("ratatosk-call-{n}")))
+        let call = Id::from_value(&Value::from(format!("ratatosk-call-{:08x}-{n}", self.node)))
             .ok_or_else(|| Reject::bad_request("cannot mint a call id"))?;
         let body = era::request_without_modern_meta(Some(&call), &method, params);
         org.metrics.bridged.handshake.inc();
@@ -246,6 +274,7 @@ impl Gateway {
         let reader = AnswerReader::new(answer, org.pool.read_limits);
         let park = Park {
             map: self.parked.clone(),
+            node: self.node,
             org: org.clone(),
             session: hidden,
             rounds: 0,
@@ -256,6 +285,7 @@ impl Gateway {
 
     /// The client's answer to a parked call: passed to the upstream as the
     /// response to its request, then the rest of the call streams back.
+    /// A call parked on another node is resumed there (Redis mode).
     async fn resume(
         &self,
         org: &OrgRoute,
@@ -265,53 +295,208 @@ impl Gateway {
         state: &Value,
         responses: Option<Value>,
     ) -> Result<Response, Reject> {
-        let refused = || {
-            Reject::new(
-                StatusCode::BAD_REQUEST,
-                code::INVALID_PARAMS,
-                "requestState names no call of this gateway waiting for this caller's input (tampered, already answered, or past upstream.max_duration)",
-            )
-            .with_id(Some(id))
+        let state = state.as_str().ok_or_else(|| refused(id))?;
+        let Some(parked) = self.take_parked(state, &org.name, &identity.subject) else {
+            return match (owner_of(state), self.hub.events()) {
+                (Some(owner), Some(events)) if owner != self.node => {
+                    let request = ResumeRequest {
+                        node: owner,
+                        from: self.node,
+                        token: session::mint_id(),
+                        org: org.name.to_string(),
+                        subject: identity.subject.clone(),
+                        state: state.to_owned(),
+                        id: id.to_value(),
+                        method,
+                        responses,
+                    };
+                    self.resume_elsewhere(org, events, request, id).await
+                }
+                _ => Err(refused(id)),
+            };
         };
-        let state = state.as_str().ok_or_else(refused)?;
-        let Some((_, parked)) = self.parked.remove_if(state, |_, p| {
-            p.park.session.subject == identity.subject && *p.park.session.org == *org.name
-        }) else {
-            return Err(refused());
-        };
-        let reply = match responses.as_ref().and_then(|r| r.get(INPUT_KEY)) {
-            Some(result) => json!({"jsonrpc": "2.0", "id": parked.upstream_id, "result": result}),
-            None => json!({
-                "jsonrpc": "2.0", "id": parked.upstream_id,
-                "error": {"code": code::INVALID_PARAMS,
-                          "message": format!("the client sent no inputResponses.{INPUT_KEY}")},
-            }),
-        };
-        if let Err(e) = parked.park.send(reply).await {
-            parked
-                .park
-                .cancel(&parked.call, "the client's input could not be delivered");
+        let (reader, park, call) = deliver_input(parked, responses.as_ref())
+            .await
+            .map_err(|reason| lost(reason, id))?;
+        self.respond_modern(org, reader, Some(id), Some(method), Some(park), Some(call))
+            .await
+    }
+
+    /// The parked call `state`, if it waits for this caller; it is taken.
+    fn take_parked(&self, state: &str, org: &str, subject: &str) -> Option<Parked> {
+        self.parked
+            .remove_if(state, |_, p| {
+                p.park.session.subject == subject && *p.park.session.org == *org
+            })
+            .map(|(_, p)| p)
+    }
+
+    /// A retry for a call parked on another node: that node resumes it and
+    /// streams the rest through the shared log, which this node serves.
+    async fn resume_elsewhere(
+        &self,
+        org: &OrgRoute,
+        events: &Arc<SharedEvents>,
+        request: ResumeRequest,
+        id: &Id,
+    ) -> Result<Response, Reject> {
+        if !events.bus_up() {
             return Err(Reject::new(
-                StatusCode::BAD_GATEWAY,
-                code::UPSTREAM_ERROR,
-                format!("the upstream lost the call that asked for this input ({e}); call again"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::INTERNAL_ERROR,
+                "this call waits on another gateway node and the event bus (Redis) is unreachable; retry shortly",
             )
             .with_id(Some(id)));
         }
-        org.metrics.bridged.input_round.inc();
-        let reader = parked
-            .reader
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.respond_modern(
-            org,
+        let owner = request.node;
+        let (tx, rx) = oneshot::channel();
+        let waiting = Waiting::new(&self.resumes, request.token.clone(), tx);
+        events.notify(&Notice::Resume(request));
+        let outcome = tokio::time::timeout(RESUME_TIMEOUT, rx).await;
+        drop(waiting);
+        let (session, stream, call) = match outcome {
+            Ok(Ok(Resumed::Streaming {
+                session,
+                stream,
+                call,
+            })) => (session, stream, call),
+            Ok(Ok(Resumed::Refused)) => return Err(refused(id)),
+            Ok(Ok(Resumed::Failed { reason })) => return Err(lost(reason, id)),
+            Ok(Err(_)) | Err(_) => {
+                return Err(lost(
+                    format!(
+                        "gateway node {owner:08x}, which holds the call that asked for this input, did not answer in {} s (it may have stopped)",
+                        RESUME_TIMEOUT.as_secs()
+                    ),
+                    id,
+                ));
+            }
+        };
+        let gone = || {
+            lost(
+                "the call's upstream session ended on the node holding it".into(),
+                id,
+            )
+        };
+        let log = self
+            .hub
+            .open(&session, false)
+            .await
+            .map_err(store_reject)?
+            .ok_or_else(gone)?;
+        let attach = log.attach(stream, None).map_err(|_| gone())?;
+        let live = LiveStream::new(
+            log,
+            attach,
+            None,
+            self.config.streams.keepalive,
+            Some(org.metrics.stream.clone()),
+        );
+        Ok(Response::sse(Box::new(Elsewhere {
+            live,
+            ended: false,
+            events: events.clone(),
+            cancel: Some(Notice::Cancel { session, id: call }),
+        })))
+    }
+
+    /// Node side of [`Notice::Resume`]: a retry another node received for
+    /// a call parked here. Answers that node with [`Notice::Resumed`].
+    pub(super) async fn resume_for(self: Arc<Self>, request: ResumeRequest) {
+        let outcome = self.continue_into_log(&request).await;
+        if let Some(events) = self.hub.events() {
+            events.notify(&Notice::Resumed {
+                node: request.from,
+                token: request.token,
+                outcome,
+            });
+        }
+    }
+
+    /// Hands the input of `request` to the upstream and streams the rest
+    /// of the call to a new POST stream of the hidden session's log.
+    async fn continue_into_log(self: &Arc<Self>, request: &ResumeRequest) -> Resumed {
+        let Some(parked) = self.take_parked(&request.state, &request.org, &request.subject) else {
+            return Resumed::Refused;
+        };
+        let Some(client_id) = Id::from_value(&request.id) else {
+            parked
+                .park
+                .cancel(&parked.call, "the client's retry had no usable id");
+            return Resumed::Failed {
+                reason: "the retry's id is not a JSON-RPC id".into(),
+            };
+        };
+        let session = parked.park.session.clone();
+        let org = parked.park.org.name.clone();
+        let (reader, park, call) = match deliver_input(parked, request.responses.as_ref()).await {
+            Ok(continued) => continued,
+            Err(reason) => return Resumed::Failed { reason },
+        };
+        let keepalive = self.config.streams.keepalive;
+        let pipe = Pipe::resumed(
             reader,
-            Some(id),
-            Some(method),
-            Some(parked.park),
-            Some(parked.call),
-        )
-        .await
+            client_id,
+            call.clone(),
+            request.method.clone(),
+            org,
+            keepalive,
+            park,
+        );
+        // From here, dropping `pipe` tells the upstream the call is over.
+        let log = match self.hub.open(&session.id, false).await {
+            Ok(Some(log)) => log,
+            _ => {
+                return Resumed::Failed {
+                    reason: "the call's upstream session has no event log on its node".into(),
+                };
+            }
+        };
+        let guard = match self.track(&log, &session.id, Some(&call)) {
+            Ok(guard) => guard,
+            Err(reject) => {
+                return Resumed::Failed {
+                    reason: reject.message,
+                };
+            }
+        };
+        let Ok(stream) = log.begin_stream() else {
+            return Resumed::Failed {
+                reason: "the call's upstream session ended".into(),
+            };
+        };
+        tokio::spawn(async move {
+            let mut pipe = pipe;
+            loop {
+                let step = tokio::select! {
+                    s = pipe.step() => s,
+                    _ = guard.token.cancelled() => break,
+                };
+                match step {
+                    Some(Step::Send(out, last)) => {
+                        if log.append(stream, &out).is_err() || last {
+                            break;
+                        }
+                    }
+                    Some(Step::Quiet) => {}
+                    None => break,
+                }
+            }
+            log.end_stream(stream);
+            drop(guard);
+        });
+        Resumed::Streaming {
+            session: session.id.clone(),
+            stream,
+            call: call.to_value(),
+        }
+    }
+
+    /// Hands a retry's answer to the node that waits for it.
+    pub(super) fn resumed(&self, token: &str, outcome: Resumed) {
+        if let Some((_, tx)) = self.resumes.remove(token) {
+            let _ = tx.send(outcome);
+        }
     }
 
     /// The caller's hidden session with the stateful upstream, opened on
@@ -418,6 +603,106 @@ impl Gateway {
     }
 }
 
+/// Hands the client's input to the upstream as the answer to its request;
+/// the rest of the call then comes on the parked answer stream.
+async fn deliver_input(
+    parked: Parked,
+    responses: Option<&Value>,
+) -> Result<(AnswerReader, Park, Id), String> {
+    let reply = match responses.and_then(|r| r.get(INPUT_KEY)) {
+        Some(result) => json!({"jsonrpc": "2.0", "id": parked.upstream_id, "result": result}),
+        None => json!({
+            "jsonrpc": "2.0", "id": parked.upstream_id,
+            "error": {"code": code::INVALID_PARAMS,
+                      "message": format!("the client sent no inputResponses.{INPUT_KEY}")},
+        }),
+    };
+    if let Err(e) = parked.park.send(reply).await {
+        parked
+            .park
+            .cancel(&parked.call, "the client's input could not be delivered");
+        return Err(format!(
+            "the upstream lost the call that asked for this input ({e})"
+        ));
+    }
+    parked.park.org.metrics.bridged.input_round.inc();
+    let reader = parked
+        .reader
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok((reader, parked.park, parked.call))
+}
+
+fn refused(id: &Id) -> Reject {
+    Reject::new(
+        StatusCode::BAD_REQUEST,
+        code::INVALID_PARAMS,
+        "requestState names no call of this gateway waiting for this caller's input (tampered, already answered, or past upstream.max_duration)",
+    )
+    .with_id(Some(id))
+}
+
+/// The call that asked for the input is gone: the client must call again.
+fn lost(reason: String, id: &Id) -> Reject {
+    Reject::new(
+        StatusCode::BAD_GATEWAY,
+        code::UPSTREAM_ERROR,
+        format!("{reason}; call again without requestState"),
+    )
+    .with_id(Some(id))
+}
+
+/// The rest of a call resumed on another node, read from the shared log.
+/// A client that leaves before its end cancels the call there.
+struct Elsewhere {
+    live: LiveStream,
+    ended: bool,
+    events: Arc<SharedEvents>,
+    cancel: Option<Notice>,
+}
+
+#[async_trait]
+impl ChunkSource for Elsewhere {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        let chunk = self.live.next_chunk().await;
+        self.ended = chunk.is_none();
+        chunk
+    }
+
+    fn written(&mut self) {
+        self.live.written();
+    }
+}
+
+impl Drop for Elsewhere {
+    fn drop(&mut self) {
+        if !self.ended
+            && let Some(cancel) = self.cancel.take()
+        {
+            self.events.notify(&cancel);
+        }
+    }
+}
+
+/// A retry's place in [`ResumeMap`], given up when it stops waiting.
+struct Waiting<'a> {
+    map: &'a ResumeMap,
+    token: String,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(map: &'a ResumeMap, token: String, tx: oneshot::Sender<Resumed>) -> Waiting<'a> {
+        map.insert(token.clone(), tx);
+        Waiting { map, token }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.map.remove(&self.token);
+    }
+}
+
 /// Locks of hidden sessions being opened, by key.
 pub(super) type OpeningMap = DashMap<String, Arc<tokio::sync::Mutex<()>>>;
 
@@ -441,5 +726,19 @@ impl Drop for Opening<'_> {
         // The map's reference and this one: nobody else waits.
         self.map
             .remove_if(&self.key, |_, l| Arc::strong_count(l) <= 2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_of;
+
+    #[test]
+    fn a_request_state_names_its_node() {
+        assert_eq!(owner_of("0000002a.abc"), Some(42));
+        assert_eq!(owner_of("ffffffff.abc"), Some(u32::MAX));
+        for bad in ["2a.abc", "zzzzzzzz.abc", "0000002aabc", "", "00000002a.x"] {
+            assert_eq!(owner_of(bad), None, "{bad}");
+        }
     }
 }

@@ -706,7 +706,7 @@ pub(super) fn probe_reject(e: ProbeError, id: Option<&Id>) -> Reject {
 /// event, with keep-alives while the upstream is quiet. No task of its
 /// own: the client's pulls drive the upstream reads, and dropping it (the
 /// client closed the stream) drops the upstream request.
-struct Pipe {
+pub(super) struct Pipe {
     /// `None` once the answer is complete (or parked).
     reader: Option<AnswerReader>,
     /// The id the client waits on.
@@ -724,15 +724,43 @@ struct Pipe {
     park: Option<Park>,
 }
 
-#[async_trait]
-impl ChunkSource for Pipe {
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+/// One step of a [`Pipe`].
+pub(super) enum Step {
+    /// A message for the client; `true` if it is the last.
+    Send(Bytes, bool),
+    /// The gateway answered the upstream itself; nothing for the client.
+    Quiet,
+}
+
+impl Pipe {
+    /// The continuation of a parked call: the rest of the upstream's answer
+    /// to call `call`, for the client waiting on `id`.
+    pub(super) fn resumed(
+        reader: AnswerReader,
+        id: Id,
+        call: Id,
+        method: String,
+        org: Arc<str>,
+        keepalive: Duration,
+        park: Park,
+    ) -> Pipe {
+        Pipe {
+            reader: Some(reader),
+            id,
+            upstream_id: Some(call),
+            to_modern: Some(method),
+            org,
+            keepalive,
+            park: Some(park),
+        }
+    }
+
+    /// Reads the upstream's next message and says what the client gets
+    /// from it; `None` once the answer is complete. Cancel-safe: the only
+    /// wait is for the upstream's next message.
+    pub(super) async fn step(&mut self) -> Option<Step> {
         let reader = self.reader.as_mut()?;
-        // Reading an SSE answer is cancel-safe: a keep-alive between two
-        // events loses nothing.
-        let Ok(next) = tokio::time::timeout(self.keepalive, reader.next_message()).await else {
-            return Some(Bytes::from_static(KEEPALIVE));
-        };
+        let next = reader.next_message().await;
         let id = &self.id;
         let (out, last) = match next {
             Ok(Some(message)) => match jsonrpc::parse_message(&message).map(|m| m.kind) {
@@ -760,7 +788,7 @@ impl ChunkSource for Pipe {
                                 Asked::Answered(park, reader) => {
                                     self.park = Some(park);
                                     self.reader = Some(reader);
-                                    return Some(Bytes::from_static(KEEPALIVE));
+                                    return Some(Step::Quiet);
                                 }
                             }
                         }
@@ -793,7 +821,18 @@ impl ChunkSource for Pipe {
         if last {
             self.reader = None;
         }
-        Some(sse_frame(None, Some("message"), &out))
+        Some(Step::Send(out, last))
+    }
+}
+
+#[async_trait]
+impl ChunkSource for Pipe {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        match tokio::time::timeout(self.keepalive, self.step()).await {
+            Err(_) | Ok(Some(Step::Quiet)) => Some(Bytes::from_static(KEEPALIVE)),
+            Ok(Some(Step::Send(out, _))) => Some(sse_frame(None, Some("message"), &out)),
+            Ok(None) => None,
+        }
     }
 }
 

@@ -22,7 +22,8 @@
 //!
 //! Appends are sent by one writer task per node, in order, many to a
 //! pipeline. The bus also carries notices between nodes: a session ended,
-//! a cancellation, a client's answer to a gateway request, a logout.
+//! a cancellation, a client's answer to a gateway request, a logout, and
+//! a 2026-07-28 client's retry of a call parked on another node.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -100,12 +101,61 @@ pub enum Notice {
     Reply { session: String, body: String },
     /// A provider logout: refuse those tokens.
     Logout(ratatosk_auth::logout::LogoutEvent),
+    /// A 2026-07-28 client's retry of a call parked on node `node`.
+    Resume(ResumeRequest),
+    /// Node `node`'s answer to its [`Notice::Resume`] `token`.
+    Resumed {
+        node: u32,
+        token: String,
+        outcome: Resumed,
+    },
+}
+
+/// A 2026-07-28 client came back with its input for a call that waits on
+/// another node (the one its `requestState` names): that node hands the
+/// input to the upstream and writes the rest of the call to a POST stream
+/// of the call's upstream session, which the client's node serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResumeRequest {
+    /// The node holding the call.
+    pub node: u32,
+    /// The node the client waits on.
+    pub from: u32,
+    /// Names the answer, [`Notice::Resumed`].
+    pub token: String,
+    /// The caller, who must be the one the call waits for.
+    pub org: String,
+    pub subject: String,
+    /// The `requestState` the client sent.
+    pub state: String,
+    /// The JSON-RPC id and method of the client's retry.
+    pub id: serde_json::Value,
+    pub method: String,
+    /// The client's `inputResponses`.
+    pub responses: Option<serde_json::Value>,
+}
+
+/// What became of a [`ResumeRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "r", rename_all = "snake_case")]
+pub enum Resumed {
+    /// The rest of the call streams to POST stream `stream` of session
+    /// `session`'s log; a reader who leaves cancels request `call` there.
+    Streaming {
+        session: String,
+        stream: StreamId,
+        call: serde_json::Value,
+    },
+    /// No such call waits for this caller.
+    Refused,
+    /// The call was there but is lost.
+    Failed { reason: String },
 }
 
 /// What a node does with what arrives on the bus.
 pub trait BusHandler: Send + Sync {
     fn hub(&self) -> &Hub;
-    fn notice(&self, notice: Notice);
+    fn notice(self: Arc<Self>, notice: Notice);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -418,7 +468,7 @@ impl SharedEvents {
             }
             Some(Bus::Notice { node, notice }) => {
                 if node != self.node {
-                    handler.notice(notice);
+                    handler.clone().notice(notice);
                 }
             }
             None => tracing::warn!("a message on the node bus is not understood; ignored"),
@@ -596,7 +646,7 @@ mod tests {
         fn hub(&self) -> &Hub {
             &self.hub
         }
-        fn notice(&self, notice: Notice) {
+        fn notice(self: Arc<Self>, notice: Notice) {
             self.notices.lock().expect("lock").push(notice);
         }
     }
@@ -911,15 +961,47 @@ mod tests {
             panic!("an entry");
         };
         assert_eq!(entry, Entry::End(42));
-        let notice = Notice::Ended {
-            session: "s".into(),
+        let resume = ResumeRequest {
+            node: 7,
+            from: 9,
+            token: "t".into(),
+            org: "o".into(),
+            subject: "alice".into(),
+            state: "00000007.x".into(),
+            id: serde_json::json!(5),
+            method: "tools/call".into(),
+            responses: Some(serde_json::json!({"upstream": {"roots": []}})),
         };
-        let mut raw = b"n\n9\n".to_vec();
-        raw.extend(serde_json::to_vec(&notice).expect("json"));
-        let Some(Bus::Notice { node, notice: got }) = parse_bus(&raw) else {
-            panic!("a notice");
-        };
-        assert_eq!((node, got), (9, notice));
+        let notices = [
+            Notice::Ended {
+                session: "s".into(),
+            },
+            Notice::Resume(resume),
+            Notice::Resumed {
+                node: 9,
+                token: "t".into(),
+                outcome: Resumed::Streaming {
+                    session: "s".into(),
+                    stream: (7 << 32) | 3,
+                    call: serde_json::json!("ratatosk-call-00000007-1"),
+                },
+            },
+            Notice::Resumed {
+                node: 9,
+                token: "t".into(),
+                outcome: Resumed::Failed {
+                    reason: "gone".into(),
+                },
+            },
+        ];
+        for notice in notices {
+            let mut raw = b"n\n9\n".to_vec();
+            raw.extend(serde_json::to_vec(&notice).expect("json"));
+            let Some(Bus::Notice { node, notice: got }) = parse_bus(&raw) else {
+                panic!("a notice");
+            };
+            assert_eq!((node, got), (9, notice));
+        }
         for bad in [
             &b""[..],
             b"x\n1",
