@@ -77,7 +77,7 @@ pub struct Gateway {
     next_reply: AtomicU64,
     /// Upstream `subscriptions/listen` streams of legacy sessions of modern
     /// upstreams, by session.
-    listeners: DashMap<String, CancellationToken>,
+    listeners: DashMap<String, modern::Listener>,
     /// One re-initialization at a time per session, when a stateful
     /// upstream lost the session's upstream session.
     rebinding: DashMap<String, Arc<stateful::Rebinding>>,
@@ -1349,6 +1349,26 @@ impl BusHandler for Gateway {
         &self.hub
     }
 
+    /// Logouts that came while this node was off the bus.
+    fn bus_up(self: Arc<Self>) -> futures::future::BoxFuture<'static, ()> {
+        let (Some(validator), Some(events)) = (self.validator.clone(), self.hub.events().cloned())
+        else {
+            return Box::pin(async {});
+        };
+        Box::pin(async move {
+            match events.logouts().await {
+                Ok(logouts) => {
+                    for event in &logouts {
+                        validator.revoke(event);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the logouts Redis keeps");
+                }
+            }
+        })
+    }
+
     fn notice(self: Arc<Self>, notice: Notice) {
         match notice {
             Notice::Ended { session } => {
@@ -1372,6 +1392,7 @@ impl BusHandler for Gateway {
                     validator.revoke(&event);
                 }
             }
+            Notice::Relisten { session } => self.reopen_listener(&session),
             Notice::Resume(request) => {
                 if request.node == self.node {
                     tokio::spawn(self.resume_for(request));

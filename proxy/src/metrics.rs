@@ -18,6 +18,7 @@ pub struct OrgMetrics {
     pub published_upstream: IntCounter,
     pub published_publish: IntCounter,
     pub bridged: BridgeCounters,
+    pub background_streams: IntGauge,
 }
 
 /// `bridged_total` of one org, by kind.
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub sessions: IntGaugeVec,
     pub open_streams: IntGaugeVec,
+    /// Sessions whose background upstream stream this node holds, by org.
+    pub background_streams: IntGaugeVec,
     pub upstream_latency: HistogramVec,
     pub upstream_errors: IntCounterVec,
     /// 1 while a replica is in rotation, 0 while it is ejected.
@@ -70,6 +73,13 @@ impl Metrics {
             Opts::new(
                 "open_streams",
                 "Open SSE streams held by the gateway, by org",
+            ),
+            &["org"],
+        )?;
+        let background_streams = IntGaugeVec::new(
+            Opts::new(
+                "background_streams",
+                "Sessions whose background upstream stream (a modern upstream's subscriptions/listen, a stateful upstream's GET stream) this node holds, by org",
             ),
             &["org"],
         )?;
@@ -128,6 +138,7 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(open_streams.clone()))?;
+        registry.register(Box::new(background_streams.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(replica_up.clone()))?;
@@ -138,6 +149,7 @@ impl Metrics {
             requests,
             sessions,
             open_streams,
+            background_streams,
             upstream_latency,
             upstream_errors,
             replica_up,
@@ -171,6 +183,7 @@ impl Metrics {
                 discover: self.bridged.with_label_values(&[org, "discover"]),
                 reinitialized: self.bridged.with_label_values(&[org, "reinitialized"]),
             },
+            background_streams: self.background_streams.with_label_values(&[org]),
         }
     }
 

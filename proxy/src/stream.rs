@@ -392,6 +392,8 @@ pub struct SessionLog {
     /// When the node last used this log (ms of [`Hub::clock`]), to drop an
     /// idle mirror.
     used: std::sync::atomic::AtomicU64,
+    /// Background tasks of this node that write to the log (see [`Kept`]).
+    kept: AtomicUsize,
 }
 
 /// A mirror's way to the shared log.
@@ -408,6 +410,18 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.log.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A background task's hold on a mirror: an idle mirror is not dropped
+/// while a task of its node still writes to it.
+pub struct Kept {
+    log: Arc<SessionLog>,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.log.kept.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -453,6 +467,7 @@ impl SessionLog {
             in_flight: AtomicUsize::new(0),
             shared,
             used: std::sync::atomic::AtomicU64::new(0),
+            kept: AtomicUsize::new(0),
             limits: LogLimits {
                 max_events: limits.max_events.max(1),
                 max_bytes: limits.max_bytes,
@@ -474,6 +489,12 @@ impl SessionLog {
             })
             .ok()
             .map(|_| Slot { log: self.clone() })
+    }
+
+    /// Keeps this log (a mirror) on the node for as long as the guard lives.
+    pub fn keep(self: &Arc<Self>) -> Kept {
+        self.kept.fetch_add(1, Ordering::AcqRel);
+        Kept { log: self.clone() }
     }
 
     /// Starts a POST response stream and returns its id.
@@ -943,6 +964,7 @@ impl Hub {
             let busy = log.has_readers()
                 || !log.lock().producing.is_empty()
                 || log.in_flight.load(Ordering::Acquire) > 0
+                || log.kept.load(Ordering::Acquire) > 0
                 || log.used.load(Ordering::Relaxed) > cutoff;
             if !busy {
                 log.close();

@@ -70,13 +70,20 @@ def stateful_upstream(log_dir):
         yield up
 
 
-def node_orgs(replicas, stateful_upstream) -> dict:
-    return {"s25": org(replicas), "stateful": org([stateful_upstream], era="stateful-2025")}
+@pytest.fixture(scope="module")
+def modern_upstream(log_dir):
+    with started(Example("python-modern", log_dir)) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")
-def three(log_dir, replicas, redis, stateful_upstream):
-    orgs = node_orgs(replicas, stateful_upstream)
+def orgs(replicas, stateful_upstream, modern_upstream) -> dict:
+    return {"s25": org(replicas), "stateful": org([stateful_upstream], era="stateful-2025"),
+            "modern": org([modern_upstream], era="modern")}
+
+
+@pytest.fixture(scope="module")
+def three(log_dir, replicas, redis, orgs):
     with Nodes([redis_gateway(log_dir, replicas, redis, f"node-{c}", "nodes:", orgs=orgs) for c in "abc"]) as gws:
         yield gws
 
@@ -171,9 +178,15 @@ def test_a_modern_clients_input_may_reach_any_node(three):
     that holds the upstream's answer stream; the retry with the client's
     input may reach any node, which streams the rest of the call."""
     a, b, c = three
+    # On the node holding the call, for comparison.
+    key, request, state = parked(modern_call(a.url("stateful"), "ask_roots", {}))
+    answer = {key: {"roots": [{"uri": u} for u in ROOTS]}}
+    started_at = time.monotonic()
+    r = modern_call(a.url("stateful"), "ask_roots", {}, inputResponses=answer, requestState=state)
+    print(f"retry on A of a call parked on A: {(time.monotonic() - started_at) * 1000:.1f} ms")
+    assert json.loads(result_of(r)["content"][0]["text"]) == {"roots": ROOTS}, r.text
     key, request, state = parked(modern_call(a.url("stateful"), "ask_roots", {}))
     assert request["method"] == "roots/list", request
-    answer = {key: {"roots": [{"uri": u} for u in ROOTS]}}
     started_at = time.monotonic()
     r = modern_call(b.url("stateful"), "ask_roots", {}, inputResponses=answer, requestState=state)
     print(f"retry on B of a call parked on A: {(time.monotonic() - started_at) * 1000:.1f} ms")
@@ -228,11 +241,10 @@ def test_leaving_a_call_resumed_on_another_node_cancels_it(three, stateful_upstr
     assert stateful_upstream.event_time(tag, "finished") is None
 
 
-def test_a_retry_for_a_call_on_a_dead_node_gets_502(log_dir, replicas, redis, stateful_upstream, three):
+def test_a_retry_for_a_call_on_a_dead_node_gets_502(log_dir, replicas, redis, orgs, three):
     """The node holding a parked call dies: a retry elsewhere gets 502 and
     a message saying to call again, not a hang."""
     a = three[0]
-    orgs = node_orgs(replicas, stateful_upstream)
     with Nodes([redis_gateway(log_dir, replicas, redis, "node-d", "nodes:", orgs=orgs)]) as (d,):
         key, _, state = parked(modern_call(d.url("stateful"), "ask_roots", {}))
         d.kill()
@@ -249,6 +261,67 @@ def test_a_retry_for_a_call_on_a_dead_node_gets_502(log_dir, replicas, redis, st
     key, _, state = parked(modern_call(a.url("stateful"), "ask_roots", {}))
     r = modern_call(a.url("stateful"), "ask_roots", {}, requestState=state, inputResponses={key: {"roots": []}})
     assert json.loads(result_of(r)["content"][0]["text"]) == {"roots": []}, r.text
+
+
+def background_streams(gw: Gateway) -> int:
+    """Sessions of org `modern` whose upstream listen this node holds."""
+    for line in gw.metrics().splitlines():
+        if line.startswith('ratatosk_background_streams{org="modern"}'):
+            return int(line.split()[-1])
+    return 0
+
+
+def next_list_changed(events: SseReader, upstream: Example) -> None:
+    """Raises tools/list_changed at the upstream until one reaches `events`
+    (a raise reaches only the listens open at that moment)."""
+    seen = threading.Event()
+
+    def raise_changes() -> None:
+        deadline = time.monotonic() + 10
+        while not seen.is_set() and time.monotonic() < deadline:
+            httpx2.post(f"{upstream.base}/debug/tools-changed", timeout=5)
+            seen.wait(0.2)
+
+    raiser = threading.Thread(target=raise_changes, daemon=True)
+    raiser.start()
+    try:
+        _, message = events.next_message()
+    finally:
+        seen.set()
+        raiser.join(timeout=10)
+    assert message["method"] == "notifications/tools/list_changed", message
+
+
+def test_one_node_holds_a_sessions_upstream_listen(log_dir, replicas, redis, orgs, three, modern_upstream):
+    """A session of a modern upstream has one upstream listen whichever
+    nodes serve its GET streams: a client that moves its stream from D to C
+    gets each notification once. When D dies, C takes the listen over."""
+    a, _, c = three
+    with Nodes([redis_gateway(log_dir, replicas, redis, "node-e", "nodes:", orgs=orgs)]) as (d,):
+        sid = initialize(a.url("modern"))
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http:
+            with http.stream("GET", d.url("modern"), headers=get_headers(sid)) as stream:
+                assert stream.status_code == 200
+                wait_until("D holds the session's listen", lambda: background_streams(d) == 1, timeout=10)
+            with http.stream("GET", c.url("modern"), headers=get_headers(sid)) as stream:
+                assert stream.status_code == 200
+                events = SseReader(stream)
+                next_list_changed(events, modern_upstream)
+                # Nothing else came: a second listen's copy would be here first.
+                assert a.publish(sid, note(1)).status_code == 202
+                assert events.next_message()[1] == note(1)
+                assert (background_streams(c), background_streams(d)) == (0, 1)
+                d.kill()
+                died = time.monotonic()
+                wait_until("C takes the listen over", lambda: background_streams(c) == 1, timeout=30)
+                print(f"listen taken over {time.monotonic() - died:.1f} s after its node died")
+                next_list_changed(events, modern_upstream)
+                assert a.publish(sid, note(2)).status_code == 202
+                assert events.next_message()[1] == note(2)
+        r = httpx2.delete(a.url("modern"), headers={"Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"},
+                          timeout=10)
+        assert r.status_code == 204, r.text
+        wait_until("C drops the listen of the ended session", lambda: background_streams(c) == 0, timeout=10)
 
 
 def test_a_stream_resumes_on_another_node_after_its_node_dies(log_dir, replicas, redis):
@@ -408,16 +481,19 @@ def test_redis_restart_keeps_the_sessions_redis_kept(log_dir, replicas):
 def test_a_logout_on_one_node_refuses_the_token_on_another_within_a_second(log_dir, replicas, redis, keycloak):
     """Keycloak's back-channel logout reaches node A only; node C, which has
     the token cached (jwt: checked locally; introspect: cached verdict), must
-    refuse it within a second all the same."""
+    refuse it within a second all the same; node D, started after the
+    logout, refuses it from its start."""
     identity = identity_config(keycloak.issuer)
     routes = {"org-1": org(replicas, auth="jwt", organization="org-1"),
               "org-1-introspect": org(replicas, auth="introspect", organization="org-1")}
-    gateways = []
-    for c in "ac":
+
+    def node(name: str) -> Gateway:
         port = free_port()
-        gateways.append(redis_gateway(log_dir, replicas, redis, f"logout-{c}", "logout:", orgs=routes, port=port,
+        return redis_gateway(log_dir, replicas, redis, f"logout-{name}", "logout:", orgs=routes, port=port,
                              extra={"identity": identity, "public_url": f"http://127.0.0.1:{port}"},
-                             env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET}))
+                             env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
+
+    gateways = [node("a"), node("c")]
     [client] = keycloak.admin("GET", "/clients", params={"clientId": "mcp-client"}).json()
     before = client["attributes"]["backchannel.logout.url"]
     with Nodes(gateways) as (a, c):
@@ -442,6 +518,12 @@ def test_a_logout_on_one_node_refuses_the_token_on_another_within_a_second(log_d
                         refused[route] = time.monotonic() - started
             assert set(refused) == set(routes), f"still accepted on C after 1 s: {set(routes) - set(refused)}"
             print("refused on C after (s):", {k: round(v, 3) for k, v in refused.items()})
+            # A node that was not running at the logout reads it from Redis
+            # before it reports ready: the (still valid) JWT is refused there.
+            with Nodes([node("d")]) as (d,):
+                for route in routes:
+                    r = post(d.url(route), init, version=None, headers=auth)
+                    assert r.status_code == 401, (route, r.status_code, r.text)
             assert post(c.url("org-1"), init, version=None,
                         headers={"Authorization": f"Bearer {keycloak.token('alice')}"}).status_code == 200
         finally:

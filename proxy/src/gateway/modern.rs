@@ -866,6 +866,23 @@ impl ChunkSource for Quiet {
     }
 }
 
+/// This node's hold on a session's background upstream stream (a modern
+/// upstream's listen, a stateful upstream's GET stream).
+pub(super) struct Listener {
+    /// Tells apart a listener from the one that replaced it.
+    generation: u64,
+    stop: CancellationToken,
+    /// Reopens a listen with the session's current filter.
+    reopen: Arc<tokio::sync::Notify>,
+}
+
+/// The lease of a session's background upstream stream (Redis mode).
+const LEASE: &str = "upstream-stream";
+
+/// How long that lease lasts unless its node renews it (every third of
+/// it): how long the stream may be missing after its node dies.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+
 /// Read limits of a `subscriptions/listen` stream: it is meant to stay open
 /// and quiet for as long as the session lives.
 pub(super) const LISTEN_LIMITS: crate::bridge::ReadLimits = crate::bridge::ReadLimits {
@@ -879,7 +896,11 @@ impl Gateway {
     /// `subscriptions/listen` stream feeding the session's standalone
     /// stream (the GET stream, or the `/sse` stream); of a stateful
     /// upstream, its upstream session's GET stream. With `refilter`, an
-    /// open listen is replaced by one with the session's current filter.
+    /// open listen is reopened with the session's current filter, on
+    /// whichever node holds it.
+    ///
+    /// In Redis mode one node of all holds the stream (a lease in Redis);
+    /// the others wait, and take over when that node stops renewing it.
     pub(super) fn ensure_listener(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
@@ -892,29 +913,118 @@ impl Gateway {
             Some(Era::Stateful2025) => true,
             _ => return,
         };
-        if !refilter && self.listeners.contains_key(session_id) {
-            return;
+        if refilter && let Some(events) = self.hub.events() {
+            events.notify(&Notice::Relisten {
+                session: session_id.to_owned(),
+            });
         }
-        let token = CancellationToken::new();
-        if let Some(old) = self.listeners.insert(session_id.to_owned(), token.clone()) {
-            old.cancel();
-        }
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (stop, reopen) = match self.listeners.entry(session_id.to_owned()) {
+            dashmap::Entry::Occupied(e) => {
+                if refilter {
+                    e.get().reopen.notify_one();
+                }
+                return;
+            }
+            dashmap::Entry::Vacant(v) => {
+                let listener = Listener {
+                    generation,
+                    stop: CancellationToken::new(),
+                    reopen: Arc::new(tokio::sync::Notify::new()),
+                };
+                let handles = (listener.stop.clone(), listener.reopen.clone());
+                v.insert(listener);
+                handles
+            }
+        };
         let (this, org, log) = (self.clone(), org.clone(), log.clone());
         let id = session_id.to_owned();
         tokio::spawn(async move {
-            if stateful {
-                this.follow(&org, &id, &log, &token).await;
-            } else {
-                this.listen(&org, &id, &log, &token).await;
+            let _kept = log.keep();
+            while let Some(run) = this.take_lease(&id, &stop).await {
+                org.metrics.background_streams.inc();
+                if stateful {
+                    this.follow(&org, &id, &log, &run).await;
+                } else {
+                    this.listen(&org, &id, &log, &run, &reopen).await;
+                }
+                org.metrics.background_streams.dec();
+                let lost = run.is_cancelled() && !stop.is_cancelled();
+                run.cancel();
+                if !lost {
+                    break;
+                }
             }
+            this.listeners
+                .remove_if(&id, |_, l| l.generation == generation);
         });
+    }
+
+    /// Reopens this node's listen of a session, if it holds one (another
+    /// node changed the session's filter).
+    pub(super) fn reopen_listener(&self, session_id: &str) {
+        if let Some(l) = self.listeners.get(session_id) {
+            l.reopen.notify_one();
+        }
     }
 
     /// Stops a session's listen stream, if it has one.
     pub(super) fn stop_listener(&self, session_id: &str) {
-        if let Some((_, token)) = self.listeners.remove(session_id) {
-            token.cancel();
+        if let Some((_, l)) = self.listeners.remove(session_id) {
+            l.stop.cancel();
         }
+    }
+
+    /// Waits until this node may hold the session's background upstream
+    /// stream: at once with one node; in Redis mode, once it holds the
+    /// session's lease, which it then renews. The token is cancelled when
+    /// the lease is lost, or with `stop`; `None` once `stop` is cancelled.
+    async fn take_lease(
+        &self,
+        session_id: &str,
+        stop: &CancellationToken,
+    ) -> Option<CancellationToken> {
+        let run = stop.child_token();
+        let Some(events) = self.hub.events().cloned() else {
+            return (!stop.is_cancelled()).then_some(run);
+        };
+        loop {
+            if stop.is_cancelled() {
+                return None;
+            }
+            match events.lease(session_id, LEASE, LEASE_TTL).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(session = %short(session_id), error = %e, "cannot take the lease of the session's upstream stream; retrying");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LEASE_TTL / 3) => {}
+                _ = stop.cancelled() => return None,
+            }
+        }
+        let (keeper, id) = (run.clone(), session_id.to_owned());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(LEASE_TTL / 3) => {}
+                    _ = keeper.cancelled() => {
+                        // Another node may take over at once, not after the TTL.
+                        let _ = events.release(&id, LEASE).await;
+                        return;
+                    }
+                }
+                // A Redis failure keeps the stream: no other node can take
+                // the lease meanwhile.
+                if let Ok(false) = events.lease(&id, LEASE, LEASE_TTL).await {
+                    tracing::info!(session = %short(&id), "another node holds the session's upstream stream now");
+                    keeper.cancel();
+                    return;
+                }
+            }
+        });
+        Some(run)
     }
 
     /// Holds the upstream listen stream of one session, reopening it when
@@ -926,10 +1036,11 @@ impl Gateway {
         session_id: &str,
         log: &SessionLog,
         stop: &CancellationToken,
+        reopen: &tokio::sync::Notify,
     ) {
         let mut backoff = Backoff::default();
         let mut round = 0u64;
-        loop {
+        'listen: loop {
             let session = match self.store.lookup(session_id).await {
                 Ok(Some(s)) => s,
                 _ => return,
@@ -967,6 +1078,8 @@ impl Gateway {
                         let next = tokio::select! {
                             n = reader.next_message() => n,
                             _ = stop.cancelled() => return,
+                            // The filter changed: listen again at once.
+                            _ = reopen.notified() => continue 'listen,
                         };
                         let Ok(Some(message)) = next else { break };
                         let parsed = jsonrpc::parse_message(&message);

@@ -101,6 +101,9 @@ pub enum Notice {
     Reply { session: String, body: String },
     /// A provider logout: refuse those tokens.
     Logout(ratatosk_auth::logout::LogoutEvent),
+    /// The session's subscriptions changed: the node holding its upstream
+    /// listen reopens it with the new filter.
+    Relisten { session: String },
     /// A 2026-07-28 client's retry of a call parked on node `node`.
     Resume(ResumeRequest),
     /// Node `node`'s answer to its [`Notice::Resume`] `token`.
@@ -156,6 +159,11 @@ pub enum Resumed {
 pub trait BusHandler: Send + Sync {
     fn hub(&self) -> &Hub;
     fn notice(self: Arc<Self>, notice: Notice);
+    /// The node's bus subscription was (re)made: notices may have been
+    /// missed. The node reports itself ready once this is done.
+    fn bus_up(self: Arc<Self>) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -183,6 +191,10 @@ pub struct SharedEvents {
     key_ttl_ms: u64,
     append: Script,
     read: Script,
+    lease: Script,
+    release: Script,
+    remember: Script,
+    recall: Script,
     bus_up: AtomicBool,
     dropped: AtomicU64,
 }
@@ -216,6 +228,10 @@ impl SharedEvents {
             key_ttl_ms: millis(limits.idle_ttl).saturating_mul(2),
             append: Script::new(&format!("{NOW}{APPEND}")),
             read: Script::new(READ),
+            lease: Script::new(LEASE),
+            release: Script::new(RELEASE),
+            remember: Script::new(&format!("{NOW}{REMEMBER}")),
+            recall: Script::new(&format!("{NOW}{RECALL}")),
             bus_up: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         }))
@@ -291,6 +307,74 @@ impl SharedEvents {
             format!("{}e:{session}:a", self.prefix),
             format!("{}e:{session}:p", self.prefix),
         ]
+    }
+
+    /// Takes, or keeps, this node's lease on a session's `what` for `ttl`:
+    /// false if another node holds it. Leases make one node of all do a
+    /// session's background work (its upstream GET or listen stream).
+    pub async fn lease(
+        &self,
+        session: &str,
+        what: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let held: i64 = self
+            .lease
+            .key(format!("{}l:{session}:{what}", self.prefix))
+            .arg(self.node)
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(held == 1)
+    }
+
+    /// Gives up this node's lease, if it still holds it.
+    pub async fn release(&self, session: &str, what: &str) -> Result<(), RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .release
+            .key(format!("{}l:{session}:{what}", self.prefix))
+            .arg(self.node)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Keeps a provider logout in Redis for `keep` (the longest a token it
+    /// refuses may live), so that a node that was off the bus when it came
+    /// (starting, or cut off from Redis) refuses those tokens too.
+    pub async fn remember_logout(
+        &self,
+        event: &ratatosk_auth::logout::LogoutEvent,
+        keep: Duration,
+    ) -> Result<(), RedisStoreError> {
+        let json = serde_json::to_string(event).unwrap_or_default();
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .remember
+            .key(format!("{}logouts", self.prefix))
+            .arg(json)
+            .arg(millis(keep))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The logouts Redis keeps (see [`SharedEvents::remember_logout`]).
+    pub async fn logouts(
+        &self,
+    ) -> Result<Vec<ratatosk_auth::logout::LogoutEvent>, RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let kept: Vec<String> = self
+            .recall
+            .key(format!("{}logouts", self.prefix))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(kept
+            .iter()
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect())
     }
 
     /// The session's log after `after`; `None` if the session is gone.
@@ -415,14 +499,16 @@ impl SharedEvents {
             };
             match tokio::time::timeout(OP_TIMEOUT, subscribed).await {
                 Ok(Ok(pubsub)) => {
-                    self.bus_up.store(true, Ordering::Relaxed);
-                    tracing::info!(channel = %self.channel, "subscribed to the node bus");
-                    pause = Duration::from_millis(100);
                     if let Some(h) = handler.upgrade() {
                         for (session, log) in h.hub().mirrors() {
                             self.spawn_sync(&h, session, log);
                         }
+                        // Bounded: its Redis reads time out.
+                        h.bus_up().await;
                     }
+                    self.bus_up.store(true, Ordering::Relaxed);
+                    tracing::info!(channel = %self.channel, "subscribed to the node bus");
+                    pause = Duration::from_millis(100);
                     let mut messages = pubsub.into_on_message();
                     while let Some(msg) = messages.next().await {
                         let Some(h) = handler.upgrade() else { return };
@@ -602,6 +688,42 @@ end
 redis.call('PEXPIRE', key, ARGV[6])
 redis.call('PUBLISH', ARGV[7], 'e\\n' .. ARGV[8] .. '\\n' .. seq .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[3])
 return seq
+";
+
+/// KEYS: the logouts (a sorted set by expiry). ARGV: logout JSON, keep ms.
+const REMEMBER: &str = "
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return 1
+";
+
+/// KEYS: the logouts. -> the JSON of those not expired.
+const RECALL: &str = "
+return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+";
+
+/// KEYS: the lease. ARGV: node tag, ttl in ms. -> 1 if the node holds it.
+const LEASE: &str = "
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// KEYS: the lease. ARGV: node tag. Deletes it if the node holds it.
+const RELEASE: &str = "
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 ";
 
 /// KEYS: session hash, standalone stream, POST stream. ARGV: after seq.
@@ -937,6 +1059,49 @@ mod tests {
                 .expect("publish")
                 .is_none()
         );
+        // One node holds a lease until it lets go or stops renewing it.
+        let (ea, eb) = (a.hub.events().expect("a"), b.hub.events().expect("b"));
+        let ttl = Duration::from_millis(300);
+        assert!(ea.lease("s", "x", ttl).await.expect("lease"));
+        assert!(!eb.lease("s", "x", ttl).await.expect("lease"));
+        assert!(ea.lease("s", "x", ttl).await.expect("renew"));
+        assert!(eb.lease("s", "y", ttl).await.expect("another lease"));
+        eb.release("s", "x").await.expect("not b's to release");
+        assert!(!eb.lease("s", "x", ttl).await.expect("lease"));
+        ea.release("s", "x").await.expect("release");
+        assert!(eb.lease("s", "x", ttl).await.expect("released"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !ea.lease("s", "x", ttl).await.expect("lease") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a lease nobody renews did not expire"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Logouts are kept for as long as asked.
+        let logout = |sub: &str| ratatosk_auth::logout::LogoutEvent {
+            sid: None,
+            sub: Some(sub.into()),
+            issued_at: None,
+        };
+        ea.remember_logout(&logout("alice"), Duration::from_secs(60))
+            .await
+            .expect("remember");
+        ea.remember_logout(&logout("bob"), Duration::from_millis(1))
+            .await
+            .expect("remember");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let kept = eb.logouts().await.expect("logouts");
+            if kept == [logout("alice")] {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "logouts kept: {kept:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]
