@@ -772,7 +772,31 @@ impl Gateway {
     }
 
     /// Moves the org's sessions gauge (its handle was resolved at start).
+    /// With several nodes, sets the sessions gauge to Redis's count of
+    /// every node's sessions (at each reap, and before `/metrics` answers).
+    pub async fn count_sessions(&self) {
+        if self.hub.events().is_none() {
+            return;
+        }
+        for org in self.routes.orgs() {
+            match self.store.count_org(&org.name).await {
+                Ok(n) => org
+                    .metrics
+                    .sessions
+                    .set(i64::try_from(n).unwrap_or(i64::MAX)),
+                Err(e) => {
+                    tracing::warn!(org = %org.name, error = %e, "cannot count the org's sessions");
+                }
+            }
+        }
+    }
+
+    /// Counts a session in or out of the sessions gauge (one node; see
+    /// [`Gateway::count_sessions`] for several).
     fn count_session(&self, org: &str, by: i64) {
+        if self.hub.events().is_some() {
+            return;
+        }
         if let Some(route) = self.routes.org(org) {
             route.metrics.sessions.add(by);
         }
@@ -1327,6 +1351,7 @@ impl Gateway {
         }
         self.expire_parked();
         self.hub.drop_idle_mirrors();
+        self.count_sessions().await;
         for org in self.routes.orgs() {
             org.pool.available();
         }

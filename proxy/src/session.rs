@@ -175,6 +175,10 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError>;
     async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    /// How many sessions the org has.
+    async fn count_org(&self, org: &str) -> Result<usize, StoreError> {
+        Ok(self.list_org(org).await?.len())
+    }
     /// Removes and returns sessions idle for longer than `ttl`.
     async fn remove_idle(&self, ttl: Duration) -> Result<Vec<Arc<SessionState>>, StoreError>;
     /// What the store is, for `/readyz`.
@@ -400,8 +404,11 @@ mod tests {
         assert!(listed.iter().all(|r| r.last_seen_ms > 0));
         assert_eq!(store.list_org("org-2").await.expect("list").len(), 1);
         assert!(store.list_org("org-3").await.expect("list").is_empty());
+        assert_eq!(store.count_org("org-1").await.expect("count"), 2);
+        assert_eq!(store.count_org("org-3").await.expect("count"), 0);
         store.remove(&ids[0]).await.expect("remove");
         assert_eq!(store.list_org("org-1").await.expect("list").len(), 1);
+        assert_eq!(store.count_org("org-1").await.expect("count"), 1);
     }
 
     async fn idle_sessions_are_removed_and_touched_ones_kept(store: &dyn SessionStore) {

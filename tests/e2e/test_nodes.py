@@ -117,6 +117,9 @@ def test_any_node_serves_any_request_of_a_session(three):
                                 "params": {"name": "add", "arguments": {"a": 2, "b": 3}}}, session=sid)
         assert r.status_code == 200, r.text
         assert answers(r)[-1]["result"]["content"][0]["text"] == "5", r.text
+        # Every node counts the sessions of all (the module's first session).
+        for gw in three:
+            assert 'ratatosk_sessions{org="s25"} 1\n' in gw.metrics(), gw.name
         # A publish through A's admin API arrives on the stream B holds.
         published = time.monotonic()
         r = a.publish(sid, note(1))

@@ -315,6 +315,12 @@ impl SessionStore for RedisSessionStore {
         }
     }
 
+    async fn count_org(&self, org: &str) -> Result<usize, StoreError> {
+        let mut conn = self.conn.clone();
+        let org_key = format!("{}{org}", self.org_prefix());
+        Ok(conn.scard(&org_key).await?)
+    }
+
     async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError> {
         let mut conn = self.conn.clone();
         let org_key = format!("{}{org}", self.org_prefix());
