@@ -461,13 +461,15 @@ def initialize(url: str, name: str = "e2e-raw", version: str = PROTOCOL) -> str:
 
 
 def modern_call(url: str, name: str, args: dict, caps: dict | None = None, timeout: float = 10,
-                **extra) -> httpx2.Response:
+                client: dict | None = None, **extra) -> httpx2.Response:
     """A raw 2026-07-28 tools/call (id 5); `extra` goes into its params
     (`requestState`, `inputResponses`). The client declares `caps`, by
-    default roots."""
-    params = {"name": name, "arguments": args, **extra,
-              "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
-                        "io.modelcontextprotocol/clientCapabilities": {"roots": {}} if caps is None else caps}}
+    default roots, and its `client` info if given."""
+    meta = {"io.modelcontextprotocol/protocolVersion": MODERN,
+            "io.modelcontextprotocol/clientCapabilities": {"roots": {}} if caps is None else caps}
+    if client is not None:
+        meta["io.modelcontextprotocol/clientInfo"] = client
+    params = {"name": name, "arguments": args, **extra, "_meta": meta}
     return post(url, {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params},
                 version=MODERN, headers={"Mcp-Method": "tools/call", "Mcp-Name": name}, timeout=timeout)
 

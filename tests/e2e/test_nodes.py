@@ -217,6 +217,24 @@ def test_a_modern_clients_input_may_reach_any_node(three):
     assert json.loads(result_of(r)["content"][0]["text"]) == {"action": "accept", "confirmed": True}, r.text
 
 
+def test_a_modern_clients_calls_on_any_node_share_one_hidden_session(three):
+    """One hidden upstream session per caller's client, whichever nodes its
+    calls reach; a call parked in it on one node is answered on another."""
+    a, b, c = three
+    client = {"name": f"hopper-{random.random()}", "version": "1"}
+    for gw in (a, b, c, a):
+        r = modern_call(gw.url("stateful"), "add", {"a": 1, "b": 2}, client=client)
+        assert result_of(r)["content"][0]["text"] == "3", r.text
+    hidden = [s for s in a.sessions("stateful")
+              if s["transport"] == "hidden" and (s.get("client_info") or {}).get("name") == client["name"]]
+    assert len(hidden) == 1, hidden
+    key, _, state = parked(modern_call(c.url("stateful"), "ask_roots", {}, client=client))
+    r = modern_call(b.url("stateful"), "ask_roots", {}, client=client, requestState=state,
+                    inputResponses={key: {"roots": [{"uri": ROOTS[1]}]}})
+    assert json.loads(result_of(r)["content"][0]["text"]) == {"roots": ROOTS[1:]}, r.text
+    assert [s["id"] for s in b.sessions("stateful") if s["id"] == hidden[0]["id"]] == [hidden[0]["id"]]
+
+
 def test_leaving_a_call_resumed_on_another_node_cancels_it(three, stateful_upstream):
     """The client reads the rest of a call parked on A from B and leaves
     early: A cancels the call at the upstream."""

@@ -565,22 +565,62 @@ impl Gateway {
         state.set_client(&params);
         state.upstream = Some(bound);
         let state = self.create_session(state).await?;
+        // Every node uses it from now on. Two nodes opening one at once
+        // both work: the last recorded is shared, the other idles out.
+        if let Some(events) = self.hub.events()
+            && let Err(e) = events.record_hidden_session(&key, &id).await
+        {
+            tracing::warn!(org = %org.name, error = %e, "cannot share a hidden session with the other nodes");
+        }
         self.hidden.insert(key, id);
         Ok(state)
     }
 
+    /// The live hidden session of `key`: this node's, or in Redis mode the
+    /// one another node opened.
     async fn live_hidden(&self, key: &str, identity: &Identity) -> Option<Arc<SessionState>> {
-        let id = self.hidden.get(key)?.clone();
+        let live =
+            |s: &SessionState| s.subject == identity.subject && s.transport == Transport::Hidden;
+        let local = self.hidden.get(key).map(|id| id.clone());
+        if let Some(id) = local
+            && let Ok(Some(s)) = self.store.lookup(&id).await
+            && live(&s)
+        {
+            return Some(s);
+        }
+        let id = self.hub.events()?.hidden_session(key).await.ok()??;
         match self.store.lookup(&id).await {
-            Ok(Some(s)) if s.subject == identity.subject => Some(s),
+            Ok(Some(s)) if live(&s) => {
+                self.hidden.insert(key.to_owned(), id);
+                Some(s)
+            }
             _ => None,
         }
     }
 
-    /// Drops the hidden-session entry of an ended session.
+    /// Drops the hidden-session entry of an ended session, on this node
+    /// and in Redis.
     pub(super) fn forget_hidden(&self, ended: &SessionState) {
-        if ended.transport == Transport::Hidden {
-            self.hidden.retain(|_, id| *id != ended.id);
+        if ended.transport != Transport::Hidden {
+            return;
+        }
+        let mut keys = Vec::new();
+        self.hidden.retain(|key, id| {
+            let keep = *id != ended.id;
+            if !keep {
+                keys.push(key.clone());
+            }
+            keep
+        });
+        if let Some(events) = self.hub.events().cloned() {
+            let id = ended.id.clone();
+            tokio::spawn(async move {
+                for key in keys {
+                    if let Err(e) = events.forget_hidden_session(&key, &id).await {
+                        tracing::debug!(error = %e, "cannot forget a hidden session in Redis; it expires");
+                    }
+                }
+            });
         }
     }
 

@@ -331,14 +331,61 @@ impl SharedEvents {
 
     /// Gives up this node's lease, if it still holds it.
     pub async fn release(&self, session: &str, what: &str) -> Result<(), RedisStoreError> {
+        let key = format!("{}l:{session}:{what}", self.prefix);
+        self.delete_if(key, &self.node.to_string()).await
+    }
+
+    /// Deletes `key` if it holds `value`.
+    async fn delete_if(&self, key: String, value: &str) -> Result<(), RedisStoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = self
             .release
-            .key(format!("{}l:{session}:{what}", self.prefix))
-            .arg(self.node)
+            .key(key)
+            .arg(value)
             .invoke_async(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// Where the hidden session of a caller's client (`key`: org,
+    /// subject, client info and capabilities) is recorded: a hash of it.
+    fn hidden_key(&self, key: &str) -> String {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(key.as_bytes());
+        let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash);
+        format!("{}h:{hash}", self.prefix)
+    }
+
+    /// The hidden session any node recorded for `key`, if any; the record
+    /// lives on for twice `idle_ttl` from now.
+    pub async fn hidden_session(&self, key: &str) -> Result<Option<String>, RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = redis::cmd("GETEX")
+            .arg(self.hidden_key(key))
+            .arg("PX")
+            .arg(self.key_ttl_ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(id)
+    }
+
+    /// Records the hidden session of `key` for every node.
+    pub async fn record_hidden_session(&self, key: &str, id: &str) -> Result<(), RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let () = redis::cmd("SET")
+            .arg(self.hidden_key(key))
+            .arg(id)
+            .arg("PX")
+            .arg(self.key_ttl_ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets the hidden session of `key` if it is still `id`.
+    pub async fn forget_hidden_session(&self, key: &str, id: &str) -> Result<(), RedisStoreError> {
+        self.delete_if(self.hidden_key(key), id).await
     }
 
     /// Keeps a provider logout in Redis for `keep` (the longest a token it
@@ -718,7 +765,8 @@ end
 return 0
 ";
 
-/// KEYS: the lease. ARGV: node tag. Deletes it if the node holds it.
+/// KEYS: a key (a lease, a hidden-session record). ARGV: a value (the
+/// node tag, the session id). Deletes the key if it still holds the value.
 const RELEASE: &str = "
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
