@@ -68,6 +68,32 @@ struct Queued {
     done: Option<Done>,
 }
 
+/// Most operations one script call of the writer carries.
+const RUN: usize = 64;
+
+/// The batch cut into runs the writer sends as one command each: a
+/// notice alone, or up to [`RUN`] operations in a row of one session.
+fn runs_of(batch: &[Queued]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, q) in batch.iter().enumerate() {
+        let joins = match runs.last() {
+            Some(run) => {
+                let last = &batch[run.end - 1];
+                run.len() < RUN
+                    && !matches!(q.op, Op::Notice(_))
+                    && !matches!(last.op, Op::Notice(_))
+                    && last.session == q.session
+            }
+            None => false,
+        };
+        match runs.last_mut() {
+            Some(run) if joins => run.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
 /// Of a session's delivery marks in one batch, the last says it all: the
 /// others are dropped.
 fn drop_superseded_marks(batch: &mut Vec<Queued>) {
@@ -453,12 +479,8 @@ impl SharedEvents {
             drop_superseded_marks(&mut batch);
             match self.write(&batch).await {
                 Ok(replies) => {
-                    for (q, reply) in batch.drain(..).zip(replies) {
+                    for (q, seq) in batch.drain(..).zip(replies) {
                         if let Some(done) = q.done {
-                            let seq = match reply {
-                                Value::Int(n) => u64::try_from(n).ok(),
-                                _ => None,
-                            };
                             let _ = done.send(Ok(seq));
                         }
                     }
@@ -488,50 +510,68 @@ impl SharedEvents {
         }
     }
 
-    /// Sends one batch as one pipeline; while Redis refuses connections,
-    /// tries again for a while.
-    async fn write(&self, batch: &[Queued]) -> Result<Vec<Value>, RedisStoreError> {
+    /// Sends one batch as one pipeline, one script call per run of a
+    /// session's operations; while Redis refuses connections, tries again
+    /// for a while. One reply per operation: a seq, or `None`.
+    async fn write(&self, batch: &[Queued]) -> Result<Vec<Option<u64>>, RedisStoreError> {
         let mut pipe = redis::pipe();
         pipe.load_script(&self.append).ignore();
-        for q in batch {
-            let (kind, stream, payload): (&str, u64, &[u8]) = match &q.op {
-                Op::Notice(body) => {
-                    pipe.cmd("PUBLISH").arg(&self.channel).arg(body.as_ref());
-                    continue;
-                }
-                Op::Message { stream, payload } => ("m", *stream, payload),
-                Op::Begin(stream) => ("b", *stream, b""),
-                Op::End(stream) => ("e", *stream, b""),
-                Op::Delivered(upto) => ("d", *upto, b""),
-            };
-            let [hash, a, p] = self.keys(&q.session);
+        let runs = runs_of(batch);
+        for run in &runs {
+            let first = &batch[run.start];
+            if let Op::Notice(body) = &first.op {
+                pipe.cmd("PUBLISH").arg(&self.channel).arg(body.as_ref());
+                continue;
+            }
+            let [hash, a, p] = self.keys(&first.session);
             let mut invocation = self.append.key(hash);
             invocation
                 .key(a)
                 .key(p)
-                .arg(kind)
-                .arg(stream)
-                .arg(payload)
                 .arg(self.max_events)
                 .arg(self.max_age_ms)
                 .arg(self.key_ttl_ms)
                 .arg(&self.channel)
-                .arg(&*q.session);
+                .arg(&*first.session);
+            for q in &batch[run.clone()] {
+                let (kind, stream, payload): (&str, u64, &[u8]) = match &q.op {
+                    Op::Message { stream, payload } => ("m", *stream, payload),
+                    Op::Begin(stream) => ("b", *stream, b""),
+                    Op::End(stream) => ("e", *stream, b""),
+                    Op::Delivered(upto) => ("d", *upto, b""),
+                    Op::Notice(_) => continue,
+                };
+                invocation.arg(kind).arg(stream).arg(payload);
+            }
             pipe.invoke_script(&invocation);
         }
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(100);
-        loop {
+        let replies = loop {
             let mut conn = self.conn.clone();
             match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                Ok(replies) => return Ok(replies),
+                Ok(replies) => break replies,
                 Err(e) if e.is_connection_refusal() && started.elapsed() < RETRY_FOR => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => return Err(e.into()),
             }
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        for (run, reply) in runs.into_iter().zip(replies) {
+            let seqs = match reply {
+                Value::Array(seqs) => seqs,
+                _ => Vec::new(),
+            };
+            for i in 0..run.len() {
+                out.push(match seqs.get(i) {
+                    Some(Value::Int(n)) => u64::try_from(*n).ok(),
+                    _ => None,
+                });
+            }
         }
+        Ok(out)
     }
 
     /// Holds the node's one subscription, and makes it again when it
@@ -709,32 +749,50 @@ fn parse_read(value: Value) -> Option<LogRead> {
     Some(read)
 }
 
-/// KEYS: session hash, standalone stream, POST stream. ARGV: kind (m
-/// message, b begin, e end, d delivered), stream (for d: the seq),
-/// payload, max length, max age ms, key ttl ms, bus channel, session id.
-/// -> the entry's seq (0 for d), or false if the session is gone.
+/// KEYS: session hash, standalone stream, POST stream. ARGV: max length,
+/// max age ms, key ttl ms, bus channel, session id, then one triple per
+/// entry: kind (m message, b begin, e end, d delivered), stream (for d:
+/// the seq), payload. -> each entry's seq (0 for d), or false if the
+/// session is gone.
+///
+/// The age trim looks at the oldest entry of each stream written to, and
+/// reads further only when that one is too old.
 const APPEND: &str = "
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if ARGV[1] == 'd' then
-    local d = tonumber(redis.call('HGET', KEYS[1], 'd') or '0') or 0
-    if tonumber(ARGV[2]) > d then redis.call('HSET', KEYS[1], 'd', ARGV[2]) end
-    return 0
+local max_age = tonumber(ARGV[2])
+local seqs = {}
+local wrote = {false, false}
+for i = 6, #ARGV, 3 do
+    local kind, stream, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    if kind == 'd' then
+        local d = tonumber(redis.call('HGET', KEYS[1], 'd') or '0') or 0
+        if tonumber(stream) > d then redis.call('HSET', KEYS[1], 'd', stream) end
+        seqs[#seqs + 1] = 0
+    else
+        local seq = redis.call('HINCRBY', KEYS[1], 'q', 1)
+        local at = 2
+        if stream == '0' then at = 1 end
+        redis.call('XADD', KEYS[at + 1], 'MAXLEN', ARGV[1], seq .. '-0', 't', now, 's', stream, 'k', kind, 'm', payload)
+        wrote[at] = true
+        redis.call('PUBLISH', ARGV[4], 'e\\n' .. ARGV[5] .. '\\n' .. seq .. '\\n' .. stream .. '\\n' .. kind .. '\\n' .. payload)
+        seqs[#seqs + 1] = seq
+    end
 end
-local seq = redis.call('HINCRBY', KEYS[1], 'q', 1)
-local key = KEYS[3]
-if ARGV[2] == '0' then key = KEYS[2] end
-redis.call('XADD', key, 'MAXLEN', ARGV[4], seq .. '-0', 't', now, 's', ARGV[2], 'k', ARGV[1], 'm', ARGV[3])
-local old = redis.call('XRANGE', key, '-', '+', 'COUNT', 8)
-local cut = nil
-for _, e in ipairs(old) do
-    if tonumber(e[2][2]) < now - tonumber(ARGV[5]) then cut = e[1] else break end
+for at = 1, 2 do
+    if wrote[at] then
+        local key = KEYS[at + 1]
+        local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)
+        if oldest[1] and tonumber(oldest[1][2][2]) < now - max_age then
+            local cut = nil
+            for _, e in ipairs(redis.call('XRANGE', key, '-', '+', 'COUNT', 64)) do
+                if tonumber(e[2][2]) < now - max_age then cut = e[1] else break end
+            end
+            redis.call('XTRIM', key, 'MINID', (tonumber(string.match(cut, '^(%d+)')) + 1) .. '-0')
+        end
+        redis.call('PEXPIRE', key, ARGV[3])
+    end
 end
-if cut then
-    redis.call('XTRIM', key, 'MINID', (tonumber(string.match(cut, '^(%d+)')) + 1) .. '-0')
-end
-redis.call('PEXPIRE', key, ARGV[6])
-redis.call('PUBLISH', ARGV[7], 'e\\n' .. ARGV[8] .. '\\n' .. seq .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[3])
-return seq
+return seqs
 ";
 
 /// KEYS: the logouts (a sorted set by expiry). ARGV: logout JSON, keep ms.
@@ -822,12 +880,17 @@ mod tests {
     }
 
     async fn node(url: &str, prefix: &str) -> Arc<Node> {
+        node_keeping(url, prefix, Duration::from_secs(60)).await
+    }
+
+    /// A node whose shared log keeps events for `max_age`.
+    async fn node_keeping(url: &str, prefix: &str, max_age: Duration) -> Arc<Node> {
         let events = SharedEvents::new(
             url,
             prefix,
             SharedLimits {
                 max_events: LIMITS.max_events,
-                max_age: Duration::from_secs(60),
+                max_age,
                 idle_ttl: Duration::from_secs(60),
             },
         )
@@ -1030,6 +1093,31 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_goes_out_in_runs_of_one_session_in_order() {
+        let q = |session: &str, op: Op| Queued {
+            session: session.into(),
+            op,
+            done: None,
+        };
+        let mut batch = vec![
+            q("a", Op::Begin(7)),
+            q("a", Op::End(7)),
+            q("", Op::Notice(Bytes::new())),
+            q("", Op::Notice(Bytes::new())),
+            q("a", Op::Delivered(2)),
+            q("b", Op::Begin(1)),
+            q("a", Op::Begin(8)),
+        ];
+        assert_eq!(runs_of(&batch), [0..2, 2..3, 3..4, 4..5, 5..6, 6..7]);
+        batch.clear();
+        for n in 0..(RUN as u64 + 1) {
+            batch.push(q("a", Op::Begin(n)));
+        }
+        assert_eq!(runs_of(&batch), [0..RUN, RUN..RUN + 1]);
+        assert!(runs_of(&[]).is_empty());
+    }
+
+    #[test]
     fn a_batch_keeps_only_each_sessions_last_delivery_mark() {
         let q = |session: &str, op: Op| Queued {
             session: session.into(),
@@ -1149,6 +1237,43 @@ mod tests {
                 "logouts kept: {kept:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn events_older_than_max_age_leave_the_shared_log() {
+        let redis = crate::testing::RedisServer::start().await;
+        let store =
+            RedisSessionStore::new(&redis.url(), "age:", Duration::from_secs(60)).expect("store");
+        store
+            .insert(test_state("aged", "org"))
+            .await
+            .expect("insert");
+        let node = node_keeping(&redis.url(), "age:", Duration::from_millis(200)).await;
+        let events = node.hub.events().expect("shared");
+        for _ in 0..3 {
+            events.publish("aged", b"{}").await.expect("publish");
+        }
+        let begun = tokio::time::Instant::now();
+        // Each append trims what has grown too old by then.
+        loop {
+            let seq = events
+                .publish("aged", b"{}")
+                .await
+                .expect("publish")
+                .expect("the session exists");
+            let read = events.read("aged", 0).await.expect("read").expect("log");
+            let first = read.entries.first().map(|(seq, _)| *seq);
+            if first > Some(3) {
+                assert_eq!(read.entries.last().map(|(seq, _)| *seq), Some(seq));
+                assert!(begun.elapsed() >= Duration::from_millis(200));
+                break;
+            }
+            assert!(
+                begun.elapsed() < Duration::from_secs(5),
+                "old events still in the log: {first:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
