@@ -147,12 +147,13 @@ impl Gateway {
         if let Ok(event) = &result {
             if let Some(events) = self.hub.events() {
                 // Every other node refuses the tokens too, and so does a
-                // node that is not on the bus now (it reads them back).
-                events.notify(&crate::stream::shared::Notice::Logout(event.clone()));
+                // node that is not on the bus now (it reads them back when
+                // it subscribes: kept first, so none misses both).
                 let keep = validator.config().max_token_lifetime;
                 if let Err(e) = events.remember_logout(event, keep).await {
                     tracing::warn!(error = %e, "cannot keep the logout in Redis; nodes off the bus now will not see it");
                 }
+                events.notify(&crate::stream::shared::Notice::Logout(event.clone()));
             }
             self.end_sessions_of(event).await;
         }

@@ -91,6 +91,8 @@ pub struct Gateway {
     parked: Arc<hidden::ParkedMap>,
     /// Retries of calls parked on other nodes, waiting for those nodes.
     resumes: hidden::ResumeMap,
+    /// Calls this node continues for retries other nodes serve.
+    continued: hidden::ContinuedMap,
     draining: AtomicBool,
 }
 
@@ -179,6 +181,7 @@ impl Gateway {
             opening: DashMap::new(),
             parked: Arc::new(DashMap::new()),
             resumes: DashMap::new(),
+            continued: DashMap::new(),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         });
@@ -1361,6 +1364,11 @@ impl Gateway {
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.hub.close_all();
+        // Leases of background upstream streams go now, so that another
+        // node takes them over at once rather than when they expire.
+        for listener in self.listeners.iter() {
+            listener.stop.cancel();
+        }
     }
 
     pub fn is_draining(&self) -> bool {
@@ -1381,14 +1389,18 @@ impl BusHandler for Gateway {
             return Box::pin(async {});
         };
         Box::pin(async move {
-            match events.logouts().await {
-                Ok(logouts) => {
-                    for event in &logouts {
-                        validator.revoke(event);
+            // The subscription just worked: a failure here is brief.
+            for attempt in 1..=3 {
+                match events.logouts().await {
+                    Ok(logouts) => {
+                        for event in &logouts {
+                            validator.revoke(event);
+                        }
+                        return;
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the logouts Redis keeps");
+                    Err(e) => {
+                        tracing::warn!(attempt, error = %e, "cannot read the logouts Redis keeps");
+                    }
                 }
             }
         })
@@ -1399,6 +1411,7 @@ impl BusHandler for Gateway {
             Notice::Ended { session } => {
                 self.stop_requests(&session);
                 self.drop_local(&session);
+                self.hidden.retain(|_, id| *id != session);
             }
             Notice::Cancel { session, id } => {
                 if let Some(id) = Id::from_value(&id)
@@ -1430,6 +1443,11 @@ impl BusHandler for Gateway {
             } => {
                 if node == self.node {
                     self.resumed(&token, outcome);
+                }
+            }
+            Notice::Abandon { node, token } => {
+                if node == self.node {
+                    self.abandon(token);
                 }
             }
         }

@@ -24,7 +24,7 @@ use super::modern::{Pipe, Step};
 use super::stateful::{background_headers, send_bound};
 use super::*;
 use crate::era;
-use crate::stream::shared::{ResumeRequest, Resumed};
+use crate::stream::shared::{HEARTBEAT, ResumeRequest, Resumed};
 
 /// The key of the one input request of an `InputRequiredResult` the
 /// gateway makes from an upstream's request.
@@ -46,6 +46,17 @@ const RESUME_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Retries waiting for the node that holds their call, by token.
 pub(super) type ResumeMap = DashMap<String, oneshot::Sender<Resumed>>;
+
+/// Calls this node continues for a retry another node serves, by the
+/// retry's token: so that the retry's node can give them up.
+pub(super) type ContinuedMap = DashMap<String, Continued>;
+
+pub(super) enum Continued {
+    /// Streaming: the call's session and id, to cancel it.
+    Running { session: String, call: Id },
+    /// The retry's node gave up before this node started: do not.
+    Abandoned(Instant),
+}
 
 /// The node a `requestState` of this gateway's names: `{node:08x}.{random}`.
 fn owner_of(state: &str) -> Option<u32> {
@@ -340,51 +351,79 @@ impl Gateway {
         request: ResumeRequest,
         id: &Id,
     ) -> Result<Response, Reject> {
-        if !events.bus_up() {
-            return Err(Reject::new(
+        let owner = request.node;
+        let unavailable = || {
+            Reject::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 code::INTERNAL_ERROR,
                 "this call waits on another gateway node and the event bus (Redis) is unreachable; retry shortly",
             )
-            .with_id(Some(id)));
+            .with_id(Some(id))
+        };
+        if !events.bus_up() {
+            return Err(unavailable());
         }
-        let owner = request.node;
+        if !events.node_alive(owner).await.map_err(|_| unavailable())? {
+            return Err(lost(
+                format!(
+                    "gateway node {owner:08x}, which held the call that asked for this input, is gone"
+                ),
+                id,
+            ));
+        }
         let (tx, rx) = oneshot::channel();
-        let waiting = Waiting::new(&self.resumes, request.token.clone(), tx);
+        let mut waiting = Waiting::new(&self.resumes, events, owner, request.token.clone(), tx);
         events.notify(&Notice::Resume(request));
         let outcome = tokio::time::timeout(RESUME_TIMEOUT, rx).await;
-        drop(waiting);
-        let (session, stream, call) = match outcome {
-            Ok(Ok(Resumed::Streaming {
-                session,
-                stream,
-                call,
-            })) => (session, stream, call),
-            Ok(Ok(Resumed::Refused)) => return Err(refused(id)),
-            Ok(Ok(Resumed::Failed { reason })) => return Err(lost(reason, id)),
+        let (session, stream, call, left) = match outcome {
+            Ok(Ok(outcome)) => {
+                waiting.settled = true;
+                match outcome {
+                    Resumed::Streaming {
+                        session,
+                        stream,
+                        call,
+                        left_ms,
+                    } => (session, stream, call, Duration::from_millis(left_ms)),
+                    Resumed::Refused => return Err(refused(id)),
+                    Resumed::Failed { reason } => return Err(lost(reason, id)),
+                }
+            }
             Ok(Err(_)) | Err(_) => {
                 return Err(lost(
                     format!(
-                        "gateway node {owner:08x}, which holds the call that asked for this input, did not answer in {} s (it may have stopped)",
+                        "gateway node {owner:08x}, which holds the call that asked for this input, did not answer in {} s",
                         RESUME_TIMEOUT.as_secs()
                     ),
                     id,
                 ));
             }
         };
-        let gone = || {
-            lost(
+        drop(waiting);
+        let cancel = Notice::Cancel {
+            session: session.clone(),
+            id: call,
+        };
+        let log = match self.hub.open(&session, false).await {
+            Ok(Some(log)) => log,
+            failed => {
+                events.notify(&cancel);
+                return Err(match failed {
+                    Err(e) => store_reject(e),
+                    _ => lost(
+                        "the call's upstream session ended on the node holding it".into(),
+                        id,
+                    ),
+                });
+            }
+        };
+        let Ok(attach) = log.attach(stream, None) else {
+            events.notify(&cancel);
+            return Err(lost(
                 "the call's upstream session ended on the node holding it".into(),
                 id,
-            )
+            ));
         };
-        let log = self
-            .hub
-            .open(&session, false)
-            .await
-            .map_err(store_reject)?
-            .ok_or_else(gone)?;
-        let attach = log.attach(stream, None).map_err(|_| gone())?;
         let live = LiveStream::new(
             log,
             attach,
@@ -392,11 +431,17 @@ impl Gateway {
             self.config.streams.keepalive,
             Some(org.metrics.stream.clone()),
         );
+        let now = Instant::now();
         Ok(Response::sse(Box::new(Elsewhere {
             live,
+            id: id.clone(),
+            owner,
+            deadline: now + left,
+            next_check: now + HEARTBEAT,
             ended: false,
+            done: false,
             events: events.clone(),
-            cancel: Some(Notice::Cancel { session, id: call }),
+            cancel: Some(cancel),
         })))
     }
 
@@ -419,16 +464,21 @@ impl Gateway {
         let Some(parked) = self.take_parked(&request.state, &request.org, &request.subject) else {
             return Resumed::Refused;
         };
-        let Some(client_id) = Id::from_value(&request.id) else {
+        let given_up = |this: &Self| {
+            matches!(
+                this.continued.remove(&request.token),
+                Some((_, Continued::Abandoned(_)))
+            )
+        };
+        let Some(client_id) = Id::from_value(&request.id).filter(|_| !given_up(self)) else {
             parked
                 .park
-                .cancel(&parked.call, "the client's retry had no usable id");
-            return Resumed::Failed {
-                reason: "the retry's id is not a JSON-RPC id".into(),
-            };
+                .cancel(&parked.call, "the client's retry could not be served");
+            return Resumed::Refused;
         };
         let session = parked.park.session.clone();
         let org = parked.park.org.name.clone();
+        let left = parked.expires.saturating_duration_since(Instant::now());
         let (reader, park, call) = match deliver_input(parked, request.responses.as_ref()).await {
             Ok(continued) => continued,
             Err(reason) => return Resumed::Failed { reason },
@@ -465,6 +515,20 @@ impl Gateway {
                 reason: "the call's upstream session ended".into(),
             };
         };
+        // The retry's node may have given up while the input was delivered.
+        match self.continued.entry(request.token.clone()) {
+            dashmap::Entry::Occupied(e) => {
+                e.remove();
+                guard.token.cancel();
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Continued::Running {
+                    session: session.id.clone(),
+                    call: call.clone(),
+                });
+            }
+        }
+        let (this, token) = (self.clone(), request.token.clone());
         tokio::spawn(async move {
             let mut pipe = pipe;
             loop {
@@ -483,12 +547,14 @@ impl Gateway {
                 }
             }
             log.end_stream(stream);
+            this.continued.remove(&token);
             drop(guard);
         });
         Resumed::Streaming {
             session: session.id.clone(),
             stream,
             call: call.to_value(),
+            left_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
@@ -496,6 +562,23 @@ impl Gateway {
     pub(super) fn resumed(&self, token: &str, outcome: Resumed) {
         if let Some((_, tx)) = self.resumes.remove(token) {
             let _ = tx.send(outcome);
+        }
+    }
+
+    /// The node serving retry `token` gave up on it: stop the call this
+    /// node continues for it, or do not start it.
+    pub(super) fn abandon(&self, token: String) {
+        match self.continued.entry(token) {
+            dashmap::Entry::Occupied(e) => {
+                if let Continued::Running { session, call } = e.remove()
+                    && let Some((_, (_, stop))) = self.in_flight.remove(&(session, call))
+                {
+                    stop.cancel();
+                }
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Continued::Abandoned(Instant::now()));
+            }
         }
     }
 
@@ -565,30 +648,45 @@ impl Gateway {
         state.set_client(&params);
         state.upstream = Some(bound);
         let state = self.create_session(state).await?;
-        // Every node uses it from now on. Two nodes opening one at once
-        // both work: the last recorded is shared, the other idles out.
-        if let Some(events) = self.hub.events()
-            && let Err(e) = events.record_hidden_session(&key, &id).await
-        {
-            tracing::warn!(org = %org.name, error = %e, "cannot share a hidden session with the other nodes");
+        // Every node uses it from now on, unless another node recorded one
+        // first (both opened it at once): then that one is used, and this
+        // one ends.
+        if let Some(events) = self.hub.events() {
+            match events.record_hidden_session(&key, &id).await {
+                Ok(recorded) if recorded != id => {
+                    if let Ok(Some(theirs)) = self.store.lookup(&recorded).await
+                        && theirs.subject == identity.subject
+                    {
+                        let _ = self
+                            .end_session(
+                                &id,
+                                "another node opened this client's hidden session first",
+                            )
+                            .await;
+                        self.hidden.insert(key, recorded);
+                        return Ok(theirs);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(org = %org.name, error = %e, "cannot share a hidden session with the other nodes");
+                }
+            }
         }
         self.hidden.insert(key, id);
         Ok(state)
     }
 
-    /// The live hidden session of `key`: this node's, or in Redis mode the
-    /// one another node opened.
+    /// The live hidden session of `key`: in Redis mode the one recorded
+    /// there by any node (the record lives on while it is used), else
+    /// this node's.
     async fn live_hidden(&self, key: &str, identity: &Identity) -> Option<Arc<SessionState>> {
         let live =
             |s: &SessionState| s.subject == identity.subject && s.transport == Transport::Hidden;
-        let local = self.hidden.get(key).map(|id| id.clone());
-        if let Some(id) = local
-            && let Ok(Some(s)) = self.store.lookup(&id).await
-            && live(&s)
-        {
-            return Some(s);
-        }
-        let id = self.hub.events()?.hidden_session(key).await.ok()??;
+        let id = match self.hub.events() {
+            Some(events) => events.hidden_session(key).await.ok()??,
+            None => self.hidden.get(key).map(|id| id.clone())?,
+        };
         match self.store.lookup(&id).await {
             Ok(Some(s)) if live(&s) => {
                 self.hidden.insert(key.to_owned(), id);
@@ -624,9 +722,14 @@ impl Gateway {
         }
     }
 
-    /// Drops parked calls nobody came back for, telling the upstream.
+    /// Drops parked calls nobody came back for, telling the upstream, and
+    /// old marks of retries given up.
     pub(super) fn expire_parked(&self) {
         let now = Instant::now();
+        self.continued.retain(|_, c| match c {
+            Continued::Abandoned(at) => now.duration_since(*at) < Duration::from_secs(60),
+            Continued::Running { .. } => true,
+        });
         let expired: Vec<String> = self
             .parked
             .iter()
@@ -657,13 +760,21 @@ async fn deliver_input(
                       "message": format!("the client sent no inputResponses.{INPUT_KEY}")},
         }),
     };
-    if let Err(e) = parked.park.send(reply).await {
+    let failed = match tokio::time::timeout(REPLY_TIMEOUT, parked.park.send(reply)).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!(
+            "the upstream lost the call that asked for this input ({e})"
+        )),
+        Err(_) => Some(format!(
+            "the upstream did not take the input in {} s",
+            REPLY_TIMEOUT.as_secs()
+        )),
+    };
+    if let Some(reason) = failed {
         parked
             .park
             .cancel(&parked.call, "the client's input could not be delivered");
-        return Err(format!(
-            "the upstream lost the call that asked for this input ({e})"
-        ));
+        return Err(reason);
     }
     parked.park.org.metrics.bridged.input_round.inc();
     let reader = parked
@@ -693,20 +804,65 @@ fn lost(reason: String, id: &Id) -> Reject {
 }
 
 /// The rest of a call resumed on another node, read from the shared log.
-/// A client that leaves before its end cancels the call there.
+/// A client that leaves before its end cancels the call there. It ends
+/// with an error if that node stops, or at the call's deadline.
 struct Elsewhere {
     live: LiveStream,
+    /// The client's id, for an error of the gateway's.
+    id: Id,
+    /// The node streaming the call.
+    owner: u32,
+    deadline: Instant,
+    /// When to see next whether the owner is alive.
+    next_check: Instant,
+    /// The call's stream ended.
     ended: bool,
+    /// Nothing more to send.
+    done: bool,
     events: Arc<SharedEvents>,
     cancel: Option<Notice>,
+}
+
+impl Elsewhere {
+    fn fail(&mut self, why: String) -> Option<Bytes> {
+        self.done = true;
+        let body = jsonrpc::error_body(Some(&self.id), code::UPSTREAM_ERROR, &why);
+        Some(sse_frame(None, Some("message"), &body))
+    }
 }
 
 #[async_trait]
 impl ChunkSource for Elsewhere {
     async fn next_chunk(&mut self) -> Option<Bytes> {
-        let chunk = self.live.next_chunk().await;
-        self.ended = chunk.is_none();
-        chunk
+        if self.done {
+            return None;
+        }
+        loop {
+            let now = Instant::now();
+            if now >= self.deadline {
+                return self.fail("the call ran past upstream.max_duration".into());
+            }
+            let wake = self.deadline.min(self.next_check);
+            // Reading the log is cancel-safe: a check between two events
+            // loses nothing.
+            if let Ok(chunk) =
+                tokio::time::timeout(wake.saturating_duration_since(now), self.live.next_chunk())
+                    .await
+            {
+                self.ended = chunk.is_none();
+                self.done = self.ended;
+                return chunk;
+            }
+            if Instant::now() >= self.next_check {
+                self.next_check = Instant::now() + HEARTBEAT;
+                if let Ok(false) = self.events.node_alive(self.owner).await {
+                    return self.fail(format!(
+                        "gateway node {:08x}, which was streaming this call, stopped; call again without requestState",
+                        self.owner
+                    ));
+                }
+            }
+        }
     }
 
     fn written(&mut self) {
@@ -724,22 +880,44 @@ impl Drop for Elsewhere {
     }
 }
 
-/// A retry's place in [`ResumeMap`], given up when it stops waiting.
+/// A retry's place in [`ResumeMap`], given up when it stops waiting: the
+/// node holding the call is then told, unless it already answered.
 struct Waiting<'a> {
     map: &'a ResumeMap,
+    events: &'a SharedEvents,
+    owner: u32,
     token: String,
+    settled: bool,
 }
 
 impl<'a> Waiting<'a> {
-    fn new(map: &'a ResumeMap, token: String, tx: oneshot::Sender<Resumed>) -> Waiting<'a> {
+    fn new(
+        map: &'a ResumeMap,
+        events: &'a SharedEvents,
+        owner: u32,
+        token: String,
+        tx: oneshot::Sender<Resumed>,
+    ) -> Waiting<'a> {
         map.insert(token.clone(), tx);
-        Waiting { map, token }
+        Waiting {
+            map,
+            events,
+            owner,
+            token,
+            settled: false,
+        }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.map.remove(&self.token);
+        if !self.settled {
+            self.events.notify(&Notice::Abandon {
+                node: self.owner,
+                token: std::mem::take(&mut self.token),
+            });
+        }
     }
 }
 

@@ -871,7 +871,7 @@ impl ChunkSource for Quiet {
 pub(super) struct Listener {
     /// Tells apart a listener from the one that replaced it.
     generation: u64,
-    stop: CancellationToken,
+    pub(super) stop: CancellationToken,
     /// Reopens a listen with the session's current filter.
     reopen: Arc<tokio::sync::Notify>,
 }
@@ -937,11 +937,21 @@ impl Gateway {
                 handles
             }
         };
-        let (this, org, log) = (self.clone(), org.clone(), log.clone());
+        let (this, org, first) = (self.clone(), org.clone(), log.clone());
         let id = session_id.to_owned();
         tokio::spawn(async move {
-            let _kept = log.keep();
+            let mut first = Some(first);
             while let Some(run) = this.take_lease(&id, &stop).await {
+                // The log as it is now: a node that waited long for the
+                // lease may have dropped the mirror it had then.
+                let log = match first.take() {
+                    Some(log) if this.hub.events().is_none() => log,
+                    _ => match this.hub.open(&id, false).await {
+                        Ok(Some(log)) => log,
+                        _ => break,
+                    },
+                };
+                let _kept = log.keep();
                 org.metrics.background_streams.inc();
                 if stateful {
                     this.follow(&org, &id, &log, &run).await;
@@ -1006,6 +1016,7 @@ impl Gateway {
         }
         let (keeper, id) = (run.clone(), session_id.to_owned());
         tokio::spawn(async move {
+            let mut renewed = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(LEASE_TTL / 3) => {}
@@ -1015,12 +1026,22 @@ impl Gateway {
                         return;
                     }
                 }
-                // A Redis failure keeps the stream: no other node can take
-                // the lease meanwhile.
-                if let Ok(false) = events.lease(&id, LEASE, LEASE_TTL).await {
-                    tracing::info!(session = %short(&id), "another node holds the session's upstream stream now");
-                    keeper.cancel();
-                    return;
+                match events.lease(&id, LEASE, LEASE_TTL).await {
+                    Ok(true) => renewed = tokio::time::Instant::now(),
+                    Ok(false) => {
+                        tracing::info!(session = %short(&id), "another node holds the session's upstream stream now");
+                        keeper.cancel();
+                        return;
+                    }
+                    // Redis may be down for all nodes, or only for this one,
+                    // and then another node takes the lease when it expires:
+                    // stop before that.
+                    Err(_) if renewed.elapsed() >= LEASE_TTL * 2 / 3 => {
+                        tracing::info!(session = %short(&id), "cannot renew the lease of the session's upstream stream; letting it go");
+                        keeper.cancel();
+                        return;
+                    }
+                    Err(_) => {}
                 }
             }
         });
@@ -1043,7 +1064,14 @@ impl Gateway {
         'listen: loop {
             let session = match self.store.lookup(session_id).await {
                 Ok(Some(s)) => s,
-                _ => return,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(session = %short(session_id), error = %e, "cannot look the session up for its listen; retrying");
+                    if !backoff.wait(stop).await {
+                        return;
+                    }
+                    continue;
+                }
             };
             round += 1;
             let Some(id) = Id::from_value(&Value::from(format!("ratatosk-listen-{round}"))) else {

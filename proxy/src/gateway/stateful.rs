@@ -278,7 +278,13 @@ impl Gateway {
                     self.rebinding.remove(session_id);
                     return;
                 }
-                Err(_) => return,
+                Err(e) => {
+                    tracing::warn!(session = %short(session_id), error = %e, "cannot look the session up for its GET stream; retrying");
+                    if !backoff.wait(stop).await {
+                        return;
+                    }
+                    continue;
+                }
             };
             let Some(bound) = session.upstream.clone() else {
                 return;

@@ -68,6 +68,10 @@ struct Queued {
     done: Option<Done>,
 }
 
+/// How often a node says in Redis that it is alive; it counts as gone
+/// after three missed.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Most operations one script call of the writer carries.
 const RUN: usize = 64;
 
@@ -138,6 +142,9 @@ pub enum Notice {
         token: String,
         outcome: Resumed,
     },
+    /// The node serving retry `token` stopped waiting for it (timeout, the
+    /// client left): node `node` gives the call up.
+    Abandon { node: u32, token: String },
 }
 
 /// A 2026-07-28 client came back with its input for a call that waits on
@@ -174,6 +181,8 @@ pub enum Resumed {
         session: String,
         stream: StreamId,
         call: serde_json::Value,
+        /// How long the call may still run (its `upstream.max_duration`).
+        left_ms: u64,
     },
     /// No such call waits for this caller.
     Refused,
@@ -221,6 +230,7 @@ pub struct SharedEvents {
     release: Script,
     remember: Script,
     recall: Script,
+    record_hidden: Script,
     bus_up: AtomicBool,
     dropped: AtomicU64,
 }
@@ -258,6 +268,7 @@ impl SharedEvents {
             release: Script::new(RELEASE),
             remember: Script::new(&format!("{NOW}{REMEMBER}")),
             recall: Script::new(&format!("{NOW}{RECALL}")),
+            record_hidden: Script::new(RECORD_HIDDEN),
             bus_up: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         }))
@@ -270,7 +281,39 @@ impl SharedEvents {
         let Some(rx) = rx else { return };
         self.runtime
             .spawn(self.clone().write_loop(rx, handler.clone()));
+        self.runtime.spawn(self.clone().heartbeat(handler.clone()));
         self.runtime.spawn(self.clone().bus_loop(handler));
+    }
+
+    /// Says in Redis that this node is alive, every [`HEARTBEAT`], for as
+    /// long as its handler lives (see [`SharedEvents::node_alive`]).
+    async fn heartbeat(self: Arc<Self>, handler: Weak<dyn BusHandler>) {
+        let key = format!("{}node:{:08x}", self.prefix, self.node);
+        while handler.strong_count() > 0 {
+            let mut conn = self.conn.clone();
+            let beat: Result<(), redis::RedisError> = redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("PX")
+                .arg(millis(HEARTBEAT * 3))
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = beat {
+                tracing::debug!(error = %e, "cannot renew this node's heartbeat");
+            }
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+    }
+
+    /// Whether node `node` said it was alive within the last three
+    /// heartbeats.
+    pub async fn node_alive(&self, node: u32) -> Result<bool, RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let alive: bool = redis::cmd("EXISTS")
+            .arg(format!("{}node:{node:08x}", self.prefix))
+            .query_async(&mut conn)
+            .await?;
+        Ok(alive)
     }
 
     /// Whether the node's bus subscription is up.
@@ -396,17 +439,23 @@ impl SharedEvents {
         Ok(id)
     }
 
-    /// Records the hidden session of `key` for every node.
-    pub async fn record_hidden_session(&self, key: &str, id: &str) -> Result<(), RedisStoreError> {
+    /// Records `id` as the hidden session of `key` for every node, unless
+    /// a live one is recorded already: the one recorded.
+    pub async fn record_hidden_session(
+        &self,
+        key: &str,
+        id: &str,
+    ) -> Result<String, RedisStoreError> {
         let mut conn = self.conn.clone();
-        let () = redis::cmd("SET")
-            .arg(self.hidden_key(key))
+        let recorded: String = self
+            .record_hidden
+            .key(self.hidden_key(key))
             .arg(id)
-            .arg("PX")
             .arg(self.key_ttl_ms)
-            .query_async(&mut conn)
+            .arg(format!("{}s:", self.prefix))
+            .invoke_async(&mut conn)
             .await?;
-        Ok(())
+        Ok(recorded)
     }
 
     /// Forgets the hidden session of `key` if it is still `id`.
@@ -793,6 +842,18 @@ for at = 1, 2 do
     end
 end
 return seqs
+";
+
+/// KEYS: a hidden-session record. ARGV: session id, ttl ms, session key
+/// prefix. Records the id unless the record names another live session.
+/// -> the id recorded.
+const RECORD_HIDDEN: &str = "
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. current) == 1 then
+    return current
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
 ";
 
 /// KEYS: the logouts (a sorted set by expiry). ARGV: logout JSON, keep ms.
@@ -1322,6 +1383,7 @@ mod tests {
                     session: "s".into(),
                     stream: (7 << 32) | 3,
                     call: serde_json::json!("ratatosk-call-00000007-1"),
+                    left_ms: 1000,
                 },
             },
             Notice::Resumed {
