@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -482,6 +483,28 @@ def result_of(r: httpx2.Response) -> dict:
         if line.startswith("data:") and '"result"' in line:
             return json.loads(line[5:])["result"]
     raise AssertionError(r.text)
+
+
+def next_list_changed(events: "SseReader", upstream: Example) -> None:
+    """Raises tools/list_changed at a modern example upstream every 200 ms
+    until one reaches `events` (a raise reaches only the upstream listens
+    open at that moment), for up to 10 s."""
+    seen = threading.Event()
+
+    def raise_changes() -> None:
+        deadline = time.monotonic() + 10
+        while not seen.is_set() and time.monotonic() < deadline:
+            httpx2.post(f"{upstream.base}/debug/tools-changed", timeout=5)
+            seen.wait(0.2)
+
+    raiser = threading.Thread(target=raise_changes, daemon=True)
+    raiser.start()
+    try:
+        _, message = events.next_message()
+    finally:
+        seen.set()
+        raiser.join(timeout=10)
+    assert message["method"] == "notifications/tools/list_changed", message
 
 
 def rpc_error(r: httpx2.Response) -> dict:

@@ -27,7 +27,7 @@ from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
 from harness import (ACCEPT_BOTH, MODERN, ROOT, Example, Gateway, SseReader, initialize, legacy_session, modern_call,
-                     org, post, result_of, rpc_error, running, started, streamable_session, wait_until)
+                     next_list_changed, org, post, result_of, rpc_error, running, started, streamable_session, wait_until)
 
 pytestmark = pytest.mark.anyio
 
@@ -270,25 +270,8 @@ def test_list_changed_from_a_modern_upstream_reaches_the_get_stream(eras_gateway
         assert r.status_code == 200
         events = SseReader(r)
 
-        # The upstream listen stream opens in the background: raise the
-        # change every 200 ms until one arrives (a raise reaches only the
-        # listens open at that moment).
-        seen = threading.Event()
-
-        def raise_changes() -> None:
-            deadline = time.monotonic() + 10
-            while not seen.is_set() and time.monotonic() < deadline:
-                httpx2.post(f"{modern_upstream.base}/debug/tools-changed", timeout=5)
-                seen.wait(0.2)
-
-        raiser = threading.Thread(target=raise_changes, daemon=True)
-        raiser.start()
-        try:
-            _, message = events.next_message()
-        finally:
-            seen.set()
-            raiser.join(timeout=10)
-        assert message["method"] == "notifications/tools/list_changed", message
+        # The upstream listen stream opens in the background.
+        next_list_changed(events, modern_upstream)
 
 
 def test_modern_header_mismatch_is_32020(eras_gateway):

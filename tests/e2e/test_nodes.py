@@ -17,7 +17,7 @@ import pytest
 import rawhttp
 from conftest import identity_config
 from harness import (ACCEPT_BOTH, KC_GATEWAY_SECRET, MODERN, PUBLISH_SECRET, Example, Gateway, RedisServer, SseReader,
-                     free_port, initialize, modern_call, org, post, redis_gateway, result_of, rpc_error, started,
+                     free_port, initialize, modern_call, next_list_changed, org, post, redis_gateway, result_of, rpc_error, started,
                      wait_until)
 
 pytestmark = pytest.mark.anyio
@@ -316,27 +316,6 @@ def background_streams(gw: Gateway) -> int:
         if line.startswith('ratatosk_background_streams{org="modern"}'):
             return int(line.split()[-1])
     return 0
-
-
-def next_list_changed(events: SseReader, upstream: Example) -> None:
-    """Raises tools/list_changed at the upstream until one reaches `events`
-    (a raise reaches only the listens open at that moment)."""
-    seen = threading.Event()
-
-    def raise_changes() -> None:
-        deadline = time.monotonic() + 10
-        while not seen.is_set() and time.monotonic() < deadline:
-            httpx2.post(f"{upstream.base}/debug/tools-changed", timeout=5)
-            seen.wait(0.2)
-
-    raiser = threading.Thread(target=raise_changes, daemon=True)
-    raiser.start()
-    try:
-        _, message = events.next_message()
-    finally:
-        seen.set()
-        raiser.join(timeout=10)
-    assert message["method"] == "notifications/tools/list_changed", message
 
 
 def drain_until(events: SseReader, gw: Gateway, sid: str, n: int) -> None:

@@ -308,15 +308,23 @@ async def sleep_then_return(seconds: int | float, ctx: Context, tag: str = "") -
         _CANCELLABLE[key] = (ctx.session, request_id)
     record(tag, "started")
     try:
+        await _recorded_sleep(seconds, tag)
+    finally:
+        if key is not None and _CANCELLABLE.get(key, (None, None))[0] is ctx.session:
+            del _CANCELLABLE[key]
+    return f"slept {seconds}"
+
+
+async def _recorded_sleep(seconds: int | float, tag: str) -> None:
+    """Sleep, then record "finished"; record "cancelled" if cancelled."""
+    if seconds < 0 or seconds > 3600:
+        raise ToolError("seconds must be between 0 and 3600")
+    try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
         record(tag, "cancelled")
         raise
-    finally:
-        if key is not None and _CANCELLABLE.get(key, (None, None))[0] is ctx.session:
-            del _CANCELLABLE[key]
     record(tag, "finished")
-    return f"slept {seconds}"
 
 
 @mcp.tool
@@ -332,12 +340,7 @@ async def ask_roots_then_sleep(seconds: int | float, ctx: Context, tag: str = ""
     result = await _ask_client(ctx, "ask_roots_then_sleep", mt.ServerRequest(mt.ListRootsRequest()),
                                mt.ListRootsResult)
     record(tag, "answered")
-    try:
-        await asyncio.sleep(seconds)
-    except asyncio.CancelledError:
-        record(tag, "cancelled")
-        raise
-    record(tag, "finished")
+    await _recorded_sleep(seconds, tag)
     return compact({"roots": [str(root.uri) for root in result.roots]})
 
 
