@@ -217,6 +217,54 @@ def test_a_modern_clients_input_may_reach_any_node(three):
     assert json.loads(result_of(r)["content"][0]["text"]) == {"action": "accept", "confirmed": True}, r.text
 
 
+def test_a_second_question_of_a_call_resumed_elsewhere_parks_on_its_node(three):
+    """A call parked on A asks again while B streams its rest: the second
+    question parks on A too, and C's retry finishes the call."""
+    a, b, c = three
+    key, _, first = parked(modern_call(a.url("stateful"), "ask_roots_twice", {}))
+    key2, request, second = parked(modern_call(b.url("stateful"), "ask_roots_twice", {}, requestState=first,
+                                               inputResponses={key: {"roots": [{"uri": ROOTS[0]}]}}))
+    assert request["method"] == "roots/list", request
+    assert second.split(".")[0] == first.split(".")[0], "the call stays on the node holding it"
+    r = modern_call(c.url("stateful"), "ask_roots_twice", {}, requestState=second,
+                    inputResponses={key2: {"roots": [{"uri": ROOTS[1]}]}})
+    assert json.loads(result_of(r)["content"][0]["text"]) == {"first": ROOTS[:1], "second": ROOTS[1:]}, r.text
+
+
+def auth_node(log_dir, replicas, redis: RedisServer, keycloak, name: str, prefix: str, routes: dict) -> Gateway:
+    """A node of a Keycloak-secured gateway sharing `redis` under `prefix`."""
+    port = free_port()
+    return redis_gateway(log_dir, replicas, redis, name, prefix, orgs=routes, port=port,
+                         extra={"identity": identity_config(keycloak.issuer),
+                                "public_url": f"http://127.0.0.1:{port}"},
+                         env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
+
+
+def test_only_its_caller_can_answer_a_call_on_another_node(log_dir, replicas, redis, stateful_upstream, keycloak):
+    """alice's call parks on A; carol, of the same organization, retries it
+    on B with alice's requestState and is refused; alice's retry on B
+    finishes it."""
+    routes = {"org-1": org([stateful_upstream], auth="jwt", organization="org-1", era="stateful-2025")}
+    with Nodes([auth_node(log_dir, replicas, redis, keycloak, f"owner-{c}", "owner:", routes) for c in "ab"]) as (a, b):
+        alice = {"Authorization": f"Bearer {keycloak.token('alice')}"}
+        carol = {"Authorization": f"Bearer {keycloak.token('carol')}"}
+
+        def call(gw: Gateway, who: dict, **extra) -> httpx2.Response:
+            params = {"name": "ask_roots", "arguments": {}, **extra,
+                      "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                                "io.modelcontextprotocol/clientCapabilities": {"roots": {}}}}
+            return post(gw.url("org-1"), {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params},
+                        version=MODERN, headers={"Mcp-Method": "tools/call", "Mcp-Name": "ask_roots", **who})
+
+        key, _, state = parked(call(a, alice))
+        answer = {key: {"roots": [{"uri": ROOTS[0]}]}}
+        r = call(b, carol, requestState=state, inputResponses=answer)
+        assert r.status_code == 400 and rpc_error(r)["code"] == -32602, r.text
+        r = call(b, alice, requestState=state, inputResponses=answer)
+        assert r.status_code == 200, r.text
+        assert json.loads(result_of(r)["content"][0]["text"]) == {"roots": ROOTS[:1]}, r.text
+
+
 def test_a_modern_clients_calls_on_any_node_share_one_hidden_session(three):
     """One hidden upstream session per caller's client, whichever nodes its
     calls reach; a call parked in it on one node is answered on another."""
@@ -517,15 +565,11 @@ def test_a_logout_on_one_node_refuses_the_token_on_another_within_a_second(log_d
     the token cached (jwt: checked locally; introspect: cached verdict), must
     refuse it within a second all the same; node D, started after the
     logout, refuses it from its start."""
-    identity = identity_config(keycloak.issuer)
     routes = {"org-1": org(replicas, auth="jwt", organization="org-1"),
               "org-1-introspect": org(replicas, auth="introspect", organization="org-1")}
 
     def node(name: str) -> Gateway:
-        port = free_port()
-        return redis_gateway(log_dir, replicas, redis, f"logout-{name}", "logout:", orgs=routes, port=port,
-                             extra={"identity": identity, "public_url": f"http://127.0.0.1:{port}"},
-                             env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
+        return auth_node(log_dir, replicas, redis, keycloak, f"logout-{name}", "logout:", routes)
 
     gateways = [node("a"), node("c")]
     [client] = keycloak.admin("GET", "/clients", params={"clientId": "mcp-client"}).json()

@@ -328,6 +328,21 @@ async def _recorded_sleep(seconds: int | float, tag: str) -> None:
 
 
 @mcp.tool
+async def ask_roots_twice(ctx: Context) -> str:
+    """Ask the client for its roots twice, the second question after the first
+    answer, and return {"first":[uri,...],"second":[uri,...]} as compact JSON."""
+    caps = _client_caps(ctx)
+    if STATEFUL and (caps is None or caps.roots is None):
+        raise ToolError("ask_roots_twice: the client did not declare the roots capability")
+    answers = []
+    for _ in range(2):
+        result = await _ask_client(ctx, "ask_roots_twice", mt.ServerRequest(mt.ListRootsRequest()),
+                                   mt.ListRootsResult)
+        answers.append([str(root.uri) for root in result.roots])
+    return compact({"first": answers[0], "second": answers[1]})
+
+
+@mcp.tool
 async def ask_roots_then_sleep(seconds: int | float, ctx: Context, tag: str = "") -> str:
     """Ask the client for its roots like ask_roots, record "answered", then
     sleep like sleep_then_return (records "cancelled" if cancelled, else

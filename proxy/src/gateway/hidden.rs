@@ -387,6 +387,15 @@ impl Gateway {
                     } => (session, stream, call, Duration::from_millis(left_ms)),
                     Resumed::Refused => return Err(refused(id)),
                     Resumed::Failed { reason } => return Err(lost(reason, id)),
+                    Resumed::Refusal {
+                        status,
+                        code,
+                        message,
+                    } => {
+                        let status =
+                            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                        return Err(Reject::new(status, code, message).with_id(Some(id)));
+                    }
                 }
             }
             Ok(Err(_)) | Err(_) => {
@@ -479,11 +488,35 @@ impl Gateway {
         let session = parked.park.session.clone();
         let org = parked.park.org.name.clone();
         let left = parked.expires.saturating_duration_since(Instant::now());
+        let log = match self.hub.open(&session.id, false).await {
+            Ok(Some(log)) => log,
+            _ => {
+                parked
+                    .park
+                    .cancel(&parked.call, "the call's upstream session ended");
+                return Resumed::Failed {
+                    reason: "the call's upstream session has no event log on its node".into(),
+                };
+            }
+        };
+        let guard = match self.track(&log, &session.id, Some(&parked.call)) {
+            Ok(guard) => guard,
+            Err(reject) => {
+                // Still parked: the client may come back with it later.
+                self.parked.insert(request.state.clone(), parked);
+                return Resumed::Refusal {
+                    status: reject.status.as_u16(),
+                    code: reject.code,
+                    message: reject.message,
+                };
+            }
+        };
         let (reader, park, call) = match deliver_input(parked, request.responses.as_ref()).await {
             Ok(continued) => continued,
             Err(reason) => return Resumed::Failed { reason },
         };
         let keepalive = self.config.streams.keepalive;
+        // From here, dropping `pipe` tells the upstream the call is over.
         let pipe = Pipe::resumed(
             reader,
             client_id,
@@ -493,23 +526,6 @@ impl Gateway {
             keepalive,
             park,
         );
-        // From here, dropping `pipe` tells the upstream the call is over.
-        let log = match self.hub.open(&session.id, false).await {
-            Ok(Some(log)) => log,
-            _ => {
-                return Resumed::Failed {
-                    reason: "the call's upstream session has no event log on its node".into(),
-                };
-            }
-        };
-        let guard = match self.track(&log, &session.id, Some(&call)) {
-            Ok(guard) => guard,
-            Err(reject) => {
-                return Resumed::Failed {
-                    reason: reject.message,
-                };
-            }
-        };
         let Ok(stream) = log.begin_stream() else {
             return Resumed::Failed {
                 reason: "the call's upstream session ended".into(),

@@ -188,6 +188,14 @@ pub enum Resumed {
     Refused,
     /// The call was there but is lost.
     Failed { reason: String },
+    /// The node refused to go on now, as it would refuse a request (the
+    /// session has too many requests in flight): HTTP status and JSON-RPC
+    /// error.
+    Refusal {
+        status: u16,
+        code: i64,
+        message: String,
+    },
 }
 
 /// What a node does with what arrives on the bus.
