@@ -366,6 +366,13 @@ def background_streams(gw: Gateway) -> int:
     return 0
 
 
+def listens(upstream: Example, sid: str) -> int:
+    """The subscriptions/listen requests of session `sid` the upstream got
+    (of its last 200 requests)."""
+    return sum(1 for h in upstream.seen_headers()
+               if h.get("mcp-method") == "subscriptions/listen" and h.get("ratatosk-session") == sid)
+
+
 def drain_until(events: SseReader, gw: Gateway, sid: str, n: int) -> None:
     """Publishes note `n` through `gw` and reads up to it: only
     tools/list_changed may come first (more raises may have reached the
@@ -392,6 +399,14 @@ def test_one_node_holds_a_sessions_upstream_listen(log_dir, replicas, redis, org
                 next_list_changed(events, modern_upstream)
                 drain_until(events, a, sid, 1)
                 # C serves the stream; the listen stays with D alone.
+                assert (background_streams(c), background_streams(d)) == (0, 1)
+                # A subscription made through C reaches D, which listens again
+                # with the new filter.
+                opened = listens(modern_upstream, sid)
+                r = post(c.url("modern"), {"jsonrpc": "2.0", "id": 7, "method": "resources/subscribe",
+                                           "params": {"uri": "file:///watched"}}, session=sid)
+                assert r.status_code == 200 and "result" in r.json(), r.text
+                wait_until("D listens again", lambda: listens(modern_upstream, sid) == opened + 1, timeout=10)
                 assert (background_streams(c), background_streams(d)) == (0, 1)
                 d.kill()
                 died = time.monotonic()
