@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Gateway, free_port, org, running, start_replicas  # noqa: E402
+from harness import Example, Gateway, free_port, org, running, start_replicas, started  # noqa: E402
 
 BASE_PATH = "/api/v1/mcp"
 
@@ -109,3 +109,10 @@ def auth_gateway(log_dir, replicas, keycloak, auth_gateway_port):
                  env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
     with running(gw):
         yield gw
+
+
+@pytest.fixture(scope="module")
+def modern_upstream(log_dir):
+    """The python-modern example (2026-07-28), one per test module."""
+    with started(Example("python-modern", log_dir)) as up:
+        yield up

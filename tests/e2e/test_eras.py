@@ -37,12 +37,6 @@ UNANSWERABLE = "stateless-2025 upstream cannot receive the answer"
 
 
 @pytest.fixture(scope="module")
-def modern_upstream(log_dir):
-    with started(Example("python-modern", log_dir)) as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def go_upstream(log_dir):
     with started(Example("go", log_dir)) as up:
         yield up

@@ -71,12 +71,6 @@ def stateful_upstream(log_dir):
 
 
 @pytest.fixture(scope="module")
-def modern_upstream(log_dir):
-    with started(Example("python-modern", log_dir)) as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def orgs(replicas, stateful_upstream, modern_upstream) -> dict:
     return {"s25": org(replicas), "stateful": org([stateful_upstream], era="stateful-2025"),
             "modern": org([modern_upstream], era="modern")}
