@@ -831,6 +831,18 @@ impl Gateway {
         }
     }
 
+    /// Stops request `id` of `session` if it runs on this node; false if
+    /// it does not.
+    fn cancel_in_flight(&self, session: String, id: Id) -> bool {
+        match self.in_flight.remove(&(session, id)) {
+            Some((_, (_, token))) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stops the session's requests running on this node.
     fn stop_requests(&self, id: &str) {
         self.in_flight.retain(|(sid, _), (_, token)| {
@@ -849,6 +861,7 @@ impl Gateway {
         if let Some(events) = self.hub.events() {
             events.notify(&Notice::Ended {
                 session: state.id.clone(),
+                hidden: state.transport == Transport::Hidden,
             });
         }
         self.drop_local(&state.id);
@@ -976,10 +989,7 @@ impl Gateway {
                 .and_then(|p| p.get("requestId").cloned())
                 .and_then(|v| Id::from_value(&v));
             if let Some(target) = target {
-                if let Some((_, (_, token))) =
-                    self.in_flight.remove(&(session.id.clone(), target.clone()))
-                {
-                    token.cancel();
+                if self.cancel_in_flight(session.id.clone(), target.clone()) {
                     tracing::debug!(session = %short(&session.id), "request cancelled by the client");
                 } else if let Some(events) = self.hub.events() {
                     // It may run on another node.
@@ -1408,16 +1418,16 @@ impl BusHandler for Gateway {
 
     fn notice(self: Arc<Self>, notice: Notice) {
         match notice {
-            Notice::Ended { session } => {
+            Notice::Ended { session, hidden } => {
                 self.stop_requests(&session);
                 self.drop_local(&session);
-                self.hidden.retain(|_, id| *id != session);
+                if hidden {
+                    self.hidden.retain(|_, id| *id != session);
+                }
             }
             Notice::Cancel { session, id } => {
-                if let Some(id) = Id::from_value(&id)
-                    && let Some((_, (_, token))) = self.in_flight.remove(&(session, id))
-                {
-                    token.cancel();
+                if let Some(id) = Id::from_value(&id) {
+                    self.cancel_in_flight(session, id);
                 }
             }
             Notice::Reply { session, body } => {
@@ -2042,14 +2052,10 @@ mod tests {
             })
         };
         // Wait until the slow request is in flight.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while up.hits() < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the slow request never reached the upstream"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        assert!(
+            testing::eventually(Duration::from_secs(5), || async { up.hits() >= 2 }).await,
+            "the slow request never reached the upstream"
+        );
         let second = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"x"}}"#;
         let refused = gw.handle(post(second, &[("mcp-session-id", &sid)])).await;
         assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
@@ -2060,18 +2066,16 @@ mod tests {
                 .contains("notifications/progress")
         );
         // The slot is free again once the answer is read.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let r = gw.handle(post(second, &[("mcp-session-id", &sid)])).await;
-            if r.status == StatusCode::OK {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the slot was never released"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let served = || async {
+            gw.handle(post(second, &[("mcp-session-id", &sid)]))
+                .await
+                .status
+                == StatusCode::OK
+        };
+        assert!(
+            testing::eventually(Duration::from_secs(5), served).await,
+            "the slot was never released"
+        );
     }
 
     #[tokio::test]

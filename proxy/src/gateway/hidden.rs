@@ -306,7 +306,7 @@ impl Gateway {
         state: &Value,
         responses: Option<Value>,
     ) -> Result<Response, Reject> {
-        let state = state.as_str().ok_or_else(|| refused(id))?;
+        let state = state.as_str().ok_or_else(|| refused().with_id(Some(id)))?;
         let Some(parked) = self.take_parked(state, &org.name, &identity.subject) else {
             return match (owner_of(state), self.hub.events()) {
                 (Some(owner), Some(events)) if owner != self.node => {
@@ -323,12 +323,12 @@ impl Gateway {
                     };
                     self.resume_elsewhere(org, events, request, id).await
                 }
-                _ => Err(refused(id)),
+                _ => Err(refused().with_id(Some(id))),
             };
         };
         let (reader, park, call) = deliver_input(parked, responses.as_ref())
             .await
-            .map_err(|reason| lost(reason, id))?;
+            .map_err(|reason| lost(reason).with_id(Some(id)))?;
         self.respond_modern(org, reader, Some(id), Some(method), Some(park), Some(call))
             .await
     }
@@ -364,12 +364,10 @@ impl Gateway {
             return Err(unavailable());
         }
         if !events.node_alive(owner).await.map_err(|_| unavailable())? {
-            return Err(lost(
-                format!(
-                    "gateway node {owner:08x}, which held the call that asked for this input, is gone"
-                ),
-                id,
-            ));
+            return Err(lost(format!(
+                "gateway node {owner:08x}, which held the call that asked for this input, is gone"
+            ))
+            .with_id(Some(id)));
         }
         let (tx, rx) = oneshot::channel();
         let mut waiting = Waiting::new(&self.resumes, events, owner, request.token.clone(), tx);
@@ -385,9 +383,7 @@ impl Gateway {
                         call,
                         left_ms,
                     } => (session, stream, call, Duration::from_millis(left_ms)),
-                    Resumed::Refused => return Err(refused(id)),
-                    Resumed::Failed { reason } => return Err(lost(reason, id)),
-                    Resumed::Refusal {
+                    Resumed::Refused {
                         status,
                         code,
                         message,
@@ -399,13 +395,11 @@ impl Gateway {
                 }
             }
             Ok(Err(_)) | Err(_) => {
-                return Err(lost(
-                    format!(
-                        "gateway node {owner:08x}, which holds the call that asked for this input, did not answer in {} s",
-                        RESUME_TIMEOUT.as_secs()
-                    ),
-                    id,
-                ));
+                return Err(lost(format!(
+                    "gateway node {owner:08x}, which holds the call that asked for this input, did not answer in {} s",
+                    RESUME_TIMEOUT.as_secs()
+                ))
+                .with_id(Some(id)));
             }
         };
         drop(waiting);
@@ -413,25 +407,21 @@ impl Gateway {
             session: session.clone(),
             id: call,
         };
-        let log = match self.hub.open(&session, false).await {
-            Ok(Some(log)) => log,
-            failed => {
+        // The stream is served here, or the call stops there.
+        let attached = match self.hub.open(&session, false).await {
+            Ok(Some(log)) => log.attach(stream, None).map(|attach| (log, attach)).ok(),
+            Ok(None) => None,
+            Err(e) => {
                 events.notify(&cancel);
-                return Err(match failed {
-                    Err(e) => store_reject(e),
-                    _ => lost(
-                        "the call's upstream session ended on the node holding it".into(),
-                        id,
-                    ),
-                });
+                return Err(store_reject(e));
             }
         };
-        let Ok(attach) = log.attach(stream, None) else {
+        let Some((log, attach)) = attached else {
             events.notify(&cancel);
-            return Err(lost(
-                "the call's upstream session ended on the node holding it".into(),
-                id,
-            ));
+            return Err(
+                lost("the call's upstream session ended on the node holding it".into())
+                    .with_id(Some(id)),
+            );
         };
         let live = LiveStream::new(
             log,
@@ -457,7 +447,14 @@ impl Gateway {
     /// Node side of [`Notice::Resume`]: a retry another node received for
     /// a call parked here. Answers that node with [`Notice::Resumed`].
     pub(super) async fn resume_for(self: Arc<Self>, request: ResumeRequest) {
-        let outcome = self.continue_into_log(&request).await;
+        let outcome = match self.continue_into_log(&request).await {
+            Ok(streaming) => streaming,
+            Err(reject) => Resumed::Refused {
+                status: reject.status.as_u16(),
+                code: reject.code,
+                message: reject.message,
+            },
+        };
         if let Some(events) = self.hub.events() {
             events.notify(&Notice::Resumed {
                 node: request.from,
@@ -469,53 +466,47 @@ impl Gateway {
 
     /// Hands the input of `request` to the upstream and streams the rest
     /// of the call to a new POST stream of the hidden session's log.
-    async fn continue_into_log(self: &Arc<Self>, request: &ResumeRequest) -> Resumed {
-        let Some(parked) = self.take_parked(&request.state, &request.org, &request.subject) else {
-            return Resumed::Refused;
-        };
-        let given_up = |this: &Self| {
-            matches!(
-                this.continued.remove(&request.token),
-                Some((_, Continued::Abandoned(_)))
-            )
-        };
-        let Some(client_id) = Id::from_value(&request.id).filter(|_| !given_up(self)) else {
+    async fn continue_into_log(
+        self: &Arc<Self>,
+        request: &ResumeRequest,
+    ) -> Result<Resumed, Reject> {
+        let parked = self
+            .take_parked(&request.state, &request.org, &request.subject)
+            .ok_or_else(refused)?;
+        // The retry's node gave up before this node heard of it.
+        let abandoned = matches!(
+            self.continued.remove(&request.token),
+            Some((_, Continued::Abandoned(_)))
+        );
+        let client_id = Id::from_value(&request.id);
+        let (Some(client_id), false) = (client_id, abandoned) else {
             parked
                 .park
                 .cancel(&parked.call, "the client's retry could not be served");
-            return Resumed::Refused;
+            return Err(refused());
         };
         let session = parked.park.session.clone();
         let org = parked.park.org.name.clone();
         let left = parked.expires.saturating_duration_since(Instant::now());
-        let log = match self.hub.open(&session.id, false).await {
-            Ok(Some(log)) => log,
-            _ => {
-                parked
-                    .park
-                    .cancel(&parked.call, "the call's upstream session ended");
-                return Resumed::Failed {
-                    reason: "the call's upstream session has no event log on its node".into(),
-                };
-            }
+        let Ok(Some(log)) = self.hub.open(&session.id, false).await else {
+            parked
+                .park
+                .cancel(&parked.call, "the call's upstream session ended");
+            return Err(lost(
+                "the call's upstream session has no event log on its node".into(),
+            ));
         };
         let guard = match self.track(&log, &session.id, Some(&parked.call)) {
             Ok(guard) => guard,
             Err(reject) => {
                 // Still parked: the client may come back with it later.
                 self.parked.insert(request.state.clone(), parked);
-                return Resumed::Refusal {
-                    status: reject.status.as_u16(),
-                    code: reject.code,
-                    message: reject.message,
-                };
+                return Err(reject);
             }
         };
-        let (reader, park, call) = match deliver_input(parked, request.responses.as_ref()).await {
-            Ok(continued) => continued,
-            Err(reason) => return Resumed::Failed { reason },
-        };
-        let keepalive = self.config.streams.keepalive;
+        let (reader, park, call) = deliver_input(parked, request.responses.as_ref())
+            .await
+            .map_err(lost)?;
         // From here, dropping `pipe` tells the upstream the call is over.
         let pipe = Pipe::resumed(
             reader,
@@ -523,14 +514,12 @@ impl Gateway {
             call.clone(),
             request.method.clone(),
             org,
-            keepalive,
+            self.config.streams.keepalive,
             park,
         );
-        let Ok(stream) = log.begin_stream() else {
-            return Resumed::Failed {
-                reason: "the call's upstream session ended".into(),
-            };
-        };
+        let stream = log
+            .begin_stream()
+            .map_err(|_| lost("the call's upstream session ended".into()))?;
         // The retry's node may have given up while the input was delivered.
         match self.continued.entry(request.token.clone()) {
             dashmap::Entry::Occupied(e) => {
@@ -566,12 +555,12 @@ impl Gateway {
             this.continued.remove(&token);
             drop(guard);
         });
-        Resumed::Streaming {
+        Ok(Resumed::Streaming {
             session: session.id.clone(),
             stream,
             call: call.to_value(),
             left_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
-        }
+        })
     }
 
     /// Hands a retry's answer to the node that waits for it.
@@ -586,10 +575,8 @@ impl Gateway {
     pub(super) fn abandon(&self, token: String) {
         match self.continued.entry(token) {
             dashmap::Entry::Occupied(e) => {
-                if let Continued::Running { session, call } = e.remove()
-                    && let Some((_, (_, stop))) = self.in_flight.remove(&(session, call))
-                {
-                    stop.cancel();
+                if let Continued::Running { session, call } = e.remove() {
+                    self.cancel_in_flight(session, call);
                 }
             }
             dashmap::Entry::Vacant(v) => {
@@ -800,23 +787,21 @@ async fn deliver_input(
     Ok((reader, parked.park, parked.call))
 }
 
-fn refused(id: &Id) -> Reject {
+fn refused() -> Reject {
     Reject::new(
         StatusCode::BAD_REQUEST,
         code::INVALID_PARAMS,
         "requestState names no call of this gateway waiting for this caller's input (tampered, already answered, or past upstream.max_duration)",
     )
-    .with_id(Some(id))
 }
 
 /// The call that asked for the input is gone: the client must call again.
-fn lost(reason: String, id: &Id) -> Reject {
+fn lost(reason: String) -> Reject {
     Reject::new(
         StatusCode::BAD_GATEWAY,
         code::UPSTREAM_ERROR,
         format!("{reason}; call again without requestState"),
     )
-    .with_id(Some(id))
 }
 
 /// The rest of a call resumed on another node, read from the shared log.

@@ -14,6 +14,7 @@ use crate::bridge::{AnswerReader, ProbeError};
 use crate::config::Era;
 use crate::era::{self, errors};
 use crate::stream::KEEPALIVE;
+use crate::stream::shared::HEARTBEAT;
 
 /// Longest pause before retrying an upstream that shed load (an
 /// `InputRequiredResult` with only a `requestState`).
@@ -879,10 +880,6 @@ pub(super) struct Listener {
 /// The lease of a session's background upstream stream (Redis mode).
 const LEASE: &str = "upstream-stream";
 
-/// How long that lease lasts unless its node renews it (every third of
-/// it): how long the stream may be missing after its node dies.
-const LEASE_TTL: Duration = Duration::from_secs(15);
-
 /// Read limits of a `subscriptions/listen` stream: it is meant to stay open
 /// and quiet for as long as the session lives.
 pub(super) const LISTEN_LIMITS: crate::bridge::ReadLimits = crate::bridge::ReadLimits {
@@ -960,7 +957,10 @@ impl Gateway {
                 }
                 org.metrics.background_streams.dec();
                 let lost = run.is_cancelled() && !stop.is_cancelled();
-                run.cancel();
+                if let Some(events) = this.hub.events() {
+                    // Another node may take over at once, not after the TTL.
+                    let _ = events.release(&id, LEASE).await;
+                }
                 if !lost {
                     break;
                 }
@@ -987,65 +987,34 @@ impl Gateway {
 
     /// Waits until this node may hold the session's background upstream
     /// stream: at once with one node; in Redis mode, once it holds the
-    /// session's lease, which it then renews. The token is cancelled when
-    /// the lease is lost, or with `stop`; `None` once `stop` is cancelled.
+    /// session's lease (renewed with the node's heartbeat). The token is
+    /// cancelled when the lease is lost, or with `stop`; `None` once `stop`
+    /// is cancelled.
     async fn take_lease(
         &self,
         session_id: &str,
         stop: &CancellationToken,
     ) -> Option<CancellationToken> {
         let run = stop.child_token();
-        let Some(events) = self.hub.events().cloned() else {
+        let Some(events) = self.hub.events() else {
             return (!stop.is_cancelled()).then_some(run);
         };
         loop {
             if stop.is_cancelled() {
                 return None;
             }
-            match events.lease(session_id, LEASE, LEASE_TTL).await {
-                Ok(true) => break,
+            match events.hold(session_id, LEASE, run.clone()).await {
+                Ok(true) => return Some(run),
                 Ok(false) => {}
                 Err(e) => {
                     tracing::debug!(session = %short(session_id), error = %e, "cannot take the lease of the session's upstream stream; retrying");
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(LEASE_TTL / 3) => {}
+                _ = tokio::time::sleep(HEARTBEAT) => {}
                 _ = stop.cancelled() => return None,
             }
         }
-        let (keeper, id) = (run.clone(), session_id.to_owned());
-        tokio::spawn(async move {
-            let mut renewed = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(LEASE_TTL / 3) => {}
-                    _ = keeper.cancelled() => {
-                        // Another node may take over at once, not after the TTL.
-                        let _ = events.release(&id, LEASE).await;
-                        return;
-                    }
-                }
-                match events.lease(&id, LEASE, LEASE_TTL).await {
-                    Ok(true) => renewed = tokio::time::Instant::now(),
-                    Ok(false) => {
-                        tracing::info!(session = %short(&id), "another node holds the session's upstream stream now");
-                        keeper.cancel();
-                        return;
-                    }
-                    // Redis may be down for all nodes, or only for this one,
-                    // and then another node takes the lease when it expires:
-                    // stop before that.
-                    Err(_) if renewed.elapsed() >= LEASE_TTL * 2 / 3 => {
-                        tracing::info!(session = %short(&id), "cannot renew the lease of the session's upstream stream; letting it go");
-                        keeper.cancel();
-                        return;
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
-        Some(run)
     }
 
     /// Holds the upstream listen stream of one session, reopening it when

@@ -30,11 +30,13 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use futures::StreamExt as _;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::{Entry, Hub, LogRead, StreamId};
 use crate::session::redis::{NOW, OP_TIMEOUT, RedisStoreError, connection};
@@ -68,9 +70,14 @@ struct Queued {
     done: Option<Done>,
 }
 
-/// How often a node says in Redis that it is alive; it counts as gone
-/// after three missed.
+/// How often a node says in Redis that it is alive, and renews the leases
+/// it holds; it counts as gone after three missed.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How long a lease lasts unless its node renews it (see
+/// [`SharedEvents::hold`]): how long a session's background work may be
+/// missing after its node dies.
+pub const LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// Most operations one script call of the writer carries.
 const RUN: usize = 64;
@@ -78,24 +85,16 @@ const RUN: usize = 64;
 /// The batch cut into runs the writer sends as one command each: a
 /// notice alone, or up to [`RUN`] operations in a row of one session.
 fn runs_of(batch: &[Queued]) -> Vec<std::ops::Range<usize>> {
-    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, q) in batch.iter().enumerate() {
-        let joins = match runs.last() {
-            Some(run) => {
-                let last = &batch[run.end - 1];
-                run.len() < RUN
-                    && !matches!(q.op, Op::Notice(_))
-                    && !matches!(last.op, Op::Notice(_))
-                    && last.session == q.session
-            }
-            None => false,
-        };
-        match runs.last_mut() {
-            Some(run) if joins => run.end = i + 1,
-            _ => runs.push(i..i + 1),
-        }
-    }
-    runs
+    let notice = |q: &Queued| matches!(q.op, Op::Notice(_));
+    let mut start = 0;
+    batch
+        .chunk_by(|a, b| a.session == b.session && !notice(a) && !notice(b))
+        .flat_map(|run| run.chunks(RUN))
+        .map(|run| {
+            start += run.len();
+            start - run.len()..start
+        })
+        .collect()
 }
 
 /// Of a session's delivery marks in one batch, the last says it all: the
@@ -119,8 +118,13 @@ fn drop_superseded_marks(batch: &mut Vec<Queued>) {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Notice {
-    /// The session ended: drop its mirror, stop its requests.
-    Ended { session: String },
+    /// The session ended: drop its mirror, stop its requests; `hidden`
+    /// says it was a 2026-07-28 client's hidden session.
+    Ended {
+        session: String,
+        #[serde(default)]
+        hidden: bool,
+    },
     /// The client cancelled a request; the node running it stops it.
     Cancel {
         session: String,
@@ -184,14 +188,10 @@ pub enum Resumed {
         /// How long the call may still run (its `upstream.max_duration`).
         left_ms: u64,
     },
-    /// No such call waits for this caller.
-    Refused,
-    /// The call was there but is lost.
-    Failed { reason: String },
-    /// The node refused to go on now, as it would refuse a request (the
-    /// session has too many requests in flight): HTTP status and JSON-RPC
-    /// error.
-    Refusal {
+    /// The client gets this error instead (no such call waits for this
+    /// caller, the call is lost, the session is busy): HTTP status and
+    /// JSON-RPC error.
+    Refused {
         status: u16,
         code: i64,
         message: String,
@@ -241,6 +241,10 @@ pub struct SharedEvents {
     record_hidden: Script,
     bus_up: AtomicBool,
     dropped: AtomicU64,
+    /// Leases this node holds for its tasks, renewed at each heartbeat: by
+    /// key, a number telling holds apart and what to cancel on loss.
+    held: DashMap<String, (u64, CancellationToken)>,
+    next_hold: AtomicU64,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -279,6 +283,8 @@ impl SharedEvents {
             record_hidden: Script::new(RECORD_HIDDEN),
             bus_up: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            held: DashMap::new(),
+            next_hold: AtomicU64::new(1),
         }))
     }
 
@@ -293,24 +299,74 @@ impl SharedEvents {
         self.runtime.spawn(self.clone().bus_loop(handler));
     }
 
-    /// Says in Redis that this node is alive, every [`HEARTBEAT`], for as
-    /// long as its handler lives (see [`SharedEvents::node_alive`]).
+    /// Says in Redis that this node is alive and renews its leases, every
+    /// [`HEARTBEAT`], for as long as its handler lives (see
+    /// [`SharedEvents::node_alive`]). A node that cannot for 2/3 of
+    /// [`LEASE_TTL`] (cut off from Redis) gives its leases up before
+    /// another node may take them.
     async fn heartbeat(self: Arc<Self>, handler: Weak<dyn BusHandler>) {
-        let key = format!("{}node:{:08x}", self.prefix, self.node);
+        let mut beaten = tokio::time::Instant::now();
         while handler.strong_count() > 0 {
-            let mut conn = self.conn.clone();
-            let beat: Result<(), redis::RedisError> = redis::cmd("SET")
-                .arg(&key)
-                .arg(1)
-                .arg("PX")
-                .arg(millis(HEARTBEAT * 3))
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = beat {
-                tracing::debug!(error = %e, "cannot renew this node's heartbeat");
+            match self.beat().await {
+                Ok(()) => beaten = tokio::time::Instant::now(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot renew this node's heartbeat and leases");
+                    if beaten.elapsed() >= LEASE_TTL * 2 / 3 && !self.held.is_empty() {
+                        tracing::info!("cannot renew this node's leases; letting them go");
+                        let keys: Vec<String> = self.held.iter().map(|e| e.key().clone()).collect();
+                        for key in keys {
+                            if let Some((_, (_, lost))) = self.held.remove(&key) {
+                                lost.cancel();
+                            }
+                        }
+                    }
+                }
             }
             tokio::time::sleep(HEARTBEAT).await;
         }
+    }
+
+    /// One heartbeat: the node's key, then its leases; a lease another node
+    /// took meanwhile is lost.
+    async fn beat(&self) -> Result<(), RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let () = redis::cmd("SET")
+            .arg(self.node_key(self.node))
+            .arg(1)
+            .arg("PX")
+            .arg(millis(HEARTBEAT * 3))
+            .query_async(&mut conn)
+            .await?;
+        let held: Vec<(String, u64)> = self
+            .held
+            .iter()
+            .map(|e| (e.key().clone(), e.value().0))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut renew = self.lease.prepare_invoke();
+        for (key, _) in &held {
+            renew.key(key);
+        }
+        let kept: Vec<i64> = renew
+            .arg(self.node)
+            .arg(millis(LEASE_TTL))
+            .invoke_async(&mut conn)
+            .await?;
+        for ((key, n), kept) in held.iter().zip(kept) {
+            if kept != 1
+                && let Some((_, (_, lost))) = self.held.remove_if(key, |_, (m, _)| m == n)
+            {
+                tracing::info!(lease = %key, "another node holds this lease now");
+                lost.cancel();
+            }
+        }
+        Ok(())
+    }
+
+    fn node_key(&self, node: u32) -> String {
+        format!("{}node:{node:08x}", self.prefix)
     }
 
     /// Whether node `node` said it was alive within the last three
@@ -318,7 +374,7 @@ impl SharedEvents {
     pub async fn node_alive(&self, node: u32) -> Result<bool, RedisStoreError> {
         let mut conn = self.conn.clone();
         let alive: bool = redis::cmd("EXISTS")
-            .arg(format!("{}node:{node:08x}", self.prefix))
+            .arg(self.node_key(node))
             .query_async(&mut conn)
             .await?;
         Ok(alive)
@@ -386,6 +442,10 @@ impl SharedEvents {
         ]
     }
 
+    fn lease_key(&self, session: &str, what: &str) -> String {
+        format!("{}l:{session}:{what}", self.prefix)
+    }
+
     /// Takes, or keeps, this node's lease on a session's `what` for `ttl`:
     /// false if another node holds it. Leases make one node of all do a
     /// session's background work (its upstream GET or listen stream).
@@ -396,19 +456,37 @@ impl SharedEvents {
         ttl: Duration,
     ) -> Result<bool, RedisStoreError> {
         let mut conn = self.conn.clone();
-        let held: i64 = self
+        let held: Vec<i64> = self
             .lease
-            .key(format!("{}l:{session}:{what}", self.prefix))
+            .key(self.lease_key(session, what))
             .arg(self.node)
             .arg(millis(ttl))
             .invoke_async(&mut conn)
             .await?;
-        Ok(held == 1)
+        Ok(held == [1])
+    }
+
+    /// Takes this node's lease on a session's `what`, renewed at each
+    /// heartbeat until [`SharedEvents::release`]; `lost` is cancelled if
+    /// the node loses it. False if another node holds it.
+    pub async fn hold(
+        &self,
+        session: &str,
+        what: &str,
+        lost: CancellationToken,
+    ) -> Result<bool, RedisStoreError> {
+        if !self.lease(session, what, LEASE_TTL).await? {
+            return Ok(false);
+        }
+        let n = self.next_hold.fetch_add(1, Ordering::Relaxed);
+        self.held.insert(self.lease_key(session, what), (n, lost));
+        Ok(true)
     }
 
     /// Gives up this node's lease, if it still holds it.
     pub async fn release(&self, session: &str, what: &str) -> Result<(), RedisStoreError> {
-        let key = format!("{}l:{session}:{what}", self.prefix);
+        let key = self.lease_key(session, what);
+        self.held.remove(&key);
         self.delete_if(key, &self.node.to_string()).await
     }
 
@@ -878,18 +956,23 @@ const RECALL: &str = "
 return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 ";
 
-/// KEYS: the lease. ARGV: node tag, ttl in ms. -> 1 if the node holds it.
+/// KEYS: leases. ARGV: node tag, ttl in ms. Takes or renews each lease
+/// another node does not hold. -> per lease, 1 if the node holds it.
 const LEASE: &str = "
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+local held = {}
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    held[i] = 1
+  elseif not holder then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    held[i] = 1
+  else
+    held[i] = 0
+  end
 end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
+return held
 ";
 
 /// KEYS: a key (a lease, a hidden-session record). ARGV: a value (the
@@ -927,6 +1010,7 @@ mod tests {
     use super::*;
     use crate::session::{RedisSessionStore, SessionStore, test_state};
     use crate::stream::{ChunkSource, LiveStream, LogLimits, STANDALONE};
+    use crate::testing::eventually;
 
     const LIMITS: LogLimits = LogLimits {
         max_events: 64,
@@ -970,14 +1054,10 @@ mod tests {
         });
         let handler: Arc<dyn BusHandler> = node.clone();
         events.start(Arc::downgrade(&handler));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !events.bus_up() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the node bus did not come up in 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert!(
+            eventually(Duration::from_secs(10), || async { events.bus_up() }).await,
+            "the node bus did not come up in 10 s"
+        );
         node
     }
 
@@ -1161,13 +1241,17 @@ mod tests {
         assert!(!log.attach(STANDALONE, Some(5)).expect("attach").gap);
     }
 
-    #[test]
-    fn a_batch_goes_out_in_runs_of_one_session_in_order() {
-        let q = |session: &str, op: Op| Queued {
+    /// An operation of `session` in the writer's queue.
+    fn q(session: &str, op: Op) -> Queued {
+        Queued {
             session: session.into(),
             op,
             done: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_batch_goes_out_in_runs_of_one_session_in_order() {
         let mut batch = vec![
             q("a", Op::Begin(7)),
             q("a", Op::End(7)),
@@ -1188,11 +1272,6 @@ mod tests {
 
     #[test]
     fn a_batch_keeps_only_each_sessions_last_delivery_mark() {
-        let q = |session: &str, op: Op| Queued {
-            session: session.into(),
-            op,
-            done: None,
-        };
         let mut batch = vec![
             q("a", Op::Delivered(1)),
             q("b", Op::Delivered(5)),
@@ -1243,16 +1322,16 @@ mod tests {
         // Notices reach the other nodes, not the sender.
         let ended = Notice::Ended {
             session: "shared-one".into(),
+            hidden: false,
         };
         a.hub.events().expect("shared").notify(&ended);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while c.notices.lock().expect("lock").is_empty() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the notice did not arrive in 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                !c.notices.lock().expect("lock").is_empty()
+            })
+            .await,
+            "the notice did not arrive in 10 s"
+        );
         assert_eq!(*c.notices.lock().expect("lock"), [ended]);
         assert!(a.notices.lock().expect("lock").is_empty());
         // An ended session's log is gone from Redis, and refuses events.
@@ -1275,14 +1354,13 @@ mod tests {
         assert!(!eb.lease("s", "x", ttl).await.expect("lease"));
         ea.release("s", "x").await.expect("release");
         assert!(eb.lease("s", "x", ttl).await.expect("released"));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !ea.lease("s", "x", ttl).await.expect("lease") {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "a lease nobody renews did not expire"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                ea.lease("s", "x", ttl).await.expect("lease")
+            })
+            .await,
+            "a lease nobody renews did not expire"
+        );
         // Logouts are kept for as long as asked.
         let logout = |sub: &str| ratatosk_auth::logout::LogoutEvent {
             sid: None,
@@ -1295,18 +1373,12 @@ mod tests {
         ea.remember_logout(&logout("bob"), Duration::from_millis(1))
             .await
             .expect("remember");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let kept = eb.logouts().await.expect("logouts");
-            if kept == [logout("alice")] {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "logouts kept: {kept:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let only_alice = || async { eb.logouts().await.expect("logouts") == [logout("alice")] };
+        assert!(
+            eventually(Duration::from_secs(5), only_alice).await,
+            "logouts kept: {:?}",
+            eb.logouts().await
+        );
     }
 
     #[tokio::test]
@@ -1382,6 +1454,7 @@ mod tests {
         let notices = [
             Notice::Ended {
                 session: "s".into(),
+                hidden: true,
             },
             Notice::Resume(resume),
             Notice::Resumed {
@@ -1397,8 +1470,10 @@ mod tests {
             Notice::Resumed {
                 node: 9,
                 token: "t".into(),
-                outcome: Resumed::Failed {
-                    reason: "gone".into(),
+                outcome: Resumed::Refused {
+                    status: 502,
+                    code: -32002,
+                    message: "gone".into(),
                 },
             },
         ];
