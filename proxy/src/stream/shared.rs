@@ -1299,6 +1299,22 @@ mod tests {
         );
     }
 
+    /// A redis-server, and a store on it under `prefix` holding session
+    /// `session`.
+    async fn redis_with_session(
+        prefix: &str,
+        session: &str,
+    ) -> (crate::testing::RedisServer, RedisSessionStore) {
+        let redis = crate::testing::RedisServer::start().await;
+        let store =
+            RedisSessionStore::new(&redis.url(), prefix, Duration::from_secs(60)).expect("store");
+        store
+            .insert(test_state(session, "org"))
+            .await
+            .expect("insert");
+        (redis, store)
+    }
+
     #[tokio::test]
     async fn local_event_log_suite() {
         event_log_suite(&[&Hub::new(LIMITS)], "local").await;
@@ -1306,13 +1322,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shared_event_log_suite() {
-        let redis = crate::testing::RedisServer::start().await;
-        let store =
-            RedisSessionStore::new(&redis.url(), "t:", Duration::from_secs(60)).expect("store");
-        store
-            .insert(test_state("shared-one", "org"))
-            .await
-            .expect("insert");
+        let (redis, store) = redis_with_session("t:", "shared-one").await;
         let (a, b, c) = (
             node(&redis.url(), "t:").await,
             node(&redis.url(), "t:").await,
@@ -1383,13 +1393,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_older_than_max_age_leave_the_shared_log() {
-        let redis = crate::testing::RedisServer::start().await;
-        let store =
-            RedisSessionStore::new(&redis.url(), "age:", Duration::from_secs(60)).expect("store");
-        store
-            .insert(test_state("aged", "org"))
-            .await
-            .expect("insert");
+        let (redis, _store) = redis_with_session("age:", "aged").await;
         let node = node_keeping(&redis.url(), "age:", Duration::from_millis(200)).await;
         let events = node.hub.events().expect("shared");
         for _ in 0..3 {
