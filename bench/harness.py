@@ -405,6 +405,10 @@ class Systems:
             "publish": {"secret": "${BENCH_PUBLISH_SECRET}"},
             **config,
         }
+        # Scenarios B, C and R hold tens of thousands of one user's sessions
+        # and streams: above the per-user and connection defaults.
+        config["sessions"] = {"max_per_subject": 1_000_000, **config["sessions"]}
+        config["limits"] = {"max_connections": 1_000_000, **config.get("limits", {})}
         path = self.run_dir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         p = self.add(Proc(name, [str(BIN / "ratatosk"), "--config", str(path)], self.run_dir,

@@ -93,7 +93,7 @@ async fn route(
                 return Err(Reject::new(
                     StatusCode::NOT_FOUND,
                     code::NOT_FOUND,
-                    format!("unknown org '{}'", org.escape_default()),
+                    format!("unknown org '{}'", crate::jsonrpc::clip(org, 64)),
                 ));
             }
             let sessions = gw.store.list_org(org).await.map_err(|e| {
@@ -124,7 +124,7 @@ async fn route(
             code::NOT_FOUND,
             format!(
                 "no admin endpoint at '{}'; see /healthz, /readyz, /metrics, /sessions/{{id}}/messages, /orgs/{{org}}/sessions",
-                path.escape_default()
+                crate::jsonrpc::clip(path, 64)
             ),
         )),
     }

@@ -74,6 +74,14 @@ pub struct Limits {
     pub max_answer_bytes: usize,
     /// Most messages in one JSON-RPC batch (2025-03-26 and legacy clients).
     pub max_batch: usize,
+    /// How long a client may take to send a request head, from its first
+    /// byte to its last: a client trickling bytes cannot hold a connection
+    /// longer than this.
+    #[serde(with = "humantime_serde")]
+    pub head_read_timeout: Duration,
+    /// Client connections the MCP listener keeps open at once (streams
+    /// included); one more is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -83,6 +91,8 @@ impl Default for Limits {
             body_read_timeout: Duration::from_secs(30),
             max_answer_bytes: 64 * 1024 * 1024,
             max_batch: 32,
+            head_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }
@@ -104,6 +114,18 @@ pub struct SessionsConfig {
     pub event_log_max_age: Duration,
     /// Requests one session may have waiting on upstreams at once; more get 429.
     pub max_in_flight: usize,
+    /// Sessions one user (token subject) may have in one org at once; one
+    /// more gets 429. Orgs with `auth: none` have one user, `anonymous`.
+    pub max_per_subject: usize,
+    /// Sessions of all orgs at once (of all nodes, with `store: redis`);
+    /// one more gets 503.
+    pub max_total: usize,
+    /// Bytes of `clientInfo` plus `capabilities` (as JSON) a session keeps;
+    /// an `initialize` with more gets 400.
+    pub max_client_bytes: usize,
+    /// Resource subscriptions one session may hold (`resources/subscribe`,
+    /// kept by the gateway for modern upstreams).
+    pub max_subscriptions: usize,
     /// Where sessions live: `memory` (this process, the default) or
     /// `redis` (shared by every gateway node).
     pub store: StoreKind,
@@ -131,6 +153,10 @@ impl Default for SessionsConfig {
             event_log_bytes: 4 * 1024 * 1024,
             event_log_max_age: Duration::from_secs(30 * 60),
             max_in_flight: 64,
+            max_per_subject: 1000,
+            max_total: 100_000,
+            max_client_bytes: 16 * 1024,
+            max_subscriptions: 256,
             store: StoreKind::Memory,
             url: None,
             key_prefix: "ratatosk:".into(),
@@ -448,11 +474,24 @@ impl Config {
                 ),
             );
         }
-        if self.limits.body_read_timeout.is_zero() {
-            bad(
+        for (path, d, example) in [
+            (
                 "limits.body_read_timeout",
-                "expected a positive duration like `30s`".into(),
-            );
+                self.limits.body_read_timeout,
+                "30s",
+            ),
+            (
+                "limits.head_read_timeout",
+                self.limits.head_read_timeout,
+                "10s",
+            ),
+        ] {
+            if d.is_zero() {
+                bad(
+                    path,
+                    format!("expected a positive duration like `{example}`"),
+                );
+            }
         }
         if self.sessions.event_log_size == 0 || self.sessions.event_log_size > 1_000_000 {
             bad(
@@ -469,12 +508,39 @@ impl Config {
                 format!("expected between 1 and 1000, got {}", self.limits.max_batch),
             );
         }
-        if self.sessions.max_in_flight == 0 || self.sessions.max_in_flight > 100_000 {
-            bad(
+        for (path, value, max) in [
+            (
                 "sessions.max_in_flight",
+                self.sessions.max_in_flight,
+                100_000,
+            ),
+            (
+                "sessions.max_per_subject",
+                self.sessions.max_per_subject,
+                10_000_000,
+            ),
+            ("sessions.max_total", self.sessions.max_total, 100_000_000),
+            (
+                "sessions.max_subscriptions",
+                self.sessions.max_subscriptions,
+                100_000,
+            ),
+            (
+                "limits.max_connections",
+                self.limits.max_connections,
+                10_000_000,
+            ),
+        ] {
+            if value == 0 || value > max {
+                bad(path, format!("expected between 1 and {max}, got {value}"));
+            }
+        }
+        if self.sessions.max_client_bytes < 256 {
+            bad(
+                "sessions.max_client_bytes",
                 format!(
-                    "expected between 1 and 100000, got {}",
-                    self.sessions.max_in_flight
+                    "expected at least 256 bytes, got {}",
+                    self.sessions.max_client_bytes
                 ),
             );
         }
@@ -639,6 +705,10 @@ impl Config {
             (
                 "limits.body_read_timeout".to_owned(),
                 self.limits.body_read_timeout,
+            ),
+            (
+                "limits.head_read_timeout".to_owned(),
+                self.limits.head_read_timeout,
             ),
             ("sessions.idle_ttl".to_owned(), self.sessions.idle_ttl),
             ("streams.keepalive".to_owned(), self.streams.keepalive),

@@ -159,6 +159,11 @@ impl Reject {
         self
     }
 
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Reject {
+        self.headers.push((name, value));
+        self
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Reject {
         Reject::new(StatusCode::BAD_REQUEST, code::BAD_REQUEST, message)
     }
@@ -219,7 +224,7 @@ pub fn check_origin(
             code::BAD_REQUEST,
             format!(
                 "Origin '{}' is not allowed; add it to allowed_origins to permit it",
-                text.escape_default()
+                jsonrpc::clip(text, 64)
             ),
         ))
     }
@@ -307,7 +312,7 @@ pub fn check_json_content_type(headers: &HeaderMap) -> Result<(), Reject> {
             code::BAD_REQUEST,
             format!(
                 "Content-Type must be application/json, got '{}'",
-                value.unwrap_or("(not text)").escape_default()
+                jsonrpc::clip(value.unwrap_or("(not text)"), 64)
             ),
         )),
         None => Err(Reject::new(
@@ -344,7 +349,7 @@ pub fn protocol_version(headers: &HeaderMap) -> Result<Option<&'static str>, Rej
         .ok_or_else(|| {
             Reject::bad_request(format!(
                 "unsupported MCP-Protocol-Version '{}'; supported: {}",
-                text.escape_default(),
+                jsonrpc::clip(text, 64),
                 SUPPORTED_VERSIONS.join(", ")
             ))
         })

@@ -139,7 +139,7 @@ fn expect_header(
         ))),
         Some(h) if Some(h.as_str()) != expected => Err(mismatch(format!(
             "{label} header '{}' does not match {what}",
-            h.escape_default()
+            crate::jsonrpc::clip(&h, 64)
         ))),
         Some(_) => Ok(()),
     }
@@ -206,7 +206,7 @@ fn check_modern_params(
             Some(body_name),
             &format!(
                 "params.{field} '{}' of {method}",
-                body_name.escape_default()
+                crate::jsonrpc::clip(body_name, 64)
             ),
         )?;
     }

@@ -41,6 +41,9 @@ const BATCH_CONCURRENCY: usize = 8;
 /// Code of the error answered to a request the client cancelled.
 const REQUEST_CANCELLED: i64 = -32800;
 
+/// Longest resource URI a session may subscribe to.
+const MAX_SUBSCRIPTION_URI_BYTES: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("org '{org}': {source}")]
@@ -264,7 +267,7 @@ impl Gateway {
                     code::NOT_FOUND,
                     format!(
                         "no MCP endpoint at '{}'; expected {}/{{org}}/mcp, /sse or /messages",
-                        req.path.escape_default(),
+                        jsonrpc::clip(&req.path, 64),
                         self.routes.base_path()
                     ),
                 )
@@ -278,7 +281,7 @@ impl Gateway {
                 return Reject::new(
                     StatusCode::NOT_FOUND,
                     code::NOT_FOUND,
-                    format!("unknown org '{}'", name.escape_default()),
+                    format!("unknown org '{}'", jsonrpc::clip(&name, 64)),
                 )
                 .into_response()
                 .labeled(Label {
@@ -398,10 +401,10 @@ impl Gateway {
             if m.is_request() {
                 requests.push(m.clone());
             } else {
-                self.absorb(org, &session, m, || {
+                self.absorb(org, &session, &log, None, m, || {
                     session_headers(org, identity, &session, &req.headers, &req.request_id)
                 })
-                .await;
+                .await?;
             }
         }
         if requests.is_empty() {
@@ -410,7 +413,7 @@ impl Gateway {
         if let [only] = requests.as_slice()
             && let Some(answer) = self.answer_locally(org, &session, &log, only).await
         {
-            return Ok(Response::json(StatusCode::OK, answer));
+            return answer.map(|body| Response::json(StatusCode::OK, body));
         }
         self.forward_streamable(org, identity, session, log, requests, req)
             .await
@@ -433,10 +436,11 @@ impl Gateway {
             && era != Era::Modern
         {
             let id = single.request_id().cloned();
-            let guard = self.track(&log, &session.id, id.as_ref())?;
+            let guard = self.track(org, &log, &session.id, id.as_ref())?;
             let answer = tokio::select! {
-                a = self.send_in_session(org, &session, headers, single.raw.clone()) => a,
+                biased;
                 _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
+                a = self.send_in_session(org, &session, headers, single.raw.clone()) => a,
             };
             let answer = answer.map_err(|e| upstream_reject(e, id.as_ref()))?;
             match answer.kind {
@@ -444,9 +448,13 @@ impl Gateway {
                     // Pass the upstream's JSON through as it is.
                     let mut reader = AnswerReader::new(answer, org.pool.read_limits);
                     let body = tokio::select! {
-                        b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
+                        biased;
                         _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
+                        b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
                     };
+                    if guard.token.is_cancelled() {
+                        return Err(cancelled(id.as_ref()));
+                    }
                     return Ok(Response::json(StatusCode::OK, body));
                 }
                 AnswerKind::Empty => {
@@ -493,7 +501,7 @@ impl Gateway {
         tokio::spawn(async move {
             futures::stream::iter(requests.iter())
                 .for_each_concurrent(BATCH_CONCURRENCY, |m| {
-                    this.forward_into(&org2, &session2, &log2, stream, m, headers.clone())
+                    this.forward_into(&org2, &session2, &log2, stream, m, headers.clone(), None)
                 })
                 .await;
             log2.end_stream(stream);
@@ -538,7 +546,9 @@ impl Gateway {
         live
     }
 
-    /// Forwards one request and appends everything it answers to `stream`.
+    /// Forwards one request and appends everything it answers to `stream`,
+    /// in `slot` if one was taken for it already.
+    #[allow(clippy::too_many_arguments)]
     async fn forward_into(
         self: &Arc<Self>,
         org: &OrgRoute,
@@ -547,9 +557,14 @@ impl Gateway {
         stream: StreamId,
         request: &Message,
         headers: http::HeaderMap,
+        slot: Option<crate::stream::Slot>,
     ) {
         let id = request.request_id().cloned();
-        let guard = match self.track(log, &session.id, id.as_ref()) {
+        let tracked = match slot {
+            Some(slot) => self.track_in(slot, &session.id, id.as_ref()),
+            None => self.track(org, log, &session.id, id.as_ref()),
+        };
+        let guard = match tracked {
             Ok(guard) => guard,
             Err(reject) => {
                 let body = reject.with_id(id.as_ref()).body();
@@ -587,8 +602,9 @@ impl Gateway {
             }
         }
         let answer = tokio::select! {
-            a = self.send_in_session(org, session, headers, request.raw.clone()) => a,
+            biased;
             _ = guard.token.cancelled() => return,
+            a = self.send_in_session(org, session, headers, request.raw.clone()) => a,
         };
         match answer {
             Ok(answer) => {
@@ -620,14 +636,31 @@ impl Gateway {
         cancel: &CancellationToken,
         hold: bool,
     ) -> Option<Bytes> {
+        let dropped = |reader: &AnswerReader| {
+            tracing::debug!(
+                replica = reader.replica(),
+                "request cancelled; upstream answer dropped"
+            );
+        };
         let failure = loop {
+            // Biased, and checked again once a message is in hand: the
+            // gateway told the upstream of the cancellation, so whatever the
+            // upstream says about the request now (an SDK answers
+            // "cancelled") must not reach the client. The cancel may come on
+            // another thread at any moment; a message read before it was
+            // sent cannot be the upstream's reaction to it.
             let next = tokio::select! {
-                n = reader.next_message() => n,
+                biased;
                 _ = cancel.cancelled() => {
-                    tracing::debug!(replica = reader.replica(), "request cancelled; upstream answer dropped");
+                    dropped(&reader);
                     return None;
                 }
+                n = reader.next_message() => n,
             };
+            if cancel.is_cancelled() {
+                dropped(&reader);
+                return None;
+            }
             match next {
                 Ok(Some(message)) => {
                     match jsonrpc::parse_message(&message).map(|m| m.kind) {
@@ -695,6 +728,12 @@ impl Gateway {
     ) -> Result<Response, Reject> {
         let session_id = session::mint_id();
         let id = init.request_id().cloned();
+        let params = init.params().unwrap_or(Value::Null);
+        self.check_client_data(org, &params)
+            .map_err(|r| r.with_id(id.as_ref()))?;
+        self.check_admission(org, identity)
+            .await
+            .map_err(|r| r.with_id(id.as_ref()))?;
         let (response, upstream) = self
             .negotiate(
                 org,
@@ -705,7 +744,6 @@ impl Gateway {
                 &req.request_id,
             )
             .await?;
-        let params = init.params().unwrap_or(Value::Null);
         let Some(version) = negotiated_version(&response) else {
             // A JSON-RPC error from the upstream: no session is created.
             return Ok(Response::json(StatusCode::OK, response));
@@ -727,7 +765,12 @@ impl Gateway {
         );
         state.set_client(&params);
         state.upstream = upstream;
-        self.create_session(state).await?;
+        if let Err(reject) = self.create_session(state.clone()).await {
+            // Refused after all (a limit reached meanwhile): the upstream
+            // session just opened has nobody left to end it.
+            self.close_upstream(&state);
+            return Err(reject.with_id(id.as_ref()));
+        }
         let header = HeaderValue::from_str(&session_id).map_err(|_| {
             Reject::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -805,10 +848,61 @@ impl Gateway {
         }
     }
 
+    /// What an `initialize` says about the client must fit
+    /// `sessions.max_client_bytes`; the refusal names the fields.
+    fn check_client_data(&self, org: &OrgRoute, params: &Value) -> Result<(), Reject> {
+        session::check_client_data(
+            [
+                ("params.clientInfo", params.get("clientInfo")),
+                ("params.capabilities", params.get("capabilities")),
+            ],
+            self.config.sessions.max_client_bytes,
+        )
+        .map_err(|why| {
+            org.metrics.refused.client_data.inc();
+            Reject::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, why)
+        })
+    }
+
+    /// The session limits of the config, for the store.
+    fn admission(&self) -> session::Admission {
+        session::Admission {
+            per_subject: self.config.sessions.max_per_subject,
+            total: self.config.sessions.max_total,
+        }
+    }
+
+    /// Refuses early a session the store would not admit, before work a
+    /// refusal would waste (opening an upstream session).
+    async fn check_admission(&self, org: &OrgRoute, identity: &Identity) -> Result<(), Reject> {
+        self.store
+            .admits(&org.name, &identity.subject, self.admission())
+            .await
+            .map_err(|e| self.session_reject(org, e))
+    }
+
+    /// A store failure as the client sees it; the limits are counted.
+    fn session_reject(&self, org: &OrgRoute, e: StoreError) -> Reject {
+        match &e {
+            StoreError::SubjectFull { .. } => org.metrics.refused.sessions_per_subject.inc(),
+            StoreError::Full { .. } => org.metrics.refused.sessions_total.inc(),
+            _ => {}
+        }
+        store_reject(e)
+    }
+
     async fn create_session(&self, state: SessionState) -> Result<Arc<SessionState>, Reject> {
         let org = state.org.clone();
         let id = state.id.clone();
-        let state = self.store.insert(state).await.map_err(store_reject)?;
+        let state = match self.store.insert(state, self.admission()).await {
+            Ok(state) => state,
+            Err(e) => {
+                return Err(match self.routes.org(&org) {
+                    Some(route) => self.session_reject(route, e),
+                    None => store_reject(e),
+                });
+            }
+        };
         self.hub.create(&id);
         self.count_session(&org, 1);
         tracing::info!(org, session = %short(&id), transport = ?state.transport, "session created");
@@ -963,15 +1057,20 @@ impl Gateway {
     /// session to give them to. A cancellation first stops the request
     /// here, so that nothing the upstream still says about it (an SDK may
     /// answer "cancelled") reaches the client.
+    ///
+    /// What goes upstream takes one of the session's in-flight slots while
+    /// it is sent (`slot`, if taken already); none free is a 429.
     async fn absorb(
         &self,
         org: &OrgRoute,
         session: &SessionState,
+        log: &Arc<SessionLog>,
+        slot: Option<crate::stream::Slot>,
         message: &Message,
         headers: impl FnOnce() -> http::HeaderMap,
-    ) {
+    ) -> Result<(), Reject> {
         if message.method().is_none() && self.take_reply(&session.id, message) {
-            return;
+            return Ok(());
         }
         if let (Some(events), Kind::Response { id }) = (self.hub.events(), &message.kind)
             && modern::answers_gateway_request(id)
@@ -981,7 +1080,7 @@ impl Gateway {
                 session: session.id.clone(),
                 body: String::from_utf8_lossy(&message.raw).into_owned(),
             });
-            return;
+            return Ok(());
         }
         if message.method() == Some("notifications/cancelled") {
             let target = message
@@ -1001,10 +1100,15 @@ impl Gateway {
             }
         }
         if session.upstream.is_some() {
+            let _slot = match slot {
+                Some(slot) => slot,
+                None => self.reserve(org, log, None)?,
+            };
             self.pass_upstream(org, session, headers(), message).await;
         }
         tracing::debug!(session = %short(&session.id), method = message.method().unwrap_or("(response)"),
             "client notification or response handled");
+        Ok(())
     }
 
     /// Requests the gateway answers itself, without a round trip upstream:
@@ -1013,19 +1117,21 @@ impl Gateway {
     /// upstream is modern and has neither, `resources/subscribe` and
     /// `resources/unsubscribe`: the URI joins or leaves the session's listen
     /// filter, and the listen stream is reopened with it.
+    /// A refusal (a limit) is the `Err`; a JSON-RPC error of the method
+    /// itself is an `Ok` body.
     async fn answer_locally(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         session: &SessionState,
         log: &Arc<SessionLog>,
         request: &Message,
-    ) -> Option<Bytes> {
+    ) -> Option<Result<Bytes, Reject>> {
         let id = request.request_id()?;
         let method = request.method()?;
         let subscription = matches!(method, "resources/subscribe" | "resources/unsubscribe")
             && org.era.known() == Some(Era::Modern);
         if method == "ping" {
-            return Some(jsonrpc::result_body(Some(id), json!({})));
+            return Some(Ok(jsonrpc::result_body(Some(id), json!({}))));
         }
         if method != "logging/setLevel" && !subscription {
             return None;
@@ -1035,15 +1141,37 @@ impl Gateway {
             .params()
             .and_then(|p| p.get(field).and_then(Value::as_str).map(str::to_owned));
         let Some(value) = value else {
-            return Some(jsonrpc::error_body(
+            return Some(Ok(jsonrpc::error_body(
                 Some(id),
                 code::INVALID_PARAMS,
                 &format!("{method} needs params.{field}"),
-            ));
+            )));
         };
         let subscribe = method == "resources/subscribe";
+        let max = self.config.sessions.max_subscriptions;
+        if subscribe && value.len() > MAX_SUBSCRIPTION_URI_BYTES {
+            org.metrics.refused.subscriptions.inc();
+            return Some(Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_PARAMS,
+                format!(
+                    "params.uri is {} bytes; a subscription's URI may have at most {MAX_SUBSCRIPTION_URI_BYTES}",
+                    value.len()
+                ),
+            )
+            .with_id(Some(id))));
+        }
+        // Decided on the state the change is made to, which a shared store
+        // may hand over more than once.
+        let full = AtomicBool::new(false);
         let change = |s: &mut SessionState| {
+            full.store(false, Ordering::Relaxed);
             if subscription {
+                let known = s.resource_subscriptions.contains(&value);
+                if subscribe && !known && s.resource_subscriptions.len() >= max {
+                    full.store(true, Ordering::Relaxed);
+                    return;
+                }
                 s.resource_subscriptions.retain(|u| *u != value);
                 if subscribe {
                     s.resource_subscriptions.push(value.clone());
@@ -1053,11 +1181,22 @@ impl Gateway {
             }
         };
         if let Err(e) = self.store.update(&session.id, &change).await {
-            return Some(jsonrpc::error_body(
+            return Some(Ok(jsonrpc::error_body(
                 Some(id),
                 code::INTERNAL_ERROR,
                 &e.to_string(),
-            ));
+            )));
+        }
+        if full.load(Ordering::Relaxed) {
+            org.metrics.refused.subscriptions.inc();
+            return Some(Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_PARAMS,
+                format!(
+                    "this session already holds {max} resource subscriptions (sessions.max_subscriptions); unsubscribe from one first"
+                ),
+            )
+            .with_id(Some(id))));
         }
         if subscription {
             self.ensure_listener(org, &session.id, log, true);
@@ -1067,26 +1206,50 @@ impl Gateway {
             // level too (and again after a re-initialization).
             return None;
         }
-        Some(jsonrpc::result_body(Some(id), json!({})))
+        Some(Ok(jsonrpc::result_body(Some(id), json!({}))))
     }
 
-    /// Registers a request about to go upstream: it takes one of the
-    /// session's in-flight slots, and its id becomes cancellable.
-    fn track(
+    /// One of the session's in-flight slots (`sessions.max_in_flight`),
+    /// for a message about to go upstream; a 429 if none is free.
+    fn reserve(
         &self,
+        org: &OrgRoute,
         log: &Arc<SessionLog>,
-        session: &str,
         id: Option<&Id>,
-    ) -> Result<InFlight, Reject> {
+    ) -> Result<crate::stream::Slot, Reject> {
         let max = self.config.sessions.max_in_flight;
-        let slot = log.try_reserve(max).ok_or_else(|| {
+        log.try_reserve(max).ok_or_else(|| {
+            org.metrics.refused.in_flight.inc();
             Reject::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 code::BAD_REQUEST,
                 format!("this session already has {max} requests in flight (sessions.max_in_flight); wait for their answers"),
             )
             .with_id(id)
-        })?;
+        })
+    }
+
+    /// Registers a request about to go upstream: it takes one of the
+    /// session's in-flight slots, and its id becomes cancellable.
+    fn track(
+        &self,
+        org: &OrgRoute,
+        log: &Arc<SessionLog>,
+        session: &str,
+        id: Option<&Id>,
+    ) -> Result<InFlight, Reject> {
+        let slot = self.reserve(org, log, id)?;
+        self.track_in(slot, session, id)
+    }
+
+    /// Registers a request in a slot already taken for it: its id becomes
+    /// cancellable.
+    fn track_in(
+        &self,
+        slot: crate::stream::Slot,
+        session: &str,
+        id: Option<&Id>,
+    ) -> Result<InFlight, Reject> {
         let token = CancellationToken::new();
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let key = match id {
@@ -1134,7 +1297,7 @@ impl Gateway {
             Some(text) => Some(EventId::parse(text).ok_or_else(|| {
                 Reject::bad_request(format!(
                     "Last-Event-ID '{}' is not an event id of this gateway (expected '<stream>.<seq>')",
-                    text.escape_default()
+                    jsonrpc::clip(text, 64)
                 ))
             })?),
         };
@@ -1149,9 +1312,7 @@ impl Gateway {
                 AttachError::Closed => session_not_found(),
                 AttachError::UnknownEvent => Reject::bad_request(format!(
                     "Last-Event-ID '{}' names an event this session never had",
-                    req.header(&LAST_EVENT_ID)
-                        .unwrap_or_default()
-                        .escape_default()
+                    jsonrpc::clip(req.header(&LAST_EVENT_ID).unwrap_or_default(), 64)
                 )),
             })?;
         if attach.gap {
@@ -1231,15 +1392,39 @@ impl Gateway {
         let body = parse_post_body(&req.body)?;
         label.method = body_label(&body);
         self.check_batch(&body, "2024-11-05")?;
+        for m in body.messages() {
+            if m.method() == Some("initialize") {
+                let params = m.params().unwrap_or(Value::Null);
+                self.check_client_data(org, &params)
+                    .map_err(|r| r.with_id(m.request_id()))?;
+            }
+        }
+        // Any message may go upstream, and the answer is 202 before it
+        // does: each takes an in-flight slot now, so that a POST over the
+        // limit is refused whole rather than accepted and dropped.
+        let slots = body
+            .messages()
+            .iter()
+            .map(|m| self.reserve(org, &log, m.request_id()))
+            .collect::<Result<Vec<_>, _>>()?;
         let this = self.clone();
         let org = org.clone();
         let headers = req.headers.clone();
         let request_id = req.request_id.clone();
         let identity = identity.clone();
         tokio::spawn(async move {
-            futures::stream::iter(body.messages())
-                .for_each_concurrent(BATCH_CONCURRENCY, |m| {
-                    this.legacy_message(&org, &identity, &session, &log, m, &headers, &request_id)
+            futures::stream::iter(body.messages().iter().zip(slots))
+                .for_each_concurrent(BATCH_CONCURRENCY, |(m, slot)| {
+                    this.legacy_message(
+                        &org,
+                        &identity,
+                        &session,
+                        &log,
+                        m,
+                        slot,
+                        &headers,
+                        &request_id,
+                    )
                 })
                 .await;
         });
@@ -1249,7 +1434,8 @@ impl Gateway {
         ))
     }
 
-    /// One message of a legacy POST; answers go on the `/sse` stream.
+    /// One message of a legacy POST, in its in-flight `slot`; answers go
+    /// on the `/sse` stream.
     #[allow(clippy::too_many_arguments)]
     async fn legacy_message(
         self: &Arc<Self>,
@@ -1258,17 +1444,28 @@ impl Gateway {
         session: &Arc<SessionState>,
         log: &Arc<SessionLog>,
         message: &Message,
+        slot: crate::stream::Slot,
         client_headers: &http::HeaderMap,
         request_id: &str,
     ) {
         if !message.is_request() {
-            self.absorb(org, session, message, || {
-                session_headers(org, identity, session, client_headers, request_id)
-            })
-            .await;
+            let absorbed = self
+                .absorb(org, session, log, Some(slot), message, || {
+                    session_headers(org, identity, session, client_headers, request_id)
+                })
+                .await;
+            if let Err(reject) = absorbed {
+                tracing::debug!(error = %reject.message, "a client message was not passed on");
+            }
             return;
         }
         if message.method() == Some("initialize") {
+            let _slot = slot;
+            // One initialize at a time per session: each replaces (and
+            // ends) the upstream session of the one before, so a batch of
+            // them leaves exactly one behind.
+            let coordination = self.rebinding_of(&session.id);
+            let _one = coordination.lock.lock().await;
             let answer = match self
                 .negotiate(
                     org,
@@ -1293,8 +1490,17 @@ impl Gateway {
                             s.set_client(&params);
                             s.upstream.clone_from(&upstream);
                         };
-                        if let Err(e) = self.store.update(&session.id, &change).await {
-                            tracing::warn!(error = %e, "cannot record the negotiated session");
+                        match self.store.update(&session.id, &change).await {
+                            Ok(true) => {}
+                            recorded => {
+                                if let Err(e) = recorded {
+                                    tracing::warn!(error = %e, "cannot record the negotiated session");
+                                }
+                                // Nobody would end it later.
+                                let mut lost = (**session).clone();
+                                lost.upstream.clone_from(&upstream);
+                                self.close_upstream(&lost);
+                            }
                         }
                         // The /sse stream is the standalone stream.
                         self.ensure_listener(org, &session.id, log, false);
@@ -1312,11 +1518,12 @@ impl Gateway {
             _ => session.clone(),
         };
         if let Some(answer) = self.answer_locally(org, &current, log, message).await {
-            let _ = self.append(log, STANDALONE, &answer, org);
+            let body = answer.unwrap_or_else(|reject| reject.body());
+            let _ = self.append(log, STANDALONE, &body, org);
             return;
         }
         let headers = session_headers(org, identity, &current, client_headers, request_id);
-        self.forward_into(org, &current, log, STANDALONE, message, headers)
+        self.forward_into(org, &current, log, STANDALONE, message, headers, Some(slot))
             .await;
     }
 
@@ -1625,11 +1832,24 @@ fn session_not_found() -> Reject {
 }
 
 fn store_reject(e: StoreError) -> Reject {
-    Reject::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        code::INTERNAL_ERROR,
-        e.to_string(),
-    )
+    match e {
+        StoreError::SubjectFull { .. } => Reject::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            code::BAD_REQUEST,
+            e.to_string(),
+        ),
+        StoreError::Full { .. } => Reject::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::INTERNAL_ERROR,
+            e.to_string(),
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("5")),
+        _ => Reject::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::INTERNAL_ERROR,
+            e.to_string(),
+        ),
+    }
 }
 
 fn cancelled(id: Option<&Id>) -> Reject {

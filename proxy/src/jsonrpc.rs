@@ -25,6 +25,10 @@ pub mod code {
     pub const NOT_FOUND: i64 = -32004;
 }
 
+/// Longest JSON-RPC id accepted, as JSON text. Ids are kept per request in
+/// flight and travel between nodes; nothing needs more than a UUID or so.
+pub const MAX_ID_BYTES: usize = 256;
+
 /// A JSON-RPC id: a string or a number, kept as its raw JSON text.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Id(Box<str>);
@@ -184,6 +188,16 @@ pub fn parse_body(body: &Bytes) -> Result<Body, FramingError> {
 /// Parses exactly one JSON-RPC message (not a batch). The message keeps
 /// `raw` itself (a cheap clone), not a copy.
 pub fn parse_message(raw: &Bytes) -> Result<Message, FramingError> {
+    // serde reads a struct from a JSON array too (field by field, in
+    // order): only an object may pass as a message.
+    if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(match serde_json::from_slice::<&RawValue>(raw) {
+            Ok(_) => FramingError::Invalid(
+                "a JSON-RPC message must be a JSON object with \"jsonrpc\": \"2.0\"".into(),
+            ),
+            Err(e) => FramingError::NotJson(e.to_string()),
+        });
+    }
     let env: Envelope<'_> = match serde_json::from_slice(raw) {
         Ok(env) => env,
         Err(e) if e.is_data() => {
@@ -201,10 +215,16 @@ pub fn parse_message(raw: &Bytes) -> Result<Message, FramingError> {
     }
     let id = match env.id {
         None => None,
+        Some(raw_id) if raw_id.get().len() > MAX_ID_BYTES => {
+            return Err(FramingError::Invalid(format!(
+                "\"id\" is {} bytes of JSON; at most {MAX_ID_BYTES} are accepted",
+                raw_id.get().len()
+            )));
+        }
         Some(raw_id) => Some(Id::canonical(raw_id.get()).ok_or_else(|| {
             FramingError::Invalid(format!(
                 "\"id\" must be a string or a number, got {}",
-                raw_id.get()
+                clip(raw_id.get(), 64)
             ))
         })?),
     };
@@ -234,6 +254,20 @@ pub fn parse_message(raw: &Bytes) -> Result<Message, FramingError> {
         kind,
         raw: raw.clone(),
     })
+}
+
+/// At most `max` characters of `text`, escaped for an error message or a
+/// log line, with an ellipsis when cut.
+pub fn clip(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .flat_map(char::escape_default)
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// A JSON-RPC error response body.
@@ -359,6 +393,65 @@ mod tests {
             let err = single(bad).expect_err(bad);
             assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn only_objects_are_messages() {
+        // serde would read these arrays as the envelope's fields in order.
+        for bad in [
+            r#"["2.0", 1, "tools/list"]"#,
+            r#"["2.0", 1, null, {"content": []}]"#,
+            "  [\"2.0\"]",
+            "null",
+            "true",
+        ] {
+            let err = parse_message(&Bytes::copy_from_slice(bad.as_bytes())).expect_err(bad);
+            assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}: {err}");
+            assert!(err.to_string().contains("JSON object"), "{bad}: {err}");
+        }
+        let err = parse_message(&Bytes::from_static(b"[1,")).expect_err("truncated");
+        assert_eq!(err.code(), code::PARSE_ERROR);
+        // Batches of anything but objects are refused item by item.
+        for bad in [
+            "[1, 2]",
+            r#"[["2.0", 1, "x"]]"#,
+            r#"[{"jsonrpc":"2.0","method":"a"}, "b"]"#,
+        ] {
+            let err = parse_body(&Bytes::copy_from_slice(bad.as_bytes())).expect_err(bad);
+            assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}: {err}");
+            assert!(err.to_string().contains("batch item"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn long_ids_are_refused() {
+        let fits = format!(
+            r#"{{"jsonrpc":"2.0","id":"{}","method":"x"}}"#,
+            "a".repeat(MAX_ID_BYTES - 2)
+        );
+        assert!(single(&fits).is_ok());
+        let long = format!(
+            r#"{{"jsonrpc":"2.0","id":"{}","method":"x"}}"#,
+            "a".repeat(MAX_ID_BYTES - 1)
+        );
+        let err = single(&long).expect_err("too long");
+        assert_eq!(err.code(), code::INVALID_REQUEST);
+        assert!(err.to_string().contains("at most 256"), "{err}");
+        let digits = format!(
+            r#"{{"jsonrpc":"2.0","id":{},"method":"x"}}"#,
+            "9".repeat(300)
+        );
+        assert_eq!(
+            single(&digits).expect_err("long number").code(),
+            code::INVALID_REQUEST
+        );
+    }
+
+    #[test]
+    fn clipping_escapes_and_cuts() {
+        assert_eq!(clip("abc", 5), "abc");
+        assert_eq!(clip("abcdef", 3), "abc...");
+        assert_eq!(clip("a\nb\u{1b}", 10), "a\\nb\\u{1b}");
     }
 
     #[test]

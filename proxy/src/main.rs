@@ -16,7 +16,7 @@ use pingora_core::services::listening::Service;
 use ratatosk::config::Config;
 use ratatosk::config::StoreKind;
 use ratatosk::gateway::Gateway;
-use ratatosk::server::{AdminApp, Housekeeping, McpApp};
+use ratatosk::server::{AdminApp, Connections, Housekeeping, McpApp};
 use ratatosk::session::{MemorySessionStore, RedisSessionStore, SessionStore};
 use ratatosk::stream::shared::{SharedEvents, SharedLimits};
 use tracing_subscriber::EnvFilter;
@@ -105,7 +105,27 @@ fn init_logging() {
     }
 }
 
+/// SIGHUP's default action ends the process, and operators send it out of
+/// habit (logrotate, `systemctl reload`). Until reload exists it is only
+/// logged.
+fn ignore_hangups() -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+        .context("cannot handle SIGHUP")?;
+    std::thread::Builder::new()
+        .name("ratatosk-sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                tracing::warn!(
+                    "SIGHUP received: reloading the config is not supported yet; restart the gateway to apply a new one"
+                );
+            }
+        })
+        .context("cannot start the SIGHUP thread")?;
+    Ok(())
+}
+
 fn run(path: &Path) -> anyhow::Result<()> {
+    ignore_hangups()?;
     let config = Config::load(path)?;
     // Pingora panics on a busy port; find out first and say which.
     for (what, addr) in [
@@ -154,13 +174,12 @@ fn run(path: &Path) -> anyhow::Result<()> {
     // runtime and wakes the serving thread across threads on each event
     // (bench/RESULTS.md).
     let threads = gateway.config.server.threads;
+    let connections = Connections::new(&gateway);
     for i in 0..threads {
         let key = listen_key(listen_addr, i);
         let mut mcp = Service::new(
             format!("ratatosk mcp {i}"),
-            McpApp {
-                gateway: gateway.clone(),
-            },
+            McpApp::new(gateway.clone(), connections.clone()),
         );
         mcp.threads = Some(1);
         // No L4 read buffer: Pingora reads request heads into a buffer of its

@@ -19,6 +19,22 @@ pub struct OrgMetrics {
     pub published_publish: IntCounter,
     pub bridged: BridgeCounters,
     pub background_streams: IntGauge,
+    pub refused: Refusals,
+}
+
+/// `refused_total` of one org, by the limit that refused.
+#[derive(Clone)]
+pub struct Refusals {
+    /// `sessions.max_per_subject`.
+    pub sessions_per_subject: IntCounter,
+    /// `sessions.max_total`.
+    pub sessions_total: IntCounter,
+    /// `sessions.max_client_bytes`.
+    pub client_data: IntCounter,
+    /// `sessions.max_subscriptions`.
+    pub subscriptions: IntCounter,
+    /// `sessions.max_in_flight`.
+    pub in_flight: IntCounter,
 }
 
 /// `bridged_total` of one org, by kind.
@@ -53,6 +69,12 @@ pub struct Metrics {
     /// Era translations by org and what was translated (`input_round`,
     /// `meta_injected`, `handshake`, `discover`, `reinitialized`).
     pub bridged: IntCounterVec,
+    /// Requests refused by a limit, by org and limit.
+    pub refused: IntCounterVec,
+    /// Client connections open on the MCP listener (streams included).
+    pub connections: IntGauge,
+    /// Connections closed at once because `limits.max_connections` were open.
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -133,6 +155,24 @@ impl Metrics {
             ),
             &["org", "kind"],
         )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "refused_total",
+                "Requests refused by a limit, by org and limit (sessions_per_subject, sessions_total, client_data, subscriptions, in_flight)",
+            ),
+            &["org", "limit"],
+        )?;
+        let connections = IntGauge::new(
+            "connections",
+            "Client connections open on the MCP listener, streams included",
+        )?;
+        let connections_refused = IntCounter::new(
+            "connections_refused_total",
+            "Client connections closed at once because limits.max_connections were open",
+        )?;
+        registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(upstream_era.clone()))?;
         registry.register(Box::new(bridged.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -157,6 +197,9 @@ impl Metrics {
             events_delivered,
             upstream_era,
             bridged,
+            refused,
+            connections,
+            connections_refused,
         })
     }
 
@@ -184,6 +227,15 @@ impl Metrics {
                 reinitialized: self.bridged.with_label_values(&[org, "reinitialized"]),
             },
             background_streams: self.background_streams.with_label_values(&[org]),
+            refused: Refusals {
+                sessions_per_subject: self
+                    .refused
+                    .with_label_values(&[org, "sessions_per_subject"]),
+                sessions_total: self.refused.with_label_values(&[org, "sessions_total"]),
+                client_data: self.refused.with_label_values(&[org, "client_data"]),
+                subscriptions: self.refused.with_label_values(&[org, "subscriptions"]),
+                in_flight: self.refused.with_label_values(&[org, "in_flight"]),
+            },
         }
     }
 

@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Version, header};
 use pingora_core::ErrorType;
 use pingora_core::apps::http_app::ServeHttp;
-use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora_core::apps::{HttpPersistentSettings, ServerApp};
 use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
@@ -42,44 +42,142 @@ use crate::stream::ChunkSource;
 /// its connection is dropped, so one stalled client never pins resources.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a connection may wait for its first request head, and an idle
-/// keep-alive connection for the next one (seconds).
+/// How long an idle keep-alive connection may wait for its next request
+/// to begin (seconds).
 const IDLE_SECS: u64 = 60;
 
-/// The MCP listener's app.
+/// How long a refusal of a connection may take to write.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The MCP listener's app: HTTP/1.1 connections, each counted against
+/// `limits.max_connections` for as long as it is open.
 pub struct McpApp {
-    pub gateway: Arc<Gateway>,
+    gateway: Arc<Gateway>,
+    connections: Arc<Connections>,
+}
+
+impl McpApp {
+    /// One app per listener thread; `connections` is shared by all.
+    pub fn new(gateway: Arc<Gateway>, connections: Arc<Connections>) -> McpApp {
+        McpApp {
+            gateway,
+            connections,
+        }
+    }
+}
+
+/// The client connections open on the MCP listener, all threads together.
+pub struct Connections {
+    open: std::sync::atomic::AtomicUsize,
+    max: usize,
+    gauge: prometheus::IntGauge,
+    refused: prometheus::IntCounter,
+}
+
+impl Connections {
+    pub fn new(gateway: &Gateway) -> Arc<Connections> {
+        Arc::new(Connections {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            max: gateway.config.limits.max_connections,
+            gauge: gateway.metrics.connections.clone(),
+            refused: gateway.metrics.connections_refused.clone(),
+        })
+    }
+
+    /// Counts a new connection in; `None` (counted as refused) when
+    /// `max` are open.
+    fn enter(self: &Arc<Self>) -> Option<OpenConnection> {
+        use std::sync::atomic::Ordering;
+        let counted = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            });
+        if counted.is_err() {
+            self.refused.inc();
+            return None;
+        }
+        self.gauge.inc();
+        Some(OpenConnection(self.clone()))
+    }
+}
+
+/// One open connection; counted out when dropped.
+struct OpenConnection(Arc<Connections>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.gauge.dec();
+    }
+}
+
+/// A connection kept for its next request.
+struct Reuse {
+    stream: Stream,
+    settings: HttpPersistentSettings,
+    /// Bytes of the next request were read with the last one.
+    pipelined: bool,
 }
 
 #[async_trait]
-impl HttpServerApp for McpApp {
-    async fn process_new_http(
+impl ServerApp for McpApp {
+    async fn process_new(
         self: &Arc<Self>,
-        mut session: ServerSession,
+        stream: Stream,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        session.set_read_timeout(Some(Duration::from_secs(IDLE_SECS)));
-        match session.read_request().await {
-            Ok(true) => {}
-            Ok(false) => return None,
-            Err(e) => {
-                tracing::debug!("cannot read a request head: {e}");
-                if matches!(e.etype(), ErrorType::InvalidHTTPHeader | ErrorType::H1Error) {
-                    refuse_malformed_head(&mut session, e.etype().as_str()).await;
+    ) -> Option<Stream> {
+        let Some(open) = self.connections.enter() else {
+            refuse_connection(stream, self.connections.max).await;
+            return None;
+        };
+        let mut open = Some(open);
+        let mut session = ServerSession::new_http1(stream);
+        loop {
+            let reuse = self.serve_one(session, shutdown, &mut open).await?;
+            let Reuse {
+                mut stream,
+                settings,
+                pipelined,
+            } = reuse;
+            if !pipelined {
+                // Idle until the client starts its next request; the head
+                // deadline runs from its first byte.
+                let mut first = [0u8; 1];
+                let idle = Duration::from_secs(IDLE_SECS);
+                match tokio::time::timeout(idle, stream.try_peek(&mut first)).await {
+                    Ok(Ok(true)) => {}
+                    _ => return None,
                 }
-                return None;
             }
+            session = ServerSession::new_http1(stream);
+            settings.apply_to_session(&mut session);
         }
-        // Pingora has decided from the request whether the connection may be
-        // kept (HTTP version, `Connection`, ambiguous framing); bound the
-        // idle wait, and close while draining.
-        let keepalive =
-            session.get_keepalive().is_some() && !*shutdown.borrow() && !self.gateway.is_draining();
-        session.set_keepalive(keepalive.then_some(IDLE_SECS));
-        let request_id = request_id(session.req_header().headers.get(&edge::REQUEST_ID));
-        let span = tracing::info_span!("request", id = %request_id);
-        self.serve(session, request_id).instrument(span).await
     }
+}
+
+/// The answer to a connection over `limits.max_connections`: 503 with a
+/// JSON-RPC error, written without reading the request, then closed.
+async fn refuse_connection(mut stream: Stream, max: usize) {
+    let body = crate::jsonrpc::error_body(
+        None,
+        crate::jsonrpc::code::INTERNAL_ERROR,
+        &format!("the gateway has {max} connections open (limits.max_connections); retry shortly"),
+    );
+    let mut out = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    let write = async {
+        stream.write_all(&out).await?;
+        stream.flush().await
+    };
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write).await;
 }
 
 /// A 400 with a JSON-RPC error body for a request head that cannot be
@@ -105,11 +203,53 @@ async fn refuse_malformed_head(session: &mut ServerSession, what: &str) {
 type Outcome = &'static str;
 
 impl McpApp {
+    /// Reads one request (its head within `limits.head_read_timeout`),
+    /// answers it, and gives the connection back if it may serve another.
+    /// A stream that outlives this takes `open` along.
+    async fn serve_one(
+        &self,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+        open: &mut Option<OpenConnection>,
+    ) -> Option<Reuse> {
+        let draining = *shutdown.borrow() || self.gateway.is_draining();
+        session.set_keepalive((!draining).then_some(IDLE_SECS));
+        session.set_read_timeout(Some(Duration::from_secs(IDLE_SECS)));
+        let head_timeout = self.gateway.config.limits.head_read_timeout;
+        match tokio::time::timeout(head_timeout, session.read_request()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return None,
+            Ok(Err(e)) => {
+                tracing::debug!("cannot read a request head: {e}");
+                if matches!(e.etype(), ErrorType::InvalidHTTPHeader | ErrorType::H1Error) {
+                    refuse_malformed_head(&mut session, e.etype().as_str()).await;
+                }
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "a request head did not arrive within {head_timeout:?} (limits.head_read_timeout); closing"
+                );
+                return None;
+            }
+        }
+        // Pingora has decided from the request whether the connection may be
+        // kept (HTTP version, `Connection`, ambiguous framing); bound the
+        // idle wait, and close while draining.
+        let keepalive =
+            session.get_keepalive().is_some() && !*shutdown.borrow() && !self.gateway.is_draining();
+        session.set_keepalive(keepalive.then_some(IDLE_SECS));
+        let request_id = request_id(session.req_header().headers.get(&edge::REQUEST_ID));
+        let span = tracing::info_span!("request", id = %request_id);
+        self.serve(session, request_id, open).instrument(span).await
+    }
+
     async fn serve(
         &self,
         mut session: ServerSession,
         request_id: String,
-    ) -> Option<ReusedHttpStream> {
+        open: &mut Option<OpenConnection>,
+    ) -> Option<Reuse> {
         let started = Instant::now();
         let limits = &self.gateway.config.limits;
         session.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -155,10 +295,12 @@ impl McpApp {
             Written::Done(outcome, streamed) => log_served(streamed, outcome),
             Written::Detached(stream, source) => {
                 let span = tracing::Span::current();
+                let open = open.take();
                 tokio::spawn(
                     async move {
                         let outcome = pump(stream, source).await;
                         log_served(true, outcome);
+                        drop(open);
                     }
                     .instrument(span),
                 );
@@ -265,7 +407,7 @@ async fn write_response(
     response: Response,
     gateway: &Gateway,
     detach: bool,
-) -> (Written, Option<ReusedHttpStream>) {
+) -> (Written, Option<Reuse>) {
     let Response {
         status,
         headers,
@@ -375,9 +517,21 @@ async fn write_response(
             "stream complete"
         }
     };
-    let settings = HttpPersistentSettings::for_session(&session);
+    let mut settings = HttpPersistentSettings::for_session(&session);
     let reuse = match tokio::time::timeout(WRITE_TIMEOUT, session.finish()).await {
-        Ok(Ok(Some(s))) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
+        Ok(Ok(Some(s))) => {
+            let (stream, prefix) = s.into_parts();
+            let prefix = prefix.filter(|p| !p.is_empty());
+            let pipelined = prefix.is_some();
+            if let Some(prefix) = prefix {
+                settings.set_pipelined_prefix(prefix);
+            }
+            Some(Reuse {
+                stream,
+                settings,
+                pipelined,
+            })
+        }
         _ => None,
     };
     (Written::Done(outcome, streamed), reuse)

@@ -5,8 +5,9 @@
 //! single-node default; a shared store for several nodes implements the same
 //! trait.
 
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -127,6 +128,44 @@ impl SessionState {
     }
 }
 
+/// Checks that what a client says about itself (`clientInfo` and its
+/// capabilities) fits in `max` bytes of JSON, since a session keeps it for
+/// its whole life (and, in Redis, reads it back on every request). The
+/// error names each field, with its size, as `fields` names them.
+pub fn check_client_data(fields: [(&str, Option<&Value>); 2], max: usize) -> Result<(), String> {
+    let sizes = fields.map(|(name, value)| (name, value.map_or(0, json_size)));
+    let total: usize = sizes.iter().map(|(_, n)| n).sum();
+    if total <= max {
+        return Ok(());
+    }
+    let parts: Vec<String> = sizes
+        .iter()
+        .map(|(name, n)| format!("{name} is {n} bytes"))
+        .collect();
+    Err(format!(
+        "{}: a session keeps at most {max} bytes of client info and capabilities (sessions.max_client_bytes)",
+        parts.join(" and ")
+    ))
+}
+
+/// The length of a value written as compact JSON, without writing it out.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a Value into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 /// A session with its last activity, as stores list them.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionRecord {
@@ -148,17 +187,57 @@ impl SessionRecord {
     }
 }
 
+/// How many sessions a store admits (`sessions.max_per_subject`,
+/// `sessions.max_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Sessions of one subject in one org.
+    pub per_subject: usize,
+    /// Sessions of all orgs (of all nodes sharing the store).
+    pub total: usize,
+}
+
+impl Admission {
+    /// No limit worth the name: for tests and tools.
+    pub const UNLIMITED: Admission = Admission {
+        per_subject: usize::MAX,
+        total: usize::MAX,
+    };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("session store unavailable: {0}")]
     Unavailable(String),
     #[error("session store: {0}")]
     Redis(#[from] RedisStoreError),
+    #[error(
+        "this user already has {max} sessions in org '{org}' (sessions.max_per_subject); end one with DELETE, or wait until idle ones expire"
+    )]
+    SubjectFull { org: String, max: usize },
+    #[error("the gateway already holds {max} sessions (sessions.max_total); retry later")]
+    Full { max: usize },
 }
 
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    async fn insert(&self, state: SessionState) -> Result<Arc<SessionState>, StoreError>;
+    /// Stores a new session, unless `admission` refuses it
+    /// ([`StoreError::SubjectFull`], [`StoreError::Full`]); the check and
+    /// the insertion are one step.
+    async fn insert(
+        &self,
+        state: SessionState,
+        admission: Admission,
+    ) -> Result<Arc<SessionState>, StoreError>;
+    /// Whether a session of `subject` in `org` would be admitted now: a
+    /// cheap check before work that a refusal would waste (opening an
+    /// upstream session).
+    async fn admits(
+        &self,
+        org: &str,
+        subject: &str,
+        admission: Admission,
+    ) -> Result<(), StoreError>;
     /// Looks a session up and records activity on it.
     async fn lookup(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError>;
     /// Records activity without reading the state (the reaper calls this
@@ -175,6 +254,11 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError>;
     async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Ids of the sessions opened with the identity provider's session
+    /// `sid` (a back-channel logout ends them).
+    async fn ids_of_idp_session(&self, sid: &str) -> Result<Vec<String>, StoreError>;
+    /// Ids of the sessions of `subject` in `org`.
+    async fn ids_of_subject(&self, org: &str, subject: &str) -> Result<Vec<String>, StoreError>;
     /// How many sessions the org has.
     async fn count_org(&self, org: &str) -> Result<usize, StoreError> {
         Ok(self.list_org(org).await?.len())
@@ -201,6 +285,13 @@ struct Entry {
 pub struct MemorySessionStore {
     sessions: DashMap<String, Entry>,
     epoch: Instant,
+    /// Session ids by (org, subject), for the per-subject cap.
+    by_subject: DashMap<(String, String), HashSet<String>>,
+    /// Session ids by identity-provider session, for logouts.
+    by_idp_session: DashMap<String, HashSet<String>>,
+    /// Sessions held, for the total cap (counted before they are in the
+    /// map, so concurrent inserts cannot pass it together).
+    total: AtomicUsize,
 }
 
 impl Default for MemorySessionStore {
@@ -208,6 +299,23 @@ impl Default for MemorySessionStore {
         MemorySessionStore {
             sessions: DashMap::new(),
             epoch: Instant::now(),
+            by_subject: DashMap::new(),
+            by_idp_session: DashMap::new(),
+            total: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Removes `id` from the set under `key`, and the set once it is empty.
+fn unindex<K: std::hash::Hash + Eq + Clone>(
+    index: &DashMap<K, HashSet<String>>,
+    key: &K,
+    id: &str,
+) {
+    if let dashmap::Entry::Occupied(mut e) = index.entry(key.clone()) {
+        e.get_mut().remove(id);
+        if e.get().is_empty() {
+            e.remove();
         }
     }
 }
@@ -225,6 +333,19 @@ impl MemorySessionStore {
     fn wall_clock(&self, tick: u64) -> u64 {
         now_ms().saturating_sub(self.tick().saturating_sub(tick))
     }
+
+    /// Takes a session out of the indexes and the count.
+    fn forget(&self, state: &SessionState) {
+        unindex(
+            &self.by_subject,
+            &(state.org.clone(), state.subject.clone()),
+            &state.id,
+        );
+        if let Some(sid) = &state.idp_session {
+            unindex(&self.by_idp_session, sid, &state.id);
+        }
+        self.total.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[async_trait]
@@ -233,7 +354,43 @@ impl SessionStore for MemorySessionStore {
         "memory"
     }
 
-    async fn insert(&self, state: SessionState) -> Result<Arc<SessionState>, StoreError> {
+    async fn insert(
+        &self,
+        state: SessionState,
+        admission: Admission,
+    ) -> Result<Arc<SessionState>, StoreError> {
+        let counted = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < admission.total).then_some(n + 1)
+            });
+        if counted.is_err() {
+            return Err(StoreError::Full {
+                max: admission.total,
+            });
+        }
+        {
+            // The entry's shard lock makes check and insertion one step.
+            let mut ids = self
+                .by_subject
+                .entry((state.org.clone(), state.subject.clone()))
+                .or_default();
+            if ids.len() >= admission.per_subject {
+                drop(ids);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(StoreError::SubjectFull {
+                    org: state.org,
+                    max: admission.per_subject,
+                });
+            }
+            ids.insert(state.id.clone());
+        }
+        if let Some(sid) = &state.idp_session {
+            self.by_idp_session
+                .entry(sid.clone())
+                .or_default()
+                .insert(state.id.clone());
+        }
         let state = Arc::new(state);
         self.sessions.insert(
             state.id.clone(),
@@ -243,6 +400,46 @@ impl SessionStore for MemorySessionStore {
             },
         );
         Ok(state)
+    }
+
+    async fn admits(
+        &self,
+        org: &str,
+        subject: &str,
+        admission: Admission,
+    ) -> Result<(), StoreError> {
+        if self.total.load(Ordering::Acquire) >= admission.total {
+            return Err(StoreError::Full {
+                max: admission.total,
+            });
+        }
+        let held = self
+            .by_subject
+            .get(&(org.to_owned(), subject.to_owned()))
+            .map_or(0, |ids| ids.len());
+        if held >= admission.per_subject {
+            return Err(StoreError::SubjectFull {
+                org: org.to_owned(),
+                max: admission.per_subject,
+            });
+        }
+        Ok(())
+    }
+
+    async fn ids_of_idp_session(&self, sid: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .by_idp_session
+            .get(sid)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn ids_of_subject(&self, org: &str, subject: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .by_subject
+            .get(&(org.to_owned(), subject.to_owned()))
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn lookup(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {
@@ -278,7 +475,11 @@ impl SessionStore for MemorySessionStore {
     }
 
     async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {
-        Ok(self.sessions.remove(id).map(|(_, e)| e.state))
+        let removed = self.sessions.remove(id).map(|(_, e)| e.state);
+        if let Some(state) = &removed {
+            self.forget(state);
+        }
+        Ok(removed)
     }
 
     async fn list_org(&self, org: &str) -> Result<Vec<SessionRecord>, StoreError> {
@@ -306,6 +507,9 @@ impl SessionStore for MemorySessionStore {
             }
             keep
         });
+        for state in &removed {
+            self.forget(state);
+        }
         Ok(removed)
     }
 }
@@ -344,7 +548,7 @@ mod tests {
     async fn insert_lookup_update_remove(store: &dyn SessionStore) {
         let id = mint_id();
         store
-            .insert(test_state(&id, "org-1"))
+            .insert(test_state(&id, "org-1"), Admission::UNLIMITED)
             .await
             .expect("insert");
         let got = store.lookup(&id).await.expect("lookup").expect("present");
@@ -396,7 +600,10 @@ mod tests {
         let mut ids = Vec::new();
         for org in ["org-1", "org-1", "org-2"] {
             let id = mint_id();
-            store.insert(test_state(&id, org)).await.expect("insert");
+            store
+                .insert(test_state(&id, org), Admission::UNLIMITED)
+                .await
+                .expect("insert");
             ids.push(id);
         }
         let listed = store.list_org("org-1").await.expect("list");
@@ -414,8 +621,14 @@ mod tests {
     async fn idle_sessions_are_removed_and_touched_ones_kept(store: &dyn SessionStore) {
         let idle = mint_id();
         let busy = mint_id();
-        store.insert(test_state(&idle, "o")).await.expect("insert");
-        store.insert(test_state(&busy, "o")).await.expect("insert");
+        store
+            .insert(test_state(&idle, "o"), Admission::UNLIMITED)
+            .await
+            .expect("insert");
+        store
+            .insert(test_state(&busy, "o"), Admission::UNLIMITED)
+            .await
+            .expect("insert");
         // Let both age past a short TTL, then show activity on one.
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(store.touch(&busy).await.expect("touch"));
@@ -435,7 +648,7 @@ mod tests {
     async fn concurrent_changes_keep_each_other(stores: &[&dyn SessionStore]) {
         let id = mint_id();
         stores[0]
-            .insert(test_state(&id, "org-1"))
+            .insert(test_state(&id, "org-1"), Admission::UNLIMITED)
             .await
             .expect("insert");
         let changes = (0..24).map(|i| {
@@ -459,6 +672,116 @@ mod tests {
         assert_eq!(uris.len(), 24, "every change landed: {uris:?}");
     }
 
+    /// A state of `subject` in `org`, opened with provider session `sid`.
+    fn state_of(org: &str, subject: &str, sid: Option<&str>) -> SessionState {
+        let mut state = test_state(&mint_id(), org);
+        state.subject = subject.to_owned();
+        state.idp_session = sid.map(str::to_owned);
+        state
+    }
+
+    async fn admission_caps_subjects_and_the_total(store: &dyn SessionStore) {
+        let caps = Admission {
+            per_subject: 2,
+            total: 5,
+        };
+        let mut alice = Vec::new();
+        for _ in 0..2 {
+            let s = store
+                .insert(state_of("o", "alice", None), caps)
+                .await
+                .expect("admitted");
+            alice.push(s.id.clone());
+        }
+        let third = store.insert(state_of("o", "alice", None), caps).await;
+        assert!(
+            matches!(third, Err(StoreError::SubjectFull { max: 2, .. })),
+            "{third:?}"
+        );
+        assert!(matches!(
+            store.admits("o", "alice", caps).await,
+            Err(StoreError::SubjectFull { .. })
+        ));
+        // Per org: alice in another org, and bob here, are counted apart.
+        store
+            .insert(state_of("p", "alice", None), caps)
+            .await
+            .expect("another org");
+        store
+            .insert(state_of("o", "bob", None), caps)
+            .await
+            .expect("another user");
+        store
+            .insert(state_of("o", "carol", None), caps)
+            .await
+            .expect("fifth");
+        let sixth = store.insert(state_of("o", "dave", None), caps).await;
+        assert!(
+            matches!(sixth, Err(StoreError::Full { max: 5 })),
+            "{sixth:?}"
+        );
+        assert!(matches!(
+            store.admits("o", "dave", caps).await,
+            Err(StoreError::Full { .. })
+        ));
+        // Ending one makes room again, for that user and in all.
+        store.remove(&alice[0]).await.expect("remove");
+        store.admits("o", "alice", caps).await.expect("room again");
+        store
+            .insert(state_of("o", "alice", None), caps)
+            .await
+            .expect("admitted again");
+    }
+
+    async fn sessions_are_found_by_subject_and_provider_session(store: &dyn SessionStore) {
+        let caps = Admission::UNLIMITED;
+        let a1 = store
+            .insert(state_of("o", "alice", Some("sid-1")), caps)
+            .await
+            .expect("insert");
+        let a2 = store
+            .insert(state_of("o", "alice", Some("sid-2")), caps)
+            .await
+            .expect("insert");
+        let b = store
+            .insert(state_of("o", "bob", Some("sid-3")), caps)
+            .await
+            .expect("insert");
+        let other_org = store
+            .insert(state_of("p", "alice", Some("sid-1")), caps)
+            .await
+            .expect("insert");
+        let mut by_sid = store.ids_of_idp_session("sid-1").await.expect("by sid");
+        by_sid.sort();
+        let mut want = vec![a1.id.clone(), other_org.id.clone()];
+        want.sort();
+        assert_eq!(by_sid, want);
+        let mut alice = store
+            .ids_of_subject("o", "alice")
+            .await
+            .expect("by subject");
+        alice.sort();
+        let mut want = vec![a1.id.clone(), a2.id.clone()];
+        want.sort();
+        assert_eq!(alice, want);
+        assert_eq!(
+            store.ids_of_subject("o", "bob").await.expect("bob"),
+            vec![b.id.clone()]
+        );
+        store.remove(&a1.id).await.expect("remove");
+        assert_eq!(
+            store.ids_of_idp_session("sid-1").await.expect("by sid"),
+            vec![other_org.id.clone()]
+        );
+        assert!(
+            store
+                .ids_of_idp_session("none")
+                .await
+                .expect("none")
+                .is_empty()
+        );
+    }
+
     #[tokio::test]
     async fn memory_store_suite() {
         let store = MemorySessionStore::new();
@@ -466,6 +789,50 @@ mod tests {
         list_is_per_org(&store).await;
         idle_sessions_are_removed_and_touched_ones_kept(&MemorySessionStore::new()).await;
         concurrent_changes_keep_each_other(&[&store]).await;
+        admission_caps_subjects_and_the_total(&MemorySessionStore::new()).await;
+        sessions_are_found_by_subject_and_provider_session(&MemorySessionStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn reaped_sessions_leave_the_counts() {
+        let store = MemorySessionStore::new();
+        let caps = Admission {
+            per_subject: 1,
+            total: 10,
+        };
+        store
+            .insert(state_of("o", "alice", Some("s")), caps)
+            .await
+            .expect("insert");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            store
+                .remove_idle(Duration::from_millis(10))
+                .await
+                .expect("reap")
+                .len(),
+            1
+        );
+        store.admits("o", "alice", caps).await.expect("room again");
+        assert!(store.ids_of_idp_session("s").await.expect("sid").is_empty());
+    }
+
+    #[test]
+    fn client_data_is_measured_as_json_and_named() {
+        let small = serde_json::json!({"name": "x"});
+        check_client_data([("a", Some(&small)), ("b", None)], 100).expect("fits");
+        let big = serde_json::json!({"blob": "y".repeat(200)});
+        let why = check_client_data(
+            [
+                ("params.clientInfo", Some(&small)),
+                ("params.capabilities", Some(&big)),
+            ],
+            100,
+        )
+        .expect_err("too big");
+        assert!(why.contains("params.capabilities is 211 bytes"), "{why}");
+        assert!(why.contains("params.clientInfo is 12 bytes"), "{why}");
+        assert!(why.contains("sessions.max_client_bytes"), "{why}");
     }
 
     #[tokio::test]
@@ -480,5 +847,61 @@ mod tests {
         let (one, two) = (node("d:"), node("d:"));
         concurrent_changes_keep_each_other(&[&one, &two]).await;
         one.ping().await.expect("ping");
+        admission_caps_subjects_and_the_total(&node("e:")).await;
+        sessions_are_found_by_subject_and_provider_session(&node("f:")).await;
+    }
+
+    /// Ids whose session key expired before any node reaped them leave
+    /// every index when the reaper comes, and the reaper takes more than
+    /// one batch in a pass.
+    #[tokio::test]
+    async fn redis_reaping_cleans_every_index_and_runs_to_the_end() {
+        let redis = crate::testing::RedisServer::start().await;
+        let store =
+            RedisSessionStore::new(&redis.url(), "r:", Duration::from_secs(60)).expect("store");
+        let caps = Admission::UNLIMITED;
+        let expired = store
+            .insert(state_of("o", "alice", Some("sid-x")), caps)
+            .await
+            .expect("insert");
+        let mut conn = ::redis::Client::open(redis.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connection");
+        // As if the key's own expiry came first.
+        let _: i64 = ::redis::AsyncCommands::del(&mut conn, format!("r:s:{}", expired.id))
+            .await
+            .expect("del");
+        for _ in 0..(super::redis::REAP_BATCH + 5) {
+            store
+                .insert(state_of("o", "bob", None), caps)
+                .await
+                .expect("insert");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let reaped = store
+            .remove_idle(Duration::from_millis(10))
+            .await
+            .expect("reap");
+        assert_eq!(
+            reaped.len(),
+            super::redis::REAP_BATCH + 5,
+            "all, past one batch"
+        );
+        assert_eq!(store.count_org("o").await.expect("count"), 0);
+        for key in [
+            "r:org:o",
+            "r:u:o:alice",
+            "r:u:o:bob",
+            "r:sid:sid-x",
+            "r:ix",
+            "r:idle",
+        ] {
+            let left: i64 = ::redis::AsyncCommands::exists(&mut conn, key)
+                .await
+                .expect("exists");
+            assert_eq!(left, 0, "{key} is gone");
+        }
     }
 }

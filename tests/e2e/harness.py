@@ -259,7 +259,9 @@ class Gateway(Proc):
             "base_path": base_path,
             "allowed_origins": ["http://localhost:6274"],
             "limits": {"max_body_bytes": max_body_bytes, "body_read_timeout": "5s"},
-            "sessions": {"idle_ttl": idle_ttl, "event_log_size": event_log_size},
+            # The suite's gateways are shared by many tests of one (anonymous)
+            # user: the per-user cap is tested on its own (test_limits.py).
+            "sessions": {"idle_ttl": idle_ttl, "event_log_size": event_log_size, "max_per_subject": 100_000},
             "streams": {"keepalive": keepalive, "retry": "500ms"},
             # The secret itself comes from the environment, as in production.
             "publish": {"secret": "${RATATOSK_PUBLISH_SECRET}"},
@@ -332,7 +334,7 @@ def redis_gateway(log_dir: Path, replicas, redis: RedisServer, name: str, prefix
     `prefix` (default `<name>:`); nodes with one prefix share them. Its org
     is `s25` on `replicas` unless `orgs` says otherwise."""
     sessions = {"idle_ttl": "30m", "event_log_size": 256, "store": "redis", "url": "${E2E_REDIS_URL}",
-                "key_prefix": prefix or f"{name}:"}
+                "key_prefix": prefix or f"{name}:", "max_per_subject": 100_000}
     return Gateway(log_dir, orgs or {"s25": org(replicas)}, name=name,
                    extra={"sessions": sessions, **(extra or {})},
                    env={"E2E_REDIS_URL": redis.url, **(env or {})}, **kw)

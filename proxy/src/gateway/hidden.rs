@@ -496,7 +496,7 @@ impl Gateway {
                 "the call's upstream session has no event log on its node".into(),
             ));
         };
-        let guard = match self.track(&log, &session.id, Some(&parked.call)) {
+        let guard = match self.track(&parked.park.org, &log, &session.id, Some(&parked.call)) {
             Ok(guard) => guard,
             Err(reject) => {
                 // Still parked: the client may come back with it later.
@@ -596,6 +596,24 @@ impl Gateway {
     ) -> Result<Arc<SessionState>, Reject> {
         let meta = params.get("_meta").and_then(Value::as_object);
         let field = |name: &str| meta.and_then(|m| m.get(name)).cloned();
+        // What the hidden session keeps, and keys it by.
+        session::check_client_data(
+            [
+                (
+                    "params._meta[\"io.modelcontextprotocol/clientInfo\"]",
+                    meta.and_then(|m| m.get(era::META_CLIENT_INFO)),
+                ),
+                (
+                    "params._meta[\"io.modelcontextprotocol/clientCapabilities\"]",
+                    meta.and_then(|m| m.get(era::META_CAPABILITIES)),
+                ),
+            ],
+            self.config.sessions.max_client_bytes,
+        )
+        .map_err(|why| {
+            org.metrics.refused.client_data.inc();
+            Reject::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, why)
+        })?;
         let info = field(era::META_CLIENT_INFO)
             .unwrap_or_else(|| json!({"name": "2026-07-28 client", "version": "unknown"}));
         let capabilities = field(era::META_CAPABILITIES).unwrap_or_else(|| json!({}));
@@ -624,6 +642,7 @@ impl Gateway {
                 ),
             ));
         }
+        self.check_admission(org, identity).await?;
         let params = json!({
             "protocolVersion": era::LATEST_LEGACY,
             "capabilities": capabilities,
@@ -650,7 +669,13 @@ impl Gateway {
         );
         state.set_client(&params);
         state.upstream = Some(bound);
-        let state = self.create_session(state).await?;
+        let state = match self.create_session(state.clone()).await {
+            Ok(state) => state,
+            Err(reject) => {
+                self.close_upstream(&state);
+                return Err(reject);
+            }
+        };
         // Every node uses it from now on, unless another node recorded one
         // first (both opened it at once): then that one is used, and this
         // one ends.

@@ -265,7 +265,7 @@ impl Gateway {
         headers: http::HeaderMap,
     ) -> Result<Response, Reject> {
         let id = request.request_id().cloned();
-        let guard = self.track(&log, &session.id, id.as_ref())?;
+        let guard = self.track(org, &log, &session.id, id.as_ref())?;
         let round = id
             .as_ref()
             .map(|id| ModernRound::of(org, &session, &request, id));
@@ -281,9 +281,13 @@ impl Gateway {
                 } else {
                     let mut reader = AnswerReader::new(answer, org.pool.read_limits);
                     let body = tokio::select! {
-                        b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
+                        biased;
                         _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
+                        b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
                     };
+                    if guard.token.is_cancelled() {
+                        return Err(cancelled(id.as_ref()));
+                    }
                     match serde_json::from_slice::<Value>(&body) {
                         Ok(v) if era::input_required(&v).is_none() => {
                             let legacy = serde_json::to_vec(&era::response_to_legacy(v))
@@ -633,8 +637,9 @@ impl ModernRound {
         era::put_modern_headers(&mut h, &self.method, &self.params);
         let body = era::request_with_meta(&self.id, &self.method, self.params.clone(), &self.meta);
         tokio::select! {
-            a = org.pool.send(h, body) => Some(a),
+            biased;
             _ = cancel.cancelled() => None,
+            a = org.pool.send(h, body) => Some(a),
         }
     }
 }

@@ -25,7 +25,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// follower that the upstream session changed.
 #[derive(Default)]
 pub(super) struct Rebinding {
-    lock: Mutex<()>,
+    pub(super) lock: Mutex<()>,
     changed: Notify,
 }
 
@@ -104,7 +104,7 @@ impl Gateway {
     }
 
     /// The coordination of a session's upstream session.
-    fn rebinding_of(&self, session_id: &str) -> Arc<Rebinding> {
+    pub(super) fn rebinding_of(&self, session_id: &str) -> Arc<Rebinding> {
         self.rebinding
             .entry(session_id.to_owned())
             .or_default()

@@ -8,6 +8,12 @@
 //! - `P idle`: a sorted set of session ids by last activity (milliseconds
 //!   of the Redis server's clock, so the nodes' clocks do not matter);
 //! - `P org:{org}`: a set of the org's session ids;
+//! - `P u:{org}:{subject}`: a set of one user's session ids in an org (the
+//!   per-subject cap, and logouts without a `sid`);
+//! - `P sid:{sid}`: a set of the session ids opened with one identity
+//!   provider session (logouts);
+//! - `P ix`: a hash, session id -> `[org, subject, sid]` (JSON), so that the
+//!   sets above lose an id even when its session key expired first;
 //! - the session's event log, see [`crate::stream::shared`].
 //!
 //! Every change is one Lua script, so a node that dies half-way leaves
@@ -21,7 +27,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{SessionRecord, SessionState, SessionStore, StoreError};
+use super::{Admission, SessionRecord, SessionState, SessionStore, StoreError};
 
 /// How long one Redis operation may take, and one connection attempt.
 pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -30,8 +36,10 @@ pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// attempts, a random pause that grows with each.
 const MAX_CHANGE_ATTEMPTS: u32 = 32;
 
-/// Most sessions one reaping pass removes.
-const REAP_BATCH: usize = 1000;
+/// Most sessions one reaping script removes; a pass runs it again while
+/// it finds a full batch, at most [`MAX_REAP_ROUNDS`] times.
+pub(crate) const REAP_BATCH: usize = 1000;
+const MAX_REAP_ROUNDS: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedisStoreError {
@@ -62,6 +70,29 @@ pub(crate) const NOW: &str = "local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 ";
 
+/// Lua that removes session `id` (a local) from every index, given the
+/// key prefix `prefix` (a local) and, when the index entry is missing (a
+/// session stored before the index existed), its state `s`.
+const UNINDEX: &str = "
+local ix = redis.call('HGET', prefix .. 'ix', id)
+local org, subject, sid
+if ix then
+    local e = cjson.decode(ix)
+    org, subject, sid = e[1], e[2], e[3]
+elseif s then
+    local st = cjson.decode(s)
+    org, subject, sid = st['org'], st['subject'], st['idp_session']
+end
+redis.call('HDEL', prefix .. 'ix', id)
+if org then
+    redis.call('SREM', prefix .. 'org:' .. org, id)
+    redis.call('SREM', prefix .. 'u:' .. org .. ':' .. subject, id)
+end
+if type(sid) == 'string' and sid ~= '' then
+    redis.call('SREM', prefix .. 'sid:' .. sid, id)
+end
+";
+
 pub struct RedisSessionStore {
     conn: ConnectionManager,
     prefix: String,
@@ -73,6 +104,7 @@ pub struct RedisSessionStore {
 
 struct Scripts {
     insert: Script,
+    admits: Script,
     lookup: Script,
     touch: Script,
     change: Script,
@@ -84,12 +116,27 @@ impl Scripts {
     fn new() -> Scripts {
         let with_now = |body: &str| Script::new(&format!("{NOW}{body}"));
         Scripts {
-            // KEYS: session, idle, org set. ARGV: id, state, key ttl.
+            // KEYS: session, idle, org set, subject set, index, and the
+            // sid set if the session has one. ARGV: id, state, key ttl,
+            // max per subject, max total, index entry.
+            // -> 1, or -1 (subject full), -2 (full).
             insert: with_now(
-                "redis.call('HSET', KEYS[1], 'state', ARGV[2], 'v', 1)
+                "if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return -2 end
+                 if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[4]) then return -1 end
+                 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'v', 1)
                  redis.call('PEXPIRE', KEYS[1], ARGV[3])
                  redis.call('ZADD', KEYS[2], now, ARGV[1])
                  redis.call('SADD', KEYS[3], ARGV[1])
+                 redis.call('SADD', KEYS[4], ARGV[1])
+                 redis.call('HSET', KEYS[5], ARGV[1], ARGV[6])
+                 if KEYS[6] then redis.call('SADD', KEYS[6], ARGV[1]) end
+                 return 1",
+            ),
+            // KEYS: idle, subject set. ARGV: max per subject, max total.
+            // -> 1, or -1 (subject full), -2 (full).
+            admits: Script::new(
+                "if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return -2 end
+                 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[1]) then return -1 end
                  return 1",
             ),
             // KEYS: session, idle. ARGV: id, key ttl. -> {state, v} or nil.
@@ -116,35 +163,37 @@ impl Scripts {
                  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'v', tonumber(v) + 1)
                  return 1",
             ),
-            // KEYS: session, idle, its two event streams. ARGV: id, org
-            // set prefix. -> state or nil.
-            remove: Script::new(
-                "local s = redis.call('HGET', KEYS[1], 'state')
+            // KEYS: session, idle, its two event streams. ARGV: id, key
+            // prefix. -> state or nil.
+            remove: Script::new(&format!(
+                "local id, prefix = ARGV[1], ARGV[2]
+                 local s = redis.call('HGET', KEYS[1], 'state')
                  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
-                 redis.call('ZREM', KEYS[2], ARGV[1])
+                 redis.call('ZREM', KEYS[2], id)
+                 {UNINDEX}
                  if not s then return false end
-                 redis.call('SREM', ARGV[2] .. cjson.decode(s)['org'], ARGV[1])
-                 return s",
-            ),
-            // KEYS: idle. ARGV: idle ttl, session key prefix, org set
-            // prefix, batch, event stream prefix. -> the states removed. Atomic: with several
-            // nodes reaping, each expired session goes to exactly one.
-            reap: with_now(
-                "local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]),
-                     'LIMIT', 0, tonumber(ARGV[4]))
-                 local out = {}
+                 return s"
+            )),
+            // KEYS: idle. ARGV: idle ttl, key prefix, batch. -> {ids
+            // removed, the states of those whose key was still there}.
+            // Atomic: with several nodes reaping, each expired session goes
+            // to exactly one. Every id leaves the indexes, whether or not
+            // its key expired first.
+            reap: with_now(&format!(
+                "local prefix = ARGV[2]
+                 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]),
+                     'LIMIT', 0, tonumber(ARGV[3]))
+                 local out = {{}}
                  for _, id in ipairs(ids) do
-                     local k = ARGV[2] .. id
+                     local k = prefix .. 's:' .. id
                      local s = redis.call('HGET', k, 'state')
-                     redis.call('DEL', k, ARGV[5] .. id .. ':a', ARGV[5] .. id .. ':p')
+                     redis.call('DEL', k, prefix .. 'e:' .. id .. ':a', prefix .. 'e:' .. id .. ':p')
                      redis.call('ZREM', KEYS[1], id)
-                     if s then
-                         redis.call('SREM', ARGV[3] .. cjson.decode(s)['org'], id)
-                         table.insert(out, s)
-                     end
+                     {UNINDEX}
+                     if s then table.insert(out, s) end
                  end
-                 return out",
-            ),
+                 return {{#ids, out}}"
+            )),
         }
     }
 }
@@ -193,6 +242,39 @@ impl RedisSessionStore {
         format!("{}org:", self.prefix)
     }
 
+    fn subject_key(&self, org: &str, subject: &str) -> String {
+        format!("{}u:{org}:{subject}", self.prefix)
+    }
+
+    fn idp_session_key(&self, sid: &str) -> String {
+        format!("{}sid:{sid}", self.prefix)
+    }
+
+    fn index_key(&self) -> String {
+        format!("{}ix", self.prefix)
+    }
+
+    /// The ids in a set, tidied of those whose session key expired
+    /// without a reaper.
+    async fn live_members(&self, set: &str) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.smembers(set).await?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.exists(self.session_key(id));
+        }
+        let present: Vec<bool> = pipe.query_async(&mut conn).await?;
+        let (live, gone): (Vec<_>, Vec<_>) = ids.into_iter().zip(present).partition(|(_, p)| *p);
+        if !gone.is_empty() {
+            let gone: Vec<String> = gone.into_iter().map(|(id, _)| id).collect();
+            let _: i64 = conn.srem(set, gone).await?;
+        }
+        Ok(live.into_iter().map(|(id, _)| id).collect())
+    }
+
     /// Whether Redis answers now.
     pub async fn ping(&self) -> Result<(), RedisStoreError> {
         let mut conn = self.conn.clone();
@@ -227,6 +309,20 @@ impl RedisSessionStore {
     }
 }
 
+/// The refusal an insert or admission script answered, if any.
+fn refusal(outcome: i64, org: &str, admission: Admission) -> Result<(), StoreError> {
+    match outcome {
+        -1 => Err(StoreError::SubjectFull {
+            org: org.to_owned(),
+            max: admission.per_subject,
+        }),
+        -2 => Err(StoreError::Full {
+            max: admission.total,
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[async_trait]
 impl SessionStore for RedisSessionStore {
     fn kind(&self) -> &'static str {
@@ -237,21 +333,65 @@ impl SessionStore for RedisSessionStore {
         Ok(self.ping().await?)
     }
 
-    async fn insert(&self, state: SessionState) -> Result<Arc<SessionState>, StoreError> {
+    async fn insert(
+        &self,
+        state: SessionState,
+        admission: Admission,
+    ) -> Result<Arc<SessionState>, StoreError> {
         let json = serde_json::to_string(&state)?;
+        let index = serde_json::to_string(&(
+            &state.org,
+            &state.subject,
+            state.idp_session.as_deref().unwrap_or(""),
+        ))?;
         let mut conn = self.conn.clone();
-        let _: i64 = self
-            .scripts
-            .insert
-            .key(self.session_key(&state.id))
+        let mut invocation = self.scripts.insert.key(self.session_key(&state.id));
+        invocation
             .key(self.idle_key())
             .key(format!("{}{}", self.org_prefix(), state.org))
+            .key(self.subject_key(&state.org, &state.subject))
+            .key(self.index_key());
+        if let Some(sid) = &state.idp_session {
+            invocation.key(self.idp_session_key(sid));
+        }
+        let outcome: i64 = invocation
             .arg(&state.id)
             .arg(json)
             .arg(self.key_ttl_ms)
+            .arg(admission.per_subject)
+            .arg(admission.total)
+            .arg(index)
             .invoke_async(&mut conn)
             .await?;
+        refusal(outcome, &state.org, admission)?;
         Ok(Arc::new(state))
+    }
+
+    async fn admits(
+        &self,
+        org: &str,
+        subject: &str,
+        admission: Admission,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let outcome: i64 = self
+            .scripts
+            .admits
+            .key(self.idle_key())
+            .key(self.subject_key(org, subject))
+            .arg(admission.per_subject)
+            .arg(admission.total)
+            .invoke_async(&mut conn)
+            .await?;
+        refusal(outcome, org, admission)
+    }
+
+    async fn ids_of_idp_session(&self, sid: &str) -> Result<Vec<String>, StoreError> {
+        self.live_members(&self.idp_session_key(sid)).await
+    }
+
+    async fn ids_of_subject(&self, org: &str, subject: &str) -> Result<Vec<String>, StoreError> {
+        self.live_members(&self.subject_key(org, subject)).await
     }
 
     async fn lookup(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {
@@ -306,7 +446,7 @@ impl SessionStore for RedisSessionStore {
             .key(format!("{}e:{id}:a", self.prefix))
             .key(format!("{}e:{id}:p", self.prefix))
             .arg(id)
-            .arg(self.org_prefix())
+            .arg(&self.prefix)
             .invoke_async(&mut conn)
             .await?;
         match removed {
@@ -355,20 +495,28 @@ impl SessionStore for RedisSessionStore {
 
     async fn remove_idle(&self, ttl: Duration) -> Result<Vec<Arc<SessionState>>, StoreError> {
         let mut conn = self.conn.clone();
-        let removed: Vec<String> = self
-            .scripts
-            .reap
-            .key(self.idle_key())
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-            .arg(format!("{}s:", self.prefix))
-            .arg(self.org_prefix())
-            .arg(REAP_BATCH)
-            .arg(format!("{}e:", self.prefix))
-            .invoke_async(&mut conn)
-            .await?;
-        removed
-            .iter()
-            .map(|s| Ok(Arc::new(serde_json::from_str(s)?)))
-            .collect()
+        let mut states = Vec::new();
+        for _ in 0..MAX_REAP_ROUNDS {
+            let (ids, removed): (usize, Vec<String>) = self
+                .scripts
+                .reap
+                .key(self.idle_key())
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+                .arg(&self.prefix)
+                .arg(REAP_BATCH)
+                .invoke_async(&mut conn)
+                .await?;
+            for state in &removed {
+                match serde_json::from_str(state) {
+                    Ok(state) => states.push(Arc::new(state)),
+                    // Gone from Redis all the same; nothing to end here.
+                    Err(e) => tracing::warn!(error = %e, "a reaped session was not valid"),
+                }
+            }
+            if ids < REAP_BATCH {
+                break;
+            }
+        }
+        Ok(states)
     }
 }

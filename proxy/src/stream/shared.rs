@@ -1309,7 +1309,10 @@ mod tests {
         let store =
             RedisSessionStore::new(&redis.url(), prefix, Duration::from_secs(60)).expect("store");
         store
-            .insert(test_state(session, "org"))
+            .insert(
+                test_state(session, "org"),
+                crate::session::Admission::UNLIMITED,
+            )
             .await
             .expect("insert");
         (redis, store)
