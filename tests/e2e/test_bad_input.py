@@ -37,6 +37,25 @@ def test_json_that_is_not_json_rpc(gateway, sid):
     expect(post(gateway.url("org-1"), {"id": 1, "method": "x"}, session=sid), 400, -32600, "jsonrpc")
 
 
+def test_a_message_must_be_an_object(gateway, sid):
+    # serde would read this array as the envelope's fields, in order.
+    expect(post(gateway.url("org-1"), ["2.0", 7, "tools/list"], session=sid, version="2025-03-26"), 400, -32600,
+           "batch item 0", "JSON object")
+    expect(post(gateway.url("org-1"), b"42", session=sid), 400, -32600, "JSON object")
+
+
+def test_batches_of_anything_but_objects(gateway):
+    url = gateway.url("org-1")
+    sid = initialize(url, version="2025-03-26")
+    for batch in ([1, 2], [[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]], [TOOLS_LIST, "x"]):
+        expect(post(url, batch, session=sid, version="2025-03-26"), 400, -32600, "batch item")
+
+
+def test_ids_longer_than_256_bytes(gateway, sid):
+    body = {**TOOLS_LIST, "id": "x" * 300}
+    expect(post(gateway.url("org-1"), body, session=sid), 400, -32600, "at most 256")
+
+
 def test_batch_with_2025_06_18(gateway, sid):
     batch = [TOOLS_LIST, {"jsonrpc": "2.0", "id": 6, "method": "ping"}]
     expect(post(gateway.url("org-1"), batch, session=sid, version="2025-06-18"), 400, -32600,

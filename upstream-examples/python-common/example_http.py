@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse
 MCP_PATH = "/mcp"
 DEBUG_HEADERS_PATH = "/debug/headers"
 DEBUG_EVENTS_PATH = "/debug/events"
+DEBUG_SESSIONS_PATH = "/debug/sessions"
 
 # The requestedSchema `confirm` sends (same in every example).
 CONFIRM_SCHEMA: dict[str, Any] = {

@@ -1,7 +1,8 @@
 """Example FastMCP (2.x) upstream for Ratatosk tests.
 
 Serves Streamable HTTP at /mcp, stateless (stateless_http=True) by default or
-stateful with --stateful, plus GET /debug/headers and GET /debug/events.
+stateful with --stateful, plus GET /debug/headers, GET /debug/events and
+GET /debug/sessions (the SDK's open sessions, stateful mode).
 Run it through ./run (which prepares the venv), e.g.:
 
     ./run --port 9001 [--host 127.0.0.1] [--stateful] [--name python-fastmcp]
@@ -45,12 +46,14 @@ from mcp import types as mt  # noqa: E402
 from mcp.shared.exceptions import McpError  # noqa: E402
 from mcp.shared.message import ServerMessageMetadata  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python-common"))
 from example_http import (  # noqa: E402
     CONFIRM_SCHEMA,
     DEBUG_EVENTS_PATH,
     DEBUG_HEADERS_PATH,
+    DEBUG_SESSIONS_PATH,
     MCP_PATH,
     SEEN_HEADERS,
     RecordHeadersMiddleware,
@@ -373,12 +376,29 @@ def _configure_logging(name: str, port: int) -> None:
     fl.setLevel(logging.INFO)
 
 
+def _session_manager(app: Any) -> Any:
+    """The SDK's session manager behind the /mcp route of `app`."""
+    for route in app.routes:
+        manager = getattr(getattr(route, "endpoint", None), "session_manager", None)
+        if manager is not None:
+            return manager
+    raise RuntimeError("no MCP route with a session manager")
+
+
 async def _serve(host: str, port: int, name: str) -> None:
     app = mcp.http_app(
         path=MCP_PATH,
         stateless_http=not STATEFUL,
         middleware=[Middleware(RecordHeadersMiddleware), Middleware(StatelessCancelMiddleware)],
     )
+    manager = _session_manager(app)
+
+    async def debug_sessions(request: Any) -> JSONResponse:
+        # The SDK keeps no public count; its map of live transports is it
+        # (a DELETE removes the session's entry at once).
+        return JSONResponse({"open": len(manager._server_instances)})
+
+    app.add_route(DEBUG_SESSIONS_PATH, debug_sessions, methods=["GET"])
     await serve(app, host, port, name)
 
 
