@@ -1320,8 +1320,27 @@ impl Gateway {
                 "resumed stream may have missed events: they left the event log (raise sessions.event_log_size)");
         }
         self.ensure_listener(org, &session.id, &log, false);
-        let live = self.live_stream(org, &session, log, attach, None);
+        let mut live = self.live_stream(org, &session, log, attach, None);
+        self.end_with_token(&mut live, identity);
         Ok(Response::sse(Box::new(live)))
+    }
+
+    /// A stream authenticated once must not outlive its token: it ends
+    /// when the token would be refused (`exp` plus the allowed clock skew),
+    /// and the client reconnects with a fresh one.
+    fn end_with_token(&self, live: &mut LiveStream, identity: &Identity) {
+        let Some(expires) = identity.expires_at else {
+            return;
+        };
+        let skew = self
+            .config
+            .identity
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |i| i.clock_skew);
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        live.end_at(std::time::Instant::now() + left + skew);
     }
 
     async fn mcp_delete(
@@ -1369,7 +1388,8 @@ impl Gateway {
             session.id
         );
         let prelude = sse_frame(None, Some("endpoint"), endpoint.as_bytes());
-        let live = self.live_stream(org, &session, log, attach, Some(prelude));
+        let mut live = self.live_stream(org, &session, log, attach, Some(prelude));
+        self.end_with_token(&mut live, identity);
         Ok(Response::sse(Box::new(LegacyStream {
             live,
             gateway: self.clone(),

@@ -65,6 +65,11 @@ impl EventId {
 /// intermediaries from cutting an idle stream and shows us a dead client.
 pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
 
+/// The last thing a stream whose access token expired says: a comment, so
+/// no client takes it for a message, and a reconnect loses nothing.
+pub const TOKEN_EXPIRED: &[u8] =
+    b": the access token of this stream expired; reconnect with a fresh token\n\n";
+
 /// Encodes one SSE event. `data` may span lines; each becomes a `data:` line.
 pub fn sse_frame(id: Option<EventId>, event: Option<&str>, data: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 48);
@@ -1030,6 +1035,10 @@ pub struct LiveStream {
     next_keepalive: Instant,
     metrics: Option<StreamMetrics>,
     unacked: (u64, u64),
+    /// When the stream ends because its token expires; `None` once
+    /// [`TOKEN_EXPIRED`] is written.
+    ends_at: Option<Instant>,
+    ended: bool,
 }
 
 impl LiveStream {
@@ -1054,7 +1063,15 @@ impl LiveStream {
             next_keepalive: Instant::now() + keepalive,
             metrics,
             unacked: (0, 0),
+            ends_at: None,
+            ended: false,
         }
+    }
+
+    /// Ends the stream at `when` (its token expires), with [`TOKEN_EXPIRED`]
+    /// as its last chunk.
+    pub fn end_at(&mut self, when: Instant) {
+        self.ends_at = Some(when);
     }
 
     /// The id to announce in a priming event: the position this stream
@@ -1078,7 +1095,14 @@ impl ChunkSource for LiveStream {
             self.next_keepalive = Instant::now() + self.keepalive;
             return Some(p);
         }
+        if self.ended {
+            return None;
+        }
         loop {
+            if self.ends_at.is_some_and(|end| Instant::now() >= end) {
+                self.ended = true;
+                return Some(Bytes::from_static(TOKEN_EXPIRED));
+            }
             // Register interest before looking, so an append between the
             // look and the wait still wakes us.
             let notified = self.log.wake.notified();
@@ -1097,8 +1121,16 @@ impl ChunkSource for LiveStream {
                 Poll::End => return None,
                 Poll::Wait => {}
             }
-            let deadline = tokio::time::Instant::from_std(self.next_keepalive);
+            let wake = match self.ends_at {
+                Some(end) => end.min(self.next_keepalive),
+                None => self.next_keepalive,
+            };
+            let deadline = tokio::time::Instant::from_std(wake);
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                if Instant::now() < self.next_keepalive {
+                    // The token's end: said at the top of the loop.
+                    continue;
+                }
                 self.next_keepalive = Instant::now() + self.keepalive;
                 return Some(Bytes::from_static(KEEPALIVE));
             }
@@ -1299,6 +1331,39 @@ mod tests {
             .expect("joined")
             .expect("chunk");
         assert!(text(&chunk).contains("{\"live\":1}"));
+    }
+
+    #[tokio::test]
+    async fn a_stream_ends_when_its_token_does() {
+        let log = Arc::new(SessionLog::new(limits(10)));
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut s = LiveStream::new(log.clone(), a, None, Duration::from_millis(40), None);
+        let started = Instant::now();
+        s.end_at(started + Duration::from_millis(150));
+        log.append_local(STANDALONE, b"{\"n\":1}").expect("append");
+        let mut chunks = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(2), s.next_chunk())
+            .await
+            .expect("in time")
+        {
+            chunks.push(chunk);
+        }
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(150), "{waited:?}");
+        assert!(
+            text(&chunks[0]).contains("{\"n\":1}"),
+            "events before the end are delivered"
+        );
+        assert_eq!(chunks.last().map(|c| &c[..]), Some(TOKEN_EXPIRED));
+        assert!(
+            chunks[1..chunks.len() - 1]
+                .iter()
+                .all(|c| &c[..] == KEEPALIVE),
+            "keep-alives until then"
+        );
+        // Nothing after the end, even if more arrives.
+        log.append_local(STANDALONE, b"{\"n\":2}").expect("append");
+        assert!(s.next_chunk().await.is_none());
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 
 import httpx2
@@ -207,3 +208,46 @@ def test_the_realm_is_set_up_as_documented(keycloak, auth_gateway_port):
         "client_name": "e2e-evil-client", "redirect_uris": ["https://evil.example/cb"],
         "token_endpoint_auth_method": "none", "grant_types": ["authorization_code"]})
     assert r.status_code == 403, r.text
+
+
+def test_streams_end_when_their_token_expires(auth_gateway, keycloak):
+    """A GET stream and a legacy /sse stream authenticated with a 2-second
+    token end at its `exp` (the gateway allows no clock skew here) with a
+    last comment saying why, so the client reconnects with a fresh token."""
+    token = keycloak.token("alice", client="mcp-client-short")
+    exp = claims(token)["exp"]
+    sid = session_of(auth_gateway, "org-1", token)
+    streams = {
+        "GET": ("GET", auth_gateway.url("org-1"), {"Accept": "text/event-stream", "Mcp-Session-Id": sid,
+                                                    "MCP-Protocol-Version": PROTOCOL}),
+        "/sse": ("GET", auth_gateway.url("org-1", "sse"), {"Accept": "text/event-stream"}),
+    }
+    outcomes: dict[str, tuple[int, list[str], float]] = {}
+
+    def read(name: str) -> None:
+        method, url, headers = streams[name]
+        with httpx2.Client(timeout=httpx2.Timeout(5, read=10)) as http, \
+                http.stream(method, url, headers={**headers, **bearer(token)}) as r:
+            lines = list(r.iter_lines()) if r.status_code == 200 else [r.read().decode()]
+            outcomes[name] = (r.status_code, lines, time.time())
+
+    # Both at once: the token lives two seconds.
+    readers = [threading.Thread(target=read, args=(name,)) for name in streams]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(timeout=15)
+    for name in streams:
+        status, lines, ended = outcomes[name]
+        assert status == 200, (name, lines)
+        assert any("access token of this stream expired" in line for line in lines), (name, lines)
+        print(f"{name} stream ended {ended - exp:+.2f} s from the token's exp")
+        assert exp - 1 <= ended <= exp + 3, (name, ended, exp)
+    # The expired token cannot reopen it; a fresh one of the same user can.
+    headers = streams["GET"][2]
+    r = httpx2.get(auth_gateway.url("org-1"), headers={**headers, **bearer(token)}, timeout=5)
+    assert r.status_code == 401, r.text
+    fresh = keycloak.token("alice")
+    with httpx2.Client(timeout=httpx2.Timeout(5, read=10)) as http, \
+            http.stream("GET", auth_gateway.url("org-1"), headers={**headers, **bearer(fresh)}) as r:
+        assert r.status_code == 200
