@@ -108,6 +108,43 @@ pub enum ReadError {
     Garbled { replica: String, reason: String },
 }
 
+/// How many bytes of an SSE body the event parser holds: those since the
+/// last blank line (the end of an event).
+#[derive(Default)]
+struct EventBytes {
+    pending: usize,
+    /// The last two bytes seen, for a blank line split across chunks.
+    tail: [u8; 2],
+}
+
+impl EventBytes {
+    /// The bytes held once `chunk` is read.
+    fn after(&mut self, chunk: &[u8]) -> usize {
+        let at = |i: usize| -> u8 {
+            // Index into the tail, then the chunk.
+            if i < 2 { self.tail[i] } else { chunk[i - 2] }
+        };
+        let end = chunk.len() + 2;
+        // The last blank line: "\n\n", "\r\r" or "\n\r\n" ending at i.
+        let boundary = (2..end).rev().find(|&i| {
+            let (b, prev) = (at(i), at(i - 1));
+            (b == b'\n' && prev == b'\n')
+                || (b == b'\r' && prev == b'\r')
+                || (b == b'\n' && prev == b'\r' && i >= 3 && at(i - 2) == b'\n')
+        });
+        self.pending = match boundary {
+            Some(i) => end - 1 - i,
+            None => self.pending.saturating_add(chunk.len()),
+        };
+        if chunk.len() >= 2 {
+            self.tail = [chunk[chunk.len() - 2], chunk[chunk.len() - 1]];
+        } else if let [only] = chunk {
+            self.tail = [self.tail[1], *only];
+        }
+        self.pending
+    }
+}
+
 /// Bounds on reading one upstream answer.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLimits {
@@ -117,6 +154,10 @@ pub struct ReadLimits {
     pub max_duration: Duration,
     /// Most bytes the whole answer may have.
     pub max_bytes: usize,
+    /// Most bytes an SSE answer may send between two events: what the
+    /// event parser must buffer. Bounds a stream meant to stay open (a
+    /// listen), whose whole is unbounded.
+    pub max_event_bytes: usize,
 }
 
 /// A body read failure: the transport's, or the answer outgrew its cap.
@@ -162,13 +203,16 @@ impl AnswerReader {
         let source = match answer.kind {
             AnswerKind::Json => Source::Json(Some(answer.response)),
             AnswerKind::Sse => {
-                let max = limits.max_bytes;
+                let (max, max_event) = (limits.max_bytes, limits.max_event_bytes);
                 let mut seen = 0usize;
+                let mut event = EventBytes::default();
                 let capped = answer.response.bytes_stream().map(move |chunk| {
                     let chunk = chunk?;
                     seen = seen.saturating_add(chunk.len());
                     if seen > max {
                         Err(BodyError::TooLarge(max))
+                    } else if event.after(&chunk) > max_event {
+                        Err(BodyError::TooLarge(max_event))
                     } else {
                         Ok(chunk)
                     }
@@ -649,6 +693,17 @@ mod tests {
     }
 
     async fn reader_for(kind: &'static str, body: String, max_bytes: usize) -> AnswerReader {
+        reader_with(kind, body, max_bytes, |limits| limits).await
+    }
+
+    /// A reader of a stub's answer `body`, with the pool's limits as
+    /// `adjust` changes them.
+    async fn reader_with(
+        kind: &'static str,
+        body: String,
+        max_bytes: usize,
+        adjust: impl FnOnce(ReadLimits) -> ReadLimits,
+    ) -> AnswerReader {
         use crate::config::{Era, UpstreamConfig};
         use std::sync::Arc;
         let up = crate::testing::stub(move |_| (200, kind, body.clone())).await;
@@ -668,7 +723,45 @@ mod tests {
             .send(HeaderMap::new(), Bytes::from_static(b"{}"))
             .await
             .expect("answer");
-        AnswerReader::new(answer, pool.read_limits)
+        AnswerReader::new(answer, adjust(pool.read_limits))
+    }
+
+    #[test]
+    fn event_bytes_count_from_the_last_blank_line() {
+        let mut e = EventBytes::default();
+        assert_eq!(e.after(b"data: a\n\ndata: bc"), 8);
+        assert_eq!(e.after(b"d"), 9);
+        // A blank line split across chunks.
+        assert_eq!(e.after(b"\n"), 10);
+        assert_eq!(e.after(b"\nxy"), 2);
+        assert_eq!(e.after(b"\r\n\r\n"), 0);
+        assert_eq!(e.after(b"z\r\r"), 0);
+        assert_eq!(e.after(b""), 0);
+        assert_eq!(e.after(b"abc"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_a_total_bound_still_bounds_each_event() {
+        let small = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"n\"}\n\n";
+        let unbounded = |limits: ReadLimits| ReadLimits {
+            max_bytes: usize::MAX,
+            max_event_bytes: 2048,
+            ..limits
+        };
+        // Many small events, far more than the per-event bound in all.
+        let mut many =
+            reader_with("text/event-stream", small.repeat(200), 1 << 20, unbounded).await;
+        for _ in 0..200 {
+            many.next_message().await.expect("read").expect("a message");
+        }
+        assert!(many.next_message().await.expect("read").is_none());
+        // One event that never ends.
+        let endless = format!("{small}data: {}", "x".repeat(8192));
+        let mut endless = reader_with("text/event-stream", endless, 1 << 20, unbounded).await;
+        assert!(matches!(
+            endless.next_message().await,
+            Err(ReadError::TooLarge { max: 2048, .. })
+        ));
     }
 
     #[tokio::test]

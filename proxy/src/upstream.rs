@@ -199,6 +199,7 @@ impl Pool {
                 timeout: cfg.timeout,
                 max_duration: cfg.max_duration,
                 max_bytes: max_answer_bytes,
+                max_event_bytes: max_answer_bytes,
             },
             clients,
             connect_timeout: cfg.connect_timeout,

@@ -183,7 +183,7 @@ impl Gateway {
             .map_err(|e| upstream_reject(e, id))?;
         // A listen stream is meant to stay open and quiet.
         let limits = if listen {
-            LISTEN_LIMITS
+            listen_limits(org)
         } else {
             org.pool.read_limits
         };
@@ -885,13 +885,18 @@ pub(super) struct Listener {
 /// The lease of a session's background upstream stream (Redis mode).
 const LEASE: &str = "upstream-stream";
 
-/// Read limits of a `subscriptions/listen` stream: it is meant to stay open
-/// and quiet for as long as the session lives.
-pub(super) const LISTEN_LIMITS: crate::bridge::ReadLimits = crate::bridge::ReadLimits {
-    timeout: Duration::from_secs(365 * 24 * 3600),
-    max_duration: Duration::from_secs(365 * 24 * 3600),
-    max_bytes: usize::MAX,
-};
+/// Read limits of a background upstream stream (a `subscriptions/listen`,
+/// a stateful upstream's GET stream): it is meant to stay open and quiet
+/// for as long as the session lives, so only each event is bounded, as
+/// one answer is (`limits.max_answer_bytes`).
+pub(super) fn listen_limits(org: &OrgRoute) -> crate::bridge::ReadLimits {
+    crate::bridge::ReadLimits {
+        timeout: Duration::from_secs(365 * 24 * 3600),
+        max_duration: Duration::from_secs(365 * 24 * 3600),
+        max_bytes: usize::MAX,
+        max_event_bytes: org.pool.read_limits.max_bytes,
+    }
+}
 
 impl Gateway {
     /// Makes sure a legacy session of a modern upstream has its upstream
@@ -1075,7 +1080,7 @@ impl Gateway {
             };
             match answer {
                 Ok(answer) => {
-                    let mut reader = AnswerReader::new(answer, LISTEN_LIMITS);
+                    let mut reader = AnswerReader::new(answer, listen_limits(org));
                     loop {
                         let next = tokio::select! {
                             n = reader.next_message() => n,

@@ -296,7 +296,7 @@ impl Gateway {
             };
             match answer {
                 Ok(answer) if answer.kind == AnswerKind::Sse => {
-                    let mut reader = AnswerReader::new(answer, modern::LISTEN_LIMITS);
+                    let mut reader = AnswerReader::new(answer, modern::listen_limits(org));
                     loop {
                         let next = tokio::select! {
                             n = reader.next_message() => n,
