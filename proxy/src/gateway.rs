@@ -821,8 +821,12 @@ impl Gateway {
     /// With several nodes, sets the sessions gauge to Redis's count of
     /// every node's sessions (at each reap, and before `/metrics` answers).
     pub async fn count_sessions(&self) {
-        if self.hub.events().is_none() {
+        let Some(events) = self.hub.events() else {
             return;
+        };
+        let (dropped, counted) = (events.dropped(), self.metrics.shared_dropped.get());
+        if dropped > counted {
+            self.metrics.shared_dropped.inc_by(dropped - counted);
         }
         for org in self.routes.orgs() {
             match self.store.count_org(&org.name).await {
@@ -1091,11 +1095,18 @@ impl Gateway {
                 if self.cancel_in_flight(session.id.clone(), target.clone()) {
                     tracing::debug!(session = %short(&session.id), "request cancelled by the client");
                 } else if let Some(events) = self.hub.events() {
-                    // It may run on another node.
-                    events.notify(&Notice::Cancel {
-                        session: session.id.clone(),
-                        id: target.to_value(),
-                    });
+                    // It may run on another node: tell them only if so, or
+                    // every cancel of any id would go to every node.
+                    let elsewhere = events
+                        .running_elsewhere(&session.id, target.as_json())
+                        .await
+                        .unwrap_or(true);
+                    if elsewhere {
+                        events.notify(&Notice::Cancel {
+                            session: session.id.clone(),
+                            id: target.to_value(),
+                        });
+                    }
                 }
             }
         }
@@ -1272,11 +1283,21 @@ impl Gateway {
                 Some(key)
             }
         };
+        // Other nodes may receive the client's cancellation of it.
+        let shared = match (self.hub.events(), &key) {
+            (Some(events), Some((session, id))) => {
+                let session: Arc<str> = session.as_str().into();
+                events.running(&session, id.as_json(), true);
+                Some((events.clone(), session))
+            }
+            _ => None,
+        };
         Ok(InFlight {
             map: self.in_flight.clone(),
             key,
             generation,
             token,
+            shared,
             _slot: slot,
         })
     }
@@ -1728,6 +1749,8 @@ struct InFlight {
     key: Option<(String, Id)>,
     generation: u64,
     token: CancellationToken,
+    /// With several nodes: where the request is recorded as running.
+    shared: Option<(Arc<SharedEvents>, Arc<str>)>,
     _slot: crate::stream::Slot,
 }
 
@@ -1736,6 +1759,9 @@ impl Drop for InFlight {
         if let Some(key) = self.key.take() {
             let generation = self.generation;
             self.map.remove_if(&key, |_, (g, _)| *g == generation);
+            if let Some((events, session)) = &self.shared {
+                events.running(session, key.1.as_json(), false);
+            }
         }
     }
 }

@@ -250,6 +250,7 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Shared> {
             &sessions.key_prefix,
             SharedLimits {
                 max_events: sessions.event_log_size,
+                max_bytes: sessions.event_log_bytes,
                 max_age: sessions.event_log_max_age,
                 idle_ttl: sessions.idle_ttl,
             },

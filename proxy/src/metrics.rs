@@ -75,6 +75,10 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Connections closed at once because `limits.max_connections` were open.
     pub connections_refused: IntCounter,
+    /// Events and notices this node could not hand to Redis (it was away
+    /// too long, or too much waited for it), brought up to date at each
+    /// scrape.
+    pub shared_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -170,6 +174,11 @@ impl Metrics {
             "connections_refused_total",
             "Client connections closed at once because limits.max_connections were open",
         )?;
+        let shared_dropped = IntCounter::new(
+            "shared_events_dropped_total",
+            "Events and notices this node could not hand to Redis (sessions.store: redis)",
+        )?;
+        registry.register(Box::new(shared_dropped.clone()))?;
         registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
@@ -200,6 +209,7 @@ impl Metrics {
             refused,
             connections,
             connections_refused,
+            shared_dropped,
         })
     }
 

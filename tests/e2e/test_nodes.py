@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import random
+import subprocess
 import threading
 import time
 
@@ -296,6 +297,87 @@ def test_leaving_a_call_resumed_on_another_node_cancels_it(three, stateful_upstr
                timeout=5)
     print(f"client left B -> call cancelled on A's upstream session: {(time.monotonic() - left) * 1000:.0f} ms")
     assert stateful_upstream.event_time(tag, "finished") is None
+
+
+class BusListener:
+    """A raw RESP subscriber to the node bus: the notices the nodes send
+    each other, as the test sees them."""
+
+    def __init__(self, redis: RedisServer, channel: str):
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", redis.port), timeout=10)
+        command = ["SUBSCRIBE", channel]
+        wire = f"*{len(command)}\r\n" + "".join(f"${len(c)}\r\n{c}\r\n" for c in command)
+        self.sock.sendall(wire.encode())
+        self.file = self.sock.makefile("rb")
+        assert self.read()[0] == b"subscribe"
+
+    def read(self):
+        """One RESP value (arrays of bulk strings and integers suffice)."""
+        line = self.file.readline().rstrip(b"\r\n")
+        kind, rest = line[:1], line[1:]
+        if kind == b"*":
+            return [self.read() for _ in range(int(rest))]
+        if kind == b"$":
+            data = self.file.read(int(rest) + 2)
+            return data[:-2]
+        if kind == b":":
+            return int(rest)
+        raise AssertionError(f"unexpected RESP: {line!r}")
+
+    def next_notice(self) -> dict:
+        """The next notice on the bus (event entries are skipped)."""
+        while True:
+            _, _, payload = self.read()
+            if payload.startswith(b"n\n"):
+                return json.loads(payload.split(b"\n", 2)[2])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_cancel_goes_on_the_bus_only_for_a_request_running_elsewhere(three, redis, replicas):
+    """A 2025 client's call runs on A; its cancellations arrive at B. One
+    for an id nothing runs is answered 202 and goes nowhere; the call's own
+    reaches A, whose stream for it ends without a result."""
+    a, b, _ = three
+    url_a, url_b = a.url("s25"), b.url("s25")
+    sid = initialize(url_a)
+    tag = f"nodes-bus-cancel-{random.random()}"
+    lines: list[str] = []
+
+    def call() -> None:
+        body = {"jsonrpc": "2.0", "id": 77, "method": "tools/call",
+                "params": {"name": "sleep_then_return", "arguments": {"seconds": 30, "tag": tag}}}
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=40)) as http, \
+                http.stream("POST", url_a, json=body, headers={
+                    "Accept": ACCEPT_BOTH, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}) as r:
+            lines.extend(r.iter_lines())
+
+    bus = BusListener(redis, "nodes:bus")
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    try:
+        wait_until("the tool started",
+                   lambda: any(r.event_time(tag, "started") is not None for r in replicas), timeout=10)
+        wait_until("Redis knows the call runs on A", lambda: subprocess.run(
+            ["redis-cli", "-p", str(redis.port), "HEXISTS", f"nodes:f:{sid}", "77"],
+            capture_output=True, text=True, timeout=5).stdout.strip() == "1", timeout=10)
+        for target in (999, 77):
+            r = post(url_b, {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                             "params": {"requestId": target, "reason": "user"}}, session=sid)
+            assert r.status_code == 202, r.text
+        # Notices leave B in order: one for 999 would come first.
+        notice = bus.next_notice()
+        while notice.get("t") != "cancel":
+            notice = bus.next_notice()
+        assert notice == {"t": "cancel", "session": sid, "id": 77}, notice
+        caller.join(timeout=10)
+        assert not caller.is_alive(), "the cancelled call's stream did not end"
+        assert not any('"id":77' in line.replace(" ", "") for line in lines if line.startswith("data:")), lines
+    finally:
+        bus.close()
 
 
 def modern_stream(url: str, name: str, args: dict, state: str, answers: dict):

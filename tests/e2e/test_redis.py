@@ -4,6 +4,7 @@ Redis goes away and comes back."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import httpx2
@@ -75,4 +76,37 @@ def test_redis_going_away_and_coming_back(log_dir, replicas, redis):
         r = post(url, {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
                        "params": {"name": "add", "arguments": {"a": 1, "b": 1}}}, session=sid2)
         assert r.status_code == 200, r.text
+        gw.assert_healthy()
+
+
+def test_a_bus_that_goes_quiet_is_noticed_and_made_again(log_dir, replicas, redis):
+    """Redis stops answering without closing anything (CLIENT PAUSE: the
+    subscription's connection stays up, nothing arrives on it). The node's
+    own heartbeats stop coming back, so readiness says the bus is down
+    (events.bus false) within about 15 s, and it subscribes again by itself
+    once Redis answers."""
+    with running(redis_gateway(log_dir, replicas, redis, "redis-gw-quiet")) as gw:
+        wait_until("the bus is up", lambda: gw.admin_get("/readyz").json()["events"]["bus"] is True, timeout=15)
+        paused = time.monotonic()
+        subprocess.run(["redis-cli", "-p", str(redis.port), "CLIENT", "PAUSE", "25000", "ALL"], check=True,
+                       capture_output=True, timeout=10)
+        wait_until("readiness says the bus is down",
+                   lambda: gw.admin_get("/readyz").json()["events"]["bus"] is False, timeout=30)
+        noticed = time.monotonic() - paused
+        print(f"a quiet bus was noticed after {noticed:.1f} s")
+        assert gw.admin_get("/readyz").status_code == 503
+        wait_until("the bus is up again", lambda: gw.admin_get("/readyz").json()["events"]["bus"] is True,
+                   timeout=45)
+        assert gw.admin_get("/readyz").status_code == 200
+        # It carries events again.
+        url = gw.url("s25")
+        sid = initialize(url)
+        headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
+                http.stream("GET", url, headers=headers) as stream:
+            events = SseReader(stream)
+            assert gw.publish(sid, {"jsonrpc": "2.0", "method": "notifications/message",
+                                    "params": {"level": "info", "data": "after"}}).status_code == 202
+            _, message = events.next_message()
+            assert message["params"]["data"] == "after", message
         gw.assert_healthy()

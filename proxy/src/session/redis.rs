@@ -168,7 +168,7 @@ impl Scripts {
             remove: Script::new(&format!(
                 "local id, prefix = ARGV[1], ARGV[2]
                  local s = redis.call('HGET', KEYS[1], 'state')
-                 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+                 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], prefix .. 'f:' .. id)
                  redis.call('ZREM', KEYS[2], id)
                  {UNINDEX}
                  if not s then return false end
@@ -187,7 +187,8 @@ impl Scripts {
                  for _, id in ipairs(ids) do
                      local k = prefix .. 's:' .. id
                      local s = redis.call('HGET', k, 'state')
-                     redis.call('DEL', k, prefix .. 'e:' .. id .. ':a', prefix .. 'e:' .. id .. ':p')
+                     redis.call('DEL', k, prefix .. 'e:' .. id .. ':a', prefix .. 'e:' .. id .. ':p',
+                         prefix .. 'f:' .. id)
                      redis.call('ZREM', KEYS[1], id)
                      {UNINDEX}
                      if s then table.insert(out, s) end
@@ -205,7 +206,7 @@ impl Scripts {
 pub(crate) fn connection(
     url: &str,
 ) -> Result<(redis::Client, ConnectionManager), redis::RedisError> {
-    let client = redis::Client::open(url)?;
+    let client = redis::Client::open(with_tcp_settings(url)?)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(OP_TIMEOUT))
         .set_response_timeout(Some(OP_TIMEOUT))
@@ -213,6 +214,28 @@ pub(crate) fn connection(
         .set_max_delay(Duration::from_secs(1));
     let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
     Ok((client, conn))
+}
+
+/// How long a connection to Redis may go without an answer to what it
+/// sent, or to keep-alive probes while idle, before the kernel calls it
+/// dead: a half-open connection (Redis's host gone without a word) then
+/// fails and is made again, instead of waiting forever.
+const DEAD_AFTER: Duration = Duration::from_secs(15);
+
+/// The URL's connection info with TCP keep-alive probes, a bound on
+/// unacknowledged writes (`TCP_USER_TIMEOUT`) and no Nagle delay.
+fn with_tcp_settings(url: &str) -> Result<redis::ConnectionInfo, redis::RedisError> {
+    use redis::IntoConnectionInfo;
+    use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
+    let probes = TcpKeepalive::new()
+        .with_time(DEAD_AFTER / 3)
+        .with_interval(DEAD_AFTER / 6)
+        .with_retries(3);
+    let tcp = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(probes)
+        .set_user_timeout(DEAD_AFTER);
+    Ok(url.into_connection_info()?.set_tcp_settings(tcp))
 }
 
 impl RedisSessionStore {

@@ -25,7 +25,7 @@
 //! a cancellation, a client's answer to a gateway request, a logout, and
 //! a 2026-07-28 client's retry of a call parked on another node.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -47,6 +47,12 @@ const BATCH: usize = 512;
 /// How long the writer keeps trying a batch Redis refused to take.
 const RETRY_FOR: Duration = Duration::from_secs(5);
 
+/// Most operations, and payload bytes, waiting for the writer or being
+/// written: what a node holds while Redis is slow or away. More are
+/// dropped and counted.
+const MAX_QUEUED: usize = 65_536;
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+
 /// What a node sends to the shared log.
 pub(crate) enum Op {
     Message {
@@ -59,6 +65,29 @@ pub(crate) enum Op {
     Delivered(u64),
     /// A message for the nodes (JSON of a [`Notice`]).
     Notice(Bytes),
+    /// A request of the session (its JSON-RPC id) runs on this node, so a
+    /// client's cancellation received elsewhere is worth a notice.
+    Running(Bytes),
+    /// That request ended.
+    Finished(Bytes),
+}
+
+impl Op {
+    /// The payload bytes it holds while it waits.
+    fn size(&self) -> usize {
+        match self {
+            Op::Message { payload, .. }
+            | Op::Notice(payload)
+            | Op::Running(payload)
+            | Op::Finished(payload) => payload.len(),
+            _ => 0,
+        }
+    }
+
+    /// Sent as a command of its own, not with a run of appends.
+    fn alone(&self) -> bool {
+        matches!(self, Op::Notice(_) | Op::Running(_) | Op::Finished(_))
+    }
 }
 
 /// For a publish: the seq it got, `None` if the session is gone.
@@ -74,6 +103,10 @@ struct Queued {
 /// it holds; it counts as gone after three missed.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// How long the bus may go without bringing back one of the node's own
+/// heartbeats before the node takes its subscription for dead.
+const BUS_SILENCE: Duration = Duration::from_secs(15);
+
 /// How long a lease lasts unless its node renews it (see
 /// [`SharedEvents::hold`]): how long a session's background work may be
 /// missing after its node dies.
@@ -85,16 +118,43 @@ const RUN: usize = 64;
 /// The batch cut into runs the writer sends as one command each: a
 /// notice alone, or up to [`RUN`] operations in a row of one session.
 fn runs_of(batch: &[Queued]) -> Vec<std::ops::Range<usize>> {
-    let notice = |q: &Queued| matches!(q.op, Op::Notice(_));
     let mut start = 0;
     batch
-        .chunk_by(|a, b| a.session == b.session && !notice(a) && !notice(b))
+        .chunk_by(|a, b| a.session == b.session && !a.op.alone() && !b.op.alone())
         .flat_map(|run| run.chunks(RUN))
         .map(|run| {
             start += run.len();
             start - run.len()..start
         })
         .collect()
+}
+
+/// A request that started and ended within one batch needs no record:
+/// both operations are dropped.
+fn drop_short_requests(batch: &mut Vec<Queued>) {
+    use std::collections::HashMap;
+    let mut running: HashMap<(&Arc<str>, &Bytes), usize> = HashMap::new();
+    let mut gone = vec![false; batch.len()];
+    for (i, q) in batch.iter().enumerate() {
+        match &q.op {
+            Op::Running(id) => {
+                running.insert((&q.session, id), i);
+            }
+            Op::Finished(id) => {
+                if let Some(start) = running.remove(&(&q.session, id)) {
+                    gone[start] = true;
+                    gone[i] = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut i = 0;
+    batch.retain(|_| {
+        let keep = !gone[i];
+        i += 1;
+        keep
+    });
 }
 
 /// Of a session's delivery marks in one batch, the last says it all: the
@@ -212,6 +272,9 @@ pub trait BusHandler: Send + Sync {
 #[derive(Debug, Clone, Copy)]
 pub struct SharedLimits {
     pub max_events: usize,
+    /// Payload bytes each of a session's two streams keeps (the newest
+    /// entry always stays).
+    pub max_bytes: usize,
     pub max_age: Duration,
     pub idle_ttl: Duration,
 }
@@ -226,13 +289,19 @@ pub struct SharedEvents {
     /// nodes, and lets a node skip its own notices.
     node: u32,
     next_stream: AtomicU32,
-    tx: mpsc::UnboundedSender<Queued>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
+    tx: mpsc::Sender<Queued>,
+    rx: Mutex<Option<mpsc::Receiver<Queued>>>,
+    /// Payload bytes waiting for the writer.
+    queued_bytes: AtomicUsize,
+    /// Who is told about streams whose begin or end is dropped.
+    handler: std::sync::OnceLock<Weak<dyn BusHandler>>,
     runtime: tokio::runtime::Handle,
     max_events: usize,
+    max_bytes: usize,
     max_age_ms: u64,
     key_ttl_ms: u64,
     append: Script,
+    running: Script,
     read: Script,
     lease: Script,
     release: Script,
@@ -260,7 +329,7 @@ impl SharedEvents {
         limits: SharedLimits,
     ) -> Result<Arc<Self>, RedisStoreError> {
         let (client, conn) = connection(url)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(MAX_QUEUED);
         Ok(Arc::new(SharedEvents {
             client,
             conn,
@@ -270,11 +339,15 @@ impl SharedEvents {
             next_stream: AtomicU32::new(1),
             tx,
             rx: Mutex::new(Some(rx)),
+            queued_bytes: AtomicUsize::new(0),
+            handler: std::sync::OnceLock::new(),
             runtime: tokio::runtime::Handle::current(),
             max_events: limits.max_events.max(1),
+            max_bytes: limits.max_bytes.max(1),
             max_age_ms: millis(limits.max_age),
             key_ttl_ms: millis(limits.idle_ttl).saturating_mul(2),
             append: Script::new(&format!("{NOW}{APPEND}")),
+            running: Script::new(RUNNING),
             read: Script::new(READ),
             lease: Script::new(LEASE),
             release: Script::new(RELEASE),
@@ -293,6 +366,7 @@ impl SharedEvents {
     pub fn start(self: &Arc<Self>, handler: Weak<dyn BusHandler>) {
         let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(rx) = rx else { return };
+        let _ = self.handler.set(handler.clone());
         self.runtime
             .spawn(self.clone().write_loop(rx, handler.clone()));
         self.runtime.spawn(self.clone().heartbeat(handler.clone()));
@@ -337,6 +411,12 @@ impl SharedEvents {
             .arg(millis(HEARTBEAT * 3))
             .query_async(&mut conn)
             .await?;
+        // Heard back on the node's own subscription: proof it delivers.
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.alive_channel())
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
         let held: Vec<(String, u64)> = self
             .held
             .iter()
@@ -363,6 +443,11 @@ impl SharedEvents {
             }
         }
         Ok(())
+    }
+
+    /// Where the node's heartbeats go, for its own subscription to hear.
+    fn alive_channel(&self) -> String {
+        format!("{}bus:alive:{:08x}", self.prefix, self.node)
     }
 
     fn node_key(&self, node: u32) -> String {
@@ -405,9 +490,38 @@ impl SharedEvents {
         self.send(session.clone(), op, None);
     }
 
-    /// Hands an operation to the writer; false if the writer is gone.
+    /// Hands an operation to the writer; false if the writer is gone, or
+    /// too much waits for it already (then the operation is dropped and
+    /// counted, and a stream whose begin or end it was ends on this node).
     fn send(&self, session: Arc<str>, op: Op, done: Option<Done>) -> bool {
-        self.tx.send(Queued { session, op, done }).is_ok()
+        let size = op.size();
+        let queued = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        let refused = if queued + size > MAX_QUEUED_BYTES {
+            Err(op)
+        } else {
+            self.tx
+                .try_send(Queued {
+                    session: session.clone(),
+                    op,
+                    done,
+                })
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(q) | mpsc::error::TrySendError::Closed(q) => {
+                        q.op
+                    }
+                })
+        };
+        let Err(op) = refused else { return true };
+        self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("the writer queue is full; an event is dropped");
+        if let (Op::Begin(stream) | Op::End(stream), Some(handler)) =
+            (&op, self.handler.get().and_then(Weak::upgrade))
+            && let Some(log) = handler.hub().get(&session)
+        {
+            log.end_local(*stream);
+        }
+        false
     }
 
     /// Appends a message to a session's standalone stream; its seq, or
@@ -440,6 +554,40 @@ impl SharedEvents {
             format!("{}e:{session}:a", self.prefix),
             format!("{}e:{session}:p", self.prefix),
         ]
+    }
+
+    /// Where a session's requests running on some node are recorded:
+    /// a hash, JSON-RPC id -> node.
+    fn running_key(&self, session: &str) -> String {
+        format!("{}f:{session}", self.prefix)
+    }
+
+    /// Records a request of `session` running on this node (or its end).
+    pub(crate) fn running(&self, session: &Arc<str>, id: &str, running: bool) {
+        let id = Bytes::copy_from_slice(id.as_bytes());
+        let op = if running {
+            Op::Running(id)
+        } else {
+            Op::Finished(id)
+        };
+        self.send(session.clone(), op, None);
+    }
+
+    /// Whether request `id` of `session` runs on another node (as far as
+    /// Redis was told; a request younger than the writer's last batch is
+    /// not there yet).
+    pub async fn running_elsewhere(
+        &self,
+        session: &str,
+        id: &str,
+    ) -> Result<bool, RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let node: Option<u32> = redis::cmd("HGET")
+            .arg(self.running_key(session))
+            .arg(id)
+            .query_async(&mut conn)
+            .await?;
+        Ok(node.is_some_and(|n| n != self.node))
     }
 
     fn lease_key(&self, session: &str, what: &str) -> String {
@@ -606,12 +754,15 @@ impl SharedEvents {
 
     async fn write_loop(
         self: Arc<Self>,
-        mut rx: mpsc::UnboundedReceiver<Queued>,
+        mut rx: mpsc::Receiver<Queued>,
         handler: Weak<dyn BusHandler>,
     ) {
         let mut batch = Vec::with_capacity(BATCH);
         while rx.recv_many(&mut batch, BATCH).await > 0 {
+            // Counted until written: the batch is held while Redis is away.
+            let taken: usize = batch.iter().map(|q| q.op.size()).sum();
             drop_superseded_marks(&mut batch);
+            drop_short_requests(&mut batch);
             match self.write(&batch).await {
                 Ok(replies) => {
                     for (q, seq) in batch.drain(..).zip(replies) {
@@ -639,6 +790,7 @@ impl SharedEvents {
                     }
                 }
             }
+            self.queued_bytes.fetch_sub(taken, Ordering::AcqRel);
             if handler.strong_count() == 0 {
                 return;
             }
@@ -651,12 +803,34 @@ impl SharedEvents {
     async fn write(&self, batch: &[Queued]) -> Result<Vec<Option<u64>>, RedisStoreError> {
         let mut pipe = redis::pipe();
         pipe.load_script(&self.append).ignore();
+        if batch.iter().any(|q| matches!(q.op, Op::Running(_))) {
+            pipe.load_script(&self.running).ignore();
+        }
         let runs = runs_of(batch);
         for run in &runs {
             let first = &batch[run.start];
-            if let Op::Notice(body) = &first.op {
-                pipe.cmd("PUBLISH").arg(&self.channel).arg(body.as_ref());
-                continue;
+            match &first.op {
+                Op::Notice(body) => {
+                    pipe.cmd("PUBLISH").arg(&self.channel).arg(body.as_ref());
+                    continue;
+                }
+                Op::Running(id) => {
+                    pipe.invoke_script(
+                        self.running
+                            .key(self.running_key(&first.session))
+                            .arg(id.as_ref())
+                            .arg(self.node)
+                            .arg(self.key_ttl_ms),
+                    );
+                    continue;
+                }
+                Op::Finished(id) => {
+                    pipe.cmd("HDEL")
+                        .arg(self.running_key(&first.session))
+                        .arg(id.as_ref());
+                    continue;
+                }
+                _ => {}
             }
             let [hash, a, p] = self.keys(&first.session);
             let mut invocation = self.append.key(hash);
@@ -667,14 +841,15 @@ impl SharedEvents {
                 .arg(self.max_age_ms)
                 .arg(self.key_ttl_ms)
                 .arg(&self.channel)
-                .arg(&*first.session);
+                .arg(&*first.session)
+                .arg(self.max_bytes);
             for q in &batch[run.clone()] {
                 let (kind, stream, payload): (&str, u64, &[u8]) = match &q.op {
                     Op::Message { stream, payload } => ("m", *stream, payload),
                     Op::Begin(stream) => ("b", *stream, b""),
                     Op::End(stream) => ("e", *stream, b""),
                     Op::Delivered(upto) => ("d", *upto, b""),
-                    Op::Notice(_) => continue,
+                    Op::Notice(_) | Op::Running(_) | Op::Finished(_) => continue,
                 };
                 invocation.arg(kind).arg(stream).arg(payload);
             }
@@ -714,9 +889,10 @@ impl SharedEvents {
     async fn bus_loop(self: Arc<Self>, handler: Weak<dyn BusHandler>) {
         let mut pause = Duration::from_millis(100);
         while handler.strong_count() > 0 {
+            let alive_channel = self.alive_channel();
             let subscribed = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
-                pubsub.subscribe(&self.channel).await?;
+                pubsub.subscribe(&[&self.channel, &alive_channel]).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             match tokio::time::timeout(OP_TIMEOUT, subscribed).await {
@@ -732,12 +908,33 @@ impl SharedEvents {
                     tracing::info!(channel = %self.channel, "subscribed to the node bus");
                     pause = Duration::from_millis(100);
                     let mut messages = pubsub.into_on_message();
-                    while let Some(msg) = messages.next().await {
+                    // A subscription can go quiet without breaking (Redis
+                    // stalled, a half-open connection): the node's own
+                    // heartbeats stop coming back.
+                    let mut heard = tokio::time::Instant::now();
+                    loop {
+                        let deaf = heard + BUS_SILENCE;
+                        let msg = tokio::select! {
+                            msg = messages.next() => msg,
+                            _ = tokio::time::sleep_until(deaf) => {
+                                tracing::warn!(silent = ?BUS_SILENCE,
+                                    "this node's heartbeats stopped coming back on the node bus");
+                                break;
+                            }
+                        };
+                        let Some(msg) = msg else {
+                            tracing::warn!("the node bus subscription broke");
+                            break;
+                        };
+                        if msg.get_channel_name() == alive_channel {
+                            heard = tokio::time::Instant::now();
+                            continue;
+                        }
                         let Some(h) = handler.upgrade() else { return };
                         self.dispatch(&h, msg.get_payload_bytes());
                     }
                     self.bus_up.store(false, Ordering::Relaxed);
-                    tracing::warn!("the node bus subscription broke; subscribing again");
+                    tracing::warn!("subscribing to the node bus again");
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot subscribe to the node bus");
@@ -817,7 +1014,7 @@ fn parse_bus(payload: &[u8]) -> Option<Bus<'_>> {
             })
         }
         b"n" => {
-            let mut fields = payload[2..].splitn(2, |b| *b == b'\n');
+            let mut fields = payload.get(2..)?.splitn(2, |b| *b == b'\n');
             let node = text(fields.next())?.parse().ok()?;
             let notice = serde_json::from_slice(fields.next()?).ok()?;
             Some(Bus::Notice { node, notice })
@@ -885,19 +1082,23 @@ fn parse_read(value: Value) -> Option<LogRead> {
 }
 
 /// KEYS: session hash, standalone stream, POST stream. ARGV: max length,
-/// max age ms, key ttl ms, bus channel, session id, then one triple per
-/// entry: kind (m message, b begin, e end, d delivered), stream (for d:
-/// the seq), payload. -> each entry's seq (0 for d), or false if the
-/// session is gone.
+/// max age ms, key ttl ms, bus channel, session id, max bytes, then one
+/// triple per entry: kind (m message, b begin, e end, d delivered), stream
+/// (for d: the seq), payload. -> each entry's seq (0 for d), or false if
+/// the session is gone.
 ///
-/// The age trim looks at the oldest entry of each stream written to, and
-/// reads further only when that one is too old.
+/// Each stream keeps at most max length entries and max bytes of payload
+/// (its size is kept in the session hash, `ba` and `bp`), none older than
+/// max age, and always its newest entry. The trim reads the oldest entry of
+/// each stream written to, and further only while one of the bounds is
+/// passed, so an append costs about the same whatever the log holds.
 const APPEND: &str = "
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local max_age = tonumber(ARGV[2])
+local max_len, max_age, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[6])
 local seqs = {}
-local wrote = {false, false}
-for i = 6, #ARGV, 3 do
+local wrote = {0, 0}
+local added = {0, 0}
+for i = 7, #ARGV, 3 do
     local kind, stream, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     if kind == 'd' then
         local d = tonumber(redis.call('HGET', KEYS[1], 'd') or '0') or 0
@@ -907,27 +1108,59 @@ for i = 6, #ARGV, 3 do
         local seq = redis.call('HINCRBY', KEYS[1], 'q', 1)
         local at = 2
         if stream == '0' then at = 1 end
-        redis.call('XADD', KEYS[at + 1], 'MAXLEN', ARGV[1], seq .. '-0', 't', now, 's', stream, 'k', kind, 'm', payload)
-        wrote[at] = true
+        redis.call('XADD', KEYS[at + 1], seq .. '-0', 't', now, 's', stream, 'k', kind, 'm', payload)
+        wrote[at] = wrote[at] + 1
+        added[at] = added[at] + #payload
         redis.call('PUBLISH', ARGV[4], 'e\\n' .. ARGV[5] .. '\\n' .. seq .. '\\n' .. stream .. '\\n' .. kind .. '\\n' .. payload)
         seqs[#seqs + 1] = seq
     end
 end
+local size_fields = {'ba', 'bp'}
 for at = 1, 2 do
-    if wrote[at] then
+    if wrote[at] > 0 then
         local key = KEYS[at + 1]
-        local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)
-        if oldest[1] and tonumber(oldest[1][2][2]) < now - max_age then
-            local cut = nil
-            for _, e in ipairs(redis.call('XRANGE', key, '-', '+', 'COUNT', 64)) do
-                if tonumber(e[2][2]) < now - max_age then cut = e[1] else break end
+        local len = redis.call('XLEN', key)
+        local bytes
+        if len == wrote[at] then
+            -- A new (or expired) stream: its size is what was just added.
+            bytes = added[at]
+            redis.call('HSET', KEYS[1], size_fields[at], bytes)
+        else
+            bytes = redis.call('HINCRBY', KEYS[1], size_fields[at], added[at])
+        end
+        local cut, removed = nil, 0
+        while len > 1 do
+            local batch = redis.call('XRANGE', key, cut and ('(' .. cut) or '-', '+', 'COUNT', cut and 16 or 1)
+            local stop = false
+            for _, e in ipairs(batch) do
+                if len <= 1 or (len <= max_len and bytes <= max_bytes
+                        and tonumber(e[2][2]) >= now - max_age) then
+                    stop = true
+                    break
+                end
+                cut = e[1]
+                len = len - 1
+                bytes = bytes - #e[2][8]
+                removed = removed + #e[2][8]
             end
+            if stop or #batch == 0 then break end
+        end
+        if cut then
             redis.call('XTRIM', key, 'MINID', (tonumber(string.match(cut, '^(%d+)')) + 1) .. '-0')
+            redis.call('HINCRBY', KEYS[1], size_fields[at], -removed)
         end
         redis.call('PEXPIRE', key, ARGV[3])
     end
 end
 return seqs
+";
+
+/// KEYS: a session's running requests. ARGV: a request id, the node tag,
+/// key ttl ms.
+const RUNNING: &str = "
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0
 ";
 
 /// KEYS: a hidden-session record. ARGV: session id, ttl ms, session key
@@ -1038,16 +1271,22 @@ mod tests {
 
     /// A node whose shared log keeps events for `max_age`.
     async fn node_keeping(url: &str, prefix: &str, max_age: Duration) -> Arc<Node> {
-        let events = SharedEvents::new(
+        node_with(
             url,
             prefix,
             SharedLimits {
                 max_events: LIMITS.max_events,
+                max_bytes: LIMITS.max_bytes,
                 max_age,
                 idle_ttl: Duration::from_secs(60),
             },
         )
-        .expect("events");
+        .await
+    }
+
+    /// A node whose shared log has `limits`.
+    async fn node_with(url: &str, prefix: &str, limits: SharedLimits) -> Arc<Node> {
+        let events = SharedEvents::new(url, prefix, limits).expect("events");
         let node = Arc::new(Node {
             hub: Hub::shared(LIMITS, events.clone()),
             notices: Mutex::new(Vec::new()),
@@ -1193,6 +1432,7 @@ mod tests {
             "t:",
             SharedLimits {
                 max_events: 64,
+                max_bytes: 1 << 20,
                 max_age: Duration::from_secs(60),
                 idle_ttl: Duration::from_secs(60),
             },
@@ -1268,6 +1508,43 @@ mod tests {
         }
         assert_eq!(runs_of(&batch), [0..RUN, RUN..RUN + 1]);
         assert!(runs_of(&[]).is_empty());
+    }
+
+    #[test]
+    fn requests_that_start_and_end_in_one_batch_are_not_recorded() {
+        let id = |n: &str| Bytes::copy_from_slice(n.as_bytes());
+        let mut batch = vec![
+            q("a", Op::Running(id("1"))),
+            q("a", Op::Running(id("2"))),
+            q("b", Op::Finished(id("1"))),
+            q("a", Op::Finished(id("1"))),
+            q("a", Op::Finished(id("3"))),
+        ];
+        drop_short_requests(&mut batch);
+        let left: Vec<(String, String)> = batch
+            .iter()
+            .map(|q| {
+                let (kind, id) = match &q.op {
+                    Op::Running(id) => ("running", id),
+                    Op::Finished(id) => ("finished", id),
+                    _ => panic!("unexpected"),
+                };
+                (
+                    format!("{} {kind}", q.session),
+                    String::from_utf8_lossy(id).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("a running".to_owned(), "2".to_owned()),
+                ("b finished".to_owned(), "1".to_owned()),
+                ("a finished".to_owned(), "3".to_owned()),
+            ]
+        );
+        // Each is a command of its own.
+        assert_eq!(runs_of(&batch), [0..1, 1..2, 2..3]);
     }
 
     #[test]
@@ -1347,6 +1624,40 @@ mod tests {
         );
         assert_eq!(*c.notices.lock().expect("lock"), [ended]);
         assert!(a.notices.lock().expect("lock").is_empty());
+        // Requests running on a node are known to the others, until they end.
+        let (ea, eb) = (a.hub.events().expect("a"), b.hub.events().expect("b"));
+        let session: Arc<str> = "shared-one".into();
+        ea.running(&session, "77", true);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                eb.running_elsewhere("shared-one", "77")
+                    .await
+                    .expect("read")
+            })
+            .await,
+            "b never heard of a's request"
+        );
+        assert!(
+            !ea.running_elsewhere("shared-one", "77")
+                .await
+                .expect("read"),
+            "not elsewhere for a"
+        );
+        assert!(
+            !eb.running_elsewhere("shared-one", "78")
+                .await
+                .expect("read")
+        );
+        ea.running(&session, "77", false);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                !eb.running_elsewhere("shared-one", "77")
+                    .await
+                    .expect("read")
+            })
+            .await,
+            "the request's end was not recorded"
+        );
         // An ended session's log is gone from Redis, and refuses events.
         store.remove("shared-one").await.expect("remove");
         assert!(
@@ -1357,7 +1668,6 @@ mod tests {
                 .is_none()
         );
         // One node holds a lease until it lets go or stops renewing it.
-        let (ea, eb) = (a.hub.events().expect("a"), b.hub.events().expect("b"));
         let ttl = Duration::from_millis(300);
         assert!(ea.lease("s", "x", ttl).await.expect("lease"));
         assert!(!eb.lease("s", "x", ttl).await.expect("lease"));
@@ -1425,6 +1735,98 @@ mod tests {
         }
     }
 
+    /// With Redis away, what waits for the writer is bounded: more is
+    /// dropped and counted at once, and a publish says so at once.
+    #[tokio::test]
+    async fn the_writer_queue_is_bounded() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let limits = SharedLimits {
+            max_events: 64,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+            idle_ttl: Duration::from_secs(60),
+        };
+        let events =
+            SharedEvents::new(&format!("redis://127.0.0.1:{port}/"), "q:", limits).expect("events");
+        let node = Arc::new(Node {
+            hub: Hub::shared(LIMITS, events.clone()),
+            notices: Mutex::new(Vec::new()),
+        });
+        let handler: Arc<dyn BusHandler> = node.clone();
+        events.start(Arc::downgrade(&handler));
+        let session: Arc<str> = "s".into();
+        let megabyte = Bytes::from(vec![b'x'; 1 << 20]);
+        for _ in 0..(MAX_QUEUED_BYTES >> 20) + 600 {
+            events.enqueue(
+                &session,
+                Op::Message {
+                    stream: STANDALONE,
+                    payload: megabyte.clone(),
+                },
+            );
+        }
+        assert!(events.dropped() >= 1, "nothing was dropped");
+        let refused = tokio::time::timeout(Duration::from_secs(1), events.publish("s", b"{}"))
+            .await
+            .expect("answered at once");
+        assert!(refused.is_err());
+        assert!(
+            events.queued_bytes.load(Ordering::Relaxed) <= MAX_QUEUED_BYTES,
+            "bounded"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_shared_log_is_bounded_by_bytes_too() {
+        let (redis, _store) = redis_with_session("bytes:", "big").await;
+        let limits = SharedLimits {
+            max_events: 64,
+            max_bytes: 1000,
+            max_age: Duration::from_secs(60),
+            idle_ttl: Duration::from_secs(60),
+        };
+        let node = node_with(&redis.url(), "bytes:", limits).await;
+        let events = node.hub.events().expect("shared");
+        let payload =
+            |n: usize, fill: usize| format!("{{\"n\":{n},\"x\":\"{}\"}}", "y".repeat(fill));
+        let mut last = 0;
+        for n in 0..10 {
+            // 300 bytes each: three fit in 1000.
+            let body = payload(n, 300 - 14);
+            assert_eq!(body.len(), 300);
+            last = events
+                .publish("big", body.as_bytes())
+                .await
+                .expect("publish")
+                .expect("the session exists");
+        }
+        let kept = |read: &LogRead| read.entries.iter().map(|(seq, _)| *seq).collect::<Vec<_>>();
+        let read = events.read("big", 0).await.expect("read").expect("log");
+        assert_eq!(kept(&read), [last - 2, last - 1, last]);
+        // One larger than the bound: it alone is kept, the newest always is.
+        let huge = payload(10, 5000);
+        let seq = events
+            .publish("big", huge.as_bytes())
+            .await
+            .expect("publish")
+            .expect("the session exists");
+        let read = events.read("big", 0).await.expect("read").expect("log");
+        assert_eq!(kept(&read), [seq]);
+        // And the count of bytes went down with what left: small ones fit
+        // again next to each other.
+        for n in 11..13 {
+            events
+                .publish("big", payload(n, 100).as_bytes())
+                .await
+                .expect("publish");
+        }
+        let read = events.read("big", 0).await.expect("read").expect("log");
+        assert_eq!(kept(&read), [seq + 1, seq + 2]);
+    }
+
     #[test]
     fn bus_messages_parse() {
         let Some(Bus::Entry {
@@ -1447,6 +1849,19 @@ mod tests {
             panic!("an entry");
         };
         assert_eq!(entry, Entry::End(42));
+        // Truncated or foreign messages are refused, never a panic.
+        for junk in [
+            &b"n"[..],
+            b"n\n",
+            b"n\n7",
+            b"e",
+            b"e\nabc",
+            b"e\nabc\nx\n0\nm\n",
+            b"",
+            b"\n\n",
+        ] {
+            assert!(parse_bus(junk).is_none(), "{junk:?}");
+        }
         let resume = ResumeRequest {
             node: 7,
             from: 9,
