@@ -2160,6 +2160,40 @@ mod tests {
         );
     }
 
+    /// An upstream's SSE answer whose event is an array that serde would
+    /// read as an envelope (`["2.0", id, method, result, error]`) is not taken
+    /// for the response: the call ends with the gateway's error instead.
+    #[tokio::test]
+    async fn an_array_from_the_upstream_is_not_a_response() {
+        let up = testing::stub(|body| {
+            let id = testing::request_id(body);
+            if String::from_utf8_lossy(body).contains("\"initialize\"") {
+                return (200, "application/json", format!(
+                    r#"{{"jsonrpc":"2.0","id":{id},"result":{{"protocolVersion":"2025-06-18","capabilities":{{}},"serverInfo":{{"name":"stub","version":"1"}}}}}}"#
+                ));
+            }
+            (200, "text/event-stream", format!(
+                "event: message\r\ndata: [\"2.0\",{id},null,{{\"ok\":true}},null]\r\n\r\n"
+            ))
+        })
+        .await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        let mut r = gw
+            .handle(post(
+                r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"x"}}"#,
+                &[("mcp-session-id", &sid)],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let mut text = String::new();
+        while !text.contains("\"error\"") {
+            text.push_str(&next_text(&mut r).await);
+        }
+        assert!(text.contains("ended its answer without a response"), "{text}");
+        assert!(!text.contains("\"result\""), "{text}");
+    }
+
     #[tokio::test]
     async fn refusals_are_precise() {
         let up = mcp_stub().await;

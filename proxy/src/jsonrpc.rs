@@ -400,7 +400,7 @@ mod tests {
         // serde would read these arrays as the envelope's fields in order.
         for bad in [
             r#"["2.0", 1, "tools/list"]"#,
-            r#"["2.0", 1, null, {"content": []}]"#,
+            r#"["2.0", 1, null, {"content": []}, null]"#,
             "  [\"2.0\"]",
             "null",
             "true",
