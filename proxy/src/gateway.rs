@@ -1076,14 +1076,19 @@ impl Gateway {
         if message.method().is_none() && self.take_reply(&session.id, message) {
             return Ok(());
         }
-        if let (Some(events), Kind::Response { id }) = (self.hub.events(), &message.kind)
-            && modern::answers_gateway_request(id)
+        if let Kind::Response { id } = &message.kind
+            && let Some(node) = modern::gateway_request_node(id)
         {
-            // The gateway's own request, sent by another node.
-            events.notify(&Notice::Reply {
-                session: session.id.clone(),
-                body: String::from_utf8_lossy(&message.raw).into_owned(),
-            });
+            // The gateway's own request: sent by another node, which takes
+            // the answer; none waits for it here, whatever its id says.
+            if node != self.node
+                && let Some(events) = self.hub.events()
+            {
+                events.notify(&Notice::Reply {
+                    session: session.id.clone(),
+                    body: String::from_utf8_lossy(&message.raw).into_owned(),
+                });
+            }
             return Ok(());
         }
         if message.method() == Some("notifications/cancelled") {
@@ -2190,7 +2195,10 @@ mod tests {
         while !text.contains("\"error\"") {
             text.push_str(&next_text(&mut r).await);
         }
-        assert!(text.contains("ended its answer without a response"), "{text}");
+        assert!(
+            text.contains("ended its answer without a response"),
+            "{text}"
+        );
         assert!(!text.contains("\"result\""), "{text}");
     }
 

@@ -572,11 +572,15 @@ impl Gateway {
 /// node's tag and a counter, so nodes never mint the same one).
 const INPUT_REQUEST_PREFIX: &str = "ratatosk-input-";
 
-/// Whether a client's response answers a request the gateway sent it.
-pub(super) fn answers_gateway_request(id: &Id) -> bool {
-    id.as_json()
-        .strip_prefix('"')
-        .is_some_and(|s| s.starts_with(INPUT_REQUEST_PREFIX))
+/// The node that sent the gateway's request a client's response answers;
+/// `None` if the id is not one of the gateway's.
+pub(super) fn gateway_request_node(id: &Id) -> Option<u32> {
+    let (node, _) = id
+        .as_json()
+        .strip_prefix('"')?
+        .strip_prefix(INPUT_REQUEST_PREFIX)?
+        .split_once('-')?;
+    node.parse().ok()
 }
 
 /// The first round's answer of a modern exchange, when the caller has it.
@@ -1111,6 +1115,28 @@ impl Gateway {
             if !backoff.wait(stop).await {
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_request_ids_name_their_node() {
+        let id = |v: Value| Id::from_value(&v).expect("id");
+        assert_eq!(
+            gateway_request_node(&id(json!("ratatosk-input-4242-7"))),
+            Some(4242)
+        );
+        for other in [
+            json!("ratatosk-input-x-7"),
+            json!("ratatosk-input-"),
+            json!("something-else"),
+            json!(7),
+        ] {
+            assert_eq!(gateway_request_node(&id(other.clone())), None, "{other}");
         }
     }
 }
