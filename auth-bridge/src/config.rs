@@ -43,6 +43,9 @@ pub struct ProviderConfig {
     /// The longest bearer token accepted, in bytes.
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
+    /// Bounds on introspection calls for tokens not in the cache.
+    #[serde(default)]
+    pub introspection: IntrospectionLimits,
 }
 
 impl std::fmt::Debug for ProviderConfig {
@@ -83,6 +86,47 @@ impl Default for CacheConfig {
             max_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(10),
             enabled: true,
+        }
+    }
+}
+
+/// How many introspection calls tokens not in the cache may cause. Tokens
+/// go in one of two lanes: those whose signature verified against the
+/// realm's published keys (an attacker cannot make many of them), and
+/// those that could not be checked locally (signed with HMAC, or with a
+/// key that is not fetched yet). Junk can only fill the second.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntrospectionLimits {
+    pub verified: LaneLimits,
+    pub unverified: LaneLimits,
+    /// The longest a token waits for its lane; then 503 with Retry-After.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+/// One lane of introspection calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneLimits {
+    /// Calls in flight at once.
+    pub max_concurrent: usize,
+    /// Calls per second on average; a second's worth may start at once.
+    pub per_second: u32,
+}
+
+impl Default for IntrospectionLimits {
+    fn default() -> Self {
+        IntrospectionLimits {
+            verified: LaneLimits {
+                max_concurrent: 32,
+                per_second: 200,
+            },
+            unverified: LaneLimits {
+                max_concurrent: 4,
+                per_second: 20,
+            },
+            max_wait: Duration::from_secs(1),
         }
     }
 }
@@ -146,6 +190,7 @@ impl ProviderConfig {
             ("cache.negative_ttl", self.cache.negative_ttl),
             ("max_token_lifetime", self.max_token_lifetime),
             ("clock_skew", self.clock_skew),
+            ("introspection.max_wait", self.introspection.max_wait),
         ] {
             if d > MAX_DURATION {
                 out.push((field.into(), "expected at most 30 days".into()));
@@ -165,6 +210,23 @@ impl ProviderConfig {
                     self.max_token_bytes
                 ),
             ));
+        }
+        for (lane, limits) in [
+            ("verified", &self.introspection.verified),
+            ("unverified", &self.introspection.unverified),
+        ] {
+            if !(1..=10_000).contains(&limits.max_concurrent) {
+                out.push((
+                    format!("introspection.{lane}.max_concurrent"),
+                    format!("expected 1 to 10000, got {}", limits.max_concurrent),
+                ));
+            }
+            if !(1..=1_000_000).contains(&limits.per_second) {
+                out.push((
+                    format!("introspection.{lane}.per_second"),
+                    format!("expected 1 to 1000000, got {}", limits.per_second),
+                ));
+            }
         }
         out
     }

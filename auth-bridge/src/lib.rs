@@ -19,6 +19,8 @@ pub mod logout;
 pub mod metadata;
 pub mod metrics;
 pub mod provider;
+pub mod ratelog;
+pub mod throttle;
 pub mod validator;
 
 #[cfg(any(test, feature = "testing"))]
@@ -142,6 +144,10 @@ pub enum AuthError {
     InsufficientScope { scope: String },
     #[error("the identity provider is unavailable: {0}")]
     Unavailable(String),
+    /// Too many tokens not in the cache are waiting for the provider: the
+    /// token may well be good, so this is a 503 to retry, not a 401.
+    #[error("too many token checks are waiting for the identity provider: {0}")]
+    Busy(String),
 }
 
 impl AuthError {
@@ -152,7 +158,7 @@ impl AuthError {
             // RFC 6750 3.1: a malformed request is a 400.
             AuthError::MalformedHeader(_) => 400,
             AuthError::WrongOrg { .. } | AuthError::InsufficientScope { .. } => 403,
-            AuthError::Unavailable(_) => 503,
+            AuthError::Unavailable(_) | AuthError::Busy(_) => 503,
         }
     }
 
@@ -163,6 +169,10 @@ impl AuthError {
         match self {
             AuthError::Unavailable(_) => {
                 "the identity provider is unavailable; retry shortly".to_owned()
+            }
+            AuthError::Busy(_) => {
+                "too many token checks are waiting for the identity provider; retry shortly"
+                    .to_owned()
             }
             other => other.to_string(),
         }
@@ -179,7 +189,7 @@ impl AuthError {
             AuthError::WrongOrg { .. } | AuthError::InsufficientScope { .. } => {
                 Some("insufficient_scope")
             }
-            AuthError::Unavailable(_) => None,
+            AuthError::Unavailable(_) | AuthError::Busy(_) => None,
         }
     }
 }
@@ -190,6 +200,26 @@ pub fn clip(text: &str, max: usize) -> String {
         Some((i, _)) => format!("{}…", &text[..i]),
         None => text.to_owned(),
     }
+}
+
+/// How much of a client's text is shown in a message or a log line.
+pub const SHOWN_CHARS: usize = 64;
+
+/// Text a client chose (a `kid`, a header value, an org from a path, a
+/// parser's complaint about a token), made safe to log and to echo: at
+/// most `max` of its characters, with control characters, quotes,
+/// backslashes and everything outside printable ASCII escaped, so it can
+/// neither forge log lines nor reorder them on a terminal.
+pub fn untrusted(text: &str, max: usize) -> String {
+    let (kept, cut) = match text.char_indices().nth(max) {
+        Some((i, _)) => (&text[..i], true),
+        None => (text, false),
+    };
+    let mut out: String = kept.escape_default().collect();
+    if cut {
+        out.push_str("...");
+    }
+    out
 }
 
 /// The bearer token of an `Authorization` header value.
@@ -311,6 +341,26 @@ mod tests {
         assert_eq!(
             AuthError::WrongOrg { org: "o".into() }.bearer_error(),
             Some("insufficient_scope")
+        );
+    }
+
+    #[test]
+    fn untrusted_text_is_escaped_and_clipped() {
+        assert_eq!(untrusted("kid-1", SHOWN_CHARS), "kid-1");
+        // A forged log line, a terminal escape, quotes, a bidi override.
+        assert_eq!(
+            untrusted("a\nlevel=ERROR \u{1b}[2J\"'\\\u{202e}", 100),
+            "a\\nlevel=ERROR \\u{1b}[2J\\\"\\'\\\\\\u{202e}"
+        );
+        let long = "k".repeat(1000);
+        let shown = untrusted(&long, SHOWN_CHARS);
+        assert_eq!(shown, format!("{}...", "k".repeat(64)));
+        // Clipping counts characters, never splitting one.
+        assert_eq!(untrusted("ääää", 2), "\\u{e4}\\u{e4}...");
+        assert!(
+            untrusted(&"\u{0}".repeat(500), SHOWN_CHARS)
+                .chars()
+                .all(|c| c.is_ascii_graphic())
         );
     }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::claims::time;
 use crate::provider::{KeyError, Provider};
+use crate::untrusted;
 
 /// The event of the spec's `events` claim.
 pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
@@ -89,8 +90,9 @@ pub async fn verify(
     if token.len() > config.max_token_bytes {
         return Err(invalid("the logout token is too long".into()));
     }
-    let header =
-        jsonwebtoken::decode_header(&token).map_err(|e| invalid(format!("not a JWT: {e}")))?;
+    // Parser complaints can quote the token: escaped and clipped.
+    let header = jsonwebtoken::decode_header(&token)
+        .map_err(|e| invalid(format!("not a JWT: {}", untrusted(&e.to_string(), 120))))?;
     let kid = header
         .kid
         .as_deref()
@@ -115,8 +117,12 @@ pub async fn verify(
     // Time claims are checked below.
     v.validate_exp = false;
     v.leeway = config.clock_skew.as_secs();
-    let data = jsonwebtoken::decode::<LogoutClaims>(&token, &key.key, &v)
-        .map_err(|e| invalid(format!("the logout token does not verify: {e}")))?;
+    let data = jsonwebtoken::decode::<LogoutClaims>(&token, &key.key, &v).map_err(|e| {
+        invalid(format!(
+            "the logout token does not verify: {}",
+            untrusted(&e.to_string(), 120)
+        ))
+    })?;
     let claims = data.claims;
     let has_event = claims
         .events

@@ -13,6 +13,30 @@ pub enum Outcome {
     Invalid,
     Revoked,
     Unavailable,
+    /// Refused because too many tokens were waiting for the provider.
+    Busy,
+}
+
+/// Why a token was refused in `introspect` mode without asking the
+/// provider, as counted in `auth_refused_before_introspection_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum Precheck {
+    /// Not a JWT at all.
+    NotJwt,
+    /// `iss`, `exp` or `typ` rule it out.
+    Claims,
+    /// Its signature does not verify against the realm's key it names.
+    Signature,
+}
+
+impl Precheck {
+    fn as_str(self) -> &'static str {
+        match self {
+            Precheck::NotJwt => "not_jwt",
+            Precheck::Claims => "claims",
+            Precheck::Signature => "signature",
+        }
+    }
 }
 
 /// How a cache look-up went, as counted in `auth_cache_total`.
@@ -24,13 +48,14 @@ pub enum CacheOutcome {
 }
 
 impl Outcome {
-    const ALL: usize = 4;
+    const ALL: usize = 5;
     fn as_str(self) -> &'static str {
         match self {
             Outcome::Valid => "valid",
             Outcome::Invalid => "invalid",
             Outcome::Revoked => "revoked",
             Outcome::Unavailable => "unavailable",
+            Outcome::Busy => "busy",
         }
     }
 }
@@ -51,11 +76,13 @@ impl CacheOutcome {
 struct Handles {
     validations: [[OnceLock<IntCounter>; Outcome::ALL]; 4],
     cache: [OnceLock<IntCounter>; 3],
+    prechecks: [OnceLock<IntCounter>; 3],
 }
 
 #[derive(Clone)]
 pub struct AuthMetrics {
-    /// Validations by mode and result (`valid`, `invalid`, `revoked`, `unavailable`).
+    /// Validations by mode and result (`valid`, `invalid`, `revoked`,
+    /// `unavailable`, `busy`).
     pub validations: IntCounterVec,
     /// Cache look-ups by outcome: `hit`, `miss` (this request asked the
     /// provider), `coalesced` (it waited for another request's answer).
@@ -64,6 +91,11 @@ pub struct AuthMetrics {
     pub introspections: IntCounter,
     pub introspection_failures: IntCounter,
     pub introspection_latency: Histogram,
+    /// Tokens refused in `introspect` mode without a call, by reason.
+    pub refused_before_introspection: IntCounterVec,
+    /// Tokens refused because their introspection lane was full, by lane
+    /// (`verified`, `unverified`) and what was spent (`rate`, `concurrency`).
+    pub introspections_throttled: IntCounterVec,
     /// JWKS fetches by result (`ok`, `failed`).
     pub jwks_fetches: IntCounterVec,
     /// Back-channel logout tokens by result (`accepted`, `rejected`).
@@ -107,6 +139,20 @@ impl AuthMetrics {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ]),
             )?,
+            refused_before_introspection: IntCounterVec::new(
+                Opts::new(
+                    "auth_refused_before_introspection_total",
+                    "Tokens refused in introspect mode without asking the provider, by reason",
+                ),
+                &["reason"],
+            )?,
+            introspections_throttled: IntCounterVec::new(
+                Opts::new(
+                    "auth_introspections_throttled_total",
+                    "Tokens refused (503) because their introspection lane was full, by lane and limit",
+                ),
+                &["lane", "limit"],
+            )?,
             jwks_fetches: IntCounterVec::new(
                 Opts::new("auth_jwks_fetches_total", "JWKS fetches by result"),
                 &["result"],
@@ -129,6 +175,8 @@ impl AuthMetrics {
         registry.register(Box::new(m.introspections.clone()))?;
         registry.register(Box::new(m.introspection_failures.clone()))?;
         registry.register(Box::new(m.introspection_latency.clone()))?;
+        registry.register(Box::new(m.refused_before_introspection.clone()))?;
+        registry.register(Box::new(m.introspections_throttled.clone()))?;
         registry.register(Box::new(m.jwks_fetches.clone()))?;
         registry.register(Box::new(m.logouts.clone()))?;
         registry.register(Box::new(m.revoked.clone()))?;
@@ -147,6 +195,14 @@ impl AuthMetrics {
         self.handles.validations[m][outcome as usize].get_or_init(|| {
             self.validations
                 .with_label_values(&[mode.as_str(), outcome.as_str()])
+        })
+    }
+
+    /// The `auth_refused_before_introspection_total` counter of a reason.
+    pub fn precheck(&self, reason: Precheck) -> &IntCounter {
+        self.handles.prechecks[reason as usize].get_or_init(|| {
+            self.refused_before_introspection
+                .with_label_values(&[reason.as_str()])
         })
     }
 

@@ -220,12 +220,12 @@ impl Provider {
             // unknown, not the token's key: that is the provider's fault.
             return Err(match failure {
                 Some(why) => KeyError::Unavailable(why.clone()),
-                None => KeyError::NotYetKnown(crate::clip(kid, 64)),
+                None => KeyError::NotYetKnown(crate::untrusted(kid, crate::SHOWN_CHARS)),
             });
         }
         self.refresh(&mut last).await?;
         self.cached_key(kid)
-            .ok_or_else(|| KeyError::UnknownKid(crate::clip(kid, 64)))
+            .ok_or_else(|| KeyError::UnknownKid(crate::untrusted(kid, crate::SHOWN_CHARS)))
     }
 
     /// Fetches the keys and records the attempt (a failed one too, so a

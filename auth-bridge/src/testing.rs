@@ -26,6 +26,8 @@ pub struct FakeIdp {
     algorithm: Algorithm,
     encoding: EncodingKey,
     pub introspections: Arc<AtomicUsize>,
+    /// The most introspection calls that were in progress at once.
+    pub most_concurrent_introspections: Arc<AtomicUsize>,
     pub jwks_fetches: Arc<AtomicUsize>,
     /// Answers garbage to JWKS and introspection while set.
     pub garbage: Arc<AtomicBool>,
@@ -73,6 +75,7 @@ impl FakeIdp {
             algorithm,
             encoding,
             introspections: Default::default(),
+            most_concurrent_introspections: Default::default(),
             jwks_fetches: Default::default(),
             garbage: Default::default(),
             down: Default::default(),
@@ -82,6 +85,8 @@ impl FakeIdp {
             issuer,
             jwks: json!({"keys": [jwk]}),
             introspections: idp.introspections.clone(),
+            in_progress: Default::default(),
+            most_concurrent: idp.most_concurrent_introspections.clone(),
             jwks_fetches: idp.jwks_fetches.clone(),
             garbage: idp.garbage.clone(),
             down: idp.down.clone(),
@@ -126,6 +131,7 @@ impl FakeIdp {
             "iss": self.issuer, "aud": [AUDIENCE, "gateway-client"], "sub": "user-1",
             "exp": now + 300, "iat": now, "sid": "session-1", "scope": "openid mcp:tools",
             "preferred_username": "alice", "azp": "mcp-client", "organization": ["org-1"],
+            "typ": "Bearer",
         });
         if let (Some(c), Some(o)) = (claims.as_object_mut(), overrides.as_object()) {
             for (k, v) in o {
@@ -141,6 +147,25 @@ impl FakeIdp {
         jsonwebtoken::encode(&header, claims, &self.encoding).expect("sign")
     }
 
+    /// A token that looks like one of this IdP's to every check but a
+    /// signature check: its claims, with another key's signature. `kid`
+    /// and `alg` say which key it claims.
+    pub fn forge(&self, claims: &Value, kid: &str, alg: Algorithm) -> String {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        let key = match alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                EncodingKey::from_secret(b"not the realm's secret")
+            }
+            _ => {
+                let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+                header.alg = Algorithm::ES256;
+                EncodingKey::from_ec_der(secret.to_pkcs8_der().expect("der").as_bytes())
+            }
+        };
+        jsonwebtoken::encode(&header, claims, &key).expect("sign")
+    }
+
     pub fn config(&self) -> crate::ProviderConfig {
         crate::ProviderConfig {
             issuer: self.issuer.clone(),
@@ -154,6 +179,7 @@ impl FakeIdp {
             max_token_lifetime: Duration::from_secs(600),
             logout_client_ids: vec!["mcp-client".into()],
             max_token_bytes: 16 * 1024,
+            introspection: Default::default(),
         }
     }
 }
@@ -162,6 +188,8 @@ struct State {
     issuer: String,
     jwks: Value,
     introspections: Arc<AtomicUsize>,
+    in_progress: AtomicUsize,
+    most_concurrent: Arc<AtomicUsize>,
     jwks_fetches: Arc<AtomicUsize>,
     garbage: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
@@ -196,6 +224,8 @@ impl State {
             }
         } else if path == format!("{base}/protocol/openid-connect/token/introspect") {
             self.introspections.fetch_add(1, Ordering::SeqCst);
+            let now = self.in_progress.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_concurrent.fetch_max(now, Ordering::SeqCst);
             let form = req
                 .into_body()
                 .collect()
@@ -204,6 +234,7 @@ impl State {
                 .unwrap_or_default();
             // Slow enough that concurrent look-ups overlap.
             tokio::time::sleep(Duration::from_millis(200)).await;
+            self.in_progress.fetch_sub(1, Ordering::SeqCst);
             if garbage {
                 "not json at all".into()
             } else {
