@@ -31,6 +31,23 @@ pub struct Claims {
     pub organization: Option<Value>,
     /// Introspection only: whether the token is active.
     pub active: Option<bool>,
+    /// Keycloak's kind of token: `Bearer` for access tokens; `ID`,
+    /// `Refresh`, `Logout`, ... for the others.
+    pub typ: Option<String>,
+}
+
+/// Refuses every kind of token but access tokens. Keycloak names the kind
+/// in `typ`; a token without it (another provider's) is let through to the
+/// other checks, where an ID token fails the audience.
+pub fn access_token_type(typ: Option<&str>) -> Result<(), String> {
+    match typ {
+        None => Ok(()),
+        Some(t) if t.eq_ignore_ascii_case("bearer") => Ok(()),
+        Some(t) => Err(format!(
+            "not an access token: its `typ` is `{}` (an ID, refresh or other token); send the access token",
+            crate::untrusted(t, crate::SHOWN_CHARS)
+        )),
+    }
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -133,6 +150,18 @@ mod tests {
         assert_eq!(id.session_id.as_deref(), Some("s-1"));
         assert_eq!(id.client_id.as_deref(), Some("mcp-client"));
         assert!(id.expires_at.is_some() && id.issued_at.is_some());
+    }
+
+    #[test]
+    fn only_access_tokens_pass_the_type_check() {
+        assert_eq!(access_token_type(Some("Bearer")), Ok(()));
+        assert_eq!(access_token_type(None), Ok(()));
+        for other in ["ID", "Refresh", "Logout", "Offline", "DPoP", ""] {
+            let why = access_token_type(Some(other)).expect_err(other);
+            assert!(why.starts_with("not an access token"), "{why}");
+        }
+        let why = access_token_type(Some("ID\nforged")).expect_err("escaped");
+        assert!(why.contains("ID\\nforged"), "{why}");
     }
 
     #[test]

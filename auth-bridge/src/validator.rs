@@ -9,6 +9,12 @@
 //! - Back-channel logout puts the session (`sid`) on a revocation list that
 //!   every validation checks, cached or not, so a logged-out token is
 //!   refused at once in every mode, even though its signature still holds.
+//! - In `introspect` mode, a token that cannot be one of the realm's access
+//!   tokens (not a JWT, another `iss`, long expired, not `typ: Bearer`, a
+//!   bad signature by a known key) is refused without a call, and the calls
+//!   that remain are bounded per lane (see [`IntrospectionLimits`]).
+//!
+//! [`IntrospectionLimits`]: crate::config::IntrospectionLimits
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,12 +26,14 @@ use moka::future::Cache;
 use prometheus::Registry;
 use sha2::{Digest, Sha256};
 
-use crate::claims::Claims;
+use crate::claims::{Claims, access_token_type};
 use crate::config::ProviderConfig;
 use crate::logout::{self, LogoutEvent};
-use crate::metrics::{AuthMetrics, CacheOutcome, Outcome};
+use crate::metrics::{AuthMetrics, CacheOutcome, Outcome, Precheck};
 use crate::provider::{KeyError, Provider};
-use crate::{AuthError, AuthMode, Identity};
+use crate::ratelog::LogEvery;
+use crate::throttle::{Refused, Throttle};
+use crate::{AuthError, AuthMode, Identity, SHOWN_CHARS, untrusted};
 
 /// What the cache remembers about a token.
 #[derive(Clone)]
@@ -66,6 +74,24 @@ struct Revocations {
     subjects: DashMap<String, (SystemTime, Instant)>,
 }
 
+/// The introspection lane a token waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Its signature verified against a key the realm publishes.
+    Verified,
+    /// It could not be checked locally (HMAC, a key not fetched yet).
+    Unverified,
+}
+
+impl Lane {
+    fn as_str(self) -> &'static str {
+        match self {
+            Lane::Verified => "verified",
+            Lane::Unverified => "unverified",
+        }
+    }
+}
+
 pub struct Validator {
     provider: Provider,
     /// Ids of logout tokens already accepted, against replays.
@@ -73,6 +99,10 @@ pub struct Validator {
     cache: Cache<[u8; 32], Verdict>,
     revocations: Revocations,
     metrics: AuthMetrics,
+    verified_calls: Throttle,
+    unverified_calls: Throttle,
+    /// Anyone can post a bad logout token: their refusals are logged sparsely.
+    logout_refusals: LogEvery,
 }
 
 impl Validator {
@@ -86,12 +116,18 @@ impl Validator {
             })
             .support_invalidation_closures()
             .build();
+        let limits = &config.introspection;
+        let verified_calls = Throttle::new(&limits.verified, limits.max_wait);
+        let unverified_calls = Throttle::new(&limits.unverified, limits.max_wait);
         Ok(Arc::new(Validator {
             provider: Provider::new(config, metrics.clone())?,
             logout_ids: DashMap::new(),
             cache,
             revocations: Revocations::default(),
             metrics,
+            verified_calls,
+            unverified_calls,
+            logout_refusals: LogEvery::default(),
         }))
     }
 
@@ -131,8 +167,9 @@ impl Validator {
 
     pub async fn validate(&self, token: &str, mode: AuthMode) -> Result<Arc<Identity>, AuthError> {
         // Every provider call is bounded; this bounds their sum (discovery,
-        // keys, introspection, and any wait behind another request's call).
-        let budget = self.config().timeout * 3;
+        // keys, introspection, and any wait behind another request's call
+        // or for an introspection slot).
+        let budget = self.config().timeout * 3 + self.config().introspection.max_wait;
         let result = tokio::time::timeout(budget, self.validate_inner(token, mode))
             .await
             .unwrap_or_else(|_| {
@@ -143,6 +180,7 @@ impl Validator {
         let outcome = match &result {
             Ok(_) => Outcome::Valid,
             Err(AuthError::Unavailable(_)) => Outcome::Unavailable,
+            Err(AuthError::Busy(_)) => Outcome::Busy,
             Err(AuthError::InvalidToken(why)) if why.starts_with(LOGGED_OUT) => Outcome::Revoked,
             Err(_) => Outcome::Invalid,
         };
@@ -227,9 +265,12 @@ impl Validator {
         let verdict = match mode {
             AuthMode::None => Verdict::Invalid("this route does not validate tokens".into()),
             AuthMode::Jwt => self.verify_jwt(token).await?,
-            AuthMode::Introspect => self.verify_introspect(token).await?,
+            AuthMode::Introspect => match self.precheck(token).await {
+                Ok(lane) => self.verify_introspect(token, lane).await?,
+                Err(refused) => refused,
+            },
             AuthMode::JwtIntrospect => match self.verify_jwt(token).await? {
-                Verdict::Valid(_) => self.verify_introspect(token).await?,
+                Verdict::Valid(_) => self.verify_introspect(token, Lane::Verified).await?,
                 invalid => invalid,
             },
         };
@@ -243,7 +284,7 @@ impl Validator {
             Err(e) => {
                 return Ok(invalid(format!(
                     "not a JWT: {}",
-                    crate::clip(&e.to_string(), 80)
+                    untrusted(&e.to_string(), 120)
                 )));
             }
         };
@@ -267,26 +308,154 @@ impl Validator {
         }
         let mut v = Validation::new(key.algorithm);
         v.set_issuer(&[config.issuer.as_str()]);
-        v.set_audience(&[config.audience.as_str()]);
-        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.set_required_spec_claims(&["exp", "iss", "sub"]);
+        // Checked below, after the kind of token: an ID token is refused as
+        // that, not for its audience (the client's id).
+        v.validate_aud = false;
         v.leeway = config.clock_skew.as_secs();
         v.validate_nbf = true;
-        match jsonwebtoken::decode::<Claims>(token, &key.key, &v) {
-            Ok(data) => Ok(match data.claims.identity() {
-                Ok(id) => Verdict::Valid(Arc::new(id)),
-                Err(why) => invalid(why),
-            }),
-            Err(e) => Ok(invalid(jwt_error(&e, config))),
+        let claims = match jsonwebtoken::decode::<Claims>(token, &key.key, &v) {
+            Ok(data) => data.claims,
+            Err(e) => return Ok(invalid(jwt_error(&e, config))),
+        };
+        if let Err(why) = access_token_type(claims.typ.as_deref()) {
+            return Ok(invalid(why));
+        }
+        if !claims.aud.iter().any(|a| a == &config.audience) {
+            return Ok(invalid(not_for_us(&claims.aud, config)));
+        }
+        Ok(match claims.identity() {
+            Ok(id) => Verdict::Valid(Arc::new(id)),
+            Err(why) => invalid(why),
+        })
+    }
+
+    /// What `introspect` mode can learn without a call. Keycloak issues
+    /// access tokens as JWTs only (lightweight ones too, which keep `iss`,
+    /// `exp` and `typ`), signed with one of the realm's keys: a token that
+    /// is no JWT, names another issuer, expired, is not `typ: Bearer`, or
+    /// does not verify against the realm's key it names is refused here.
+    /// `Ok` is the lane that the call waits in.
+    async fn precheck(&self, token: &str) -> Result<Lane, Verdict> {
+        let config = self.config();
+        let refuse = |reason: Precheck, why: String| {
+            self.metrics.precheck(reason).inc();
+            invalid(why)
+        };
+        let parts: Vec<&str> = token.split('.').collect();
+        if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+            return Err(refuse(
+                Precheck::NotJwt,
+                "not a JWT (header.payload.signature); the realm's access tokens are JWTs".into(),
+            ));
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            refuse(
+                Precheck::NotJwt,
+                format!("not a JWT: {}", untrusted(&e.to_string(), 120)),
+            )
+        })?;
+        let Some(kid) = header.kid.as_deref() else {
+            return Err(refuse(
+                Precheck::NotJwt,
+                "the JWT header has no `kid`".into(),
+            ));
+        };
+        let peek = peek_claims(parts[1]).ok_or_else(|| {
+            refuse(
+                Precheck::NotJwt,
+                "the JWT payload is not a JSON object with string `iss` and `typ` and numeric `exp`"
+                    .into(),
+            )
+        })?;
+        if peek.iss.as_deref() != Some(config.issuer.as_str()) {
+            return Err(refuse(
+                Precheck::Claims,
+                format!(
+                    "the token was issued by `{}`, not `{}`",
+                    untrusted(peek.iss.as_deref().unwrap_or(""), SHOWN_CHARS),
+                    config.issuer
+                ),
+            ));
+        }
+        access_token_type(peek.typ.as_deref()).map_err(|why| refuse(Precheck::Claims, why))?;
+        let now = unix_now() as f64;
+        match peek.exp {
+            None => {
+                return Err(refuse(
+                    Precheck::Claims,
+                    "the token lacks the `exp` claim".into(),
+                ));
+            }
+            Some(exp) if exp + (config.clock_skew.as_secs() as f64) < now => {
+                return Err(refuse(Precheck::Claims, "the token has expired".into()));
+            }
+            Some(_) => {}
+        }
+        // The realm's HMAC keys are secret: such tokens only the provider
+        // can check.
+        if matches!(
+            header.alg,
+            jsonwebtoken::Algorithm::HS256
+                | jsonwebtoken::Algorithm::HS384
+                | jsonwebtoken::Algorithm::HS512
+        ) {
+            return Ok(Lane::Unverified);
+        }
+        let key = match self.provider.signing_key(kid).await {
+            Ok(key) => key,
+            Err(e @ KeyError::UnknownKid(_)) => {
+                return Err(refuse(Precheck::Signature, e.to_string()));
+            }
+            // A key that rotated in since the last fetch, or keys that
+            // cannot be fetched now: the provider decides, in the lane that
+            // junk can fill without harming verified tokens.
+            Err(KeyError::NotYetKnown(_) | KeyError::Unavailable(_)) => {
+                return Ok(Lane::Unverified);
+            }
+        };
+        if header.alg != key.algorithm {
+            return Err(refuse(
+                Precheck::Signature,
+                format!(
+                    "the JWT says alg {:?}, its key is for {:?}",
+                    header.alg, key.algorithm
+                ),
+            ));
+        }
+        let (message, signature) = token.rsplit_once('.').unwrap_or((token, ""));
+        match jsonwebtoken::crypto::verify(signature, message.as_bytes(), &key.key, key.algorithm) {
+            Ok(true) => Ok(Lane::Verified),
+            _ => Err(refuse(
+                Precheck::Signature,
+                "the token's signature does not verify".into(),
+            )),
         }
     }
 
-    async fn verify_introspect(&self, token: &str) -> Result<Verdict, AuthError> {
+    async fn verify_introspect(&self, token: &str, lane: Lane) -> Result<Verdict, AuthError> {
         let config = self.config();
-        let mut claims = self
-            .provider
-            .introspect(token)
-            .await
-            .map_err(|e| AuthError::Unavailable(e.0))?;
+        let throttle = match lane {
+            Lane::Verified => &self.verified_calls,
+            Lane::Unverified => &self.unverified_calls,
+        };
+        let permit = throttle.admit().await.map_err(|refused| {
+            self.metrics
+                .introspections_throttled
+                .with_label_values(&[lane.as_str(), refused.as_str()])
+                .inc();
+            AuthError::Busy(format!(
+                "identity.introspection.{} is at its {} limit",
+                lane.as_str(),
+                match refused {
+                    Refused::Rate => "per_second",
+                    Refused::Concurrency => "max_concurrent",
+                }
+            ))
+        })?;
+        let answer = self.provider.introspect(token).await;
+        drop(permit);
+        let mut claims = answer.map_err(|e| AuthError::Unavailable(e.0))?;
         if claims.active != Some(true) {
             return Ok(invalid(
                 "the identity provider says the token is not active (expired, revoked, or not its own)",
@@ -299,15 +468,16 @@ impl Validator {
             && iss != &config.issuer
         {
             return Ok(invalid(format!(
-                "the token was issued by `{iss}`, not `{}`",
+                "the token was issued by `{}`, not `{}`",
+                untrusted(iss, SHOWN_CHARS),
                 config.issuer
             )));
         }
+        if let Err(why) = access_token_type(claims.typ.as_deref()) {
+            return Ok(invalid(why));
+        }
         if !claims.aud.iter().any(|a| a == &config.audience) {
-            return Ok(invalid(format!(
-                "the token is not for this gateway: its audience {:?} lacks `{}`",
-                claims.aud, config.audience
-            )));
+            return Ok(invalid(not_for_us(&claims.aud, config)));
         }
         Ok(match claims.identity() {
             Ok(id) => Verdict::Valid(Arc::new(id)),
@@ -330,7 +500,12 @@ impl Validator {
             }
             Err(e) => {
                 self.metrics.logouts.with_label_values(&["rejected"]).inc();
-                tracing::warn!(error = %e, "back-channel logout refused");
+                match self.logout_refusals.ready() {
+                    Some(suppressed) => {
+                        tracing::warn!(error = %e, suppressed, "back-channel logout refused")
+                    }
+                    None => tracing::debug!(error = %e, "back-channel logout refused"),
+                }
             }
         }
         result
@@ -385,15 +560,38 @@ const LOGGED_OUT: &str = "the token's session was logged out";
 /// has said this very token is active (so its signature held), its payload
 /// can be read for the claim. Only a payload about the same subject counts.
 fn organization_from_payload(token: &str, subject: Option<&str>) -> Option<serde_json::Value> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
+    let bytes = decode_part(token.split('.').nth(1)?)?;
     let claims: Claims = serde_json::from_slice(&bytes).ok()?;
     (claims.sub.is_some() && claims.sub.as_deref() == subject)
         .then_some(claims.organization)
         .flatten()
+}
+
+fn decode_part(part: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .ok()
+}
+
+/// The claims `introspect` mode looks at before a call, unverified.
+#[derive(serde::Deserialize)]
+struct Peek {
+    iss: Option<String>,
+    exp: Option<f64>,
+    typ: Option<String>,
+}
+
+fn peek_claims(payload: &str) -> Option<Peek> {
+    serde_json::from_slice(&decode_part(payload)?).ok()
+}
+
+fn not_for_us(audience: &[String], config: &ProviderConfig) -> String {
+    format!(
+        "the token is not for this gateway: its audience [{}] lacks `{}`",
+        untrusted(&audience.join(", "), SHOWN_CHARS),
+        config.audience
+    )
 }
 
 fn invalid(why: impl Into<String>) -> Verdict {
@@ -723,6 +921,213 @@ mod tests {
         );
         assert_eq!(organization_from_payload(&token, Some("u2")), None);
         assert_eq!(organization_from_payload("opaque-token", Some("u1")), None);
+    }
+
+    /// Claims that pass every check made before an introspection call.
+    fn plausible(idp: &FakeIdp, i: usize) -> serde_json::Value {
+        json!({"iss": idp.issuer, "sub": format!("junk-{i}"), "exp": unix_now() + 300,
+               "typ": "Bearer", "aud": crate::testing::AUDIENCE})
+    }
+
+    #[tokio::test]
+    async fn junk_that_cannot_be_the_realms_costs_no_introspection() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        v.validate(&idp.token(json!({})), AuthMode::Introspect)
+            .await
+            .expect("valid");
+        let calls = idp.introspections.load(Ordering::SeqCst);
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let odd_payload = format!(
+            "{}.{}.c2ln",
+            b64(json!({"alg": "ES256", "kid": crate::testing::KID})),
+            b64(json!({"iss": idp.issuer, "exp": "tomorrow"}))
+        );
+        let cases = [
+            ("opaque-token-0123456789".to_owned(), "not a JWT", "not_jwt"),
+            ("a.b.c".to_owned(), "not a JWT", "not_jwt"),
+            ("e30.e30.e30".to_owned(), "not a JWT", "not_jwt"),
+            ("a..c".to_owned(), "not a JWT", "not_jwt"),
+            (odd_payload, "payload", "not_jwt"),
+            (
+                idp.token(json!({"iss": "http://evil/realms/test"})),
+                "issued by `http://evil",
+                "claims",
+            ),
+            (
+                idp.token(json!({"exp": unix_now() - 3600})),
+                "expired",
+                "claims",
+            ),
+            (idp.token(json!({"exp": null})), "lacks the `exp`", "claims"),
+            (
+                idp.token(json!({"typ": "ID"})),
+                "not an access token",
+                "claims",
+            ),
+            (
+                idp.token(json!({"typ": "Refresh"})),
+                "not an access token",
+                "claims",
+            ),
+            (
+                idp.forge(
+                    &plausible(&idp, 1),
+                    crate::testing::KID,
+                    jsonwebtoken::Algorithm::ES256,
+                ),
+                "signature does not verify",
+                "signature",
+            ),
+        ];
+        for (token, why, _) in &cases {
+            match v.validate(token, AuthMode::Introspect).await {
+                Err(AuthError::InvalidToken(msg)) => assert!(msg.contains(why), "{why}: {msg}"),
+                other => panic!("{why}: expected InvalidToken, got {other:?}"),
+            }
+        }
+        assert_eq!(idp.introspections.load(Ordering::SeqCst), calls);
+        for reason in ["not_jwt", "claims", "signature"] {
+            let expected = cases.iter().filter(|c| c.2 == reason).count() as u64;
+            assert_eq!(
+                v.metrics
+                    .refused_before_introspection
+                    .with_label_values(&[reason])
+                    .get(),
+                expected,
+                "{reason}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn unverifiable_tokens_have_a_bounded_lane_that_verified_ones_do_not_wait_in() {
+        let idp = FakeIdp::start().await;
+        let mut config = idp.config();
+        config.introspection.unverified = crate::config::LaneLimits {
+            max_concurrent: 2,
+            per_second: 5,
+        };
+        config.introspection.max_wait = Duration::from_millis(300);
+        let v = Validator::new(config, &Registry::new()).expect("validator");
+        let cached = idp.token(json!({"sub": "cached"}));
+        v.validate(&cached, AuthMode::Introspect)
+            .await
+            .expect("valid");
+        let calls = idp.introspections.load(Ordering::SeqCst);
+        // Distinct junk that passes the checks made without a call but
+        // cannot be verified here: HMAC-signed, or by a key id that is not
+        // in the key set fetched a moment ago (it may have rotated in).
+        let junk: Vec<String> = (0..200)
+            .map(|i| {
+                if i % 2 == 0 {
+                    idp.forge(
+                        &plausible(&idp, i),
+                        crate::testing::KID,
+                        jsonwebtoken::Algorithm::HS256,
+                    )
+                } else {
+                    idp.forge(
+                        &plausible(&idp, i),
+                        &format!("rotated-{i}"),
+                        jsonwebtoken::Algorithm::ES256,
+                    )
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        let tasks: Vec<_> = junk
+            .into_iter()
+            .map(|t| {
+                let v = v.clone();
+                tokio::spawn(async move { v.validate(&t, AuthMode::Introspect).await })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while idp.introspections.load(Ordering::SeqCst) == calls {
+            assert!(Instant::now() < deadline, "no junk reached the provider");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Mid-flood: a new good token, and one in the cache.
+        let fresh = idp.token(json!({"sub": "fresh"}));
+        let asked = Instant::now();
+        v.validate(&fresh, AuthMode::Introspect)
+            .await
+            .expect("a verified token does not queue behind junk");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+        let asked = Instant::now();
+        v.validate(&cached, AuthMode::Introspect)
+            .await
+            .expect("cached");
+        assert!(asked.elapsed() < Duration::from_millis(100));
+        let mut busy = 0;
+        for t in tasks {
+            match t.await.expect("joined") {
+                Err(AuthError::Busy(why)) => {
+                    assert!(why.contains("identity.introspection.unverified"), "{why}");
+                    assert_eq!(AuthError::Busy(why).status(), 503);
+                    busy += 1;
+                }
+                Err(AuthError::InvalidToken(_)) => {}
+                other => panic!("junk: {other:?}"),
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let junk_calls = idp.introspections.load(Ordering::SeqCst) - calls - 1;
+        // A burst of 5, a queue of max_wait x 5/s, then 5/s.
+        let bound = 5.0 + 1.5 + 5.0 * elapsed;
+        assert!(junk_calls as f64 <= bound, "{junk_calls} calls > {bound}");
+        assert!(junk_calls >= 2, "{junk_calls}");
+        assert_eq!(busy + junk_calls, 200);
+        // Two junk calls at most, plus the verified one beside them.
+        assert!(idp.most_concurrent_introspections.load(Ordering::SeqCst) <= 3);
+        let throttled: u64 = ["rate", "concurrency"]
+            .iter()
+            .map(|l| {
+                v.metrics
+                    .introspections_throttled
+                    .with_label_values(&["unverified", l])
+                    .get()
+            })
+            .sum();
+        assert_eq!(throttled, busy as u64);
+        assert_eq!(
+            v.metrics
+                .validations
+                .with_label_values(&["introspect", "busy"])
+                .get(),
+            busy as u64
+        );
+    }
+
+    #[tokio::test]
+    async fn id_and_refresh_tokens_are_refused_as_not_access_tokens_in_every_mode() {
+        let idp = FakeIdp::start().await;
+        let v = validator(&idp);
+        // Keycloak's ID token: typ ID, for the client, not the gateway.
+        let id_token = idp.token(json!({"typ": "ID", "aud": "mcp-client", "nonce": "n"}));
+        let refresh = idp.token(json!({"typ": "Refresh"}));
+        for token in [&id_token, &refresh] {
+            for mode in [AuthMode::Jwt, AuthMode::Introspect, AuthMode::JwtIntrospect] {
+                match v.validate(token, mode).await {
+                    Err(AuthError::InvalidToken(msg)) => {
+                        assert!(msg.starts_with("not an access token"), "{mode:?}: {msg}")
+                    }
+                    other => panic!("{mode:?}: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(idp.introspections.load(Ordering::SeqCst), 0);
+        // Another provider's access token without `typ` passes the check.
+        let untyped = idp.token(json!({"typ": null}));
+        v.validate(&untyped, AuthMode::Jwt).await.expect("valid");
     }
 
     #[tokio::test]

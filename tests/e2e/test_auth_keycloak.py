@@ -5,6 +5,9 @@ carol in both)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
 import re
 import threading
 import time
@@ -35,6 +38,25 @@ def session_of(gw, org_name: str, token: str) -> str:
 def metric(gw, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", gw.metrics(), re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def metric_sum(gw, name: str, **labels: str) -> float:
+    """The sum of a labelled metric's series that carry these labels."""
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", gw.metrics(), re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def forged(header: dict, payload: dict) -> str:
+    """A JWT with these parts and a signature no key made."""
+    return f"{b64(header)}.{b64(payload)}.{b64({'sig': os.urandom(24).hex()})}"
 
 
 def test_each_user_reaches_exactly_their_orgs(auth_gateway, keycloak):
@@ -131,6 +153,112 @@ def test_one_fresh_token_a_thousand_times_makes_one_introspection(auth_gateway, 
     statuses = asyncio.run(flood())
     assert statuses.count(400) == 1000, {s: statuses.count(s) for s in set(statuses)}
     assert metric(auth_gateway, "ratatosk_auth_introspections_total") - before == 1
+
+
+# identity.introspection defaults (README): the lane of tokens that cannot be
+# verified locally has 4 slots and 20 calls per second (a second's worth at
+# once), and a token waits at most 1 s for it.
+UNVERIFIED_PER_SECOND = 20
+MAX_WAIT = 1.0
+
+
+def test_a_thousand_junk_tokens_make_a_bounded_number_of_introspections(auth_gateway, keycloak):
+    route = auth_gateway.url("org-2-introspect")
+    cached = keycloak.token("bob")
+    assert init(auth_gateway, "org-2-introspect", cached).status_code == 200
+    fresh = keycloak.token("carol")
+    real_kid = json.loads(base64.urlsafe_b64decode(cached.split(".")[0] + "==="))["kid"]
+
+    def plausible(i: int) -> dict:
+        return {"iss": keycloak.issuer, "sub": f"junk-{i}", "typ": "Bearer", "exp": int(time.time()) + 300,
+                "aud": "http://127.0.0.1:8080"}
+
+    # Five kinds of junk, 200 each, all distinct.
+    junk = []
+    for i in range(200):
+        junk.append(f"opaque-junk-{i}-{os.urandom(8).hex()}")
+        junk.append(forged({"alg": "RS256", "kid": real_kid}, {**plausible(i), "iss": "http://evil.example"}))
+        # Plausible in every way but the signature, by the realm's own key id.
+        junk.append(forged({"alg": "RS256", "typ": "JWT", "kid": real_kid}, plausible(i)))
+        # Plausible, and not verifiable here: HMAC, or a key id the realm
+        # may have just rotated in. These reach the bounded lane.
+        junk.append(forged({"alg": "HS512", "typ": "JWT", "kid": f"hmac-{i}"}, plausible(i)))
+        junk.append(forged({"alg": "RS256", "typ": "JWT", "kid": f"rotated-{i}"}, plausible(i)))
+    assert len(set(junk)) == 1000
+    before = metric(auth_gateway, "ratatosk_auth_introspections_total")
+    listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+
+    async def flood(other: httpx2.Client) -> tuple[list[httpx2.Response], float, float, float]:
+        limits = httpx2.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx2.AsyncClient(limits=limits, timeout=60) as http:
+            async def one(token: str) -> httpx2.Response:
+                return await http.post(route, json=listing, headers={
+                    **bearer(token), "Accept": "application/json, text/event-stream",
+                    "MCP-Protocol-Version": PROTOCOL})
+
+            started = time.monotonic()
+            tasks = [asyncio.create_task(one(t)) for t in junk]
+            # Once junk reaches Keycloak, a new good token and a cached one
+            # are asked for.
+            deadline = time.monotonic() + 20
+            while metric(auth_gateway, "ratatosk_auth_introspections_total") == before:
+                assert time.monotonic() < deadline, "no junk reached the provider"
+                await asyncio.sleep(0.01)
+
+            def timed(token: str) -> float:
+                at = time.monotonic()
+                r = other.post(route, content=json.dumps(INIT), headers={
+                    **bearer(token), "Content-Type": "application/json",
+                    "Accept": "application/json, text/event-stream"})
+                assert r.status_code == 200, r.text
+                return time.monotonic() - at
+
+            # In a thread: the flood's answers keep this event loop busy.
+            fresh_took = await asyncio.to_thread(timed, fresh)
+            cached_took = await asyncio.to_thread(timed, cached)
+            assert not all(t.done() for t in tasks), "the flood was over before the good tokens were answered"
+            answers = await asyncio.gather(*tasks)
+            return answers, time.monotonic() - started, fresh_took, cached_took
+
+    # The good tokens go on connections of their own.
+    with httpx2.Client(timeout=10) as other:
+        answers, elapsed, fresh_took, cached_took = asyncio.run(flood(other))
+    statuses = {s: [a.status_code for a in answers].count(s) for s in {a.status_code for a in answers}}
+    calls = metric(auth_gateway, "ratatosk_auth_introspections_total") - before
+    junk_calls = calls - 1  # the fresh token's
+    throttled = metric_sum(auth_gateway, "ratatosk_auth_introspections_throttled_total", lane="unverified")
+    print(f"\n1000 junk tokens in {elapsed:.2f}s: {junk_calls:.0f} introspections, statuses {statuses}, "
+          f"{throttled:.0f} throttled so far; new token {fresh_took * 1000:.0f} ms, "
+          f"cached token {cached_took * 1000:.0f} ms")
+    # The lane's burst, its queue (max_wait at its pace), then its pace.
+    bound = UNVERIFIED_PER_SECOND * (1 + MAX_WAIT + elapsed)
+    assert junk_calls <= bound, (junk_calls, bound)
+    assert fresh_took < 1.0
+    assert cached_took < 1.0
+    # Junk is refused: 401 when known to be bad, 503 when its lane is full.
+    assert set(statuses) <= {401, 503}, statuses
+    assert statuses.get(401, 0) >= 600, statuses
+    for a in answers:
+        if a.status_code == 503:
+            assert a.headers["retry-after"]
+            assert "retry shortly" in rpc_error(a)["message"]
+    assert metric_sum(auth_gateway, "ratatosk_auth_refused_before_introspection_total", reason="signature") >= 200
+    auth_gateway.assert_healthy()
+
+
+def test_id_and_refresh_tokens_are_not_access_tokens(auth_gateway, keycloak):
+    tokens = keycloak.token_response("alice", scope="openid organization:* mcp:tools")
+    assert claims(tokens["id_token"])["typ"] == "ID"
+    for route in ("org-1", "org-1-introspect", "org-1-both"):
+        r = init(auth_gateway, route, tokens["id_token"])
+        assert r.status_code == 401, (route, r.text)
+        assert "not an access token" in rpc_error(r)["message"], (route, r.text)
+        assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    r = init(auth_gateway, "org-1-introspect", tokens["refresh_token"])
+    assert r.status_code == 401, r.text
+    assert "not an access token" in rpc_error(r)["message"], r.text
+    # The access token of the same answer is fine.
+    assert init(auth_gateway, "org-1", tokens["access_token"]).status_code == 200
 
 
 @pytest.mark.anyio

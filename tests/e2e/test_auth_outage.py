@@ -4,6 +4,7 @@ Keycloak tests (it stops the shared Keycloak)."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import threading
@@ -106,8 +107,13 @@ def test_garbage_from_the_provider_is_503_and_harms_nothing(tmp_path, replicas, 
                  name="gateway-garbage", extra={"identity": identity_config(garbage_idp)},
                  env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
     with running(gw):
-        # A well-formed JWT whose key the provider cannot deliver.
-        token = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ4In0.c2ln"
+        # A well-formed JWT of this issuer whose key the provider cannot
+        # deliver (introspect mode asks only about tokens that could be the
+        # realm's: right `iss`, not expired).
+        token = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode() for part in (
+            {"alg": "RS256", "kid": "k1"},
+            {"sub": "x", "iss": garbage_idp, "exp": int(time.time()) + 300, "typ": "Bearer"},
+            {"sig": "nope"}))
         for route, what in (("jwt", "JWKS"), ("introspect", "introspection")):
             r = post(gw.url(route), INIT, version=None, headers=bearer(token))
             assert r.status_code == 503, (route, r.text)
