@@ -5,29 +5,37 @@
 //! request through on 2xx. This server answers:
 //! - 200 with `X-Ratatosk-Subject`, `-Org`, `-Scopes`, `-Username`;
 //! - 401 or 403 with the same `WWW-Authenticate` challenge as the gateway;
-//! - 503 when the identity provider cannot be reached and nothing is cached.
+//! - 503 with `Retry-After` when the identity provider cannot be reached
+//!   (or is saturated) and nothing is cached.
 //!
-//! The org comes from a header (`X-Ratatosk-Org` by default, set by the
-//! proxy per location) or else from the first path segment of the original
-//! URI (`X-Forwarded-Uri`, `X-Original-URI`, or the request path itself).
+//! The org comes from exactly one place, named by `org_from` after the
+//! proxy in front ([`OrgSource`]). There is no fallback from one header to
+//! another: nginx passes client headers into its `auth_request` subrequest,
+//! so any header the proxy does not set itself is the client's to choose.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use prometheus::{Encoder, Registry, TextEncoder};
-use serde::Deserialize;
+use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
+use serde::{Deserialize, Deserializer};
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::ProviderConfig;
 use crate::metadata::{advertised_scopes, challenge, metadata_path, resource_metadata};
-use crate::{AuthError, AuthMode, Validator};
+use crate::ratelog::LogEvery;
+use crate::{AuthError, AuthMode, SHOWN_CHARS, Validator, untrusted};
 
 /// `ratatosk-auth serve --config FILE`.
 #[derive(Debug, Clone, Deserialize)]
@@ -41,27 +49,64 @@ pub struct ForwardConfig {
     /// The mode for orgs that do not set their own.
     #[serde(default = "default_mode")]
     pub mode: AuthMode,
-    /// Where the org of a check comes from. `uri` (the default): the first
-    /// segment of the original path. `header`: the `org_header` the proxy
-    /// sets per location; use it only if the proxy overwrites that header,
-    /// or clients could name an org of their choosing.
+    /// Where the org of a check comes from: required, see [`OrgSource`].
     #[serde(default)]
-    pub org_from: OrgSource,
+    pub org_from: Option<OrgSource>,
     /// The header the proxy sets to name the org (with `org_from: header`).
     #[serde(default = "default_org_header")]
     pub org_header: String,
     /// Path of the back-channel logout endpoint on this server.
     #[serde(default = "default_logout_path")]
     pub backchannel_logout_path: String,
+    /// Connections served at once; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// The longest a client may take to send a request's head and body, in
+    /// all, counted from its first byte (and the longest a connection may
+    /// sit idle between requests).
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
     pub orgs: BTreeMap<String, ForwardOrg>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// Where the org of a check comes from: one source per kind of proxy, each
+/// one the proxy itself fills, so a client cannot name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrgSource {
-    #[default]
-    Uri,
+    /// nginx `auth_request`: the first path segment of `X-Original-URI`,
+    /// which the auth location sets (`proxy_set_header X-Original-URI
+    /// $request_uri;`), overwriting a client's.
+    Nginx,
+    /// Traefik `forwardAuth`: the first path segment of `X-Forwarded-Uri`,
+    /// which Traefik sets.
+    Traefik,
+    /// Envoy `ext_authz` with `path_prefix: /check`: the first segment of
+    /// the original path, after `/check`.
+    Envoy,
+    /// The `org_header` that the proxy sets per location.
     Header,
+}
+
+const ORG_SOURCES: &str = "`nginx` (X-Original-URI), `traefik` (X-Forwarded-Uri), `envoy` (the path after /check) or `header` (org_header)";
+
+impl<'de> Deserialize<'de> for OrgSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let name = String::deserialize(d)?;
+        match name.as_str() {
+            "nginx" => Ok(OrgSource::Nginx),
+            "traefik" => Ok(OrgSource::Traefik),
+            "envoy" => Ok(OrgSource::Envoy),
+            "header" => Ok(OrgSource::Header),
+            "uri" => Err(D::Error::custom(format!(
+                "`uri` is no longer accepted: it read X-Forwarded-Uri before X-Original-URI, so behind nginx a client could name the org; name the proxy instead: {ORG_SOURCES}"
+            ))),
+            other => Err(D::Error::custom(format!(
+                "unknown org source `{}`: expected {ORG_SOURCES}",
+                untrusted(other, SHOWN_CHARS)
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -81,6 +126,12 @@ fn default_org_header() -> String {
 }
 fn default_logout_path() -> String {
     "/backchannel-logout".into()
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl ForwardConfig {
@@ -107,6 +158,18 @@ impl ForwardConfig {
                 ));
             }
         }
+        match self.org_from {
+            None => out.push(format!(
+                "org_from: required: name the proxy in front, {ORG_SOURCES}"
+            )),
+            Some(OrgSource::Header) if HeaderName::try_from(&self.org_header).is_err() => {
+                out.push(format!(
+                    "org_header: expected a header name, got `{}`",
+                    self.org_header.escape_default()
+                ))
+            }
+            Some(_) => {}
+        }
         if url::Url::parse(&self.public_url).is_err() {
             out.push(format!(
                 "public_url: expected a URL, got `{}`",
@@ -116,7 +179,46 @@ impl ForwardConfig {
         if !self.backchannel_logout_path.starts_with('/') {
             out.push("backchannel_logout_path: expected a path starting with `/`".into());
         }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            out.push(format!(
+                "max_connections: expected 1 to 1000000, got {}",
+                self.max_connections
+            ));
+        }
+        if self.request_timeout.is_zero() || self.request_timeout > Duration::from_secs(600) {
+            out.push("request_timeout: expected a duration from `1ms` to `10m`".into());
+        }
         out
+    }
+}
+
+/// Counters of the listener, in the same registry as the validator's.
+struct ListenerMetrics {
+    open: IntGauge,
+    refused: IntCounter,
+    timeouts: IntCounter,
+}
+
+impl ListenerMetrics {
+    fn register(registry: &Registry) -> Result<ListenerMetrics, prometheus::Error> {
+        let m = ListenerMetrics {
+            open: IntGauge::new(
+                "forward_connections_open",
+                "Connections the forward-auth listener holds open",
+            )?,
+            refused: IntCounter::new(
+                "forward_connections_refused_total",
+                "Connections closed at accept because max_connections were open",
+            )?,
+            timeouts: IntCounter::new(
+                "forward_request_timeouts_total",
+                "Connections cut because a request's head or body took longer than request_timeout",
+            )?,
+        };
+        registry.register(Box::new(m.open.clone()))?;
+        registry.register(Box::new(m.refused.clone()))?;
+        registry.register(Box::new(m.timeouts.clone()))?;
+        Ok(m)
     }
 }
 
@@ -124,31 +226,46 @@ pub struct ForwardAuth {
     config: ForwardConfig,
     validator: Arc<Validator>,
     registry: Registry,
+    metrics: ListenerMetrics,
+    /// What clients can cause at will is logged sparsely.
+    refused_connections: LogEvery,
+    refused_checks: LogEvery,
+    unavailable: LogEvery,
 }
 
 type Answer = Response<Full<Bytes>>;
-
-/// Connections served at once; more are closed at accept.
-const MAX_CONNECTIONS: usize = 10_000;
 
 impl ForwardAuth {
     pub fn new(config: ForwardConfig) -> Result<Arc<ForwardAuth>, crate::validator::BuildError> {
         let registry = Registry::new_custom(Some("ratatosk".into()), None)?;
         let validator = Validator::new(config.identity.clone(), &registry)?;
+        let metrics = ListenerMetrics::register(&registry)?;
         Ok(Arc::new(ForwardAuth {
             config,
             validator,
             registry,
+            metrics,
+            refused_connections: LogEvery::default(),
+            refused_checks: LogEvery::default(),
+            unavailable: LogEvery::default(),
         }))
     }
 
-    /// Serves until the process is told to stop.
+    /// Serves on `listen` until the process is told to stop.
     pub async fn serve(self: Arc<Self>) -> std::io::Result<()> {
-        let listener = tokio::net::TcpListener::bind(self.config.listen).await?;
-        tracing::info!(listen = %self.config.listen, "forward-auth listening");
-        let shutdown = shutdown_signal();
+        let listener = TcpListener::bind(self.config.listen).await?;
+        self.serve_on(listener, shutdown_signal()).await
+    }
+
+    /// Serves on a bound listener until `shutdown` completes.
+    pub async fn serve_on(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        tracing::info!(listen = %listener.local_addr()?, "forward-auth listening");
         tokio::pin!(shutdown);
-        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let connections = Arc::new(tokio::sync::Semaphore::new(self.config.max_connections));
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -160,33 +277,68 @@ impl ForwardAuth {
                     // Out of descriptors, or a connection aborted before
                     // accept: keep serving the others.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
             let Ok(permit) = connections.clone().try_acquire_owned() else {
-                tracing::warn!("connection refused: {MAX_CONNECTIONS} connections are open");
+                self.metrics.refused.inc();
+                if let Some(suppressed) = self.refused_connections.ready() {
+                    tracing::warn!(
+                        max_connections = self.config.max_connections,
+                        suppressed,
+                        "connection refused: max_connections are open"
+                    );
+                }
+                drop(stream);
                 continue;
             };
+            self.metrics.open.inc();
             let this = self.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                let service = service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
+                this.serve_connection(stream).await;
+                this.metrics.open.dec();
+                drop(permit);
             });
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Answer {
+    async fn serve_connection(self: &Arc<Self>, stream: TcpStream) {
+        let first_byte = Arc::new(Mutex::new(None));
+        let io = TokioIo::new(Stamped {
+            stream,
+            first_byte: first_byte.clone(),
+        });
+        let this = self.clone();
+        let service = service_fn(move |req| {
+            // Called once the head is read: its first byte started the clock.
+            let started = take(&first_byte).unwrap_or_else(Instant::now);
+            let deadline = started + this.config.request_timeout;
+            let (this, first_byte) = (this.clone(), first_byte.clone());
+            async move {
+                let answer = this.handle(req, deadline).await;
+                // Bytes of this request's body stamped the clock again; the
+                // next request starts it afresh.
+                take(&first_byte);
+                Ok::<_, std::convert::Infallible>(answer)
+            }
+        });
+        // hyper's timer runs from when it starts waiting for a head to the
+        // head's end, in all (not per read): it bounds idle connections and
+        // slow heads. The body is bounded by the deadline above.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.config.request_timeout)
+            .serve_connection(io, service);
+        if let Err(e) = conn.await {
+            if e.is_timeout() {
+                self.metrics.timeouts.inc();
+            }
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, deadline: Instant) -> Answer {
         let path = req.uri().path().to_owned();
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_answer(StatusCode::OK, json!({"status": "ok"})),
@@ -201,7 +353,7 @@ impl ForwardAuth {
                 r
             }
             (&Method::POST, p) if p == self.config.backchannel_logout_path => {
-                self.logout(req).await
+                self.logout(req, deadline).await
             }
             (&Method::GET, p) if p.starts_with("/.well-known/oauth-protected-resource/") => {
                 self.metadata(p)
@@ -244,36 +396,77 @@ impl ForwardAuth {
         }
     }
 
-    fn org_of<'a>(&'a self, req: &'a Request<Incoming>) -> Option<String> {
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-        if self.config.org_from == OrgSource::Header {
-            return header(&self.config.org_header).map(str::to_owned);
-        }
-        let uri = match header("x-forwarded-uri").or_else(|| header("x-original-uri")) {
-            Some(original) => original,
-            // Envoy's ext_authz appends the original path to its path
-            // prefix: `/check/org-1/mcp`.
-            None => {
-                let path = req.uri().path();
-                path.strip_prefix("/check")
-                    .filter(|rest| rest.starts_with('/'))
-                    .unwrap_or(path)
+    /// The org a check is for, from the one configured source; why not,
+    /// with what the proxy should do about it.
+    fn org_of(&self, req: &Request<Incoming>) -> Result<String, String> {
+        let from_header = |name: &str, hint: &str| -> Result<&str, String> {
+            let mut values = req.headers().get_all(name).iter();
+            match (values.next(), values.next()) {
+                (Some(v), None) => v
+                    .to_str()
+                    .map_err(|_| format!("the {name} header is not visible ASCII")),
+                (None, _) => Err(format!("the check carries no {name} header; {hint}")),
+                (Some(_), Some(_)) => Err(format!(
+                    "the check carries the {name} header more than once; {hint}"
+                )),
             }
         };
-        org_from_path(uri)
+        let org_in = |what: &str, path: &str| {
+            org_from_path(path).ok_or_else(|| {
+                format!(
+                    "{what} `{}` names no org: expected /<org>/..., without dot segments, empty first segment, encoded slashes or backslashes",
+                    untrusted(path, SHOWN_CHARS)
+                )
+            })
+        };
+        match self.config.org_from {
+            Some(OrgSource::Nginx) => org_in(
+                "X-Original-URI",
+                from_header(
+                    "x-original-uri",
+                    "set `proxy_set_header X-Original-URI $request_uri;` in the auth_request location",
+                )?,
+            ),
+            Some(OrgSource::Traefik) => org_in(
+                "X-Forwarded-Uri",
+                from_header(
+                    "x-forwarded-uri",
+                    "Traefik's forwardAuth sets it; is the check coming from Traefik?",
+                )?,
+            ),
+            Some(OrgSource::Envoy) => {
+                let rest = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/check")
+                    .filter(|rest| rest.starts_with('/'))
+                    .ok_or("the check has no original path after /check; set `path_prefix: /check` in ext_authz's http_service")?;
+                org_in("the path after /check", rest)
+            }
+            Some(OrgSource::Header) => from_header(
+                &self.config.org_header,
+                "set it in the proxy, per location, overwriting any client's",
+            )
+            .map(str::to_owned),
+            None => Err("org_from is not set".into()),
+        }
     }
 
     async fn check(&self, req: &Request<Incoming>) -> Answer {
-        let Some(org_name) = self.org_of(req) else {
-            return json_answer(
-                StatusCode::FORBIDDEN,
-                json!({"error": format!("no org: set the {} header in the proxy", self.config.org_header)}),
-            );
+        let org_name = match self.org_of(req) {
+            Ok(org) => org,
+            Err(why) => {
+                self.log_refused_check(&why);
+                return json_answer(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": "no_org", "error_description": why}),
+                );
+            }
         };
         let Some(org) = self.config.orgs.get(&org_name) else {
             return json_answer(
                 StatusCode::FORBIDDEN,
-                json!({"error": format!("unknown org '{}'", org_name.escape_default())}),
+                json!({"error": "unknown_org", "error_description": format!("unknown org '{}'", untrusted(&org_name, SHOWN_CHARS))}),
             );
         };
         let mode = org.mode.unwrap_or(self.config.mode);
@@ -309,28 +502,64 @@ impl ForwardAuth {
                     self.config.public_url.trim_end_matches('/'),
                     metadata_path(&Self::resource_path(&org_name))
                 );
-                if let AuthError::Unavailable(detail) = &e {
-                    tracing::warn!(detail = %detail, "identity provider unavailable");
+                match &e {
+                    AuthError::Unavailable(detail) => match self.unavailable.ready() {
+                        Some(suppressed) => tracing::warn!(
+                            detail = %detail,
+                            suppressed,
+                            "identity provider unavailable"
+                        ),
+                        None => tracing::debug!(detail = %detail, "identity provider unavailable"),
+                    },
+                    AuthError::Busy(detail) => self.log_refused_check(detail),
+                    _ => tracing::debug!(org = %org_name, reason = %e, "check refused"),
                 }
                 let mut r = json_answer(
                     StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
                     json!({"error": e.bearer_error().unwrap_or("unavailable"), "error_description": e.client_message()}),
                 );
-                if let Some(challenge) = challenge(&metadata_url, &org.scopes, &e)
-                    && let Ok(v) = HeaderValue::from_str(&challenge)
-                {
-                    r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+                match challenge(&metadata_url, &org.scopes, &e) {
+                    Some(challenge) => {
+                        if let Ok(v) = HeaderValue::from_str(&challenge) {
+                            r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+                        }
+                    }
+                    None => {
+                        r.headers_mut()
+                            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("2"));
+                    }
                 }
                 r
             }
         }
     }
 
-    async fn logout(&self, req: Request<Incoming>) -> Answer {
-        let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-            Ok(b) => b.to_bytes(),
+    fn log_refused_check(&self, why: &str) {
+        match self.refused_checks.ready() {
+            Some(suppressed) => tracing::warn!(reason = %why, suppressed, "check refused"),
+            None => tracing::debug!(reason = %why, "check refused"),
+        }
+    }
+
+    async fn logout(&self, req: Request<Incoming>, deadline: Instant) -> Answer {
+        let read = Limited::new(req.into_body(), 64 * 1024).collect();
+        let body = match tokio::time::timeout_at(deadline.into(), read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => {
+                return json_answer(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "invalid_request", "error_description": "the body is over 64 KiB or broken"}),
+                );
+            }
             Err(_) => {
-                return json_answer(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"}));
+                self.metrics.timeouts.inc();
+                let mut r = json_answer(
+                    StatusCode::REQUEST_TIMEOUT,
+                    json!({"error": "invalid_request", "error_description": format!("the request did not arrive within request_timeout ({:?})", self.config.request_timeout)}),
+                );
+                r.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
             }
         };
         let mut r = match self.validator.backchannel_logout(&body).await {
@@ -348,20 +577,95 @@ impl ForwardAuth {
     }
 }
 
-/// The first segment of a path: `/org-1/mcp?x` gives `org-1`. The path is
-/// percent-decoded first, and one with `.` or `..` segments (which a proxy
-/// would resolve to another route than the one checked) names no org.
-fn org_from_path(uri: &str) -> Option<String> {
-    let path = uri.split(['?', '#']).next().unwrap_or("");
-    let decoded: String =
-        url::form_urlencoded::parse(format!("p={}", path.replace('+', "%2B")).as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())?;
-    let mut segments = decoded.split('/').filter(|s| !s.is_empty());
-    if decoded.split('/').any(|s| s == "." || s == "..") || decoded.contains('\\') {
-        return None;
+fn take(first_byte: &Mutex<Option<Instant>>) -> Option<Instant> {
+    first_byte.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// A connection that notes when the first byte after the last request
+/// arrived, so that one deadline covers a request's head and body together.
+/// (A pipelined request read in one go with the previous one gets its clock
+/// started when hyper takes it up: later, never earlier.)
+struct Stamped {
+    stream: TcpStream,
+    first_byte: Arc<Mutex<Option<Instant>>>,
+}
+
+impl AsyncRead for Stamped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let mut first = self.first_byte.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(Instant::now);
+        }
+        polled
     }
-    segments.next().map(str::to_owned)
+}
+
+impl AsyncWrite for Stamped {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The org named by the first segment of a path: `/org-1/mcp?x` gives
+/// `org-1`. Each segment is percent-decoded on its own, and the path names
+/// no org when a proxy could route it elsewhere than what is checked: a
+/// `.` or `..` segment (also encoded, in any case: `%2e%2E`), an encoded
+/// `/` or `\` (`%2F`, `%5c`), a `\` at all, an empty first segment (`//`,
+/// which some proxies merge and some do not), a control character, bytes
+/// that are not UTF-8 once decoded, or no leading `/`.
+pub fn org_from_path(uri: &str) -> Option<String> {
+    let path = uri.split(['?', '#']).next().unwrap_or("");
+    let rest = path.strip_prefix('/')?;
+    let mut org = None;
+    for raw in rest.split('/') {
+        let decoded = percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .ok()?;
+        let refused = decoded == "."
+            || decoded == ".."
+            || decoded.contains(['/', '\\'])
+            || decoded.chars().any(char::is_control);
+        if refused {
+            return None;
+        }
+        if org.is_none() {
+            if decoded.is_empty() {
+                return None;
+            }
+            org = Some(decoded.into_owned());
+        }
+    }
+    org
 }
 
 fn json_answer(status: StatusCode, body: serde_json::Value) -> Answer {
@@ -398,79 +702,247 @@ async fn shutdown_signal() {
 mod tests {
     use super::*;
     use crate::testing::FakeIdp;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
-    fn orgs_come_from_the_first_path_segment() {
-        assert_eq!(org_from_path("/org-1/mcp?x=1").as_deref(), Some("org-1"));
-        assert_eq!(org_from_path("org-2").as_deref(), Some("org-2"));
-        assert_eq!(org_from_path("//org-1/mcp").as_deref(), Some("org-1"));
-        assert_eq!(org_from_path("/"), None);
-        for ambiguous in [
-            "/org-1/../org-2/mcp",
-            "/org-1/%2E%2E/org-2/mcp",
-            "/org-1%2F..%2Forg-2/mcp",
-            "/./org-1",
-        ] {
-            assert_eq!(org_from_path(ambiguous), None, "{ambiguous}");
+    fn orgs_come_from_the_first_segment_of_a_clean_path() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("/org-1/mcp?x=1", Some("org-1")),
+            ("/org-1", Some("org-1")),
+            ("/org-1/mcp#top", Some("org-1")),
+            ("/org-1//mcp", Some("org-1")),
+            ("/org%2D1/mcp", Some("org-1")),
+            ("/org-1+x/mcp", Some("org-1+x")),
+            ("/%C3%A4rg/mcp", Some("ärg")),
+            // `&` is an ordinary character of a path: the old form parser
+            // split at it and saw `org-1`.
+            ("/org-1&/../org-2/mcp", None),
+            ("/org-1&x/mcp", Some("org-1&x")),
+            // Dot segments, plain or encoded in any case.
+            ("/org-1/../org-2/mcp", None),
+            ("/org-1/%2e%2e/org-2/mcp", None),
+            ("/org-1/%2E%2e/org-2/mcp", None),
+            ("/org-1/.%2E/org-2/mcp", None),
+            ("/./org-1", None),
+            ("/%2e/org-1", None),
+            ("/org-1/mcp/..", None),
+            // Encoded slashes and backslashes change the segments for some
+            // decoders and not others.
+            ("/org-1%2F..%2Forg-2/mcp", None),
+            ("/org-1%2f..%2forg-2/mcp", None),
+            ("/org-2%2Fmcp", None),
+            ("/org-1\\..\\org-2/mcp", None),
+            ("/org-1%5C..%5Corg-2/mcp", None),
+            ("/org-1%5c/mcp", None),
+            // An empty first segment: merged by nginx, not by others.
+            ("//org-1/mcp", None),
+            ("//evil.example/org-1/mcp", None),
+            ("/", None),
+            ("/?org-1", None),
+            ("", None),
+            // Not a path.
+            ("org-2", None),
+            ("org-2/mcp", None),
+            ("http://host/org-1/mcp", None),
+            // Not UTF-8 once decoded, in the org or later.
+            ("/%ff/mcp", None),
+            ("/org-1/%C3%28", None),
+            ("/org-1%c3/mcp", None),
+            // Control characters.
+            ("/org-1%00/mcp", None),
+            ("/org-1%0Aforged/mcp", None),
+        ];
+        for (path, org) in cases {
+            assert_eq!(org_from_path(path).as_deref(), *org, "{path}");
         }
     }
 
-    #[tokio::test]
-    async fn checks_tokens_over_http() {
-        let idp = FakeIdp::start().await;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .port();
-        let config = ForwardConfig {
-            listen: format!("127.0.0.1:{port}").parse().expect("addr"),
+    #[test]
+    fn org_from_names_the_proxy_and_refuses_the_old_fallback() {
+        let parse = |org_from: &str| {
+            let yaml = format!(
+                "listen: 127.0.0.1:1\npublic_url: http://p\nidentity: {{issuer: http://kc/realms/r, audience: a}}\norgs: {{org-1: {{}}}}\n{org_from}"
+            );
+            yaml_serde::from_str::<ForwardConfig>(&yaml).map_err(|e| e.to_string())
+        };
+        for (name, kind) in [
+            ("nginx", OrgSource::Nginx),
+            ("traefik", OrgSource::Traefik),
+            ("envoy", OrgSource::Envoy),
+            ("header", OrgSource::Header),
+        ] {
+            let config = parse(&format!("org_from: {name}")).expect(name);
+            assert_eq!(config.org_from, Some(kind));
+            assert!(config.problems().is_empty(), "{:?}", config.problems());
+        }
+        let old = parse("org_from: uri").expect_err("uri is gone");
+        assert!(
+            old.contains("no longer accepted") && old.contains("`nginx`"),
+            "{old}"
+        );
+        let unknown = parse("org_from: apache").expect_err("unknown");
+        assert!(unknown.contains("unknown org source `apache`"), "{unknown}");
+        let missing = parse("").expect("parses");
+        assert!(
+            missing
+                .problems()
+                .iter()
+                .any(|p| p.starts_with("org_from: required")),
+            "{:?}",
+            missing.problems()
+        );
+        assert!(
+            parse("org_from: nginx\nbogus: 1")
+                .expect_err("strict")
+                .contains("bogus")
+        );
+    }
+
+    /// A forward-auth server on a loopback port of its own, for orgs
+    /// `org-1` and `org-2`, with `tune` applied to its config.
+    async fn start(
+        idp: &FakeIdp,
+        org_from: OrgSource,
+        tune: impl FnOnce(&mut ForwardConfig),
+    ) -> (Arc<ForwardAuth>, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut config = ForwardConfig {
+            listen: addr,
             public_url: "http://proxy.test".into(),
             identity: idp.config(),
             mode: AuthMode::Jwt,
-            org_from: OrgSource::Uri,
+            org_from: Some(org_from),
             org_header: default_org_header(),
             backchannel_logout_path: default_logout_path(),
-            orgs: [("org-1".to_owned(), ForwardOrg::default())]
+            max_connections: default_max_connections(),
+            request_timeout: default_request_timeout(),
+            orgs: ["org-1", "org-2"]
                 .into_iter()
+                .map(|o| (o.to_owned(), ForwardOrg::default()))
                 .collect(),
         };
+        tune(&mut config);
         assert!(config.problems().is_empty(), "{:?}", config.problems());
         let server = ForwardAuth::new(config).expect("server");
-        tokio::spawn(server.serve());
+        tokio::spawn(
+            server
+                .clone()
+                .serve_on(listener, std::future::pending::<()>()),
+        );
+        (server, addr)
+    }
+
+    /// Asks for a check: the path, then extra headers (repeated names are
+    /// sent repeatedly).
+    async fn ask(
+        addr: SocketAddr,
+        path: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()
             .expect("client");
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while http.get(format!("{base}/healthz")).send().await.is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the server never listened"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let mut req = http
+            .get(format!("http://{addr}{path}"))
+            .timeout(Duration::from_secs(10));
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
         }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("answer")
+    }
+
+    async fn description(r: reqwest::Response) -> String {
+        let bytes = r.bytes().await.expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        body["error_description"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn each_proxy_kind_reads_its_own_source_and_nothing_else() {
+        let idp = FakeIdp::start().await;
+        // The user is in org-1 only: a check against org-2 is a 403.
         let token = idp.token(serde_json::json!({}));
-        // A check: the path asked, then extra headers (name, value).
-        let ask = |path: &str, token: Option<&str>, headers: &[(&str, &str)]| {
-            let mut req = http.post(format!("{base}{path}"));
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
+        let forged = [
+            ("x-forwarded-uri", "/org-2/mcp"),
+            ("x-original-uri", "/org-2/mcp"),
+            ("x-ratatosk-org", "org-2"),
+        ];
+        // (kind, where the proxy puts org-1, header that source reads)
+        let kinds = [
+            (OrgSource::Nginx, "/check", Some("x-original-uri")),
+            (OrgSource::Traefik, "/check", Some("x-forwarded-uri")),
+            (OrgSource::Envoy, "/check/org-1/mcp", None),
+            (OrgSource::Header, "/check", Some("x-ratatosk-org")),
+        ];
+        for (kind, path, header) in kinds {
+            let (_, addr) = start(&idp, kind, |_| {}).await;
+            let value = if header == Some("x-ratatosk-org") {
+                "org-1"
+            } else {
+                "/org-1/mcp"
+            };
+            // What the proxy sets wins; the client's other headers are
+            // not read at all.
+            let mut headers: Vec<(&str, &str)> = forged
+                .iter()
+                .filter(|(k, _)| Some(*k) != header)
+                .copied()
+                .collect();
+            if let Some(h) = header {
+                headers.push((h, value));
             }
-            for (k, v) in headers {
-                req = req.header(*k, *v);
+            let ok = ask(addr, path, &token, &headers).await;
+            assert_eq!(ok.status(), 200, "{kind:?}");
+            assert_eq!(ok.headers()["x-ratatosk-org"], "org-1", "{kind:?}");
+            assert_eq!(ok.headers()["x-ratatosk-subject"], "user-1");
+            // Without its own source, the client's headers name no org.
+            let others: Vec<(&str, &str)> = forged
+                .iter()
+                .filter(|(k, _)| Some(*k) != header)
+                .map(|(k, _)| {
+                    (
+                        *k,
+                        if *k == "x-ratatosk-org" {
+                            "org-1"
+                        } else {
+                            "/org-1/mcp"
+                        },
+                    )
+                })
+                .collect();
+            let none = ask(addr, "/check", &token, &others).await;
+            assert_eq!(none.status(), 403, "{kind:?}");
+            let why = description(none).await;
+            assert!(
+                why.contains("no ") || why.contains("after /check"),
+                "{kind:?}: {why}"
+            );
+            // Two values of the source: ambiguous, refused.
+            if let Some(h) = header {
+                let twice = ask(addr, "/check", &token, &[(h, value), (h, value)]).await;
+                assert_eq!(twice.status(), 403, "{kind:?}");
+                assert!(description(twice).await.contains("more than once"));
             }
-            async move { req.send().await.expect("answer") }
-        };
-        let ok = ask("/check", Some(&token), &[("x-forwarded-uri", "/org-1/mcp")]).await;
-        assert_eq!(ok.status(), 200);
-        assert_eq!(ok.headers()["x-ratatosk-subject"], "user-1");
-        let denied = ask("/check", None, &[("x-forwarded-uri", "/org-1/mcp")]).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn checks_answer_with_challenges_and_precise_refusals() {
+        let idp = FakeIdp::start().await;
+        let (server, addr) = start(&idp, OrgSource::Nginx, |_| {}).await;
+        let token = idp.token(serde_json::json!({}));
+        let at = |uri: &'static str| [("x-original-uri", uri)];
+        let denied = ask(addr, "/check", "", &at("/org-1/mcp")).await;
         assert_eq!(denied.status(), 401);
-        // Envoy ext_authz style: the original path after the check prefix.
-        let envoy = ask("/check/org-1/mcp", Some(&token), &[]).await;
-        assert_eq!(envoy.status(), 200);
-        assert_eq!(envoy.headers()["x-ratatosk-org"], "org-1");
         let challenge = denied.headers()["www-authenticate"]
             .to_str()
             .expect("ascii");
@@ -478,20 +950,173 @@ mod tests {
             challenge.contains("http://proxy.test/.well-known/oauth-protected-resource/org-1/mcp"),
             "{challenge}"
         );
-        let other = ask("/check", Some(&token), &[("x-forwarded-uri", "/org-9/mcp")]).await;
-        assert_eq!(other.status(), 403);
-        // With org_from: uri, a client's own X-Ratatosk-Org is ignored.
-        let smuggled = ask(
-            "/check",
-            Some(&token),
-            &[
-                ("x-forwarded-uri", "/org-9/mcp"),
-                ("x-ratatosk-org", "org-1"),
-            ],
+        let other = ask(addr, "/check", &token, &at("/org-2/mcp")).await;
+        assert_eq!(other.status(), 403, "org-2 was checked");
+        let dots = ask(addr, "/check", &token, &at("/org-2/../org-1/mcp")).await;
+        assert_eq!(dots.status(), 403);
+        assert!(description(dots).await.contains("names no org"));
+        for control in ["/org-%0A9/mcp", "/org-%1B[2J/mcp"] {
+            let refused = ask(addr, "/check", &token, &at(control)).await;
+            assert_eq!(refused.status(), 403);
+            let why = description(refused).await;
+            assert!(why.contains("names no org"), "{why}");
+        }
+        // An org no one configured is echoed escaped.
+        let unknown = ask(addr, "/check", &token, &at("/org-%C3%A4%22x/mcp")).await;
+        assert_eq!(unknown.status(), 403);
+        assert_eq!(description(unknown).await, "unknown org 'org-\\u{e4}\\\"x'");
+        let long = format!("/{}/mcp", "o".repeat(5000));
+        let unknown = ask(addr, "/check", &token, &[("x-original-uri", &long)]).await;
+        let why = description(unknown).await;
+        assert!(why.starts_with("unknown org 'ooo"), "{why}");
+        assert!(why.len() < 100, "clipped: {why}");
+        // The provider is down and nothing is cached: 503 with Retry-After.
+        idp.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_, cold) = start(&idp, OrgSource::Nginx, |c| {
+            c.mode = AuthMode::Introspect;
+            c.identity.jwks_min_refetch = Duration::from_millis(1);
+        })
+        .await;
+        let unavailable = ask(cold, "/check", &token, &at("/org-1/mcp")).await;
+        assert_eq!(unavailable.status(), 503);
+        assert_eq!(unavailable.headers()["retry-after"], "2");
+        idp.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        let not_a_check = ask(addr, "/org-1/mcp", &token, &[]).await;
+        assert_eq!(not_a_check.status(), 404);
+        assert_eq!(server.metrics.refused.get(), 0);
+    }
+
+    /// Connects and sends `head` at once, then `trickle` one byte per
+    /// second; returns what the server answered and when it closed.
+    async fn trickle(
+        addr: SocketAddr,
+        head: &'static [u8],
+        trickle: &'static [u8],
+    ) -> (String, Duration) {
+        let started = Instant::now();
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut read, mut write) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            write.write_all(head).await?;
+            for byte in trickle {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                write.write_all(&[*byte]).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        });
+        let mut answer = Vec::new();
+        let read_all = read.read_to_end(&mut answer);
+        // A reset counts as closed too.
+        let _ = tokio::time::timeout(Duration::from_secs(20), read_all)
+            .await
+            .expect("the server never closed the connection");
+        let elapsed = started.elapsed();
+        writer.abort();
+        (String::from_utf8_lossy(&answer).into_owned(), elapsed)
+    }
+
+    #[tokio::test]
+    async fn a_slow_loris_is_cut_at_the_request_deadline() {
+        let idp = FakeIdp::start().await;
+        let (server, addr) = start(&idp, OrgSource::Nginx, |c| {
+            c.request_timeout = Duration::from_secs(2);
+        })
+        .await;
+        // One header byte per second: the head never ends.
+        let (_, after) = trickle(
+            addr,
+            b"GET /check HTTP/1.1\r\n",
+            b"X-Slow: aaaaaaaaaaaaaaaaaaaaaa",
         )
         .await;
-        assert_eq!(smuggled.status(), 403);
-        let not_a_check = ask("/org-1/mcp", Some(&token), &[]).await;
-        assert_eq!(not_a_check.status(), 404);
+        assert!(
+            after >= Duration::from_millis(1800) && after < Duration::from_secs(4),
+            "{after:?}"
+        );
+        // A whole head at once, then one body byte per second.
+        let (answer, after) = trickle(
+            addr,
+            b"POST /backchannel-logout HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nlogout_",
+            b"token=aaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+        assert!(
+            after >= Duration::from_millis(1800) && after < Duration::from_secs(4),
+            "{after:?}"
+        );
+        // The head's time counts toward the body's deadline: a head that
+        // took a second leaves the body one more, not two.
+        let (answer, after) = trickle(
+            addr,
+            b"POST /backchannel-logout HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r",
+            b"\nabcde",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            after >= Duration::from_millis(1800) && after < Duration::from_millis(2700),
+            "{after:?}"
+        );
+        assert_eq!(server.metrics.timeouts.get(), 3);
+        // A prompt client is served as before.
+        let token = idp.token(serde_json::json!({}));
+        let ok = ask(addr, "/check", &token, &[("x-original-uri", "/org-1/mcp")]).await;
+        assert_eq!(ok.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_counted() {
+        let idp = FakeIdp::start().await;
+        let (server, addr) = start(&idp, OrgSource::Nginx, |c| {
+            c.max_connections = 2;
+        })
+        .await;
+        async fn wait_for(what: &str, check: impl Fn() -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !check() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let first = TcpStream::connect(addr).await.expect("connect");
+        let second = TcpStream::connect(addr).await.expect("connect");
+        wait_for("two open connections", || server.metrics.open.get() == 2).await;
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+            .await
+            .expect("the third connection was left open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(server.metrics.refused.get(), 1);
+        assert_eq!(server.metrics.open.get(), 2);
+        drop(first);
+        wait_for("a slot to free up", || server.metrics.open.get() == 1).await;
+        let mut fourth = TcpStream::connect(addr).await.expect("connect");
+        fourth
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), fourth.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .expect("read");
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        drop(second);
+        let text = String::from_utf8({
+            let mut out = Vec::new();
+            TextEncoder::new()
+                .encode(&server.registry.gather(), &mut out)
+                .expect("encode");
+            out
+        })
+        .expect("utf-8");
+        assert!(
+            text.contains("ratatosk_forward_connections_refused_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("ratatosk_forward_connections_open"), "{text}");
     }
 }

@@ -19,9 +19,16 @@ INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "nginx-e2e", "version": "1"}}}
 
 
+IDENTITY_HEADERS = ("X-Ratatosk-Subject", "X-Ratatosk-Org", "X-Ratatosk-Scopes", "X-Ratatosk-Username")
+
+
 def nginx_conf(root: Path, port: int, auth_port: int, upstream_port: int) -> str:
+    """The README's nginx example, one pair of locations per org."""
     locations = []
     for org in ("org-1", "org-2"):
+        # Client headers reach the auth subrequest (nginx's default): the
+        # bridge reads only X-Original-URI, which nginx overwrites here.
+        strip = "".join(f"\n            proxy_set_header {h} \"\";" for h in IDENTITY_HEADERS)
         locations.append(f"""
         location = /_auth/{org} {{
             internal;
@@ -29,16 +36,18 @@ def nginx_conf(root: Path, port: int, auth_port: int, upstream_port: int) -> str
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-URI $request_uri;
-            proxy_set_header X-Ratatosk-Org {org};
         }}
         location = /{org}/mcp {{
             auth_request /_auth/{org};
             auth_request_set $rt_subject $upstream_http_x_ratatosk_subject;
+            auth_request_set $rt_org $upstream_http_x_ratatosk_org;
             auth_request_set $rt_scopes $upstream_http_x_ratatosk_scopes;
-            proxy_set_header Authorization "";
+            auth_request_set $rt_username $upstream_http_x_ratatosk_username;
+            proxy_set_header Authorization "";{strip}
             proxy_set_header Ratatosk-Subject $rt_subject;
+            proxy_set_header Ratatosk-Org $rt_org;
             proxy_set_header Ratatosk-Scopes $rt_scopes;
-            proxy_set_header Ratatosk-Org {org};
+            proxy_set_header Ratatosk-Username $rt_username;
             proxy_http_version 1.1;
             proxy_buffering off;
             proxy_pass http://127.0.0.1:{upstream_port}/mcp;
@@ -79,8 +88,8 @@ def nginx_stack(tmp_path_factory, keycloak, replicas):
         "public_url": f"http://127.0.0.1:{port}",
         "identity": identity_config(keycloak.issuer),
         "mode": "jwt",
-        # nginx sets X-Ratatosk-Org per location, overwriting any client's.
-        "org_from": "header",
+        # The org is the first segment of X-Original-URI, which nginx sets.
+        "org_from": "nginx",
         "orgs": {"org-1": {}, "org-2": {"mode": "introspect"}},
     }
     (root / "auth.yaml").write_text(json.dumps(config))
@@ -137,6 +146,38 @@ def test_nginx_enforces_orgs_in_both_modes(nginx_stack, keycloak):
     assert ok.status_code == 200, ok.text
     bad = post(f"{base}/org-2/mcp", INIT, version=None, headers={"Authorization": "Bearer garbage"})
     assert bad.status_code == 401
+
+
+def test_a_client_cannot_name_another_org_or_identity(nginx_stack, keycloak):
+    """nginx passes client headers into the auth subrequest. bob (org-2 only)
+    asks org-1's location and names org-2 in every header the bridge or the
+    upstream could read: he must be refused, not checked as a member of org-2."""
+    base, auth, replica = nginx_stack
+    bob, alice = keycloak.token("bob"), keycloak.token("alice")
+    forged = {"X-Forwarded-Uri": "/org-2/mcp", "X-Original-URI": "/org-2/mcp",
+              "X-Ratatosk-Org": "org-2", "X-Ratatosk-Subject": claims(alice)["sub"],
+              "X-Ratatosk-Scopes": "mcp:admin", "X-Ratatosk-Username": "alice",
+              "Ratatosk-Org": "org-2", "Ratatosk-Subject": claims(alice)["sub"],
+              "Ratatosk-Scopes": "mcp:admin", "Ratatosk-Username": "alice"}
+    r = post(f"{base}/org-1/mcp", INIT, version=None,
+             headers={"Authorization": f"Bearer {bob}", "X-Request-Id": "forged-org-bob", **forged})
+    assert r.status_code == 403, r.text
+    assert not [h for h in replica.seen_headers() if h.get("x-request-id") == "forged-org-bob"]
+    # alice is let in to org-1 with her own identity: whatever she sent in
+    # identity headers never reaches the upstream.
+    forged["X-Ratatosk-Subject"] = forged["Ratatosk-Subject"] = claims(bob)["sub"]
+    forged["X-Ratatosk-Username"] = forged["Ratatosk-Username"] = "bob"
+    r = post(f"{base}/org-1/mcp", INIT, version=None,
+             headers={"Authorization": f"Bearer {alice}", "X-Request-Id": "forged-org-alice", **forged})
+    assert r.status_code == 200, r.text
+    seen = [h for h in replica.seen_headers() if h.get("x-request-id") == "forged-org-alice"]
+    assert len(seen) == 1, replica.seen_headers()[-3:]
+    h = seen[0]
+    assert h["ratatosk-subject"] == claims(alice)["sub"]
+    assert h["ratatosk-username"] == "alice"
+    assert h["ratatosk-org"] == "org-1"
+    assert "mcp:admin" not in h["ratatosk-scopes"].split()
+    assert not [name for name in h if name.startswith("x-ratatosk-")], h
 
 
 def test_the_forward_auth_binary_checks_its_config(tmp_path):
