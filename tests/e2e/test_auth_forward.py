@@ -4,7 +4,9 @@ asking `ratatosk-auth serve` about every request with `auth_request`."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import shutil
 from pathlib import Path
 
@@ -120,6 +122,15 @@ def test_nginx_refuses_without_a_token_with_the_bridge_challenge(nginx_stack, ke
     assert url.startswith(base)
     doc = httpx2.get(url, timeout=5).json()
     assert doc["authorization_servers"] == [keycloak.issuer]
+
+
+def test_sighup_does_not_stop_the_forward_auth_service(nginx_stack, keycloak):
+    base, auth, _ = nginx_stack
+    os.kill(auth.pid, signal.SIGHUP)
+    wait_until("ratatosk-auth logged the SIGHUP", lambda: "SIGHUP received" in auth.log_text(), timeout=5,
+               alive=auth.death)
+    r = post(f"{base}/org-1/mcp", INIT, version=None, headers={"Authorization": f"Bearer {keycloak.token('alice')}"})
+    assert r.status_code == 200, r.text
 
 
 def test_nginx_lets_alice_in_and_strips_her_token(nginx_stack, keycloak):
