@@ -5,9 +5,11 @@
 //! bounded number of calls however many arrive, and a caller waits a
 //! bounded time.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::time::Duration;
 
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::LaneLimits;
@@ -32,15 +34,20 @@ impl Refused {
 
 pub struct Throttle {
     slots: Semaphore,
-    pace: Mutex<Pace>,
+    /// One call per `1/per_second` on average, `per_second` at once after
+    /// a quiet second (GCRA).
+    pace: DefaultDirectRateLimiter,
+    clock: DefaultClock,
     max_wait: Duration,
 }
 
 impl Throttle {
     pub fn new(limits: &LaneLimits, max_wait: Duration) -> Throttle {
+        let per_second = NonZeroU32::new(limits.per_second).unwrap_or(NonZeroU32::MIN);
         Throttle {
             slots: Semaphore::new(limits.max_concurrent.max(1)),
-            pace: Mutex::new(Pace::new(limits.per_second)),
+            pace: DefaultDirectRateLimiter::direct(Quota::per_second(per_second)),
+            clock: DefaultClock::default(),
             max_wait,
         }
     }
@@ -48,57 +55,19 @@ impl Throttle {
     /// Waits for the pace and a free slot, within `max_wait` in all. The
     /// call runs while the permit lives.
     pub async fn admit(&self) -> Result<SemaphorePermit<'_>, Refused> {
-        let now = Instant::now();
-        let deadline = now + self.max_wait;
-        let start = self
-            .pace
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .reserve(now, self.max_wait)
-            .ok_or(Refused::Rate)?;
-        tokio::time::sleep_until(start.into()).await;
-        match tokio::time::timeout_at(deadline.into(), self.slots.acquire()).await {
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        while let Err(not_until) = self.pace.check() {
+            let ready = tokio::time::Instant::now() + not_until.wait_time_from(self.clock.now());
+            if ready > deadline {
+                return Err(Refused::Rate);
+            }
+            tokio::time::sleep_until(ready).await;
+        }
+        match tokio::time::timeout_at(deadline, self.slots.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; treat it like a full one.
             Ok(Err(_)) | Err(_) => Err(Refused::Concurrency),
         }
-    }
-}
-
-/// The generic cell rate algorithm: one call per `interval` on average,
-/// `burst` calls at once after a quiet second. A reservation is a start
-/// time; a caller that would have to wait too long takes none.
-struct Pace {
-    interval: Duration,
-    /// How far ahead of the theoretical arrival time a call may start.
-    tolerance: Duration,
-    /// When the next call would start if calls came exactly on pace.
-    theoretical: Option<Instant>,
-}
-
-impl Pace {
-    fn new(per_second: u32) -> Pace {
-        let per_second = per_second.max(1);
-        let interval = Duration::from_secs(1) / per_second;
-        Pace {
-            interval,
-            tolerance: interval * (per_second - 1),
-            theoretical: None,
-        }
-    }
-
-    /// The time a call arriving `now` may start, if that is within
-    /// `max_wait`; the reservation is taken only then.
-    fn reserve(&mut self, now: Instant, max_wait: Duration) -> Option<Instant> {
-        let theoretical = self.theoretical.map_or(now, |t| t.max(now));
-        let start = theoretical
-            .checked_sub(self.tolerance)
-            .map_or(now, |s| s.max(now));
-        if start.saturating_duration_since(now) > max_wait {
-            return None;
-        }
-        self.theoretical = Some(theoretical + self.interval);
-        Some(start)
     }
 }
 
@@ -108,39 +77,53 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[test]
-    fn the_pace_allows_a_burst_then_one_per_interval() {
-        let mut pace = Pace::new(10);
-        let t0 = Instant::now();
-        let wait = Duration::from_millis(500);
-        let starts: Vec<_> = (0..20).map(|_| pace.reserve(t0, wait)).collect();
-        // A second's worth at once, then five more queued within max_wait.
-        assert!(starts[..10].iter().all(|s| *s == Some(t0)), "{starts:?}");
-        for (i, s) in starts[10..15].iter().enumerate() {
-            assert_eq!(*s, Some(t0 + Duration::from_millis(100) * (i as u32 + 1)));
-        }
-        assert!(starts[15..].iter().all(Option::is_none), "{starts:?}");
-        // Refusals take no reservation: a second later, ten more fit.
-        let later = t0 + Duration::from_secs(1);
-        let admitted = (0..30).filter_map(|_| pace.reserve(later, wait)).count();
-        assert_eq!(admitted, 10, "5 at once, 5 queued");
+    fn throttle(per_second: u32, max_wait: Duration) -> Throttle {
+        Throttle::new(
+            &LaneLimits {
+                max_concurrent: 1000,
+                per_second,
+            },
+            max_wait,
+        )
     }
 
-    #[test]
-    fn over_any_window_the_pace_admits_at_most_rate_times_window_plus_burst() {
-        let mut pace = Pace::new(20);
-        let t0 = Instant::now();
-        let mut admitted = 0;
-        // Ten callers every 10 ms for 3 s: far more than 20 per second.
-        for step in 0..300u32 {
-            let now = t0 + Duration::from_millis(10) * step;
-            admitted += (0..10)
-                .filter(|_| pace.reserve(now, Duration::from_secs(1)).is_some())
-                .count();
+    #[tokio::test]
+    async fn the_pace_allows_a_burst_then_refuses_what_cannot_wait() {
+        let t = throttle(10, Duration::ZERO);
+        for i in 0..10 {
+            assert!(t.admit().await.is_ok(), "call {i} of the burst");
         }
-        // Burst 20, 20/s over 3 s, plus the queue of one second (20).
-        assert!(admitted <= 20 + 60 + 20, "{admitted}");
-        assert!(admitted >= 60, "{admitted}");
+        assert_eq!(t.admit().await.err(), Some(Refused::Rate));
+        // A caller that may wait gets the next slot of the pace.
+        let patient = throttle(10, Duration::from_millis(500));
+        for _ in 0..10 {
+            drop(patient.admit().await.expect("burst"));
+        }
+        let started = std::time::Instant::now();
+        drop(patient.admit().await.expect("after a wait"));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(50), "{waited:?}");
+        assert!(waited < Duration::from_millis(500), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn over_a_window_the_pace_admits_at_most_rate_times_window_plus_burst() {
+        let t = throttle(50, Duration::ZERO);
+        let started = std::time::Instant::now();
+        let mut admitted = 0;
+        while started.elapsed() < Duration::from_millis(1000) {
+            if t.admit().await.is_ok() {
+                admitted += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        let window = started.elapsed().as_secs_f64();
+        // The burst of 50, then 50 a second.
+        assert!(
+            admitted as f64 <= 50.0 + 50.0 * window + 1.0,
+            "{admitted} in {window} s"
+        );
+        assert!(admitted >= 50, "{admitted}");
     }
 
     #[tokio::test]
@@ -154,7 +137,7 @@ mod tests {
         ));
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let (throttle, running, most) = (throttle.clone(), running.clone(), most.clone());
