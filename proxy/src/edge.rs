@@ -206,17 +206,21 @@ impl Reject {
     }
 }
 
-/// Checks `Origin` against the allow-list. Requests without `Origin` are
-/// not from a browser and pass; the returned value is echoed in CORS headers.
+/// Checks `Origin` against the allow-list and the gateway's own origin
+/// (`own`, that of `public_url`: a page the gateway itself serves is
+/// same-origin). Requests without `Origin` are not from a browser and pass;
+/// the returned value is echoed in CORS headers. The `Host` header decides
+/// nothing: a DNS-rebinding page sends the Host it was rebound to.
 pub fn check_origin(
     headers: &HeaderMap,
     allowed: &[String],
+    own: Option<&str>,
 ) -> Result<Option<HeaderValue>, Reject> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(None);
     };
     let text = origin.to_str().unwrap_or("");
-    if allowed.iter().any(|a| a == text) {
+    if own == Some(text) || allowed.iter().any(|a| a == text) {
         Ok(Some(origin.clone()))
     } else {
         Err(Reject::new(
@@ -228,6 +232,14 @@ pub fn check_origin(
             ),
         ))
     }
+}
+
+/// The origin (`scheme://host[:port]`, default port left out, as browsers
+/// send it in `Origin`) of an `http(s)` URL.
+pub fn origin_of(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    let origin = url.origin();
+    origin.is_tuple().then(|| origin.ascii_serialization())
 }
 
 /// CORS headers for an allowed browser origin.
@@ -385,16 +397,68 @@ mod tests {
     #[test]
     fn origin_absent_passes_allowed_echoes_other_is_403() {
         let allowed = vec!["http://localhost:6274".to_string()];
-        assert_eq!(check_origin(&headers(&[]), &allowed), Ok(None));
+        assert_eq!(check_origin(&headers(&[]), &allowed, None), Ok(None));
         assert!(
-            check_origin(&headers(&[("origin", "http://localhost:6274")]), &allowed)
-                .expect("allowed")
-                .is_some()
+            check_origin(
+                &headers(&[("origin", "http://localhost:6274")]),
+                &allowed,
+                None
+            )
+            .expect("allowed")
+            .is_some()
         );
-        let r = check_origin(&headers(&[("origin", "http://evil.example")]), &allowed)
-            .expect_err("refused");
+        let r = check_origin(
+            &headers(&[("origin", "http://evil.example")]),
+            &allowed,
+            None,
+        )
+        .expect_err("refused");
         assert_eq!(r.status, StatusCode::FORBIDDEN);
         assert!(r.message.contains("evil.example"));
+    }
+
+    #[test]
+    fn the_gateways_own_origin_passes_whatever_the_host_header_says() {
+        let own = origin_of("http://127.0.0.1:8080").expect("an origin");
+        assert_eq!(own, "http://127.0.0.1:8080");
+        let same = headers(&[
+            ("origin", "http://127.0.0.1:8080"),
+            ("host", "127.0.0.1:8080"),
+        ]);
+        assert!(
+            check_origin(&same, &[], Some(&own))
+                .expect("same-origin")
+                .is_some()
+        );
+        // A rebinding page: its Origin names the host it was rebound to, and
+        // so does its Host header.
+        let rebound = headers(&[
+            ("origin", "http://evil.example:8080"),
+            ("host", "evil.example:8080"),
+        ]);
+        let r = check_origin(&rebound, &[], Some(&own)).expect_err("refused");
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        // Another port of the same host is another origin.
+        let other = headers(&[("origin", "http://127.0.0.1:8081")]);
+        assert!(check_origin(&other, &[], Some(&own)).is_err());
+    }
+
+    #[test]
+    fn origins_of_public_urls() {
+        assert_eq!(
+            origin_of("https://gw.example.com/api/v1").as_deref(),
+            Some("https://gw.example.com")
+        );
+        assert_eq!(
+            origin_of("https://GW.example.com:443/").as_deref(),
+            Some("https://gw.example.com"),
+            "the default port is left out, the host lower-cased"
+        );
+        assert_eq!(
+            origin_of("http://[::1]:9000").as_deref(),
+            Some("http://[::1]:9000")
+        );
+        assert_eq!(origin_of("not a url"), None);
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct Gateway {
     pub validator: Option<Arc<ratatosk_auth::Validator>>,
     /// `config.public_url()`, computed once.
     pub public_url: String,
+    /// The origin of `public_url`: same-origin browser requests pass the
+    /// `Origin` check.
+    own_origin: Option<String>,
     pub store: Arc<dyn SessionStore>,
     pub hub: Hub,
     /// This node's random tag (the shared log's, with one): it keeps the
@@ -167,6 +170,7 @@ impl Gateway {
             routes: Routes::new(&config.base_path, orgs),
             validator,
             public_url: config.public_url(),
+            own_origin: edge::origin_of(&config.public_url()),
             node: events.as_ref().map_or_else(rand::random, |e| e.node()),
             hub: match &events {
                 Some(events) => Hub::shared(limits, events.clone()),
@@ -230,7 +234,11 @@ impl Gateway {
     }
 
     async fn check_and_route(self: &Arc<Self>, req: &Request) -> Response {
-        match edge::check_origin(&req.headers, &self.config.allowed_origins) {
+        match edge::check_origin(
+            &req.headers,
+            &self.config.allowed_origins,
+            self.own_origin.as_deref(),
+        ) {
             Err(reject) => {
                 let label = self.label_for_path(&req.path, &req.method);
                 reject.into_response().labeled(label)
@@ -388,13 +396,11 @@ impl Gateway {
             }
             return self.initialize(org, identity, init, req).await;
         }
-        let session = self
-            .streamable_session(org, identity, req, header_version)
-            .await?;
+        let session = self.streamable_session(org, identity, req).await?;
         let log = self.session_log(&session, false).await?;
-        if header_version.is_none() {
-            self.check_batch(&body, &session.protocol_version)?;
-        }
+        // The negotiated version governs the session, whatever other
+        // supported version a request names.
+        self.check_batch(&body, &session.protocol_version)?;
 
         let mut requests = Vec::new();
         for m in body.messages() {
@@ -1011,21 +1017,20 @@ impl Gateway {
         }
     }
 
-    /// The session a Streamable HTTP request names, checked against the
-    /// request's `MCP-Protocol-Version`.
+    /// The session a Streamable HTTP request names. Its
+    /// `MCP-Protocol-Version` may be any supported version (checked at the
+    /// edge): the 2025 transports only say the client SHOULD send the
+    /// negotiated one, and a server MUST refuse only an invalid or
+    /// unsupported one. The negotiated version stays the session's.
     async fn streamable_session(
         &self,
         org: &OrgRoute,
         identity: &Identity,
         req: &Request,
-        header_version: Option<&str>,
     ) -> Result<Arc<SessionState>, Reject> {
         let id = req.header(&MCP_SESSION_ID);
-        let session = self
-            .session_for(org, identity, id, Transport::StreamableHttp)
-            .await?;
-        check_version_matches(header_version, &session)?;
-        Ok(session)
+        self.session_for(org, identity, id, Transport::StreamableHttp)
+            .await
     }
 
     /// The caller's session and its event log.
@@ -1314,10 +1319,9 @@ impl Gateway {
         req: &Request,
     ) -> Result<Response, Reject> {
         edge::check_get_framing(&req.headers)?;
-        let header_version = edge::protocol_version(&req.headers)?;
-        let session = self
-            .streamable_session(org, identity, req, header_version)
-            .await?;
+        // Validated only: an unsupported version is a 400.
+        edge::protocol_version(&req.headers)?;
+        let session = self.streamable_session(org, identity, req).await?;
         let resume = match req.header(&LAST_EVENT_ID) {
             None => None,
             Some(text) => Some(EventId::parse(text).ok_or_else(|| {
@@ -1375,10 +1379,9 @@ impl Gateway {
         identity: &Identity,
         req: &Request,
     ) -> Result<Response, Reject> {
-        let header_version = edge::protocol_version(&req.headers)?;
-        let session = self
-            .streamable_session(org, identity, req, header_version)
-            .await?;
+        // Validated only: an unsupported version is a 400.
+        edge::protocol_version(&req.headers)?;
+        let session = self.streamable_session(org, identity, req).await?;
         self.end_session(&session.id, "deleted by the client")
             .await
             .map_err(store_reject)?;
@@ -1829,18 +1832,6 @@ pub(super) fn session_headers(
         },
         client_headers,
     )
-}
-
-/// A request's `MCP-Protocol-Version`, when given, must be the one the
-/// session negotiated.
-fn check_version_matches(header: Option<&str>, session: &SessionState) -> Result<(), Reject> {
-    match header {
-        Some(v) if v != session.protocol_version => Err(Reject::bad_request(format!(
-            "MCP-Protocol-Version {v} does not match the version negotiated for this session ({})",
-            session.protocol_version
-        ))),
-        _ => Ok(()),
-    }
 }
 
 fn parse_post_body(body: &Bytes) -> Result<Body, Reject> {
@@ -2319,7 +2310,9 @@ mod tests {
         );
         assert!(error_message(&no_header).contains("2025-06-18"));
 
-        let mismatch = gw
+        // Another supported version than the negotiated one is accepted
+        // (the client only SHOULD send the negotiated one)...
+        let other = gw
             .handle(post(
                 ping,
                 &[
@@ -2328,8 +2321,21 @@ mod tests {
                 ],
             ))
             .await;
-        assert_eq!(mismatch.status, StatusCode::BAD_REQUEST);
-        assert!(error_message(&mismatch).contains("does not match"));
+        assert_eq!(other.status, StatusCode::OK, "{}", json_of(&other));
+        assert_eq!(json_of(&other)["result"], json!({}));
+        // ...but the negotiated version still governs: naming one that
+        // allowed batches does not allow them in this session.
+        let claimed = gw
+            .handle(post(
+                &batch,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-03-26"),
+                ],
+            ))
+            .await;
+        assert_eq!(claimed.status, StatusCode::BAD_REQUEST);
+        assert!(error_message(&claimed).contains("2025-06-18"));
 
         let huge = format!("[{}]", vec![ping; 33].join(","));
         let r = gw

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import httpx2
 import pytest
 
-from harness import initialize, post, rpc_error, streamable_session
+from harness import initialize, post, result_of, rpc_error, streamable_session
 
 TOOLS_LIST = {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}
 
@@ -146,9 +146,18 @@ def test_allowed_origin_gets_cors(gateway, sid):
     assert "mcp-session-id" in pre.headers["access-control-allow-headers"].lower()
 
 
-def test_protocol_version_must_match_the_session(gateway, sid):
-    expect(post(gateway.url("org-1"), TOOLS_LIST, session=sid, version="2025-06-18"), 400, -32000,
-           "does not match", "2025-11-25")
+def test_another_supported_protocol_version_is_accepted(gateway, sid):
+    # 2025-06-18 and 2025-11-25 transports: the client SHOULD send the
+    # negotiated version; only an invalid or unsupported one MUST get 400.
+    r = post(gateway.url("org-1"), TOOLS_LIST, session=sid, version="2025-06-18")
+    assert r.status_code == 200, r.text
+    assert any(t["name"] == "add" for t in result_of(r)["tools"]), r.text
+
+
+def test_the_negotiated_version_still_governs_the_session(gateway, sid):
+    # Naming 2025-03-26 does not make batches legal in a 2025-11-25 session.
+    expect(post(gateway.url("org-1"), [TOOLS_LIST], session=sid, version="2025-03-26"), 400, -32600,
+           "batch", "2025-11-25")
 
 
 def test_batch_without_header_follows_the_negotiated_version(gateway, sid):
