@@ -72,6 +72,60 @@ pub fn looks_modern(headers: &HeaderMap, params: Option<&Value>) -> bool {
         .is_some()
 }
 
+/// Whether a sessionless POST speaks the modern era. `initialize` is the
+/// handshake era's first request unless its `MCP-Protocol-Version` names a
+/// modern version: a 2026-07-28 client sending it asks for a method its
+/// version removed.
+pub fn speaks_modern(headers: &HeaderMap, method: Option<&str>, params: Option<&Value>) -> bool {
+    if method == Some("initialize") {
+        return headers
+            .get(&MCP_PROTOCOL_VERSION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_modern_version);
+    }
+    looks_modern(headers, params)
+}
+
+/// Requests of the handshake era that 2026-07-28 removed (changelog: the
+/// `initialize` handshake, `ping`, `logging/setLevel`, and
+/// `resources/subscribe`/`unsubscribe`, replaced by `subscriptions/listen`).
+const REMOVED_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "logging/setLevel",
+    "resources/subscribe",
+    "resources/unsubscribe",
+];
+
+/// The refusal of a request whose method 2026-07-28 removed: a modern
+/// server does not implement it, so `404` with -32601
+/// (`streamable-http.mdx`, Protocol Version Header), whatever the upstream
+/// behind the gateway still speaks.
+pub fn removed_method(method: &str) -> Option<Reject> {
+    REMOVED_METHODS.contains(&method).then(|| {
+        Reject::new(
+            StatusCode::NOT_FOUND,
+            code::METHOD_NOT_FOUND,
+            format!("Method not found: {method} was removed in protocol version {MODERN_VERSION}"),
+        )
+    })
+}
+
+/// The HTTP status a modern server answers a final response with: a
+/// JSON-RPC error that 2026-07-28 ties to a status gets it (`-32601`: 404;
+/// header mismatch, missing capability, unsupported version: 400), anything
+/// else 200. For answers the gateway makes from a handshake-era upstream's,
+/// which carry such errors inside a 200.
+pub fn modern_status(response: &Value) -> StatusCode {
+    match response.pointer("/error/code").and_then(Value::as_i64) {
+        Some(code::METHOD_NOT_FOUND) => StatusCode::NOT_FOUND,
+        Some(
+            errors::HEADER_MISMATCH | errors::MISSING_CAPABILITY | errors::UNSUPPORTED_VERSION,
+        ) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    }
+}
+
 /// A modern request that passed the checks: its method and params object.
 #[derive(Debug, Clone)]
 pub struct ModernRequest {
@@ -674,6 +728,68 @@ mod tests {
             &HeaderMap::new(),
             Some(&json!({"name": "x"}))
         ));
+    }
+
+    #[test]
+    fn initialize_is_modern_only_under_a_modern_version_header() {
+        let modern = headers(&[("mcp-protocol-version", MODERN_VERSION)]);
+        assert!(speaks_modern(&modern, Some("initialize"), None));
+        let meta = params(MODERN_VERSION);
+        for h in [
+            HeaderMap::new(),
+            headers(&[("mcp-protocol-version", "2025-11-25")]),
+            headers(&[("mcp-protocol-version", "2099-01-01")]),
+        ] {
+            assert!(!speaks_modern(&h, Some("initialize"), Some(&meta)), "{h:?}");
+        }
+        assert!(speaks_modern(&modern, Some("tools/list"), None));
+        assert!(speaks_modern(&HeaderMap::new(), Some("ping"), Some(&meta)));
+    }
+
+    #[test]
+    fn removed_methods_are_404_method_not_found() {
+        for m in [
+            "initialize",
+            "ping",
+            "logging/setLevel",
+            "resources/subscribe",
+            "resources/unsubscribe",
+        ] {
+            let r = removed_method(m).expect("removed");
+            assert_eq!(
+                (r.status, r.code),
+                (StatusCode::NOT_FOUND, code::METHOD_NOT_FOUND),
+                "{m}"
+            );
+            assert!(r.message.contains(m), "{}", r.message);
+        }
+        for m in [
+            "tools/list",
+            "server/discover",
+            "subscriptions/listen",
+            "completion/complete",
+        ] {
+            assert!(removed_method(m).is_none(), "{m}");
+        }
+    }
+
+    #[test]
+    fn final_errors_get_their_modern_status() {
+        let error =
+            |code: i64| json!({"jsonrpc": "2.0", "id": 1, "error": {"code": code, "message": "x"}});
+        assert_eq!(modern_status(&error(-32601)), StatusCode::NOT_FOUND);
+        for c in [
+            errors::HEADER_MISMATCH,
+            errors::MISSING_CAPABILITY,
+            errors::UNSUPPORTED_VERSION,
+        ] {
+            assert_eq!(modern_status(&error(c)), StatusCode::BAD_REQUEST, "{c}");
+        }
+        assert_eq!(modern_status(&error(-32602)), StatusCode::OK);
+        assert_eq!(
+            modern_status(&json!({"id": 1, "result": {}})),
+            StatusCode::OK
+        );
     }
 
     #[test]

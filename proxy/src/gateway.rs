@@ -370,11 +370,10 @@ impl Gateway {
         label.method = body_label(&body);
         if !req.headers.contains_key(&MCP_SESSION_ID)
             && let Body::Single(m) = &body
-            && m.method() != Some("initialize")
         {
             // Parsed once: the modern checks use the same params.
             let params = m.params();
-            if crate::era::looks_modern(&req.headers, params.as_ref()) {
+            if crate::era::speaks_modern(&req.headers, m.method(), params.as_ref()) {
                 return self.modern_post(org, identity, req, m, params).await;
             }
         }
@@ -1916,30 +1915,43 @@ pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
             ..
         } if status.is_client_error()
             && *status != StatusCode::NOT_FOUND
-            && content_type
-                .as_deref()
-                .is_some_and(|ct| crate::upstream::mime_is(ct, "application/json"))
+            && is_json(content_type.as_deref())
             && jsonrpc::parse_message(body).is_ok() =>
         {
             // The upstream refused the request itself, in JSON-RPC: pass it on.
-            let refusal = serde_json::from_slice::<Value>(body).unwrap_or_default();
-            let message = refusal
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .map_or_else(|| e.to_string(), str::to_owned);
-            let upstream_code = refusal
-                .pointer("/error/code")
-                .and_then(Value::as_i64)
-                .unwrap_or(code::UPSTREAM_ERROR);
-            let mut reject = Reject::new(*status, upstream_code, message).with_id(id);
-            if let Some(data) = refusal.pointer("/error/data") {
-                reject = reject.with_data(data.clone());
-            }
-            return reject;
+            return passed_refusal(*status, body, id, || e.to_string());
         }
         _ => StatusCode::BAD_GATEWAY,
     };
     Reject::new(status, code::UPSTREAM_ERROR, e.to_string()).with_id(id)
+}
+
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| crate::upstream::mime_is(ct, "application/json"))
+}
+
+/// An upstream's own JSON-RPC refusal (`body`), as the client gets it:
+/// the upstream's status, code, message and data.
+fn passed_refusal(
+    status: StatusCode,
+    body: &[u8],
+    id: Option<&Id>,
+    fallback: impl FnOnce() -> String,
+) -> Reject {
+    let refusal = serde_json::from_slice::<Value>(body).unwrap_or_default();
+    let message = refusal
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map_or_else(fallback, str::to_owned);
+    let upstream_code = refusal
+        .pointer("/error/code")
+        .and_then(Value::as_i64)
+        .unwrap_or(code::UPSTREAM_ERROR);
+    let mut reject = Reject::new(status, upstream_code, message).with_id(id);
+    if let Some(data) = refusal.pointer("/error/data") {
+        reject = reject.with_data(data.clone());
+    }
+    reject
 }
 
 fn read_reject(e: ReadError, id: Option<&Id>) -> Reject {

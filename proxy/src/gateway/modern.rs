@@ -71,6 +71,11 @@ impl Gateway {
             // response stream, and the rest were removed in 2026-07-28.
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
+        // Answered here for every upstream era: a handshake-era upstream
+        // still serves them, but not to a client of this version.
+        if let Some(removed) = era::removed_method(method) {
+            return Err(removed.with_id(Some(id)));
+        }
         match self.upstream_era(org, Some(id)).await? {
             Era::Modern => self.modern_to_modern(org, identity, req, message).await,
             _ => self.modern_to_legacy(org, identity, req, id, request).await,
@@ -180,7 +185,7 @@ impl Gateway {
             .pool
             .send(headers, body)
             .await
-            .map_err(|e| upstream_reject(e, id))?;
+            .map_err(|e| modern_upstream_reject(e, id))?;
         // A listen stream is meant to stay open and quiet.
         let limits = if listen {
             listen_limits(org)
@@ -198,6 +203,12 @@ impl Gateway {
     /// request to the client parks the upstream call and becomes an
     /// `InputRequiredResult`. Dropping the response (the client closed it)
     /// drops the upstream request: that is the cancellation of 2026-07-28.
+    ///
+    /// For a handshake-era upstream the gateway is the modern server, and
+    /// some final answers must carry their own HTTP status (a -32601 is a
+    /// 404, a -32021 a 400). So an SSE answer is not committed to at once:
+    /// when what the upstream says first (within one keep-alive interval)
+    /// ends the answer, the client gets it as JSON with its status.
     pub(super) async fn respond_modern(
         &self,
         org: &OrgRoute,
@@ -209,16 +220,16 @@ impl Gateway {
     ) -> Result<Response, Reject> {
         if reader.is_json() {
             let body = reader.json_body().await.map_err(|e| read_reject(e, id))?;
-            let body = match &to_modern {
-                Some(method) => reshape(&body, |v| era::response_to_modern(v, method)),
-                None => body,
-            };
-            return Ok(Response::json(StatusCode::OK, body));
+            return Ok(match &to_modern {
+                Some(method) => modern_json(&body, |v| era::response_to_modern(v, method)),
+                None => Response::json(StatusCode::OK, body),
+            });
         }
         let Some(id) = id else {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
-        Ok(Response::sse(Box::new(Pipe {
+        let legacy = to_modern.is_some();
+        let mut pipe = Pipe {
             reader: Some(reader),
             id: id.clone(),
             upstream_id,
@@ -226,7 +237,27 @@ impl Gateway {
             org: org.name.clone(),
             keepalive: self.config.streams.keepalive,
             park,
-        })))
+            first: None,
+            failed: false,
+        };
+        if legacy {
+            let decide_by = tokio::time::Instant::now() + self.config.streams.keepalive;
+            loop {
+                match tokio::time::timeout_at(decide_by, pipe.step()).await {
+                    Ok(Some(Step::Send(out, true))) if pipe.failed => {
+                        return Ok(Response::json(StatusCode::BAD_GATEWAY, out));
+                    }
+                    Ok(Some(Step::Send(out, true))) => return Ok(modern_json(&out, |v| v)),
+                    Ok(Some(Step::Send(out, false))) => {
+                        pipe.first = Some(out);
+                        break;
+                    }
+                    Ok(Some(Step::Quiet)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        Ok(Response::sse(Box::new(pipe)))
     }
 
     // ----- handshake-era clients of a modern upstream ----------------------
@@ -674,6 +705,41 @@ impl Drop for PendingReplies<'_> {
     }
 }
 
+/// A final answer for a modern client of a handshake-era upstream,
+/// rewritten by `f`, as JSON with the status its error calls for.
+fn modern_json(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Response {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => {
+            let v = f(v);
+            Response::json(era::modern_status(&v), Bytes::from(v.to_string()))
+        }
+        Err(_) => Response::json(StatusCode::OK, body.clone()),
+    }
+}
+
+/// For a 2026-07-28 client: an upstream's `404` with JSON-RPC -32601 is a
+/// modern server's "no such method" (`streamable-http.mdx`), passed on as
+/// it is, not the "session gone" it means to a 2025 client; every other
+/// failure as [`upstream_reject`].
+pub(super) fn modern_upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
+    if let UpstreamError::Status {
+        status,
+        body,
+        content_type,
+        ..
+    } = &e
+        && *status == StatusCode::NOT_FOUND
+        && is_json(content_type.as_deref())
+        && serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.pointer("/error/code").and_then(Value::as_i64))
+            == Some(code::METHOD_NOT_FOUND)
+    {
+        return passed_refusal(*status, body, id, || e.to_string());
+    }
+    upstream_reject(e, id)
+}
+
 /// A JSON body rewritten by `f`; unchanged if it is not JSON.
 pub(super) fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
     match serde_json::from_slice::<Value>(body) {
@@ -732,6 +798,10 @@ pub(super) struct Pipe {
     /// Where an upstream request to the client parks the call; without
     /// it, such a request cannot be answered (stateless upstream).
     park: Option<Park>,
+    /// A message read before the answer was committed to SSE, sent first.
+    first: Option<Bytes>,
+    /// The last message is the gateway's error: the upstream failed.
+    failed: bool,
 }
 
 /// One step of a [`Pipe`].
@@ -762,6 +832,8 @@ impl Pipe {
             org,
             keepalive,
             park: Some(park),
+            first: None,
+            failed: false,
         }
     }
 
@@ -804,6 +876,7 @@ impl Pipe {
                         }
                         _ => {
                             let why = unanswerable(&self.org, &method);
+                            self.failed = true;
                             (
                                 jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why),
                                 true,
@@ -818,15 +891,19 @@ impl Pipe {
                     "upstream {} ended its answer without a response",
                     reader.replica()
                 );
+                self.failed = true;
                 (
                     jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why),
                     true,
                 )
             }
-            Err(e) => (
-                jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &e.to_string()),
-                true,
-            ),
+            Err(e) => {
+                self.failed = true;
+                (
+                    jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &e.to_string()),
+                    true,
+                )
+            }
         };
         if last {
             self.reader = None;
@@ -838,6 +915,9 @@ impl Pipe {
 #[async_trait]
 impl ChunkSource for Pipe {
     async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            return Some(sse_frame(None, Some("message"), &first));
+        }
         match tokio::time::timeout(self.keepalive, self.step()).await {
             Err(_) | Ok(Some(Step::Quiet)) => Some(Bytes::from_static(KEEPALIVE)),
             Ok(Some(Step::Send(out, _))) => Some(sse_frame(None, Some("message"), &out)),
@@ -1120,8 +1200,15 @@ impl Gateway {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    //! 2026-07-28 clients through the gateway, driven without a client
+    //! socket; upstreams are loopback stubs.
+
     use super::*;
+    use crate::edge::ResponseBody;
+    use crate::session::MemorySessionStore;
+    use crate::testing;
+    use std::path::Path;
 
     #[test]
     fn gateway_request_ids_name_their_node() {
@@ -1138,5 +1225,279 @@ mod tests {
         ] {
             assert_eq!(gateway_request_node(&id(other.clone())), None, "{other}");
         }
+    }
+
+    /// A gateway with one org, `org-1`, whose upstream has `era`.
+    pub(in crate::gateway) fn gateway(era: &str, replica: &str) -> Arc<Gateway> {
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
+             streams: {{keepalive: 2s}}\npublish: {{secret: unit-test-secret-0123}}\n\
+             orgs:\n  org-1: {{upstream: {{era: {era}, replicas: [\"{replica}\"], timeout: 2s}}}}\n"
+        );
+        let config = Config::from_yaml(&yaml, Path::new("unit.yaml"), &|_| None).expect("config");
+        Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway")
+    }
+
+    /// A 2026-07-28 request with consistent headers and `_meta`; `extra`
+    /// headers are added.
+    pub(in crate::gateway) fn modern(
+        id: u64,
+        method: &str,
+        mut params: Value,
+        caps: Value,
+        extra: &[(&str, &str)],
+    ) -> Request {
+        params["_meta"] = json!({
+            era::META_VERSION: era::MODERN_VERSION,
+            era::META_CAPABILITIES: caps,
+            era::META_CLIENT_INFO: {"name": "unit", "version": "1"},
+        });
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("mcp-protocol-version", era::MODERN_VERSION),
+            ("mcp-method", method),
+        ];
+        let name = params
+            .get("name")
+            .or_else(|| params.get("uri"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if let Some(name) = &name {
+            headers.push(("mcp-name", name));
+        }
+        headers.extend_from_slice(extra);
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        Request {
+            method: Method::POST,
+            path: "/gw/org-1/mcp".into(),
+            query: None,
+            headers: testing::headers(&headers),
+            body: Bytes::from(body.to_string()),
+            request_id: "unit".into(),
+        }
+    }
+
+    pub(in crate::gateway) fn json_of(r: &Response) -> Value {
+        match &r.body {
+            ResponseBody::Full(b) => serde_json::from_slice(b).expect("json body"),
+            _ => panic!("expected a full body, got a stream ({})", r.status),
+        }
+    }
+
+    /// Everything a streamed answer says until it ends (or 5 s pass).
+    pub(in crate::gateway) async fn drain(r: &mut Response) -> String {
+        let ResponseBody::Stream(src) = &mut r.body else {
+            panic!("expected a stream")
+        };
+        let mut text = String::new();
+        while let Ok(Some(chunk)) =
+            tokio::time::timeout(Duration::from_secs(5), src.next_chunk()).await
+        {
+            src.written();
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    }
+
+    fn sse(messages: &[Value]) -> testing::Reply {
+        let body: String = messages
+            .iter()
+            .map(|m| format!("event: message\ndata: {m}\n\n"))
+            .collect();
+        testing::Reply {
+            status: 200,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            body,
+        }
+    }
+
+    fn json_reply(status: u16, v: Value) -> testing::Reply {
+        testing::Reply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: v.to_string(),
+        }
+    }
+
+    /// A stateful 2025 upstream: sessions from `initialize`, answers on
+    /// SSE. `tools/call` of `progress` says something first;
+    /// `needs_sampling` refuses with -32021; other methods than tools/call
+    /// and tools/list are unknown (-32601).
+    pub(in crate::gateway) async fn stateful_upstream() -> testing::Stub {
+        testing::full_stub(|head, body| {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let id = v.get("id").cloned().unwrap_or(Value::Null);
+            let method = v["method"].as_str().unwrap_or("");
+            if method == "initialize" {
+                let mut r = json_reply(
+                    200,
+                    json!({"jsonrpc": "2.0", "id": id, "result": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {"tools": {"listChanged": true}},
+                    "serverInfo": {"name": "stateful", "version": "1"}}}),
+                );
+                r.headers.push(("mcp-session-id".into(), "up-1".into()));
+                return r;
+            }
+            if !head.contains("mcp-session-id: up-1") {
+                return json_reply(
+                    400,
+                    json!({"jsonrpc": "2.0", "id": null,
+                    "error": {"code": -32600, "message": "no session"}}),
+                );
+            }
+            if id.is_null() {
+                return testing::Reply {
+                    status: 202,
+                    headers: vec![],
+                    body: String::new(),
+                };
+            }
+            let result = |r: Value| json!({"jsonrpc": "2.0", "id": id, "result": r});
+            match (method, v.pointer("/params/name").and_then(Value::as_str)) {
+                ("tools/call", Some("progress")) => sse(&[
+                    json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                           "params": {"progressToken": 1, "progress": 1}}),
+                    result(json!({"content": []})),
+                ]),
+                ("tools/call", Some("needs_sampling")) => {
+                    sse(&[json!({"jsonrpc": "2.0", "id": id,
+                    "error": {"code": -32021, "message": "sampling not declared",
+                              "data": {"requiredCapabilities": {"sampling": {}}}}})])
+                }
+                ("tools/call", _) => {
+                    sse(&[result(json!({"content": [{"type": "text", "text": "ok"}]}))])
+                }
+                ("tools/list", _) => sse(&[result(json!({"tools": []}))]),
+                _ => sse(&[json!({"jsonrpc": "2.0", "id": id,
+                    "error": {"code": -32601, "message": "Method not found"}})]),
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn removed_methods_are_404_from_the_gateway_for_every_upstream_era() {
+        let up = testing::stub(|_| (500, "text/plain", "must not be asked".into())).await;
+        for era in ["modern", "stateless-2025", "stateful-2025"] {
+            let gw = gateway(era, &up.url());
+            for (n, method) in [
+                "initialize",
+                "ping",
+                "logging/setLevel",
+                "resources/subscribe",
+                "resources/unsubscribe",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let r = gw
+                    .handle(modern(500 + n as u64, method, json!({}), json!({}), &[]))
+                    .await;
+                assert_eq!(r.status, StatusCode::NOT_FOUND, "{era} {method}");
+                let body = json_of(&r);
+                assert_eq!(
+                    body["error"]["code"],
+                    code::METHOD_NOT_FOUND,
+                    "{era} {method}: {body}"
+                );
+                assert_eq!(body["id"], 500 + n as u64);
+            }
+        }
+        assert_eq!(up.hits(), 0, "answered by the gateway");
+    }
+
+    #[tokio::test]
+    async fn a_modern_upstreams_404_method_not_found_is_passed_on() {
+        let up = testing::stub(|body| {
+            let id = testing::request_id(body);
+            (404, "application/json", format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"error":{{"code":-32601,"message":"Method not found: unknown/method"}}}}"#
+            ))
+        })
+        .await;
+        let gw = gateway("modern", &up.url());
+        let r = gw
+            .handle(modern(601, "unknown/method", json!({}), json!({}), &[]))
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        let body = json_of(&r);
+        assert_eq!(body["error"]["code"], code::METHOD_NOT_FOUND, "{body}");
+        assert_eq!(body["id"], 601);
+    }
+
+    #[tokio::test]
+    async fn a_stateless_upstreams_method_not_found_becomes_a_404() {
+        let up = testing::full_stub(|_, body| {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let id = v.get("id").cloned().unwrap_or(Value::Null);
+            if v["method"] == "initialize" {
+                return json_reply(
+                    200,
+                    json!({"jsonrpc": "2.0", "id": id, "result": {
+                    "protocolVersion": "2025-11-25", "capabilities": {},
+                    "serverInfo": {"name": "stateless", "version": "1"}}}),
+                );
+            }
+            json_reply(
+                200,
+                json!({"jsonrpc": "2.0", "id": id,
+                "error": {"code": -32601, "message": "Method not found"}}),
+            )
+        })
+        .await;
+        let gw = gateway("stateless-2025", &up.url());
+        let r = gw
+            .handle(modern(601, "unknown/method", json!({}), json!({}), &[]))
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        assert_eq!(json_of(&r)["error"]["code"], code::METHOD_NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_stateful_upstreams_final_answer_comes_as_json_with_its_status() {
+        let up = stateful_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let r = gw
+            .handle(modern(601, "unknown/method", json!({}), json!({}), &[]))
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        assert_eq!(json_of(&r)["error"]["code"], code::METHOD_NOT_FOUND);
+
+        let call = |id, name: &str| {
+            modern(
+                id,
+                "tools/call",
+                json!({"name": name, "arguments": {}}),
+                json!({}),
+                &[],
+            )
+        };
+        let r = gw.handle(call(401, "needs_sampling")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let body = json_of(&r);
+        assert_eq!(body["error"]["code"], era::errors::MISSING_CAPABILITY);
+        assert_eq!(
+            body["error"]["data"]["requiredCapabilities"],
+            json!({"sampling": {}})
+        );
+        assert_eq!(body["id"], 401);
+
+        let r = gw.handle(call(7, "plain")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let body = json_of(&r);
+        assert_eq!(body["result"]["resultType"], "complete", "{body}");
+        assert_eq!(body["id"], 7);
+
+        // Something said before the response: the answer streams.
+        let mut r = gw.handle(call(8, "progress")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let text = drain(&mut r).await;
+        let progress = text.find("notifications/progress").expect("progress first");
+        let result = text
+            .find("\"resultType\":\"complete\"")
+            .expect("then the result");
+        assert!(progress < result, "{text}");
     }
 }
