@@ -291,6 +291,56 @@ fn accepts(headers: &HeaderMap, media: &str) -> bool {
         })
 }
 
+/// Whether a client that accepts both JSON and SSE prefers SSE: a higher
+/// `q` for `text/event-stream` than for `application/json`, or the same
+/// and listed first (the usual tie-break of HTTP content negotiation).
+/// Wildcards state no preference. The SDK clients list JSON first.
+pub fn prefers_sse(headers: &HeaderMap) -> bool {
+    let mut json: Option<(u16, usize)> = None;
+    let mut sse: Option<(u16, usize)> = None;
+    let items = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for (at, item) in items.enumerate() {
+        let mut parts = item.split(';');
+        let media = parts.next().unwrap_or("").trim();
+        let slot = if media.eq_ignore_ascii_case("application/json") {
+            &mut json
+        } else if media.eq_ignore_ascii_case("text/event-stream") {
+            &mut sse
+        } else {
+            continue;
+        };
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(quality)
+            .unwrap_or(1000);
+        if slot.is_none_or(|(best, _)| q > best) {
+            *slot = Some((q, at));
+        }
+    }
+    match (sse, json) {
+        (Some((sq, sat)), Some((jq, jat))) => sq > jq || (sq == jq && sat < jat),
+        _ => false,
+    }
+}
+
+/// An `Accept` quality value in thousandths (`0.5` is 500).
+fn quality(text: &str) -> Option<u16> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    if !matches!(whole, "0" | "1")
+        || fraction.len() > 3
+        || !fraction.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let digits = format!("{fraction:0<3}");
+    let thousandths: u16 = digits.parse().ok()?;
+    Some(if whole == "1" { 1000 } else { thousandths })
+}
+
 /// A Streamable HTTP POST must send JSON and accept both JSON and SSE.
 pub fn check_post_framing(headers: &HeaderMap) -> Result<(), Reject> {
     check_json_content_type(headers)?;
@@ -509,6 +559,23 @@ mod tests {
 
         let no_ct = check_post_framing(&headers(&[("accept", BOTH)])).expect_err("no content type");
         assert_eq!(no_ct.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn sse_is_preferred_only_when_the_client_says_so() {
+        let prefers = |accept: &str| prefers_sse(&headers(&[("accept", accept)]));
+        assert!(!prefers(BOTH), "the SDKs list JSON first");
+        assert!(prefers("text/event-stream, application/json"));
+        assert!(prefers("application/json;q=0.5, text/event-stream"));
+        assert!(!prefers("text/event-stream;q=0.2, application/json;q=0.9"));
+        assert!(!prefers("*/*"));
+        assert!(!prefers("text/event-stream"), "JSON not listed: no choice");
+        assert!(prefers("TEXT/EVENT-STREAM , application/json"));
+        assert!(
+            prefers("text/event-stream;q=abc, application/json"),
+            "a bad q counts as 1"
+        );
+        assert!(!prefers_sse(&headers(&[])));
     }
 
     #[test]

@@ -460,6 +460,14 @@ impl Gateway {
                     if guard.token.is_cancelled() {
                         return Err(cancelled(id.as_ref()));
                     }
+                    if edge::prefers_sse(&req.headers) {
+                        // The client asked for a stream (with its priming
+                        // event): the answer goes on one.
+                        let stream = log.begin_stream().map_err(|_| session_not_found())?;
+                        let _ = self.append(&log, stream, &body, org);
+                        log.end_stream(stream);
+                        return Ok(self.post_stream_response(org, &session, log, stream));
+                    }
                     return Ok(Response::json(StatusCode::OK, body));
                 }
                 AnswerKind::Empty => {
@@ -493,7 +501,7 @@ impl Gateway {
 
         if let [single] = requests.as_slice() {
             return self
-                .forward_modern(org, session, log, single.clone(), headers)
+                .forward_modern(org, session, log, single.clone(), headers, &req.headers)
                 .await;
         }
         // A batch (2025-03-26): each request goes upstream on its own, and

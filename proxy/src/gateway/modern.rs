@@ -294,6 +294,7 @@ impl Gateway {
         log: Arc<SessionLog>,
         request: Message,
         headers: http::HeaderMap,
+        client_headers: &http::HeaderMap,
     ) -> Result<Response, Reject> {
         let id = request.request_id().cloned();
         let guard = self.track(org, &log, &session.id, id.as_ref())?;
@@ -320,6 +321,9 @@ impl Gateway {
                         return Err(cancelled(id.as_ref()));
                     }
                     match serde_json::from_slice::<Value>(&body) {
+                        // A client that prefers SSE gets the stream (with
+                        // its priming event) the JSON fast path skips.
+                        Ok(v) if edge::prefers_sse(client_headers) => (round, First::Value(v)),
                         Ok(v) if era::input_required(&v).is_none() => {
                             let legacy = serde_json::to_vec(&era::response_to_legacy(v))
                                 .map_or(body, Bytes::from);
@@ -1499,5 +1503,115 @@ pub(super) mod tests {
             .find("\"resultType\":\"complete\"")
             .expect("then the result");
         assert!(progress < result, "{text}");
+    }
+}
+
+#[cfg(test)]
+mod sse_preference_tests {
+    //! 2025 clients that list `text/event-stream` first in `Accept`.
+
+    use super::tests::{drain, gateway, json_of};
+    use super::*;
+    use crate::testing;
+
+    /// An upstream answering everything with JSON: `server/discover` and
+    /// `initialize` as a modern or stateless upstream would, calls with a
+    /// result.
+    async fn json_upstream() -> testing::Stub {
+        testing::stub(|body| {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let id = v.get("id").cloned().unwrap_or(Value::Null);
+            let result = match v["method"].as_str() {
+                Some("server/discover") => json!({"supportedVersions": [era::MODERN_VERSION],
+                    "capabilities": {"tools": {}}, "resultType": "complete"}),
+                Some("initialize") => {
+                    json!({"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                    "serverInfo": {"name": "json", "version": "1"}})
+                }
+                _ => json!({"content": [{"type": "text", "text": "ok"}], "resultType": "complete"}),
+            };
+            (
+                200,
+                "application/json",
+                json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string(),
+            )
+        })
+        .await
+    }
+
+    fn post(body: &str, accept: &str, sid: Option<&str>) -> Request {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("accept", accept),
+            ("mcp-protocol-version", "2025-11-25"),
+        ];
+        if let Some(sid) = sid {
+            headers.push(("mcp-session-id", sid));
+        }
+        Request {
+            method: Method::POST,
+            path: "/gw/org-1/mcp".into(),
+            query: None,
+            headers: testing::headers(&headers),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            request_id: "unit".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_preferring_sse_gets_a_primed_stream_others_keep_json() {
+        let up = json_upstream().await;
+        for era in ["modern", "stateless-2025"] {
+            let gw = gateway(era, &up.url());
+            let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"unit","version":"1"}}}"#;
+            let r = gw
+                .handle(post(init, "application/json, text/event-stream", None))
+                .await;
+            let sid = r
+                .headers
+                .get(&MCP_SESSION_ID)
+                .expect("a session")
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"x","arguments":{}}}"#;
+
+            let r = gw
+                .handle(post(
+                    call,
+                    "application/json, text/event-stream",
+                    Some(&sid),
+                ))
+                .await;
+            assert_eq!(
+                json_of(&r)["result"]["content"][0]["text"],
+                "ok",
+                "{era}: JSON stays JSON"
+            );
+
+            let mut r = gw
+                .handle(post(
+                    call,
+                    "text/event-stream, application/json",
+                    Some(&sid),
+                ))
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(
+                r.headers[http::header::CONTENT_TYPE],
+                "text/event-stream",
+                "{era}"
+            );
+            let text = drain(&mut r).await;
+            let first = text.split("\n\n").next().unwrap_or_default();
+            assert!(
+                first.contains("retry: ") && first.contains("data: "),
+                "{era}: priming first: {text}"
+            );
+            assert!(text.contains(r#""text":"ok""#), "{era}: {text}");
+            if era == "modern" {
+                assert!(!text.contains("resultType"), "a 2025 result: {text}");
+            }
+        }
     }
 }
