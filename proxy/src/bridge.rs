@@ -185,6 +185,10 @@ pub struct AnswerReader {
     source: Source,
     queued: VecDeque<Bytes>,
     bounds: Bounds,
+    /// The last SSE event id the upstream sent, and its latest `retry`:
+    /// where and when a stream it closed can be resumed.
+    last_event_id: Option<String>,
+    retry: Option<Duration>,
     /// Held so the replica counts as busy until the answer is read.
     _lease: crate::upstream::Lease,
 }
@@ -200,37 +204,32 @@ impl AnswerReader {
     /// The limits count from now.
     pub fn new(answer: Answer, limits: ReadLimits) -> AnswerReader {
         let replica = answer.lease.replica().to_owned();
-        let source = match answer.kind {
-            AnswerKind::Json => Source::Json(Some(answer.response)),
-            AnswerKind::Sse => {
-                let (max, max_event) = (limits.max_bytes, limits.max_event_bytes);
-                let mut seen = 0usize;
-                let mut event = EventBytes::default();
-                let capped = answer.response.bytes_stream().map(move |chunk| {
-                    let chunk = chunk?;
-                    seen = seen.saturating_add(chunk.len());
-                    if seen > max {
-                        Err(BodyError::TooLarge(max))
-                    } else if event.after(&chunk) > max_event {
-                        Err(BodyError::TooLarge(max_event))
-                    } else {
-                        Ok(chunk)
-                    }
-                });
-                Source::Sse(Box::pin(capped.eventsource()))
-            }
-            AnswerKind::Empty => Source::Done,
-        };
         AnswerReader {
-            source,
+            source: source_of(answer.kind, answer.response, limits),
             queued: VecDeque::new(),
             bounds: Bounds {
                 limits,
                 deadline: Instant::now() + limits.max_duration,
                 replica,
             },
+            last_event_id: None,
+            retry: None,
             _lease: answer.lease,
         }
+    }
+
+    /// Where the upstream's SSE answer can be resumed after it closed the
+    /// stream (its last event id), and the `retry` it asked for.
+    pub fn resume_point(&self) -> Option<(&str, Option<Duration>)> {
+        self.last_event_id.as_deref().map(|id| (id, self.retry))
+    }
+
+    /// Reads on from `answer`, the upstream's resumed stream of this
+    /// answer: same deadline, each piece within the same limits.
+    pub fn continue_with(&mut self, answer: Answer) {
+        self.source = source_of(answer.kind, answer.response, self.bounds.limits);
+        self.bounds.replica = answer.lease.replica().to_owned();
+        self._lease = answer.lease;
     }
 
     pub fn replica(&self) -> &str {
@@ -319,6 +318,12 @@ impl AnswerReader {
                         }
                         Some(Err(e)) => return Err(self.bounds.broken(&e)),
                         Some(Ok(event)) => {
+                            if !event.id.is_empty() {
+                                self.last_event_id = Some(event.id.clone());
+                            }
+                            if event.retry.is_some() {
+                                self.retry = event.retry;
+                            }
                             // Priming events carry no data; other event types
                             // are not JSON-RPC messages.
                             let is_message = event.event.is_empty() || event.event == "message";
@@ -330,6 +335,32 @@ impl AnswerReader {
                 }
             }
         }
+    }
+}
+
+/// How an answer's body is read: one JSON body, or SSE events, capped
+/// in all by `limits.max_bytes` and per event by `limits.max_event_bytes`.
+fn source_of(kind: AnswerKind, response: reqwest::Response, limits: ReadLimits) -> Source {
+    match kind {
+        AnswerKind::Json => Source::Json(Some(response)),
+        AnswerKind::Sse => {
+            let (max, max_event) = (limits.max_bytes, limits.max_event_bytes);
+            let mut seen = 0usize;
+            let mut event = EventBytes::default();
+            let capped = response.bytes_stream().map(move |chunk| {
+                let chunk = chunk?;
+                seen = seen.saturating_add(chunk.len());
+                if seen > max {
+                    Err(BodyError::TooLarge(max))
+                } else if event.after(&chunk) > max_event {
+                    Err(BodyError::TooLarge(max_event))
+                } else {
+                    Ok(chunk)
+                }
+            });
+            Source::Sse(Box::pin(capped.eventsource()))
+        }
+        AnswerKind::Empty => Source::Done,
     }
 }
 

@@ -487,9 +487,10 @@ impl Gateway {
                     let reader = AnswerReader::new(answer, org.pool.read_limits);
                     let this = self.clone();
                     let (org2, pending) = (org.clone(), id);
-                    let log2 = log.clone();
+                    let (log2, session2) = (log.clone(), session.clone());
                     tokio::spawn(async move {
-                        this.relay(reader, &log2, stream, pending, &org2, &guard.token, false)
+                        let resume = Some(session2.as_ref());
+                        this.relay(reader, &log2, stream, pending, &org2, &guard.token, resume)
                             .await;
                         log2.end_stream(stream);
                         drop(guard);
@@ -622,7 +623,7 @@ impl Gateway {
         match answer {
             Ok(answer) => {
                 let reader = AnswerReader::new(answer, org.pool.read_limits);
-                self.relay(reader, log, stream, id, org, &guard.token, false)
+                self.relay(reader, log, stream, id, org, &guard.token, Some(session))
                     .await;
             }
             Err(e) => {
@@ -636,8 +637,12 @@ impl Gateway {
     /// Copies an upstream answer into a stream of the session log until
     /// the pending request has its response, the answer ends, or the
     /// request is cancelled. Missing responses become JSON-RPC errors, so
-    /// the client is never left waiting. With `hold`, the response itself
-    /// is returned instead of appended, for the caller to look at first.
+    /// the client is never left waiting. Without `resume` (a modern
+    /// exchange), the response itself is returned instead of appended, for
+    /// the caller to look at first. With `resume`, the session whose
+    /// stateful upstream may close the stream mid-answer for the gateway to
+    /// poll: the answer is resumed from the upstream session with
+    /// `Last-Event-ID`.
     #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
@@ -647,8 +652,10 @@ impl Gateway {
         mut pending: Option<Id>,
         org: &OrgRoute,
         cancel: &CancellationToken,
-        hold: bool,
+        resume: Option<&SessionState>,
     ) -> Option<Bytes> {
+        let hold = resume.is_none();
+        let mut resumed = 0u32;
         let dropped = |reader: &AnswerReader| {
             tracing::debug!(
                 replica = reader.replica(),
@@ -700,6 +707,42 @@ impl Gateway {
                     pending.as_ref()?;
                 }
                 Ok(None) => {
+                    let point = reader
+                        .resume_point()
+                        .map(|(id, retry)| (id.to_owned(), retry));
+                    let session = resume.filter(|s| s.upstream.is_some());
+                    if let (Some(session), Some((last, retry)), Some(_)) =
+                        (session, point, pending.as_ref())
+                    {
+                        if resumed >= stateful::MAX_RESUMES {
+                            break format!(
+                                "upstream {} closed its answer {resumed} times; giving up",
+                                reader.replica()
+                            );
+                        }
+                        resumed += 1;
+                        if edge::wants_priming(&session.protocol_version) {
+                            // The upstream closed its stream to be polled:
+                            // so does the gateway (its client has an event
+                            // id to resume from), and it polls meanwhile.
+                            log.let_go(stream);
+                        }
+                        let deadline = reader.deadline();
+                        match self
+                            .resume_answer(org, session, &last, retry, deadline, cancel)
+                            .await
+                        {
+                            Ok(Some(answer)) => {
+                                reader.continue_with(answer);
+                                continue;
+                            }
+                            Ok(None) => {
+                                dropped(&reader);
+                                return None;
+                            }
+                            Err(why) => break why,
+                        }
+                    }
                     break format!(
                         "upstream {} ended its answer without a response",
                         reader.replica()

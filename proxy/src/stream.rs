@@ -725,6 +725,15 @@ impl SessionLog {
         })
     }
 
+    /// Ends the client connections reading `stream` without ending the
+    /// stream: they stop at their next wake-up, and a client resumes with
+    /// `Last-Event-ID` (the upstream closed its own stream to be polled,
+    /// and the gateway passes that on). Readers of this node only.
+    pub fn let_go(&self, stream: StreamId) {
+        self.lock().readers.retain(|(s, _)| *s != stream);
+        self.wake.notify_waiters();
+    }
+
     fn detach(&self, stream: StreamId, reader: u64) {
         let mut inner = self.lock();
         inner

@@ -403,7 +403,7 @@ impl Gateway {
                 Err(answer) => {
                     let reader = AnswerReader::new(answer, org.pool.read_limits);
                     let Some(response) = self
-                        .relay(reader, log, stream, Some(id.clone()), org, cancel, true)
+                        .relay(reader, log, stream, Some(id.clone()), org, cancel, None)
                         .await
                     else {
                         return;

@@ -20,6 +20,17 @@ use crate::upstream::Answer;
 /// Longest wait for an upstream to confirm the end of one of its sessions.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most times one answer is resumed after its upstream closed the stream.
+pub(super) const MAX_RESUMES: u32 = 64;
+
+/// Most GETs in a row that may fail to resume one answer.
+const RESUME_ATTEMPTS: u32 = 3;
+
+/// The wait before resuming an answer when the upstream named no `retry`,
+/// and the longest `retry` honoured.
+const DEFAULT_RESUME_WAIT: Duration = Duration::from_millis(500);
+const MAX_RESUME_WAIT: Duration = Duration::from_secs(5);
+
 /// Coordination around one gateway session's upstream session: one
 /// re-initialization at a time, and a signal to the session's GET stream
 /// follower that the upstream session changed.
@@ -232,6 +243,72 @@ impl Gateway {
         Ok(bound)
     }
 
+    /// Resumes an answer the upstream session of `session` closed before
+    /// its response (2025-11-25 polling: it sent an event id, and a
+    /// `retry`): `GET` with `Last-Event-ID` after the upstream's `retry`,
+    /// at most [`RESUME_ATTEMPTS`] times in a row, all before `deadline`.
+    /// `Ok(None)` if the request was cancelled meanwhile.
+    pub(super) async fn resume_answer(
+        &self,
+        org: &OrgRoute,
+        session: &SessionState,
+        last_event_id: &str,
+        retry: Option<Duration>,
+        deadline: std::time::Instant,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Answer>, String> {
+        let Some(bound) = &session.upstream else {
+            return Err("the session has no upstream session to resume from".into());
+        };
+        let last = HeaderValue::from_str(last_event_id).map_err(|_| {
+            format!(
+                "upstream {} closed its answer after an event id that cannot be sent back",
+                org.name
+            )
+        })?;
+        let wait = retry.unwrap_or(DEFAULT_RESUME_WAIT).min(MAX_RESUME_WAIT);
+        let mut why = String::new();
+        for _ in 0..RESUME_ATTEMPTS {
+            if std::time::Instant::now() + wait >= deadline {
+                return Err(format!(
+                    "upstream of org '{}' closed its answer and max_duration ends before it can be resumed",
+                    org.name
+                ));
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let mut headers = background_headers(org, session, "resume");
+            headers.insert(LAST_EVENT_ID, last.clone());
+            let answer = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(None),
+                a = send_bound(org, bound, Method::GET, headers, Bytes::new()) => a,
+            };
+            match answer {
+                Ok(answer) if answer.kind == AnswerKind::Sse => return Ok(Some(answer)),
+                Ok(answer) => {
+                    return Err(format!(
+                        "upstream {} answered the resumption of its answer with HTTP {} and no stream",
+                        answer.lease.replica(),
+                        answer.status
+                    ));
+                }
+                Err(e) if is_lost(&e) => {
+                    return Err(format!(
+                        "the upstream session was lost before its answer could be resumed: {e}"
+                    ));
+                }
+                Err(e) => why = e.to_string(),
+            }
+        }
+        Err(format!(
+            "cannot resume the upstream's answer after {RESUME_ATTEMPTS} attempts: {why}"
+        ))
+    }
+
     /// Hands a client notification, or its answer to an upstream request,
     /// to the session's upstream session. Nothing to wait for: failures
     /// are logged.
@@ -417,4 +494,157 @@ pub(super) fn background_headers(org: &OrgRoute, session: &SessionState, what: &
         },
         &HeaderMap::new(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::modern::tests::{drain, gateway};
+    use super::*;
+    use crate::edge::Request;
+    use crate::testing;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A stateful upstream whose `tools/call` sends a priming event (id
+    /// `e1`, retry 50 ms) and closes the stream; the response comes on
+    /// `GET` with `Last-Event-ID: e1`. Counts those resumptions.
+    async fn polling_upstream() -> (testing::Stub, Arc<AtomicUsize>) {
+        let resumed = Arc::new(AtomicUsize::new(0));
+        let count = resumed.clone();
+        let stub = testing::full_stub(move |head, body| {
+            let reply = |status: u16, ct: &str, body: String| testing::Reply {
+                status,
+                headers: vec![("content-type".into(), ct.into())],
+                body,
+            };
+            if head.starts_with("get ") {
+                if !head.contains("last-event-id: e1") {
+                    return reply(405, "text/plain", String::new());
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let result = json!({"jsonrpc": "2.0", "id": 7, "result": {"content": []}});
+                return reply(
+                    200,
+                    "text/event-stream",
+                    format!("id: e2\nevent: message\ndata: {result}\n\n"),
+                );
+            }
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let id = v.get("id").cloned().unwrap_or(Value::Null);
+            match v["method"].as_str() {
+                Some("initialize") => {
+                    let mut r = reply(
+                        200,
+                        "application/json",
+                        json!({"jsonrpc": "2.0", "id": id, "result": {
+                        "protocolVersion": v["params"]["protocolVersion"], "capabilities": {},
+                        "serverInfo": {"name": "polling", "version": "1"}}})
+                        .to_string(),
+                    );
+                    r.headers.push(("mcp-session-id".into(), "up-1".into()));
+                    r
+                }
+                Some("tools/call") => reply(
+                    200,
+                    "text/event-stream",
+                    "id: e1\nretry: 50\ndata: \n\n".into(),
+                ),
+                _ => reply(202, "application/json", String::new()),
+            }
+        })
+        .await;
+        (stub, resumed)
+    }
+
+    fn post(body: &str, version: &str, sid: Option<&str>) -> Request {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("mcp-protocol-version", version),
+        ];
+        if let Some(sid) = sid {
+            headers.push(("mcp-session-id", sid));
+        }
+        Request {
+            method: Method::POST,
+            path: "/gw/org-1/mcp".into(),
+            query: None,
+            headers: testing::headers(&headers),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            request_id: "unit".into(),
+        }
+    }
+
+    async fn session(gw: &Arc<Gateway>, version: &str) -> String {
+        let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "unit", "version": "1"}}});
+        let r = gw.handle(post(&init.to_string(), version, None)).await;
+        r.headers
+            .get(&MCP_SESSION_ID)
+            .expect("a session")
+            .to_str()
+            .expect("ascii")
+            .to_owned()
+    }
+
+    const CALL: &str = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"test_reconnection","arguments":{}}}"#;
+
+    #[tokio::test]
+    async fn a_stream_the_upstream_closes_is_closed_too_and_resumed_from_the_gateway() {
+        let (up, resumed) = polling_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let sid = session(&gw, "2025-11-25").await;
+        let mut r = gw.handle(post(CALL, "2025-11-25", Some(&sid))).await;
+        let first = drain(&mut r).await;
+        assert!(
+            first.contains("retry: "),
+            "the gateway's priming event: {first}"
+        );
+        assert!(
+            !first.contains("result"),
+            "closed before the response, as the upstream did: {first}"
+        );
+        let last = first
+            .lines()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .next_back()
+            .expect("an event id")
+            .to_owned();
+        let mut again = gw
+            .handle(Request {
+                method: Method::GET,
+                headers: testing::headers(&[
+                    ("accept", "text/event-stream"),
+                    ("mcp-session-id", &sid),
+                    ("last-event-id", &last),
+                ]),
+                ..post("", "2025-11-25", None)
+            })
+            .await;
+        assert_eq!(again.status, StatusCode::OK);
+        let rest = drain(&mut again).await;
+        assert!(
+            rest.contains(r#""id":7"#) && rest.contains("result"),
+            "{rest}"
+        );
+        assert_eq!(
+            resumed.load(Ordering::SeqCst),
+            1,
+            "one GET with Last-Event-ID upstream"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_without_priming_events_gets_the_resumed_answer_on_its_stream() {
+        let (up, resumed) = polling_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let sid = session(&gw, "2025-06-18").await;
+        let mut r = gw.handle(post(CALL, "2025-06-18", Some(&sid))).await;
+        let text = drain(&mut r).await;
+        assert!(
+            text.contains(r#""id":7"#) && text.contains("result"),
+            "{text}"
+        );
+        assert!(!text.contains("-32002"), "{text}");
+        assert_eq!(resumed.load(Ordering::SeqCst), 1);
+    }
 }
