@@ -280,6 +280,227 @@ fn check_modern_params(
     Ok(())
 }
 
+/// A tool parameter whose value a 2026-07-28 client mirrors into an
+/// `Mcp-Param-{name}` header (`x-mcp-header` in the tool's `inputSchema`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderParam {
+    /// The chain of `properties` keys from the schema root to the parameter.
+    pub path: Vec<String>,
+    /// `Mcp-Param-{name}`.
+    pub header: HeaderName,
+    /// The parameter's declared type: `string`, `integer` or `boolean`.
+    pub integer: bool,
+}
+
+/// Deepest schema nesting looked at for `x-mcp-header` annotations, and
+/// most schema positions: an upstream's schema is bounded work.
+const MAX_SCHEMA_DEPTH: usize = 32;
+const MAX_SCHEMA_NODES: usize = 4096;
+
+/// JSON Schema 2020-12 keywords whose values are schemas, other than
+/// `properties`: an annotation under one is off the pure `properties`
+/// chain.
+const SCHEMA_ONE: &[&str] = &[
+    "items",
+    "contains",
+    "unevaluatedItems",
+    "additionalProperties",
+    "propertyNames",
+    "unevaluatedProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contentSchema",
+];
+const SCHEMA_LIST: &[&str] = &["allOf", "anyOf", "oneOf", "prefixItems"];
+const SCHEMA_MAP: &[&str] = &[
+    "patternProperties",
+    "dependentSchemas",
+    "$defs",
+    "definitions",
+];
+
+/// The `x-mcp-header` parameters of a tool's `inputSchema`
+/// (`streamable-http.mdx`, Custom Headers from Tool Parameters). A schema
+/// with an invalid annotation (not a token, not on a string, integer or
+/// boolean property reachable through `properties` alone, or a duplicate)
+/// yields none: conforming clients drop such a tool, so there is nothing
+/// to check.
+pub fn header_params(schema: &Value) -> Vec<HeaderParam> {
+    let mut found = Vec::new();
+    let mut nodes = 0usize;
+    let mut stack: Vec<(Option<Vec<String>>, &Value, usize)> = vec![(Some(Vec::new()), schema, 0)];
+    while let Some((path, node, depth)) = stack.pop() {
+        let Some(obj) = node.as_object() else {
+            continue;
+        };
+        nodes += 1;
+        if nodes > MAX_SCHEMA_NODES || depth > MAX_SCHEMA_DEPTH {
+            return Vec::new();
+        }
+        if let Some(token) = obj.get("x-mcp-header") {
+            let Some(param) = header_param(path.as_deref(), token, obj.get("type")) else {
+                return Vec::new();
+            };
+            if found.iter().any(|p: &HeaderParam| p.header == param.header) {
+                return Vec::new();
+            }
+            found.push(param);
+        }
+        for (key, value) in obj {
+            let key = key.as_str();
+            if key == "properties" {
+                for (name, sub) in value.as_object().into_iter().flatten() {
+                    let path = path.as_ref().map(|p| {
+                        let mut p = p.clone();
+                        p.push(name.clone());
+                        p
+                    });
+                    stack.push((path, sub, depth + 1));
+                }
+            } else if SCHEMA_ONE.contains(&key) {
+                stack.push((None, value, depth + 1));
+            } else if SCHEMA_LIST.contains(&key) {
+                for sub in value.as_array().into_iter().flatten() {
+                    stack.push((None, sub, depth + 1));
+                }
+            } else if SCHEMA_MAP.contains(&key) {
+                for sub in value.as_object().into_iter().flatten().map(|(_, v)| v) {
+                    stack.push((None, sub, depth + 1));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// One valid annotation, or `None`.
+fn header_param(
+    path: Option<&[String]>,
+    token: &Value,
+    kind: Option<&Value>,
+) -> Option<HeaderParam> {
+    let path = path.filter(|p| !p.is_empty())?;
+    let token = token.as_str()?;
+    let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if token.is_empty() || !token.bytes().all(is_tchar) {
+        return None;
+    }
+    let integer = match kind?.as_str()? {
+        "integer" => true,
+        "string" | "boolean" => false,
+        _ => return None,
+    };
+    let header = HeaderName::from_bytes(format!("{MCP_PARAM_PREFIX}{token}").as_bytes()).ok()?;
+    Some(HeaderParam {
+        path: path.to_vec(),
+        header,
+        integer,
+    })
+}
+
+/// A body value as a client mirrors it into a header: strings as they
+/// are, numbers in decimal, booleans as `true`/`false`; `None` for
+/// anything else (no header is sent for it).
+fn header_rendering(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Whether a decoded header equals an integer parameter's value as a
+/// number (`42` and `42.0` are equal: the spec's SHOULD), for headers in
+/// plain decimal.
+fn same_integer(header: &str, value: &Value) -> Option<bool> {
+    let body = match value {
+        Value::Number(n) => n
+            .as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from))
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 1e18)
+                    .map(|f| f as i128)
+            })?,
+        _ => return None,
+    };
+    let (whole, fraction) = match header.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (header, None),
+    };
+    let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let decimal =
+        all_digits(whole.strip_prefix('-').unwrap_or(whole)) && fraction.is_none_or(all_digits);
+    if !decimal {
+        return None;
+    }
+    if fraction.is_some_and(|f| f.bytes().any(|b| b != b'0')) {
+        return Some(false);
+    }
+    Some(whole.parse::<i128>().is_ok_and(|h| h == body))
+}
+
+/// Checks a `tools/call`'s `Mcp-Param-*` headers against its arguments,
+/// as a 2026-07-28 server must (Server Behavior for Custom Headers): each
+/// annotated parameter's header is present exactly when its value is (a
+/// `null` counts as absent), has valid characters and `=?base64?...?=`
+/// form, and equals the value once decoded. Headers of no annotated
+/// parameter are not looked at. Failures are 400 / -32020.
+pub fn check_param_headers(
+    params: &[HeaderParam],
+    arguments: Option<&Value>,
+    headers: &HeaderMap,
+) -> Result<(), Reject> {
+    for param in params {
+        let name = &param.header;
+        let field = param.path.join(".");
+        let value = arguments
+            .and_then(|args| param.path.iter().try_fold(args, |node, key| node.get(key)))
+            .filter(|v| !v.is_null());
+        let header = header_text(headers, name)?;
+        let Some(value) = value else {
+            if header.is_some() {
+                return Err(mismatch(format!(
+                    "header {name} is present but arguments.{field} is absent"
+                )));
+            }
+            continue;
+        };
+        let Some(rendered) = header_rendering(value) else {
+            if header.is_some() {
+                return Err(mismatch(format!(
+                    "header {name} cannot mirror arguments.{field}, which is not a string, number or boolean"
+                )));
+            }
+            continue;
+        };
+        let Some(header) = header else {
+            return Err(mismatch(format!(
+                "missing {name} header: it must mirror arguments.{field}"
+            )));
+        };
+        let equal = match param
+            .integer
+            .then(|| same_integer(&header, value))
+            .flatten()
+        {
+            Some(equal) => equal,
+            None => header == rendered,
+        };
+        if !equal {
+            return Err(mismatch(format!(
+                "{name} header '{}' does not match arguments.{field}",
+                crate::jsonrpc::clip(&header, 64)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The modern headers a request of the gateway's to a modern upstream
 /// carries: the version, `Mcp-Method` and `Mcp-Name`.
 pub fn put_modern_headers(h: &mut HeaderMap, method: &str, params: &Map<String, Value>) {
@@ -790,6 +1011,157 @@ mod tests {
             modern_status(&json!({"id": 1, "result": {}})),
             StatusCode::OK
         );
+    }
+
+    fn region_tool() -> Vec<HeaderParam> {
+        header_params(&json!({"type": "object", "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "count": {"type": "integer", "x-mcp-header": "Count"},
+            "nested": {"type": "object", "properties": {"flag": {"type": "boolean", "x-mcp-header": "Flag"}}},
+            "query": {"type": "string"}},
+            "required": ["region"]}))
+    }
+
+    #[test]
+    fn x_mcp_header_annotations_are_read_from_properties_chains_only() {
+        let params = region_tool();
+        let names: Vec<(&str, String, bool)> = params
+            .iter()
+            .map(|p| (p.header.as_str(), p.path.join("."), p.integer))
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.contains(&("mcp-param-region", "region".into(), false)));
+        assert!(names.contains(&("mcp-param-count", "count".into(), true)));
+        assert!(names.contains(&("mcp-param-flag", "nested.flag".into(), false)));
+        // Each of these makes the whole tool invalid: nothing to check.
+        for bad in [
+            json!({"properties": {"a": {"type": "number", "x-mcp-header": "A"}}}),
+            json!({"properties": {"a": {"type": "string", "x-mcp-header": "A B"}}}),
+            json!({"properties": {"a": {"type": "string", "x-mcp-header": ""}}}),
+            json!({"properties": {"a": {"type": "string", "x-mcp-header": "X"},
+                                  "b": {"type": "string", "x-mcp-header": "x"}}}),
+            json!({"properties": {"a": {"type": "array", "items": {"type": "string", "x-mcp-header": "A"}}}}),
+            json!({"anyOf": [{"properties": {"a": {"type": "string", "x-mcp-header": "A"}}}]}),
+            json!({"type": "string", "x-mcp-header": "Root"}),
+            json!({"properties": {"a": {"type": "string", "x-mcp-header": 7}}}),
+        ] {
+            assert!(header_params(&bad).is_empty(), "{bad}");
+        }
+        let mut deep = json!({"type": "string", "x-mcp-header": "Deep"});
+        for _ in 0..40 {
+            deep = json!({"type": "object", "properties": {"d": deep}});
+        }
+        assert!(header_params(&deep).is_empty(), "bounded depth");
+        assert!(header_params(&json!({"properties": {"a": {"type": "string"}}})).is_empty());
+    }
+
+    #[test]
+    fn param_headers_must_mirror_the_arguments() {
+        let params = region_tool();
+        let check = |args: Value, pairs: &[(&str, &str)]| {
+            check_param_headers(&params, Some(&args), &headers(pairs))
+        };
+        let b64 = |t: &str| {
+            format!(
+                "=?base64?{}?=",
+                base64::engine::general_purpose::STANDARD.encode(t)
+            )
+        };
+        check(
+            json!({"region": "us-west1"}),
+            &[("mcp-param-region", "us-west1")],
+        )
+        .expect("plain");
+        check(
+            json!({"region": "Hello"}),
+            &[("mcp-param-region", &b64("Hello"))],
+        )
+        .expect("base64");
+        check(
+            json!({"region": "Hello, 世界"}),
+            &[("mcp-param-region", &b64("Hello, 世界"))],
+        )
+        .expect("utf-8");
+        // Without the whole sentinel, a value is literal.
+        check(
+            json!({"region": "SGVsbG8="}),
+            &[("mcp-param-region", "SGVsbG8=")],
+        )
+        .expect("literal");
+        check(
+            json!({"region": "=?base64?SGVsbG8="}),
+            &[("mcp-param-region", "=?base64?SGVsbG8=")],
+        )
+        .expect("no suffix: literal");
+        check(json!({"count": 42}), &[("mcp-param-count", "42.0")]).expect("numerically equal");
+        check(
+            json!({"nested": {"flag": true}}),
+            &[("mcp-param-flag", "true")],
+        )
+        .expect("nested boolean");
+        check(json!({"region": null}), &[]).expect("null is absent");
+        check(json!({}), &[("mcp-param-other", "x")]).expect("unknown headers are ignored");
+
+        let refused = [
+            (
+                json!({"region": "Hello"}),
+                vec![("mcp-param-region", "=?base64?SGVsbG8?=")],
+                "base64",
+            ),
+            (
+                json!({"region": "Hello"}),
+                vec![("mcp-param-region", "=?base64?SGVs!!!bG8=?=")],
+                "base64",
+            ),
+            (json!({"region": "test-value"}), vec![], "missing"),
+            (
+                json!({"region": "a"}),
+                vec![("mcp-param-region", "b")],
+                "does not match",
+            ),
+            (json!({}), vec![("mcp-param-region", "a")], "absent"),
+            (
+                json!({"count": 42}),
+                vec![("mcp-param-count", "42.5")],
+                "does not match",
+            ),
+            (
+                json!({"count": 42}),
+                vec![("mcp-param-count", "4.2e1")],
+                "does not match",
+            ),
+            (
+                json!({"region": "a"}),
+                vec![("mcp-param-region", "a"), ("mcp-param-region", "a")],
+                "more than once",
+            ),
+            (
+                json!({"region": {"x": 1}}),
+                vec![("mcp-param-region", "x")],
+                "cannot mirror",
+            ),
+        ];
+        for (args, pairs, phrase) in refused {
+            let e = check(args.clone(), &pairs).expect_err("refused");
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::BAD_REQUEST, errors::HEADER_MISMATCH),
+                "{args}"
+            );
+            assert!(
+                e.message.contains(phrase),
+                "{args} {pairs:?}: {}",
+                e.message
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            HeaderName::from_static("mcp-param-region"),
+            HeaderValue::from_bytes("h\u{e9}".as_bytes()).expect("obs-text"),
+        );
+        let e = check_param_headers(&params, Some(&json!({"region": "hé"})), &h)
+            .expect_err("raw UTF-8");
+        assert!(e.message.contains("visible ASCII"), "{}", e.message);
     }
 
     #[test]

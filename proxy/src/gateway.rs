@@ -33,6 +33,7 @@ use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
 mod hidden;
 mod modern;
+pub(crate) mod params;
 mod stateful;
 
 /// How many requests of one batch go upstream at once.
@@ -153,6 +154,7 @@ impl Gateway {
                 )),
                 max_input_rounds: org.upstream.max_input_rounds,
                 pool: Arc::new(pool),
+                tool_headers: Default::default(),
             });
         }
         let validator = match &config.identity {

@@ -264,6 +264,18 @@ impl Gateway {
         request: era::ModernRequest,
     ) -> Result<Response, Reject> {
         let era::ModernRequest { method, mut params } = request;
+        let hidden = if method == "tools/call" {
+            // Its Mcp-Param headers are checked against the tool's schema,
+            // read in the client's own hidden session.
+            let hidden = self.hidden_session(org, identity, req, &params).await?;
+            let headers = session_headers(org, identity, &hidden, &req.headers, &req.request_id);
+            let lister = super::params::Lister::Hidden(hidden.clone(), headers);
+            self.check_tool_call_headers(org, req, id, &params, lister)
+                .await?;
+            Some(hidden)
+        } else {
+            None
+        };
         let state = params.remove("requestState");
         let responses = params.remove("inputResponses");
         if let Some(state) = state {
@@ -271,7 +283,10 @@ impl Gateway {
                 .resume(org, identity, id, method, &state, responses)
                 .await;
         }
-        let hidden = self.hidden_session(org, identity, req, &params).await?;
+        let hidden = match hidden {
+            Some(hidden) => hidden,
+            None => self.hidden_session(org, identity, req, &params).await?,
+        };
         let headers = session_headers(org, identity, &hidden, &req.headers, &req.request_id);
         let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
         let call = Id::from_value(&Value::from(format!("ratatosk-call-{:08x}-{n}", self.node)))

@@ -164,6 +164,11 @@ impl Gateway {
             .and_then(Value::as_str)
             .unwrap_or(era::LATEST_LEGACY);
         let headers = sessionless_headers(org, identity, req, Some(version));
+        if request.method == "tools/call" {
+            let lister = super::params::Lister::Sessionless(headers.clone());
+            self.check_tool_call_headers(org, req, id, &request.params, lister)
+                .await?;
+        }
         org.metrics.bridged.handshake.inc();
         let body = era::request_without_modern_meta(Some(id), &request.method, request.params);
         self.answer_modern_client(org, headers, body, Some(id), Some(request.method), false)
