@@ -32,6 +32,7 @@ use crate::stream::{
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
 mod hidden;
+mod listen;
 mod modern;
 pub(crate) mod params;
 mod stateful;

@@ -722,6 +722,28 @@ impl SessionLog {
             reader,
             cursor,
             gap,
+            watching: false,
+        })
+    }
+
+    /// Registers a reader of the standalone stream from its next event on,
+    /// beside the others: it supersedes nobody, and what it reads does not
+    /// count as delivered (a 2026-07-28 client's `subscriptions/listen` of
+    /// a hidden session, of which there may be several).
+    pub fn watch(&self) -> Result<Attach, AttachError> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(AttachError::Closed);
+        }
+        let reader = inner.next_reader;
+        inner.next_reader += 1;
+        inner.readers.push((STANDALONE, reader));
+        Ok(Attach {
+            stream: STANDALONE,
+            reader,
+            cursor: inner.next_seq.saturating_sub(1),
+            gap: false,
+            watching: true,
         })
     }
 
@@ -806,6 +828,8 @@ pub struct Attach {
     cursor: u64,
     /// The ring no longer holds every event after the cursor.
     pub gap: bool,
+    /// A reader beside others whose reads are not deliveries.
+    watching: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -1149,7 +1173,9 @@ impl ChunkSource for LiveStream {
     fn written(&mut self) {
         let (count, upto) = std::mem::take(&mut self.unacked);
         if count > 0 {
-            self.log.mark_delivered(self.attach.stream, upto);
+            if !self.attach.watching {
+                self.log.mark_delivered(self.attach.stream, upto);
+            }
             if let Some(m) = &self.metrics {
                 m.delivered.inc_by(count);
             }
@@ -1321,6 +1347,51 @@ mod tests {
         let a = log.attach(STANDALONE, None).expect("attach");
         let mut second = LiveStream::new(log.clone(), a, None, KA, None);
         let frames = drain_now(&mut second).await;
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("{\"n\":2}"));
+    }
+
+    #[tokio::test]
+    async fn watchers_read_side_by_side_from_now_without_delivering() {
+        let log = Arc::new(SessionLog::new(limits(100)));
+        log.append_local(STANDALONE, b"{\"n\":1}").expect("append");
+        let mut one = LiveStream::new(log.clone(), log.watch().expect("watch"), None, KA, None);
+        let mut two = LiveStream::new(log.clone(), log.watch().expect("watch"), None, KA, None);
+        log.append_local(STANDALONE, b"{\"n\":2}").expect("append");
+        for watcher in [&mut one, &mut two] {
+            let frames = drain_now(watcher).await;
+            assert_eq!(frames.len(), 1, "{frames:?}");
+            assert!(frames[0].contains("{\"n\":2}"), "only what came after it");
+        }
+        // Neither superseded the other, and what they read still counts as
+        // undelivered for a standalone reader.
+        assert!(log.has_readers());
+        let a = log.attach(STANDALONE, None).expect("attach");
+        let mut get = LiveStream::new(log.clone(), a, None, KA, None);
+        assert_eq!(drain_now(&mut get).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn letting_go_ends_the_connection_not_the_stream() {
+        let log = Arc::new(SessionLog::new(limits(100)));
+        let stream = log.begin_stream().expect("stream");
+        log.append_local(stream, b"{\"n\":1}").expect("append");
+        let mut first = LiveStream::new(
+            log.clone(),
+            log.attach(stream, None).expect("attach"),
+            None,
+            KA,
+            None,
+        );
+        assert_eq!(drain_now(&mut first).await.len(), 1);
+        log.let_go(stream);
+        assert!(first.next_chunk().await.is_none(), "the connection ends");
+        log.append_local(stream, b"{\"n\":2}")
+            .expect("the stream goes on");
+        let resumed = log.attach(stream, Some(1)).expect("resume after seq 1");
+        let mut again = LiveStream::new(log.clone(), resumed, None, KA, None);
+        log.end_stream(stream);
+        let frames = drain_now(&mut again).await;
         assert_eq!(frames.len(), 1);
         assert!(frames[0].contains("{\"n\":2}"));
     }

@@ -602,7 +602,7 @@ impl Gateway {
 
     /// The caller's hidden session with the stateful upstream, opened on
     /// first use with the client's info and capabilities from `_meta`.
-    async fn hidden_session(
+    pub(super) async fn hidden_session(
         &self,
         org: &OrgRoute,
         identity: &Identity,

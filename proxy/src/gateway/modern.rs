@@ -134,6 +134,11 @@ impl Gateway {
                     jsonrpc::result_body(Some(id), result),
                 ));
             }
+            "subscriptions/listen" if org.era.known() == Some(Era::Stateful2025) => {
+                return self
+                    .listen_in_hidden_session(org, identity, req, id, &request.params)
+                    .await;
+            }
             "subscriptions/listen" => {
                 // A stateless 2025 upstream has no channel for change
                 // notifications: acknowledge an empty subset and hold the
@@ -973,6 +978,20 @@ pub(super) struct Listener {
     pub(super) stop: CancellationToken,
     /// Reopens a listen with the session's current filter.
     reopen: Arc<tokio::sync::Notify>,
+    /// How far a stateful upstream's GET stream is.
+    phase: tokio::sync::watch::Receiver<Phase>,
+}
+
+/// How far a stateful upstream session's GET stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Not open yet.
+    Opening,
+    /// Opened (and reopened when it drops), on this node or (Redis mode)
+    /// on the node holding its lease.
+    Open,
+    /// The upstream has none to offer (its GET is not a stream).
+    Unavailable,
 }
 
 /// The lease of a session's background upstream stream (Redis mode).
@@ -1019,6 +1038,7 @@ impl Gateway {
             });
         }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (phase, watching) = tokio::sync::watch::channel(Phase::Opening);
         let (stop, reopen) = match self.listeners.entry(session_id.to_owned()) {
             dashmap::Entry::Occupied(e) => {
                 if refilter {
@@ -1031,6 +1051,7 @@ impl Gateway {
                     generation,
                     stop: CancellationToken::new(),
                     reopen: Arc::new(tokio::sync::Notify::new()),
+                    phase: watching,
                 };
                 let handles = (listener.stop.clone(), listener.reopen.clone());
                 v.insert(listener);
@@ -1041,7 +1062,7 @@ impl Gateway {
         let id = session_id.to_owned();
         tokio::spawn(async move {
             let mut first = Some(first);
-            while let Some(run) = this.take_lease(&id, &stop).await {
+            while let Some(run) = this.take_lease(&id, &stop, &phase).await {
                 // The log as it is now: a node that waited long for the
                 // lease may have dropped the mirror it had then.
                 let log = match first.take() {
@@ -1054,7 +1075,7 @@ impl Gateway {
                 let _kept = log.keep();
                 org.metrics.background_streams.inc();
                 if stateful {
-                    this.follow(&org, &id, &log, &run).await;
+                    this.follow(&org, &id, &log, &run, &phase).await;
                 } else {
                     this.listen(&org, &id, &log, &run, &reopen).await;
                 }
@@ -1081,6 +1102,16 @@ impl Gateway {
         }
     }
 
+    /// How far the session's background upstream stream is, once it is
+    /// open or known to be unavailable, or `within` has passed.
+    pub(super) async fn background_phase(&self, session_id: &str, within: Duration) -> Phase {
+        let Some(mut phase) = self.listeners.get(session_id).map(|l| l.phase.clone()) else {
+            return Phase::Opening;
+        };
+        let _ = tokio::time::timeout(within, phase.wait_for(|p| *p != Phase::Opening)).await;
+        *phase.borrow()
+    }
+
     /// Stops a session's listen stream, if it has one.
     pub(super) fn stop_listener(&self, session_id: &str) {
         if let Some((_, l)) = self.listeners.remove(session_id) {
@@ -1097,6 +1128,7 @@ impl Gateway {
         &self,
         session_id: &str,
         stop: &CancellationToken,
+        phase: &tokio::sync::watch::Sender<Phase>,
     ) -> Option<CancellationToken> {
         let run = stop.child_token();
         let Some(events) = self.hub.events() else {
@@ -1107,8 +1139,14 @@ impl Gateway {
                 return None;
             }
             match events.hold(session_id, LEASE, run.clone()).await {
-                Ok(true) => return Some(run),
-                Ok(false) => {}
+                Ok(true) => {
+                    phase.send_replace(Phase::Opening);
+                    return Some(run);
+                }
+                // Another node holds it open.
+                Ok(false) => {
+                    phase.send_replace(Phase::Open);
+                }
                 Err(e) => {
                     tracing::debug!(session = %short(session_id), error = %e, "cannot take the lease of the session's upstream stream; retrying");
                 }

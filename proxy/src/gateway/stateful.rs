@@ -342,6 +342,7 @@ impl Gateway {
         session_id: &str,
         log: &SessionLog,
         stop: &CancellationToken,
+        phase: &tokio::sync::watch::Sender<modern::Phase>,
     ) {
         let mut backoff = Backoff::default();
         // Taken once: a follower that outlives its session must not put
@@ -373,6 +374,7 @@ impl Gateway {
             };
             match answer {
                 Ok(answer) if answer.kind == AnswerKind::Sse => {
+                    phase.send_replace(modern::Phase::Open);
                     let mut reader = AnswerReader::new(answer, modern::listen_limits(org));
                     loop {
                         let next = tokio::select! {
@@ -392,11 +394,13 @@ impl Gateway {
                 Ok(answer) => {
                     tracing::info!(org = %org.name, status = %answer.status,
                         "the upstream session's GET did not open a stream; not following it");
+                    phase.send_replace(modern::Phase::Unavailable);
                     return;
                 }
                 Err(UpstreamError::Status { status, .. })
                     if status == StatusCode::METHOD_NOT_ALLOWED =>
                 {
+                    phase.send_replace(modern::Phase::Unavailable);
                     return;
                 }
                 Err(e) if is_lost(&e) => {
