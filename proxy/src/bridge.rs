@@ -317,9 +317,13 @@ impl AnswerReader {
                             });
                         }
                         Some(Err(e)) => return Err(self.bounds.broken(&e)),
-                        Some(Ok(event)) => {
-                            if !event.id.is_empty() {
-                                self.last_event_id = Some(event.id.clone());
+                        Some(Ok(mut event)) => {
+                            // The parser repeats the last id on every later
+                            // event: only a new one is kept.
+                            if !event.id.is_empty()
+                                && self.last_event_id.as_deref() != Some(event.id.as_str())
+                            {
+                                self.last_event_id = Some(std::mem::take(&mut event.id));
                             }
                             if event.retry.is_some() {
                                 self.retry = event.retry;

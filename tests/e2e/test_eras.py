@@ -484,7 +484,8 @@ def test_modern_calls_with_one_id_do_not_mix_in_a_hidden_session(eras_gateway):
     def call(name: str, args: dict) -> None:
         http, stream = modern_stream_call(url, name, args, request_id=7)
         with http, stream as r:
-            results[name] = result_of_lines(list(r.iter_lines()))
+            r.read()
+            results[name] = result_of(r)
 
     calls = [threading.Thread(target=call, args=("slow_count", {"n": 3})),
              threading.Thread(target=call, args=("add", {"a": 40, "b": 2}))]
@@ -495,13 +496,6 @@ def test_modern_calls_with_one_id_do_not_mix_in_a_hidden_session(eras_gateway):
     assert results["slow_count"]["content"][0]["text"] == "counted to 3", results
     assert results["add"]["content"][0]["text"] == "42", results
     assert all(r["resultType"] == "complete" for r in results.values()), results
-
-
-def result_of_lines(lines: list[str]) -> dict:
-    for line in lines:
-        if line.startswith("data:") and '"result"' in line:
-            return json.loads(line[5:])["result"]
-    raise AssertionError(lines)
 
 
 def test_a_modern_client_closing_its_stream_cancels_the_stateful_call(eras_gateway, stateful_upstreams):
