@@ -710,46 +710,24 @@ impl Gateway {
                     pending.as_ref()?;
                 }
                 Ok(None) => {
-                    let point = reader
-                        .resume_point()
-                        .map(|(id, retry)| (id.to_owned(), retry));
-                    let session = resume.filter(|s| s.upstream.is_some());
-                    if let (Some(session), Some((last, retry)), Some(_)) =
-                        (session, point, pending.as_ref())
+                    let session = resume.filter(|_| pending.is_some());
+                    match self
+                        .resume_relay(&mut reader, org, session, log, stream, cancel, &mut resumed)
+                        .await
                     {
-                        if resumed >= stateful::MAX_RESUMES {
+                        stateful::Resumed::Yes => continue,
+                        stateful::Resumed::Cancelled => {
+                            dropped(&reader);
+                            return None;
+                        }
+                        stateful::Resumed::Failed(why) => break why,
+                        stateful::Resumed::No => {
                             break format!(
-                                "upstream {} closed its answer {resumed} times; giving up",
+                                "upstream {} ended its answer without a response",
                                 reader.replica()
                             );
                         }
-                        resumed += 1;
-                        if edge::wants_priming(&session.protocol_version) {
-                            // The upstream closed its stream to be polled:
-                            // so does the gateway (its client has an event
-                            // id to resume from), and it polls meanwhile.
-                            log.let_go(stream);
-                        }
-                        let deadline = reader.deadline();
-                        match self
-                            .resume_answer(org, session, &last, retry, deadline, cancel)
-                            .await
-                        {
-                            Ok(Some(answer)) => {
-                                reader.continue_with(answer);
-                                continue;
-                            }
-                            Ok(None) => {
-                                dropped(&reader);
-                                return None;
-                            }
-                            Err(why) => break why,
-                        }
                     }
-                    break format!(
-                        "upstream {} ended its answer without a response",
-                        reader.replica()
-                    );
                 }
                 Err(e) => {
                     tracing::warn!(org = %org.name, error = %e, "upstream answer failed");

@@ -21,7 +21,19 @@ use crate::upstream::Answer;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most times one answer is resumed after its upstream closed the stream.
-pub(super) const MAX_RESUMES: u32 = 64;
+const MAX_RESUMES: u32 = 64;
+
+/// What became of an answer that ended before its response.
+pub(super) enum Resumed {
+    /// The reader goes on with the upstream's resumed stream.
+    Yes,
+    /// Not to be resumed: the upstream just ended it.
+    No,
+    /// The request was cancelled meanwhile.
+    Cancelled,
+    /// The resumption failed, for this reason.
+    Failed(String),
+}
 
 /// Most GETs in a row that may fail to resume one answer.
 const RESUME_ATTEMPTS: u32 = 3;
@@ -243,12 +255,63 @@ impl Gateway {
         Ok(bound)
     }
 
+    /// An answer `reader` reads, relayed to `stream` of a session's log,
+    /// ended before its response. If its upstream session (of `session`)
+    /// closed it to be polled (it sent an event id), it is resumed: the
+    /// reader goes on with the rest, at most [`MAX_RESUMES`] times
+    /// (`resumed` counts them). The client's connection to `stream` is
+    /// let go first when the client can resume too (2025-11-25: it has the
+    /// gateway's event ids), as the upstream did to the gateway.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn resume_relay(
+        &self,
+        reader: &mut AnswerReader,
+        org: &OrgRoute,
+        session: Option<&SessionState>,
+        log: &SessionLog,
+        stream: StreamId,
+        cancel: &CancellationToken,
+        resumed: &mut u32,
+    ) -> Resumed {
+        let Some(session) = session.filter(|s| s.upstream.is_some()) else {
+            return Resumed::No;
+        };
+        let Some((last, retry)) = reader
+            .resume_point()
+            .map(|(id, retry)| (id.to_owned(), retry))
+        else {
+            return Resumed::No;
+        };
+        if *resumed >= MAX_RESUMES {
+            return Resumed::Failed(format!(
+                "upstream {} closed its answer {resumed} times; giving up",
+                reader.replica()
+            ));
+        }
+        *resumed += 1;
+        if edge::wants_priming(&session.protocol_version) {
+            log.let_go(stream);
+        }
+        let deadline = reader.deadline();
+        match self
+            .resume_answer(org, session, &last, retry, deadline, cancel)
+            .await
+        {
+            Ok(Some(answer)) => {
+                reader.continue_with(answer);
+                Resumed::Yes
+            }
+            Ok(None) => Resumed::Cancelled,
+            Err(why) => Resumed::Failed(why),
+        }
+    }
+
     /// Resumes an answer the upstream session of `session` closed before
     /// its response (2025-11-25 polling: it sent an event id, and a
     /// `retry`): `GET` with `Last-Event-ID` after the upstream's `retry`,
     /// at most [`RESUME_ATTEMPTS`] times in a row, all before `deadline`.
     /// `Ok(None)` if the request was cancelled meanwhile.
-    pub(super) async fn resume_answer(
+    async fn resume_answer(
         &self,
         org: &OrgRoute,
         session: &SessionState,
