@@ -189,8 +189,11 @@ pub struct AnswerReader {
     /// where and when a stream it closed can be resumed.
     last_event_id: Option<String>,
     retry: Option<Duration>,
+    /// SSE events read so far (priming events too): whether a resumed
+    /// stream brought anything.
+    events: u64,
     /// Held so the replica counts as busy until the answer is read.
-    _lease: crate::upstream::Lease,
+    lease: crate::upstream::Lease,
 }
 
 /// The limits of one answer, and whose answer it is (for errors).
@@ -214,7 +217,8 @@ impl AnswerReader {
             },
             last_event_id: None,
             retry: None,
-            _lease: answer.lease,
+            events: 0,
+            lease: answer.lease,
         }
     }
 
@@ -229,7 +233,12 @@ impl AnswerReader {
     pub fn continue_with(&mut self, answer: Answer) {
         self.source = source_of(answer.kind, answer.response, self.bounds.limits);
         self.bounds.replica = answer.lease.replica().to_owned();
-        self._lease = answer.lease;
+        self.lease = answer.lease;
+    }
+
+    /// How many SSE events the answer brought so far, on all its streams.
+    pub fn events_read(&self) -> u64 {
+        self.events
     }
 
     pub fn replica(&self) -> &str {
@@ -318,6 +327,7 @@ impl AnswerReader {
                         }
                         Some(Err(e)) => return Err(self.bounds.broken(&e)),
                         Some(Ok(mut event)) => {
+                            self.events += 1;
                             // The parser repeats the last id on every later
                             // event: only a new one is kept.
                             if !event.id.is_empty()

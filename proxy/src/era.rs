@@ -457,7 +457,8 @@ pub fn check_param_headers(
 ) -> Result<(), Reject> {
     for param in params {
         let name = &param.header;
-        let field = param.path.join(".");
+        // Named only in a refusal: a call that passes joins nothing.
+        let field = || param.path.join(".");
         let value = arguments
             .and_then(|args| param.path.iter().try_fold(args, |node, key| node.get(key)))
             .filter(|v| !v.is_null());
@@ -465,7 +466,8 @@ pub fn check_param_headers(
         let Some(value) = value else {
             if header.is_some() {
                 return Err(mismatch(format!(
-                    "header {name} is present but arguments.{field} is absent"
+                    "header {name} is present but arguments.{} is absent",
+                    field()
                 )));
             }
             continue;
@@ -473,14 +475,16 @@ pub fn check_param_headers(
         let Some(rendered) = header_rendering(value) else {
             if header.is_some() {
                 return Err(mismatch(format!(
-                    "header {name} cannot mirror arguments.{field}, which is not a string, number or boolean"
+                    "header {name} cannot mirror arguments.{}, which is not a string, number or boolean",
+                    field()
                 )));
             }
             continue;
         };
         let Some(header) = header else {
             return Err(mismatch(format!(
-                "missing {name} header: it must mirror arguments.{field}"
+                "missing {name} header: it must mirror arguments.{}",
+                field()
             )));
         };
         let equal = match param
@@ -493,8 +497,9 @@ pub fn check_param_headers(
         };
         if !equal {
             return Err(mismatch(format!(
-                "{name} header '{}' does not match arguments.{field}",
-                crate::jsonrpc::clip(&header, 64)
+                "{name} header '{}' does not match arguments.{}",
+                crate::jsonrpc::clip(&header, 64),
+                field()
             )));
         }
     }

@@ -34,7 +34,7 @@ use crate::upstream::{AnswerKind, Pool, UpstreamError};
 mod hidden;
 mod listen;
 mod modern;
-pub(crate) mod params;
+mod params;
 mod stateful;
 
 /// How many requests of one batch go upstream at once.
@@ -101,6 +101,11 @@ pub struct Gateway {
     resumes: hidden::ResumeMap,
     /// Calls this node continues for retries other nodes serve.
     continued: hidden::ContinuedMap,
+    /// The `x-mcp-header` parameters of upstream tools, per (org, caller).
+    tool_headers: params::ToolHeaders,
+    /// Resource URIs a hidden session's upstream refused to subscribe it
+    /// to, by session: not asked again by its later listens.
+    refused_subscriptions: DashMap<String, std::collections::HashSet<String>>,
     draining: AtomicBool,
 }
 
@@ -155,7 +160,6 @@ impl Gateway {
                 )),
                 max_input_rounds: org.upstream.max_input_rounds,
                 pool: Arc::new(pool),
-                tool_headers: Default::default(),
             });
         }
         let validator = match &config.identity {
@@ -192,6 +196,8 @@ impl Gateway {
             parked: Arc::new(DashMap::new()),
             resumes: DashMap::new(),
             continued: DashMap::new(),
+            tool_headers: params::ToolHeaders::new(),
+            refused_subscriptions: DashMap::new(),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         });
@@ -332,18 +338,24 @@ impl Gateway {
 
     // ----- Streamable HTTP -------------------------------------------------
 
-    /// Batches are allowed only where the protocol version allows them, and
+    /// Batches are allowed only where the protocol version allows them (a
+    /// session's `negotiated` one, or else the one the request names), and
     /// only up to `limits.max_batch` messages.
-    fn check_batch(&self, body: &Body, version: &str) -> Result<(), Reject> {
+    fn check_batch(&self, body: &Body, version: &str, negotiated: bool) -> Result<(), Reject> {
         let Body::Batch(items) = body else {
             return Ok(());
         };
         if !edge::allows_batches(version) {
+            let whose = if negotiated {
+                " (the version this session negotiated)"
+            } else {
+                ""
+            };
             return Err(Reject::new(
                 StatusCode::BAD_REQUEST,
                 code::INVALID_REQUEST,
                 format!(
-                    "JSON-RPC batches are not allowed in protocol version {version}; send one message per POST"
+                    "JSON-RPC batches are not allowed in protocol version {version}{whose}; send one message per POST"
                 ),
             ));
         }
@@ -381,8 +393,12 @@ impl Gateway {
             }
         }
         let header_version = edge::protocol_version(&req.headers)?;
-        if let Some(version) = header_version {
-            self.check_batch(&body, version)?;
+        // A session's batches are decided by its negotiated version alone
+        // (below), whatever supported version the request names.
+        if let Some(version) = header_version
+            && !req.headers.contains_key(&MCP_SESSION_ID)
+        {
+            self.check_batch(&body, version, false)?;
         }
         if let Some(init) = body
             .messages()
@@ -402,7 +418,7 @@ impl Gateway {
         let log = self.session_log(&session, false).await?;
         // The negotiated version governs the session, whatever other
         // supported version a request names.
-        self.check_batch(&body, &session.protocol_version)?;
+        self.check_batch(&body, &session.protocol_version, true)?;
 
         let mut requests = Vec::new();
         for m in body.messages() {
@@ -658,7 +674,7 @@ impl Gateway {
         resume: Option<&SessionState>,
     ) -> Option<Bytes> {
         let hold = resume.is_none();
-        let mut resumed = 0u32;
+        let mut resumed = stateful::Resumptions::default();
         let dropped = |reader: &AnswerReader| {
             tracing::debug!(
                 replica = reader.replica(),
@@ -715,13 +731,13 @@ impl Gateway {
                         .resume_relay(&mut reader, org, session, log, stream, cancel, &mut resumed)
                         .await
                     {
-                        stateful::Resumed::Yes => continue,
-                        stateful::Resumed::Cancelled => {
+                        stateful::Reconnected::Yes => continue,
+                        stateful::Reconnected::Cancelled => {
                             dropped(&reader);
                             return None;
                         }
-                        stateful::Resumed::Failed(why) => break why,
-                        stateful::Resumed::No => {
+                        stateful::Reconnected::Failed(why) => break why,
+                        stateful::Reconnected::No => {
                             break format!(
                                 "upstream {} ended its answer without a response",
                                 reader.replica()
@@ -1006,12 +1022,14 @@ impl Gateway {
         tracing::info!(org = %state.org, session = %short(&state.id), "session ended: {why}");
     }
 
-    /// A session's log and streams, its upstream listen (or GET) stream
-    /// and its re-initialization lock.
+    /// A session's log and streams, its upstream listen (or GET) stream,
+    /// its re-initialization lock, and the subscriptions its upstream
+    /// refused.
     fn drop_local(&self, id: &str) {
         self.hub.remove(id);
         self.stop_listener(id);
         self.rebinding.remove(id);
+        self.refused_subscriptions.remove(id);
     }
 
     /// Finds the caller's session; any mismatch looks like an unknown id.
@@ -1471,7 +1489,7 @@ impl Gateway {
         edge::check_json_content_type(&req.headers)?;
         let body = parse_post_body(&req.body)?;
         label.method = body_label(&body);
-        self.check_batch(&body, "2024-11-05")?;
+        self.check_batch(&body, "2024-11-05", true)?;
         for m in body.messages() {
             if m.method() == Some("initialize") {
                 let params = m.params().unwrap_or(Value::Null);
@@ -2393,6 +2411,42 @@ mod tests {
             .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         assert_eq!(up.hits(), 1, "nothing but initialize went upstream");
+    }
+
+    #[tokio::test]
+    async fn a_sessions_batches_are_decided_by_its_negotiated_version_alone() {
+        let up = testing::stub(|body| {
+            let id = testing::request_id(body);
+            (200, "application/json", format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{{"protocolVersion":"2025-03-26","capabilities":{{}},"serverInfo":{{"name":"old","version":"1"}}}}}}"#
+            ))
+        })
+        .await;
+        let gw = gateway(&[up.url()]);
+        let init = INIT.replace("2025-06-18", "2025-03-26");
+        let r = gw.handle(post(&init, &[])).await;
+        let sid = r
+            .headers
+            .get(&MCP_SESSION_ID)
+            .expect("session id")
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let state = gw.store.lookup(&sid).await.expect("store").expect("stored");
+        assert_eq!(state.protocol_version, "2025-03-26");
+        // It names a later supported version, which has no batches: the
+        // session's own version allows them.
+        let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#;
+        let r = gw
+            .handle(post(
+                batch,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-06-18"),
+                ],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", json_of(&r));
     }
 
     #[tokio::test]

@@ -33,8 +33,6 @@ pub struct OrgRoute {
     /// `upstream.max_input_rounds`.
     pub max_input_rounds: u32,
     pub pool: Arc<Pool>,
-    /// What the upstream's tools mirror into `Mcp-Param-*` headers.
-    pub(crate) tool_headers: Arc<crate::gateway::params::ToolHeaders>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +128,6 @@ mod tests {
             era: Arc::new(crate::bridge::UpstreamEra::new(name, cfg.era, &metrics)),
             max_input_rounds: cfg.max_input_rounds,
             pool: Arc::new(Pool::new(name, &cfg, 1 << 20, &metrics).expect("pool")),
-            tool_headers: Default::default(),
         };
         Routes::new(base, [org("org-1"), org("org-2")])
     }

@@ -1171,14 +1171,24 @@ impl ChunkSource for LiveStream {
     }
 
     fn written(&mut self) {
+        let (count, _) = self.unacked;
+        self.written_filtered(count);
+    }
+}
+
+impl LiveStream {
+    /// [`ChunkSource::written`] for a reader that passed on only
+    /// `delivered` of the events of the last chunk (and wrote that): the
+    /// rest is read too, but not counted as delivered.
+    pub fn written_filtered(&mut self, delivered: u64) {
         let (count, upto) = std::mem::take(&mut self.unacked);
-        if count > 0 {
-            if !self.attach.watching {
-                self.log.mark_delivered(self.attach.stream, upto);
-            }
-            if let Some(m) = &self.metrics {
-                m.delivered.inc_by(count);
-            }
+        if count > 0 && !self.attach.watching {
+            self.log.mark_delivered(self.attach.stream, upto);
+        }
+        if delivered > 0
+            && let Some(m) = &self.metrics
+        {
+            m.delivered.inc_by(delivered);
         }
     }
 }

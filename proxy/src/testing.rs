@@ -106,6 +106,11 @@ async fn serve(mut sock: TcpStream, respond: Arc<FullResponder>, hits: Arc<Atomi
             // A request naming "slow" waits, to keep it in flight.
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
+        if body.windows(10).any(|w| w == b"stub-hang:") {
+            // A request naming a `stub-hang:` value gets no answer in any
+            // test's time.
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        }
         let reply = respond(&head, &body);
         let mut resp = format!("HTTP/1.1 {} X\r\n", reply.status);
         for (name, value) in &reply.headers {

@@ -58,7 +58,11 @@ def test_ids_longer_than_256_bytes(gateway, sid):
 
 def test_batch_with_2025_06_18(gateway, sid):
     batch = [TOOLS_LIST, {"jsonrpc": "2.0", "id": 6, "method": "ping"}]
+    # The session's negotiated version (2025-11-25) decides, not the one
+    # the request names.
     expect(post(gateway.url("org-1"), batch, session=sid, version="2025-06-18"), 400, -32600,
+           "batch", "2025-11-25", "negotiated")
+    expect(post(gateway.url("org-1"), batch, version="2025-06-18"), 400, -32600,
            "batch", "2025-06-18")
 
 

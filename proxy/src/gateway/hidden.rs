@@ -268,9 +268,8 @@ impl Gateway {
             // Its Mcp-Param headers are checked against the tool's schema,
             // read in the client's own hidden session.
             let hidden = self.hidden_session(org, identity, req, &params).await?;
-            let headers = session_headers(org, identity, &hidden, &req.headers, &req.request_id);
-            let lister = super::params::Lister::Hidden(hidden.clone(), headers);
-            self.check_tool_call_headers(org, req, id, &params, lister)
+            let lister = super::params::Lister::Hidden(&hidden, req);
+            self.check_tool_call_headers(org, identity, req, id, &params, lister)
                 .await?;
             Some(hidden)
         } else {
@@ -718,6 +717,52 @@ impl Gateway {
         }
         self.hidden.insert(key, id);
         Ok(state)
+    }
+
+    /// The gateway's answer to a request the upstream sent on the GET
+    /// stream of hidden session `session`: no client reads that stream
+    /// (listens pass on change notifications only), so without it the
+    /// upstream would wait for good. `ping` gets `{}`, anything else
+    /// -32601: outside a call a 2026-07-28 client cannot be asked. Sent in
+    /// the background; false if `message` is no request.
+    pub(super) fn answer_on_hidden_stream(&self, session: &SessionState, message: &Bytes) -> bool {
+        let Ok(Kind::Request { id, method }) = jsonrpc::parse_message(message).map(|m| m.kind)
+        else {
+            return false;
+        };
+        let (Some(org), Some(bound)) = (
+            self.routes.org(&session.org).cloned(),
+            session.upstream.clone(),
+        ) else {
+            return true;
+        };
+        let body = if method == "ping" {
+            jsonrpc::result_body(Some(&id), json!({}))
+        } else {
+            jsonrpc::error_body(
+                Some(&id),
+                code::METHOD_NOT_FOUND,
+                &format!(
+                    "the gateway's hidden session of org '{}' has no client to pass {} to outside a call",
+                    org.name,
+                    jsonrpc::clip(&method, 64)
+                ),
+            )
+        };
+        let headers = background_headers(&org, session, "reply");
+        tokio::spawn(async move {
+            let sent = send_bound(&org, &bound, Method::POST, headers, body);
+            match tokio::time::timeout(REPLY_TIMEOUT, sent).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(org = %org.name, error = %e, "cannot answer a request of the hidden upstream session");
+                }
+                Err(_) => {
+                    tracing::warn!(org = %org.name, "the hidden upstream session did not take an answer in time");
+                }
+            }
+        });
+        true
     }
 
     /// The live hidden session of `key`: in Redis mode the one recorded

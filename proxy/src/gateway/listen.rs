@@ -23,6 +23,11 @@ const OPEN_WAIT: Duration = Duration::from_secs(2);
 /// Resource subscriptions made in the hidden session at once.
 const SUBSCRIBE_CONCURRENCY: usize = 8;
 
+/// Most resource URIs one listen asks for; those past it are not honoured
+/// (the acknowledgment leaves them out). All of a listen's subscriptions
+/// are made within one `upstream.timeout`.
+const MAX_LISTEN_URIS: usize = 32;
+
 const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 
 /// What a listen delivers: the client's filter, cut to what the upstream
@@ -36,22 +41,35 @@ pub(super) struct Filter {
 }
 
 impl Filter {
-    /// The filter a listen's `params.notifications` asks for.
+    /// The filter a listen's `params.notifications` asks for: each URI
+    /// once, the first [`MAX_LISTEN_URIS`] of them.
     fn requested(params: &Map<String, Value>) -> Filter {
         let n = params.get("notifications");
         let flag = |name: &str| n.and_then(|n| n.get(name)).and_then(Value::as_bool) == Some(true);
+        let mut uris: Vec<String> = Vec::new();
+        for uri in n
+            .and_then(|n| n.get("resourceSubscriptions"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if uris.len() >= MAX_LISTEN_URIS {
+                tracing::debug!(
+                    max = MAX_LISTEN_URIS,
+                    "a listen asked for more resource subscriptions than it may hold; the rest are not honoured"
+                );
+                break;
+            }
+            if !uris.iter().any(|u| u == uri) {
+                uris.push(uri.to_owned());
+            }
+        }
         Filter {
             tools: flag("toolsListChanged"),
             prompts: flag("promptsListChanged"),
             resources: flag("resourcesListChanged"),
-            uris: n
-                .and_then(|n| n.get("resourceSubscriptions"))
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect(),
+            uris,
         }
     }
 
@@ -138,11 +156,16 @@ impl Gateway {
         let hidden = self.hidden_session(org, identity, req, params).await?;
         // Up to date first: what the session said before this listen is
         // not for it.
-        let log = self.session_log(&hidden, true).await?;
-        let attach = log.watch().map_err(|_| session_not_found())?;
-        self.ensure_listener(org, &hidden.id, &log, false);
+        let ended = || hidden_session_ended(org, id);
+        let log = match self.hub.open(&hidden.id, true).await {
+            Ok(Some(log)) => log,
+            Ok(None) => return Err(ended()),
+            Err(e) => return Err(store_reject(e).with_id(Some(id))),
+        };
+        let attach = log.watch().map_err(|_| ended())?;
+        let phase = self.ensure_listener(org, &hidden.id, &log, false);
         let mut honoured = requested.offered(&capabilities);
-        match self.background_phase(&hidden.id, OPEN_WAIT).await {
+        match Self::background_phase(phase, OPEN_WAIT).await {
             Phase::Unavailable => honoured = Filter::default(),
             Phase::Open | Phase::Opening => {
                 if capabilities.pointer("/resources/subscribe") == Some(&Value::Bool(true)) {
@@ -172,13 +195,16 @@ impl Gateway {
             filter: honoured,
             id: id.clone(),
             first: true,
+            handed: 0,
         })))
     }
 
     /// Subscribes the hidden session to `uris` it does not hold yet, up to
-    /// `sessions.max_subscriptions` in all; returns those it holds. They
-    /// stay for the session's life: its other listens may want them, and
-    /// each listen filters what it delivers.
+    /// `sessions.max_subscriptions` in all, all within one
+    /// `upstream.timeout`; returns those it holds. They stay for the
+    /// session's life: its other listens may want them, and each listen
+    /// filters what it delivers. A URI the upstream refused is not asked
+    /// for again in this session.
     async fn subscribe_in_session(
         &self,
         org: &OrgRoute,
@@ -189,25 +215,49 @@ impl Gateway {
         let max = self.config.sessions.max_subscriptions;
         let held = &session.resource_subscriptions;
         let room = max.saturating_sub(held.len());
+        let refused = self
+            .refused_subscriptions
+            .get(&session.id)
+            .map(|r| r.clone());
         let wanted: Vec<&String> = uris
             .iter()
             .filter(|u| !held.contains(u))
+            .filter(|u| !refused.as_ref().is_some_and(|r| r.contains(*u)))
             .take(room)
             .collect();
+        let deadline = tokio::time::Instant::now() + org.pool.read_limits.timeout;
+        let asks: Vec<_> = wanted
+            .iter()
+            .enumerate()
+            .map(|(n, uri)| self.subscribe_one(org, session, headers.clone(), n, uri))
+            .collect();
+        let mut asks = futures::stream::iter(asks).buffer_unordered(SUBSCRIBE_CONCURRENCY);
         let mut made: Vec<String> = Vec::new();
-        for (round, batch) in wanted.chunks(SUBSCRIBE_CONCURRENCY).enumerate() {
-            let asks = batch.iter().enumerate().map(|(n, uri)| {
-                let n = round * SUBSCRIBE_CONCURRENCY + n;
-                self.subscribe_one(org, session, headers.clone(), n, uri)
-            });
-            let took = futures::future::join_all(asks).await;
-            made.extend(
-                batch
-                    .iter()
-                    .zip(took)
-                    .filter(|(_, ok)| *ok)
-                    .map(|(uri, _)| (*uri).clone()),
-            );
+        let mut newly_refused: Vec<String> = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, asks.next()).await {
+                Ok(Some((uri, Subscribed::Yes))) => made.push(uri),
+                Ok(Some((uri, Subscribed::Refused))) => newly_refused.push(uri),
+                Ok(Some((_, Subscribed::Unknown))) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::debug!(org = %org.name, session = %short(&session.id),
+                        "the upstream did not take all of a listen's resource subscriptions within upstream.timeout; the rest are not honoured");
+                    break;
+                }
+            }
+        }
+        drop(asks);
+        if !newly_refused.is_empty() {
+            let mut refused = self
+                .refused_subscriptions
+                .entry(session.id.clone())
+                .or_default();
+            for uri in newly_refused {
+                if refused.len() < max {
+                    refused.insert(uri);
+                }
+            }
         }
         if !made.is_empty() {
             let record = |s: &mut SessionState| {
@@ -230,7 +280,7 @@ impl Gateway {
     }
 
     /// `resources/subscribe` for one URI in a session (request `n` of a
-    /// listen's); whether the upstream took it.
+    /// listen's): the URI, and how the upstream took it.
     async fn subscribe_one(
         &self,
         org: &OrgRoute,
@@ -238,33 +288,83 @@ impl Gateway {
         headers: http::HeaderMap,
         n: usize,
         uri: &str,
-    ) -> bool {
+    ) -> (String, Subscribed) {
+        (
+            uri.to_owned(),
+            self.subscribe_uri(org, session, headers, n, uri).await,
+        )
+    }
+
+    async fn subscribe_uri(
+        &self,
+        org: &OrgRoute,
+        session: &SessionState,
+        headers: http::HeaderMap,
+        n: usize,
+        uri: &str,
+    ) -> Subscribed {
         let unique = self.next_reply.fetch_add(1, Ordering::Relaxed);
         let Some(id) = Id::from_value(&Value::from(format!(
             "ratatosk-subscribe-{:08x}-{unique}-{n}",
             self.node
         ))) else {
-            return false;
+            return Subscribed::Unknown;
         };
         let body = era::request_body(Some(&id), "resources/subscribe", json!({"uri": uri}));
         let asked = async {
             let answer = self
                 .send_in_session(org, session, headers, body)
                 .await
-                .ok()?;
+                .map_err(|e| e.to_string())?;
             let response = AnswerReader::new(answer, org.pool.read_limits)
                 .response_to(&id)
                 .await
-                .ok()??;
-            let v: Value = serde_json::from_slice(&response).ok()?;
-            Some(v.get("result").is_some())
+                .map_err(|e| e.to_string())?
+                .ok_or("its answer ended without a response")?;
+            serde_json::from_slice::<Value>(&response).map_err(|e| e.to_string())
         };
-        tokio::time::timeout(org.pool.read_limits.timeout, asked)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(false)
+        let uri = crate::jsonrpc::clip(uri, 200);
+        match asked.await {
+            Ok(v) if v.get("result").is_some() => Subscribed::Yes,
+            Ok(v) => {
+                let why = v.pointer("/error/message").and_then(Value::as_str);
+                tracing::debug!(org = %org.name, session = %short(&session.id), uri = %uri,
+                    reason = why.unwrap_or("no result"), "the upstream refused a resource subscription");
+                Subscribed::Refused
+            }
+            Err(why) => {
+                tracing::debug!(org = %org.name, session = %short(&session.id), uri = %uri,
+                    reason = %why, "cannot subscribe the hidden session to a resource");
+                Subscribed::Unknown
+            }
+        }
     }
+}
+
+/// How the upstream took one `resources/subscribe`.
+enum Subscribed {
+    Yes,
+    /// It answered with an error: not asked again in this session.
+    Refused,
+    /// No answer could be had (yet): may be asked again.
+    Unknown,
+}
+
+/// A listen whose hidden upstream session ended under it: the client may
+/// call again, which opens a new one. 503, not the 404 a 2025 client gets
+/// for an ended session: to a 2026-07-28 client that means "no such
+/// method", and it has no `initialize` to send.
+fn hidden_session_ended(org: &OrgRoute, id: &Id) -> Reject {
+    Reject::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        code::BAD_REQUEST,
+        format!(
+            "the hidden upstream session of org '{}' for this client ended while the listen started; call subscriptions/listen again",
+            org.name
+        ),
+    )
+    .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+    .with_id(Some(id))
 }
 
 /// A listen's stream: the acknowledgment, then the hidden session's
@@ -275,6 +375,9 @@ struct Listen {
     id: Id,
     /// The acknowledgment (the live stream's prelude) is still to go.
     first: bool,
+    /// Notifications in the chunk last handed out: what counts as
+    /// delivered once it is written.
+    handed: u64,
 }
 
 #[async_trait]
@@ -283,11 +386,13 @@ impl ChunkSource for Listen {
         loop {
             let chunk = self.live.next_chunk().await?;
             if std::mem::take(&mut self.first) || chunk.starts_with(b":") {
+                self.handed = 0;
                 return Some(chunk);
             }
             // The log's frames: `id`, `event` and `data` lines; the data
             // is one JSON-RPC message.
             let mut out = BytesMut::new();
+            let mut handed = 0;
             for frame in chunk
                 .split(|b| *b == b'\n')
                 .collect::<Vec<_>>()
@@ -303,18 +408,21 @@ impl ChunkSource for Listen {
                 if self.filter.wants(&message) {
                     let message = tagged(message, &self.id).to_string();
                     out.extend_from_slice(&sse_frame(None, Some("message"), message.as_bytes()));
+                    handed += 1;
                 }
             }
-            // Read; what was left out is not the client's.
-            self.live.written();
-            if !out.is_empty() {
-                return Some(out.freeze());
+            if out.is_empty() {
+                // Read; none of it was the client's.
+                self.live.written_filtered(0);
+                continue;
             }
+            self.handed = handed;
+            return Some(out.freeze());
         }
     }
 
     fn written(&mut self) {
-        self.live.written();
+        self.live.written_filtered(std::mem::take(&mut self.handed));
     }
 }
 
@@ -433,6 +541,232 @@ mod tests {
             "{text}"
         );
         assert_eq!(subscribes.load(Ordering::SeqCst), 1);
+        let org = gw.routes.org("org-1").expect("org");
+        assert_eq!(
+            org.metrics.stream.delivered.get(),
+            2,
+            "only what the client got counts as delivered"
+        );
+    }
+
+    /// A stateful upstream that announces resource subscriptions, refuses
+    /// those of `test://bad...` URIs, and whose session's GET stream asks
+    /// the client for `ping` and `roots/list` (each GET, again and again);
+    /// keeps every POST body.
+    async fn subscribing_upstream() -> (testing::Stub, Arc<std::sync::Mutex<Vec<Value>>>) {
+        let posts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = posts.clone();
+        let stub = testing::full_stub(move |head, body| {
+            let reply = |status: u16, ct: &str, body: String| testing::Reply {
+                status,
+                headers: vec![("content-type".into(), ct.into())],
+                body,
+            };
+            if head.starts_with("get ") {
+                let said: String = [
+                    json!({"jsonrpc": "2.0", "id": "up-ping", "method": "ping"}),
+                    json!({"jsonrpc": "2.0", "id": "up-roots", "method": "roots/list"}),
+                ]
+                .iter()
+                .map(|m| format!("event: message\ndata: {m}\n\n"))
+                .collect();
+                return reply(200, "text/event-stream", said);
+            }
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            kept.lock().expect("posts").push(v.clone());
+            let id = v.get("id").cloned().unwrap_or(Value::Null);
+            let answer = |result: Value| {
+                reply(
+                    200,
+                    "application/json",
+                    json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string(),
+                )
+            };
+            match v["method"].as_str() {
+                Some("initialize") => {
+                    let mut r = answer(json!({"protocolVersion": "2025-11-25",
+                        "capabilities": {"resources": {"subscribe": true}},
+                        "serverInfo": {"name": "subscribing", "version": "1"}}));
+                    r.headers.push(("mcp-session-id".into(), "up-1".into()));
+                    r
+                }
+                Some("resources/subscribe")
+                    if v["params"]["uri"]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with("test://bad")) =>
+                {
+                    reply(
+                        200,
+                        "application/json",
+                        json!({"jsonrpc": "2.0", "id": id,
+                        "error": {"code": -32602, "message": "no such resource"}})
+                        .to_string(),
+                    )
+                }
+                Some("resources/subscribe") => answer(json!({})),
+                _ => reply(202, "application/json", String::new()),
+            }
+        })
+        .await;
+        (stub, posts)
+    }
+
+    /// The URIs `resources/subscribe` was sent for, in order.
+    fn subscribed(posts: &std::sync::Mutex<Vec<Value>>) -> Vec<String> {
+        posts
+            .lock()
+            .expect("posts")
+            .iter()
+            .filter(|v| v["method"] == "resources/subscribe")
+            .filter_map(|v| v["params"]["uri"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Opens a listen for `uris`; its acknowledgment's `notifications`.
+    async fn listen(gw: &Arc<Gateway>, id: u64, uris: &[String]) -> Value {
+        let filter = json!({"notifications": {"resourceSubscriptions": uris}});
+        let mut r = gw
+            .handle(modern(id, "subscriptions/listen", filter, json!({}), &[]))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let ResponseBody::Stream(src) = &mut r.body else {
+            panic!("a stream, got {}", json_of(&r))
+        };
+        let first = tokio::time::timeout(Duration::from_secs(10), src.next_chunk())
+            .await
+            .expect("the acknowledgment in time")
+            .expect("open");
+        let text = String::from_utf8_lossy(&first);
+        let data = text
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .expect("a message");
+        let ack: Value = serde_json::from_str(data).expect("json");
+        assert_eq!(
+            ack["method"], "notifications/subscriptions/acknowledged",
+            "{ack}"
+        );
+        ack["params"]["notifications"].clone()
+    }
+
+    #[tokio::test]
+    async fn a_listen_asks_each_uri_once_at_most_32_and_never_again_one_refused() {
+        let (up, posts) = subscribing_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let mut uris: Vec<String> = (0..40).map(|n| format!("test://u/{n}")).collect();
+        uris.insert(1, "test://u/0".into());
+        uris.insert(0, "test://bad".into());
+        let ack = listen(&gw, 1, &uris).await;
+        let asked = subscribed(&posts);
+        assert_eq!(asked.len(), MAX_LISTEN_URIS, "{asked:?}");
+        assert_eq!(
+            asked.iter().filter(|u| *u == "test://u/0").count(),
+            1,
+            "a repeated URI is asked once"
+        );
+        let honoured = ack["resourceSubscriptions"]
+            .as_array()
+            .expect("URIs honoured");
+        assert_eq!(honoured.len(), MAX_LISTEN_URIS - 1, "{ack}");
+        assert!(!honoured.contains(&json!("test://bad")), "{ack}");
+        assert!(!honoured.contains(&json!("test://u/39")), "past the cap");
+        // Again: what the session holds is not asked for, nor what the
+        // upstream refused.
+        let ack = listen(&gw, 2, &uris[..3]).await;
+        assert_eq!(ack["resourceSubscriptions"], json!(["test://u/0"]), "{ack}");
+        assert_eq!(subscribed(&posts).len(), MAX_LISTEN_URIS);
+    }
+
+    #[tokio::test]
+    async fn a_listens_subscriptions_are_made_within_one_upstream_timeout() {
+        let (up, posts) = subscribing_upstream().await;
+        // upstream.timeout is 2 s; these never get an answer.
+        let gw = gateway("stateful-2025", &up.url());
+        let mut uris = vec!["test://a".to_owned()];
+        uris.extend((0..24).map(|n| format!("stub-hang:{n}")));
+        let started = tokio::time::Instant::now();
+        let ack = listen(&gw, 1, &uris).await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(4500),
+            "acknowledged after {took:?}"
+        );
+        assert_eq!(ack["resourceSubscriptions"], json!(["test://a"]), "{ack}");
+        assert!(subscribed(&posts).contains(&"test://a".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn the_gateway_answers_what_the_upstream_asks_on_a_hidden_sessions_get_stream() {
+        let (up, posts) = subscribing_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        listen(&gw, 1, &[]).await;
+        let answered = |id: &str| {
+            posts
+                .lock()
+                .expect("posts")
+                .iter()
+                .find(|v| v["id"] == id && v.get("method").is_none())
+                .cloned()
+        };
+        assert!(
+            testing::eventually(Duration::from_secs(5), || async {
+                answered("up-ping").is_some() && answered("up-roots").is_some()
+            })
+            .await,
+            "both requests answered upstream"
+        );
+        assert_eq!(answered("up-ping").expect("ping")["result"], json!({}));
+        assert_eq!(
+            answered("up-roots").expect("roots")["error"]["code"],
+            code::METHOD_NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listen_whose_hidden_session_ended_is_told_to_call_again() {
+        let (up, _) = subscribing_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        listen(&gw, 1, &[]).await;
+        let hidden: Vec<String> = gw.hidden.iter().map(|e| e.value().clone()).collect();
+        let [hidden] = hidden.as_slice() else {
+            panic!("one hidden session: {hidden:?}")
+        };
+        // Its log is gone (the session ends) while the listen starts.
+        gw.hub.remove(hidden);
+        let filter = json!({"notifications": {"toolsListChanged": true}});
+        let r = gw
+            .handle(modern(5, "subscriptions/listen", filter, json!({}), &[]))
+            .await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers.contains_key(http::header::RETRY_AFTER));
+        let body = json_of(&r);
+        assert_eq!(body["id"], 5);
+        assert_eq!(body["error"]["code"], code::BAD_REQUEST);
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("org 'org-1'") && message.contains("again"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_ended_before_opening_its_stream_is_unavailable() {
+        let (tx, rx) = tokio::sync::watch::channel(Phase::Opening);
+        drop(tx);
+        assert_eq!(
+            Gateway::background_phase(Some(rx), OPEN_WAIT).await,
+            Phase::Unavailable
+        );
+        let (tx, rx) = tokio::sync::watch::channel(Phase::Open);
+        drop(tx);
+        assert_eq!(
+            Gateway::background_phase(Some(rx), OPEN_WAIT).await,
+            Phase::Open
+        );
+        assert_eq!(
+            Gateway::background_phase(None, OPEN_WAIT).await,
+            Phase::Unavailable
+        );
     }
 
     #[test]

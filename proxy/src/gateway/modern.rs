@@ -170,8 +170,8 @@ impl Gateway {
             .unwrap_or(era::LATEST_LEGACY);
         let headers = sessionless_headers(org, identity, req, Some(version));
         if request.method == "tools/call" {
-            let lister = super::params::Lister::Sessionless(headers.clone());
-            self.check_tool_call_headers(org, req, id, &request.params, lister)
+            let lister = super::params::Lister::Sessionless(&headers);
+            self.check_tool_call_headers(org, identity, req, id, &request.params, lister)
                 .await?;
         }
         org.metrics.bridged.handshake.inc();
@@ -249,6 +249,7 @@ impl Gateway {
             park,
             first: None,
             failed: false,
+            final_status: StatusCode::OK,
         };
         if legacy {
             let decide_by = tokio::time::Instant::now() + self.config.streams.keepalive;
@@ -257,7 +258,9 @@ impl Gateway {
                     Ok(Some(Step::Send(out, true))) if pipe.failed => {
                         return Ok(Response::json(StatusCode::BAD_GATEWAY, out));
                     }
-                    Ok(Some(Step::Send(out, true))) => return Ok(modern_json(&out, |v| v)),
+                    Ok(Some(Step::Send(out, true))) => {
+                        return Ok(Response::json(pipe.final_status, out));
+                    }
                     Ok(Some(Step::Send(out, false))) => {
                         pipe.first = Some(out);
                         break;
@@ -816,6 +819,10 @@ pub(super) struct Pipe {
     first: Option<Bytes>,
     /// The last message is the gateway's error: the upstream failed.
     failed: bool,
+    /// The HTTP status the final answer carries when it goes back as
+    /// JSON (a modern client of a handshake-era upstream), worked out
+    /// while it is reshaped.
+    final_status: StatusCode,
 }
 
 /// One step of a [`Pipe`].
@@ -848,6 +855,7 @@ impl Pipe {
             park: Some(park),
             first: None,
             failed: false,
+            final_status: StatusCode::OK,
         }
     }
 
@@ -864,12 +872,15 @@ impl Pipe {
                     if rid == *self.upstream_id.as_ref().unwrap_or(id) =>
                 {
                     let renamed = self.upstream_id.is_some();
+                    let status = &mut self.final_status;
                     let body = match &self.to_modern {
                         Some(method) => reshape(&message, |mut v| {
                             if renamed {
                                 v["id"] = id.to_value();
                             }
-                            era::response_to_modern(v, method)
+                            let v = era::response_to_modern(v, method);
+                            *status = era::modern_status(&v);
+                            v
                         }),
                         None => message,
                     };
@@ -1020,17 +1031,21 @@ impl Gateway {
     ///
     /// In Redis mode one node of all holds the stream (a lease in Redis);
     /// the others wait, and take over when that node stops renewing it.
+    ///
+    /// Returns how far the stream is, as the listener this call found or
+    /// started tells it: held from here on, it says the last phase even
+    /// after the listener ended (see [`Gateway::background_phase`]).
     pub(super) fn ensure_listener(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         session_id: &str,
         log: &Arc<SessionLog>,
         refilter: bool,
-    ) {
+    ) -> Option<tokio::sync::watch::Receiver<Phase>> {
         let stateful = match org.era.known() {
             Some(Era::Modern) => false,
             Some(Era::Stateful2025) => true,
-            _ => return,
+            _ => return None,
         };
         if refilter && let Some(events) = self.hub.events() {
             events.notify(&Notice::Relisten {
@@ -1044,14 +1059,14 @@ impl Gateway {
                 if refilter {
                     e.get().reopen.notify_one();
                 }
-                return;
+                return Some(e.get().phase.clone());
             }
             dashmap::Entry::Vacant(v) => {
                 let listener = Listener {
                     generation,
                     stop: CancellationToken::new(),
                     reopen: Arc::new(tokio::sync::Notify::new()),
-                    phase: watching,
+                    phase: watching.clone(),
                 };
                 let handles = (listener.stop.clone(), listener.reopen.clone());
                 v.insert(listener);
@@ -1092,6 +1107,7 @@ impl Gateway {
             this.listeners
                 .remove_if(&id, |_, l| l.generation == generation);
         });
+        Some(watching)
     }
 
     /// Reopens this node's listen of a session, if it holds one (another
@@ -1102,14 +1118,29 @@ impl Gateway {
         }
     }
 
-    /// How far the session's background upstream stream is, once it is
-    /// open or known to be unavailable, or `within` has passed.
-    pub(super) async fn background_phase(&self, session_id: &str, within: Duration) -> Phase {
-        let Some(mut phase) = self.listeners.get(session_id).map(|l| l.phase.clone()) else {
-            return Phase::Opening;
+    /// How far a session's background upstream stream is (`phase`, from
+    /// [`Gateway::ensure_listener`]), once it is open or known to be
+    /// unavailable, or `within` has passed. A listener that ended before
+    /// it opened the stream will not open it: unavailable.
+    pub(super) async fn background_phase(
+        phase: Option<tokio::sync::watch::Receiver<Phase>>,
+        within: Duration,
+    ) -> Phase {
+        let Some(mut phase) = phase else {
+            return Phase::Unavailable;
         };
-        let _ = tokio::time::timeout(within, phase.wait_for(|p| *p != Phase::Opening)).await;
-        *phase.borrow()
+        let settled = tokio::time::timeout(within, phase.wait_for(|p| *p != Phase::Opening))
+            .await
+            .map(|r| r.map(|p| *p));
+        match settled {
+            Ok(Ok(p)) => p,
+            // Its listener ended: what it last said stands.
+            Ok(Err(_)) => match *phase.borrow() {
+                Phase::Opening => Phase::Unavailable,
+                p => p,
+            },
+            Err(_) => *phase.borrow(),
+        }
     }
 
     /// Stops a session's listen stream, if it has one.

@@ -4,7 +4,8 @@
 //! arguments (`streamable-http.mdx`, Server Behavior for Custom Headers).
 //! Which arguments are mirrored, the tool's `inputSchema` says
 //! (`x-mcp-header`): the gateway learns it from the upstream's own
-//! `tools/list`, kept per org for a while.
+//! `tools/list`, read with the caller's identity and kept per (org,
+//! caller) for a while: an upstream may list other tools to other users.
 //!
 //! Only modern `tools/call`s to 2025 upstreams look at it. A modern
 //! upstream checks its own headers (they are passed on), and 2025 clients
@@ -13,62 +14,130 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use moka::Expiry;
+use moka::future::Cache;
+use moka::ops::compute::Op;
 use serde_json::Map;
 
 use super::*;
+use crate::edge::Request;
 use crate::era::{self, HeaderParam};
 
 /// How long the gateway uses a `tools/list` it read before reading it
-/// again (in the background, using the old one meanwhile).
+/// again.
 const TOOLS_TTL: Duration = Duration::from_secs(60);
 
 /// A tool the last `tools/list` did not have may be new: the list is read
-/// again at once, unless it was read this recently.
+/// again at once, unless it was asked for this recently. A list that
+/// could not be read at all is not asked for again sooner either: its
+/// callers get the failure meanwhile.
 const MIN_REFETCH: Duration = Duration::from_secs(2);
 
-/// Most pages of `tools/list` read, and most tools kept.
+/// Most pages of `tools/list` read, and most tools kept of one list.
 const MAX_PAGES: usize = 16;
 const MAX_TOOLS: usize = 10_000;
 
-/// What one org's upstream said its tools mirror into headers.
-#[derive(Default)]
-pub(crate) struct ToolHeaders {
-    snapshot: std::sync::Mutex<Option<Arc<Snapshot>>>,
-    /// One read of `tools/list` at a time.
-    reading: tokio::sync::Mutex<()>,
+/// Most tools kept in all lists of all callers together (each list
+/// weighs its tools, plus one).
+const MAX_KEPT_TOOLS: u64 = 200_000;
+
+/// The tool lists the gateway read, per (org, subject). Concurrent reads
+/// of one list wait for one another.
+pub(super) struct ToolHeaders {
+    lists: Cache<(Arc<str>, String), Listed>,
+}
+
+impl ToolHeaders {
+    pub(super) fn new() -> ToolHeaders {
+        ToolHeaders {
+            lists: Cache::builder()
+                .max_capacity(MAX_KEPT_TOOLS)
+                .weigher(|_, listed: &Listed| {
+                    let tools = listed.tools.as_ref().map_or(0, |t| t.tools.len());
+                    u32::try_from(tools).unwrap_or(u32::MAX).saturating_add(1)
+                })
+                .expire_after(ListedExpiry)
+                .build(),
+        }
+    }
+}
+
+/// One caller's view of an org's tools: the last list read, and how the
+/// last attempt went.
+#[derive(Clone)]
+struct Listed {
+    /// When the upstream last answered (or failed to), whatever it said.
+    asked_at: Instant,
+    /// The last list read, if any was.
+    tools: Option<Arc<Snapshot>>,
+    /// Why the last attempt failed, if it did.
+    failed: Option<Arc<str>>,
 }
 
 struct Snapshot {
-    read_at: Instant,
     /// Every listed tool, with its header parameters (often none).
     tools: HashMap<String, Arc<[HeaderParam]>>,
 }
 
-impl ToolHeaders {
-    fn current(&self) -> Option<Arc<Snapshot>> {
-        self.snapshot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    fn store(&self, snapshot: Snapshot) -> Arc<Snapshot> {
-        let snapshot = Arc::new(snapshot);
-        *self
-            .snapshot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(snapshot.clone());
-        snapshot
+impl Listed {
+    /// The header parameters of `tool` by this entry; `None` when the
+    /// list must be read (again) first.
+    fn answer(&self, tool: &str) -> Option<Result<Arc<[HeaderParam]>, Arc<str>>> {
+        if let Some(found) = self.tools.as_ref().and_then(|t| t.tools.get(tool)) {
+            return Some(Ok(found.clone()));
+        }
+        if self.asked_at.elapsed() >= MIN_REFETCH {
+            return None;
+        }
+        Some(match &self.failed {
+            Some(why) => Err(why.clone()),
+            // A tool the upstream does not list has none (the upstream
+            // refuses the call itself).
+            None => Ok(Arc::from(Vec::new())),
+        })
     }
 }
 
-/// How the gateway asks the upstream for `tools/list` on a modern client's
-/// behalf: without a session (stateless upstream), or in the client's
-/// hidden session (stateful upstream).
-#[derive(Clone)]
-pub(super) enum Lister {
-    Sessionless(http::HeaderMap),
-    Hidden(Arc<SessionState>, http::HeaderMap),
+/// A list read lives [`TOOLS_TTL`]; a failure alone, [`MIN_REFETCH`]; a
+/// list kept after a failed reread, no longer than it had left.
+struct ListedExpiry;
+
+impl Expiry<(Arc<str>, String), Listed> for ListedExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &(Arc<str>, String),
+        value: &Listed,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(match value.tools {
+            Some(_) => TOOLS_TTL,
+            None => MIN_REFETCH,
+        })
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &(Arc<str>, String),
+        value: &Listed,
+        _now: Instant,
+        left: Option<Duration>,
+    ) -> Option<Duration> {
+        match (&value.tools, &value.failed) {
+            (Some(_), None) => Some(TOOLS_TTL),
+            (Some(_), Some(_)) => left,
+            (None, _) => Some(MIN_REFETCH),
+        }
+    }
+}
+
+/// How the gateway asks the upstream for `tools/list` on a modern
+/// client's behalf: without a session (stateless upstream, with the
+/// call's own upstream headers), or in the client's hidden session
+/// (stateful upstream). Headers are made only when the list is read.
+#[derive(Clone, Copy)]
+pub(super) enum Lister<'a> {
+    Sessionless(&'a http::HeaderMap),
+    Hidden(&'a SessionState, &'a Request),
 }
 
 impl Gateway {
@@ -76,27 +145,30 @@ impl Gateway {
     /// `x-mcp-header` parameters of the tool it calls: 400 / -32020 on any
     /// mismatch; 502 if the upstream's tool list cannot be had at all.
     pub(super) async fn check_tool_call_headers(
-        self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
         req: &Request,
         id: &Id,
         params: &Map<String, Value>,
-        lister: Lister,
+        lister: Lister<'_>,
     ) -> Result<(), Reject> {
         let Some(tool) = params.get("name").and_then(Value::as_str) else {
             // The upstream says what is wrong with a call without a name.
             return Ok(());
         };
         let mirrored = self
-            .header_params_of(org, tool, lister)
+            .header_params_of(org, identity, tool, lister)
             .await
             .map_err(|why| {
                 Reject::new(
                     StatusCode::BAD_GATEWAY,
                     code::UPSTREAM_ERROR,
                     format!(
-                        "cannot check the Mcp-Param headers of this call: the tool list of org '{}' cannot be read ({why})",
-                        org.name
+                        "cannot check the Mcp-Param headers of this call to tool '{}': the upstream of org '{}' did not give its tools/list for this caller ({why}); try again in {} s",
+                        crate::jsonrpc::clip(tool, 64),
+                        org.name,
+                        MIN_REFETCH.as_secs()
                     ),
                 )
                 .with_id(Some(id))
@@ -105,80 +177,95 @@ impl Gateway {
             .map_err(|r| r.with_id(Some(id)))
     }
 
-    /// The header parameters of `tool`, from the org's last `tools/list`:
-    /// read first when there is none; read again in the background once it
-    /// is older than [`TOOLS_TTL`], and at once for a tool it lacks (unless
-    /// read in the last [`MIN_REFETCH`]). A tool the upstream does not list
-    /// has none (the upstream refuses the call itself).
+    /// The header parameters of `tool`, from the caller's last
+    /// `tools/list` of the org: read first when there is none (or it is
+    /// older than [`TOOLS_TTL`]), and again for a tool it lacks, unless
+    /// asked for in the last [`MIN_REFETCH`]. One read per caller at a
+    /// time: concurrent calls wait for it and share its outcome, a failure
+    /// included.
     async fn header_params_of(
-        self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
         tool: &str,
-        lister: Lister,
-    ) -> Result<Arc<[HeaderParam]>, String> {
-        let cache = org.tool_headers.clone();
-        let none = || Arc::<[HeaderParam]>::from(Vec::new());
-        if let Some(snapshot) = cache.current() {
-            let age = snapshot.read_at.elapsed();
-            if let Some(found) = snapshot.tools.get(tool) {
-                if age >= TOOLS_TTL {
-                    self.reread_in_background(org, lister);
-                }
-                return Ok(found.clone());
-            }
-            if age < MIN_REFETCH {
-                return Ok(none());
-            }
+        lister: Lister<'_>,
+    ) -> Result<Arc<[HeaderParam]>, Arc<str>> {
+        let key = (org.name.clone(), identity.subject.clone());
+        if let Some(answer) = self
+            .tool_headers
+            .lists
+            .get(&key)
+            .await
+            .and_then(|l| l.answer(tool))
+        {
+            return answer;
         }
-        let before = cache.current().map(|s| s.read_at);
-        let _one = cache.reading.lock().await;
-        // Another call may have read it while this one waited.
-        let snapshot = match cache.current() {
-            Some(s) if Some(s.read_at) != before => s,
-            stale => match self.read_tools(org, &lister).await {
-                Ok(snapshot) => cache.store(snapshot),
-                Err(why) => match stale {
-                    Some(s) => {
-                        tracing::warn!(org = %org.name, error = %why, "cannot read the upstream's tool list again; using the last one");
-                        s
+        let computed = self
+            .tool_headers
+            .lists
+            .entry(key)
+            .and_compute_with(|current| async move {
+                let current = current.map(|e| e.into_value());
+                // Another call may have read it while this one waited.
+                if current.as_ref().and_then(|l| l.answer(tool)).is_some() {
+                    return Op::Nop;
+                }
+                let read = self.read_tools(org, identity, lister).await;
+                // From the answer on: a slow read is not out of date at once.
+                let asked_at = Instant::now();
+                let listed = match read {
+                    Ok(snapshot) => Listed {
+                        asked_at,
+                        tools: Some(Arc::new(snapshot)),
+                        failed: None,
+                    },
+                    Err(why) => {
+                        tracing::warn!(org = %org.name, subject = %identity.subject, error = %why,
+                            "cannot read the upstream's tool list to check Mcp-Param headers");
+                        Listed {
+                            asked_at,
+                            tools: current.and_then(|l| l.tools),
+                            failed: Some(why.into()),
+                        }
                     }
-                    None => return Err(why),
-                },
-            },
-        };
-        Ok(snapshot.tools.get(tool).cloned().unwrap_or_else(none))
-    }
-
-    /// Reads the org's tool list again without keeping anyone waiting,
-    /// unless a read is under way.
-    fn reread_in_background(self: &Arc<Self>, org: &Arc<OrgRoute>, lister: Lister) {
-        let (this, org) = (self.clone(), org.clone());
-        tokio::spawn(async move {
-            let cache = org.tool_headers.clone();
-            let Ok(_one) = cache.reading.try_lock() else {
-                return;
-            };
-            match this.read_tools(&org, &lister).await {
-                Ok(snapshot) => {
-                    cache.store(snapshot);
-                }
-                Err(why) => {
-                    tracing::warn!(org = %org.name, error = %why, "cannot read the upstream's tool list again; using the last one");
-                }
-            }
-        });
+                };
+                Op::Put(listed)
+            })
+            .await;
+        match computed.into_entry().map(|e| e.into_value()) {
+            Some(listed) => listed.answer(tool).unwrap_or_else(|| {
+                Err("the tool list read just now is already out of date".into())
+            }),
+            None => Err("the tool list was not kept".into()),
+        }
     }
 
     /// Reads `tools/list` page by page, at most [`MAX_PAGES`], all within
     /// the org's `upstream.timeout`.
-    async fn read_tools(&self, org: &OrgRoute, lister: &Lister) -> Result<Snapshot, String> {
+    async fn read_tools(
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
+        lister: Lister<'_>,
+    ) -> Result<Snapshot, String> {
         let bound = org.pool.read_limits.timeout;
-        tokio::time::timeout(bound, self.read_pages(org, lister))
+        let headers = match lister {
+            Lister::Sessionless(headers) => headers.clone(),
+            Lister::Hidden(session, req) => {
+                session_headers(org, identity, session, &req.headers, &req.request_id)
+            }
+        };
+        tokio::time::timeout(bound, self.read_pages(org, lister, headers))
             .await
             .unwrap_or_else(|_| Err(format!("no complete answer within {bound:?}")))
     }
 
-    async fn read_pages(&self, org: &OrgRoute, lister: &Lister) -> Result<Snapshot, String> {
+    async fn read_pages(
+        &self,
+        org: &OrgRoute,
+        lister: Lister<'_>,
+        headers: http::HeaderMap,
+    ) -> Result<Snapshot, String> {
         let mut tools = HashMap::new();
         let mut cursor: Option<String> = None;
         for page in 0..MAX_PAGES {
@@ -190,8 +277,8 @@ impl Gateway {
             };
             let body = era::request_body(Some(&id), "tools/list", params);
             let answer = match lister {
-                Lister::Sessionless(headers) => org.pool.send(headers.clone(), body).await,
-                Lister::Hidden(session, headers) => {
+                Lister::Sessionless(_) => org.pool.send(headers.clone(), body).await,
+                Lister::Hidden(session, _) => {
                     self.send_in_session(org, session, headers.clone(), body)
                         .await
                 }
@@ -230,10 +317,7 @@ impl Gateway {
                 break;
             }
         }
-        Ok(Snapshot {
-            read_at: Instant::now(),
-            tools,
-        })
+        Ok(Snapshot { tools })
     }
 }
 
@@ -330,9 +414,12 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn without_a_tool_list_the_call_is_refused_not_passed_unchecked() {
-        let up = testing::stub(|body| {
+    /// A 2025 upstream whose `tools/list` always fails (HTTP 500);
+    /// counts them.
+    async fn broken_upstream() -> (testing::Stub, Arc<AtomicUsize>) {
+        let lists = Arc::new(AtomicUsize::new(0));
+        let count = lists.clone();
+        let stub = testing::stub(move |body| {
             let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
             let id = v.get("id").cloned().unwrap_or(Value::Null);
             if v["method"] == "initialize" {
@@ -344,19 +431,104 @@ mod tests {
                     json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string(),
                 );
             }
+            if v["method"] == "tools/list" {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
             (500, "text/plain", "tools/list is broken".into())
         })
         .await;
+        (stub, lists)
+    }
+
+    #[tokio::test]
+    async fn without_a_tool_list_the_call_is_refused_not_passed_unchecked() {
+        let (up, _) = broken_upstream().await;
         let gw = gateway("stateless-2025", &up.url());
         let r = gw.handle(call(9, "Hello", Some("Hello"))).await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY);
         let body = json_of(&r);
+        let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(
-            body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("Mcp-Param")),
-            "{body}"
+            message.contains("Mcp-Param")
+                && message.contains("org 'org-1'")
+                && message.contains("500"),
+            "names the org and why: {body}"
         );
         assert_eq!(body["id"], 9);
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_share_one_read_and_a_failure_is_kept_briefly() {
+        let (up, lists) = broken_upstream().await;
+        let gw = gateway("stateless-2025", &up.url());
+        let calls = (0..6).map(|n| {
+            let gw = gw.clone();
+            tokio::spawn(async move { gw.handle(call(n, "Hello", Some("Hello"))).await })
+        });
+        for r in futures::future::join_all(calls).await {
+            let r = r.expect("the call ran");
+            assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", json_of(&r));
+        }
+        assert_eq!(
+            lists.load(Ordering::SeqCst),
+            1,
+            "six calls waiting at once: one read, not one each"
+        );
+        for n in 10..15 {
+            let r = gw.handle(call(n, "Hello", Some("Hello"))).await;
+            assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        }
+        assert_eq!(
+            lists.load(Ordering::SeqCst),
+            1,
+            "a failed read is not repeated by every later call"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_caller_is_checked_against_its_own_tool_list() {
+        // The tool mirrors `region` for alice only: bob's list has it
+        // without the annotation.
+        let lists = Arc::new(AtomicUsize::new(0));
+        let count = lists.clone();
+        let up = testing::full_stub(move |head, body| {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            count.fetch_add(1, Ordering::SeqCst);
+            let region = if head.contains("ratatosk-subject: alice") {
+                json!({"type": "string", "x-mcp-header": "Region"})
+            } else {
+                json!({"type": "string"})
+            };
+            let result = json!({"tools": [{"name": "test_x_mcp_header", "inputSchema": {
+                "type": "object", "properties": {"region": region}}}]});
+            testing::Reply {
+                status: 200,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: json!({"jsonrpc": "2.0", "id": v["id"], "result": result}).to_string(),
+            }
+        })
+        .await;
+        let gw = gateway("stateless-2025", &up.url());
+        let org = gw.routes.org("org-1").expect("org").clone();
+        let caller = |subject: &str| Identity {
+            subject: subject.into(),
+            ..Identity::anonymous("org-1")
+        };
+        let (alice, bob) = (caller("alice"), caller("bob"));
+        let req = call(1, "Hello", None);
+        for (who, expected) in [(&alice, 1), (&bob, 0), (&alice, 1), (&bob, 0)] {
+            let headers = super::super::modern::sessionless_headers(&org, who, &req, None);
+            let found = gw
+                .header_params_of(
+                    &org,
+                    who,
+                    "test_x_mcp_header",
+                    Lister::Sessionless(&headers),
+                )
+                .await
+                .expect("a tool list");
+            assert_eq!(found.len(), expected, "{}", who.subject);
+        }
+        assert_eq!(lists.load(Ordering::SeqCst), 2, "one read per caller");
     }
 }

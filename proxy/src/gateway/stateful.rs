@@ -24,7 +24,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESUMES: u32 = 64;
 
 /// What became of an answer that ended before its response.
-pub(super) enum Resumed {
+pub(super) enum Reconnected {
     /// The reader goes on with the upstream's resumed stream.
     Yes,
     /// Not to be resumed: the upstream just ended it.
@@ -35,13 +35,27 @@ pub(super) enum Resumed {
     Failed(String),
 }
 
-/// Most GETs in a row that may fail to resume one answer.
+/// Most attempts in a row that may fail to resume one answer: GETs that
+/// fail, and resumptions that bring no new event.
 const RESUME_ATTEMPTS: u32 = 3;
 
 /// The wait before resuming an answer when the upstream named no `retry`,
-/// and the longest `retry` honoured.
+/// and the shortest and longest `retry` honoured.
 const DEFAULT_RESUME_WAIT: Duration = Duration::from_millis(500);
+const MIN_RESUME_WAIT: Duration = Duration::from_millis(100);
 const MAX_RESUME_WAIT: Duration = Duration::from_secs(5);
+
+/// How far the resumptions of one answer are.
+#[derive(Default)]
+pub(super) struct Resumptions {
+    /// Resumptions so far.
+    count: u32,
+    /// Attempts that failed in a row.
+    failed: u32,
+    /// The reader's event count when it was last resumed: none new since
+    /// means that resumption brought nothing.
+    events_then: Option<u64>,
+}
 
 /// Coordination around one gateway session's upstream session: one
 /// re-initialization at a time, and a signal to the session's GET stream
@@ -258,10 +272,11 @@ impl Gateway {
     /// An answer `reader` reads, relayed to `stream` of a session's log,
     /// ended before its response. If its upstream session (of `session`)
     /// closed it to be polled (it sent an event id), it is resumed: the
-    /// reader goes on with the rest, at most [`MAX_RESUMES`] times
-    /// (`resumed` counts them). The client's connection to `stream` is
-    /// let go first when the client can resume too (2025-11-25: it has the
-    /// gateway's event ids), as the upstream did to the gateway.
+    /// reader goes on with the rest, at most [`MAX_RESUMES`] times, and
+    /// [`RESUME_ATTEMPTS`] failed attempts in a row (`so_far` counts
+    /// them). The client's connection to `stream` is let go first when the
+    /// client can resume too (2025-11-25: it has the gateway's event ids),
+    /// as the upstream did to the gateway.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn resume_relay(
         &self,
@@ -271,46 +286,67 @@ impl Gateway {
         log: &SessionLog,
         stream: StreamId,
         cancel: &CancellationToken,
-        resumed: &mut u32,
-    ) -> Resumed {
+        so_far: &mut Resumptions,
+    ) -> Reconnected {
         let Some(session) = session.filter(|s| s.upstream.is_some()) else {
-            return Resumed::No;
+            return Reconnected::No;
         };
         let Some((last, retry)) = reader
             .resume_point()
             .map(|(id, retry)| (id.to_owned(), retry))
         else {
-            return Resumed::No;
+            return Reconnected::No;
         };
-        if *resumed >= MAX_RESUMES {
-            return Resumed::Failed(format!(
-                "upstream {} closed its answer {resumed} times; giving up",
-                reader.replica()
+        if so_far.count >= MAX_RESUMES {
+            return Reconnected::Failed(format!(
+                "the upstream of org '{}' (replica {}) closed its answer {} times; giving up",
+                org.name,
+                reader.replica(),
+                so_far.count
             ));
         }
-        *resumed += 1;
+        let events = reader.events_read();
+        if so_far.events_then == Some(events) {
+            // The last resumption's stream closed with nothing in it.
+            so_far.failed += 1;
+        } else {
+            so_far.failed = 0;
+        }
+        so_far.count += 1;
         if edge::wants_priming(&session.protocol_version) {
             log.let_go(stream);
         }
         let deadline = reader.deadline();
         match self
-            .resume_answer(org, session, &last, retry, deadline, cancel)
+            .resume_answer(
+                org,
+                session,
+                &last,
+                retry,
+                deadline,
+                cancel,
+                &mut so_far.failed,
+            )
             .await
         {
             Ok(Some(answer)) => {
                 reader.continue_with(answer);
-                Resumed::Yes
+                so_far.events_then = Some(reader.events_read());
+                Reconnected::Yes
             }
-            Ok(None) => Resumed::Cancelled,
-            Err(why) => Resumed::Failed(why),
+            Ok(None) => Reconnected::Cancelled,
+            Err(why) => Reconnected::Failed(why),
         }
     }
 
     /// Resumes an answer the upstream session of `session` closed before
     /// its response (2025-11-25 polling: it sent an event id, and a
-    /// `retry`): `GET` with `Last-Event-ID` after the upstream's `retry`,
-    /// at most [`RESUME_ATTEMPTS`] times in a row, all before `deadline`.
-    /// `Ok(None)` if the request was cancelled meanwhile.
+    /// `retry`): `GET` with `Last-Event-ID` after the upstream's `retry`
+    /// (at least [`MIN_RESUME_WAIT`]), until [`RESUME_ATTEMPTS`] attempts
+    /// failed in a row (`failed` counts them, and may start above 0), all
+    /// before `deadline`. `Ok(None)` if the request was cancelled
+    /// meanwhile.
+    #[allow(clippy::too_many_arguments)]
     async fn resume_answer(
         &self,
         org: &OrgRoute,
@@ -319,22 +355,28 @@ impl Gateway {
         retry: Option<Duration>,
         deadline: std::time::Instant,
         cancel: &CancellationToken,
+        failed: &mut u32,
     ) -> Result<Option<Answer>, String> {
         let Some(bound) = &session.upstream else {
-            return Err("the session has no upstream session to resume from".into());
+            return Err(format!(
+                "the session of org '{}' has no upstream session to resume from",
+                org.name
+            ));
         };
         let last = HeaderValue::from_str(last_event_id).map_err(|_| {
             format!(
-                "upstream {} closed its answer after an event id that cannot be sent back",
+                "the upstream of org '{}' closed its answer after an event id that cannot be sent back",
                 org.name
             )
         })?;
-        let wait = retry.unwrap_or(DEFAULT_RESUME_WAIT).min(MAX_RESUME_WAIT);
-        let mut why = String::new();
-        for _ in 0..RESUME_ATTEMPTS {
+        let wait = retry
+            .unwrap_or(DEFAULT_RESUME_WAIT)
+            .clamp(MIN_RESUME_WAIT, MAX_RESUME_WAIT);
+        let mut why = String::from("its resumed streams brought nothing new");
+        while *failed < RESUME_ATTEMPTS {
             if std::time::Instant::now() + wait >= deadline {
                 return Err(format!(
-                    "upstream of org '{}' closed its answer and max_duration ends before it can be resumed",
+                    "the upstream of org '{}' closed its answer and max_duration ends before it can be resumed",
                     org.name
                 ));
             }
@@ -354,21 +396,27 @@ impl Gateway {
                 Ok(answer) if answer.kind == AnswerKind::Sse => return Ok(Some(answer)),
                 Ok(answer) => {
                     return Err(format!(
-                        "upstream {} answered the resumption of its answer with HTTP {} and no stream",
+                        "the upstream of org '{}' (replica {}) answered the resumption of its answer with HTTP {} and no stream",
+                        org.name,
                         answer.lease.replica(),
                         answer.status
                     ));
                 }
                 Err(e) if is_lost(&e) => {
                     return Err(format!(
-                        "the upstream session was lost before its answer could be resumed: {e}"
+                        "the upstream of org '{}' lost the session before its answer could be resumed: {e}",
+                        org.name
                     ));
                 }
-                Err(e) => why = e.to_string(),
+                Err(e) => {
+                    *failed += 1;
+                    why = e.to_string();
+                }
             }
         }
         Err(format!(
-            "cannot resume the upstream's answer after {RESUME_ATTEMPTS} attempts: {why}"
+            "cannot resume the answer of the upstream of org '{}' after {RESUME_ATTEMPTS} failed attempts in a row: {why}",
+            org.name
         ))
     }
 
@@ -449,6 +497,11 @@ impl Gateway {
                         };
                         let Ok(Some(message)) = next else { break };
                         backoff.reset();
+                        if session.transport == Transport::Hidden
+                            && self.answer_on_hidden_stream(&session, &message)
+                        {
+                            continue;
+                        }
                         if self.append(log, STANDALONE, &message, org).is_err() {
                             return;
                         }
@@ -697,6 +750,68 @@ mod tests {
             resumed.load(Ordering::SeqCst),
             1,
             "one GET with Last-Event-ID upstream"
+        );
+    }
+
+    #[tokio::test]
+    async fn resumptions_that_bring_nothing_stop_after_a_few_paced_attempts() {
+        // `retry: 0`, and each resumption closes at once with no event.
+        let gets = Arc::new(AtomicUsize::new(0));
+        let count = gets.clone();
+        let up = testing::full_stub(move |head, body| {
+            let reply = |status: u16, ct: &str, body: String| testing::Reply {
+                status,
+                headers: vec![("content-type".into(), ct.into())],
+                body,
+            };
+            if head.starts_with("get ") {
+                if !head.contains("last-event-id: e1") {
+                    return reply(405, "text/plain", String::new());
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                return reply(200, "text/event-stream", String::new());
+            }
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            match v["method"].as_str() {
+                Some("initialize") => {
+                    let mut r = reply(
+                        200,
+                        "application/json",
+                        json!({"jsonrpc": "2.0", "id": v["id"],
+                        "result": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                   "serverInfo": {"name": "empty", "version": "1"}}})
+                        .to_string(),
+                    );
+                    r.headers.push(("mcp-session-id".into(), "up-1".into()));
+                    r
+                }
+                Some("tools/call") => reply(
+                    200,
+                    "text/event-stream",
+                    "id: e1\nretry: 0\ndata: \n\n".into(),
+                ),
+                _ => reply(202, "application/json", String::new()),
+            }
+        })
+        .await;
+        let gw = gateway("stateful-2025", &up.url());
+        let sid = session(&gw, "2025-06-18").await;
+        let started = std::time::Instant::now();
+        let mut r = gw.handle(post(CALL, "2025-06-18", Some(&sid))).await;
+        let text = drain(&mut r).await;
+        assert!(
+            text.contains("-32002") && text.contains("org 'org-1'"),
+            "{text}"
+        );
+        let asked = gets.load(Ordering::SeqCst);
+        assert_eq!(
+            asked, RESUME_ATTEMPTS as usize,
+            "three fruitless resumptions, not {MAX_RESUMES}"
+        );
+        assert!(
+            started.elapsed() >= MIN_RESUME_WAIT * RESUME_ATTEMPTS,
+            "paced: {:?}",
+            started.elapsed()
         );
     }
 
