@@ -188,6 +188,11 @@ pub fn parse_body(body: &Bytes) -> Result<Body, FramingError> {
 /// Parses exactly one JSON-RPC message (not a batch). The message keeps
 /// `raw` itself (a cheap clone), not a copy.
 pub fn parse_message(raw: &Bytes) -> Result<Message, FramingError> {
+    // serde checks UTF-8 only in what it reads: bytes in `params` (which
+    // the envelope skips) would pass on as they came.
+    if let Err(e) = std::str::from_utf8(raw) {
+        return Err(FramingError::NotJson(format!("the body is not UTF-8: {e}")));
+    }
     // serde reads a struct from a JSON array too (field by field, in
     // order): only an object may pass as a message.
     if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -375,6 +380,21 @@ mod tests {
             let err = single(bad).expect_err(bad);
             assert_eq!(err.code(), code::PARSE_ERROR, "{bad}: {err}");
         }
+    }
+
+    /// The envelope skips `params` without checking it (found by the
+    /// `jsonrpc` fuzz target).
+    #[test]
+    fn bytes_that_are_not_utf8_are_a_parse_error_anywhere() {
+        let body =
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\",\"params\":{\"k\xff\":\"\xc3\"}}";
+        let err = parse_body(&Bytes::from_static(body)).expect_err("not UTF-8");
+        assert_eq!(err.code(), code::PARSE_ERROR, "{err}");
+        let mut batch = b"[".to_vec();
+        batch.extend_from_slice(body);
+        batch.push(b']');
+        let err = parse_body(&Bytes::from(batch)).expect_err("not UTF-8");
+        assert_eq!(err.code(), code::PARSE_ERROR, "{err}");
     }
 
     #[test]
