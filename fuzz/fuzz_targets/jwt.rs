@@ -4,13 +4,14 @@
 //! `kid` and `alg`), then the signature and the claims.
 //!
 //! Input: a first byte whose low bit picks the form of the rest.
-//! - 0: an `Authorization` header value. Nobody but the provider can sign,
-//!   so it must be refused, as 400 or 401 (never 503: the keys are known),
-//!   with a message of bounded length.
+//! - 0: an `Authorization` header value, in `jwt` and `introspect` mode
+//!   (whose precheck reads the token before any call). Nobody but the
+//!   provider can sign, so it must be refused, as 400 or 401 (never 503:
+//!   the keys are known), with a message of bounded length.
 //! - 1: JSON claims, which the stand-in provider signs (see
 //!   `ratatosk_fuzz::idp::claims`). An identity it yields must be what the
 //!   claims say: the issuer and audience of the realm, a subject, an
-//!   unexpired `exp`, the org the check asked for.
+//!   unexpired `exp`, the org the check asked for, an access token's `typ`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -31,15 +32,15 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(token) = ratatosk_auth::bearer_token(Some(rest), 16 * 1024) {
             let _ = jsonwebtoken::decode_header(token);
         }
-        let result = runtime().block_on(realm.validator.authenticate(
-            Some(rest),
-            AuthMode::Jwt,
-            ORG,
-            &[],
-        ));
-        let e = result.expect_err("a token nobody signed was accepted");
-        assert!(matches!(e.status(), 400 | 401), "{e:?}");
-        assert!(e.client_message().len() <= 512, "{e:?}");
+        // Introspect mode refuses such a token before any call
+        // (`Validator::precheck`): no provider call is made here.
+        for mode in [AuthMode::Jwt, AuthMode::Introspect] {
+            let result =
+                runtime().block_on(realm.validator.authenticate(Some(rest), mode, ORG, &[]));
+            let e = result.expect_err("a token nobody signed was accepted");
+            assert!(matches!(e.status(), 400 | 401), "{mode:?}: {e:?}");
+            assert!(e.client_message().len() <= 512, "{mode:?}: {e:?}");
+        }
         return;
     }
     let now = unix_now();
@@ -73,4 +74,12 @@ fuzz_target!(|data: &[u8]| {
         .expect("an accepted token has a numeric exp");
     assert!(exp + 30 >= now, "accepted {} s after exp", now - exp);
     assert!(identity.belongs_to(ORG));
+    let typ = &claims["typ"];
+    assert!(
+        typ.is_null()
+            || typ
+                .as_str()
+                .is_some_and(|t| t.eq_ignore_ascii_case("bearer")),
+        "accepted a token of typ {typ}"
+    );
 });

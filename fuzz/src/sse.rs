@@ -72,3 +72,30 @@ pub fn messages(text: &str) -> Vec<String> {
         .map(|e| e.data)
         .collect()
 }
+
+/// The most bytes a parser must hold between two events, whatever the
+/// chunking: the longest run from the end of one empty line (or the start)
+/// to the last byte before the end of the next (or to the end of the body).
+pub fn longest_event(body: &[u8]) -> usize {
+    let mut ends = vec![0];
+    let mut line_start = 0;
+    let mut i = 0;
+    while i < body.len() {
+        let eol = match body[i] {
+            b'\r' if body.get(i + 1) == Some(&b'\n') => 2,
+            b'\r' | b'\n' => 1,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if i == line_start {
+            ends.push(i + eol);
+        }
+        i += eol;
+        line_start = i;
+    }
+    let between = ends.windows(2).map(|w| w[1] - w[0] - 1);
+    let last = body.len() - ends[ends.len() - 1];
+    between.chain([last]).max().unwrap_or(0)
+}
