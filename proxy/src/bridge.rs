@@ -125,11 +125,12 @@ impl EventBytes {
             if i < 2 { self.tail[i] } else { chunk[i - 2] }
         };
         let end = chunk.len() + 2;
-        // The last blank line: "\n\n", "\r\r" or "\n\r\n" ending at i.
+        // The last blank line: "\n\n", "\r\r" or "\n\r\n" ending at i, or
+        // "\n\r" (an LF line, then a blank line of CR or CRLF).
         let boundary = (2..end).rev().find(|&i| {
             let (b, prev) = (at(i), at(i - 1));
             (b == b'\n' && prev == b'\n')
-                || (b == b'\r' && prev == b'\r')
+                || (b == b'\r' && (prev == b'\r' || prev == b'\n'))
                 || (b == b'\n' && prev == b'\r' && i >= 3 && at(i - 2) == b'\n')
         });
         self.pending = match boundary {
@@ -870,6 +871,11 @@ mod tests {
         assert_eq!(e.after(b"z\r\r"), 0);
         assert_eq!(e.after(b""), 0);
         assert_eq!(e.after(b"abc"), 3);
+        // A CRLF line, then a blank line of a lone CR (found by the
+        // `sse_answer` fuzz target: it was counted as one long event).
+        let mut mixed = EventBytes::default();
+        assert_eq!(mixed.after(b"data: a\r\n\rdata: b"), 7);
+        assert_eq!(mixed.after(b"\n\r"), 0);
     }
 
     #[tokio::test]
