@@ -55,7 +55,7 @@ fn check_message(m: &Message) {
     let object: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(&m.raw)
         .unwrap_or_else(|e| panic!("an accepted message is not a JSON object: {e}"));
     let member = |name: &str| object.get(name).map(|raw| raw.get());
-    let value = |name: &str| member(name).map(|raw| serde_json::from_str::<Value>(raw));
+    let value = |name: &str| member(name).map(serde_json::from_str::<Value>);
     assert_eq!(member("jsonrpc"), Some("\"2.0\""));
     let again = jsonrpc::parse_message(&m.raw).expect("an accepted message parses again");
     assert_eq!(again.kind, m.kind);
