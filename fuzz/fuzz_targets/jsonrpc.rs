@@ -68,11 +68,8 @@ fn check_message(m: &Message) {
         }
         Kind::Notification { method } => {
             assert!(!method.is_empty());
-            // `"id": null` reads as no id, as serde reads an absent field.
-            assert!(
-                member("id").is_none_or(|raw| raw == "null"),
-                "a notification has no id"
-            );
+            // An id of any value, `null` included, makes a request (or a refusal).
+            assert!(member("id").is_none(), "a notification has no id");
         }
         Kind::Response { id } => {
             assert!(object.contains_key("result") || object.contains_key("error"));
@@ -102,8 +99,9 @@ fn check_id(id: &Id, raw: Option<serde_json::Result<Value>>) {
     assert_eq!(Id::from_value(&id.to_value()).as_ref(), Some(id));
     for written in [
         jsonrpc::error_body(Some(id), code::INVALID_REQUEST, "refused"),
-        // Not `null`: `"result": null` reads as no result at all.
         jsonrpc::result_body(Some(id), serde_json::json!({})),
+        // A `null` result is a result.
+        jsonrpc::result_body(Some(id), Value::Null),
     ] {
         let answer = jsonrpc::parse_message(&written).expect("the gateway's own body parses");
         assert!(matches!(&answer.kind, Kind::Response { id: echoed } if echoed == id));

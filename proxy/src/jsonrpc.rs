@@ -145,17 +145,26 @@ impl FramingError {
     }
 }
 
+/// The members the gateway reads. `id`, `result` and `error` are `Some`
+/// whenever present, `null` included: a `null` id is an error in MCP,
+/// and a `null` result is a result.
 #[derive(Deserialize)]
 struct Envelope<'a> {
     #[serde(borrow)]
     jsonrpc: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
     method: Option<String>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     result: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     error: Option<&'a RawValue>,
+}
+
+/// A member that is there, whatever its value (`Option` alone would read
+/// `null` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses a POST body into one message or a batch.
@@ -441,6 +450,21 @@ mod tests {
             assert_eq!(err.code(), code::INVALID_REQUEST, "{bad}: {err}");
             assert!(err.to_string().contains("batch item"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn null_ids_are_refused_and_null_results_are_results() {
+        let err =
+            single(r#"{"jsonrpc":"2.0","id":null,"method":"tools/list"}"#).expect_err("null id");
+        assert_eq!(err.code(), code::INVALID_REQUEST);
+        assert!(err.to_string().contains("got null"), "{err}");
+        let r = single(r#"{"jsonrpc":"2.0","id":3,"result":null}"#).expect("a null result");
+        assert_eq!(r.kind, Kind::Response { id: Id("3".into()) });
+        let e = single(r#"{"jsonrpc":"2.0","id":3,"error":null}"#).expect("an error member");
+        assert!(matches!(e.kind, Kind::Response { .. }));
+        // Absent is still absent.
+        let n = single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).expect("ok");
+        assert!(matches!(n.kind, Kind::Notification { .. }));
     }
 
     #[test]
