@@ -2059,14 +2059,7 @@ mod tests {
     }
 
     fn request(method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> Request {
-        Request {
-            method,
-            path: path.into(),
-            query: None,
-            headers: testing::headers(headers),
-            body: Bytes::copy_from_slice(body.as_bytes()),
-            request_id: "unit".into(),
-        }
+        testing::request(method, path, headers, body.to_owned())
     }
 
     fn post(body: &str, extra: &[(&str, &str)]) -> Request {

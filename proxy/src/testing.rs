@@ -136,6 +136,23 @@ pub fn request_id(body: &[u8]) -> String {
 }
 
 /// A header map from (name, value) pairs; repeated names are kept.
+/// A request as the Pingora glue hands it to the gateway.
+pub fn request(
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<bytes::Bytes>,
+) -> crate::edge::Request {
+    crate::edge::Request {
+        method,
+        path: path.into(),
+        query: None,
+        headers: self::headers(headers),
+        body: body.into(),
+        request_id: "unit".into(),
+    }
+}
+
 pub fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
     let mut h = http::HeaderMap::new();
     for (k, v) in pairs {

@@ -1346,14 +1346,7 @@ pub(super) mod tests {
         }
         headers.extend_from_slice(extra);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        Request {
-            method: Method::POST,
-            path: "/gw/org-1/mcp".into(),
-            query: None,
-            headers: testing::headers(&headers),
-            body: Bytes::from(body.to_string()),
-            request_id: "unit".into(),
-        }
+        testing::request(Method::POST, "/gw/org-1/mcp", &headers, body.to_string())
     }
 
     pub(in crate::gateway) fn json_of(r: &Response) -> Value {
@@ -1622,14 +1615,7 @@ mod sse_preference_tests {
         if let Some(sid) = sid {
             headers.push(("mcp-session-id", sid));
         }
-        Request {
-            method: Method::POST,
-            path: "/gw/org-1/mcp".into(),
-            query: None,
-            headers: testing::headers(&headers),
-            body: Bytes::copy_from_slice(body.as_bytes()),
-            request_id: "unit".into(),
-        }
+        testing::request(Method::POST, "/gw/org-1/mcp", &headers, body.to_owned())
     }
 
     #[tokio::test]

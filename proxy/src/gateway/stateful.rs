@@ -684,14 +684,7 @@ mod tests {
         if let Some(sid) = sid {
             headers.push(("mcp-session-id", sid));
         }
-        Request {
-            method: Method::POST,
-            path: "/gw/org-1/mcp".into(),
-            query: None,
-            headers: testing::headers(&headers),
-            body: Bytes::copy_from_slice(body.as_bytes()),
-            request_id: "unit".into(),
-        }
+        testing::request(Method::POST, "/gw/org-1/mcp", &headers, body.to_owned())
     }
 
     async fn session(gw: &Arc<Gateway>, version: &str) -> String {
