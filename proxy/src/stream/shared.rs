@@ -1147,7 +1147,11 @@ for at = 1, 2 do
         end
         if cut then
             redis.call('XTRIM', key, 'MINID', (tonumber(string.match(cut, '^(%d+)')) + 1) .. '-0')
-            redis.call('HINCRBY', KEYS[1], size_fields[at], -removed)
+            -- Not -0: Redis refuses it as an integer (entries without a
+            -- payload, begin and end, remove no bytes).
+            if removed > 0 then
+                redis.call('HINCRBY', KEYS[1], size_fields[at], -removed)
+            end
         end
         redis.call('PEXPIRE', key, ARGV[3])
     end
@@ -1825,6 +1829,34 @@ mod tests {
         }
         let read = events.read("big", 0).await.expect("read").expect("log");
         assert_eq!(kept(&read), [seq + 1, seq + 2]);
+    }
+
+    /// Begin and end entries carry no payload: a trim that removes only
+    /// such entries takes 0 bytes off the count. (It sent `HINCRBY -0`,
+    /// which Redis refuses, and the whole batch of events was dropped.)
+    #[tokio::test]
+    async fn a_trim_of_entries_without_payload_keeps_the_log_working() {
+        let (redis, _store) = redis_with_session("empty:", "e").await;
+        let limits = SharedLimits {
+            max_events: 3,
+            max_bytes: 1000,
+            max_age: Duration::from_secs(60),
+            idle_ttl: Duration::from_secs(60),
+        };
+        let node = node_with(&redis.url(), "empty:", limits).await;
+        let events = node.hub.events().expect("shared");
+        let mut seqs = Vec::new();
+        for _ in 0..6 {
+            let seq = events
+                .publish("e", b"")
+                .await
+                .expect("Redis took the append")
+                .expect("the session exists");
+            seqs.push(seq);
+        }
+        let read = events.read("e", 0).await.expect("read").expect("log");
+        let kept: Vec<u64> = read.entries.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(kept, seqs[3..]);
     }
 
     #[test]
