@@ -318,16 +318,7 @@ impl Validator {
             Ok(data) => data.claims,
             Err(e) => return Ok(invalid(jwt_error(&e, config))),
         };
-        if let Err(why) = access_token_type(claims.typ.as_deref()) {
-            return Ok(invalid(why));
-        }
-        if !claims.aud.iter().any(|a| a == &config.audience) {
-            return Ok(invalid(not_for_us(&claims.aud, config)));
-        }
-        Ok(match claims.identity() {
-            Ok(id) => Verdict::Valid(Arc::new(id)),
-            Err(why) => invalid(why),
-        })
+        Ok(access_verdict(&claims, config))
     }
 
     /// What `introspect` mode can learn without a call. Keycloak issues
@@ -473,16 +464,7 @@ impl Validator {
                 config.issuer
             )));
         }
-        if let Err(why) = access_token_type(claims.typ.as_deref()) {
-            return Ok(invalid(why));
-        }
-        if !claims.aud.iter().any(|a| a == &config.audience) {
-            return Ok(invalid(not_for_us(&claims.aud, config)));
-        }
-        Ok(match claims.identity() {
-            Ok(id) => Verdict::Valid(Arc::new(id)),
-            Err(why) => invalid(why),
-        })
+        Ok(access_verdict(&claims, config))
     }
 
     /// Handles a back-channel logout request body
@@ -584,6 +566,22 @@ struct Peek {
 
 fn peek_claims(payload: &str) -> Option<Peek> {
     serde_json::from_slice(&decode_part(payload)?).ok()
+}
+
+/// The checks both modes make of a token's claims once its signature (or
+/// the identity provider) vouched for them: an access token, for us, naming
+/// its user.
+fn access_verdict(claims: &Claims, config: &ProviderConfig) -> Verdict {
+    if let Err(why) = access_token_type(claims.typ.as_deref()) {
+        return invalid(why);
+    }
+    if !claims.aud.iter().any(|a| a == &config.audience) {
+        return invalid(not_for_us(&claims.aud, config));
+    }
+    match claims.identity() {
+        Ok(id) => Verdict::Valid(Arc::new(id)),
+        Err(why) => invalid(why),
+    }
 }
 
 fn not_for_us(audience: &[String], config: &ProviderConfig) -> String {

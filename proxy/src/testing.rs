@@ -16,6 +16,17 @@ pub struct Reply {
     pub body: String,
 }
 
+impl Reply {
+    /// A reply with `status`, one `content-type` header and `body`.
+    pub fn new(status: u16, content_type: &str, body: String) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type".into(), content_type.into())],
+            body,
+        }
+    }
+}
+
 /// What a full stub answers, given the request head (lower-cased) and body.
 pub type FullResponder = dyn Fn(&str, &[u8]) -> Reply + Send + Sync;
 

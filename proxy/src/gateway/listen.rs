@@ -229,7 +229,13 @@ impl Gateway {
         let asks: Vec<_> = wanted
             .iter()
             .enumerate()
-            .map(|(n, uri)| self.subscribe_one(org, session, headers.clone(), n, uri))
+            .map(|(n, uri)| {
+                let headers = headers.clone();
+                async move {
+                    let how = self.subscribe_uri(org, session, headers, n, uri).await;
+                    (uri.to_string(), how)
+                }
+            })
             .collect();
         let mut asks = futures::stream::iter(asks).buffer_unordered(SUBSCRIBE_CONCURRENCY);
         let mut made: Vec<String> = Vec::new();
@@ -280,21 +286,7 @@ impl Gateway {
     }
 
     /// `resources/subscribe` for one URI in a session (request `n` of a
-    /// listen's): the URI, and how the upstream took it.
-    async fn subscribe_one(
-        &self,
-        org: &OrgRoute,
-        session: &SessionState,
-        headers: http::HeaderMap,
-        n: usize,
-        uri: &str,
-    ) -> (String, Subscribed) {
-        (
-            uri.to_owned(),
-            self.subscribe_uri(org, session, headers, n, uri).await,
-        )
-    }
-
+    /// listen's): how the upstream took it.
     async fn subscribe_uri(
         &self,
         org: &OrgRoute,
@@ -443,11 +435,7 @@ mod tests {
         let count = subscribes.clone();
         let gets = AtomicUsize::new(0);
         let stub = testing::full_stub(move |head, body| {
-            let reply = |status: u16, ct: &str, body: String| testing::Reply {
-                status,
-                headers: vec![("content-type".into(), ct.into())],
-                body,
-            };
+            let reply = testing::Reply::new;
             if head.starts_with("get ") && gets.fetch_add(1, Ordering::SeqCst) > 0 {
                 return reply(405, "text/plain", String::new());
             }
@@ -557,11 +545,7 @@ mod tests {
         let posts = Arc::new(std::sync::Mutex::new(Vec::new()));
         let kept = posts.clone();
         let stub = testing::full_stub(move |head, body| {
-            let reply = |status: u16, ct: &str, body: String| testing::Reply {
-                status,
-                headers: vec![("content-type".into(), ct.into())],
-                body,
-            };
+            let reply = testing::Reply::new;
             if head.starts_with("get ") {
                 let said: String = [
                     json!({"jsonrpc": "2.0", "id": "up-ping", "method": "ping"}),

@@ -1376,19 +1376,11 @@ pub(super) mod tests {
             .iter()
             .map(|m| format!("event: message\ndata: {m}\n\n"))
             .collect();
-        testing::Reply {
-            status: 200,
-            headers: vec![("content-type".into(), "text/event-stream".into())],
-            body,
-        }
+        testing::Reply::new(200, "text/event-stream", body)
     }
 
     fn json_reply(status: u16, v: Value) -> testing::Reply {
-        testing::Reply {
-            status,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: v.to_string(),
-        }
+        testing::Reply::new(status, "application/json", v.to_string())
     }
 
     /// A stateful 2025 upstream: sessions from `initialize`, answers on

@@ -501,11 +501,11 @@ mod tests {
             };
             let result = json!({"tools": [{"name": "test_x_mcp_header", "inputSchema": {
                 "type": "object", "properties": {"region": region}}}]});
-            testing::Reply {
-                status: 200,
-                headers: vec![("content-type".into(), "application/json".into())],
-                body: json!({"jsonrpc": "2.0", "id": v["id"], "result": result}).to_string(),
-            }
+            testing::Reply::new(
+                200,
+                "application/json",
+                json!({"jsonrpc": "2.0", "id": v["id"], "result": result}).to_string(),
+            )
         })
         .await;
         let gw = gateway("stateless-2025", &up.url());

@@ -625,28 +625,20 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A stateful upstream whose `tools/call` sends a priming event (id
-    /// `e1`, retry 50 ms) and closes the stream; the response comes on
-    /// `GET` with `Last-Event-ID: e1`. Counts those resumptions.
-    async fn polling_upstream() -> (testing::Stub, Arc<AtomicUsize>) {
-        let resumed = Arc::new(AtomicUsize::new(0));
-        let count = resumed.clone();
+    /// `e1`, `retry: retry_ms`) and closes the stream; a `GET` with
+    /// `Last-Event-ID: e1` gets `resumed` (the response, or nothing). Counts
+    /// those resumptions.
+    async fn polling_stub(retry_ms: u32, resumed: String) -> (testing::Stub, Arc<AtomicUsize>) {
+        let gets = Arc::new(AtomicUsize::new(0));
+        let count = gets.clone();
         let stub = testing::full_stub(move |head, body| {
-            let reply = |status: u16, ct: &str, body: String| testing::Reply {
-                status,
-                headers: vec![("content-type".into(), ct.into())],
-                body,
-            };
+            let reply = testing::Reply::new;
             if head.starts_with("get ") {
                 if !head.contains("last-event-id: e1") {
                     return reply(405, "text/plain", String::new());
                 }
                 count.fetch_add(1, Ordering::SeqCst);
-                let result = json!({"jsonrpc": "2.0", "id": 7, "result": {"content": []}});
-                return reply(
-                    200,
-                    "text/event-stream",
-                    format!("id: e2\nevent: message\ndata: {result}\n\n"),
-                );
+                return reply(200, "text/event-stream", resumed.clone());
             }
             let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
             let id = v.get("id").cloned().unwrap_or(Value::Null);
@@ -666,13 +658,19 @@ mod tests {
                 Some("tools/call") => reply(
                     200,
                     "text/event-stream",
-                    "id: e1\nretry: 50\ndata: \n\n".into(),
+                    format!("id: e1\nretry: {retry_ms}\ndata: \n\n"),
                 ),
                 _ => reply(202, "application/json", String::new()),
             }
         })
         .await;
-        (stub, resumed)
+        (stub, gets)
+    }
+
+    /// [`polling_stub`] whose resumption brings the response to call 7.
+    async fn polling_upstream() -> (testing::Stub, Arc<AtomicUsize>) {
+        let result = json!({"jsonrpc": "2.0", "id": 7, "result": {"content": []}});
+        polling_stub(50, format!("id: e2\nevent: message\ndata: {result}\n\n")).await
     }
 
     fn post(body: &str, version: &str, sid: Option<&str>) -> Request {
@@ -749,44 +747,7 @@ mod tests {
     #[tokio::test]
     async fn resumptions_that_bring_nothing_stop_after_a_few_paced_attempts() {
         // `retry: 0`, and each resumption closes at once with no event.
-        let gets = Arc::new(AtomicUsize::new(0));
-        let count = gets.clone();
-        let up = testing::full_stub(move |head, body| {
-            let reply = |status: u16, ct: &str, body: String| testing::Reply {
-                status,
-                headers: vec![("content-type".into(), ct.into())],
-                body,
-            };
-            if head.starts_with("get ") {
-                if !head.contains("last-event-id: e1") {
-                    return reply(405, "text/plain", String::new());
-                }
-                count.fetch_add(1, Ordering::SeqCst);
-                return reply(200, "text/event-stream", String::new());
-            }
-            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            match v["method"].as_str() {
-                Some("initialize") => {
-                    let mut r = reply(
-                        200,
-                        "application/json",
-                        json!({"jsonrpc": "2.0", "id": v["id"],
-                        "result": {"protocolVersion": "2025-06-18", "capabilities": {},
-                                   "serverInfo": {"name": "empty", "version": "1"}}})
-                        .to_string(),
-                    );
-                    r.headers.push(("mcp-session-id".into(), "up-1".into()));
-                    r
-                }
-                Some("tools/call") => reply(
-                    200,
-                    "text/event-stream",
-                    "id: e1\nretry: 0\ndata: \n\n".into(),
-                ),
-                _ => reply(202, "application/json", String::new()),
-            }
-        })
-        .await;
+        let (up, gets) = polling_stub(0, String::new()).await;
         let gw = gateway("stateful-2025", &up.url());
         let sid = session(&gw, "2025-06-18").await;
         let started = std::time::Instant::now();
