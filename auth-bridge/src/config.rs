@@ -15,6 +15,13 @@ pub struct ProviderConfig {
     /// The audience tokens must be issued for (`aud`), e.g. the gateway's
     /// public URL. Set a matching audience mapper in the realm.
     pub audience: String,
+    /// The scopes every client is told to ask for (the `scope` of
+    /// `WWW-Authenticate`, RFC 9728 `scopes_supported`), before a route's
+    /// own `scopes`. Clients register with these too, so they must be client
+    /// scopes of the realm that a registering client may ask for: the one
+    /// whose mapper puts `audience` in `aud`, and `organization`.
+    #[serde(default = "default_client_scopes")]
+    pub client_scopes: Vec<String>,
     /// The confidential client used for introspection.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -147,11 +154,27 @@ fn default_jwks_refetch() -> Duration {
 fn default_max_token_lifetime() -> Duration {
     Duration::from_secs(3600)
 }
+fn default_client_scopes() -> Vec<String> {
+    vec!["organization".to_owned()]
+}
+
 fn default_max_token_bytes() -> usize {
     16 * 1024
 }
 
 impl ProviderConfig {
+    /// The scopes a client should ask for on a route that requires
+    /// `required`: the realm's client scopes, then the route's.
+    pub fn advertised_scopes(&self, required: &[String]) -> Vec<String> {
+        let mut scopes = self.client_scopes.clone();
+        for scope in required {
+            if !scopes.contains(scope) {
+                scopes.push(scope.clone());
+            }
+        }
+        scopes
+    }
+
     /// Problems with the settings, as (field, message), for the caller's
     /// config report. `needs_introspection` is true when a route uses it.
     pub fn problems(&self, needs_introspection: bool) -> Vec<(String, String)> {
@@ -168,6 +191,19 @@ impl ProviderConfig {
         }
         if self.audience.trim().is_empty() {
             out.push(("audience".into(), "expected a non-empty audience".into()));
+        }
+        for (i, scope) in self.client_scopes.iter().enumerate() {
+            // RFC 6749 scope-token: printable ASCII but space, `"` and `\\`.
+            let valid = !scope.is_empty()
+                && scope
+                    .bytes()
+                    .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\');
+            if !valid {
+                out.push((
+                    format!("client_scopes[{i}]"),
+                    format!("expected one scope name (printable ASCII, no space, quote or backslash), got `{scope}`"),
+                ));
+            }
         }
         if needs_introspection {
             if self.client_id.as_deref().is_none_or(str::is_empty) {
@@ -229,5 +265,39 @@ impl ProviderConfig {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(client_scopes: &str) -> ProviderConfig {
+        yaml_serde::from_str(&format!(
+            "{{issuer: 'http://kc/realms/r', audience: gw{client_scopes}}}"
+        ))
+        .expect("a provider config")
+    }
+
+    #[test]
+    fn clients_are_told_the_realm_scopes_then_the_route_scopes() {
+        let default = config("");
+        assert_eq!(default.client_scopes, vec!["organization"]);
+        let c = config(", client_scopes: [organization, gateway]");
+        assert!(c.problems(false).is_empty(), "{:?}", c.problems(false));
+        assert_eq!(
+            c.advertised_scopes(&["mcp:tools".into(), "gateway".into()]),
+            vec!["organization", "gateway", "mcp:tools"]
+        );
+    }
+
+    #[test]
+    fn a_client_scope_must_be_one_scope_name() {
+        let c = config(", client_scopes: [organization, 'a b', '', 'x\"y']");
+        let fields: Vec<_> = c.problems(false).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            vec!["client_scopes[1]", "client_scopes[2]", "client_scopes[3]"]
+        );
     }
 }

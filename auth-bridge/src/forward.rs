@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::ProviderConfig;
-use crate::metadata::{advertised_scopes, challenge, metadata_path, resource_metadata};
+use crate::metadata::{challenge, metadata_path, resource_metadata};
 use crate::ratelog::LogEvery;
 use crate::{AuthError, AuthMode, SHOWN_CHARS, Validator, untrusted};
 
@@ -388,7 +388,7 @@ impl ForwardAuth {
                         Self::resource_path(name)
                     ),
                     &self.config.identity.issuer,
-                    &advertised_scopes(&cfg.scopes),
+                    &self.config.identity.advertised_scopes(&cfg.scopes),
                     name,
                 ),
             ),
@@ -518,7 +518,8 @@ impl ForwardAuth {
                     StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
                     json!({"error": e.bearer_error().unwrap_or("unavailable"), "error_description": e.client_message()}),
                 );
-                match challenge(&metadata_url, &org.scopes, &e) {
+                let scopes = self.config.identity.advertised_scopes(&org.scopes);
+                match challenge(&metadata_url, &scopes, &e) {
                     Some(challenge) => {
                         if let Ok(v) = HeaderValue::from_str(&challenge) {
                             r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);

@@ -22,11 +22,12 @@ pub fn resource_metadata(resource: &str, issuer: &str, scopes: &[String], name: 
     })
 }
 
-/// The challenge for a refusal of a route requiring `scopes`: none for an
-/// unavailable provider (503), where retrying, not a new token, helps.
+/// The challenge for a refusal, naming the `scopes` to ask for
+/// ([`ProviderConfig::advertised_scopes`](crate::ProviderConfig::advertised_scopes)):
+/// none for an unavailable provider (503), where retrying, not a new token,
+/// helps.
 pub fn challenge(metadata_url: &str, scopes: &[String], error: &AuthError) -> Option<String> {
-    (error.status() != 503)
-        .then(|| www_authenticate(metadata_url, &advertised_scopes(scopes).join(" "), error))
+    (error.status() != 503).then(|| www_authenticate(metadata_url, &scopes.join(" "), error))
 }
 
 /// The `WWW-Authenticate` value for a refusal (RFC 6750, RFC 9728).
@@ -46,14 +47,6 @@ pub fn www_authenticate(metadata_url: &str, scope: &str, error: &AuthError) -> S
         out.push_str(&format!(", scope=\"{}\"", quote(scope)));
     }
     out
-}
-
-/// The scopes a client should ask for: the route's, plus the organization
-/// claim for every org the user is in.
-pub fn advertised_scopes(required: &[String]) -> Vec<String> {
-    let mut scopes = vec!["openid".to_owned(), "organization:*".to_owned()];
-    scopes.extend(required.iter().cloned());
-    scopes
 }
 
 /// A quoted-string body: no quotes, backslashes or control characters.
@@ -77,22 +70,22 @@ mod tests {
     fn challenge_names_metadata_error_and_scope() {
         let url = "http://gw/.well-known/oauth-protected-resource/org-1/mcp";
         assert_eq!(
-            www_authenticate(url, "openid organization:*", &AuthError::MissingToken),
-            format!("Bearer resource_metadata=\"{url}\", scope=\"openid organization:*\"")
+            www_authenticate(url, "organization gateway", &AuthError::MissingToken),
+            format!("Bearer resource_metadata=\"{url}\", scope=\"organization gateway\"")
         );
         let bad = www_authenticate(url, "", &AuthError::InvalidToken("sig \"bad\"".into()));
         assert!(bad.contains("error=\"invalid_token\""), "{bad}");
         assert!(bad.contains("sig 'bad'"), "{bad}");
         let scope = www_authenticate(
             url,
-            "openid organization:* mcp:tools",
+            "organization gateway mcp:tools",
             &AuthError::InsufficientScope {
                 scope: "mcp:tools".into(),
             },
         );
         assert!(
             scope.contains("error=\"insufficient_scope\"")
-                && scope.ends_with("scope=\"openid organization:* mcp:tools\""),
+                && scope.ends_with("scope=\"organization gateway mcp:tools\""),
             "{scope}"
         );
     }

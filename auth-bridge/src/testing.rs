@@ -170,6 +170,7 @@ impl FakeIdp {
         crate::ProviderConfig {
             issuer: self.issuer.clone(),
             audience: AUDIENCE.into(),
+            client_scopes: vec!["organization".into(), "gateway".into()],
             client_id: Some("gateway-client".into()),
             client_secret: Some("test-secret".into()),
             timeout: Duration::from_secs(2),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
 use ratatosk_auth::logout::LogoutEvent;
-use ratatosk_auth::metadata::{advertised_scopes, challenge, metadata_path, resource_metadata};
+use ratatosk_auth::metadata::{challenge, metadata_path, resource_metadata};
 use ratatosk_auth::{AuthError, AuthMode, Identity};
 
 use crate::edge::{Reject, Request, Response};
@@ -16,10 +16,12 @@ use crate::routes::{Endpoint, OrgRoute};
 
 impl Gateway {
     /// The caller's identity on an org's route, checked against the org and
-    /// its required scopes.
+    /// its required scopes. A refusal points at the metadata of the
+    /// `endpoint` called.
     pub(crate) async fn authenticate(
         &self,
         org: &OrgRoute,
+        endpoint: Endpoint,
         req: &Request,
     ) -> Result<Arc<Identity>, Reject> {
         if org.auth == AuthMode::None {
@@ -39,11 +41,11 @@ impl Gateway {
                 "no identity provider is configured".into(),
             )),
         };
-        result.map_err(|e| self.auth_reject(org, &e))
+        result.map_err(|e| self.auth_reject(org, endpoint, &e))
     }
 
     /// A refusal with the challenge that sends clients to the metadata.
-    fn auth_reject(&self, org: &OrgRoute, e: &AuthError) -> Reject {
+    fn auth_reject(&self, org: &OrgRoute, endpoint: Endpoint, e: &AuthError) -> Reject {
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
         let rpc_code = if status == StatusCode::SERVICE_UNAVAILABLE {
             code::INTERNAL_ERROR
@@ -54,7 +56,11 @@ impl Gateway {
             tracing::warn!(org = %org.name, detail = %detail, "identity provider unavailable");
         }
         let mut reject = Reject::new(status, rpc_code, e.client_message());
-        match challenge(&self.metadata_url(org), &org.scopes, e) {
+        let scopes = match &self.validator {
+            Some(validator) => validator.config().advertised_scopes(&org.scopes),
+            None => org.scopes.clone(),
+        };
+        match challenge(&self.metadata_url(org, endpoint), &scopes, e) {
             Some(challenge) => {
                 if let Ok(v) = HeaderValue::from_str(&challenge) {
                     reject.headers.push((header::WWW_AUTHENTICATE, v));
@@ -72,20 +78,23 @@ impl Gateway {
         reject
     }
 
-    /// The resource an org's MCP endpoint is, per RFC 9728.
-    fn resource_url(&self, org: &str) -> String {
-        format!(
-            "{}{}",
-            self.public_url,
-            self.routes.path_of(org, Endpoint::Mcp)
-        )
+    /// The protected resource (RFC 9728) that a call to `endpoint` uses:
+    /// the URL a client connects to, `/mcp` or `/sse` (whose `/messages`
+    /// belong to it). Clients check that the resource of the metadata is
+    /// the URL they use, or a prefix of it, so each endpoint has its own.
+    fn resource_path(&self, org: &str, endpoint: Endpoint) -> String {
+        let endpoint = match endpoint {
+            Endpoint::Mcp => Endpoint::Mcp,
+            Endpoint::Sse | Endpoint::Messages => Endpoint::Sse,
+        };
+        self.routes.path_of(org, endpoint)
     }
 
-    fn metadata_url(&self, org: &OrgRoute) -> String {
+    fn metadata_url(&self, org: &OrgRoute, endpoint: Endpoint) -> String {
         format!(
             "{}{}",
             self.public_url,
-            metadata_path(&self.routes.path_of(&org.name, Endpoint::Mcp))
+            metadata_path(&self.resource_path(&org.name, endpoint))
         )
     }
 
@@ -108,7 +117,11 @@ impl Gateway {
         let org = self
             .routes
             .orgs()
-            .find(|o| self.routes.path_of(&o.name, Endpoint::Mcp) == resource_path)
+            .find(|o| {
+                [Endpoint::Mcp, Endpoint::Sse]
+                    .into_iter()
+                    .any(|e| self.resource_path(&o.name, e) == resource_path)
+            })
             .filter(|o| o.auth != AuthMode::None);
         let (Some(org), Some(validator)) = (org, &self.validator) else {
             return Reject::new(
@@ -125,9 +138,9 @@ impl Gateway {
             return Reject::method_not_allowed(method, "GET").into_response();
         }
         let doc = resource_metadata(
-            &self.resource_url(&org.name),
+            &format!("{}{resource_path}", self.public_url),
             &validator.config().issuer,
-            &advertised_scopes(&org.scopes),
+            &validator.config().advertised_scopes(&org.scopes),
             &org.name,
         );
         Response::json(StatusCode::OK, Bytes::from(doc.to_string()))

@@ -317,7 +317,7 @@ impl Gateway {
         {
             return edge::preflight(origin.clone()).labeled(label);
         }
-        let identity = match self.authenticate(&org, req).await {
+        let identity = match self.authenticate(&org, endpoint, req).await {
             Ok(identity) => identity,
             Err(reject) => return reject.into_response().labeled(label),
         };
@@ -2515,7 +2515,7 @@ mod tests {
             let top = format!(
                 "public_url: http://gw.test\nidentity: {{issuer: \"{}\", audience: \"{AUDIENCE}\", \
                  client_id: gateway-client, client_secret: s3cret, clock_skew: 0s, \
-                 logout_client_ids: [{LOGOUT_CLIENT}]}}",
+                 client_scopes: [organization, gateway], logout_client_ids: [{LOGOUT_CLIENT}]}}",
                 idp.issuer
             );
             let gw = gateway_yaml(&[up.url()], "", &top, &format!("auth: jwt, {org_extra}"));
@@ -2560,6 +2560,54 @@ mod tests {
             );
         }
 
+        /// Clients (the Python and TypeScript SDKs) refuse metadata whose
+        /// `resource` is not the URL they connect to or a prefix of it, so
+        /// the legacy endpoint and its message path name a resource of
+        /// their own; both documents advertise the realm's client scopes.
+        #[tokio::test]
+        async fn the_legacy_endpoint_is_a_resource_of_its_own() {
+            let idp = FakeIdp::start().await;
+            let (gw, _up) = secured(&idp, "scopes: [mcp:admin],").await;
+            let meta_path = "/.well-known/oauth-protected-resource/gw/org-1/sse";
+            for (method, path) in [
+                (Method::GET, "/gw/org-1/sse"),
+                (Method::POST, "/gw/org-1/messages"),
+            ] {
+                let r = gw.handle(request(method, path, &[], "")).await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::UNAUTHORIZED,
+                    "{path}: {}",
+                    error_message(&r)
+                );
+                let challenge = r.headers[http::header::WWW_AUTHENTICATE]
+                    .to_str()
+                    .expect("ascii")
+                    .to_owned();
+                assert!(
+                    challenge.starts_with(&format!(
+                        "Bearer resource_metadata=\"http://gw.test{meta_path}\""
+                    )) && challenge.ends_with("scope=\"organization gateway mcp:admin\""),
+                    "{path}: {challenge}"
+                );
+            }
+            let doc = json_of(&gw.handle(request(Method::GET, meta_path, &[], "")).await);
+            assert_eq!(doc["resource"], "http://gw.test/gw/org-1/sse");
+            assert_eq!(
+                doc["scopes_supported"],
+                json!(["organization", "gateway", "mcp:admin"])
+            );
+            let none = gw
+                .handle(request(
+                    Method::GET,
+                    "/.well-known/oauth-protected-resource/gw/org-1/messages",
+                    &[],
+                    "",
+                ))
+                .await;
+            assert_eq!(none.status, StatusCode::NOT_FOUND);
+        }
+
         #[tokio::test]
         async fn wrong_org_and_missing_scope_are_403() {
             let idp = FakeIdp::start().await;
@@ -2582,7 +2630,7 @@ mod tests {
                 .to_owned();
             assert!(
                 challenge.contains("error=\"insufficient_scope\"")
-                    && challenge.contains("scope=\"openid organization:* mcp:admin\""),
+                    && challenge.contains("scope=\"organization gateway mcp:admin\""),
                 "{challenge}"
             );
             let ok = idp.token(json!({"scope": "openid mcp:admin"}));

@@ -75,6 +75,7 @@ AUTH_ORGS = {
     "org-2-introspect": ("introspect", "org-2", []),
     "org-1-both": ("jwt+introspect", "org-1", []),
     "org-1-admin": ("jwt", "org-1", ["mcp:admin"]),
+    "org-2-tools": ("jwt", "org-2", ["mcp:tools"]),
 }
 
 
@@ -94,7 +95,8 @@ def keycloak(tmp_path_factory, auth_gateway_port):
 
 
 def identity_config(issuer: str, **over) -> dict:
-    return {"issuer": issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
+    return {"issuer": issuer, "audience": KC_AUDIENCE, "client_scopes": ["organization", "ratatosk"],
+            "client_id": "ratatosk-gateway",
             "client_secret": "${RATATOSK_KC_SECRET}", "timeout": "2s", "clock_skew": "0s",
             "jwks_min_refetch": "1s", "logout_client_ids": ["mcp-client"], **over}
 

@@ -74,7 +74,7 @@ def test_each_user_reaches_exactly_their_orgs(auth_gateway, keycloak):
             assert org_name in err["message"]
             # Not an invalid token: one without this org's privileges.
             assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
-            assert "organization:*" in r.headers["www-authenticate"]
+            assert 'scope="organization ratatosk' in r.headers["www-authenticate"]
 
 
 def test_no_token_gets_401_and_the_metadata_names_the_realm(auth_gateway, keycloak):
@@ -83,8 +83,11 @@ def test_no_token_gets_401_and_the_metadata_names_the_realm(auth_gateway, keyclo
     assert rpc_error(r)["message"].startswith("no bearer token")
     challenge = r.headers["www-authenticate"]
     url = re.search(r'resource_metadata="([^"]+)"', challenge).group(1)
-    assert "organization:*" in challenge
+    # What a registering client may ask Keycloak for (no `openid`, no
+    # dynamic `organization:*`: the anonymous registration policy refuses both).
+    assert challenge.endswith('scope="organization ratatosk"'), challenge
     doc = httpx2.get(url, timeout=5).json()
+    assert doc["scopes_supported"] == ["organization", "ratatosk"]
     assert doc["authorization_servers"] == [keycloak.issuer]
     assert doc["resource"] == auth_gateway.url("org-1")
     # The authorization server's own metadata is where the document says.
@@ -131,7 +134,7 @@ def test_missing_scope_is_403_insufficient_scope(auth_gateway, keycloak):
     assert r.status_code == 403
     challenge = r.headers["www-authenticate"]
     assert 'error="insufficient_scope"' in challenge
-    assert 'scope="openid organization:* mcp:admin"' in challenge
+    assert 'scope="organization ratatosk mcp:admin"' in challenge
 
 
 def test_one_fresh_token_a_thousand_times_makes_one_introspection(auth_gateway, keycloak):

@@ -1,0 +1,158 @@
+"""Real MCP clients log in through the gateway and Keycloak as they do in
+the field (issue 15): the official Python SDK's OAuth client
+(`mcp.client.auth.OAuthClientProvider`) follows the gateway's 401 to its
+RFC 9728 metadata, then the realm's metadata, registers itself there
+(dynamic client registration under the realm's Trusted Hosts policy) or
+uses a pre-registered client, and logs in with the authorization code flow
+(PKCE S256, `resource`), at Keycloak's real login and consent pages
+(tests/e2e/oauth_login.py fills them). No token is made by the test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx2
+import pytest
+from mcp import ClientSession, MCPError, types
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata
+
+from harness import KC_AUDIENCE, KC_PASSWORDS, claims, free_port
+from oauth_login import MemoryStorage, Person
+
+pytestmark = pytest.mark.anyio
+
+
+def redirect_uri() -> str:
+    # Nothing listens there: the person reads the code off the redirect.
+    return f"http://127.0.0.1:{free_port()}/callback"
+
+
+def provider(url: str, person: Person, storage: MemoryStorage) -> OAuthClientProvider:
+    return OAuthClientProvider(
+        server_url=url,
+        client_metadata=OAuthClientMetadata(client_name="Ratatosk e2e client", redirect_uris=[person.redirect_uri]),
+        storage=storage, redirect_handler=person.redirect_handler, callback_handler=person.callback_handler)
+
+
+@asynccontextmanager
+async def connected(url: str, auth: OAuthClientProvider, name: str, **callbacks):
+    """An initialized session over the transport the URL names."""
+    info = types.Implementation(name=name, version="1")
+    if url.endswith("/sse"):
+        transport = sse_client(url, auth=auth, timeout=10.0, sse_read_timeout=60.0)
+    else:
+        http = httpx2.AsyncClient(auth=auth, timeout=httpx2.Timeout(30.0, read=60.0))
+        transport = streamable_http_client(url, http_client=http)
+    async with transport as (read, write):
+        async with ClientSession(read, write, read_timeout_seconds=30, client_info=info, **callbacks) as session:
+            with anyio.fail_after(60):
+                await session.initialize()
+            yield session
+
+
+def leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for inner in e.exceptions for leaf in leaves(inner)]
+    return [e]
+
+
+@pytest.fixture
+async def alice():
+    person = Person("alice", KC_PASSWORDS["alice"], redirect_uri())
+    yield person
+    await person.aclose()
+
+
+@pytest.mark.parametrize("endpoint", ["mcp", "sse"])
+async def test_a_client_registers_itself_logs_in_and_calls_tools(auth_gateway, keycloak, alice, endpoint):
+    url = auth_gateway.url("org-1", endpoint)
+    storage = MemoryStorage()
+    name = f"oauth-e2e-{uuid.uuid4()}"
+    text = f"published-{uuid.uuid4()}"
+    got = anyio.Event()
+
+    async def on_log(params) -> None:
+        if params.data == text:
+            got.set()
+
+    async with connected(url, provider(url, alice, storage), name, logging_callback=on_log) as s:
+        # The client registered itself with the realm, then logged in at
+        # Keycloak's pages: identifier-first, then the consent screen every
+        # self-registered client gets.
+        client_id = storage.client_info.client_id
+        assert client_id and client_id not in ("mcp-client", "mcp-client-short")
+        assert alice.pages == ["username", "password", "consent"], alice.pages
+        # It asked for what the gateway advertises, for the resource it uses.
+        (auth_url,) = alice.authorization_urls
+        assert "code_challenge_method=S256" in auth_url
+        query = httpx2.URL(auth_url).params
+        assert query["resource"] == url
+        assert set(query["scope"].split()) >= {"organization", "ratatosk"}
+        token = claims(storage.tokens.access_token)
+        assert token["azp"] == client_id
+        assert KC_AUDIENCE in token["aud"]
+        tools = {t.name for t in (await s.list_tools()).tools}
+        assert {"add", "notify_me"} <= tools
+        assert (await s.call_tool("add", {"a": 2, "b": 3})).content[0].text == "5"
+        # A worker publishes into the session; the client gets it.
+        (session,) = [x for x in auth_gateway.sessions("org-1") if x["client_info"]["name"] == name]
+        assert session["subject"] == token["sub"]
+        r = auth_gateway.publish(session["id"], {"jsonrpc": "2.0", "method": "notifications/message",
+                                                 "params": {"level": "info", "data": text}})
+        assert r.status_code == 202, r.text
+        with anyio.fail_after(10):
+            await got.wait()
+
+
+async def test_a_user_of_another_org_is_refused_after_login(auth_gateway, keycloak):
+    """bob logs in (he is a real user of the realm) but is not in org-1: the
+    gateway refuses him with 403, and the client's one step-up retry cannot
+    change that."""
+    bob = Person("bob", KC_PASSWORDS["bob"], redirect_uri())
+    url = auth_gateway.url("org-1")
+    storage = MemoryStorage()
+    try:
+        with pytest.raises(BaseException) as refused:
+            async with connected(url, provider(url, bob, storage), "oauth-e2e-bob"):
+                pass
+    finally:
+        await bob.aclose()
+    assert "username" in bob.pages, bob.pages
+    assert "org-2" in claims(storage.tokens.access_token)["organization"]
+    # The gateway's JSON-RPC error reaches the client as it is.
+    errors = leaves(refused.value)
+    assert any(isinstance(e, MCPError) and e.error.message == "the token is not valid for org 'org-1'"
+               for e in errors), errors
+    assert not [x for x in auth_gateway.sessions("org-1") if x["client_info"]["name"] == "oauth-e2e-bob"]
+
+
+async def test_a_missing_scope_is_asked_for_and_granted(auth_gateway, keycloak):
+    """Step-up: bob's client (the realm's pre-registered public client) logs
+    in for org-2, then reaches org-2-tools, which also needs `mcp:tools`. The
+    gateway's 403 insufficient_scope names it; the client logs in again
+    asking for it, and the call succeeds."""
+    bob = Person("bob", KC_PASSWORDS["bob"], redirect_uri())
+    storage = MemoryStorage(OAuthClientInformationFull(
+        client_id="mcp-client", token_endpoint_auth_method="none", redirect_uris=[bob.redirect_uri]))
+    try:
+        plain = auth_gateway.url("org-2")
+        async with connected(plain, provider(plain, bob, storage), "oauth-e2e-stepup-1") as s:
+            assert (await s.call_tool("add", {"a": 1, "b": 1})).content[0].text == "2"
+        first = claims(storage.tokens.access_token)
+        assert "mcp:tools" not in first["scope"].split()
+        tools = auth_gateway.url("org-2-tools")
+        async with connected(tools, provider(tools, bob, storage), "oauth-e2e-stepup-2") as s:
+            assert (await s.call_tool("add", {"a": 2, "b": 2})).content[0].text == "4"
+        second = claims(storage.tokens.access_token)
+        assert "mcp:tools" in second["scope"].split()
+        assert second["sub"] == first["sub"]
+        assert len(bob.authorization_urls) == 2
+        assert "mcp:tools" in httpx2.URL(bob.authorization_urls[1]).params["scope"].split()
+    finally:
+        await bob.aclose()
