@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::edge::{Reject, Response};
 use crate::gateway::{Gateway, PublishError};
+use crate::holds::HoldPublishError;
 use crate::jsonrpc::code;
 
 /// Answers one admin request. `body` is already read (and bounded).
@@ -71,6 +72,26 @@ async fn route(
                 )),
             }
         }
+        (&Method::POST, ["sessions", id, "holds", hold]) => {
+            authorize(gw, headers)?;
+            let state = gw.publish_hold(id, hold, &body).await?;
+            Ok(json_response(
+                StatusCode::ACCEPTED,
+                json!({"hold": hold, "state": state.as_str()}),
+            ))
+        }
+        (&Method::GET, ["sessions", id, "holds", hold]) => {
+            authorize(gw, headers)?;
+            match gw.holds.state(id, hold) {
+                Some(state) => Ok(json_response(
+                    StatusCode::OK,
+                    json!({"hold": hold, "state": state.as_str()}),
+                )),
+                None => Err(hold_reject(HoldPublishError::Unknown(
+                    crate::jsonrpc::clip(hold, 64),
+                ))),
+            }
+        }
         (&Method::DELETE, ["sessions", id]) => {
             authorize(gw, headers)?;
             match gw.end_session(id, "deleted through the admin API").await {
@@ -118,12 +139,13 @@ async fn route(
         }
         (_, ["healthz" | "readyz" | "metrics"]) => Err(Reject::method_not_allowed(method, "GET")),
         (_, ["sessions", _, "messages"]) => Err(Reject::method_not_allowed(method, "POST")),
+        (_, ["sessions", _, "holds", _]) => Err(Reject::method_not_allowed(method, "GET, POST")),
         (_, ["orgs", _, "sessions"]) => Err(Reject::method_not_allowed(method, "GET")),
         _ => Err(Reject::new(
             StatusCode::NOT_FOUND,
             code::NOT_FOUND,
             format!(
-                "no admin endpoint at '{}'; see /healthz, /readyz, /metrics, /sessions/{{id}}/messages, /orgs/{{org}}/sessions",
+                "no admin endpoint at '{}'; see /healthz, /readyz, /metrics, /sessions/{{id}}/messages, /sessions/{{id}}/holds/{{hold}}, /orgs/{{org}}/sessions",
                 crate::jsonrpc::clip(path, 64)
             ),
         )),
@@ -161,6 +183,29 @@ async fn readiness(gw: &Gateway) -> Response {
         body["events"] = json!({"bus": events.bus_up(), "dropped": events.dropped()});
     }
     json_response(code, body)
+}
+
+/// A refused hold publish: 404 for an unknown session (or hold, on GET),
+/// 410 for a finished hold (its `state` tells the worker why: a cancel stops
+/// its work), 400 for a bad message, 429 past `holds.max_per_session`, 503
+/// when the client's stream lags.
+pub(crate) fn hold_reject(e: HoldPublishError) -> Reject {
+    let (status, rpc) = match &e {
+        HoldPublishError::Unknown(_) => (StatusCode::NOT_FOUND, code::NOT_FOUND),
+        HoldPublishError::Finished { .. } => (StatusCode::GONE, code::BAD_REQUEST),
+        HoldPublishError::Invalid(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
+        HoldPublishError::Busy => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
+        HoldPublishError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, code::BAD_REQUEST),
+    };
+    let mut r = Reject::new(status, rpc, e.to_string());
+    if let HoldPublishError::Finished { state, .. } = &e {
+        r = r.with_data(json!({"state": state.as_str()}));
+    }
+    if matches!(e, HoldPublishError::Busy) {
+        r.headers
+            .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
+    }
+    r
 }
 
 fn json_response(status: StatusCode, v: serde_json::Value) -> Response {

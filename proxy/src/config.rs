@@ -40,6 +40,9 @@ pub struct Config {
     pub sessions: SessionsConfig,
     #[serde(default)]
     pub streams: StreamsConfig,
+    /// Deferred answers that workers finish through the publish API.
+    #[serde(default)]
+    pub holds: HoldsConfig,
     pub publish: PublishConfig,
     #[serde(default)]
     pub server: ServerConfig,
@@ -180,6 +183,35 @@ impl Default for StreamsConfig {
         StreamsConfig {
             keepalive: Duration::from_secs(15),
             retry: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HoldsConfig {
+    /// How long a hold waits for its worker when the upstream names no
+    /// timeout.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// The longest hold an upstream may ask for; longer ones are cut to it.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// Holds open at once in one session; one more fails its request.
+    pub max_per_session: usize,
+    /// How long a finished hold still answers its worker (`cancelled`,
+    /// `expired`, `done`) before it is forgotten (then 404).
+    #[serde(with = "humantime_serde")]
+    pub keep_finished: Duration,
+}
+
+impl Default for HoldsConfig {
+    fn default() -> Self {
+        HoldsConfig {
+            default_timeout: Duration::from_secs(300),
+            max_timeout: Duration::from_secs(3600),
+            max_per_session: 64,
+            keep_finished: Duration::from_secs(600),
         }
     }
 }
@@ -590,6 +622,17 @@ impl Config {
                 "expected at least `100ms`, e.g. `15s`".into(),
             );
         }
+        if self.holds.default_timeout.is_zero()
+            || self.holds.default_timeout > self.holds.max_timeout
+        {
+            bad(
+                "holds.default_timeout",
+                "expected a positive duration no longer than `holds.max_timeout`".into(),
+            );
+        }
+        if self.holds.max_per_session == 0 {
+            bad("holds.max_per_session", "expected at least 1".into());
+        }
         if self.publish.secret.len() < 16 {
             bad(
                 "publish.secret",
@@ -713,6 +756,8 @@ impl Config {
             ("sessions.idle_ttl".to_owned(), self.sessions.idle_ttl),
             ("streams.keepalive".to_owned(), self.streams.keepalive),
             ("streams.retry".to_owned(), self.streams.retry),
+            ("holds.max_timeout".to_owned(), self.holds.max_timeout),
+            ("holds.keep_finished".to_owned(), self.holds.keep_finished),
             (
                 "server.shutdown_grace".to_owned(),
                 self.server.shutdown_grace,

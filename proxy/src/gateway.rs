@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bridge::{AnswerReader, Forwarding, ReadError, upstream_headers};
 use crate::config::{Config, Era};
 use crate::edge::{self, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response};
+use crate::holds::{self, Holds};
 use crate::jsonrpc::{self, Body, Id, Kind, Message, code};
 use crate::metrics::Metrics;
 use crate::routes::{Endpoint, OrgRoute, RouteError, Routes};
@@ -106,6 +107,8 @@ pub struct Gateway {
     /// Resource URIs a hidden session's upstream refused to subscribe it
     /// to, by session: not asked again by its later listens.
     refused_subscriptions: DashMap<String, std::collections::HashSet<String>>,
+    /// Requests an upstream answered with a hold, for workers to finish.
+    pub holds: Holds,
     draining: AtomicBool,
 }
 
@@ -198,6 +201,7 @@ impl Gateway {
             continued: DashMap::new(),
             tool_headers: params::ToolHeaders::new(),
             refused_subscriptions: DashMap::new(),
+            holds: Holds::new(config.holds.clone()),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         });
@@ -479,6 +483,29 @@ impl Gateway {
                     if guard.token.is_cancelled() {
                         return Err(cancelled(id.as_ref()));
                     }
+                    if let (Some(request), Some(asked)) =
+                        (id.clone(), holds::hold_of(&body, self.holds.config()))
+                    {
+                        // A hold: the answer comes later, so on a stream.
+                        let stream = log.begin_stream().map_err(|_| session_not_found())?;
+                        let this = self.clone();
+                        let (org2, log2, session2) = (org.clone(), log.clone(), session.clone());
+                        tokio::spawn(async move {
+                            this.keep_hold(
+                                asked,
+                                &session2,
+                                &log2,
+                                stream,
+                                request,
+                                &org2,
+                                &guard.token,
+                            )
+                            .await;
+                            log2.end_stream(stream);
+                            drop(guard);
+                        });
+                        return Ok(self.post_stream_response(org, &session, log, stream));
+                    }
                     if edge::prefers_sse(&req.headers) {
                         // The client asked for a stream (with its priming
                         // event): the answer goes on one.
@@ -707,6 +734,13 @@ impl Gateway {
                             if hold {
                                 return Some(message);
                             }
+                            if let Some(session) = resume
+                                && let Some(asked) = holds::hold_of(&message, self.holds.config())
+                            {
+                                self.keep_hold(asked, session, log, stream, id, org, cancel)
+                                    .await;
+                                return None;
+                            }
                             pending = None;
                         }
                         Ok(Kind::Request { method, .. })
@@ -757,6 +791,94 @@ impl Gateway {
             let _ = self.append(log, stream, &body, org);
         }
         None
+    }
+
+    /// Keeps a request that its upstream answered with a hold open until a
+    /// worker publishes its response, the client cancels, or the hold
+    /// times out; delivers what is published for it to `stream`. A hold
+    /// that cannot be kept (malformed, or one too many) fails the request.
+    #[allow(clippy::too_many_arguments)]
+    async fn keep_hold(
+        &self,
+        asked: Result<holds::HoldRequest, String>,
+        session: &SessionState,
+        log: &SessionLog,
+        stream: StreamId,
+        request: Id,
+        org: &OrgRoute,
+        cancel: &CancellationToken,
+    ) {
+        let fail = |why: String| {
+            let body = jsonrpc::error_body(Some(&request), code::UPSTREAM_ERROR, &why);
+            let _ = self.append(log, stream, &body, org);
+        };
+        let asked = match asked {
+            Ok(asked) => asked,
+            Err(why) => {
+                return fail(format!(
+                    "the upstream answered with a hold the gateway cannot keep: {why}"
+                ));
+            }
+        };
+        let mut waiter = match self.holds.open(&session.id, asked) {
+            Ok(waiter) => waiter,
+            Err(e) => {
+                return fail(format!(
+                    "the upstream answered with a hold the gateway cannot keep: {e}"
+                ));
+            }
+        };
+        org.metrics.holds.opened.inc();
+        let hold = waiter.hold.id.clone();
+        tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold,
+            timeout_s = waiter.hold.timeout.as_secs_f64(), "request held for a worker");
+        let deadline = tokio::time::Instant::now() + waiter.hold.timeout;
+        let mut expired = false;
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    if self.holds.finish(&session.id, &hold, holds::HoldState::Cancelled) {
+                        org.metrics.holds.cancelled.inc();
+                        tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold, "held request cancelled by the client");
+                    }
+                    return;
+                }
+                d = waiter.deliveries.recv() => d,
+                _ = tokio::time::sleep_until(deadline), if !expired => {
+                    expired = true;
+                    if self.holds.finish(&session.id, &hold, holds::HoldState::Expired) {
+                        org.metrics.holds.expired.inc();
+                        tracing::warn!(org = %org.name, session = %short(&session.id), hold = %hold, "held request timed out");
+                        return fail(format!(
+                            "no worker finished hold '{hold}' within {} s",
+                            waiter.hold.timeout.as_secs_f64()
+                        ));
+                    }
+                    // Its response was published just now: deliver it.
+                    continue;
+                }
+            };
+            match delivery {
+                Some(holds::Delivery::Event(body)) => {
+                    if self.append(log, stream, &body, org).is_err() {
+                        self.holds
+                            .finish(&session.id, &hold, holds::HoldState::Cancelled);
+                        return;
+                    }
+                }
+                Some(holds::Delivery::Final(body)) => {
+                    org.metrics.holds.done.inc();
+                    let body = holds::with_id(&body, &request).unwrap_or_else(|why| {
+                        jsonrpc::error_body(Some(&request), code::UPSTREAM_ERROR, &why)
+                    });
+                    let _ = self.append(log, stream, &body, org);
+                    return;
+                }
+                // The session ended, and its holds with it.
+                None => return,
+            }
+        }
     }
 
     /// Appends an upstream's message to a stream, counting it.
@@ -1030,6 +1152,7 @@ impl Gateway {
         self.stop_listener(id);
         self.rebinding.remove(id);
         self.refused_subscriptions.remove(id);
+        self.holds.end_session(id);
     }
 
     /// Finds the caller's session; any mismatch looks like an unknown id.
@@ -1647,6 +1770,34 @@ impl Gateway {
             org.metrics.published_publish.inc();
         }
         Ok(id)
+    }
+
+    /// Takes a worker's message for a hold of a session of this node (see
+    /// holds.rs). The session must exist: a hold not opened yet is kept
+    /// for it.
+    pub async fn publish_hold(
+        &self,
+        session_id: &str,
+        hold: &str,
+        body: &Bytes,
+    ) -> Result<holds::HoldState, Reject> {
+        let known = session::is_plausible_id(session_id)
+            && self
+                .store
+                .lookup(session_id)
+                .await
+                .map_err(store_reject)?
+                .is_some();
+        if !known {
+            return Err(Reject::new(
+                StatusCode::NOT_FOUND,
+                code::SESSION_NOT_FOUND,
+                "session not found: it expired, was deleted, or never existed",
+            ));
+        }
+        self.holds
+            .publish(session_id, hold, body)
+            .map_err(crate::admin::hold_reject)
     }
 
     /// Removes idle sessions; run periodically. A session with a client
@@ -2504,6 +2655,165 @@ mod tests {
         );
         let r = gw.handle(post(INIT, &[])).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    /// Deferred answers: the upstream answers with a hold, a worker
+    /// finishes the request through the publish API (holds.rs).
+    mod holds {
+        use super::*;
+
+        /// Answers `tools/call` with a hold named by the tool's name, whose
+        /// timeout is the argument `t` (seconds).
+        async fn holding_stub() -> testing::Stub {
+            testing::stub(|body| {
+                let id = testing::request_id(body);
+                let v: Value = serde_json::from_slice(body).unwrap_or_default();
+                if v["method"] == "initialize" {
+                    return (200, "application/json", format!(
+                        r#"{{"jsonrpc":"2.0","id":{id},"result":{{"protocolVersion":"2025-06-18","capabilities":{{}},"serverInfo":{{"name":"stub","version":"1"}}}}}}"#
+                    ));
+                }
+                let hold = json!({"id": v["params"]["name"], "timeout": v["params"]["arguments"]["t"]});
+                let result = json!({"content": [], "_meta": {crate::holds::HOLD_META: hold}});
+                (200, "application/json", json!({"jsonrpc": "2.0", "id": v["id"], "result": result}).to_string())
+            })
+            .await
+        }
+
+        async fn held_call(gw: &Arc<Gateway>, sid: &str, hold: &str, timeout_s: f64) -> Response {
+            let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                              "params": {"name": hold, "arguments": {"t": timeout_s}}});
+            let r = gw
+                .handle(post(
+                    &call.to_string(),
+                    &[
+                        ("mcp-session-id", sid),
+                        ("mcp-protocol-version", "2025-06-18"),
+                    ],
+                ))
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+            r
+        }
+
+        /// Reads the stream until its text holds `needle`.
+        async fn read_until(r: &mut Response, needle: &str) -> String {
+            let mut seen = String::new();
+            while !seen.contains(needle) {
+                seen.push_str(&next_text(r).await);
+            }
+            seen
+        }
+
+        fn message(v: Value) -> Bytes {
+            Bytes::from(v.to_string())
+        }
+
+        #[tokio::test]
+        async fn a_worker_finishes_a_held_request_on_its_stream() {
+            let up = holding_stub().await;
+            let gw = gateway(&[up.url()]);
+            let sid = initialize(&gw).await;
+            let mut r = held_call(&gw, &sid, "task-1", 30.0).await;
+            // The upstream answered JSON, but the answer comes later: a stream.
+            assert!(matches!(r.body, ResponseBody::Stream(_)));
+            let state = || gw.holds.state(&sid, "task-1");
+            let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                                  "params": {"progressToken": "p", "progress": 1, "total": 2}});
+            // The worker may publish before the gateway read the hold.
+            gw.publish_hold(&sid, "task-1", &message(progress))
+                .await
+                .expect("progress");
+            let text = read_until(&mut r, "notifications/progress").await;
+            assert!(!text.contains("\"result\""), "{text}");
+            let done = json!({"jsonrpc": "2.0", "id": 0, "result": {"content": [{"type": "text", "text": "5"}]}});
+            gw.publish_hold(&sid, "task-1", &message(done))
+                .await
+                .expect("result");
+            let text = read_until(&mut r, "\"result\"").await;
+            assert!(text.contains("\"id\":9"), "{text}");
+            assert!(text.contains("\"text\":\"5\""), "{text}");
+            assert_eq!(state(), Some(crate::holds::HoldState::Done));
+            // Another session cannot publish into it, nor can anyone now.
+            let late = json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "x"}});
+            let unknown = gw
+                .publish_hold("other", "task-1", &message(late.clone()))
+                .await;
+            assert_eq!(unknown.err().map(|r| r.status), Some(StatusCode::NOT_FOUND));
+            assert!(matches!(
+                gw.holds.publish(&sid, "task-1", &message(late)),
+                Err(crate::holds::HoldPublishError::Finished { .. })
+            ));
+            let metrics = String::from_utf8(gw.metrics.render()).expect("utf8");
+            assert!(
+                metrics.contains("ratatosk_holds_total{org=\"org-1\",outcome=\"done\"} 1"),
+                "{metrics}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_hold_nobody_finishes_fails_the_request_at_its_timeout() {
+            let up = holding_stub().await;
+            let gw = gateway(&[up.url()]);
+            let sid = initialize(&gw).await;
+            let mut r = held_call(&gw, &sid, "slow", 0.2).await;
+            let text = read_until(&mut r, "\"error\"").await;
+            assert!(
+                text.contains("no worker finished hold 'slow' within 0.2 s"),
+                "{text}"
+            );
+            assert!(text.contains("\"id\":9"), "{text}");
+            assert_eq!(
+                gw.holds.state(&sid, "slow"),
+                Some(crate::holds::HoldState::Expired)
+            );
+        }
+
+        #[tokio::test]
+        async fn a_client_cancel_reaches_the_worker_as_the_hold_state() {
+            let up = holding_stub().await;
+            let gw = gateway(&[up.url()]);
+            let sid = initialize(&gw).await;
+            let _r = held_call(&gw, &sid, "cancel-me", 30.0).await;
+            let cancel =
+                r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":9}}"#;
+            let c = gw
+                .handle(post(
+                    cancel,
+                    &[
+                        ("mcp-session-id", &sid),
+                        ("mcp-protocol-version", "2025-06-18"),
+                    ],
+                ))
+                .await;
+            assert_eq!(c.status, StatusCode::ACCEPTED);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while gw.holds.state(&sid, "cancel-me") != Some(crate::holds::HoldState::Cancelled) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the hold was not cancelled"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let note = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}});
+            assert_eq!(
+                gw.holds.publish(&sid, "cancel-me", &message(note)),
+                Err(crate::holds::HoldPublishError::Finished {
+                    hold: "cancel-me".into(),
+                    state: crate::holds::HoldState::Cancelled
+                })
+            );
+        }
+
+        #[tokio::test]
+        async fn a_malformed_hold_fails_the_request_with_the_reason() {
+            let up = holding_stub().await;
+            let gw = gateway(&[up.url()]);
+            let sid = initialize(&gw).await;
+            let mut r = held_call(&gw, &sid, "bad/id", 5.0).await;
+            let text = read_until(&mut r, "\"error\"").await;
+            assert!(text.contains("a hold the gateway cannot keep"), "{text}");
+        }
     }
 
     mod auth {

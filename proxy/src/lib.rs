@@ -12,6 +12,7 @@ pub mod config;
 pub mod edge;
 pub mod era;
 pub mod gateway;
+pub mod holds;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod routes;

@@ -20,6 +20,16 @@ pub struct OrgMetrics {
     pub bridged: BridgeCounters,
     pub background_streams: IntGauge,
     pub refused: Refusals,
+    pub holds: HoldCounters,
+}
+
+/// `holds_total` of one org, by outcome.
+#[derive(Clone)]
+pub struct HoldCounters {
+    pub opened: IntCounter,
+    pub done: IntCounter,
+    pub cancelled: IntCounter,
+    pub expired: IntCounter,
 }
 
 /// `refused_total` of one org, by the limit that refused.
@@ -71,6 +81,8 @@ pub struct Metrics {
     pub bridged: IntCounterVec,
     /// Requests refused by a limit, by org and limit.
     pub refused: IntCounterVec,
+    /// Deferred answers (holds), by org and outcome.
+    pub holds: IntCounterVec,
     /// Client connections open on the MCP listener (streams included).
     pub connections: IntGauge,
     /// Connections closed at once because `limits.max_connections` were open.
@@ -170,6 +182,13 @@ impl Metrics {
             "connections",
             "Client connections open on the MCP listener, streams included",
         )?;
+        let holds = IntCounterVec::new(
+            Opts::new(
+                "holds_total",
+                "Deferred answers (holds) by org and outcome (opened, done, cancelled, expired)",
+            ),
+            &["org", "outcome"],
+        )?;
         let connections_refused = IntCounter::new(
             "connections_refused_total",
             "Client connections closed at once because limits.max_connections were open",
@@ -180,6 +199,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(shared_dropped.clone()))?;
         registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(holds.clone()))?;
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(upstream_era.clone()))?;
@@ -207,6 +227,7 @@ impl Metrics {
             upstream_era,
             bridged,
             refused,
+            holds,
             connections,
             connections_refused,
             shared_dropped,
@@ -245,6 +266,12 @@ impl Metrics {
                 client_data: self.refused.with_label_values(&[org, "client_data"]),
                 subscriptions: self.refused.with_label_values(&[org, "subscriptions"]),
                 in_flight: self.refused.with_label_values(&[org, "in_flight"]),
+            },
+            holds: HoldCounters {
+                opened: self.holds.with_label_values(&[org, "opened"]),
+                done: self.holds.with_label_values(&[org, "done"]),
+                cancelled: self.holds.with_label_values(&[org, "cancelled"]),
+                expired: self.holds.with_label_values(&[org, "expired"]),
             },
         }
     }

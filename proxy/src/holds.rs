@@ -1,0 +1,578 @@
+//! Deferred answers ("holds"), in the spirit of Pushpin's GRIP hold: an
+//! upstream answers a request with a hold instead of a result, and a worker
+//! finishes the request later through the publish API.
+//!
+//! The upstream's response names the hold in its result's `_meta`:
+//!
+//! ```json
+//! {"jsonrpc": "2.0", "id": 7, "result": {"content": [],
+//!   "_meta": {"io.ratatosk/hold": {"id": "task-42", "timeout": 300}}}}
+//! ```
+//!
+//! The gateway keeps the client's request open (its stream gets keep-alives
+//! as every stream does) and delivers what is published for the hold:
+//! notifications (progress, log messages) as they come, then one response
+//! (result or error), whose id the gateway sets to the client's request id.
+//! A timeout gives the client an error; a client's cancel marks the hold
+//! `cancelled`, which the worker sees when it asks or publishes.
+//!
+//! This module is the registry: what is open, what a publish may do, and
+//! the states a worker can read. The gateway's request path waits on a
+//! [`Waiter`] and writes to the client's stream.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::config::HoldsConfig;
+use crate::jsonrpc::{self, Id, Kind};
+
+/// The `_meta` key of a result that is a hold.
+pub const HOLD_META: &str = "io.ratatosk/hold";
+/// The longest hold id, in bytes.
+pub const MAX_HOLD_ID: usize = 128;
+/// Messages published for one hold that may wait for the client's stream.
+const QUEUE: usize = 64;
+
+/// A hold an upstream asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldRequest {
+    pub id: String,
+    pub timeout: Duration,
+}
+
+/// Whether an upstream's response is a hold: `None` if it is not one,
+/// `Some(Err(why))` if `_meta` names a hold the gateway cannot keep.
+pub fn hold_of(response: &[u8], config: &HoldsConfig) -> Option<Result<HoldRequest, String>> {
+    // Cheap test first: nearly every answer is not a hold.
+    memchr::memmem::find(response, HOLD_META.as_bytes())?;
+    let v: Value = serde_json::from_slice(response).ok()?;
+    let hold = v.get("result")?.get("_meta")?.get(HOLD_META)?;
+    Some(parse_hold(hold, config))
+}
+
+fn parse_hold(hold: &Value, config: &HoldsConfig) -> Result<HoldRequest, String> {
+    let id = hold
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("`{HOLD_META}.id` must be a string"))?;
+    check_hold_id(id)?;
+    let timeout = match hold.get("timeout") {
+        None | Some(Value::Null) => config.default_timeout,
+        Some(t) => {
+            let secs = t
+                .as_f64()
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .ok_or_else(|| {
+                    format!("`{HOLD_META}.timeout` must be a positive number of seconds")
+                })?;
+            Duration::from_secs_f64(secs.min(config.max_timeout.as_secs_f64()))
+        }
+    };
+    Ok(HoldRequest {
+        id: id.to_owned(),
+        timeout,
+    })
+}
+
+/// Hold ids appear in admin paths: 1 to 128 of `A-Z a-z 0-9 . _ : -`.
+pub fn check_hold_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_HOLD_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a hold id is 1 to {MAX_HOLD_ID} characters of A-Z a-z 0-9 . _ : -, got `{}`",
+            jsonrpc::clip(id, 64)
+        ))
+    }
+}
+
+/// Where a hold stands, as its worker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldState {
+    /// The worker published before the gateway read the upstream's hold
+    /// (a fast worker): kept, and delivered once the hold opens.
+    Pending,
+    /// The client waits; publish notifications, then the response.
+    Open,
+    /// The response was published and delivered.
+    Done,
+    /// The client cancelled the request (or its session ended).
+    Cancelled,
+    /// Nothing finished the hold within its timeout; the client got an error.
+    Expired,
+}
+
+impl HoldState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldState::Pending => "pending",
+            HoldState::Open => "open",
+            HoldState::Done => "done",
+            HoldState::Cancelled => "cancelled",
+            HoldState::Expired => "expired",
+        }
+    }
+}
+
+/// What the client's stream gets from a hold.
+#[derive(Debug)]
+pub enum Delivery {
+    /// A notification, as published.
+    Event(Bytes),
+    /// The response, as published (see [`with_id`]); the last delivery.
+    Final(Bytes),
+}
+
+/// Why a hold could not be opened.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum OpenError {
+    #[error("hold '{0}' is already open in this session")]
+    Duplicate(String),
+    #[error("this session has {0} holds open already (holds.max_per_session)")]
+    TooMany(usize),
+}
+
+/// Why a publish for a hold was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum HoldPublishError {
+    #[error("no hold '{0}' in this session (never opened, or finished long ago)")]
+    Unknown(String),
+    #[error("hold '{hold}' is {}: nothing more reaches the client", state.as_str())]
+    Finished { hold: String, state: HoldState },
+    #[error("the body must be one JSON-RPC notification or response: {0}")]
+    Invalid(String),
+    #[error("the client's stream is not keeping up: {QUEUE} messages wait already; retry")]
+    Busy,
+    #[error("this session has {0} holds open or pending already (holds.max_per_session)")]
+    TooMany(usize),
+}
+
+struct Entry {
+    state: HoldState,
+    /// To the request waiting for this hold; `None` once finished.
+    to_client: Option<mpsc::Sender<Delivery>>,
+    /// A pending hold's queue, for the request that opens it.
+    queued: Option<mpsc::Receiver<Delivery>>,
+    /// A pending hold has its response queued already.
+    answered: bool,
+    /// Since when it is finished, or pending: forgotten `keep_finished`
+    /// later.
+    since: Option<Instant>,
+}
+
+impl Entry {
+    fn live(&self) -> bool {
+        matches!(self.state, HoldState::Open | HoldState::Pending)
+    }
+}
+
+/// The open and recently finished holds of this node, keyed by (session,
+/// hold id).
+pub struct Holds {
+    config: HoldsConfig,
+    entries: Mutex<HashMap<(String, String), Entry>>,
+}
+
+/// The request side of an open hold.
+pub struct Waiter {
+    pub session: String,
+    pub hold: HoldRequest,
+    pub deliveries: mpsc::Receiver<Delivery>,
+}
+
+impl Holds {
+    pub fn new(config: HoldsConfig) -> Holds {
+        Holds {
+            config,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &HoldsConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a hold of `session`, taking over what a worker published for
+    /// it already. Finished and pending holds older than `keep_finished`
+    /// are forgotten here.
+    pub fn open(&self, session: &str, hold: HoldRequest) -> Result<Waiter, OpenError> {
+        let mut entries = self.lock();
+        let keep = self.config.keep_finished;
+        entries.retain(|_, e| e.since.is_none_or(|t| t.elapsed() < keep));
+        let key = (session.to_owned(), hold.id.clone());
+        let deliveries = match entries.get_mut(&key) {
+            Some(e) if e.state == HoldState::Pending => {
+                let queued = e.queued.take();
+                e.state = if e.answered {
+                    HoldState::Done
+                } else {
+                    HoldState::Open
+                };
+                e.since = e.answered.then(Instant::now);
+                if e.answered {
+                    e.to_client = None;
+                }
+                queued
+            }
+            Some(e) if e.state == HoldState::Open => return Err(OpenError::Duplicate(hold.id)),
+            _ => None,
+        };
+        let deliveries = match deliveries {
+            Some(queued) => queued,
+            None => {
+                let live = Self::live_in(&entries, session);
+                if live >= self.config.max_per_session {
+                    return Err(OpenError::TooMany(live));
+                }
+                let (tx, rx) = mpsc::channel(QUEUE);
+                entries.insert(key, Entry::open(tx));
+                rx
+            }
+        };
+        Ok(Waiter {
+            session: session.to_owned(),
+            hold,
+            deliveries,
+        })
+    }
+
+    fn live_in(entries: &HashMap<(String, String), Entry>, session: &str) -> usize {
+        entries
+            .iter()
+            .filter(|((s, _), e)| s == session && e.live())
+            .count()
+    }
+
+    /// A hold's state, if this node knows it.
+    pub fn state(&self, session: &str, hold: &str) -> Option<HoldState> {
+        self.lock()
+            .get(&(session.to_owned(), hold.to_owned()))
+            .map(|e| e.state)
+    }
+
+    /// Takes one published message for a hold. A response finishes it. A
+    /// hold not open yet is kept pending for the request that opens it:
+    /// the worker may be faster than the upstream's answer.
+    pub fn publish(
+        &self,
+        session: &str,
+        hold: &str,
+        body: &Bytes,
+    ) -> Result<HoldState, HoldPublishError> {
+        let message =
+            jsonrpc::parse_message(body).map_err(|e| HoldPublishError::Invalid(e.to_string()))?;
+        let delivery = match message.kind {
+            Kind::Notification { .. } => Delivery::Event(message.raw.clone()),
+            Kind::Response { .. } => Delivery::Final(message.raw.clone()),
+            Kind::Request { .. } => {
+                return Err(HoldPublishError::Invalid(
+                    "a request to the client cannot be published into a hold; publish notifications, then the response".into(),
+                ));
+            }
+        };
+        check_hold_id(hold).map_err(HoldPublishError::Invalid)?;
+        let mut entries = self.lock();
+        let key = (session.to_owned(), hold.to_owned());
+        if !entries.contains_key(&key) {
+            let live = Self::live_in(&entries, session);
+            if live >= self.config.max_per_session {
+                return Err(HoldPublishError::TooMany(live));
+            }
+            entries.insert(key.clone(), Entry::pending());
+        }
+        let Some(entry) = entries.get_mut(&key) else {
+            return Err(HoldPublishError::Unknown(hold.to_owned()));
+        };
+        let finished = |state| HoldPublishError::Finished {
+            hold: hold.to_owned(),
+            state,
+        };
+        if entry.answered {
+            return Err(finished(HoldState::Done));
+        }
+        let Some(to_client) = entry.to_client.as_ref().filter(|_| entry.live()) else {
+            return Err(finished(entry.state));
+        };
+        let last = matches!(delivery, Delivery::Final(_));
+        to_client.try_send(delivery).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => HoldPublishError::Busy,
+            // The request stopped waiting and has not marked it yet.
+            mpsc::error::TrySendError::Closed(_) => finished(HoldState::Cancelled),
+        })?;
+        if last {
+            entry.answered = true;
+            if entry.state == HoldState::Open {
+                entry.state = HoldState::Done;
+                entry.to_client = None;
+                entry.since = Some(Instant::now());
+            }
+        }
+        Ok(entry.state)
+    }
+
+    /// Marks an open hold as finished by the request side (a cancel, a
+    /// timeout). Returns false if it was finished already, e.g. its
+    /// response was published just now: the response is then in the
+    /// waiter's queue.
+    pub fn finish(&self, session: &str, hold: &str, state: HoldState) -> bool {
+        let mut entries = self.lock();
+        match entries.get_mut(&(session.to_owned(), hold.to_owned())) {
+            Some(e) if e.state == HoldState::Open && !e.answered => {
+                e.state = state;
+                e.to_client = None;
+                e.since = Some(Instant::now());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets every hold of a session that ended.
+    pub fn end_session(&self, session: &str) {
+        self.lock().retain(|(s, _), _| s != session);
+    }
+
+    /// Holds open now, on this node.
+    pub fn open_count(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| e.state == HoldState::Open)
+            .count()
+    }
+}
+
+impl Entry {
+    fn open(to_client: mpsc::Sender<Delivery>) -> Entry {
+        Entry {
+            state: HoldState::Open,
+            to_client: Some(to_client),
+            queued: None,
+            answered: false,
+            since: None,
+        }
+    }
+
+    fn pending() -> Entry {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        Entry {
+            state: HoldState::Pending,
+            to_client: Some(tx),
+            queued: Some(rx),
+            answered: false,
+            since: Some(Instant::now()),
+        }
+    }
+}
+
+/// The published response with `id` set to the client's request id.
+pub fn with_id(raw: &Bytes, id: &Id) -> Result<Bytes, String> {
+    let mut v: Value = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err("the response must be a JSON object".into());
+    };
+    obj.insert("id".into(), id.to_value());
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> HoldsConfig {
+        HoldsConfig {
+            max_per_session: 2,
+            ..HoldsConfig::default()
+        }
+    }
+
+    fn id(n: u64) -> Id {
+        Id::from_value(&serde_json::json!(n)).expect("an id")
+    }
+
+    fn hold(name: &str) -> HoldRequest {
+        HoldRequest {
+            id: name.into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_hold_is_read_from_the_result_meta() {
+        let c = config();
+        let plain = br#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#;
+        assert_eq!(hold_of(plain, &c), None);
+        let h = br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"_meta":{"io.ratatosk/hold":{"id":"task-1","timeout":2.5}}}}"#;
+        assert_eq!(
+            hold_of(h, &c),
+            Some(Ok(HoldRequest {
+                id: "task-1".into(),
+                timeout: Duration::from_millis(2500)
+            }))
+        );
+        let default =
+            br#"{"jsonrpc":"2.0","id":1,"result":{"_meta":{"io.ratatosk/hold":{"id":"t"}}}}"#;
+        assert_eq!(
+            hold_of(default, &c).and_then(Result::ok).map(|h| h.timeout),
+            Some(c.default_timeout)
+        );
+        let long = br#"{"jsonrpc":"2.0","id":1,"result":{"_meta":{"io.ratatosk/hold":{"id":"t","timeout":1e12}}}}"#;
+        assert_eq!(
+            hold_of(long, &c).and_then(Result::ok).map(|h| h.timeout),
+            Some(c.max_timeout)
+        );
+        for bad in [
+            r#"{"id":1,"result":{"_meta":{"io.ratatosk/hold":{"id":7}}}}"#,
+            r#"{"id":1,"result":{"_meta":{"io.ratatosk/hold":{"id":"a/b"}}}}"#,
+            r#"{"id":1,"result":{"_meta":{"io.ratatosk/hold":{"id":"t","timeout":-1}}}}"#,
+            r#"{"id":1,"result":{"_meta":{"io.ratatosk/hold":{"id":"t","timeout":"5"}}}}"#,
+        ] {
+            assert!(matches!(hold_of(bad.as_bytes(), &c), Some(Err(_))), "{bad}");
+        }
+        // The key elsewhere (an error, a notification) is not a hold.
+        let error = br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"io.ratatosk/hold"}}"#;
+        assert_eq!(hold_of(error, &c), None);
+    }
+
+    #[tokio::test]
+    async fn notifications_then_the_response_reach_the_request_with_its_id() {
+        let holds = Holds::new(config());
+        let mut w = holds.open("s1", hold("t1")).expect("open");
+        let progress = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}}"#);
+        assert_eq!(holds.publish("s1", "t1", &progress), Ok(HoldState::Open));
+        let result = Bytes::from_static(br#"{"jsonrpc":"2.0","id":"whatever","result":{"content":[{"type":"text","text":"5"}]}}"#);
+        assert_eq!(holds.publish("s1", "t1", &result), Ok(HoldState::Done));
+        assert!(matches!(w.deliveries.recv().await, Some(Delivery::Event(b)) if b == progress));
+        match w.deliveries.recv().await {
+            Some(Delivery::Final(b)) => {
+                let b = with_id(&b, &id(77)).expect("an object");
+                let v: Value = serde_json::from_slice(&b).expect("json");
+                assert_eq!(v["id"], 77);
+                assert_eq!(v["result"]["content"][0]["text"], "5");
+            }
+            other => panic!("expected the response, got {other:?}"),
+        }
+        // Finished: the worker is told so, and a late cancel changes nothing.
+        assert_eq!(
+            holds.publish("s1", "t1", &progress),
+            Err(HoldPublishError::Finished {
+                hold: "t1".into(),
+                state: HoldState::Done
+            })
+        );
+        assert!(!holds.finish("s1", "t1", HoldState::Cancelled));
+        assert_eq!(holds.state("s1", "t1"), Some(HoldState::Done));
+    }
+
+    #[test]
+    fn a_cancelled_hold_refuses_its_worker_and_other_sessions_do_not_see_it() {
+        let holds = Holds::new(config());
+        let _w = holds.open("s1", hold("t1")).expect("open");
+        let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"x"}}"#);
+        assert!(holds.finish("s1", "t1", HoldState::Cancelled));
+        assert_eq!(holds.state("s1", "t1"), Some(HoldState::Cancelled));
+        assert_eq!(
+            holds.publish("s1", "t1", &note),
+            Err(HoldPublishError::Finished {
+                hold: "t1".into(),
+                state: HoldState::Cancelled
+            })
+        );
+        holds.end_session("s1");
+        assert_eq!(holds.state("s1", "t1"), None);
+    }
+
+    #[test]
+    fn bad_publishes_and_limits_are_refused() {
+        let holds = Holds::new(config());
+        let _a = holds.open("s1", hold("a")).expect("open");
+        assert_eq!(
+            holds.open("s1", hold("a")).err(),
+            Some(OpenError::Duplicate("a".into()))
+        );
+        let _b = holds.open("s1", hold("b")).expect("open");
+        assert_eq!(
+            holds.open("s1", hold("c")).err(),
+            Some(OpenError::TooMany(2))
+        );
+        assert!(holds.open("s2", hold("c")).is_ok());
+        for bad in [
+            &br#"not json"#[..],
+            br#"{"jsonrpc":"2.0","id":5,"method":"sampling/createMessage","params":{}}"#,
+        ] {
+            assert!(
+                matches!(
+                    holds.publish("s1", "a", &Bytes::copy_from_slice(bad)),
+                    Err(HoldPublishError::Invalid(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(holds.open_count(), 3);
+    }
+
+    #[test]
+    fn a_full_queue_is_busy_not_lost() {
+        let holds = Holds::new(config());
+        let _w = holds.open("s1", hold("t")).expect("open");
+        let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"x"}}"#);
+        for _ in 0..QUEUE {
+            assert_eq!(holds.publish("s1", "t", &note), Ok(HoldState::Open));
+        }
+        assert_eq!(holds.publish("s1", "t", &note), Err(HoldPublishError::Busy));
+    }
+
+    #[tokio::test]
+    async fn a_worker_faster_than_the_upstream_answer_loses_nothing() {
+        let holds = Holds::new(config());
+        let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"early"}}"#);
+        let done = Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#);
+        assert_eq!(holds.publish("s1", "fast", &note), Ok(HoldState::Pending));
+        assert_eq!(holds.publish("s1", "fast", &done), Ok(HoldState::Pending));
+        assert!(matches!(
+            holds.publish("s1", "fast", &note),
+            Err(HoldPublishError::Finished {
+                state: HoldState::Done,
+                ..
+            })
+        ));
+        let mut w = holds.open("s1", hold("fast")).expect("open");
+        assert_eq!(holds.state("s1", "fast"), Some(HoldState::Done));
+        assert!(matches!(w.deliveries.recv().await, Some(Delivery::Event(b)) if b == note));
+        assert!(matches!(w.deliveries.recv().await, Some(Delivery::Final(b)) if b == done));
+        assert!(w.deliveries.recv().await.is_none());
+        // Pending holds count against the session's limit.
+        assert_eq!(holds.publish("s2", "a", &note), Ok(HoldState::Pending));
+        assert_eq!(holds.publish("s2", "b", &note), Ok(HoldState::Pending));
+        assert_eq!(
+            holds.publish("s2", "c", &note),
+            Err(HoldPublishError::TooMany(2))
+        );
+    }
+
+    #[test]
+    fn hold_ids_are_path_safe() {
+        for good in ["a", "task-1", "celery:4f1e.2_x", &"x".repeat(128)] {
+            assert!(check_hold_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a/b", "a b", "ä", "..%2f", &"x".repeat(129)] {
+            assert!(check_hold_id(bad).is_err(), "{bad}");
+        }
+    }
+}

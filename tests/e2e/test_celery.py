@@ -1,0 +1,195 @@
+"""Workers finish tool calls, the way OdinMCP's Celery workers do (issue 15),
+without Pushpin: upstream-examples/python-celery is a stateless FastMCP
+server whose tools enqueue Celery tasks (Redis as the broker, Debian's
+redis-server) and answer with a hold; real Celery workers report progress
+and the result through the gateway's publish API
+(`POST /sessions/{id}/holds/{hold}`), and the gateway delivers them on the
+client's request: the POST's SSE stream, or the legacy /sse stream.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from contextlib import contextmanager
+
+import anyio
+import pytest
+from mcp import types
+
+from harness import (
+    PUBLISH_SECRET, ROOT, Example, Gateway, Proc, RedisServer, free_port, legacy_session, org, running,
+    started, streamable_session, wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+HOLD_TIMEOUT_S = 6
+
+
+@pytest.fixture(scope="module")
+def broker(log_dir):
+    redis = RedisServer(log_dir, name="celery-broker")
+    redis.start_and_wait()
+    yield redis
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def celery_gateway(log_dir, broker):
+    admin_port = free_port()
+    server = Example("python-celery", log_dir, env={
+        "RATATOSK_CELERY_BROKER": f"{broker.url}0", "RATATOSK_HOLD_TIMEOUT_S": str(HOLD_TIMEOUT_S)})
+    with started(server):
+        gw = Gateway(log_dir, {"celery": org([server])}, name="gateway-celery", admin_port=admin_port)
+        with running(gw):
+            yield gw
+
+
+class Worker(Proc):
+    """One Celery worker of the example (upstream-examples/python-celery/worker)."""
+
+    def __init__(self, log_dir, gw: Gateway, broker: RedisServer, name: str, queues: str = "celery"):
+        super().__init__(
+            name=f"celery-{name}",
+            argv=[str(ROOT / "upstream-examples/python-celery/worker"), "--name", name, "--queues", queues],
+            log_path=log_dir / f"celery-{name}-{uuid.uuid4().hex[:6]}.log",
+            env={"RATATOSK_CELERY_BROKER": f"{broker.url}0", "RATATOSK_ADMIN_URL": gw.admin,
+                 "RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET},
+        )
+
+    def wait_ready(self) -> "Worker":
+        # Celery logs "<name>@<host> ready." once it consumes its queues.
+        wait_until(f"{self.name} ready", lambda: " ready." in self.log_text(), timeout=60, every=0.1,
+                   alive=self.death)
+        return self
+
+
+@contextmanager
+def workers(log_dir, gw, broker, *names: str, queues: str = "celery"):
+    ws = [Worker(log_dir, gw, broker, n, queues) for n in names]
+    try:
+        for w in ws:
+            w.start()
+        for w in ws:
+            w.wait_ready()
+        yield ws
+    finally:
+        for w in ws:
+            w.stop()
+
+
+@pytest.fixture(scope="module")
+def two_workers(log_dir, celery_gateway, broker):
+    with workers(log_dir, celery_gateway, broker, "w1", "w2") as ws:
+        yield ws
+
+
+def worker_of(result: types.CallToolResult) -> str:
+    return (result.meta or {}).get("io.ratatosk.example/worker", "")
+
+
+@pytest.mark.parametrize("transport", ["streamable", "legacy"])
+async def test_a_celery_task_reports_progress_then_the_result(celery_gateway, two_workers, transport):
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    if transport == "streamable":
+        session = streamable_session(celery_gateway.url("celery"))
+    else:
+        session = legacy_session(celery_gateway.url("celery", "sse"))
+    async with session as s:
+        with anyio.fail_after(30):
+            result = await s.call_tool("add", {"a": 2, "b": 3}, progress_callback=on_progress)
+    assert not result.is_error, result
+    assert result.content[0].text == "5"
+    assert worker_of(result) in ("w1", "w2")
+    # The worker's progress came before the result, on the same request.
+    assert seen and seen[0][0] == 1 and seen[0][1] == 2, seen
+    assert "is adding" in (seen[0][2] or "")
+
+
+async def test_two_workers_share_the_load(celery_gateway, two_workers):
+    results: list[types.CallToolResult] = []
+    async with streamable_session(celery_gateway.url("celery")) as s:
+
+        async def call(i: int) -> None:
+            results.append(await s.call_tool("add", {"a": i, "b": 1}))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(call, i)
+    assert sorted(int(r.content[0].text) for r in results) == list(range(1, 9))
+    assert {worker_of(r) for r in results} == {"w1", "w2"}, [worker_of(r) for r in results]
+
+
+def redis_get(broker: RedisServer, key: str) -> str:
+    out = subprocess.run(["redis-cli", "-p", str(broker.port), "GET", key], capture_output=True, text=True,
+                         timeout=10, check=True)
+    return out.stdout.strip()
+
+
+async def test_a_client_cancel_reaches_the_worker(log_dir, celery_gateway, broker):
+    tag = f"cancel-{uuid.uuid4().hex[:8]}"
+    started_work = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        started_work.set()
+
+    with workers(log_dir, celery_gateway, broker, "long-1", queues="long"):
+        async with streamable_session(celery_gateway.url("celery")) as s:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    async def call() -> None:
+                        await s.call_tool("very_long_running_task_will_cancel", {"seconds": 20, "tag": tag},
+                                          progress_callback=on_progress)
+
+                    tg.start_soon(call)
+                    await started_work.wait()
+                    # The SDK sends notifications/cancelled for the call.
+                    tg.cancel_scope.cancel()
+            # The worker learns it at its next report (410, state
+            # cancelled), while the session goes on, and stops.
+            with anyio.fail_after(15):
+                while redis_get(broker, f"ratatosk-example:cancelled:{tag}") != "long-1:cancelled":
+                    await anyio.sleep(0.1)
+            await s.send_ping()
+    metrics = celery_gateway.metrics()
+    assert 'ratatosk_holds_total{org="celery",outcome="cancelled"}' in metrics
+
+
+async def test_a_worker_killed_mid_task_fails_the_call_at_the_hold_timeout(log_dir, celery_gateway, broker):
+    tag = f"killed-{uuid.uuid4().hex[:8]}"
+    started_work = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        started_work.set()
+
+    with workers(log_dir, celery_gateway, broker, "long-2", queues="long") as (worker,):
+        async with streamable_session(celery_gateway.url("celery")) as s:
+            with anyio.fail_after(HOLD_TIMEOUT_S + 20):
+                async with anyio.create_task_group() as tg:
+                    outcome: list = []
+
+                    async def call() -> None:
+                        try:
+                            outcome.append(await s.call_tool("very_long_running_task_will_cancel",
+                                                             {"seconds": 60, "tag": tag},
+                                                             progress_callback=on_progress))
+                        except Exception as e:  # the gateway's JSON-RPC error
+                            outcome.append(e)
+
+                    tg.start_soon(call)
+                    await started_work.wait()
+                    worker.kill()
+            (failure,) = outcome
+            # The gateway fails the call cleanly at the hold's timeout; the
+            # session goes on.
+            text = str(failure)
+            assert "no worker finished hold" in text and f"within {HOLD_TIMEOUT_S} s" in text, text
+            await s.send_ping()
+    metrics = celery_gateway.metrics()
+    assert 'ratatosk_holds_total{org="celery",outcome="expired"}' in metrics
