@@ -187,6 +187,21 @@ def started(example: Example):
         example.stop()
 
 
+@contextmanager
+def all_started(procs: list):
+    """Processes with a `wait_ready`, started at once and ready, for the
+    length of a block."""
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.wait_ready()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def start_replicas(n: int, log_dir: Path, admin_url: str) -> list[Replica]:
     """Starts n replicas at once and waits until all listen."""
     replicas = [Replica(log_dir, admin_url) for _ in range(n)]

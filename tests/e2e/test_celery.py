@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from contextlib import contextmanager
 
 import anyio
 import pytest
 from mcp import types
 
 from harness import (
-    PUBLISH_SECRET, ROOT, Example, Gateway, Proc, RedisServer, free_port, legacy_session, org, running,
+    PUBLISH_SECRET, ROOT, Example, all_started, Gateway, Proc, RedisServer, free_port, legacy_session, org, running,
     started, streamable_session, wait_until,
 )
 
@@ -65,18 +64,8 @@ class Worker(Proc):
         return self
 
 
-@contextmanager
 def workers(log_dir, gw, broker, *names: str, queues: str = "celery"):
-    ws = [Worker(log_dir, gw, broker, n, queues) for n in names]
-    try:
-        for w in ws:
-            w.start()
-        for w in ws:
-            w.wait_ready()
-        yield ws
-    finally:
-        for w in ws:
-            w.stop()
+    return all_started([Worker(log_dir, gw, broker, n, queues) for n in names])
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import pytest
 from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
-from harness import (ACCEPT_BOTH, MODERN, ROOT, Example, Gateway, SseReader, initialize, legacy_session, modern_call,
+from harness import (ACCEPT_BOTH, MODERN, ROOT, Example, all_started, Gateway, SseReader, initialize, legacy_session, modern_call,
                      next_list_changed, org, post, result_of, rpc_error, running, started, streamable_session, wait_until)
 
 pytestmark = pytest.mark.anyio
@@ -65,16 +65,8 @@ def ts_stateful_upstream(log_dir):
 def loss_upstreams(log_dir):
     """Stateful replicas the loss tests restart and stop: one alone (org
     "loss-1"), two together (org "loss-2")."""
-    ups = [Example("python-stateful", log_dir) for _ in range(3)]
-    for up in ups:
-        up.start()
-    try:
-        for up in ups:
-            up.wait_ready()
+    with all_started([Example("python-stateful", log_dir) for _ in range(3)]) as ups:
         yield ups
-    finally:
-        for up in ups:
-            up.stop()
 
 
 @pytest.fixture(scope="module")
