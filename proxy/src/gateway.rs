@@ -2751,6 +2751,53 @@ mod tests {
             );
         }
 
+        /// The hold's messages go through the session's event log: a client
+        /// whose stream broke resumes it with `Last-Event-ID` and gets what
+        /// the worker published meanwhile.
+        #[tokio::test]
+        async fn a_resumed_stream_replays_what_the_worker_published() {
+            let up = holding_stub().await;
+            let gw = gateway(&[up.url()]);
+            let sid = initialize(&gw).await;
+            let mut r = held_call(&gw, &sid, "task-r", 30.0).await;
+            let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                                  "params": {"progressToken": "p", "progress": 1}});
+            gw.publish_hold(&sid, "task-r", &message(progress))
+                .await
+                .expect("progress");
+            let text = read_until(&mut r, "notifications/progress").await;
+            let last = text
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("id: "))
+                .expect("an event id")
+                .to_owned();
+            drop(r); // the client's connection breaks
+            let done = json!({"jsonrpc": "2.0", "id": 1, "result": {"content": []}});
+            gw.publish_hold(&sid, "task-r", &message(done))
+                .await
+                .expect("result");
+            let mut again = gw
+                .handle(request(
+                    Method::GET,
+                    "/gw/org-1/mcp",
+                    &[
+                        ("accept", "text/event-stream"),
+                        ("mcp-session-id", &sid),
+                        ("last-event-id", &last),
+                    ],
+                    "",
+                ))
+                .await;
+            assert_eq!(again.status, StatusCode::OK);
+            let text = read_until(&mut again, "\"result\"").await;
+            assert!(text.contains("\"id\":9"), "{text}");
+            assert!(
+                !text.contains("notifications/progress"),
+                "replayed only what came after: {text}"
+            );
+        }
+
         #[tokio::test]
         async fn a_hold_nobody_finishes_fails_the_request_at_its_timeout() {
             let up = holding_stub().await;
