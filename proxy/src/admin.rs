@@ -82,10 +82,10 @@ async fn route(
         }
         (&Method::GET, ["sessions", id, "holds", hold]) => {
             authorize(gw, headers)?;
-            match gw.holds.state(id, hold) {
+            match gw.hold_state(id, hold).await? {
                 Some(state) => Ok(json_response(
                     StatusCode::OK,
-                    json!({"hold": hold, "state": state.as_str()}),
+                    json!({"hold": hold, "state": state}),
                 )),
                 None => Err(hold_reject(HoldPublishError::Unknown(
                     crate::jsonrpc::clip(hold, 64),

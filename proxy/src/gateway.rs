@@ -27,7 +27,7 @@ use crate::session::{self, SessionState, SessionStore, StoreError, Transport};
 use crate::stream::{
     AttachError, ChunkSource, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog,
     StreamId, priming_frame,
-    shared::{BusHandler, Notice, SharedEvents},
+    shared::{BusHandler, HoldRoute, Notice, SharedEvents},
     sse_frame,
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
@@ -830,6 +830,22 @@ impl Gateway {
         };
         org.metrics.holds.opened.inc();
         let hold = waiter.hold.id.clone();
+        if let Some(events) = self.hub.events() {
+            // Workers may publish through any node: they reach this one
+            // now, and what they published before waits in Redis.
+            let keep = waiter.hold.timeout + self.holds.config().keep_finished;
+            match events.hold_claim(&session.id, &hold, keep).await {
+                Ok(early) => {
+                    for body in early {
+                        if let Err(e) = self.holds.publish(&session.id, &hold, &Bytes::from(body)) {
+                            tracing::debug!(hold = %hold, error = %e, "an early message for the hold was refused");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(org = %org.name, hold = %hold, error = %e,
+                    "cannot record the hold in Redis: workers must publish through this node"),
+            }
+        }
         tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold,
             timeout_s = waiter.hold.timeout.as_secs_f64(), "request held for a worker");
         let deadline = tokio::time::Instant::now() + waiter.hold.timeout;
@@ -840,6 +856,7 @@ impl Gateway {
                 _ = cancel.cancelled() => {
                     if self.holds.finish(&session.id, &hold, holds::HoldState::Cancelled) {
                         org.metrics.holds.cancelled.inc();
+                        self.mark_hold(&session.id, &hold, holds::HoldState::Cancelled);
                         tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold, "held request cancelled by the client");
                     }
                     return;
@@ -849,6 +866,7 @@ impl Gateway {
                     expired = true;
                     if self.holds.finish(&session.id, &hold, holds::HoldState::Expired) {
                         org.metrics.holds.expired.inc();
+                        self.mark_hold(&session.id, &hold, holds::HoldState::Expired);
                         tracing::warn!(org = %org.name, session = %short(&session.id), hold = %hold, "held request timed out");
                         return fail(format!(
                             "no worker finished hold '{hold}' within {} s",
@@ -869,6 +887,7 @@ impl Gateway {
                 }
                 Some(holds::Delivery::Final(body)) => {
                     org.metrics.holds.done.inc();
+                    self.mark_hold(&session.id, &hold, holds::HoldState::Done);
                     let body = holds::with_id(&body, &request).unwrap_or_else(|why| {
                         jsonrpc::error_body(Some(&request), code::UPSTREAM_ERROR, &why)
                     });
@@ -879,6 +898,23 @@ impl Gateway {
                 None => return,
             }
         }
+    }
+
+    /// Tells workers that ask other nodes how a hold ended (Redis mode).
+    fn mark_hold(&self, session: &str, hold: &str, state: holds::HoldState) {
+        let Some(events) = self.hub.events().cloned() else {
+            return;
+        };
+        let (session, hold) = (session.to_owned(), hold.to_owned());
+        let keep = self.holds.config().keep_finished;
+        tokio::spawn(async move {
+            if let Err(e) = events
+                .hold_mark(&session, &hold, state.as_str(), keep)
+                .await
+            {
+                tracing::warn!(hold = %hold, error = %e, "cannot record the hold's end in Redis");
+            }
+        });
     }
 
     /// Appends an upstream's message to a stream, counting it.
@@ -1795,9 +1831,72 @@ impl Gateway {
                 "session not found: it expired, was deleted, or never existed",
             ));
         }
-        self.holds
-            .publish(session_id, hold, body)
-            .map_err(crate::admin::hold_reject)
+        let local = self.holds.state(session_id, hold).is_some();
+        let Some(events) = self.hub.events().filter(|_| !local) else {
+            return self
+                .holds
+                .publish(session_id, hold, body)
+                .map_err(crate::admin::hold_reject);
+        };
+        // Redis mode, and this node has not heard of the hold: the node
+        // that holds it gets the message, or it waits in Redis for the one
+        // that will.
+        holds::delivery_of(hold, body).map_err(crate::admin::hold_reject)?;
+        let unavailable = |e: crate::session::redis::RedisStoreError| {
+            Reject::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::INTERNAL_ERROR,
+                e.to_string(),
+            )
+        };
+        let config = self.holds.config();
+        let route = events
+            .hold_route(session_id, hold, body, config.keep_finished, holds::QUEUE)
+            .await
+            .map_err(unavailable)?;
+        match route {
+            HoldRoute::Owner { node, .. } if node == self.node => self
+                .holds
+                .publish(session_id, hold, body)
+                .map_err(crate::admin::hold_reject),
+            HoldRoute::Owner { node, state } => match holds::HoldState::parse(&state) {
+                Some(holds::HoldState::Open) | None => {
+                    events.notify(&Notice::Hold {
+                        node,
+                        session: session_id.to_owned(),
+                        hold: hold.to_owned(),
+                        body: String::from_utf8_lossy(body).into_owned(),
+                    });
+                    Ok(holds::HoldState::Open)
+                }
+                Some(state) => Err(crate::admin::hold_reject(
+                    holds::HoldPublishError::Finished {
+                        hold: hold.to_owned(),
+                        state,
+                    },
+                )),
+            },
+            HoldRoute::Queued => Ok(holds::HoldState::Pending),
+            HoldRoute::Full => Err(crate::admin::hold_reject(holds::HoldPublishError::Busy)),
+        }
+    }
+
+    /// A hold's state for its worker: this node's, or in Redis mode the
+    /// one the node holding it recorded.
+    pub async fn hold_state(&self, session_id: &str, hold: &str) -> Result<Option<String>, Reject> {
+        if let Some(state) = self.holds.state(session_id, hold) {
+            return Ok(Some(state.as_str().to_owned()));
+        }
+        match self.hub.events() {
+            Some(events) => events.hold_state(session_id, hold).await.map_err(|e| {
+                Reject::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code::INTERNAL_ERROR,
+                    e.to_string(),
+                )
+            }),
+            None => Ok(None),
+        }
     }
 
     /// Removes idle sessions; run periodically. A session with a client
@@ -1897,6 +1996,18 @@ impl BusHandler for Gateway {
                 }
             }
             Notice::Relisten { session } => self.reopen_listener(&session),
+            Notice::Hold {
+                node,
+                session,
+                hold,
+                body,
+            } => {
+                if node == self.node
+                    && let Err(e) = self.holds.publish(&session, &hold, &Bytes::from(body))
+                {
+                    tracing::debug!(session = %short(&session), hold = %hold, error = %e, "a worker's message from another node was refused");
+                }
+            }
             Notice::Resume(request) => {
                 if request.node == self.node {
                     tokio::spawn(self.resume_for(request));

@@ -36,7 +36,7 @@ pub const HOLD_META: &str = "io.ratatosk/hold";
 /// The longest hold id, in bytes.
 pub const MAX_HOLD_ID: usize = 128;
 /// Messages published for one hold that may wait for the client's stream.
-const QUEUE: usize = 64;
+pub const QUEUE: usize = 64;
 
 /// A hold an upstream asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +96,20 @@ pub fn check_hold_id(id: &str) -> Result<(), String> {
     }
 }
 
+/// What a worker's message for `hold` delivers, or why it is refused.
+pub fn delivery_of(hold: &str, body: &Bytes) -> Result<Delivery, HoldPublishError> {
+    check_hold_id(hold).map_err(HoldPublishError::Invalid)?;
+    let message =
+        jsonrpc::parse_message(body).map_err(|e| HoldPublishError::Invalid(e.to_string()))?;
+    match message.kind {
+        Kind::Notification { .. } => Ok(Delivery::Event(message.raw)),
+        Kind::Response { .. } => Ok(Delivery::Final(message.raw)),
+        Kind::Request { .. } => Err(HoldPublishError::Invalid(
+            "a request to the client cannot be published into a hold; publish notifications, then the response".into(),
+        )),
+    }
+}
+
 /// Where a hold stands, as its worker sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HoldState {
@@ -113,6 +127,18 @@ pub enum HoldState {
 }
 
 impl HoldState {
+    pub fn parse(s: &str) -> Option<HoldState> {
+        [
+            HoldState::Pending,
+            HoldState::Open,
+            HoldState::Done,
+            HoldState::Cancelled,
+            HoldState::Expired,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             HoldState::Pending => "pending",

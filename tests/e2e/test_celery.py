@@ -17,7 +17,7 @@ import pytest
 from mcp import types
 
 from harness import (
-    PUBLISH_SECRET, ROOT, Example, all_started, Gateway, Proc, RedisServer, free_port, legacy_session, org, running,
+    PUBLISH_SECRET, ROOT, Example, all_started, redis_gateway, Gateway, Proc, RedisServer, free_port, legacy_session, org, running,
     started, streamable_session, wait_until,
 )
 
@@ -48,12 +48,13 @@ def celery_gateway(log_dir, broker):
 class Worker(Proc):
     """One Celery worker of the example (upstream-examples/python-celery/worker)."""
 
-    def __init__(self, log_dir, gw: Gateway, broker: RedisServer, name: str, queues: str = "celery"):
+    def __init__(self, log_dir, gw: Gateway, broker: RedisServer, name: str, queues: str = "celery",
+                 db: int = 0):
         super().__init__(
             name=f"celery-{name}",
             argv=[str(ROOT / "upstream-examples/python-celery/worker"), "--name", name, "--queues", queues],
             log_path=log_dir / f"celery-{name}-{uuid.uuid4().hex[:6]}.log",
-            env={"RATATOSK_CELERY_BROKER": f"{broker.url}0", "RATATOSK_ADMIN_URL": gw.admin,
+            env={"RATATOSK_CELERY_BROKER": f"{broker.url}{db}", "RATATOSK_ADMIN_URL": gw.admin,
                  "RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET},
         )
 
@@ -64,8 +65,8 @@ class Worker(Proc):
         return self
 
 
-def workers(log_dir, gw, broker, *names: str, queues: str = "celery"):
-    return all_started([Worker(log_dir, gw, broker, n, queues) for n in names])
+def workers(log_dir, gw, broker, *names: str, queues: str = "celery", db: int = 0):
+    return all_started([Worker(log_dir, gw, broker, n, queues, db) for n in names])
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +116,9 @@ async def test_two_workers_share_the_load(celery_gateway, two_workers):
     assert {worker_of(r) for r in results} == {"w1", "w2"}, [worker_of(r) for r in results]
 
 
-def redis_get(broker: RedisServer, key: str) -> str:
-    out = subprocess.run(["redis-cli", "-p", str(broker.port), "GET", key], capture_output=True, text=True,
-                         timeout=10, check=True)
+def redis_get(broker: RedisServer, key: str, db: int = 0) -> str:
+    out = subprocess.run(["redis-cli", "-p", str(broker.port), "-n", str(db), "GET", key], capture_output=True,
+                         text=True, timeout=10, check=True)
     return out.stdout.strip()
 
 
@@ -182,3 +183,61 @@ async def test_a_worker_killed_mid_task_fails_the_call_at_the_hold_timeout(log_d
             await s.send_ping()
     metrics = celery_gateway.metrics()
     assert 'ratatosk_holds_total{org="celery",outcome="expired"}' in metrics
+
+
+# ----- Redis mode: the worker publishes through another node --------------------
+
+NODES_DB = 1  # a broker of their own: the single-node tests' workers never take these tasks
+
+
+@pytest.fixture(scope="module")
+def celery_nodes(log_dir, broker):
+    """Two gateway nodes sharing sessions through Redis, in front of one
+    example server; clients use node 1, workers publish to node 2."""
+    server = Example("python-celery", log_dir, env={
+        "RATATOSK_CELERY_BROKER": f"{broker.url}{NODES_DB}", "RATATOSK_HOLD_TIMEOUT_S": str(HOLD_TIMEOUT_S)})
+    with started(server):
+        nodes = [redis_gateway(log_dir, [server], broker, name=f"celery-node-{i}", prefix="celery-nodes:",
+                               orgs={"celery": org([server])}) for i in (1, 2)]
+        with running(nodes[0]), running(nodes[1]):
+            with workers(log_dir, nodes[1], broker, "n-w1", queues="celery,long", db=NODES_DB):
+                yield nodes
+
+
+async def test_a_worker_publishing_through_another_node_finishes_the_call(celery_nodes):
+    client_node, _ = celery_nodes
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    async with streamable_session(client_node.url("celery")) as s:
+        for a in (2, 40):
+            with anyio.fail_after(30):
+                result = await s.call_tool("add", {"a": a, "b": 3}, progress_callback=on_progress)
+            assert result.content[0].text == str(a + 3)
+            assert worker_of(result) == "n-w1"
+    assert seen.count(1) == 2, seen
+
+
+async def test_a_cancel_on_one_node_reaches_a_worker_publishing_through_another(celery_nodes, broker):
+    client_node, _ = celery_nodes
+    tag = f"nodes-cancel-{uuid.uuid4().hex[:8]}"
+    started_work = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        started_work.set()
+
+    async with streamable_session(client_node.url("celery")) as s:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                async def call() -> None:
+                    await s.call_tool("very_long_running_task_will_cancel", {"seconds": 20, "tag": tag},
+                                      progress_callback=on_progress)
+
+                tg.start_soon(call)
+                await started_work.wait()
+                tg.cancel_scope.cancel()
+        with anyio.fail_after(15):
+            while redis_get(broker, f"ratatosk-example:cancelled:{tag}", db=NODES_DB) != "n-w1:cancelled":
+                await anyio.sleep(0.1)

@@ -200,6 +200,14 @@ pub enum Notice {
     Relisten { session: String },
     /// A 2026-07-28 client's retry of a call parked on node `node`.
     Resume(ResumeRequest),
+    /// A worker's message for hold `hold` of `session`, which node `node`
+    /// holds.
+    Hold {
+        node: u32,
+        session: String,
+        hold: String,
+        body: String,
+    },
     /// Node `node`'s answer to its [`Notice::Resume`] `token`.
     Resumed {
         node: u32,
@@ -209,6 +217,17 @@ pub enum Notice {
     /// The node serving retry `token` stopped waiting for it (timeout, the
     /// client left): node `node` gives the call up.
     Abandon { node: u32, token: String },
+}
+
+/// Where a worker's message for a hold goes ([`SharedEvents::hold_route`]).
+#[derive(Debug, PartialEq)]
+pub enum HoldRoute {
+    /// Node `node` holds it, in `state`.
+    Owner { node: u32, state: String },
+    /// No node holds it yet: queued for the one that will.
+    Queued,
+    /// Its queue is full.
+    Full,
 }
 
 /// A 2026-07-28 client came back with its input for a call that waits on
@@ -308,6 +327,8 @@ pub struct SharedEvents {
     remember: Script,
     recall: Script,
     record_hidden: Script,
+    hold_route: Script,
+    hold_claim: Script,
     bus_up: AtomicBool,
     dropped: AtomicU64,
     /// Leases this node holds for its tasks, renewed at each heartbeat: by
@@ -354,6 +375,8 @@ impl SharedEvents {
             remember: Script::new(&format!("{NOW}{REMEMBER}")),
             recall: Script::new(&format!("{NOW}{RECALL}")),
             record_hidden: Script::new(RECORD_HIDDEN),
+            hold_route: Script::new(HOLD_ROUTE),
+            hold_claim: Script::new(HOLD_CLAIM),
             bus_up: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             held: DashMap::new(),
@@ -695,6 +718,112 @@ impl SharedEvents {
     /// Forgets the hidden session of `key` if it is still `id`.
     pub async fn forget_hidden_session(&self, key: &str, id: &str) -> Result<(), RedisStoreError> {
         self.delete_if(self.hidden_key(key), id).await
+    }
+
+    fn hold_keys(&self, session: &str, hold: &str) -> [String; 2] {
+        [
+            format!("{}hold:{session}:{hold}", self.prefix),
+            format!("{}hold-early:{session}:{hold}", self.prefix),
+        ]
+    }
+
+    /// Where a worker's message for a hold this node does not have goes:
+    /// to the node that opened it, or, while none has, into the hold's
+    /// queue in Redis (kept `keep`, at most `max` messages), which the node
+    /// that opens it takes over ([`SharedEvents::hold_claim`]). Atomic with
+    /// the claim: no message falls between the two.
+    pub async fn hold_route(
+        &self,
+        session: &str,
+        hold: &str,
+        payload: &[u8],
+        keep: Duration,
+        max: usize,
+    ) -> Result<HoldRoute, RedisStoreError> {
+        let [owner, early] = self.hold_keys(session, hold);
+        let mut conn = self.conn.clone();
+        let value: Value = self
+            .hold_route
+            .key(owner)
+            .key(early)
+            .arg(payload)
+            .arg(millis(keep))
+            .arg(max)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match value {
+            Value::Array(parts) => {
+                let text = |v: Option<&Value>| match v {
+                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                };
+                HoldRoute::Owner {
+                    node: text(parts.first()).parse().unwrap_or(0),
+                    state: text(parts.get(1)),
+                }
+            }
+            Value::Int(0) => HoldRoute::Queued,
+            _ => HoldRoute::Full,
+        })
+    }
+
+    /// Records this node as the one holding the hold, for `keep`, and takes
+    /// what workers published for it before.
+    pub async fn hold_claim(
+        &self,
+        session: &str,
+        hold: &str,
+        keep: Duration,
+    ) -> Result<Vec<Vec<u8>>, RedisStoreError> {
+        let [owner, early] = self.hold_keys(session, hold);
+        let mut conn = self.conn.clone();
+        let early: Vec<Vec<u8>> = self
+            .hold_claim
+            .key(owner)
+            .key(early)
+            .arg(self.node)
+            .arg(millis(keep))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(early)
+    }
+
+    /// Records a hold's new state (`done`, `cancelled`, `expired`) for the
+    /// workers that ask other nodes, kept `keep`.
+    pub async fn hold_mark(
+        &self,
+        session: &str,
+        hold: &str,
+        state: &str,
+        keep: Duration,
+    ) -> Result<(), RedisStoreError> {
+        let [owner, _] = self.hold_keys(session, hold);
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .hset(&owner, "state", state)
+            .ignore()
+            .pexpire(&owner, i64::try_from(millis(keep)).unwrap_or(i64::MAX))
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// A hold's state as the node holding it recorded it, if any.
+    pub async fn hold_state(
+        &self,
+        session: &str,
+        hold: &str,
+    ) -> Result<Option<String>, RedisStoreError> {
+        let [owner, early] = self.hold_keys(session, hold);
+        let mut conn = self.conn.clone();
+        let (state, queued): (Option<String>, i64) = redis::pipe()
+            .hget(&owner, "state")
+            .exists(&early)
+            .query_async(&mut conn)
+            .await?;
+        Ok(state.or_else(|| (queued > 0).then(|| "pending".to_owned())))
     }
 
     /// Keeps a provider logout in Redis for `keep` (the longest a token it
@@ -1177,6 +1306,32 @@ if current and current ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. current) =
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]
+";
+
+/// KEYS: a hold's owner hash (node, state), its early queue. ARGV: the
+/// payload, keep ms, the most messages queued. The owner's node and the
+/// hold's state; or 0 once queued; or -1 if the queue is full.
+const HOLD_ROUTE: &str = "
+local node = redis.call('HGET', KEYS[1], 'node')
+if node then
+    return {node, redis.call('HGET', KEYS[1], 'state') or 'open'}
+end
+if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[3]) then
+    return -1
+end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 0
+";
+
+/// KEYS: a hold's owner hash, its early queue. ARGV: this node, keep ms.
+/// What was queued, which is then gone.
+const HOLD_CLAIM: &str = "
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'state', 'open')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local early = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+return early
 ";
 
 /// KEYS: the logouts (a sorted set by expiry). ARGV: logout JSON, keep ms.
