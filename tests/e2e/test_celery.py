@@ -122,31 +122,36 @@ def redis_get(broker: RedisServer, key: str, db: int = 0) -> str:
     return out.stdout.strip()
 
 
-async def test_a_client_cancel_reaches_the_worker(log_dir, celery_gateway, broker):
+async def cancel_and_see_the_worker_stop(url: str, broker: RedisServer, worker: str, db: int = 0) -> None:
+    """Starts the long task, cancels the call at its first progress (the SDK
+    sends notifications/cancelled), then waits until the worker, at its next
+    report (410, state cancelled), records that it stopped; the session
+    goes on."""
     tag = f"cancel-{uuid.uuid4().hex[:8]}"
     started_work = anyio.Event()
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         started_work.set()
 
-    with workers(log_dir, celery_gateway, broker, "long-1", queues="long"):
-        async with streamable_session(celery_gateway.url("celery")) as s:
-            with anyio.fail_after(30):
-                async with anyio.create_task_group() as tg:
-                    async def call() -> None:
-                        await s.call_tool("very_long_running_task_will_cancel", {"seconds": 20, "tag": tag},
-                                          progress_callback=on_progress)
+    async with streamable_session(url) as s:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                async def call() -> None:
+                    await s.call_tool("very_long_running_task_will_cancel", {"seconds": 20, "tag": tag},
+                                      progress_callback=on_progress)
 
-                    tg.start_soon(call)
-                    await started_work.wait()
-                    # The SDK sends notifications/cancelled for the call.
-                    tg.cancel_scope.cancel()
-            # The worker learns it at its next report (410, state
-            # cancelled), while the session goes on, and stops.
-            with anyio.fail_after(15):
-                while redis_get(broker, f"ratatosk-example:cancelled:{tag}") != "long-1:cancelled":
-                    await anyio.sleep(0.1)
-            await s.send_ping()
+                tg.start_soon(call)
+                await started_work.wait()
+                tg.cancel_scope.cancel()
+        with anyio.fail_after(15):
+            while redis_get(broker, f"ratatosk-example:cancelled:{tag}", db) != f"{worker}:cancelled":
+                await anyio.sleep(0.1)
+        await s.send_ping()
+
+
+async def test_a_client_cancel_reaches_the_worker(log_dir, celery_gateway, broker):
+    with workers(log_dir, celery_gateway, broker, "long-1", queues="long"):
+        await cancel_and_see_the_worker_stop(celery_gateway.url("celery"), broker, "long-1")
     metrics = celery_gateway.metrics()
     assert 'ratatosk_holds_total{org="celery",outcome="cancelled"}' in metrics
 
@@ -222,22 +227,4 @@ async def test_a_worker_publishing_through_another_node_finishes_the_call(celery
 
 async def test_a_cancel_on_one_node_reaches_a_worker_publishing_through_another(celery_nodes, broker):
     client_node, _ = celery_nodes
-    tag = f"nodes-cancel-{uuid.uuid4().hex[:8]}"
-    started_work = anyio.Event()
-
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        started_work.set()
-
-    async with streamable_session(client_node.url("celery")) as s:
-        with anyio.fail_after(30):
-            async with anyio.create_task_group() as tg:
-                async def call() -> None:
-                    await s.call_tool("very_long_running_task_will_cancel", {"seconds": 20, "tag": tag},
-                                      progress_callback=on_progress)
-
-                tg.start_soon(call)
-                await started_work.wait()
-                tg.cancel_scope.cancel()
-        with anyio.fail_after(15):
-            while redis_get(broker, f"ratatosk-example:cancelled:{tag}", db=NODES_DB) != "n-w1:cancelled":
-                await anyio.sleep(0.1)
+    await cancel_and_see_the_worker_stop(client_node.url("celery"), broker, "n-w1", db=NODES_DB)
