@@ -85,7 +85,7 @@ async fn route(
             match gw.hold_state(id, hold).await? {
                 Some(state) => Ok(json_response(
                     StatusCode::OK,
-                    json!({"hold": hold, "state": state}),
+                    json!({"hold": hold, "state": state.as_str()}),
                 )),
                 None => Err(hold_reject(HoldPublishError::Unknown(
                     crate::jsonrpc::clip(hold, 64),

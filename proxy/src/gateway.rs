@@ -812,19 +812,16 @@ impl Gateway {
             let body = jsonrpc::error_body(Some(&request), code::UPSTREAM_ERROR, &why);
             let _ = self.append(log, stream, &body, org);
         };
-        let asked = match asked {
-            Ok(asked) => asked,
+        let opened = asked.and_then(|asked| {
+            self.holds
+                .open(&session.id, asked)
+                .map_err(|e| e.to_string())
+        });
+        let mut waiter = match opened {
+            Ok(waiter) => waiter,
             Err(why) => {
                 return fail(format!(
                     "the upstream answered with a hold the gateway cannot keep: {why}"
-                ));
-            }
-        };
-        let mut waiter = match self.holds.open(&session.id, asked) {
-            Ok(waiter) => waiter,
-            Err(e) => {
-                return fail(format!(
-                    "the upstream answered with a hold the gateway cannot keep: {e}"
                 ));
             }
         };
@@ -848,15 +845,22 @@ impl Gateway {
         }
         tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold,
             timeout_s = waiter.hold.timeout.as_secs_f64(), "request held for a worker");
+        // The request side ends an open hold (a cancel, a timeout), unless
+        // its response was published just now.
+        let end = |state| {
+            let ended = self.holds.finish(&session.id, &hold, state);
+            if ended {
+                self.count_hold_end(org, &session.id, &hold, state);
+            }
+            ended
+        };
         let deadline = tokio::time::Instant::now() + waiter.hold.timeout;
         let mut expired = false;
         loop {
             let delivery = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    if self.holds.finish(&session.id, &hold, holds::HoldState::Cancelled) {
-                        org.metrics.holds.cancelled.inc();
-                        self.mark_hold(&session.id, &hold, holds::HoldState::Cancelled);
+                    if end(holds::HoldState::Cancelled) {
                         tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold, "held request cancelled by the client");
                     }
                     return;
@@ -864,9 +868,7 @@ impl Gateway {
                 d = waiter.deliveries.recv() => d,
                 _ = tokio::time::sleep_until(deadline), if !expired => {
                     expired = true;
-                    if self.holds.finish(&session.id, &hold, holds::HoldState::Expired) {
-                        org.metrics.holds.expired.inc();
-                        self.mark_hold(&session.id, &hold, holds::HoldState::Expired);
+                    if end(holds::HoldState::Expired) {
                         tracing::warn!(org = %org.name, session = %short(&session.id), hold = %hold, "held request timed out");
                         return fail(format!(
                             "no worker finished hold '{hold}' within {} s",
@@ -886,8 +888,7 @@ impl Gateway {
                     }
                 }
                 Some(holds::Delivery::Final(body)) => {
-                    org.metrics.holds.done.inc();
-                    self.mark_hold(&session.id, &hold, holds::HoldState::Done);
+                    self.count_hold_end(org, &session.id, &hold, holds::HoldState::Done);
                     let body = holds::with_id(&body, &request).unwrap_or_else(|why| {
                         jsonrpc::error_body(Some(&request), code::UPSTREAM_ERROR, &why)
                     });
@@ -900,8 +901,16 @@ impl Gateway {
         }
     }
 
-    /// Tells workers that ask other nodes how a hold ended (Redis mode).
-    fn mark_hold(&self, session: &str, hold: &str, state: holds::HoldState) {
+    /// Counts how a hold ended, and in Redis mode records it for workers
+    /// that ask other nodes.
+    fn count_hold_end(&self, org: &OrgRoute, session: &str, hold: &str, state: holds::HoldState) {
+        let counter = match state {
+            holds::HoldState::Done => &org.metrics.holds.done,
+            holds::HoldState::Cancelled => &org.metrics.holds.cancelled,
+            holds::HoldState::Expired => &org.metrics.holds.expired,
+            holds::HoldState::Pending | holds::HoldState::Open => return,
+        };
+        counter.inc();
         let Some(events) = self.hub.events().cloned() else {
             return;
         };
@@ -1786,15 +1795,22 @@ impl Gateway {
 
     // ----- admin API ---------------------------------------------------------
 
+    /// The session a worker names in the publish API, if it exists.
+    async fn published_to(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<Arc<SessionState>>, StoreError> {
+        if !session::is_plausible_id(session_id) {
+            return Ok(None);
+        }
+        self.store.lookup(session_id).await
+    }
+
     /// Delivers one JSON-RPC message to a session's standalone stream.
     pub async fn publish(&self, session_id: &str, body: &Bytes) -> Result<EventId, PublishError> {
         let message = jsonrpc::parse_message(body).map_err(PublishError::Invalid)?;
-        if !session::is_plausible_id(session_id) {
-            return Err(PublishError::UnknownSession);
-        }
         let state = self
-            .store
-            .lookup(session_id)
+            .published_to(session_id)
             .await?
             .ok_or(PublishError::UnknownSession)?;
         let id = self
@@ -1817,14 +1833,12 @@ impl Gateway {
         hold: &str,
         body: &Bytes,
     ) -> Result<holds::HoldState, Reject> {
-        let known = session::is_plausible_id(session_id)
-            && self
-                .store
-                .lookup(session_id)
-                .await
-                .map_err(store_reject)?
-                .is_some();
-        if !known {
+        if self
+            .published_to(session_id)
+            .await
+            .map_err(store_reject)?
+            .is_none()
+        {
             return Err(Reject::new(
                 StatusCode::NOT_FOUND,
                 code::SESSION_NOT_FOUND,
@@ -1842,18 +1856,11 @@ impl Gateway {
         // that holds it gets the message, or it waits in Redis for the one
         // that will.
         holds::delivery_of(hold, body).map_err(crate::admin::hold_reject)?;
-        let unavailable = |e: crate::session::redis::RedisStoreError| {
-            Reject::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                code::INTERNAL_ERROR,
-                e.to_string(),
-            )
-        };
-        let config = self.holds.config();
+        let keep = self.holds.config().keep_finished;
         let route = events
-            .hold_route(session_id, hold, body, config.keep_finished, holds::QUEUE)
+            .hold_route(session_id, hold, body, keep, holds::QUEUE)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| store_reject(e.into()))?;
         match route {
             HoldRoute::Owner { node, .. } if node == self.node => self
                 .holds
@@ -1883,20 +1890,22 @@ impl Gateway {
 
     /// A hold's state for its worker: this node's, or in Redis mode the
     /// one the node holding it recorded.
-    pub async fn hold_state(&self, session_id: &str, hold: &str) -> Result<Option<String>, Reject> {
+    pub async fn hold_state(
+        &self,
+        session_id: &str,
+        hold: &str,
+    ) -> Result<Option<holds::HoldState>, Reject> {
         if let Some(state) = self.holds.state(session_id, hold) {
-            return Ok(Some(state.as_str().to_owned()));
+            return Ok(Some(state));
         }
-        match self.hub.events() {
-            Some(events) => events.hold_state(session_id, hold).await.map_err(|e| {
-                Reject::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    code::INTERNAL_ERROR,
-                    e.to_string(),
-                )
-            }),
-            None => Ok(None),
-        }
+        let Some(events) = self.hub.events() else {
+            return Ok(None);
+        };
+        let recorded = events
+            .hold_state(session_id, hold)
+            .await
+            .map_err(|e| store_reject(e.into()))?;
+        Ok(recorded.as_deref().and_then(holds::HoldState::parse))
     }
 
     /// Removes idle sessions; run periodically. A session with a client
@@ -2791,6 +2800,14 @@ mod tests {
             .await
         }
 
+        /// A gateway in front of [`holding_stub`], and a session of it.
+        async fn holding_gateway() -> (testing::Stub, Arc<Gateway>, String) {
+            let up = holding_stub().await;
+            let gw = gateway(&[up.url()]);
+            let sid = initialize(&gw).await;
+            (up, gw, sid)
+        }
+
         async fn held_call(gw: &Arc<Gateway>, sid: &str, hold: &str, timeout_s: f64) -> Response {
             let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
                               "params": {"name": hold, "arguments": {"t": timeout_s}}});
@@ -2822,9 +2839,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_worker_finishes_a_held_request_on_its_stream() {
-            let up = holding_stub().await;
-            let gw = gateway(&[up.url()]);
-            let sid = initialize(&gw).await;
+            let (_up, gw, sid) = holding_gateway().await;
             let mut r = held_call(&gw, &sid, "task-1", 30.0).await;
             // The upstream answered JSON, but the answer comes later: a stream.
             assert!(matches!(r.body, ResponseBody::Stream(_)));
@@ -2867,9 +2882,7 @@ mod tests {
         /// the worker published meanwhile.
         #[tokio::test]
         async fn a_resumed_stream_replays_what_the_worker_published() {
-            let up = holding_stub().await;
-            let gw = gateway(&[up.url()]);
-            let sid = initialize(&gw).await;
+            let (_up, gw, sid) = holding_gateway().await;
             let mut r = held_call(&gw, &sid, "task-r", 30.0).await;
             let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
                                   "params": {"progressToken": "p", "progress": 1}});
@@ -2911,9 +2924,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_hold_nobody_finishes_fails_the_request_at_its_timeout() {
-            let up = holding_stub().await;
-            let gw = gateway(&[up.url()]);
-            let sid = initialize(&gw).await;
+            let (_up, gw, sid) = holding_gateway().await;
             let mut r = held_call(&gw, &sid, "slow", 0.2).await;
             let text = read_until(&mut r, "\"error\"").await;
             assert!(
@@ -2929,9 +2940,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_client_cancel_reaches_the_worker_as_the_hold_state() {
-            let up = holding_stub().await;
-            let gw = gateway(&[up.url()]);
-            let sid = initialize(&gw).await;
+            let (_up, gw, sid) = holding_gateway().await;
             let _r = held_call(&gw, &sid, "cancel-me", 30.0).await;
             let cancel =
                 r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":9}}"#;
@@ -2965,9 +2974,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_malformed_hold_fails_the_request_with_the_reason() {
-            let up = holding_stub().await;
-            let gw = gateway(&[up.url()]);
-            let sid = initialize(&gw).await;
+            let (_up, gw, sid) = holding_gateway().await;
             let mut r = held_call(&gw, &sid, "bad/id", 5.0).await;
             let text = read_until(&mut r, "\"error\"").await;
             assert!(text.contains("a hold the gateway cannot keep"), "{text}");

@@ -202,16 +202,18 @@ impl Entry {
     }
 }
 
-/// The open and recently finished holds of this node, keyed by (session,
-/// hold id).
+/// One session's holds, by hold id.
+type SessionHolds = HashMap<String, Entry>;
+
+/// The open and recently finished holds of this node, by session: what one
+/// session does never scans another's.
 pub struct Holds {
     config: HoldsConfig,
-    entries: Mutex<HashMap<(String, String), Entry>>,
+    sessions: Mutex<HashMap<String, SessionHolds>>,
 }
 
 /// The request side of an open hold.
 pub struct Waiter {
-    pub session: String,
     pub hold: HoldRequest,
     pub deliveries: mpsc::Receiver<Delivery>,
 }
@@ -220,7 +222,7 @@ impl Holds {
     pub fn new(config: HoldsConfig) -> Holds {
         Holds {
             config,
-            entries: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -228,19 +230,32 @@ impl Holds {
         &self.config
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Entry>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHolds>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry of a hold, if known.
+    fn with_entry<T>(
+        &self,
+        session: &str,
+        hold: &str,
+        f: impl FnOnce(&mut Entry) -> T,
+    ) -> Option<T> {
+        self.lock()
+            .get_mut(session)
+            .and_then(|holds| holds.get_mut(hold))
+            .map(f)
     }
 
     /// Opens a hold of `session`, taking over what a worker published for
     /// it already. Finished and pending holds older than `keep_finished`
     /// are forgotten here.
     pub fn open(&self, session: &str, hold: HoldRequest) -> Result<Waiter, OpenError> {
-        let mut entries = self.lock();
+        let mut sessions = self.lock();
+        let entries = sessions.entry(session.to_owned()).or_default();
         let keep = self.config.keep_finished;
         entries.retain(|_, e| e.since.is_none_or(|t| t.elapsed() < keep));
-        let key = (session.to_owned(), hold.id.clone());
-        let deliveries = match entries.get_mut(&key) {
+        let deliveries = match entries.get_mut(&hold.id) {
             Some(e) if e.state == HoldState::Pending => {
                 let queued = e.queued.take();
                 e.state = if e.answered {
@@ -260,34 +275,21 @@ impl Holds {
         let deliveries = match deliveries {
             Some(queued) => queued,
             None => {
-                let live = Self::live_in(&entries, session);
+                let live = live_in(entries);
                 if live >= self.config.max_per_session {
                     return Err(OpenError::TooMany(live));
                 }
                 let (tx, rx) = mpsc::channel(QUEUE);
-                entries.insert(key, Entry::open(tx));
+                entries.insert(hold.id.clone(), Entry::open(tx));
                 rx
             }
         };
-        Ok(Waiter {
-            session: session.to_owned(),
-            hold,
-            deliveries,
-        })
-    }
-
-    fn live_in(entries: &HashMap<(String, String), Entry>, session: &str) -> usize {
-        entries
-            .iter()
-            .filter(|((s, _), e)| s == session && e.live())
-            .count()
+        Ok(Waiter { hold, deliveries })
     }
 
     /// A hold's state, if this node knows it.
     pub fn state(&self, session: &str, hold: &str) -> Option<HoldState> {
-        self.lock()
-            .get(&(session.to_owned(), hold.to_owned()))
-            .map(|e| e.state)
+        self.with_entry(session, hold, |e| e.state)
     }
 
     /// Takes one published message for a hold. A response finishes it. A
@@ -299,28 +301,17 @@ impl Holds {
         hold: &str,
         body: &Bytes,
     ) -> Result<HoldState, HoldPublishError> {
-        let message =
-            jsonrpc::parse_message(body).map_err(|e| HoldPublishError::Invalid(e.to_string()))?;
-        let delivery = match message.kind {
-            Kind::Notification { .. } => Delivery::Event(message.raw.clone()),
-            Kind::Response { .. } => Delivery::Final(message.raw.clone()),
-            Kind::Request { .. } => {
-                return Err(HoldPublishError::Invalid(
-                    "a request to the client cannot be published into a hold; publish notifications, then the response".into(),
-                ));
-            }
-        };
-        check_hold_id(hold).map_err(HoldPublishError::Invalid)?;
-        let mut entries = self.lock();
-        let key = (session.to_owned(), hold.to_owned());
-        if !entries.contains_key(&key) {
-            let live = Self::live_in(&entries, session);
+        let delivery = delivery_of(hold, body)?;
+        let mut sessions = self.lock();
+        let entries = sessions.entry(session.to_owned()).or_default();
+        if !entries.contains_key(hold) {
+            let live = live_in(entries);
             if live >= self.config.max_per_session {
                 return Err(HoldPublishError::TooMany(live));
             }
-            entries.insert(key.clone(), Entry::pending());
+            entries.insert(hold.to_owned(), Entry::pending());
         }
-        let Some(entry) = entries.get_mut(&key) else {
+        let Some(entry) = entries.get_mut(hold) else {
             return Err(HoldPublishError::Unknown(hold.to_owned()));
         };
         let finished = |state| HoldPublishError::Finished {
@@ -355,30 +346,36 @@ impl Holds {
     /// response was published just now: the response is then in the
     /// waiter's queue.
     pub fn finish(&self, session: &str, hold: &str, state: HoldState) -> bool {
-        let mut entries = self.lock();
-        match entries.get_mut(&(session.to_owned(), hold.to_owned())) {
-            Some(e) if e.state == HoldState::Open && !e.answered => {
+        self.with_entry(session, hold, |e| {
+            let open = e.state == HoldState::Open && !e.answered;
+            if open {
                 e.state = state;
                 e.to_client = None;
                 e.since = Some(Instant::now());
-                true
             }
-            _ => false,
-        }
+            open
+        })
+        .unwrap_or(false)
     }
 
     /// Forgets every hold of a session that ended.
     pub fn end_session(&self, session: &str) {
-        self.lock().retain(|(s, _), _| s != session);
+        self.lock().remove(session);
     }
 
     /// Holds open now, on this node.
     pub fn open_count(&self) -> usize {
         self.lock()
             .values()
+            .flat_map(HashMap::values)
             .filter(|e| e.state == HoldState::Open)
             .count()
     }
+}
+
+/// Holds of one session that are open or pending.
+fn live_in(entries: &SessionHolds) -> usize {
+    entries.values().filter(|e| e.live()).count()
 }
 
 impl Entry {
