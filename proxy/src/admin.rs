@@ -82,10 +82,10 @@ async fn route(
         }
         (&Method::GET, ["sessions", id, "holds", hold]) => {
             authorize(gw, headers)?;
-            match gw.hold_state(id, hold).await? {
-                Some(state) => Ok(json_response(
+            match gw.hold_view(id, hold).await? {
+                Some(view) => Ok(json_response(
                     StatusCode::OK,
-                    json!({"hold": hold, "state": state.as_str()}),
+                    json!({"hold": hold, "state": view.state.as_str(), "answers": view.answers}),
                 )),
                 None => Err(hold_reject(HoldPublishError::Unknown(
                     crate::jsonrpc::clip(hold, 64),

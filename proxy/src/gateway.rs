@@ -856,6 +856,9 @@ impl Gateway {
         };
         let deadline = tokio::time::Instant::now() + waiter.hold.timeout;
         let mut expired = false;
+        // The worker's requests to the client, waiting for its answers.
+        let mut pending = modern::PendingReplies::new(&self.replies);
+        let mut asks = futures::stream::FuturesUnordered::new();
         loop {
             let delivery = tokio::select! {
                 biased;
@@ -864,6 +867,10 @@ impl Gateway {
                         tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold, "held request cancelled by the client");
                     }
                     return;
+                }
+                Some((worker_id, method, reply)) = futures::StreamExt::next(&mut asks), if !asks.is_empty() => {
+                    self.keep_answer(org, &session.id, &hold, &worker_id, method, reply);
+                    continue;
                 }
                 d = waiter.deliveries.recv() => d,
                 _ = tokio::time::sleep_until(deadline), if !expired => {
@@ -887,6 +894,39 @@ impl Gateway {
                         return;
                     }
                 }
+                Some(holds::Delivery::Ask(body)) => {
+                    let asked =
+                        match self.ask_for_hold(org, session, log, stream, &body, &mut pending) {
+                            Ok(asked) => asked,
+                            Err(()) => {
+                                self.holds
+                                    .finish(&session.id, &hold, holds::HoldState::Cancelled);
+                                return;
+                            }
+                        };
+                    match asked {
+                        HoldAsk::Sent {
+                            worker_id,
+                            method,
+                            reply,
+                        } => {
+                            asks.push(async move {
+                                let reply = tokio::time::timeout_at(deadline, reply).await;
+                                (worker_id, method, reply.ok().and_then(Result::ok))
+                            });
+                        }
+                        HoldAsk::Refused { worker_id, answer } => {
+                            self.keep_answer(
+                                org,
+                                &session.id,
+                                &hold,
+                                &worker_id,
+                                String::new(),
+                                Some(answer),
+                            );
+                        }
+                    }
+                }
                 Some(holds::Delivery::Final(body)) => {
                     self.count_hold_end(org, &session.id, &hold, holds::HoldState::Done);
                     let body = holds::with_id(&body, &request).unwrap_or_else(|why| {
@@ -899,6 +939,109 @@ impl Gateway {
                 None => return,
             }
         }
+    }
+
+    /// Sends a worker's request (published into a hold) to the client on
+    /// the held request's stream, under an id of the gateway's. A client
+    /// that cannot take it (it did not declare the capability, or speaks
+    /// 2026-07-28, which has no requests during a call) gets nothing: the
+    /// worker gets an error answer. `Err` if the stream is gone.
+    fn ask_for_hold(
+        &self,
+        org: &OrgRoute,
+        session: &SessionState,
+        log: &SessionLog,
+        stream: StreamId,
+        body: &Bytes,
+        pending: &mut modern::PendingReplies<'_>,
+    ) -> Result<HoldAsk, ()> {
+        // Checked when published: a request with a client method.
+        let Ok(message) = jsonrpc::parse_message(body) else {
+            return Err(());
+        };
+        let (Some(worker_id), Some(method)) = (message.request_id(), message.method()) else {
+            return Err(());
+        };
+        let refuse = |code: i64, why: String| HoldAsk::Refused {
+            worker_id: worker_id.clone(),
+            answer: serde_json::json!({"jsonrpc": "2.0", "id": worker_id.to_value(),
+                "error": {"code": code, "message": why}}),
+        };
+        if crate::era::is_modern_version(&session.protocol_version) {
+            return Ok(refuse(
+                code::INVALID_REQUEST,
+                format!(
+                    "the client speaks {}, which takes no requests during a call: {method} cannot reach it",
+                    session.protocol_version
+                ),
+            ));
+        }
+        let capability = crate::era::capability_for(method).unwrap_or_default();
+        let declared = session
+            .client_capabilities
+            .as_ref()
+            .and_then(Value::as_object)
+            .is_some_and(|caps| caps.contains_key(capability));
+        if !declared {
+            return Ok(refuse(
+                crate::era::errors::MISSING_CAPABILITY,
+                format!(
+                    "the client did not declare the '{capability}' capability in initialize: {method} cannot reach it"
+                ),
+            ));
+        }
+        let Some((rid, reply)) = self.await_reply(&session.id, pending) else {
+            return Err(());
+        };
+        let params = message.params();
+        let request =
+            crate::era::client_request(&rid, method, params.as_ref(), &session.protocol_version);
+        if self.append(log, stream, &request, org).is_err() {
+            return Err(());
+        }
+        tracing::debug!(org = %org.name, session = %short(&session.id), method, "a worker's request sent to the client");
+        Ok(HoldAsk::Sent {
+            worker_id: worker_id.clone(),
+            method: method.to_owned(),
+            reply,
+        })
+    }
+
+    /// Keeps the client's answer to a worker's request with the hold (and
+    /// in Redis mode in Redis, for workers that ask other nodes). `None`:
+    /// the client did not answer before the hold ended.
+    fn keep_answer(
+        &self,
+        org: &OrgRoute,
+        session: &str,
+        hold: &str,
+        worker_id: &Id,
+        method: String,
+        reply: Option<Value>,
+    ) {
+        let answer = match reply {
+            Some(reply) => holds::answer_for_worker(reply, worker_id),
+            None => serde_json::json!({"jsonrpc": "2.0", "id": worker_id.to_value(),
+                "error": {"code": code::UPSTREAM_ERROR,
+                    "message": format!("the client did not answer {method} before hold '{hold}' timed out")}}),
+        };
+        tracing::debug!(org = %org.name, session = %short(session), hold = %hold, "the client answered a worker's request");
+        let Some(events) = self.hub.events().cloned() else {
+            self.holds.answer(session, hold, answer);
+            return;
+        };
+        let text = answer.to_string();
+        self.holds.answer(session, hold, answer);
+        let (session, hold) = (session.to_owned(), hold.to_owned());
+        let keep = self.holds.config().keep_finished + self.holds.config().max_timeout;
+        tokio::spawn(async move {
+            if let Err(e) = events
+                .hold_answer(&session, &hold, &text, keep, holds::QUEUE)
+                .await
+            {
+                tracing::warn!(hold = %hold, error = %e, "cannot record the client's answer in Redis");
+            }
+        });
     }
 
     /// Counts how a hold ended, and in Redis mode records it for workers
@@ -1890,13 +2033,13 @@ impl Gateway {
 
     /// A hold's state for its worker: this node's, or in Redis mode the
     /// one the node holding it recorded.
-    pub async fn hold_state(
+    pub async fn hold_view(
         &self,
         session_id: &str,
         hold: &str,
-    ) -> Result<Option<holds::HoldState>, Reject> {
-        if let Some(state) = self.holds.state(session_id, hold) {
-            return Ok(Some(state));
+    ) -> Result<Option<holds::HoldView>, Reject> {
+        if let Some(view) = self.holds.view(session_id, hold) {
+            return Ok(Some(view));
         }
         let Some(events) = self.hub.events() else {
             return Ok(None);
@@ -1905,7 +2048,15 @@ impl Gateway {
             .hold_state(session_id, hold)
             .await
             .map_err(|e| store_reject(e.into()))?;
-        Ok(recorded.as_deref().and_then(holds::HoldState::parse))
+        Ok(recorded.and_then(|(state, answers)| {
+            Some(holds::HoldView {
+                state: holds::HoldState::parse(&state)?,
+                answers: answers
+                    .iter()
+                    .filter_map(|a| serde_json::from_str(a).ok())
+                    .collect(),
+            })
+        }))
     }
 
     /// Removes idle sessions; run periodically. A session with a client
@@ -2072,6 +2223,18 @@ impl Backoff {
 type InFlightMap = DashMap<(String, Id), (u64, CancellationToken)>;
 
 /// A registered in-flight request; unregisters on drop.
+/// A worker's request published into a hold, as the gateway handled it.
+enum HoldAsk {
+    /// Sent to the client; its answer comes on `reply`.
+    Sent {
+        worker_id: Id,
+        method: String,
+        reply: tokio::sync::oneshot::Receiver<Value>,
+    },
+    /// Not sent: `answer` is the error the worker reads.
+    Refused { worker_id: Id, answer: Value },
+}
+
 struct InFlight {
     map: Arc<InFlightMap>,
     key: Option<(String, Id)>,
@@ -2875,6 +3038,103 @@ mod tests {
                 metrics.contains("ratatosk_holds_total{org=\"org-1\",outcome=\"done\"} 1"),
                 "{metrics}"
             );
+        }
+
+        /// A worker asks the client for its roots while the call is held:
+        /// the request reaches the client's stream under the gateway's id,
+        /// and the client's answer is kept for the worker with its own id.
+        /// A client without the capability is never asked.
+        #[tokio::test]
+        async fn a_worker_asks_the_client_and_reads_its_answer() {
+            let up = holding_stub().await;
+            let gw = gateway(&[up.url()]);
+            let init = INIT.replace(r#""capabilities":{}"#, r#""capabilities":{"roots":{}}"#);
+            let r = gw.handle(post(&init, &[])).await;
+            assert_eq!(r.status, StatusCode::OK);
+            let sid = r
+                .headers
+                .get(&MCP_SESSION_ID)
+                .expect("sid")
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            let mut r = held_call(&gw, &sid, "ask", 30.0).await;
+            let ask = json!({"jsonrpc": "2.0", "id": "w-1", "method": "roots/list"});
+            gw.publish_hold(&sid, "ask", &message(ask))
+                .await
+                .expect("ask");
+            let text = read_until(&mut r, "roots/list").await;
+            let sent: Value = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str(d).ok())
+                .find(|v: &Value| v["method"] == "roots/list")
+                .expect("the request on the stream");
+            let gateway_id = sent["id"].as_str().expect("a string id").to_owned();
+            assert_ne!(
+                gateway_id, "w-1",
+                "the worker's id never reaches the client"
+            );
+            let view = || gw.holds.view(&sid, "ask").expect("known");
+            assert!(view().answers.is_empty());
+            let answer = json!({"jsonrpc": "2.0", "id": gateway_id,
+                                "result": {"roots": [{"uri": "file:///work", "name": "work"}]}});
+            let a = gw
+                .handle(post(
+                    &answer.to_string(),
+                    &[
+                        ("mcp-session-id", &sid),
+                        ("mcp-protocol-version", "2025-06-18"),
+                    ],
+                ))
+                .await;
+            assert_eq!(a.status, StatusCode::ACCEPTED);
+            let answered = || async { !view().answers.is_empty() };
+            assert!(
+                testing::eventually(Duration::from_secs(5), answered).await,
+                "no answer kept"
+            );
+            let kept = &view().answers[0];
+            assert_eq!(kept["id"], "w-1");
+            assert_eq!(kept["result"]["roots"][0]["uri"], "file:///work");
+            // The admin API shows it to the worker.
+            let got = gw
+                .hold_view(&sid, "ask")
+                .await
+                .expect("view")
+                .expect("known");
+            assert_eq!(got.answers.len(), 1);
+            assert_eq!(got.state, crate::holds::HoldState::Open);
+
+            // A client that did not declare `sampling` is never asked.
+            let ask = json!({"jsonrpc": "2.0", "id": 2, "method": "sampling/createMessage", "params": {}});
+            gw.publish_hold(&sid, "ask", &message(ask))
+                .await
+                .expect("ask");
+            let refused = || async { view().answers.len() == 2 };
+            assert!(
+                testing::eventually(Duration::from_secs(5), refused).await,
+                "no refusal kept"
+            );
+            let kept = &view().answers[1];
+            assert_eq!(kept["id"], 2);
+            assert_eq!(
+                kept["error"]["code"],
+                crate::era::errors::MISSING_CAPABILITY
+            );
+            assert!(
+                kept["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("'sampling'")),
+                "{kept}"
+            );
+            // Only client methods may be asked.
+            let bad = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {}});
+            let e = gw
+                .publish_hold(&sid, "ask", &message(bad))
+                .await
+                .expect_err("refused");
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
         }
 
         /// The hold's messages go through the session's event log: a client

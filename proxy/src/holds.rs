@@ -16,6 +16,12 @@
 //! A timeout gives the client an error; a client's cancel marks the hold
 //! `cancelled`, which the worker sees when it asks or publishes.
 //!
+//! A worker may also ask the client something while the call is held
+//! (`roots/list`, `sampling/createMessage`, `elicitation/create`): it
+//! publishes the request, the gateway sends it on the client's stream under
+//! an id of its own, and the client's answer (with the worker's id back) is
+//! kept with the hold, for the worker to read with the hold's state.
+//!
 //! This module is the registry: what is open, what a publish may do, and
 //! the states a worker can read. The gateway's request path waits on a
 //! [`Waiter`] and writes to the client's stream.
@@ -35,7 +41,8 @@ use crate::jsonrpc::{self, Id, Kind};
 pub const HOLD_META: &str = "io.ratatosk/hold";
 /// The longest hold id, in bytes.
 pub const MAX_HOLD_ID: usize = 128;
-/// Messages published for one hold that may wait for the client's stream.
+/// Messages published for one hold that may wait for the client's stream;
+/// also the most answers of the client kept for one hold.
 pub const QUEUE: usize = 64;
 
 /// A hold an upstream asked for.
@@ -104,9 +111,13 @@ pub fn delivery_of(hold: &str, body: &Bytes) -> Result<Delivery, HoldPublishErro
     match message.kind {
         Kind::Notification { .. } => Ok(Delivery::Event(message.raw)),
         Kind::Response { .. } => Ok(Delivery::Final(message.raw)),
-        Kind::Request { .. } => Err(HoldPublishError::Invalid(
-            "a request to the client cannot be published into a hold; publish notifications, then the response".into(),
-        )),
+        Kind::Request { method, .. } if crate::era::capability_for(&method).is_some() => {
+            Ok(Delivery::Ask(message.raw))
+        }
+        Kind::Request { method, .. } => Err(HoldPublishError::Invalid(format!(
+            "a worker may ask the client roots/list, sampling/createMessage or elicitation/create, not `{}`",
+            jsonrpc::clip(&method, 64)
+        ))),
     }
 }
 
@@ -155,6 +166,9 @@ impl HoldState {
 pub enum Delivery {
     /// A notification, as published.
     Event(Bytes),
+    /// A request to the client, as published: its answer is kept with the
+    /// hold (see [`Holds::answer`]).
+    Ask(Bytes),
     /// The response, as published (see [`with_id`]); the last delivery.
     Final(Bytes),
 }
@@ -194,6 +208,9 @@ struct Entry {
     /// Since when it is finished, or pending: forgotten `keep_finished`
     /// later.
     since: Option<Instant>,
+    /// The client's answers to the worker's requests, with the worker's
+    /// ids; the last [`QUEUE`].
+    answers: Vec<Value>,
 }
 
 impl Entry {
@@ -292,6 +309,26 @@ impl Holds {
         self.with_entry(session, hold, |e| e.state)
     }
 
+    /// A hold's state and the client's answers to its worker, if this node
+    /// knows the hold.
+    pub fn view(&self, session: &str, hold: &str) -> Option<HoldView> {
+        self.with_entry(session, hold, |e| HoldView {
+            state: e.state,
+            answers: e.answers.clone(),
+        })
+    }
+
+    /// Keeps the client's answer to a worker's request, for the worker to
+    /// read: the last [`QUEUE`] are kept.
+    pub fn answer(&self, session: &str, hold: &str, answer: Value) {
+        self.with_entry(session, hold, |e| {
+            if e.answers.len() >= QUEUE {
+                e.answers.remove(0);
+            }
+            e.answers.push(answer);
+        });
+    }
+
     /// Takes one published message for a hold. A response finishes it. A
     /// hold not open yet is kept pending for the request that opens it:
     /// the worker may be faster than the upstream's answer.
@@ -373,6 +410,23 @@ impl Holds {
     }
 }
 
+/// What a worker reads of its hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldView {
+    pub state: HoldState,
+    /// The client's answers to the worker's requests, oldest first.
+    pub answers: Vec<Value>,
+}
+
+/// The client's answer to a worker's request as the worker reads it: the
+/// worker's id back in place of the gateway's.
+pub fn answer_for_worker(mut answer: Value, worker_id: &Id) -> Value {
+    if let Some(obj) = answer.as_object_mut() {
+        obj.insert("id".into(), worker_id.to_value());
+    }
+    answer
+}
+
 /// Holds of one session that are open or pending.
 fn live_in(entries: &SessionHolds) -> usize {
     entries.values().filter(|e| e.live()).count()
@@ -386,6 +440,7 @@ impl Entry {
             queued: None,
             answered: false,
             since: None,
+            answers: Vec::new(),
         }
     }
 
@@ -397,6 +452,7 @@ impl Entry {
             queued: Some(rx),
             answered: false,
             since: Some(Instant::now()),
+            answers: Vec::new(),
         }
     }
 }
@@ -536,7 +592,7 @@ mod tests {
         assert!(holds.open("s2", hold("c")).is_ok());
         for bad in [
             &br#"not json"#[..],
-            br#"{"jsonrpc":"2.0","id":5,"method":"sampling/createMessage","params":{}}"#,
+            br#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{}}"#,
         ] {
             assert!(
                 matches!(
@@ -587,6 +643,30 @@ mod tests {
             holds.publish("s2", "c", &note),
             Err(HoldPublishError::TooMany(2))
         );
+    }
+
+    #[tokio::test]
+    async fn a_workers_request_is_delivered_and_the_last_answers_are_kept() {
+        let holds = Holds::new(config());
+        let mut w = holds.open("s1", hold("t")).expect("open");
+        let ask = Bytes::from_static(br#"{"jsonrpc":"2.0","id":"a","method":"roots/list"}"#);
+        assert_eq!(holds.publish("s1", "t", &ask), Ok(HoldState::Open));
+        assert!(matches!(w.deliveries.recv().await, Some(Delivery::Ask(b)) if b == ask));
+        for n in 0..QUEUE + 2 {
+            let answer = answer_for_worker(
+                serde_json::json!({"jsonrpc": "2.0", "id": "ratatosk-input-0-1", "result": {"n": n}}),
+                &id(n as u64),
+            );
+            holds.answer("s1", "t", answer);
+        }
+        let view = holds.view("s1", "t").expect("known");
+        assert_eq!(view.state, HoldState::Open);
+        assert_eq!(view.answers.len(), QUEUE);
+        assert_eq!(view.answers[0]["id"], 2, "the oldest went first");
+        assert_eq!(view.answers[QUEUE - 1]["result"]["n"], QUEUE + 1);
+        // Nothing is kept for a hold this node does not know.
+        holds.answer("s1", "other", serde_json::json!({}));
+        assert_eq!(holds.view("s1", "other"), None);
     }
 
     #[test]

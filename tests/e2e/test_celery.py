@@ -101,6 +101,42 @@ async def test_a_celery_task_reports_progress_then_the_result(celery_gateway, tw
     assert "is adding" in (seen[0][2] or "")
 
 
+ROOTS = [types.Root(uri="file:///srv/project", name="project"), types.Root(uri="file:///tmp/scratch")]
+
+
+async def list_roots(_context) -> types.ListRootsResult:
+    return types.ListRootsResult(roots=ROOTS)
+
+
+def roots_text() -> str:
+    return "roots: " + ", ".join(str(r.uri) for r in ROOTS)
+
+
+@pytest.mark.parametrize("transport", ["streamable", "legacy"])
+async def test_a_worker_asks_the_client_for_its_roots(celery_gateway, two_workers, transport):
+    """The seed's send_client_request_for_roots: the worker's request reaches
+    the client on its held call, and the client's answer reaches the worker."""
+    if transport == "streamable":
+        session = streamable_session(celery_gateway.url("celery"), list_roots_callback=list_roots)
+    else:
+        session = legacy_session(celery_gateway.url("celery", "sse"), list_roots_callback=list_roots)
+    async with session as s:
+        with anyio.fail_after(30):
+            result = await s.call_tool("send_client_request_for_roots", {})
+    assert not result.is_error, result
+    assert result.content[0].text == roots_text()
+
+
+async def test_a_client_without_roots_is_not_asked(celery_gateway, two_workers):
+    """A client that did not declare `roots` is never sent the request: the
+    worker reads the gateway's refusal and fails the call with it."""
+    async with streamable_session(celery_gateway.url("celery")) as s:
+        with anyio.fail_after(30):
+            result = await s.call_tool("send_client_request_for_roots", {})
+    assert result.is_error, result
+    assert "did not declare the 'roots' capability" in result.content[0].text, result
+
+
 async def test_two_workers_share_the_load(celery_gateway, two_workers):
     results: list[types.CallToolResult] = []
     async with streamable_session(celery_gateway.url("celery")) as s:
@@ -223,6 +259,14 @@ async def test_a_worker_publishing_through_another_node_finishes_the_call(celery
             assert result.content[0].text == str(a + 3)
             assert worker_of(result) == "n-w1"
     assert seen.count(1) == 2, seen
+
+
+async def test_a_worker_asking_through_another_node_reads_the_clients_answer(celery_nodes):
+    client_node, _ = celery_nodes
+    async with streamable_session(client_node.url("celery"), list_roots_callback=list_roots) as s:
+        with anyio.fail_after(30):
+            result = await s.call_tool("send_client_request_for_roots", {})
+    assert result.content[0].text == roots_text(), result
 
 
 async def test_a_cancel_on_one_node_reaches_a_worker_publishing_through_another(celery_nodes, broker):

@@ -61,6 +61,15 @@ def add(a: float, b: float, ctx: Context) -> ToolResult:
 
 
 @mcp.tool
+def send_client_request_for_roots(ctx: Context) -> ToolResult:
+    """Asks the client for its roots from a Celery worker, through the
+    gateway (the hold carries the request and the client's answer)."""
+    hold = hold_for(ctx)
+    tasks.send_client_request_for_roots.apply_async(args=[hold], task_id=hold["id"])
+    return held(hold)
+
+
+@mcp.tool
 def very_long_running_task_will_cancel(ctx: Context, seconds: float = 30.0, tag: str = "") -> ToolResult:
     """Runs for `seconds` on a worker of the `long` queue, reporting progress,
     unless the client cancels it first."""

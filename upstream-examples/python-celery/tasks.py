@@ -10,6 +10,11 @@ cancels, the gateway answers the next report with 410 and
 there, and records why in Redis (`ratatosk-example:cancelled:<tag>`) for
 the tests to see.
 
+A task may also ask the client something while the call is held
+(`send_client_request_for_roots`): it publishes a JSON-RPC request
+(`roots/list`) into the hold, and reads the client's answer from
+`GET .../holds/{hold}` (`answers`, matched by the request's id).
+
 Environment (the worker's; the secret never travels in a task):
     RATATOSK_CELERY_BROKER    default redis://127.0.0.1:6379/0
     RATATOSK_ADMIN_URL        default http://127.0.0.1:9090
@@ -23,6 +28,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -54,13 +60,39 @@ class Cancelled(Exception):
 def publish(hold: dict[str, Any], message: dict[str, Any]) -> None:
     """One message for the hold; raises Cancelled when the client is gone."""
     secret = os.environ["RATATOSK_PUBLISH_SECRET"]
-    url = f"{ADMIN_URL}/sessions/{hold['session']}/holds/{hold['id']}"
-    r = httpx.post(url, json=message, headers={"Authorization": f"Bearer {secret}"}, timeout=5.0)
+    r = httpx.post(hold_url(hold), json=message, headers={"Authorization": f"Bearer {secret}"}, timeout=5.0)
     if r.status_code == 410 and r.json().get("error", {}).get("data", {}).get("state") == "cancelled":
         raise Cancelled("cancelled")
     if r.status_code == 404:
         raise Cancelled("session-ended")
     r.raise_for_status()
+
+
+def hold_url(hold: dict[str, Any]) -> str:
+    return f"{ADMIN_URL}/sessions/{hold['session']}/holds/{hold['id']}"
+
+
+def ask_client(hold: dict[str, Any], method: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Asks the client `method` through the gateway and waits for its answer:
+    the gateway sends the request on the held call's stream, and keeps the
+    client's answer (with this id) with the hold, where the worker reads it."""
+    ask_id = f"ask-{uuid.uuid4()}"
+    publish(hold, {"jsonrpc": "2.0", "id": ask_id, "method": method, "params": params})
+    secret = os.environ["RATATOSK_PUBLISH_SECRET"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(hold_url(hold), headers={"Authorization": f"Bearer {secret}"}, timeout=5.0)
+        if r.status_code == 404:
+            raise Cancelled("session-ended")
+        r.raise_for_status()
+        view = r.json()
+        for answer in view.get("answers", []):
+            if answer.get("id") == ask_id:
+                return answer
+        if view["state"] != "open":
+            raise Cancelled(view["state"])
+        time.sleep(0.05)
+    raise TimeoutError(f"the client did not answer {method} within {timeout} s")
 
 
 def progress(hold: dict[str, Any], done: float, total: float, message: str) -> None:
@@ -83,6 +115,18 @@ def add(a: float, b: float, hold: dict[str, Any]) -> None:
     time.sleep(0.3)  # some work, so that a burst of calls spreads over the workers
     total = a + b
     result(hold, str(int(total) if float(total).is_integer() else total))
+
+
+@app.task(name="tasks.send_client_request_for_roots")
+def send_client_request_for_roots(hold: dict[str, Any]) -> None:
+    answer = ask_client(hold, "roots/list", {})
+    if "error" in answer:
+        publish(hold, {"jsonrpc": "2.0", "id": 0, "result": {
+            "content": [{"type": "text", "text": f"the client did not list its roots: {answer['error']['message']}"}],
+            "isError": True}})
+        return
+    uris = [root["uri"] for root in answer["result"].get("roots", [])]
+    result(hold, "roots: " + ", ".join(uris))
 
 
 @app.task(name="tasks.very_long_running_task_will_cancel")

@@ -533,23 +533,12 @@ impl Gateway {
             }
             asks.push((key, method, request.get("params")));
         }
-        let mut pending = PendingReplies {
-            map: &self.replies,
-            keys: Vec::with_capacity(asks.len()),
-        };
+        let mut pending = PendingReplies::new(&self.replies);
         let mut waits = Vec::with_capacity(asks.len());
         for (key, method, params) in asks {
-            let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
-            let Some(rid) = Id::from_value(&Value::from(format!(
-                "{INPUT_REQUEST_PREFIX}{}-{n}",
-                self.node
-            ))) else {
+            let Some((rid, rx)) = self.await_reply(&session.id, &mut pending) else {
                 continue;
             };
-            let (tx, rx) = oneshot::channel();
-            let entry = (session.id.clone(), rid.clone());
-            self.replies.insert(entry.clone(), tx);
-            pending.keys.push(entry);
             let body = era::client_request(&rid, method, params, &session.protocol_version);
             if self.append(log, stream, &body, org).is_err() {
                 return Ok(None);
@@ -595,6 +584,26 @@ impl Gateway {
             }
         }
         Ok(Some(answers))
+    }
+
+    /// A new id for the gateway's own request to the client of `session`
+    /// (unique across nodes), and where the client's answer will arrive;
+    /// `pending` forgets the wait when it is dropped.
+    pub(super) fn await_reply(
+        &self,
+        session: &str,
+        pending: &mut PendingReplies<'_>,
+    ) -> Option<(Id, oneshot::Receiver<Value>)> {
+        let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
+        let rid = Id::from_value(&Value::from(format!(
+            "{INPUT_REQUEST_PREFIX}{}-{n}",
+            self.node
+        )))?;
+        let (tx, rx) = oneshot::channel();
+        let entry = (session.to_owned(), rid.clone());
+        self.replies.insert(entry.clone(), tx);
+        pending.keys.push(entry);
+        Some((rid, rx))
     }
 
     /// Hands a client's response to the input request waiting for it.
@@ -709,9 +718,18 @@ pub(super) fn unanswerable(org: &str, method: &str) -> String {
 pub(super) type ReplyMap = DashMap<(String, Id), oneshot::Sender<Value>>;
 
 /// Removes the entries of one round when it ends, however it ends.
-struct PendingReplies<'a> {
+pub(super) struct PendingReplies<'a> {
     map: &'a ReplyMap,
     keys: Vec<(String, Id)>,
+}
+
+impl<'a> PendingReplies<'a> {
+    pub(super) fn new(map: &'a ReplyMap) -> PendingReplies<'a> {
+        PendingReplies {
+            map,
+            keys: Vec::new(),
+        }
+    }
 }
 
 impl Drop for PendingReplies<'_> {

@@ -720,10 +720,11 @@ impl SharedEvents {
         self.delete_if(self.hidden_key(key), id).await
     }
 
-    fn hold_keys(&self, session: &str, hold: &str) -> [String; 2] {
+    fn hold_keys(&self, session: &str, hold: &str) -> [String; 3] {
         [
             format!("{}hold:{session}:{hold}", self.prefix),
             format!("{}hold-early:{session}:{hold}", self.prefix),
+            format!("{}hold-answers:{session}:{hold}", self.prefix),
         ]
     }
 
@@ -740,7 +741,7 @@ impl SharedEvents {
         keep: Duration,
         max: usize,
     ) -> Result<HoldRoute, RedisStoreError> {
-        let [owner, early] = self.hold_keys(session, hold);
+        let [owner, early, _] = self.hold_keys(session, hold);
         let mut conn = self.conn.clone();
         let value: Value = self
             .hold_route
@@ -775,7 +776,7 @@ impl SharedEvents {
         hold: &str,
         keep: Duration,
     ) -> Result<Vec<Vec<u8>>, RedisStoreError> {
-        let [owner, early] = self.hold_keys(session, hold);
+        let [owner, early, _] = self.hold_keys(session, hold);
         let mut conn = self.conn.clone();
         let early: Vec<Vec<u8>> = self
             .hold_claim
@@ -797,7 +798,7 @@ impl SharedEvents {
         state: &str,
         keep: Duration,
     ) -> Result<(), RedisStoreError> {
-        let [owner, _] = self.hold_keys(session, hold);
+        let [owner, _, _] = self.hold_keys(session, hold);
         let mut conn = self.conn.clone();
         let _: () = redis::pipe()
             .atomic()
@@ -810,20 +811,49 @@ impl SharedEvents {
         Ok(())
     }
 
-    /// A hold's state as the node holding it recorded it, if any.
+    /// Keeps the client's answer to a worker's request (JSON) with the
+    /// hold, for `keep`: the last `max` of them.
+    pub async fn hold_answer(
+        &self,
+        session: &str,
+        hold: &str,
+        answer: &str,
+        keep: Duration,
+        max: usize,
+    ) -> Result<(), RedisStoreError> {
+        let [_, _, answers] = self.hold_keys(session, hold);
+        let mut conn = self.conn.clone();
+        let last = -isize::try_from(max).unwrap_or(isize::MAX);
+        let _: () = redis::pipe()
+            .atomic()
+            .rpush(&answers, answer)
+            .ignore()
+            .ltrim(&answers, last, -1)
+            .ignore()
+            .pexpire(&answers, i64::try_from(millis(keep)).unwrap_or(i64::MAX))
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// A hold's state as the node holding it recorded it, with the client's
+    /// answers to the worker's requests, if any.
     pub async fn hold_state(
         &self,
         session: &str,
         hold: &str,
-    ) -> Result<Option<String>, RedisStoreError> {
-        let [owner, early] = self.hold_keys(session, hold);
+    ) -> Result<Option<(String, Vec<String>)>, RedisStoreError> {
+        let [owner, early, answers] = self.hold_keys(session, hold);
         let mut conn = self.conn.clone();
-        let (state, queued): (Option<String>, i64) = redis::pipe()
+        let (state, queued, answers): (Option<String>, i64, Vec<String>) = redis::pipe()
             .hget(&owner, "state")
             .exists(&early)
+            .lrange(&answers, 0, -1)
             .query_async(&mut conn)
             .await?;
-        Ok(state.or_else(|| (queued > 0).then(|| "pending".to_owned())))
+        let state = state.or_else(|| (queued > 0).then(|| "pending".to_owned()));
+        Ok(state.map(|state| (state, answers)))
     }
 
     /// Keeps a provider logout in Redis for `keep` (the longest a token it
