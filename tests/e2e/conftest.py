@@ -65,7 +65,7 @@ def gateway(log_dir, replicas, admin_port):
 
 # ----- Keycloak and a gateway that validates its tokens ----------------------------
 
-from harness import KC_AUDIENCE, KC_GATEWAY_SECRET, Keycloak  # noqa: E402
+from harness import KC_AUDIENCE, KC_GATEWAY_SECRET, DocumentServer, Keycloak, loopback_tls  # noqa: E402
 
 # Routes of the auth gateway: several per Keycloak organization, one per mode.
 AUTH_ORGS = {
@@ -86,12 +86,26 @@ def auth_gateway_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def keycloak(tmp_path_factory, auth_gateway_port):
+def loopback_cert(tmp_path_factory):
+    """A certificate for https://127.0.0.1 that the test Keycloak trusts."""
+    return loopback_tls(tmp_path_factory.mktemp("loopback-tls"))
+
+
+@pytest.fixture(scope="session")
+def keycloak(tmp_path_factory, auth_gateway_port, loopback_cert):
     kc = Keycloak(tmp_path_factory.mktemp("keycloak"),
-                  f"http://127.0.0.1:{auth_gateway_port}/auth/backchannel-logout")
+                  f"http://127.0.0.1:{auth_gateway_port}/auth/backchannel-logout", trust=[loopback_cert[0]])
     kc.start()
     yield kc
     kc.stop()
+
+
+@pytest.fixture(scope="session")
+def documents(loopback_cert):
+    """An HTTPS server of Client ID Metadata Documents on 127.0.0.1."""
+    server = DocumentServer(*loopback_cert)
+    yield server
+    server.stop()
 
 
 def identity_config(issuer: str, **over) -> dict:

@@ -384,20 +384,25 @@ KC_AUDIENCE = "http://127.0.0.1:8080"
 
 
 class Keycloak:
-    """A real Keycloak started by keycloak/start, on loopback ports."""
+    """A real Keycloak started by keycloak/start, on loopback ports. It
+    trusts `trust` (PEM certificates) when it fetches over HTTPS."""
 
-    def __init__(self, run_dir: Path, backchannel_url: str):
+    def __init__(self, run_dir: Path, backchannel_url: str, trust: list[Path] | None = None):
         self.port = free_port()
         self.management_port = free_port()
         self.run_dir = run_dir
         self.backchannel_url = backchannel_url
+        self.trust = trust or []
         self.issuer = f"http://127.0.0.1:{self.port}/realms/ratatosk"
 
     def _env(self) -> dict:
-        return {**os.environ, "KEYCLOAK_PORT": str(self.port),
-                "KEYCLOAK_MANAGEMENT_PORT": str(self.management_port),
-                "KEYCLOAK_RUN_DIR": str(self.run_dir), "RATATOSK_BACKCHANNEL_URL": self.backchannel_url,
-                "KEYCLOAK_ADMIN_PASSWORD": KC_ADMIN_PASSWORD}
+        env = {**os.environ, "KEYCLOAK_PORT": str(self.port),
+               "KEYCLOAK_MANAGEMENT_PORT": str(self.management_port),
+               "KEYCLOAK_RUN_DIR": str(self.run_dir), "RATATOSK_BACKCHANNEL_URL": self.backchannel_url,
+               "KEYCLOAK_ADMIN_PASSWORD": KC_ADMIN_PASSWORD}
+        if self.trust:
+            env["KEYCLOAK_TRUSTSTORE_PATHS"] = ",".join(str(p) for p in self.trust)
+        return env
 
     def start(self, reuse: bool = False) -> "Keycloak":
         env = self._env()
@@ -441,6 +446,77 @@ class Keycloak:
         users = self.admin("GET", "/users", params={"username": user, "exact": "true"}).json()
         r = self.admin("POST", f"/users/{users[0]['id']}/logout")
         assert r.status_code == 204, r.text
+
+
+def loopback_tls(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate (and its key) for https://127.0.0.1, valid
+    two days. LOCAL USE ONLY: made fresh for each test run."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class DocumentServer:
+    """Serves JSON documents over HTTPS on 127.0.0.1 (a client's Client ID
+    Metadata Documents), and counts who fetched which path."""
+
+    def __init__(self, cert: Path, key: Path):
+        import http.server
+        import ssl
+
+        self.documents: dict[str, dict] = {}
+        self.fetches: dict[str, int] = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                doc = server.documents.get(self.path)
+                server.fetches[self.path] = server.fetches.get(self.path, 0) + 1
+                body = json.dumps(doc).encode() if doc is not None else b"{}"
+                self.send_response(200 if doc is not None else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"https://{host}:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def claims(token: str) -> dict:

@@ -33,11 +33,11 @@ def redirect_uri() -> str:
     return f"http://127.0.0.1:{free_port()}/callback"
 
 
-def provider(url: str, person: Person, storage: MemoryStorage) -> OAuthClientProvider:
+def provider(url: str, person: Person, storage: MemoryStorage, **kw) -> OAuthClientProvider:
     return OAuthClientProvider(
         server_url=url,
         client_metadata=OAuthClientMetadata(client_name="Ratatosk e2e client", redirect_uris=[person.redirect_uri]),
-        storage=storage, redirect_handler=person.redirect_handler, callback_handler=person.callback_handler)
+        storage=storage, redirect_handler=person.redirect_handler, callback_handler=person.callback_handler, **kw)
 
 
 @asynccontextmanager
@@ -132,6 +132,28 @@ async def test_a_user_of_another_org_is_refused_after_login(auth_gateway, keyclo
     assert not [x for x in auth_gateway.sessions("org-1") if x["client_info"]["name"] == "oauth-e2e-bob"]
 
 
+async def test_a_user_of_two_orgs_picks_the_one_she_logs_in_for(auth_gateway, keycloak):
+    """carol is in org-1 and org-2. The client asks for plain `organization`
+    (what the gateway advertises), so Keycloak asks her to pick one at
+    login; the token carries that one, and the gateway lets her into it.
+
+    The client is the realm's pre-registered `mcp-client`, which needs no
+    consent: with a consent screen (every self-registered client has one)
+    Keycloak 26.7 fails a user of several orgs with a 500 after the picker
+    (keycloak/keycloak#52761, open), which the README notes."""
+    carol = Person("carol", KC_PASSWORDS["carol"], redirect_uri(), organization="org-2")
+    url = auth_gateway.url("org-2")
+    storage = MemoryStorage(OAuthClientInformationFull(
+        client_id="mcp-client", token_endpoint_auth_method="none", redirect_uris=[carol.redirect_uri]))
+    try:
+        async with connected(url, provider(url, carol, storage), "oauth-e2e-carol") as s:
+            assert (await s.call_tool("add", {"a": 3, "b": 4})).content[0].text == "7"
+    finally:
+        await carol.aclose()
+    assert carol.pages == ["username", "organization", "password"], carol.pages
+    assert list(claims(storage.tokens.access_token)["organization"]) == ["org-2"]
+
+
 async def test_a_missing_scope_is_asked_for_and_granted(auth_gateway, keycloak):
     """Step-up: bob's client (the realm's pre-registered public client) logs
     in for org-2, then reaches org-2-tools, which also needs `mcp:tools`. The
@@ -156,3 +178,57 @@ async def test_a_missing_scope_is_asked_for_and_granted(auth_gateway, keycloak):
         assert "mcp:tools" in httpx2.URL(bob.authorization_urls[1]).params["scope"].split()
     finally:
         await bob.aclose()
+
+
+def metadata_document(url: str, person: Person) -> dict:
+    """A native client's Client ID Metadata Document: a public client with
+    a loopback redirect."""
+    return {"client_id": url, "client_name": "Ratatosk e2e CIMD client", "redirect_uris": [person.redirect_uri],
+            "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+            "token_endpoint_auth_method": "none"}
+
+
+async def test_a_client_identified_by_its_metadata_document_logs_in(auth_gateway, keycloak, alice, documents):
+    """Client ID Metadata Documents (2025-11-25 and 2026-07-28 prefer them to
+    registration): the realm's metadata says `client_id_metadata_document_supported`,
+    so the SDK's client presents the https URL of its document as its
+    client_id, registers nothing, and Keycloak reads the document (over
+    HTTPS, from the loopback server the realm's `mcp-cimd` policy allows)."""
+    path = f"/clients/{uuid.uuid4()}.json"
+    doc_url = documents.url(path)
+    documents.documents[path] = metadata_document(doc_url, alice)
+    url = auth_gateway.url("org-1")
+    storage = MemoryStorage()
+    auth = provider(url, alice, storage, client_metadata_url=doc_url)
+    async with connected(url, auth, "oauth-e2e-cimd") as s:
+        assert storage.client_info.client_id == doc_url
+        assert documents.fetches.get(path, 0) >= 1, "Keycloak never read the document"
+        (auth_url,) = alice.authorization_urls
+        assert httpx2.URL(auth_url).params["client_id"] == doc_url
+        token = claims(storage.tokens.access_token)
+        assert token["azp"] == doc_url
+        assert KC_AUDIENCE in token["aud"]
+        assert (await s.call_tool("add", {"a": 20, "b": 22})).content[0].text == "42"
+    # Keycloak's consent screen names the client from its document.
+    assert alice.pages[-1] == "consent", alice.pages
+
+
+async def test_a_metadata_document_on_an_untrusted_host_is_never_fetched(auth_gateway, keycloak, documents):
+    """The realm's policy names the hosts whose documents it reads: a client
+    whose client_id is a document elsewhere (here `localhost`) is refused
+    at the authorization endpoint, and Keycloak does not fetch it."""
+    person = Person("alice", KC_PASSWORDS["alice"], redirect_uri())
+    path = f"/clients/{uuid.uuid4()}.json"
+    doc_url = documents.url(path, host="localhost")
+    documents.documents[path] = metadata_document(doc_url, person)
+    url = auth_gateway.url("org-1")
+    try:
+        with pytest.raises(BaseException) as refused:
+            async with connected(url, provider(url, person, MemoryStorage(), client_metadata_url=doc_url),
+                                 "oauth-e2e-cimd-untrusted"):
+                pass
+    finally:
+        await person.aclose()
+    text = " ".join(str(e) for e in leaves(refused.value))
+    assert "Keycloak answered 400" in text and "Client not found" in text, text
+    assert documents.fetches.get(path, 0) == 0
