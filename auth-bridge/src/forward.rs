@@ -368,24 +368,25 @@ impl ForwardAuth {
         }
     }
 
-    fn resource_path(org: &str) -> String {
-        format!("/{org}/mcp")
+    fn resource_path(org: &str, endpoint: Endpoint) -> String {
+        format!("/{org}/{}", endpoint.as_str())
     }
 
     fn metadata(&self, path: &str) -> Answer {
-        let org = self
-            .config
-            .orgs
-            .iter()
-            .find(|(name, _)| metadata_path(&Self::resource_path(name)) == path);
+        let org = self.config.orgs.iter().find_map(|(name, cfg)| {
+            [Endpoint::Mcp, Endpoint::Sse]
+                .into_iter()
+                .find(|e| metadata_path(&Self::resource_path(name, *e)) == path)
+                .map(|e| (name, cfg, e))
+        });
         match org {
-            Some((name, cfg)) => json_answer(
+            Some((name, cfg, endpoint)) => json_answer(
                 StatusCode::OK,
                 resource_metadata(
                     &format!(
                         "{}{}",
                         self.config.public_url.trim_end_matches('/'),
-                        Self::resource_path(name)
+                        Self::resource_path(name, endpoint)
                     ),
                     &self.config.identity.issuer,
                     &self.config.identity.advertised_scopes(&cfg.scopes),
@@ -396,9 +397,10 @@ impl ForwardAuth {
         }
     }
 
-    /// The org a check is for, from the one configured source; why not,
-    /// with what the proxy should do about it.
-    fn org_of(&self, req: &Request<Incoming>) -> Result<String, String> {
+    /// The org a check is for, from the one configured source, and the
+    /// protected resource (endpoint) its path names; why not, with what the
+    /// proxy should do about it.
+    fn org_of(&self, req: &Request<Incoming>) -> Result<(String, Endpoint), String> {
         let from_header = |name: &str, hint: &str| -> Result<&str, String> {
             let mut values = req.headers().get_all(name).iter();
             match (values.next(), values.next()) {
@@ -412,12 +414,14 @@ impl ForwardAuth {
             }
         };
         let org_in = |what: &str, path: &str| {
-            org_from_path(path).ok_or_else(|| {
-                format!(
-                    "{what} `{}` names no org: expected /<org>/..., without dot segments, empty first segment, encoded slashes or backslashes",
-                    untrusted(path, SHOWN_CHARS)
-                )
-            })
+            org_from_path(path)
+                .map(|org| (org, endpoint_of_path(path)))
+                .ok_or_else(|| {
+                    format!(
+                        "{what} `{}` names no org: expected /<org>/..., without dot segments, empty first segment, encoded slashes or backslashes",
+                        untrusted(path, SHOWN_CHARS)
+                    )
+                })
         };
         match self.config.org_from {
             Some(OrgSource::Nginx) => org_in(
@@ -443,18 +447,19 @@ impl ForwardAuth {
                     .ok_or("the check has no original path after /check; set `path_prefix: /check` in ext_authz's http_service")?;
                 org_in("the path after /check", rest)
             }
+            // No path: the check is for the org's Streamable HTTP endpoint.
             Some(OrgSource::Header) => from_header(
                 &self.config.org_header,
                 "set it in the proxy, per location, overwriting any client's",
             )
-            .map(str::to_owned),
+            .map(|org| (org.to_owned(), Endpoint::Mcp)),
             None => Err("org_from is not set".into()),
         }
     }
 
     async fn check(&self, req: &Request<Incoming>) -> Answer {
-        let org_name = match self.org_of(req) {
-            Ok(org) => org,
+        let (org_name, endpoint) = match self.org_of(req) {
+            Ok(found) => found,
             Err(why) => {
                 self.log_refused_check(&why);
                 return json_answer(
@@ -500,7 +505,7 @@ impl ForwardAuth {
                 let metadata_url = format!(
                     "{}{}",
                     self.config.public_url.trim_end_matches('/'),
-                    metadata_path(&Self::resource_path(&org_name))
+                    metadata_path(&Self::resource_path(&org_name, endpoint))
                 );
                 match &e {
                     AuthError::Unavailable(detail) => match self.unavailable.ready() {
@@ -644,6 +649,36 @@ impl AsyncWrite for Stamped {
 /// `/` or `\` (`%2F`, `%5c`), a `\` at all, an empty first segment (`//`,
 /// which some proxies merge and some do not), a control character, bytes
 /// that are not UTF-8 once decoded, or no leading `/`.
+/// The protected resources of an org: its Streamable HTTP endpoint
+/// (`/{org}/mcp`), and its legacy HTTP+SSE endpoint (`/{org}/sse`, with
+/// `/{org}/messages`), which clients of that era discover on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Mcp,
+    Sse,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Mcp => "mcp",
+            Endpoint::Sse => "sse",
+        }
+    }
+}
+
+/// The resource an original path (`/<org>/<endpoint>...`) belongs to:
+/// `sse` and `messages` are the legacy endpoint, anything else the
+/// Streamable HTTP one.
+pub fn endpoint_of_path(uri: &str) -> Endpoint {
+    let path = uri.split(['?', '#']).next().unwrap_or("");
+    let second = path.trim_start_matches('/').split('/').nth(1).unwrap_or("");
+    match percent_encoding::percent_decode_str(second).decode_utf8() {
+        Ok(s) if s == "sse" || s == "messages" => Endpoint::Sse,
+        _ => Endpoint::Mcp,
+    }
+}
+
 pub fn org_from_path(uri: &str) -> Option<String> {
     let path = uri.split(['?', '#']).next().unwrap_or("");
     let rest = path.strip_prefix('/')?;
@@ -961,6 +996,45 @@ mod tests {
             challenge.contains("http://proxy.test/.well-known/oauth-protected-resource/org-1/mcp"),
             "{challenge}"
         );
+        // The legacy endpoint is its own protected resource, with its own
+        // metadata document.
+        for legacy in ["/org-1/sse", "/org-1/messages?sessionId=abc"] {
+            let denied = ask(addr, "/check", "", &at(legacy)).await;
+            assert_eq!(denied.status(), 401);
+            let challenge = denied.headers()["www-authenticate"]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            assert!(
+                challenge
+                    .contains("http://proxy.test/.well-known/oauth-protected-resource/org-1/sse"),
+                "{legacy}: {challenge}"
+            );
+        }
+        for (endpoint, resource) in [
+            ("mcp", "http://proxy.test/org-1/mcp"),
+            ("sse", "http://proxy.test/org-1/sse"),
+        ] {
+            let doc = ask(
+                addr,
+                &format!("/.well-known/oauth-protected-resource/org-1/{endpoint}"),
+                "",
+                &[],
+            )
+            .await;
+            assert_eq!(doc.status(), 200, "{endpoint}");
+            let doc: serde_json::Value =
+                serde_json::from_slice(&doc.bytes().await.expect("body")).expect("json");
+            assert_eq!(doc["resource"], resource);
+        }
+        let none = ask(
+            addr,
+            "/.well-known/oauth-protected-resource/org-1/messages",
+            "",
+            &[],
+        )
+        .await;
+        assert_eq!(none.status(), 404);
         let other = ask(addr, "/check", &token, &at("/org-2/mcp")).await;
         assert_eq!(other.status(), 403, "org-2 was checked");
         let dots = ask(addr, "/check", &token, &at("/org-2/../org-1/mcp")).await;
