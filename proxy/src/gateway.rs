@@ -493,7 +493,7 @@ impl Gateway {
                         tokio::spawn(async move {
                             this.keep_hold(
                                 asked,
-                                &session2,
+                                &HoldClient::of(&session2),
                                 &log2,
                                 stream,
                                 request,
@@ -737,7 +737,8 @@ impl Gateway {
                             if let Some(session) = resume
                                 && let Some(asked) = holds::hold_of(&message, self.holds.config())
                             {
-                                self.keep_hold(asked, session, log, stream, id, org, cancel)
+                                let client = HoldClient::of(session);
+                                self.keep_hold(asked, &client, log, stream, id, org, cancel)
                                     .await;
                                 return None;
                             }
@@ -801,7 +802,7 @@ impl Gateway {
     async fn keep_hold(
         &self,
         asked: Result<holds::HoldRequest, String>,
-        session: &SessionState,
+        session: &HoldClient<'_>,
         log: &SessionLog,
         stream: StreamId,
         request: Id,
@@ -814,7 +815,7 @@ impl Gateway {
         };
         let opened = asked.and_then(|asked| {
             self.holds
-                .open(&session.id, asked)
+                .open(session.id, asked)
                 .map_err(|e| e.to_string())
         });
         let mut waiter = match opened {
@@ -831,10 +832,10 @@ impl Gateway {
             // Workers may publish through any node: they reach this one
             // now, and what they published before waits in Redis.
             let keep = waiter.hold.timeout + self.holds.config().keep_finished;
-            match events.hold_claim(&session.id, &hold, keep).await {
+            match events.hold_claim(session.id, &hold, keep).await {
                 Ok(early) => {
                     for body in early {
-                        if let Err(e) = self.holds.publish(&session.id, &hold, &Bytes::from(body)) {
+                        if let Err(e) = self.holds.publish(session.id, &hold, &Bytes::from(body)) {
                             tracing::debug!(hold = %hold, error = %e, "an early message for the hold was refused");
                         }
                     }
@@ -843,14 +844,14 @@ impl Gateway {
                     "cannot record the hold in Redis: workers must publish through this node"),
             }
         }
-        tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold,
+        tracing::info!(org = %org.name, session = %short(session.id), hold = %hold,
             timeout_s = waiter.hold.timeout.as_secs_f64(), "request held for a worker");
         // The request side ends an open hold (a cancel, a timeout), unless
         // its response was published just now.
         let end = |state| {
-            let ended = self.holds.finish(&session.id, &hold, state);
+            let ended = self.holds.finish(session.id, &hold, state);
             if ended {
-                self.count_hold_end(org, &session.id, &hold, state);
+                self.count_hold_end(org, session.id, &hold, state);
             }
             ended
         };
@@ -864,19 +865,19 @@ impl Gateway {
                 biased;
                 _ = cancel.cancelled() => {
                     if end(holds::HoldState::Cancelled) {
-                        tracing::info!(org = %org.name, session = %short(&session.id), hold = %hold, "held request cancelled by the client");
+                        tracing::info!(org = %org.name, session = %short(session.id), hold = %hold, "held request cancelled by the client");
                     }
                     return;
                 }
                 Some((worker_id, method, reply)) = futures::StreamExt::next(&mut asks), if !asks.is_empty() => {
-                    self.keep_answer(org, &session.id, &hold, &worker_id, method, reply);
+                    self.keep_answer(org, session.id, &hold, &worker_id, method, reply);
                     continue;
                 }
                 d = waiter.deliveries.recv() => d,
                 _ = tokio::time::sleep_until(deadline), if !expired => {
                     expired = true;
                     if end(holds::HoldState::Expired) {
-                        tracing::warn!(org = %org.name, session = %short(&session.id), hold = %hold, "held request timed out");
+                        tracing::warn!(org = %org.name, session = %short(session.id), hold = %hold, "held request timed out");
                         return fail(format!(
                             "no worker finished hold '{hold}' within {} s",
                             waiter.hold.timeout.as_secs_f64()
@@ -890,7 +891,7 @@ impl Gateway {
                 Some(holds::Delivery::Event(body)) => {
                     if self.append(log, stream, &body, org).is_err() {
                         self.holds
-                            .finish(&session.id, &hold, holds::HoldState::Cancelled);
+                            .finish(session.id, &hold, holds::HoldState::Cancelled);
                         return;
                     }
                 }
@@ -900,7 +901,7 @@ impl Gateway {
                             Ok(asked) => asked,
                             Err(()) => {
                                 self.holds
-                                    .finish(&session.id, &hold, holds::HoldState::Cancelled);
+                                    .finish(session.id, &hold, holds::HoldState::Cancelled);
                                 return;
                             }
                         };
@@ -918,7 +919,7 @@ impl Gateway {
                         HoldAsk::Refused { worker_id, answer } => {
                             self.keep_answer(
                                 org,
-                                &session.id,
+                                session.id,
                                 &hold,
                                 &worker_id,
                                 String::new(),
@@ -928,10 +929,11 @@ impl Gateway {
                     }
                 }
                 Some(holds::Delivery::Final(body)) => {
-                    self.count_hold_end(org, &session.id, &hold, holds::HoldState::Done);
-                    let body = holds::with_id(&body, &request).unwrap_or_else(|why| {
-                        jsonrpc::error_body(Some(&request), code::UPSTREAM_ERROR, &why)
-                    });
+                    self.count_hold_end(org, session.id, &hold, holds::HoldState::Done);
+                    let body = holds::with_id(&body, &request, session.modern_method)
+                        .unwrap_or_else(|why| {
+                            jsonrpc::error_body(Some(&request), code::UPSTREAM_ERROR, &why)
+                        });
                     let _ = self.append(log, stream, &body, org);
                     return;
                 }
@@ -949,7 +951,7 @@ impl Gateway {
     fn ask_for_hold(
         &self,
         org: &OrgRoute,
-        session: &SessionState,
+        session: &HoldClient<'_>,
         log: &SessionLog,
         stream: StreamId,
         body: &Bytes,
@@ -967,7 +969,7 @@ impl Gateway {
             answer: serde_json::json!({"jsonrpc": "2.0", "id": worker_id.to_value(),
                 "error": {"code": code, "message": why}}),
         };
-        if crate::era::is_modern_version(&session.protocol_version) {
+        if crate::era::is_modern_version(session.protocol_version) {
             return Ok(refuse(
                 code::INVALID_REQUEST,
                 format!(
@@ -979,7 +981,6 @@ impl Gateway {
         let capability = crate::era::capability_for(method).unwrap_or_default();
         let declared = session
             .client_capabilities
-            .as_ref()
             .and_then(Value::as_object)
             .is_some_and(|caps| caps.contains_key(capability));
         if !declared {
@@ -990,16 +991,16 @@ impl Gateway {
                 ),
             ));
         }
-        let Some((rid, reply)) = self.await_reply(&session.id, pending) else {
+        let Some((rid, reply)) = self.await_reply(session.id, pending) else {
             return Err(());
         };
         let params = message.params();
         let request =
-            crate::era::client_request(&rid, method, params.as_ref(), &session.protocol_version);
+            crate::era::client_request(&rid, method, params.as_ref(), session.protocol_version);
         if self.append(log, stream, &request, org).is_err() {
             return Err(());
         }
-        tracing::debug!(org = %org.name, session = %short(&session.id), method, "a worker's request sent to the client");
+        tracing::debug!(org = %org.name, session = %short(session.id), method, "a worker's request sent to the client");
         Ok(HoldAsk::Sent {
             worker_id: worker_id.clone(),
             method: method.to_owned(),
@@ -1976,11 +1977,14 @@ impl Gateway {
         hold: &str,
         body: &Bytes,
     ) -> Result<holds::HoldState, Reject> {
-        if self
-            .published_to(session_id)
-            .await
-            .map_err(store_reject)?
-            .is_none()
+        // A 2026-07-28 client's call has no session to look up: its holds
+        // (and what a fast worker publishes before they open) are all.
+        if !holds::is_call(session_id)
+            && self
+                .published_to(session_id)
+                .await
+                .map_err(store_reject)?
+                .is_none()
         {
             return Err(Reject::new(
                 StatusCode::NOT_FOUND,
@@ -2078,6 +2082,7 @@ impl Gateway {
             self.forget_session(state, "expired after being idle");
         }
         self.expire_parked();
+        self.holds.sweep();
         self.hub.drop_idle_mirrors();
         self.count_sessions().await;
         for org in self.routes.orgs() {
@@ -2223,6 +2228,29 @@ impl Backoff {
 type InFlightMap = DashMap<(String, Id), (u64, CancellationToken)>;
 
 /// A registered in-flight request; unregisters on drop.
+/// Who waits on a hold: a session's client, or a 2026-07-28 client's
+/// call (no session; its id is a call id, see [`holds::call_id`]).
+pub(crate) struct HoldClient<'a> {
+    /// The session (or call) the hold is kept under.
+    pub id: &'a str,
+    pub protocol_version: &'a str,
+    pub client_capabilities: Option<&'a Value>,
+    /// For a 2026-07-28 client: the method whose result the worker's
+    /// response is, reshaped for that client.
+    pub modern_method: Option<&'a str>,
+}
+
+impl<'a> HoldClient<'a> {
+    fn of(session: &'a SessionState) -> HoldClient<'a> {
+        HoldClient {
+            id: &session.id,
+            protocol_version: &session.protocol_version,
+            client_capabilities: session.client_capabilities.as_ref(),
+            modern_method: None,
+        }
+    }
+}
+
 /// A worker's request published into a hold, as the gateway handled it.
 enum HoldAsk {
     /// Sent to the client; its answer comes on `reply`.
@@ -3135,6 +3163,148 @@ mod tests {
                 .await
                 .expect_err("refused");
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        }
+
+        /// A stub whose `tools/call` answers are holds (as [`holding_stub`]),
+        /// which also keeps the `Ratatosk-Session` each call came with.
+        async fn call_recording_stub() -> (testing::Stub, Arc<std::sync::Mutex<Vec<String>>>) {
+            let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = calls.clone();
+            let up = testing::full_stub(move |head, body| {
+                let v: Value = serde_json::from_slice(body).unwrap_or_default();
+                if v["method"] == "initialize" {
+                    return testing::Reply::new(
+                        200,
+                        "application/json",
+                        json!({"jsonrpc": "2.0", "id": v["id"],
+                        "result": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                                   "serverInfo": {"name": "stub", "version": "1"}}})
+                        .to_string(),
+                    );
+                }
+                if v.get("id").is_none() {
+                    return testing::Reply::new(202, "application/json", String::new());
+                }
+                if let Some(call) = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("ratatosk-session: "))
+                {
+                    seen.lock().expect("lock").push(call.trim().to_owned());
+                }
+                let hold =
+                    json!({"id": v["params"]["name"], "timeout": v["params"]["arguments"]["t"]});
+                let result = json!({"content": [], "_meta": {crate::holds::HOLD_META: hold}});
+                testing::Reply::new(
+                    200,
+                    "application/json",
+                    json!({"jsonrpc": "2.0", "id": v["id"], "result": result}).to_string(),
+                )
+            })
+            .await;
+            (up, calls)
+        }
+
+        /// The call id a hold opened under, once it is open; the upstream
+        /// got it as `Ratatosk-Session` (its head is seen lower-cased).
+        async fn call_of(
+            gw: &Arc<Gateway>,
+            calls: &std::sync::Mutex<Vec<String>>,
+            hold: &str,
+        ) -> String {
+            let open = || async { gw.holds.session_of(hold).is_some() };
+            assert!(
+                testing::eventually(Duration::from_secs(5), open).await,
+                "no hold {hold}"
+            );
+            let id = gw.holds.session_of(hold).expect("open");
+            assert!(crate::holds::is_call(&id), "{id}");
+            let seen = calls.lock().expect("lock").clone();
+            assert!(seen.contains(&id.to_ascii_lowercase()), "{seen:?} {id}");
+            id
+        }
+
+        /// A 2026-07-28 client has no session: its call gets an id of its
+        /// own (the upstream's `Ratatosk-Session`), under which a worker
+        /// finishes it. The answer is a stream; the result comes reshaped
+        /// for that client; a worker's request to it is refused for the
+        /// worker, never sent.
+        #[tokio::test]
+        async fn a_modern_clients_held_call_is_finished_by_a_worker() {
+            let (up, calls) = call_recording_stub().await;
+            let gw = gateway(&[up.url()]);
+            let call = json!({"name": "m1", "arguments": {"t": 30}});
+            let req = crate::gateway::modern::tests::modern(5, "tools/call", call, json!({}), &[]);
+            let mut r = gw.handle(req).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(matches!(r.body, ResponseBody::Stream(_)));
+            let id = call_of(&gw, &calls, "m1").await;
+            let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                                  "params": {"progressToken": "p", "progress": 1}});
+            gw.publish_hold(&id, "m1", &message(progress))
+                .await
+                .expect("progress");
+            let ask = json!({"jsonrpc": "2.0", "id": "w", "method": "roots/list"});
+            gw.publish_hold(&id, "m1", &message(ask))
+                .await
+                .expect("ask");
+            let refused = || async { !gw.holds.view(&id, "m1").expect("known").answers.is_empty() };
+            assert!(testing::eventually(Duration::from_secs(5), refused).await);
+            let answer = gw.holds.view(&id, "m1").expect("known").answers[0].clone();
+            assert!(
+                answer["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("2026-07-28")),
+                "{answer}"
+            );
+            let done = json!({"jsonrpc": "2.0", "id": 0, "result": {"content": [{"type": "text", "text": "5"}]}});
+            gw.publish_hold(&id, "m1", &message(done))
+                .await
+                .expect("result");
+            let text = read_until(&mut r, "\"result\"").await;
+            assert!(text.contains("notifications/progress"), "{text}");
+            assert!(
+                !text.contains("roots/list"),
+                "never sent to the client: {text}"
+            );
+            let result: Value = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str(d).ok())
+                .find(|v: &Value| v.get("result").is_some())
+                .expect("the result");
+            assert_eq!(result["id"], 5);
+            assert_eq!(result["result"]["resultType"], "complete");
+            assert_eq!(result["result"]["content"][0]["text"], "5");
+            // Another call gets another id; an unknown call's publish is
+            // kept pending (a fast worker), and swept later.
+            assert_ne!(crate::holds::call_id(), id);
+        }
+
+        /// Closing the stream is a 2026-07-28 client's cancel: the worker
+        /// sees the hold cancelled.
+        #[tokio::test]
+        async fn a_modern_client_closing_its_held_call_cancels_the_hold() {
+            let (up, calls) = call_recording_stub().await;
+            let gw = gateway(&[up.url()]);
+            let call = json!({"name": "m2", "arguments": {"t": 30}});
+            let req = crate::gateway::modern::tests::modern(6, "tools/call", call, json!({}), &[]);
+            let r = gw.handle(req).await;
+            assert_eq!(r.status, StatusCode::OK);
+            let id = call_of(&gw, &calls, "m2").await;
+            drop(r);
+            let cancelled =
+                || async { gw.holds.state(&id, "m2") == Some(crate::holds::HoldState::Cancelled) };
+            assert!(
+                testing::eventually(Duration::from_secs(5), cancelled).await,
+                "not cancelled: {:?}",
+                gw.holds.state(&id, "m2")
+            );
+            let note = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}});
+            let e = gw
+                .publish_hold(&id, "m2", &message(note))
+                .await
+                .expect_err("finished");
+            assert_eq!(e.status, StatusCode::GONE);
         }
 
         /// The hold's messages go through the session's event log: a client

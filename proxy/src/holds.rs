@@ -39,6 +39,21 @@ use crate::jsonrpc::{self, Id, Kind};
 
 /// The `_meta` key of a result that is a hold.
 pub const HOLD_META: &str = "io.ratatosk/hold";
+/// How the id a 2026-07-28 client's call gets starts: such a call has no
+/// session, so its holds are kept under an id of their own, which the
+/// upstream gets as `Ratatosk-Session`.
+pub const CALL_PREFIX: &str = "call-";
+
+/// A new, unguessable call id.
+pub fn call_id() -> String {
+    format!("{CALL_PREFIX}{}", crate::session::mint_id())
+}
+
+/// Whether a session id of the publish API is a call's.
+pub fn is_call(id: &str) -> bool {
+    id.starts_with(CALL_PREFIX)
+}
+
 /// The longest hold id, in bytes.
 pub const MAX_HOLD_ID: usize = 128;
 /// Messages published for one hold that may wait for the client's stream;
@@ -400,6 +415,27 @@ impl Holds {
         self.lock().remove(session);
     }
 
+    /// Forgets finished and pending holds older than `keep_finished`, and
+    /// sessions (calls) with none left; run periodically. A call's holds
+    /// have no session end to go with.
+    pub fn sweep(&self) {
+        let keep = self.config.keep_finished;
+        self.lock().retain(|_, holds| {
+            holds.retain(|_, e| e.since.is_none_or(|t| t.elapsed() < keep));
+            !holds.is_empty()
+        });
+    }
+
+    /// The session (or call) a hold is kept under, for tests that cannot
+    /// see the id.
+    #[cfg(test)]
+    pub fn session_of(&self, hold: &str) -> Option<String> {
+        self.lock()
+            .iter()
+            .find(|(_, holds)| holds.contains_key(hold))
+            .map(|(session, _)| session.clone())
+    }
+
     /// Holds open now, on this node.
     pub fn open_count(&self) -> usize {
         self.lock()
@@ -457,13 +493,18 @@ impl Entry {
     }
 }
 
-/// The published response with `id` set to the client's request id.
-pub fn with_id(raw: &Bytes, id: &Id) -> Result<Bytes, String> {
+/// The published response with `id` set to the client's request id, and
+/// for a 2026-07-28 client (`modern_method`) reshaped as that method's
+/// result.
+pub fn with_id(raw: &Bytes, id: &Id, modern_method: Option<&str>) -> Result<Bytes, String> {
     let mut v: Value = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
     let Some(obj) = v.as_object_mut() else {
         return Err("the response must be a JSON object".into());
     };
     obj.insert("id".into(), id.to_value());
+    if let Some(method) = modern_method {
+        v = crate::era::response_to_modern(v, method);
+    }
     serde_json::to_vec(&v)
         .map(Bytes::from)
         .map_err(|e| e.to_string())
@@ -539,7 +580,7 @@ mod tests {
         assert!(matches!(w.deliveries.recv().await, Some(Delivery::Event(b)) if b == progress));
         match w.deliveries.recv().await {
             Some(Delivery::Final(b)) => {
-                let b = with_id(&b, &id(77)).expect("an object");
+                let b = with_id(&b, &id(77), None).expect("an object");
                 let v: Value = serde_json::from_slice(&b).expect("json");
                 assert_eq!(v["id"], 77);
                 assert_eq!(v["result"]["content"][0]["text"], "5");

@@ -853,6 +853,11 @@ pub struct Hub {
 const MIRROR_IDLE: Duration = Duration::from_secs(120);
 
 impl Hub {
+    /// The limits of each session's log.
+    pub fn limits(&self) -> LogLimits {
+        self.limits
+    }
+
     pub fn new(limits: LogLimits) -> Self {
         Hub {
             logs: DashMap::new(),

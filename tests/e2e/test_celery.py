@@ -15,9 +15,10 @@ import uuid
 import anyio
 import pytest
 from mcp import types
+from mcp.client.client import Client
 
 from harness import (
-    PUBLISH_SECRET, ROOT, Example, all_started, redis_gateway, Gateway, Proc, RedisServer, free_port, legacy_session, org, running,
+    MODERN, PUBLISH_SECRET, ROOT, Example, all_started, redis_gateway, Gateway, Proc, RedisServer, free_port, legacy_session, org, running,
     started, streamable_session, wait_until,
 )
 
@@ -79,18 +80,25 @@ def worker_of(result: types.CallToolResult) -> str:
     return (result.meta or {}).get("io.ratatosk.example/worker", "")
 
 
-@pytest.mark.parametrize("transport", ["streamable", "legacy"])
+def session_over(transport: str, gw: Gateway, **callbacks):
+    """A client of one era: 2025 Streamable HTTP, 2024-11-05 HTTP+SSE, or
+    2026-07-28 (the SDK's `Client` in modern mode: no session, so its call
+    is held under a call id of its own)."""
+    if transport == "streamable":
+        return streamable_session(gw.url("celery"), **callbacks)
+    if transport == "legacy":
+        return legacy_session(gw.url("celery", "sse"), **callbacks)
+    return Client(gw.url("celery"), mode=MODERN, **callbacks)
+
+
+@pytest.mark.parametrize("transport", ["streamable", "legacy", "modern"])
 async def test_a_celery_task_reports_progress_then_the_result(celery_gateway, two_workers, transport):
     seen: list[tuple[float, float | None, str | None]] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, total, message))
 
-    if transport == "streamable":
-        session = streamable_session(celery_gateway.url("celery"))
-    else:
-        session = legacy_session(celery_gateway.url("celery", "sse"))
-    async with session as s:
+    async with session_over(transport, celery_gateway) as s:
         with anyio.fail_after(30):
             result = await s.call_tool("add", {"a": 2, "b": 3}, progress_callback=on_progress)
     assert not result.is_error, result
@@ -158,18 +166,19 @@ def redis_get(broker: RedisServer, key: str, db: int = 0) -> str:
     return out.stdout.strip()
 
 
-async def cancel_and_see_the_worker_stop(url: str, broker: RedisServer, worker: str, db: int = 0) -> None:
+async def cancel_and_see_the_worker_stop(url: str, broker: RedisServer, worker: str, db: int = 0,
+                                         modern: bool = False) -> None:
     """Starts the long task, cancels the call at its first progress (the SDK
-    sends notifications/cancelled), then waits until the worker, at its next
-    report (410, state cancelled), records that it stopped; the session
-    goes on."""
+    sends notifications/cancelled; a 2026-07-28 client closes the call's
+    stream), then waits until the worker, at its next report (410, state
+    cancelled), records that it stopped; the client goes on."""
     tag = f"cancel-{uuid.uuid4().hex[:8]}"
     started_work = anyio.Event()
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         started_work.set()
 
-    async with streamable_session(url) as s:
+    async with (Client(url, mode=MODERN) if modern else streamable_session(url)) as s:
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 async def call() -> None:
@@ -182,12 +191,14 @@ async def cancel_and_see_the_worker_stop(url: str, broker: RedisServer, worker: 
         with anyio.fail_after(15):
             while redis_get(broker, f"ratatosk-example:cancelled:{tag}", db) != f"{worker}:cancelled":
                 await anyio.sleep(0.1)
-        await s.send_ping()
+        assert "add" in {t.name for t in (await s.list_tools()).tools}
 
 
-async def test_a_client_cancel_reaches_the_worker(log_dir, celery_gateway, broker):
+@pytest.mark.parametrize("transport", ["streamable", "modern"])
+async def test_a_client_cancel_reaches_the_worker(log_dir, celery_gateway, broker, transport):
     with workers(log_dir, celery_gateway, broker, "long-1", queues="long"):
-        await cancel_and_see_the_worker_stop(celery_gateway.url("celery"), broker, "long-1")
+        await cancel_and_see_the_worker_stop(celery_gateway.url("celery"), broker, "long-1",
+                                             modern=transport == "modern")
     metrics = celery_gateway.metrics()
     assert 'ratatosk_holds_total{org="celery",outcome="cancelled"}' in metrics
 

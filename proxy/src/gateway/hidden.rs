@@ -304,8 +304,15 @@ impl Gateway {
             session: hidden,
             rounds: 0,
         };
-        self.respond_modern(org, reader, Some(id), Some(method), Some(park), Some(call))
-            .await
+        self.respond_modern(
+            org,
+            reader,
+            Some(id),
+            Some(method),
+            Some((park, call)),
+            None,
+        )
+        .await
     }
 
     /// The client's answer to a parked call: passed to the upstream as the
@@ -343,8 +350,15 @@ impl Gateway {
         let (reader, park, call) = deliver_input(parked, responses.as_ref())
             .await
             .map_err(|reason| lost(reason).with_id(Some(id)))?;
-        self.respond_modern(org, reader, Some(id), Some(method), Some(park), Some(call))
-            .await
+        self.respond_modern(
+            org,
+            reader,
+            Some(id),
+            Some(method),
+            Some((park, call)),
+            None,
+        )
+        .await
     }
 
     /// The parked call `state`, if it waits for this caller; it is taken.
@@ -561,7 +575,7 @@ impl Gateway {
                             break;
                         }
                     }
-                    Some(Step::Quiet) => {}
+                    Some(Step::Quiet) | Some(Step::Held) => {}
                     None => break,
                 }
             }

@@ -168,16 +168,42 @@ impl Gateway {
             .get("protocolVersion")
             .and_then(Value::as_str)
             .unwrap_or(era::LATEST_LEGACY);
-        let headers = sessionless_headers(org, identity, req, Some(version));
+        // The call's own id, where a worker may finish it (a hold).
+        let call = holds::call_id();
+        let headers = call_headers(org, identity, req, Some(version), &call);
         if request.method == "tools/call" {
             let lister = super::params::Lister::Sessionless(&headers);
             self.check_tool_call_headers(org, identity, req, id, &request.params, lister)
                 .await?;
         }
         org.metrics.bridged.handshake.inc();
+        let hold = HoldHook {
+            gateway: self.clone(),
+            org: org.clone(),
+            call,
+            capabilities: request
+                .params
+                .get("_meta")
+                .and_then(|m| m.get(era::META_CAPABILITIES))
+                .cloned(),
+            method: request.method.clone(),
+        };
         let body = era::request_without_modern_meta(Some(id), &request.method, request.params);
-        self.answer_modern_client(org, headers, body, Some(id), Some(request.method), false)
+        let answer = org
+            .pool
+            .send(headers, body)
             .await
+            .map_err(|e| modern_upstream_reject(e, Some(id)))?;
+        let reader = AnswerReader::new(answer, org.pool.read_limits);
+        self.respond_modern(
+            org,
+            reader,
+            Some(id),
+            Some(request.method),
+            None,
+            Some(hold),
+        )
+        .await
     }
 
     /// Sends a modern client's request upstream and streams the answer
@@ -209,9 +235,10 @@ impl Gateway {
 
     /// A modern client's answer: JSON stays JSON, SSE is piped message by
     /// message. `to_modern` names the request's method when its result
-    /// must be reshaped for a modern client. With `park`, an upstream
-    /// request to the client parks the upstream call and becomes an
-    /// `InputRequiredResult`. Dropping the response (the client closed it)
+    /// must be reshaped for a modern client. With `park` (and the id the
+    /// upstream answers with), an upstream request to the client parks the
+    /// upstream call and becomes an `InputRequiredResult`. With `hold`, a
+    /// hold the upstream answers with is kept (see [`HoldHook`]). Dropping the response (the client closed it)
     /// drops the upstream request: that is the cancellation of 2026-07-28.
     ///
     /// For a handshake-era upstream the gateway is the modern server, and
@@ -225,11 +252,17 @@ impl Gateway {
         mut reader: AnswerReader,
         id: Option<&Id>,
         to_modern: Option<String>,
-        park: Option<Park>,
-        upstream_id: Option<Id>,
+        park: Option<(Park, Id)>,
+        hold: Option<HoldHook>,
     ) -> Result<Response, Reject> {
+        let (park, upstream_id) = park.unzip();
         if reader.is_json() {
             let body = reader.json_body().await.map_err(|e| read_reject(e, id))?;
+            if let (Some(hook), Some(id)) = (hold, id)
+                && let Some(asked) = holds::hold_of(&body, self.holds.config())
+            {
+                return Ok(Response::sse(hook.start(asked, id)));
+            }
             return Ok(match &to_modern {
                 Some(method) => modern_json(&body, |v| era::response_to_modern(v, method)),
                 None => Response::json(StatusCode::OK, body),
@@ -247,6 +280,8 @@ impl Gateway {
             org: org.name.clone(),
             keepalive: self.config.streams.keepalive,
             park,
+            hold,
+            held: None,
             first: None,
             failed: false,
             final_status: StatusCode::OK,
@@ -266,7 +301,7 @@ impl Gateway {
                         break;
                     }
                     Ok(Some(Step::Quiet)) => {}
-                    Ok(None) | Err(_) => break,
+                    Ok(Some(Step::Held)) | Ok(None) | Err(_) => break,
                 }
             }
         }
@@ -791,9 +826,21 @@ pub(super) fn sessionless_headers(
     req: &Request,
     protocol_version: Option<&str>,
 ) -> http::HeaderMap {
+    call_headers(org, identity, req, protocol_version, "")
+}
+
+/// [`sessionless_headers`] with a call id as `Ratatosk-Session` (see
+/// [`holds::call_id`]): where a worker finishes the call.
+pub(super) fn call_headers(
+    org: &OrgRoute,
+    identity: &Identity,
+    req: &Request,
+    protocol_version: Option<&str>,
+    call: &str,
+) -> http::HeaderMap {
     upstream_headers(
         &Forwarding {
-            session_id: "",
+            session_id: call,
             org: &org.name,
             identity,
             protocol_version,
@@ -833,6 +880,11 @@ pub(super) struct Pipe {
     /// Where an upstream request to the client parks the call; without
     /// it, such a request cannot be answered (stateless upstream).
     park: Option<Park>,
+    /// Where a hold the upstream answers with is kept (a stateless
+    /// upstream's call); without it, a hold is passed on as a result.
+    hold: Option<HoldHook>,
+    /// The held call's stream, once the upstream answered with a hold.
+    held: Option<Box<dyn ChunkSource>>,
     /// A message read before the answer was committed to SSE, sent first.
     first: Option<Bytes>,
     /// The last message is the gateway's error: the upstream failed.
@@ -849,6 +901,9 @@ pub(super) enum Step {
     Send(Bytes, bool),
     /// The gateway answered the upstream itself; nothing for the client.
     Quiet,
+    /// The upstream answered with a hold: what follows comes from the
+    /// hold (see [`HoldHook`]).
+    Held,
 }
 
 impl Pipe {
@@ -871,6 +926,8 @@ impl Pipe {
             org,
             keepalive,
             park: Some(park),
+            hold: None,
+            held: None,
             first: None,
             failed: false,
             final_status: StatusCode::OK,
@@ -889,6 +946,13 @@ impl Pipe {
                 Ok(Kind::Response { id: rid })
                     if rid == *self.upstream_id.as_ref().unwrap_or(id) =>
                 {
+                    if let Some(hook) = self.hold.take()
+                        && let Some(asked) = holds::hold_of(&message, hook.gateway.holds.config())
+                    {
+                        self.reader = None;
+                        self.held = Some(hook.start(asked, id));
+                        return Some(Step::Held);
+                    }
                     let renamed = self.upstream_id.is_some();
                     let status = &mut self.final_status;
                     let body = match &self.to_modern {
@@ -961,7 +1025,11 @@ impl ChunkSource for Pipe {
         if let Some(first) = self.first.take() {
             return Some(sse_frame(None, Some("message"), &first));
         }
+        if let Some(held) = &mut self.held {
+            return held.next_chunk().await;
+        }
         match tokio::time::timeout(self.keepalive, self.step()).await {
+            Ok(Some(Step::Held)) => self.held.as_mut()?.next_chunk().await,
             Err(_) | Ok(Some(Step::Quiet)) => Some(Bytes::from_static(KEEPALIVE)),
             Ok(Some(Step::Send(out, _))) => Some(sse_frame(None, Some("message"), &out)),
             Ok(None) => None,
@@ -986,6 +1054,91 @@ impl Drop for Pipe {
 struct Quiet {
     first: Option<Bytes>,
     keepalive: Duration,
+}
+
+/// What a 2026-07-28 client's call to a stateless upstream needs to be held:
+/// the call's id (the upstream's `Ratatosk-Session`), and what the client
+/// declared.
+pub(super) struct HoldHook {
+    gateway: Arc<Gateway>,
+    org: Arc<OrgRoute>,
+    call: String,
+    capabilities: Option<Value>,
+    method: String,
+}
+
+impl HoldHook {
+    /// The held call's stream (keep-alives, what the worker publishes,
+    /// then the result), fed from a log of the call's own by the hold's
+    /// task. The client closing it is the cancel of 2026-07-28, which the
+    /// worker sees as the hold's state.
+    fn start(self, asked: Result<holds::HoldRequest, String>, id: &Id) -> Box<dyn ChunkSource> {
+        let HoldHook {
+            gateway,
+            org,
+            call,
+            capabilities,
+            method,
+        } = self;
+        let log = Arc::new(SessionLog::new(gateway.hub.limits()));
+        let cancel = CancellationToken::new();
+        let keepalive = gateway.config.streams.keepalive;
+        let (stream, attach) = match log
+            .begin_stream()
+            .ok()
+            .and_then(|stream| Some((stream, log.attach(stream, None).ok()?)))
+        {
+            Some(opened) => opened,
+            // A new log is open; should it not be, the client is told.
+            None => {
+                let body = jsonrpc::error_body(
+                    Some(id),
+                    code::INTERNAL_ERROR,
+                    "cannot open a stream for the held call",
+                );
+                return Box::new(Quiet {
+                    first: Some(sse_frame(None, Some("message"), &body)),
+                    keepalive,
+                });
+            }
+        };
+        let metrics = org.metrics.stream.clone();
+        let (log2, id, token) = (log.clone(), id.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let client = HoldClient {
+                id: &call,
+                protocol_version: era::MODERN_VERSION,
+                client_capabilities: capabilities.as_ref(),
+                modern_method: Some(&method),
+            };
+            gateway
+                .keep_hold(asked, &client, &log2, stream, id, &org, &token)
+                .await;
+            log2.end_stream(stream);
+        });
+        Box::new(CancelOnDrop {
+            inner: LiveStream::new(log, attach, None, keepalive, Some(metrics)),
+            _cancel: cancel.drop_guard(),
+        })
+    }
+}
+
+/// A stream whose end (the client closed it, or it finished) cancels
+/// what feeds it.
+struct CancelOnDrop<S> {
+    inner: S,
+    _cancel: tokio_util::sync::DropGuard,
+}
+
+#[async_trait]
+impl<S: ChunkSource> ChunkSource for CancelOnDrop<S> {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        self.inner.next_chunk().await
+    }
+
+    fn written(&mut self) {
+        self.inner.written();
+    }
 }
 
 #[async_trait]
