@@ -195,7 +195,9 @@ pub(crate) fn hold_reject(e: HoldPublishError) -> Reject {
         HoldPublishError::Finished { .. } => (StatusCode::GONE, code::BAD_REQUEST),
         HoldPublishError::Invalid(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
         HoldPublishError::Busy => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
-        HoldPublishError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, code::BAD_REQUEST),
+        HoldPublishError::TooMany(_) | HoldPublishError::TooManyCalls(_) => {
+            (StatusCode::TOO_MANY_REQUESTS, code::BAD_REQUEST)
+        }
     };
     let mut r = Reject::new(status, rpc, e.to_string());
     if let HoldPublishError::Finished { state, .. } = &e {

@@ -199,6 +199,10 @@ pub struct HoldsConfig {
     pub max_timeout: Duration,
     /// Holds open at once in one session; one more fails its request.
     pub max_per_session: usize,
+    /// 2026-07-28 calls without an open hold that keep a worker's early
+    /// messages at once, on one node (any call id is taken, so a worker
+    /// publishing to ids no upstream gave out fills no more than this).
+    pub max_waiting_calls: usize,
     /// How long a finished hold still answers its worker (`cancelled`,
     /// `expired`, `done`) before it is forgotten (then 404).
     #[serde(with = "humantime_serde")]
@@ -211,6 +215,7 @@ impl Default for HoldsConfig {
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(3600),
             max_per_session: 64,
+            max_waiting_calls: 10_000,
             keep_finished: Duration::from_secs(600),
         }
     }

@@ -204,12 +204,16 @@ pub enum HoldPublishError {
     Unknown(String),
     #[error("hold '{hold}' is {}: nothing more reaches the client", state.as_str())]
     Finished { hold: String, state: HoldState },
-    #[error("the body must be one JSON-RPC notification or response: {0}")]
+    #[error("the body must be one JSON-RPC notification, request to the client, or response: {0}")]
     Invalid(String),
     #[error("the client's stream is not keeping up: {QUEUE} messages wait already; retry")]
     Busy,
     #[error("this session has {0} holds open or pending already (holds.max_per_session)")]
     TooMany(usize),
+    #[error(
+        "{0} calls that no upstream answered yet have messages waiting already; is the call id right?"
+    )]
+    TooManyCalls(usize),
 }
 
 struct Entry {
@@ -355,6 +359,19 @@ impl Holds {
     ) -> Result<HoldState, HoldPublishError> {
         let delivery = delivery_of(hold, body)?;
         let mut sessions = self.lock();
+        if is_call(session) && !sessions.contains_key(session) {
+            // Any call id is taken (a fast worker may publish before the
+            // upstream's answer opens the hold), so their number is capped.
+            let calls = sessions
+                .iter()
+                .filter(|(id, holds)| {
+                    is_call(id) && !holds.values().any(|e| e.state == HoldState::Open)
+                })
+                .count();
+            if calls >= self.config.max_waiting_calls {
+                return Err(HoldPublishError::TooManyCalls(calls));
+            }
+        }
         let entries = sessions.entry(session.to_owned()).or_default();
         if !entries.contains_key(hold) {
             let live = live_in(entries);
@@ -708,6 +725,37 @@ mod tests {
         // Nothing is kept for a hold this node does not know.
         holds.answer("s1", "other", serde_json::json!({}));
         assert_eq!(holds.view("s1", "other"), None);
+    }
+
+    #[test]
+    fn messages_for_calls_no_upstream_answered_are_capped() {
+        let holds = Holds::new(HoldsConfig {
+            max_waiting_calls: 3,
+            ..config()
+        });
+        let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"x"}}"#);
+        let first = call_id();
+        assert_eq!(holds.publish(&first, "h", &note), Ok(HoldState::Pending));
+        for _ in 1..3 {
+            assert_eq!(
+                holds.publish(&call_id(), "h", &note),
+                Ok(HoldState::Pending)
+            );
+        }
+        assert_eq!(
+            holds.publish(&call_id(), "h", &note),
+            Err(HoldPublishError::TooManyCalls(3))
+        );
+        // A call already waiting takes more; a call whose hold is open does
+        // not count.
+        assert_eq!(holds.publish(&first, "h", &note), Ok(HoldState::Pending));
+        let _open = holds.open(&first, hold("h")).expect("open");
+        assert_eq!(
+            holds.publish(&call_id(), "h", &note),
+            Ok(HoldState::Pending)
+        );
+        // Sessions are not calls: their publishes are checked elsewhere.
+        assert_eq!(holds.publish("s1", "h", &note), Ok(HoldState::Pending));
     }
 
     #[test]
