@@ -87,7 +87,7 @@ async fn route(
                     StatusCode::OK,
                     json!({"hold": hold, "state": view.state.as_str(), "answers": view.answers}),
                 )),
-                None => Err(hold_reject(HoldPublishError::Unknown(
+                None => Err(crate::holds::reject(HoldPublishError::Unknown(
                     crate::jsonrpc::clip(hold, 64),
                 ))),
             }
@@ -183,31 +183,6 @@ async fn readiness(gw: &Gateway) -> Response {
         body["events"] = json!({"bus": events.bus_up(), "dropped": events.dropped()});
     }
     json_response(code, body)
-}
-
-/// A refused hold publish: 404 for an unknown session (or hold, on GET),
-/// 410 for a finished hold (its `state` tells the worker why: a cancel stops
-/// its work), 400 for a bad message, 429 past `holds.max_per_session`, 503
-/// when the client's stream lags.
-pub(crate) fn hold_reject(e: HoldPublishError) -> Reject {
-    let (status, rpc) = match &e {
-        HoldPublishError::Unknown(_) => (StatusCode::NOT_FOUND, code::NOT_FOUND),
-        HoldPublishError::Finished { .. } => (StatusCode::GONE, code::BAD_REQUEST),
-        HoldPublishError::Invalid(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-        HoldPublishError::Busy => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
-        HoldPublishError::TooMany(_) | HoldPublishError::TooManyCalls(_) => {
-            (StatusCode::TOO_MANY_REQUESTS, code::BAD_REQUEST)
-        }
-    };
-    let mut r = Reject::new(status, rpc, e.to_string());
-    if let HoldPublishError::Finished { state, .. } = &e {
-        r = r.with_data(json!({"state": state.as_str()}));
-    }
-    if matches!(e, HoldPublishError::Busy) {
-        r.headers
-            .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
-    }
-    r
 }
 
 fn json_response(status: StatusCode, v: serde_json::Value) -> Response {

@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 use crate::config::Era;
 use crate::edge::{MCP_PROTOCOL_VERSION, MCP_SESSION_ID, REQUEST_ID};
 use crate::jsonrpc::{self, Id, Kind};
+use crate::upstream::ReadLimits;
 use crate::upstream::{Answer, AnswerKind, Pool, UpstreamError, error_chain};
 
 pub const RATATOSK_SESSION: HeaderName = HeaderName::from_static("ratatosk-session");
@@ -144,21 +145,6 @@ impl EventBytes {
         }
         self.pending
     }
-}
-
-/// Bounds on reading one upstream answer.
-#[derive(Debug, Clone, Copy)]
-pub struct ReadLimits {
-    /// Longest wait for the next piece of the answer.
-    pub timeout: Duration,
-    /// Longest the whole answer may take.
-    pub max_duration: Duration,
-    /// Most bytes the whole answer may have.
-    pub max_bytes: usize,
-    /// Most bytes an SSE answer may send between two events: what the
-    /// event parser must buffer. Bounds a stream meant to stay open (a
-    /// listen), whose whole is unbounded.
-    pub max_event_bytes: usize,
 }
 
 /// A body read failure: the transport's, or the answer outgrew its cap.

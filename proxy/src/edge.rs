@@ -9,13 +9,29 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 
 use crate::jsonrpc::{self, Id, code};
-use crate::stream::ChunkSource;
-use crate::upstream::mime_is;
 
 pub const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 pub const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
 pub const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A streamed response body, written chunk by chunk by the HTTP layer.
+#[async_trait::async_trait]
+pub trait ChunkSource: Send {
+    /// The next chunk to write, or `None` when the response is complete.
+    async fn next_chunk(&mut self) -> Option<Bytes>;
+    /// Called after the last chunk was written to the client successfully.
+    fn written(&mut self) {}
+}
+
+/// Whether a Content-Type names the given media type, ignoring parameters
+/// and case.
+pub fn mime_is(content_type: &str, media: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
+}
 
 /// Protocol versions the gateway speaks toward clients.
 pub const SUPPORTED_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];

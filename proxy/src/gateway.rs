@@ -18,15 +18,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{AnswerReader, Forwarding, ReadError, upstream_headers};
 use crate::config::{Config, Era};
-use crate::edge::{self, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response};
+use crate::edge::{
+    self, ChunkSource, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response,
+};
 use crate::holds::{self, Holds};
 use crate::jsonrpc::{self, Body, Id, Kind, Message, code};
 use crate::metrics::Metrics;
 use crate::routes::{Endpoint, OrgRoute, RouteError, Routes};
-use crate::session::{self, SessionState, SessionStore, StoreError, Transport};
+use crate::session::{self, SessionState, SessionStore, StoreError, Transport, short};
 use crate::stream::{
-    AttachError, ChunkSource, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog,
-    StreamId, priming_frame,
+    AttachError, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog, StreamId,
+    priming_frame,
     shared::{BusHandler, HoldRoute, Notice, SharedEvents},
     sse_frame,
 };
@@ -1997,12 +1999,12 @@ impl Gateway {
             return self
                 .holds
                 .publish(session_id, hold, body)
-                .map_err(crate::admin::hold_reject);
+                .map_err(holds::reject);
         };
         // Redis mode, and this node has not heard of the hold: the node
         // that holds it gets the message, or it waits in Redis for the one
         // that will.
-        holds::delivery_of(hold, body).map_err(crate::admin::hold_reject)?;
+        holds::delivery_of(hold, body).map_err(holds::reject)?;
         let keep = self.holds.config().keep_finished;
         let route = events
             .hold_route(session_id, hold, body, keep, holds::QUEUE)
@@ -2012,7 +2014,7 @@ impl Gateway {
             HoldRoute::Owner { node, .. } if node == self.node => self
                 .holds
                 .publish(session_id, hold, body)
-                .map_err(crate::admin::hold_reject),
+                .map_err(holds::reject),
             HoldRoute::Owner { node, state } => match holds::HoldState::parse(&state) {
                 Some(holds::HoldState::Open) | None => {
                     events.notify(&Notice::Hold {
@@ -2023,15 +2025,13 @@ impl Gateway {
                     });
                     Ok(holds::HoldState::Open)
                 }
-                Some(state) => Err(crate::admin::hold_reject(
-                    holds::HoldPublishError::Finished {
-                        hold: hold.to_owned(),
-                        state,
-                    },
-                )),
+                Some(state) => Err(holds::reject(holds::HoldPublishError::Finished {
+                    hold: hold.to_owned(),
+                    state,
+                })),
             },
             HoldRoute::Queued => Ok(holds::HoldState::Pending),
-            HoldRoute::Full => Err(crate::admin::hold_reject(holds::HoldPublishError::Busy)),
+            HoldRoute::Full => Err(holds::reject(holds::HoldPublishError::Busy)),
         }
     }
 
@@ -2439,7 +2439,7 @@ pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
 }
 
 fn is_json(content_type: Option<&str>) -> bool {
-    content_type.is_some_and(|ct| crate::upstream::mime_is(ct, "application/json"))
+    content_type.is_some_and(|ct| edge::mime_is(ct, "application/json"))
 }
 
 /// An upstream's own JSON-RPC refusal (`body`), as the client gets it:
@@ -2472,12 +2472,6 @@ fn read_reject(e: ReadError, id: Option<&Id>) -> Reject {
         _ => StatusCode::BAD_GATEWAY,
     };
     Reject::new(status, code::UPSTREAM_ERROR, e.to_string()).with_id(id)
-}
-
-/// The first characters of a session id, enough to follow it in logs
-/// without writing a usable id into them.
-pub fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
 }
 
 #[cfg(test)]

@@ -34,9 +34,9 @@ use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use crate::config::Limits;
+use crate::edge::ChunkSource;
 use crate::edge::{self, Reject, Request, Response, ResponseBody};
 use crate::gateway::Gateway;
-use crate::stream::ChunkSource;
 
 /// How long a client may leave a write blocked (a full TCP window) before
 /// its connection is dropped, so one stalled client never pins resources.

@@ -24,6 +24,12 @@ pub fn mint_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// The start of a session id, enough to tell sessions apart in logs
+/// without writing the whole (a bearer of sorts) there.
+pub fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
 /// Whether a client-supplied id could be one we minted. Anything else is
 /// refused before it reaches a store or a log line.
 pub fn is_plausible_id(id: &str) -> bool {

@@ -21,6 +21,8 @@ use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashMap;
 use prometheus::{IntCounter, IntGauge};
+
+use crate::edge::ChunkSource;
 use tokio::sync::Notify;
 
 pub mod shared;
@@ -983,10 +985,9 @@ impl Hub {
                     .get(session)
                     .and_then(|log| log.append_local(STANDALONE, payload).ok()));
             }
-            Some(events) => events
-                .publish(session, payload)
-                .await
-                .map_err(|()| crate::session::StoreError::Redis(RedisUnavailable.into()))?,
+            Some(events) => events.publish(session, payload).await.map_err(|()| {
+                crate::session::StoreError::Redis(crate::session::redis::RedisUnavailable.into())
+            })?,
         };
         Ok(seq.map(|seq| EventId {
             stream: STANDALONE,
@@ -1038,20 +1039,6 @@ impl Hub {
             log.close();
         }
     }
-}
-
-/// The node's writer could not hand an event to Redis.
-#[derive(Debug, thiserror::Error)]
-#[error("the shared event log did not take the event in time")]
-pub struct RedisUnavailable;
-
-/// A streamed response body, written chunk by chunk by the HTTP layer.
-#[async_trait]
-pub trait ChunkSource: Send {
-    /// The next chunk to write, or `None` when the response is complete.
-    async fn next_chunk(&mut self) -> Option<Bytes>;
-    /// Called after the last chunk was written to the client successfully.
-    fn written(&mut self) {}
 }
 
 /// Per-stream counters, resolved to their label values once.

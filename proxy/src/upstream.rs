@@ -15,8 +15,8 @@ use http::{HeaderMap, StatusCode};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use thread_local::ThreadLocal;
 
-use crate::bridge::ReadLimits;
 use crate::config::UpstreamConfig;
+use crate::edge::mime_is;
 use crate::metrics::Metrics;
 
 /// How an upstream answered, by `Content-Type`.
@@ -77,6 +77,21 @@ pub enum PoolError {
         url: String,
         source: url::ParseError,
     },
+}
+
+/// Bounds on reading one upstream answer.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Longest wait for the next piece of the answer.
+    pub timeout: Duration,
+    /// Longest the whole answer may take.
+    pub max_duration: Duration,
+    /// Most bytes the whole answer may have.
+    pub max_bytes: usize,
+    /// Most bytes an SSE answer may send between two events: what the
+    /// event parser must buffer. Bounds a stream meant to stay open (a
+    /// listen), whose whole is unbounded.
+    pub max_event_bytes: usize,
 }
 
 /// One org's replicas and the client that reaches them.
@@ -479,15 +494,6 @@ fn content_type(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-}
-
-/// Whether a Content-Type names the given media type, ignoring parameters
-/// and case.
-pub fn mime_is(content_type: &str, media: &str) -> bool {
-    content_type
-        .split(';')
-        .next()
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
 }
 
 /// An error with its causes, e.g. "error sending request: connection refused".

@@ -1183,8 +1183,8 @@ const LEASE: &str = "upstream-stream";
 /// a stateful upstream's GET stream): it is meant to stay open and quiet
 /// for as long as the session lives, so only each event is bounded, as
 /// one answer is (`limits.max_answer_bytes`).
-pub(super) fn listen_limits(org: &OrgRoute) -> crate::bridge::ReadLimits {
-    crate::bridge::ReadLimits {
+pub(super) fn listen_limits(org: &OrgRoute) -> crate::upstream::ReadLimits {
+    crate::upstream::ReadLimits {
         timeout: Duration::from_secs(365 * 24 * 3600),
         max_duration: Duration::from_secs(365 * 24 * 3600),
         max_bytes: usize::MAX,

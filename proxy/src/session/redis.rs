@@ -41,6 +41,11 @@ const MAX_CHANGE_ATTEMPTS: u32 = 32;
 pub(crate) const REAP_BATCH: usize = 1000;
 const MAX_REAP_ROUNDS: usize = 100;
 
+/// The node's writer could not hand an event to Redis.
+#[derive(Debug, thiserror::Error)]
+#[error("the shared event log did not take the event in time")]
+pub struct RedisUnavailable;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RedisStoreError {
     #[error("redis: {0}")]
@@ -50,7 +55,7 @@ pub enum RedisStoreError {
     #[error("session {0} kept changing under {MAX_CHANGE_ATTEMPTS} attempts to change it")]
     Contended(String),
     #[error(transparent)]
-    Unavailable(#[from] crate::stream::RedisUnavailable),
+    Unavailable(#[from] RedisUnavailable),
 }
 
 impl From<redis::RedisError> for StoreError {
@@ -456,7 +461,7 @@ impl SessionStore for RedisSessionStore {
                 _ => continue,
             }
         }
-        Err(RedisStoreError::Contended(crate::gateway::short(id).to_owned()).into())
+        Err(RedisStoreError::Contended(super::short(id).to_owned()).into())
     }
 
     async fn remove(&self, id: &str) -> Result<Option<Arc<SessionState>>, StoreError> {

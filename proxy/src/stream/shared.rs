@@ -1430,8 +1430,9 @@ return out
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::ChunkSource;
     use crate::session::{RedisSessionStore, SessionStore, test_state};
-    use crate::stream::{ChunkSource, LiveStream, LogLimits, STANDALONE};
+    use crate::stream::{LiveStream, LogLimits, STANDALONE};
     use crate::testing::eventually;
 
     const LIMITS: LogLimits = LogLimits {
