@@ -871,7 +871,8 @@ impl Gateway {
                     }
                     return;
                 }
-                Some((worker_id, method, reply)) = futures::StreamExt::next(&mut asks), if !asks.is_empty() => {
+                Some((rid, worker_id, method, reply)) = futures::StreamExt::next(&mut asks), if !asks.is_empty() => {
+                    pending.forget(session.id, &rid);
                     self.keep_answer(org, session.id, &hold, &worker_id, method, reply);
                     continue;
                 }
@@ -892,30 +893,35 @@ impl Gateway {
             match delivery {
                 Some(holds::Delivery::Event(body)) => {
                     if self.append(log, stream, &body, org).is_err() {
-                        self.holds
-                            .finish(session.id, &hold, holds::HoldState::Cancelled);
+                        // The session ended under the request.
+                        end(holds::HoldState::Cancelled);
                         return;
                     }
                 }
                 Some(holds::Delivery::Ask(body)) => {
-                    let asked =
-                        match self.ask_for_hold(org, session, log, stream, &body, &mut pending) {
-                            Ok(asked) => asked,
-                            Err(()) => {
-                                self.holds
-                                    .finish(session.id, &hold, holds::HoldState::Cancelled);
-                                return;
-                            }
-                        };
+                    let outstanding = asks.len();
+                    let asked = self.ask_for_hold(
+                        org,
+                        session,
+                        (log, stream),
+                        &body,
+                        outstanding,
+                        &mut pending,
+                    );
+                    let Ok(asked) = asked else {
+                        end(holds::HoldState::Cancelled);
+                        return;
+                    };
                     match asked {
                         HoldAsk::Sent {
+                            rid,
                             worker_id,
                             method,
                             reply,
                         } => {
                             asks.push(async move {
                                 let reply = tokio::time::timeout_at(deadline, reply).await;
-                                (worker_id, method, reply.ok().and_then(Result::ok))
+                                (rid, worker_id, method, reply.ok().and_then(Result::ok))
                             });
                         }
                         HoldAsk::Refused { worker_id, answer } => {
@@ -949,14 +955,16 @@ impl Gateway {
     /// the held request's stream, under an id of the gateway's. A client
     /// that cannot take it (it did not declare the capability, or speaks
     /// 2026-07-28, which has no requests during a call) gets nothing: the
-    /// worker gets an error answer. `Err` if the stream is gone.
+    /// worker gets an error answer, as it does when `outstanding` (the
+    /// hold's requests the client has not answered) is at [`holds::QUEUE`].
+    /// `Err` if the stream is gone.
     fn ask_for_hold(
         &self,
         org: &OrgRoute,
         session: &HoldClient<'_>,
-        log: &SessionLog,
-        stream: StreamId,
+        (log, stream): (&SessionLog, StreamId),
         body: &Bytes,
+        outstanding: usize,
         pending: &mut modern::PendingReplies<'_>,
     ) -> Result<HoldAsk, ()> {
         // Checked when published: a request with a client method.
@@ -971,6 +979,14 @@ impl Gateway {
             answer: serde_json::json!({"jsonrpc": "2.0", "id": worker_id.to_value(),
                 "error": {"code": code, "message": why}}),
         };
+        if outstanding >= holds::QUEUE {
+            return Ok(refuse(
+                code::INTERNAL_ERROR,
+                format!(
+                    "the client has {outstanding} of this hold's requests unanswered already; wait for an answer"
+                ),
+            ));
+        }
         if crate::era::is_modern_version(session.protocol_version) {
             return Ok(refuse(
                 code::INVALID_REQUEST,
@@ -1004,6 +1020,7 @@ impl Gateway {
         }
         tracing::debug!(org = %org.name, session = %short(session.id), method, "a worker's request sent to the client");
         Ok(HoldAsk::Sent {
+            rid,
             worker_id: worker_id.clone(),
             method: method.to_owned(),
             reply,
@@ -1012,7 +1029,7 @@ impl Gateway {
 
     /// Keeps the client's answer to a worker's request with the hold (and
     /// in Redis mode in Redis, for workers that ask other nodes). `None`:
-    /// the client did not answer before the hold ended.
+    /// the client did not answer before the hold's timeout.
     fn keep_answer(
         &self,
         org: &OrgRoute,
@@ -1981,12 +1998,19 @@ impl Gateway {
     ) -> Result<holds::HoldState, Reject> {
         // A 2026-07-28 client's call has no session to look up: its holds
         // (and what a fast worker publishes before they open) are all.
-        if !holds::is_call(session_id)
-            && self
-                .published_to(session_id)
-                .await
-                .map_err(store_reject)?
-                .is_none()
+        if holds::is_call(session_id) {
+            if !holds::is_plausible_call(session_id) {
+                return Err(Reject::new(
+                    StatusCode::NOT_FOUND,
+                    code::SESSION_NOT_FOUND,
+                    "call not found: a call id is `call-` and 43 characters of A-Z a-z 0-9 - _",
+                ));
+            }
+        } else if self
+            .published_to(session_id)
+            .await
+            .map_err(store_reject)?
+            .is_none()
         {
             return Err(Reject::new(
                 StatusCode::NOT_FOUND,
@@ -2255,6 +2279,8 @@ impl<'a> HoldClient<'a> {
 enum HoldAsk {
     /// Sent to the client; its answer comes on `reply`.
     Sent {
+        /// The gateway's id of the request.
+        rid: Id,
         worker_id: Id,
         method: String,
         reply: tokio::sync::oneshot::Receiver<Value>,
@@ -3157,6 +3183,69 @@ mod tests {
                 .await
                 .expect_err("refused");
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        }
+
+        /// A worker may not pile up requests the client does not answer:
+        /// past [`crate::holds::QUEUE`] unanswered, it reads a refusal. A
+        /// call id the gateway cannot have minted is refused.
+        #[tokio::test]
+        async fn unanswered_requests_to_the_client_are_capped() {
+            let up = holding_stub().await;
+            let gw = gateway(&[up.url()]);
+            let init = INIT.replace(r#""capabilities":{}"#, r#""capabilities":{"roots":{}}"#);
+            let r = gw.handle(post(&init, &[])).await;
+            let sid = r
+                .headers
+                .get(&MCP_SESSION_ID)
+                .expect("sid")
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            let _r = held_call(&gw, &sid, "many", 30.0).await;
+            for n in 0..=crate::holds::QUEUE {
+                let ask = json!({"jsonrpc": "2.0", "id": n, "method": "roots/list"});
+                // The stream's queue may be full for a moment: retry then.
+                let published = || async {
+                    gw.publish_hold(&sid, "many", &message(ask.clone()))
+                        .await
+                        .is_ok()
+                };
+                assert!(
+                    testing::eventually(Duration::from_secs(5), published).await,
+                    "ask {n}"
+                );
+            }
+            let refused = || async {
+                !gw.holds
+                    .view(&sid, "many")
+                    .expect("known")
+                    .answers
+                    .is_empty()
+            };
+            assert!(
+                testing::eventually(Duration::from_secs(5), refused).await,
+                "no refusal"
+            );
+            let answers = gw.holds.view(&sid, "many").expect("known").answers;
+            assert_eq!(answers.len(), 1, "{answers:?}");
+            assert_eq!(answers[0]["id"], crate::holds::QUEUE);
+            assert!(
+                answers[0]["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("unanswered"))
+            );
+            for bad in [
+                "call-x",
+                "call-../../etc",
+                &format!("call-{}:x", session::mint_id()),
+            ] {
+                let note = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}});
+                let e = gw
+                    .publish_hold(bad, "h", &message(note))
+                    .await
+                    .expect_err("refused");
+                assert_eq!(e.status, StatusCode::NOT_FOUND, "{bad}");
+            }
         }
 
         /// A stub whose `tools/call` answers are holds (as [`holding_stub`]),

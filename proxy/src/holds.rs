@@ -53,6 +53,13 @@ pub fn call_id() -> String {
     format!("{CALL_PREFIX}{}", crate::session::mint_id())
 }
 
+/// Whether a call id could be one the gateway minted: the publish API
+/// takes call ids without a look-up, so only these.
+pub fn is_plausible_call(id: &str) -> bool {
+    id.strip_prefix(CALL_PREFIX)
+        .is_some_and(crate::session::is_plausible_id)
+}
+
 /// Whether a session id of the publish API is a call's.
 pub fn is_call(id: &str) -> bool {
     id.starts_with(CALL_PREFIX)
@@ -394,7 +401,7 @@ impl Holds {
             let calls = sessions
                 .iter()
                 .filter(|(id, holds)| {
-                    is_call(id) && !holds.values().any(|e| e.state == HoldState::Open)
+                    is_call(id) && holds.values().any(|e| e.state == HoldState::Pending)
                 })
                 .count();
             if calls >= self.config.max_waiting_calls {

@@ -765,6 +765,14 @@ impl<'a> PendingReplies<'a> {
             keys: Vec::new(),
         }
     }
+
+    /// Forgets one wait that ended (answered, or timed out).
+    pub(super) fn forget(&mut self, session: &str, id: &Id) {
+        if let Some(at) = self.keys.iter().position(|(s, k)| s == session && k == id) {
+            let key = self.keys.swap_remove(at);
+            self.map.remove(&key);
+        }
+    }
 }
 
 impl Drop for PendingReplies<'_> {
@@ -1033,6 +1041,12 @@ impl ChunkSource for Pipe {
             Err(_) | Ok(Some(Step::Quiet)) => Some(Bytes::from_static(KEEPALIVE)),
             Ok(Some(Step::Send(out, _))) => Some(sse_frame(None, Some("message"), &out)),
             Ok(None) => None,
+        }
+    }
+
+    fn written(&mut self) {
+        if let Some(held) = &mut self.held {
+            held.written();
         }
     }
 }

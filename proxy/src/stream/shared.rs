@@ -776,12 +776,13 @@ impl SharedEvents {
         hold: &str,
         keep: Duration,
     ) -> Result<Vec<Vec<u8>>, RedisStoreError> {
-        let [owner, early, _] = self.hold_keys(session, hold);
+        let [owner, early, answers] = self.hold_keys(session, hold);
         let mut conn = self.conn.clone();
         let early: Vec<Vec<u8>> = self
             .hold_claim
             .key(owner)
             .key(early)
+            .key(answers)
             .arg(self.node)
             .arg(millis(keep))
             .invoke_async(&mut conn)
@@ -1354,9 +1355,11 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 0
 ";
 
-/// KEYS: a hold's owner hash, its early queue. ARGV: this node, keep ms.
-/// What was queued, which is then gone.
+/// KEYS: a hold's owner hash, its early queue, the client's answers. ARGV:
+/// this node, keep ms. What was queued, which is then gone; answers of an
+/// earlier hold of the same id go too.
 const HOLD_CLAIM: &str = "
+redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'state', 'open')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local early = redis.call('LRANGE', KEYS[2], 0, -1)
