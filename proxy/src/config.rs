@@ -457,22 +457,45 @@ impl Config {
         }
     }
 
-    /// The rules serde cannot express. Returns every problem found.
+    /// The rules serde cannot express: every problem found, section by
+    /// section (each section checks its own fields; see [`Found`]).
     fn validate(&self) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut bad = |path: &str, message: String| {
-            problems.push(Problem {
-                path: path.to_owned(),
-                message,
-            })
-        };
+        let mut found = Found::default();
+        self.top_problems(&mut found);
+        self.limits.problems(&mut found.at("limits"));
+        self.sessions.problems(&mut found.at("sessions"));
+        self.streams.problems(&mut found.at("streams"));
+        self.holds.problems(&mut found.at("holds"));
+        self.publish.problems(&mut found.at("publish"));
+        self.server.problems(&mut found.at("server"));
+        if self.orgs.is_empty() {
+            found.bad("orgs", "expected at least one org");
+        }
+        for (name, org) in &self.orgs {
+            org.problems(
+                name,
+                self.identity.is_some(),
+                &mut found.at(&format!("orgs.{name}")),
+            );
+        }
+        if let Some(identity) = &self.identity {
+            let introspects = self.orgs.values().any(|o| o.auth.uses_introspection());
+            let mut at = found.at("identity");
+            for (field, message) in identity.problems(introspects) {
+                at.bad(&field, message);
+            }
+        }
+        found.problems
+    }
 
+    /// The top-level fields.
+    fn top_problems(&self, found: &mut Found) {
         if !self.base_path.is_empty() {
             let ok = self.base_path.starts_with('/')
                 && !self.base_path.ends_with('/')
                 && self.base_path[1..].split('/').all(is_path_segment);
             if !ok {
-                bad(
+                found.bad(
                     "base_path",
                     format!(
                         "expected an absolute path like `/api/v1/mcp` (leading slash, no trailing slash, \
@@ -483,259 +506,21 @@ impl Config {
             }
         }
         if self.listen == self.admin_listen {
-            bad(
+            found.bad(
                 "admin_listen",
                 format!("must differ from `listen` ({})", self.listen),
             );
         }
         for (i, origin) in self.allowed_origins.iter().enumerate() {
             if let Err(why) = check_origin(origin) {
-                bad(&format!("allowed_origins[{i}]"), why);
-            }
-        }
-        if self.limits.max_body_bytes == 0 || self.limits.max_body_bytes > 64 * 1024 * 1024 {
-            bad(
-                "limits.max_body_bytes",
-                format!(
-                    "expected between 1 and 67108864 bytes, got {}",
-                    self.limits.max_body_bytes
-                ),
-            );
-        }
-        if self.limits.max_answer_bytes < 1024 {
-            bad(
-                "limits.max_answer_bytes",
-                format!(
-                    "expected at least 1024 bytes, got {}",
-                    self.limits.max_answer_bytes
-                ),
-            );
-        }
-        for (path, d, example) in [
-            (
-                "limits.body_read_timeout",
-                self.limits.body_read_timeout,
-                "30s",
-            ),
-            (
-                "limits.head_read_timeout",
-                self.limits.head_read_timeout,
-                "10s",
-            ),
-        ] {
-            if d.is_zero() {
-                bad(
-                    path,
-                    format!("expected a positive duration like `{example}`"),
-                );
-            }
-        }
-        if self.sessions.event_log_size == 0 || self.sessions.event_log_size > 1_000_000 {
-            bad(
-                "sessions.event_log_size",
-                format!(
-                    "expected between 1 and 1000000 events, got {}",
-                    self.sessions.event_log_size
-                ),
-            );
-        }
-        if self.limits.max_batch == 0 || self.limits.max_batch > 1000 {
-            bad(
-                "limits.max_batch",
-                format!("expected between 1 and 1000, got {}", self.limits.max_batch),
-            );
-        }
-        for (path, value, max) in [
-            (
-                "sessions.max_in_flight",
-                self.sessions.max_in_flight,
-                100_000,
-            ),
-            (
-                "sessions.max_per_subject",
-                self.sessions.max_per_subject,
-                10_000_000,
-            ),
-            ("sessions.max_total", self.sessions.max_total, 100_000_000),
-            (
-                "sessions.max_subscriptions",
-                self.sessions.max_subscriptions,
-                100_000,
-            ),
-            (
-                "limits.max_connections",
-                self.limits.max_connections,
-                10_000_000,
-            ),
-        ] {
-            if value == 0 || value > max {
-                bad(path, format!("expected between 1 and {max}, got {value}"));
-            }
-        }
-        if self.sessions.max_client_bytes < 256 {
-            bad(
-                "sessions.max_client_bytes",
-                format!(
-                    "expected at least 256 bytes, got {}",
-                    self.sessions.max_client_bytes
-                ),
-            );
-        }
-        if self.sessions.event_log_bytes < 1024 {
-            bad(
-                "sessions.event_log_bytes",
-                format!(
-                    "expected at least 1024 bytes, got {}",
-                    self.sessions.event_log_bytes
-                ),
-            );
-        }
-        match (self.sessions.store, &self.sessions.url) {
-            (StoreKind::Redis, None) => bad(
-                "sessions.url",
-                "`store: redis` needs the Redis URL, e.g. `redis://127.0.0.1:6379/` or `${REDIS_URL}`"
-                    .into(),
-            ),
-            (StoreKind::Redis, Some(url)) if !url.starts_with("redis://") => bad(
-                "sessions.url",
-                "expected a `redis://` URL (TLS to Redis is not built in)".into(),
-            ),
-            (StoreKind::Memory, Some(_)) => bad(
-                "sessions.url",
-                "only used with `store: redis`; remove it, or add `store: redis`".into(),
-            ),
-            _ => {}
-        }
-        if self.sessions.key_prefix.is_empty()
-            || self.sessions.key_prefix.len() > 64
-            || self.sessions.key_prefix.contains(char::is_whitespace)
-        {
-            bad(
-                "sessions.key_prefix",
-                "expected 1 to 64 characters without spaces, e.g. `ratatosk:`".into(),
-            );
-        }
-        if self.sessions.idle_ttl < Duration::from_secs(1) {
-            bad(
-                "sessions.idle_ttl",
-                "expected at least `1s`, e.g. `30m`".into(),
-            );
-        }
-        if self.streams.keepalive < Duration::from_millis(100) {
-            bad(
-                "streams.keepalive",
-                "expected at least `100ms`, e.g. `15s`".into(),
-            );
-        }
-        if self.holds.default_timeout.is_zero()
-            || self.holds.default_timeout > self.holds.max_timeout
-        {
-            bad(
-                "holds.default_timeout",
-                "expected a positive duration no longer than `holds.max_timeout`".into(),
-            );
-        }
-        if self.holds.max_per_session == 0 {
-            bad("holds.max_per_session", "expected at least 1".into());
-        }
-        if self.publish.secret.len() < 16 {
-            bad(
-                "publish.secret",
-                format!(
-                    "expected a secret of at least 16 characters, got {} (set it from the environment, e.g. `${{RATATOSK_PUBLISH_SECRET}}`)",
-                    self.publish.secret.len()
-                ),
-            );
-        }
-        if self.server.threads == 0 || self.server.threads > 1024 {
-            bad(
-                "server.threads",
-                format!("expected between 1 and 1024, got {}", self.server.threads),
-            );
-        }
-        if self.orgs.is_empty() {
-            bad("orgs", "expected at least one org".into());
-        }
-        for (name, org) in &self.orgs {
-            let at = format!("orgs.{name}");
-            if !is_path_segment(name) {
-                bad(
-                    &at,
-                    format!(
-                        "org name `{name}` must be a path segment of letters, digits, `-`, `_`, `.`"
-                    ),
-                );
-            }
-            if org.auth != AuthMode::None && self.identity.is_none() {
-                bad(
-                    &format!("{at}.auth"),
-                    format!(
-                        "auth mode `{}` needs an `identity` section (the identity provider)",
-                        org.auth.as_str()
-                    ),
-                );
-            }
-            if org.auth == AuthMode::None && org.organization.is_some() {
-                bad(
-                    &format!("{at}.organization"),
-                    "an organization can only be required of tokens: set `auth` to a mode other than `none`".into(),
-                );
-            }
-            if org.auth == AuthMode::None && !org.scopes.is_empty() {
-                bad(
-                    &format!("{at}.scopes"),
-                    "scopes can only be required of tokens: set `auth` to a mode other than `none`"
-                        .into(),
-                );
-            }
-            let up = &org.upstream;
-            if up.replicas.is_empty() {
-                bad(
-                    &format!("{at}.upstream.replicas"),
-                    "expected at least one replica URL".into(),
-                );
-            }
-            for (i, replica) in up.replicas.iter().enumerate() {
-                if let Err(why) = check_replica_url(replica) {
-                    bad(&format!("{at}.upstream.replicas[{i}]"), why);
-                }
-                if up.replicas[..i].contains(replica) {
-                    bad(
-                        &format!("{at}.upstream.replicas[{i}]"),
-                        format!("`{replica}` is listed twice"),
-                    );
-                }
-            }
-            if up.max_input_rounds == 0 {
-                bad(
-                    &format!("{at}.upstream.max_input_rounds"),
-                    "expected at least 1 round".into(),
-                );
-            }
-            for (field, d, example) in [
-                ("timeout", up.timeout, "60s"),
-                ("max_duration", up.max_duration, "10m"),
-                ("connect_timeout", up.connect_timeout, "2s"),
-            ] {
-                if d.is_zero() {
-                    bad(
-                        &format!("{at}.upstream.{field}"),
-                        format!("expected a positive duration like `{example}`"),
-                    );
-                }
-            }
-        }
-        if let Some(identity) = &self.identity {
-            let introspects = self.orgs.values().any(|o| o.auth.uses_introspection());
-            for (field, message) in identity.problems(introspects) {
-                bad(&format!("identity.{field}"), message);
+                found.bad(&format!("allowed_origins[{i}]"), why);
             }
         }
         if let Some(url) = &self.public_url {
             let ok = Url::parse(url)
                 .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.query().is_none());
             if !ok || url.ends_with('/') {
-                bad(
+                found.bad(
                     "public_url",
                     format!(
                         "expected a URL like `https://mcp.example.com` (no trailing slash), got `{url}`"
@@ -744,50 +529,263 @@ impl Config {
             }
         }
         if !self.backchannel_logout_path.starts_with('/') {
-            bad(
+            found.bad(
                 "backchannel_logout_path",
-                "expected an absolute path like `/auth/backchannel-logout`".into(),
+                "expected an absolute path like `/auth/backchannel-logout`",
             );
         }
-        let mut durations = vec![
-            (
-                "limits.body_read_timeout".to_owned(),
-                self.limits.body_read_timeout,
+    }
+}
+
+/// Problems found while checking a config, with the field path of each:
+/// a section checks its own fields under its prefix ([`Found::at`]).
+#[derive(Default)]
+struct Found {
+    problems: Vec<Problem>,
+}
+
+/// The problems of one section, whose fields are named under `prefix`.
+struct Section<'a> {
+    found: &'a mut Found,
+    prefix: String,
+}
+
+impl Found {
+    fn at(&mut self, prefix: &str) -> Section<'_> {
+        Section {
+            found: self,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn bad(&mut self, path: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+}
+
+impl Section<'_> {
+    fn bad(&mut self, field: &str, message: impl Into<String>) {
+        let path = format!("{}.{field}", self.prefix);
+        self.found.bad(&path, message);
+    }
+
+    /// A number that must lie in `1..=max`.
+    fn between_1_and(&mut self, field: &str, value: usize, max: usize) {
+        if value == 0 || value > max {
+            self.bad(field, format!("expected between 1 and {max}, got {value}"));
+        }
+    }
+
+    /// A number that must be at least `min`; `unit` names what it counts.
+    fn at_least(&mut self, field: &str, value: usize, min: usize, unit: &str) {
+        if value < min {
+            self.bad(field, format!("expected at least {min}{unit}, got {value}"));
+        }
+    }
+
+    /// A duration no longer than 30 days; with `example`, also positive.
+    fn duration(&mut self, field: &str, d: Duration, example: Option<&str>) {
+        if let Some(example) = example
+            && d.is_zero()
+        {
+            self.bad(
+                field,
+                format!("expected a positive duration like `{example}`"),
+            );
+        }
+        if d > MAX_DURATION {
+            self.bad(
+                field,
+                format!("expected at most 30 days, got {}s", d.as_secs()),
+            );
+        }
+    }
+}
+
+impl Limits {
+    fn problems(&self, at: &mut Section) {
+        if self.max_body_bytes == 0 || self.max_body_bytes > 64 * 1024 * 1024 {
+            at.bad(
+                "max_body_bytes",
+                format!(
+                    "expected between 1 and 67108864 bytes, got {}",
+                    self.max_body_bytes
+                ),
+            );
+        }
+        at.at_least("max_answer_bytes", self.max_answer_bytes, 1024, " bytes");
+        at.duration("body_read_timeout", self.body_read_timeout, Some("30s"));
+        at.duration("head_read_timeout", self.head_read_timeout, Some("10s"));
+        at.between_1_and("max_batch", self.max_batch, 1000);
+        at.between_1_and("max_connections", self.max_connections, 10_000_000);
+    }
+}
+
+impl SessionsConfig {
+    fn problems(&self, at: &mut Section) {
+        if self.event_log_size == 0 || self.event_log_size > 1_000_000 {
+            at.bad(
+                "event_log_size",
+                format!(
+                    "expected between 1 and 1000000 events, got {}",
+                    self.event_log_size
+                ),
+            );
+        }
+        at.between_1_and("max_in_flight", self.max_in_flight, 100_000);
+        at.between_1_and("max_per_subject", self.max_per_subject, 10_000_000);
+        at.between_1_and("max_total", self.max_total, 100_000_000);
+        at.between_1_and("max_subscriptions", self.max_subscriptions, 100_000);
+        at.at_least("max_client_bytes", self.max_client_bytes, 256, " bytes");
+        at.at_least("event_log_bytes", self.event_log_bytes, 1024, " bytes");
+        match (self.store, &self.url) {
+            (StoreKind::Redis, None) => at.bad(
+                "url",
+                "`store: redis` needs the Redis URL, e.g. `redis://127.0.0.1:6379/` or `${REDIS_URL}`",
             ),
-            (
-                "limits.head_read_timeout".to_owned(),
-                self.limits.head_read_timeout,
+            (StoreKind::Redis, Some(url)) if !url.starts_with("redis://") => at.bad(
+                "url",
+                "expected a `redis://` URL (TLS to Redis is not built in)",
             ),
-            ("sessions.idle_ttl".to_owned(), self.sessions.idle_ttl),
-            ("streams.keepalive".to_owned(), self.streams.keepalive),
-            ("streams.retry".to_owned(), self.streams.retry),
-            ("holds.max_timeout".to_owned(), self.holds.max_timeout),
-            ("holds.keep_finished".to_owned(), self.holds.keep_finished),
-            (
-                "server.shutdown_grace".to_owned(),
-                self.server.shutdown_grace,
+            (StoreKind::Memory, Some(_)) => at.bad(
+                "url",
+                "only used with `store: redis`; remove it, or add `store: redis`",
             ),
-        ];
-        for (name, org) in &self.orgs {
-            let up = &org.upstream;
-            for (field, d) in [
-                ("timeout", up.timeout),
-                ("max_duration", up.max_duration),
-                ("connect_timeout", up.connect_timeout),
-                ("eject_for", up.eject_for),
-            ] {
-                durations.push((format!("orgs.{name}.upstream.{field}"), d));
+            _ => {}
+        }
+        if self.key_prefix.is_empty()
+            || self.key_prefix.len() > 64
+            || self.key_prefix.contains(char::is_whitespace)
+        {
+            at.bad(
+                "key_prefix",
+                "expected 1 to 64 characters without spaces, e.g. `ratatosk:`",
+            );
+        }
+        if self.idle_ttl < Duration::from_secs(1) {
+            at.bad("idle_ttl", "expected at least `1s`, e.g. `30m`");
+        }
+        at.duration("idle_ttl", self.idle_ttl, None);
+    }
+}
+
+impl StreamsConfig {
+    fn problems(&self, at: &mut Section) {
+        if self.keepalive < Duration::from_millis(100) {
+            at.bad("keepalive", "expected at least `100ms`, e.g. `15s`");
+        }
+        at.duration("keepalive", self.keepalive, None);
+        at.duration("retry", self.retry, None);
+    }
+}
+
+impl HoldsConfig {
+    fn problems(&self, at: &mut Section) {
+        if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
+            at.bad(
+                "default_timeout",
+                "expected a positive duration no longer than `holds.max_timeout`",
+            );
+        }
+        at.at_least("max_per_session", self.max_per_session, 1, "");
+        at.at_least("max_waiting_calls", self.max_waiting_calls, 1, "");
+        at.duration("max_timeout", self.max_timeout, None);
+        at.duration("keep_finished", self.keep_finished, None);
+    }
+}
+
+impl PublishConfig {
+    fn problems(&self, at: &mut Section) {
+        if self.secret.len() < 16 {
+            at.bad(
+                "secret",
+                format!(
+                    "expected a secret of at least 16 characters, got {} (set it from the environment, e.g. `${{RATATOSK_PUBLISH_SECRET}}`)",
+                    self.secret.len()
+                ),
+            );
+        }
+    }
+}
+
+impl ServerConfig {
+    fn problems(&self, at: &mut Section) {
+        at.between_1_and("threads", self.threads, 1024);
+        at.duration("shutdown_grace", self.shutdown_grace, None);
+    }
+}
+
+impl OrgConfig {
+    /// Org `name`'s fields; `identity` says whether the config has an
+    /// identity provider, which auth modes other than `none` need.
+    fn problems(&self, name: &str, identity: bool, at: &mut Section) {
+        if !is_path_segment(name) {
+            let path = at.prefix.clone();
+            at.found.bad(
+                &path,
+                format!(
+                    "org name `{name}` must be a path segment of letters, digits, `-`, `_`, `.`"
+                ),
+            );
+        }
+        if self.auth != AuthMode::None && !identity {
+            at.bad(
+                "auth",
+                format!(
+                    "auth mode `{}` needs an `identity` section (the identity provider)",
+                    self.auth.as_str()
+                ),
+            );
+        }
+        if self.auth == AuthMode::None && self.organization.is_some() {
+            at.bad(
+                "organization",
+                "an organization can only be required of tokens: set `auth` to a mode other than `none`",
+            );
+        }
+        if self.auth == AuthMode::None && !self.scopes.is_empty() {
+            at.bad(
+                "scopes",
+                "scopes can only be required of tokens: set `auth` to a mode other than `none`",
+            );
+        }
+        let mut up = Section {
+            prefix: format!("{}.upstream", at.prefix),
+            found: at.found,
+        };
+        self.upstream.problems(&mut up);
+    }
+}
+
+impl UpstreamConfig {
+    fn problems(&self, at: &mut Section) {
+        if self.replicas.is_empty() {
+            at.bad("replicas", "expected at least one replica URL");
+        }
+        for (i, replica) in self.replicas.iter().enumerate() {
+            if let Err(why) = check_replica_url(replica) {
+                at.bad(&format!("replicas[{i}]"), why);
+            }
+            if self.replicas[..i].contains(replica) {
+                at.bad(
+                    &format!("replicas[{i}]"),
+                    format!("`{replica}` is listed twice"),
+                );
             }
         }
-        for (path, d) in durations {
-            if d > MAX_DURATION {
-                problems.push(Problem {
-                    path,
-                    message: format!("expected at most 30 days, got {}s", d.as_secs()),
-                });
-            }
-        }
-        problems
+        at.at_least(
+            "max_input_rounds",
+            self.max_input_rounds as usize,
+            1,
+            " round",
+        );
+        at.duration("timeout", self.timeout, Some("60s"));
+        at.duration("max_duration", self.max_duration, Some("10m"));
+        at.duration("connect_timeout", self.connect_timeout, Some("2s"));
+        at.duration("eject_for", self.eject_for, None);
     }
 }
 
@@ -993,6 +991,8 @@ base_path: api/
 allowed_origins: ["http://localhost:6274/", "http://ok.example"]
 publish:
   secret: short
+holds: {max_waiting_calls: 0}
+sessions: {max_total: 0, idle_ttl: 100d}
 orgs:
   "bad org":
     upstream:
@@ -1010,6 +1010,9 @@ orgs:
             "admin_listen",
             "allowed_origins[0]",
             "publish.secret",
+            "holds.max_waiting_calls",
+            "sessions.max_total",
+            "sessions.idle_ttl",
             "orgs.bad org",
             "orgs.bad org.upstream.replicas",
             "orgs.org-2.upstream.replicas[0]",
