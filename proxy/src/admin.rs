@@ -87,7 +87,7 @@ async fn route(
                     StatusCode::OK,
                     json!({"hold": hold, "state": view.state.as_str(), "answers": view.answers}),
                 )),
-                None => Err(crate::holds::reject(HoldPublishError::Unknown(
+                None => Err(crate::gateway::hold_reject(HoldPublishError::Unknown(
                     crate::jsonrpc::clip(hold, 64),
                 ))),
             }

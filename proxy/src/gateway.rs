@@ -16,7 +16,7 @@ use ratatosk_auth::{AuthMode, Identity};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{AnswerReader, Forwarding, ReadError, upstream_headers};
+use crate::bridge::{AnswerReader, Forwarding, upstream_headers};
 use crate::config::{Config, Era};
 use crate::edge::{
     self, ChunkSource, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response,
@@ -38,7 +38,11 @@ mod hidden;
 mod listen;
 mod modern;
 mod params;
+mod rejects;
 mod stateful;
+
+pub use rejects::hold_reject;
+use rejects::*;
 
 /// How many requests of one batch go upstream at once.
 const BATCH_CONCURRENCY: usize = 8;
@@ -2023,12 +2027,12 @@ impl Gateway {
             return self
                 .holds
                 .publish(session_id, hold, body)
-                .map_err(holds::reject);
+                .map_err(hold_reject);
         };
         // Redis mode, and this node has not heard of the hold: the node
         // that holds it gets the message, or it waits in Redis for the one
         // that will.
-        holds::delivery_of(hold, body).map_err(holds::reject)?;
+        holds::delivery_of(hold, body).map_err(hold_reject)?;
         let keep = self.holds.config().keep_finished;
         let route = events
             .hold_route(session_id, hold, body, keep, holds::QUEUE)
@@ -2038,7 +2042,7 @@ impl Gateway {
             HoldRoute::Owner { node, .. } if node == self.node => self
                 .holds
                 .publish(session_id, hold, body)
-                .map_err(holds::reject),
+                .map_err(hold_reject),
             HoldRoute::Owner { node, state } => match holds::HoldState::parse(&state) {
                 Some(holds::HoldState::Open) | None => {
                     events.notify(&Notice::Hold {
@@ -2049,13 +2053,13 @@ impl Gateway {
                     });
                     Ok(holds::HoldState::Open)
                 }
-                Some(state) => Err(holds::reject(holds::HoldPublishError::Finished {
+                Some(state) => Err(hold_reject(holds::HoldPublishError::Finished {
                     hold: hold.to_owned(),
                     state,
                 })),
             },
             HoldRoute::Queued => Ok(holds::HoldState::Pending),
-            HoldRoute::Full => Err(holds::reject(holds::HoldPublishError::Busy)),
+            HoldRoute::Full => Err(hold_reject(holds::HoldPublishError::Busy)),
         }
     }
 
@@ -2400,104 +2404,6 @@ fn negotiated_version(response: &[u8]) -> Option<String> {
         .get("protocolVersion")?
         .as_str()
         .map(str::to_owned)
-}
-
-fn session_not_found() -> Reject {
-    Reject::new(
-        StatusCode::NOT_FOUND,
-        code::SESSION_NOT_FOUND,
-        "session not found: it expired, was deleted, or never existed; initialize a new one",
-    )
-}
-
-fn store_reject(e: StoreError) -> Reject {
-    match e {
-        StoreError::SubjectFull { .. } => Reject::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            code::BAD_REQUEST,
-            e.to_string(),
-        ),
-        StoreError::Full { .. } => Reject::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            code::INTERNAL_ERROR,
-            e.to_string(),
-        )
-        .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("5")),
-        _ => Reject::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            code::INTERNAL_ERROR,
-            e.to_string(),
-        ),
-    }
-}
-
-fn cancelled(id: Option<&Id>) -> Reject {
-    Reject::new(
-        StatusCode::OK,
-        REQUEST_CANCELLED,
-        "request cancelled by the client",
-    )
-    .with_id(id)
-}
-
-/// Maps an upstream failure to what the client sees. The status says which
-/// side failed (502 or 504); the JSON-RPC error says which upstream and why.
-/// An upstream 404 is never passed on: to MCP clients it means "session gone".
-pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
-    let status = match &e {
-        UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        UpstreamError::Status {
-            status,
-            body,
-            content_type,
-            ..
-        } if status.is_client_error()
-            && *status != StatusCode::NOT_FOUND
-            && is_json(content_type.as_deref())
-            && jsonrpc::parse_message(body).is_ok() =>
-        {
-            // The upstream refused the request itself, in JSON-RPC: pass it on.
-            return passed_refusal(*status, body, id, || e.to_string());
-        }
-        _ => StatusCode::BAD_GATEWAY,
-    };
-    Reject::new(status, code::UPSTREAM_ERROR, e.to_string()).with_id(id)
-}
-
-fn is_json(content_type: Option<&str>) -> bool {
-    content_type.is_some_and(|ct| edge::mime_is(ct, "application/json"))
-}
-
-/// An upstream's own JSON-RPC refusal (`body`), as the client gets it:
-/// the upstream's status, code, message and data.
-fn passed_refusal(
-    status: StatusCode,
-    body: &[u8],
-    id: Option<&Id>,
-    fallback: impl FnOnce() -> String,
-) -> Reject {
-    let refusal = serde_json::from_slice::<Value>(body).unwrap_or_default();
-    let message = refusal
-        .pointer("/error/message")
-        .and_then(Value::as_str)
-        .map_or_else(fallback, str::to_owned);
-    let upstream_code = refusal
-        .pointer("/error/code")
-        .and_then(Value::as_i64)
-        .unwrap_or(code::UPSTREAM_ERROR);
-    let mut reject = Reject::new(status, upstream_code, message).with_id(id);
-    if let Some(data) = refusal.pointer("/error/data") {
-        reject = reject.with_data(data.clone());
-    }
-    reject
-}
-
-fn read_reject(e: ReadError, id: Option<&Id>) -> Reject {
-    let status = match e {
-        ReadError::Timeout { .. } | ReadError::TooLong { .. } => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
-    };
-    Reject::new(status, code::UPSTREAM_ERROR, e.to_string()).with_id(id)
 }
 
 #[cfg(test)]

@@ -34,12 +34,8 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use http::{HeaderValue, StatusCode, header};
-use serde_json::json;
-
 use crate::config::HoldsConfig;
-use crate::edge::Reject;
-use crate::jsonrpc::{self, Id, Kind, code};
+use crate::jsonrpc::{self, Id, Kind};
 
 /// The `_meta` key of a result that is a hold.
 pub const HOLD_META: &str = "io.ratatosk/hold";
@@ -197,31 +193,6 @@ pub enum Delivery {
     Ask(Bytes),
     /// The response, as published (see [`with_id`]); the last delivery.
     Final(Bytes),
-}
-
-/// A refused hold publish: 404 for an unknown session (or hold, on GET),
-/// 410 for a finished hold (its `state` tells the worker why: a cancel stops
-/// its work), 400 for a bad message, 429 past `holds.max_per_session` (or `holds.max_waiting_calls`), 503
-/// when the client's stream lags.
-pub fn reject(e: HoldPublishError) -> Reject {
-    let (status, rpc) = match &e {
-        HoldPublishError::Unknown(_) => (StatusCode::NOT_FOUND, code::NOT_FOUND),
-        HoldPublishError::Finished { .. } => (StatusCode::GONE, code::BAD_REQUEST),
-        HoldPublishError::Invalid(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-        HoldPublishError::Busy => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
-        HoldPublishError::TooMany(_) | HoldPublishError::TooManyCalls(_) => {
-            (StatusCode::TOO_MANY_REQUESTS, code::BAD_REQUEST)
-        }
-    };
-    let mut r = Reject::new(status, rpc, e.to_string());
-    if let HoldPublishError::Finished { state, .. } = &e {
-        r = r.with_data(json!({"state": state.as_str()}));
-    }
-    if matches!(e, HoldPublishError::Busy) {
-        r.headers
-            .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
-    }
-    r
 }
 
 /// Why a hold could not be opened.

@@ -327,7 +327,9 @@ impl Gateway {
         state: &Value,
         responses: Option<Value>,
     ) -> Result<Response, Reject> {
-        let state = state.as_str().ok_or_else(|| refused().with_id(Some(id)))?;
+        let state = state
+            .as_str()
+            .ok_or_else(|| unknown_request_state().with_id(Some(id)))?;
         let Some(parked) = self.take_parked(state, &org.name, &identity.subject) else {
             return match (owner_of(state), self.hub.events()) {
                 (Some(owner), Some(events)) if owner != self.node => {
@@ -344,12 +346,12 @@ impl Gateway {
                     };
                     self.resume_elsewhere(org, events, request, id).await
                 }
-                _ => Err(refused().with_id(Some(id))),
+                _ => Err(unknown_request_state().with_id(Some(id))),
             };
         };
         let (reader, park, call) = deliver_input(parked, responses.as_ref())
             .await
-            .map_err(|reason| lost(reason).with_id(Some(id)))?;
+            .map_err(|reason| call_lost(reason).with_id(Some(id)))?;
         self.respond_modern(
             org,
             reader,
@@ -392,7 +394,7 @@ impl Gateway {
             return Err(unavailable());
         }
         if !events.node_alive(owner).await.map_err(|_| unavailable())? {
-            return Err(lost(format!(
+            return Err(call_lost(format!(
                 "gateway node {owner:08x}, which held the call that asked for this input, is gone"
             ))
             .with_id(Some(id)));
@@ -423,7 +425,7 @@ impl Gateway {
                 }
             }
             Ok(Err(_)) | Err(_) => {
-                return Err(lost(format!(
+                return Err(call_lost(format!(
                     "gateway node {owner:08x}, which holds the call that asked for this input, did not answer in {} s",
                     RESUME_TIMEOUT.as_secs()
                 ))
@@ -446,10 +448,10 @@ impl Gateway {
         };
         let Some((log, attach)) = attached else {
             events.notify(&cancel);
-            return Err(
-                lost("the call's upstream session ended on the node holding it".into())
-                    .with_id(Some(id)),
-            );
+            return Err(call_lost(
+                "the call's upstream session ended on the node holding it".into(),
+            )
+            .with_id(Some(id)));
         };
         let live = LiveStream::new(
             log,
@@ -500,7 +502,7 @@ impl Gateway {
     ) -> Result<Resumed, Reject> {
         let parked = self
             .take_parked(&request.state, &request.org, &request.subject)
-            .ok_or_else(refused)?;
+            .ok_or_else(unknown_request_state)?;
         // The retry's node gave up before this node heard of it.
         let abandoned = matches!(
             self.continued.remove(&request.token),
@@ -511,7 +513,7 @@ impl Gateway {
             parked
                 .park
                 .cancel(&parked.call, "the client's retry could not be served");
-            return Err(refused());
+            return Err(unknown_request_state());
         };
         let session = parked.park.session.clone();
         let org = parked.park.org.name.clone();
@@ -520,7 +522,7 @@ impl Gateway {
             parked
                 .park
                 .cancel(&parked.call, "the call's upstream session ended");
-            return Err(lost(
+            return Err(call_lost(
                 "the call's upstream session has no event log on its node".into(),
             ));
         };
@@ -534,7 +536,7 @@ impl Gateway {
         };
         let (reader, park, call) = deliver_input(parked, request.responses.as_ref())
             .await
-            .map_err(lost)?;
+            .map_err(call_lost)?;
         // From here, dropping `pipe` tells the upstream the call is over.
         let pipe = Pipe::resumed(
             reader,
@@ -547,7 +549,7 @@ impl Gateway {
         );
         let stream = log
             .begin_stream()
-            .map_err(|_| lost("the call's upstream session ended".into()))?;
+            .map_err(|_| call_lost("the call's upstream session ended".into()))?;
         // The retry's node may have given up while the input was delivered.
         match self.continued.entry(request.token.clone()) {
             dashmap::Entry::Occupied(e) => {
@@ -884,23 +886,6 @@ async fn deliver_input(
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     Ok((reader, parked.park, parked.call))
-}
-
-fn refused() -> Reject {
-    Reject::new(
-        StatusCode::BAD_REQUEST,
-        code::INVALID_PARAMS,
-        "requestState names no call of this gateway waiting for this caller's input (tampered, already answered, or past upstream.max_duration)",
-    )
-}
-
-/// The call that asked for the input is gone: the client must call again.
-fn lost(reason: String) -> Reject {
-    Reject::new(
-        StatusCode::BAD_GATEWAY,
-        code::UPSTREAM_ERROR,
-        format!("{reason}; call again without requestState"),
-    )
 }
 
 /// The rest of a call resumed on another node, read from the shared log.

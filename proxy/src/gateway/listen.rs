@@ -151,7 +151,7 @@ impl Gateway {
             .era
             .info(&org.pool, Era::Stateful2025)
             .await
-            .map_err(|e| modern::probe_reject(e, Some(id)))?;
+            .map_err(|e| probe_reject(e, Some(id)))?;
         let capabilities = info.get("capabilities").cloned().unwrap_or(Value::Null);
         let hidden = self.hidden_session(org, identity, req, params).await?;
         // Up to date first: what the session said before this listen is
@@ -340,23 +340,6 @@ enum Subscribed {
     Refused,
     /// No answer could be had (yet): may be asked again.
     Unknown,
-}
-
-/// A listen whose hidden upstream session ended under it: the client may
-/// call again, which opens a new one. 503, not the 404 a 2025 client gets
-/// for an ended session: to a 2026-07-28 client that means "no such
-/// method", and it has no `initialize` to send.
-fn hidden_session_ended(org: &OrgRoute, id: &Id) -> Reject {
-    Reject::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        code::BAD_REQUEST,
-        format!(
-            "the hidden upstream session of org '{}' for this client ended while the listen started; call subscriptions/listen again",
-            org.name
-        ),
-    )
-    .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
-    .with_id(Some(id))
 }
 
 /// A listen's stream: the acknowledgment, then the hidden session's

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::hidden::{Asked, Park};
 use super::*;
-use crate::bridge::{AnswerReader, ProbeError};
+use crate::bridge::AnswerReader;
 use crate::config::Era;
 use crate::era::{self, errors};
 use crate::stream::KEEPALIVE;
@@ -795,29 +795,6 @@ fn modern_json(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Response {
     }
 }
 
-/// For a 2026-07-28 client: an upstream's `404` with JSON-RPC -32601 is a
-/// modern server's "no such method" (`streamable-http.mdx`), passed on as
-/// it is, not the "session gone" it means to a 2025 client; every other
-/// failure as [`upstream_reject`].
-pub(super) fn modern_upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
-    if let UpstreamError::Status {
-        status,
-        body,
-        content_type,
-        ..
-    } = &e
-        && *status == StatusCode::NOT_FOUND
-        && is_json(content_type.as_deref())
-        && serde_json::from_slice::<Value>(body)
-            .ok()
-            .and_then(|v| v.pointer("/error/code").and_then(Value::as_i64))
-            == Some(code::METHOD_NOT_FOUND)
-    {
-        return passed_refusal(*status, body, id, || e.to_string());
-    }
-    upstream_reject(e, id)
-}
-
 /// A JSON body rewritten by `f`; unchanged if it is not JSON.
 pub(super) fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
     match serde_json::from_slice::<Value>(body) {
@@ -856,16 +833,6 @@ pub(super) fn call_headers(
         },
         &req.headers,
     )
-}
-
-pub(super) fn probe_reject(e: ProbeError, id: Option<&Id>) -> Reject {
-    match e {
-        ProbeError::Upstream(e) => upstream_reject(e, id),
-        ProbeError::Read(e) => read_reject(e, id),
-        e @ ProbeError::NoResult { .. } => {
-            Reject::new(StatusCode::BAD_GATEWAY, code::UPSTREAM_ERROR, e.to_string()).with_id(id)
-        }
-    }
 }
 
 /// An upstream SSE answer on its way to a modern client, one message per
