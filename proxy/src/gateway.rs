@@ -39,6 +39,7 @@ mod listen;
 mod modern;
 mod params;
 mod rejects;
+mod replies;
 mod stateful;
 
 pub use rejects::hold_reject;
@@ -86,10 +87,9 @@ pub struct Gateway {
     /// `notifications/cancelled` or a DELETE can stop them.
     in_flight: Arc<InFlightMap>,
     next_generation: AtomicU64,
-    /// The gateway's own requests to clients (MRTR input requests), waiting
-    /// for the client's response.
-    replies: modern::ReplyMap,
-    next_reply: AtomicU64,
+    /// The gateway's own requests to clients, waiting for their answers;
+    /// also mints the gateway's unique ids.
+    replies: replies::Replies,
     /// Upstream `subscriptions/listen` streams of legacy sessions of modern
     /// upstreams, by session.
     listeners: DashMap<String, modern::Listener>,
@@ -178,6 +178,7 @@ impl Gateway {
             )?),
             None => None,
         };
+        let node = events.as_ref().map_or_else(rand::random, |e| e.node());
         let limits = LogLimits {
             max_events: config.sessions.event_log_size,
             max_bytes: config.sessions.event_log_bytes,
@@ -187,7 +188,7 @@ impl Gateway {
             validator,
             public_url: config.public_url(),
             own_origin: edge::origin_of(&config.public_url()),
-            node: events.as_ref().map_or_else(rand::random, |e| e.node()),
+            node,
             hub: match &events {
                 Some(events) => Hub::shared(limits, events.clone()),
                 None => Hub::new(limits),
@@ -196,8 +197,7 @@ impl Gateway {
             metrics,
             in_flight: Arc::new(DashMap::new()),
             next_generation: AtomicU64::new(1),
-            replies: DashMap::new(),
-            next_reply: AtomicU64::new(1),
+            replies: replies::Replies::new(node),
             listeners: DashMap::new(),
             rebinding: DashMap::new(),
             hidden: DashMap::new(),
@@ -864,7 +864,7 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + waiter.hold.timeout;
         let mut expired = false;
         // The worker's requests to the client, waiting for its answers.
-        let mut pending = modern::PendingReplies::new(&self.replies);
+        let mut pending = self.replies.pending();
         let mut asks = futures::stream::FuturesUnordered::new();
         loop {
             let delivery = tokio::select! {
@@ -969,7 +969,7 @@ impl Gateway {
         (log, stream): (&SessionLog, StreamId),
         body: &Bytes,
         outstanding: usize,
-        pending: &mut modern::PendingReplies<'_>,
+        pending: &mut replies::PendingReplies<'_>,
     ) -> Result<HoldAsk, ()> {
         // Checked when published: a request with a client method.
         let Ok(message) = jsonrpc::parse_message(body) else {
@@ -1013,7 +1013,7 @@ impl Gateway {
                 ),
             ));
         }
-        let Some((rid, reply)) = self.await_reply(session.id, pending) else {
+        let Some((rid, reply)) = pending.await_reply(session.id) else {
             return Err(());
         };
         let params = message.params();
@@ -1462,11 +1462,11 @@ impl Gateway {
         message: &Message,
         headers: impl FnOnce() -> http::HeaderMap,
     ) -> Result<(), Reject> {
-        if message.method().is_none() && self.take_reply(&session.id, message) {
+        if message.method().is_none() && self.replies.take(&session.id, message) {
             return Ok(());
         }
         if let Kind::Response { id } = &message.kind
-            && let Some(node) = modern::gateway_request_node(id)
+            && let Some(node) = replies::gateway_request_node(id)
         {
             // The gateway's own request: sent by another node, which takes
             // the answer; none waits for it here, whatever its id says.
@@ -2180,7 +2180,7 @@ impl BusHandler for Gateway {
             }
             Notice::Reply { session, body } => {
                 if let Ok(message) = jsonrpc::parse_message(&Bytes::from(body)) {
-                    self.take_reply(&session, &message);
+                    self.replies.take(&session, &message);
                 }
             }
             Notice::Logout(event) => {

@@ -287,7 +287,7 @@ impl Gateway {
             None => self.hidden_session(org, identity, req, &params).await?,
         };
         let headers = session_headers(org, identity, &hidden, &req.headers, &req.request_id);
-        let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
+        let n = self.replies.unique();
         let call = Id::from_value(&Value::from(format!("ratatosk-call-{:08x}-{n}", self.node)))
             .ok_or_else(|| Reject::bad_request("cannot mint a call id"))?;
         let body = era::request_without_modern_meta(Some(&call), &method, params);

@@ -295,7 +295,7 @@ impl Gateway {
         n: usize,
         uri: &str,
     ) -> Subscribed {
-        let unique = self.next_reply.fetch_add(1, Ordering::Relaxed);
+        let unique = self.replies.unique();
         let Some(id) = Id::from_value(&Value::from(format!(
             "ratatosk-subscribe-{:08x}-{unique}-{n}",
             self.node

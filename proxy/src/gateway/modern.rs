@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use serde_json::Map;
-use tokio::sync::oneshot;
 
 use super::hidden::{Asked, Park};
 use super::*;
@@ -568,10 +567,10 @@ impl Gateway {
             }
             asks.push((key, method, request.get("params")));
         }
-        let mut pending = PendingReplies::new(&self.replies);
+        let mut pending = self.replies.pending();
         let mut waits = Vec::with_capacity(asks.len());
         for (key, method, params) in asks {
-            let Some((rid, rx)) = self.await_reply(&session.id, &mut pending) else {
+            let Some((rid, rx)) = pending.await_reply(&session.id) else {
                 continue;
             };
             let body = era::client_request(&rid, method, params, &session.protocol_version);
@@ -620,59 +619,6 @@ impl Gateway {
         }
         Ok(Some(answers))
     }
-
-    /// A new id for the gateway's own request to the client of `session`
-    /// (unique across nodes), and where the client's answer will arrive;
-    /// `pending` forgets the wait when it is dropped.
-    pub(super) fn await_reply(
-        &self,
-        session: &str,
-        pending: &mut PendingReplies<'_>,
-    ) -> Option<(Id, oneshot::Receiver<Value>)> {
-        let n = self.next_reply.fetch_add(1, Ordering::Relaxed);
-        let rid = Id::from_value(&Value::from(format!(
-            "{INPUT_REQUEST_PREFIX}{}-{n}",
-            self.node
-        )))?;
-        let (tx, rx) = oneshot::channel();
-        let entry = (session.to_owned(), rid.clone());
-        self.replies.insert(entry.clone(), tx);
-        pending.keys.push(entry);
-        Some((rid, rx))
-    }
-
-    /// Hands a client's response to the input request waiting for it.
-    /// False if nothing waits for that id.
-    pub(super) fn take_reply(&self, session: &str, message: &Message) -> bool {
-        let Kind::Response { id } = &message.kind else {
-            return false;
-        };
-        let Some((_, tx)) = self.replies.remove(&(session.to_owned(), id.clone())) else {
-            return false;
-        };
-        match serde_json::from_slice::<Value>(&message.raw) {
-            Ok(v) => {
-                let _ = tx.send(v);
-            }
-            Err(_) => drop(tx),
-        }
-        true
-    }
-}
-
-/// How the ids of the gateway's own requests to a client start (then the
-/// node's tag and a counter, so nodes never mint the same one).
-const INPUT_REQUEST_PREFIX: &str = "ratatosk-input-";
-
-/// The node that sent the gateway's request a client's response answers;
-/// `None` if the id is not one of the gateway's.
-pub(super) fn gateway_request_node(id: &Id) -> Option<u32> {
-    let (node, _) = id
-        .as_json()
-        .strip_prefix('"')?
-        .strip_prefix(INPUT_REQUEST_PREFIX)?
-        .split_once('-')?;
-    node.parse().ok()
 }
 
 /// The first round's answer of a modern exchange, when the caller has it.
@@ -747,40 +693,6 @@ pub(super) fn unanswerable(org: &str, method: &str) -> String {
     format!(
         "the upstream of org '{org}' asked the client for {method}, but a stateless-2025 upstream cannot receive the answer; run it stateful (era stateful-2025) or modern"
     )
-}
-
-/// Client requests of the gateway's waiting for answers, by (session, id).
-pub(super) type ReplyMap = DashMap<(String, Id), oneshot::Sender<Value>>;
-
-/// Removes the entries of one round when it ends, however it ends.
-pub(super) struct PendingReplies<'a> {
-    map: &'a ReplyMap,
-    keys: Vec<(String, Id)>,
-}
-
-impl<'a> PendingReplies<'a> {
-    pub(super) fn new(map: &'a ReplyMap) -> PendingReplies<'a> {
-        PendingReplies {
-            map,
-            keys: Vec::new(),
-        }
-    }
-
-    /// Forgets one wait that ended (answered, or timed out).
-    pub(super) fn forget(&mut self, session: &str, id: &Id) {
-        if let Some(at) = self.keys.iter().position(|(s, k)| s == session && k == id) {
-            let key = self.keys.swap_remove(at);
-            self.map.remove(&key);
-        }
-    }
-}
-
-impl Drop for PendingReplies<'_> {
-    fn drop(&mut self) {
-        for key in &self.keys {
-            self.map.remove(key);
-        }
-    }
 }
 
 /// A final answer for a modern client of a handshake-era upstream,
@@ -1439,23 +1351,6 @@ pub(super) mod tests {
     use crate::session::MemorySessionStore;
     use crate::testing;
     use std::path::Path;
-
-    #[test]
-    fn gateway_request_ids_name_their_node() {
-        let id = |v: Value| Id::from_value(&v).expect("id");
-        assert_eq!(
-            gateway_request_node(&id(json!("ratatosk-input-4242-7"))),
-            Some(4242)
-        );
-        for other in [
-            json!("ratatosk-input-x-7"),
-            json!("ratatosk-input-"),
-            json!("something-else"),
-            json!(7),
-        ] {
-            assert_eq!(gateway_request_node(&id(other.clone())), None, "{other}");
-        }
-    }
 
     /// A gateway with one org, `org-1`, whose upstream has `era`.
     pub(in crate::gateway) fn gateway(era: &str, replica: &str) -> Arc<Gateway> {
