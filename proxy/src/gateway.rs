@@ -5,7 +5,7 @@
 //! `server.rs` only reads the request and writes what comes back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -35,6 +35,7 @@ use crate::stream::{
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
 mod hidden;
+mod in_flight;
 mod listen;
 mod modern;
 mod params;
@@ -42,6 +43,7 @@ mod rejects;
 mod replies;
 mod stateful;
 
+use in_flight::InFlight;
 pub use rejects::hold_reject;
 use rejects::*;
 
@@ -83,10 +85,9 @@ pub struct Gateway {
     /// gateway's own request ids apart from other nodes'.
     node: u32,
     pub metrics: Arc<Metrics>,
-    /// Requests being answered upstream, by (session, JSON-RPC id), so a
-    /// `notifications/cancelled` or a DELETE can stop them.
-    in_flight: Arc<InFlightMap>,
-    next_generation: AtomicU64,
+    /// Requests being answered upstream, so a `notifications/cancelled` or
+    /// a DELETE can stop them; also numbers registrations.
+    in_flight: in_flight::Requests,
     /// The gateway's own requests to clients, waiting for their answers;
     /// also mints the gateway's unique ids.
     replies: replies::Replies,
@@ -195,8 +196,7 @@ impl Gateway {
             },
             store,
             metrics,
-            in_flight: Arc::new(DashMap::new()),
-            next_generation: AtomicU64::new(1),
+            in_flight: in_flight::Requests::default(),
             replies: replies::Replies::new(node),
             listeners: DashMap::new(),
             rebinding: DashMap::new(),
@@ -1319,25 +1319,12 @@ impl Gateway {
     /// Stops request `id` of `session` if it runs on this node; false if
     /// it does not.
     fn cancel_in_flight(&self, session: String, id: Id) -> bool {
-        match self.in_flight.remove(&(session, id)) {
-            Some((_, (_, token))) => {
-                token.cancel();
-                true
-            }
-            None => false,
-        }
+        self.in_flight.cancel(session, id)
     }
 
     /// Stops the session's requests running on this node.
     fn stop_requests(&self, id: &str) {
-        self.in_flight.retain(|(sid, _), (_, token)| {
-            if sid == id {
-                token.cancel();
-                false
-            } else {
-                true
-            }
-        });
+        self.in_flight.stop_session(id);
     }
 
     /// What is left to do when a session ends: its local state (and other
@@ -1655,45 +1642,9 @@ impl Gateway {
         session: &str,
         id: Option<&Id>,
     ) -> Result<InFlight, Reject> {
-        let token = CancellationToken::new();
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let key = match id {
-            None => None,
-            Some(id) => {
-                let key = (session.to_owned(), id.clone());
-                match self.in_flight.entry(key.clone()) {
-                    dashmap::Entry::Occupied(_) => {
-                        return Err(Reject::new(
-                            StatusCode::BAD_REQUEST,
-                            code::INVALID_REQUEST,
-                            format!("request id {} is already in flight in this session; ids must be unique", id.as_json()),
-                        )
-                        .with_id(Some(id)));
-                    }
-                    dashmap::Entry::Vacant(v) => {
-                        v.insert((generation, token.clone()));
-                    }
-                }
-                Some(key)
-            }
-        };
         // Other nodes may receive the client's cancellation of it.
-        let shared = match (self.hub.events(), &key) {
-            (Some(events), Some((session, id))) => {
-                let session: Arc<str> = session.as_str().into();
-                events.running(&session, id.as_json(), true);
-                Some((events.clone(), session))
-            }
-            _ => None,
-        };
-        Ok(InFlight {
-            map: self.in_flight.clone(),
-            key,
-            generation,
-            token,
-            shared,
-            _slot: slot,
-        })
+        let shared = self.hub.events().filter(|_| id.is_some()).cloned();
+        self.in_flight.register(session, id, shared, slot)
     }
 
     async fn mcp_get(
@@ -2251,11 +2202,6 @@ impl Backoff {
     }
 }
 
-/// In-flight requests by (session, id): a generation (to tell registrations
-/// apart) and the token that cancels the request.
-type InFlightMap = DashMap<(String, Id), (u64, CancellationToken)>;
-
-/// A registered in-flight request; unregisters on drop.
 /// Who waits on a hold: a session's client, or a 2026-07-28 client's
 /// call (no session; its id is a call id, see [`holds::call_id`]).
 pub(crate) struct HoldClient<'a> {
@@ -2291,28 +2237,6 @@ enum HoldAsk {
     },
     /// Not sent: `answer` is the error the worker reads.
     Refused { worker_id: Id, answer: Value },
-}
-
-struct InFlight {
-    map: Arc<InFlightMap>,
-    key: Option<(String, Id)>,
-    generation: u64,
-    token: CancellationToken,
-    /// With several nodes: where the request is recorded as running.
-    shared: Option<(Arc<SharedEvents>, Arc<str>)>,
-    _slot: crate::stream::Slot,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            let generation = self.generation;
-            self.map.remove_if(&key, |_, (g, _)| *g == generation);
-            if let Some((events, session)) = &self.shared {
-                events.running(session, key.1.as_json(), false);
-            }
-        }
-    }
 }
 
 /// The legacy `/sse` stream: the session lives exactly as long as it.
@@ -2416,6 +2340,7 @@ mod tests {
     use crate::session::MemorySessionStore;
     use crate::testing;
     use std::path::Path;
+    use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
     const SECRET: &str = "unit-test-secret-0123";

@@ -1116,7 +1116,7 @@ impl Gateway {
                 session: session_id.to_owned(),
             });
         }
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let generation = self.in_flight.generation();
         let (phase, watching) = tokio::sync::watch::channel(Phase::Opening);
         let (stop, reopen) = match self.listeners.entry(session_id.to_owned()) {
             dashmap::Entry::Occupied(e) => {
