@@ -401,6 +401,32 @@ impl ChunkSource for Listen {
     }
 }
 
+/// Pauses between attempts to reopen a session's background upstream
+/// stream (a listen, or a stateful upstream's GET stream): from 100 ms,
+/// doubling up to 5 s, and back to the start once the stream delivers.
+pub(super) struct Backoff(std::time::Duration);
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(std::time::Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    pub(super) fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// Waits the pause, then lengthens it; false if `stop` came first.
+    pub(super) async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(self.0) => {},
+            _ = stop.cancelled() => return false,
+        }
+        self.0 = (self.0 * 2).min(std::time::Duration::from_secs(5));
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::modern::tests::{gateway, json_of, modern};

@@ -1,0 +1,404 @@
+//! A session's life: `initialize` and admission, look-ups (bound to
+//! their user), the event log, publishing, its end and the idle reaper.
+
+use super::*;
+
+impl Gateway {
+    pub(super) async fn initialize(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        identity: &Identity,
+        init: &Message,
+        req: &Request,
+    ) -> Result<Response, Reject> {
+        let session_id = session::mint_id();
+        let id = init.request_id().cloned();
+        let params = init.params().unwrap_or(Value::Null);
+        self.check_client_data(org, &params)
+            .map_err(|r| r.with_id(id.as_ref()))?;
+        self.check_admission(org, identity)
+            .await
+            .map_err(|r| r.with_id(id.as_ref()))?;
+        let (response, upstream) = self
+            .negotiate(
+                org,
+                &session_id,
+                identity,
+                init,
+                &req.headers,
+                &req.request_id,
+            )
+            .await?;
+        let Some(version) = negotiated_version(&response) else {
+            // A JSON-RPC error from the upstream: no session is created.
+            return Ok(Response::json(StatusCode::OK, response));
+        };
+        if !edge::SUPPORTED_VERSIONS.contains(&version.as_str()) {
+            return Err(Reject::new(
+                StatusCode::BAD_GATEWAY,
+                code::UPSTREAM_ERROR,
+                format!("upstream negotiated protocol version '{version}', which the gateway does not support"),
+            )
+            .with_id(id.as_ref()));
+        }
+        let mut state = SessionState::new(
+            session_id.clone(),
+            &org.name,
+            identity,
+            Transport::StreamableHttp,
+            version,
+        );
+        state.set_client(&params);
+        state.upstream = upstream;
+        if let Err(reject) = self.create_session(state.clone()).await {
+            // Refused after all (a limit reached meanwhile): the upstream
+            // session just opened has nobody left to end it.
+            self.close_upstream(&state);
+            return Err(reject.with_id(id.as_ref()));
+        }
+        let header = HeaderValue::from_str(&session_id).map_err(|_| {
+            Reject::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code::INTERNAL_ERROR,
+                "minted an invalid session id",
+            )
+        })?;
+        Ok(Response::json(StatusCode::OK, response).with_header(MCP_SESSION_ID, header))
+    }
+
+    /// Sends `initialize` upstream and returns the upstream's response to
+    /// it, with the upstream's own session if it is stateful.
+    pub(super) async fn negotiate(
+        &self,
+        org: &OrgRoute,
+        session_id: &str,
+        identity: &Identity,
+        init: &Message,
+        client_headers: &http::HeaderMap,
+        request_id: &str,
+    ) -> Result<(Bytes, Option<session::UpstreamSession>), Reject> {
+        let id = init.request_id().ok_or_else(|| {
+            Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "initialize must be a request (with an id)",
+            )
+        })?;
+        if self.upstream_era(org, Some(id)).await? == Era::Modern {
+            return Ok((self.initialize_from_modern(org, init).await?, None));
+        }
+        let headers = upstream_headers(
+            &Forwarding {
+                session_id,
+                org: &org.name,
+                identity,
+                protocol_version: None,
+                request_id,
+            },
+            client_headers,
+        );
+        let params = init.params().unwrap_or(Value::Null);
+        self.handshake(org, headers, id, init.raw.clone(), params)
+            .await
+    }
+
+    /// Moves the org's sessions gauge (its handle was resolved at start).
+    /// With several nodes, sets the sessions gauge to Redis's count of
+    /// every node's sessions (at each reap, and before `/metrics` answers).
+    pub async fn count_sessions(&self) {
+        let Some(events) = self.hub.events() else {
+            return;
+        };
+        let (dropped, counted) = (events.dropped(), self.metrics.shared_dropped.get());
+        if dropped > counted {
+            self.metrics.shared_dropped.inc_by(dropped - counted);
+        }
+        for org in self.routes.orgs() {
+            match self.store.count_org(&org.name).await {
+                Ok(n) => org
+                    .metrics
+                    .sessions
+                    .set(i64::try_from(n).unwrap_or(i64::MAX)),
+                Err(e) => {
+                    tracing::warn!(org = %org.name, error = %e, "cannot count the org's sessions");
+                }
+            }
+        }
+    }
+
+    /// Counts a session in or out of the sessions gauge (one node; see
+    /// [`Gateway::count_sessions`] for several).
+    pub(super) fn count_session(&self, org: &str, by: i64) {
+        if self.hub.events().is_some() {
+            return;
+        }
+        if let Some(route) = self.routes.org(org) {
+            route.metrics.sessions.add(by);
+        }
+    }
+
+    /// What an `initialize` says about the client must fit
+    /// `sessions.max_client_bytes`; the refusal names the fields.
+    pub(super) fn check_client_data(&self, org: &OrgRoute, params: &Value) -> Result<(), Reject> {
+        session::check_client_data(
+            [
+                ("params.clientInfo", params.get("clientInfo")),
+                ("params.capabilities", params.get("capabilities")),
+            ],
+            self.config.sessions.max_client_bytes,
+        )
+        .map_err(|why| {
+            org.metrics.refused.client_data.inc();
+            Reject::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, why)
+        })
+    }
+
+    /// The session limits of the config, for the store.
+    pub(super) fn admission(&self) -> session::Admission {
+        session::Admission {
+            per_subject: self.config.sessions.max_per_subject,
+            total: self.config.sessions.max_total,
+        }
+    }
+
+    /// Refuses early a session the store would not admit, before work a
+    /// refusal would waste (opening an upstream session).
+    pub(super) async fn check_admission(
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
+    ) -> Result<(), Reject> {
+        self.store
+            .admits(&org.name, &identity.subject, self.admission())
+            .await
+            .map_err(|e| self.session_reject(org, e))
+    }
+
+    /// A store failure as the client sees it; the limits are counted.
+    pub(super) fn session_reject(&self, org: &OrgRoute, e: StoreError) -> Reject {
+        match &e {
+            StoreError::SubjectFull { .. } => org.metrics.refused.sessions_per_subject.inc(),
+            StoreError::Full { .. } => org.metrics.refused.sessions_total.inc(),
+            _ => {}
+        }
+        store_reject(e)
+    }
+
+    pub(super) async fn create_session(
+        &self,
+        state: SessionState,
+    ) -> Result<Arc<SessionState>, Reject> {
+        let org = state.org.clone();
+        let id = state.id.clone();
+        let state = match self.store.insert(state, self.admission()).await {
+            Ok(state) => state,
+            Err(e) => {
+                return Err(match self.routes.org(&org) {
+                    Some(route) => self.session_reject(route, e),
+                    None => store_reject(e),
+                });
+            }
+        };
+        self.hub.create(&id);
+        self.count_session(&org, 1);
+        tracing::info!(org, session = %short(&id), transport = ?state.transport, "session created");
+        Ok(state)
+    }
+
+    /// Ends a session everywhere: store, log, streams and in-flight requests.
+    pub async fn end_session(&self, id: &str, why: &str) -> Result<bool, StoreError> {
+        let removed = self.store.remove(id).await?;
+        self.stop_requests(id);
+        match removed {
+            Some(state) => {
+                self.forget_session(&state, why);
+                Ok(true)
+            }
+            None => {
+                self.drop_local(id);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Stops request `id` of `session` if it runs on this node; false if
+    /// it does not.
+    pub(super) fn cancel_in_flight(&self, session: String, id: Id) -> bool {
+        self.in_flight.cancel(session, id)
+    }
+
+    /// Stops the session's requests running on this node.
+    pub(super) fn stop_requests(&self, id: &str) {
+        self.in_flight.stop_session(id);
+    }
+
+    /// What is left to do when a session ends: its local state (and other
+    /// nodes' too), its upstream session, the gauge.
+    pub(super) fn forget_session(&self, state: &SessionState, why: &str) {
+        if let Some(events) = self.hub.events() {
+            events.notify(&Notice::Ended {
+                session: state.id.clone(),
+                hidden: state.transport == Transport::Hidden,
+            });
+        }
+        self.drop_local(&state.id);
+        self.close_upstream(state);
+        self.forget_hidden(state);
+        self.count_session(&state.org, -1);
+        tracing::info!(org = %state.org, session = %short(&state.id), "session ended: {why}");
+    }
+
+    /// A session's log and streams, its upstream listen (or GET) stream,
+    /// its re-initialization lock, and the subscriptions its upstream
+    /// refused.
+    pub(super) fn drop_local(&self, id: &str) {
+        self.hub.remove(id);
+        self.stop_listener(id);
+        self.rebinding.remove(id);
+        self.refused_subscriptions.remove(id);
+        self.holds.end_session(id);
+    }
+
+    /// Finds the caller's session; any mismatch looks like an unknown id.
+    pub(super) async fn session_for(
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
+        id: Option<&str>,
+        transport: Transport,
+    ) -> Result<Arc<SessionState>, Reject> {
+        let Some(id) = id else {
+            return Err(Reject::bad_request(match transport {
+                Transport::StreamableHttp => {
+                    "missing Mcp-Session-Id header: send initialize first, then echo the Mcp-Session-Id it returned"
+                }
+                Transport::LegacySse => {
+                    "missing session_id query parameter: use the URL from the endpoint event of the /sse stream"
+                }
+                Transport::Hidden => "missing session id",
+            }));
+        };
+        if !session::is_plausible_id(id) {
+            return Err(session_not_found());
+        }
+        match self.store.lookup(id).await.map_err(store_reject)? {
+            Some(s)
+                if *s.org == *org.name
+                    && s.subject == identity.subject
+                    && s.transport == transport =>
+            {
+                Ok(s)
+            }
+            _ => Err(session_not_found()),
+        }
+    }
+
+    /// The session a Streamable HTTP request names. Its
+    /// `MCP-Protocol-Version` may be any supported version (checked at the
+    /// edge): the 2025 transports only say the client SHOULD send the
+    /// negotiated one, and a server MUST refuse only an invalid or
+    /// unsupported one. The negotiated version stays the session's.
+    pub(super) async fn streamable_session(
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
+        req: &Request,
+    ) -> Result<Arc<SessionState>, Reject> {
+        let id = req.header(&MCP_SESSION_ID);
+        self.session_for(org, identity, id, Transport::StreamableHttp)
+            .await
+    }
+
+    /// The caller's session and its event log.
+    pub(super) async fn session_with_log(
+        &self,
+        org: &OrgRoute,
+        identity: &Identity,
+        id: Option<&str>,
+        transport: Transport,
+    ) -> Result<(Arc<SessionState>, Arc<SessionLog>), Reject> {
+        let session = self.session_for(org, identity, id, transport).await?;
+        let log = self.session_log(&session, false).await?;
+        Ok((session, log))
+    }
+
+    /// A session's event log on this node; `current` for a stream about to
+    /// resume (see [`Hub::open`]).
+    pub(super) async fn session_log(
+        &self,
+        session: &SessionState,
+        current: bool,
+    ) -> Result<Arc<SessionLog>, Reject> {
+        self.hub
+            .open(&session.id, current)
+            .await
+            .map_err(store_reject)?
+            .ok_or_else(session_not_found)
+    }
+
+    /// The session a worker names in the publish API, if it exists.
+    pub(super) async fn published_to(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<Arc<SessionState>>, StoreError> {
+        if !session::is_plausible_id(session_id) {
+            return Ok(None);
+        }
+        self.store.lookup(session_id).await
+    }
+
+    /// Delivers one JSON-RPC message to a session's standalone stream.
+    pub async fn publish(&self, session_id: &str, body: &Bytes) -> Result<EventId, PublishError> {
+        let message = jsonrpc::parse_message(body).map_err(PublishError::Invalid)?;
+        let state = self
+            .published_to(session_id)
+            .await?
+            .ok_or(PublishError::UnknownSession)?;
+        let id = self
+            .hub
+            .publish(session_id, &message.raw)
+            .await?
+            .ok_or(PublishError::UnknownSession)?;
+        if let Some(org) = self.routes.org(&state.org) {
+            org.metrics.published_publish.inc();
+        }
+        Ok(id)
+    }
+
+    /// Removes idle sessions; run periodically. A session with a client
+    /// stream open on this node is not idle, however long it has been quiet.
+    pub async fn reap_idle(&self) -> usize {
+        for id in self.hub.sessions_with_readers() {
+            if let Err(e) = self.store.touch(&id).await {
+                tracing::warn!(error = %e, "cannot refresh a session with an open stream");
+            }
+        }
+        let expired = match self.store.remove_idle(self.config.sessions.idle_ttl).await {
+            Ok(expired) => expired,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reap idle sessions");
+                return 0;
+            }
+        };
+        for state in &expired {
+            self.forget_session(state, "expired after being idle");
+        }
+        self.expire_parked();
+        self.holds.sweep();
+        self.hub.drop_idle_mirrors();
+        self.count_sessions().await;
+        for org in self.routes.orgs() {
+            org.pool.available();
+        }
+        expired.len()
+    }
+}
+
+/// The `protocolVersion` of a successful initialize response.
+pub(super) fn negotiated_version(response: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(response).ok()?;
+    v.get("result")?
+        .get("protocolVersion")?
+        .as_str()
+        .map(str::to_owned)
+}
