@@ -68,7 +68,7 @@ use lifecycle::negotiated_version;
 use listen::Backoff;
 pub use rejects::hold_reject;
 use rejects::*;
-use streamable::parse_post_body;
+use streamable::{json_unless_cancelled, parse_post_body};
 
 /// How many requests of one batch go upstream at once.
 const BATCH_CONCURRENCY: usize = 8;

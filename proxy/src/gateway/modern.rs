@@ -358,15 +358,8 @@ impl Gateway {
                 if answer.kind != AnswerKind::Json {
                     (round, First::Answer(answer))
                 } else {
-                    let mut reader = AnswerReader::new(answer, org.pool.read_limits);
-                    let body = tokio::select! {
-                        biased;
-                        _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
-                        b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
-                    };
-                    if guard.token.is_cancelled() {
-                        return Err(cancelled(id.as_ref()));
-                    }
+                    let body =
+                        json_unless_cancelled(answer, org, &guard.token, id.as_ref()).await?;
                     match serde_json::from_slice::<Value>(&body) {
                         // A client that prefers SSE gets the stream (with
                         // its priming event) the JSON fast path skips.

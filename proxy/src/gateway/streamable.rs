@@ -141,15 +141,8 @@ impl Gateway {
             match answer.kind {
                 AnswerKind::Json => {
                     // Pass the upstream's JSON through as it is.
-                    let mut reader = AnswerReader::new(answer, org.pool.read_limits);
-                    let body = tokio::select! {
-                        biased;
-                        _ = guard.token.cancelled() => return Err(cancelled(id.as_ref())),
-                        b = reader.json_body() => b.map_err(|e| read_reject(e, id.as_ref()))?,
-                    };
-                    if guard.token.is_cancelled() {
-                        return Err(cancelled(id.as_ref()));
-                    }
+                    let body =
+                        json_unless_cancelled(answer, org, &guard.token, id.as_ref()).await?;
                     if let (Some(request), Some(asked)) =
                         (id.clone(), holds::hold_of(&body, self.holds.config()))
                     {
@@ -770,4 +763,25 @@ impl Gateway {
 pub(super) fn parse_post_body(body: &Bytes) -> Result<Body, Reject> {
     jsonrpc::parse_body(body)
         .map_err(|e| Reject::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+}
+
+/// An upstream's JSON answer, read unless the request is cancelled first
+/// (or while it is read): then the client gets the cancel, and nothing the
+/// upstream said about the request.
+pub(super) async fn json_unless_cancelled(
+    answer: crate::upstream::Answer,
+    org: &OrgRoute,
+    token: &CancellationToken,
+    id: Option<&Id>,
+) -> Result<Bytes, Reject> {
+    let mut reader = AnswerReader::new(answer, org.pool.read_limits);
+    let body = tokio::select! {
+        biased;
+        _ = token.cancelled() => return Err(cancelled(id)),
+        b = reader.json_body() => b.map_err(|e| read_reject(e, id))?,
+    };
+    if token.is_cancelled() {
+        return Err(cancelled(id));
+    }
+    Ok(body)
 }
