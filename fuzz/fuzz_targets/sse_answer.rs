@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use ratatosk::bridge::{AnswerReader, ReadError, ReadLimits};
+use ratatosk::bridge::{AnswerReader, ReadError};
+use ratatosk::upstream::ReadLimits;
 use ratatosk_fuzz::{chunks, runtime, sse};
 
 fuzz_target!(|data: &[u8]| {

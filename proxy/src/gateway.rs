@@ -37,6 +37,8 @@ use crate::upstream::{AnswerKind, Pool, UpstreamError};
 // The request path, in the order a request meets it (see `handle` below):
 /// What other nodes tell this one (Redis mode).
 mod bus;
+/// The other nodes, as one handle that does nothing on a single node.
+mod cluster;
 /// 2026-07-28 clients of a stateful upstream: hidden sessions, parked calls.
 mod hidden;
 /// Holds: requests that workers finish.
@@ -62,6 +64,7 @@ mod stateful;
 /// Streamable HTTP: POST, GET and DELETE on `/mcp`.
 mod streamable;
 
+use cluster::Cluster;
 use holding::HoldClient;
 use in_flight::InFlight;
 use lifecycle::negotiated_version;
@@ -387,6 +390,11 @@ impl Gateway {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The other nodes (Redis mode); a handle that does nothing on one.
+    fn cluster(&self) -> Cluster<'_> {
+        Cluster(self.hub.events())
     }
 }
 

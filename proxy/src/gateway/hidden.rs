@@ -485,13 +485,11 @@ impl Gateway {
                 message: reject.message,
             },
         };
-        if let Some(events) = self.hub.events() {
-            events.notify(&Notice::Resumed {
-                node: request.from,
-                token: request.token,
-                outcome,
-            });
-        }
+        self.cluster().notify(&Notice::Resumed {
+            node: request.from,
+            token: request.token,
+            outcome,
+        });
     }
 
     /// Hands the input of `request` to the upstream and streams the rest

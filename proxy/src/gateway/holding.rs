@@ -39,21 +39,19 @@ impl Gateway {
         };
         org.metrics.holds.opened.inc();
         let hold = waiter.hold.id.clone();
-        if let Some(events) = self.hub.events() {
-            // Workers may publish through any node: they reach this one
-            // now, and what they published before waits in Redis.
-            let keep = waiter.hold.timeout + self.holds.config().keep_finished;
-            match events.hold_claim(session.id, &hold, keep).await {
-                Ok(early) => {
-                    for body in early {
-                        if let Err(e) = self.holds.publish(session.id, &hold, &Bytes::from(body)) {
-                            tracing::debug!(hold = %hold, error = %e, "an early message for the hold was refused");
-                        }
+        // Workers may publish through any node: they reach this one now,
+        // and what they published before waits in Redis.
+        let keep = waiter.hold.timeout + self.holds.config().keep_finished;
+        match self.cluster().claim_hold(session.id, &hold, keep).await {
+            Ok(early) => {
+                for body in early {
+                    if let Err(e) = self.holds.publish(session.id, &hold, &Bytes::from(body)) {
+                        tracing::debug!(hold = %hold, error = %e, "an early message for the hold was refused");
                     }
                 }
-                Err(e) => tracing::warn!(org = %org.name, hold = %hold, error = %e,
-                    "cannot record the hold in Redis: workers must publish through this node"),
             }
+            Err(e) => tracing::warn!(org = %org.name, hold = %hold, error = %e,
+                "cannot record the hold in Redis: workers must publish through this node"),
         }
         tracing::info!(org = %org.name, session = %short(session.id), hold = %hold,
             timeout_s = waiter.hold.timeout.as_secs_f64(), "request held for a worker");
@@ -255,22 +253,10 @@ impl Gateway {
                     "message": format!("the client did not answer {method} before hold '{hold}' timed out")}}),
         };
         tracing::debug!(org = %org.name, session = %short(session), hold = %hold, "the client answered a worker's request");
-        let Some(events) = self.hub.events().cloned() else {
-            self.holds.answer(session, hold, answer);
-            return;
-        };
-        let text = answer.to_string();
-        self.holds.answer(session, hold, answer);
-        let (session, hold) = (session.to_owned(), hold.to_owned());
         let keep = self.holds.config().keep_finished + self.holds.config().max_timeout;
-        tokio::spawn(async move {
-            if let Err(e) = events
-                .hold_answer(&session, &hold, &text, keep, holds::QUEUE)
-                .await
-            {
-                tracing::warn!(hold = %hold, error = %e, "cannot record the client's answer in Redis");
-            }
-        });
+        self.cluster()
+            .record_hold_answer(session, hold, answer.to_string(), keep, holds::QUEUE);
+        self.holds.answer(session, hold, answer);
     }
 
     /// Counts how a hold ended, and in Redis mode records it for workers
@@ -283,19 +269,9 @@ impl Gateway {
             holds::HoldState::Pending | holds::HoldState::Open => return,
         };
         counter.inc();
-        let Some(events) = self.hub.events().cloned() else {
-            return;
-        };
-        let (session, hold) = (session.to_owned(), hold.to_owned());
         let keep = self.holds.config().keep_finished;
-        tokio::spawn(async move {
-            if let Err(e) = events
-                .hold_mark(&session, &hold, state.as_str(), keep)
-                .await
-            {
-                tracing::warn!(hold = %hold, error = %e, "cannot record the hold's end in Redis");
-            }
-        });
+        self.cluster()
+            .record_hold_end(session, hold, state.as_str(), keep);
     }
 
     /// Takes a worker's message for a hold of a session of this node (see
@@ -380,10 +356,8 @@ impl Gateway {
         if let Some(view) = self.holds.view(session_id, hold) {
             return Ok(Some(view));
         }
-        let Some(events) = self.hub.events() else {
-            return Ok(None);
-        };
-        let recorded = events
+        let recorded = self
+            .cluster()
             .hold_state(session_id, hold)
             .await
             .map_err(|e| store_reject(e.into()))?;

@@ -235,12 +235,10 @@ impl Gateway {
     /// What is left to do when a session ends: its local state (and other
     /// nodes' too), its upstream session, the gauge.
     pub(super) fn forget_session(&self, state: &SessionState, why: &str) {
-        if let Some(events) = self.hub.events() {
-            events.notify(&Notice::Ended {
-                session: state.id.clone(),
-                hidden: state.transport == Transport::Hidden,
-            });
-        }
+        self.cluster().notify(&Notice::Ended {
+            session: state.id.clone(),
+            hidden: state.transport == Transport::Hidden,
+        });
         self.drop_local(&state.id);
         self.close_upstream(state);
         self.forget_hidden(state);

@@ -1104,8 +1104,8 @@ impl Gateway {
             Some(Era::Stateful2025) => true,
             _ => return None,
         };
-        if refilter && let Some(events) = self.hub.events() {
-            events.notify(&Notice::Relisten {
+        if refilter {
+            self.cluster().notify(&Notice::Relisten {
                 session: session_id.to_owned(),
             });
         }

@@ -493,10 +493,8 @@ impl Gateway {
         {
             // The gateway's own request: sent by another node, which takes
             // the answer; none waits for it here, whatever its id says.
-            if node != self.node
-                && let Some(events) = self.hub.events()
-            {
-                events.notify(&Notice::Reply {
+            if node != self.node {
+                self.cluster().notify(&Notice::Reply {
                     session: session.id.clone(),
                     body: String::from_utf8_lossy(&message.raw).into_owned(),
                 });
@@ -511,19 +509,17 @@ impl Gateway {
             if let Some(target) = target {
                 if self.cancel_in_flight(session.id.clone(), target.clone()) {
                     tracing::debug!(session = %short(&session.id), "request cancelled by the client");
-                } else if let Some(events) = self.hub.events() {
-                    // It may run on another node: tell them only if so, or
-                    // every cancel of any id would go to every node.
-                    let elsewhere = events
-                        .running_elsewhere(&session.id, target.as_json())
-                        .await
-                        .unwrap_or(true);
-                    if elsewhere {
-                        events.notify(&Notice::Cancel {
-                            session: session.id.clone(),
-                            id: target.to_value(),
-                        });
-                    }
+                } else if self
+                    .cluster()
+                    .running_elsewhere(&session.id, target.as_json())
+                    .await
+                {
+                    // It runs on another node: tell them only then, or every
+                    // cancel of any id would go to every node.
+                    self.cluster().notify(&Notice::Cancel {
+                        session: session.id.clone(),
+                        id: target.to_value(),
+                    });
                 }
             }
         }
