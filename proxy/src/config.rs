@@ -472,8 +472,15 @@ impl Config {
             found.bad("orgs", "expected at least one org");
         }
         for (name, org) in &self.orgs {
+            if !is_path_segment(name) {
+                found.bad(
+                    &format!("orgs.{name}"),
+                    format!(
+                        "org name `{name}` must be a path segment of letters, digits, `-`, `_`, `.`"
+                    ),
+                );
+            }
             org.problems(
-                name,
                 self.identity.is_some(),
                 &mut found.at(&format!("orgs.{name}")),
             );
@@ -567,6 +574,14 @@ impl Found {
 }
 
 impl Section<'_> {
+    /// The section of field `field`, itself a section.
+    fn sub(&mut self, field: &str) -> Section<'_> {
+        Section {
+            prefix: format!("{}.{field}", self.prefix),
+            found: self.found,
+        }
+    }
+
     fn bad(&mut self, field: &str, message: impl Into<String>) {
         let path = format!("{}.{field}", self.prefix);
         self.found.bad(&path, message);
@@ -719,18 +734,9 @@ impl ServerConfig {
 }
 
 impl OrgConfig {
-    /// Org `name`'s fields; `identity` says whether the config has an
+    /// An org's fields; `identity` says whether the config has an
     /// identity provider, which auth modes other than `none` need.
-    fn problems(&self, name: &str, identity: bool, at: &mut Section) {
-        if !is_path_segment(name) {
-            let path = at.prefix.clone();
-            at.found.bad(
-                &path,
-                format!(
-                    "org name `{name}` must be a path segment of letters, digits, `-`, `_`, `.`"
-                ),
-            );
-        }
+    fn problems(&self, identity: bool, at: &mut Section) {
         if self.auth != AuthMode::None && !identity {
             at.bad(
                 "auth",
@@ -752,11 +758,7 @@ impl OrgConfig {
                 "scopes can only be required of tokens: set `auth` to a mode other than `none`",
             );
         }
-        let mut up = Section {
-            prefix: format!("{}.upstream", at.prefix),
-            found: at.found,
-        };
-        self.upstream.problems(&mut up);
+        self.upstream.problems(&mut at.sub("upstream"));
     }
 }
 

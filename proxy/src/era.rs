@@ -650,6 +650,14 @@ pub fn input_required(response: &Value) -> Option<InputRequired> {
 }
 
 /// The client capability a server-to-client request needs.
+/// Whether a client whose `initialize` capabilities are `capabilities`
+/// declared `capability`.
+pub fn declares(capabilities: Option<&Value>, capability: &str) -> bool {
+    capabilities
+        .and_then(Value::as_object)
+        .is_some_and(|caps| caps.contains_key(capability))
+}
+
 pub fn capability_for(method: &str) -> Option<&'static str> {
     match method {
         "roots/list" => Some("roots"),

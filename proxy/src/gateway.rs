@@ -564,7 +564,12 @@ pub(super) mod tests {
     }
 
     pub(in crate::gateway) async fn initialize(gw: &Arc<Gateway>) -> String {
-        let r = gw.handle(post(INIT, &[])).await;
+        initialize_with(gw, INIT).await
+    }
+
+    /// A session opened with `init` (an initialize request); its id.
+    pub(in crate::gateway) async fn initialize_with(gw: &Arc<Gateway>, init: &str) -> String {
+        let r = gw.handle(post(init, &[])).await;
         assert_eq!(r.status, StatusCode::OK);
         r.headers
             .get(&MCP_SESSION_ID)
@@ -575,8 +580,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn initialize_mints_a_session_and_published_messages_reach_its_stream()
-     {
+    async fn initialize_mints_a_session_and_published_messages_reach_its_stream() {
         let up = mcp_stub().await;
         let gw = gateway(&[up.url()]);
         let sid = initialize(&gw).await;
@@ -609,7 +613,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn an_sse_answer_is_relayed_event_by_event_with_gateway_ids() {
+    async fn an_sse_answer_is_relayed_event_by_event_with_gateway_ids() {
         let up = mcp_stub().await;
         let gw = gateway(&[up.url()]);
         let sid = initialize(&gw).await;
@@ -650,7 +654,7 @@ pub(super) mod tests {
     /// read as an envelope (`["2.0", id, method, result, error]`) is not taken
     /// for the response: the call ends with the gateway's error instead.
     #[tokio::test]
-    pub(in crate::gateway) async fn an_array_from_the_upstream_is_not_a_response() {
+    async fn an_array_from_the_upstream_is_not_a_response() {
         let up = testing::stub(|body| {
             let id = testing::request_id(body);
             if String::from_utf8_lossy(body).contains("\"initialize\"") {
@@ -684,7 +688,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn refusals_are_precise() {
+    async fn refusals_are_precise() {
         let up = mcp_stub().await;
         let gw = gateway(&[up.url()]);
         let sid = initialize(&gw).await;
@@ -785,7 +789,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn batches_follow_the_negotiated_version_and_the_size_cap() {
+    async fn batches_follow_the_negotiated_version_and_the_size_cap() {
         let up = mcp_stub().await;
         let gw = gateway(&[up.url()]);
         let sid = initialize(&gw).await; // negotiates 2025-06-18
@@ -842,8 +846,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn a_sessions_batches_are_decided_by_its_negotiated_version_alone()
-    {
+    async fn a_sessions_batches_are_decided_by_its_negotiated_version_alone() {
         let up = testing::stub(|body| {
             let id = testing::request_id(body);
             (200, "application/json", format!(
@@ -879,7 +882,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn a_session_cannot_flood_the_upstream() {
+    async fn a_session_cannot_flood_the_upstream() {
         let up = mcp_stub().await;
         let gw = gateway_with(&[up.url()], "max_in_flight: 1");
         let sid = initialize(&gw).await;
@@ -920,7 +923,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn draining_answers_503_not_404() {
+    async fn draining_answers_503_not_404() {
         let up = mcp_stub().await;
         let gw = gateway(&[up.url()]);
         let sid = initialize(&gw).await;
@@ -1156,7 +1159,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn no_session_is_created_when_the_upstream_is_down() {
+    async fn no_session_is_created_when_the_upstream_is_down() {
         let gw = gateway(&[testing::dead_url()]);
         let r = gw.handle(post(INIT, &[])).await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY);
@@ -1218,8 +1221,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn a_lost_upstream_session_is_opened_again_with_the_clients_params_and_level()
-     {
+    async fn a_lost_upstream_session_is_opened_again_with_the_clients_params_and_level() {
         let up = stateful_stub().await;
         let yaml = format!(
             "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
@@ -1301,7 +1303,7 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    pub(in crate::gateway) async fn delete_ends_the_session_and_its_streams() {
+    async fn delete_ends_the_session_and_its_streams() {
         let up = mcp_stub().await;
         let gw = gateway(&[up.url()]);
         let sid = initialize(&gw).await;

@@ -130,15 +130,15 @@ pub fn delivery_of(hold: &str, body: &Bytes) -> Result<Delivery, HoldPublishErro
     check_hold_id(hold).map_err(HoldPublishError::Invalid)?;
     let message =
         jsonrpc::parse_message(body).map_err(|e| HoldPublishError::Invalid(e.to_string()))?;
-    match message.kind {
+    match &message.kind {
         Kind::Notification { .. } => Ok(Delivery::Event(message.raw)),
         Kind::Response { .. } => Ok(Delivery::Final(message.raw)),
-        Kind::Request { method, .. } if crate::era::capability_for(&method).is_some() => {
-            Ok(Delivery::Ask(message.raw))
+        Kind::Request { method, .. } if crate::era::capability_for(method).is_some() => {
+            Ok(Delivery::Ask(message))
         }
         Kind::Request { method, .. } => Err(HoldPublishError::Invalid(format!(
             "a worker may ask the client roots/list, sampling/createMessage or elicitation/create, not `{}`",
-            jsonrpc::clip(&method, 64)
+            jsonrpc::clip(method, 64)
         ))),
     }
 }
@@ -188,9 +188,9 @@ impl HoldState {
 pub enum Delivery {
     /// A notification, as published.
     Event(Bytes),
-    /// A request to the client, as published: its answer is kept with the
-    /// hold (see [`Holds::answer`]).
-    Ask(Bytes),
+    /// A request to the client, as published (read once, when it was):
+    /// its answer is kept with the hold (see [`Holds::answer`]).
+    Ask(jsonrpc::Message),
     /// The response, as published (see [`with_id`]); the last delivery.
     Final(Bytes),
 }
@@ -297,7 +297,7 @@ impl Holds {
         let mut sessions = self.lock();
         let entries = sessions.entry(session.to_owned()).or_default();
         let keep = self.config.keep_finished;
-        entries.retain(|_, e| e.since.is_none_or(|t| t.elapsed() < keep));
+        forget_old(entries, keep);
         let deliveries = match entries.get_mut(&hold.id) {
             Some(e) if e.state == HoldState::Pending => {
                 let queued = e.queued.take();
@@ -445,7 +445,7 @@ impl Holds {
     pub fn sweep(&self) {
         let keep = self.config.keep_finished;
         self.lock().retain(|_, holds| {
-            holds.retain(|_, e| e.since.is_none_or(|t| t.elapsed() < keep));
+            forget_old(holds, keep);
             !holds.is_empty()
         });
     }
@@ -485,6 +485,11 @@ pub fn answer_for_worker(mut answer: Value, worker_id: &Id) -> Value {
         obj.insert("id".into(), worker_id.to_value());
     }
     answer
+}
+
+/// Forgets a session's finished and pending holds older than `keep`.
+fn forget_old(entries: &mut SessionHolds, keep: Duration) {
+    entries.retain(|_, e| e.since.is_none_or(|t| t.elapsed() < keep));
 }
 
 /// Holds of one session that are open or pending.
@@ -716,7 +721,7 @@ mod tests {
         let mut w = holds.open("s1", hold("t")).expect("open");
         let ask = Bytes::from_static(br#"{"jsonrpc":"2.0","id":"a","method":"roots/list"}"#);
         assert_eq!(holds.publish("s1", "t", &ask), Ok(HoldState::Open));
-        assert!(matches!(w.deliveries.recv().await, Some(Delivery::Ask(b)) if b == ask));
+        assert!(matches!(w.deliveries.recv().await, Some(Delivery::Ask(m)) if m.raw == ask));
         for n in 0..QUEUE + 2 {
             let answer = answer_for_worker(
                 serde_json::json!({"jsonrpc": "2.0", "id": "ratatosk-input-0-1", "result": {"n": n}}),

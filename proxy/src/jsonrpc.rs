@@ -286,13 +286,17 @@ pub fn clip(text: &str, max: usize) -> String {
 
 /// A JSON-RPC error response body.
 pub fn error_body(id: Option<&Id>, code: i64, message: &str) -> Bytes {
+    Bytes::from(error_value(id, code, message).to_string())
+}
+
+/// A JSON-RPC error response, as a value.
+pub fn error_value(id: Option<&Id>, code: i64, message: &str) -> Value {
     let id = id.map_or(Value::Null, Id::to_value);
-    let body = json!({
+    json!({
         "jsonrpc": "2.0",
         "id": id,
         "error": { "code": code, "message": message },
-    });
-    Bytes::from(body.to_string())
+    })
 }
 
 /// A JSON-RPC success response body.

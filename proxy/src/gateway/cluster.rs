@@ -69,13 +69,14 @@ impl Cluster<'_> {
         &self,
         session: &str,
         hold: &str,
-        answer: String,
+        answer: &serde_json::Value,
         keep: Duration,
         max: usize,
     ) {
         let Some(events) = self.0.cloned() else {
             return;
         };
+        let answer = answer.to_string();
         let (session, hold) = (session.to_owned(), hold.to_owned());
         tokio::spawn(async move {
             if let Err(e) = events

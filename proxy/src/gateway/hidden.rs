@@ -173,13 +173,7 @@ impl Park {
                 format!("the gateway does not pass {method} to a 2026-07-28 client"),
             )));
         };
-        let declared = self
-            .session
-            .client_capabilities
-            .as_ref()
-            .and_then(Value::as_object)
-            .is_some_and(|caps| caps.contains_key(capability));
-        if !declared {
+        if !era::declares(self.session.client_capabilities.as_ref(), capability) {
             return Some(Err((
                 era::errors::MISSING_CAPABILITY,
                 format!("the client did not declare the '{capability}' capability"),

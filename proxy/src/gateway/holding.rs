@@ -105,13 +105,13 @@ impl Gateway {
                         return;
                     }
                 }
-                Some(holds::Delivery::Ask(body)) => {
+                Some(holds::Delivery::Ask(message)) => {
                     let outstanding = asks.len();
                     let asked = self.ask_for_hold(
                         org,
                         session,
                         (log, stream),
-                        &body,
+                        &message,
                         outstanding,
                         &mut pending,
                     );
@@ -170,21 +170,17 @@ impl Gateway {
         org: &OrgRoute,
         session: &HoldClient<'_>,
         (log, stream): (&SessionLog, StreamId),
-        body: &Bytes,
+        message: &Message,
         outstanding: usize,
         pending: &mut replies::PendingReplies<'_>,
     ) -> Result<HoldAsk, ()> {
         // Checked when published: a request with a client method.
-        let Ok(message) = jsonrpc::parse_message(body) else {
-            return Err(());
-        };
         let (Some(worker_id), Some(method)) = (message.request_id(), message.method()) else {
             return Err(());
         };
         let refuse = |code: i64, why: String| HoldAsk::Refused {
             worker_id: worker_id.clone(),
-            answer: serde_json::json!({"jsonrpc": "2.0", "id": worker_id.to_value(),
-                "error": {"code": code, "message": why}}),
+            answer: jsonrpc::error_value(Some(worker_id), code, &why),
         };
         if outstanding >= holds::QUEUE {
             return Ok(refuse(
@@ -204,11 +200,7 @@ impl Gateway {
             ));
         }
         let capability = crate::era::capability_for(method).unwrap_or_default();
-        let declared = session
-            .client_capabilities
-            .and_then(Value::as_object)
-            .is_some_and(|caps| caps.contains_key(capability));
-        if !declared {
+        if !crate::era::declares(session.client_capabilities, capability) {
             return Ok(refuse(
                 crate::era::errors::MISSING_CAPABILITY,
                 format!(
@@ -248,14 +240,16 @@ impl Gateway {
     ) {
         let answer = match reply {
             Some(reply) => holds::answer_for_worker(reply, worker_id),
-            None => serde_json::json!({"jsonrpc": "2.0", "id": worker_id.to_value(),
-                "error": {"code": code::UPSTREAM_ERROR,
-                    "message": format!("the client did not answer {method} before hold '{hold}' timed out")}}),
+            None => jsonrpc::error_value(
+                Some(worker_id),
+                code::UPSTREAM_ERROR,
+                &format!("the client did not answer {method} before hold '{hold}' timed out"),
+            ),
         };
         tracing::debug!(org = %org.name, session = %short(session), hold = %hold, "the client answered a worker's request");
         let keep = self.holds.config().keep_finished + self.holds.config().max_timeout;
         self.cluster()
-            .record_hold_answer(session, hold, answer.to_string(), keep, holds::QUEUE);
+            .record_hold_answer(session, hold, &answer, keep, holds::QUEUE);
         self.holds.answer(session, hold, answer);
     }
 
@@ -525,16 +519,7 @@ mod tests {
     async fn a_worker_asks_the_client_and_reads_its_answer() {
         let up = holding_stub().await;
         let gw = gateway(&[up.url()]);
-        let init = INIT.replace(r#""capabilities":{}"#, r#""capabilities":{"roots":{}}"#);
-        let r = gw.handle(post(&init, &[])).await;
-        assert_eq!(r.status, StatusCode::OK);
-        let sid = r
-            .headers
-            .get(&MCP_SESSION_ID)
-            .expect("sid")
-            .to_str()
-            .expect("ascii")
-            .to_owned();
+        let sid = initialize_with(&gw, &roots_init()).await;
         let mut r = held_call(&gw, &sid, "ask", 30.0).await;
         let ask = json!({"jsonrpc": "2.0", "id": "w-1", "method": "roots/list"});
         gw.publish_hold(&sid, "ask", &message(ask))
@@ -622,15 +607,7 @@ mod tests {
     async fn unanswered_requests_to_the_client_are_capped() {
         let up = holding_stub().await;
         let gw = gateway(&[up.url()]);
-        let init = INIT.replace(r#""capabilities":{}"#, r#""capabilities":{"roots":{}}"#);
-        let r = gw.handle(post(&init, &[])).await;
-        let sid = r
-            .headers
-            .get(&MCP_SESSION_ID)
-            .expect("sid")
-            .to_str()
-            .expect("ascii")
-            .to_owned();
+        let sid = initialize_with(&gw, &roots_init()).await;
         let _r = held_call(&gw, &sid, "many", 30.0).await;
         for n in 0..=crate::holds::QUEUE {
             let ask = json!({"jsonrpc": "2.0", "id": n, "method": "roots/list"});
@@ -676,6 +653,11 @@ mod tests {
                 .expect_err("refused");
             assert_eq!(e.status, StatusCode::NOT_FOUND, "{bad}");
         }
+    }
+
+    /// An initialize whose client declares `roots`.
+    fn roots_init() -> String {
+        INIT.replace(r#""capabilities":{}"#, r#""capabilities":{"roots":{}}"#)
     }
 
     /// A stub whose `tools/call` answers are holds (as [`holding_stub`]),

@@ -180,12 +180,6 @@ impl Gateway {
             gateway: self.clone(),
             org: org.clone(),
             call,
-            capabilities: request
-                .params
-                .get("_meta")
-                .and_then(|m| m.get(era::META_CAPABILITIES))
-                .cloned(),
-            method: request.method.clone(),
         };
         let body = era::request_without_modern_meta(Some(id), &request.method, request.params);
         let answer = org
@@ -260,7 +254,8 @@ impl Gateway {
             if let (Some(hook), Some(id)) = (hold, id)
                 && let Some(asked) = holds::hold_of(&body, self.holds.config())
             {
-                return Ok(Response::sse(hook.start(asked, id)));
+                let method = to_modern.as_deref().unwrap_or_default();
+                return Ok(Response::sse(hook.start(asked, id, method)));
             }
             return Ok(match &to_modern {
                 Some(method) => modern_json(&body, |v| era::response_to_modern(v, method)),
@@ -522,10 +517,6 @@ impl Gateway {
         requests: &Map<String, Value>,
         cancel: &CancellationToken,
     ) -> Result<Option<Map<String, Value>>, Reject> {
-        let declared = session
-            .client_capabilities
-            .as_ref()
-            .and_then(Value::as_object);
         let mut asks = Vec::with_capacity(requests.len());
         for (key, request) in requests {
             let Some(method) = request.get("method").and_then(Value::as_str) else {
@@ -548,7 +539,7 @@ impl Gateway {
                     ),
                 ));
             };
-            if !declared.is_some_and(|caps| caps.contains_key(capability)) {
+            if !era::declares(session.client_capabilities.as_ref(), capability) {
                 return Err(Reject::new(
                     StatusCode::BAD_REQUEST,
                     errors::MISSING_CAPABILITY,
@@ -830,7 +821,8 @@ impl Pipe {
                         && let Some(asked) = holds::hold_of(&message, hook.gateway.holds.config())
                     {
                         self.reader = None;
-                        self.held = Some(hook.start(asked, id));
+                        let method = self.to_modern.as_deref().unwrap_or_default();
+                        self.held = Some(hook.start(asked, id, method));
                         return Some(Step::Held);
                     }
                     let renamed = self.upstream_id.is_some();
@@ -936,6 +928,16 @@ impl Drop for Pipe {
     }
 }
 
+/// A stream of one last event.
+struct Last(Option<Bytes>);
+
+#[async_trait]
+impl ChunkSource for Last {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        self.0.take()
+    }
+}
+
 /// A stream with nothing to say but its first event and keep-alives.
 struct Quiet {
     first: Option<Bytes>,
@@ -943,14 +945,12 @@ struct Quiet {
 }
 
 /// What a 2026-07-28 client's call to a stateless upstream needs to be held:
-/// the call's id (the upstream's `Ratatosk-Session`), and what the client
-/// declared.
+/// the call's id (the upstream's `Ratatosk-Session`). Such a client takes
+/// no requests during a call, so its capabilities do not matter here.
 pub(super) struct HoldHook {
     gateway: Arc<Gateway>,
     org: Arc<OrgRoute>,
     call: String,
-    capabilities: Option<Value>,
-    method: String,
 }
 
 impl HoldHook {
@@ -958,14 +958,15 @@ impl HoldHook {
     /// then the result), fed from a log of the call's own by the hold's
     /// task. The client closing it is the cancel of 2026-07-28, which the
     /// worker sees as the hold's state.
-    fn start(self, asked: Result<holds::HoldRequest, String>, id: &Id) -> Box<dyn ChunkSource> {
-        let HoldHook {
-            gateway,
-            org,
-            call,
-            capabilities,
-            method,
-        } = self;
+    /// `method` is the call's, whose result the worker's response is.
+    fn start(
+        self,
+        asked: Result<holds::HoldRequest, String>,
+        id: &Id,
+        method: &str,
+    ) -> Box<dyn ChunkSource> {
+        let HoldHook { gateway, org, call } = self;
+        let method = method.to_owned();
         let log = Arc::new(SessionLog::new(gateway.hub.limits()));
         let cancel = CancellationToken::new();
         let keepalive = gateway.config.streams.keepalive;
@@ -982,10 +983,7 @@ impl HoldHook {
                     code::INTERNAL_ERROR,
                     "cannot open a stream for the held call",
                 );
-                return Box::new(Quiet {
-                    first: Some(sse_frame(None, Some("message"), &body)),
-                    keepalive,
-                });
+                return Box::new(Last(Some(sse_frame(None, Some("message"), &body))));
             }
         };
         let metrics = org.metrics.stream.clone();
@@ -994,7 +992,7 @@ impl HoldHook {
             let client = HoldClient {
                 id: &call,
                 protocol_version: era::MODERN_VERSION,
-                client_capabilities: capabilities.as_ref(),
+                client_capabilities: None,
                 modern_method: Some(&method),
             };
             gateway
