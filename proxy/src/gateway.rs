@@ -35,6 +35,8 @@ use crate::stream::{
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
 
 // The request path, in the order a request meets it (see `handle` below):
+/// Background upstream streams: listens and GET streams, with leases.
+mod background;
 /// What other nodes tell this one (Redis mode).
 mod bus;
 /// The other nodes, as one handle that does nothing on a single node.
@@ -49,7 +51,7 @@ mod in_flight;
 mod legacy;
 /// A session's life: initialize, admission, look-ups, publishing, its end.
 mod lifecycle;
-/// Background upstream listens, and `subscriptions/listen` of modern clients.
+/// `subscriptions/listen` of 2026-07-28 clients of a stateful upstream.
 mod listen;
 /// 2026-07-28 clients, and handshake-era clients of a modern upstream.
 mod modern;
@@ -64,11 +66,11 @@ mod stateful;
 /// Streamable HTTP: POST, GET and DELETE on `/mcp`.
 mod streamable;
 
+use background::Backoff;
 use cluster::Cluster;
 use holding::HoldClient;
 use in_flight::InFlight;
 use lifecycle::negotiated_version;
-use listen::Backoff;
 pub use rejects::hold_reject;
 use rejects::*;
 use streamable::{json_unless_cancelled, parse_post_body};
@@ -117,29 +119,20 @@ pub struct Gateway {
     /// The gateway's own requests to clients, waiting for their answers;
     /// also mints the gateway's unique ids.
     replies: replies::Replies,
-    /// Upstream `subscriptions/listen` streams of legacy sessions of modern
-    /// upstreams, by session.
-    listeners: DashMap<String, modern::Listener>,
+    /// Background upstream streams (listens of modern upstreams, GET
+    /// streams of stateful ones) this node holds, by session.
+    listeners: background::Listeners,
     /// One re-initialization at a time per session, when a stateful
     /// upstream lost the session's upstream session.
-    rebinding: DashMap<String, Arc<stateful::Rebinding>>,
-    /// Hidden sessions of 2026-07-28 clients with a stateful upstream: by
-    /// (org, subject, client), the gateway session id.
-    hidden: DashMap<String, String>,
-    /// Hidden sessions being opened, so concurrent first calls open one.
-    opening: hidden::OpeningMap,
-    /// Upstream calls waiting for a 2026-07-28 client's input, by the
-    /// `requestState` the client was given.
-    parked: Arc<hidden::ParkedMap>,
-    /// Retries of calls parked on other nodes, waiting for those nodes.
-    resumes: hidden::ResumeMap,
-    /// Calls this node continues for retries other nodes serve.
-    continued: hidden::ContinuedMap,
+    rebinding: stateful::Rebinds,
+    /// Hidden sessions of 2026-07-28 clients with a stateful upstream.
+    hidden: hidden::HiddenSessions,
+    /// Upstream calls waiting for a 2026-07-28 client's input.
+    parked: hidden::ParkedCalls,
     /// The `x-mcp-header` parameters of upstream tools, per (org, caller).
     tool_headers: params::ToolHeaders,
-    /// Resource URIs a hidden session's upstream refused to subscribe it
-    /// to, by session: not asked again by its later listens.
-    refused_subscriptions: DashMap<String, std::collections::HashSet<String>>,
+    /// Resource URIs hidden sessions' upstreams refused to subscribe to.
+    refused_subscriptions: listen::Refused,
     /// Requests an upstream answered with a hold, for workers to finish.
     pub holds: Holds,
     draining: AtomicBool,
@@ -224,15 +217,12 @@ impl Gateway {
             metrics,
             in_flight: in_flight::Requests::default(),
             replies: replies::Replies::new(node),
-            listeners: DashMap::new(),
-            rebinding: DashMap::new(),
-            hidden: DashMap::new(),
-            opening: DashMap::new(),
-            parked: Arc::new(DashMap::new()),
-            resumes: DashMap::new(),
-            continued: DashMap::new(),
+            listeners: Default::default(),
+            rebinding: Default::default(),
+            hidden: Default::default(),
+            parked: Default::default(),
             tool_headers: params::ToolHeaders::new(),
-            refused_subscriptions: DashMap::new(),
+            refused_subscriptions: Default::default(),
             holds: Holds::new(config.holds.clone()),
             draining: AtomicBool::new(false),
             config: Arc::new(config),
@@ -383,9 +373,7 @@ impl Gateway {
         self.hub.close_all();
         // Leases of background upstream streams go now, so that another
         // node takes them over at once rather than when they expire.
-        for listener in self.listeners.iter() {
-            listener.stop.cancel();
-        }
+        self.listeners.stop_all();
     }
 
     pub fn is_draining(&self) -> bool {

@@ -277,6 +277,15 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn ready(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// The hidden session recorded for a 2026-07-28 client of a stateful
+    /// upstream (`key`: org, subject, client info and capabilities), if
+    /// any; a record lives as long as its session is used.
+    async fn hidden_session(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Records `id` as the hidden session of `key`, unless another live
+    /// session is recorded already: the one recorded.
+    async fn record_hidden_session(&self, key: &str, id: &str) -> Result<String, StoreError>;
+    /// Forgets the hidden session of `key` if it is still `id`.
+    async fn forget_hidden_session(&self, key: &str, id: &str) -> Result<(), StoreError>;
 }
 
 struct Entry {
@@ -298,6 +307,8 @@ pub struct MemorySessionStore {
     /// Sessions held, for the total cap (counted before they are in the
     /// map, so concurrent inserts cannot pass it together).
     total: AtomicUsize,
+    /// Hidden sessions by the key of their client.
+    hidden: DashMap<String, String>,
 }
 
 impl Default for MemorySessionStore {
@@ -308,6 +319,7 @@ impl Default for MemorySessionStore {
             by_subject: DashMap::new(),
             by_idp_session: DashMap::new(),
             total: AtomicUsize::new(0),
+            hidden: DashMap::new(),
         }
     }
 }
@@ -358,6 +370,26 @@ impl MemorySessionStore {
 impl SessionStore for MemorySessionStore {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    async fn hidden_session(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.hidden.get(key).map(|id| id.clone()))
+    }
+
+    async fn record_hidden_session(&self, key: &str, id: &str) -> Result<String, StoreError> {
+        let mut entry = self
+            .hidden
+            .entry(key.to_owned())
+            .or_insert_with(|| id.to_owned());
+        if *entry != id && !self.sessions.contains_key(entry.as_str()) {
+            *entry = id.to_owned();
+        }
+        Ok(entry.clone())
+    }
+
+    async fn forget_hidden_session(&self, key: &str, id: &str) -> Result<(), StoreError> {
+        self.hidden.remove_if(key, |_, recorded| recorded == id);
+        Ok(())
     }
 
     async fn insert(
@@ -739,6 +771,47 @@ mod tests {
             .expect("admitted again");
     }
 
+    /// A hidden-session record names one live session: a second node's
+    /// record loses to a live one, replaces an ended one, and is
+    /// forgotten only by the session it names.
+    async fn hidden_sessions_are_recorded_once(store: &dyn SessionStore) {
+        let caps = Admission::UNLIMITED;
+        let key = "o\nalice\n{\"name\":\"c\"}\n{}";
+        assert_eq!(store.hidden_session(key).await.expect("get"), None);
+        let first = store
+            .insert(state_of("o", "alice", None), caps)
+            .await
+            .expect("insert");
+        let second = store
+            .insert(state_of("o", "alice", None), caps)
+            .await
+            .expect("insert");
+        let recorded = store.record_hidden_session(key, &first.id).await;
+        assert_eq!(recorded.expect("record"), first.id);
+        let recorded = store.record_hidden_session(key, &second.id).await;
+        assert_eq!(recorded.expect("record"), first.id, "the live one stays");
+        store
+            .forget_hidden_session(key, &second.id)
+            .await
+            .expect("forget");
+        assert_eq!(
+            store.hidden_session(key).await.expect("get"),
+            Some(first.id.clone())
+        );
+        store.remove(&first.id).await.expect("remove");
+        let recorded = store.record_hidden_session(key, &second.id).await;
+        assert_eq!(
+            recorded.expect("record"),
+            second.id,
+            "an ended one is replaced"
+        );
+        store
+            .forget_hidden_session(key, &second.id)
+            .await
+            .expect("forget");
+        assert_eq!(store.hidden_session(key).await.expect("get"), None);
+    }
+
     async fn sessions_are_found_by_subject_and_provider_session(store: &dyn SessionStore) {
         let caps = Admission::UNLIMITED;
         let a1 = store
@@ -797,6 +870,7 @@ mod tests {
         concurrent_changes_keep_each_other(&[&store]).await;
         admission_caps_subjects_and_the_total(&MemorySessionStore::new()).await;
         sessions_are_found_by_subject_and_provider_session(&MemorySessionStore::new()).await;
+        hidden_sessions_are_recorded_once(&MemorySessionStore::new()).await;
     }
 
     #[tokio::test]
@@ -855,6 +929,7 @@ mod tests {
         one.ping().await.expect("ping");
         admission_caps_subjects_and_the_total(&node("e:")).await;
         sessions_are_found_by_subject_and_provider_session(&node("f:")).await;
+        hidden_sessions_are_recorded_once(&node("g:")).await;
     }
 
     /// Ids whose session key expired before any node reaped them leave

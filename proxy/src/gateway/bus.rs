@@ -39,7 +39,7 @@ impl BusHandler for Gateway {
                 self.stop_requests(&session);
                 self.drop_local(&session);
                 if hidden {
-                    self.hidden.retain(|_, id| *id != session);
+                    self.hidden.forget(&session);
                 }
             }
             Notice::Cancel { session, id } => {

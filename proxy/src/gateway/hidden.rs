@@ -44,14 +44,155 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// reached another node (it hands the input to the upstream first).
 const RESUME_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The hidden sessions this node opened or found. The session store
+/// records them for every node; this index keeps the per-caller cap and
+/// finds a session's records when it ends.
+#[derive(Default)]
+pub(super) struct HiddenSessions {
+    /// By key (org, subject, client info and capabilities), the id.
+    index: DashMap<String, String>,
+    /// Locks of hidden sessions being opened, by key, so that concurrent
+    /// first calls open one.
+    opening: OpeningMap,
+}
+
+impl HiddenSessions {
+    fn note(&self, key: &str, id: &str) {
+        self.index.insert(key.to_owned(), id.to_owned());
+    }
+
+    /// How many hidden sessions `caller` (`org\nsubject\n`) has here.
+    fn count_of(&self, caller: &str) -> usize {
+        self.index
+            .iter()
+            .filter(|e| e.key().starts_with(caller))
+            .count()
+    }
+
+    /// The ids of the hidden sessions known here.
+    #[cfg(test)]
+    pub(super) fn ids(&self) -> Vec<String> {
+        self.index.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Forgets session `id` here: the keys it had.
+    pub(super) fn forget(&self, id: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        self.index.retain(|key, recorded| {
+            let keep = recorded != id;
+            if !keep {
+                keys.push(key.clone());
+            }
+            keep
+        });
+        keys
+    }
+}
+
+/// Upstream calls waiting for a 2026-07-28 client's input, and the
+/// retries that cross nodes to reach them.
+#[derive(Default)]
+pub(super) struct ParkedCalls {
+    /// By the `requestState` the client was given.
+    parked: Arc<ParkedMap>,
+    /// Retries of calls parked on other nodes, waiting for those nodes.
+    resumes: ResumeMap,
+    /// Calls this node continues for retries other nodes serve.
+    continued: ContinuedMap,
+}
+
+impl ParkedCalls {
+    /// The parked call `state`, if it waits for this caller; it is taken.
+    fn take(&self, state: &str, org: &str, subject: &str) -> Option<Parked> {
+        self.parked
+            .remove_if(state, |_, p| {
+                p.park.session.subject == subject && *p.park.session.org == *org
+            })
+            .map(|(_, p)| p)
+    }
+
+    /// Hands a retry's answer to the task that waits for it.
+    fn resumed(&self, token: &str, outcome: Resumed) {
+        if let Some((_, tx)) = self.resumes.remove(token) {
+            let _ = tx.send(outcome);
+        }
+    }
+
+    /// Whether the retry `token`'s node gave up before this node heard of
+    /// it; the mark goes.
+    fn was_abandoned(&self, token: &str) -> bool {
+        matches!(
+            self.continued.remove(token),
+            Some((_, Continued::Abandoned(_)))
+        )
+    }
+
+    /// Records the call this node now streams for retry `token`; false if
+    /// the retry's node gave up meanwhile.
+    fn start_continued(&self, token: &str, session: &str, call: &Id) -> bool {
+        match self.continued.entry(token.to_owned()) {
+            dashmap::Entry::Occupied(e) => {
+                e.remove();
+                false
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Continued::Running {
+                    session: session.to_owned(),
+                    call: call.clone(),
+                });
+                true
+            }
+        }
+    }
+
+    fn end_continued(&self, token: &str) {
+        self.continued.remove(token);
+    }
+
+    /// The retry `token`'s node gave up: the call to stop, if this node
+    /// streams it; else it is marked, so that it does not start.
+    fn abandon(&self, token: String) -> Option<(String, Id)> {
+        match self.continued.entry(token) {
+            dashmap::Entry::Occupied(e) => match e.remove() {
+                Continued::Running { session, call } => Some((session, call)),
+                Continued::Abandoned(_) => None,
+            },
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Continued::Abandoned(Instant::now()));
+                None
+            }
+        }
+    }
+
+    /// Takes the parked calls past their deadline, and drops old marks
+    /// of retries given up.
+    fn take_expired(&self) -> Vec<Parked> {
+        let now = Instant::now();
+        self.continued.retain(|_, c| match c {
+            Continued::Abandoned(at) => now.duration_since(*at) < Duration::from_secs(60),
+            Continued::Running { .. } => true,
+        });
+        let expired: Vec<String> = self
+            .parked
+            .iter()
+            .filter(|p| p.expires <= now)
+            .map(|p| p.key().clone())
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|state| self.parked.remove(&state).map(|(_, p)| p))
+            .collect()
+    }
+}
+
 /// Retries waiting for the node that holds their call, by token.
-pub(super) type ResumeMap = DashMap<String, oneshot::Sender<Resumed>>;
+type ResumeMap = DashMap<String, oneshot::Sender<Resumed>>;
 
 /// Calls this node continues for a retry another node serves, by the
 /// retry's token: so that the retry's node can give them up.
-pub(super) type ContinuedMap = DashMap<String, Continued>;
+type ContinuedMap = DashMap<String, Continued>;
 
-pub(super) enum Continued {
+enum Continued {
     /// Streaming: the call's session and id, to cancel it.
     Running { session: String, call: Id },
     /// The retry's node gave up before this node started: do not.
@@ -68,7 +209,7 @@ fn owner_of(state: &str) -> Option<u32> {
 }
 
 /// Upstream calls waiting for a modern client's input, by `requestState`.
-pub(super) type ParkedMap = DashMap<String, Parked>;
+type ParkedMap = DashMap<String, Parked>;
 
 /// An upstream call that asked the client something: its answer stream,
 /// held until the client calls again with the answer.
@@ -292,7 +433,7 @@ impl Gateway {
             .map_err(|e| upstream_reject(e, Some(id)))?;
         let reader = AnswerReader::new(answer, org.pool.read_limits);
         let park = Park {
-            map: self.parked.clone(),
+            map: self.parked.parked.clone(),
             node: self.node,
             org: org.clone(),
             session: hidden,
@@ -324,7 +465,7 @@ impl Gateway {
         let state = state
             .as_str()
             .ok_or_else(|| unknown_request_state().with_id(Some(id)))?;
-        let Some(parked) = self.take_parked(state, &org.name, &identity.subject) else {
+        let Some(parked) = self.parked.take(state, &org.name, &identity.subject) else {
             return match (owner_of(state), self.hub.events()) {
                 (Some(owner), Some(events)) if owner != self.node => {
                     let request = ResumeRequest {
@@ -357,15 +498,6 @@ impl Gateway {
         .await
     }
 
-    /// The parked call `state`, if it waits for this caller; it is taken.
-    fn take_parked(&self, state: &str, org: &str, subject: &str) -> Option<Parked> {
-        self.parked
-            .remove_if(state, |_, p| {
-                p.park.session.subject == subject && *p.park.session.org == *org
-            })
-            .map(|(_, p)| p)
-    }
-
     /// A retry for a call parked on another node: that node resumes it and
     /// streams the rest through the shared log, which this node serves.
     async fn resume_elsewhere(
@@ -394,7 +526,13 @@ impl Gateway {
             .with_id(Some(id)));
         }
         let (tx, rx) = oneshot::channel();
-        let mut waiting = Waiting::new(&self.resumes, events, owner, request.token.clone(), tx);
+        let mut waiting = Waiting::new(
+            &self.parked.resumes,
+            events,
+            owner,
+            request.token.clone(),
+            tx,
+        );
         events.notify(&Notice::Resume(request));
         let outcome = tokio::time::timeout(RESUME_TIMEOUT, rx).await;
         let (session, stream, call, left) = match outcome {
@@ -493,13 +631,11 @@ impl Gateway {
         request: &ResumeRequest,
     ) -> Result<Resumed, Reject> {
         let parked = self
-            .take_parked(&request.state, &request.org, &request.subject)
+            .parked
+            .take(&request.state, &request.org, &request.subject)
             .ok_or_else(unknown_request_state)?;
         // The retry's node gave up before this node heard of it.
-        let abandoned = matches!(
-            self.continued.remove(&request.token),
-            Some((_, Continued::Abandoned(_)))
-        );
+        let abandoned = self.parked.was_abandoned(&request.token);
         let client_id = Id::from_value(&request.id);
         let (Some(client_id), false) = (client_id, abandoned) else {
             parked
@@ -522,7 +658,7 @@ impl Gateway {
             Ok(guard) => guard,
             Err(reject) => {
                 // Still parked: the client may come back with it later.
-                self.parked.insert(request.state.clone(), parked);
+                self.parked.parked.insert(request.state.clone(), parked);
                 return Err(reject);
             }
         };
@@ -543,17 +679,11 @@ impl Gateway {
             .begin_stream()
             .map_err(|_| call_lost("the call's upstream session ended".into()))?;
         // The retry's node may have given up while the input was delivered.
-        match self.continued.entry(request.token.clone()) {
-            dashmap::Entry::Occupied(e) => {
-                e.remove();
-                guard.token.cancel();
-            }
-            dashmap::Entry::Vacant(v) => {
-                v.insert(Continued::Running {
-                    session: session.id.clone(),
-                    call: call.clone(),
-                });
-            }
+        if !self
+            .parked
+            .start_continued(&request.token, &session.id, &call)
+        {
+            guard.token.cancel();
         }
         let (this, token) = (self.clone(), request.token.clone());
         tokio::spawn(async move {
@@ -574,7 +704,7 @@ impl Gateway {
                 }
             }
             log.end_stream(stream);
-            this.continued.remove(&token);
+            this.parked.end_continued(&token);
             drop(guard);
         });
         Ok(Resumed::Streaming {
@@ -587,23 +717,14 @@ impl Gateway {
 
     /// Hands a retry's answer to the node that waits for it.
     pub(super) fn resumed(&self, token: &str, outcome: Resumed) {
-        if let Some((_, tx)) = self.resumes.remove(token) {
-            let _ = tx.send(outcome);
-        }
+        self.parked.resumed(token, outcome);
     }
 
     /// The node serving retry `token` gave up on it: stop the call this
     /// node continues for it, or do not start it.
     pub(super) fn abandon(&self, token: String) {
-        match self.continued.entry(token) {
-            dashmap::Entry::Occupied(e) => {
-                if let Continued::Running { session, call } = e.remove() {
-                    self.cancel_in_flight(session, call);
-                }
-            }
-            dashmap::Entry::Vacant(v) => {
-                v.insert(Continued::Abandoned(Instant::now()));
-            }
+        if let Some((session, call)) = self.parked.abandon(token) {
+            self.cancel_in_flight(session, call);
         }
     }
 
@@ -644,16 +765,12 @@ impl Gateway {
         if let Some(found) = self.live_hidden(&key, identity).await {
             return Ok(found);
         }
-        let opening = Opening::new(&self.opening, key.clone());
+        let opening = Opening::new(&self.hidden.opening, key.clone());
         let _one = opening.lock.lock().await;
         if let Some(found) = self.live_hidden(&key, identity).await {
             return Ok(found);
         }
-        let open = self
-            .hidden
-            .iter()
-            .filter(|e| e.key().starts_with(&caller))
-            .count();
+        let open = self.hidden.count_of(&caller);
         if open >= MAX_HIDDEN_PER_CALLER {
             return Err(Reject::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -701,29 +818,27 @@ impl Gateway {
         // Every node uses it from now on, unless another node recorded one
         // first (both opened it at once): then that one is used, and this
         // one ends.
-        if let Some(events) = self.hub.events() {
-            match events.record_hidden_session(&key, &id).await {
-                Ok(recorded) if recorded != id => {
-                    if let Ok(Some(theirs)) = self.store.lookup(&recorded).await
-                        && theirs.subject == identity.subject
-                    {
-                        let _ = self
-                            .end_session(
-                                &id,
-                                "another node opened this client's hidden session first",
-                            )
-                            .await;
-                        self.hidden.insert(key, recorded);
-                        return Ok(theirs);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(org = %org.name, error = %e, "cannot share a hidden session with the other nodes");
+        match self.store.record_hidden_session(&key, &id).await {
+            Ok(recorded) if recorded != id => {
+                if let Ok(Some(theirs)) = self.store.lookup(&recorded).await
+                    && theirs.subject == identity.subject
+                {
+                    let _ = self
+                        .end_session(
+                            &id,
+                            "another node opened this client's hidden session first",
+                        )
+                        .await;
+                    self.hidden.note(&key, &recorded);
+                    return Ok(theirs);
                 }
             }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(org = %org.name, error = %e, "cannot share a hidden session with the other nodes");
+            }
         }
-        self.hidden.insert(key, id);
+        self.hidden.note(&key, &id);
         Ok(state)
     }
 
@@ -773,71 +888,48 @@ impl Gateway {
         true
     }
 
-    /// The live hidden session of `key`: in Redis mode the one recorded
-    /// there by any node (the record lives on while it is used), else
-    /// this node's.
+    /// The live hidden session of `key`, recorded in the session store by
+    /// any node (the record lives on while it is used).
     async fn live_hidden(&self, key: &str, identity: &Identity) -> Option<Arc<SessionState>> {
         let live =
             |s: &SessionState| s.subject == identity.subject && s.transport == Transport::Hidden;
-        let id = match self.hub.events() {
-            Some(events) => events.hidden_session(key).await.ok()??,
-            None => self.hidden.get(key).map(|id| id.clone())?,
-        };
+        let id = self.store.hidden_session(key).await.ok()??;
         match self.store.lookup(&id).await {
             Ok(Some(s)) if live(&s) => {
-                self.hidden.insert(key.to_owned(), id);
+                self.hidden.note(key, &id);
                 Some(s)
             }
             _ => None,
         }
     }
 
-    /// Drops the hidden-session entry of an ended session, on this node
-    /// and in Redis.
+    /// Drops the hidden-session records of an ended session, on this node
+    /// and in the session store.
     pub(super) fn forget_hidden(&self, ended: &SessionState) {
         if ended.transport != Transport::Hidden {
             return;
         }
-        let mut keys = Vec::new();
-        self.hidden.retain(|key, id| {
-            let keep = *id != ended.id;
-            if !keep {
-                keys.push(key.clone());
-            }
-            keep
-        });
-        if let Some(events) = self.hub.events().cloned() {
-            let id = ended.id.clone();
-            tokio::spawn(async move {
-                for key in keys {
-                    if let Err(e) = events.forget_hidden_session(&key, &id).await {
-                        tracing::debug!(error = %e, "cannot forget a hidden session in Redis; it expires");
-                    }
-                }
-            });
+        let keys = self.hidden.forget(&ended.id);
+        if keys.is_empty() {
+            return;
         }
+        let (store, id) = (self.store.clone(), ended.id.clone());
+        tokio::spawn(async move {
+            for key in keys {
+                if let Err(e) = store.forget_hidden_session(&key, &id).await {
+                    tracing::debug!(error = %e, "cannot forget a hidden session's record; it expires");
+                }
+            }
+        });
     }
 
     /// Drops parked calls nobody came back for, telling the upstream, and
     /// old marks of retries given up.
     pub(super) fn expire_parked(&self) {
-        let now = Instant::now();
-        self.continued.retain(|_, c| match c {
-            Continued::Abandoned(at) => now.duration_since(*at) < Duration::from_secs(60),
-            Continued::Running { .. } => true,
-        });
-        let expired: Vec<String> = self
-            .parked
-            .iter()
-            .filter(|p| p.expires <= now)
-            .map(|p| p.key().clone())
-            .collect();
-        for state in expired {
-            if let Some((_, parked)) = self.parked.remove(&state) {
-                parked
-                    .park
-                    .cancel(&parked.call, "the client did not come back with its input");
-            }
+        for parked in self.parked.take_expired() {
+            parked
+                .park
+                .cancel(&parked.call, "the client did not come back with its input");
         }
     }
 }
@@ -999,7 +1091,7 @@ impl Drop for Waiting<'_> {
 }
 
 /// Locks of hidden sessions being opened, by key.
-pub(super) type OpeningMap = DashMap<String, Arc<tokio::sync::Mutex<()>>>;
+type OpeningMap = DashMap<String, Arc<tokio::sync::Mutex<()>>>;
 
 /// One caller's hold on the lock of a hidden session being opened; the
 /// entry goes when its last holder does.

@@ -7,12 +7,13 @@
 //! it can honour, with only the notifications the client asked for, each
 //! tagged with the subscription id.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use serde_json::Map;
 
-use super::modern::Phase;
+use super::background::Phase;
 use super::*;
 use crate::era;
 
@@ -29,6 +30,35 @@ const SUBSCRIBE_CONCURRENCY: usize = 8;
 const MAX_LISTEN_URIS: usize = 32;
 
 const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
+
+/// Resource URIs a hidden session's upstream refused to subscribe it to,
+/// by session: not asked again by its later listens.
+#[derive(Default)]
+pub(super) struct Refused(DashMap<String, HashSet<String>>);
+
+impl Refused {
+    fn of(&self, session_id: &str) -> Option<HashSet<String>> {
+        self.0.get(session_id).map(|r| r.clone())
+    }
+
+    /// Adds `uris`, up to `max` per session.
+    fn add(&self, session_id: &str, uris: Vec<String>, max: usize) {
+        if uris.is_empty() {
+            return;
+        }
+        let mut refused = self.0.entry(session_id.to_owned()).or_default();
+        for uri in uris {
+            if refused.len() < max {
+                refused.insert(uri);
+            }
+        }
+    }
+
+    /// Forgets a session that ended.
+    pub(super) fn forget(&self, session_id: &str) {
+        self.0.remove(session_id);
+    }
+}
 
 /// What a listen delivers: the client's filter, cut to what the upstream
 /// offers.
@@ -215,10 +245,7 @@ impl Gateway {
         let max = self.config.sessions.max_subscriptions;
         let held = &session.resource_subscriptions;
         let room = max.saturating_sub(held.len());
-        let refused = self
-            .refused_subscriptions
-            .get(&session.id)
-            .map(|r| r.clone());
+        let refused = self.refused_subscriptions.of(&session.id);
         let wanted: Vec<&String> = uris
             .iter()
             .filter(|u| !held.contains(u))
@@ -254,17 +281,8 @@ impl Gateway {
             }
         }
         drop(asks);
-        if !newly_refused.is_empty() {
-            let mut refused = self
-                .refused_subscriptions
-                .entry(session.id.clone())
-                .or_default();
-            for uri in newly_refused {
-                if refused.len() < max {
-                    refused.insert(uri);
-                }
-            }
-        }
+        self.refused_subscriptions
+            .add(&session.id, newly_refused, max);
         if !made.is_empty() {
             let record = |s: &mut SessionState| {
                 for uri in &made {
@@ -398,32 +416,6 @@ impl ChunkSource for Listen {
 
     fn written(&mut self) {
         self.live.written_filtered(std::mem::take(&mut self.handed));
-    }
-}
-
-/// Pauses between attempts to reopen a session's background upstream
-/// stream (a listen, or a stateful upstream's GET stream): from 100 ms,
-/// doubling up to 5 s, and back to the start once the stream delivers.
-pub(super) struct Backoff(std::time::Duration);
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(std::time::Duration::from_millis(100))
-    }
-}
-
-impl Backoff {
-    pub(super) fn reset(&mut self) {
-        *self = Backoff::default();
-    }
-
-    /// Waits the pause, then lengthens it; false if `stop` came first.
-    pub(super) async fn wait(&mut self, stop: &CancellationToken) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(self.0) => {},
-            _ = stop.cancelled() => return false,
-        }
-        self.0 = (self.0 * 2).min(std::time::Duration::from_secs(5));
-        true
     }
 }
 
@@ -720,7 +712,7 @@ mod tests {
         let (up, _) = subscribing_upstream().await;
         let gw = gateway("stateful-2025", &up.url());
         listen(&gw, 1, &[]).await;
-        let hidden: Vec<String> = gw.hidden.iter().map(|e| e.value().clone()).collect();
+        let hidden = gw.hidden.ids();
         let [hidden] = hidden.as_slice() else {
             panic!("one hidden session: {hidden:?}")
         };

@@ -66,6 +66,22 @@ pub(super) struct Rebinding {
     changed: Notify,
 }
 
+/// The [`Rebinding`] of each session that needed one, on this node.
+#[derive(Default)]
+pub(super) struct Rebinds(DashMap<String, Arc<Rebinding>>);
+
+impl Rebinds {
+    /// The coordination of a session's upstream session.
+    pub(super) fn of(&self, session_id: &str) -> Arc<Rebinding> {
+        self.0.entry(session_id.to_owned()).or_default().clone()
+    }
+
+    /// Forgets a session that ended.
+    pub(super) fn forget(&self, session_id: &str) {
+        self.0.remove(session_id);
+    }
+}
+
 impl Gateway {
     /// Sends `initialize` (request `id`, `body`, whose params are
     /// `params`) upstream; returns the response to it and, when the
@@ -140,14 +156,6 @@ impl Gateway {
         }
     }
 
-    /// The coordination of a session's upstream session.
-    pub(super) fn rebinding_of(&self, session_id: &str) -> Arc<Rebinding> {
-        self.rebinding
-            .entry(session_id.to_owned())
-            .or_default()
-            .clone()
-    }
-
     /// Replaces the lost upstream session `lost` of a gateway session:
     /// `initialize` with the client's params on a healthy replica, then
     /// `notifications/initialized` (and the session's log level), then the
@@ -165,7 +173,7 @@ impl Gateway {
             replica: org.name.to_string(),
             reason: format!("cannot open the upstream session again: {reason}"),
         };
-        let coordination = self.rebinding_of(session_id);
+        let coordination = self.rebinding.of(session_id);
         let _one = coordination.lock.lock().await;
         let current = self
             .store
@@ -173,7 +181,7 @@ impl Gateway {
             .await
             .map_err(|e| fail(e.to_string()))?;
         let Some(current) = current else {
-            self.rebinding.remove(session_id);
+            self.rebinding.forget(session_id);
             return Err(fail("the session ended".into()));
         };
         if let Some(up) = &current.upstream
@@ -216,7 +224,7 @@ impl Gateway {
         if !recorded {
             // The session ended meanwhile: nobody will close this one.
             self.close_bound(&current, fresh);
-            self.rebinding.remove(session_id);
+            self.rebinding.forget(session_id);
             return Err(fail("the session ended".into()));
         }
         // Its replica may still hold it (it was only unreachable).
@@ -453,18 +461,18 @@ impl Gateway {
         session_id: &str,
         log: &SessionLog,
         stop: &CancellationToken,
-        phase: &tokio::sync::watch::Sender<modern::Phase>,
+        phase: &tokio::sync::watch::Sender<background::Phase>,
     ) {
         let mut backoff = Backoff::default();
         // Taken once: a follower that outlives its session must not put
         // the entry back.
-        let coordination = self.rebinding_of(session_id);
+        let coordination = self.rebinding.of(session_id);
         loop {
             let session = match self.store.lookup(session_id).await {
                 Ok(Some(s)) => s,
                 Ok(None) => {
                     // Ended before this follower started.
-                    self.rebinding.remove(session_id);
+                    self.rebinding.forget(session_id);
                     return;
                 }
                 Err(e) => {
@@ -485,8 +493,8 @@ impl Gateway {
             };
             match answer {
                 Ok(answer) if answer.kind == AnswerKind::Sse => {
-                    phase.send_replace(modern::Phase::Open);
-                    let mut reader = AnswerReader::new(answer, modern::listen_limits(org));
+                    phase.send_replace(background::Phase::Open);
+                    let mut reader = AnswerReader::new(answer, background::listen_limits(org));
                     loop {
                         let next = tokio::select! {
                             n = reader.next_message() => n,
@@ -510,13 +518,13 @@ impl Gateway {
                 Ok(answer) => {
                     tracing::info!(org = %org.name, status = %answer.status,
                         "the upstream session's GET did not open a stream; not following it");
-                    phase.send_replace(modern::Phase::Unavailable);
+                    phase.send_replace(background::Phase::Unavailable);
                     return;
                 }
                 Err(UpstreamError::Status { status, .. })
                     if status == StatusCode::METHOD_NOT_ALLOWED =>
                 {
-                    phase.send_replace(modern::Phase::Unavailable);
+                    phase.send_replace(background::Phase::Unavailable);
                     return;
                 }
                 Err(e) if is_lost(&e) => {

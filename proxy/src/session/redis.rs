@@ -115,6 +115,8 @@ struct Scripts {
     change: Script,
     remove: Script,
     reap: Script,
+    record_hidden: Script,
+    forget_hidden: Script,
 }
 
 impl Scripts {
@@ -200,6 +202,25 @@ impl Scripts {
                  end
                  return {{#ids, out}}"
             )),
+            // KEYS: a hidden-session record. ARGV: session id, key ttl,
+            // session key prefix. Records the id unless the record names
+            // another live session. -> the id recorded.
+            record_hidden: Script::new(
+                "local current = redis.call('GET', KEYS[1])
+                 if current and current ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. current) == 1 then
+                     return current
+                 end
+                 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+                 return ARGV[1]",
+            ),
+            // KEYS: a hidden-session record. ARGV: session id. Deletes the
+            // record if it still names the session.
+            forget_hidden: Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then
+                     return redis.call('DEL', KEYS[1])
+                 end
+                 return 0",
+            ),
         }
     }
 }
@@ -260,6 +281,16 @@ impl RedisSessionStore {
 
     fn session_key(&self, id: &str) -> String {
         format!("{}s:{id}", self.prefix)
+    }
+
+    /// Where the hidden session of a caller's client (`key`: org,
+    /// subject, client info and capabilities) is recorded: a hash of it.
+    fn hidden_key(&self, key: &str) -> String {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(key.as_bytes());
+        let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash);
+        format!("{}h:{hash}", self.prefix)
     }
 
     fn idle_key(&self) -> String {
@@ -359,6 +390,43 @@ impl SessionStore for RedisSessionStore {
 
     async fn ready(&self) -> Result<(), StoreError> {
         Ok(self.ping().await?)
+    }
+
+    async fn hidden_session(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = redis::cmd("GETEX")
+            .arg(self.hidden_key(key))
+            .arg("PX")
+            .arg(self.key_ttl_ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(id)
+    }
+
+    async fn record_hidden_session(&self, key: &str, id: &str) -> Result<String, StoreError> {
+        let mut conn = self.conn.clone();
+        let recorded: String = self
+            .scripts
+            .record_hidden
+            .key(self.hidden_key(key))
+            .arg(id)
+            .arg(self.key_ttl_ms)
+            .arg(format!("{}s:", self.prefix))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(recorded)
+    }
+
+    async fn forget_hidden_session(&self, key: &str, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .forget_hidden
+            .key(self.hidden_key(key))
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     async fn insert(

@@ -326,7 +326,6 @@ pub struct SharedEvents {
     release: Script,
     remember: Script,
     recall: Script,
-    record_hidden: Script,
     hold_route: Script,
     hold_claim: Script,
     bus_up: AtomicBool,
@@ -374,7 +373,6 @@ impl SharedEvents {
             release: Script::new(RELEASE),
             remember: Script::new(&format!("{NOW}{REMEMBER}")),
             recall: Script::new(&format!("{NOW}{RECALL}")),
-            record_hidden: Script::new(RECORD_HIDDEN),
             hold_route: Script::new(HOLD_ROUTE),
             hold_claim: Script::new(HOLD_CLAIM),
             bus_up: AtomicBool::new(false),
@@ -671,53 +669,6 @@ impl SharedEvents {
             .invoke_async(&mut conn)
             .await?;
         Ok(())
-    }
-
-    /// Where the hidden session of a caller's client (`key`: org,
-    /// subject, client info and capabilities) is recorded: a hash of it.
-    fn hidden_key(&self, key: &str) -> String {
-        use base64::Engine as _;
-        use sha2::Digest as _;
-        let hash = sha2::Sha256::digest(key.as_bytes());
-        let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash);
-        format!("{}h:{hash}", self.prefix)
-    }
-
-    /// The hidden session any node recorded for `key`, if any; the record
-    /// lives on for twice `idle_ttl` from now.
-    pub async fn hidden_session(&self, key: &str) -> Result<Option<String>, RedisStoreError> {
-        let mut conn = self.conn.clone();
-        let id: Option<String> = redis::cmd("GETEX")
-            .arg(self.hidden_key(key))
-            .arg("PX")
-            .arg(self.key_ttl_ms)
-            .query_async(&mut conn)
-            .await?;
-        Ok(id)
-    }
-
-    /// Records `id` as the hidden session of `key` for every node, unless
-    /// a live one is recorded already: the one recorded.
-    pub async fn record_hidden_session(
-        &self,
-        key: &str,
-        id: &str,
-    ) -> Result<String, RedisStoreError> {
-        let mut conn = self.conn.clone();
-        let recorded: String = self
-            .record_hidden
-            .key(self.hidden_key(key))
-            .arg(id)
-            .arg(self.key_ttl_ms)
-            .arg(format!("{}s:", self.prefix))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(recorded)
-    }
-
-    /// Forgets the hidden session of `key` if it is still `id`.
-    pub async fn forget_hidden_session(&self, key: &str, id: &str) -> Result<(), RedisStoreError> {
-        self.delete_if(self.hidden_key(key), id).await
     }
 
     fn hold_keys(&self, session: &str, hold: &str) -> [String; 3] {
@@ -1327,18 +1278,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 0
 ";
 
-/// KEYS: a hidden-session record. ARGV: session id, ttl ms, session key
-/// prefix. Records the id unless the record names another live session.
-/// -> the id recorded.
-const RECORD_HIDDEN: &str = "
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. current) == 1 then
-    return current
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return ARGV[1]
-";
-
 /// KEYS: a hold's owner hash (node, state), its early queue. ARGV: the
 /// payload, keep ms, the most messages queued. The owner's node and the
 /// hold's state; or 0 once queued; or -1 if the queue is full.
@@ -1400,8 +1339,8 @@ end
 return held
 ";
 
-/// KEYS: a key (a lease, a hidden-session record). ARGV: a value (the
-/// node tag, the session id). Deletes the key if it still holds the value.
+/// KEYS: a lease. ARGV: the node tag. Deletes the key if it still holds
+/// the value.
 const RELEASE: &str = "
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
