@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use ratatosk::bridge::{AnswerReader, ReadError};
+use ratatosk::upstream::{AnswerReader, ReadError};
 use ratatosk::upstream::ReadLimits;
 use ratatosk_fuzz::{chunks, runtime, sse};
 

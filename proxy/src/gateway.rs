@@ -16,7 +16,6 @@ use ratatosk_auth::{AuthMode, Identity};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{AnswerReader, Forwarding, upstream_headers};
 use crate::config::{Config, Era};
 use crate::edge::{
     self, ChunkSource, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response,
@@ -33,16 +32,15 @@ use crate::stream::{
     sse_frame,
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
+use crate::upstream::{AnswerReader, Forwarding, upstream_headers};
 
-// The request path, in the order a request meets it (see `handle` below):
-/// Background upstream streams: listens and GET streams, with leases.
-mod background;
+// The parts of the request path (`handle` below walks them in order):
+/// The era bridge: clients and upstreams of different MCP eras.
+mod bridge;
 /// What other nodes tell this one (Redis mode).
 mod bus;
 /// The other nodes, as one handle that does nothing on a single node.
 mod cluster;
-/// 2026-07-28 clients of a stateful upstream: hidden sessions, parked calls.
-mod hidden;
 /// Holds: requests that workers finish.
 mod holding;
 /// Requests in flight, and what cancels them.
@@ -51,22 +49,17 @@ mod in_flight;
 mod legacy;
 /// A session's life: initialize, admission, look-ups, publishing, its end.
 mod lifecycle;
-/// `subscriptions/listen` of 2026-07-28 clients of a stateful upstream.
-mod listen;
-/// 2026-07-28 clients, and handshake-era clients of a modern upstream.
-mod modern;
 /// `x-mcp-header` parameters of tool calls.
 mod params;
 /// Where failures become responses.
 mod rejects;
 /// The gateway's own requests to clients, waiting for answers.
 mod replies;
-/// Stateful upstreams: their sessions, re-binding, their GET streams.
-mod stateful;
 /// Streamable HTTP: POST, GET and DELETE on `/mcp`.
 mod streamable;
 
 use background::Backoff;
+use bridge::{background, hidden, listen, modern, stateful};
 use cluster::Cluster;
 use holding::HoldClient;
 use in_flight::InFlight;
@@ -182,7 +175,7 @@ impl Gateway {
                 organization: org.organization.clone().unwrap_or_else(|| name.clone()),
                 anonymous: Arc::new(Identity::anonymous(name)),
                 metrics: metrics.for_org(name),
-                era: Arc::new(crate::bridge::UpstreamEra::new(
+                era: Arc::new(crate::upstream::UpstreamEra::new(
                     name,
                     org.upstream.era,
                     &metrics,

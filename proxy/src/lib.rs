@@ -7,7 +7,6 @@
 
 pub mod admin;
 pub mod auth;
-pub mod bridge;
 pub mod config;
 pub mod edge;
 pub mod era;

@@ -29,7 +29,7 @@ pub struct OrgRoute {
     pub anonymous: Arc<ratatosk_auth::Identity>,
     pub metrics: crate::metrics::OrgMetrics,
     /// The era the upstream speaks, configured or probed.
-    pub era: Arc<crate::bridge::UpstreamEra>,
+    pub era: Arc<crate::upstream::UpstreamEra>,
     /// `upstream.max_input_rounds`.
     pub max_input_rounds: u32,
     pub pool: Arc<Pool>,
@@ -125,7 +125,7 @@ mod tests {
             organization: name.into(),
             anonymous: Arc::new(ratatosk_auth::Identity::anonymous(name)),
             metrics: metrics.for_org(name),
-            era: Arc::new(crate::bridge::UpstreamEra::new(name, cfg.era, &metrics)),
+            era: Arc::new(crate::upstream::UpstreamEra::new(name, cfg.era, &metrics)),
             max_input_rounds: cfg.max_input_rounds,
             pool: Arc::new(Pool::new(name, &cfg, 1 << 20, &metrics).expect("pool")),
         };

@@ -19,6 +19,14 @@ use crate::config::UpstreamConfig;
 use crate::edge::mime_is;
 use crate::metrics::Metrics;
 
+mod forwarding;
+mod probe;
+mod reader;
+
+pub use forwarding::*;
+pub use probe::{ProbeError, UpstreamEra};
+pub use reader::{AnswerReader, ReadError};
+
 /// How an upstream answered, by `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AnswerKind {

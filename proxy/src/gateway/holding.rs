@@ -727,7 +727,8 @@ mod tests {
         let (up, calls) = call_recording_stub().await;
         let gw = gateway(&[up.url()]);
         let call = json!({"name": "m1", "arguments": {"t": 30}});
-        let req = crate::gateway::modern::tests::modern(5, "tools/call", call, json!({}), &[]);
+        let req =
+            crate::gateway::bridge::modern::tests::modern(5, "tools/call", call, json!({}), &[]);
         let mut r = gw.handle(req).await;
         assert_eq!(r.status, StatusCode::OK);
         assert!(matches!(r.body, ResponseBody::Stream(_)));
@@ -781,7 +782,8 @@ mod tests {
         let (up, calls) = call_recording_stub().await;
         let gw = gateway(&[up.url()]);
         let call = json!({"name": "m2", "arguments": {"t": 30}});
-        let req = crate::gateway::modern::tests::modern(6, "tools/call", call, json!({}), &[]);
+        let req =
+            crate::gateway::bridge::modern::tests::modern(6, "tools/call", call, json!({}), &[]);
         let r = gw.handle(req).await;
         assert_eq!(r.status, StatusCode::OK);
         let id = call_of(&gw, &calls, "m2").await;

@@ -323,8 +323,8 @@ impl Gateway {
 
 #[cfg(test)]
 mod tests {
-    use super::super::modern::tests::{gateway, json_of, modern};
     use super::*;
+    use crate::gateway::bridge::modern::tests::{gateway, json_of, modern};
     use crate::testing;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -517,7 +517,8 @@ mod tests {
         let (alice, bob) = (caller("alice"), caller("bob"));
         let req = call(1, "Hello", None);
         for (who, expected) in [(&alice, 1), (&bob, 0), (&alice, 1), (&bob, 0)] {
-            let headers = super::super::modern::sessionless_headers(&org, who, &req, None);
+            let headers =
+                crate::gateway::bridge::modern::sessionless_headers(&org, who, &req, None);
             let found = gw
                 .header_params_of(
                     &org,

@@ -6,13 +6,13 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
 use super::REQUEST_CANCELLED;
-use crate::bridge::{ProbeError, ReadError};
 use crate::edge::{self, Reject};
 use crate::holds::HoldPublishError;
 use crate::jsonrpc::{self, Id, code};
 use crate::routes::OrgRoute;
 use crate::session::StoreError;
 use crate::upstream::UpstreamError;
+use crate::upstream::{ProbeError, ReadError};
 
 /// A session id no session has (any more).
 pub(super) fn session_not_found() -> Reject {

@@ -34,7 +34,7 @@ const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 /// Resource URIs a hidden session's upstream refused to subscribe it to,
 /// by session: not asked again by its later listens.
 #[derive(Default)]
-pub(super) struct Refused(DashMap<String, HashSet<String>>);
+pub(in crate::gateway) struct Refused(DashMap<String, HashSet<String>>);
 
 impl Refused {
     fn of(&self, session_id: &str) -> Option<HashSet<String>> {
@@ -55,7 +55,7 @@ impl Refused {
     }
 
     /// Forgets a session that ended.
-    pub(super) fn forget(&self, session_id: &str) {
+    pub(in crate::gateway) fn forget(&self, session_id: &str) {
         self.0.remove(session_id);
     }
 }
@@ -63,7 +63,7 @@ impl Refused {
 /// What a listen delivers: the client's filter, cut to what the upstream
 /// offers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Filter {
+pub(in crate::gateway) struct Filter {
     tools: bool,
     prompts: bool,
     resources: bool,
@@ -168,7 +168,7 @@ fn tagged(mut message: Value, id: &Id) -> Value {
 
 impl Gateway {
     /// A modern client's `subscriptions/listen` to a stateful upstream.
-    pub(super) async fn listen_in_hidden_session(
+    pub(in crate::gateway) async fn listen_in_hidden_session(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         identity: &Identity,

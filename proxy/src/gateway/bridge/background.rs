@@ -12,11 +12,11 @@ use crate::stream::shared::HEARTBEAT;
 
 /// The background streams this node holds, by session.
 #[derive(Default)]
-pub(super) struct Listeners(DashMap<String, Listener>);
+pub(in crate::gateway) struct Listeners(DashMap<String, Listener>);
 
 impl Listeners {
     /// Stops every background stream (the node drains).
-    pub(super) fn stop_all(&self) {
+    pub(in crate::gateway) fn stop_all(&self) {
         for listener in self.0.iter() {
             listener.stop.cancel();
         }
@@ -25,10 +25,10 @@ impl Listeners {
 
 /// This node's hold on a session's background upstream stream (a modern
 /// upstream's listen, a stateful upstream's GET stream).
-pub(super) struct Listener {
+pub(in crate::gateway) struct Listener {
     /// Tells apart a listener from the one that replaced it.
     generation: u64,
-    pub(super) stop: CancellationToken,
+    pub(in crate::gateway) stop: CancellationToken,
     /// Reopens a listen with the session's current filter.
     reopen: Arc<tokio::sync::Notify>,
     /// How far a stateful upstream's GET stream is.
@@ -37,7 +37,7 @@ pub(super) struct Listener {
 
 /// How far a stateful upstream session's GET stream is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Phase {
+pub(in crate::gateway) enum Phase {
     /// Not open yet.
     Opening,
     /// Opened (and reopened when it drops), on this node or (Redis mode)
@@ -54,7 +54,7 @@ const LEASE: &str = "upstream-stream";
 /// a stateful upstream's GET stream): it is meant to stay open and quiet
 /// for as long as the session lives, so only each event is bounded, as
 /// one answer is (`limits.max_answer_bytes`).
-pub(super) fn listen_limits(org: &OrgRoute) -> crate::upstream::ReadLimits {
+pub(in crate::gateway) fn listen_limits(org: &OrgRoute) -> crate::upstream::ReadLimits {
     crate::upstream::ReadLimits {
         timeout: Duration::from_secs(365 * 24 * 3600),
         max_duration: Duration::from_secs(365 * 24 * 3600),
@@ -77,7 +77,7 @@ impl Gateway {
     /// Returns how far the stream is, as the listener this call found or
     /// started tells it: held from here on, it says the last phase even
     /// after the listener ended (see [`Gateway::background_phase`]).
-    pub(super) fn ensure_listener(
+    pub(in crate::gateway) fn ensure_listener(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         session_id: &str,
@@ -155,7 +155,7 @@ impl Gateway {
 
     /// Reopens this node's listen of a session, if it holds one (another
     /// node changed the session's filter).
-    pub(super) fn reopen_listener(&self, session_id: &str) {
+    pub(in crate::gateway) fn reopen_listener(&self, session_id: &str) {
         if let Some(l) = self.listeners.0.get(session_id) {
             l.reopen.notify_one();
         }
@@ -165,7 +165,7 @@ impl Gateway {
     /// [`Gateway::ensure_listener`]), once it is open or known to be
     /// unavailable, or `within` has passed. A listener that ended before
     /// it opened the stream will not open it: unavailable.
-    pub(super) async fn background_phase(
+    pub(in crate::gateway) async fn background_phase(
         phase: Option<tokio::sync::watch::Receiver<Phase>>,
         within: Duration,
     ) -> Phase {
@@ -187,7 +187,7 @@ impl Gateway {
     }
 
     /// Stops a session's listen stream, if it has one.
-    pub(super) fn stop_listener(&self, session_id: &str) {
+    pub(in crate::gateway) fn stop_listener(&self, session_id: &str) {
         if let Some((_, l)) = self.listeners.0.remove(session_id) {
             l.stop.cancel();
         }
@@ -236,7 +236,7 @@ impl Gateway {
 /// Pauses between attempts to reopen a session's background upstream
 /// stream (a listen, or a stateful upstream's GET stream): from 100 ms,
 /// doubling up to 5 s, and back to the start once the stream delivers.
-pub(super) struct Backoff(std::time::Duration);
+pub(in crate::gateway) struct Backoff(std::time::Duration);
 impl Default for Backoff {
     fn default() -> Self {
         Backoff(std::time::Duration::from_millis(100))
@@ -244,12 +244,12 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    pub(super) fn reset(&mut self) {
+    pub(in crate::gateway) fn reset(&mut self) {
         *self = Backoff::default();
     }
 
     /// Waits the pause, then lengthens it; false if `stop` came first.
-    pub(super) async fn wait(&mut self, stop: &CancellationToken) -> bool {
+    pub(in crate::gateway) async fn wait(&mut self, stop: &CancellationToken) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(self.0) => {},
             _ = stop.cancelled() => return false,

@@ -24,7 +24,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESUMES: u32 = 64;
 
 /// What became of an answer that ended before its response.
-pub(super) enum Reconnected {
+pub(in crate::gateway) enum Reconnected {
     /// The reader goes on with the upstream's resumed stream.
     Yes,
     /// Not to be resumed: the upstream just ended it.
@@ -47,7 +47,7 @@ const MAX_RESUME_WAIT: Duration = Duration::from_secs(5);
 
 /// How far the resumptions of one answer are.
 #[derive(Default)]
-pub(super) struct Resumptions {
+pub(in crate::gateway) struct Resumptions {
     /// Resumptions so far.
     count: u32,
     /// Attempts that failed in a row.
@@ -61,23 +61,23 @@ pub(super) struct Resumptions {
 /// re-initialization at a time, and a signal to the session's GET stream
 /// follower that the upstream session changed.
 #[derive(Default)]
-pub(super) struct Rebinding {
-    pub(super) lock: Mutex<()>,
+pub(in crate::gateway) struct Rebinding {
+    pub(in crate::gateway) lock: Mutex<()>,
     changed: Notify,
 }
 
 /// The [`Rebinding`] of each session that needed one, on this node.
 #[derive(Default)]
-pub(super) struct Rebinds(DashMap<String, Arc<Rebinding>>);
+pub(in crate::gateway) struct Rebinds(DashMap<String, Arc<Rebinding>>);
 
 impl Rebinds {
     /// The coordination of a session's upstream session.
-    pub(super) fn of(&self, session_id: &str) -> Arc<Rebinding> {
+    pub(in crate::gateway) fn of(&self, session_id: &str) -> Arc<Rebinding> {
         self.0.entry(session_id.to_owned()).or_default().clone()
     }
 
     /// Forgets a session that ended.
-    pub(super) fn forget(&self, session_id: &str) {
+    pub(in crate::gateway) fn forget(&self, session_id: &str) {
         self.0.remove(session_id);
     }
 }
@@ -86,7 +86,7 @@ impl Gateway {
     /// Sends `initialize` (request `id`, `body`, whose params are
     /// `params`) upstream; returns the response to it and, when the
     /// upstream minted a session of its own, that session.
-    pub(super) async fn handshake(
+    pub(in crate::gateway) async fn handshake(
         &self,
         org: &OrgRoute,
         headers: HeaderMap,
@@ -137,7 +137,7 @@ impl Gateway {
     /// Sends a message of `session` upstream: to any replica, or, when the
     /// session has an upstream session, to that session on its replica,
     /// opened again once if the upstream lost it.
-    pub(super) async fn send_in_session(
+    pub(in crate::gateway) async fn send_in_session(
         &self,
         org: &OrgRoute,
         session: &SessionState,
@@ -238,7 +238,7 @@ impl Gateway {
 
     /// Opens an upstream session with `params` as the client's
     /// `initialize` params: `initialize`, then `notifications/initialized`.
-    pub(super) async fn open_upstream(
+    pub(in crate::gateway) async fn open_upstream(
         &self,
         org: &OrgRoute,
         headers: HeaderMap,
@@ -286,7 +286,7 @@ impl Gateway {
     /// client can resume too (2025-11-25: it has the gateway's event ids),
     /// as the upstream did to the gateway.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn resume_relay(
+    pub(in crate::gateway) async fn resume_relay(
         &self,
         reader: &mut AnswerReader,
         org: &OrgRoute,
@@ -431,7 +431,7 @@ impl Gateway {
     /// Hands a client notification, or its answer to an upstream request,
     /// to the session's upstream session. Nothing to wait for: failures
     /// are logged.
-    pub(super) async fn pass_upstream(
+    pub(in crate::gateway) async fn pass_upstream(
         &self,
         org: &OrgRoute,
         session: &SessionState,
@@ -455,7 +455,7 @@ impl Gateway {
     /// backoff, and on a new upstream session when the old one is lost.
     /// Ends with the gateway session, or when the upstream has no GET
     /// stream to offer (405).
-    pub(super) async fn follow(
+    pub(in crate::gateway) async fn follow(
         &self,
         org: &OrgRoute,
         session_id: &str,
@@ -548,7 +548,7 @@ impl Gateway {
 
     /// Ends the upstream session of an ended gateway session (DELETE),
     /// in the background.
-    pub(super) fn close_upstream(&self, state: &SessionState) {
+    pub(in crate::gateway) fn close_upstream(&self, state: &SessionState) {
         if let Some(bound) = state.upstream.clone() {
             self.close_bound(state, bound);
         }
@@ -579,7 +579,7 @@ impl Gateway {
 }
 
 /// One message to the upstream session `bound`, on its replica only.
-pub(super) async fn send_bound(
+pub(in crate::gateway) async fn send_bound(
     org: &OrgRoute,
     bound: &UpstreamSession,
     method: Method,
@@ -609,7 +609,11 @@ fn is_lost(e: &UpstreamError) -> bool {
 
 /// Headers of the gateway's own messages for a session (its GET stream,
 /// closing it): on behalf of the session's subject.
-pub(super) fn background_headers(org: &OrgRoute, session: &SessionState, what: &str) -> HeaderMap {
+pub(in crate::gateway) fn background_headers(
+    org: &OrgRoute,
+    session: &SessionState,
+    what: &str,
+) -> HeaderMap {
     let mut caller = Identity::anonymous(&org.name);
     caller.subject.clone_from(&session.subject);
     upstream_headers(

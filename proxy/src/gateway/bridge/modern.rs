@@ -9,10 +9,10 @@ use serde_json::Map;
 
 use super::hidden::{Asked, Park};
 use super::*;
-use crate::bridge::AnswerReader;
 use crate::config::Era;
 use crate::era::{self, errors};
 use crate::stream::KEEPALIVE;
+use crate::upstream::AnswerReader;
 
 /// Longest pause before retrying an upstream that shed load (an
 /// `InputRequiredResult` with only a `requestState`).
@@ -20,7 +20,7 @@ const MAX_SHED_BACKOFF: Duration = Duration::from_millis(250);
 
 impl Gateway {
     /// The org's upstream era, probed first if it is `auto` and unknown.
-    pub(super) async fn upstream_era(
+    pub(in crate::gateway) async fn upstream_era(
         &self,
         org: &OrgRoute,
         id: Option<&Id>,
@@ -47,7 +47,7 @@ impl Gateway {
 
     /// A sessionless 2026-07-28 request: checked as a modern server would,
     /// then passed to a modern upstream or translated for a legacy one.
-    pub(super) async fn modern_post(
+    pub(in crate::gateway) async fn modern_post(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         identity: &Identity,
@@ -238,7 +238,7 @@ impl Gateway {
     /// 404, a -32021 a 400). So an SSE answer is not committed to at once:
     /// when what the upstream says first (within one keep-alive interval)
     /// ends the answer, the client gets it as JSON with its status.
-    pub(super) async fn respond_modern(
+    pub(in crate::gateway) async fn respond_modern(
         &self,
         org: &OrgRoute,
         mut reader: AnswerReader,
@@ -305,7 +305,7 @@ impl Gateway {
 
     /// The `initialize` answer for a modern upstream, made by the gateway
     /// from the upstream's `server/discover`.
-    pub(super) async fn initialize_from_modern(
+    pub(in crate::gateway) async fn initialize_from_modern(
         &self,
         org: &OrgRoute,
         init: &Message,
@@ -328,7 +328,7 @@ impl Gateway {
     /// JSON answer (the common case) goes back as JSON, with no stream.
     /// An SSE answer, or one that needs the client's input, continues in
     /// [`Gateway::exchange_modern`] on a POST stream.
-    pub(super) async fn forward_modern(
+    pub(in crate::gateway) async fn forward_modern(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         session: Arc<SessionState>,
@@ -405,7 +405,7 @@ impl Gateway {
     /// Only the final result reaches the client. `first` is the first
     /// round's answer when the caller already has it.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn exchange_modern(
+    pub(in crate::gateway) async fn exchange_modern(
         self: &Arc<Self>,
         org: &OrgRoute,
         session: &SessionState,
@@ -605,7 +605,7 @@ impl Gateway {
 }
 
 /// The first round's answer of a modern exchange, when the caller has it.
-pub(super) enum First {
+pub(in crate::gateway) enum First {
     /// A JSON answer, read: it asked for input.
     Value(Value),
     /// An SSE answer, not yet read.
@@ -614,7 +614,7 @@ pub(super) enum First {
 
 /// What every round of a modern exchange sends: the request's method and
 /// params, and the session's `_meta`, worked out once per request.
-pub(super) struct ModernRound {
+pub(in crate::gateway) struct ModernRound {
     id: Id,
     method: String,
     params: Map<String, Value>,
@@ -624,7 +624,7 @@ pub(super) struct ModernRound {
 impl ModernRound {
     /// The parts of a handshake-era request for a modern upstream, or the
     /// error body to answer instead.
-    pub(super) fn of(
+    pub(in crate::gateway) fn of(
         org: &OrgRoute,
         session: &SessionState,
         request: &Message,
@@ -672,7 +672,7 @@ impl ModernRound {
 /// Why a stateless 2025 upstream's question to the client fails at once:
 /// the client's answer would reach a fresh transport of the upstream, never
 /// the call that asked.
-pub(super) fn unanswerable(org: &str, method: &str) -> String {
+pub(in crate::gateway) fn unanswerable(org: &str, method: &str) -> String {
     format!(
         "the upstream of org '{org}' asked the client for {method}, but a stateless-2025 upstream cannot receive the answer; run it stateful (era stateful-2025) or modern"
     )
@@ -691,7 +691,7 @@ fn modern_json(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Response {
 }
 
 /// A JSON body rewritten by `f`; unchanged if it is not JSON.
-pub(super) fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
+pub(in crate::gateway) fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => Bytes::from(f(v).to_string()),
         Err(_) => body.clone(),
@@ -700,7 +700,7 @@ pub(super) fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) -> Bytes {
 
 /// Headers toward the upstream for a modern client, which has no gateway
 /// session.
-pub(super) fn sessionless_headers(
+pub(in crate::gateway) fn sessionless_headers(
     org: &OrgRoute,
     identity: &Identity,
     req: &Request,
@@ -711,7 +711,7 @@ pub(super) fn sessionless_headers(
 
 /// [`sessionless_headers`] with a call id as `Ratatosk-Session` (see
 /// [`holds::call_id`]): where a worker finishes the call.
-pub(super) fn call_headers(
+pub(in crate::gateway) fn call_headers(
     org: &OrgRoute,
     identity: &Identity,
     req: &Request,
@@ -734,7 +734,7 @@ pub(super) fn call_headers(
 /// event, with keep-alives while the upstream is quiet. No task of its
 /// own: the client's pulls drive the upstream reads, and dropping it (the
 /// client closed the stream) drops the upstream request.
-pub(super) struct Pipe {
+pub(in crate::gateway) struct Pipe {
     /// `None` once the answer is complete (or parked).
     reader: Option<AnswerReader>,
     /// The id the client waits on.
@@ -766,7 +766,7 @@ pub(super) struct Pipe {
 }
 
 /// One step of a [`Pipe`].
-pub(super) enum Step {
+pub(in crate::gateway) enum Step {
     /// A message for the client; `true` if it is the last.
     Send(Bytes, bool),
     /// The gateway answered the upstream itself; nothing for the client.
@@ -779,7 +779,7 @@ pub(super) enum Step {
 impl Pipe {
     /// The continuation of a parked call: the rest of the upstream's answer
     /// to call `call`, for the client waiting on `id`.
-    pub(super) fn resumed(
+    pub(in crate::gateway) fn resumed(
         reader: AnswerReader,
         id: Id,
         call: Id,
@@ -807,7 +807,7 @@ impl Pipe {
     /// Reads the upstream's next message and says what the client gets
     /// from it; `None` once the answer is complete. Cancel-safe: the only
     /// wait is for the upstream's next message.
-    pub(super) async fn step(&mut self) -> Option<Step> {
+    pub(in crate::gateway) async fn step(&mut self) -> Option<Step> {
         let reader = self.reader.as_mut()?;
         let next = reader.next_message().await;
         let id = &self.id;
@@ -946,7 +946,7 @@ struct Quiet {
 /// What a 2026-07-28 client's call to a stateless upstream needs to be held:
 /// the call's id (the upstream's `Ratatosk-Session`). Such a client takes
 /// no requests during a call, so its capabilities do not matter here.
-pub(super) struct HoldHook {
+pub(in crate::gateway) struct HoldHook {
     gateway: Arc<Gateway>,
     org: Arc<OrgRoute>,
     call: String,
@@ -1039,7 +1039,7 @@ impl Gateway {
     /// Holds the upstream listen stream of one session, reopening it when
     /// the upstream ends or drops it, until the session ends or the
     /// filter changes.
-    pub(super) async fn listen(
+    pub(in crate::gateway) async fn listen(
         &self,
         org: &OrgRoute,
         session_id: &str,
@@ -1125,7 +1125,7 @@ impl Gateway {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(in crate::gateway) mod tests {
     //! 2026-07-28 clients through the gateway, driven without a client
     //! socket; upstreams are loopback stubs.
 

@@ -48,7 +48,7 @@ const RESUME_TIMEOUT: Duration = Duration::from_secs(15);
 /// records them for every node; this index keeps the per-caller cap and
 /// finds a session's records when it ends.
 #[derive(Default)]
-pub(super) struct HiddenSessions {
+pub(in crate::gateway) struct HiddenSessions {
     /// By key (org, subject, client info and capabilities), the id.
     index: DashMap<String, String>,
     /// Locks of hidden sessions being opened, by key, so that concurrent
@@ -71,12 +71,12 @@ impl HiddenSessions {
 
     /// The ids of the hidden sessions known here.
     #[cfg(test)]
-    pub(super) fn ids(&self) -> Vec<String> {
+    pub(in crate::gateway) fn ids(&self) -> Vec<String> {
         self.index.iter().map(|e| e.value().clone()).collect()
     }
 
     /// Forgets session `id` here: the keys it had.
-    pub(super) fn forget(&self, id: &str) -> Vec<String> {
+    pub(in crate::gateway) fn forget(&self, id: &str) -> Vec<String> {
         let mut keys = Vec::new();
         self.index.retain(|key, recorded| {
             let keep = recorded != id;
@@ -92,7 +92,7 @@ impl HiddenSessions {
 /// Upstream calls waiting for a 2026-07-28 client's input, and the
 /// retries that cross nodes to reach them.
 #[derive(Default)]
-pub(super) struct ParkedCalls {
+pub(in crate::gateway) struct ParkedCalls {
     /// By the `requestState` the client was given.
     parked: Arc<ParkedMap>,
     /// Retries of calls parked on other nodes, waiting for those nodes.
@@ -213,7 +213,7 @@ type ParkedMap = DashMap<String, Parked>;
 
 /// An upstream call that asked the client something: its answer stream,
 /// held until the client calls again with the answer.
-pub(super) struct Parked {
+pub(in crate::gateway) struct Parked {
     /// In a mutex only to make the map `Sync`: it is moved, never shared.
     reader: std::sync::Mutex<AnswerReader>,
     park: Park,
@@ -229,7 +229,7 @@ pub(super) struct Parked {
 /// upstream requests are answered, and where the call parks when the
 /// client must answer.
 #[derive(Clone)]
-pub(super) struct Park {
+pub(in crate::gateway) struct Park {
     map: Arc<ParkedMap>,
     /// This node's tag, which the `requestState`s it mints carry.
     node: u32,
@@ -242,7 +242,7 @@ pub(super) struct Park {
 /// What becomes of an upstream request during a modern client's call.
 // Moved once per upstream request, never stored: boxing buys nothing.
 #[allow(clippy::large_enum_variant)]
-pub(super) enum Asked {
+pub(in crate::gateway) enum Asked {
     /// The gateway answered the upstream itself (`ping`, or a refusal);
     /// the call goes on.
     Answered(Park, AnswerReader),
@@ -254,7 +254,7 @@ pub(super) enum Asked {
 impl Park {
     /// Handles the upstream's `request` during call `call` (the client
     /// waits on `client_id`): answered at once, or the call is parked.
-    pub(super) fn on_request(
+    pub(in crate::gateway) fn on_request(
         mut self,
         reader: AnswerReader,
         call: Id,
@@ -361,7 +361,7 @@ impl Park {
 
     /// Sends the gateway's own message to the hidden session in the
     /// background; failures are only logged.
-    pub(super) fn reply(&self, body: Value) {
+    pub(in crate::gateway) fn reply(&self, body: Value) {
         let park = self.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(REPLY_TIMEOUT, park.send(body)).await {
@@ -378,7 +378,7 @@ impl Park {
 
     /// Tells the upstream that call `call` is over for the client (it
     /// closed the stream, or never came back with its input).
-    pub(super) fn cancel(&self, call: &Id, reason: &str) {
+    pub(in crate::gateway) fn cancel(&self, call: &Id, reason: &str) {
         self.reply(json!({
             "jsonrpc": "2.0", "method": "notifications/cancelled",
             "params": {"requestId": call.to_value(), "reason": reason},
@@ -390,7 +390,7 @@ impl Gateway {
     /// A 2026-07-28 client's request to a stateful upstream, in the
     /// client's hidden upstream session, under an id of the gateway's (the
     /// session is shared by the client's calls, whose own ids may repeat).
-    pub(super) async fn modern_to_stateful(
+    pub(in crate::gateway) async fn modern_to_stateful(
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         identity: &Identity,
@@ -608,7 +608,7 @@ impl Gateway {
 
     /// Node side of [`Notice::Resume`]: a retry another node received for
     /// a call parked here. Answers that node with [`Notice::Resumed`].
-    pub(super) async fn resume_for(self: Arc<Self>, request: ResumeRequest) {
+    pub(in crate::gateway) async fn resume_for(self: Arc<Self>, request: ResumeRequest) {
         let outcome = match self.continue_into_log(&request).await {
             Ok(streaming) => streaming,
             Err(reject) => Resumed::Refused {
@@ -716,13 +716,13 @@ impl Gateway {
     }
 
     /// Hands a retry's answer to the node that waits for it.
-    pub(super) fn resumed(&self, token: &str, outcome: Resumed) {
+    pub(in crate::gateway) fn resumed(&self, token: &str, outcome: Resumed) {
         self.parked.resumed(token, outcome);
     }
 
     /// The node serving retry `token` gave up on it: stop the call this
     /// node continues for it, or do not start it.
-    pub(super) fn abandon(&self, token: String) {
+    pub(in crate::gateway) fn abandon(&self, token: String) {
         if let Some((session, call)) = self.parked.abandon(token) {
             self.cancel_in_flight(session, call);
         }
@@ -730,7 +730,7 @@ impl Gateway {
 
     /// The caller's hidden session with the stateful upstream, opened on
     /// first use with the client's info and capabilities from `_meta`.
-    pub(super) async fn hidden_session(
+    pub(in crate::gateway) async fn hidden_session(
         &self,
         org: &OrgRoute,
         identity: &Identity,
@@ -848,7 +848,11 @@ impl Gateway {
     /// upstream would wait for good. `ping` gets `{}`, anything else
     /// -32601: outside a call a 2026-07-28 client cannot be asked. Sent in
     /// the background; false if `message` is no request.
-    pub(super) fn answer_on_hidden_stream(&self, session: &SessionState, message: &Bytes) -> bool {
+    pub(in crate::gateway) fn answer_on_hidden_stream(
+        &self,
+        session: &SessionState,
+        message: &Bytes,
+    ) -> bool {
         let Ok(Kind::Request { id, method }) = jsonrpc::parse_message(message).map(|m| m.kind)
         else {
             return false;
@@ -905,7 +909,7 @@ impl Gateway {
 
     /// Drops the hidden-session records of an ended session, on this node
     /// and in the session store.
-    pub(super) fn forget_hidden(&self, ended: &SessionState) {
+    pub(in crate::gateway) fn forget_hidden(&self, ended: &SessionState) {
         if ended.transport != Transport::Hidden {
             return;
         }
@@ -925,7 +929,7 @@ impl Gateway {
 
     /// Drops parked calls nobody came back for, telling the upstream, and
     /// old marks of retries given up.
-    pub(super) fn expire_parked(&self) {
+    pub(in crate::gateway) fn expire_parked(&self) {
         for parked in self.parked.take_expired() {
             parked
                 .park
