@@ -27,8 +27,15 @@ impl Reply {
     }
 }
 
-/// What a full stub answers, given the request head (lower-cased) and body.
-pub type FullResponder = dyn Fn(&str, &[u8]) -> Reply + Send + Sync;
+/// What a stub answers: all at once, or an SSE stream whose events the
+/// test sends while it is open (it ends when the sender is dropped).
+pub enum Answer {
+    Full(Reply),
+    Stream(tokio::sync::mpsc::UnboundedReceiver<String>),
+}
+
+/// What a stub answers, given the request head (lower-cased) and body.
+pub type Responder = dyn Fn(&str, &[u8]) -> Answer + Send + Sync;
 
 pub struct Stub {
     pub addr: SocketAddr,
@@ -62,10 +69,19 @@ pub async fn stub(
 
 /// Starts a stub upstream that sees the request head and sets headers.
 pub async fn full_stub(respond: impl Fn(&str, &[u8]) -> Reply + Send + Sync + 'static) -> Stub {
+    streaming_stub(move |head, body| Answer::Full(respond(head, body))).await
+}
+
+/// Starts a stub upstream that may answer with a stream it feeds later
+/// (an SSE answer with events, each a full `event:`/`data:` text, sent
+/// through [`Answer::Stream`]).
+pub async fn streaming_stub(
+    respond: impl Fn(&str, &[u8]) -> Answer + Send + Sync + 'static,
+) -> Stub {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let hits = Arc::new(AtomicUsize::new(0));
-    let respond: Arc<FullResponder> = Arc::new(respond);
+    let respond: Arc<Responder> = Arc::new(respond);
     let counter = hits.clone();
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
@@ -83,7 +99,7 @@ pub fn dead_url() -> String {
     format!("http://{addr}/mcp")
 }
 
-async fn serve(mut sock: TcpStream, respond: Arc<FullResponder>, hits: Arc<AtomicUsize>) {
+async fn serve(mut sock: TcpStream, respond: Arc<Responder>, hits: Arc<AtomicUsize>) {
     let mut buf = Vec::new();
     loop {
         // Head.
@@ -122,7 +138,23 @@ async fn serve(mut sock: TcpStream, respond: Arc<FullResponder>, hits: Arc<Atomi
             // test's time.
             tokio::time::sleep(std::time::Duration::from_secs(60)).await;
         }
-        let reply = respond(&head, &body);
+        let reply = match respond(&head, &body) {
+            Answer::Full(reply) => reply,
+            Answer::Stream(mut events) => {
+                // Its end is the connection's.
+                let start = "HTTP/1.1 200 X\r\ncontent-type: text/event-stream\r\n\
+                             connection: close\r\n\r\n";
+                if sock.write_all(start.as_bytes()).await.is_err() {
+                    return;
+                }
+                while let Some(event) = events.recv().await {
+                    if sock.write_all(event.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+        };
         let mut resp = format!("HTTP/1.1 {} X\r\n", reply.status);
         for (name, value) in &reply.headers {
             resp.push_str(&format!("{name}: {value}\r\n"));

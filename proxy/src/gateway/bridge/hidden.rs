@@ -1122,7 +1122,19 @@ impl Drop for Opening<'_> {
 
 #[cfg(test)]
 mod tests {
+    //! 2026-07-28 clients of a stateful upstream, driven without a client
+    //! socket: hidden sessions, parked calls and their rounds, errors,
+    //! cancellation and a lost upstream session.
+
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use tokio::sync::mpsc::UnboundedSender;
+
     use super::owner_of;
+    use super::*;
+    use crate::gateway::bridge::modern::tests::{gateway, gateway_with, json_of, modern};
+    use crate::testing::{self, Answer, Reply};
 
     #[test]
     fn a_request_state_names_its_node() {
@@ -1131,5 +1143,303 @@ mod tests {
         for bad in ["2a.abc", "zzzzzzzz.abc", "0000002aabc", "", "00000002a.x"] {
             assert_eq!(owner_of(bad), None, "{bad}");
         }
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        /// Every message the upstream received, in order.
+        messages: Vec<Value>,
+        /// `initialize` requests so far; session `up-N` is the Nth.
+        inits: usize,
+        /// Lose the current session: its next request gets 404.
+        lose: bool,
+        /// Calls that asked the client, by the upstream's request id: the
+        /// call's id, its stream, and the questions still to ask.
+        asking: HashMap<String, (Value, UnboundedSender<String>, u32)>,
+        /// Streams kept open (`hang`).
+        open: Vec<UnboundedSender<String>>,
+        questions: u32,
+    }
+
+    fn event(message: Value) -> String {
+        format!("event: message\ndata: {message}\n\n")
+    }
+
+    fn accepted() -> Answer {
+        Answer::Full(Reply {
+            status: 202,
+            headers: vec![],
+            body: String::new(),
+        })
+    }
+
+    /// Asks the client `roots/list` on `tx` for call `call`.
+    fn ask(seen: &mut Seen, call: Value, tx: UnboundedSender<String>, left: u32) {
+        seen.questions += 1;
+        let q = format!("q{}", seen.questions);
+        let _ = tx.send(event(
+            json!({"jsonrpc": "2.0", "id": q, "method": "roots/list", "params": {}}),
+        ));
+        seen.asking.insert(q, (call, tx, left));
+    }
+
+    /// A stateful 2025 upstream. `tools/call` of `ask` asks the client
+    /// `roots/list` once (`ask_twice`: twice) on its answer stream, then
+    /// says how many roots came, or what the refusal was; `fail` is a
+    /// JSON-RPC error; `hang` says one progress and never ends.
+    async fn asking_upstream() -> (testing::Stub, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let state = seen.clone();
+        let stub = testing::streaming_stub(move |head, body| {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let mut seen = state.lock().expect("seen");
+            seen.messages.push(v.clone());
+            let id = v.get("id").cloned().unwrap_or(Value::Null);
+            let method = v["method"].as_str().unwrap_or("");
+            if method == "initialize" {
+                seen.inits += 1;
+                let mut r = Reply::new(
+                    200,
+                    "application/json",
+                    json!({"jsonrpc": "2.0", "id": id, "result": {
+                        "protocolVersion": "2025-11-25",
+                        "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "asking", "version": "1"}}})
+                    .to_string(),
+                );
+                r.headers
+                    .push(("mcp-session-id".into(), format!("up-{}", seen.inits)));
+                return Answer::Full(r);
+            }
+            let current = format!("mcp-session-id: up-{}", seen.inits);
+            if !head.contains(&current) || std::mem::take(&mut seen.lose) {
+                return Answer::Full(Reply::new(404, "text/plain", "no such session".into()));
+            }
+            if method.is_empty() {
+                // The client's answer to a question, through the gateway.
+                let q = id.as_str().unwrap_or_default().to_owned();
+                if let Some((call, tx, left)) = seen.asking.remove(&q) {
+                    if left > 0 && v.get("result").is_some() {
+                        ask(&mut seen, call, tx, left - 1);
+                    } else {
+                        let text = match (&v["result"]["roots"], &v["error"]) {
+                            (Value::Array(roots), _) => format!("{} roots", roots.len()),
+                            (_, e) => format!("refused {}: {}", e["code"], e["message"]),
+                        };
+                        let _ = tx.send(event(json!({"jsonrpc": "2.0", "id": call,
+                            "result": {"content": [{"type": "text", "text": text}]}})));
+                    }
+                }
+                return accepted();
+            }
+            if id.is_null() {
+                return accepted();
+            }
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            match v.pointer("/params/name").and_then(Value::as_str) {
+                Some("ask") => ask(&mut seen, id, tx, 0),
+                Some("ask_twice") => ask(&mut seen, id, tx, 1),
+                Some("hang") => {
+                    let _ = tx.send(event(json!({"jsonrpc": "2.0",
+                        "method": "notifications/progress",
+                        "params": {"progressToken": 1, "progress": 1}})));
+                    seen.open.push(tx);
+                }
+                Some("fail") => {
+                    let _ = tx.send(event(json!({"jsonrpc": "2.0", "id": id,
+                        "error": {"code": -32603, "message": "boom"}})));
+                }
+                _ => {
+                    let _ = tx.send(event(json!({"jsonrpc": "2.0", "id": id,
+                        "result": {"content": [{"type": "text", "text": "ok"}]}})));
+                }
+            }
+            Answer::Stream(rx)
+        })
+        .await;
+        (stub, seen)
+    }
+
+    fn call(id: u64, tool: &str, extra: Value, caps: Value) -> Request {
+        let mut params = json!({"name": tool, "arguments": {}});
+        if let (Some(p), Some(extra)) = (params.as_object_mut(), extra.as_object()) {
+            p.extend(extra.clone());
+        }
+        modern(id, "tools/call", params, caps, &[])
+    }
+
+    fn text_of(body: &Value) -> String {
+        body["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a text result: {body}"))
+            .to_owned()
+    }
+
+    /// The `requestState` of an `InputRequiredResult`, after checking it
+    /// asks `roots/list`.
+    fn asked_roots(body: &Value) -> String {
+        let result = &body["result"];
+        assert_eq!(result["resultType"], "input_required", "{body}");
+        assert_eq!(
+            result["inputRequests"][INPUT_KEY]["method"], "roots/list",
+            "{body}"
+        );
+        result["requestState"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a requestState: {body}"))
+            .to_owned()
+    }
+
+    fn answer_roots(state: &str, n: usize) -> Value {
+        let roots: Vec<Value> = (0..n)
+            .map(|i| json!({"uri": format!("file:///r{i}")}))
+            .collect();
+        json!({"requestState": state, "inputResponses": {INPUT_KEY: {"roots": roots}}})
+    }
+
+    const ROOTS: fn() -> Value = || json!({"roots": {}});
+
+    #[tokio::test]
+    async fn a_call_that_asks_the_client_parks_and_its_retry_finishes_it() {
+        let (up, seen) = asking_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let r = gw.handle(call(1, "ask", json!({}), ROOTS())).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let state = asked_roots(&json_of(&r));
+        assert_eq!(gw.parked.parked.len(), 1, "the call waits, parked");
+
+        let r = gw
+            .handle(call(2, "ask", answer_roots(&state, 3), ROOTS()))
+            .await;
+        let body = json_of(&r);
+        assert_eq!(body["id"], 2, "{body}");
+        assert_eq!(text_of(&body), "3 roots");
+        assert!(gw.parked.parked.is_empty());
+
+        // A state is answered once.
+        let r = gw
+            .handle(call(3, "ask", answer_roots(&state, 1), ROOTS()))
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let body = json_of(&r);
+        assert_eq!(body["error"]["code"], code::INVALID_PARAMS, "{body}");
+
+        // One hidden session served them all; the upstream saw its own
+        // request id answered.
+        let seen = seen.lock().expect("seen");
+        assert_eq!(seen.inits, 1);
+        assert!(
+            seen.messages
+                .iter()
+                .any(|m| m["id"] == "q1" && m["result"]["roots"].is_array()),
+            "{:?}",
+            seen.messages
+        );
+    }
+
+    #[tokio::test]
+    async fn rounds_go_on_until_upstream_max_input_rounds() {
+        let (up, _seen) = asking_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let r = gw.handle(call(1, "ask_twice", json!({}), ROOTS())).await;
+        let first = asked_roots(&json_of(&r));
+        let r = gw
+            .handle(call(2, "ask_twice", answer_roots(&first, 1), ROOTS()))
+            .await;
+        let second = asked_roots(&json_of(&r));
+        assert_ne!(first, second, "each round has its own state");
+        let r = gw
+            .handle(call(3, "ask_twice", answer_roots(&second, 2), ROOTS()))
+            .await;
+        assert_eq!(text_of(&json_of(&r)), "2 roots");
+
+        // With one round allowed, the gateway refuses the second question
+        // to the upstream itself.
+        let gw = gateway_with("stateful-2025", &up.url(), ", max_input_rounds: 1");
+        let r = gw.handle(call(1, "ask_twice", json!({}), ROOTS())).await;
+        let state = asked_roots(&json_of(&r));
+        let r = gw
+            .handle(call(2, "ask_twice", answer_roots(&state, 1), ROOTS()))
+            .await;
+        let text = text_of(&json_of(&r));
+        assert!(
+            text.starts_with(&format!("refused {}", code::UPSTREAM_ERROR))
+                && text.contains("upstream.max_input_rounds"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_without_the_capability_is_never_asked() {
+        let (up, _seen) = asking_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let r = gw.handle(call(1, "ask", json!({}), json!({}))).await;
+        let text = text_of(&json_of(&r));
+        assert!(
+            text.starts_with(&format!("refused {}", era::errors::MISSING_CAPABILITY))
+                && text.contains("'roots'"),
+            "{text}"
+        );
+        assert!(gw.parked.parked.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_upstream_error_is_the_calls_error() {
+        let (up, _seen) = asking_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let r = gw.handle(call(7, "fail", json!({}), json!({}))).await;
+        let body = json_of(&r);
+        assert_eq!(body["id"], 7, "{body}");
+        assert_eq!(body["error"]["code"], -32603, "{body}");
+        assert_eq!(body["error"]["message"], "boom", "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_upstream_session_is_opened_again_for_the_call() {
+        let (up, seen) = asking_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let r = gw.handle(call(1, "echo", json!({}), json!({}))).await;
+        assert_eq!(text_of(&json_of(&r)), "ok");
+        seen.lock().expect("seen").lose = true;
+        let r = gw.handle(call(2, "echo", json!({}), json!({}))).await;
+        assert_eq!(text_of(&json_of(&r)), "ok", "answered in a new session");
+        let seen = seen.lock().expect("seen");
+        assert_eq!(seen.inits, 2, "initialized again, once");
+        assert_eq!(gw.hidden.ids().len(), 1, "still one hidden session");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_cancels_the_upstream_call() {
+        let (up, seen) = asking_upstream().await;
+        let gw = gateway("stateful-2025", &up.url());
+        let mut r = gw.handle(call(1, "hang", json!({}), json!({}))).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let crate::edge::ResponseBody::Stream(src) = &mut r.body else {
+            panic!("a stream, as the call said something before its end")
+        };
+        let first = tokio::time::timeout(Duration::from_secs(5), src.next_chunk())
+            .await
+            .expect("the progress within 5 s")
+            .expect("a chunk");
+        assert!(
+            String::from_utf8_lossy(&first).contains("notifications/progress"),
+            "{first:?}"
+        );
+        let upstream_call = seen.lock().expect("seen").messages.iter().find_map(|m| {
+            (m.pointer("/params/name") == Some(&json!("hang"))).then(|| m["id"].clone())
+        });
+        let upstream_call = upstream_call.expect("the call reached the upstream");
+        drop(r);
+        let cancelled = testing::eventually(Duration::from_secs(5), || {
+            let seen = seen.clone();
+            let call = upstream_call.clone();
+            async move {
+                seen.lock().expect("seen").messages.iter().any(|m| {
+                    m["method"] == "notifications/cancelled" && m["params"]["requestId"] == call
+                })
+            }
+        })
+        .await;
+        assert!(cancelled, "the upstream is told the call is over");
     }
 }

@@ -1137,10 +1137,15 @@ pub(in crate::gateway) mod tests {
 
     /// A gateway with one org, `org-1`, whose upstream has `era`.
     pub(in crate::gateway) fn gateway(era: &str, replica: &str) -> Arc<Gateway> {
+        gateway_with(era, replica, "")
+    }
+
+    /// [`gateway`] with more `upstream` settings (`, key: value`).
+    pub(in crate::gateway) fn gateway_with(era: &str, replica: &str, more: &str) -> Arc<Gateway> {
         let yaml = format!(
             "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
              streams: {{keepalive: 2s}}\npublish: {{secret: unit-test-secret-0123}}\n\
-             orgs:\n  org-1: {{upstream: {{era: {era}, replicas: [\"{replica}\"], timeout: 2s}}}}\n"
+             orgs:\n  org-1: {{upstream: {{era: {era}, replicas: [\"{replica}\"], timeout: 2s{more}}}}}\n"
         );
         let config = Config::from_yaml(&yaml, Path::new("unit.yaml"), &|_| None).expect("config");
         Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway")
