@@ -432,7 +432,6 @@ pub(super) mod tests {
     use crate::session::MemorySessionStore;
     use crate::testing;
     use std::path::Path;
-    use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
     pub(in crate::gateway) const SECRET: &str = "unit-test-secret-0123";
@@ -511,6 +510,20 @@ pub(super) mod tests {
             .expect("stream open");
         src.written();
         String::from_utf8(chunk.to_vec()).expect("utf8")
+    }
+
+    /// What a stream says until it has said `needle`; fails after 5 s.
+    pub(in crate::gateway) async fn text_until(r: &mut Response, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut text = String::new();
+        while !text.contains(needle) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {needle} within 5 s: {text}"
+            );
+            text.push_str(&next_text(r).await);
+        }
+        text
     }
 
     /// Opens the session's GET stream.
@@ -1148,139 +1161,6 @@ pub(super) mod tests {
         assert_eq!(json_of(&r)["error"]["code"], code::UPSTREAM_ERROR);
         assert_eq!(json_of(&r)["id"], 1);
         assert!(gw.store.list_org("org-1").await.expect("list").is_empty());
-    }
-
-    /// A stateful upstream whose sessions can all be forgotten at once (a
-    /// restart); it records (session, method) of every message.
-    pub(in crate::gateway) struct StatefulStub {
-        stub: testing::Stub,
-        generation: Arc<AtomicU64>,
-        seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
-    }
-
-    pub(in crate::gateway) async fn stateful_stub() -> StatefulStub {
-        let generation = Arc::new(AtomicU64::new(1));
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let minted = Arc::new(AtomicU64::new(0));
-        let (g, log) = (generation.clone(), seen.clone());
-        let stub = testing::full_stub(move |head, body| {
-            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            let method = v["method"].as_str().unwrap_or("(response)").to_owned();
-            let json = |status, body: String, extra: Option<String>| {
-                let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
-                headers.extend(extra.map(|s| ("mcp-session-id".to_owned(), s)));
-                testing::Reply { status, headers, body }
-            };
-            let id = v.get("id").cloned().unwrap_or(Value::Null);
-            if method == "initialize" {
-                let sid = format!("g{}-s{}", g.load(Ordering::SeqCst), minted.fetch_add(1, Ordering::SeqCst));
-                let result = json!({"jsonrpc": "2.0", "id": id, "result": {
-                    "protocolVersion": "2025-06-18", "capabilities": {},
-                    "serverInfo": {"name": "stateful-stub", "version": "1"}}});
-                return json(200, result.to_string(), Some(sid));
-            }
-            let sid = head
-                .lines()
-                .find_map(|l| l.strip_prefix("mcp-session-id:"))
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default();
-            if !sid.starts_with(&format!("g{}-", g.load(Ordering::SeqCst))) {
-                return json(404, r#"{"jsonrpc":"2.0","id":"server-error","error":{"code":-32600,"message":"Session not found"}}"#.into(), None);
-            }
-            log.lock().expect("log").push((sid, method));
-            if id.is_null() {
-                return json(202, String::new(), None);
-            }
-            json(200, json!({"jsonrpc": "2.0", "id": id, "result": {"ok": true}}).to_string(), None)
-        })
-        .await;
-        StatefulStub {
-            stub,
-            generation,
-            seen,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_lost_upstream_session_is_opened_again_with_the_clients_params_and_level() {
-        let up = stateful_stub().await;
-        let yaml = format!(
-            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
-             publish: {{secret: {SECRET}}}\n\
-             orgs:\n  org-1: {{upstream: {{era: stateful-2025, replicas: [\"{}\"], timeout: 2s}}}}\n",
-            up.stub.url()
-        );
-        let config = Config::from_yaml(&yaml, Path::new("unit.yaml"), &|_| None).expect("config");
-        let gw = Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway");
-        let sid = initialize(&gw).await;
-        let send = |body: &'static str| {
-            post(
-                body,
-                &[
-                    ("mcp-session-id", &sid),
-                    ("mcp-protocol-version", "2025-06-18"),
-                ],
-            )
-        };
-        assert_eq!(
-            gw.handle(send(
-                r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#
-            ))
-            .await
-            .status,
-            StatusCode::ACCEPTED
-        );
-        let r = gw
-            .handle(send(r#"{"jsonrpc":"2.0","id":2,"method":"logging/setLevel","params":{"level":"debug"}}"#))
-            .await;
-        assert_eq!(
-            json_of(&r)["result"]["ok"],
-            true,
-            "passed to the upstream session"
-        );
-        // The upstream restarts: every session it had is gone.
-        up.generation.store(2, Ordering::SeqCst);
-        let r = gw
-            .handle(send(
-                r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add"}}"#,
-            ))
-            .await;
-        assert_eq!(r.status, StatusCode::OK);
-        assert_eq!(
-            json_of(&r)["result"]["ok"],
-            true,
-            "the client sees no error"
-        );
-        let seen = up.seen.lock().expect("log").clone();
-        let methods = |prefix: &str| {
-            seen.iter()
-                .filter(|(s, _)| s.starts_with(prefix))
-                .map(|(_, m)| m.as_str())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            methods("g1-"),
-            ["notifications/initialized", "logging/setLevel"]
-        );
-        assert_eq!(
-            methods("g2-"),
-            [
-                "notifications/initialized",
-                "logging/setLevel",
-                "tools/call"
-            ],
-            "re-initialized, level restored, then the call"
-        );
-        assert_eq!(
-            gw.routes
-                .org("org-1")
-                .expect("org")
-                .metrics
-                .bridged
-                .reinitialized
-                .get(),
-            1
-        );
     }
 
     #[tokio::test]

@@ -1121,7 +1121,7 @@ impl Drop for Opening<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::gateway) mod tests {
     //! 2026-07-28 clients of a stateful upstream, driven without a client
     //! socket: hidden sessions, parked calls and their rounds, errors,
     //! cancellation and a lost upstream session.
@@ -1146,11 +1146,11 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct Seen {
+    pub(in crate::gateway) struct Seen {
         /// Every message the upstream received, in order.
-        messages: Vec<Value>,
+        pub(in crate::gateway) messages: Vec<Value>,
         /// `initialize` requests so far; session `up-N` is the Nth.
-        inits: usize,
+        pub(in crate::gateway) inits: usize,
         /// Lose the current session: its next request gets 404.
         lose: bool,
         /// Calls that asked the client, by the upstream's request id: the
@@ -1158,10 +1158,12 @@ mod tests {
         asking: HashMap<String, (Value, UnboundedSender<String>, u32)>,
         /// Streams kept open (`hang`).
         open: Vec<UnboundedSender<String>>,
+        /// The GET streams of upstream sessions, open.
+        pub(in crate::gateway) gets: Vec<UnboundedSender<String>>,
         questions: u32,
     }
 
-    fn event(message: Value) -> String {
+    pub(in crate::gateway) fn event(message: Value) -> String {
         format!("event: message\ndata: {message}\n\n")
     }
 
@@ -1186,8 +1188,9 @@ mod tests {
     /// A stateful 2025 upstream. `tools/call` of `ask` asks the client
     /// `roots/list` once (`ask_twice`: twice) on its answer stream, then
     /// says how many roots came, or what the refusal was; `fail` is a
-    /// JSON-RPC error; `hang` says one progress and never ends.
-    async fn asking_upstream() -> (testing::Stub, Arc<Mutex<Seen>>) {
+    /// JSON-RPC error; `hang` says one progress and never ends. A GET
+    /// opens the session's stream, which stays open.
+    pub(in crate::gateway) async fn asking_upstream() -> (testing::Stub, Arc<Mutex<Seen>>) {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let state = seen.clone();
         let stub = testing::streaming_stub(move |head, body| {
@@ -1214,6 +1217,11 @@ mod tests {
             let current = format!("mcp-session-id: up-{}", seen.inits);
             if !head.contains(&current) || std::mem::take(&mut seen.lose) {
                 return Answer::Full(Reply::new(404, "text/plain", "no such session".into()));
+            }
+            if head.starts_with("get ") {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                seen.gets.push(tx);
+                return Answer::Stream(rx);
             }
             if method.is_empty() {
                 // The client's answer to a question, through the gateway.

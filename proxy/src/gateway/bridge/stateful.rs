@@ -795,4 +795,273 @@ mod tests {
         assert!(!text.contains("-32002"), "{text}");
         assert_eq!(resumed.load(Ordering::SeqCst), 1);
     }
+
+    mod lost {
+        //! A legacy client's session whose upstream session is lost.
+
+        use super::*;
+        use crate::gateway::tests::{SECRET, initialize, json_of, post};
+        use crate::session::MemorySessionStore;
+        use std::path::Path;
+        use std::sync::atomic::AtomicU64;
+
+        /// A stateful upstream whose sessions can all be forgotten at once (a
+        /// restart); it records (session, method) of every message.
+        struct StatefulStub {
+            stub: testing::Stub,
+            generation: Arc<AtomicU64>,
+            seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+        }
+
+        async fn stateful_stub() -> StatefulStub {
+            let generation = Arc::new(AtomicU64::new(1));
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let minted = Arc::new(AtomicU64::new(0));
+            let (g, log) = (generation.clone(), seen.clone());
+            let stub = testing::full_stub(move |head, body| {
+                let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                let method = v["method"].as_str().unwrap_or("(response)").to_owned();
+                let json = |status, body: String, extra: Option<String>| {
+                    let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+                    headers.extend(extra.map(|s| ("mcp-session-id".to_owned(), s)));
+                    testing::Reply { status, headers, body }
+                };
+                let id = v.get("id").cloned().unwrap_or(Value::Null);
+                if method == "initialize" {
+                    let sid = format!("g{}-s{}", g.load(Ordering::SeqCst), minted.fetch_add(1, Ordering::SeqCst));
+                    let result = json!({"jsonrpc": "2.0", "id": id, "result": {
+                        "protocolVersion": "2025-06-18", "capabilities": {},
+                        "serverInfo": {"name": "stateful-stub", "version": "1"}}});
+                    return json(200, result.to_string(), Some(sid));
+                }
+                let sid = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("mcp-session-id:"))
+                    .map(|s| s.trim().to_owned())
+                    .unwrap_or_default();
+                if !sid.starts_with(&format!("g{}-", g.load(Ordering::SeqCst))) {
+                    return json(404, r#"{"jsonrpc":"2.0","id":"server-error","error":{"code":-32600,"message":"Session not found"}}"#.into(), None);
+                }
+                log.lock().expect("log").push((sid, method));
+                if id.is_null() {
+                    return json(202, String::new(), None);
+                }
+                json(200, json!({"jsonrpc": "2.0", "id": id, "result": {"ok": true}}).to_string(), None)
+            })
+            .await;
+            StatefulStub {
+                stub,
+                generation,
+                seen,
+            }
+        }
+
+        #[tokio::test]
+        async fn a_lost_upstream_session_is_opened_again_with_the_clients_params_and_level() {
+            let up = stateful_stub().await;
+            let yaml = format!(
+                "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
+                 publish: {{secret: {SECRET}}}\n\
+                 orgs:\n  org-1: {{upstream: {{era: stateful-2025, replicas: [\"{}\"], timeout: 2s}}}}\n",
+                up.stub.url()
+            );
+            let config =
+                Config::from_yaml(&yaml, Path::new("unit.yaml"), &|_| None).expect("config");
+            let gw = Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway");
+            let sid = initialize(&gw).await;
+            let send = |body: &'static str| {
+                post(
+                    body,
+                    &[
+                        ("mcp-session-id", &sid),
+                        ("mcp-protocol-version", "2025-06-18"),
+                    ],
+                )
+            };
+            assert_eq!(
+                gw.handle(send(
+                    r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#
+                ))
+                .await
+                .status,
+                StatusCode::ACCEPTED
+            );
+            let r = gw
+                .handle(send(r#"{"jsonrpc":"2.0","id":2,"method":"logging/setLevel","params":{"level":"debug"}}"#))
+                .await;
+            assert_eq!(
+                json_of(&r)["result"]["ok"],
+                true,
+                "passed to the upstream session"
+            );
+            // The upstream restarts: every session it had is gone.
+            up.generation.store(2, Ordering::SeqCst);
+            let r = gw
+                .handle(send(
+                    r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add"}}"#,
+                ))
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(
+                json_of(&r)["result"]["ok"],
+                true,
+                "the client sees no error"
+            );
+            let seen = up.seen.lock().expect("log").clone();
+            let methods = |prefix: &str| {
+                seen.iter()
+                    .filter(|(s, _)| s.starts_with(prefix))
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                methods("g1-"),
+                ["notifications/initialized", "logging/setLevel"]
+            );
+            assert_eq!(
+                methods("g2-"),
+                [
+                    "notifications/initialized",
+                    "logging/setLevel",
+                    "tools/call"
+                ],
+                "re-initialized, level restored, then the call"
+            );
+            assert_eq!(
+                gw.routes
+                    .org("org-1")
+                    .expect("org")
+                    .metrics
+                    .bridged
+                    .reinitialized
+                    .get(),
+                1
+            );
+        }
+    }
+
+    mod flows {
+        //! A legacy client's session with a stateful upstream: calls in
+        //! the upstream session, errors, cancellation and the GET stream.
+
+        use super::*;
+        use crate::edge::ResponseBody;
+        use crate::gateway::bridge::hidden::tests::{asking_upstream, event};
+        use crate::gateway::bridge::modern::tests::gateway;
+        use crate::gateway::tests::{initialize, open_stream, text_until};
+
+        fn send(sid: &str, body: Value) -> Request {
+            crate::gateway::tests::post(
+                &body.to_string(),
+                &[
+                    ("mcp-session-id", sid),
+                    ("mcp-protocol-version", "2025-06-18"),
+                ],
+            )
+        }
+
+        fn call(id: u64, tool: &str) -> Value {
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                   "params": {"name": tool, "arguments": {}}})
+        }
+
+        /// What a response says, whole or streamed.
+        async fn said(mut r: Response) -> String {
+            match &r.body {
+                ResponseBody::Full(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => drain(&mut r).await,
+            }
+        }
+
+        #[tokio::test]
+        async fn a_call_goes_in_the_upstream_session_the_client_never_sees() {
+            let (up, seen) = asking_upstream().await;
+            let gw = gateway("stateful-2025", &up.url());
+            let sid = initialize(&gw).await;
+            assert!(!sid.contains("up-"), "the gateway's own id: {sid}");
+            let r = gw.handle(send(&sid, call(5, "echo"))).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(
+                r.headers
+                    .get(&MCP_SESSION_ID)
+                    .is_none_or(|v| v.as_bytes() == sid.as_bytes()),
+                "{:?}",
+                r.headers
+            );
+            let text = said(r).await;
+            assert!(
+                text.contains(r#""id":5"#) && text.contains(r#""text":"ok""#),
+                "{text}"
+            );
+            let seen = seen.lock().expect("seen");
+            assert_eq!(seen.inits, 1);
+            assert!(
+                seen.messages.iter().any(|m| m["method"] == "tools/call"),
+                "the call reached the upstream in its session (others get 404)"
+            );
+        }
+
+        #[tokio::test]
+        async fn an_upstream_error_is_passed_on_under_the_clients_id() {
+            let (up, _seen) = asking_upstream().await;
+            let gw = gateway("stateful-2025", &up.url());
+            let sid = initialize(&gw).await;
+            let text = said(gw.handle(send(&sid, call(6, "fail"))).await).await;
+            assert!(
+                text.contains(r#""id":6"#) && text.contains("-32603") && text.contains("boom"),
+                "{text}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_clients_cancellation_reaches_the_upstream_call() {
+            let (up, seen) = asking_upstream().await;
+            let gw = gateway("stateful-2025", &up.url());
+            let sid = initialize(&gw).await;
+            let mut r = gw.handle(send(&sid, call(7, "hang"))).await;
+            // A priming event may come first.
+            text_until(&mut r, "notifications/progress").await;
+            let upstream_call = seen.lock().expect("seen").messages.iter().find_map(|m| {
+                (m.pointer("/params/name") == Some(&json!("hang"))).then(|| m["id"].clone())
+            });
+            let upstream_call = upstream_call.expect("the call reached the upstream");
+            let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                "params": {"requestId": 7, "reason": "enough"}});
+            let accepted = gw.handle(send(&sid, cancel)).await;
+            assert_eq!(accepted.status, StatusCode::ACCEPTED);
+            let told = testing::eventually(Duration::from_secs(5), || {
+                let seen = seen.clone();
+                let call = upstream_call.clone();
+                async move {
+                    seen.lock().expect("seen").messages.iter().any(|m| {
+                        m["method"] == "notifications/cancelled" && m["params"]["requestId"] == call
+                    })
+                }
+            })
+            .await;
+            assert!(told, "the upstream hears of it, under its own id");
+        }
+
+        #[tokio::test]
+        async fn the_upstream_sessions_get_stream_feeds_the_clients() {
+            let (up, seen) = asking_upstream().await;
+            let gw = gateway("stateful-2025", &up.url());
+            let sid = initialize(&gw).await;
+            let mut stream = open_stream(&gw, &sid).await;
+            assert_eq!(stream.status, StatusCode::OK);
+            let followed = testing::eventually(Duration::from_secs(5), || {
+                let seen = seen.clone();
+                async move { !seen.lock().expect("seen").gets.is_empty() }
+            })
+            .await;
+            assert!(
+                followed,
+                "the gateway opens the upstream session's GET stream"
+            );
+            let changed = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
+            let tx = seen.lock().expect("seen").gets[0].clone();
+            tx.send(event(changed)).expect("the GET stream is open");
+            text_until(&mut stream, "notifications/tools/list_changed").await;
+        }
+    }
 }
