@@ -1502,3 +1502,202 @@ mod sse_preference_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod legacy_client_tests {
+    //! Handshake-era clients of a 2026-07-28 upstream: the gateway plays
+    //! the upstream's `InputRequiredResult` rounds with the client, and a
+    //! client's cancellation closes the upstream call.
+
+    use std::sync::Mutex;
+
+    use tokio::sync::mpsc::UnboundedSender;
+
+    use super::tests::gateway_with;
+    use super::*;
+    use crate::gateway::tests::{initialize_with, post, text_until};
+    use crate::testing::{self, Answer, Reply};
+
+    const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"roots":{}},"clientInfo":{"name":"unit","version":"1"}}}"#;
+
+    /// A modern upstream. `tools/call` of `ask` asks for `roots/list`
+    /// until the call comes with its answer, then says how many roots came;
+    /// `ask_forever` never stops asking; `hang` says one progress and
+    /// stays open (its stream's sender is kept in the list returned).
+    async fn modern_upstream() -> (testing::Stub, Arc<Mutex<Vec<UnboundedSender<String>>>>) {
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let streams = open.clone();
+        let stub = testing::streaming_stub(move |_, body| {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let id = v.get("id").cloned().unwrap_or(Value::Null);
+            let reply = |result: Value| {
+                Answer::Full(Reply::new(
+                    200,
+                    "application/json",
+                    json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string(),
+                ))
+            };
+            let ask = json!({"resultType": "input_required", "requestState": "s1",
+                "inputRequests": {"r": {"method": "roots/list", "params": {}}}});
+            match (
+                v["method"].as_str(),
+                v.pointer("/params/name").and_then(Value::as_str),
+            ) {
+                (Some("server/discover"), _) => reply(json!({
+                    "supportedVersions": [era::MODERN_VERSION],
+                    "capabilities": {"tools": {}}, "resultType": "complete",
+                    "serverInfo": {"name": "modern", "version": "1"}})),
+                (Some("tools/call"), Some("ask")) => {
+                    match v.pointer("/params/inputResponses/r/roots") {
+                        Some(Value::Array(roots)) if v["params"]["requestState"] == "s1" => {
+                            reply(json!({"resultType": "complete", "content": [
+                                {"type": "text", "text": format!("{} roots", roots.len())}]}))
+                        }
+                        _ => reply(ask),
+                    }
+                }
+                (Some("tools/call"), Some("ask_forever")) => reply(ask),
+                (Some("tools/call"), Some("hang")) => {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                        "params": {"progressToken": 1, "progress": 1}});
+                    let _ = tx.send(format!("event: message\ndata: {progress}\n\n"));
+                    streams.lock().expect("streams").push(tx);
+                    Answer::Stream(rx)
+                }
+                _ => reply(json!({"resultType": "complete", "content": []})),
+            }
+        })
+        .await;
+        (stub, open)
+    }
+
+    fn send(sid: &str, body: Value) -> Request {
+        post(
+            &body.to_string(),
+            &[
+                ("mcp-session-id", sid),
+                ("mcp-protocol-version", "2025-11-25"),
+            ],
+        )
+    }
+
+    fn call(id: u64, tool: &str) -> Value {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": tool, "arguments": {}}})
+    }
+
+    /// The messages of an SSE text.
+    fn messages(text: &str) -> Vec<Value> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str(d.trim()).ok())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_upstreams_input_requests_are_asked_of_the_client_then_the_call_goes_on() {
+        let (up, _) = modern_upstream().await;
+        let gw = gateway_with("modern", &up.url(), "");
+        let sid = initialize_with(&gw, INIT).await;
+        let mut r = gw.handle(send(&sid, call(5, "ask"))).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let text = text_until(&mut r, "roots/list").await;
+        let asked = messages(&text)
+            .into_iter()
+            .find(|m| m["method"] == "roots/list")
+            .expect("a roots/list request");
+        assert_ne!(asked["id"], 5, "under an id of the gateway's");
+        let answer = json!({"jsonrpc": "2.0", "id": asked["id"],
+            "result": {"roots": [{"uri": "file:///a"}, {"uri": "file:///b"}]}});
+        assert_eq!(
+            gw.handle(send(&sid, answer)).await.status,
+            StatusCode::ACCEPTED
+        );
+        let text = text_until(&mut r, "roots\"").await;
+        let done = messages(&text)
+            .into_iter()
+            .find(|m| m["id"] == 5)
+            .expect("the call's response");
+        assert_eq!(done["result"]["content"][0]["text"], "2 roots", "{done}");
+        assert!(
+            done["result"].get("resultType").is_none(),
+            "a 2025 result: {done}"
+        );
+    }
+
+    #[tokio::test]
+    async fn rounds_stop_at_upstream_max_input_rounds() {
+        let (up, _) = modern_upstream().await;
+        let gw = gateway_with("modern", &up.url(), ", max_input_rounds: 2");
+        let sid = initialize_with(&gw, INIT).await;
+        let mut r = gw.handle(send(&sid, call(6, "ask_forever"))).await;
+        let mut answered = 0;
+        let mut reads = 0;
+        let done = loop {
+            reads += 1;
+            assert!(reads < 20, "no response to the call after {reads} events");
+            let text = text_until(&mut r, "\n\n").await;
+            let mut done = None;
+            for m in messages(&text) {
+                if m["method"] == "roots/list" {
+                    answered += 1;
+                    let answer = json!({"jsonrpc": "2.0", "id": m["id"], "result": {"roots": []}});
+                    gw.handle(send(&sid, answer)).await;
+                } else if m["id"] == 6 {
+                    done = Some(m);
+                }
+            }
+            if let Some(done) = done {
+                break done;
+            }
+        };
+        assert_eq!(answered, 2, "asked twice, then refused");
+        assert_eq!(done["error"]["code"], code::UPSTREAM_ERROR, "{done}");
+        let message = done["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("upstream.max_input_rounds"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_client_without_the_capability_gets_an_error_not_a_request() {
+        let (up, _) = modern_upstream().await;
+        let gw = gateway_with("modern", &up.url(), "");
+        let init = INIT.replace(r#""roots":{}"#, "");
+        let sid = initialize_with(&gw, &init).await;
+        let mut r = gw.handle(send(&sid, call(7, "ask"))).await;
+        let text = text_until(&mut r, r#""id":7"#).await;
+        assert!(
+            messages(&text).iter().all(|m| m["method"] != "roots/list"),
+            "{text}"
+        );
+        let done = messages(&text)
+            .into_iter()
+            .find(|m| m["id"] == 7)
+            .expect("the call's response");
+        assert_eq!(done["error"]["code"], errors::MISSING_CAPABILITY, "{done}");
+    }
+
+    #[tokio::test]
+    async fn a_clients_cancellation_closes_the_upstream_call() {
+        let (up, open) = modern_upstream().await;
+        let gw = gateway_with("modern", &up.url(), "");
+        let sid = initialize_with(&gw, INIT).await;
+        let mut r = gw.handle(send(&sid, call(8, "hang"))).await;
+        text_until(&mut r, "notifications/progress").await;
+        let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                            "params": {"requestId": 8}});
+        assert_eq!(
+            gw.handle(send(&sid, cancel)).await.status,
+            StatusCode::ACCEPTED
+        );
+        let upstream = open.lock().expect("streams")[0].clone();
+        // The stub notices a closed connection when it writes to it.
+        let closed = testing::eventually(Duration::from_secs(5), || {
+            let _ = upstream.send(": still here\n\n".into());
+            let closed = upstream.is_closed();
+            async move { closed }
+        })
+        .await;
+        assert!(closed, "the gateway closed the upstream call's stream");
+    }
+}
