@@ -58,7 +58,6 @@ mod replies;
 /// Streamable HTTP: POST, GET and DELETE on `/mcp`.
 mod streamable;
 
-use background::Backoff;
 use bridge::{background, hidden, listen, modern, stateful};
 use cluster::Cluster;
 use holding::HoldClient;

@@ -132,9 +132,22 @@ impl Gateway {
                 let _kept = log.keep();
                 org.metrics.background_streams.inc();
                 if stateful {
-                    this.follow(&org, &id, &log, &run, &phase).await;
+                    let mut follow = stateful::Follow {
+                        gw: &this,
+                        org: &org,
+                        coordination: this.rebinding.of(&id),
+                        phase: &phase,
+                    };
+                    this.hold_background(&org, &id, &log, &run, &mut follow)
+                        .await;
                 } else {
-                    this.listen(&org, &id, &log, &run, &reopen).await;
+                    let mut listen = modern::Listen {
+                        org: &org,
+                        reopen: &reopen,
+                        round: 0,
+                    };
+                    this.hold_background(&org, &id, &log, &run, &mut listen)
+                        .await;
                 }
                 org.metrics.background_streams.dec();
                 let lost = run.is_cancelled() && !stop.is_cancelled();
@@ -233,10 +246,121 @@ impl Gateway {
     }
 }
 
+/// What a background stream does its own way: opening it, and what
+/// becomes of each message.
+#[async_trait]
+pub(in crate::gateway) trait Feed: Send {
+    /// What it is, for logs.
+    const WHAT: &'static str;
+    /// Opens the stream of `session` as it is now.
+    async fn open(&mut self, session: &SessionState) -> Opened;
+    /// What becomes of one message of the stream.
+    fn on_message(&mut self, session: &SessionState, message: &Bytes) -> Next;
+    /// Resolves when the stream must be opened again at once.
+    async fn changed(&self);
+    /// The session is gone.
+    fn session_gone(&self, _session_id: &str) {}
+}
+
+/// How opening a background stream went.
+// Returned once per opening, never stored: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+pub(in crate::gateway) enum Opened {
+    Reading(AnswerReader),
+    /// Open it again at once.
+    Again,
+    /// Open it again after a pause.
+    Retry,
+    /// Not to be opened again.
+    End,
+}
+
+/// What becomes of a message of a background stream.
+pub(in crate::gateway) enum Next {
+    /// Onto the session's standalone stream.
+    Pass,
+    /// The feed dealt with it.
+    Handled,
+    /// Not for the client.
+    Skip,
+    /// The stream is over: open it again after a pause.
+    EndOfStream,
+}
+
+impl Gateway {
+    /// Holds one session's background stream: opens it with `feed`, passes
+    /// its messages to the session's standalone stream, and opens it again
+    /// (with [`Backoff`] unless the feed says at once) until the session
+    /// ends, `stop` is cancelled, or the feed ends it.
+    pub(in crate::gateway) async fn hold_background<F: Feed>(
+        &self,
+        org: &OrgRoute,
+        session_id: &str,
+        log: &SessionLog,
+        stop: &CancellationToken,
+        feed: &mut F,
+    ) {
+        let mut backoff = Backoff::default();
+        'open: loop {
+            let session = match self.store.lookup(session_id).await {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    feed.session_gone(session_id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(session = %short(session_id), error = %e, "cannot look the session up for its {}; retrying", F::WHAT);
+                    if !backoff.wait(stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let opened = tokio::select! {
+                o = feed.open(&session) => o,
+                _ = stop.cancelled() => return,
+            };
+            let mut reader = match opened {
+                Opened::Reading(reader) => reader,
+                Opened::Again => continue,
+                Opened::Retry => {
+                    if !backoff.wait(stop).await {
+                        return;
+                    }
+                    continue;
+                }
+                Opened::End => return,
+            };
+            loop {
+                let next = tokio::select! {
+                    n = reader.next_message() => n,
+                    _ = stop.cancelled() => return,
+                    _ = feed.changed() => continue 'open,
+                };
+                let Ok(Some(message)) = next else { break };
+                match feed.on_message(&session, &message) {
+                    Next::Pass => {
+                        backoff.reset();
+                        if self.append(log, STANDALONE, &message, org).is_err() {
+                            return;
+                        }
+                    }
+                    Next::Handled => backoff.reset(),
+                    Next::Skip => {}
+                    Next::EndOfStream => break,
+                }
+            }
+            if !backoff.wait(stop).await {
+                return;
+            }
+        }
+    }
+}
+
 /// Pauses between attempts to reopen a session's background upstream
 /// stream (a listen, or a stateful upstream's GET stream): from 100 ms,
 /// doubling up to 5 s, and back to the start once the stream delivers.
-pub(in crate::gateway) struct Backoff(std::time::Duration);
+struct Backoff(std::time::Duration);
 impl Default for Backoff {
     fn default() -> Self {
         Backoff(std::time::Duration::from_millis(100))
@@ -244,12 +368,12 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    pub(in crate::gateway) fn reset(&mut self) {
+    fn reset(&mut self) {
         *self = Backoff::default();
     }
 
     /// Waits the pause, then lengthens it; false if `stop` came first.
-    pub(in crate::gateway) async fn wait(&mut self, stop: &CancellationToken) -> bool {
+    async fn wait(&mut self, stop: &CancellationToken) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(self.0) => {},
             _ = stop.cancelled() => return false,

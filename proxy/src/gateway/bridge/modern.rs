@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Map;
 
+use super::background::{Feed, Next, Opened};
 use super::hidden::{Asked, Park};
 use super::*;
 use crate::config::Era;
@@ -1035,92 +1036,71 @@ impl ChunkSource for Quiet {
     }
 }
 
-impl Gateway {
-    /// Holds the upstream listen stream of one session, reopening it when
-    /// the upstream ends or drops it, until the session ends or the
-    /// filter changes.
-    pub(in crate::gateway) async fn listen(
-        &self,
-        org: &OrgRoute,
-        session_id: &str,
-        log: &SessionLog,
-        stop: &CancellationToken,
-        reopen: &tokio::sync::Notify,
-    ) {
-        let mut backoff = Backoff::default();
-        let mut round = 0u64;
-        'listen: loop {
-            let session = match self.store.lookup(session_id).await {
-                Ok(Some(s)) => s,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(session = %short(session_id), error = %e, "cannot look the session up for its listen; retrying");
-                    if !backoff.wait(stop).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            round += 1;
-            let Some(id) = Id::from_value(&Value::from(format!("ratatosk-listen-{round}"))) else {
-                return;
-            };
-            let mut params = Map::new();
-            params.insert(
-                "notifications".into(),
-                json!({
-                    "toolsListChanged": true,
-                    "promptsListChanged": true,
-                    "resourcesListChanged": true,
-                    "resourceSubscriptions": session.resource_subscriptions,
-                }),
-            );
-            let mut headers = stateful::background_headers(org, &session, "listen");
-            era::put_modern_headers(&mut headers, "subscriptions/listen", &params);
-            let body = era::request_with_meta(
-                &id,
-                "subscriptions/listen",
-                params,
-                &era::session_meta(&session),
-            );
-            let answer = tokio::select! {
-                a = org.pool.send(headers, body) => a,
-                _ = stop.cancelled() => return,
-            };
-            match answer {
-                Ok(answer) => {
-                    let mut reader = AnswerReader::new(answer, background::listen_limits(org));
-                    loop {
-                        let next = tokio::select! {
-                            n = reader.next_message() => n,
-                            _ = stop.cancelled() => return,
-                            // The filter changed: listen again at once.
-                            _ = reopen.notified() => continue 'listen,
-                        };
-                        let Ok(Some(message)) = next else { break };
-                        let parsed = jsonrpc::parse_message(&message);
-                        match parsed.as_ref().map(|m| &m.kind) {
-                            Ok(Kind::Notification { method })
-                                if method != "notifications/subscriptions/acknowledged" =>
-                            {
-                                backoff.reset();
-                                if self.append(log, STANDALONE, &message, org).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(Kind::Response { .. }) => break,
-                            _ => {}
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(org = %org.name, session = %short(session_id), error = %e, "cannot open the upstream listen stream; retrying");
-                }
-            }
-            if !backoff.wait(stop).await {
-                return;
+/// A legacy session's `subscriptions/listen` stream with a modern
+/// upstream, for [`Gateway::hold_background`]: it asks for every list
+/// change and the session's resource subscriptions, and is opened again
+/// at once when the session's filter changes.
+pub(in crate::gateway) struct Listen<'a> {
+    pub(in crate::gateway) org: &'a OrgRoute,
+    pub(in crate::gateway) reopen: &'a tokio::sync::Notify,
+    /// Listens so far, for their ids.
+    pub(in crate::gateway) round: u64,
+}
+
+#[async_trait]
+impl Feed for Listen<'_> {
+    const WHAT: &'static str = "listen";
+
+    async fn open(&mut self, session: &SessionState) -> Opened {
+        self.round += 1;
+        let Some(id) = Id::from_value(&Value::from(format!("ratatosk-listen-{}", self.round)))
+        else {
+            return Opened::End;
+        };
+        let mut params = Map::new();
+        params.insert(
+            "notifications".into(),
+            json!({
+                "toolsListChanged": true,
+                "promptsListChanged": true,
+                "resourcesListChanged": true,
+                "resourceSubscriptions": session.resource_subscriptions,
+            }),
+        );
+        let mut headers = stateful::background_headers(self.org, session, "listen");
+        era::put_modern_headers(&mut headers, "subscriptions/listen", &params);
+        let body = era::request_with_meta(
+            &id,
+            "subscriptions/listen",
+            params,
+            &era::session_meta(session),
+        );
+        match self.org.pool.send(headers, body).await {
+            Ok(answer) => Opened::Reading(AnswerReader::new(
+                answer,
+                background::listen_limits(self.org),
+            )),
+            Err(e) => {
+                tracing::warn!(org = %self.org.name, session = %short(&session.id), error = %e, "cannot open the upstream listen stream; retrying");
+                Opened::Retry
             }
         }
+    }
+
+    fn on_message(&mut self, _: &SessionState, message: &Bytes) -> Next {
+        match jsonrpc::parse_message(message).map(|m| m.kind) {
+            Ok(Kind::Notification { method })
+                if method != "notifications/subscriptions/acknowledged" =>
+            {
+                Next::Pass
+            }
+            Ok(Kind::Response { .. }) => Next::EndOfStream,
+            _ => Next::Skip,
+        }
+    }
+
+    async fn changed(&self) {
+        self.reopen.notified().await;
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use tokio::sync::{Mutex, Notify};
 
+use super::background::{Feed, Next, Opened};
 use super::*;
 use crate::edge::MCP_PROTOCOL_VERSION;
 use crate::session::UpstreamSession;
@@ -450,102 +451,6 @@ impl Gateway {
         }
     }
 
-    /// Holds the upstream session's GET stream, whose notifications and
-    /// requests go on the session's standalone stream; reopened with
-    /// backoff, and on a new upstream session when the old one is lost.
-    /// Ends with the gateway session, or when the upstream has no GET
-    /// stream to offer (405).
-    pub(in crate::gateway) async fn follow(
-        &self,
-        org: &OrgRoute,
-        session_id: &str,
-        log: &SessionLog,
-        stop: &CancellationToken,
-        phase: &tokio::sync::watch::Sender<background::Phase>,
-    ) {
-        let mut backoff = Backoff::default();
-        // Taken once: a follower that outlives its session must not put
-        // the entry back.
-        let coordination = self.rebinding.of(session_id);
-        loop {
-            let session = match self.store.lookup(session_id).await {
-                Ok(Some(s)) => s,
-                Ok(None) => {
-                    // Ended before this follower started.
-                    self.rebinding.forget(session_id);
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(session = %short(session_id), error = %e, "cannot look the session up for its GET stream; retrying");
-                    if !backoff.wait(stop).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let Some(bound) = session.upstream.clone() else {
-                return;
-            };
-            let headers = background_headers(org, &session, "follow");
-            let answer = tokio::select! {
-                a = send_bound(org, &bound, Method::GET, headers.clone(), Bytes::new()) => a,
-                _ = stop.cancelled() => return,
-            };
-            match answer {
-                Ok(answer) if answer.kind == AnswerKind::Sse => {
-                    phase.send_replace(background::Phase::Open);
-                    let mut reader = AnswerReader::new(answer, background::listen_limits(org));
-                    loop {
-                        let next = tokio::select! {
-                            n = reader.next_message() => n,
-                            // A request re-initialized the session: follow
-                            // the new one.
-                            _ = coordination.changed.notified() => break,
-                            _ = stop.cancelled() => return,
-                        };
-                        let Ok(Some(message)) = next else { break };
-                        backoff.reset();
-                        if session.transport == Transport::Hidden
-                            && self.answer_on_hidden_stream(&session, &message)
-                        {
-                            continue;
-                        }
-                        if self.append(log, STANDALONE, &message, org).is_err() {
-                            return;
-                        }
-                    }
-                }
-                Ok(answer) => {
-                    tracing::info!(org = %org.name, status = %answer.status,
-                        "the upstream session's GET did not open a stream; not following it");
-                    phase.send_replace(background::Phase::Unavailable);
-                    return;
-                }
-                Err(UpstreamError::Status { status, .. })
-                    if status == StatusCode::METHOD_NOT_ALLOWED =>
-                {
-                    phase.send_replace(background::Phase::Unavailable);
-                    return;
-                }
-                Err(e) if is_lost(&e) => {
-                    if let Err(e) = self.rebind(org, session_id, &bound, &headers, &e).await {
-                        tracing::warn!(org = %org.name, session = %short(session_id), error = %e,
-                            "cannot open the upstream session again; retrying");
-                    } else {
-                        continue;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(org = %org.name, session = %short(session_id), error = %e,
-                        "cannot open the upstream session's GET stream; retrying");
-                }
-            }
-            if !backoff.wait(stop).await {
-                return;
-            }
-        }
-    }
-
     /// Ends the upstream session of an ended gateway session (DELETE),
     /// in the background.
     pub(in crate::gateway) fn close_upstream(&self, state: &SessionState) {
@@ -626,6 +531,85 @@ pub(in crate::gateway) fn background_headers(
         },
         &HeaderMap::new(),
     )
+}
+
+/// A stateful upstream session's GET stream, for
+/// [`Gateway::hold_background`]: its notifications and requests go on the
+/// session's standalone stream (a hidden session's requests are answered
+/// by the gateway); it follows the session to a new upstream session when
+/// the old one is lost, and ends when the upstream has none to offer.
+pub(in crate::gateway) struct Follow<'a> {
+    pub(in crate::gateway) gw: &'a Gateway,
+    pub(in crate::gateway) org: &'a OrgRoute,
+    /// Taken once: a follower that outlives its session must not put the
+    /// entry back.
+    pub(in crate::gateway) coordination: Arc<Rebinding>,
+    pub(in crate::gateway) phase: &'a tokio::sync::watch::Sender<background::Phase>,
+}
+
+#[async_trait]
+impl Feed for Follow<'_> {
+    const WHAT: &'static str = "GET stream";
+
+    async fn open(&mut self, session: &SessionState) -> Opened {
+        let (org, gw) = (self.org, self.gw);
+        let Some(bound) = session.upstream.clone() else {
+            return Opened::End;
+        };
+        let headers = background_headers(org, session, "follow");
+        match send_bound(org, &bound, Method::GET, headers.clone(), Bytes::new()).await {
+            Ok(answer) if answer.kind == AnswerKind::Sse => {
+                self.phase.send_replace(background::Phase::Open);
+                Opened::Reading(AnswerReader::new(answer, background::listen_limits(org)))
+            }
+            Ok(answer) => {
+                tracing::info!(org = %org.name, status = %answer.status,
+                    "the upstream session's GET did not open a stream; not following it");
+                self.phase.send_replace(background::Phase::Unavailable);
+                Opened::End
+            }
+            Err(UpstreamError::Status { status, .. })
+                if status == StatusCode::METHOD_NOT_ALLOWED =>
+            {
+                self.phase.send_replace(background::Phase::Unavailable);
+                Opened::End
+            }
+            Err(e) if is_lost(&e) => {
+                match gw.rebind(org, &session.id, &bound, &headers, &e).await {
+                    Ok(_) => Opened::Again,
+                    Err(e) => {
+                        tracing::warn!(org = %org.name, session = %short(&session.id), error = %e,
+                        "cannot open the upstream session again; retrying");
+                        Opened::Retry
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(org = %org.name, session = %short(&session.id), error = %e,
+                    "cannot open the upstream session's GET stream; retrying");
+                Opened::Retry
+            }
+        }
+    }
+
+    fn on_message(&mut self, session: &SessionState, message: &Bytes) -> Next {
+        if session.transport == Transport::Hidden
+            && self.gw.answer_on_hidden_stream(session, message)
+        {
+            Next::Handled
+        } else {
+            Next::Pass
+        }
+    }
+
+    async fn changed(&self) {
+        // A request re-initialized the session: follow the new one.
+        self.coordination.changed.notified().await;
+    }
+
+    fn session_gone(&self, session_id: &str) {
+        self.gw.rebinding.forget(session_id);
+    }
 }
 
 #[cfg(test)]
