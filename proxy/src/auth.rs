@@ -168,7 +168,7 @@ impl Gateway {
                 if let Err(e) = events.remember_logout(event, keep).await {
                     tracing::warn!(error = %e, "cannot keep the logout in Redis; nodes off the bus now will not see it");
                 }
-                events.notify(&crate::stream::shared::Notice::Logout(event.clone()));
+                crate::gateway::Notice::Logout(event.clone()).send(events);
             }
             self.end_sessions_of(event).await;
         }

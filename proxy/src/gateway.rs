@@ -28,7 +28,7 @@ use crate::session::{self, SessionState, SessionStore, StoreError, Transport, sh
 use crate::stream::{
     AttachError, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog, StreamId,
     priming_frame,
-    shared::{BusHandler, HoldRoute, Notice, SharedEvents},
+    shared::{BusHandler, HoldRoute, SharedEvents},
     sse_frame,
 };
 use crate::upstream::{AnswerKind, Pool, UpstreamError};
@@ -59,6 +59,7 @@ mod replies;
 mod streamable;
 
 use bridge::{background, hidden, listen, modern, stateful};
+pub use bus::{Notice, ResumeRequest, Resumed};
 use cluster::Cluster;
 use holding::HoldClient;
 use in_flight::InFlight;

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Notice;
 use crate::session::redis::RedisStoreError;
-use crate::stream::shared::{Notice, SharedEvents};
+use crate::stream::shared::SharedEvents;
 
 /// This node's view of the others; `None` inside on a single node.
 #[derive(Clone, Copy)]
@@ -16,7 +17,7 @@ impl Cluster<'_> {
     /// Tells every other node.
     pub(super) fn notify(&self, notice: &Notice) {
         if let Some(events) = self.0 {
-            events.notify(notice);
+            notice.send(events);
         }
     }
 

@@ -322,12 +322,13 @@ impl Gateway {
                 .map_err(hold_reject),
             HoldRoute::Owner { node, state } => match holds::HoldState::parse(&state) {
                 Some(holds::HoldState::Open) | None => {
-                    events.notify(&Notice::Hold {
+                    Notice::Hold {
                         node,
                         session: session_id.to_owned(),
                         hold: hold.to_owned(),
                         body: String::from_utf8_lossy(body).into_owned(),
-                    });
+                    }
+                    .send(events);
                     Ok(holds::HoldState::Open)
                 }
                 Some(state) => Err(hold_reject(holds::HoldPublishError::Finished {

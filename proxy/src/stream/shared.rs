@@ -21,9 +21,8 @@
 //! for a while) reads the log after its last seq.
 //!
 //! Appends are sent by one writer task per node, in order, many to a
-//! pipeline. The bus also carries notices between nodes: a session ended,
-//! a cancellation, a client's answer to a gateway request, a logout, and
-//! a 2026-07-28 client's retry of a call parked on another node.
+//! pipeline. The bus also carries the gateway's notices between nodes,
+//! which it does not read (the gateway's `bus.rs` does).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -34,7 +33,6 @@ use dashmap::DashMap;
 use futures::StreamExt as _;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -174,51 +172,6 @@ fn drop_superseded_marks(batch: &mut Vec<Queued>) {
     });
 }
 
-/// Something one node tells all the others.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-pub enum Notice {
-    /// The session ended: drop its mirror, stop its requests; `hidden`
-    /// says it was a 2026-07-28 client's hidden session.
-    Ended {
-        session: String,
-        #[serde(default)]
-        hidden: bool,
-    },
-    /// The client cancelled a request; the node running it stops it.
-    Cancel {
-        session: String,
-        id: serde_json::Value,
-    },
-    /// A client's answer to a request the gateway sent it; the node
-    /// waiting for it takes it.
-    Reply { session: String, body: String },
-    /// A provider logout: refuse those tokens.
-    Logout(ratatosk_auth::logout::LogoutEvent),
-    /// The session's subscriptions changed: the node holding its upstream
-    /// listen reopens it with the new filter.
-    Relisten { session: String },
-    /// A 2026-07-28 client's retry of a call parked on node `node`.
-    Resume(ResumeRequest),
-    /// A worker's message for hold `hold` of `session`, which node `node`
-    /// holds.
-    Hold {
-        node: u32,
-        session: String,
-        hold: String,
-        body: String,
-    },
-    /// Node `node`'s answer to its [`Notice::Resume`] `token`.
-    Resumed {
-        node: u32,
-        token: String,
-        outcome: Resumed,
-    },
-    /// The node serving retry `token` stopped waiting for it (timeout, the
-    /// client left): node `node` gives the call up.
-    Abandon { node: u32, token: String },
-}
-
 /// Where a worker's message for a hold goes ([`SharedEvents::hold_route`]).
 #[derive(Debug, PartialEq)]
 pub enum HoldRoute {
@@ -230,57 +183,11 @@ pub enum HoldRoute {
     Full,
 }
 
-/// A 2026-07-28 client came back with its input for a call that waits on
-/// another node (the one its `requestState` names): that node hands the
-/// input to the upstream and writes the rest of the call to a POST stream
-/// of the call's upstream session, which the client's node serves.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResumeRequest {
-    /// The node holding the call.
-    pub node: u32,
-    /// The node the client waits on.
-    pub from: u32,
-    /// Names the answer, [`Notice::Resumed`].
-    pub token: String,
-    /// The caller, who must be the one the call waits for.
-    pub org: String,
-    pub subject: String,
-    /// The `requestState` the client sent.
-    pub state: String,
-    /// The JSON-RPC id and method of the client's retry.
-    pub id: serde_json::Value,
-    pub method: String,
-    /// The client's `inputResponses`.
-    pub responses: Option<serde_json::Value>,
-}
-
-/// What became of a [`ResumeRequest`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "r", rename_all = "snake_case")]
-pub enum Resumed {
-    /// The rest of the call streams to POST stream `stream` of session
-    /// `session`'s log; a reader who leaves cancels request `call` there.
-    Streaming {
-        session: String,
-        stream: StreamId,
-        call: serde_json::Value,
-        /// How long the call may still run (its `upstream.max_duration`).
-        left_ms: u64,
-    },
-    /// The client gets this error instead (no such call waits for this
-    /// caller, the call is lost, the session is busy): HTTP status and
-    /// JSON-RPC error.
-    Refused {
-        status: u16,
-        code: i64,
-        message: String,
-    },
-}
-
 /// What a node does with what arrives on the bus.
 pub trait BusHandler: Send + Sync {
     fn hub(&self) -> &Hub;
-    fn notice(self: Arc<Self>, notice: Notice);
+    /// Another node's notice: bytes the gateway's nodes agree on.
+    fn notice(self: Arc<Self>, notice: &[u8]);
     /// The node's bus subscription was (re)made: notices may have been
     /// missed. The node reports itself ready once this is done.
     fn bus_up(self: Arc<Self>) -> futures::future::BoxFuture<'static, ()> {
@@ -559,13 +466,10 @@ impl SharedEvents {
         rx.await.map_err(|_| ())?
     }
 
-    /// Tells every node (this one too).
-    pub fn notify(&self, notice: &Notice) {
-        let Ok(json) = serde_json::to_vec(notice) else {
-            return;
-        };
+    /// Tells every other node `notice`, which the bus does not read.
+    pub fn notify(&self, notice: &[u8]) {
         let mut body = format!("n\n{}\n", self.node).into_bytes();
-        body.extend_from_slice(&json);
+        body.extend_from_slice(notice);
         self.send("".into(), Op::Notice(body.into()), None);
     }
 
@@ -1100,7 +1004,7 @@ enum Bus<'a> {
     },
     Notice {
         node: u32,
-        notice: Notice,
+        notice: &'a [u8],
     },
 }
 
@@ -1127,8 +1031,10 @@ fn parse_bus(payload: &[u8]) -> Option<Bus<'_>> {
         b"n" => {
             let mut fields = payload.get(2..)?.splitn(2, |b| *b == b'\n');
             let node = text(fields.next())?.parse().ok()?;
-            let notice = serde_json::from_slice(fields.next()?).ok()?;
-            Some(Bus::Notice { node, notice })
+            Some(Bus::Notice {
+                node,
+                notice: fields.next()?,
+            })
         }
         _ => None,
     }
@@ -1385,15 +1291,15 @@ mod tests {
     /// A gateway node, as far as the shared log goes.
     struct Node {
         hub: Hub,
-        notices: Mutex<Vec<Notice>>,
+        notices: Mutex<Vec<Vec<u8>>>,
     }
 
     impl BusHandler for Node {
         fn hub(&self) -> &Hub {
             &self.hub
         }
-        fn notice(self: Arc<Self>, notice: Notice) {
-            self.notices.lock().expect("lock").push(notice);
+        fn notice(self: Arc<Self>, notice: &[u8]) {
+            self.notices.lock().expect("lock").push(notice.to_vec());
         }
     }
 
@@ -1742,10 +1648,7 @@ mod tests {
         );
         event_log_suite(&[&a.hub, &b.hub, &c.hub], "shared-one").await;
         // Notices reach the other nodes, not the sender.
-        let ended = Notice::Ended {
-            session: "shared-one".into(),
-            hidden: false,
-        };
+        let ended = b"{\"t\":\"ended\"}\nwith a line".to_vec();
         a.hub.events().expect("shared").notify(&ended);
         assert!(
             eventually(Duration::from_secs(10), || async {
@@ -2022,46 +1925,10 @@ mod tests {
         ] {
             assert!(parse_bus(junk).is_none(), "{junk:?}");
         }
-        let resume = ResumeRequest {
-            node: 7,
-            from: 9,
-            token: "t".into(),
-            org: "o".into(),
-            subject: "alice".into(),
-            state: "00000007.x".into(),
-            id: serde_json::json!(5),
-            method: "tools/call".into(),
-            responses: Some(serde_json::json!({"upstream": {"roots": []}})),
-        };
-        let notices = [
-            Notice::Ended {
-                session: "s".into(),
-                hidden: true,
-            },
-            Notice::Resume(resume),
-            Notice::Resumed {
-                node: 9,
-                token: "t".into(),
-                outcome: Resumed::Streaming {
-                    session: "s".into(),
-                    stream: (7 << 32) | 3,
-                    call: serde_json::json!("ratatosk-call-00000007-1"),
-                    left_ms: 1000,
-                },
-            },
-            Notice::Resumed {
-                node: 9,
-                token: "t".into(),
-                outcome: Resumed::Refused {
-                    status: 502,
-                    code: -32002,
-                    message: "gone".into(),
-                },
-            },
-        ];
-        for notice in notices {
+        // A notice is bytes the bus passes on as they are.
+        for notice in [&b"{}"[..], b"", b"two\nlines\n", b"\xff\x00"] {
             let mut raw = b"n\n9\n".to_vec();
-            raw.extend(serde_json::to_vec(&notice).expect("json"));
+            raw.extend_from_slice(notice);
             let Some(Bus::Notice { node, notice: got }) = parse_bus(&raw) else {
                 panic!("a notice");
             };

@@ -24,7 +24,7 @@ use super::modern::{Pipe, Step};
 use super::stateful::{background_headers, send_bound};
 use super::*;
 use crate::era;
-use crate::stream::shared::{HEARTBEAT, ResumeRequest, Resumed};
+use crate::stream::shared::HEARTBEAT;
 
 /// The key of the one input request of an `InputRequiredResult` the
 /// gateway makes from an upstream's request.
@@ -533,7 +533,7 @@ impl Gateway {
             request.token.clone(),
             tx,
         );
-        events.notify(&Notice::Resume(request));
+        Notice::Resume(request).send(events);
         let outcome = tokio::time::timeout(RESUME_TIMEOUT, rx).await;
         let (session, stream, call, left) = match outcome {
             Ok(Ok(outcome)) => {
@@ -574,12 +574,12 @@ impl Gateway {
             Ok(Some(log)) => log.attach(stream, None).map(|attach| (log, attach)).ok(),
             Ok(None) => None,
             Err(e) => {
-                events.notify(&cancel);
+                cancel.send(events);
                 return Err(store_reject(e));
             }
         };
         let Some((log, attach)) = attached else {
-            events.notify(&cancel);
+            cancel.send(events);
             return Err(call_lost(
                 "the call's upstream session ended on the node holding it".into(),
             )
@@ -1048,7 +1048,7 @@ impl Drop for Elsewhere {
         if !self.ended
             && let Some(cancel) = self.cancel.take()
         {
-            self.events.notify(&cancel);
+            cancel.send(&self.events);
         }
     }
 }
@@ -1086,10 +1086,11 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.map.remove(&self.token);
         if !self.settled {
-            self.events.notify(&Notice::Abandon {
+            Notice::Abandon {
                 node: self.owner,
                 token: std::mem::take(&mut self.token),
-            });
+            }
+            .send(self.events);
         }
     }
 }
