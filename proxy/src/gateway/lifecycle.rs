@@ -400,3 +400,91 @@ pub(super) fn negotiated_version(response: &[u8]) -> Option<String> {
         .as_str()
         .map(str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edge::ResponseBody;
+    use crate::gateway::tests::*;
+    use crate::testing;
+
+    #[tokio::test]
+    async fn initialize_mints_a_session_and_published_messages_reach_its_stream() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        assert!(session::is_plausible_id(&sid));
+        let state = gw.store.lookup(&sid).await.expect("store").expect("stored");
+        assert_eq!(state.protocol_version, "2025-06-18");
+        assert_eq!(state.client_info.as_ref().expect("info")["name"], "unit");
+
+        let mut stream = open_stream(&gw, &sid).await;
+        assert_eq!(stream.status, StatusCode::OK);
+        assert_eq!(
+            stream.headers.get("x-accel-buffering").expect("header"),
+            "no"
+        );
+        let id = gw
+            .publish(
+                &sid,
+                &Bytes::from_static(
+                    br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"hi"}}"#,
+                ),
+            )
+            .await
+            .expect("published");
+        let text = next_text(&mut stream).await;
+        assert!(
+            text.starts_with(&format!("id: {id}\nevent: message\ndata: ")),
+            "{text}"
+        );
+        assert!(text.contains("\"hi\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn no_session_is_created_when_the_upstream_is_down() {
+        let gw = gateway(&[testing::dead_url()]);
+        let r = gw.handle(post(INIT, &[])).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert!(r.headers.get(&MCP_SESSION_ID).is_none());
+        assert_eq!(json_of(&r)["error"]["code"], code::UPSTREAM_ERROR);
+        assert_eq!(json_of(&r)["id"], 1);
+        assert!(gw.store.list_org("org-1").await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn delete_ends_the_session_and_its_streams() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        let mut stream = open_stream(&gw, &sid).await;
+        let del = gw
+            .handle(request(
+                Method::DELETE,
+                "/gw/org-1/mcp",
+                &[("mcp-session-id", &sid)],
+                "",
+            ))
+            .await;
+        assert_eq!(del.status, StatusCode::NO_CONTENT);
+        let ResponseBody::Stream(src) = &mut stream.body else {
+            panic!()
+        };
+        assert!(src.next_chunk().await.is_none(), "the open stream ends");
+        let again = gw
+            .handle(post(
+                r#"{"jsonrpc":"2.0","id":4,"method":"ping"}"#,
+                &[("mcp-session-id", &sid)],
+            ))
+            .await;
+        assert_eq!(again.status, StatusCode::NOT_FOUND);
+        assert!(matches!(
+            gw.publish(
+                &sid,
+                &Bytes::from_static(br#"{"jsonrpc":"2.0","method":"x"}"#)
+            )
+            .await,
+            Err(PublishError::UnknownSession)
+        ));
+    }
+}

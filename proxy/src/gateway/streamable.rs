@@ -781,3 +781,221 @@ pub(super) async fn json_unless_cancelled(
     }
     Ok(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edge::ResponseBody;
+    use crate::gateway::tests::*;
+    use crate::testing;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn an_sse_answer_is_relayed_event_by_event_with_gateway_ids() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        let mut r = gw
+            .handle(post(
+                r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"x"}}"#,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-06-18"),
+                ],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let mut text = String::new();
+        while !text.contains("\"result\"") {
+            text.push_str(&next_text(&mut r).await);
+        }
+        let ids: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .collect();
+        assert_eq!(ids.len(), 2, "{text}");
+        assert!(
+            ids.iter().all(|i| i.starts_with("1.")),
+            "POST stream 1: {ids:?}"
+        );
+        assert!(text.find("notifications/progress") < text.find("\"result\""));
+        let ResponseBody::Stream(src) = &mut r.body else {
+            panic!()
+        };
+        assert!(
+            src.next_chunk().await.is_none(),
+            "the stream ends after the result"
+        );
+    }
+
+    /// An upstream's SSE answer whose event is an array that serde would
+    /// read as an envelope (`["2.0", id, method, result, error]`) is not taken
+    /// for the response: the call ends with the gateway's error instead.
+    #[tokio::test]
+    async fn an_array_from_the_upstream_is_not_a_response() {
+        let up = testing::stub(|body| {
+            let id = testing::request_id(body);
+            if String::from_utf8_lossy(body).contains("\"initialize\"") {
+                return (200, "application/json", format!(
+                    r#"{{"jsonrpc":"2.0","id":{id},"result":{{"protocolVersion":"2025-06-18","capabilities":{{}},"serverInfo":{{"name":"stub","version":"1"}}}}}}"#
+                ));
+            }
+            (200, "text/event-stream", format!(
+                "event: message\r\ndata: [\"2.0\",{id},null,{{\"ok\":true}},null]\r\n\r\n"
+            ))
+        })
+        .await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await;
+        let mut r = gw
+            .handle(post(
+                r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"x"}}"#,
+                &[("mcp-session-id", &sid)],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let mut text = String::new();
+        while !text.contains("\"error\"") {
+            text.push_str(&next_text(&mut r).await);
+        }
+        assert!(
+            text.contains("ended its answer without a response"),
+            "{text}"
+        );
+        assert!(!text.contains("\"result\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn batches_follow_the_negotiated_version_and_the_size_cap() {
+        let up = mcp_stub().await;
+        let gw = gateway(&[up.url()]);
+        let sid = initialize(&gw).await; // negotiates 2025-06-18
+        let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+        let batch = format!("[{ping}]");
+        let no_header = gw.handle(post(&batch, &[("mcp-session-id", &sid)])).await;
+        assert_eq!(
+            no_header.status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            json_of(&no_header)
+        );
+        assert!(error_message(&no_header).contains("2025-06-18"));
+
+        // Another supported version than the negotiated one is accepted
+        // (the client only SHOULD send the negotiated one)...
+        let other = gw
+            .handle(post(
+                ping,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-11-25"),
+                ],
+            ))
+            .await;
+        assert_eq!(other.status, StatusCode::OK, "{}", json_of(&other));
+        assert_eq!(json_of(&other)["result"], json!({}));
+        // ...but the negotiated version still governs: naming one that
+        // allowed batches does not allow them in this session.
+        let claimed = gw
+            .handle(post(
+                &batch,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-03-26"),
+                ],
+            ))
+            .await;
+        assert_eq!(claimed.status, StatusCode::BAD_REQUEST);
+        assert!(error_message(&claimed).contains("2025-06-18"));
+
+        let huge = format!("[{}]", vec![ping; 33].join(","));
+        let r = gw
+            .handle(post(
+                &huge,
+                &[
+                    ("mcp-protocol-version", "2025-03-26"),
+                    ("mcp-session-id", &sid),
+                ],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(up.hits(), 1, "nothing but initialize went upstream");
+    }
+
+    #[tokio::test]
+    async fn a_sessions_batches_are_decided_by_its_negotiated_version_alone() {
+        let up = testing::stub(|body| {
+            let id = testing::request_id(body);
+            (200, "application/json", format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{{"protocolVersion":"2025-03-26","capabilities":{{}},"serverInfo":{{"name":"old","version":"1"}}}}}}"#
+            ))
+        })
+        .await;
+        let gw = gateway(&[up.url()]);
+        let init = INIT.replace("2025-06-18", "2025-03-26");
+        let r = gw.handle(post(&init, &[])).await;
+        let sid = r
+            .headers
+            .get(&MCP_SESSION_ID)
+            .expect("session id")
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let state = gw.store.lookup(&sid).await.expect("store").expect("stored");
+        assert_eq!(state.protocol_version, "2025-03-26");
+        // It names a later supported version, which has no batches: the
+        // session's own version allows them.
+        let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#;
+        let r = gw
+            .handle(post(
+                batch,
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-06-18"),
+                ],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", json_of(&r));
+    }
+
+    #[tokio::test]
+    async fn a_session_cannot_flood_the_upstream() {
+        let up = mcp_stub().await;
+        let gw = gateway_with(&[up.url()], "max_in_flight: 1");
+        let sid = initialize(&gw).await;
+        let slow = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"slow"}}"#;
+        let busy = {
+            let gw = gw.clone();
+            let sid = sid.clone();
+            tokio::spawn(async move {
+                let mut r = gw.handle(post(slow, &[("mcp-session-id", &sid)])).await;
+                next_text(&mut r).await
+            })
+        };
+        // Wait until the slow request is in flight.
+        assert!(
+            testing::eventually(Duration::from_secs(5), || async { up.hits() >= 2 }).await,
+            "the slow request never reached the upstream"
+        );
+        let second = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"x"}}"#;
+        let refused = gw.handle(post(second, &[("mcp-session-id", &sid)])).await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(json_of(&refused)["id"], 3);
+        assert!(
+            busy.await
+                .expect("joined")
+                .contains("notifications/progress")
+        );
+        // The slot is free again once the answer is read.
+        let served = || async {
+            gw.handle(post(second, &[("mcp-session-id", &sid)]))
+                .await
+                .status
+                == StatusCode::OK
+        };
+        assert!(
+            testing::eventually(Duration::from_secs(5), served).await,
+            "the slot was never released"
+        );
+    }
+}
