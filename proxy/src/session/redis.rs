@@ -14,6 +14,9 @@
 //!   provider session (logouts);
 //! - `P ix`: a hash, session id -> `[org, subject, sid]` (JSON), so that the
 //!   sets above lose an id even when its session key expired first;
+//! - `P h:{hash}`: the hidden session of a 2026-07-28 client of a stateful
+//!   upstream, by a hash of (org, subject, client info, capabilities);
+//!   kept while it is used, as a session key is;
 //! - the session's event log, see [`crate::stream::shared`].
 //!
 //! Every change is one Lua script, so a node that dies half-way leaves

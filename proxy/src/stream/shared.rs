@@ -61,7 +61,7 @@ pub(crate) enum Op {
     End(StreamId),
     /// The standalone stream was delivered up to this seq.
     Delivered(u64),
-    /// A message for the nodes (JSON of a [`Notice`]).
+    /// A message for the nodes (the gateway's notice; opaque here).
     Notice(Bytes),
     /// A request of the session (its JSON-RPC id) runs on this node, so a
     /// client's cancellation received elsewhere is worth a notice.

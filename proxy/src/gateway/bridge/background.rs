@@ -252,11 +252,17 @@ impl Gateway {
 pub(in crate::gateway) trait Feed: Send {
     /// What it is, for logs.
     const WHAT: &'static str;
-    /// Opens the stream of `session` as it is now.
-    async fn open(&mut self, session: &SessionState) -> Opened;
+    /// Whether a change ([`Feed::changed`]) reopens the stream after the
+    /// usual pause rather than at once.
+    const PAUSE_ON_CHANGE: bool;
+    /// Opens the stream of `session` as it is now; [`Opened::End`] if
+    /// `stop` is cancelled while it waits for the upstream (work it must
+    /// finish, such as re-opening a lost upstream session, is not cut).
+    async fn open(&mut self, session: &SessionState, stop: &CancellationToken) -> Opened;
     /// What becomes of one message of the stream.
     fn on_message(&mut self, session: &SessionState, message: &Bytes) -> Next;
-    /// Resolves when the stream must be opened again at once.
+    /// Resolves when the stream must be opened again (at once, or after a
+    /// pause: [`Feed::PAUSE_ON_CHANGE`]).
     async fn changed(&self);
     /// The session is gone.
     fn session_gone(&self, _session_id: &str) {}
@@ -316,11 +322,7 @@ impl Gateway {
                     continue;
                 }
             };
-            let opened = tokio::select! {
-                o = feed.open(&session) => o,
-                _ = stop.cancelled() => return,
-            };
-            let mut reader = match opened {
+            let mut reader = match feed.open(&session, stop).await {
                 Opened::Reading(reader) => reader,
                 Opened::Again => continue,
                 Opened::Retry => {
@@ -335,7 +337,12 @@ impl Gateway {
                 let next = tokio::select! {
                     n = reader.next_message() => n,
                     _ = stop.cancelled() => return,
-                    _ = feed.changed() => continue 'open,
+                    _ = feed.changed() => {
+                        if F::PAUSE_ON_CHANGE {
+                            break;
+                        }
+                        continue 'open;
+                    }
                 };
                 let Ok(Some(message)) = next else { break };
                 match feed.on_message(&session, &message) {

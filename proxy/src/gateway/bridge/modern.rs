@@ -1050,8 +1050,9 @@ pub(in crate::gateway) struct Listen<'a> {
 #[async_trait]
 impl Feed for Listen<'_> {
     const WHAT: &'static str = "listen";
+    const PAUSE_ON_CHANGE: bool = false;
 
-    async fn open(&mut self, session: &SessionState) -> Opened {
+    async fn open(&mut self, session: &SessionState, stop: &CancellationToken) -> Opened {
         self.round += 1;
         let Some(id) = Id::from_value(&Value::from(format!("ratatosk-listen-{}", self.round)))
         else {
@@ -1075,7 +1076,11 @@ impl Feed for Listen<'_> {
             params,
             &era::session_meta(session),
         );
-        match self.org.pool.send(headers, body).await {
+        let answer = tokio::select! {
+            a = self.org.pool.send(headers, body) => a,
+            _ = stop.cancelled() => return Opened::End,
+        };
+        match answer {
             Ok(answer) => Opened::Reading(AnswerReader::new(
                 answer,
                 background::listen_limits(self.org),

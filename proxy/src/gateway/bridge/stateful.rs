@@ -550,14 +550,19 @@ pub(in crate::gateway) struct Follow<'a> {
 #[async_trait]
 impl Feed for Follow<'_> {
     const WHAT: &'static str = "GET stream";
+    const PAUSE_ON_CHANGE: bool = true;
 
-    async fn open(&mut self, session: &SessionState) -> Opened {
+    async fn open(&mut self, session: &SessionState, stop: &CancellationToken) -> Opened {
         let (org, gw) = (self.org, self.gw);
         let Some(bound) = session.upstream.clone() else {
             return Opened::End;
         };
         let headers = background_headers(org, session, "follow");
-        match send_bound(org, &bound, Method::GET, headers.clone(), Bytes::new()).await {
+        let answer = tokio::select! {
+            a = send_bound(org, &bound, Method::GET, headers.clone(), Bytes::new()) => a,
+            _ = stop.cancelled() => return Opened::End,
+        };
+        match answer {
             Ok(answer) if answer.kind == AnswerKind::Sse => {
                 self.phase.send_replace(background::Phase::Open);
                 Opened::Reading(AnswerReader::new(answer, background::listen_limits(org)))
