@@ -89,7 +89,9 @@ def ask_client(hold: dict[str, Any], method: str, params: dict[str, Any], timeou
         for answer in view.get("answers", []):
             if answer.get("id") == ask_id:
                 return answer
-        if view["state"] != "open":
+        # "pending": this worker was faster than the upstream's answer,
+        # which has not opened the hold yet; the request waits for it.
+        if view["state"] not in ("open", "pending"):
             raise Cancelled(view["state"])
         time.sleep(0.05)
     raise TimeoutError(f"the client did not answer {method} within {timeout} s")
