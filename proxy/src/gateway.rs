@@ -39,6 +39,8 @@ use crate::upstream::{AnswerReader, Forwarding, upstream_headers};
 mod bridge;
 /// What other nodes tell this one (Redis mode).
 mod bus;
+/// The per-request context: org, caller, headers, request id.
+mod call;
 /// The other nodes, as one handle that does nothing on a single node.
 mod cluster;
 /// Holds: requests that workers finish.
@@ -60,6 +62,7 @@ mod streamable;
 
 use bridge::{background, hidden, listen, modern, stateful};
 pub use bus::{Notice, ResumeRequest, Resumed};
+use call::Call;
 use cluster::Cluster;
 use holding::HoldClient;
 use in_flight::InFlight;
@@ -340,16 +343,15 @@ impl Gateway {
             Ok(identity) => identity,
             Err(reject) => return reject.into_response().labeled(label),
         };
+        let call = Call::new(&org, &identity, req);
         let result = match (endpoint, &req.method) {
-            (Endpoint::Mcp, &Method::POST) => self.mcp_post(&org, &identity, req, &mut label).await,
-            (Endpoint::Mcp, &Method::GET) => self.mcp_get(&org, &identity, req).await,
-            (Endpoint::Mcp, &Method::DELETE) => self.mcp_delete(&org, &identity, req).await,
+            (Endpoint::Mcp, &Method::POST) => self.mcp_post(call, req, &mut label).await,
+            (Endpoint::Mcp, &Method::GET) => self.mcp_get(call).await,
+            (Endpoint::Mcp, &Method::DELETE) => self.mcp_delete(call).await,
             (Endpoint::Mcp, m) => Err(Reject::method_not_allowed(m, "GET, POST, DELETE, OPTIONS")),
-            (Endpoint::Sse, &Method::GET) => self.legacy_open(&org, &identity, req).await,
+            (Endpoint::Sse, &Method::GET) => self.legacy_open(call).await,
             (Endpoint::Sse, m) => Err(Reject::method_not_allowed(m, "GET, OPTIONS")),
-            (Endpoint::Messages, &Method::POST) => {
-                self.legacy_post(&org, &identity, req, &mut label).await
-            }
+            (Endpoint::Messages, &Method::POST) => self.legacy_post(call, req, &mut label).await,
             (Endpoint::Messages, m) => Err(Reject::method_not_allowed(m, "POST, OPTIONS")),
         };
         result.unwrap_or_else(Reject::into_response).labeled(label)
@@ -377,32 +379,6 @@ impl Gateway {
     fn cluster(&self) -> Cluster<'_> {
         Cluster(self.hub.events())
     }
-}
-
-/// Headers of a session's message to the upstream, on behalf of the
-/// caller.
-pub(super) fn session_headers(
-    org: &OrgRoute,
-    identity: &Identity,
-    session: &SessionState,
-    client_headers: &http::HeaderMap,
-    request_id: &str,
-) -> http::HeaderMap {
-    let version = if session.protocol_version.is_empty() {
-        "2024-11-05"
-    } else {
-        session.protocol_version.as_str()
-    };
-    upstream_headers(
-        &Forwarding {
-            session_id: &session.id,
-            org: &org.name,
-            identity,
-            protocol_version: Some(version),
-            request_id,
-        },
-        client_headers,
-    )
 }
 
 fn body_label(body: &Body) -> &'static str {

@@ -5,14 +5,10 @@
 use super::*;
 
 impl Gateway {
-    pub(super) async fn legacy_open(
-        self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
-        req: &Request,
-    ) -> Result<Response, Reject> {
-        if req.headers.contains_key(http::header::ACCEPT) {
-            edge::check_get_framing(&req.headers)?;
+    pub(super) async fn legacy_open(self: &Arc<Self>, call: Call<'_>) -> Result<Response, Reject> {
+        let (org, identity) = (call.org, call.identity);
+        if call.headers.contains_key(http::header::ACCEPT) {
+            edge::check_get_framing(call.headers)?;
         }
         let state = SessionState::new(
             session::mint_id(),
@@ -43,14 +39,14 @@ impl Gateway {
 
     pub(super) async fn legacy_post(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Arc<Identity>,
+        call: Call<'_>,
         req: &Request,
         label: &mut Label,
     ) -> Result<Response, Reject> {
+        let org = call.org;
         let session_id = req.query_param("session_id");
         let (session, log) = self
-            .session_with_log(org, identity, session_id.as_deref(), Transport::LegacySse)
+            .session_with_log(call, session_id.as_deref(), Transport::LegacySse)
             .await?;
         edge::check_json_content_type(&req.headers)?;
         let body = parse_post_body(&req.body)?;
@@ -72,23 +68,11 @@ impl Gateway {
             .map(|m| self.reserve(org, &log, m.request_id()))
             .collect::<Result<Vec<_>, _>>()?;
         let this = self.clone();
-        let org = org.clone();
-        let headers = req.headers.clone();
-        let request_id = req.request_id.clone();
-        let identity = identity.clone();
+        let caller = call.detach();
         tokio::spawn(async move {
             futures::stream::iter(body.messages().iter().zip(slots))
                 .for_each_concurrent(BATCH_CONCURRENCY, |(m, slot)| {
-                    this.legacy_message(
-                        &org,
-                        &identity,
-                        &session,
-                        &log,
-                        m,
-                        slot,
-                        &headers,
-                        &request_id,
-                    )
+                    this.legacy_message(caller.call(), &session, &log, m, slot)
                 })
                 .await;
         });
@@ -100,22 +84,19 @@ impl Gateway {
 
     /// One message of a legacy POST, in its in-flight `slot`; answers go
     /// on the `/sse` stream.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn legacy_message(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
+        call: Call<'_>,
         session: &Arc<SessionState>,
         log: &Arc<SessionLog>,
         message: &Message,
         slot: crate::stream::Slot,
-        client_headers: &http::HeaderMap,
-        request_id: &str,
     ) {
+        let org = call.org;
         if !message.is_request() {
             let absorbed = self
                 .absorb(org, session, log, Some(slot), message, || {
-                    session_headers(org, identity, session, client_headers, request_id)
+                    call.session_headers(session)
                 })
                 .await;
             if let Err(reject) = absorbed {
@@ -130,17 +111,7 @@ impl Gateway {
             // them leaves exactly one behind.
             let coordination = self.rebinding.of(&session.id);
             let _one = coordination.lock.lock().await;
-            let answer = match self
-                .negotiate(
-                    org,
-                    &session.id,
-                    identity,
-                    message,
-                    client_headers,
-                    request_id,
-                )
-                .await
-            {
+            let answer = match self.negotiate(call, &session.id, message).await {
                 Ok((answer, upstream)) => {
                     if let Some(version) = negotiated_version(&answer) {
                         let params = message.params().unwrap_or(Value::Null);
@@ -186,7 +157,7 @@ impl Gateway {
             let _ = self.append(log, STANDALONE, &body, org);
             return;
         }
-        let headers = session_headers(org, identity, &current, client_headers, request_id);
+        let headers = call.session_headers(&current);
         self.forward_into(org, &current, log, STANDALONE, message, headers, Some(slot))
             .await;
     }

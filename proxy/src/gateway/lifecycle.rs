@@ -6,29 +6,19 @@ use super::*;
 impl Gateway {
     pub(super) async fn initialize(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
+        call: Call<'_>,
         init: &Message,
-        req: &Request,
     ) -> Result<Response, Reject> {
+        let (org, identity) = (call.org, call.identity);
         let session_id = session::mint_id();
         let id = init.request_id().cloned();
         let params = init.params().unwrap_or(Value::Null);
         self.check_client_data(org, &params)
             .map_err(|r| r.with_id(id.as_ref()))?;
-        self.check_admission(org, identity)
+        self.check_admission(call)
             .await
             .map_err(|r| r.with_id(id.as_ref()))?;
-        let (response, upstream) = self
-            .negotiate(
-                org,
-                &session_id,
-                identity,
-                init,
-                &req.headers,
-                &req.request_id,
-            )
-            .await?;
+        let (response, upstream) = self.negotiate(call, &session_id, init).await?;
         let Some(version) = negotiated_version(&response) else {
             // A JSON-RPC error from the upstream: no session is created.
             return Ok(Response::json(StatusCode::OK, response));
@@ -70,13 +60,11 @@ impl Gateway {
     /// it, with the upstream's own session if it is stateful.
     pub(super) async fn negotiate(
         &self,
-        org: &OrgRoute,
+        call: Call<'_>,
         session_id: &str,
-        identity: &Identity,
         init: &Message,
-        client_headers: &http::HeaderMap,
-        request_id: &str,
     ) -> Result<(Bytes, Option<session::UpstreamSession>), Reject> {
+        let org = call.org;
         let id = init.request_id().ok_or_else(|| {
             Reject::new(
                 StatusCode::BAD_REQUEST,
@@ -87,16 +75,7 @@ impl Gateway {
         if self.upstream_era(org, Some(id)).await? == Era::Modern {
             return Ok((self.initialize_from_modern(org, init).await?, None));
         }
-        let headers = upstream_headers(
-            &Forwarding {
-                session_id,
-                org: &org.name,
-                identity,
-                protocol_version: None,
-                request_id,
-            },
-            client_headers,
-        );
+        let headers = call.upstream_headers(session_id, None);
         let params = init.params().unwrap_or(Value::Null);
         self.handshake(org, headers, id, init.raw.clone(), params)
             .await
@@ -163,15 +142,11 @@ impl Gateway {
 
     /// Refuses early a session the store would not admit, before work a
     /// refusal would waste (opening an upstream session).
-    pub(super) async fn check_admission(
-        &self,
-        org: &OrgRoute,
-        identity: &Identity,
-    ) -> Result<(), Reject> {
+    pub(super) async fn check_admission(&self, call: Call<'_>) -> Result<(), Reject> {
         self.store
-            .admits(&org.name, &identity.subject, self.admission())
+            .admits(&call.org.name, &call.identity.subject, self.admission())
             .await
-            .map_err(|e| self.session_reject(org, e))
+            .map_err(|e| self.session_reject(call.org, e))
     }
 
     /// A store failure as the client sees it; the limits are counted.
@@ -260,8 +235,7 @@ impl Gateway {
     /// Finds the caller's session; any mismatch looks like an unknown id.
     pub(super) async fn session_for(
         &self,
-        org: &OrgRoute,
-        identity: &Identity,
+        call: Call<'_>,
         id: Option<&str>,
         transport: Transport,
     ) -> Result<Arc<SessionState>, Reject> {
@@ -281,8 +255,8 @@ impl Gateway {
         }
         match self.store.lookup(id).await.map_err(store_reject)? {
             Some(s)
-                if *s.org == *org.name
-                    && s.subject == identity.subject
+                if *s.org == *call.org.name
+                    && s.subject == call.identity.subject
                     && s.transport == transport =>
             {
                 Ok(s)
@@ -298,24 +272,20 @@ impl Gateway {
     /// unsupported one. The negotiated version stays the session's.
     pub(super) async fn streamable_session(
         &self,
-        org: &OrgRoute,
-        identity: &Identity,
-        req: &Request,
+        call: Call<'_>,
     ) -> Result<Arc<SessionState>, Reject> {
-        let id = req.header(&MCP_SESSION_ID);
-        self.session_for(org, identity, id, Transport::StreamableHttp)
-            .await
+        let id = call.header(&MCP_SESSION_ID);
+        self.session_for(call, id, Transport::StreamableHttp).await
     }
 
     /// The caller's session and its event log.
     pub(super) async fn session_with_log(
         &self,
-        org: &OrgRoute,
-        identity: &Identity,
+        call: Call<'_>,
         id: Option<&str>,
         transport: Transport,
     ) -> Result<(Arc<SessionState>, Arc<SessionLog>), Reject> {
-        let session = self.session_for(org, identity, id, transport).await?;
+        let session = self.session_for(call, id, transport).await?;
         let log = self.session_log(&session, false).await?;
         Ok((session, log))
     }

@@ -20,7 +20,6 @@ use moka::ops::compute::Op;
 use serde_json::Map;
 
 use super::*;
-use crate::edge::Request;
 use crate::era::{self, HeaderParam};
 
 /// How long the gateway uses a `tools/list` it read before reading it
@@ -137,7 +136,7 @@ impl Expiry<(Arc<str>, String), Listed> for ListedExpiry {
 #[derive(Clone, Copy)]
 pub(super) enum Lister<'a> {
     Sessionless(&'a http::HeaderMap),
-    Hidden(&'a SessionState, &'a Request),
+    Hidden(&'a SessionState),
 }
 
 impl Gateway {
@@ -146,9 +145,7 @@ impl Gateway {
     /// mismatch; 502 if the upstream's tool list cannot be had at all.
     pub(super) async fn check_tool_call_headers(
         &self,
-        org: &OrgRoute,
-        identity: &Identity,
-        req: &Request,
+        call: Call<'_>,
         id: &Id,
         params: &Map<String, Value>,
         lister: Lister<'_>,
@@ -158,7 +155,7 @@ impl Gateway {
             return Ok(());
         };
         let mirrored = self
-            .header_params_of(org, identity, tool, lister)
+            .header_params_of(call, tool, lister)
             .await
             .map_err(|why| {
                 Reject::new(
@@ -167,13 +164,13 @@ impl Gateway {
                     format!(
                         "cannot check the Mcp-Param headers of this call to tool '{}': the upstream of org '{}' did not give its tools/list for this caller ({why}); try again in {} s",
                         crate::jsonrpc::clip(tool, 64),
-                        org.name,
+                        call.org.name,
                         MIN_REFETCH.as_secs()
                     ),
                 )
                 .with_id(Some(id))
             })?;
-        era::check_param_headers(&mirrored, params.get("arguments"), &req.headers)
+        era::check_param_headers(&mirrored, params.get("arguments"), call.headers)
             .map_err(|r| r.with_id(Some(id)))
     }
 
@@ -185,11 +182,11 @@ impl Gateway {
     /// included.
     async fn header_params_of(
         &self,
-        org: &OrgRoute,
-        identity: &Identity,
+        call: Call<'_>,
         tool: &str,
         lister: Lister<'_>,
     ) -> Result<Arc<[HeaderParam]>, Arc<str>> {
+        let (org, identity) = (call.org, call.identity);
         let key = (org.name.clone(), identity.subject.clone());
         if let Some(answer) = self
             .tool_headers
@@ -210,7 +207,7 @@ impl Gateway {
                 if current.as_ref().and_then(|l| l.answer(tool)).is_some() {
                     return Op::Nop;
                 }
-                let read = self.read_tools(org, identity, lister).await;
+                let read = self.read_tools(call, lister).await;
                 // From the answer on: a slow read is not out of date at once.
                 let asked_at = Instant::now();
                 let listed = match read {
@@ -242,20 +239,13 @@ impl Gateway {
 
     /// Reads `tools/list` page by page, at most [`MAX_PAGES`], all within
     /// the org's `upstream.timeout`.
-    async fn read_tools(
-        &self,
-        org: &OrgRoute,
-        identity: &Identity,
-        lister: Lister<'_>,
-    ) -> Result<Snapshot, String> {
-        let bound = org.pool.read_limits.timeout;
+    async fn read_tools(&self, call: Call<'_>, lister: Lister<'_>) -> Result<Snapshot, String> {
+        let bound = call.org.pool.read_limits.timeout;
         let headers = match lister {
             Lister::Sessionless(headers) => headers.clone(),
-            Lister::Hidden(session, req) => {
-                session_headers(org, identity, session, &req.headers, &req.request_id)
-            }
+            Lister::Hidden(session) => call.session_headers(session),
         };
-        tokio::time::timeout(bound, self.read_pages(org, lister, headers))
+        tokio::time::timeout(bound, self.read_pages(call.org, lister, headers))
             .await
             .unwrap_or_else(|_| Err(format!("no complete answer within {bound:?}")))
     }
@@ -278,7 +268,7 @@ impl Gateway {
             let body = era::request_body(Some(&id), "tools/list", params);
             let answer = match lister {
                 Lister::Sessionless(_) => org.pool.send(headers.clone(), body).await,
-                Lister::Hidden(session, _) => {
+                Lister::Hidden(session) => {
                     self.send_in_session(org, session, headers.clone(), body)
                         .await
                 }
@@ -510,22 +500,19 @@ mod tests {
         .await;
         let gw = gateway("stateless-2025", &up.url());
         let org = gw.routes.org("org-1").expect("org").clone();
-        let caller = |subject: &str| Identity {
-            subject: subject.into(),
-            ..Identity::anonymous("org-1")
+        let caller = |subject: &str| {
+            Arc::new(Identity {
+                subject: subject.into(),
+                ..Identity::anonymous("org-1")
+            })
         };
         let (alice, bob) = (caller("alice"), caller("bob"));
         let req = call(1, "Hello", None);
         for (who, expected) in [(&alice, 1), (&bob, 0), (&alice, 1), (&bob, 0)] {
-            let headers =
-                crate::gateway::bridge::modern::sessionless_headers(&org, who, &req, None);
+            let call = Call::new(&org, who, &req);
+            let headers = call.upstream_headers("", None);
             let found = gw
-                .header_params_of(
-                    &org,
-                    who,
-                    "test_x_mcp_header",
-                    Lister::Sessionless(&headers),
-                )
+                .header_params_of(call, "test_x_mcp_header", Lister::Sessionless(&headers))
                 .await
                 .expect("a tool list");
             assert_eq!(found.len(), expected, "{}", who.subject);

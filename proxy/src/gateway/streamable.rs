@@ -46,8 +46,7 @@ impl Gateway {
 
     pub(super) async fn mcp_post(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
+        call: Call<'_>,
         req: &Request,
         label: &mut Label,
     ) -> Result<Response, Reject> {
@@ -60,7 +59,7 @@ impl Gateway {
             // Parsed once: the modern checks use the same params.
             let params = m.params();
             if crate::era::speaks_modern(&req.headers, m.method(), params.as_ref()) {
-                return self.modern_post(org, identity, req, m, params).await;
+                return self.modern_post(call, m, params).await;
             }
         }
         let header_version = edge::protocol_version(&req.headers)?;
@@ -83,9 +82,9 @@ impl Gateway {
                     "initialize must be a request of its own, not part of a batch or a notification",
                 ));
             }
-            return self.initialize(org, identity, init, req).await;
+            return self.initialize(call, init).await;
         }
-        let session = self.streamable_session(org, identity, req).await?;
+        let session = self.streamable_session(call).await?;
         let log = self.session_log(&session, false).await?;
         // The negotiated version governs the session, whatever other
         // supported version a request names.
@@ -96,8 +95,8 @@ impl Gateway {
             if m.is_request() {
                 requests.push(m.clone());
             } else {
-                self.absorb(org, &session, &log, None, m, || {
-                    session_headers(org, identity, &session, &req.headers, &req.request_id)
+                self.absorb(call.org, &session, &log, None, m, || {
+                    call.session_headers(&session)
                 })
                 .await?;
             }
@@ -106,24 +105,22 @@ impl Gateway {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         }
         if let [only] = requests.as_slice()
-            && let Some(answer) = self.answer_locally(org, &session, &log, only).await
+            && let Some(answer) = self.answer_locally(call.org, &session, &log, only).await
         {
             return answer.map(|body| Response::json(StatusCode::OK, body));
         }
-        self.forward_streamable(org, identity, session, log, requests, req)
-            .await
+        self.forward_streamable(call, session, log, requests).await
     }
 
     pub(super) async fn forward_streamable(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
+        call: Call<'_>,
         session: Arc<SessionState>,
         log: Arc<SessionLog>,
         requests: Vec<Message>,
-        req: &Request,
     ) -> Result<Response, Reject> {
-        let headers = session_headers(org, identity, &session, &req.headers, &req.request_id);
+        let org = call.org;
+        let headers = call.session_headers(&session);
         let era = self
             .upstream_era(org, requests.first().and_then(Message::request_id))
             .await?;
@@ -166,7 +163,7 @@ impl Gateway {
                         });
                         return Ok(self.post_stream_response(org, &session, log, stream));
                     }
-                    if edge::prefers_sse(&req.headers) {
+                    if edge::prefers_sse(call.headers) {
                         // The client asked for a stream (with its priming
                         // event): the answer goes on one.
                         let stream = log.begin_stream().map_err(|_| session_not_found())?;
@@ -208,7 +205,7 @@ impl Gateway {
 
         if let [single] = requests.as_slice() {
             return self
-                .forward_modern(org, session, log, single.clone(), headers, &req.headers)
+                .forward_modern(org, session, log, single.clone(), headers, call.headers)
                 .await;
         }
         // A batch (2025-03-26): each request goes upstream on its own, and
@@ -679,17 +676,14 @@ impl Gateway {
         self.in_flight.register(session, id, shared, slot)
     }
 
-    pub(super) async fn mcp_get(
-        self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
-        req: &Request,
-    ) -> Result<Response, Reject> {
-        edge::check_get_framing(&req.headers)?;
+    pub(super) async fn mcp_get(self: &Arc<Self>, call: Call<'_>) -> Result<Response, Reject> {
+        let org = call.org;
+        edge::check_get_framing(call.headers)?;
         // Validated only: an unsupported version is a 400.
-        edge::protocol_version(&req.headers)?;
-        let session = self.streamable_session(org, identity, req).await?;
-        let resume = match req.header(&LAST_EVENT_ID) {
+        edge::protocol_version(call.headers)?;
+        let session = self.streamable_session(call).await?;
+        let last_event_id = call.header(&LAST_EVENT_ID);
+        let resume = match last_event_id {
             None => None,
             Some(text) => Some(EventId::parse(text).ok_or_else(|| {
                 Reject::bad_request(format!(
@@ -709,7 +703,7 @@ impl Gateway {
                 AttachError::Closed => session_not_found(),
                 AttachError::UnknownEvent => Reject::bad_request(format!(
                     "Last-Event-ID '{}' names an event this session never had",
-                    jsonrpc::clip(req.header(&LAST_EVENT_ID).unwrap_or_default(), 64)
+                    jsonrpc::clip(last_event_id.unwrap_or_default(), 64)
                 )),
             })?;
         if attach.gap {
@@ -718,7 +712,7 @@ impl Gateway {
         }
         self.ensure_listener(org, &session.id, &log, false);
         let mut live = self.live_stream(org, &session, log, attach, None);
-        self.end_with_token(&mut live, identity);
+        self.end_with_token(&mut live, call.identity);
         Ok(Response::sse(Box::new(live)))
     }
 
@@ -740,15 +734,10 @@ impl Gateway {
         live.end_at(std::time::Instant::now() + left + skew);
     }
 
-    pub(super) async fn mcp_delete(
-        self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
-        req: &Request,
-    ) -> Result<Response, Reject> {
+    pub(super) async fn mcp_delete(self: &Arc<Self>, call: Call<'_>) -> Result<Response, Reject> {
         // Validated only: an unsupported version is a 400.
-        edge::protocol_version(&req.headers)?;
-        let session = self.streamable_session(org, identity, req).await?;
+        edge::protocol_version(call.headers)?;
+        let session = self.streamable_session(call).await?;
         self.end_session(&session.id, "deleted by the client")
             .await
             .map_err(store_reject)?;

@@ -392,19 +392,18 @@ impl Gateway {
     /// session is shared by the client's calls, whose own ids may repeat).
     pub(in crate::gateway) async fn modern_to_stateful(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
-        req: &Request,
+        call: Call<'_>,
         id: &Id,
         request: era::ModernRequest,
     ) -> Result<Response, Reject> {
+        let org = call.org;
         let era::ModernRequest { method, mut params } = request;
         let hidden = if method == "tools/call" {
             // Its Mcp-Param headers are checked against the tool's schema,
             // read in the client's own hidden session.
-            let hidden = self.hidden_session(org, identity, req, &params).await?;
-            let lister = super::params::Lister::Hidden(&hidden, req);
-            self.check_tool_call_headers(org, identity, req, id, &params, lister)
+            let hidden = self.hidden_session(call, &params).await?;
+            let lister = super::params::Lister::Hidden(&hidden);
+            self.check_tool_call_headers(call, id, &params, lister)
                 .await?;
             Some(hidden)
         } else {
@@ -413,15 +412,13 @@ impl Gateway {
         let state = params.remove("requestState");
         let responses = params.remove("inputResponses");
         if let Some(state) = state {
-            return self
-                .resume(org, identity, id, method, &state, responses)
-                .await;
+            return self.resume(call, id, method, &state, responses).await;
         }
         let hidden = match hidden {
             Some(hidden) => hidden,
-            None => self.hidden_session(org, identity, req, &params).await?,
+            None => self.hidden_session(call, &params).await?,
         };
-        let headers = session_headers(org, identity, &hidden, &req.headers, &req.request_id);
+        let headers = call.session_headers(&hidden);
         let n = self.replies.unique();
         let call = Id::from_value(&Value::from(format!("ratatosk-call-{:08x}-{n}", self.node)))
             .ok_or_else(|| Reject::bad_request("cannot mint a call id"))?;
@@ -455,8 +452,7 @@ impl Gateway {
     /// A call parked on another node is resumed there (Redis mode).
     async fn resume(
         &self,
-        org: &OrgRoute,
-        identity: &Identity,
+        call: Call<'_>,
         id: &Id,
         method: String,
         state: &Value,
@@ -465,6 +461,7 @@ impl Gateway {
         let state = state
             .as_str()
             .ok_or_else(|| unknown_request_state().with_id(Some(id)))?;
+        let (org, identity) = (call.org, call.identity);
         let Some(parked) = self.parked.take(state, &org.name, &identity.subject) else {
             return match (owner_of(state), self.hub.events()) {
                 (Some(owner), Some(events)) if owner != self.node => {
@@ -732,11 +729,10 @@ impl Gateway {
     /// first use with the client's info and capabilities from `_meta`.
     pub(in crate::gateway) async fn hidden_session(
         &self,
-        org: &OrgRoute,
-        identity: &Identity,
-        req: &Request,
+        call: Call<'_>,
         params: &Map<String, Value>,
     ) -> Result<Arc<SessionState>, Reject> {
+        let (org, identity) = (call.org, call.identity);
         let meta = params.get("_meta").and_then(Value::as_object);
         let field = |name: &str| meta.and_then(|m| m.get(name)).cloned();
         // What the hidden session keeps, and keys it by.
@@ -781,23 +777,14 @@ impl Gateway {
                 ),
             ));
         }
-        self.check_admission(org, identity).await?;
+        self.check_admission(call).await?;
         let params = json!({
             "protocolVersion": era::LATEST_LEGACY,
             "capabilities": capabilities,
             "clientInfo": info,
         });
         let id = session::mint_id();
-        let headers = upstream_headers(
-            &Forwarding {
-                session_id: &id,
-                org: &org.name,
-                identity,
-                protocol_version: None,
-                request_id: &req.request_id,
-            },
-            &req.headers,
-        );
+        let headers = call.upstream_headers(&id, None);
         let bound = self.open_upstream(org, headers, params.clone()).await?;
         let mut state = SessionState::new(
             id.clone(),

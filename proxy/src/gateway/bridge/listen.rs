@@ -170,12 +170,11 @@ impl Gateway {
     /// A modern client's `subscriptions/listen` to a stateful upstream.
     pub(in crate::gateway) async fn listen_in_hidden_session(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
-        req: &Request,
+        call: Call<'_>,
         id: &Id,
         params: &Map<String, Value>,
     ) -> Result<Response, Reject> {
+        let org = call.org;
         let requested = Filter::requested(params);
         let info = org
             .era
@@ -183,7 +182,7 @@ impl Gateway {
             .await
             .map_err(|e| probe_reject(e, Some(id)))?;
         let capabilities = info.get("capabilities").cloned().unwrap_or(Value::Null);
-        let hidden = self.hidden_session(org, identity, req, params).await?;
+        let hidden = self.hidden_session(call, params).await?;
         // Up to date first: what the session said before this listen is
         // not for it.
         let ended = || hidden_session_ended(org, id);
@@ -199,8 +198,7 @@ impl Gateway {
             Phase::Unavailable => honoured = Filter::default(),
             Phase::Open | Phase::Opening => {
                 if capabilities.pointer("/resources/subscribe") == Some(&Value::Bool(true)) {
-                    let headers =
-                        session_headers(org, identity, &hidden, &req.headers, &req.request_id);
+                    let headers = call.session_headers(&hidden);
                     honoured.uris = self
                         .subscribe_in_session(org, &hidden, headers, &requested.uris)
                         .await;
@@ -219,7 +217,7 @@ impl Gateway {
             self.config.streams.keepalive,
             Some(org.metrics.stream.clone()),
         );
-        self.end_with_token(&mut live, identity);
+        self.end_with_token(&mut live, call.identity);
         Ok(Response::sse(Box::new(Listen {
             live,
             filter: honoured,

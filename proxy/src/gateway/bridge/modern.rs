@@ -50,9 +50,7 @@ impl Gateway {
     /// then passed to a modern upstream or translated for a legacy one.
     pub(in crate::gateway) async fn modern_post(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
-        req: &Request,
+        call: Call<'_>,
         message: &Message,
         params: Option<Value>,
     ) -> Result<Response, Reject> {
@@ -64,7 +62,7 @@ impl Gateway {
             ));
         };
         let id = message.request_id();
-        let request = era::check_modern(&req.headers, method, id, params)?;
+        let request = era::check_modern(call.headers, method, id, params)?;
         let Some(id) = id else {
             // Nothing for an upstream to do: cancellation is closing the
             // response stream, and the rest were removed in 2026-07-28.
@@ -75,9 +73,9 @@ impl Gateway {
         if let Some(removed) = era::removed_method(method) {
             return Err(removed.with_id(Some(id)));
         }
-        match self.upstream_era(org, Some(id)).await? {
-            Era::Modern => self.modern_to_modern(org, identity, req, message).await,
-            _ => self.modern_to_legacy(org, identity, req, id, request).await,
+        match self.upstream_era(call.org, Some(id)).await? {
+            Era::Modern => self.modern_to_modern(call, message).await,
+            _ => self.modern_to_legacy(call, id, request).await,
         }
     }
 
@@ -85,16 +83,15 @@ impl Gateway {
     /// along, its credentials do not.
     async fn modern_to_modern(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
-        req: &Request,
+        call: Call<'_>,
         message: &Message,
     ) -> Result<Response, Reject> {
-        let mut headers = sessionless_headers(org, identity, req, None);
-        era::copy_modern_headers(&req.headers, &mut headers);
+        // No gateway session: a modern client has none.
+        let mut headers = call.upstream_headers("", None);
+        era::copy_modern_headers(call.headers, &mut headers);
         let listen = message.method() == Some("subscriptions/listen");
         self.answer_modern_client(
-            org,
+            call.org,
             headers,
             message.raw.clone(),
             message.request_id(),
@@ -110,12 +107,11 @@ impl Gateway {
     /// the modern result fields.
     async fn modern_to_legacy(
         self: &Arc<Self>,
-        org: &Arc<OrgRoute>,
-        identity: &Identity,
-        req: &Request,
+        call: Call<'_>,
         id: &Id,
         request: era::ModernRequest,
     ) -> Result<Response, Reject> {
+        let org = call.org;
         // The upstream's own description, only where it is needed: a
         // stateful upstream's calls do not wait for it.
         let info = || async {
@@ -135,7 +131,7 @@ impl Gateway {
             }
             "subscriptions/listen" if org.era.known() == Some(Era::Stateful2025) => {
                 return self
-                    .listen_in_hidden_session(org, identity, req, id, &request.params)
+                    .listen_in_hidden_session(call, id, &request.params)
                     .await;
             }
             "subscriptions/listen" => {
@@ -158,9 +154,7 @@ impl Gateway {
             _ => {}
         }
         if org.era.known() == Some(Era::Stateful2025) {
-            return self
-                .modern_to_stateful(org, identity, req, id, request)
-                .await;
+            return self.modern_to_stateful(call, id, request).await;
         }
         let info = info().await?;
         let version = info
@@ -168,18 +162,18 @@ impl Gateway {
             .and_then(Value::as_str)
             .unwrap_or(era::LATEST_LEGACY);
         // The call's own id, where a worker may finish it (a hold).
-        let call = holds::call_id();
-        let headers = call_headers(org, identity, req, Some(version), &call);
+        let call_id = holds::call_id();
+        let headers = call.upstream_headers(&call_id, Some(version));
         if request.method == "tools/call" {
             let lister = super::params::Lister::Sessionless(&headers);
-            self.check_tool_call_headers(org, identity, req, id, &request.params, lister)
+            self.check_tool_call_headers(call, id, &request.params, lister)
                 .await?;
         }
         org.metrics.bridged.handshake.inc();
         let hold = HoldHook {
             gateway: self.clone(),
             org: org.clone(),
-            call,
+            call: call_id,
         };
         let body = era::request_without_modern_meta(Some(id), &request.method, request.params);
         let answer = org
@@ -697,38 +691,6 @@ pub(in crate::gateway) fn reshape(body: &Bytes, f: impl FnOnce(Value) -> Value) 
         Ok(v) => Bytes::from(f(v).to_string()),
         Err(_) => body.clone(),
     }
-}
-
-/// Headers toward the upstream for a modern client, which has no gateway
-/// session.
-pub(in crate::gateway) fn sessionless_headers(
-    org: &OrgRoute,
-    identity: &Identity,
-    req: &Request,
-    protocol_version: Option<&str>,
-) -> http::HeaderMap {
-    call_headers(org, identity, req, protocol_version, "")
-}
-
-/// [`sessionless_headers`] with a call id as `Ratatosk-Session` (see
-/// [`holds::call_id`]): where a worker finishes the call.
-pub(in crate::gateway) fn call_headers(
-    org: &OrgRoute,
-    identity: &Identity,
-    req: &Request,
-    protocol_version: Option<&str>,
-    call: &str,
-) -> http::HeaderMap {
-    upstream_headers(
-        &Forwarding {
-            session_id: call,
-            org: &org.name,
-            identity,
-            protocol_version,
-            request_id: &req.request_id,
-        },
-        &req.headers,
-    )
 }
 
 /// An upstream SSE answer on its way to a modern client, one message per
