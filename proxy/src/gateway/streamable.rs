@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// What a task that fills a POST's stream writes to (see
+/// [`Gateway::post_stream`]).
+pub(super) struct PostStream {
+    pub(super) org: Arc<OrgRoute>,
+    pub(super) session: Arc<SessionState>,
+    pub(super) log: Arc<SessionLog>,
+    pub(super) stream: StreamId,
+}
+
 impl Gateway {
     /// Batches are allowed only where the protocol version allows them (a
     /// session's `negotiated` one, or else the one the request names), and
@@ -144,32 +153,24 @@ impl Gateway {
                         (id.clone(), holds::hold_of(&body, self.holds.config()))
                     {
                         // A hold: the answer comes later, so on a stream.
-                        let stream = log.begin_stream().map_err(|_| session_not_found())?;
-                        let this = self.clone();
-                        let (org2, log2, session2) = (org.clone(), log.clone(), session.clone());
-                        tokio::spawn(async move {
-                            this.keep_hold(
-                                asked,
-                                &HoldClient::of(&session2),
-                                &log2,
+                        return self.post_stream(org, &session, log, |this, out| async move {
+                            let PostStream {
+                                org,
+                                session,
+                                log,
                                 stream,
-                                request,
-                                &org2,
-                                &guard.token,
-                            )
-                            .await;
-                            log2.end_stream(stream);
-                            drop(guard);
+                            } = &out;
+                            let client = HoldClient::of(session);
+                            let token = &guard.token;
+                            this.keep_hold(asked, &client, log, *stream, request, org, token)
+                                .await;
+                            guard
                         });
-                        return Ok(self.post_stream_response(org, &session, log, stream));
                     }
                     if edge::prefers_sse(call.headers) {
                         // The client asked for a stream (with its priming
                         // event): the answer goes on one.
-                        let stream = log.begin_stream().map_err(|_| session_not_found())?;
-                        let _ = self.append(&log, stream, &body, org);
-                        log.end_stream(stream);
-                        return Ok(self.post_stream_response(org, &session, log, stream));
+                        return self.post_stream_of(org, &session, log, &body);
                     }
                     return Ok(Response::json(StatusCode::OK, body));
                 }
@@ -186,19 +187,14 @@ impl Gateway {
                     ));
                 }
                 AnswerKind::Sse => {
-                    let stream = log.begin_stream().map_err(|_| session_not_found())?;
                     let reader = AnswerReader::new(answer, org.pool.read_limits);
-                    let this = self.clone();
-                    let (org2, pending) = (org.clone(), id);
-                    let (log2, session2) = (log.clone(), session.clone());
-                    tokio::spawn(async move {
-                        let resume = Some(session2.as_ref());
-                        this.relay(reader, &log2, stream, pending, &org2, &guard.token, resume)
+                    return self.post_stream(org, &session, log, |this, out| async move {
+                        let resume = Some(out.session.as_ref());
+                        let (log, stream, token) = (&out.log, out.stream, &guard.token);
+                        this.relay(reader, log, stream, id, &out.org, token, resume)
                             .await;
-                        log2.end_stream(stream);
-                        drop(guard);
+                        guard
                     });
-                    return Ok(self.post_stream_response(org, &session, log, stream));
                 }
             }
         }
@@ -210,20 +206,66 @@ impl Gateway {
         }
         // A batch (2025-03-26): each request goes upstream on its own, and
         // every answer streams back on one SSE response.
-        let stream = log.begin_stream().map_err(|_| session_not_found())?;
-        let this = self.clone();
-        let org2 = org.clone();
-        let log2 = log.clone();
-        let session2 = session.clone();
-        tokio::spawn(async move {
+        self.post_stream(org, &session, log, |this, out| async move {
+            let PostStream {
+                org,
+                session,
+                log,
+                stream,
+            } = &out;
             futures::stream::iter(requests.iter())
                 .for_each_concurrent(BATCH_CONCURRENCY, |m| {
-                    this.forward_into(&org2, &session2, &log2, stream, m, headers.clone(), None)
+                    this.forward_into(org, session, log, *stream, m, headers.clone(), None)
                 })
                 .await;
-            log2.end_stream(stream);
+        })
+    }
+
+    /// Answers a POST with a stream of its own, which `fill` writes in a
+    /// task of its own; the stream ends when `fill` is done. What `fill`
+    /// returns (the request's in-flight guard) is dropped only after that,
+    /// so the request stays cancellable until its stream has ended.
+    pub(super) fn post_stream<F, Fut>(
+        self: &Arc<Self>,
+        org: &Arc<OrgRoute>,
+        session: &Arc<SessionState>,
+        log: Arc<SessionLog>,
+        fill: F,
+    ) -> Result<Response, Reject>
+    where
+        F: FnOnce(Arc<Self>, PostStream) -> Fut,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send,
+    {
+        let stream = log.begin_stream().map_err(|_| session_not_found())?;
+        let out = PostStream {
+            org: org.clone(),
+            session: session.clone(),
+            log: log.clone(),
+            stream,
+        };
+        let work = fill(self.clone(), out);
+        let ending = log.clone();
+        tokio::spawn(async move {
+            let kept = work.await;
+            ending.end_stream(stream);
+            drop(kept);
         });
-        Ok(self.post_stream_response(org, &session, log, stream))
+        Ok(self.post_stream_response(org, session, log, stream))
+    }
+
+    /// Answers a POST with `body` alone, on a stream of its own.
+    pub(super) fn post_stream_of(
+        &self,
+        org: &OrgRoute,
+        session: &SessionState,
+        log: Arc<SessionLog>,
+        body: &[u8],
+    ) -> Result<Response, Reject> {
+        let stream = log.begin_stream().map_err(|_| session_not_found())?;
+        let _ = self.append(&log, stream, body, org);
+        log.end_stream(stream);
+        Ok(self.post_stream_response(org, session, log, stream))
     }
 
     pub(super) fn post_stream_response(

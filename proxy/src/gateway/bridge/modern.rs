@@ -364,33 +364,30 @@ impl Gateway {
                 }
             }
             // Bad params: the answer says so, on the stream as before.
-            Some(Err(body)) => {
-                let stream = log.begin_stream().map_err(|_| session_not_found())?;
-                let _ = self.append(&log, stream, &body, org);
-                log.end_stream(stream);
-                return Ok(self.post_stream_response(org, &session, log, stream));
-            }
+            Some(Err(body)) => return self.post_stream_of(org, &session, log, &body),
             None => return Ok(Response::empty(StatusCode::ACCEPTED)),
         };
-        let stream = log.begin_stream().map_err(|_| session_not_found())?;
-        let (this, org2, session2, log2) =
-            (self.clone(), org.clone(), session.clone(), log.clone());
-        tokio::spawn(async move {
-            this.exchange_modern(
-                &org2,
-                &session2,
-                &log2,
+        self.post_stream(org, &session, log, |this, out| async move {
+            let PostStream {
+                org,
+                session,
+                log,
                 stream,
+            } = &out;
+            let first = Some(first);
+            this.exchange_modern(
+                org,
+                session,
+                log,
+                *stream,
                 round,
                 headers,
                 &guard.token,
-                Some(first),
+                first,
             )
             .await;
-            log2.end_stream(stream);
-            drop(guard);
-        });
-        Ok(self.post_stream_response(org, &session, log, stream))
+            guard
+        })
     }
 
     /// One request of a handshake-era session to a modern upstream: the
