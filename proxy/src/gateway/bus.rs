@@ -115,7 +115,8 @@ impl BusHandler for Gateway {
 
     /// Logouts that came while this node was off the bus.
     fn bus_up(self: Arc<Self>) -> futures::future::BoxFuture<'static, ()> {
-        let (Some(validator), Some(events)) = (self.validator.clone(), self.hub.events().cloned())
+        let (Some(validator), Some(events)) =
+            (self.validator.clone(), self.cluster().events().cloned())
         else {
             return Box::pin(async {});
         };

@@ -5,15 +5,36 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
 use super::Notice;
+use crate::jsonrpc::Id;
 use crate::session::redis::RedisStoreError;
-use crate::stream::shared::SharedEvents;
+use crate::stream::shared::{HoldRoute, SharedEvents};
 
 /// This node's view of the others; `None` inside on a single node.
 #[derive(Clone, Copy)]
 pub(super) struct Cluster<'a>(pub(super) Option<&'a Arc<SharedEvents>>);
 
-impl Cluster<'_> {
+impl<'a> Cluster<'a> {
+    /// Whether there are other nodes (Redis mode).
+    pub(super) fn is_shared(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The shared events, for what exists only with several nodes (a call
+    /// parked on another node, the bus itself); `None` on one node.
+    pub(super) fn events(&self) -> Option<&'a Arc<SharedEvents>> {
+        self.0
+    }
+
+    /// Entries the shared log's writer gave up on (Redis did not take them
+    /// in time); `None` on one node, which has no writer.
+    pub(super) fn dropped(&self) -> Option<u64> {
+        self.0.map(|events| events.dropped())
+    }
+
     /// Tells every other node.
     pub(super) fn notify(&self, notice: &Notice) {
         if let Some(events) = self.0 {
@@ -28,6 +49,57 @@ impl Cluster<'_> {
             Some(events) => events.running_elsewhere(session, id).await.unwrap_or(true),
             None => false,
         }
+    }
+
+    /// Records, until the guard is dropped, that request `id` of `session`
+    /// runs on this node: other nodes pass a client's cancel of it here.
+    pub(super) fn running(&self, session: &str, id: &Id) -> Running {
+        Running(self.0.map(|events| {
+            let (session, id): (Arc<str>, String) = (session.into(), id.as_json().to_owned());
+            events.running(&session, &id, true);
+            (events.clone(), session, id)
+        }))
+    }
+
+    /// Takes this node's lease on a session's `what` (its background
+    /// upstream stream), renewed until [`Cluster::release_lease`]; `lost`
+    /// is cancelled if the node loses it. False while another node holds
+    /// it; always true on one node.
+    pub(super) async fn take_lease(
+        &self,
+        session: &str,
+        what: &str,
+        lost: CancellationToken,
+    ) -> Result<bool, RedisStoreError> {
+        match self.0 {
+            Some(events) => events.hold(session, what, lost).await,
+            None => Ok(true),
+        }
+    }
+
+    /// Gives the lease up at once, so another node may take over without
+    /// waiting for it to expire.
+    pub(super) async fn release_lease(&self, session: &str, what: &str) {
+        if let Some(events) = self.0
+            && let Err(e) = events.release(session, what).await
+        {
+            tracing::debug!(error = %e, "cannot release a lease; it expires by itself");
+        }
+    }
+
+    /// Where a worker's message for a hold this node has not heard of
+    /// goes: the node keeping the hold, or a queue in Redis for the one
+    /// that will. `None` on one node, where the hold can only be here.
+    pub(super) async fn route_hold(
+        &self,
+        session: &str,
+        hold: &str,
+        body: &Bytes,
+        keep: Duration,
+        queue: usize,
+    ) -> Option<Result<HoldRoute, RedisStoreError>> {
+        let events = self.0?;
+        Some(events.hold_route(session, hold, body, keep, queue).await)
     }
 
     /// Records this node as the one keeping a hold, for `keep`, and takes
@@ -99,6 +171,18 @@ impl Cluster<'_> {
         match self.0 {
             Some(events) => events.hold_state(session, hold).await,
             None => Ok(None),
+        }
+    }
+}
+
+/// A request recorded as running on this node (see [`Cluster::running`]);
+/// does nothing on one node.
+pub(super) struct Running(Option<(Arc<SharedEvents>, Arc<str>, String)>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some((events, session, id)) = &self.0 {
+            events.running(session, id, false);
         }
     }
 }

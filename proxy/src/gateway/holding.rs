@@ -299,22 +299,25 @@ impl Gateway {
                 "session not found: it expired, was deleted, or never existed",
             ));
         }
-        let local = self.holds.state(session_id, hold).is_some();
-        let Some(events) = self.hub.events().filter(|_| !local) else {
+        // This node has not heard of the hold: with several nodes, the one
+        // that keeps it gets the message, or it waits in Redis for the one
+        // that will.
+        let routed = if self.holds.state(session_id, hold).is_some() {
+            None
+        } else {
+            holds::delivery_of(hold, body).map_err(hold_reject)?;
+            let keep = self.holds.config().keep_finished;
+            self.cluster()
+                .route_hold(session_id, hold, body, keep, holds::QUEUE)
+                .await
+        };
+        let Some(route) = routed else {
             return self
                 .holds
                 .publish(session_id, hold, body)
                 .map_err(hold_reject);
         };
-        // Redis mode, and this node has not heard of the hold: the node
-        // that holds it gets the message, or it waits in Redis for the one
-        // that will.
-        holds::delivery_of(hold, body).map_err(hold_reject)?;
-        let keep = self.holds.config().keep_finished;
-        let route = events
-            .hold_route(session_id, hold, body, keep, holds::QUEUE)
-            .await
-            .map_err(|e| store_reject(e.into()))?;
+        let route = route.map_err(|e| store_reject(e.into()))?;
         match route {
             HoldRoute::Owner { node, .. } if node == self.node => self
                 .holds
@@ -322,13 +325,12 @@ impl Gateway {
                 .map_err(hold_reject),
             HoldRoute::Owner { node, state } => match holds::HoldState::parse(&state) {
                 Some(holds::HoldState::Open) | None => {
-                    Notice::Hold {
+                    self.cluster().notify(&Notice::Hold {
                         node,
                         session: session_id.to_owned(),
                         hold: hold.to_owned(),
                         body: String::from_utf8_lossy(body).into_owned(),
-                    }
-                    .send(events);
+                    });
                     Ok(holds::HoldState::Open)
                 }
                 Some(state) => Err(hold_reject(holds::HoldPublishError::Finished {

@@ -8,10 +8,10 @@ use dashmap::DashMap;
 use http::StatusCode;
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::{Cluster, Running};
 use crate::edge::Reject;
 use crate::jsonrpc::{Id, code};
 use crate::stream::Slot;
-use crate::stream::shared::SharedEvents;
 
 /// By (session, id): a generation (to tell registrations apart) and the
 /// token that cancels the request.
@@ -33,12 +33,12 @@ impl Requests {
 
     /// Registers a request that holds `slot`: with an id, it becomes
     /// cancellable (a second request with that id in the session is
-    /// refused); with `shared`, other nodes learn that it runs here.
+    /// refused), and other nodes of the `cluster` learn that it runs here.
     pub(super) fn register(
         &self,
         session: &str,
         id: Option<&Id>,
-        shared: Option<Arc<SharedEvents>>,
+        cluster: Cluster<'_>,
         slot: Slot,
     ) -> Result<InFlight, Reject> {
         let token = CancellationToken::new();
@@ -63,20 +63,15 @@ impl Requests {
                 Some(key)
             }
         };
-        let shared = match (shared, &key) {
-            (Some(events), Some((session, id))) => {
-                let session: Arc<str> = session.as_str().into();
-                events.running(&session, id.as_json(), true);
-                Some((events, session))
-            }
-            _ => None,
-        };
+        let running = key
+            .as_ref()
+            .map(|(session, id)| cluster.running(session, id));
         Ok(InFlight {
             map: self.map.clone(),
             key,
             generation,
             token,
-            shared,
+            _running: running,
             _slot: slot,
         })
     }
@@ -112,8 +107,9 @@ pub(super) struct InFlight {
     key: Option<(String, Id)>,
     generation: u64,
     pub(super) token: CancellationToken,
-    /// With several nodes: where the request is recorded as running.
-    shared: Option<(Arc<SharedEvents>, Arc<str>)>,
+    /// Recorded as running here (for other nodes) until dropped, after
+    /// the entry of `map` (fields drop after `drop`).
+    _running: Option<Running>,
     _slot: Slot,
 }
 
@@ -122,9 +118,6 @@ impl Drop for InFlight {
         if let Some(key) = self.key.take() {
             let generation = self.generation;
             self.map.remove_if(&key, |_, (g, _)| *g == generation);
-            if let Some((events, session)) = &self.shared {
-                events.running(session, key.1.as_json(), false);
-            }
         }
     }
 }

@@ -138,7 +138,7 @@ impl Gateway {
                             }
                         }
                         // The /sse stream is the standalone stream.
-                        self.ensure_listener(org, &session.id, log, false);
+                        self.ensure_listener(org, &session.id, false);
                     }
                     answer
                 }
@@ -152,7 +152,7 @@ impl Gateway {
             Ok(Some(s)) => s,
             _ => session.clone(),
         };
-        if let Some(answer) = self.answer_locally(org, &current, log, message).await {
+        if let Some(answer) = self.answer_locally(org, &current, message).await {
             let body = answer.unwrap_or_else(|reject| reject.body());
             let _ = self.append(log, STANDALONE, &body, org);
             return;

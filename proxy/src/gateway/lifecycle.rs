@@ -85,10 +85,10 @@ impl Gateway {
     /// With several nodes, sets the sessions gauge to Redis's count of
     /// every node's sessions (at each reap, and before `/metrics` answers).
     pub async fn count_sessions(&self) {
-        let Some(events) = self.hub.events() else {
+        let Some(dropped) = self.cluster().dropped() else {
             return;
         };
-        let (dropped, counted) = (events.dropped(), self.metrics.shared_dropped.get());
+        let counted = self.metrics.shared_dropped.get();
         if dropped > counted {
             self.metrics.shared_dropped.inc_by(dropped - counted);
         }
@@ -108,7 +108,7 @@ impl Gateway {
     /// Counts a session in or out of the sessions gauge (one node; see
     /// [`Gateway::count_sessions`] for several).
     pub(super) fn count_session(&self, org: &str, by: i64) {
-        if self.hub.events().is_some() {
+        if self.cluster().is_shared() {
             return;
         }
         if let Some(route) = self.routes.org(org) {

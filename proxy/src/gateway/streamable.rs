@@ -114,7 +114,7 @@ impl Gateway {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         }
         if let [only] = requests.as_slice()
-            && let Some(answer) = self.answer_locally(call.org, &session, &log, only).await
+            && let Some(answer) = self.answer_locally(call.org, &session, only).await
         {
             return answer.map(|body| Response::json(StatusCode::OK, body));
         }
@@ -586,7 +586,6 @@ impl Gateway {
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         session: &SessionState,
-        log: &Arc<SessionLog>,
         request: &Message,
     ) -> Option<Result<Bytes, Reject>> {
         let id = request.request_id()?;
@@ -662,7 +661,7 @@ impl Gateway {
             .with_id(Some(id))));
         }
         if subscription {
-            self.ensure_listener(org, &session.id, log, true);
+            self.ensure_listener(org, &session.id, true);
         }
         if session.upstream.is_some() {
             // A stateful upstream filters its own log messages: it gets the
@@ -714,8 +713,7 @@ impl Gateway {
         id: Option<&Id>,
     ) -> Result<InFlight, Reject> {
         // Other nodes may receive the client's cancellation of it.
-        let shared = self.hub.events().filter(|_| id.is_some()).cloned();
-        self.in_flight.register(session, id, shared, slot)
+        self.in_flight.register(session, id, self.cluster(), slot)
     }
 
     pub(super) async fn mcp_get(self: &Arc<Self>, call: Call<'_>) -> Result<Response, Reject> {
@@ -752,7 +750,7 @@ impl Gateway {
             tracing::warn!(org = %org.name, session = %short(&session.id),
                 "resumed stream may have missed events: they left the event log (raise sessions.event_log_size)");
         }
-        self.ensure_listener(org, &session.id, &log, false);
+        self.ensure_listener(org, &session.id, false);
         let mut live = self.live_stream(org, &session, log, attach, None);
         self.end_with_token(&mut live, call.identity);
         Ok(Response::sse(Box::new(live)))

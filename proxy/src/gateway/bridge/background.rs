@@ -81,7 +81,6 @@ impl Gateway {
         self: &Arc<Self>,
         org: &Arc<OrgRoute>,
         session_id: &str,
-        log: &Arc<SessionLog>,
         refilter: bool,
     ) -> Option<tokio::sync::watch::Receiver<Phase>> {
         let stateful = match org.era.known() {
@@ -115,19 +114,14 @@ impl Gateway {
                 handles
             }
         };
-        let (this, org, first) = (self.clone(), org.clone(), log.clone());
+        let (this, org) = (self.clone(), org.clone());
         let id = session_id.to_owned();
         tokio::spawn(async move {
-            let mut first = Some(first);
             while let Some(run) = this.take_lease(&id, &stop, &phase).await {
                 // The log as it is now: a node that waited long for the
                 // lease may have dropped the mirror it had then.
-                let log = match first.take() {
-                    Some(log) if this.hub.events().is_none() => log,
-                    _ => match this.hub.open(&id, false).await {
-                        Ok(Some(log)) => log,
-                        _ => break,
-                    },
+                let Ok(Some(log)) = this.hub.open(&id, false).await else {
+                    break;
                 };
                 let _kept = log.keep();
                 org.metrics.background_streams.inc();
@@ -151,10 +145,8 @@ impl Gateway {
                 }
                 org.metrics.background_streams.dec();
                 let lost = run.is_cancelled() && !stop.is_cancelled();
-                if let Some(events) = this.hub.events() {
-                    // Another node may take over at once, not after the TTL.
-                    let _ = events.release(&id, LEASE).await;
-                }
+                // Another node may take over at once, not after the TTL.
+                this.cluster().release_lease(&id, LEASE).await;
                 if !lost {
                     break;
                 }
@@ -218,14 +210,15 @@ impl Gateway {
         phase: &tokio::sync::watch::Sender<Phase>,
     ) -> Option<CancellationToken> {
         let run = stop.child_token();
-        let Some(events) = self.hub.events() else {
-            return (!stop.is_cancelled()).then_some(run);
-        };
         loop {
             if stop.is_cancelled() {
                 return None;
             }
-            match events.hold(session_id, LEASE, run.clone()).await {
+            match self
+                .cluster()
+                .take_lease(session_id, LEASE, run.clone())
+                .await
+            {
                 Ok(true) => {
                     phase.send_replace(Phase::Opening);
                     return Some(run);

@@ -463,7 +463,7 @@ impl Gateway {
             .ok_or_else(|| unknown_request_state().with_id(Some(id)))?;
         let (org, identity) = (call.org, call.identity);
         let Some(parked) = self.parked.take(state, &org.name, &identity.subject) else {
-            return match (owner_of(state), self.hub.events()) {
+            return match (owner_of(state), self.cluster().events()) {
                 (Some(owner), Some(events)) if owner != self.node => {
                     let request = ResumeRequest {
                         node: owner,

@@ -192,7 +192,7 @@ impl Gateway {
             Err(e) => return Err(store_reject(e).with_id(Some(id))),
         };
         let attach = log.watch().map_err(|_| ended())?;
-        let phase = self.ensure_listener(org, &hidden.id, &log, false);
+        let phase = self.ensure_listener(org, &hidden.id, false);
         let mut honoured = requested.offered(&capabilities);
         match Self::background_phase(phase, OPEN_WAIT).await {
             Phase::Unavailable => honoured = Filter::default(),
