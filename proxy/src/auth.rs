@@ -1,220 +1,115 @@
-//! The gateway's side of the auth bridge: who is calling (bearer token to
-//! [`Identity`]), RFC 9728 metadata, and back-channel logout.
+//! What the gateway keeps for the auth bridge beyond one request: with
+//! several nodes, the provider logouts Redis remembers. (The request
+//! path's auth step, token checks and back-channel logout, is
+//! `gateway/auth.rs`; the validator itself is the `ratatosk-auth` crate.)
 
-use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, StatusCode, header};
 use ratatosk_auth::logout::LogoutEvent;
-use ratatosk_auth::metadata::{challenge, metadata_path, resource_metadata};
-use ratatosk_auth::{AuthError, AuthMode, Identity};
+use redis::Script;
+use redis::aio::ConnectionManager;
 
-use crate::edge::{Reject, Request, Response};
-use crate::gateway::Gateway;
-use crate::jsonrpc::code;
-use crate::routes::{Endpoint, OrgRoute};
+use crate::session::redis::{NOW, RedisStoreError, connection};
 
-impl Gateway {
-    /// The caller's identity on an org's route, checked against the org and
-    /// its required scopes. A refusal points at the metadata of the
-    /// `endpoint` called.
-    pub(crate) async fn authenticate(
+/// Provider logouts kept in Redis for as long as a token they refuse may
+/// live, so that a node that was off the bus when one came (starting, or
+/// cut off from Redis) refuses those tokens too once it is back.
+pub struct LogoutMemory {
+    conn: ConnectionManager,
+    /// A sorted set: logout JSON by expiry.
+    key: String,
+    remember: Script,
+    recall: Script,
+}
+
+impl LogoutMemory {
+    /// The memory under `{prefix}logouts` of the Redis at `url` (the
+    /// sessions' Redis).
+    pub fn new(url: &str, prefix: &str) -> Result<LogoutMemory, RedisStoreError> {
+        let (_, conn) = connection(url)?;
+        Ok(LogoutMemory {
+            conn,
+            key: format!("{prefix}logouts"),
+            remember: Script::new(&format!("{NOW}{REMEMBER}")),
+            recall: Script::new(&format!("{NOW}{RECALL}")),
+        })
+    }
+
+    /// Keeps `event` for `keep`.
+    pub async fn remember(
         &self,
-        org: &OrgRoute,
-        endpoint: Endpoint,
-        req: &Request,
-    ) -> Result<Arc<Identity>, Reject> {
-        if org.auth == AuthMode::None {
-            return Ok(org.anonymous.clone());
-        }
-        let result = match self.validator.as_ref() {
-            Some(validator) => {
-                let authorization = req
-                    .headers
-                    .get(header::AUTHORIZATION)
-                    .map(HeaderValue::as_bytes);
-                validator
-                    .authenticate(authorization, org.auth, &org.organization, &org.scopes)
-                    .await
-            }
-            None => Err(AuthError::Unavailable(
-                "no identity provider is configured".into(),
-            )),
-        };
-        result.map_err(|e| self.auth_reject(org, endpoint, &e))
+        event: &LogoutEvent,
+        keep: Duration,
+    ) -> Result<(), RedisStoreError> {
+        let json = serde_json::to_string(event).unwrap_or_default();
+        let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .remember
+            .key(&self.key)
+            .arg(json)
+            .arg(keep_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
-    /// A refusal with the challenge that sends clients to the metadata.
-    fn auth_reject(&self, org: &OrgRoute, endpoint: Endpoint, e: &AuthError) -> Reject {
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-        let rpc_code = if status == StatusCode::SERVICE_UNAVAILABLE {
-            code::INTERNAL_ERROR
-        } else {
-            code::BAD_REQUEST
-        };
-        if let AuthError::Unavailable(detail) = e {
-            tracing::warn!(org = %org.name, detail = %detail, "identity provider unavailable");
-        }
-        let mut reject = Reject::new(status, rpc_code, e.client_message());
-        let scopes = match &self.validator {
-            Some(validator) => validator.config().advertised_scopes(&org.scopes),
-            None => org.scopes.clone(),
-        };
-        match challenge(&self.metadata_url(org, endpoint), &scopes, e) {
-            Some(challenge) => {
-                if let Ok(v) = HeaderValue::from_str(&challenge) {
-                    reject.headers.push((header::WWW_AUTHENTICATE, v));
-                }
-            }
-            None => reject
-                .headers
-                .push((header::RETRY_AFTER, HeaderValue::from_static("2"))),
-        }
-        if status == StatusCode::UNAUTHORIZED {
-            // Anyone can send junk: at info, every refusal would be a line
-            // an attacker writes into the log. Counted in metrics instead.
-            tracing::debug!(org = %org.name, reason = %e, "request refused: no valid token");
-        }
-        reject
+    /// The logouts kept and not expired.
+    pub async fn recall(&self) -> Result<Vec<LogoutEvent>, RedisStoreError> {
+        let mut conn = self.conn.clone();
+        let kept: Vec<String> = self.recall.key(&self.key).invoke_async(&mut conn).await?;
+        Ok(kept
+            .iter()
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect())
     }
+}
 
-    /// The protected resource (RFC 9728) that a call to `endpoint` uses:
-    /// the URL a client connects to, `/mcp` or `/sse` (whose `/messages`
-    /// belong to it). Clients check that the resource of the metadata is
-    /// the URL they use, or a prefix of it, so each endpoint has its own.
-    fn resource_path(&self, org: &str, endpoint: Endpoint) -> String {
-        let endpoint = match endpoint {
-            Endpoint::Mcp => Endpoint::Mcp,
-            Endpoint::Sse | Endpoint::Messages => Endpoint::Sse,
-        };
-        self.routes.path_of(org, endpoint)
-    }
+/// KEYS: the logouts (a sorted set by expiry). ARGV: logout JSON, keep ms.
+const REMEMBER: &str = "
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return 1
+";
 
-    fn metadata_url(&self, org: &OrgRoute, endpoint: Endpoint) -> String {
-        format!(
-            "{}{}",
-            self.public_url,
-            metadata_path(&self.resource_path(&org.name, endpoint))
-        )
-    }
+/// KEYS: the logouts. -> the JSON of those not expired.
+const RECALL: &str = "
+return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+";
 
-    /// Answers the paths that are not an org's endpoints: RFC 9728 metadata
-    /// and back-channel logout. `None` for every other path.
-    pub(crate) async fn serve_auth_paths(&self, req: &Request) -> Option<Response> {
-        if let Some(resource) = req
-            .path
-            .strip_prefix("/.well-known/oauth-protected-resource")
-        {
-            return Some(self.serve_metadata(&req.method, resource));
-        }
-        if req.path == self.config.backchannel_logout_path {
-            return Some(self.serve_logout(req).await);
-        }
-        None
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{RedisServer, eventually};
 
-    fn serve_metadata(&self, method: &Method, resource_path: &str) -> Response {
-        let org = self
-            .routes
-            .orgs()
-            .find(|o| {
-                [Endpoint::Mcp, Endpoint::Sse]
-                    .into_iter()
-                    .any(|e| self.resource_path(&o.name, e) == resource_path)
-            })
-            .filter(|o| o.auth != AuthMode::None);
-        let (Some(org), Some(validator)) = (org, &self.validator) else {
-            return Reject::new(
-                StatusCode::NOT_FOUND,
-                code::NOT_FOUND,
-                format!(
-                    "no protected resource at '{}'",
-                    crate::jsonrpc::clip(resource_path, 64)
-                ),
-            )
-            .into_response();
-        };
-        if method != Method::GET {
-            return Reject::method_not_allowed(method, "GET").into_response();
-        }
-        let doc = resource_metadata(
-            &format!("{}{resource_path}", self.public_url),
-            &validator.config().issuer,
-            &validator.config().advertised_scopes(&org.scopes),
-            &org.name,
+    #[tokio::test]
+    async fn logouts_are_kept_for_as_long_as_asked() {
+        let redis = RedisServer::start().await;
+        let (a, b) = (
+            LogoutMemory::new(&redis.url(), "t:").expect("memory"),
+            LogoutMemory::new(&redis.url(), "t:").expect("memory"),
         );
-        Response::json(StatusCode::OK, Bytes::from(doc.to_string()))
-    }
-
-    async fn serve_logout(&self, req: &Request) -> Response {
-        let Some(validator) = &self.validator else {
-            return Reject::new(
-                StatusCode::NOT_FOUND,
-                code::NOT_FOUND,
-                "back-channel logout needs an identity provider",
-            )
-            .into_response();
+        let logout = |sub: &str| LogoutEvent {
+            sid: None,
+            sub: Some(sub.into()),
+            issued_at: None,
         };
-        if req.method != Method::POST {
-            return Reject::method_not_allowed(&req.method, "POST").into_response();
-        }
-        let result = validator.backchannel_logout(&req.body).await;
-        if let Ok(event) = &result {
-            if let Some(events) = self.hub.events() {
-                // Every other node refuses the tokens too, and so does a
-                // node that is not on the bus now (it reads them back when
-                // it subscribes: kept first, so none misses both).
-                let keep = validator.config().max_token_lifetime;
-                if let Err(e) = events.remember_logout(event, keep).await {
-                    tracing::warn!(error = %e, "cannot keep the logout in Redis; nodes off the bus now will not see it");
-                }
-                crate::gateway::Notice::Logout(event.clone()).send(events);
-            }
-            self.end_sessions_of(event).await;
-        }
-        let mut r = match result {
-            Ok(_) => Response::empty(StatusCode::OK),
-            Err(e) => {
-                let (status, body) = e.answer();
-                Response::json(status, Bytes::from(body.to_string()))
-            }
-        };
-        r.headers
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        r
-    }
-
-    /// Ends the gateway sessions that a provider logout ended: those
-    /// opened with its `sid`, or else every session of its `sub`. The
-    /// store's indexes find them without reading other sessions.
-    async fn end_sessions_of(&self, event: &LogoutEvent) {
-        let found = match (&event.sid, &event.sub) {
-            (Some(sid), _) => self.store.ids_of_idp_session(sid).await,
-            (None, Some(sub)) => {
-                let mut ids = Vec::new();
-                for org in self.routes.orgs() {
-                    match self.store.ids_of_subject(&org.name, sub).await {
-                        Ok(more) => ids.extend(more),
-                        Err(e) => {
-                            tracing::warn!(org = %org.name, error = %e, "cannot find the sessions to end after a logout");
-                        }
-                    }
-                }
-                Ok(ids)
-            }
-            (None, None) => Ok(Vec::new()),
-        };
-        let ids = match found {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot find the sessions to end after a logout");
-                return;
-            }
-        };
-        for id in ids {
-            if let Err(e) = self.end_session(&id, "its user logged out").await {
-                tracing::warn!(error = %e, "cannot end a logged-out session");
-            }
-        }
+        a.remember(&logout("alice"), Duration::from_secs(60))
+            .await
+            .expect("remember");
+        a.remember(&logout("bob"), Duration::from_millis(1))
+            .await
+            .expect("remember");
+        let only_alice = || async { b.recall().await.expect("recall") == [logout("alice")] };
+        assert!(
+            eventually(Duration::from_secs(5), only_alice).await,
+            "logouts kept: {:?}",
+            b.recall().await
+        );
+        // Another prefix is another memory.
+        let other = LogoutMemory::new(&redis.url(), "u:").expect("memory");
+        assert_eq!(other.recall().await.expect("recall"), []);
     }
 }

@@ -16,6 +16,7 @@ use ratatosk_auth::{AuthMode, Identity};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::LogoutMemory;
 use crate::config::{Config, Era};
 use crate::edge::{
     self, ChunkSource, LAST_EVENT_ID, Label, MCP_SESSION_ID, Reject, Request, Response,
@@ -35,6 +36,8 @@ use crate::upstream::{AnswerKind, Pool, UpstreamError};
 use crate::upstream::{AnswerReader, Forwarding, upstream_headers};
 
 // The parts of the request path (`handle` below walks them in order):
+/// Who is calling: token checks, RFC 9728 metadata, back-channel logout.
+mod auth;
 /// The era bridge: clients and upstreams of different MCP eras.
 mod bridge;
 /// What other nodes tell this one (Redis mode).
@@ -131,7 +134,17 @@ pub struct Gateway {
     refused_subscriptions: listen::Refused,
     /// Requests an upstream answered with a hold, for workers to finish.
     pub holds: Holds,
+    /// With several nodes: the provider logouts Redis keeps for nodes
+    /// that were off the bus.
+    logouts: Option<LogoutMemory>,
     draining: AtomicBool,
+}
+
+/// What the nodes of a gateway share through Redis: their sessions' event
+/// logs and the node bus, and the logouts kept for nodes off the bus.
+pub struct Shared {
+    pub events: Arc<SharedEvents>,
+    pub logouts: LogoutMemory,
 }
 
 /// Why a publish was refused.
@@ -147,17 +160,21 @@ pub enum PublishError {
 
 impl Gateway {
     pub fn new(config: Config, store: Arc<dyn SessionStore>) -> Result<Arc<Gateway>, BuildError> {
-        Self::with_events(config, store, None)
+        Self::with_nodes(config, store, None)
     }
 
-    /// A gateway node; with `events`, one of several that share their
+    /// A gateway node; with `shared`, one of several that share their
     /// sessions' event logs (and tell each other about sessions, requests
     /// and logouts) through Redis.
-    pub fn with_events(
+    pub fn with_nodes(
         config: Config,
         store: Arc<dyn SessionStore>,
-        events: Option<Arc<SharedEvents>>,
+        shared: Option<Shared>,
     ) -> Result<Arc<Gateway>, BuildError> {
+        let (events, logouts) = match shared {
+            Some(Shared { events, logouts }) => (Some(events), Some(logouts)),
+            None => (None, None),
+        };
         let metrics = Arc::new(Metrics::new()?);
         let mut orgs = Vec::new();
         for (name, org) in &config.orgs {
@@ -220,6 +237,7 @@ impl Gateway {
             tool_headers: params::ToolHeaders::new(),
             refused_subscriptions: Default::default(),
             holds: Holds::new(config.holds.clone()),
+            logouts,
             draining: AtomicBool::new(false),
             config: Arc::new(config),
         });

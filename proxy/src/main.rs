@@ -13,9 +13,10 @@ use pingora_core::server::Server;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
+use ratatosk::auth::LogoutMemory;
 use ratatosk::config::Config;
 use ratatosk::config::StoreKind;
-use ratatosk::gateway::Gateway;
+use ratatosk::gateway::{Gateway, Shared};
 use ratatosk::server::{AdminApp, Connections, Housekeeping, McpApp};
 use ratatosk::session::{MemorySessionStore, RedisSessionStore, SessionStore};
 use ratatosk::stream::shared::{SharedEvents, SharedLimits};
@@ -153,9 +154,8 @@ fn run(path: &Path) -> anyhow::Result<()> {
     };
     // A shared store's connection is driven by a runtime of its own: the
     // serving threads' runtimes only start with the server.
-    let (store, events, _store_runtime) = session_store(&config, path)?;
-    let gateway =
-        Gateway::with_events(config, store, events).context("cannot build the gateway")?;
+    let (store, shared, _store_runtime) = session_store(&config, path)?;
+    let gateway = Gateway::with_nodes(config, store, shared).context("cannot build the gateway")?;
     for org in gateway.unauthenticated_orgs() {
         tracing::warn!(
             org,
@@ -215,16 +215,16 @@ fn run(path: &Path) -> anyhow::Result<()> {
     server.run_forever();
 }
 
-/// The configured session store; with a shared store, the shared event
-/// log, and the runtime that drives their connections (kept for the life
-/// of the process).
-type Shared = (
+/// The configured session store; with a shared store, what the nodes
+/// share besides (event logs, bus, logouts), and the runtime that drives
+/// their connections (kept for the life of the process).
+type Stores = (
     Arc<dyn SessionStore>,
-    Option<Arc<SharedEvents>>,
+    Option<Shared>,
     Option<tokio::runtime::Runtime>,
 );
 
-fn session_store(config: &Config, path: &Path) -> anyhow::Result<Shared> {
+fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
     let sessions = &config.sessions;
     let (StoreKind::Redis, Some(url)) = (sessions.store, &sessions.url) else {
         return Ok((Arc::new(MemorySessionStore::new()), None, None));
@@ -241,7 +241,7 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Shared> {
             path.display()
         )
     };
-    let (store, events) = {
+    let (store, shared) = {
         let _driven_by = runtime.enter();
         let store = RedisSessionStore::new(url, &sessions.key_prefix, sessions.idle_ttl)
             .with_context(unusable)?;
@@ -256,10 +256,11 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Shared> {
             },
         )
         .with_context(unusable)?;
-        (store, events)
+        let logouts = LogoutMemory::new(url, &sessions.key_prefix).with_context(unusable)?;
+        (store, Shared { events, logouts })
     };
-    tracing::info!(prefix = %sessions.key_prefix, node = events.node(), "sessions and their events are kept in redis");
-    Ok((Arc::new(store), Some(events), Some(runtime)))
+    tracing::info!(prefix = %sessions.key_prefix, node = shared.events.node(), "sessions and their events are kept in redis");
+    Ok((Arc::new(store), Some(shared), Some(runtime)))
 }
 
 /// The address string of service `i`'s listener. Pingora shares one

@@ -115,15 +115,16 @@ impl BusHandler for Gateway {
 
     /// Logouts that came while this node was off the bus.
     fn bus_up(self: Arc<Self>) -> futures::future::BoxFuture<'static, ()> {
-        let (Some(validator), Some(events)) =
-            (self.validator.clone(), self.cluster().events().cloned())
-        else {
+        let Some(validator) = self.validator.clone() else {
             return Box::pin(async {});
         };
         Box::pin(async move {
+            let Some(memory) = &self.logouts else {
+                return;
+            };
             // The subscription just worked: a failure here is brief.
             for attempt in 1..=3 {
-                match events.logouts().await {
+                match memory.recall().await {
                     Ok(logouts) => {
                         for event in &logouts {
                             validator.revoke(event);

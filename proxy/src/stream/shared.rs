@@ -231,8 +231,6 @@ pub struct SharedEvents {
     read: Script,
     lease: Script,
     release: Script,
-    remember: Script,
-    recall: Script,
     hold_route: Script,
     hold_claim: Script,
     bus_up: AtomicBool,
@@ -278,8 +276,6 @@ impl SharedEvents {
             read: Script::new(READ),
             lease: Script::new(LEASE),
             release: Script::new(RELEASE),
-            remember: Script::new(&format!("{NOW}{REMEMBER}")),
-            recall: Script::new(&format!("{NOW}{RECALL}")),
             hold_route: Script::new(HOLD_ROUTE),
             hold_claim: Script::new(HOLD_CLAIM),
             bus_up: AtomicBool::new(false),
@@ -710,42 +706,6 @@ impl SharedEvents {
             .await?;
         let state = state.or_else(|| (queued > 0).then(|| "pending".to_owned()));
         Ok(state.map(|state| (state, answers)))
-    }
-
-    /// Keeps a provider logout in Redis for `keep` (the longest a token it
-    /// refuses may live), so that a node that was off the bus when it came
-    /// (starting, or cut off from Redis) refuses those tokens too.
-    pub async fn remember_logout(
-        &self,
-        event: &ratatosk_auth::logout::LogoutEvent,
-        keep: Duration,
-    ) -> Result<(), RedisStoreError> {
-        let json = serde_json::to_string(event).unwrap_or_default();
-        let mut conn = self.conn.clone();
-        let _: i64 = self
-            .remember
-            .key(format!("{}logouts", self.prefix))
-            .arg(json)
-            .arg(millis(keep))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(())
-    }
-
-    /// The logouts Redis keeps (see [`SharedEvents::remember_logout`]).
-    pub async fn logouts(
-        &self,
-    ) -> Result<Vec<ratatosk_auth::logout::LogoutEvent>, RedisStoreError> {
-        let mut conn = self.conn.clone();
-        let kept: Vec<String> = self
-            .recall
-            .key(format!("{}logouts", self.prefix))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(kept
-            .iter()
-            .filter_map(|json| serde_json::from_str(json).ok())
-            .collect())
     }
 
     /// The session's log after `after`; `None` if the session is gone.
@@ -1210,20 +1170,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local early = redis.call('LRANGE', KEYS[2], 0, -1)
 redis.call('DEL', KEYS[2])
 return early
-";
-
-/// KEYS: the logouts (a sorted set by expiry). ARGV: logout JSON, keep ms.
-const REMEMBER: &str = "
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], last[2])
-return 1
-";
-
-/// KEYS: the logouts. -> the JSON of those not expired.
-const RECALL: &str = "
-return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 ";
 
 /// KEYS: leases. ARGV: node tag, ttl in ms. Takes or renews each lease
@@ -1718,24 +1664,6 @@ mod tests {
             })
             .await,
             "a lease nobody renews did not expire"
-        );
-        // Logouts are kept for as long as asked.
-        let logout = |sub: &str| ratatosk_auth::logout::LogoutEvent {
-            sid: None,
-            sub: Some(sub.into()),
-            issued_at: None,
-        };
-        ea.remember_logout(&logout("alice"), Duration::from_secs(60))
-            .await
-            .expect("remember");
-        ea.remember_logout(&logout("bob"), Duration::from_millis(1))
-            .await
-            .expect("remember");
-        let only_alice = || async { eb.logouts().await.expect("logouts") == [logout("alice")] };
-        assert!(
-            eventually(Duration::from_secs(5), only_alice).await,
-            "logouts kept: {:?}",
-            eb.logouts().await
         );
     }
 
