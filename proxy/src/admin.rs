@@ -161,7 +161,7 @@ async fn readiness(gw: &Gateway) -> Response {
         .map(|o| {
             (
                 o.name.to_string(),
-                json!({"replicas": o.pool.snapshot(), "era": o.era.snapshot()}),
+                json!({"replicas": o.server.pool.snapshot(), "era": o.server.era.snapshot()}),
             )
         })
         .collect();

@@ -24,7 +24,7 @@ use crate::edge::{
 use crate::holds::{self, Holds};
 use crate::jsonrpc::{self, Body, Id, Kind, Message, code};
 use crate::metrics::Metrics;
-use crate::routes::{Endpoint, OrgRoute, RouteError, Routes};
+use crate::routes::{Endpoint, OrgRoute, RouteError, Routes, ServerRoute};
 use crate::session::{self, SessionState, SessionStore, StoreError, Transport, short};
 use crate::stream::{
     AttachError, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog, StreamId,
@@ -32,7 +32,7 @@ use crate::stream::{
     shared::{BusHandler, HoldRoute, SharedEvents},
     sse_frame,
 };
-use crate::upstream::{AnswerKind, Pool, UpstreamError};
+use crate::upstream::{AnswerKind, UpstreamError};
 use crate::upstream::{AnswerReader, Forwarding, upstream_headers};
 
 // The parts of the request path (`handle` below walks them in order):
@@ -178,16 +178,14 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new()?);
         let mut orgs = Vec::new();
         for (name, org) in &config.orgs {
-            let pool = Pool::new(
-                name,
-                &org.upstream,
-                config.limits.max_answer_bytes,
-                &metrics,
-            )
-            .map_err(|source| BuildError::Client {
-                org: name.clone(),
-                source,
-            })?;
+            let max_answer = config.limits.max_answer_bytes;
+            let server =
+                ServerRoute::new(name, &org.upstream, max_answer, &metrics).map_err(|source| {
+                    BuildError::Client {
+                        org: name.clone(),
+                        source,
+                    }
+                })?;
             orgs.push(OrgRoute {
                 name: name.as_str().into(),
                 auth: org.auth,
@@ -195,13 +193,7 @@ impl Gateway {
                 organization: org.organization.clone().unwrap_or_else(|| name.clone()),
                 anonymous: Arc::new(Identity::anonymous(name)),
                 metrics: metrics.for_org(name),
-                era: Arc::new(crate::upstream::UpstreamEra::new(
-                    name,
-                    org.upstream.era,
-                    &metrics,
-                )),
-                max_input_rounds: org.upstream.max_input_rounds,
-                pool: Arc::new(pool),
+                server,
             });
         }
         let validator = match &config.identity {

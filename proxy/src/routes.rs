@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use ratatosk_auth::AuthMode;
 
-use crate::upstream::Pool;
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+use crate::upstream::{Pool, PoolError, UpstreamEra};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -17,7 +19,7 @@ pub enum Endpoint {
     Messages,
 }
 
-/// One org's route: its upstream pool and how callers are checked.
+/// One org's route: how callers are checked, and the server behind it.
 pub struct OrgRoute {
     pub name: Arc<str>,
     pub auth: AuthMode,
@@ -28,11 +30,36 @@ pub struct OrgRoute {
     /// Who every caller is when `auth` is `none`.
     pub anonymous: Arc<ratatosk_auth::Identity>,
     pub metrics: crate::metrics::OrgMetrics,
-    /// The era the upstream speaks, configured or probed.
-    pub era: Arc<crate::upstream::UpstreamEra>,
+    /// The org's upstream MCP server (`orgs.<org>.upstream`).
+    pub server: ServerRoute,
+}
+
+/// One upstream MCP server: its replicas, the era it speaks, and how many
+/// input rounds a call may take. What belongs to a server, not to its org,
+/// lives here, so that an org can have several.
+pub struct ServerRoute {
+    /// The era the server speaks, configured or probed.
+    pub era: Arc<UpstreamEra>,
     /// `upstream.max_input_rounds`.
     pub max_input_rounds: u32,
     pub pool: Arc<Pool>,
+}
+
+impl ServerRoute {
+    /// The server of `org` that `config` describes; `max_answer_bytes` is
+    /// the gateway's `limits.max_answer_bytes`.
+    pub fn new(
+        org: &str,
+        config: &UpstreamConfig,
+        max_answer_bytes: usize,
+        metrics: &Metrics,
+    ) -> Result<ServerRoute, PoolError> {
+        Ok(ServerRoute {
+            era: Arc::new(UpstreamEra::new(org, config.era, metrics)),
+            max_input_rounds: config.max_input_rounds,
+            pool: Arc::new(Pool::new(org, config, max_answer_bytes, metrics)?),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,9 +152,7 @@ mod tests {
             organization: name.into(),
             anonymous: Arc::new(ratatosk_auth::Identity::anonymous(name)),
             metrics: metrics.for_org(name),
-            era: Arc::new(crate::upstream::UpstreamEra::new(name, cfg.era, &metrics)),
-            max_input_rounds: cfg.max_input_rounds,
-            pool: Arc::new(Pool::new(name, &cfg, 1 << 20, &metrics).expect("pool")),
+            server: ServerRoute::new(name, &cfg, 1 << 20, &metrics).expect("server"),
         };
         Routes::new(base, [org("org-1"), org("org-2")])
     }

@@ -356,7 +356,7 @@ impl Gateway {
         self.hub.drop_idle_mirrors();
         self.count_sessions().await;
         for org in self.routes.orgs() {
-            org.pool.available();
+            org.server.pool.available();
         }
         expired.len()
     }

@@ -240,7 +240,7 @@ impl Gateway {
     /// Reads `tools/list` page by page, at most [`MAX_PAGES`], all within
     /// the org's `upstream.timeout`.
     async fn read_tools(&self, call: Call<'_>, lister: Lister<'_>) -> Result<Snapshot, String> {
-        let bound = call.org.pool.read_limits.timeout;
+        let bound = call.org.server.pool.read_limits.timeout;
         let headers = match lister {
             Lister::Sessionless(headers) => headers.clone(),
             Lister::Hidden(session) => call.session_headers(session),
@@ -267,14 +267,14 @@ impl Gateway {
             };
             let body = era::request_body(Some(&id), "tools/list", params);
             let answer = match lister {
-                Lister::Sessionless(_) => org.pool.send(headers.clone(), body).await,
+                Lister::Sessionless(_) => org.server.pool.send(headers.clone(), body).await,
                 Lister::Hidden(session) => {
                     self.send_in_session(org, session, headers.clone(), body)
                         .await
                 }
             }
             .map_err(|e| e.to_string())?;
-            let mut reader = AnswerReader::new(answer, org.pool.read_limits);
+            let mut reader = AnswerReader::new(answer, org.server.pool.read_limits);
             let response = reader
                 .response_to(&id)
                 .await

@@ -187,7 +187,7 @@ impl Gateway {
                     ));
                 }
                 AnswerKind::Sse => {
-                    let reader = AnswerReader::new(answer, org.pool.read_limits);
+                    let reader = AnswerReader::new(answer, org.server.pool.read_limits);
                     return self.post_stream(org, &session, log, |this, out| async move {
                         let resume = Some(out.session.as_ref());
                         let (log, stream, token) = (&out.log, out.stream, &guard.token);
@@ -367,7 +367,7 @@ impl Gateway {
         };
         match answer {
             Ok(answer) => {
-                let reader = AnswerReader::new(answer, org.pool.read_limits);
+                let reader = AnswerReader::new(answer, org.server.pool.read_limits);
                 self.relay(reader, log, stream, id, org, &guard.token, Some(session))
                     .await;
             }
@@ -444,7 +444,7 @@ impl Gateway {
                             pending = None;
                         }
                         Ok(Kind::Request { method, .. })
-                            if org.era.known() == Some(Era::Stateless2025) =>
+                            if org.server.era.known() == Some(Era::Stateless2025) =>
                         {
                             // The client's answer would reach a fresh
                             // transport of the upstream, never this call:
@@ -591,7 +591,7 @@ impl Gateway {
         let id = request.request_id()?;
         let method = request.method()?;
         let subscription = matches!(method, "resources/subscribe" | "resources/unsubscribe")
-            && org.era.known() == Some(Era::Modern);
+            && org.server.era.known() == Some(Era::Modern);
         if method == "ping" {
             return Some(Ok(jsonrpc::result_body(Some(id), json!({}))));
         }
@@ -799,7 +799,7 @@ pub(super) async fn json_unless_cancelled(
     token: &CancellationToken,
     id: Option<&Id>,
 ) -> Result<Bytes, Reject> {
-    let mut reader = AnswerReader::new(answer, org.pool.read_limits);
+    let mut reader = AnswerReader::new(answer, org.server.pool.read_limits);
     let body = tokio::select! {
         biased;
         _ = token.cancelled() => return Err(cancelled(id)),

@@ -59,7 +59,7 @@ pub(in crate::gateway) fn listen_limits(org: &OrgRoute) -> crate::upstream::Read
         timeout: Duration::from_secs(365 * 24 * 3600),
         max_duration: Duration::from_secs(365 * 24 * 3600),
         max_bytes: usize::MAX,
-        max_event_bytes: org.pool.read_limits.max_bytes,
+        max_event_bytes: org.server.pool.read_limits.max_bytes,
     }
 }
 
@@ -83,7 +83,7 @@ impl Gateway {
         session_id: &str,
         refilter: bool,
     ) -> Option<tokio::sync::watch::Receiver<Phase>> {
-        let stateful = match org.era.known() {
+        let stateful = match org.server.era.known() {
             Some(Era::Modern) => false,
             Some(Era::Stateful2025) => true,
             _ => return None,

@@ -320,7 +320,7 @@ impl Park {
                 format!("the client did not declare the '{capability}' capability"),
             )));
         }
-        if self.rounds >= self.org.max_input_rounds {
+        if self.rounds >= self.org.server.max_input_rounds {
             return Some(Err((
                 code::UPSTREAM_ERROR,
                 format!(
@@ -428,7 +428,7 @@ impl Gateway {
             .send_in_session(org, &hidden, headers, body)
             .await
             .map_err(|e| upstream_reject(e, Some(id)))?;
-        let reader = AnswerReader::new(answer, org.pool.read_limits);
+        let reader = AnswerReader::new(answer, org.server.pool.read_limits);
         let park = Park {
             map: self.parked.parked.clone(),
             node: self.node,

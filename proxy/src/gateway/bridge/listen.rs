@@ -177,8 +177,9 @@ impl Gateway {
         let org = call.org;
         let requested = Filter::requested(params);
         let info = org
+            .server
             .era
-            .info(&org.pool, Era::Stateful2025)
+            .info(&org.server.pool, Era::Stateful2025)
             .await
             .map_err(|e| probe_reject(e, Some(id)))?;
         let capabilities = info.get("capabilities").cloned().unwrap_or(Value::Null);
@@ -250,7 +251,7 @@ impl Gateway {
             .filter(|u| !refused.as_ref().is_some_and(|r| r.contains(*u)))
             .take(room)
             .collect();
-        let deadline = tokio::time::Instant::now() + org.pool.read_limits.timeout;
+        let deadline = tokio::time::Instant::now() + org.server.pool.read_limits.timeout;
         let asks: Vec<_> = wanted
             .iter()
             .enumerate()
@@ -324,7 +325,7 @@ impl Gateway {
                 .send_in_session(org, session, headers, body)
                 .await
                 .map_err(|e| e.to_string())?;
-            let response = AnswerReader::new(answer, org.pool.read_limits)
+            let response = AnswerReader::new(answer, org.server.pool.read_limits)
                 .response_to(&id)
                 .await
                 .map_err(|e| e.to_string())?

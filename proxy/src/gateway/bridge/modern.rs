@@ -26,8 +26,9 @@ impl Gateway {
         org: &OrgRoute,
         id: Option<&Id>,
     ) -> Result<Era, Reject> {
-        org.era
-            .resolve(&org.pool)
+        org.server
+            .era
+            .resolve(&org.server.pool)
             .await
             .map_err(|e| probe_reject(e, id))
     }
@@ -36,8 +37,8 @@ impl Gateway {
     /// first client does not wait for it and `/metrics` shows it early.
     pub async fn probe_eras(&self) {
         for org in self.routes.orgs() {
-            if org.era.known().is_none()
-                && let Err(e) = org.era.resolve(&org.pool).await
+            if org.server.era.known().is_none()
+                && let Err(e) = org.server.era.resolve(&org.server.pool).await
             {
                 tracing::warn!(org = %org.name, error = %e, "cannot find out the upstream's era yet; will retry");
             }
@@ -115,8 +116,9 @@ impl Gateway {
         // The upstream's own description, only where it is needed: a
         // stateful upstream's calls do not wait for it.
         let info = || async {
-            org.era
-                .info(&org.pool, Era::Stateless2025)
+            org.server
+                .era
+                .info(&org.server.pool, Era::Stateless2025)
                 .await
                 .map_err(|e| probe_reject(e, Some(id)))
         };
@@ -129,7 +131,7 @@ impl Gateway {
                     jsonrpc::result_body(Some(id), result),
                 ));
             }
-            "subscriptions/listen" if org.era.known() == Some(Era::Stateful2025) => {
+            "subscriptions/listen" if org.server.era.known() == Some(Era::Stateful2025) => {
                 return self
                     .listen_in_hidden_session(call, id, &request.params)
                     .await;
@@ -153,7 +155,7 @@ impl Gateway {
             }
             _ => {}
         }
-        if org.era.known() == Some(Era::Stateful2025) {
+        if org.server.era.known() == Some(Era::Stateful2025) {
             return self.modern_to_stateful(call, id, request).await;
         }
         let info = info().await?;
@@ -177,11 +179,12 @@ impl Gateway {
         };
         let body = era::request_without_modern_meta(Some(id), &request.method, request.params);
         let answer = org
+            .server
             .pool
             .send(headers, body)
             .await
             .map_err(|e| modern_upstream_reject(e, Some(id)))?;
-        let reader = AnswerReader::new(answer, org.pool.read_limits);
+        let reader = AnswerReader::new(answer, org.server.pool.read_limits);
         self.respond_modern(
             org,
             reader,
@@ -205,6 +208,7 @@ impl Gateway {
         listen: bool,
     ) -> Result<Response, Reject> {
         let answer = org
+            .server
             .pool
             .send(headers, body)
             .await
@@ -213,7 +217,7 @@ impl Gateway {
         let limits = if listen {
             background::listen_limits(org)
         } else {
-            org.pool.read_limits
+            org.server.pool.read_limits
         };
         let reader = AnswerReader::new(answer, limits);
         self.respond_modern(org, reader, id, to_modern, None, None)
@@ -307,8 +311,9 @@ impl Gateway {
     ) -> Result<Bytes, Reject> {
         let id = init.request_id();
         let info = org
+            .server
             .era
-            .info(&org.pool, Era::Modern)
+            .info(&org.server.pool, Era::Modern)
             .await
             .map_err(|e| probe_reject(e, id))?;
         let params = init.params().unwrap_or(Value::Null);
@@ -427,7 +432,7 @@ impl Gateway {
             let value = match answer {
                 Ok(value) => value,
                 Err(answer) => {
-                    let reader = AnswerReader::new(answer, org.pool.read_limits);
+                    let reader = AnswerReader::new(answer, org.server.pool.read_limits);
                     let Some(response) = self
                         .relay(reader, log, stream, Some(id.clone()), org, cancel, None)
                         .await
@@ -447,7 +452,7 @@ impl Gateway {
                 return;
             };
             rounds += 1;
-            let max_rounds = org.max_input_rounds;
+            let max_rounds = org.server.max_input_rounds;
             if rounds > max_rounds {
                 let body = jsonrpc::error_body(
                     Some(&id),
@@ -554,7 +559,7 @@ impl Gateway {
             }
             waits.push((key, method, rx));
         }
-        let wait = org.pool.read_limits.max_duration;
+        let wait = org.server.pool.read_limits.max_duration;
         let deadline = tokio::time::Instant::now() + wait;
         let mut answers = Map::new();
         for (key, method, rx) in waits {
@@ -656,7 +661,7 @@ impl ModernRound {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
-            a = org.pool.send(h, body) => Some(a),
+            a = org.server.pool.send(h, body) => Some(a),
         }
     }
 }
@@ -1036,7 +1041,7 @@ impl Feed for Listen<'_> {
             &era::session_meta(session),
         );
         let answer = tokio::select! {
-            a = self.org.pool.send(headers, body) => a,
+            a = self.org.server.pool.send(headers, body) => a,
             _ = stop.cancelled() => return Opened::End,
         };
         match answer {

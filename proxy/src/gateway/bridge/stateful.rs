@@ -96,6 +96,7 @@ impl Gateway {
         params: Value,
     ) -> Result<(Bytes, Option<UpstreamSession>), Reject> {
         let answer = org
+            .server
             .pool
             .send(headers, body)
             .await
@@ -107,7 +108,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let replica = answer.lease.url().to_owned();
-        let mut reader = AnswerReader::new(answer, org.pool.read_limits);
+        let mut reader = AnswerReader::new(answer, org.server.pool.read_limits);
         let Some(response) = reader
             .response_to(id)
             .await
@@ -146,7 +147,7 @@ impl Gateway {
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
         let Some(bound) = &session.upstream else {
-            return org.pool.send(headers, body).await;
+            return org.server.pool.send(headers, body).await;
         };
         match send_bound(org, bound, Method::POST, headers.clone(), body.clone()).await {
             Err(e) if is_lost(&e) => {
@@ -497,7 +498,8 @@ pub(in crate::gateway) async fn send_bound(
     if let Ok(v) = HeaderValue::from_str(&bound.protocol_version) {
         headers.insert(MCP_PROTOCOL_VERSION, v);
     }
-    org.pool
+    org.server
+        .pool
         .send_to(&bound.replica, method, headers, body)
         .await
 }
