@@ -28,11 +28,20 @@ pub enum ReadError {
 
 /// How many bytes of an SSE body the event parser holds: those since the
 /// last blank line (the end of an event).
-#[derive(Default)]
 struct EventBytes {
     pending: usize,
-    /// The last two bytes seen, for a blank line split across chunks.
+    /// The last two bytes seen, for a blank line split across chunks. At
+    /// the start, line ends: a body may start with a blank line.
     tail: [u8; 2],
+}
+
+impl Default for EventBytes {
+    fn default() -> Self {
+        EventBytes {
+            pending: 0,
+            tail: [b'\n', b'\n'],
+        }
+    }
 }
 
 impl EventBytes {
@@ -42,14 +51,14 @@ impl EventBytes {
             // Index into the tail, then the chunk.
             if i < 2 { self.tail[i] } else { chunk[i - 2] }
         };
+        let eol = |b: u8| b == b'\n' || b == b'\r';
         let end = chunk.len() + 2;
-        // The last blank line: "\n\n", "\r\r" or "\n\r\n" ending at i, or
-        // "\n\r" (an LF line, then a blank line of CR or CRLF).
-        let boundary = (2..end).rev().find(|&i| {
-            let (b, prev) = (at(i), at(i - 1));
-            (b == b'\n' && prev == b'\n')
-                || (b == b'\r' && (prev == b'\r' || prev == b'\n'))
-                || (b == b'\n' && prev == b'\r' && i >= 3 && at(i - 2) == b'\n')
+        // The last byte of the last blank line: a CR or an LF right after a
+        // line's end, or the LF of a CRLF whose CR came right after one.
+        let boundary = (2..end).rev().find(|&i| match at(i) {
+            b'\r' => eol(at(i - 1)),
+            b'\n' => at(i - 1) == b'\n' || (at(i - 1) == b'\r' && eol(at(i - 2))),
+            _ => false,
         });
         self.pending = match boundary {
             Some(i) => end - 1 - i,
@@ -508,6 +517,22 @@ mod tests {
         let mut mixed = EventBytes::default();
         assert_eq!(mixed.after(b"data: a\r\n\rdata: b"), 7);
         assert_eq!(mixed.after(b"\n\r"), 0);
+        // A body that starts with a blank line holds nothing before it
+        // (found by the `sse_answer` fuzz target: the CR was counted).
+        for start in [&b"\rabc"[..], b"\nabc", b"\r\nabc"] {
+            assert_eq!(EventBytes::default().after(start), 3, "{start:?}");
+        }
+        // The LF of a blank CRLF line is not held, wherever the chunks
+        // split it, after a CR line or an LF line.
+        for (first, second) in [
+            (&b"x\r\r"[..], &b"\nabc"[..]),
+            (b"x\n\r", b"\nabc"),
+            (b"\r", b"\nabc"),
+        ] {
+            let mut e = EventBytes::default();
+            assert_eq!(e.after(first), 0, "{first:?}");
+            assert_eq!(e.after(second), 3, "{first:?} {second:?}");
+        }
     }
 
     #[tokio::test]
