@@ -72,7 +72,7 @@ use in_flight::InFlight;
 use lifecycle::negotiated_version;
 pub use rejects::hold_reject;
 use rejects::*;
-use streamable::{PostStream, json_unless_cancelled, parse_post_body};
+use streamable::{json_unless_cancelled, parse_post_body};
 
 /// How many requests of one batch go upstream at once.
 const BATCH_CONCURRENCY: usize = 8;

@@ -3,15 +3,6 @@
 
 use super::*;
 
-/// What a task that fills a POST's stream writes to (see
-/// [`Gateway::post_stream`]).
-pub(super) struct PostStream {
-    pub(super) org: Arc<OrgRoute>,
-    pub(super) session: Arc<SessionState>,
-    pub(super) log: Arc<SessionLog>,
-    pub(super) stream: StreamId,
-}
-
 impl Gateway {
     /// Batches are allowed only where the protocol version allows them (a
     /// session's `negotiated` one, or else the one the request names), and
@@ -153,19 +144,18 @@ impl Gateway {
                         (id.clone(), holds::hold_of(&body, self.holds.config()))
                     {
                         // A hold: the answer comes later, so on a stream.
-                        return self.post_stream(org, &session, log, |this, out| async move {
-                            let PostStream {
-                                org,
-                                session,
-                                log,
-                                stream,
-                            } = &out;
-                            let client = HoldClient::of(session);
-                            let token = &guard.token;
-                            this.keep_hold(asked, &client, log, *stream, request, org, token)
-                                .await;
-                            guard
-                        });
+                        return self.post_stream(
+                            org,
+                            &session,
+                            log,
+                            |this, org, session, log, stream| async move {
+                                let client = HoldClient::of(&session);
+                                let token = &guard.token;
+                                this.keep_hold(asked, &client, &log, stream, request, &org, token)
+                                    .await;
+                                guard
+                            },
+                        );
                     }
                     if edge::prefers_sse(call.headers) {
                         // The client asked for a stream (with its priming
@@ -188,13 +178,17 @@ impl Gateway {
                 }
                 AnswerKind::Sse => {
                     let reader = AnswerReader::new(answer, org.server.pool.read_limits);
-                    return self.post_stream(org, &session, log, |this, out| async move {
-                        let resume = Some(out.session.as_ref());
-                        let (log, stream, token) = (&out.log, out.stream, &guard.token);
-                        this.relay(reader, log, stream, id, &out.org, token, resume)
-                            .await;
-                        guard
-                    });
+                    return self.post_stream(
+                        org,
+                        &session,
+                        log,
+                        |this, org, session, log, stream| async move {
+                            let (resume, token) = (Some(session.as_ref()), &guard.token);
+                            this.relay(reader, &log, stream, id, &org, token, resume)
+                                .await;
+                            guard
+                        },
+                    );
                 }
             }
         }
@@ -206,23 +200,23 @@ impl Gateway {
         }
         // A batch (2025-03-26): each request goes upstream on its own, and
         // every answer streams back on one SSE response.
-        self.post_stream(org, &session, log, |this, out| async move {
-            let PostStream {
-                org,
-                session,
-                log,
-                stream,
-            } = &out;
-            futures::stream::iter(requests.iter())
-                .for_each_concurrent(BATCH_CONCURRENCY, |m| {
-                    this.forward_into(org, session, log, *stream, m, headers.clone(), None)
-                })
-                .await;
-        })
+        self.post_stream(
+            org,
+            &session,
+            log,
+            |this, org, session, log, stream| async move {
+                futures::stream::iter(requests.iter())
+                    .for_each_concurrent(BATCH_CONCURRENCY, |m| {
+                        this.forward_into(&org, &session, &log, stream, m, headers.clone(), None)
+                    })
+                    .await;
+            },
+        )
     }
 
     /// Answers a POST with a stream of its own, which `fill` writes in a
-    /// task of its own; the stream ends when `fill` is done. What `fill`
+    /// task of its own (given owned handles: the gateway, org, session, log
+    /// and the stream's id); the stream ends when `fill` is done. What `fill`
     /// returns (the request's in-flight guard) is dropped only after that,
     /// so the request stays cancellable until its stream has ended.
     pub(super) fn post_stream<F, Fut>(
@@ -233,18 +227,18 @@ impl Gateway {
         fill: F,
     ) -> Result<Response, Reject>
     where
-        F: FnOnce(Arc<Self>, PostStream) -> Fut,
+        F: FnOnce(Arc<Self>, Arc<OrgRoute>, Arc<SessionState>, Arc<SessionLog>, StreamId) -> Fut,
         Fut: Future + Send + 'static,
         Fut::Output: Send,
     {
         let stream = log.begin_stream().map_err(|_| session_not_found())?;
-        let out = PostStream {
-            org: org.clone(),
-            session: session.clone(),
-            log: log.clone(),
+        let work = fill(
+            self.clone(),
+            org.clone(),
+            session.clone(),
+            log.clone(),
             stream,
-        };
-        let work = fill(self.clone(), out);
+        );
         let ending = log.clone();
         tokio::spawn(async move {
             let kept = work.await;

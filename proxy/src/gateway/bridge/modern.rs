@@ -372,27 +372,17 @@ impl Gateway {
             Some(Err(body)) => return self.post_stream_of(org, &session, log, &body),
             None => return Ok(Response::empty(StatusCode::ACCEPTED)),
         };
-        self.post_stream(org, &session, log, |this, out| async move {
-            let PostStream {
-                org,
-                session,
-                log,
-                stream,
-            } = &out;
-            let first = Some(first);
-            this.exchange_modern(
-                org,
-                session,
-                log,
-                *stream,
-                round,
-                headers,
-                &guard.token,
-                first,
-            )
-            .await;
-            guard
-        })
+        self.post_stream(
+            org,
+            &session,
+            log,
+            |this, org, session, log, stream| async move {
+                let (first, token) = (Some(first), &guard.token);
+                this.exchange_modern(&org, &session, &log, stream, round, headers, token, first)
+                    .await;
+                guard
+            },
+        )
     }
 
     /// One request of a handshake-era session to a modern upstream: the
