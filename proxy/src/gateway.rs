@@ -63,7 +63,7 @@ mod replies;
 /// Streamable HTTP: POST, GET and DELETE on `/mcp`.
 mod streamable;
 
-use bridge::{background, hidden, listen, modern, stateful};
+use bridge::{modern, stateful};
 pub use bus::{Notice, ResumeRequest, Resumed};
 use call::Call;
 use cluster::Cluster;
@@ -118,20 +118,8 @@ pub struct Gateway {
     /// The gateway's own requests to clients, waiting for their answers;
     /// also mints the gateway's unique ids.
     replies: replies::Replies,
-    /// Background upstream streams (listens of modern upstreams, GET
-    /// streams of stateful ones) this node holds, by session.
-    listeners: background::Listeners,
-    /// One re-initialization at a time per session, when a stateful
-    /// upstream lost the session's upstream session.
-    rebinding: stateful::Rebinds,
-    /// Hidden sessions of 2026-07-28 clients with a stateful upstream.
-    hidden: hidden::HiddenSessions,
-    /// Upstream calls waiting for a 2026-07-28 client's input.
-    parked: hidden::ParkedCalls,
-    /// The `x-mcp-header` parameters of upstream tools, per (org, caller).
-    tool_headers: params::ToolHeaders,
-    /// Resource URIs hidden sessions' upstreams refused to subscribe to.
-    refused_subscriptions: listen::Refused,
+    /// What the era bridge keeps between requests.
+    bridges: bridge::Bridges,
     /// Requests an upstream answered with a hold, for workers to finish.
     pub holds: Holds,
     /// With several nodes: the provider logouts Redis keeps for nodes
@@ -222,12 +210,7 @@ impl Gateway {
             metrics,
             in_flight: in_flight::Requests::default(),
             replies: replies::Replies::new(node),
-            listeners: Default::default(),
-            rebinding: Default::default(),
-            hidden: Default::default(),
-            parked: Default::default(),
-            tool_headers: params::ToolHeaders::new(),
-            refused_subscriptions: Default::default(),
+            bridges: bridge::Bridges::new(),
             holds: Holds::new(config.holds.clone()),
             logouts,
             draining: AtomicBool::new(false),
@@ -378,7 +361,7 @@ impl Gateway {
         self.hub.close_all();
         // Leases of background upstream streams go now, so that another
         // node takes them over at once rather than when they expire.
-        self.listeners.stop_all();
+        self.bridges.listeners.stop_all();
     }
 
     pub fn is_draining(&self) -> bool {

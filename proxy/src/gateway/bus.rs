@@ -152,7 +152,7 @@ impl BusHandler for Gateway {
                 self.stop_requests(&session);
                 self.drop_local(&session);
                 if hidden {
-                    self.hidden.forget(&session);
+                    self.bridges.hidden.forget(&session);
                 }
             }
             Notice::Cancel { session, id } => {

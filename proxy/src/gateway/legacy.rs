@@ -109,7 +109,7 @@ impl Gateway {
             // One initialize at a time per session: each replaces (and
             // ends) the upstream session of the one before, so a batch of
             // them leaves exactly one behind.
-            let coordination = self.rebinding.of(&session.id);
+            let coordination = self.bridges.rebinding.of(&session.id);
             let _one = coordination.lock.lock().await;
             let answer = match self.negotiate(call, &session.id, message).await {
                 Ok((answer, upstream)) => {

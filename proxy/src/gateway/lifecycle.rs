@@ -227,8 +227,8 @@ impl Gateway {
     pub(super) fn drop_local(&self, id: &str) {
         self.hub.remove(id);
         self.stop_listener(id);
-        self.rebinding.forget(id);
-        self.refused_subscriptions.forget(id);
+        self.bridges.rebinding.forget(id);
+        self.bridges.refused_subscriptions.forget(id);
         self.holds.end_session(id);
     }
 

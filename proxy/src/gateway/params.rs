@@ -189,6 +189,7 @@ impl Gateway {
         let (org, identity) = (call.org, call.identity);
         let key = (org.name.clone(), identity.subject.clone());
         if let Some(answer) = self
+            .bridges
             .tool_headers
             .lists
             .get(&key)
@@ -198,6 +199,7 @@ impl Gateway {
             return answer;
         }
         let computed = self
+            .bridges
             .tool_headers
             .lists
             .entry(key)

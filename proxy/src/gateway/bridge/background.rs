@@ -95,7 +95,7 @@ impl Gateway {
         }
         let generation = self.in_flight.generation();
         let (phase, watching) = tokio::sync::watch::channel(Phase::Opening);
-        let (stop, reopen) = match self.listeners.0.entry(session_id.to_owned()) {
+        let (stop, reopen) = match self.bridges.listeners.0.entry(session_id.to_owned()) {
             dashmap::Entry::Occupied(e) => {
                 if refilter {
                     e.get().reopen.notify_one();
@@ -129,7 +129,7 @@ impl Gateway {
                     let mut follow = stateful::Follow {
                         gw: &this,
                         org: &org,
-                        coordination: this.rebinding.of(&id),
+                        coordination: this.bridges.rebinding.of(&id),
                         phase: &phase,
                     };
                     this.hold_background(&org, &id, &log, &run, &mut follow)
@@ -151,7 +151,8 @@ impl Gateway {
                     break;
                 }
             }
-            this.listeners
+            this.bridges
+                .listeners
                 .0
                 .remove_if(&id, |_, l| l.generation == generation);
         });
@@ -161,7 +162,7 @@ impl Gateway {
     /// Reopens this node's listen of a session, if it holds one (another
     /// node changed the session's filter).
     pub(in crate::gateway) fn reopen_listener(&self, session_id: &str) {
-        if let Some(l) = self.listeners.0.get(session_id) {
+        if let Some(l) = self.bridges.listeners.0.get(session_id) {
             l.reopen.notify_one();
         }
     }
@@ -193,7 +194,7 @@ impl Gateway {
 
     /// Stops a session's listen stream, if it has one.
     pub(in crate::gateway) fn stop_listener(&self, session_id: &str) {
-        if let Some((_, l)) = self.listeners.0.remove(session_id) {
+        if let Some((_, l)) = self.bridges.listeners.0.remove(session_id) {
             l.stop.cancel();
         }
     }

@@ -430,7 +430,7 @@ impl Gateway {
             .map_err(|e| upstream_reject(e, Some(id)))?;
         let reader = AnswerReader::new(answer, org.server.pool.read_limits);
         let park = Park {
-            map: self.parked.parked.clone(),
+            map: self.bridges.parked.parked.clone(),
             node: self.node,
             org: org.clone(),
             session: hidden,
@@ -462,7 +462,11 @@ impl Gateway {
             .as_str()
             .ok_or_else(|| unknown_request_state().with_id(Some(id)))?;
         let (org, identity) = (call.org, call.identity);
-        let Some(parked) = self.parked.take(state, &org.name, &identity.subject) else {
+        let Some(parked) = self
+            .bridges
+            .parked
+            .take(state, &org.name, &identity.subject)
+        else {
             return match (owner_of(state), self.cluster().events()) {
                 (Some(owner), Some(events)) if owner != self.node => {
                     let request = ResumeRequest {
@@ -524,7 +528,7 @@ impl Gateway {
         }
         let (tx, rx) = oneshot::channel();
         let mut waiting = Waiting::new(
-            &self.parked.resumes,
+            &self.bridges.parked.resumes,
             events,
             owner,
             request.token.clone(),
@@ -628,11 +632,12 @@ impl Gateway {
         request: &ResumeRequest,
     ) -> Result<Resumed, Reject> {
         let parked = self
+            .bridges
             .parked
             .take(&request.state, &request.org, &request.subject)
             .ok_or_else(unknown_request_state)?;
         // The retry's node gave up before this node heard of it.
-        let abandoned = self.parked.was_abandoned(&request.token);
+        let abandoned = self.bridges.parked.was_abandoned(&request.token);
         let client_id = Id::from_value(&request.id);
         let (Some(client_id), false) = (client_id, abandoned) else {
             parked
@@ -655,7 +660,10 @@ impl Gateway {
             Ok(guard) => guard,
             Err(reject) => {
                 // Still parked: the client may come back with it later.
-                self.parked.parked.insert(request.state.clone(), parked);
+                self.bridges
+                    .parked
+                    .parked
+                    .insert(request.state.clone(), parked);
                 return Err(reject);
             }
         };
@@ -677,6 +685,7 @@ impl Gateway {
             .map_err(|_| call_lost("the call's upstream session ended".into()))?;
         // The retry's node may have given up while the input was delivered.
         if !self
+            .bridges
             .parked
             .start_continued(&request.token, &session.id, &call)
         {
@@ -701,7 +710,7 @@ impl Gateway {
                 }
             }
             log.end_stream(stream);
-            this.parked.end_continued(&token);
+            this.bridges.parked.end_continued(&token);
             drop(guard);
         });
         Ok(Resumed::Streaming {
@@ -714,13 +723,13 @@ impl Gateway {
 
     /// Hands a retry's answer to the node that waits for it.
     pub(in crate::gateway) fn resumed(&self, token: &str, outcome: Resumed) {
-        self.parked.resumed(token, outcome);
+        self.bridges.parked.resumed(token, outcome);
     }
 
     /// The node serving retry `token` gave up on it: stop the call this
     /// node continues for it, or do not start it.
     pub(in crate::gateway) fn abandon(&self, token: String) {
-        if let Some((session, call)) = self.parked.abandon(token) {
+        if let Some((session, call)) = self.bridges.parked.abandon(token) {
             self.cancel_in_flight(session, call);
         }
     }
@@ -761,12 +770,12 @@ impl Gateway {
         if let Some(found) = self.live_hidden(&key, identity).await {
             return Ok(found);
         }
-        let opening = Opening::new(&self.hidden.opening, key.clone());
+        let opening = Opening::new(&self.bridges.hidden.opening, key.clone());
         let _one = opening.lock.lock().await;
         if let Some(found) = self.live_hidden(&key, identity).await {
             return Ok(found);
         }
-        let open = self.hidden.count_of(&caller);
+        let open = self.bridges.hidden.count_of(&caller);
         if open >= MAX_HIDDEN_PER_CALLER {
             return Err(Reject::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -816,7 +825,7 @@ impl Gateway {
                             "another node opened this client's hidden session first",
                         )
                         .await;
-                    self.hidden.note(&key, &recorded);
+                    self.bridges.hidden.note(&key, &recorded);
                     return Ok(theirs);
                 }
             }
@@ -825,7 +834,7 @@ impl Gateway {
                 tracing::warn!(org = %org.name, error = %e, "cannot share a hidden session with the other nodes");
             }
         }
-        self.hidden.note(&key, &id);
+        self.bridges.hidden.note(&key, &id);
         Ok(state)
     }
 
@@ -887,7 +896,7 @@ impl Gateway {
         let id = self.store.hidden_session(key).await.ok()??;
         match self.store.lookup(&id).await {
             Ok(Some(s)) if live(&s) => {
-                self.hidden.note(key, &id);
+                self.bridges.hidden.note(key, &id);
                 Some(s)
             }
             _ => None,
@@ -900,7 +909,7 @@ impl Gateway {
         if ended.transport != Transport::Hidden {
             return;
         }
-        let keys = self.hidden.forget(&ended.id);
+        let keys = self.bridges.hidden.forget(&ended.id);
         if keys.is_empty() {
             return;
         }
@@ -917,7 +926,7 @@ impl Gateway {
     /// Drops parked calls nobody came back for, telling the upstream, and
     /// old marks of retries given up.
     pub(in crate::gateway) fn expire_parked(&self) {
-        for parked in self.parked.take_expired() {
+        for parked in self.bridges.parked.take_expired() {
             parked
                 .park
                 .cancel(&parked.call, "the client did not come back with its input");
@@ -1302,7 +1311,7 @@ pub(in crate::gateway) mod tests {
         let r = gw.handle(call(1, "ask", json!({}), ROOTS())).await;
         assert_eq!(r.status, StatusCode::OK);
         let state = asked_roots(&json_of(&r));
-        assert_eq!(gw.parked.parked.len(), 1, "the call waits, parked");
+        assert_eq!(gw.bridges.parked.parked.len(), 1, "the call waits, parked");
 
         let r = gw
             .handle(call(2, "ask", answer_roots(&state, 3), ROOTS()))
@@ -1310,7 +1319,7 @@ pub(in crate::gateway) mod tests {
         let body = json_of(&r);
         assert_eq!(body["id"], 2, "{body}");
         assert_eq!(text_of(&body), "3 roots");
-        assert!(gw.parked.parked.is_empty());
+        assert!(gw.bridges.parked.parked.is_empty());
 
         // A state is answered once.
         let r = gw
@@ -1376,7 +1385,7 @@ pub(in crate::gateway) mod tests {
                 && text.contains("'roots'"),
             "{text}"
         );
-        assert!(gw.parked.parked.is_empty());
+        assert!(gw.bridges.parked.parked.is_empty());
     }
 
     #[tokio::test]
@@ -1401,7 +1410,7 @@ pub(in crate::gateway) mod tests {
         assert_eq!(text_of(&json_of(&r)), "ok", "answered in a new session");
         let seen = seen.lock().expect("seen");
         assert_eq!(seen.inits, 2, "initialized again, once");
-        assert_eq!(gw.hidden.ids().len(), 1, "still one hidden session");
+        assert_eq!(gw.bridges.hidden.ids().len(), 1, "still one hidden session");
     }
 
     #[tokio::test]

@@ -244,7 +244,7 @@ impl Gateway {
         let max = self.config.sessions.max_subscriptions;
         let held = &session.resource_subscriptions;
         let room = max.saturating_sub(held.len());
-        let refused = self.refused_subscriptions.of(&session.id);
+        let refused = self.bridges.refused_subscriptions.of(&session.id);
         let wanted: Vec<&String> = uris
             .iter()
             .filter(|u| !held.contains(u))
@@ -280,7 +280,8 @@ impl Gateway {
             }
         }
         drop(asks);
-        self.refused_subscriptions
+        self.bridges
+            .refused_subscriptions
             .add(&session.id, newly_refused, max);
         if !made.is_empty() {
             let record = |s: &mut SessionState| {
@@ -711,7 +712,7 @@ mod tests {
         let (up, _) = subscribing_upstream().await;
         let gw = gateway("stateful-2025", &up.url());
         listen(&gw, 1, &[]).await;
-        let hidden = gw.hidden.ids();
+        let hidden = gw.bridges.hidden.ids();
         let [hidden] = hidden.as_slice() else {
             panic!("one hidden session: {hidden:?}")
         };

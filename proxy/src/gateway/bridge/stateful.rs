@@ -175,7 +175,7 @@ impl Gateway {
             replica: org.name.to_string(),
             reason: format!("cannot open the upstream session again: {reason}"),
         };
-        let coordination = self.rebinding.of(session_id);
+        let coordination = self.bridges.rebinding.of(session_id);
         let _one = coordination.lock.lock().await;
         let current = self
             .store
@@ -183,7 +183,7 @@ impl Gateway {
             .await
             .map_err(|e| fail(e.to_string()))?;
         let Some(current) = current else {
-            self.rebinding.forget(session_id);
+            self.bridges.rebinding.forget(session_id);
             return Err(fail("the session ended".into()));
         };
         if let Some(up) = &current.upstream
@@ -226,7 +226,7 @@ impl Gateway {
         if !recorded {
             // The session ended meanwhile: nobody will close this one.
             self.close_bound(&current, fresh);
-            self.rebinding.forget(session_id);
+            self.bridges.rebinding.forget(session_id);
             return Err(fail("the session ended".into()));
         }
         // Its replica may still hold it (it was only unreachable).
@@ -615,7 +615,7 @@ impl Feed for Follow<'_> {
     }
 
     fn session_gone(&self, session_id: &str) {
-        self.gw.rebinding.forget(session_id);
+        self.gw.bridges.rebinding.forget(session_id);
     }
 }
 
