@@ -76,7 +76,9 @@ pub fn messages(text: &str) -> Vec<String> {
 /// The most bytes a parser must hold between two events, whatever the
 /// chunking: the longest run from the end of one empty line (or the start)
 /// to the last byte before the end of the next (or to the end of the body).
+/// A leading byte-order mark is no content.
 pub fn longest_event(body: &[u8]) -> usize {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(body);
     let mut ends = vec![0];
     let mut line_start = 0;
     let mut i = 0;

@@ -26,13 +26,20 @@ pub enum ReadError {
     Garbled { replica: String, reason: String },
 }
 
+/// The byte-order mark an SSE body may start with, which is no content.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// How many bytes of an SSE body the event parser holds: those since the
-/// last blank line (the end of an event).
+/// last blank line (the end of an event). A blank CRLF line ends the event
+/// at its CR, so the parser may hold one byte more than counted.
 struct EventBytes {
     pending: usize,
     /// The last two bytes seen, for a blank line split across chunks. At
     /// the start, line ends: a body may start with a blank line.
     tail: [u8; 2],
+    /// How much of a leading byte-order mark was seen; `None` once the
+    /// body is past where one could be.
+    bom: Option<usize>,
 }
 
 impl Default for EventBytes {
@@ -40,13 +47,37 @@ impl Default for EventBytes {
         EventBytes {
             pending: 0,
             tail: [b'\n', b'\n'],
+            bom: Some(0),
         }
     }
 }
 
 impl EventBytes {
-    /// The bytes held once `chunk` is read.
+    /// The bytes held once `chunk` is read. A leading byte-order mark is
+    /// not counted, and the body after it starts as a body does.
     fn after(&mut self, chunk: &[u8]) -> usize {
+        let Some(seen) = self.bom else {
+            return self.count(chunk);
+        };
+        let want = &BOM[seen..];
+        let n = chunk.iter().zip(want).take_while(|(a, b)| a == b).count();
+        if n == want.len() {
+            self.bom = None;
+            self.count(&chunk[n..])
+        } else if n == chunk.len() {
+            // Still maybe a BOM.
+            self.bom = Some(seen + n);
+            self.pending
+        } else {
+            // Not a BOM: what looked like one is content.
+            self.bom = None;
+            let mut body = BOM[..seen].to_vec();
+            body.extend_from_slice(chunk);
+            self.count(&body)
+        }
+    }
+
+    fn count(&mut self, chunk: &[u8]) -> usize {
         let at = |i: usize| -> u8 {
             // Index into the tail, then the chunk.
             if i < 2 { self.tail[i] } else { chunk[i - 2] }
@@ -394,7 +425,6 @@ fn sse_events(
 fn spec_body<E: Send + 'static>(
     body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
 ) -> impl Stream<Item = Result<Bytes, E>> + Send + 'static {
-    const BOM: &[u8] = b"\xEF\xBB\xBF";
     struct State<S> {
         body: S,
         /// The first bytes, until they are known to be a BOM or not.
@@ -533,6 +563,17 @@ mod tests {
             assert_eq!(e.after(first), 0, "{first:?}");
             assert_eq!(e.after(second), 3, "{first:?} {second:?}");
         }
+        // A leading byte-order mark is not held, however it is split, and
+        // a blank line may follow it; what only starts like one is content.
+        let mut e = EventBytes::default();
+        assert_eq!(e.after(b"\xEF"), 0);
+        assert_eq!(e.after(b""), 0);
+        assert_eq!(e.after(b"\xBB\xBF\rab"), 2);
+        let mut e = EventBytes::default();
+        assert_eq!(e.after(b"\xEF\xBB"), 0);
+        assert_eq!(e.after(b"x\r"), 4);
+        // A second one is content.
+        assert_eq!(EventBytes::default().after(b"\xEF\xBB\xBF\xEF\xBB\xBF"), 3);
     }
 
     #[tokio::test]
