@@ -9,7 +9,7 @@ use ratatosk_auth::logout::LogoutEvent;
 use redis::Script;
 use redis::aio::ConnectionManager;
 
-use crate::session::redis::{NOW, RedisStoreError, connection};
+use crate::session::redis::{NOW, RedisStoreError};
 
 /// Provider logouts kept in Redis for as long as a token they refuse may
 /// live, so that a node that was off the bus when one came (starting, or
@@ -23,16 +23,15 @@ pub struct LogoutMemory {
 }
 
 impl LogoutMemory {
-    /// The memory under `{prefix}logouts` of the Redis at `url` (the
-    /// sessions' Redis).
-    pub fn new(url: &str, prefix: &str) -> Result<LogoutMemory, RedisStoreError> {
-        let (_, conn) = connection(url)?;
-        Ok(LogoutMemory {
+    /// The memory under `{prefix}logouts`, on `conn`: the session store's
+    /// connection ([`crate::session::RedisSessionStore::connection`]).
+    pub fn new(conn: ConnectionManager, prefix: &str) -> LogoutMemory {
+        LogoutMemory {
             conn,
             key: format!("{prefix}logouts"),
             remember: Script::new(&format!("{NOW}{REMEMBER}")),
             recall: Script::new(&format!("{NOW}{RECALL}")),
-        })
+        }
     }
 
     /// Keeps `event` for `keep`.
@@ -82,15 +81,17 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::redis::connection;
     use crate::testing::{RedisServer, eventually};
+
+    fn memory(url: &str, prefix: &str) -> LogoutMemory {
+        LogoutMemory::new(connection(url).expect("connection").1, prefix)
+    }
 
     #[tokio::test]
     async fn logouts_are_kept_for_as_long_as_asked() {
         let redis = RedisServer::start().await;
-        let (a, b) = (
-            LogoutMemory::new(&redis.url(), "t:").expect("memory"),
-            LogoutMemory::new(&redis.url(), "t:").expect("memory"),
-        );
+        let (a, b) = (memory(&redis.url(), "t:"), memory(&redis.url(), "t:"));
         let logout = |sub: &str| LogoutEvent {
             sid: None,
             sub: Some(sub.into()),
@@ -109,7 +110,7 @@ mod tests {
             b.recall().await
         );
         // Another prefix is another memory.
-        let other = LogoutMemory::new(&redis.url(), "u:").expect("memory");
+        let other = memory(&redis.url(), "u:");
         assert_eq!(other.recall().await.expect("recall"), []);
     }
 }

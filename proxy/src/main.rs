@@ -256,7 +256,7 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
             },
         )
         .with_context(unusable)?;
-        let logouts = LogoutMemory::new(url, &sessions.key_prefix).with_context(unusable)?;
+        let logouts = LogoutMemory::new(store.connection(), &sessions.key_prefix);
         (store, Shared { events, logouts })
     };
     tracing::info!(prefix = %sessions.key_prefix, node = shared.events.node(), "sessions and their events are kept in redis");

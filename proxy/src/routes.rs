@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use ratatosk_auth::AuthMode;
 
-use crate::config::UpstreamConfig;
+use crate::config::{Era, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::upstream::{Pool, PoolError, UpstreamEra};
+use crate::upstream::{Pool, PoolError, ProbeError, UpstreamEra};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -59,6 +59,17 @@ impl ServerRoute {
             max_input_rounds: config.max_input_rounds,
             pool: Arc::new(Pool::new(org, config, max_answer_bytes, metrics)?),
         })
+    }
+
+    /// The era it speaks, probed first if it is `auto` and unknown.
+    pub async fn resolve_era(&self) -> Result<Era, ProbeError> {
+        self.era.resolve(&self.pool).await
+    }
+
+    /// Its own description, as a server of `era` gives it (see
+    /// [`UpstreamEra::info`]).
+    pub async fn info(&self, era: Era) -> Result<Arc<serde_json::Value>, ProbeError> {
+        self.era.info(&self.pool, era).await
     }
 }
 

@@ -51,14 +51,17 @@ impl<'a> Cluster<'a> {
         }
     }
 
-    /// Records, until the guard is dropped, that request `id` of `session`
-    /// runs on this node: other nodes pass a client's cancel of it here.
-    pub(super) fn running(&self, session: &str, id: &Id) -> Running {
-        Running(self.0.map(|events| {
-            let (session, id): (Arc<str>, String) = (session.into(), id.as_json().to_owned());
-            events.running(&session, &id, true);
-            (events.clone(), session, id)
-        }))
+    /// Records that request `id` of `session` runs on this node, until
+    /// [`Running::ended`]: other nodes pass a client's cancel of it here.
+    /// `None` on one node.
+    pub(super) fn running(&self, session: &str, id: &Id) -> Option<Running> {
+        let events = self.0?;
+        let session: Arc<str> = session.into();
+        events.running(&session, id.as_json(), true);
+        Some(Running {
+            events: events.clone(),
+            session,
+        })
     }
 
     /// Takes this node's lease on a session's `what` (its background
@@ -175,14 +178,16 @@ impl<'a> Cluster<'a> {
     }
 }
 
-/// A request recorded as running on this node (see [`Cluster::running`]);
-/// does nothing on one node.
-pub(super) struct Running(Option<(Arc<SharedEvents>, Arc<str>, String)>);
+/// A request of `session` recorded as running on this node (see
+/// [`Cluster::running`]).
+pub(super) struct Running {
+    events: Arc<SharedEvents>,
+    session: Arc<str>,
+}
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some((events, session, id)) = &self.0 {
-            events.running(session, id, false);
-        }
+impl Running {
+    /// Records the end of request `id` (the one it was recorded for).
+    pub(super) fn ended(&self, id: &Id) {
+        self.events.running(&self.session, id.as_json(), false);
     }
 }

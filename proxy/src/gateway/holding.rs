@@ -299,33 +299,32 @@ impl Gateway {
                 "session not found: it expired, was deleted, or never existed",
             ));
         }
-        // This node has not heard of the hold: with several nodes, the one
+        let cluster = self.cluster();
+        let here = || {
+            self.holds
+                .publish(session_id, hold, body)
+                .map_err(hold_reject)
+        };
+        // One node, or this one keeps the hold: the message is for it.
+        if !cluster.is_shared() || self.holds.state(session_id, hold).is_some() {
+            return here();
+        }
+        // Several nodes, and this one has not heard of the hold: the one
         // that keeps it gets the message, or it waits in Redis for the one
         // that will.
-        let routed = if self.holds.state(session_id, hold).is_some() {
-            None
-        } else {
-            holds::delivery_of(hold, body).map_err(hold_reject)?;
-            let keep = self.holds.config().keep_finished;
-            self.cluster()
-                .route_hold(session_id, hold, body, keep, holds::QUEUE)
-                .await
-        };
+        holds::delivery_of(hold, body).map_err(hold_reject)?;
+        let keep = self.holds.config().keep_finished;
+        let routed = cluster
+            .route_hold(session_id, hold, body, keep, holds::QUEUE)
+            .await;
         let Some(route) = routed else {
-            return self
-                .holds
-                .publish(session_id, hold, body)
-                .map_err(hold_reject);
+            return here();
         };
-        let route = route.map_err(|e| store_reject(e.into()))?;
-        match route {
-            HoldRoute::Owner { node, .. } if node == self.node => self
-                .holds
-                .publish(session_id, hold, body)
-                .map_err(hold_reject),
+        match route.map_err(|e| store_reject(e.into()))? {
+            HoldRoute::Owner { node, .. } if node == self.node => here(),
             HoldRoute::Owner { node, state } => match holds::HoldState::parse(&state) {
                 Some(holds::HoldState::Open) | None => {
-                    self.cluster().notify(&Notice::Hold {
+                    cluster.notify(&Notice::Hold {
                         node,
                         session: session_id.to_owned(),
                         hold: hold.to_owned(),

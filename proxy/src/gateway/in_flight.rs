@@ -65,13 +65,13 @@ impl Requests {
         };
         let running = key
             .as_ref()
-            .map(|(session, id)| cluster.running(session, id));
+            .and_then(|(session, id)| cluster.running(session, id));
         Ok(InFlight {
             map: self.map.clone(),
             key,
             generation,
             token,
-            _running: running,
+            running,
             _slot: slot,
         })
     }
@@ -107,9 +107,8 @@ pub(super) struct InFlight {
     key: Option<(String, Id)>,
     generation: u64,
     pub(super) token: CancellationToken,
-    /// Recorded as running here (for other nodes) until dropped, after
-    /// the entry of `map` (fields drop after `drop`).
-    _running: Option<Running>,
+    /// With several nodes: where the request is recorded as running.
+    running: Option<Running>,
     _slot: Slot,
 }
 
@@ -118,6 +117,9 @@ impl Drop for InFlight {
         if let Some(key) = self.key.take() {
             let generation = self.generation;
             self.map.remove_if(&key, |_, (g, _)| *g == generation);
+            if let Some(running) = &self.running {
+                running.ended(&key.1);
+            }
         }
     }
 }

@@ -282,6 +282,12 @@ impl RedisSessionStore {
         })
     }
 
+    /// The store's connection, for what else the nodes keep in the same
+    /// Redis (the logouts): one connection, not one per part.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     fn session_key(&self, id: &str) -> String {
         format!("{}s:{id}", self.prefix)
     }

@@ -420,9 +420,9 @@ impl Gateway {
         };
         let headers = call.session_headers(&hidden);
         let n = self.replies.unique();
-        let call = Id::from_value(&Value::from(format!("ratatosk-call-{:08x}-{n}", self.node)))
+        let call_id = Id::from_value(&Value::from(format!("ratatosk-call-{:08x}-{n}", self.node)))
             .ok_or_else(|| Reject::bad_request("cannot mint a call id"))?;
-        let body = era::request_without_modern_meta(Some(&call), &method, params);
+        let body = era::request_without_modern_meta(Some(&call_id), &method, params);
         org.metrics.bridged.handshake.inc();
         let answer = self
             .send_in_session(org, &hidden, headers, body)
@@ -441,7 +441,7 @@ impl Gateway {
             reader,
             Some(id),
             Some(method),
-            Some((park, call)),
+            Some((park, call_id)),
             None,
         )
         .await

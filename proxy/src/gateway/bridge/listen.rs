@@ -178,8 +178,7 @@ impl Gateway {
         let requested = Filter::requested(params);
         let info = org
             .server
-            .era
-            .info(&org.server.pool, Era::Stateful2025)
+            .info(Era::Stateful2025)
             .await
             .map_err(|e| probe_reject(e, Some(id)))?;
         let capabilities = info.get("capabilities").cloned().unwrap_or(Value::Null);

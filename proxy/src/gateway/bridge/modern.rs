@@ -27,8 +27,7 @@ impl Gateway {
         id: Option<&Id>,
     ) -> Result<Era, Reject> {
         org.server
-            .era
-            .resolve(&org.server.pool)
+            .resolve_era()
             .await
             .map_err(|e| probe_reject(e, id))
     }
@@ -38,7 +37,7 @@ impl Gateway {
     pub async fn probe_eras(&self) {
         for org in self.routes.orgs() {
             if org.server.era.known().is_none()
-                && let Err(e) = org.server.era.resolve(&org.server.pool).await
+                && let Err(e) = org.server.resolve_era().await
             {
                 tracing::warn!(org = %org.name, error = %e, "cannot find out the upstream's era yet; will retry");
             }
@@ -117,8 +116,7 @@ impl Gateway {
         // stateful upstream's calls do not wait for it.
         let info = || async {
             org.server
-                .era
-                .info(&org.server.pool, Era::Stateless2025)
+                .info(Era::Stateless2025)
                 .await
                 .map_err(|e| probe_reject(e, Some(id)))
         };
@@ -312,8 +310,7 @@ impl Gateway {
         let id = init.request_id();
         let info = org
             .server
-            .era
-            .info(&org.server.pool, Era::Modern)
+            .info(Era::Modern)
             .await
             .map_err(|e| probe_reject(e, id))?;
         let params = init.params().unwrap_or(Value::Null);
