@@ -110,20 +110,26 @@ async fn route(
         }
         (&Method::GET, ["orgs", org, "sessions"]) => {
             authorize(gw, headers)?;
-            if gw.routes.org(org).is_none() {
+            // Every route of the org: its one, or one per server.
+            let mut keys: Vec<&str> = gw.routes.of_org(org).map(|r| &*r.key).collect();
+            if keys.is_empty() {
                 return Err(Reject::new(
                     StatusCode::NOT_FOUND,
                     code::NOT_FOUND,
                     format!("unknown org '{}'", crate::jsonrpc::clip(org, 64)),
                 ));
             }
-            let sessions = gw.store.list_org(org).await.map_err(|e| {
-                Reject::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    code::INTERNAL_ERROR,
-                    e.to_string(),
-                )
-            })?;
+            keys.sort_unstable();
+            let mut sessions = Vec::new();
+            for key in keys {
+                sessions.extend(gw.store.list_org(key).await.map_err(|e| {
+                    Reject::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        code::INTERNAL_ERROR,
+                        e.to_string(),
+                    )
+                })?);
+            }
             let listed: Vec<serde_json::Value> = sessions
                 .iter()
                 .map(|s| {
@@ -160,7 +166,7 @@ async fn readiness(gw: &Gateway) -> Response {
         .orgs()
         .map(|o| {
             (
-                o.name.to_string(),
+                o.key.to_string(),
                 json!({"replicas": o.server.pool.snapshot(), "era": o.server.era.snapshot()}),
             )
         })

@@ -271,7 +271,84 @@ pub struct OrgConfig {
     /// (say, with different auth modes) serve one organization.
     #[serde(default)]
     pub organization: Option<String>,
+    /// The org's one upstream MCP server: the shorthand for one server
+    /// without a prefix, reached at `{org}/mcp`. Give it or `servers`.
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+    /// Several upstream MCP servers by name, each reached at
+    /// `{org}/{server}/mcp`. Names are path segments other than the
+    /// endpoint names (`mcp`, `sse`, `messages`, `ws`).
+    #[serde(default)]
+    pub servers: BTreeMap<String, OrgServerConfig>,
+    /// Between a server's prefix and a name on the org's federated
+    /// endpoint: `fs__read_file`. Default `__`.
+    #[serde(default)]
+    pub separator: Option<String>,
+}
+
+/// One of an org's servers (`orgs.<org>.servers.<name>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgServerConfig {
     pub upstream: UpstreamConfig,
+    /// What its tools, prompts and resource templates are prefixed with
+    /// on the federated endpoint (then the separator). Default: the
+    /// server's name; `""` for none.
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+/// Path segments that name endpoints, which servers may not be named.
+pub const ENDPOINT_NAMES: [&str; 4] = ["mcp", "sse", "messages", "ws"];
+
+/// The separator of prefixed names when an org names none.
+pub const DEFAULT_SEPARATOR: &str = "__";
+
+/// Longest prefix, and longest separator, of federated names: a prefixed
+/// name must still fit MCP's 128 characters.
+const MAX_PREFIX: usize = 64;
+const MAX_SEPARATOR: usize = 8;
+
+/// One upstream server of an org, as the gateway serves it.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerEntry<'a> {
+    /// `None` for the one-server shorthand (`orgs.<org>.upstream`).
+    pub name: Option<&'a str>,
+    pub upstream: &'a UpstreamConfig,
+    /// Empty for the shorthand, and for `prefix: ""`.
+    pub prefix: &'a str,
+}
+
+impl OrgConfig {
+    /// The org's servers: the shorthand's one, or each of `servers`.
+    pub fn server_entries(&self) -> Vec<ServerEntry<'_>> {
+        if let Some(upstream) = &self.upstream {
+            return vec![ServerEntry {
+                name: None,
+                upstream,
+                prefix: "",
+            }];
+        }
+        self.servers
+            .iter()
+            .map(|(name, s)| ServerEntry {
+                name: Some(name),
+                upstream: &s.upstream,
+                prefix: s.prefix.as_deref().unwrap_or(name),
+            })
+            .collect()
+    }
+
+    /// The separator of prefixed names.
+    pub fn separator(&self) -> &str {
+        self.separator.as_deref().unwrap_or(DEFAULT_SEPARATOR)
+    }
+}
+
+/// Whether `s` may be part of a tool name: MCP allows `A-Z a-z 0-9 _ - .`.
+fn is_name_part(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// The MCP protocol era an upstream pool speaks.
@@ -587,6 +664,11 @@ impl Section<'_> {
         self.found.bad(&path, message);
     }
 
+    /// A problem with the section as a whole (a map key, say).
+    fn bad_here(&mut self, message: impl Into<String>) {
+        self.found.bad(&self.prefix, message);
+    }
+
     /// A number that must lie in `1..=max`.
     fn between_1_and(&mut self, field: &str, value: usize, max: usize) {
         if value == 0 || value > max {
@@ -758,7 +840,85 @@ impl OrgConfig {
                 "scopes can only be required of tokens: set `auth` to a mode other than `none`",
             );
         }
-        self.upstream.problems(&mut at.sub("upstream"));
+        match (&self.upstream, self.servers.is_empty()) {
+            (None, true) => at.bad(
+                "upstream",
+                "expected `upstream` (the org's one server) or `servers` (several, by name)",
+            ),
+            (Some(upstream), false) => {
+                at.bad(
+                    "servers",
+                    "give either `upstream` (the one-server shorthand) or `servers`, not both",
+                );
+                upstream.problems(&mut at.sub("upstream"));
+                self.servers_problems(at);
+            }
+            (Some(upstream), true) => {
+                upstream.problems(&mut at.sub("upstream"));
+                if self.separator.is_some() {
+                    at.bad(
+                        "separator",
+                        "only used with `servers`: the one-server shorthand has no prefix",
+                    );
+                }
+            }
+            (None, false) => self.servers_problems(at),
+        }
+    }
+
+    /// `servers`: names, prefixes and the separator.
+    fn servers_problems(&self, at: &mut Section) {
+        let separator = self.separator();
+        if separator.is_empty() || separator.len() > MAX_SEPARATOR || !is_name_part(separator) {
+            at.bad(
+                "separator",
+                format!(
+                    "expected 1 to {MAX_SEPARATOR} of `A-Z a-z 0-9 _ - .` (the characters of MCP names), got `{separator}`"
+                ),
+            );
+        }
+        let mut prefixes: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, server) in &self.servers {
+            let mut at = at.sub(&format!("servers.{name}"));
+            if !is_path_segment(name) {
+                at.bad_here(format!(
+                    "server name `{name}` must be a path segment of letters, digits, `-`, `_`, `.`"
+                ));
+            } else if ENDPOINT_NAMES.contains(&name.as_str()) {
+                at.bad_here(format!(
+                    "server name `{name}` is an endpoint name ({}); choose another",
+                    ENDPOINT_NAMES.join(", ")
+                ));
+            }
+            let prefix = server.prefix.as_deref().unwrap_or(name);
+            let field = if server.prefix.is_some() {
+                "prefix"
+            } else {
+                // The name is the prefix: the problem is the name's.
+                ""
+            };
+            let mut bad_prefix = |message: String| {
+                if field.is_empty() {
+                    at.bad_here(message);
+                } else {
+                    at.bad(field, message);
+                }
+            };
+            if prefix.len() > MAX_PREFIX || !is_name_part(prefix) {
+                bad_prefix(format!(
+                    "a prefix must be at most {MAX_PREFIX} of `A-Z a-z 0-9 _ - .` (the characters of MCP names), got `{prefix}`"
+                ));
+            } else if !separator.is_empty() && prefix.contains(separator) {
+                bad_prefix(format!(
+                    "prefix `{prefix}` contains the separator `{separator}`, so prefixed names could not be told apart; set `prefix`, or `separator`"
+                ));
+            } else if let Some(other) = prefixes.insert(prefix, name) {
+                bad_prefix(format!(
+                    "prefix `{prefix}` is also server `{other}`'s: each server needs its own"
+                ));
+            }
+            server.upstream.problems(&mut at.sub("upstream"));
+        }
     }
 }
 
@@ -889,8 +1049,12 @@ orgs:
         assert_eq!(c.streams.keepalive, Duration::from_secs(15));
         let org = &c.orgs["org-1"];
         assert_eq!(org.auth, AuthMode::None);
-        assert_eq!(org.upstream.era, Era::Stateless2025);
-        assert_eq!(org.upstream.timeout, Duration::from_secs(60));
+        let upstream = org.upstream.as_ref().expect("the shorthand");
+        assert_eq!(upstream.era, Era::Stateless2025);
+        assert_eq!(upstream.timeout, Duration::from_secs(60));
+        let entries = org.server_entries();
+        assert_eq!(entries.len(), 1);
+        assert_eq!((entries[0].name, entries[0].prefix), (None, ""));
     }
 
     #[test]
@@ -1093,6 +1257,96 @@ orgs:
     fn secret_is_not_printed_by_debug() {
         let c = parse(&minimal()).expect("valid");
         assert!(!format!("{c:?}").contains(SECRET));
+    }
+
+    fn with_orgs(orgs: &str) -> String {
+        format!(
+            "listen: 127.0.0.1:8080\nadmin_listen: 127.0.0.1:9090\npublish:\n  secret: {SECRET}\norgs:\n{orgs}"
+        )
+    }
+
+    #[test]
+    fn an_org_has_its_servers_by_name_with_their_prefixes() {
+        let c = parse(&with_orgs(
+            r#"
+  org-1:
+    separator: "."
+    servers:
+      tickets: { upstream: { era: stateless-2025, replicas: [http://127.0.0.1:9001/mcp] } }
+      files: { upstream: { era: stateful-2025, replicas: [http://127.0.0.1:9002/mcp] }, prefix: fs }
+      search: { upstream: { era: modern, replicas: [http://127.0.0.1:9003/mcp] }, prefix: "" }
+"#,
+        ))
+        .expect("valid");
+        let org = &c.orgs["org-1"];
+        assert_eq!(org.separator(), ".");
+        let entries: Vec<(Option<&str>, &str, Era)> = org
+            .server_entries()
+            .iter()
+            .map(|e| (e.name, e.prefix, e.upstream.era))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                (Some("files"), "fs", Era::Stateful2025),
+                (Some("search"), "", Era::Modern),
+                (Some("tickets"), "tickets", Era::Stateless2025),
+            ]
+        );
+    }
+
+    #[test]
+    fn check_names_every_problem_of_servers_with_its_path() {
+        let text = with_orgs(
+            r#"
+  neither: {}
+  both:
+    upstream: { era: modern, replicas: [http://127.0.0.1:9001/mcp] }
+    servers:
+      a: { upstream: { era: modern, replicas: [http://127.0.0.1:9002/mcp] } }
+  shorthand:
+    separator: "::"
+    upstream: { era: modern, replicas: [http://127.0.0.1:9001/mcp] }
+  org-1:
+    separator: "::"
+    servers:
+      sse: { upstream: { era: modern, replicas: [http://127.0.0.1:9001/mcp] } }
+      a: { upstream: { era: modern, replicas: [http://127.0.0.1:9002/mcp] }, prefix: x }
+      b: { upstream: { era: modern, replicas: [http://127.0.0.1:9003/mcp] }, prefix: x }
+      c: { upstream: { era: modern, replicas: [] }, prefix: "a b" }
+  org-2:
+    servers:
+      one: { upstream: { era: modern, replicas: [http://127.0.0.1:9001/mcp] }, prefix: "p__q" }
+      two: { upstream: { era: modern, replicas: [http://127.0.0.1:9002/mcp] }, prefix: "" }
+      three: { upstream: { era: modern, replicas: [http://127.0.0.1:9003/mcp] }, prefix: "" }
+"#,
+        );
+        let err = parse(&text).expect_err("invalid");
+        let found: Vec<(String, String)> = err
+            .problems()
+            .iter()
+            .map(|p| (p.path.clone(), p.message.clone()))
+            .collect();
+        let has = |path: &str, words: &str| {
+            assert!(
+                found.iter().any(|(p, m)| p == path && m.contains(words)),
+                "no problem at {path} saying {words:?} in {found:#?}"
+            );
+        };
+        has("orgs.neither.upstream", "or `servers`");
+        has("orgs.both.servers", "not both");
+        has("orgs.shorthand.separator", "only used with `servers`");
+        has("orgs.org-1.separator", "expected 1 to 8");
+        has("orgs.org-1.servers.sse", "is an endpoint name");
+        has("orgs.org-1.servers.b.prefix", "also server `a`'s");
+        has("orgs.org-1.servers.c.prefix", "at most 64");
+        has("orgs.org-1.servers.c.upstream.replicas", "at least one");
+        has(
+            "orgs.org-2.servers.one.prefix",
+            "contains the separator `__`",
+        );
+        has("orgs.org-2.servers.two.prefix", "also server `three`'s");
+        assert_eq!(found.len(), 10, "{found:#?}");
     }
 
     #[test]

@@ -167,22 +167,26 @@ impl Gateway {
         let mut orgs = Vec::new();
         for (name, org) in &config.orgs {
             let max_answer = config.limits.max_answer_bytes;
-            let server =
-                ServerRoute::new(name, &org.upstream, max_answer, &metrics).map_err(|source| {
-                    BuildError::Client {
-                        org: name.clone(),
+            for entry in org.server_entries() {
+                let key = OrgRoute::key_of(name, entry.name);
+                let server = ServerRoute::new(&key, entry.upstream, max_answer, &metrics).map_err(
+                    |source| BuildError::Client {
+                        org: key.to_string(),
                         source,
-                    }
-                })?;
-            orgs.push(OrgRoute {
-                name: name.as_str().into(),
-                auth: org.auth,
-                scopes: org.scopes.clone(),
-                organization: org.organization.clone().unwrap_or_else(|| name.clone()),
-                anonymous: Arc::new(Identity::anonymous(name)),
-                metrics: metrics.for_org(name),
-                server,
-            });
+                    },
+                )?;
+                orgs.push(OrgRoute {
+                    name: name.as_str().into(),
+                    key,
+                    server_name: entry.name.map(Into::into),
+                    auth: org.auth,
+                    scopes: org.scopes.clone(),
+                    organization: org.organization.clone().unwrap_or_else(|| name.clone()),
+                    anonymous: Arc::new(Identity::anonymous(name)),
+                    metrics: metrics.for_org(name),
+                    server,
+                });
+            }
         }
         let validator = match &config.identity {
             Some(identity) => Some(ratatosk_auth::Validator::new(
@@ -293,33 +297,14 @@ impl Gateway {
         }
         let (org, endpoint) = match self.routes.resolve(&req.path) {
             Ok(found) => found,
-            Err(RouteError::NoEndpoint) => {
-                return Reject::new(
-                    StatusCode::NOT_FOUND,
-                    code::NOT_FOUND,
-                    format!(
-                        "no MCP endpoint at '{}'; expected {}/{{org}}/mcp, /sse or /messages",
-                        jsonrpc::clip(&req.path, 64),
-                        self.routes.base_path()
-                    ),
-                )
-                .into_response()
-                .labeled(Label {
-                    org: None,
-                    method: http_label(&req.method),
-                });
-            }
-            Err(RouteError::UnknownOrg(name)) => {
-                return Reject::new(
-                    StatusCode::NOT_FOUND,
-                    code::NOT_FOUND,
-                    format!("unknown org '{}'", jsonrpc::clip(&name, 64)),
-                )
-                .into_response()
-                .labeled(Label {
-                    org: None,
-                    method: http_label(&req.method),
-                });
+            Err(e) => {
+                return self
+                    .route_reject(e, &req.path)
+                    .into_response()
+                    .labeled(Label {
+                        org: None,
+                        method: http_label(&req.method),
+                    });
             }
         };
         let mut label = Label {
@@ -348,6 +333,30 @@ impl Gateway {
             (Endpoint::Messages, m) => Err(Reject::method_not_allowed(m, "POST, OPTIONS")),
         };
         result.unwrap_or_else(Reject::into_response).labeled(label)
+    }
+
+    /// Why a path reaches no route, for the client.
+    fn route_reject(&self, e: RouteError, path: &str) -> Reject {
+        let base = self.routes.base_path();
+        let message = match e {
+            RouteError::NoEndpoint => format!(
+                "no MCP endpoint at '{}'; expected {base}/{{org}}/mcp, /sse or /messages, or {base}/{{org}}/{{server}}/mcp and so on",
+                jsonrpc::clip(path, 64),
+            ),
+            RouteError::UnknownOrg(name) => format!("unknown org '{}'", jsonrpc::clip(&name, 64)),
+            RouteError::UnknownServer { org, server } => {
+                format!("org '{org}' has no server '{}'", jsonrpc::clip(&server, 64))
+            }
+            RouteError::Federated { org, servers } => format!(
+                "org '{org}' has several servers, each at its own endpoint: {}",
+                servers
+                    .iter()
+                    .map(|s| format!("{base}/{org}/{s}/mcp"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        Reject::new(StatusCode::NOT_FOUND, code::NOT_FOUND, message)
     }
 
     // ----- Streamable HTTP -------------------------------------------------
@@ -664,6 +673,87 @@ pub(super) mod tests {
         );
         let r = gw.handle(post(INIT, &[])).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    /// An org with two servers, `a` (replicas `a`) and `b` (replicas `b`).
+    fn two_servers(a: &str, b: &str) -> Arc<Gateway> {
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\npublish: {{secret: {SECRET}}}\n\
+             orgs:\n  org-1:\n    servers:\n\
+             \x20     a: {{upstream: {{era: stateless-2025, replicas: [\"{a}\"], timeout: 2s}}}}\n\
+             \x20     b: {{upstream: {{era: stateless-2025, replicas: [\"{b}\"], timeout: 2s}}, prefix: bee}}\n"
+        );
+        let config = Config::from_yaml(&yaml, Path::new("unit.yaml"), &|_| None).expect("config");
+        Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway")
+    }
+
+    fn post_to(path: &str, body: &str, extra: &[(&str, &str)]) -> Request {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+        ];
+        headers.extend_from_slice(extra);
+        request(Method::POST, path, &headers, body)
+    }
+
+    #[tokio::test]
+    async fn each_server_of_an_org_is_reached_at_its_own_path_with_its_own_sessions() {
+        let (a, b) = (mcp_stub().await, mcp_stub().await);
+        let gw = two_servers(&a.url(), &b.url());
+        let r = gw.handle(post_to("/gw/org-1/a/mcp", INIT, &[])).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let sid = r.headers[&MCP_SESSION_ID]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        assert_eq!((a.hits(), b.hits()), (1, 0), "initialize went to server a");
+        let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"x"}}"#;
+        let mut r = gw
+            .handle(post_to(
+                "/gw/org-1/a/mcp",
+                call,
+                &[("mcp-session-id", &sid)],
+            ))
+            .await;
+        text_until(&mut r, r#""ok":true"#).await;
+        assert_eq!((a.hits(), b.hits()), (2, 0), "the call went to server a");
+        // A session of server a is unknown at server b, as any unknown id.
+        let r = gw
+            .handle(post_to(
+                "/gw/org-1/b/mcp",
+                call,
+                &[("mcp-session-id", &sid)],
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        assert_eq!(json_of(&r)["error"]["code"], code::SESSION_NOT_FOUND);
+        assert_eq!(b.hits(), 0);
+        // Unknown servers, and the org endpoint, are named in the refusal.
+        let r = gw.handle(post_to("/gw/org-1/c/mcp", INIT, &[])).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        assert_eq!(error_message(&r), "org 'org-1' has no server 'c'");
+        let r = gw.handle(post_to("/gw/org-1/mcp", INIT, &[])).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        assert!(
+            error_message(&r).contains("/gw/org-1/a/mcp, /gw/org-1/b/mcp"),
+            "{}",
+            error_message(&r)
+        );
+        // The legacy transport's endpoint names the server's path.
+        let mut r = gw
+            .handle(request(
+                Method::GET,
+                "/gw/org-1/b/sse",
+                &[("accept", "text/event-stream")],
+                "",
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let text = text_until(&mut r, "session_id=").await;
+        assert!(
+            text.contains("data: /gw/org-1/b/messages?session_id="),
+            "{text}"
+        );
     }
 
     mod auth {

@@ -81,7 +81,17 @@ fn check(path: &Path) -> ExitCode {
                 path.display(),
                 config.orgs.len(),
                 if config.orgs.len() == 1 { "" } else { "s" },
-                config.orgs.keys().cloned().collect::<Vec<_>>().join(", ")
+                config
+                    .orgs
+                    .iter()
+                    .map(|(name, org)| if org.servers.is_empty() {
+                        name.clone()
+                    } else {
+                        let servers: Vec<&str> = org.servers.keys().map(String::as_str).collect();
+                        format!("{name} (servers {})", servers.join(", "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             ExitCode::SUCCESS
         }

@@ -1,7 +1,10 @@
-//! Routes: which org and which endpoint a path names.
+//! Routes: which org, which server and which endpoint a path names.
 //!
 //! Paths are `{base_path}/{org}/mcp` (Streamable HTTP), `{base_path}/{org}/sse`
-//! and `{base_path}/{org}/messages` (HTTP+SSE of 2024-11-05).
+//! and `{base_path}/{org}/messages` (HTTP+SSE of 2024-11-05) for an org with
+//! one `upstream`, and `{base_path}/{org}/{server}/mcp` (and so on) for each
+//! of an org's `servers`. A route's key (`org`, or `org/server`) is what its
+//! sessions belong to: a session of one route is unknown on every other.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,9 +22,15 @@ pub enum Endpoint {
     Messages,
 }
 
-/// One org's route: how callers are checked, and the server behind it.
+/// One route: an org (how callers are checked) and one server behind it.
 pub struct OrgRoute {
+    /// The org's name.
     pub name: Arc<str>,
+    /// `org` for the one-server shorthand, `org/server` for one of
+    /// `servers`: the path under the base, and what sessions belong to.
+    pub key: Arc<str>,
+    /// The server's name, for one of `servers`.
+    pub server_name: Option<Arc<str>>,
     pub auth: AuthMode,
     /// Scopes a token needs for this org.
     pub scopes: Vec<String>,
@@ -30,8 +39,20 @@ pub struct OrgRoute {
     /// Who every caller is when `auth` is `none`.
     pub anonymous: Arc<ratatosk_auth::Identity>,
     pub metrics: crate::metrics::OrgMetrics,
-    /// The org's upstream MCP server (`orgs.<org>.upstream`).
+    /// The upstream MCP server (`orgs.<org>.upstream`, or one of
+    /// `orgs.<org>.servers`).
     pub server: ServerRoute,
+}
+
+impl OrgRoute {
+    /// The route's key for `org` and its server `server_name` (none for
+    /// the one-server shorthand).
+    pub fn key_of(org: &str, server_name: Option<&str>) -> Arc<str> {
+        match server_name {
+            Some(server) => format!("{org}/{server}").into(),
+            None => org.into(),
+        }
+    }
 }
 
 /// One upstream MCP server: its replicas, the era it speaks, and how many
@@ -79,21 +100,46 @@ pub enum RouteError {
     NoEndpoint,
     /// The path has the right shape but names no configured org.
     UnknownOrg(String),
+    /// The org exists but has no server of that name.
+    UnknownServer { org: String, server: String },
+    /// The org endpoint of an org with `servers`, whose federation over
+    /// its servers is not served yet; each server has its own endpoint.
+    Federated {
+        org: Arc<str>,
+        servers: Vec<Arc<str>>,
+    },
 }
 
 pub struct Routes {
     base_path: String,
-    orgs: HashMap<Arc<str>, Arc<OrgRoute>>,
+    /// By key (`org`, or `org/server`).
+    routes: HashMap<Arc<str>, Arc<OrgRoute>>,
+    /// Orgs with `servers`, and their servers' names, sorted.
+    with_servers: HashMap<Arc<str>, Vec<Arc<str>>>,
 }
 
 impl Routes {
-    pub fn new(base_path: &str, orgs: impl IntoIterator<Item = OrgRoute>) -> Routes {
+    pub fn new(base_path: &str, routes: impl IntoIterator<Item = OrgRoute>) -> Routes {
+        let routes: HashMap<Arc<str>, Arc<OrgRoute>> = routes
+            .into_iter()
+            .map(|o| (o.key.clone(), Arc::new(o)))
+            .collect();
+        let mut with_servers: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        for route in routes.values() {
+            if let Some(server) = &route.server_name {
+                with_servers
+                    .entry(route.name.clone())
+                    .or_default()
+                    .push(server.clone());
+            }
+        }
+        for servers in with_servers.values_mut() {
+            servers.sort();
+        }
         Routes {
             base_path: base_path.to_owned(),
-            orgs: orgs
-                .into_iter()
-                .map(|o| (o.name.clone(), Arc::new(o)))
-                .collect(),
+            routes,
+            with_servers,
         }
     }
 
@@ -101,22 +147,30 @@ impl Routes {
         &self.base_path
     }
 
-    pub fn org(&self, name: &str) -> Option<&Arc<OrgRoute>> {
-        self.orgs.get(name)
+    /// The route of `key` (`org`, or `org/server`).
+    pub fn org(&self, key: &str) -> Option<&Arc<OrgRoute>> {
+        self.routes.get(key)
     }
 
+    /// Every route, of every org.
     pub fn orgs(&self) -> impl Iterator<Item = &Arc<OrgRoute>> {
-        self.orgs.values()
+        self.routes.values()
     }
 
-    /// The path clients use for an endpoint, e.g. `/api/v1/mcp/org-1/messages`.
-    pub fn path_of(&self, org: &str, endpoint: Endpoint) -> String {
+    /// The routes of org `name`: its one, or one per server.
+    pub fn of_org<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Arc<OrgRoute>> {
+        self.routes.values().filter(move |r| *r.name == *name)
+    }
+
+    /// The path clients use for an endpoint of route `key`, e.g.
+    /// `/api/v1/mcp/org-1/messages` or `/api/v1/mcp/org-1/files/mcp`.
+    pub fn path_of(&self, key: &str, endpoint: Endpoint) -> String {
         let tail = match endpoint {
             Endpoint::Mcp => "mcp",
             Endpoint::Sse => "sse",
             Endpoint::Messages => "messages",
         };
-        format!("{}/{org}/{tail}", self.base_path)
+        format!("{}/{key}/{tail}", self.base_path)
     }
 
     pub fn resolve(&self, path: &str) -> Result<(Arc<OrgRoute>, Endpoint), RouteError> {
@@ -124,16 +178,38 @@ impl Routes {
             .strip_prefix(self.base_path.as_str())
             .and_then(|r| r.strip_prefix('/'))
             .ok_or(RouteError::NoEndpoint)?;
-        let (org, tail) = rest.split_once('/').ok_or(RouteError::NoEndpoint)?;
+        let (key, tail) = rest.rsplit_once('/').ok_or(RouteError::NoEndpoint)?;
         let endpoint = match tail {
             "mcp" => Endpoint::Mcp,
             "sse" => Endpoint::Sse,
             "messages" => Endpoint::Messages,
             _ => return Err(RouteError::NoEndpoint),
         };
-        match self.orgs.get(org) {
-            Some(route) => Ok((route.clone(), endpoint)),
-            None => Err(RouteError::UnknownOrg(org.to_owned())),
+        if let Some(route) = self.routes.get(key) {
+            return Ok((route.clone(), endpoint));
+        }
+        match key.split_once('/') {
+            None => match self.with_servers.get_key_value(key) {
+                Some((org, servers)) => Err(RouteError::Federated {
+                    org: org.clone(),
+                    servers: servers.clone(),
+                }),
+                None => Err(RouteError::UnknownOrg(key.to_owned())),
+            },
+            Some((org, server)) if !server.is_empty() && !server.contains('/') => {
+                if self.with_servers.contains_key(org) {
+                    Err(RouteError::UnknownServer {
+                        org: org.to_owned(),
+                        server: server.to_owned(),
+                    })
+                } else if self.routes.contains_key(org) {
+                    // An org with one server has no server paths.
+                    Err(RouteError::NoEndpoint)
+                } else {
+                    Err(RouteError::UnknownOrg(org.to_owned()))
+                }
+            }
+            Some(_) => Err(RouteError::NoEndpoint),
         }
     }
 }
@@ -156,8 +232,10 @@ mod tests {
             eject_for: Duration::from_secs(1),
             max_input_rounds: 10,
         };
-        let org = |name: &str| OrgRoute {
+        let route = |name: &str, server: Option<&str>| OrgRoute {
             name: name.into(),
+            key: OrgRoute::key_of(name, server),
+            server_name: server.map(Into::into),
             auth: AuthMode::None,
             scopes: Vec::new(),
             organization: name.into(),
@@ -165,7 +243,15 @@ mod tests {
             metrics: metrics.for_org(name),
             server: ServerRoute::new(name, &cfg, 1 << 20, &metrics).expect("server"),
         };
-        Routes::new(base, [org("org-1"), org("org-2")])
+        Routes::new(
+            base,
+            [
+                route("org-1", None),
+                route("org-2", None),
+                route("org-3", Some("files")),
+                route("org-3", Some("tickets")),
+            ],
+        )
     }
 
     #[test]
@@ -204,5 +290,55 @@ mod tests {
         ] {
             assert_eq!(r.resolve(bad).err(), Some(RouteError::NoEndpoint), "{bad}");
         }
+    }
+
+    #[test]
+    fn each_server_of_an_org_has_its_own_endpoints() {
+        let r = routes("/api");
+        let (route, ep) = r.resolve("/api/org-3/files/sse").expect("route");
+        assert_eq!(
+            (&*route.name, &*route.key, ep),
+            ("org-3", "org-3/files", Endpoint::Sse)
+        );
+        assert_eq!(route.server_name.as_deref(), Some("files"));
+        assert_eq!(
+            r.path_of(&route.key, Endpoint::Messages),
+            "/api/org-3/files/messages"
+        );
+        let (route, _) = r.resolve("/api/org-3/tickets/mcp").expect("route");
+        assert_eq!(&*route.key, "org-3/tickets");
+        assert_eq!(
+            r.resolve("/api/org-3/search/mcp").err(),
+            Some(RouteError::UnknownServer {
+                org: "org-3".into(),
+                server: "search".into()
+            })
+        );
+        assert_eq!(
+            r.resolve("/api/org-3/mcp").err(),
+            Some(RouteError::Federated {
+                org: "org-3".into(),
+                servers: vec!["files".into(), "tickets".into()]
+            })
+        );
+        // An org with one server has no server paths; unknown orgs stay unknown.
+        assert_eq!(
+            r.resolve("/api/org-1/files/mcp").err(),
+            Some(RouteError::NoEndpoint)
+        );
+        assert_eq!(
+            r.resolve("/api/org-9/files/mcp").err(),
+            Some(RouteError::UnknownOrg("org-9".into()))
+        );
+        for bad in [
+            "/api/org-3/files/x/mcp",
+            "/api/org-3//mcp",
+            "/api/org-3/files/",
+        ] {
+            assert_eq!(r.resolve(bad).err(), Some(RouteError::NoEndpoint), "{bad}");
+        }
+        let mut keys: Vec<&str> = r.of_org("org-3").map(|o| &*o.key).collect();
+        keys.sort();
+        assert_eq!(keys, ["org-3/files", "org-3/tickets"]);
     }
 }

@@ -672,6 +672,8 @@ class SseReader:
 from mcp import ClientSession, types  # noqa: E402
 from mcp.client.sse import sse_client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
+import mcp_types as mt  # noqa: E402
+from mcp.client.client import Client  # noqa: E402
 
 
 @asynccontextmanager
@@ -695,3 +697,47 @@ async def legacy_session(url: str, **callbacks):
                                  **callbacks) as session:
             await session.initialize()
             yield session
+
+
+# ----- one client of each era ---------------------------------------------------
+
+ROOTS = ["file:///tmp/ratatosk-a", "file:///tmp/ratatosk-b"]
+CLIENT_ERAS = ["sse-2024", "streamable-2025", "modern-2026"]
+
+
+async def list_roots(ctx, *args):
+    return mt.ListRootsResult(roots=[mt.Root(uri=u) for u in ROOTS])
+
+
+async def elicit(ctx, params):
+    return mt.ElicitResult(action="accept", content={"confirmed": True})
+
+
+class Api:
+    """One client of one era, with the few calls the matrix makes."""
+
+    def __init__(self, session):
+        self.session = session
+
+    async def tool_names(self) -> set[str]:
+        return {t.name for t in (await self.session.list_tools()).tools}
+
+    async def call(self, name: str, args: dict, progress=None) -> str:
+        result = await self.session.call_tool(name, args, progress_callback=progress)
+        assert not result.is_error, result
+        return result.content[0].text
+
+
+@asynccontextmanager
+async def client(era: str, gw: Gateway, org_name: str, **callbacks):
+    callbacks.setdefault("list_roots_callback", list_roots)
+    callbacks.setdefault("elicitation_callback", elicit)
+    if era == "sse-2024":
+        async with legacy_session(gw.url(org_name, "sse"), **callbacks) as s:
+            yield Api(s)
+    elif era == "streamable-2025":
+        async with streamable_session(gw.url(org_name), **callbacks) as s:
+            yield Api(s)
+    else:
+        async with Client(gw.url(org_name), mode=MODERN, **callbacks) as c:
+            yield Api(c)

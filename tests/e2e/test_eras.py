@@ -17,22 +17,18 @@ import subprocess
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
 
-import anyio
 import httpx2
 import mcp_types as mt
 import pytest
-from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
-from harness import (ACCEPT_BOTH, MODERN, ROOT, Example, all_started, Gateway, SseReader, initialize, legacy_session, modern_call,
-                     next_list_changed, org, post, result_of, rpc_error, running, started, streamable_session, wait_until)
+from harness import (ACCEPT_BOTH, CLIENT_ERAS, MODERN, ROOT, ROOTS, Example, all_started, Gateway, SseReader, client, list_roots,
+                     initialize, modern_call, next_list_changed, org, post, result_of, rpc_error, running,
+                     started, streamable_session, wait_until)
 
 pytestmark = pytest.mark.anyio
 
-ROOTS = ["file:///tmp/ratatosk-a", "file:///tmp/ratatosk-b"]
-CLIENT_ERAS = ["sse-2024", "streamable-2025", "modern-2026"]
 UNANSWERABLE = "stateless-2025 upstream cannot receive the answer"
 
 
@@ -95,44 +91,6 @@ def eras_gateway(log_dir, replicas, modern_upstream, go_upstream, ts_upstream, s
 
 
 UPSTREAMS = {"s25": "stateless-2025", "modern": "modern", "stateful": "stateful-2025"}
-
-
-async def list_roots(ctx, *args):
-    return mt.ListRootsResult(roots=[mt.Root(uri=u) for u in ROOTS])
-
-
-async def elicit(ctx, params):
-    return mt.ElicitResult(action="accept", content={"confirmed": True})
-
-
-class Api:
-    """One client of one era, with the few calls the matrix makes."""
-
-    def __init__(self, session):
-        self.session = session
-
-    async def tool_names(self) -> set[str]:
-        return {t.name for t in (await self.session.list_tools()).tools}
-
-    async def call(self, name: str, args: dict, progress=None) -> str:
-        result = await self.session.call_tool(name, args, progress_callback=progress)
-        assert not result.is_error, result
-        return result.content[0].text
-
-
-@asynccontextmanager
-async def client(era: str, gw: Gateway, org_name: str, **callbacks):
-    callbacks.setdefault("list_roots_callback", list_roots)
-    callbacks.setdefault("elicitation_callback", elicit)
-    if era == "sse-2024":
-        async with legacy_session(gw.url(org_name, "sse"), **callbacks) as s:
-            yield Api(s)
-    elif era == "streamable-2025":
-        async with streamable_session(gw.url(org_name), **callbacks) as s:
-            yield Api(s)
-    else:
-        async with Client(gw.url(org_name), mode=MODERN, **callbacks) as c:
-            yield Api(c)
 
 
 @pytest.mark.parametrize("upstream", list(UPSTREAMS))

@@ -94,7 +94,7 @@ impl Gateway {
         format!(
             "{}{}",
             self.public_url,
-            metadata_path(&self.resource_path(&org.name, endpoint))
+            metadata_path(&self.resource_path(&org.key, endpoint))
         )
     }
 
@@ -120,7 +120,7 @@ impl Gateway {
             .find(|o| {
                 [Endpoint::Mcp, Endpoint::Sse]
                     .into_iter()
-                    .any(|e| self.resource_path(&o.name, e) == resource_path)
+                    .any(|e| self.resource_path(&o.key, e) == resource_path)
             })
             .filter(|o| o.auth != AuthMode::None);
         let (Some(org), Some(validator)) = (org, &self.validator) else {
@@ -193,7 +193,7 @@ impl Gateway {
             (None, Some(sub)) => {
                 let mut ids = Vec::new();
                 for org in self.routes.orgs() {
-                    match self.store.ids_of_subject(&org.name, sub).await {
+                    match self.store.ids_of_subject(&org.key, sub).await {
                         Ok(more) => ids.extend(more),
                         Err(e) => {
                             tracing::warn!(org = %org.name, error = %e, "cannot find the sessions to end after a logout");

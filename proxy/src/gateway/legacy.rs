@@ -12,7 +12,7 @@ impl Gateway {
         }
         let state = SessionState::new(
             session::mint_id(),
-            &org.name,
+            &org.key,
             identity,
             Transport::LegacySse,
             String::new(),
@@ -24,7 +24,7 @@ impl Gateway {
             .map_err(|_| session_not_found())?;
         let endpoint = format!(
             "{}?session_id={}",
-            self.routes.path_of(&org.name, Endpoint::Messages),
+            self.routes.path_of(&org.key, Endpoint::Messages),
             session.id
         );
         let prelude = sse_frame(None, Some("endpoint"), endpoint.as_bytes());

@@ -33,7 +33,7 @@ impl Gateway {
         }
         let mut state = SessionState::new(
             session_id.clone(),
-            &org.name,
+            &org.key,
             identity,
             Transport::StreamableHttp,
             version,
@@ -92,16 +92,22 @@ impl Gateway {
         if dropped > counted {
             self.metrics.shared_dropped.inc_by(dropped - counted);
         }
-        for org in self.routes.orgs() {
-            match self.store.count_org(&org.name).await {
-                Ok(n) => org
-                    .metrics
-                    .sessions
-                    .set(i64::try_from(n).unwrap_or(i64::MAX)),
+        // The gauge is the org's: the sessions of all its routes.
+        let mut counts: std::collections::HashMap<&str, (i64, &OrgRoute)> =
+            std::collections::HashMap::new();
+        for route in self.routes.orgs() {
+            match self.store.count_org(&route.key).await {
+                Ok(n) => {
+                    let n = i64::try_from(n).unwrap_or(i64::MAX);
+                    counts.entry(&route.name).or_insert((0, route)).0 += n;
+                }
                 Err(e) => {
-                    tracing::warn!(org = %org.name, error = %e, "cannot count the org's sessions");
+                    tracing::warn!(org = %route.key, error = %e, "cannot count the org's sessions");
                 }
             }
+        }
+        for (n, route) in counts.into_values() {
+            route.metrics.sessions.set(n);
         }
     }
 
@@ -144,7 +150,7 @@ impl Gateway {
     /// refusal would waste (opening an upstream session).
     pub(super) async fn check_admission(&self, call: Call<'_>) -> Result<(), Reject> {
         self.store
-            .admits(&call.org.name, &call.identity.subject, self.admission())
+            .admits(&call.org.key, &call.identity.subject, self.admission())
             .await
             .map_err(|e| self.session_reject(call.org, e))
     }
@@ -255,7 +261,7 @@ impl Gateway {
         }
         match self.store.lookup(id).await.map_err(store_reject)? {
             Some(s)
-                if *s.org == *call.org.name
+                if *s.org == *call.org.key
                     && s.subject == call.identity.subject
                     && s.transport == transport =>
             {

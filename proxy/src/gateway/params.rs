@@ -187,7 +187,7 @@ impl Gateway {
         lister: Lister<'_>,
     ) -> Result<Arc<[HeaderParam]>, Arc<str>> {
         let (org, identity) = (call.org, call.identity);
-        let key = (org.name.clone(), identity.subject.clone());
+        let key = (org.key.clone(), identity.subject.clone());
         if let Some(answer) = self
             .bridges
             .tool_headers

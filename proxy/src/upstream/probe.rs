@@ -203,7 +203,9 @@ impl UpstreamEra {
         method: &'static str,
     ) -> Result<(Value, bool), ProbeError> {
         let mut headers = json_rpc_headers(6);
-        if let Ok(v) = HeaderValue::from_str(&self.org) {
+        // The route's org (the part of `org/server` before the slash).
+        let org = self.org.split('/').next().unwrap_or_default();
+        if let Ok(v) = HeaderValue::from_str(org) {
             headers.insert(RATATOSK_ORG, v);
         }
         let id = Id::from_value(&Value::from("ratatosk-probe")).ok_or(ProbeError::NoResult {

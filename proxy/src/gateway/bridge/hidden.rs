@@ -462,18 +462,14 @@ impl Gateway {
             .as_str()
             .ok_or_else(|| unknown_request_state().with_id(Some(id)))?;
         let (org, identity) = (call.org, call.identity);
-        let Some(parked) = self
-            .bridges
-            .parked
-            .take(state, &org.name, &identity.subject)
-        else {
+        let Some(parked) = self.bridges.parked.take(state, &org.key, &identity.subject) else {
             return match (owner_of(state), self.cluster().events()) {
                 (Some(owner), Some(events)) if owner != self.node => {
                     let request = ResumeRequest {
                         node: owner,
                         from: self.node,
                         token: session::mint_id(),
-                        org: org.name.to_string(),
+                        org: org.key.to_string(),
                         subject: identity.subject.clone(),
                         state: state.to_owned(),
                         id: id.to_value(),
@@ -765,7 +761,7 @@ impl Gateway {
         let info = field(era::META_CLIENT_INFO)
             .unwrap_or_else(|| json!({"name": "2026-07-28 client", "version": "unknown"}));
         let capabilities = field(era::META_CAPABILITIES).unwrap_or_else(|| json!({}));
-        let caller = format!("{}\n{}\n", org.name, identity.subject);
+        let caller = format!("{}\n{}\n", org.key, identity.subject);
         let key = format!("{caller}{info}\n{capabilities}");
         if let Some(found) = self.live_hidden(&key, identity).await {
             return Ok(found);
@@ -797,7 +793,7 @@ impl Gateway {
         let bound = self.open_upstream(org, headers, params.clone()).await?;
         let mut state = SessionState::new(
             id.clone(),
-            &org.name,
+            &org.key,
             identity,
             Transport::Hidden,
             bound.protocol_version.clone(),
