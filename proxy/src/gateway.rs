@@ -24,7 +24,7 @@ use crate::edge::{
 use crate::holds::{self, Holds};
 use crate::jsonrpc::{self, Body, Id, Kind, Message, code};
 use crate::metrics::Metrics;
-use crate::routes::{Endpoint, OrgRoute, RouteError, Routes, ServerRoute};
+use crate::routes::{Endpoint, Front, OrgRoute, RouteError, Routes, Target};
 use crate::session::{self, SessionState, SessionStore, StoreError, Transport, short};
 use crate::stream::{
     AttachError, EventId, Hub, LiveStream, LogLimits, STANDALONE, SessionLog, StreamId,
@@ -46,6 +46,8 @@ mod bus;
 mod call;
 /// The other nodes, as one handle that does nothing on a single node.
 mod cluster;
+/// The federated endpoint of an org with several servers.
+mod federated;
 /// Holds: requests that workers finish.
 mod holding;
 /// Requests in flight, and what cancels them.
@@ -122,6 +124,8 @@ pub struct Gateway {
     bridges: bridge::Bridges,
     /// Requests an upstream answered with a hold, for workers to finish.
     pub holds: Holds,
+    /// What federated endpoints keep between requests.
+    federations: federated::Federations,
     /// With several nodes: the provider logouts Redis keeps for nodes
     /// that were off the bus.
     logouts: Option<LogoutMemory>,
@@ -164,30 +168,11 @@ impl Gateway {
             None => (None, None),
         };
         let metrics = Arc::new(Metrics::new()?);
-        let mut orgs = Vec::new();
-        for (name, org) in &config.orgs {
-            let max_answer = config.limits.max_answer_bytes;
-            for entry in org.server_entries() {
-                let key = OrgRoute::key_of(name, entry.name);
-                let server = ServerRoute::new(&key, entry.upstream, max_answer, &metrics).map_err(
-                    |source| BuildError::Client {
-                        org: key.to_string(),
-                        source,
-                    },
-                )?;
-                orgs.push(OrgRoute {
-                    name: name.as_str().into(),
-                    key,
-                    server_name: entry.name.map(Into::into),
-                    auth: org.auth,
-                    scopes: org.scopes.clone(),
-                    organization: org.organization.clone().unwrap_or_else(|| name.clone()),
-                    anonymous: Arc::new(Identity::anonymous(name)),
-                    metrics: metrics.for_org(name),
-                    server,
-                });
-            }
-        }
+        let routes =
+            Routes::from_config(&config, &metrics).map_err(|(key, source)| BuildError::Client {
+                org: key.to_string(),
+                source,
+            })?;
         let validator = match &config.identity {
             Some(identity) => Some(ratatosk_auth::Validator::new(
                 identity.clone(),
@@ -201,7 +186,7 @@ impl Gateway {
             max_bytes: config.sessions.event_log_bytes,
         };
         let gateway = Arc::new(Gateway {
-            routes: Routes::new(&config.base_path, orgs),
+            routes,
             validator,
             public_url: config.public_url(),
             own_origin: edge::origin_of(&config.public_url()),
@@ -216,6 +201,7 @@ impl Gateway {
             replies: replies::Replies::new(node),
             bridges: bridge::Bridges::new(),
             holds: Holds::new(config.holds.clone()),
+            federations: federated::Federations::default(),
             logouts,
             draining: AtomicBool::new(false),
             config: Arc::new(config),
@@ -237,6 +223,7 @@ impl Gateway {
             .map(|o| o.name.to_string())
             .collect();
         names.sort();
+        names.dedup();
         names
     }
 
@@ -283,7 +270,11 @@ impl Gateway {
 
     pub fn label_for_path(&self, path: &str, method: &Method) -> Label {
         Label {
-            org: self.routes.resolve(path).ok().map(|(o, _)| o.name.clone()),
+            org: self
+                .routes
+                .resolve(path)
+                .ok()
+                .map(|(t, _)| t.front().name.clone()),
             method: http_label(method),
         }
     }
@@ -295,7 +286,7 @@ impl Gateway {
                 method: "auth",
             });
         }
-        let (org, endpoint) = match self.routes.resolve(&req.path) {
+        let (target, endpoint) = match self.routes.resolve(&req.path) {
             Ok(found) => found,
             Err(e) => {
                 return self
@@ -307,8 +298,9 @@ impl Gateway {
                     });
             }
         };
+        let front = target.front();
         let mut label = Label {
-            org: Some(org.name.clone()),
+            org: Some(front.name.clone()),
             method: http_label(&req.method),
         };
         if req.method == Method::OPTIONS
@@ -317,22 +309,42 @@ impl Gateway {
         {
             return edge::preflight(origin.clone()).labeled(label);
         }
-        let identity = match self.authenticate(&org, endpoint, req).await {
+        let identity = match self.authenticate(front, endpoint, req).await {
             Ok(identity) => identity,
             Err(reject) => return reject.into_response().labeled(label),
         };
-        let call = Call::new(&org, &identity, req);
-        let result = match (endpoint, &req.method) {
-            (Endpoint::Mcp, &Method::POST) => self.mcp_post(call, req, &mut label).await,
+        let result = match &target {
+            Target::Server(org) => {
+                let call = Call::new(org, &identity, req);
+                self.dispatch(call, endpoint, req, &mut label).await
+            }
+            Target::Federated(federation) => {
+                self.federated(federation, &identity, endpoint, req, &mut label)
+                    .await
+            }
+        };
+        result.unwrap_or_else(Reject::into_response).labeled(label)
+    }
+
+    /// Serves one request at a server's endpoint for an authenticated
+    /// caller: a client's, or a federated session's for its server.
+    async fn dispatch(
+        self: &Arc<Self>,
+        call: Call<'_>,
+        endpoint: Endpoint,
+        req: &Request,
+        label: &mut Label,
+    ) -> Result<Response, Reject> {
+        match (endpoint, &req.method) {
+            (Endpoint::Mcp, &Method::POST) => self.mcp_post(call, req, label).await,
             (Endpoint::Mcp, &Method::GET) => self.mcp_get(call).await,
             (Endpoint::Mcp, &Method::DELETE) => self.mcp_delete(call).await,
             (Endpoint::Mcp, m) => Err(Reject::method_not_allowed(m, "GET, POST, DELETE, OPTIONS")),
             (Endpoint::Sse, &Method::GET) => self.legacy_open(call).await,
             (Endpoint::Sse, m) => Err(Reject::method_not_allowed(m, "GET, OPTIONS")),
-            (Endpoint::Messages, &Method::POST) => self.legacy_post(call, req, &mut label).await,
+            (Endpoint::Messages, &Method::POST) => self.legacy_post(call, req, label).await,
             (Endpoint::Messages, m) => Err(Reject::method_not_allowed(m, "POST, OPTIONS")),
-        };
-        result.unwrap_or_else(Reject::into_response).labeled(label)
+        }
     }
 
     /// Why a path reaches no route, for the client.
@@ -347,14 +359,6 @@ impl Gateway {
             RouteError::UnknownServer { org, server } => {
                 format!("org '{org}' has no server '{}'", jsonrpc::clip(&server, 64))
             }
-            RouteError::Federated { org, servers } => format!(
-                "org '{org}' has several servers, each at its own endpoint: {}",
-                servers
-                    .iter()
-                    .map(|s| format!("{base}/{org}/{s}/mcp"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
         };
         Reject::new(StatusCode::NOT_FOUND, code::NOT_FOUND, message)
     }
@@ -687,7 +691,7 @@ pub(super) mod tests {
         Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway")
     }
 
-    fn post_to(path: &str, body: &str, extra: &[(&str, &str)]) -> Request {
+    pub(in crate::gateway) fn post_to(path: &str, body: &str, extra: &[(&str, &str)]) -> Request {
         let mut headers = vec![
             ("content-type", "application/json"),
             ("accept", "application/json, text/event-stream"),
@@ -728,17 +732,10 @@ pub(super) mod tests {
         assert_eq!(r.status, StatusCode::NOT_FOUND);
         assert_eq!(json_of(&r)["error"]["code"], code::SESSION_NOT_FOUND);
         assert_eq!(b.hits(), 0);
-        // Unknown servers, and the org endpoint, are named in the refusal.
+        // Unknown servers are named in the refusal.
         let r = gw.handle(post_to("/gw/org-1/c/mcp", INIT, &[])).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND);
         assert_eq!(error_message(&r), "org 'org-1' has no server 'c'");
-        let r = gw.handle(post_to("/gw/org-1/mcp", INIT, &[])).await;
-        assert_eq!(r.status, StatusCode::NOT_FOUND);
-        assert!(
-            error_message(&r).contains("/gw/org-1/a/mcp, /gw/org-1/b/mcp"),
-            "{}",
-            error_message(&r)
-        );
         // The legacy transport's endpoint names the server's path.
         let mut r = gw
             .handle(request(

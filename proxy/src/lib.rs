@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod edge;
 pub mod era;
+pub mod federation;
 pub mod gateway;
 pub mod holds;
 pub mod jsonrpc;

@@ -79,6 +79,9 @@ pub struct Metrics {
     /// Era translations by org and what was translated (`input_round`,
     /// `meta_injected`, `handshake`, `discover`, `reinitialized`).
     pub bridged: IntCounterVec,
+    /// Names a federated list left out, by org, server and why (`clash`:
+    /// another server's name; `invalid`: prefixed, it breaks MCP's rules).
+    pub federation_dropped: IntCounterVec,
     /// Requests refused by a limit, by org and limit.
     pub refused: IntCounterVec,
     /// Deferred answers (holds), by org and outcome.
@@ -171,6 +174,13 @@ impl Metrics {
             ),
             &["org", "kind"],
         )?;
+        let federation_dropped = IntCounterVec::new(
+            Opts::new(
+                "federation_dropped_total",
+                "Names a federated list left out, by org, server and why (clash, invalid)",
+            ),
+            &["org", "server", "why"],
+        )?;
         let refused = IntCounterVec::new(
             Opts::new(
                 "refused_total",
@@ -204,6 +214,7 @@ impl Metrics {
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(upstream_era.clone()))?;
         registry.register(Box::new(bridged.clone()))?;
+        registry.register(Box::new(federation_dropped.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(open_streams.clone()))?;
@@ -226,6 +237,7 @@ impl Metrics {
             events_delivered,
             upstream_era,
             bridged,
+            federation_dropped,
             refused,
             holds,
             connections,

@@ -22,12 +22,14 @@ pub enum Endpoint {
     Messages,
 }
 
-/// One route: an org (how callers are checked) and one server behind it.
-pub struct OrgRoute {
+/// What every endpoint of an org shares: how callers are checked, and the
+/// key its sessions belong to.
+pub struct Front {
     /// The org's name.
     pub name: Arc<str>,
-    /// `org` for the one-server shorthand, `org/server` for one of
-    /// `servers`: the path under the base, and what sessions belong to.
+    /// `org` for the one-server shorthand and for the federated endpoint,
+    /// `org/server` for one of `servers`: the path under the base, and
+    /// what sessions belong to.
     pub key: Arc<str>,
     /// The server's name, for one of `servers`.
     pub server_name: Option<Arc<str>>,
@@ -39,9 +41,21 @@ pub struct OrgRoute {
     /// Who every caller is when `auth` is `none`.
     pub anonymous: Arc<ratatosk_auth::Identity>,
     pub metrics: crate::metrics::OrgMetrics,
+}
+
+/// One route: an org's front and one server behind it.
+pub struct OrgRoute {
+    pub front: Front,
     /// The upstream MCP server (`orgs.<org>.upstream`, or one of
     /// `orgs.<org>.servers`).
     pub server: ServerRoute,
+}
+
+impl std::ops::Deref for OrgRoute {
+    type Target = Front;
+    fn deref(&self) -> &Front {
+        &self.front
+    }
 }
 
 impl OrgRoute {
@@ -51,6 +65,51 @@ impl OrgRoute {
         match server_name {
             Some(server) => format!("{org}/{server}").into(),
             None => org.into(),
+        }
+    }
+}
+
+/// The federated endpoint of an org with `servers`: one session over all
+/// of them, with prefixed names.
+pub struct Federation {
+    pub front: Front,
+    /// Between a prefix and a name (`orgs.<org>.separator`).
+    pub separator: String,
+    /// Sorted by name.
+    pub members: Vec<Member>,
+}
+
+impl std::ops::Deref for Federation {
+    type Target = Front;
+    fn deref(&self) -> &Front {
+        &self.front
+    }
+}
+
+/// One server of a federation.
+pub struct Member {
+    pub name: Arc<str>,
+    /// Empty for none.
+    pub prefix: String,
+    /// The server's own route (`org/server`), which the federation's
+    /// sessions reach through sessions of their own.
+    pub route: Arc<OrgRoute>,
+}
+
+/// What a path reaches.
+#[derive(Clone)]
+pub enum Target {
+    /// One server, transparently.
+    Server(Arc<OrgRoute>),
+    /// An org's federated endpoint.
+    Federated(Arc<Federation>),
+}
+
+impl Target {
+    pub fn front(&self) -> &Front {
+        match self {
+            Target::Server(route) => route,
+            Target::Federated(federation) => federation,
         }
     }
 }
@@ -102,45 +161,98 @@ pub enum RouteError {
     UnknownOrg(String),
     /// The org exists but has no server of that name.
     UnknownServer { org: String, server: String },
-    /// The org endpoint of an org with `servers`, whose federation over
-    /// its servers is not served yet; each server has its own endpoint.
-    Federated {
-        org: Arc<str>,
-        servers: Vec<Arc<str>>,
-    },
 }
 
 pub struct Routes {
     base_path: String,
     /// By key (`org`, or `org/server`).
     routes: HashMap<Arc<str>, Arc<OrgRoute>>,
-    /// Orgs with `servers`, and their servers' names, sorted.
-    with_servers: HashMap<Arc<str>, Vec<Arc<str>>>,
+    /// The federated endpoints of orgs with `servers`, by org.
+    federations: HashMap<Arc<str>, Arc<Federation>>,
 }
 
 impl Routes {
-    pub fn new(base_path: &str, routes: impl IntoIterator<Item = OrgRoute>) -> Routes {
-        let routes: HashMap<Arc<str>, Arc<OrgRoute>> = routes
-            .into_iter()
-            .map(|o| (o.key.clone(), Arc::new(o)))
-            .collect();
-        let mut with_servers: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
-        for route in routes.values() {
-            if let Some(server) = &route.server_name {
-                with_servers
-                    .entry(route.name.clone())
-                    .or_default()
-                    .push(server.clone());
+    /// The routes `config` describes: one per org with `upstream`, one per
+    /// server and a federated endpoint per org with `servers`.
+    pub fn from_config(
+        config: &crate::config::Config,
+        metrics: &Metrics,
+    ) -> Result<Routes, (Arc<str>, PoolError)> {
+        let max_answer = config.limits.max_answer_bytes;
+        let mut routes = Vec::new();
+        let mut federations = Vec::new();
+        for (name, org) in &config.orgs {
+            let front = |key: Arc<str>, server_name: Option<&str>| Front {
+                name: name.as_str().into(),
+                key,
+                server_name: server_name.map(Into::into),
+                auth: org.auth,
+                scopes: org.scopes.clone(),
+                organization: org.organization.clone().unwrap_or_else(|| name.clone()),
+                anonymous: Arc::new(ratatosk_auth::Identity::anonymous(name)),
+                metrics: metrics.for_org(name),
+            };
+            let mut members = Vec::new();
+            for entry in org.server_entries() {
+                let key = OrgRoute::key_of(name, entry.name);
+                let server = ServerRoute::new(&key, entry.upstream, max_answer, metrics)
+                    .map_err(|e| (key.clone(), e))?;
+                let route = Arc::new(OrgRoute {
+                    front: front(key, entry.name),
+                    server,
+                });
+                if let Some(server_name) = entry.name {
+                    members.push(Member {
+                        name: server_name.into(),
+                        prefix: entry.prefix.to_owned(),
+                        route: route.clone(),
+                    });
+                }
+                routes.push(route);
+            }
+            if !members.is_empty() {
+                members.sort_by(|a, b| a.name.cmp(&b.name));
+                federations.push(Federation {
+                    front: front(name.as_str().into(), None),
+                    separator: org.separator().to_owned(),
+                    members,
+                });
             }
         }
-        for servers in with_servers.values_mut() {
-            servers.sort();
-        }
+        Ok(Routes::new(&config.base_path, routes, federations))
+    }
+
+    /// `federations` are the federated endpoints, whose members are
+    /// among `routes`.
+    pub fn new(
+        base_path: &str,
+        routes: impl IntoIterator<Item = Arc<OrgRoute>>,
+        federations: impl IntoIterator<Item = Federation>,
+    ) -> Routes {
         Routes {
             base_path: base_path.to_owned(),
-            routes,
-            with_servers,
+            routes: routes.into_iter().map(|o| (o.key.clone(), o)).collect(),
+            federations: federations
+                .into_iter()
+                .map(|f| (f.name.clone(), Arc::new(f)))
+                .collect(),
         }
+    }
+
+    /// The federated endpoint of org `name`, if it has `servers`.
+    pub fn federation(&self, name: &str) -> Option<&Arc<Federation>> {
+        self.federations.get(name)
+    }
+
+    /// The federated endpoints.
+    pub fn federations(&self) -> impl Iterator<Item = &Arc<Federation>> {
+        self.federations.values()
+    }
+
+    /// Every front: each route's and each federated endpoint's.
+    pub fn fronts(&self) -> impl Iterator<Item = &Front> {
+        let routes = self.routes.values().map(|r| &r.front);
+        routes.chain(self.federations.values().map(|f| &f.front))
     }
 
     pub fn base_path(&self) -> &str {
@@ -173,7 +285,7 @@ impl Routes {
         format!("{}/{key}/{tail}", self.base_path)
     }
 
-    pub fn resolve(&self, path: &str) -> Result<(Arc<OrgRoute>, Endpoint), RouteError> {
+    pub fn resolve(&self, path: &str) -> Result<(Target, Endpoint), RouteError> {
         let rest = path
             .strip_prefix(self.base_path.as_str())
             .and_then(|r| r.strip_prefix('/'))
@@ -186,18 +298,15 @@ impl Routes {
             _ => return Err(RouteError::NoEndpoint),
         };
         if let Some(route) = self.routes.get(key) {
-            return Ok((route.clone(), endpoint));
+            return Ok((Target::Server(route.clone()), endpoint));
         }
         match key.split_once('/') {
-            None => match self.with_servers.get_key_value(key) {
-                Some((org, servers)) => Err(RouteError::Federated {
-                    org: org.clone(),
-                    servers: servers.clone(),
-                }),
+            None => match self.federations.get(key) {
+                Some(federation) => Ok((Target::Federated(federation.clone()), endpoint)),
                 None => Err(RouteError::UnknownOrg(key.to_owned())),
             },
             Some((org, server)) if !server.is_empty() && !server.contains('/') => {
-                if self.with_servers.contains_key(org) {
+                if self.federations.contains_key(org) {
                     Err(RouteError::UnknownServer {
                         org: org.to_owned(),
                         server: server.to_owned(),
@@ -217,50 +326,39 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Era, UpstreamConfig};
     use crate::metrics::Metrics;
-    use std::time::Duration;
 
     fn routes(base: &str) -> Routes {
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: \"{base}\"\n\
+             publish: {{secret: 0123456789abcdef01}}\norgs:\n\
+             \x20 org-1: {{upstream: {{era: stateless-2025, replicas: [http://127.0.0.1:1/mcp]}}}}\n\
+             \x20 org-2: {{upstream: {{era: stateless-2025, replicas: [http://127.0.0.1:1/mcp]}}}}\n\
+             \x20 org-3:\n    servers:\n\
+             \x20     tickets: {{upstream: {{era: modern, replicas: [http://127.0.0.1:1/mcp]}}}}\n\
+             \x20     files: {{upstream: {{era: modern, replicas: [http://127.0.0.1:2/mcp]}}, prefix: fs}}\n"
+        );
+        let config =
+            crate::config::Config::from_yaml(&yaml, std::path::Path::new("t.yaml"), &|_| None)
+                .expect("config");
         let metrics = Metrics::new().expect("metrics");
-        let cfg = UpstreamConfig {
-            era: Era::Stateless2025,
-            replicas: vec!["http://127.0.0.1:1/mcp".into()],
-            timeout: Duration::from_secs(1),
-            max_duration: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(1),
-            eject_for: Duration::from_secs(1),
-            max_input_rounds: 10,
-        };
-        let route = |name: &str, server: Option<&str>| OrgRoute {
-            name: name.into(),
-            key: OrgRoute::key_of(name, server),
-            server_name: server.map(Into::into),
-            auth: AuthMode::None,
-            scopes: Vec::new(),
-            organization: name.into(),
-            anonymous: Arc::new(ratatosk_auth::Identity::anonymous(name)),
-            metrics: metrics.for_org(name),
-            server: ServerRoute::new(name, &cfg, 1 << 20, &metrics).expect("server"),
-        };
-        Routes::new(
-            base,
-            [
-                route("org-1", None),
-                route("org-2", None),
-                route("org-3", Some("files")),
-                route("org-3", Some("tickets")),
-            ],
-        )
+        Routes::from_config(&config, &metrics).unwrap_or_else(|(key, e)| panic!("{key}: {e}"))
+    }
+
+    fn server(target: Target) -> Arc<OrgRoute> {
+        match target {
+            Target::Server(route) => route,
+            Target::Federated(f) => panic!("expected a server route, got {}'s federation", f.name),
+        }
     }
 
     #[test]
     fn resolves_endpoints_under_the_base_path() {
         let r = routes("/api/v1/mcp");
         let (org, ep) = r.resolve("/api/v1/mcp/org-1/sse").expect("route");
-        assert_eq!((&*org.name, ep), ("org-1", Endpoint::Sse));
+        assert_eq!((&*server(org).name, ep), ("org-1", Endpoint::Sse));
         let (org, ep) = r.resolve("/api/v1/mcp/org-2/mcp").expect("route");
-        assert_eq!((&*org.name, ep), ("org-2", Endpoint::Mcp));
+        assert_eq!((&*server(org).name, ep), ("org-2", Endpoint::Mcp));
         assert_eq!(
             r.path_of("org-1", Endpoint::Messages),
             "/api/v1/mcp/org-1/messages"
@@ -296,6 +394,7 @@ mod tests {
     fn each_server_of_an_org_has_its_own_endpoints() {
         let r = routes("/api");
         let (route, ep) = r.resolve("/api/org-3/files/sse").expect("route");
+        let route = server(route);
         assert_eq!(
             (&*route.name, &*route.key, ep),
             ("org-3", "org-3/files", Endpoint::Sse)
@@ -306,7 +405,7 @@ mod tests {
             "/api/org-3/files/messages"
         );
         let (route, _) = r.resolve("/api/org-3/tickets/mcp").expect("route");
-        assert_eq!(&*route.key, "org-3/tickets");
+        assert_eq!(&*server(route).key, "org-3/tickets");
         assert_eq!(
             r.resolve("/api/org-3/search/mcp").err(),
             Some(RouteError::UnknownServer {
@@ -314,13 +413,24 @@ mod tests {
                 server: "search".into()
             })
         );
+        // The org endpoint is the federated one, over both servers.
+        let Ok((Target::Federated(f), Endpoint::Mcp)) = r.resolve("/api/org-3/mcp") else {
+            panic!("expected the federated endpoint");
+        };
+        assert_eq!((&*f.key, f.separator.as_str()), ("org-3", "__"));
+        let members: Vec<(&str, &str, &str)> = f
+            .members
+            .iter()
+            .map(|m| (&*m.name, m.prefix.as_str(), &*m.route.key))
+            .collect();
         assert_eq!(
-            r.resolve("/api/org-3/mcp").err(),
-            Some(RouteError::Federated {
-                org: "org-3".into(),
-                servers: vec!["files".into(), "tickets".into()]
-            })
+            members,
+            [
+                ("files", "fs", "org-3/files"),
+                ("tickets", "tickets", "org-3/tickets")
+            ]
         );
+        assert!(r.federation("org-1").is_none());
         // An org with one server has no server paths; unknown orgs stay unknown.
         assert_eq!(
             r.resolve("/api/org-1/files/mcp").err(),

@@ -625,6 +625,7 @@ impl BackgroundService for Housekeeping {
         }
         let gateway = self.gateway.clone();
         tokio::spawn(async move { gateway.probe_eras().await });
+        tokio::spawn(self.gateway.clone().watch_members());
         let ttl = self.gateway.config.sessions.idle_ttl;
         let period = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
         loop {

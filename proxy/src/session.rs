@@ -5,7 +5,7 @@
 //! single-node default; a shared store for several nodes implements the same
 //! trait.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -84,6 +84,10 @@ pub struct SessionState {
     pub resource_subscriptions: Vec<String>,
     /// The upstream's own session, when the upstream is stateful.
     pub upstream: Option<UpstreamSession>,
+    /// Of a federated session: its session at each of its servers, by
+    /// server name (the gateway's own sessions of `org/server`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, String>,
     pub created_at_ms: u64,
 }
 
@@ -123,6 +127,7 @@ impl SessionState {
             log_level: None,
             resource_subscriptions: Vec::new(),
             upstream: None,
+            members: BTreeMap::new(),
             created_at_ms: now_ms(),
         }
     }

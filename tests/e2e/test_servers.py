@@ -1,18 +1,24 @@
 """Several servers per org (issue 17): each of an org's `servers` has its
 own endpoints, `{org}/{server}/mcp`, `/sse` and `/messages`, reached
 transparently (no prefixes) by clients of every era, with sessions of its
-own. The servers are the real examples: python-fastmcp (stateless-2025),
-go (modern, 2026-07-28) and typescript --stateful (stateful-2025).
+own; `{org}/mcp` is the org's federated endpoint, one session over all of
+them with prefixed names. The servers are the real examples:
+python-fastmcp (stateless-2025), go (modern, 2026-07-28), typescript
+--stateful (stateful-2025) and python-modern (modern, which raises
+list_changed on demand).
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
+import httpx2
 import pytest
 
-from harness import CLIENT_ERAS, ROOTS, Example, Gateway, client, initialize, org, post, rpc_error, running, started
+from harness import (CLIENT_ERAS, ROOTS, Example, Gateway, SseReader, client, elicit, initialize, list_roots,
+                     next_list_changed, org, post, rpc_error, running, started, streamable_session, wait_until)
 
 pytestmark = pytest.mark.anyio
 
@@ -36,7 +42,14 @@ def servers(replicas, go_server, ts_stateful_server):
 
 
 @pytest.fixture(scope="module")
-def multi_gateway(log_dir, replicas, go_server, ts_stateful_server):
+def flaky_server(log_dir):
+    """A go server the failure test stops and starts again."""
+    with started(Example("go", log_dir)) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def multi_gateway(log_dir, replicas, go_server, ts_stateful_server, modern_upstream, flaky_server):
     def upstream(era: str, *examples: Example) -> dict:
         return {"era": era, "replicas": [e.url for e in examples]}
 
@@ -49,6 +62,15 @@ def multi_gateway(log_dir, replicas, go_server, ts_stateful_server):
                     "py": {"upstream": upstream("stateless-2025", *replicas)},
                     "go": {"upstream": upstream("modern", go_server), "prefix": "g"},
                     "ts": {"upstream": upstream("stateful-2025", ts_stateful_server)},
+                    "pm": {"upstream": upstream("modern", modern_upstream)},
+                },
+            },
+            "flaky": {
+                "auth": "none",
+                "servers": {
+                    "py": {"upstream": {**upstream("stateless-2025", *replicas), "timeout": "2s"}},
+                    "go": {"upstream": {**upstream("modern", flaky_server), "timeout": "2s",
+                                        "connect_timeout": "500ms", "eject_for": "1s"}},
                 },
             },
             "one": org(replicas),
@@ -92,11 +114,6 @@ def test_sessions_belong_to_their_server_and_paths_are_named(multi_gateway):
     assert other.status_code == 404, other.text
     assert rpc_error(other)["code"] == -32001, other.text
     # The org endpoint of an org with servers names the servers' endpoints.
-    r = post(multi_gateway.url("multi"), ping)
-    assert r.status_code == 404, r.text
-    message = rpc_error(r)["message"]
-    for name in ("go", "py", "ts"):
-        assert f"{multi_gateway.base_path}/multi/{name}/mcp" in message, message
     r = post(multi_gateway.url("multi/nope"), ping)
     assert r.status_code == 404 and rpc_error(r)["message"] == "org 'multi' has no server 'nope'", r.text
     # An org with one upstream keeps its one endpoint, and no server paths.
@@ -111,3 +128,132 @@ def test_sessions_belong_to_their_server_and_paths_are_named(multi_gateway):
     ready = multi_gateway.admin_get("/readyz").json()
     orgs = ready["orgs"]
     assert {"multi/py", "multi/go", "multi/ts", "one"} <= set(orgs), ready
+
+
+# ----- the federated endpoint ------------------------------------------------------
+
+MULTI_PREFIXES = {"py": "py__", "go": "g__", "ts": "ts__", "pm": "pm__"}
+
+
+async def test_the_federated_endpoint_lists_every_servers_tools_prefixed_and_routes_calls(multi_gateway, servers):
+    async with streamable_session(multi_gateway.url("multi"), list_roots_callback=list_roots,
+                                  elicitation_callback=elicit) as s:
+        init = s.initialize_result
+        assert init.capabilities.tools is not None and init.capabilities.tools.list_changed, init
+        assert init.server_info.name == "ratatosk federation of multi", init
+        names = {t.name for t in (await s.list_tools()).tools}
+        for prefix in MULTI_PREFIXES.values():
+            assert f"{prefix}add" in names, (prefix, sorted(names))
+        assert all(any(n.startswith(p) for p in MULTI_PREFIXES.values()) for n in names), sorted(names)
+        for name, prefix in MULTI_PREFIXES.items():
+            result = await s.call_tool(f"{prefix}add", {"a": 2, "b": 3})
+            assert not result.is_error and result.content[0].text == "5", (name, result)
+        # Each call reaches its own server, as that server records.
+        for name in ("py", "go", "ts"):
+            tag = f"fed-{name}-{uuid.uuid4().hex[:8]}"
+            result = await s.call_tool(f"{MULTI_PREFIXES[name]}sleep_then_return", {"seconds": 0, "tag": tag})
+            assert not result.is_error, result
+            for other, examples in servers.items():
+                hit = any(reached(ex, tag) for ex in examples)
+                assert hit == (other == name), f"call for {name} reached {other}: {hit}"
+        # An unknown prefix is refused by the gateway, precisely.
+        with pytest.raises(Exception) as refused:
+            await s.call_tool("nope__add", {"a": 1, "b": 2})
+        assert "unknown tool 'nope__add'" in str(refused.value)
+
+
+async def test_progress_elicitation_and_roots_work_per_server_on_the_federated_endpoint(multi_gateway):
+    asked = []
+
+    async def answer(ctx, params):
+        asked.append(params.message)
+        return await elicit(ctx, params)
+
+    progress: dict[str, list[float]] = {"py": [], "go": []}
+    async with streamable_session(multi_gateway.url("multi"), list_roots_callback=list_roots,
+                                  elicitation_callback=answer) as s:
+        for name in progress:
+            async def on_progress(value, total, message, name=name) -> None:
+                progress[name].append(value)
+
+            result = await s.call_tool(f"{MULTI_PREFIXES[name]}slow_count", {"n": 3}, progress_callback=on_progress)
+            assert result.content[0].text == "counted to 3", result
+            assert len(progress[name]) == 3, progress
+        # The stateful TypeScript server asks the client (its id names the
+        # server on the way out, and the answer goes back to that server).
+        result = await s.call_tool("ts__confirm", {"question": "federated?"})
+        assert json.loads(result.content[0].text) == {"action": "accept", "confirmed": True}
+        assert asked and "federated?" in asked[0], asked
+        # A modern server's input request reaches the client as roots/list.
+        for prefix in ("g__", "ts__"):
+            result = await s.call_tool(f"{prefix}ask_roots", {})
+            assert json.loads(result.content[0].text) == {"roots": ROOTS}, (prefix, result)
+
+
+async def test_a_legacy_client_uses_the_federated_endpoint(multi_gateway):
+    """HTTP+SSE of 2024-11-05 on `{org}/sse`: the same prefixed tools,
+    with progress and a stateful server's elicitation on the /sse stream."""
+    progress = []
+
+    async def on_progress(value, total, message) -> None:
+        progress.append(value)
+
+    async with client("sse-2024", multi_gateway, "multi") as c:
+        names = await c.tool_names()
+        assert {f"{p}add" for p in MULTI_PREFIXES.values()} <= names, sorted(names)
+        assert await c.call("g__add", {"a": 2, "b": 3}) == "5"
+        assert await c.call("py__slow_count", {"n": 2}, progress=on_progress) == "counted to 2"
+        assert len(progress) == 2, progress
+        answer = json.loads(await c.call("ts__confirm", {"question": "legacy?"}))
+        assert answer == {"action": "accept", "confirmed": True}
+        assert json.loads(await c.call("g__ask_roots", {})) == {"roots": ROOTS}
+
+
+def test_list_changed_from_one_server_reaches_the_federated_stream(multi_gateway, modern_upstream):
+    url = multi_gateway.url("multi")
+    sid = initialize(url)
+    headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+    with httpx2.Client(timeout=httpx2.Timeout(10, read=10)) as http, \
+            http.stream("GET", url, headers=headers) as r:
+        assert r.status_code == 200
+        next_list_changed(SseReader(r), modern_upstream)
+
+
+def tool_names(url: str, sid: str) -> set[str]:
+    r = post(url, {"jsonrpc": "2.0", "id": 9, "method": "tools/list"}, session=sid)
+    assert r.status_code == 200, r.text
+    body = r.json() if r.headers["content-type"].startswith("application/json") else None
+    assert body is not None, r.text
+    return {t["name"] for t in body["result"]["tools"]}
+
+
+def next_message_of(events: SseReader, method: str, within: float = 20.0) -> dict:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        _, message = events.next_message()
+        if message.get("method") == method:
+            return message
+    raise AssertionError(f"no {method} within {within} s")
+
+
+def test_a_server_that_stops_leaves_with_list_changed_and_comes_back(multi_gateway, flaky_server):
+    url = multi_gateway.url("flaky")
+    sid = initialize(url)
+    assert {"py__add", "go__add"} <= tool_names(url, sid)
+    headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+    with httpx2.Client(timeout=httpx2.Timeout(10, read=30)) as http, \
+            http.stream("GET", url, headers=headers) as r:
+        assert r.status_code == 200
+        events = SseReader(r)
+        flaky_server.stop()
+        next_message_of(events, "notifications/tools/list_changed")
+        names = tool_names(url, sid)
+        assert "py__add" in names and not any(n.startswith("go__") for n in names), sorted(names)
+        call = {"jsonrpc": "2.0", "id": 10, "method": "tools/call",
+                "params": {"name": "py__add", "arguments": {"a": 1, "b": 1}}}
+        answered = post(url, call, session=sid)
+        assert answered.status_code == 200 and '"text":"2"' in answered.text.replace(" ", ""), answered.text
+        flaky_server.start()
+        flaky_server.wait_ready(timeout=60, starts=2)
+        next_message_of(events, "notifications/tools/list_changed")
+    wait_until("the go server's tools are back", lambda: "go__add" in tool_names(url, sid), timeout=20)

@@ -12,7 +12,7 @@ use ratatosk_auth::{AuthError, AuthMode, Identity};
 use super::{Gateway, Notice};
 use crate::edge::{Reject, Request, Response};
 use crate::jsonrpc::code;
-use crate::routes::{Endpoint, OrgRoute};
+use crate::routes::{Endpoint, Front};
 
 impl Gateway {
     /// The caller's identity on an org's route, checked against the org and
@@ -20,7 +20,7 @@ impl Gateway {
     /// `endpoint` called.
     pub(super) async fn authenticate(
         &self,
-        org: &OrgRoute,
+        org: &Front,
         endpoint: Endpoint,
         req: &Request,
     ) -> Result<Arc<Identity>, Reject> {
@@ -45,7 +45,7 @@ impl Gateway {
     }
 
     /// A refusal with the challenge that sends clients to the metadata.
-    fn auth_reject(&self, org: &OrgRoute, endpoint: Endpoint, e: &AuthError) -> Reject {
+    fn auth_reject(&self, org: &Front, endpoint: Endpoint, e: &AuthError) -> Reject {
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
         let rpc_code = if status == StatusCode::SERVICE_UNAVAILABLE {
             code::INTERNAL_ERROR
@@ -90,7 +90,7 @@ impl Gateway {
         self.routes.path_of(org, endpoint)
     }
 
-    fn metadata_url(&self, org: &OrgRoute, endpoint: Endpoint) -> String {
+    fn metadata_url(&self, org: &Front, endpoint: Endpoint) -> String {
         format!(
             "{}{}",
             self.public_url,
@@ -116,7 +116,7 @@ impl Gateway {
     fn serve_metadata(&self, method: &Method, resource_path: &str) -> Response {
         let org = self
             .routes
-            .orgs()
+            .fronts()
             .find(|o| {
                 [Endpoint::Mcp, Endpoint::Sse]
                     .into_iter()

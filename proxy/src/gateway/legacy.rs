@@ -28,13 +28,24 @@ impl Gateway {
             session.id
         );
         let prelude = sse_frame(None, Some("endpoint"), endpoint.as_bytes());
-        let mut live = self.live_stream(org, &session, log, attach, Some(prelude));
+        let live = self.live_stream(org, &session, log, attach, Some(prelude));
+        Ok(self.legacy_stream(live, identity, &session))
+    }
+
+    /// The `/sse` stream of a legacy session: it ends with the caller's
+    /// token, and the session ends with it.
+    pub(super) fn legacy_stream(
+        self: &Arc<Self>,
+        mut live: LiveStream,
+        identity: &Identity,
+        session: &SessionState,
+    ) -> Response {
         self.end_with_token(&mut live, identity);
-        Ok(Response::sse(Box::new(LegacyStream {
+        Response::sse(Box::new(LegacyStream {
             live,
             gateway: self.clone(),
             session: session.id.clone(),
-        })))
+        }))
     }
 
     pub(super) async fn legacy_post(

@@ -124,7 +124,7 @@ impl Gateway {
 
     /// What an `initialize` says about the client must fit
     /// `sessions.max_client_bytes`; the refusal names the fields.
-    pub(super) fn check_client_data(&self, org: &OrgRoute, params: &Value) -> Result<(), Reject> {
+    pub(super) fn check_client_data(&self, org: &Front, params: &Value) -> Result<(), Reject> {
         session::check_client_data(
             [
                 ("params.clientInfo", params.get("clientInfo")),
@@ -156,7 +156,7 @@ impl Gateway {
     }
 
     /// A store failure as the client sees it; the limits are counted.
-    pub(super) fn session_reject(&self, org: &OrgRoute, e: StoreError) -> Reject {
+    pub(super) fn session_reject(&self, org: &Front, e: StoreError) -> Reject {
         match &e {
             StoreError::SubjectFull { .. } => org.metrics.refused.sessions_per_subject.inc(),
             StoreError::Full { .. } => org.metrics.refused.sessions_total.inc(),
@@ -193,6 +193,9 @@ impl Gateway {
         match removed {
             Some(state) => {
                 self.forget_session(&state, why);
+                if !state.members.is_empty() {
+                    self.end_members(&state).await;
+                }
                 Ok(true)
             }
             None => {
@@ -256,14 +259,30 @@ impl Gateway {
                 Transport::Hidden => "missing session id",
             }));
         };
-        if !session::is_plausible_id(id) {
-            return Err(session_not_found());
-        }
+        self.session_of(&call.org.key, call.identity, Some(id), transport)
+            .await
+    }
+
+    /// Session `id` of route `key` bound to `identity`, over `transport`;
+    /// any mismatch looks like an unknown id.
+    pub(super) async fn session_of(
+        &self,
+        key: &str,
+        identity: &Identity,
+        id: Option<&str>,
+        transport: Transport,
+    ) -> Result<Arc<SessionState>, Reject> {
+        let Some(id) = id.filter(|id| session::is_plausible_id(id)) else {
+            return Err(match id {
+                None => Reject::bad_request(
+                    "missing Mcp-Session-Id header: send initialize first, then echo the Mcp-Session-Id it returned",
+                ),
+                Some(_) => session_not_found(),
+            });
+        };
         match self.store.lookup(id).await.map_err(store_reject)? {
             Some(s)
-                if *s.org == *call.org.key
-                    && s.subject == call.identity.subject
-                    && s.transport == transport =>
+                if *s.org == *key && s.subject == identity.subject && s.transport == transport =>
             {
                 Ok(s)
             }
@@ -356,6 +375,9 @@ impl Gateway {
         };
         for state in &expired {
             self.forget_session(state, "expired after being idle");
+            if !state.members.is_empty() {
+                self.end_members(state).await;
+            }
         }
         self.expire_parked();
         self.holds.sweep();

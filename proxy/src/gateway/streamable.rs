@@ -251,7 +251,7 @@ impl Gateway {
     /// Answers a POST with `body` alone, on a stream of its own.
     pub(super) fn post_stream_of(
         &self,
-        org: &OrgRoute,
+        org: &Front,
         session: &SessionState,
         log: Arc<SessionLog>,
         body: &[u8],
@@ -264,7 +264,7 @@ impl Gateway {
 
     pub(super) fn post_stream_response(
         &self,
-        org: &OrgRoute,
+        org: &Front,
         session: &SessionState,
         log: Arc<SessionLog>,
         stream: StreamId,
@@ -280,7 +280,7 @@ impl Gateway {
 
     pub(super) fn live_stream(
         &self,
-        org: &OrgRoute,
+        org: &Front,
         session: &SessionState,
         log: Arc<SessionLog>,
         attach: crate::stream::Attach,
@@ -493,7 +493,7 @@ impl Gateway {
         log: &SessionLog,
         stream: StreamId,
         payload: &[u8],
-        org: &OrgRoute,
+        org: &Front,
     ) -> Result<(), crate::stream::Closed> {
         log.append(stream, payload)?;
         org.metrics.published_upstream.inc();
@@ -716,7 +716,23 @@ impl Gateway {
         // Validated only: an unsupported version is a 400.
         edge::protocol_version(call.headers)?;
         let session = self.streamable_session(call).await?;
-        let last_event_id = call.header(&LAST_EVENT_ID);
+        let (log, attach) = self
+            .attach_standalone(org, &session, call.header(&LAST_EVENT_ID))
+            .await?;
+        self.ensure_listener(org, &session.id, false);
+        let mut live = self.live_stream(org, &session, log, attach, None);
+        self.end_with_token(&mut live, call.identity);
+        Ok(Response::sse(Box::new(live)))
+    }
+
+    /// The session's standalone stream, from `last_event_id` if the client
+    /// resumes.
+    pub(super) async fn attach_standalone(
+        &self,
+        org: &Front,
+        session: &SessionState,
+        last_event_id: Option<&str>,
+    ) -> Result<(Arc<SessionLog>, crate::stream::Attach), Reject> {
         let resume = match last_event_id {
             None => None,
             Some(text) => Some(EventId::parse(text).ok_or_else(|| {
@@ -727,7 +743,7 @@ impl Gateway {
             })?),
         };
         // Another node may have served the stream up to its last event.
-        let log = self.session_log(&session, true).await?;
+        let log = self.session_log(session, true).await?;
         let attach = log
             .attach(
                 resume.map_or(STANDALONE, |e| e.stream),
@@ -741,13 +757,10 @@ impl Gateway {
                 )),
             })?;
         if attach.gap {
-            tracing::warn!(org = %org.name, session = %short(&session.id),
+            tracing::warn!(org = %org.key, session = %short(&session.id),
                 "resumed stream may have missed events: they left the event log (raise sessions.event_log_size)");
         }
-        self.ensure_listener(org, &session.id, false);
-        let mut live = self.live_stream(org, &session, log, attach, None);
-        self.end_with_token(&mut live, call.identity);
-        Ok(Response::sse(Box::new(live)))
+        Ok((log, attach))
     }
 
     /// A stream authenticated once must not outlive its token: it ends
