@@ -11,6 +11,7 @@ list_changed on demand).
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -207,6 +208,69 @@ async def test_a_legacy_client_uses_the_federated_endpoint(multi_gateway):
         answer = json.loads(await c.call("ts__confirm", {"question": "legacy?"}))
         assert answer == {"action": "accept", "confirmed": True}
         assert json.loads(await c.call("g__ask_roots", {})) == {"roots": ROOTS}
+
+
+@pytest.mark.parametrize("server", ["py", "go", "ts"])
+def test_a_cancel_on_the_federated_endpoint_reaches_the_server_running_the_call(multi_gateway, servers, server):
+    url = multi_gateway.url("multi")
+    sid = initialize(url)
+    tag = f"fed-cancel-{uuid.uuid4().hex[:8]}"
+    examples = servers[server]
+
+    def event_time(event: str) -> float | None:
+        return next((t for ex in examples if (t := ex.event_time(tag, event)) is not None), None)
+
+    lines: list[str] = []
+
+    def call() -> None:
+        body = {"jsonrpc": "2.0", "id": 77, "method": "tools/call",
+                "params": {"name": f"{MULTI_PREFIXES[server]}sleep_then_return", "arguments": {"seconds": 30, "tag": tag}}}
+        headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+                   "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+        with httpx2.Client(timeout=httpx2.Timeout(10, read=40)) as http, \
+                http.stream("POST", url, json=body, headers=headers) as r:
+            lines.extend(r.iter_lines())
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    wait_until("the tool started", lambda: event_time("started") is not None, timeout=10)
+    r = post(url, {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                   "params": {"requestId": 77, "reason": "user"}}, session=sid)
+    assert r.status_code == 202, r.text
+    if server != "py":
+        # A modern server sees its answer stream close, a stateful one gets
+        # the notification in its session. (A stateless-2025 server is not
+        # told, as on its own endpoint: the gateway stops the call.)
+        wait_until(f"the {server} server recorded the cancel", lambda: event_time("cancelled") is not None,
+                   timeout=5)
+    caller.join(timeout=5)
+    assert not caller.is_alive(), "the cancelled call's stream did not end"
+    # Cancelled requests get no response.
+    assert not any('"id":77' in line.replace(" ", "") for line in lines if line.startswith("data:")), lines
+    if server != "py":
+        assert event_time("finished") is None
+
+
+async def test_a_2026_client_uses_the_federated_endpoint(multi_gateway):
+    """2026-07-28 (the mcp 2.x `Client` in modern mode): discover and lists
+    merged, calls routed to servers of every era, input rounds (roots,
+    elicitation) carried with the server's requestState."""
+    progress = []
+
+    async def on_progress(value, total, message) -> None:
+        progress.append(value)
+
+    async with client("modern-2026", multi_gateway, "multi") as c:
+        names = await c.tool_names()
+        assert {f"{p}add" for p in MULTI_PREFIXES.values()} <= names, sorted(names)
+        for prefix in MULTI_PREFIXES.values():
+            assert await c.call(f"{prefix}add", {"a": 2, "b": 3}) == "5", prefix
+        assert await c.call("py__slow_count", {"n": 2}, progress=on_progress) == "counted to 2"
+        assert len(progress) == 2, progress
+        for prefix in ("g__", "ts__"):
+            assert json.loads(await c.call(f"{prefix}ask_roots", {})) == {"roots": ROOTS}, prefix
+        answer = json.loads(await c.call("ts__confirm", {"question": "modern?"}))
+        assert answer == {"action": "accept", "confirmed": True}
 
 
 def test_list_changed_from_one_server_reaches_the_federated_stream(multi_gateway, modern_upstream):

@@ -18,6 +18,9 @@ use crate::federation::{self, Dropped, ListKind, Naming, Opened, Page};
 use crate::routes::{Federation, Member};
 use crate::upstream::{AnswerReader, ReadLimits};
 
+/// 2026-07-28 clients.
+mod modern;
+
 /// Protocol version a federated session speaks when its client asks for
 /// one the gateway does not.
 const LATEST: &str = "2025-11-25";
@@ -254,12 +257,11 @@ impl Gateway {
         label.method = body_label(&body);
         if !headers.contains_key(&MCP_SESSION_ID)
             && let Body::Single(m) = &body
-            && crate::era::speaks_modern(headers, m.method(), m.params().as_ref())
         {
-            return Err(Reject::bad_request(format!(
-                "2026-07-28 clients are not served on a federated endpoint yet; use a server's own endpoint ({})",
-                self.member_paths(f.fed)
-            )));
+            let params = m.params();
+            if crate::era::speaks_modern(headers, m.method(), params.as_ref()) {
+                return self.fed_modern(f, m, params).await;
+            }
         }
         if let Some(version) = edge::protocol_version(headers)?
             && !headers.contains_key(&MCP_SESSION_ID)
@@ -347,15 +349,6 @@ impl Gateway {
                 Ok(self.post_stream_response(front, &session, log, stream))
             }
         }
-    }
-
-    /// Each server's endpoint, for messages.
-    fn member_paths(&self, fed: &Federation) -> String {
-        fed.members
-            .iter()
-            .map(|m| self.routes.path_of(&m.route.key, Endpoint::Mcp))
-            .collect::<Vec<_>>()
-            .join(", ")
     }
 
     /// The caller's federated session.
@@ -890,7 +883,14 @@ impl Gateway {
             },
         };
         let pages = self.list_pages(f, session, kind, cursors).await;
-        let merged = federation::merge(&f.naming(), kind, &pages);
+        let result = self.merged_list(f, kind, &pages);
+        jsonrpc::result_body(id, result)
+    }
+
+    /// The result of a list: the pages merged, what was left out logged
+    /// and counted, and the gateway's cursor to the rest.
+    fn merged_list(&self, f: Fed<'_>, kind: ListKind, pages: &[(usize, Page)]) -> Value {
+        let merged = federation::merge(&f.naming(), kind, pages);
         for dropped in &merged.dropped {
             let (server, name, why) = match dropped {
                 Dropped::Clash { server, name } => (*server, name, "clash"),
@@ -911,7 +911,7 @@ impl Gateway {
         if let Some(cursor) = federation::encode_cursor(&next) {
             result["nextCursor"] = Value::String(cursor);
         }
-        jsonrpc::result_body(id, result)
+        result
     }
 
     /// One page of `kind` of each server that answers (`cursors`: the
@@ -1051,42 +1051,37 @@ impl Gateway {
         pending: Option<&Id>,
     ) {
         let mut answered = false;
+        let mut failure = None;
         loop {
             match reader.next_message().await {
                 Ok(Some(message)) => {
                     let (out, response_to) = to_client(server, &message);
                     answered |= response_to.is_some() && response_to.as_ref() == pending;
-                    if self.append(log, stream, &out, fed).is_err() {
-                        break;
-                    }
-                    if answered {
+                    if self.append(log, stream, &out, fed).is_err() || answered {
                         break;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    if !answered && pending.is_some() {
-                        let body =
-                            jsonrpc::error_body(pending, code::UPSTREAM_ERROR, &e.to_string());
-                        let _ = self.append(log, stream, &body, fed);
-                        answered = true;
-                    }
+                    failure = Some(e.to_string());
                     break;
                 }
             }
         }
-        if !answered && let Some(id) = pending {
-            let body = jsonrpc::error_body(
-                Some(id),
-                code::UPSTREAM_ERROR,
-                &format!("server '{server}' ended its answer without a response"),
-            );
+        let Some(id) = pending else { return };
+        // A request the client cancelled left `running` then: it gets no
+        // response (the server's stream ends without one).
+        let cancelled = self
+            .federations
+            .running
+            .remove(&(session.id.clone(), id.clone()))
+            .is_none();
+        if !answered && !cancelled {
+            let why = failure.unwrap_or_else(|| {
+                format!("server '{server}' ended its answer without a response")
+            });
+            let body = jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why);
             let _ = self.append(log, stream, &body, fed);
-        }
-        if let Some(id) = pending {
-            self.federations
-                .running
-                .remove(&(session.id.clone(), id.clone()));
         }
     }
 

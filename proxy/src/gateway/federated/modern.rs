@@ -1,0 +1,428 @@
+//! 2026-07-28 clients on a federated endpoint. They have no session: each
+//! request goes, in-process and as the client sent it (a name and its
+//! `Mcp-Name` unprefixed), to the servers' own endpoints, which bridge it
+//! to each server's era. `server/discover` and the lists are merged; an
+//! `InputRequiredResult`'s `requestState` names its server, and the retry
+//! must reach that server; `subscriptions/listen` fans in every server's.
+
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::era::{self, MCP_NAME, MODERN_VERSION, MODERN_VERSIONS};
+
+/// Messages of a fanned-in stream waiting for the client, at most.
+const FAN_IN_BUFFER: usize = 64;
+
+impl Gateway {
+    /// A 2026-07-28 request on a federated endpoint.
+    pub(super) async fn fed_modern(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        message: &Message,
+        params: Option<Value>,
+    ) -> Result<Response, Reject> {
+        let Some(method) = message.method() else {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "a 2026-07-28 client sends requests and notifications only, never responses",
+            ));
+        };
+        let id = message.request_id();
+        era::check_modern(&f.req.headers, method, id, params)?;
+        let Some(id) = id else {
+            return Ok(Response::empty(StatusCode::ACCEPTED));
+        };
+        if let Some(removed) = era::removed_method(method) {
+            return Err(removed.with_id(Some(id)));
+        }
+        let json = |body: Bytes| Ok(Response::json(StatusCode::OK, body));
+        if method == "server/discover" {
+            return json(self.fed_discover(f, id, message).await);
+        }
+        if method == "ping" {
+            return json(jsonrpc::result_body(
+                Some(id),
+                json!({"resultType": "complete"}),
+            ));
+        }
+        if let Some(kind) = ListKind::of_method(method) {
+            return json(self.fed_modern_list(f, id, kind, message).await);
+        }
+        if method == "subscriptions/listen" {
+            return Ok(self.fed_listen(f, message));
+        }
+        let Ok(mut body) = serde_json::from_slice::<Value>(&message.raw) else {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::PARSE_ERROR,
+                "the request is not JSON",
+            ));
+        };
+        let (i, name) = self
+            .modern_target(f, method, &mut body)
+            .map_err(|r| r.with_id(Some(id)))?;
+        let member = &f.fed.members[i];
+        let answer = self
+            .modern_to_member(f, member, Bytes::from(body.to_string()), name.as_deref())
+            .await
+            .map_err(|r| r.with_id(Some(id)))?;
+        Ok(match answer.body {
+            edge::ResponseBody::Full(body) => Response::json(
+                answer.status,
+                scope_state(&member.name, &body).unwrap_or(body),
+            ),
+            edge::ResponseBody::Stream(source) => {
+                let limits = member.route.server.pool.read_limits;
+                let mut reader = read_member(source, limits, &member.name);
+                let server = member.name.clone();
+                self.fan_in(move |tx| async move {
+                    while let Ok(Some(message)) = reader.next_message().await {
+                        let out = scope_state(&server, &message).unwrap_or(message);
+                        if tx.send(sse_frame(None, None, &out)).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            }
+            edge::ResponseBody::Empty => answer,
+        })
+    }
+
+    /// Which server a routed request goes to, with its name (or URI)
+    /// rewritten to the server's own, and a retry's `requestState` to the
+    /// server's: the server, and what `Mcp-Name` becomes.
+    fn modern_target(
+        &self,
+        f: Fed<'_>,
+        method: &str,
+        body: &mut Value,
+    ) -> Result<(usize, Option<String>), Reject> {
+        let bad =
+            |message: String| Reject::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, message);
+        let params = body
+            .get_mut("params")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| bad(format!("{method} needs params")))?;
+        let (i, name) = match method {
+            "tools/call" | "prompts/get" => {
+                let full = params
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                let what = if method == "tools/call" {
+                    "tool"
+                } else {
+                    "prompt"
+                };
+                let (i, own) = f.naming().route(&full).ok_or_else(|| {
+                    bad(format!("unknown {what} '{}'", jsonrpc::clip(&full, 128)))
+                })?;
+                let own = own.to_owned();
+                params.insert("name".into(), Value::String(own.clone()));
+                (i, Some(own))
+            }
+            "completion/complete" => {
+                let reference = params
+                    .get_mut("ref")
+                    .ok_or_else(|| bad("completion/complete needs params.ref".into()))?;
+                let name = reference
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                match name {
+                    Some(full) => {
+                        let (i, own) = f.naming().route(&full).ok_or_else(|| {
+                            bad(format!("unknown prompt '{}'", jsonrpc::clip(&full, 128)))
+                        })?;
+                        reference["name"] = Value::String(own.to_owned());
+                        (i, None)
+                    }
+                    None if f.fed.members.len() == 1 => (0, None),
+                    None => {
+                        return Err(bad(
+                            "on a federated endpoint, completion/complete of a resource template is not routed yet; use the server's own endpoint".into(),
+                        ));
+                    }
+                }
+            }
+            "resources/read" if f.fed.members.len() == 1 => (0, None),
+            _ => {
+                return Err(Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    code::METHOD_NOT_FOUND,
+                    format!(
+                        "method '{}' is not served to 2026-07-28 clients by a federated endpoint yet; use a server's own endpoint",
+                        jsonrpc::clip(method, 64)
+                    ),
+                ));
+            }
+        };
+        // A retry carries the state its server gave, scoped to it.
+        if let Some(state) = params.get("requestState").and_then(Value::as_str) {
+            let server = &*f.fed.members[i].name;
+            let own = state
+                .strip_prefix(server)
+                .and_then(|s| s.strip_prefix(':'))
+                .ok_or_else(|| bad("params.requestState was not given out for this tool".into()))?
+                .to_owned();
+            params.insert("requestState".into(), Value::String(own));
+        }
+        Ok((i, name))
+    }
+
+    /// Sends a modern request to a server's endpoint, in-process; `name`
+    /// is its `Mcp-Name` there.
+    async fn modern_to_member(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        member: &Member,
+        body: Bytes,
+        name: Option<&str>,
+    ) -> Result<Response, Reject> {
+        if self.federations.down.contains_key(&member.route.key) {
+            return Err(Reject::new(
+                StatusCode::BAD_GATEWAY,
+                code::UPSTREAM_ERROR,
+                format!(
+                    "server '{}' of org '{}' is unavailable: it does not answer",
+                    member.name, f.fed.name
+                ),
+            ));
+        }
+        let mut req =
+            self.member_request(f, member, Method::POST, None, Some(MODERN_VERSION), body);
+        if let Some(name) = name
+            && let Ok(v) = HeaderValue::from_str(name)
+        {
+            req.headers.insert(MCP_NAME, v);
+        }
+        self.at_member(f, member, &req).await
+    }
+
+    /// Sends a gateway-made modern request `method` to every server that
+    /// answers; each one's result.
+    async fn ask_all_modern(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        message: &Message,
+        method: &str,
+        params: impl Fn(usize) -> Option<Value>,
+    ) -> Vec<(usize, Value)> {
+        let meta = message
+            .params()
+            .and_then(|p| p.get("_meta").cloned())
+            .unwrap_or_else(|| json!({}));
+        let asks = (0..f.fed.members.len()).filter_map(|i| {
+            let mut p = params(i)?;
+            p["_meta"] = meta.clone();
+            Some(async move {
+                let member = &f.fed.members[i];
+                let id = json!(format!("ratatosk-{:x}", rand::random::<u64>()));
+                let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": p});
+                let mut req = self.member_request(
+                    f,
+                    member,
+                    Method::POST,
+                    None,
+                    Some(MODERN_VERSION),
+                    Bytes::from(body.to_string()),
+                );
+                if let Ok(v) = HeaderValue::from_str(method) {
+                    req.headers.insert(era::MCP_METHOD, v);
+                }
+                req.headers.remove(MCP_NAME);
+                if self.federations.down.contains_key(&member.route.key) {
+                    return None;
+                }
+                let response = self.at_member(f, member, &req).await.ok()?;
+                let bytes = match response.body {
+                    edge::ResponseBody::Full(b) => b,
+                    edge::ResponseBody::Stream(source) => {
+                        let mut reader =
+                            read_member(source, member.route.server.pool.read_limits, &member.name);
+                        reader
+                            .response_to(&Id::from_value(&id)?)
+                            .await
+                            .ok()
+                            .flatten()?
+                    }
+                    edge::ResponseBody::Empty => return None,
+                };
+                let v: Value = serde_json::from_slice(&bytes).ok()?;
+                Some((i, v.get("result")?.clone()))
+            })
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// `server/discover`, merged as `initialize` is.
+    async fn fed_discover(self: &Arc<Self>, f: Fed<'_>, id: &Id, message: &Message) -> Bytes {
+        let results = self
+            .ask_all_modern(f, message, "server/discover", |_| Some(json!({})))
+            .await;
+        let opened: Vec<Opened> = results
+            .into_iter()
+            .map(|(i, result)| Opened {
+                server: f.fed.members[i].name.to_string(),
+                result,
+            })
+            .collect();
+        let init = federation::initialize_result(&f.fed.name, MODERN_VERSION, &opened);
+        let mut result = json!({
+            "resultType": "complete",
+            "supportedVersions": MODERN_VERSIONS,
+            "capabilities": init["capabilities"],
+            "ttlMs": 0,
+            "cacheScope": "private",
+            "_meta": {era::META_SERVER_INFO: init["serverInfo"]},
+        });
+        if let Some(instructions) = init.get("instructions") {
+            result["instructions"] = instructions.clone();
+        }
+        jsonrpc::result_body(Some(id), result)
+    }
+
+    /// A merged list for a 2026-07-28 client.
+    async fn fed_modern_list(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        id: &Id,
+        kind: ListKind,
+        message: &Message,
+    ) -> Bytes {
+        let cursor = message
+            .params()
+            .and_then(|p| p.get("cursor").and_then(Value::as_str).map(str::to_owned));
+        let cursors = match cursor.as_deref().map(federation::decode_cursor) {
+            None => None,
+            Some(Some(map)) => Some(map),
+            Some(None) => {
+                return jsonrpc::error_body(
+                    Some(id),
+                    code::INVALID_PARAMS,
+                    "params.cursor is not a cursor this endpoint gave out",
+                );
+            }
+        };
+        let method = message.method().unwrap_or_default();
+        let results = self
+            .ask_all_modern(f, message, method, |i| match &cursors {
+                None => Some(json!({})),
+                Some(map) => map
+                    .get(&*f.fed.members[i].name)
+                    .map(|c| json!({"cursor": c})),
+            })
+            .await;
+        let pages: Vec<(usize, Page)> = results
+            .iter()
+            .filter_map(|(i, r)| Some((*i, Page::of_result(kind, r)?)))
+            .collect();
+        let mut result = self.merged_list(f, kind, &pages);
+        result["resultType"] = Value::from("complete");
+        // Lists are merged per caller (and filtered per caller once
+        // policies apply): not for shared caches.
+        result["ttlMs"] = Value::from(0);
+        result["cacheScope"] = Value::from("private");
+        jsonrpc::result_body(Some(id), result)
+    }
+
+    /// `subscriptions/listen`: every server's listen stream, in one.
+    fn fed_listen(self: &Arc<Self>, f: Fed<'_>, message: &Message) -> Response {
+        let (fed, identity, req) = (f.fed.clone(), f.identity.clone(), f.req.clone());
+        let (this, body) = (self.clone(), message.raw.clone());
+        self.fan_in(move |tx| async move {
+            let f = Fed {
+                fed: &fed,
+                identity: &identity,
+                req: &req,
+            };
+            let listens = fed.members.iter().map(|member| {
+                let (tx, body, this) = (tx.clone(), body.clone(), this.clone());
+                async move {
+                    let Ok(Response {
+                        body: edge::ResponseBody::Stream(source),
+                        ..
+                    }) = this.modern_to_member(f, member, body, None).await
+                    else {
+                        return;
+                    };
+                    let limits = ReadLimits {
+                        timeout: Duration::from_secs(365 * 24 * 3600),
+                        max_duration: Duration::from_secs(365 * 24 * 3600),
+                        max_bytes: usize::MAX,
+                        max_event_bytes: member.route.server.pool.read_limits.max_bytes,
+                    };
+                    let mut reader = read_member(source, limits, &member.name);
+                    while let Ok(Some(message)) = reader.next_message().await {
+                        if tx.send(sse_frame(None, None, &message)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            futures::future::join_all(listens).await;
+        })
+    }
+
+    /// A streamed response whose chunks `fill` sends, in a task of its own,
+    /// until it is done or the client is gone.
+    fn fan_in<F, Fut>(&self, fill: F) -> Response
+    where
+        F: FnOnce(mpsc::Sender<Bytes>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(FAN_IN_BUFFER);
+        let keepalive = self.config.streams.keepalive;
+        tokio::spawn(fill(tx));
+        Response::sse(Box::new(FanIn { rx, keepalive }))
+    }
+}
+
+/// A stream fed through a channel, with keep-alive comments while idle.
+struct FanIn {
+    rx: mpsc::Receiver<Bytes>,
+    keepalive: Duration,
+}
+
+#[async_trait]
+impl ChunkSource for FanIn {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        match tokio::time::timeout(self.keepalive, self.rx.recv()).await {
+            Ok(chunk) => chunk,
+            Err(_) => Some(Bytes::from_static(b": keepalive\n\n")),
+        }
+    }
+}
+
+/// A server's message whose `result.requestState` is scoped to the
+/// server: `None` if it has none.
+fn scope_state(server: &str, message: &[u8]) -> Option<Bytes> {
+    let mut v: Value = serde_json::from_slice(message).ok()?;
+    let state = v.pointer("/result/requestState")?.as_str()?;
+    let scoped = format!("{server}:{state}");
+    v["result"]["requestState"] = Value::String(scoped);
+    Some(Bytes::from(v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_states_name_their_server() {
+        let scoped = scope_state(
+            "go",
+            br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"input_required","requestState":"abc"}}"#,
+        )
+        .expect("scoped");
+        let v: Value = serde_json::from_slice(&scoped).expect("json");
+        assert_eq!(v["result"]["requestState"], "go:abc");
+        assert!(scope_state("go", br#"{"jsonrpc":"2.0","id":1,"result":{}}"#).is_none());
+    }
+}
