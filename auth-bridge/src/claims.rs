@@ -34,6 +34,19 @@ pub struct Claims {
     /// Keycloak's kind of token: `Bearer` for access tokens; `ID`,
     /// `Refresh`, `Logout`, ... for the others.
     pub typ: Option<String>,
+    /// Keycloak's realm roles.
+    pub realm_access: Option<Roles>,
+    /// Keycloak's client roles, by client.
+    pub resource_access: Option<std::collections::BTreeMap<String, Roles>>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub groups: Vec<String>,
+}
+
+/// `{"roles": [...]}`, as Keycloak writes role claims.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Roles {
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub roles: Vec<String>,
 }
 
 /// Refuses every kind of token but access tokens. Keycloak names the kind
@@ -110,6 +123,18 @@ impl Claims {
             expires_at: time(self.exp),
             issued_at: time(self.iat),
             session_id: self.sid.clone(),
+            realm_roles: self
+                .realm_access
+                .as_ref()
+                .map(|r| r.roles.clone())
+                .unwrap_or_default(),
+            client_roles: self
+                .resource_access
+                .iter()
+                .flatten()
+                .map(|(client, r)| (client.clone(), r.roles.clone()))
+                .collect(),
+            groups: self.groups.clone(),
         })
     }
 }
@@ -150,6 +175,26 @@ mod tests {
         assert_eq!(id.session_id.as_deref(), Some("s-1"));
         assert_eq!(id.client_id.as_deref(), Some("mcp-client"));
         assert!(id.expires_at.is_some() && id.issued_at.is_some());
+        assert!(id.realm_roles.is_empty() && id.client_roles.is_empty() && id.groups.is_empty());
+    }
+
+    #[test]
+    fn keycloak_roles_and_groups_become_facts_of_the_identity() {
+        let c: Claims = serde_json::from_value(json!({
+            "sub": "u-1",
+            "realm_access": {"roles": ["mcp-reader", "default-roles-r"]},
+            "resource_access": {"ratatosk-gateway": {"roles": ["tickets"]}, "account": {"roles": ["view-profile"]}},
+            "groups": ["/readers"]
+        }))
+        .expect("claims");
+        let id = c.identity().expect("identity");
+        assert_eq!(id.realm_roles, ["mcp-reader", "default-roles-r"]);
+        assert_eq!(id.client_roles["ratatosk-gateway"], ["tickets"]);
+        assert_eq!(id.client_roles["account"], ["view-profile"]);
+        assert_eq!(id.groups, ["/readers"]);
+        let one: Claims =
+            serde_json::from_value(json!({"sub": "u", "groups": "admins"})).expect("claims");
+        assert_eq!(one.identity().expect("identity").groups, ["admins"]);
     }
 
     #[test]

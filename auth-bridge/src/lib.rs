@@ -45,6 +45,16 @@ pub struct Identity {
     pub issued_at: Option<SystemTime>,
     /// The identity provider's session (`sid`), used by back-channel logout.
     pub session_id: Option<String>,
+    /// Keycloak realm roles (`realm_access.roles`).
+    #[serde(default)]
+    pub realm_roles: Vec<String>,
+    /// Keycloak client roles by client (`resource_access.<client>.roles`).
+    #[serde(default)]
+    pub client_roles: std::collections::BTreeMap<String, Vec<String>>,
+    /// Groups (a `groups` claim), as the provider names them (`/admins`
+    /// with full paths).
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// The subject every request gets on a route with `auth: none`.
@@ -64,6 +74,9 @@ impl Identity {
             expires_at: None,
             issued_at: None,
             session_id: None,
+            realm_roles: Vec::new(),
+            client_roles: std::collections::BTreeMap::new(),
+            groups: Vec::new(),
         }
     }
 

@@ -284,6 +284,75 @@ pub struct OrgConfig {
     /// endpoint: `fs__read_file`. Default `__`.
     #[serde(default)]
     pub separator: Option<String>,
+    /// Tool policy: what callers may see and use, by their roles, groups
+    /// and scopes. With rules, what no rule allows is denied.
+    #[serde(default)]
+    pub policy: Vec<PolicyRule>,
+}
+
+/// One rule of a tool policy (`orgs.<org>.policy[i]`, or a server's).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Names the rule in the audit log; unique in its org.
+    pub name: String,
+    /// Whom the rule is for; everyone without it.
+    #[serde(default)]
+    pub when: PolicyWhen,
+    /// What the rule allows.
+    #[serde(default)]
+    pub allow: PolicyTargets,
+    /// What the rule denies (a denial wins over any allowance).
+    #[serde(default)]
+    pub deny: PolicyTargets,
+}
+
+/// Identity facts a rule asks for: every field given must hold, by any
+/// one of its values.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyWhen {
+    /// Keycloak realm roles (`realm_access.roles`).
+    #[serde(default)]
+    pub realm_roles: Vec<String>,
+    /// Keycloak client roles by client (`resource_access.<client>.roles`).
+    #[serde(default)]
+    pub client_roles: BTreeMap<String, Vec<String>>,
+    /// Groups (the `groups` claim; `admins` matches `/admins` too).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Scopes of the token.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// Globs (`*`, `?`, `[...]`) on what the federated endpoint shows: tool
+/// and prompt names with their prefix (`fs__read_*`), resource URIs and
+/// URI templates (`file:///docs/*`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTargets {
+    #[serde(default)]
+    pub tools: Vec<String>,
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+}
+
+impl PolicyTargets {
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty() && self.prompts.is_empty() && self.resources.is_empty()
+    }
+
+    /// Each list with its field name.
+    pub fn lists(&self) -> [(&'static str, &[String]); 3] {
+        [
+            ("tools", &self.tools),
+            ("prompts", &self.prompts),
+            ("resources", &self.resources),
+        ]
+    }
 }
 
 /// One of an org's servers (`orgs.<org>.servers.<name>`).
@@ -296,6 +365,9 @@ pub struct OrgServerConfig {
     /// server's name; `""` for none.
     #[serde(default)]
     pub prefix: Option<String>,
+    /// Rules for this server alone, beside the org's.
+    #[serde(default)]
+    pub policy: Vec<PolicyRule>,
 }
 
 /// Path segments that name endpoints, which servers may not be named.
@@ -317,6 +389,8 @@ pub struct ServerEntry<'a> {
     pub upstream: &'a UpstreamConfig,
     /// Empty for the shorthand, and for `prefix: ""`.
     pub prefix: &'a str,
+    /// The server's own policy rules (the org's apply too).
+    pub policy: &'a [PolicyRule],
 }
 
 impl OrgConfig {
@@ -327,6 +401,7 @@ impl OrgConfig {
                 name: None,
                 upstream,
                 prefix: "",
+                policy: &[],
             }];
         }
         self.servers
@@ -335,6 +410,7 @@ impl OrgConfig {
                 name: Some(name),
                 upstream: &s.upstream,
                 prefix: s.prefix.as_deref().unwrap_or(name),
+                policy: &s.policy,
             })
             .collect()
     }
@@ -864,6 +940,21 @@ impl OrgConfig {
             }
             (None, false) => self.servers_problems(at),
         }
+        let mut names = BTreeMap::new();
+        let server_rules = self.servers.iter().flat_map(|(server, s)| {
+            s.policy
+                .iter()
+                .enumerate()
+                .map(move |(i, r)| (format!("servers.{server}.policy[{i}]"), r))
+        });
+        let org_rules = self
+            .policy
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("policy[{i}]"), r));
+        for (path, rule) in org_rules.chain(server_rules) {
+            rule.problems(&path, &mut names, at);
+        }
     }
 
     /// `servers`: names, prefixes and the separator.
@@ -918,6 +1009,44 @@ impl OrgConfig {
                 ));
             }
             server.upstream.problems(&mut at.sub("upstream"));
+        }
+    }
+}
+
+impl PolicyRule {
+    /// A rule's fields; `names` are the rule names of the org so far.
+    fn problems(&self, path: &str, names: &mut BTreeMap<String, String>, at: &mut Section) {
+        if self.name.is_empty() || self.name.len() > 64 || self.name.contains(char::is_whitespace) {
+            at.bad(
+                &format!("{path}.name"),
+                "expected a name of 1 to 64 characters without spaces",
+            );
+        } else if let Some(first) = names.insert(self.name.clone(), path.to_owned()) {
+            at.bad(
+                &format!("{path}.name"),
+                format!(
+                    "rule name `{}` is also the name of {first}; each rule needs its own",
+                    self.name
+                ),
+            );
+        }
+        if self.allow.is_empty() && self.deny.is_empty() {
+            at.bad(
+                path,
+                "a rule needs `allow` or `deny` (tools, prompts or resources)",
+            );
+        }
+        for (which, targets) in [("allow", &self.allow), ("deny", &self.deny)] {
+            for (field, globs) in targets.lists() {
+                for (i, glob) in globs.iter().enumerate() {
+                    if let Err(e) = globset::Glob::new(glob) {
+                        at.bad(
+                            &format!("{path}.{which}.{field}[{i}]"),
+                            format!("not a glob: {}", e.kind()),
+                        );
+                    }
+                }
+            }
         }
     }
 }
@@ -1347,6 +1476,56 @@ orgs:
         );
         has("orgs.org-2.servers.two.prefix", "also server `three`'s");
         assert_eq!(found.len(), 10, "{found:#?}");
+    }
+
+    #[test]
+    fn policies_are_checked_rule_by_rule() {
+        let c = parse(&with_orgs(
+            r#"
+  org-1:
+    policy:
+      - {name: readers, when: {realm_roles: [mcp-reader], groups: [readers]}, allow: {tools: ["fs__read_*"]}}
+    servers:
+      files:
+        upstream: {era: modern, replicas: [http://127.0.0.1:9001/mcp]}
+        prefix: fs
+        policy: [{name: no-delete, deny: {tools: ["fs__delete*"]}}]
+"#,
+        ))
+        .expect("valid");
+        let org = &c.orgs["org-1"];
+        assert_eq!(org.policy[0].when.realm_roles, ["mcp-reader"]);
+        assert_eq!(org.server_entries()[0].policy[0].name, "no-delete");
+        let err = parse(&with_orgs(
+            r#"
+  org-1:
+    policy:
+      - {name: a, allow: {tools: ["x["]}}
+      - {name: a, deny: {prompts: ["*"]}}
+      - {name: "has space", when: {scopes: [s]}}
+    upstream: {era: modern, replicas: [http://127.0.0.1:9001/mcp]}
+"#,
+        ))
+        .expect_err("invalid");
+        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "orgs.org-1.policy[0].allow.tools[0]",
+                "orgs.org-1.policy[1].name",
+                "orgs.org-1.policy[2].name",
+                "orgs.org-1.policy[2]"
+            ]
+        );
+        let err = parse(&with_orgs(
+            "  org-1:\n    policy: [{name: a, allow: {tool: [x]}}]\n    upstream: {era: modern, replicas: [http://127.0.0.1:9001/mcp]}\n",
+        ))
+        .expect_err("unknown field");
+        assert!(
+            only_problem(err)
+                .path
+                .starts_with("orgs.org-1.policy[0].allow")
+        );
     }
 
     #[test]

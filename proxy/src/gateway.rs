@@ -87,11 +87,8 @@ const MAX_SUBSCRIPTION_URI_BYTES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("org '{org}': {source}")]
-    Client {
-        org: String,
-        source: crate::upstream::PoolError,
-    },
+    #[error(transparent)]
+    Routes(#[from] crate::routes::RoutesError),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot build the token validator: {0}")]
@@ -168,11 +165,7 @@ impl Gateway {
             None => (None, None),
         };
         let metrics = Arc::new(Metrics::new()?);
-        let routes =
-            Routes::from_config(&config, &metrics).map_err(|(key, source)| BuildError::Client {
-                org: key.to_string(),
-                source,
-            })?;
+        let routes = Routes::from_config(&config, &metrics)?;
         let validator = match &config.identity {
             Some(identity) => Some(ratatosk_auth::Validator::new(
                 identity.clone(),

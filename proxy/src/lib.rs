@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod holds;
 pub mod jsonrpc;
 pub mod metrics;
+pub mod policy;
 pub mod routes;
 pub mod server;
 pub mod session;

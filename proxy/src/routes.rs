@@ -49,6 +49,8 @@ pub struct OrgRoute {
     /// The upstream MCP server (`orgs.<org>.upstream`, or one of
     /// `orgs.<org>.servers`).
     pub server: ServerRoute,
+    /// The org's tool policy and the server's own rules.
+    pub policy: crate::policy::Policy,
 }
 
 impl std::ops::Deref for OrgRoute {
@@ -153,6 +155,15 @@ impl ServerRoute {
     }
 }
 
+/// Why the routes of a config cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("route '{0}': {1}")]
+    Pool(Arc<str>, PoolError),
+    #[error("route '{0}': a policy glob: {1}")]
+    Policy(Arc<str>, globset::Error),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteError {
     /// The path is not an MCP endpoint at all.
@@ -177,7 +188,7 @@ impl Routes {
     pub fn from_config(
         config: &crate::config::Config,
         metrics: &Metrics,
-    ) -> Result<Routes, (Arc<str>, PoolError)> {
+    ) -> Result<Routes, RoutesError> {
         let max_answer = config.limits.max_answer_bytes;
         let mut routes = Vec::new();
         let mut federations = Vec::new();
@@ -196,10 +207,14 @@ impl Routes {
             for entry in org.server_entries() {
                 let key = OrgRoute::key_of(name, entry.name);
                 let server = ServerRoute::new(&key, entry.upstream, max_answer, metrics)
-                    .map_err(|e| (key.clone(), e))?;
+                    .map_err(|e| RoutesError::Pool(key.clone(), e))?;
+                let rules = org.policy.iter().chain(entry.policy);
+                let policy = crate::policy::Policy::new(entry.prefix, org.separator(), rules)
+                    .map_err(|e| RoutesError::Policy(key.clone(), e))?;
                 let route = Arc::new(OrgRoute {
                     front: front(key, entry.name),
                     server,
+                    policy,
                 });
                 if let Some(server_name) = entry.name {
                     members.push(Member {
@@ -342,7 +357,7 @@ mod tests {
             crate::config::Config::from_yaml(&yaml, std::path::Path::new("t.yaml"), &|_| None)
                 .expect("config");
         let metrics = Metrics::new().expect("metrics");
-        Routes::from_config(&config, &metrics).unwrap_or_else(|(key, e)| panic!("{key}: {e}"))
+        Routes::from_config(&config, &metrics).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn server(target: Target) -> Arc<OrgRoute> {

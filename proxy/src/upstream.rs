@@ -463,6 +463,26 @@ impl Pool {
         }))
     }
 
+    /// Whether some replica accepts a TCP connection within the connect
+    /// timeout: a check that asks nothing of the server, so it neither
+    /// needs a session nor fills its log.
+    pub async fn accepts_connections(&self) -> bool {
+        for replica in &self.replicas {
+            let (Some(host), Some(port)) = (
+                replica.target.host_str(),
+                replica.target.port_or_known_default(),
+            ) else {
+                continue;
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let connect = tokio::net::TcpStream::connect((host, port));
+            if let Ok(Ok(_)) = tokio::time::timeout(self.connect_timeout, connect).await {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Replica states for the admin API.
     pub fn snapshot(&self) -> Vec<serde_json::Value> {
         let now = self.now_ms();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
 use ratatosk_auth::logout::LogoutEvent;
-use ratatosk_auth::metadata::{challenge, metadata_path, resource_metadata};
+use ratatosk_auth::metadata::{challenge, metadata_path, resource_metadata, www_authenticate};
 use ratatosk_auth::{AuthError, AuthMode, Identity};
 
 use super::{Gateway, Notice};
@@ -42,6 +42,48 @@ impl Gateway {
             )),
         };
         result.map_err(|e| self.auth_reject(org, endpoint, &e))
+    }
+
+    /// 403 `insufficient_scope` for an item of `kind` a policy would allow
+    /// with one of `scopes`: the client may ask for them (with the org's).
+    pub(super) fn step_up_reject(
+        &self,
+        org: &Front,
+        scopes: &[String],
+        kind: &str,
+        name: &str,
+    ) -> Reject {
+        let error = AuthError::InsufficientScope {
+            scope: scopes.join(" "),
+        };
+        let mut wanted = match &self.validator {
+            Some(validator) => validator.config().advertised_scopes(&org.scopes),
+            None => org.scopes.clone(),
+        };
+        for s in scopes {
+            if !wanted.contains(s) {
+                wanted.push(s.clone());
+            }
+        }
+        let mut reject = Reject::new(
+            StatusCode::FORBIDDEN,
+            code::BAD_REQUEST,
+            format!(
+                "{kind} '{}' needs scope {} in org '{}'",
+                crate::jsonrpc::clip(name, 128),
+                scopes.join(" or "),
+                org.name
+            ),
+        );
+        let challenge = www_authenticate(
+            &self.metadata_url(org, Endpoint::Mcp),
+            &wanted.join(" "),
+            &error,
+        );
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            reject.headers.push((header::WWW_AUTHENTICATE, v));
+        }
+        reject
     }
 
     /// A refusal with the challenge that sends clients to the metadata.

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::federation::{self, Dropped, ListKind, Naming, Opened, Page};
+use crate::policy::Kind as Item;
 use crate::routes::{Federation, Member};
 use crate::upstream::{AnswerReader, ReadLimits};
 
@@ -51,9 +52,19 @@ struct Fed<'a> {
     req: &'a Request,
 }
 
+/// Why the policy refused a request.
+enum Refusal {
+    /// A JSON-RPC error, as any failed call gets.
+    Denied(Bytes),
+    /// 403 `insufficient_scope`: a scope would allow it.
+    StepUp(Reject),
+}
+
 /// What a server answered to one request.
 enum Answer {
     Json(Bytes),
+    /// Refused with an HTTP status of its own (a 403 to step up).
+    Refused(Reject),
     /// A stream, read message by message, from server `server`.
     Stream {
         server: Arc<str>,
@@ -174,6 +185,9 @@ impl Gateway {
                     match this.fed_answer(f, &session, m).await {
                         Answer::Json(body) => {
                             let _ = this.append(&log, STANDALONE, &body, &fed);
+                        }
+                        Answer::Refused(reject) => {
+                            let _ = this.append(&log, STANDALONE, &reject.body(), &fed);
                         }
                         Answer::Stream { server, reader } => {
                             let (this, fed, s, l) =
@@ -301,6 +315,7 @@ impl Gateway {
                     self.post_stream_of(front, &session, log, &body)
                 }
                 Answer::Json(body) => Ok(Response::json(StatusCode::OK, body)),
+                Answer::Refused(reject) => Err(reject),
                 Answer::Stream { server, reader } => {
                     let stream = log.begin_stream().map_err(|_| session_not_found())?;
                     let (this, fed, s, l) =
@@ -329,6 +344,9 @@ impl Gateway {
                         match this.fed_answer(f, &s, m).await {
                             Answer::Json(body) => {
                                 let _ = this.append(&l, stream, &body, &fed);
+                            }
+                            Answer::Refused(reject) => {
+                                let _ = this.append(&l, stream, &reject.body(), &fed);
                             }
                             Answer::Stream { server, reader } => {
                                 this.relay_member(
@@ -649,7 +667,12 @@ impl Gateway {
             match self.at_member(f, member, &req).await {
                 Err(r) if r.code == code::SESSION_NOT_FOUND && !reopen => reopen = true,
                 Err(r) => {
-                    if r.code == code::UPSTREAM_ERROR && r.status != StatusCode::BAD_REQUEST {
+                    // Down as the watch sees it: no replica takes a
+                    // connection (a server that answers badly stays listed).
+                    if r.code == code::UPSTREAM_ERROR
+                        && r.status == StatusCode::BAD_GATEWAY
+                        && !member.route.server.pool.accepts_connections().await
+                    {
                         self.member_down(f.fed, member);
                     }
                     return Err(r);
@@ -714,6 +737,8 @@ impl Gateway {
             return error(code::PARSE_ERROR, "the request is not JSON".into());
         };
         let params = message.get_mut("params");
+        // What the policy decides on: the server's own name, or a URI.
+        let mut check: Option<(Item, String)> = None;
         let target = match method {
             "tools/call" | "prompts/get" => {
                 let what = if method == "tools/call" {
@@ -732,6 +757,12 @@ impl Gateway {
                 match f.naming().route(&name) {
                     Some((i, own)) => {
                         let own = own.to_owned();
+                        let kind = if method == "tools/call" {
+                            Item::Tool
+                        } else {
+                            Item::Prompt
+                        };
+                        check = Some((kind, own.clone()));
                         if let Some(p) = params {
                             p["name"] = Value::String(own);
                         }
@@ -749,6 +780,7 @@ impl Gateway {
                 let Some(uri) = params.and_then(|p| p.get("uri")).and_then(Value::as_str) else {
                     return error(code::INVALID_PARAMS, format!("{method} needs params.uri"));
                 };
+                check = Some((Item::Resource, uri.to_owned()));
                 match self.owner_of(f, session, uri).await {
                     Some(i) => Some(i),
                     None => {
@@ -770,6 +802,7 @@ impl Gateway {
                             .to_owned();
                         match f.naming().route(&name) {
                             Some((i, own)) => {
+                                check = Some((Item::Prompt, own.to_owned()));
                                 r["name"] = Value::String(own.to_owned());
                                 Some(i)
                             }
@@ -808,6 +841,14 @@ impl Gateway {
                 );
             }
         };
+        if let (Some(i), Some((kind, own))) = (target, &check)
+            && let Err(refused) = self.permit(f, i, *kind, own, id)
+        {
+            return match refused {
+                Refusal::Denied(body) => Answer::Json(body),
+                Refusal::StepUp(reject) => Answer::Refused(reject),
+            };
+        }
         let body = Bytes::from(message.to_string());
         let Some(i) = target else {
             // logging/setLevel: every server.
@@ -827,6 +868,49 @@ impl Gateway {
             self.federations.running.remove(key);
         }
         answer
+    }
+
+    /// Whether the caller may use server `i`'s `own` item of `kind`: the
+    /// rule that allowed it, or the refusal. A denied item is refused as
+    /// forbidden, not as unknown: the lists already hide it, so only a
+    /// caller who knows its name asks, and the error says why. Where a
+    /// scope would allow it, the refusal is 403 `insufficient_scope` with
+    /// that scope, so that clients can step up.
+    fn permit(
+        &self,
+        f: Fed<'_>,
+        i: usize,
+        kind: Item,
+        own: &str,
+        id: Option<&Id>,
+    ) -> Result<Option<Arc<str>>, Refusal> {
+        let member = &f.fed.members[i];
+        let decision = member.route.policy.decide(f.identity, kind, own);
+        if decision.allowed {
+            return Ok(decision.rule);
+        }
+        let shown = member.route.policy.shown(kind, own);
+        if !decision.step_up.is_empty() {
+            return Err(Refusal::StepUp(
+                self.step_up_reject(f.fed, &decision.step_up, kind.as_str(), &shown)
+                    .with_id(id),
+            ));
+        }
+        let why = match &decision.rule {
+            Some(rule) => format!("rule '{rule}'"),
+            None => "no rule allows it".to_owned(),
+        };
+        tracing::info!(org = %f.fed.name, server = %member.name, subject = %f.identity.subject, "{} '{shown}' denied: {why}", kind.as_str());
+        Err(Refusal::Denied(jsonrpc::error_body(
+            id,
+            code::INVALID_PARAMS,
+            &format!(
+                "{} '{}' is not allowed to this caller by the policy of org '{}'",
+                kind.as_str(),
+                jsonrpc::clip(&shown, 128),
+                f.fed.name
+            ),
+        )))
     }
 
     /// The server that owns resource (or resource template) `uri`, as the
@@ -890,7 +974,29 @@ impl Gateway {
     /// The result of a list: the pages merged, what was left out logged
     /// and counted, and the gateway's cursor to the rest.
     fn merged_list(&self, f: Fed<'_>, kind: ListKind, pages: &[(usize, Page)]) -> Value {
-        let merged = federation::merge(&f.naming(), kind, pages);
+        // Only what the caller may use is listed.
+        let (item, key) = match kind {
+            ListKind::Tools => (Item::Tool, "name"),
+            ListKind::Prompts => (Item::Prompt, "name"),
+            ListKind::Resources => (Item::Resource, "uri"),
+            ListKind::Templates => (Item::Resource, "uriTemplate"),
+        };
+        let allowed: Vec<(usize, Page)> = pages
+            .iter()
+            .map(|(i, page)| {
+                let policy = &f.fed.members[*i].route.policy;
+                let mut page = page.clone();
+                if !policy.is_open() {
+                    page.items.retain(|it| {
+                        it.get(key)
+                            .and_then(Value::as_str)
+                            .is_some_and(|own| policy.decide(f.identity, item, own).allowed)
+                    });
+                }
+                (*i, page)
+            })
+            .collect();
+        let merged = federation::merge(&f.naming(), kind, &allowed);
         for dropped in &merged.dropped {
             let (server, name, why) = match dropped {
                 Dropped::Clash { server, name } => (*server, name, "clash"),
@@ -956,6 +1062,7 @@ impl Gateway {
                 .await;
             let bytes = match answer {
                 Answer::Json(b) => b,
+                Answer::Refused(_) => return None,
                 Answer::Stream { mut reader, .. } => reader.response_to(&id).await.ok().flatten()?,
             };
             let v: Value = serde_json::from_slice(&bytes).ok()?;
@@ -1282,7 +1389,7 @@ impl Gateway {
         while !self.is_draining() {
             for fed in &federations {
                 for member in &fed.members {
-                    let up = answers(&member.route).await;
+                    let up = member.route.server.pool.accepts_connections().await;
                     let was_down = self.federations.down.contains_key(&member.route.key);
                     if up && was_down {
                         self.federations.down.remove(&member.route.key);
@@ -1296,25 +1403,6 @@ impl Gateway {
             tokio::time::sleep(WATCH_EVERY).await;
         }
     }
-}
-
-/// Whether a server answers at all: any HTTP answer to a `ping` (a server
-/// that wants a session, or other headers, still answers).
-async fn answers(route: &OrgRoute) -> bool {
-    let mut headers = http::HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(
-        http::header::ACCEPT,
-        HeaderValue::from_static("application/json, text/event-stream"),
-    );
-    let ping = Bytes::from_static(br#"{"jsonrpc":"2.0","id":"ratatosk-watch","method":"ping"}"#);
-    !matches!(
-        route.server.pool.send(headers, ping).await,
-        Err(UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. })
-    )
 }
 
 /// Reads a server session's streamed answer (an in-process response).

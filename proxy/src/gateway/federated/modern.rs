@@ -10,6 +10,10 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::era::{self, MCP_NAME, MODERN_VERSION, MODERN_VERSIONS};
 
+/// Where a routed request goes: the server, its `Mcp-Name` there, and what
+/// the policy decides on.
+type Target = (usize, Option<String>, Option<(Item, String)>);
+
 /// Messages of a fanned-in stream waiting for the client, at most.
 const FAN_IN_BUFFER: usize = 64;
 
@@ -59,9 +63,17 @@ impl Gateway {
                 "the request is not JSON",
             ));
         };
-        let (i, name) = self
+        let (i, name, check) = self
             .modern_target(f, method, &mut body)
             .map_err(|r| r.with_id(Some(id)))?;
+        if let Some((kind, own)) = check
+            && let Err(refused) = self.permit(f, i, kind, &own, Some(id))
+        {
+            return match refused {
+                Refusal::Denied(body) => Ok(Response::json(StatusCode::OK, body)),
+                Refusal::StepUp(reject) => Err(reject),
+            };
+        }
         let member = &f.fed.members[i];
         let answer = self
             .modern_to_member(f, member, Bytes::from(body.to_string()), name.as_deref())
@@ -97,14 +109,14 @@ impl Gateway {
         f: Fed<'_>,
         method: &str,
         body: &mut Value,
-    ) -> Result<(usize, Option<String>), Reject> {
+    ) -> Result<Target, Reject> {
         let bad =
             |message: String| Reject::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, message);
         let params = body
             .get_mut("params")
             .and_then(Value::as_object_mut)
             .ok_or_else(|| bad(format!("{method} needs params")))?;
-        let (i, name) = match method {
+        let (i, name, check) = match method {
             "tools/call" | "prompts/get" => {
                 let full = params
                     .get("name")
@@ -121,7 +133,12 @@ impl Gateway {
                 })?;
                 let own = own.to_owned();
                 params.insert("name".into(), Value::String(own.clone()));
-                (i, Some(own))
+                let item = if method == "tools/call" {
+                    Item::Tool
+                } else {
+                    Item::Prompt
+                };
+                (i, Some(own.clone()), Some((item, own)))
             }
             "completion/complete" => {
                 let reference = params
@@ -137,9 +154,10 @@ impl Gateway {
                             bad(format!("unknown prompt '{}'", jsonrpc::clip(&full, 128)))
                         })?;
                         reference["name"] = Value::String(own.to_owned());
-                        (i, None)
+                        let own = own.to_owned();
+                        (i, None, Some((Item::Prompt, own)))
                     }
-                    None if f.fed.members.len() == 1 => (0, None),
+                    None if f.fed.members.len() == 1 => (0, None, None),
                     None => {
                         return Err(bad(
                             "on a federated endpoint, completion/complete of a resource template is not routed yet; use the server's own endpoint".into(),
@@ -147,7 +165,13 @@ impl Gateway {
                     }
                 }
             }
-            "resources/read" if f.fed.members.len() == 1 => (0, None),
+            "resources/read" if f.fed.members.len() == 1 => {
+                let uri = params
+                    .get("uri")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                (0, None, Some((Item::Resource, uri.to_owned())))
+            }
             _ => {
                 return Err(Reject::new(
                     StatusCode::BAD_REQUEST,
@@ -169,7 +193,7 @@ impl Gateway {
                 .to_owned();
             params.insert("requestState".into(), Value::String(own));
         }
-        Ok((i, name))
+        Ok((i, name, check))
     }
 
     /// Sends a modern request to a server's endpoint, in-process; `name`

@@ -1,0 +1,334 @@
+//! Tool policies, pure: which tools, prompts and resources of one server
+//! a caller may see and use, by the roles, groups and scopes of their
+//! token (`orgs.<org>.policy`, and the server's own rules).
+//!
+//! A server without rules (in its org or its own) is open. With rules, an
+//! item is allowed when a rule for the caller allows it and none for the
+//! caller denies it; what no rule allows is denied. Names are matched as
+//! the federated endpoint shows them (with the server's prefix), on every
+//! endpoint, so one rule reads the same everywhere.
+
+use std::sync::Arc;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use ratatosk_auth::Identity;
+
+use crate::config::{PolicyRule, PolicyTargets, PolicyWhen};
+
+/// What a policy decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tool,
+    Prompt,
+    /// A resource's URI, or a resource template's.
+    Resource,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tool => "tool",
+            Kind::Prompt => "prompt",
+            Kind::Resource => "resource",
+        }
+    }
+}
+
+/// A policy's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The rule that decided: the one that denied, or the first that
+    /// allowed; none when there are no rules, or none allows it.
+    pub rule: Option<Arc<str>>,
+    /// Denied, but a rule would allow it with one of these scopes more:
+    /// what a client may ask for (`insufficient_scope`).
+    pub step_up: Vec<String>,
+}
+
+/// The rules in effect for one server.
+#[derive(Debug, Default)]
+pub struct Policy {
+    /// The server's prefix and the separator (`fs__`), or empty.
+    prefix: String,
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    name: Arc<str>,
+    when: PolicyWhen,
+    allow: Targets,
+    deny: Targets,
+}
+
+#[derive(Debug)]
+struct Targets {
+    tools: GlobSet,
+    prompts: GlobSet,
+    resources: GlobSet,
+}
+
+impl Targets {
+    fn new(targets: &PolicyTargets) -> Result<Targets, globset::Error> {
+        let set = |globs: &[String]| -> Result<GlobSet, globset::Error> {
+            let mut b = GlobSetBuilder::new();
+            for g in globs {
+                b.add(Glob::new(g)?);
+            }
+            b.build()
+        };
+        Ok(Targets {
+            tools: set(&targets.tools)?,
+            prompts: set(&targets.prompts)?,
+            resources: set(&targets.resources)?,
+        })
+    }
+
+    fn matches(&self, kind: Kind, name: &str) -> bool {
+        match kind {
+            Kind::Tool => self.tools.is_match(name),
+            Kind::Prompt => self.prompts.is_match(name),
+            Kind::Resource => self.resources.is_match(name),
+        }
+    }
+}
+
+/// How far a rule's `when` holds for a caller.
+enum Holds {
+    Yes,
+    /// Only scopes are missing: any one of these would do.
+    WithScope(Vec<String>),
+    No,
+}
+
+fn when_holds(when: &PolicyWhen, identity: &Identity) -> Holds {
+    let any = |wanted: &[String], has: &[String]| {
+        wanted.is_empty() || wanted.iter().any(|w| has.contains(w))
+    };
+    let group = |g: &str| g.trim_start_matches('/').to_owned();
+    let groups: Vec<String> = identity.groups.iter().map(|g| group(g)).collect();
+    let wanted_groups: Vec<String> = when.groups.iter().map(|g| group(g)).collect();
+    let client_roles = when.client_roles.is_empty()
+        || when.client_roles.iter().any(|(client, roles)| {
+            identity
+                .client_roles
+                .get(client)
+                .is_some_and(|has| roles.iter().any(|r| has.contains(r)))
+        });
+    let others = any(&when.realm_roles, &identity.realm_roles)
+        && client_roles
+        && any(&wanted_groups, &groups);
+    match (others, any(&when.scopes, &identity.scopes)) {
+        (true, true) => Holds::Yes,
+        (true, false) => Holds::WithScope(when.scopes.clone()),
+        _ => Holds::No,
+    }
+}
+
+impl Policy {
+    /// The policy of a server with `prefix` (empty for none) and
+    /// `separator`: its org's rules, then its own. The globs were checked
+    /// with the config.
+    pub fn new<'a>(
+        prefix: &str,
+        separator: &str,
+        rules: impl IntoIterator<Item = &'a PolicyRule>,
+    ) -> Result<Policy, globset::Error> {
+        let rules = rules
+            .into_iter()
+            .map(|r| {
+                Ok(Rule {
+                    name: r.name.as_str().into(),
+                    when: r.when.clone(),
+                    allow: Targets::new(&r.allow)?,
+                    deny: Targets::new(&r.deny)?,
+                })
+            })
+            .collect::<Result<Vec<_>, globset::Error>>()?;
+        Ok(Policy {
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}{separator}")
+            },
+            rules,
+        })
+    }
+
+    /// Whether the server has rules at all.
+    pub fn is_open(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The name as rules see it: tools and prompts with the prefix.
+    pub fn shown(&self, kind: Kind, own: &str) -> String {
+        match kind {
+            Kind::Resource => own.to_owned(),
+            _ => format!("{}{own}", self.prefix),
+        }
+    }
+
+    /// Whether `identity` may see and use the server's `own` item.
+    pub fn decide(&self, identity: &Identity, kind: Kind, own: &str) -> Decision {
+        if self.rules.is_empty() {
+            return Decision {
+                allowed: true,
+                rule: None,
+                step_up: Vec::new(),
+            };
+        }
+        let name = self.shown(kind, own);
+        let mut allowed_by = None;
+        let mut step_up = Vec::new();
+        for rule in &self.rules {
+            match when_holds(&rule.when, identity) {
+                Holds::Yes => {
+                    if rule.deny.matches(kind, &name) {
+                        return Decision {
+                            allowed: false,
+                            rule: Some(rule.name.clone()),
+                            step_up: Vec::new(),
+                        };
+                    }
+                    if allowed_by.is_none() && rule.allow.matches(kind, &name) {
+                        allowed_by = Some(rule.name.clone());
+                    }
+                }
+                Holds::WithScope(scopes) if rule.allow.matches(kind, &name) => {
+                    for s in scopes {
+                        if !step_up.contains(&s) {
+                            step_up.push(s);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        match allowed_by {
+            Some(rule) => Decision {
+                allowed: true,
+                rule: Some(rule),
+                step_up: Vec::new(),
+            },
+            None => Decision {
+                allowed: false,
+                rule: None,
+                step_up,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(yaml: &str) -> Vec<PolicyRule> {
+        yaml_serde::from_str(yaml).expect("rules")
+    }
+
+    fn who(roles: &[&str], groups: &[&str], scopes: &[&str]) -> Identity {
+        let mut id = Identity::anonymous("org-1");
+        id.subject = "u".into();
+        id.realm_roles = roles.iter().map(|s| s.to_string()).collect();
+        id.groups = groups.iter().map(|s| s.to_string()).collect();
+        id.scopes = scopes.iter().map(|s| s.to_string()).collect();
+        id
+    }
+
+    const RULES: &str = r#"
+- name: readers
+  when: {realm_roles: [mcp-reader]}
+  allow: {tools: ["fs__read_*", "fs__list"], resources: ["file:///docs/*"]}
+- name: admins
+  when: {groups: [admins]}
+  allow: {tools: ["*"], prompts: ["*"], resources: ["*"]}
+- name: no-delete
+  deny: {tools: ["*__delete*"]}
+- name: writers
+  when: {scopes: ["mcp:write"]}
+  allow: {tools: ["fs__write"]}
+"#;
+
+    #[test]
+    fn roles_groups_and_scopes_decide_with_denials_first() {
+        let rules = rules(RULES);
+        let p = Policy::new("fs", "__", &rules).expect("policy");
+        let alice = who(&["mcp-reader"], &[], &[]);
+        let carol = who(&[], &["/admins"], &[]);
+        let bob = who(&[], &[], &[]);
+        let d = p.decide(&alice, Kind::Tool, "read_file");
+        assert_eq!((d.allowed, d.rule.as_deref()), (true, Some("readers")));
+        assert!(!p.decide(&alice, Kind::Tool, "write").allowed);
+        assert!(!p.decide(&alice, Kind::Prompt, "summary").allowed);
+        assert!(
+            p.decide(&alice, Kind::Resource, "file:///docs/a.md")
+                .allowed
+        );
+        assert!(
+            !p.decide(&alice, Kind::Resource, "file:///etc/passwd")
+                .allowed
+        );
+        assert!(p.decide(&carol, Kind::Tool, "write").allowed);
+        assert!(p.decide(&carol, Kind::Prompt, "summary").allowed);
+        // A denial for everyone wins over the admins' `*`.
+        let d = p.decide(&carol, Kind::Tool, "delete_all");
+        assert_eq!((d.allowed, d.rule.as_deref()), (false, Some("no-delete")));
+        // Nothing allows bob anything.
+        let d = p.decide(&bob, Kind::Tool, "list");
+        assert_eq!(
+            (d.allowed, d.rule, d.step_up.is_empty()),
+            (false, None, true)
+        );
+    }
+
+    #[test]
+    fn a_scope_that_would_allow_is_named_for_step_up() {
+        let rules = rules(RULES);
+        let p = Policy::new("fs", "__", &rules).expect("policy");
+        let d = p.decide(&who(&[], &[], &[]), Kind::Tool, "write");
+        assert_eq!(
+            (d.allowed, d.step_up),
+            (false, vec!["mcp:write".to_owned()])
+        );
+        assert!(
+            p.decide(&who(&[], &[], &["mcp:write"]), Kind::Tool, "write")
+                .allowed
+        );
+    }
+
+    #[test]
+    fn names_carry_the_prefix_and_servers_without_rules_are_open() {
+        let rules = rules("- name: r\n  allow: {tools: [\"add\"]}\n");
+        let bare = Policy::new("", "__", &rules).expect("policy");
+        assert!(bare.decide(&who(&[], &[], &[]), Kind::Tool, "add").allowed);
+        let prefixed = Policy::new("py", "__", &rules).expect("policy");
+        assert!(
+            !prefixed
+                .decide(&who(&[], &[], &[]), Kind::Tool, "add")
+                .allowed
+        );
+        assert_eq!(prefixed.shown(Kind::Tool, "add"), "py__add");
+        let open = Policy::new("py", "__", &[]).expect("policy");
+        assert!(open.is_open());
+        assert!(
+            open.decide(&who(&[], &[], &[]), Kind::Tool, "anything")
+                .allowed
+        );
+    }
+
+    #[test]
+    fn client_roles_match_per_client() {
+        let rules = rules(
+            "- name: r\n  when: {client_roles: {gw: [tickets]}}\n  allow: {tools: [\"*\"]}\n",
+        );
+        let p = Policy::new("", "__", &rules).expect("policy");
+        let mut id = who(&[], &[], &[]);
+        id.client_roles
+            .insert("other".into(), vec!["tickets".into()]);
+        assert!(!p.decide(&id, Kind::Tool, "x").allowed);
+        id.client_roles.insert("gw".into(), vec!["tickets".into()]);
+        assert!(p.decide(&id, Kind::Tool, "x").allowed);
+    }
+}

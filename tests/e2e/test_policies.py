@@ -1,0 +1,128 @@
+"""Tool policies from Keycloak roles, groups and scopes (issue 17), with
+the real Keycloak of keycloak/start and its realm: alice has the realm
+role `mcp-reader` (group `readers`), carol the role `mcp-admin` (group
+`admins`), bob neither. Tokens come from the realm's password grant of the
+pre-registered `mcp-client` (the login flows of real clients are
+test_oauth_clients.py's); what is tested here is what the gateway does
+with the roles, groups and scopes Keycloak puts in them.
+
+The federated endpoints front the python-fastmcp replicas (`py`) and the
+python-modern example (`pm`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx2
+import pytest
+
+from conftest import identity_config
+from harness import KC_GATEWAY_SECRET, Gateway, post, running
+
+RULES = [
+    {"name": "readers", "when": {"realm_roles": ["mcp-reader"]},
+     "allow": {"tools": ["py__add", "*__slow_count"]}},
+    {"name": "admins", "when": {"groups": ["admins"]},
+     "allow": {"tools": ["*"], "prompts": ["*"], "resources": ["*"]}},
+    {"name": "no-publishing", "deny": {"tools": ["py__notify_me"]}},
+    {"name": "tool-scope", "when": {"scopes": ["mcp:tools"]}, "allow": {"tools": ["pm__add"]}},
+]
+
+
+@pytest.fixture(scope="module")
+def policy_gateway(log_dir, replicas, modern_upstream, keycloak):
+    def federation(organization: str) -> dict:
+        return {"auth": "jwt", "organization": organization, "policy": RULES, "servers": {
+            "py": {"upstream": {"era": "stateless-2025", "replicas": [r.url for r in replicas]}},
+            "pm": {"upstream": {"era": "modern", "replicas": [modern_upstream.url]}},
+        }}
+
+    gw = Gateway(log_dir, {"pol-1": federation("org-1"), "pol-2": federation("org-2")},
+                 name="policy-gateway",
+                 extra={"identity": identity_config(keycloak.issuer)},
+                 env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
+    with running(gw):
+        yield gw
+
+
+class Caller:
+    """One user's federated session, over raw HTTP."""
+
+    def __init__(self, gw: Gateway, org: str, token: str):
+        self.url = gw.url(org)
+        self.auth = {"Authorization": f"Bearer {token}"}
+        r = post(self.url, {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                            "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                       "clientInfo": {"name": "policy-test", "version": "1"}}},
+                 version=None, headers=self.auth)
+        assert r.status_code == 200, r.text
+        self.sid = r.headers["mcp-session-id"]
+
+    def rpc(self, method: str, params: dict | None = None) -> httpx2.Response:
+        body = {"jsonrpc": "2.0", "id": 2, "method": method, **({"params": params} if params else {})}
+        return post(self.url, body, session=self.sid, headers=self.auth, timeout=20)
+
+    def result(self, method: str, params: dict | None = None) -> dict:
+        r = self.rpc(method, params)
+        assert r.status_code == 200, r.text
+        return message_of(r)
+
+    def tools(self) -> set[str]:
+        return {t["name"] for t in self.result("tools/list")["result"]["tools"]}
+
+    def call(self, name: str, args: dict) -> dict:
+        return self.result("tools/call", {"name": name, "arguments": args})
+
+
+def message_of(r: httpx2.Response) -> dict:
+    """The JSON-RPC answer of a POST, as JSON or the last SSE event."""
+    if r.headers["content-type"].startswith("application/json"):
+        return r.json()
+    data = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:") and line[5:].strip()]
+    return json.loads(data[-1])
+
+
+def test_each_caller_sees_and_calls_only_what_their_roles_allow(policy_gateway, keycloak, replicas):
+    alice = Caller(policy_gateway, "pol-1", keycloak.token("alice"))
+    carol = Caller(policy_gateway, "pol-1", keycloak.token("carol"))
+    # alice (mcp-reader, and the mcp:tools scope) sees her tools only.
+    assert alice.tools() == {"py__add", "py__slow_count", "pm__slow_count", "pm__add"}
+    assert alice.call("py__add", {"a": 2, "b": 3})["result"]["content"][0]["text"] == "5"
+    # carol (group admins) sees more, but not what is denied to everyone.
+    seen = carol.tools()
+    assert {"py__add", "py__sleep_then_return", "pm__add", "pm__ask_roots"} <= seen, sorted(seen)
+    assert "py__notify_me" not in seen
+    # A denied call is refused by the gateway, and no server sees it.
+    tag = f"denied-{uuid.uuid4().hex[:8]}"
+    refused = alice.call("py__sleep_then_return", {"seconds": 0, "tag": tag})
+    assert refused["error"]["code"] == -32602, refused
+    assert refused["error"]["message"] == \
+        "tool 'py__sleep_then_return' is not allowed to this caller by the policy of org 'pol-1'", refused
+    refused = carol.call("py__notify_me", {"text": "x"})
+    assert "is not allowed" in refused["error"]["message"], refused
+    allowed = carol.call("py__sleep_then_return", {"seconds": 0, "tag": tag + "-carol"})
+    assert "error" not in allowed, allowed
+    events = [e for r in replicas for e in r.events()]
+    assert any(e["tag"] == tag + "-carol" for e in events)
+    assert not any(e["tag"] == tag for e in events), "a denied call reached the server"
+
+
+def test_a_token_without_roles_sees_nothing(policy_gateway, keycloak):
+    bob = Caller(policy_gateway, "pol-2", keycloak.token("bob", scope="openid organization:*"))
+    assert bob.tools() == set()
+    refused = bob.call("py__add", {"a": 1, "b": 1})
+    assert "is not allowed" in refused["error"]["message"], refused
+    carol = Caller(policy_gateway, "pol-2", keycloak.token("carol"))
+    assert "py__add" in carol.tools()
+
+
+def test_a_scope_that_would_allow_a_tool_gets_403_insufficient_scope(policy_gateway, keycloak):
+    alice = Caller(policy_gateway, "pol-1", keycloak.token("alice", scope="openid organization:*"))
+    assert "pm__add" not in alice.tools()
+    r = alice.rpc("tools/call", {"name": "pm__add", "arguments": {"a": 1, "b": 1}})
+    assert r.status_code == 403, r.text
+    challenge = r.headers["www-authenticate"]
+    assert 'error="insufficient_scope"' in challenge and "mcp:tools" in challenge, challenge
+    assert r.json()["error"]["message"] == "tool 'pm__add' needs scope mcp:tools in org 'pol-1'"
