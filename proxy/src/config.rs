@@ -43,6 +43,9 @@ pub struct Config {
     /// Deferred answers that workers finish through the publish API.
     #[serde(default)]
     pub holds: HoldsConfig,
+    /// The audit log of tool calls, prompts and resource reads.
+    #[serde(default)]
+    pub audit: AuditConfig,
     pub publish: PublishConfig,
     #[serde(default)]
     pub server: ServerConfig,
@@ -218,6 +221,76 @@ impl Default for HoldsConfig {
             max_waiting_calls: 10_000,
             keep_finished: Duration::from_secs(600),
         }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Where lines go: `off`, `stderr` or `file`.
+    pub sink: AuditSink,
+    /// With `sink: file`: the file, rotated to `<path>.1` ... when it
+    /// reaches `max_bytes`.
+    pub path: Option<PathBuf>,
+    pub max_bytes: u64,
+    /// Rotated files kept.
+    pub keep: usize,
+    /// A call's arguments in the log: `omit`, `hashed` (SHA-256 of their
+    /// JSON) or `redacted` (keys kept, values replaced).
+    pub arguments: AuditArguments,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            sink: AuditSink::Off,
+            path: None,
+            max_bytes: 100 * 1024 * 1024,
+            keep: 5,
+            arguments: AuditArguments::Omit,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditSink {
+    Off,
+    Stderr,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditArguments {
+    Omit,
+    Hashed,
+    Redacted,
+}
+
+impl AuditConfig {
+    fn problems(&self, at: &mut Section) {
+        match (self.sink, &self.path) {
+            (AuditSink::File, None) => at.bad("path", "`sink: file` needs the file's `path`"),
+            (AuditSink::File, Some(path)) => {
+                let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                if dir.is_some_and(|d| !d.is_dir()) {
+                    at.bad(
+                        "path",
+                        format!("the directory of `{}` does not exist", path.display()),
+                    );
+                }
+            }
+            (_, Some(_)) => at.bad("path", "only used with `sink: file`"),
+            _ => {}
+        }
+        if self.max_bytes < 1024 {
+            at.bad(
+                "max_bytes",
+                format!("expected at least 1024 bytes, got {}", self.max_bytes),
+            );
+        }
+        at.between_1_and("keep", self.keep, 1000);
     }
 }
 
@@ -619,6 +692,7 @@ impl Config {
         self.sessions.problems(&mut found.at("sessions"));
         self.streams.problems(&mut found.at("streams"));
         self.holds.problems(&mut found.at("holds"));
+        self.audit.problems(&mut found.at("audit"));
         self.publish.problems(&mut found.at("publish"));
         self.server.problems(&mut found.at("server"));
         if self.orgs.is_empty() {

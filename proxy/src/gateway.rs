@@ -91,6 +91,8 @@ pub enum BuildError {
     Routes(#[from] crate::routes::RoutesError),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cannot open the audit log: {0}")]
+    Audit(std::io::Error),
     #[error("cannot build the token validator: {0}")]
     Auth(#[from] ratatosk_auth::validator::BuildError),
 }
@@ -123,6 +125,8 @@ pub struct Gateway {
     pub holds: Holds,
     /// What federated endpoints keep between requests.
     federations: federated::Federations,
+    /// The audit log.
+    pub audit: crate::audit::Audit,
     /// With several nodes: the provider logouts Redis keeps for nodes
     /// that were off the bus.
     logouts: Option<LogoutMemory>,
@@ -166,6 +170,12 @@ impl Gateway {
         };
         let metrics = Arc::new(Metrics::new()?);
         let routes = Routes::from_config(&config, &metrics)?;
+        let audit = crate::audit::Audit::new(
+            &config.audit,
+            metrics.audited.clone(),
+            metrics.audit_dropped.clone(),
+        )
+        .map_err(BuildError::Audit)?;
         let validator = match &config.identity {
             Some(identity) => Some(ratatosk_auth::Validator::new(
                 identity.clone(),
@@ -195,6 +205,7 @@ impl Gateway {
             bridges: bridge::Bridges::new(),
             holds: Holds::new(config.holds.clone()),
             federations: federated::Federations::default(),
+            audit,
             logouts,
             draining: AtomicBool::new(false),
             config: Arc::new(config),

@@ -6,6 +6,7 @@
 //! `server` is the thin Pingora glue.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod edge;

@@ -82,6 +82,11 @@ pub struct Metrics {
     /// Names a federated list left out, by org, server and why (`clash`:
     /// another server's name; `invalid`: prefixed, it breaks MCP's rules).
     pub federation_dropped: IntCounterVec,
+    /// Audited calls by org, server and outcome (`result`, `tool_error`,
+    /// `error`, `cancelled`, `denied`).
+    pub audited: IntCounterVec,
+    /// Audit lines dropped: the writer fell behind.
+    pub audit_dropped: prometheus::IntCounter,
     /// Requests refused by a limit, by org and limit.
     pub refused: IntCounterVec,
     /// Deferred answers (holds), by org and outcome.
@@ -181,6 +186,17 @@ impl Metrics {
             ),
             &["org", "server", "why"],
         )?;
+        let audited = IntCounterVec::new(
+            Opts::new(
+                "audited_calls_total",
+                "Audited tool calls, prompts and resource reads, by org, server and outcome",
+            ),
+            &["org", "server", "outcome"],
+        )?;
+        let audit_dropped = prometheus::IntCounter::with_opts(Opts::new(
+            "audit_dropped_total",
+            "Audit lines dropped because the writer fell behind",
+        ))?;
         let refused = IntCounterVec::new(
             Opts::new(
                 "refused_total",
@@ -215,6 +231,8 @@ impl Metrics {
         registry.register(Box::new(upstream_era.clone()))?;
         registry.register(Box::new(bridged.clone()))?;
         registry.register(Box::new(federation_dropped.clone()))?;
+        registry.register(Box::new(audited.clone()))?;
+        registry.register(Box::new(audit_dropped.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(open_streams.clone()))?;
@@ -238,6 +256,8 @@ impl Metrics {
             upstream_era,
             bridged,
             federation_dropped,
+            audited,
+            audit_dropped,
             refused,
             holds,
             connections,

@@ -19,7 +19,7 @@ import httpx2
 import pytest
 
 from conftest import identity_config
-from harness import KC_GATEWAY_SECRET, Gateway, post, running
+from harness import KC_GATEWAY_SECRET, Gateway, post, running, wait_until
 
 RULES = [
     {"name": "readers", "when": {"realm_roles": ["mcp-reader"]},
@@ -41,7 +41,9 @@ def policy_gateway(log_dir, replicas, modern_upstream, keycloak):
 
     gw = Gateway(log_dir, {"pol-1": federation("org-1"), "pol-2": federation("org-2")},
                  name="policy-gateway",
-                 extra={"identity": identity_config(keycloak.issuer)},
+                 extra={"identity": identity_config(keycloak.issuer),
+                        "audit": {"sink": "file", "path": str(log_dir / "policy-audit.jsonl"),
+                                  "arguments": "hashed"}},
                  env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
     with running(gw):
         yield gw
@@ -107,6 +109,39 @@ def test_each_caller_sees_and_calls_only_what_their_roles_allow(policy_gateway, 
     events = [e for r in replicas for e in r.events()]
     assert any(e["tag"] == tag + "-carol" for e in events)
     assert not any(e["tag"] == tag for e in events), "a denied call reached the server"
+
+
+def audit_lines(gw: Gateway, n: int) -> list[dict]:
+    """The audit log's lines, once it has at least `n`."""
+    path = gw.config_path.parent / "policy-audit.jsonl"
+
+    def lines() -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    wait_until(f"{n} audit lines", lambda: len(lines()) >= n, timeout=10)
+    return lines()
+
+
+def test_every_call_and_refusal_leaves_an_audit_line(policy_gateway, keycloak):
+    alice = Caller(policy_gateway, "pol-1", keycloak.token("alice"))
+    before = len(audit_lines(policy_gateway, 0))
+    assert alice.call("py__add", {"a": 20, "b": 22})["result"]["content"][0]["text"] == "42"
+    alice.call("py__notify_me", {"text": "secret words"})
+    lines = audit_lines(policy_gateway, before + 2)[before:]
+    allowed, denied = lines
+    for line in lines:
+        assert line["org"] == "pol-1" and line["server"] == "py", line
+        assert line["username"] == "alice" and line["client"] == "mcp-client" and line["subject"], line
+        assert line["method"] == "tools/call" and line["request_id"] and line["time"].endswith("Z"), line
+        assert isinstance(line["duration_ms"], (int, float)), line
+        # Arguments are hashed, never written as they are.
+        assert line["arguments"].startswith("sha256:") and "secret" not in json.dumps(line), line
+    assert (allowed["tool"], allowed["decision"], allowed["rule"], allowed["outcome"]) == \
+        ("py__add", "allowed", "readers", "result"), allowed
+    assert (denied["tool"], denied["decision"], denied["rule"], denied["outcome"]) == \
+        ("py__notify_me", "denied", "no-publishing", "denied"), denied
+    metrics = policy_gateway.metrics()
+    assert 'ratatosk_audited_calls_total{org="pol-1",outcome="denied",server="py"}' in metrics, metrics
 
 
 def test_a_token_without_roles_sees_nothing(policy_gateway, keycloak):

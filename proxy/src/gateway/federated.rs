@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
+use crate::audit::{Entry, Outcome};
 use crate::federation::{self, Dropped, ListKind, Naming, Opened, Page};
 use crate::policy::Kind as Item;
 use crate::routes::{Federation, Member};
@@ -69,6 +70,8 @@ enum Answer {
     Stream {
         server: Arc<str>,
         reader: Box<AnswerReader>,
+        /// The call's audit entry, which the stream's end finishes.
+        audit: Option<Box<Entry>>,
     },
 }
 
@@ -189,7 +192,11 @@ impl Gateway {
                         Answer::Refused(reject) => {
                             let _ = this.append(&log, STANDALONE, &reject.body(), &fed);
                         }
-                        Answer::Stream { server, reader } => {
+                        Answer::Stream {
+                            server,
+                            reader,
+                            audit,
+                        } => {
                             let (this, fed, s, l) =
                                 (this.clone(), fed.clone(), session.clone(), log.clone());
                             let id = m.request_id().cloned();
@@ -202,6 +209,7 @@ impl Gateway {
                                     &server,
                                     reader,
                                     id.as_ref(),
+                                    audit,
                                 )
                                 .await;
                             });
@@ -316,14 +324,27 @@ impl Gateway {
                 }
                 Answer::Json(body) => Ok(Response::json(StatusCode::OK, body)),
                 Answer::Refused(reject) => Err(reject),
-                Answer::Stream { server, reader } => {
+                Answer::Stream {
+                    server,
+                    reader,
+                    audit,
+                } => {
                     let stream = log.begin_stream().map_err(|_| session_not_found())?;
                     let (this, fed, s, l) =
                         (self.clone(), f.fed.clone(), session.clone(), log.clone());
                     let id = only.request_id().cloned();
                     tokio::spawn(async move {
-                        this.relay_member(&fed, &s, &l, stream, &server, reader, id.as_ref())
-                            .await;
+                        this.relay_member(
+                            &fed,
+                            &s,
+                            &l,
+                            stream,
+                            &server,
+                            reader,
+                            id.as_ref(),
+                            audit,
+                        )
+                        .await;
                         l.end_stream(stream);
                     });
                     Ok(self.post_stream_response(front, &session, log, stream))
@@ -348,7 +369,11 @@ impl Gateway {
                             Answer::Refused(reject) => {
                                 let _ = this.append(&l, stream, &reject.body(), &fed);
                             }
-                            Answer::Stream { server, reader } => {
+                            Answer::Stream {
+                                server,
+                                reader,
+                                audit,
+                            } => {
                                 this.relay_member(
                                     &fed,
                                     &s,
@@ -357,6 +382,7 @@ impl Gateway {
                                     &server,
                                     reader,
                                     m.request_id(),
+                                    audit,
                                 )
                                 .await;
                             }
@@ -697,6 +723,7 @@ impl Gateway {
             Ok(response) => match response.body {
                 edge::ResponseBody::Full(body) => Answer::Json(body),
                 edge::ResponseBody::Stream(source) => Answer::Stream {
+                    audit: None,
                     server: member.name.clone(),
                     reader: Box::new(read_member(
                         source,
@@ -841,13 +868,15 @@ impl Gateway {
                 );
             }
         };
-        if let (Some(i), Some((kind, own))) = (target, &check)
-            && let Err(refused) = self.permit(f, i, *kind, own, id)
-        {
-            return match refused {
-                Refusal::Denied(body) => Answer::Json(body),
-                Refusal::StepUp(reject) => Answer::Refused(reject),
-            };
+        let audited = matches!(method, "tools/call" | "prompts/get" | "resources/read");
+        let mut entry = None;
+        if let (Some(i), Some((kind, own))) = (target, &check) {
+            let call = audited.then(|| (method, message.get("params")));
+            match self.permit(f, i, *kind, own, id, call) {
+                Ok(e) => entry = e,
+                Err(Refusal::Denied(body)) => return Answer::Json(body),
+                Err(Refusal::StepUp(reject)) => return Answer::Refused(reject),
+            }
         }
         let body = Bytes::from(message.to_string());
         let Some(i) = target else {
@@ -863,9 +892,19 @@ impl Gateway {
                 .running
                 .insert(key.clone(), f.fed.members[i].name.clone());
         }
-        let answer = self.ask_member(f, session, i, id, body).await;
+        let mut answer = self.ask_member(f, session, i, id, body).await;
         if let (Some(key), Answer::Json(_)) = (&running, &answer) {
             self.federations.running.remove(key);
+        }
+        match &mut answer {
+            Answer::Json(body) => {
+                if let Some(entry) = &entry {
+                    let (outcome, code) = Outcome::of_response(body);
+                    self.audit.record(entry, outcome, code);
+                }
+            }
+            Answer::Stream { audit, .. } => *audit = entry,
+            Answer::Refused(_) => {}
         }
         answer
     }
@@ -876,6 +915,10 @@ impl Gateway {
     /// caller who knows its name asks, and the error says why. Where a
     /// scope would allow it, the refusal is 403 `insufficient_scope` with
     /// that scope, so that clients can step up.
+    ///
+    /// A `tools/call`, `prompts/get` or `resources/read` (`audited`: its
+    /// method and params) is audited: a refusal here, an allowed call by
+    /// the entry returned, which its answer ends.
     fn permit(
         &self,
         f: Fed<'_>,
@@ -883,13 +926,34 @@ impl Gateway {
         kind: Item,
         own: &str,
         id: Option<&Id>,
-    ) -> Result<Option<Arc<str>>, Refusal> {
+        audited: Option<(&str, Option<&Value>)>,
+    ) -> Result<Option<Box<Entry>>, Refusal> {
         let member = &f.fed.members[i];
         let decision = member.route.policy.decide(f.identity, kind, own);
-        if decision.allowed {
-            return Ok(decision.rule);
-        }
         let shown = member.route.policy.shown(kind, own);
+        let entry = audited.map(|(method, params)| {
+            Box::new(Entry {
+                started: std::time::Instant::now(),
+                time: std::time::SystemTime::now(),
+                request_id: f.req.request_id.clone(),
+                org: f.fed.name.to_string(),
+                server: Some(member.name.to_string()),
+                subject: f.identity.subject.clone(),
+                username: f.identity.username.clone(),
+                client: f.identity.client_id.clone(),
+                method: method.to_owned(),
+                target: shown.clone(),
+                allowed: decision.allowed,
+                rule: decision.rule.as_deref().map(str::to_owned),
+                arguments: self.audit.arguments_of(params),
+            })
+        });
+        if decision.allowed {
+            return Ok(entry);
+        }
+        if let Some(entry) = &entry {
+            self.audit.record(entry, Outcome::Denied, None);
+        }
         if !decision.step_up.is_empty() {
             return Err(Refusal::StepUp(
                 self.step_up_reject(f.fed, &decision.step_up, kind.as_str(), &shown)
@@ -1156,14 +1220,19 @@ impl Gateway {
         server: &str,
         mut reader: Box<AnswerReader>,
         pending: Option<&Id>,
+        audit: Option<Box<Entry>>,
     ) {
         let mut answered = false;
         let mut failure = None;
+        let mut ended = (Outcome::Error, None);
         loop {
             match reader.next_message().await {
                 Ok(Some(message)) => {
                     let (out, response_to) = to_client(server, &message);
                     answered |= response_to.is_some() && response_to.as_ref() == pending;
+                    if answered {
+                        ended = Outcome::of_response(&message);
+                    }
                     if self.append(log, stream, &out, fed).is_err() || answered {
                         break;
                     }
@@ -1183,6 +1252,16 @@ impl Gateway {
             .running
             .remove(&(session.id.clone(), id.clone()))
             .is_none();
+        if let Some(entry) = &audit {
+            match (answered, cancelled) {
+                (true, _) => self.audit.record(entry, ended.0, ended.1),
+                (false, true) => self.audit.record(entry, Outcome::Cancelled, None),
+                (false, false) => {
+                    self.audit
+                        .record(entry, Outcome::Error, Some(code::UPSTREAM_ERROR))
+                }
+            }
+        }
         if !answered && !cancelled {
             let why = failure.unwrap_or_else(|| {
                 format!("server '{server}' ended its answer without a response")

@@ -66,13 +66,15 @@ impl Gateway {
         let (i, name, check) = self
             .modern_target(f, method, &mut body)
             .map_err(|r| r.with_id(Some(id)))?;
-        if let Some((kind, own)) = check
-            && let Err(refused) = self.permit(f, i, kind, &own, Some(id))
-        {
-            return match refused {
-                Refusal::Denied(body) => Ok(Response::json(StatusCode::OK, body)),
-                Refusal::StepUp(reject) => Err(reject),
-            };
+        let mut entry = None;
+        if let Some((kind, own)) = check {
+            let audited = matches!(method, "tools/call" | "prompts/get" | "resources/read")
+                .then(|| (method, body.get("params")));
+            match self.permit(f, i, kind, &own, Some(id), audited) {
+                Ok(e) => entry = e,
+                Err(Refusal::Denied(body)) => return Ok(Response::json(StatusCode::OK, body)),
+                Err(Refusal::StepUp(reject)) => return Err(reject),
+            }
         }
         let member = &f.fed.members[i];
         let answer = self
@@ -80,20 +82,37 @@ impl Gateway {
             .await
             .map_err(|r| r.with_id(Some(id)))?;
         Ok(match answer.body {
-            edge::ResponseBody::Full(body) => Response::json(
-                answer.status,
-                scope_state(&member.name, &body).unwrap_or(body),
-            ),
+            edge::ResponseBody::Full(body) => {
+                if let Some(entry) = &entry {
+                    let (outcome, code) = Outcome::of_response(&body);
+                    self.audit.record(entry, outcome, code);
+                }
+                Response::json(
+                    answer.status,
+                    scope_state(&member.name, &body).unwrap_or(body),
+                )
+            }
             edge::ResponseBody::Stream(source) => {
                 let limits = member.route.server.pool.read_limits;
                 let mut reader = read_member(source, limits, &member.name);
                 let server = member.name.clone();
+                let this = self.clone();
                 self.fan_in(move |tx| async move {
+                    let mut ended = (Outcome::Cancelled, None);
                     while let Ok(Some(message)) = reader.next_message().await {
+                        if matches!(
+                            jsonrpc::parse_message(&message).map(|m| m.kind),
+                            Ok(Kind::Response { .. })
+                        ) {
+                            ended = Outcome::of_response(&message);
+                        }
                         let out = scope_state(&server, &message).unwrap_or(message);
                         if tx.send(sse_frame(None, None, &out)).await.is_err() {
-                            return;
+                            break;
                         }
+                    }
+                    if let Some(entry) = &entry {
+                        this.audit.record(entry, ended.0, ended.1);
                     }
                 })
             }
@@ -104,12 +123,7 @@ impl Gateway {
     /// Which server a routed request goes to, with its name (or URI)
     /// rewritten to the server's own, and a retry's `requestState` to the
     /// server's: the server, and what `Mcp-Name` becomes.
-    fn modern_target(
-        &self,
-        f: Fed<'_>,
-        method: &str,
-        body: &mut Value,
-    ) -> Result<Target, Reject> {
+    fn modern_target(&self, f: Fed<'_>, method: &str, body: &mut Value) -> Result<Target, Reject> {
         let bad =
             |message: String| Reject::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, message);
         let params = body

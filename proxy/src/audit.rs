@@ -1,0 +1,457 @@
+//! The audit log: one JSON line per `tools/call`, `prompts/get` and
+//! `resources/read`, with who asked, what, the policy's decision and how
+//! it ended. Lines are written by a thread of their own, so a slow disk
+//! never holds a request; when it falls behind by [`QUEUE`] lines, lines
+//! are dropped and counted (`ratatosk_audit_dropped_total`).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::time::{Instant, SystemTime};
+
+use prometheus::{IntCounter, IntCounterVec};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuditArguments, AuditConfig, AuditSink};
+
+/// Lines waiting for the writer, at most.
+const QUEUE: usize = 10_000;
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A result.
+    Result,
+    /// A tool's result with `isError`.
+    ToolError,
+    /// A JSON-RPC error.
+    Error,
+    /// An `InputRequiredResult`: the client retries with the input (a new
+    /// request, with a line of its own).
+    InputRequired,
+    /// The client cancelled it (or went away).
+    Cancelled,
+    /// The policy refused it; no server saw it.
+    Denied,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Result => "result",
+            Outcome::ToolError => "tool_error",
+            Outcome::Error => "error",
+            Outcome::InputRequired => "input_required",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Denied => "denied",
+        }
+    }
+
+    /// How a response message ends a call, and its error code if any.
+    pub fn of_response(message: &[u8]) -> (Outcome, Option<i64>) {
+        let Ok(v) = serde_json::from_slice::<Value>(message) else {
+            return (Outcome::Error, None);
+        };
+        if let Some(error) = v.get("error") {
+            return (Outcome::Error, error.get("code").and_then(Value::as_i64));
+        }
+        if v.pointer("/result/resultType").and_then(Value::as_str) == Some("input_required") {
+            return (Outcome::InputRequired, None);
+        }
+        match v.pointer("/result/isError").and_then(Value::as_bool) {
+            Some(true) => (Outcome::ToolError, None),
+            _ => (Outcome::Result, None),
+        }
+    }
+}
+
+/// One audited call, from its start.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub started: Instant,
+    pub time: SystemTime,
+    pub request_id: String,
+    pub org: String,
+    /// The server, by name (none for an org's one `upstream`).
+    pub server: Option<String>,
+    pub subject: String,
+    pub username: Option<String>,
+    /// The client (`azp`) the token was issued to.
+    pub client: Option<String>,
+    pub method: String,
+    /// The tool or prompt as the client named it, or the resource's URI.
+    pub target: String,
+    pub allowed: bool,
+    /// The rule that decided, if any.
+    pub rule: Option<String>,
+    /// The call's arguments, as the config wants them shown.
+    pub arguments: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    request_id: &'a str,
+    org: &'a str,
+    server: Option<&'a str>,
+    subject: &'a str,
+    username: Option<&'a str>,
+    client: Option<&'a str>,
+    method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uri: Option<&'a str>,
+    decision: &'a str,
+    rule: Option<&'a str>,
+    outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<i64>,
+    duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arguments: Option<&'a Value>,
+}
+
+/// Where audit lines go.
+pub struct Audit {
+    queue: Option<SyncSender<String>>,
+    arguments: AuditArguments,
+    calls: IntCounterVec,
+    dropped: IntCounter,
+}
+
+impl Audit {
+    /// The audit log `config` asks for; `calls` counts lines by org,
+    /// server and outcome.
+    pub fn new(
+        config: &AuditConfig,
+        calls: IntCounterVec,
+        dropped: IntCounter,
+    ) -> std::io::Result<Audit> {
+        let queue = match config.sink {
+            AuditSink::Off => None,
+            AuditSink::Stderr => Some(spawn_writer(Box::new(std::io::stderr()), None)?),
+            AuditSink::File => {
+                let path = config.path.clone().unwrap_or_default();
+                let file = open_append(&path)?;
+                let rotation = Rotation {
+                    path,
+                    max_bytes: config.max_bytes,
+                    keep: config.keep,
+                };
+                Some(spawn_writer(Box::new(file), Some(rotation))?)
+            }
+        };
+        Ok(Audit {
+            queue,
+            arguments: config.arguments,
+            calls,
+            dropped,
+        })
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// The arguments of a call as the config wants them in the log.
+    pub fn arguments_of(&self, params: Option<&Value>) -> Option<Value> {
+        let arguments = params?.get("arguments")?;
+        match self.arguments {
+            AuditArguments::Omit => None,
+            AuditArguments::Hashed => {
+                let text = serde_json::to_vec(arguments).unwrap_or_default();
+                let digest = Sha256::digest(&text);
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                Some(Value::String(format!("sha256:{hex}")))
+            }
+            AuditArguments::Redacted => Some(redact(arguments)),
+        }
+    }
+
+    /// Writes `entry`'s line, ended with `outcome`.
+    pub fn record(&self, entry: &Entry, outcome: Outcome, error_code: Option<i64>) {
+        let server = entry.server.as_deref().unwrap_or("");
+        self.calls
+            .with_label_values(&[&entry.org, server, outcome.as_str()])
+            .inc();
+        let Some(queue) = &self.queue else { return };
+        let (tool, prompt, uri) = match entry.method.as_str() {
+            "tools/call" => (Some(entry.target.as_str()), None, None),
+            "prompts/get" => (None, Some(entry.target.as_str()), None),
+            _ => (None, None, Some(entry.target.as_str())),
+        };
+        let line = Line {
+            time: humantime::format_rfc3339_millis(entry.time).to_string(),
+            request_id: &entry.request_id,
+            org: &entry.org,
+            server: entry.server.as_deref(),
+            subject: &entry.subject,
+            username: entry.username.as_deref(),
+            client: entry.client.as_deref(),
+            method: &entry.method,
+            tool,
+            prompt,
+            uri,
+            decision: if entry.allowed { "allowed" } else { "denied" },
+            rule: entry.rule.as_deref(),
+            outcome,
+            error_code,
+            duration_ms: (entry.started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+            arguments: entry.arguments.as_ref(),
+        };
+        let Ok(text) = serde_json::to_string(&line) else {
+            return;
+        };
+        match queue.try_send(text) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+/// Keys kept, values replaced: what was passed, not what it said.
+fn redact(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), redact(v)))
+                .collect::<Map<String, Value>>(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(redact).collect()),
+        _ => Value::String("<redacted>".into()),
+    }
+}
+
+struct Rotation {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: usize,
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The writer thread: lines in, written (and the file rotated by size).
+fn spawn_writer(
+    mut out: Box<dyn Write + Send>,
+    rotation: Option<Rotation>,
+) -> std::io::Result<SyncSender<String>> {
+    let (tx, rx) = sync_channel::<String>(QUEUE);
+    let mut written = match &rotation {
+        Some(r) => std::fs::metadata(&r.path).map(|m| m.len()).unwrap_or(0),
+        None => 0,
+    };
+    std::thread::Builder::new()
+        .name("ratatosk-audit".into())
+        .spawn(move || {
+            for line in rx {
+                if let Some(r) = &rotation
+                    && written > 0
+                    && written + line.len() as u64 + 1 > r.max_bytes
+                {
+                    match rotate(r) {
+                        Ok(file) => {
+                            out = Box::new(file);
+                            written = 0;
+                        }
+                        Err(e) => eprintln!(
+                            "ratatosk: cannot rotate the audit log {}: {e}",
+                            r.path.display()
+                        ),
+                    }
+                }
+                if writeln!(out, "{line}").is_ok() {
+                    written += line.len() as u64 + 1;
+                }
+                let _ = out.flush();
+            }
+        })?;
+    Ok(tx)
+}
+
+/// `path` becomes `path.1`, `path.1` becomes `path.2`, ... up to `keep`;
+/// a fresh `path` is opened.
+fn rotate(r: &Rotation) -> std::io::Result<File> {
+    let numbered = |n: usize| {
+        let mut p = r.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    };
+    if r.keep == 0 {
+        std::fs::remove_file(&r.path)?;
+    } else {
+        for n in (1..r.keep).rev() {
+            let from = numbered(n);
+            if from.exists() {
+                std::fs::rename(&from, numbered(n + 1))?;
+            }
+        }
+        std::fs::rename(&r.path, numbered(1))?;
+    }
+    open_append(&r.path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn counters() -> (IntCounterVec, IntCounter) {
+        let calls = IntCounterVec::new(
+            prometheus::Opts::new("c", "c"),
+            &["org", "server", "outcome"],
+        )
+        .expect("counter");
+        (calls, IntCounter::new("d", "d").expect("counter"))
+    }
+
+    fn entry(target: &str) -> Entry {
+        Entry {
+            started: Instant::now(),
+            time: SystemTime::UNIX_EPOCH,
+            request_id: "r-1".into(),
+            org: "org-1".into(),
+            server: Some("files".into()),
+            subject: "u-1".into(),
+            username: Some("alice".into()),
+            client: Some("mcp-client".into()),
+            method: "tools/call".into(),
+            target: target.into(),
+            allowed: true,
+            rule: Some("readers".into()),
+            arguments: None,
+        }
+    }
+
+    fn wait_for_lines(path: &Path, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("json line"))
+                .collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} lines in 5 s",
+                lines.len()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_file_sink_writes_one_json_line_per_call_and_rotates_by_size() {
+        let dir = std::env::temp_dir().join(format!("ratatosk-audit-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.jsonl");
+        let config = AuditConfig {
+            sink: AuditSink::File,
+            path: Some(path.clone()),
+            max_bytes: 600,
+            keep: 2,
+            arguments: AuditArguments::Hashed,
+        };
+        let (calls, dropped) = counters();
+        let audit = Audit::new(&config, calls.clone(), dropped).expect("audit");
+        let mut e = entry("fs__read");
+        e.arguments = audit.arguments_of(Some(&json!({"name": "x", "arguments": {"path": "/a"}})));
+        audit.record(&e, Outcome::Result, None);
+        let lines = wait_for_lines(&path, 1);
+        let line = &lines[0];
+        assert_eq!(line["time"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            (
+                &line["org"],
+                &line["server"],
+                &line["tool"],
+                &line["decision"],
+                &line["rule"],
+                &line["outcome"]
+            ),
+            (
+                &json!("org-1"),
+                &json!("files"),
+                &json!("fs__read"),
+                &json!("allowed"),
+                &json!("readers"),
+                &json!("result")
+            )
+        );
+        assert!(
+            line["arguments"]
+                .as_str()
+                .expect("hash")
+                .starts_with("sha256:")
+        );
+        assert_eq!(
+            calls.with_label_values(&["org-1", "files", "result"]).get(),
+            1
+        );
+        // Past 600 bytes the file rotates: audit.jsonl.1 holds the old lines.
+        for _ in 0..4 {
+            audit.record(&entry("fs__write"), Outcome::Error, Some(-32602));
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while !dir.join("audit.jsonl.1").exists() {
+            assert!(Instant::now() < deadline, "no rotation in 5 s");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let total = wait_for_lines(&dir.join("audit.jsonl.1"), 1).len();
+        assert!(total >= 1 && std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) <= 600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn arguments_are_left_out_redacted_or_hashed() {
+        let params = json!({"name": "x", "arguments": {"path": "/secret", "n": [1, {"k": true}]}});
+        let (calls, dropped) = counters();
+        let mut config = AuditConfig::default();
+        let audit = Audit::new(&config, calls.clone(), dropped.clone()).expect("audit");
+        assert!(!audit.is_on());
+        assert_eq!(audit.arguments_of(Some(&params)), None);
+        config.arguments = AuditArguments::Redacted;
+        let audit = Audit::new(&config, calls.clone(), dropped.clone()).expect("audit");
+        assert_eq!(
+            audit.arguments_of(Some(&params)),
+            Some(json!({"path": "<redacted>", "n": ["<redacted>", {"k": "<redacted>"}]}))
+        );
+        config.arguments = AuditArguments::Hashed;
+        let audit = Audit::new(&config, calls, dropped).expect("audit");
+        let a = audit.arguments_of(Some(&params));
+        assert_eq!(
+            a,
+            audit.arguments_of(Some(&params)),
+            "the same arguments, the same hash"
+        );
+    }
+
+    #[test]
+    fn outcomes_are_read_from_responses() {
+        assert_eq!(
+            Outcome::of_response(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#),
+            (Outcome::Result, None)
+        );
+        assert_eq!(
+            Outcome::of_response(br#"{"jsonrpc":"2.0","id":1,"result":{"isError":true}}"#),
+            (Outcome::ToolError, None)
+        );
+        assert_eq!(
+            Outcome::of_response(
+                br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"x"}}"#
+            ),
+            (Outcome::Error, Some(-32602))
+        );
+    }
+}
