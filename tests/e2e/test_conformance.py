@@ -32,6 +32,8 @@ SPECS = ["2025-11-25", "2026-07-28"]
 # eras on one endpoint (`auto` probes it; stateless-2025 would not use its
 # sessions).
 ERAS = ["stateful-2025", "auto", "modern"]
+# Upstream eras of the one-server orgs whose endpoints are checked too.
+FEDERATED_ERAS = ["stateful-2025", "modern"]
 SUITE = ROOT / "tests" / "conformance" / "conformance"
 SETUP = ROOT / "tests" / "conformance" / "setup"
 # A direct run takes about 5 s and one through the gateway about 10 s; a
@@ -193,8 +195,14 @@ def direct_runs(conformance_upstream, tmp_path_factory) -> dict[str, SuiteRun]:
 
 @pytest.fixture(scope="module")
 def era_gateway(log_dir, conformance_upstream):
-    """One org per upstream era, all in front of the one fixture, auth off."""
+    """One org per upstream era, all in front of the one fixture, auth off;
+    and orgs of one server with `prefix: ""` (issue 17), reached at the
+    server's endpoint (`fed-<era>/one/mcp`) and the federated one
+    (`fed-<era>/mcp`)."""
     orgs = {era: org([conformance_upstream], era=era) for era in ERAS}
+    for era in FEDERATED_ERAS:
+        orgs[f"fed-{era}"] = {"auth": "none", "servers": {"one": {
+            "upstream": {"era": era, "replicas": [conformance_upstream.url]}, "prefix": ""}}}
     with running(Gateway(log_dir, orgs, name="conformance-gateway")) as gw:
         yield gw
 
@@ -230,3 +238,41 @@ def test_every_check_that_passes_directly_passes_through_the_gateway(direct_runs
     if rows:
         pytest.fail(f"{len(rows)} checks differ between the fixture and the gateway ({era} upstream, spec {spec}):\n"
                     "scenario | check | status | message\n" + "\n".join(rows), pytrace=False)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("endpoint", ["server", "federated"])
+@pytest.mark.parametrize("era", FEDERATED_ERAS)
+def test_every_check_passes_through_a_server_endpoint_and_the_federated_one(
+        direct_runs, era_gateway, tmp_path_factory, era, endpoint, spec):
+    """An org of one server with `prefix: ""`: its server endpoint and its
+    federated endpoint pass what the org of that era passes."""
+    path = f"fed-{era}/one" if endpoint == "server" else f"fed-{era}"
+    out = tmp_path_factory.mktemp(f"conformance-{endpoint}-{era}")
+    through = run_suite(era_gateway.url(path), spec, out / spec, f"gateway ({endpoint} endpoint, {era} upstream)")
+    direct = direct_runs[spec]
+    print(through.summary())
+    accepted = {(scenario, check_id): reason for (e, v, scenario, check_id), reason in ACCEPTED_DIFFERENCES.items()
+                if (e, v) == (era, spec)}
+    accepted.update({(scenario, check_id): reason
+                     for (e, v, ep, scenario, check_id), reason in FEDERATED_DIFFERENCES.items()
+                     if (e, v, ep) == (era, spec, endpoint)})
+    rows = regressions_table(direct, through, set(accepted))
+    rows += [f"{scenario} | {check_id} | PASSES NOW | remove it from the accepted differences"
+             for scenario, check_id in sorted(accepted) if through.passes((scenario, check_id))]
+    era_gateway.assert_healthy()
+    if rows:
+        pytest.fail(f"{len(rows)} checks differ between the fixture and the gateway ({endpoint} endpoint, {era} "
+                    f"upstream, spec {spec}):\nscenario | check | status | message\n" + "\n".join(rows),
+                    pytrace=False)
+
+
+# Checks that pass on an org of the era but not through a federated
+# endpoint, keyed by (era, spec, endpoint, scenario, check), each with why.
+FEDERATED_DIFFERENCES: dict[tuple[str, str, str, str, str], str] = {
+    ("stateful-2025", "2025-11-25", "federated", "server-sse-polling", "server-sse-disconnect-resume"):
+        "the federated session is the client of its server session: when the server closes the call's stream "
+        "mid-call, the gateway resumes it with Last-Event-ID itself and the answer arrives on the client's open "
+        "stream, so the check reports INFO ('server did not disconnect mid-call'); a server's disconnect is not "
+        "passed on through a federated endpoint",
+}

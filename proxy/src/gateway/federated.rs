@@ -30,6 +30,9 @@ const LATEST: &str = "2025-11-25";
 /// How often the watch checks whether the servers of federations answer.
 pub(crate) const WATCH_EVERY: Duration = Duration::from_secs(2);
 
+/// Times one answer of a server session is resumed, at most.
+const MAX_RESUMES: u32 = 10;
+
 /// How long a server session's GET stream feed waits before reopening.
 const FEED_RETRY: Duration = Duration::from_millis(500);
 
@@ -199,10 +202,16 @@ impl Gateway {
                         } => {
                             let (this, fed, s, l) =
                                 (this.clone(), fed.clone(), session.clone(), log.clone());
+                            let (identity, req) = (identity.clone(), req.clone());
                             let id = m.request_id().cloned();
                             tokio::spawn(async move {
+                                let f = Fed {
+                                    fed: &fed,
+                                    identity: &identity,
+                                    req: &req,
+                                };
                                 this.relay_member(
-                                    &fed,
+                                    f,
                                     &s,
                                     &l,
                                     STANDALONE,
@@ -332,19 +341,16 @@ impl Gateway {
                     let stream = log.begin_stream().map_err(|_| session_not_found())?;
                     let (this, fed, s, l) =
                         (self.clone(), f.fed.clone(), session.clone(), log.clone());
+                    let (identity, req) = (f.identity.clone(), f.req.clone());
                     let id = only.request_id().cloned();
                     tokio::spawn(async move {
-                        this.relay_member(
-                            &fed,
-                            &s,
-                            &l,
-                            stream,
-                            &server,
-                            reader,
-                            id.as_ref(),
-                            audit,
-                        )
-                        .await;
+                        let f = Fed {
+                            fed: &fed,
+                            identity: &identity,
+                            req: &req,
+                        };
+                        this.relay_member(f, &s, &l, stream, &server, reader, id.as_ref(), audit)
+                            .await;
                         l.end_stream(stream);
                     });
                     Ok(self.post_stream_response(front, &session, log, stream))
@@ -375,7 +381,7 @@ impl Gateway {
                                 audit,
                             } => {
                                 this.relay_member(
-                                    &fed,
+                                    f,
                                     &s,
                                     &l,
                                     stream,
@@ -1209,11 +1215,13 @@ impl Gateway {
 
     /// Copies a server's streamed answer into a stream of the federated
     /// session, with its requests' ids naming the server; a failure before
-    /// the response to `pending` becomes its error.
+    /// the response to `pending` becomes its error. A server session that
+    /// closes the stream before the response (a stateful server polling
+    /// its client) is resumed with `Last-Event-ID`, as a client would.
     #[allow(clippy::too_many_arguments)]
     async fn relay_member(
-        &self,
-        fed: &Federation,
+        self: &Arc<Self>,
+        f: Fed<'_>,
         session: &SessionState,
         log: &SessionLog,
         stream: StreamId,
@@ -1222,9 +1230,11 @@ impl Gateway {
         pending: Option<&Id>,
         audit: Option<Box<Entry>>,
     ) {
+        let fed: &Front = f.fed;
         let mut answered = false;
         let mut failure = None;
         let mut ended = (Outcome::Error, None);
+        let mut resumes = 0;
         loop {
             match reader.next_message().await {
                 Ok(Some(message)) => {
@@ -1237,7 +1247,29 @@ impl Gateway {
                         break;
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    let running = pending.is_some_and(|id| {
+                        self.federations
+                            .running
+                            .contains_key(&(session.id.clone(), id.clone()))
+                    });
+                    if !running || resumes >= MAX_RESUMES {
+                        break;
+                    }
+                    let Some((last, retry)) = reader
+                        .resume_point()
+                        .map(|(id, retry)| (id.to_owned(), retry))
+                    else {
+                        break;
+                    };
+                    match self.resume_member(f, session, server, &last, retry).await {
+                        Some(more) => {
+                            reader = more;
+                            resumes += 1;
+                        }
+                        None => break,
+                    }
+                }
                 Err(e) => {
                     failure = Some(e.to_string());
                     break;
@@ -1268,6 +1300,44 @@ impl Gateway {
             });
             let body = jsonrpc::error_body(Some(id), code::UPSTREAM_ERROR, &why);
             let _ = self.append(log, stream, &body, fed);
+        }
+    }
+
+    /// The rest of a server session's answer, after event `last`, by a GET
+    /// with `Last-Event-ID` (after the `retry` the server asked for).
+    async fn resume_member(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        session: &SessionState,
+        server: &str,
+        last: &str,
+        retry: Option<Duration>,
+    ) -> Option<Box<AnswerReader>> {
+        let (_, member) = f.member(server)?;
+        let child = session.members.get(server)?;
+        if let Some(wait) = retry {
+            tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
+        }
+        let mut req = self.member_request(
+            f,
+            member,
+            Method::GET,
+            Some(child),
+            Some(&session.protocol_version),
+            Bytes::new(),
+        );
+        req.headers
+            .insert(LAST_EVENT_ID, HeaderValue::from_str(last).ok()?);
+        match self.at_member(f, member, &req).await {
+            Ok(Response {
+                body: edge::ResponseBody::Stream(source),
+                ..
+            }) => Some(Box::new(read_member(
+                source,
+                member.route.server.pool.read_limits,
+                server,
+            ))),
+            _ => None,
         }
     }
 

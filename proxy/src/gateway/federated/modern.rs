@@ -187,13 +187,19 @@ impl Gateway {
                 (0, None, Some((Item::Resource, uri.to_owned())))
             }
             _ => {
-                return Err(Reject::new(
-                    StatusCode::BAD_REQUEST,
-                    code::METHOD_NOT_FOUND,
+                // 404, as a 2026-07-28 server answers a method it lacks.
+                let message = if method.starts_with("resources/") || method == "completion/complete"
+                {
                     format!(
-                        "method '{}' is not served to 2026-07-28 clients by a federated endpoint yet; use a server's own endpoint",
-                        jsonrpc::clip(method, 64)
-                    ),
+                        "method '{method}' is not served to 2026-07-28 clients by a federated endpoint of several servers yet; use a server's own endpoint"
+                    )
+                } else {
+                    format!("method '{}' not found", jsonrpc::clip(method, 64))
+                };
+                return Err(Reject::new(
+                    StatusCode::NOT_FOUND,
+                    code::METHOD_NOT_FOUND,
+                    message,
                 ));
             }
         };
