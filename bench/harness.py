@@ -311,6 +311,13 @@ class Systems:
         self.stub_port = port
         return f"http://127.0.0.1:{port}/mcp"
 
+    def start_more_stub(self, name: str) -> str:
+        """Another stateless stub upstream (scenario G's servers)."""
+        port = free_port()
+        p = self.add(Proc(name, [str(BIN / "ratatosk-stub"), "--listen", f"127.0.0.1:{port}"], self.run_dir))
+        wait_tcp(port, 10, f"ratatosk-stub {name}", p)
+        return f"http://127.0.0.1:{port}/mcp"
+
     def start_era_stub(self, era: str) -> str:
         """A stub speaking `era` (stateful-2025 or modern), for scenario F."""
         port = free_port()
@@ -634,6 +641,36 @@ def scenario_f(s: Systems, cfg: dict, gw: dict, runs: int) -> dict:
             log(f"F run {r + 1} {era}: {res['rps']:.0f} req/s, p50 {res['latency']['p50_us']} µs, "
                 f"p99 {res['latency']['p99_us']} µs, errors {res['errors']}")
             out[era].append(res)
+    return out
+
+
+def scenario_g(s: Systems, cfg: dict, gw: dict, runs: int) -> dict:
+    """Federation (issue 17): an org of 3 stub servers. Cold session set-up
+    (initialize, initialized, tools/list) on the federated endpoint beside
+    each server's own endpoint; tools/call throughput through the
+    federated endpoint beside a server's endpoint. No auth."""
+    out: dict[str, list] = {"setup": [], "rpc": []}
+    base = f"{gw['base']}/fed"
+    for r in range(runs):
+        setup = {}
+        for name, url in [("federated", f"{base}/mcp")] + [(f"server s{i}", f"{base}/s{i}/mcp") for i in (1, 2, 3)]:
+            res = loadgen_json(["setup", "--url", url, "--concurrency", "1", "--duration", cfg["d_duration"],
+                                "--warmup", "1s"], timeout=600)
+            log(f"G run {r + 1} set-up {name}: p50 {res['latency']['p50_us']} µs, "
+                f"p99 {res['latency']['p99_us']} µs, errors {res['errors']}")
+            setup[name] = res
+        out["setup"].append(setup)
+        rpc = {}
+        pids = gw["proc"].pids()
+        for name, url, tool in [("server s1", f"{base}/s1/mcp", "echo"), ("federated", f"{base}/mcp", "s1__echo")]:
+            c0 = cpu_seconds(pids)
+            res = loadgen_json(["rpc", "--url", url, "--tool", tool, "--concurrency", "64",
+                                "--duration", cfg["a_duration"], "--warmup", cfg["a_warmup"], "--init"], timeout=600)
+            res["cpu_us_per_request"] = (cpu_seconds(pids) - c0) * 1e6 / max(res["ok"], 1)
+            log(f"G run {r + 1} tools/call {name}: {res['rps']:.0f} req/s, p50 {res['latency']['p50_us']} µs, "
+                f"errors {res['errors']}")
+            rpc[name] = res
+        out["rpc"].append(rpc)
     return out
 
 
@@ -1322,6 +1359,11 @@ def smoke_checks(res: dict) -> list[str]:
         for r in runs:
             if r["ok"] == 0 or r["errors"]:
                 problems.append(f"D {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+    for part in ("setup", "rpc"):
+        for run in res.get("G", {}).get(part, []):
+            for name, r in run.items():
+                if r["ok"] == 0 or r["errors"]:
+                    problems.append(f"G {part} {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
     for name, sizes in res.get("BC", {}).items():
         for n, runs in sizes.items():
             for r in runs:
@@ -1377,8 +1419,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the small CI run (checks, no published results)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
-    ap.add_argument("--only", default="A,B,C,D,E,F,R",
-                    help="scenarios to run, e.g. A,D (B and C run together; R is A, B and C on two nodes and Redis)")
+    ap.add_argument("--only", default="A,B,C,D,E,F,G,R",
+                    help="scenarios to run, e.g. A,D (B and C run together; R is A, B and C on two nodes and Redis; "
+                         "G is federation)")
     ap.add_argument("--sizes", help="stream counts for B, e.g. 10000,50000")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other scenarios of the results.json already in --out")
@@ -1437,6 +1480,12 @@ def main() -> int:
             eras = s.start_era_gateway({"stateless-2025": stub, "stateful-2025": s.start_era_stub("stateful-2025"),
                                         "modern": s.start_era_stub("modern")})
             attempt("F", lambda: scenario_f(s, cfg, eras, runs))
+        if "G" in only:
+            stubs = {f"s{i}": s.start_more_stub(f"stub-s{i}") if i > 1 else stub for i in (1, 2, 3)}
+            fed = s.run_gateway("gateway-federation", {"orgs": {"fed": {"auth": "none", "servers": {
+                name: {"upstream": {"era": "stateless-2025", "replicas": [url], "timeout": "30s"}}
+                for name, url in stubs.items()}}}})
+            attempt("G", lambda: scenario_g(s, cfg, fed, runs))
         if only & {"B", "C"}:
             # Every stream is an open file in the server and in the load
             # generator; without CAP_SYS_RESOURCE the hard limit caps N.
@@ -1479,6 +1528,7 @@ def main() -> int:
         checked += sum(len(runs) for sizes in res.get("BC", {}).values() for runs in sizes.values())
         checked += sum(len(runs) for paths in res.get("R", {}).get("rpc", {}).values() for runs in paths.values())
         checked += len(res.get("R", {}).get("streams", []))
+        checked += sum(len(run) for part in ("setup", "rpc") for run in res.get("G", {}).get(part, []))
         print(f"smoke: {max(checked - len(problems), 0)} passed, {len(problems)} failed")
         return 1 if problems else 0
     return 0

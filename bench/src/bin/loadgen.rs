@@ -86,6 +86,10 @@ struct RpcArgs {
     /// Ask the upstream for an SSE answer (tool `echo_sse`).
     #[arg(long)]
     sse: bool,
+    /// The tool's name as the endpoint shows it (a federated endpoint
+    /// prefixes it: `s1__echo`); default `echo`, or `echo_sse` with --sse.
+    #[arg(long)]
+    tool: Option<String>,
 }
 
 #[derive(Parser)]
@@ -309,9 +313,12 @@ async fn rpc(a: RpcArgs, sources: Sources, timeout: Duration) -> anyhow::Result<
     } else {
         None
     };
-    let params = match (a.method.as_str(), a.sse) {
-        ("tools/call", false) => json!({"name": "echo", "arguments": {"text": "hello"}}),
-        ("tools/call", true) => json!({"name": "echo_sse", "arguments": {"text": "hello"}}),
+    let tool = a
+        .tool
+        .clone()
+        .unwrap_or_else(|| if a.sse { "echo_sse" } else { "echo" }.to_owned());
+    let params = match a.method.as_str() {
+        "tools/call" => json!({"name": tool, "arguments": {"text": "hello"}}),
         _ => json!({}),
     };
     let start = Instant::now();
