@@ -71,7 +71,7 @@ use call::Call;
 use cluster::Cluster;
 use holding::HoldClient;
 use in_flight::InFlight;
-use lifecycle::negotiated_version;
+use lifecycle::{negotiated_version, session_header};
 pub use rejects::hold_reject;
 use rejects::*;
 use streamable::{json_unless_cancelled, parse_post_body};

@@ -124,30 +124,8 @@ impl Gateway {
             edge::check_get_framing(&f.req.headers)?;
         }
         let front: &Front = f.fed;
-        self.store
-            .admits(&front.key, &f.identity.subject, self.admission())
-            .await
-            .map_err(|e| self.session_reject(front, e))?;
-        let state = SessionState::new(
-            session::mint_id(),
-            &front.key,
-            f.identity,
-            Transport::LegacySse,
-            String::new(),
-        );
-        let session = self.create_session(state).await?;
-        let log = self.hub.get(&session.id).ok_or_else(session_not_found)?;
-        let attach = log
-            .attach(STANDALONE, None)
-            .map_err(|_| session_not_found())?;
-        let endpoint = format!(
-            "{}?session_id={}",
-            self.routes.path_of(&front.key, Endpoint::Messages),
-            session.id
-        );
-        let prelude = sse_frame(None, Some("endpoint"), endpoint.as_bytes());
+        let (session, live) = self.open_legacy(front, f.identity).await?;
         self.ensure_feeds(f, &session);
-        let live = self.live_stream(front, &session, log, attach, Some(prelude));
         Ok(self.legacy_stream(live, f.identity, &session))
     }
 
@@ -294,23 +272,7 @@ impl Gateway {
                 return self.fed_modern(f, m, params).await;
             }
         }
-        if let Some(version) = edge::protocol_version(headers)?
-            && !headers.contains_key(&MCP_SESSION_ID)
-        {
-            self.check_batch(&body, version, false)?;
-        }
-        if let Some(init) = body
-            .messages()
-            .iter()
-            .find(|m| m.method() == Some("initialize"))
-        {
-            if matches!(body, Body::Batch(_)) || !init.is_request() {
-                return Err(Reject::new(
-                    StatusCode::BAD_REQUEST,
-                    code::INVALID_REQUEST,
-                    "initialize must be a request of its own, not part of a batch or a notification",
-                ));
-            }
+        if let Some(init) = self.initialize_in(headers, &body)? {
             return self.fed_initialize(f, init).await;
         }
         let session = self.fed_session(f).await?;
@@ -446,13 +408,7 @@ impl Gateway {
             return Err(reject.with_id(id));
         }
         let result = federation::initialize_result(&fed.name, version, &opened);
-        let header = HeaderValue::from_str(&session_id).map_err(|_| {
-            Reject::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                code::INTERNAL_ERROR,
-                "minted an invalid session id",
-            )
-        })?;
+        let header = session_header(&session_id)?;
         Ok(
             Response::json(StatusCode::OK, jsonrpc::result_body(id, result))
                 .with_header(MCP_SESSION_ID, header),
@@ -1446,12 +1402,7 @@ impl Gateway {
                     body: edge::ResponseBody::Stream(source),
                     ..
                 }) => {
-                    let limits = ReadLimits {
-                        timeout: Duration::from_secs(365 * 24 * 3600),
-                        max_duration: Duration::from_secs(365 * 24 * 3600),
-                        max_bytes: usize::MAX,
-                        max_event_bytes: member.route.server.pool.read_limits.max_bytes,
-                    };
+                    let limits = bridge::background::listen_limits(&member.route);
                     let mut reader = read_member(source, limits, &member.name);
                     while let Ok(Some(message)) = reader.next_message().await {
                         let (out, _) = to_client(&member.name, &message);

@@ -6,13 +6,23 @@ use super::*;
 
 impl Gateway {
     pub(super) async fn legacy_open(self: &Arc<Self>, call: Call<'_>) -> Result<Response, Reject> {
-        let (org, identity) = (call.org, call.identity);
         if call.headers.contains_key(http::header::ACCEPT) {
             edge::check_get_framing(call.headers)?;
         }
+        let (session, live) = self.open_legacy(call.org, call.identity).await?;
+        Ok(self.legacy_stream(live, call.identity, &session))
+    }
+
+    /// A new legacy session of route `front` for `identity`, and its
+    /// `/sse` stream, which starts with the `endpoint` event.
+    pub(super) async fn open_legacy(
+        &self,
+        front: &Front,
+        identity: &Identity,
+    ) -> Result<(Arc<SessionState>, LiveStream), Reject> {
         let state = SessionState::new(
             session::mint_id(),
-            &org.key,
+            &front.key,
             identity,
             Transport::LegacySse,
             String::new(),
@@ -24,12 +34,12 @@ impl Gateway {
             .map_err(|_| session_not_found())?;
         let endpoint = format!(
             "{}?session_id={}",
-            self.routes.path_of(&org.key, Endpoint::Messages),
+            self.routes.path_of(&front.key, Endpoint::Messages),
             session.id
         );
         let prelude = sse_frame(None, Some("endpoint"), endpoint.as_bytes());
-        let live = self.live_stream(org, &session, log, attach, Some(prelude));
-        Ok(self.legacy_stream(live, identity, &session))
+        let live = self.live_stream(front, &session, log, attach, Some(prelude));
+        Ok((session, live))
     }
 
     /// The `/sse` stream of a legacy session: it ends with the caller's

@@ -46,13 +46,7 @@ impl Gateway {
             self.close_upstream(&state);
             return Err(reject.with_id(id.as_ref()));
         }
-        let header = HeaderValue::from_str(&session_id).map_err(|_| {
-            Reject::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                code::INTERNAL_ERROR,
-                "minted an invalid session id",
-            )
-        })?;
+        let header = session_header(&session_id)?;
         Ok(Response::json(StatusCode::OK, response).with_header(MCP_SESSION_ID, header))
     }
 
@@ -388,6 +382,17 @@ impl Gateway {
         }
         expired.len()
     }
+}
+
+/// A minted session id as the `Mcp-Session-Id` header.
+pub(super) fn session_header(id: &str) -> Result<HeaderValue, Reject> {
+    HeaderValue::from_str(id).map_err(|_| {
+        Reject::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            code::INTERNAL_ERROR,
+            "minted an invalid session id",
+        )
+    })
 }
 
 /// The `protocolVersion` of a successful initialize response.

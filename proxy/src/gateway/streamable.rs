@@ -62,26 +62,7 @@ impl Gateway {
                 return self.modern_post(call, m, params).await;
             }
         }
-        let header_version = edge::protocol_version(&req.headers)?;
-        // A session's batches are decided by its negotiated version alone
-        // (below), whatever supported version the request names.
-        if let Some(version) = header_version
-            && !req.headers.contains_key(&MCP_SESSION_ID)
-        {
-            self.check_batch(&body, version, false)?;
-        }
-        if let Some(init) = body
-            .messages()
-            .iter()
-            .find(|m| m.method() == Some("initialize"))
-        {
-            if matches!(body, Body::Batch(_)) || !init.is_request() {
-                return Err(Reject::new(
-                    StatusCode::BAD_REQUEST,
-                    code::INVALID_REQUEST,
-                    "initialize must be a request of its own, not part of a batch or a notification",
-                ));
-            }
+        if let Some(init) = self.initialize_in(&req.headers, &body)? {
             return self.initialize(call, init).await;
         }
         let session = self.streamable_session(call).await?;
@@ -110,6 +91,37 @@ impl Gateway {
             return answer.map(|body| Response::json(StatusCode::OK, body));
         }
         self.forward_streamable(call, session, log, requests).await
+    }
+
+    /// The `initialize` of a POST, checked: a request of its own. A POST
+    /// without a session has its batch checked by the version it names.
+    pub(super) fn initialize_in<'b>(
+        &self,
+        headers: &http::HeaderMap,
+        body: &'b Body,
+    ) -> Result<Option<&'b Message>, Reject> {
+        // A session's batches are decided by its negotiated version alone,
+        // whatever supported version the request names.
+        if let Some(version) = edge::protocol_version(headers)?
+            && !headers.contains_key(&MCP_SESSION_ID)
+        {
+            self.check_batch(body, version, false)?;
+        }
+        let Some(init) = body
+            .messages()
+            .iter()
+            .find(|m| m.method() == Some("initialize"))
+        else {
+            return Ok(None);
+        };
+        if matches!(body, Body::Batch(_)) || !init.is_request() {
+            return Err(Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "initialize must be a request of its own, not part of a batch or a notification",
+            ));
+        }
+        Ok(Some(init))
     }
 
     pub(super) async fn forward_streamable(

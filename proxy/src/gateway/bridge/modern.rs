@@ -19,6 +19,35 @@ use crate::upstream::AnswerReader;
 /// `InputRequiredResult` with only a `requestState`).
 const MAX_SHED_BACKOFF: Duration = Duration::from_millis(250);
 
+/// A 2026-07-28 message checked as a modern server would: its method,
+/// id and checked request; `None` for a notification (nothing for an
+/// upstream to do: cancellation is closing the response stream, and the
+/// rest were removed in 2026-07-28).
+pub(in crate::gateway) fn checked_modern<'m>(
+    headers: &http::HeaderMap,
+    message: &'m Message,
+    params: Option<Value>,
+) -> Result<Option<(&'m str, &'m Id, era::ModernRequest)>, Reject> {
+    let Some(method) = message.method() else {
+        return Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            code::INVALID_REQUEST,
+            "a 2026-07-28 client sends requests and notifications only, never responses",
+        ));
+    };
+    let id = message.request_id();
+    let request = era::check_modern(headers, method, id, params)?;
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    // Answered here for every upstream era: a handshake-era upstream
+    // still serves them, but not to a client of this version.
+    if let Some(removed) = era::removed_method(method) {
+        return Err(removed.with_id(Some(id)));
+    }
+    Ok(Some((method, id, request)))
+}
+
 impl Gateway {
     /// The org's upstream era, probed first if it is `auto` and unknown.
     pub(in crate::gateway) async fn upstream_era(
@@ -54,25 +83,9 @@ impl Gateway {
         message: &Message,
         params: Option<Value>,
     ) -> Result<Response, Reject> {
-        let Some(method) = message.method() else {
-            return Err(Reject::new(
-                StatusCode::BAD_REQUEST,
-                code::INVALID_REQUEST,
-                "a 2026-07-28 client sends requests and notifications only, never responses",
-            ));
-        };
-        let id = message.request_id();
-        let request = era::check_modern(call.headers, method, id, params)?;
-        let Some(id) = id else {
-            // Nothing for an upstream to do: cancellation is closing the
-            // response stream, and the rest were removed in 2026-07-28.
+        let Some((_, id, request)) = checked_modern(call.headers, message, params)? else {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
-        // Answered here for every upstream era: a handshake-era upstream
-        // still serves them, but not to a client of this version.
-        if let Some(removed) = era::removed_method(method) {
-            return Err(removed.with_id(Some(id)));
-        }
         match self.upstream_era(call.org, Some(id)).await? {
             Era::Modern => self.modern_to_modern(call, message).await,
             _ => self.modern_to_legacy(call, id, request).await,

@@ -25,21 +25,11 @@ impl Gateway {
         message: &Message,
         params: Option<Value>,
     ) -> Result<Response, Reject> {
-        let Some(method) = message.method() else {
-            return Err(Reject::new(
-                StatusCode::BAD_REQUEST,
-                code::INVALID_REQUEST,
-                "a 2026-07-28 client sends requests and notifications only, never responses",
-            ));
-        };
-        let id = message.request_id();
-        era::check_modern(&f.req.headers, method, id, params)?;
-        let Some(id) = id else {
+        let Some((method, id, _)) =
+            bridge::modern::checked_modern(&f.req.headers, message, params)?
+        else {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
-        if let Some(removed) = era::removed_method(method) {
-            return Err(removed.with_id(Some(id)));
-        }
         let json = |body: Bytes| Ok(Response::json(StatusCode::OK, body));
         if method == "server/discover" {
             return json(self.fed_discover(f, id, message).await);
@@ -396,12 +386,7 @@ impl Gateway {
                     else {
                         return;
                     };
-                    let limits = ReadLimits {
-                        timeout: Duration::from_secs(365 * 24 * 3600),
-                        max_duration: Duration::from_secs(365 * 24 * 3600),
-                        max_bytes: usize::MAX,
-                        max_event_bytes: member.route.server.pool.read_limits.max_bytes,
-                    };
+                    let limits = bridge::background::listen_limits(&member.route);
                     let mut reader = read_member(source, limits, &member.name);
                     while let Ok(Some(message)) = reader.next_message().await {
                         if tx.send(sse_frame(None, None, &message)).await.is_err() {
