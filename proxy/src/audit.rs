@@ -53,17 +53,38 @@ impl Outcome {
 
     /// How a response message ends a call, and its error code if any.
     pub fn of_response(message: &[u8]) -> (Outcome, Option<i64>) {
-        let Ok(v) = serde_json::from_slice::<Value>(message) else {
+        // Only the fields that tell: the result's content is skipped, not
+        // built into a tree.
+        #[derive(serde::Deserialize)]
+        struct Response {
+            error: Option<Error>,
+            result: Option<Answered>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Error {
+            code: Option<i64>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Answered {
+            result_type: Option<String>,
+            is_error: Option<bool>,
+        }
+        let Ok(r) = serde_json::from_slice::<Response>(message) else {
             return (Outcome::Error, None);
         };
-        if let Some(error) = v.get("error") {
-            return (Outcome::Error, error.get("code").and_then(Value::as_i64));
-        }
-        if v.pointer("/result/resultType").and_then(Value::as_str) == Some("input_required") {
-            return (Outcome::InputRequired, None);
-        }
-        match v.pointer("/result/isError").and_then(Value::as_bool) {
-            Some(true) => (Outcome::ToolError, None),
+        match (r.error, r.result) {
+            (Some(error), _) => (Outcome::Error, error.code),
+            (None, Some(r)) if r.result_type.as_deref() == Some("input_required") => {
+                (Outcome::InputRequired, None)
+            }
+            (
+                None,
+                Some(Answered {
+                    is_error: Some(true),
+                    ..
+                }),
+            ) => (Outcome::ToolError, None),
             _ => (Outcome::Result, None),
         }
     }

@@ -14,7 +14,7 @@
 //! - Requests servers send the client get ids naming their server, so two
 //!   servers' ids never collide, and answers find their way back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -163,56 +163,52 @@ pub struct Merged {
 
 /// Merges the pages servers listed, in the servers' order, renaming what
 /// gets prefixed.
-pub fn merge(naming: &Naming, kind: ListKind, pages: &[(usize, Page)]) -> Merged {
+pub fn merge(naming: &Naming, kind: ListKind, pages: Vec<(usize, Page)>) -> Merged {
     let mut merged = Merged::default();
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen: BTreeSet<String> = BTreeSet::new();
     for (server, page) in pages {
-        for item in &page.items {
-            let Some(key) = item.get(kind.key()).and_then(Value::as_str) else {
+        for mut item in page.items {
+            let Some(key) = item
+                .get(kind.key())
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+            else {
                 continue;
             };
-            let mut item = item.clone();
-            if kind.prefixed() {
-                let name = item.get("name").and_then(Value::as_str).unwrap_or(key);
-                let full = naming.full(*server, name);
+            // What the client sees, and what must be unique.
+            let shown = if kind.prefixed() {
+                let name = item.get("name").and_then(Value::as_str).unwrap_or(&key);
+                let full = naming.full(server, name);
                 if !is_valid_name(&full) {
-                    merged.dropped.push(Dropped::Invalid {
-                        server: *server,
-                        name: full,
-                    });
+                    merged.dropped.push(Dropped::Invalid { server, name: full });
                     continue;
                 }
                 // A tool or prompt is called by name: its name must route
                 // back to it.
-                if kind != ListKind::Templates && naming.route(&full) != Some((*server, name)) {
-                    merged.dropped.push(Dropped::Clash {
-                        server: *server,
-                        name: full,
-                    });
+                if kind != ListKind::Templates && naming.route(&full) != Some((server, name)) {
+                    merged.dropped.push(Dropped::Clash { server, name: full });
                     continue;
                 }
                 if let Some(obj) = item.as_object_mut() {
-                    obj.insert("name".into(), Value::String(full));
+                    obj.insert("name".into(), Value::String(full.clone()));
                 }
-            }
-            let shown = match kind {
-                ListKind::Tools | ListKind::Prompts => item
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or(key)
-                    .to_owned(),
-                ListKind::Resources | ListKind::Templates => key.to_owned(),
+                if kind == ListKind::Templates {
+                    key.clone()
+                } else {
+                    full
+                }
+            } else {
+                key.clone()
             };
-            if seen.contains_key(&shown) {
+            if !seen.insert(shown.clone()) {
                 merged.dropped.push(Dropped::Clash {
-                    server: *server,
+                    server,
                     name: shown,
                 });
                 continue;
             }
-            seen.insert(shown, *server);
             if matches!(kind, ListKind::Resources | ListKind::Templates) {
-                merged.owners.push((key.to_owned(), *server));
+                merged.owners.push((key, server));
             }
             merged.items.push(item);
         }
@@ -350,7 +346,7 @@ mod tests {
             (1, page(&["fs__read", "search", "search"])),
             (2, page(&["open", &"x".repeat(125)])),
         ];
-        let merged = merge(&n, ListKind::Tools, &pages);
+        let merged = merge(&n, ListKind::Tools, pages);
         let names: Vec<&str> = merged
             .items
             .iter()
@@ -391,7 +387,7 @@ mod tests {
         let merged = merge(
             &n,
             ListKind::Resources,
-            &[
+            vec![
                 (0, res(&["file:///a", "file:///b"])),
                 (2, res(&["file:///b", "t://1"])),
             ],
@@ -414,7 +410,7 @@ mod tests {
         let templates = merge(
             &n,
             ListKind::Templates,
-            &[(
+            vec![(
                 0,
                 Page {
                     items: vec![json!({"uriTemplate": "file:///{path}", "name": "file"})],

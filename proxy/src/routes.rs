@@ -75,8 +75,9 @@ impl OrgRoute {
 /// of them, with prefixed names.
 pub struct Federation {
     pub front: Front,
-    /// Between a prefix and a name (`orgs.<org>.separator`).
-    pub separator: String,
+    /// Each member's prefix (in the members' order) and the separator
+    /// (`orgs.<org>.separator`): how names are shown and routed.
+    pub naming: crate::federation::Naming,
     /// Sorted by name.
     pub members: Vec<Member>,
 }
@@ -91,8 +92,6 @@ impl std::ops::Deref for Federation {
 /// One server of a federation.
 pub struct Member {
     pub name: Arc<str>,
-    /// Empty for none.
-    pub prefix: String,
     /// The server's own route (`org/server`), which the federation's
     /// sessions reach through sessions of their own.
     pub route: Arc<OrgRoute>,
@@ -217,19 +216,23 @@ impl Routes {
                     policy,
                 });
                 if let Some(server_name) = entry.name {
-                    members.push(Member {
+                    let member = Member {
                         name: server_name.into(),
-                        prefix: entry.prefix.to_owned(),
                         route: route.clone(),
-                    });
+                    };
+                    members.push((member, entry.prefix.to_owned()));
                 }
                 routes.push(route);
             }
             if !members.is_empty() {
-                members.sort_by(|a, b| a.name.cmp(&b.name));
+                members.sort_by(|(a, _), (b, _)| a.name.cmp(&b.name));
+                let (members, prefixes) = members.into_iter().unzip();
                 federations.push(Federation {
                     front: front(name.as_str().into(), None),
-                    separator: org.separator().to_owned(),
+                    naming: crate::federation::Naming {
+                        separator: org.separator().to_owned(),
+                        prefixes,
+                    },
                     members,
                 });
             }
@@ -432,11 +435,12 @@ mod tests {
         let Ok((Target::Federated(f), Endpoint::Mcp)) = r.resolve("/api/org-3/mcp") else {
             panic!("expected the federated endpoint");
         };
-        assert_eq!((&*f.key, f.separator.as_str()), ("org-3", "__"));
+        assert_eq!((&*f.key, f.naming.separator.as_str()), ("org-3", "__"));
         let members: Vec<(&str, &str, &str)> = f
             .members
             .iter()
-            .map(|m| (&*m.name, m.prefix.as_str(), &*m.route.key))
+            .zip(&f.naming.prefixes)
+            .map(|(m, prefix)| (&*m.name, prefix.as_str(), &*m.route.key))
             .collect();
         assert_eq!(
             members,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::audit::{Entry, Outcome};
-use crate::federation::{self, Dropped, ListKind, Naming, Opened, Page};
+use crate::federation::{self, Dropped, ListKind, Opened, Page};
 use crate::policy::Kind as Item;
 use crate::routes::{Federation, Member};
 use crate::upstream::{AnswerReader, ReadLimits};
@@ -78,11 +78,43 @@ enum Answer {
     },
 }
 
+/// A [`Fed`] that outlives its request, for the work it leaves running
+/// (answers streamed after the response head, the feeds of a stream).
+#[derive(Clone)]
+struct FedOwned {
+    fed: Arc<Federation>,
+    identity: Arc<Identity>,
+    req: Arc<Request>,
+}
+
+impl FedOwned {
+    fn fed(&self) -> Fed<'_> {
+        Fed {
+            fed: &self.fed,
+            identity: &self.identity,
+            req: &self.req,
+        }
+    }
+}
+
+/// A server a request cannot reach, and why.
+fn unavailable(fed: &Federation, member: &Member, why: &str) -> Reject {
+    Reject::new(
+        StatusCode::BAD_GATEWAY,
+        code::UPSTREAM_ERROR,
+        format!(
+            "server '{}' of org '{}' is unavailable: {why}",
+            member.name, fed.name
+        ),
+    )
+}
+
 impl Fed<'_> {
-    fn naming(&self) -> Naming {
-        Naming {
-            separator: self.fed.separator.clone(),
-            prefixes: self.fed.members.iter().map(|m| m.prefix.clone()).collect(),
+    fn owned(&self) -> FedOwned {
+        FedOwned {
+            fed: self.fed.clone(),
+            identity: self.identity.clone(),
+            req: Arc::new(self.req.clone()),
         }
     }
 
@@ -145,18 +177,9 @@ impl Gateway {
         let body = parse_post_body(&f.req.body)?;
         label.method = body_label(&body);
         self.check_batch(&body, "2024-11-05", true)?;
-        let (this, fed, identity, req) = (
-            self.clone(),
-            f.fed.clone(),
-            f.identity.clone(),
-            f.req.clone(),
-        );
+        let (this, owned) = (self.clone(), f.owned());
         tokio::spawn(async move {
-            let f = Fed {
-                fed: &fed,
-                identity: &identity,
-                req: &req,
-            };
+            let f = owned.fed();
             let mut session = session;
             for m in body.messages() {
                 if m.method() == Some("initialize") && m.is_request() {
@@ -164,44 +187,22 @@ impl Gateway {
                     if let Ok(Some(now)) = this.store.lookup(&session.id).await {
                         session = now;
                     }
-                    let _ = this.append(&log, STANDALONE, &answer, &fed);
+                    let _ = this.append(&log, STANDALONE, &answer, f.fed);
                 } else if m.is_request() {
-                    match this.fed_answer(f, &session, m).await {
-                        Answer::Json(body) => {
-                            let _ = this.append(&log, STANDALONE, &body, &fed);
-                        }
-                        Answer::Refused(reject) => {
-                            let _ = this.append(&log, STANDALONE, &reject.body(), &fed);
-                        }
-                        Answer::Stream {
-                            server,
-                            reader,
-                            audit,
-                        } => {
-                            let (this, fed, s, l) =
-                                (this.clone(), fed.clone(), session.clone(), log.clone());
-                            let (identity, req) = (identity.clone(), req.clone());
-                            let id = m.request_id().cloned();
-                            tokio::spawn(async move {
-                                let f = Fed {
-                                    fed: &fed,
-                                    identity: &identity,
-                                    req: &req,
-                                };
-                                this.relay_member(
-                                    f,
-                                    &s,
-                                    &l,
-                                    STANDALONE,
-                                    &server,
-                                    reader,
-                                    id.as_ref(),
-                                    audit,
-                                )
-                                .await;
-                            });
-                        }
+                    let answer = this.fed_answer(f, &session, m).await;
+                    if !matches!(answer, Answer::Stream { .. }) {
+                        this.write_answer(f, &session, &log, STANDALONE, answer, m.request_id())
+                            .await;
+                        continue;
                     }
+                    // Streamed answers arrive as their servers send them.
+                    let (this, owned, s, l) =
+                        (this.clone(), owned.clone(), session.clone(), log.clone());
+                    let id = m.request_id().cloned();
+                    tokio::spawn(async move {
+                        this.write_answer(owned.fed(), &s, &l, STANDALONE, answer, id.as_ref())
+                            .await;
+                    });
                 } else {
                     this.fed_absorb(f, &session, m).await;
                 }
@@ -295,23 +296,13 @@ impl Gateway {
                 }
                 Answer::Json(body) => Ok(Response::json(StatusCode::OK, body)),
                 Answer::Refused(reject) => Err(reject),
-                Answer::Stream {
-                    server,
-                    reader,
-                    audit,
-                } => {
+                answer @ Answer::Stream { .. } => {
                     let stream = log.begin_stream().map_err(|_| session_not_found())?;
-                    let (this, fed, s, l) =
-                        (self.clone(), f.fed.clone(), session.clone(), log.clone());
-                    let (identity, req) = (f.identity.clone(), f.req.clone());
+                    let (this, owned, s, l) =
+                        (self.clone(), f.owned(), session.clone(), log.clone());
                     let id = only.request_id().cloned();
                     tokio::spawn(async move {
-                        let f = Fed {
-                            fed: &fed,
-                            identity: &identity,
-                            req: &req,
-                        };
-                        this.relay_member(f, &s, &l, stream, &server, reader, id.as_ref(), audit)
+                        this.write_answer(owned.fed(), &s, &l, stream, answer, id.as_ref())
                             .await;
                         l.end_stream(stream);
                     });
@@ -321,44 +312,47 @@ impl Gateway {
             _ => {
                 // A batch (2025-03-26): every answer on one stream, in turn.
                 let stream = log.begin_stream().map_err(|_| session_not_found())?;
-                let (this, fed, s, l) = (self.clone(), f.fed.clone(), session.clone(), log.clone());
-                let (identity, req) = (f.identity.clone(), f.req.clone());
+                let (this, owned, s, l) = (self.clone(), f.owned(), session.clone(), log.clone());
                 tokio::spawn(async move {
-                    let f = Fed {
-                        fed: &fed,
-                        identity: &identity,
-                        req: &req,
-                    };
+                    let f = owned.fed();
                     for m in &requests {
-                        match this.fed_answer(f, &s, m).await {
-                            Answer::Json(body) => {
-                                let _ = this.append(&l, stream, &body, &fed);
-                            }
-                            Answer::Refused(reject) => {
-                                let _ = this.append(&l, stream, &reject.body(), &fed);
-                            }
-                            Answer::Stream {
-                                server,
-                                reader,
-                                audit,
-                            } => {
-                                this.relay_member(
-                                    f,
-                                    &s,
-                                    &l,
-                                    stream,
-                                    &server,
-                                    reader,
-                                    m.request_id(),
-                                    audit,
-                                )
-                                .await;
-                            }
-                        }
+                        let answer = this.fed_answer(f, &s, m).await;
+                        this.write_answer(f, &s, &l, stream, answer, m.request_id())
+                            .await;
                     }
                     l.end_stream(stream);
                 });
                 Ok(self.post_stream_response(front, &session, log, stream))
+            }
+        }
+    }
+
+    /// Writes an answer into `stream` of the federated session: at once,
+    /// or as its server streams it.
+    async fn write_answer(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        session: &SessionState,
+        log: &SessionLog,
+        stream: StreamId,
+        answer: Answer,
+        id: Option<&Id>,
+    ) {
+        let front: &Front = f.fed;
+        match answer {
+            Answer::Json(body) => {
+                let _ = self.append(log, stream, &body, front);
+            }
+            Answer::Refused(reject) => {
+                let _ = self.append(log, stream, &reject.body(), front);
+            }
+            Answer::Stream {
+                server,
+                reader,
+                audit,
+            } => {
+                self.relay_member(f, session, log, stream, &server, reader, id, audit)
+                    .await;
             }
         }
     }
@@ -615,6 +609,14 @@ impl Gateway {
         }
     }
 
+    /// Refuses at once a request to a server the watch found down.
+    fn check_up(&self, fed: &Federation, member: &Member) -> Result<(), Reject> {
+        if self.federations.down.contains_key(&member.route.key) {
+            return Err(unavailable(fed, member, "it does not answer"));
+        }
+        Ok(())
+    }
+
     /// Sends one message to server `i` in the federated session; its
     /// session there is reopened once if it has ended.
     async fn to_member(
@@ -625,19 +627,8 @@ impl Gateway {
         body: Bytes,
     ) -> Result<Response, Reject> {
         let member = &f.fed.members[i];
-        let unavailable = |why: String| {
-            Reject::new(
-                StatusCode::BAD_GATEWAY,
-                code::UPSTREAM_ERROR,
-                format!(
-                    "server '{}' of org '{}' is unavailable: {why}",
-                    member.name, f.fed.name
-                ),
-            )
-        };
-        if self.federations.down.contains_key(&member.route.key) {
-            return Err(unavailable("it does not answer".into()));
-        }
+        let unavailable = |why: String| unavailable(f.fed, member, &why);
+        self.check_up(f.fed, member)?;
         let mut reopen = false;
         loop {
             let child = self
@@ -743,7 +734,7 @@ impl Gateway {
                 else {
                     return error(code::INVALID_PARAMS, format!("{method} needs params.name"));
                 };
-                match f.naming().route(&name) {
+                match f.fed.naming.route(&name) {
                     Some((i, own)) => {
                         let own = own.to_owned();
                         let kind = if method == "tools/call" {
@@ -789,7 +780,7 @@ impl Gateway {
                             .and_then(Value::as_str)
                             .unwrap_or_default()
                             .to_owned();
-                        match f.naming().route(&name) {
+                        match f.fed.naming.route(&name) {
                             Some((i, own)) => {
                                 check = Some((Item::Prompt, own.to_owned()));
                                 r["name"] = Value::String(own.to_owned());
@@ -952,7 +943,7 @@ impl Gateway {
         }
         for kind in [ListKind::Resources, ListKind::Templates] {
             let pages = self.list_pages(f, session, kind, None).await;
-            let merged = federation::merge(&f.naming(), kind, &pages);
+            let merged = federation::merge(&f.fed.naming, kind, pages);
             let found = merged.owners.iter().find(|(owned, _)| {
                 if kind == ListKind::Resources {
                     owned == uri
@@ -993,13 +984,13 @@ impl Gateway {
             },
         };
         let pages = self.list_pages(f, session, kind, cursors).await;
-        let result = self.merged_list(f, kind, &pages);
+        let result = self.merged_list(f, kind, pages);
         jsonrpc::result_body(id, result)
     }
 
     /// The result of a list: the pages merged, what was left out logged
     /// and counted, and the gateway's cursor to the rest.
-    fn merged_list(&self, f: Fed<'_>, kind: ListKind, pages: &[(usize, Page)]) -> Value {
+    fn merged_list(&self, f: Fed<'_>, kind: ListKind, mut pages: Vec<(usize, Page)>) -> Value {
         // Only what the caller may use is listed.
         let (item, key) = match kind {
             ListKind::Tools => (Item::Tool, "name"),
@@ -1007,22 +998,21 @@ impl Gateway {
             ListKind::Resources => (Item::Resource, "uri"),
             ListKind::Templates => (Item::Resource, "uriTemplate"),
         };
-        let allowed: Vec<(usize, Page)> = pages
+        for (i, page) in &mut pages {
+            let policy = &f.fed.members[*i].route.policy;
+            if !policy.is_open() {
+                page.items.retain(|it| {
+                    it.get(key)
+                        .and_then(Value::as_str)
+                        .is_some_and(|own| policy.decide(f.identity, item, own).allowed)
+                });
+            }
+        }
+        let next: BTreeMap<String, String> = pages
             .iter()
-            .map(|(i, page)| {
-                let policy = &f.fed.members[*i].route.policy;
-                let mut page = page.clone();
-                if !policy.is_open() {
-                    page.items.retain(|it| {
-                        it.get(key)
-                            .and_then(Value::as_str)
-                            .is_some_and(|own| policy.decide(f.identity, item, own).allowed)
-                    });
-                }
-                (*i, page)
-            })
+            .filter_map(|(i, p)| Some((f.fed.members[*i].name.to_string(), p.next.clone()?)))
             .collect();
-        let merged = federation::merge(&f.naming(), kind, &allowed);
+        let merged = federation::merge(&f.fed.naming, kind, pages);
         for dropped in &merged.dropped {
             let (server, name, why) = match dropped {
                 Dropped::Clash { server, name } => (*server, name, "clash"),
@@ -1035,10 +1025,6 @@ impl Gateway {
                 .with_label_values(&[&f.fed.name, &member.name, why])
                 .inc();
         }
-        let next: BTreeMap<String, String> = pages
-            .iter()
-            .filter_map(|(i, p)| Some((f.fed.members[*i].name.to_string(), p.next.clone()?)))
-            .collect();
         let mut result = json!({ kind.field(): merged.items });
         if let Some(cursor) = federation::encode_cursor(&next) {
             result["nextCursor"] = Value::String(cursor);
@@ -1347,23 +1333,14 @@ impl Gateway {
             dashmap::Entry::Occupied(_) => return,
             dashmap::Entry::Vacant(v) => v.insert(CancellationToken::new()).clone(),
         };
+        let owned = f.owned();
         for i in 0..f.fed.members.len() {
-            let (this, fed, identity, req) = (
-                self.clone(),
-                f.fed.clone(),
-                f.identity.clone(),
-                f.req.clone(),
-            );
+            let (this, owned) = (self.clone(), owned.clone());
             let (session, token) = (session.id.clone(), token.clone());
             tokio::spawn(async move {
-                let f = Fed {
-                    fed: &fed,
-                    identity: &identity,
-                    req: &req,
-                };
                 tokio::select! {
                     _ = token.cancelled() => {}
-                    _ = this.feed(f, &session, i) => {}
+                    _ = this.feed(owned.fed(), &session, i) => {}
                 }
             });
         }

@@ -90,13 +90,18 @@ impl Gateway {
                 self.fan_in(move |tx| async move {
                     let mut ended = (Outcome::Cancelled, None);
                     while let Ok(Some(message)) = reader.next_message().await {
-                        if matches!(
+                        // Only the response can carry a requestState; the
+                        // progress before it passes as it is.
+                        let is_response = matches!(
                             jsonrpc::parse_message(&message).map(|m| m.kind),
                             Ok(Kind::Response { .. })
-                        ) {
+                        );
+                        let out = if is_response {
                             ended = Outcome::of_response(&message);
-                        }
-                        let out = scope_state(&server, &message).unwrap_or(message);
+                            scope_state(&server, &message).unwrap_or(message)
+                        } else {
+                            message
+                        };
                         if tx.send(sse_frame(None, None, &out)).await.is_err() {
                             break;
                         }
@@ -132,7 +137,7 @@ impl Gateway {
                 } else {
                     "prompt"
                 };
-                let (i, own) = f.naming().route(&full).ok_or_else(|| {
+                let (i, own) = f.fed.naming.route(&full).ok_or_else(|| {
                     bad(format!("unknown {what} '{}'", jsonrpc::clip(&full, 128)))
                 })?;
                 let own = own.to_owned();
@@ -154,7 +159,7 @@ impl Gateway {
                     .map(str::to_owned);
                 match name {
                     Some(full) => {
-                        let (i, own) = f.naming().route(&full).ok_or_else(|| {
+                        let (i, own) = f.fed.naming.route(&full).ok_or_else(|| {
                             bad(format!("unknown prompt '{}'", jsonrpc::clip(&full, 128)))
                         })?;
                         reference["name"] = Value::String(own.to_owned());
@@ -215,16 +220,7 @@ impl Gateway {
         body: Bytes,
         name: Option<&str>,
     ) -> Result<Response, Reject> {
-        if self.federations.down.contains_key(&member.route.key) {
-            return Err(Reject::new(
-                StatusCode::BAD_GATEWAY,
-                code::UPSTREAM_ERROR,
-                format!(
-                    "server '{}' of org '{}' is unavailable: it does not answer",
-                    member.name, f.fed.name
-                ),
-            ));
-        }
+        self.check_up(f.fed, member)?;
         let mut req =
             self.member_request(f, member, Method::POST, None, Some(MODERN_VERSION), body);
         if let Some(name) = name
@@ -357,7 +353,7 @@ impl Gateway {
             .iter()
             .filter_map(|(i, r)| Some((*i, Page::of_result(kind, r)?)))
             .collect();
-        let mut result = self.merged_list(f, kind, &pages);
+        let mut result = self.merged_list(f, kind, pages);
         result["resultType"] = Value::from("complete");
         // Lists are merged per caller (and filtered per caller once
         // policies apply): not for shared caches.
@@ -368,15 +364,10 @@ impl Gateway {
 
     /// `subscriptions/listen`: every server's listen stream, in one.
     fn fed_listen(self: &Arc<Self>, f: Fed<'_>, message: &Message) -> Response {
-        let (fed, identity, req) = (f.fed.clone(), f.identity.clone(), f.req.clone());
-        let (this, body) = (self.clone(), message.raw.clone());
+        let (this, owned, body) = (self.clone(), f.owned(), message.raw.clone());
         self.fan_in(move |tx| async move {
-            let f = Fed {
-                fed: &fed,
-                identity: &identity,
-                req: &req,
-            };
-            let listens = fed.members.iter().map(|member| {
+            let f = owned.fed();
+            let listens = f.fed.members.iter().map(|member| {
                 let (tx, body, this) = (tx.clone(), body.clone(), this.clone());
                 async move {
                     let Ok(Response {
@@ -432,6 +423,8 @@ impl ChunkSource for FanIn {
 /// A server's message whose `result.requestState` is scoped to the
 /// server: `None` if it has none.
 fn scope_state(server: &str, message: &[u8]) -> Option<Bytes> {
+    // Most answers have none: no parse for them.
+    memchr::memmem::find(message, b"\"requestState\"")?;
     let mut v: Value = serde_json::from_slice(message).ok()?;
     let state = v.pointer("/result/requestState")?.as_str()?;
     let scoped = format!("{server}:{state}");
