@@ -58,6 +58,8 @@ mod legacy;
 mod lifecycle;
 /// `x-mcp-header` parameters of tool calls.
 mod params;
+/// Tool policies and the audit.
+mod policed;
 /// Where failures become responses.
 mod rejects;
 /// The gateway's own requests to clients, waiting for answers.
@@ -72,6 +74,7 @@ use cluster::Cluster;
 use holding::HoldClient;
 use in_flight::InFlight;
 use lifecycle::{negotiated_version, session_header};
+use policed::{Asker, Refusal};
 pub use rejects::hold_reject;
 use rejects::*;
 use streamable::{json_unless_cancelled, parse_post_body};
@@ -126,7 +129,7 @@ pub struct Gateway {
     /// What federated endpoints keep between requests.
     federations: federated::Federations,
     /// The audit log.
-    pub audit: crate::audit::Audit,
+    pub audit: Arc<crate::audit::Audit>,
     /// With several nodes: the provider logouts Redis keeps for nodes
     /// that were off the bus.
     logouts: Option<LogoutMemory>,
@@ -175,7 +178,8 @@ impl Gateway {
             metrics.audited.clone(),
             metrics.audit_dropped.clone(),
         )
-        .map_err(BuildError::Audit)?;
+        .map_err(BuildError::Audit)
+        .map(Arc::new)?;
         let validator = match &config.identity {
             Some(identity) => Some(ratatosk_auth::Validator::new(
                 identity.clone(),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use ratatosk_auth::Identity;
+use serde_json::Value;
 
 use crate::config::{PolicyRule, PolicyTargets, PolicyWhen};
 
@@ -220,6 +221,65 @@ impl Policy {
     }
 }
 
+/// What a client request uses, as a policy decides on it: the item's kind
+/// and its server's own name for it (a URI for resources). `None` for a
+/// method that uses no item, or one without the field that names it (the
+/// server refuses that itself).
+pub fn target_of<'a>(method: &str, params: Option<&'a Value>) -> Option<(Kind, &'a str)> {
+    let field = |v: &'a Value, name: &str| v.get(name).and_then(Value::as_str);
+    let params = params?;
+    match method {
+        "tools/call" => Some((Kind::Tool, field(params, "name")?)),
+        "prompts/get" => Some((Kind::Prompt, field(params, "name")?)),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+            Some((Kind::Resource, field(params, "uri")?))
+        }
+        "completion/complete" => {
+            let reference = params.get("ref")?;
+            match field(reference, "type")? {
+                "ref/prompt" => Some((Kind::Prompt, field(reference, "name")?)),
+                _ => Some((Kind::Resource, field(reference, "uri")?)),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The lists of a list result, and what names their items.
+const LISTS: [(&str, &str, Kind); 4] = [
+    ("tools", "name", Kind::Tool),
+    ("prompts", "name", Kind::Prompt),
+    ("resources", "uri", Kind::Resource),
+    ("resourceTemplates", "uriTemplate", Kind::Resource),
+];
+
+impl Policy {
+    /// A list response (`tools/list` and the like) with only the items
+    /// `identity` may see; `None` when it needs no change (or is not a
+    /// list result).
+    pub fn filter_list(&self, identity: &Identity, response: &[u8]) -> Option<Vec<u8>> {
+        if self.is_open() {
+            return None;
+        }
+        let mut message: Value = serde_json::from_slice(response).ok()?;
+        let result = message.get_mut("result")?.as_object_mut()?;
+        let mut changed = false;
+        for (list, key, kind) in LISTS {
+            let Some(Value::Array(items)) = result.get_mut(list) else {
+                continue;
+            };
+            let before = items.len();
+            items.retain(|item| {
+                item.get(key)
+                    .and_then(Value::as_str)
+                    .is_some_and(|own| self.decide(identity, kind, own).allowed)
+            });
+            changed |= items.len() != before;
+        }
+        changed.then(|| serde_json::to_vec(&message).unwrap_or_default())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +376,80 @@ mod tests {
             open.decide(&who(&[], &[], &[]), Kind::Tool, "anything")
                 .allowed
         );
+    }
+
+    #[test]
+    fn requests_name_what_they_use() {
+        let cases = [
+            ("tools/call", r#"{"name":"add"}"#, Some((Kind::Tool, "add"))),
+            ("prompts/get", r#"{"name":"p"}"#, Some((Kind::Prompt, "p"))),
+            (
+                "resources/read",
+                r#"{"uri":"file:///a"}"#,
+                Some((Kind::Resource, "file:///a")),
+            ),
+            (
+                "resources/subscribe",
+                r#"{"uri":"u"}"#,
+                Some((Kind::Resource, "u")),
+            ),
+            (
+                "completion/complete",
+                r#"{"ref":{"type":"ref/prompt","name":"p"}}"#,
+                Some((Kind::Prompt, "p")),
+            ),
+            (
+                "completion/complete",
+                r#"{"ref":{"type":"ref/resource","uri":"t://{x}"}}"#,
+                Some((Kind::Resource, "t://{x}")),
+            ),
+            ("tools/call", r#"{"arguments":{}}"#, None),
+            ("tools/list", r#"{}"#, None),
+        ];
+        for (method, params, want) in cases {
+            let params: Value = serde_json::from_str(params).expect("json");
+            assert_eq!(target_of(method, Some(&params)), want, "{method} {params}");
+        }
+    }
+
+    #[test]
+    fn lists_keep_only_what_the_caller_may_see() {
+        let rules = rules(RULES);
+        let p = Policy::new("fs", "__", &rules).expect("policy");
+        let alice = who(&["mcp-reader"], &[], &[]);
+        let list = br#"{"jsonrpc":"2.0","id":3,"result":{"tools":[{"name":"read_a"},{"name":"write"},{"name":"list"}],"nextCursor":"c"}}"#;
+        let shown: Value =
+            serde_json::from_slice(&p.filter_list(&alice, list).expect("filtered")).expect("json");
+        assert_eq!(
+            shown,
+            serde_json::json!({"jsonrpc":"2.0","id":3,"result":{"tools":[{"name":"read_a"},{"name":"list"}],"nextCursor":"c"}})
+        );
+        let resources = br#"{"jsonrpc":"2.0","id":4,"result":{"resources":[{"uri":"file:///docs/x"},{"uri":"file:///etc/x"}]}}"#;
+        let shown: Value =
+            serde_json::from_slice(&p.filter_list(&alice, resources).expect("filtered"))
+                .expect("json");
+        assert_eq!(
+            shown["result"]["resources"],
+            serde_json::json!([{"uri":"file:///docs/x"}])
+        );
+        // Nothing to hide, not a list, an open policy: unchanged.
+        let carol = who(&[], &["admins"], &[]);
+        assert_eq!(
+            p.filter_list(
+                &carol,
+                br#"{"jsonrpc":"2.0","id":3,"result":{"tools":[{"name":"write"}]}}"#
+            ),
+            None
+        );
+        assert_eq!(
+            p.filter_list(
+                &alice,
+                br#"{"jsonrpc":"2.0","id":3,"result":{"content":[]}}"#
+            ),
+            None
+        );
+        let open = Policy::new("fs", "__", &[]).expect("policy");
+        assert_eq!(open.filter_list(&alice, list), None);
     }
 
     #[test]

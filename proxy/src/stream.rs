@@ -26,6 +26,7 @@ use crate::edge::ChunkSource;
 use tokio::sync::Notify;
 
 pub mod shared;
+pub mod watch;
 
 use shared::SharedEvents;
 
@@ -401,6 +402,8 @@ pub struct SessionLog {
     used: std::sync::atomic::AtomicU64,
     /// Background tasks of this node that write to the log (see [`Kept`]).
     kept: AtomicUsize,
+    /// Requests whose responses something waits on (see [`watch`]).
+    pub watches: watch::Watches,
 }
 
 /// A mirror's way to the shared log.
@@ -475,6 +478,7 @@ impl SessionLog {
             shared,
             used: std::sync::atomic::AtomicU64::new(0),
             kept: AtomicUsize::new(0),
+            watches: watch::Watches::default(),
             limits: LogLimits {
                 max_events: limits.max_events.max(1),
                 max_bytes: limits.max_bytes,
@@ -549,6 +553,8 @@ impl SessionLog {
     /// Appends one JSON-RPC message to a stream and wakes its reader. A
     /// mirror sends it to the shared log instead, and gets it back in order.
     pub fn append(&self, stream: StreamId, payload: &[u8]) -> Result<(), Closed> {
+        let shown = self.watches.answered(payload);
+        let payload = shown.as_deref().unwrap_or(payload);
         let Some(link) = &self.shared else {
             return self.append_local(stream, payload).map(|_| ());
         };

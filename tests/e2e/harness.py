@@ -689,9 +689,9 @@ async def streamable_session(url: str, headers: dict | None = None, **callbacks)
 
 
 @asynccontextmanager
-async def legacy_session(url: str, **callbacks):
+async def legacy_session(url: str, headers: dict | None = None, **callbacks):
     """An initialized ClientSession over HTTP+SSE of 2024-11-05 (sse_client)."""
-    async with sse_client(url, timeout=10.0, sse_read_timeout=60.0) as (read, write):
+    async with sse_client(url, headers=headers, timeout=10.0, sse_read_timeout=60.0) as (read, write):
         async with ClientSession(read, write, read_timeout_seconds=30,
                                  client_info=types.Implementation(name="e2e-legacy", version="1"),
                                  **callbacks) as session:

@@ -18,8 +18,10 @@ import uuid
 import httpx2
 import pytest
 
+from mcp.shared.exceptions import MCPError
+
 from conftest import identity_config
-from harness import KC_GATEWAY_SECRET, Gateway, post, running, wait_until
+from harness import KC_GATEWAY_SECRET, Gateway, legacy_session, post, running, streamable_session, wait_until
 
 RULES = [
     {"name": "readers", "when": {"realm_roles": ["mcp-reader"]},
@@ -161,3 +163,30 @@ def test_a_scope_that_would_allow_a_tool_gets_403_insufficient_scope(policy_gate
     challenge = r.headers["www-authenticate"]
     assert 'error="insufficient_scope"' in challenge and "mcp:tools" in challenge, challenge
     assert r.json()["error"]["message"] == "tool 'pm__add' needs scope mcp:tools in org 'pol-1'"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("era", ["streamable-2025", "sse-2024"])
+async def test_a_servers_own_endpoint_applies_the_same_policy(policy_gateway, keycloak, replicas, era):
+    """At `{org}/py/mcp` (and `/sse`) the server's tools keep their own names,
+    and the org's rules (written for the prefixed names) still decide: the
+    official SDK clients see alice's tools only, and a denied call never
+    reaches a replica, and is audited with the server's name."""
+    auth = {"Authorization": f"Bearer {keycloak.token('alice')}"}
+    opened = (streamable_session(policy_gateway.url("pol-1/py"), headers=auth) if era == "streamable-2025"
+              else legacy_session(policy_gateway.url("pol-1/py", "sse"), headers=auth))
+    before = len(audit_lines(policy_gateway, 0))
+    tag = f"denied-{uuid.uuid4().hex[:8]}"
+    async with opened as s:
+        assert {t.name for t in (await s.list_tools()).tools} == {"add", "slow_count"}
+        assert (await s.call_tool("add", {"a": 2, "b": 5})).content[0].text == "7"
+        with pytest.raises(MCPError) as refused:
+            await s.call_tool("sleep_then_return", {"seconds": 0, "tag": tag})
+        assert refused.value.error.code == -32602
+        assert refused.value.error.message == \
+            "tool 'py__sleep_then_return' is not allowed to this caller by the policy of org 'pol-1'"
+    events = [e for r in replicas for e in r.events()]
+    assert not any(e["tag"] == tag for e in events), "a denied call reached the server"
+    lines = audit_lines(policy_gateway, before + 2)[before:]
+    assert [(x["server"], x["tool"], x["outcome"]) for x in lines] == \
+        [("py", "py__add", "result"), ("py", "py__sleep_then_return", "denied")], lines

@@ -24,6 +24,10 @@ pub(super) struct Call<'a> {
     pub(super) headers: &'a HeaderMap,
     /// For logs, and the upstream's `X-Request-Id`.
     pub(super) request_id: &'a str,
+    /// Whether the server's policy and the audit apply: a client's request
+    /// at the server's endpoint, not a federated session's (the federated
+    /// endpoint did both).
+    pub(super) policed: bool,
 }
 
 impl<'a> Call<'a> {
@@ -37,6 +41,7 @@ impl<'a> Call<'a> {
             identity,
             headers: &req.headers,
             request_id: &req.request_id,
+            policed: true,
         }
     }
 
@@ -84,6 +89,7 @@ impl<'a> Call<'a> {
             identity: self.identity.clone(),
             headers: self.headers.clone(),
             request_id: self.request_id.to_owned(),
+            policed: self.policed,
         }
     }
 }
@@ -94,6 +100,7 @@ pub(super) struct Detached {
     identity: Arc<Identity>,
     headers: HeaderMap,
     request_id: String,
+    policed: bool,
 }
 
 impl Detached {
@@ -103,6 +110,7 @@ impl Detached {
             identity: &self.identity,
             headers: &self.headers,
             request_id: &self.request_id,
+            policed: self.policed,
         }
     }
 }

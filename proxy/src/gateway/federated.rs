@@ -56,14 +56,6 @@ struct Fed<'a> {
     req: &'a Request,
 }
 
-/// Why the policy refused a request.
-enum Refusal {
-    /// A JSON-RPC error, as any failed call gets.
-    Denied(Bytes),
-    /// 403 `insufficient_scope`: a scope would allow it.
-    StepUp(Reject),
-}
-
 /// What a server answered to one request.
 enum Answer {
     Json(Bytes),
@@ -559,7 +551,10 @@ impl Gateway {
         member: &Member,
         req: &Request,
     ) -> Result<Response, Reject> {
-        let call = Call::new(&member.route, f.identity, req);
+        let call = Call {
+            policed: false,
+            ..Call::new(&member.route, f.identity, req)
+        };
         let mut label = Label {
             org: None,
             method: "federated",
@@ -821,11 +816,11 @@ impl Gateway {
                 );
             }
         };
-        let audited = matches!(method, "tools/call" | "prompts/get" | "resources/read");
+        let audited = policed::audited(method);
         let mut entry = None;
         if let (Some(i), Some((kind, own))) = (target, &check) {
             let call = audited.then(|| (method, message.get("params")));
-            match self.permit(f, i, *kind, own, id, call) {
+            match self.permit_member(f, i, *kind, own, id, call) {
                 Ok(e) => entry = e,
                 Err(Refusal::Denied(body)) => return Answer::Json(body),
                 Err(Refusal::StepUp(reject)) => return Answer::Refused(reject),
@@ -862,17 +857,8 @@ impl Gateway {
         answer
     }
 
-    /// Whether the caller may use server `i`'s `own` item of `kind`: the
-    /// rule that allowed it, or the refusal. A denied item is refused as
-    /// forbidden, not as unknown: the lists already hide it, so only a
-    /// caller who knows its name asks, and the error says why. Where a
-    /// scope would allow it, the refusal is 403 `insufficient_scope` with
-    /// that scope, so that clients can step up.
-    ///
-    /// A `tools/call`, `prompts/get` or `resources/read` (`audited`: its
-    /// method and params) is audited: a refusal here, an allowed call by
-    /// the entry returned, which its answer ends.
-    fn permit(
+    /// [`Gateway::permit`] for server `i`'s `own` item of `kind`.
+    fn permit_member(
         &self,
         f: Fed<'_>,
         i: usize,
@@ -882,52 +868,14 @@ impl Gateway {
         audited: Option<(&str, Option<&Value>)>,
     ) -> Result<Option<Box<Entry>>, Refusal> {
         let member = &f.fed.members[i];
-        let decision = member.route.policy.decide(f.identity, kind, own);
-        let shown = member.route.policy.shown(kind, own);
-        let entry = audited.map(|(method, params)| {
-            Box::new(Entry {
-                started: std::time::Instant::now(),
-                time: std::time::SystemTime::now(),
-                request_id: f.req.request_id.clone(),
-                org: f.fed.name.to_string(),
-                server: Some(member.name.to_string()),
-                subject: f.identity.subject.clone(),
-                username: f.identity.username.clone(),
-                client: f.identity.client_id.clone(),
-                method: method.to_owned(),
-                target: shown.clone(),
-                allowed: decision.allowed,
-                rule: decision.rule.as_deref().map(str::to_owned),
-                arguments: self.audit.arguments_of(params),
-            })
-        });
-        if decision.allowed {
-            return Ok(entry);
-        }
-        if let Some(entry) = &entry {
-            self.audit.record(entry, Outcome::Denied, None);
-        }
-        if !decision.step_up.is_empty() {
-            return Err(Refusal::StepUp(
-                self.step_up_reject(f.fed, &decision.step_up, kind.as_str(), &shown)
-                    .with_id(id),
-            ));
-        }
-        let why = match &decision.rule {
-            Some(rule) => format!("rule '{rule}'"),
-            None => "no rule allows it".to_owned(),
+        let who = Asker {
+            front: f.fed,
+            server: Some(&member.name),
+            policy: &member.route.policy,
+            identity: f.identity,
+            request_id: &f.req.request_id,
         };
-        tracing::info!(org = %f.fed.name, server = %member.name, subject = %f.identity.subject, "{} '{shown}' denied: {why}", kind.as_str());
-        Err(Refusal::Denied(jsonrpc::error_body(
-            id,
-            code::INVALID_PARAMS,
-            &format!(
-                "{} '{}' is not allowed to this caller by the policy of org '{}'",
-                kind.as_str(),
-                jsonrpc::clip(&shown, 128),
-                f.fed.name
-            ),
-        )))
+        self.permit(who, kind, own, id, audited)
     }
 
     /// The server that owns resource (or resource template) `uri`, as the

@@ -168,6 +168,19 @@ impl Gateway {
             let _ = self.append(log, STANDALONE, &answer, org);
             return;
         }
+        let (method, id) = (message.method().unwrap_or_default(), message.request_id());
+        match self.police(call, method, id, || message.params()) {
+            Ok(None) => {}
+            Ok(Some(watch)) => {
+                if let Some(id) = id {
+                    log.watches.watch(id.clone(), watch);
+                }
+            }
+            Err(refusal) => {
+                let _ = self.append(log, STANDALONE, &refusal.body(), org);
+                return;
+            }
+        }
         // Re-read: initialize may have recorded the negotiated version.
         let current = match self.store.lookup(&session.id).await {
             Ok(Some(s)) => s,

@@ -85,12 +85,18 @@ impl Gateway {
         if requests.is_empty() {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         }
+        if let Err(refusal) = self.police_all(call, &log, &requests) {
+            return refusal.into_response();
+        }
         if let [only] = requests.as_slice()
             && let Some(answer) = self.answer_locally(call.org, &session, only).await
         {
             return answer.map(|body| Response::json(StatusCode::OK, body));
         }
-        self.forward_streamable(call, session, log, requests).await
+        let answer = self
+            .forward_streamable(call, session, log.clone(), requests)
+            .await;
+        policed::settled(&log.watches, answer)
     }
 
     /// The `initialize` of a POST, checked: a request of its own. A POST
@@ -552,6 +558,7 @@ impl Gateway {
                 .and_then(|p| p.get("requestId").cloned())
                 .and_then(|v| Id::from_value(&v));
             if let Some(target) = target {
+                log.watches.unwatch(&target);
                 if self.cancel_in_flight(session.id.clone(), target.clone()) {
                     tracing::debug!(session = %short(&session.id), "request cancelled by the client");
                 } else if self

@@ -11,6 +11,7 @@ use super::background::{Feed, Next, Opened};
 use super::hidden::{Asked, Park};
 use super::*;
 use crate::config::Era;
+use crate::edge::ResponseBody;
 use crate::era::{self, errors};
 use crate::stream::KEEPALIVE;
 use crate::upstream::AnswerReader;
@@ -86,10 +87,29 @@ impl Gateway {
         let Some((_, id, request)) = checked_modern(call.headers, message, params)? else {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
-        match self.upstream_era(call.org, Some(id)).await? {
-            Era::Modern => self.modern_to_modern(call, message).await,
-            _ => self.modern_to_legacy(call, id, request).await,
+        let watches = crate::stream::watch::Watches::default();
+        let params = || Some(Value::Object(request.params.clone()));
+        match self.police(call, &request.method, Some(id), params) {
+            Ok(Some(watch)) => watches.watch(id.clone(), watch),
+            Ok(None) => {}
+            Err(refusal) => return refusal.into_response(),
         }
+        let answer = match self.upstream_era(call.org, Some(id)).await {
+            Ok(Era::Modern) => self.modern_to_modern(call, message).await,
+            Ok(_) => self.modern_to_legacy(call, id, request).await,
+            Err(reject) => Err(reject),
+        };
+        if watches.is_empty() {
+            return answer;
+        }
+        let mut answer = policed::settled(&watches, answer)?;
+        answer.body = match std::mem::replace(&mut answer.body, ResponseBody::Empty) {
+            ResponseBody::Stream(inner) if !watches.is_empty() => {
+                ResponseBody::Stream(Box::new(policed::WatchedStream::new(inner, watches)))
+            }
+            body => body,
+        };
+        Ok(answer)
     }
 
     /// Pass-through, plus auth and routing: the client's modern headers go

@@ -58,12 +58,10 @@ impl Gateway {
             .map_err(|r| r.with_id(Some(id)))?;
         let mut entry = None;
         if let Some((kind, own)) = check {
-            let audited = matches!(method, "tools/call" | "prompts/get" | "resources/read")
-                .then(|| (method, body.get("params")));
-            match self.permit(f, i, kind, &own, Some(id), audited) {
+            let audited = policed::audited(method).then(|| (method, body.get("params")));
+            match self.permit_member(f, i, kind, &own, Some(id), audited) {
                 Ok(e) => entry = e,
-                Err(Refusal::Denied(body)) => return Ok(Response::json(StatusCode::OK, body)),
-                Err(Refusal::StepUp(reject)) => return Err(reject),
+                Err(refusal) => return refusal.into_response(),
             }
         }
         let member = &f.fed.members[i];
