@@ -116,6 +116,15 @@ pub struct ForwardOrg {
     pub mode: Option<AuthMode>,
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// The org's tool policy, as the gateway's `orgs.<org>.policy` (names
+    /// without a prefix). It decides the requests that name what they use
+    /// in headers, as 2026-07-28 clients do (`Mcp-Method`, `Mcp-Name`):
+    /// the proxy passes the client's headers to the check, and a modern
+    /// server refuses a body that does not match them. Earlier eras name
+    /// the tool only in the body, which a check never sees: put the
+    /// gateway in front to enforce a policy on them.
+    #[serde(default)]
+    pub policy: Vec<crate::policy::PolicyRule>,
 }
 
 fn default_mode() -> AuthMode {
@@ -156,6 +165,20 @@ impl ForwardConfig {
                 out.push(format!(
                     "orgs.{name}.mode: `none` makes no sense for a check service"
                 ));
+            }
+            for (i, rule) in org.policy.iter().enumerate() {
+                for (which, targets) in [("allow", &rule.allow), ("deny", &rule.deny)] {
+                    for (field, globs) in targets.lists() {
+                        for (j, glob) in globs.iter().enumerate() {
+                            if let Err(e) = globset::Glob::new(glob) {
+                                out.push(format!(
+                                    "orgs.{name}.policy[{i}].{which}.{field}[{j}]: not a glob: {}",
+                                    e.kind()
+                                ));
+                            }
+                        }
+                    }
+                }
             }
         }
         match self.org_from {
@@ -231,6 +254,8 @@ pub struct ForwardAuth {
     refused_connections: LogEvery,
     refused_checks: LogEvery,
     unavailable: LogEvery,
+    /// Each org's tool policy.
+    policies: BTreeMap<String, crate::policy::Policy>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -240,8 +265,16 @@ impl ForwardAuth {
         let registry = Registry::new_custom(Some("ratatosk".into()), None)?;
         let validator = Validator::new(config.identity.clone(), &registry)?;
         let metrics = ListenerMetrics::register(&registry)?;
+        let mut policies = BTreeMap::new();
+        for (name, org) in &config.orgs {
+            let policy = crate::policy::Policy::new("", "__", &org.policy).map_err(|e| {
+                crate::validator::BuildError::Config(format!("orgs.{name}.policy: {e}"))
+            })?;
+            policies.insert(name.clone(), policy);
+        }
         Ok(Arc::new(ForwardAuth {
             config,
+            policies,
             validator,
             registry,
             metrics,
@@ -485,6 +518,9 @@ impl ForwardAuth {
             .await;
         match result {
             Ok(identity) => {
+                if let Some(refused) = self.police(req, &org_name, org, endpoint, &identity) {
+                    return refused;
+                }
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::OK;
                 let h = r.headers_mut();
@@ -538,6 +574,69 @@ impl ForwardAuth {
                 r
             }
         }
+    }
+
+    /// A request the org's policy refuses, by what its `Mcp-Method` and
+    /// `Mcp-Name` headers say it uses: 403, with an `insufficient_scope`
+    /// challenge where a scope would allow it.
+    fn police(
+        &self,
+        req: &Request<Incoming>,
+        org_name: &str,
+        org: &ForwardOrg,
+        endpoint: Endpoint,
+        identity: &crate::Identity,
+    ) -> Option<Answer> {
+        use crate::policy::Kind;
+        let policy = self.policies.get(org_name)?;
+        if policy.is_open() {
+            return None;
+        }
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let kind = match header("mcp-method")? {
+            "tools/call" => Kind::Tool,
+            "prompts/get" => Kind::Prompt,
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Kind::Resource,
+            _ => return None,
+        };
+        let Some(name) = header("mcp-name") else {
+            return Some(json_answer(
+                StatusCode::FORBIDDEN,
+                json!({"error": "forbidden", "error_description": "the org has a tool policy, and this request names no Mcp-Name"}),
+            ));
+        };
+        let decision = policy.decide(identity, kind, name);
+        if decision.allowed {
+            return None;
+        }
+        let shown = untrusted(name, SHOWN_CHARS);
+        tracing::info!(org = %org_name, subject = %identity.subject, "{} '{shown}' denied by the policy", kind.as_str());
+        if decision.step_up.is_empty() {
+            return Some(json_answer(
+                StatusCode::FORBIDDEN,
+                json!({"error": "forbidden", "error_description": format!("{} '{shown}' is not allowed to this caller by the policy of org '{org_name}'", kind.as_str())}),
+            ));
+        }
+        let e = AuthError::InsufficientScope {
+            scope: decision.step_up.join(" "),
+        };
+        let metadata_url = format!(
+            "{}{}",
+            self.config.public_url.trim_end_matches('/'),
+            metadata_path(&Self::resource_path(org_name, endpoint))
+        );
+        let mut scopes = self.config.identity.advertised_scopes(&org.scopes);
+        scopes.extend(decision.step_up.iter().cloned());
+        let mut r = json_answer(
+            StatusCode::FORBIDDEN,
+            json!({"error": "insufficient_scope", "error_description": format!("{} '{shown}' needs scope {} in org '{org_name}'", kind.as_str(), decision.step_up.join(" or "))}),
+        );
+        if let Some(challenge) = challenge(&metadata_url, &scopes, &e)
+            && let Ok(v) = HeaderValue::from_str(&challenge)
+        {
+            r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        }
+        Some(r)
     }
 
     fn log_refused_check(&self, why: &str) {
@@ -979,6 +1078,65 @@ mod tests {
                 assert!(description(twice).await.contains("more than once"));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_orgs_policy_decides_what_the_mcp_headers_name() {
+        let idp = FakeIdp::start().await;
+        let rules = "- {name: readers, when: {realm_roles: [reader]}, allow: {tools: [add]}}\n\
+                     - {name: writers, when: {scopes: [\"mcp:write\"]}, allow: {tools: [write]}}\n";
+        let (_server, addr) = start(&idp, OrgSource::Nginx, |c| {
+            let org = c.orgs.get_mut("org-1").expect("org-1");
+            org.policy = yaml_serde::from_str(rules).expect("rules");
+        })
+        .await;
+        let token = idp.token(serde_json::json!({"realm_access": {"roles": ["reader"]}, "organization": ["org-1", "org-2"]}));
+        let check = |extra: &'static [(&'static str, &'static str)]| {
+            let token = token.clone();
+            async move {
+                let mut headers = vec![("x-original-uri", "/org-1/mcp")];
+                headers.extend_from_slice(extra);
+                ask(addr, "/check", &token, &headers).await
+            }
+        };
+        // What names nothing (initialize, a list, an earlier era's call)
+        // and what the policy allows pass.
+        assert_eq!(check(&[]).await.status(), 200);
+        assert_eq!(check(&[("mcp-method", "tools/list")]).await.status(), 200);
+        let ok = check(&[("mcp-method", "tools/call"), ("mcp-name", "add")]).await;
+        assert_eq!(ok.status(), 200);
+        let denied = check(&[("mcp-method", "tools/call"), ("mcp-name", "delete")]).await;
+        assert_eq!(denied.status(), 403);
+        assert_eq!(
+            description(denied).await,
+            "tool 'delete' is not allowed to this caller by the policy of org 'org-1'"
+        );
+        let step_up = check(&[("mcp-method", "tools/call"), ("mcp-name", "write")]).await;
+        assert_eq!(step_up.status(), 403);
+        let challenge = step_up.headers()["www-authenticate"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        assert!(
+            challenge.contains("insufficient_scope") && challenge.contains("mcp:write"),
+            "{challenge}"
+        );
+        let unnamed = check(&[("mcp-method", "tools/call")]).await;
+        assert_eq!(unnamed.status(), 403);
+        assert!(description(unnamed).await.contains("names no Mcp-Name"));
+        // Another org has no rules.
+        let other = ask(
+            addr,
+            "/check",
+            &token,
+            &[
+                ("x-original-uri", "/org-2/mcp"),
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "delete"),
+            ],
+        )
+        .await;
+        assert_eq!(other.status(), 200);
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ pub mod forward;
 pub mod logout;
 pub mod metadata;
 pub mod metrics;
+pub mod policy;
 pub mod provider;
 pub mod ratelog;
 pub mod throttle;

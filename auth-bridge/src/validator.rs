@@ -626,6 +626,8 @@ pub enum BuildError {
     Metrics(#[from] prometheus::Error),
     #[error("cannot build the HTTP client for the identity provider: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Seconds since the epoch, for claims in tests and tools.

@@ -5,6 +5,7 @@
 //! below (unknown fields are errors) and check the rules serde cannot express.
 //! Every error names the file, the field path and what was expected.
 
+pub use ratatosk_auth::policy::{PolicyRule, PolicyTargets, PolicyWhen};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -361,71 +362,6 @@ pub struct OrgConfig {
     /// and scopes. With rules, what no rule allows is denied.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
-}
-
-/// One rule of a tool policy (`orgs.<org>.policy[i]`, or a server's).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyRule {
-    /// Names the rule in the audit log; unique in its org.
-    pub name: String,
-    /// Whom the rule is for; everyone without it.
-    #[serde(default)]
-    pub when: PolicyWhen,
-    /// What the rule allows.
-    #[serde(default)]
-    pub allow: PolicyTargets,
-    /// What the rule denies (a denial wins over any allowance).
-    #[serde(default)]
-    pub deny: PolicyTargets,
-}
-
-/// Identity facts a rule asks for: every field given must hold, by any
-/// one of its values.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyWhen {
-    /// Keycloak realm roles (`realm_access.roles`).
-    #[serde(default)]
-    pub realm_roles: Vec<String>,
-    /// Keycloak client roles by client (`resource_access.<client>.roles`).
-    #[serde(default)]
-    pub client_roles: BTreeMap<String, Vec<String>>,
-    /// Groups (the `groups` claim; `admins` matches `/admins` too).
-    #[serde(default)]
-    pub groups: Vec<String>,
-    /// Scopes of the token.
-    #[serde(default)]
-    pub scopes: Vec<String>,
-}
-
-/// Globs (`*`, `?`, `[...]`) on what the federated endpoint shows: tool
-/// and prompt names with their prefix (`fs__read_*`), resource URIs and
-/// URI templates (`file:///docs/*`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyTargets {
-    #[serde(default)]
-    pub tools: Vec<String>,
-    #[serde(default)]
-    pub prompts: Vec<String>,
-    #[serde(default)]
-    pub resources: Vec<String>,
-}
-
-impl PolicyTargets {
-    pub fn is_empty(&self) -> bool {
-        self.tools.is_empty() && self.prompts.is_empty() && self.resources.is_empty()
-    }
-
-    /// Each list with its field name.
-    pub fn lists(&self) -> [(&'static str, &[String]); 3] {
-        [
-            ("tools", &self.tools),
-            ("prompts", &self.prompts),
-            ("resources", &self.resources),
-        ]
-    }
 }
 
 /// One of an org's servers (`orgs.<org>.servers.<name>`).
@@ -1027,7 +963,7 @@ impl OrgConfig {
             .enumerate()
             .map(|(i, r)| (format!("policy[{i}]"), r));
         for (path, rule) in org_rules.chain(server_rules) {
-            rule.problems(&path, &mut names, at);
+            rule_problems(rule, &path, &mut names, at);
         }
     }
 
@@ -1087,38 +1023,41 @@ impl OrgConfig {
     }
 }
 
-impl PolicyRule {
-    /// A rule's fields; `names` are the rule names of the org so far.
-    fn problems(&self, path: &str, names: &mut BTreeMap<String, String>, at: &mut Section) {
-        if self.name.is_empty() || self.name.len() > 64 || self.name.contains(char::is_whitespace) {
-            at.bad(
-                &format!("{path}.name"),
-                "expected a name of 1 to 64 characters without spaces",
-            );
-        } else if let Some(first) = names.insert(self.name.clone(), path.to_owned()) {
-            at.bad(
-                &format!("{path}.name"),
-                format!(
-                    "rule name `{}` is also the name of {first}; each rule needs its own",
-                    self.name
-                ),
-            );
-        }
-        if self.allow.is_empty() && self.deny.is_empty() {
-            at.bad(
-                path,
-                "a rule needs `allow` or `deny` (tools, prompts or resources)",
-            );
-        }
-        for (which, targets) in [("allow", &self.allow), ("deny", &self.deny)] {
-            for (field, globs) in targets.lists() {
-                for (i, glob) in globs.iter().enumerate() {
-                    if let Err(e) = globset::Glob::new(glob) {
-                        at.bad(
-                            &format!("{path}.{which}.{field}[{i}]"),
-                            format!("not a glob: {}", e.kind()),
-                        );
-                    }
+/// A policy rule's problems; `names` are the rule names of the org so far.
+fn rule_problems(
+    rule: &PolicyRule,
+    path: &str,
+    names: &mut BTreeMap<String, String>,
+    at: &mut Section,
+) {
+    if rule.name.is_empty() || rule.name.len() > 64 || rule.name.contains(char::is_whitespace) {
+        at.bad(
+            &format!("{path}.name"),
+            "expected a name of 1 to 64 characters without spaces",
+        );
+    } else if let Some(first) = names.insert(rule.name.clone(), path.to_owned()) {
+        at.bad(
+            &format!("{path}.name"),
+            format!(
+                "rule name `{}` is also the name of {first}; each rule needs its own",
+                rule.name
+            ),
+        );
+    }
+    if rule.allow.is_empty() && rule.deny.is_empty() {
+        at.bad(
+            path,
+            "a rule needs `allow` or `deny` (tools, prompts or resources)",
+        );
+    }
+    for (which, targets) in [("allow", &rule.allow), ("deny", &rule.deny)] {
+        for (field, globs) in targets.lists() {
+            for (i, glob) in globs.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(glob) {
+                    at.bad(
+                        &format!("{path}.{which}.{field}[{i}]"),
+                        format!("not a glob: {}", e.kind()),
+                    );
                 }
             }
         }

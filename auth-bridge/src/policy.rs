@@ -10,11 +10,78 @@
 
 use std::sync::Arc;
 
+use crate::Identity;
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use ratatosk_auth::Identity;
 use serde_json::Value;
 
-use crate::config::{PolicyRule, PolicyTargets, PolicyWhen};
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// One rule of a tool policy (`orgs.<org>.policy[i]`, or a server's).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Names the rule in the audit log; unique in its org.
+    pub name: String,
+    /// Whom the rule is for; everyone without it.
+    #[serde(default)]
+    pub when: PolicyWhen,
+    /// What the rule allows.
+    #[serde(default)]
+    pub allow: PolicyTargets,
+    /// What the rule denies (a denial wins over any allowance).
+    #[serde(default)]
+    pub deny: PolicyTargets,
+}
+
+/// Identity facts a rule asks for: every field given must hold, by any
+/// one of its values.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyWhen {
+    /// Keycloak realm roles (`realm_access.roles`).
+    #[serde(default)]
+    pub realm_roles: Vec<String>,
+    /// Keycloak client roles by client (`resource_access.<client>.roles`).
+    #[serde(default)]
+    pub client_roles: BTreeMap<String, Vec<String>>,
+    /// Groups (the `groups` claim; `admins` matches `/admins` too).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Scopes of the token.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// Globs (`*`, `?`, `[...]`) on what the federated endpoint shows: tool
+/// and prompt names with their prefix (`fs__read_*`), resource URIs and
+/// URI templates (`file:///docs/*`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTargets {
+    #[serde(default)]
+    pub tools: Vec<String>,
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+}
+
+impl PolicyTargets {
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty() && self.prompts.is_empty() && self.resources.is_empty()
+    }
+
+    /// Each list with its field name.
+    pub fn lists(&self) -> [(&'static str, &[String]); 3] {
+        [
+            ("tools", &self.tools),
+            ("prompts", &self.prompts),
+            ("resources", &self.resources),
+        ]
+    }
+}
 
 /// What a policy decides on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
