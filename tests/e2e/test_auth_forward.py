@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import shutil
+import uuid
 from pathlib import Path
 
 import httpx2
@@ -92,7 +93,9 @@ def nginx_stack(tmp_path_factory, keycloak, replicas):
         "mode": "jwt",
         # The org is the first segment of X-Original-URI, which nginx sets.
         "org_from": "nginx",
-        "orgs": {"org-1": {}, "org-2": {"mode": "introspect"}},
+        "orgs": {"org-1": {"policy": [{"name": "readers", "when": {"realm_roles": ["mcp-reader"]},
+                                       "allow": {"tools": ["add"]}}]},
+                 "org-2": {"mode": "introspect"}},
     }
     (root / "auth.yaml").write_text(json.dumps(config))
     auth_bin = gateway_binary().parent / "ratatosk-auth"
@@ -200,3 +203,24 @@ def test_the_forward_auth_binary_checks_its_config(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "bogus" in out.stderr, out.stderr
+
+
+def test_nginx_applies_the_orgs_policy_to_what_the_mcp_headers_name(nginx_stack, keycloak):
+    """org-1's policy lets mcp-reader (alice) call `add` only. A request
+    that names its tool in Mcp-Method/Mcp-Name (as 2026-07-28 clients do) is
+    decided by the check, so a denied one never reaches the replica."""
+    base, _, replica = nginx_stack
+
+    def call(user: str, name: str, args: dict) -> httpx2.Response:
+        body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": name, "arguments": args}}
+        return post(f"{base}/org-1/mcp", body, headers={
+            "Authorization": f"Bearer {keycloak.token(user)}", "Mcp-Method": "tools/call", "Mcp-Name": name})
+
+    assert call("alice", "add", {"a": 1, "b": 2}).status_code == 200
+    tag = f"forward-denied-{uuid.uuid4().hex[:8]}"
+    denied = call("alice", "sleep_then_return", {"seconds": 0, "tag": tag})
+    assert denied.status_code == 403, denied.text
+    # nginx answers a 403 of the check with a page of its own; the check's
+    # reason is in its log.
+    assert call("carol", "add", {"a": 1, "b": 2}).status_code == 403
+    assert not any(e["tag"] == tag for e in replica.events()), "a denied call reached the replica"
