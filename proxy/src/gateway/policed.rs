@@ -457,4 +457,97 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[tokio::test]
+    async fn a_modern_clients_streamed_answers_are_cut_and_audited_as_they_pass() {
+        use crate::gateway::bridge::modern::tests::{drain, modern};
+        let stub = testing::stub(|body| {
+            let v: Value = serde_json::from_slice(body).unwrap_or_default();
+            let id = v["id"].clone();
+            let note = json!({"jsonrpc": "2.0", "method": "notifications/message",
+                              "params": {"level": "info", "data": "working"}});
+            let result = match v["method"].as_str().unwrap_or_default() {
+                "tools/list" => {
+                    json!({"tools": [{"name": "x"}, {"name": "y"}], "resultType": "complete"})
+                }
+                _ => {
+                    json!({"content": [{"type": "text", "text": "done"}], "resultType": "complete"})
+                }
+            };
+            let answer = json!({"jsonrpc": "2.0", "id": id, "result": result});
+            let frames =
+                format!("event: message\ndata: {note}\n\nevent: message\ndata: {answer}\n\n");
+            (200, "text/event-stream", frames)
+        })
+        .await;
+        let dir = std::env::temp_dir().join(format!("ratatosk-policed-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.jsonl");
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
+             streams: {{keepalive: 2s}}\npublish: {{secret: unit-test-secret-0123}}\n\
+             audit: {{sink: file, path: \"{}\"}}\n\
+             orgs:\n  org-1: {{policy: [{{name: only-x, allow: {{tools: [x]}}}}], \
+             upstream: {{era: modern, replicas: [\"{}\"], timeout: 2s}}}}\n",
+            path.display(),
+            stub.url()
+        );
+        let config =
+            Config::from_yaml(&yaml, std::path::Path::new("unit.yaml"), &|_| None).expect("config");
+        let gw = Gateway::new(config, Arc::new(crate::session::MemorySessionStore::new()))
+            .expect("gateway");
+        let mut r = gw
+            .handle(modern(1, "tools/list", json!({}), json!({}), &[]))
+            .await;
+        let text = drain(&mut r).await;
+        assert!(text.contains("working"), "other messages pass: {text}");
+        assert!(text.contains(r#"[{"name":"x"}]"#), "{text}");
+        assert!(!text.contains(r#""y""#), "{text}");
+        let denied = gw
+            .handle(modern(
+                2,
+                "tools/call",
+                json!({"name": "y"}),
+                json!({}),
+                &[],
+            ))
+            .await;
+        assert!(
+            json_of(&denied)["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not allowed")
+        );
+        let mut r = gw
+            .handle(modern(
+                3,
+                "tools/call",
+                json!({"name": "x"}),
+                json!({}),
+                &[],
+            ))
+            .await;
+        assert!(drain(&mut r).await.contains("done"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let outcomes = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let outcomes: Vec<String> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|l| {
+                    format!(
+                        "{}:{}",
+                        l["tool"].as_str().unwrap_or_default(),
+                        l["outcome"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect();
+            if outcomes.len() >= 2 || std::time::Instant::now() > deadline {
+                break outcomes;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert_eq!(outcomes, ["y:denied", "x:result"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
