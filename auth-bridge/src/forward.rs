@@ -167,17 +167,8 @@ impl ForwardConfig {
                 ));
             }
             for (i, rule) in org.policy.iter().enumerate() {
-                for (which, targets) in [("allow", &rule.allow), ("deny", &rule.deny)] {
-                    for (field, globs) in targets.lists() {
-                        for (j, glob) in globs.iter().enumerate() {
-                            if let Err(e) = globset::Glob::new(glob) {
-                                out.push(format!(
-                                    "orgs.{name}.policy[{i}].{which}.{field}[{j}]: not a glob: {}",
-                                    e.kind()
-                                ));
-                            }
-                        }
-                    }
+                for (at_rule, why) in rule.bad_globs() {
+                    out.push(format!("orgs.{name}.policy[{i}].{at_rule}: {why}"));
                 }
             }
         }
@@ -538,11 +529,6 @@ impl ForwardAuth {
                 r
             }
             Err(e) => {
-                let metadata_url = format!(
-                    "{}{}",
-                    self.config.public_url.trim_end_matches('/'),
-                    metadata_path(&Self::resource_path(&org_name, endpoint))
-                );
                 match &e {
                     AuthError::Unavailable(detail) => match self.unavailable.ready() {
                         Some(suppressed) => tracing::warn!(
@@ -559,17 +545,9 @@ impl ForwardAuth {
                     StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
                     json!({"error": e.bearer_error().unwrap_or("unavailable"), "error_description": e.client_message()}),
                 );
-                let scopes = self.config.identity.advertised_scopes(&org.scopes);
-                match challenge(&metadata_url, &scopes, &e) {
-                    Some(challenge) => {
-                        if let Ok(v) = HeaderValue::from_str(&challenge) {
-                            r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
-                        }
-                    }
-                    None => {
-                        r.headers_mut()
-                            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("2"));
-                    }
+                if !self.challenge_into(&mut r, &org_name, org, endpoint, &e, &[]) {
+                    r.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("2"));
                 }
                 r
             }
@@ -587,18 +565,12 @@ impl ForwardAuth {
         endpoint: Endpoint,
         identity: &crate::Identity,
     ) -> Option<Answer> {
-        use crate::policy::Kind;
         let policy = self.policies.get(org_name)?;
         if policy.is_open() {
             return None;
         }
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-        let kind = match header("mcp-method")? {
-            "tools/call" => Kind::Tool,
-            "prompts/get" => Kind::Prompt,
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Kind::Resource,
-            _ => return None,
-        };
+        let kind = crate::policy::kind_of_method(header("mcp-method")?)?;
         let Some(name) = header("mcp-name") else {
             return Some(json_answer(
                 StatusCode::FORBIDDEN,
@@ -620,23 +592,40 @@ impl ForwardAuth {
         let e = AuthError::InsufficientScope {
             scope: decision.step_up.join(" "),
         };
+        let mut r = json_answer(
+            StatusCode::FORBIDDEN,
+            json!({"error": "insufficient_scope", "error_description": format!("{} '{shown}' needs scope {} in org '{org_name}'", kind.as_str(), decision.step_up.join(" or "))}),
+        );
+        self.challenge_into(&mut r, org_name, org, endpoint, &e, &decision.step_up);
+        Some(r)
+    }
+
+    /// Sets the `WWW-Authenticate` challenge of refusal `e` on `r`: the
+    /// org's resource metadata, and the scopes to ask for (the org's and
+    /// `more`). False if `e` has none (the identity provider is down).
+    fn challenge_into(
+        &self,
+        r: &mut Answer,
+        org_name: &str,
+        org: &ForwardOrg,
+        endpoint: Endpoint,
+        e: &AuthError,
+        more: &[String],
+    ) -> bool {
         let metadata_url = format!(
             "{}{}",
             self.config.public_url.trim_end_matches('/'),
             metadata_path(&Self::resource_path(org_name, endpoint))
         );
         let mut scopes = self.config.identity.advertised_scopes(&org.scopes);
-        scopes.extend(decision.step_up.iter().cloned());
-        let mut r = json_answer(
-            StatusCode::FORBIDDEN,
-            json!({"error": "insufficient_scope", "error_description": format!("{} '{shown}' needs scope {} in org '{org_name}'", kind.as_str(), decision.step_up.join(" or "))}),
-        );
-        if let Some(challenge) = challenge(&metadata_url, &scopes, &e)
-            && let Ok(v) = HeaderValue::from_str(&challenge)
-        {
+        scopes.extend(more.iter().cloned());
+        let Some(challenge) = challenge(&metadata_url, &scopes, e) else {
+            return false;
+        };
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
             r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
         }
-        Some(r)
+        true
     }
 
     fn log_refused_check(&self, why: &str) {

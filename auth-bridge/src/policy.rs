@@ -295,19 +295,29 @@ impl Policy {
 pub fn target_of<'a>(method: &str, params: Option<&'a Value>) -> Option<(Kind, &'a str)> {
     let field = |v: &'a Value, name: &str| v.get(name).and_then(Value::as_str);
     let params = params?;
+    if method == "completion/complete" {
+        let reference = params.get("ref")?;
+        return match field(reference, "type")? {
+            "ref/prompt" => Some((Kind::Prompt, field(reference, "name")?)),
+            _ => Some((Kind::Resource, field(reference, "uri")?)),
+        };
+    }
+    let kind = kind_of_method(method)?;
+    let name = if kind == Kind::Resource {
+        "uri"
+    } else {
+        "name"
+    };
+    Some((kind, field(params, name)?))
+}
+
+/// The kind of item a request of `method` uses by name (`params.name`, or
+/// `params.uri` for resources; a 2026-07-28 client's `Mcp-Name`).
+pub fn kind_of_method(method: &str) -> Option<Kind> {
     match method {
-        "tools/call" => Some((Kind::Tool, field(params, "name")?)),
-        "prompts/get" => Some((Kind::Prompt, field(params, "name")?)),
-        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-            Some((Kind::Resource, field(params, "uri")?))
-        }
-        "completion/complete" => {
-            let reference = params.get("ref")?;
-            match field(reference, "type")? {
-                "ref/prompt" => Some((Kind::Prompt, field(reference, "name")?)),
-                _ => Some((Kind::Resource, field(reference, "uri")?)),
-            }
-        }
+        "tools/call" => Some(Kind::Tool),
+        "prompts/get" => Some(Kind::Prompt),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some(Kind::Resource),
         _ => None,
     }
 }
@@ -331,19 +341,52 @@ impl Policy {
         let mut message: Value = serde_json::from_slice(response).ok()?;
         let result = message.get_mut("result")?.as_object_mut()?;
         let mut changed = false;
-        for (list, key, kind) in LISTS {
-            let Some(Value::Array(items)) = result.get_mut(list) else {
-                continue;
-            };
-            let before = items.len();
-            items.retain(|item| {
-                item.get(key)
-                    .and_then(Value::as_str)
-                    .is_some_and(|own| self.decide(identity, kind, own).allowed)
-            });
-            changed |= items.len() != before;
+        for (list, _, _) in LISTS {
+            if let Some(Value::Array(items)) = result.get_mut(list) {
+                changed |= self.retain_allowed(identity, list, items);
+            }
         }
         changed.then(|| serde_json::to_vec(&message).unwrap_or_default())
+    }
+
+    /// Keeps of `items`, the items of result field `list` (`tools`,
+    /// `resourceTemplates`, ...), those `identity` may see; true if any
+    /// went.
+    pub fn retain_allowed(&self, identity: &Identity, list: &str, items: &mut Vec<Value>) -> bool {
+        let Some((_, key, kind)) = LISTS.iter().find(|(l, _, _)| *l == list) else {
+            return false;
+        };
+        if self.is_open() {
+            return false;
+        }
+        let before = items.len();
+        items.retain(|item| {
+            item.get(*key)
+                .and_then(Value::as_str)
+                .is_some_and(|own| self.decide(identity, *kind, own).allowed)
+        });
+        items.len() != before
+    }
+}
+
+impl PolicyRule {
+    /// The rule's globs that do not parse: (where, under the rule, as
+    /// `allow.tools[0]`; why).
+    pub fn bad_globs(&self) -> Vec<(String, String)> {
+        let mut bad = Vec::new();
+        for (which, targets) in [("allow", &self.allow), ("deny", &self.deny)] {
+            for (field, globs) in targets.lists() {
+                for (i, glob) in globs.iter().enumerate() {
+                    if let Err(e) = Glob::new(glob) {
+                        bad.push((
+                            format!("{which}.{field}[{i}]"),
+                            format!("not a glob: {}", e.kind()),
+                        ));
+                    }
+                }
+            }
+        }
+        bad
     }
 }
 

@@ -321,7 +321,7 @@ fn rotate(r: &Rotation) -> std::io::Result<File> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -352,7 +352,7 @@ mod tests {
         }
     }
 
-    fn wait_for_lines(path: &Path, n: usize) -> Vec<Value> {
+    pub(crate) fn wait_for_lines(path: &Path, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let text = std::fs::read_to_string(path).unwrap_or_default();

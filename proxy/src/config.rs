@@ -1050,17 +1050,8 @@ fn rule_problems(
             "a rule needs `allow` or `deny` (tools, prompts or resources)",
         );
     }
-    for (which, targets) in [("allow", &rule.allow), ("deny", &rule.deny)] {
-        for (field, globs) in targets.lists() {
-            for (i, glob) in globs.iter().enumerate() {
-                if let Err(e) = globset::Glob::new(glob) {
-                    at.bad(
-                        &format!("{path}.{which}.{field}[{i}]"),
-                        format!("not a glob: {}", e.kind()),
-                    );
-                }
-            }
-        }
+    for (at_rule, why) in rule.bad_globs() {
+        at.bad(&format!("{path}.{at_rule}"), why);
     }
 }
 

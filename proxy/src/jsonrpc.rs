@@ -197,6 +197,15 @@ pub fn parse_body(body: &Bytes) -> Result<Body, FramingError> {
 /// Parses exactly one JSON-RPC message (not a batch). The message keeps
 /// `raw` itself (a cheap clone), not a copy.
 pub fn parse_message(raw: &Bytes) -> Result<Message, FramingError> {
+    Ok(Message {
+        kind: kind_of(raw)?,
+        raw: raw.clone(),
+    })
+}
+
+/// What one JSON-RPC message (not a batch) is, checked as
+/// [`parse_message`] checks it, for bytes it need not keep.
+pub fn kind_of(raw: &[u8]) -> Result<Kind, FramingError> {
     // serde checks UTF-8 only in what it reads: bytes in `params` (which
     // the envelope skips) would pass on as they came.
     if let Err(e) = std::str::from_utf8(raw) {
@@ -264,10 +273,7 @@ pub fn parse_message(raw: &Bytes) -> Result<Message, FramingError> {
             ));
         }
     };
-    Ok(Message {
-        kind,
-        raw: raw.clone(),
-    })
+    Ok(kind)
 }
 
 /// At most `max` characters of `text`, escaped for an error message or a

@@ -940,21 +940,9 @@ impl Gateway {
     /// and counted, and the gateway's cursor to the rest.
     fn merged_list(&self, f: Fed<'_>, kind: ListKind, mut pages: Vec<(usize, Page)>) -> Value {
         // Only what the caller may use is listed.
-        let (item, key) = match kind {
-            ListKind::Tools => (Item::Tool, "name"),
-            ListKind::Prompts => (Item::Prompt, "name"),
-            ListKind::Resources => (Item::Resource, "uri"),
-            ListKind::Templates => (Item::Resource, "uriTemplate"),
-        };
         for (i, page) in &mut pages {
             let policy = &f.fed.members[*i].route.policy;
-            if !policy.is_open() {
-                page.items.retain(|it| {
-                    it.get(key)
-                        .and_then(Value::as_str)
-                        .is_some_and(|own| policy.decide(f.identity, item, own).allowed)
-                });
-            }
+            policy.retain_allowed(f.identity, kind.field(), &mut page.items);
         }
         let next: BTreeMap<String, String> = pages
             .iter()

@@ -168,18 +168,9 @@ impl Gateway {
             let _ = self.append(log, STANDALONE, &answer, org);
             return;
         }
-        let (method, id) = (message.method().unwrap_or_default(), message.request_id());
-        match self.police(call, method, id, || message.params()) {
-            Ok(None) => {}
-            Ok(Some(watch)) => {
-                if let Some(id) = id {
-                    log.watches.watch(id.clone(), watch);
-                }
-            }
-            Err(refusal) => {
-                let _ = self.append(log, STANDALONE, &refusal.body(), org);
-                return;
-            }
+        if let Err(refusal) = self.police_all(call, log, std::slice::from_ref(message)) {
+            let _ = self.append(log, STANDALONE, &refusal.body(), org);
+            return;
         }
         // Re-read: initialize may have recorded the negotiated version.
         let current = match self.store.lookup(&session.id).await {

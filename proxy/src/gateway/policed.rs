@@ -58,14 +58,6 @@ pub(super) fn audited(method: &str) -> bool {
     matches!(method, "tools/call" | "prompts/get" | "resources/read")
 }
 
-/// Whether `method` lists items a policy may hide.
-fn lists(method: &str) -> bool {
-    matches!(
-        method,
-        "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list"
-    )
-}
-
 impl Gateway {
     /// Whether `who` may use the server's `own` item of `kind`: the audit
     /// entry of an allowed call, or the refusal. A denied item is refused
@@ -151,7 +143,7 @@ impl Gateway {
         if !call.policed || id.is_none() || (open && !self.audit.is_on()) {
             return Ok(None);
         }
-        if lists(method) {
+        if crate::federation::ListKind::of_method(method).is_some() {
             return Ok((!open).then(|| {
                 Box::new(ListWatch {
                     org: org.clone(),
@@ -280,7 +272,9 @@ pub(super) fn settled(
             Ok(response)
         }
         Err(reject) => {
-            watches.answered(&reject.clone().body());
+            if !watches.is_empty() {
+                watches.answered(&reject.body());
+            }
             Err(reject)
         }
     }
@@ -388,13 +382,19 @@ mod tests {
         .await
     }
 
+    /// A directory of its own, and the audit log's path in it.
+    fn audit_file() -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ratatosk-policed-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.jsonl");
+        (dir, path)
+    }
+
     #[tokio::test]
     async fn a_servers_own_endpoint_lists_and_calls_only_what_the_policy_allows() {
         let called = Arc::new(Mutex::new(Vec::new()));
         let stub = server(called.clone()).await;
-        let dir = std::env::temp_dir().join(format!("ratatosk-policed-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("audit.jsonl");
+        let (dir, path) = audit_file();
         let gw = gateway_yaml(
             &[stub.url()],
             "",
@@ -428,18 +428,7 @@ mod tests {
             "y never reached the server"
         );
         // One audit line per call: the refusal, then the result.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let lines = loop {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let lines: Vec<Value> = text
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            if lines.len() >= 2 || std::time::Instant::now() > deadline {
-                break lines;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        };
+        let lines = crate::audit::tests::wait_for_lines(&path, 2);
         let seen: Vec<(String, String, String)> = lines
             .iter()
             .map(|l| {
@@ -480,9 +469,7 @@ mod tests {
             (200, "text/event-stream", frames)
         })
         .await;
-        let dir = std::env::temp_dir().join(format!("ratatosk-policed-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("audit.jsonl");
+        let (dir, path) = audit_file();
         let yaml = format!(
             "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
              streams: {{keepalive: 2s}}\npublish: {{secret: unit-test-secret-0123}}\n\
@@ -528,25 +515,16 @@ mod tests {
             ))
             .await;
         assert!(drain(&mut r).await.contains("done"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let outcomes = loop {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let outcomes: Vec<String> = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .map(|l| {
-                    format!(
-                        "{}:{}",
-                        l["tool"].as_str().unwrap_or_default(),
-                        l["outcome"].as_str().unwrap_or_default()
-                    )
-                })
-                .collect();
-            if outcomes.len() >= 2 || std::time::Instant::now() > deadline {
-                break outcomes;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        };
+        let outcomes: Vec<String> = crate::audit::tests::wait_for_lines(&path, 2)
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}:{}",
+                    l["tool"].as_str().unwrap_or_default(),
+                    l["outcome"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
         assert_eq!(outcomes, ["y:denied", "x:result"]);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -88,8 +88,7 @@ impl Watches {
         if self.is_empty() {
             return None;
         }
-        let raw = Bytes::copy_from_slice(message);
-        let Ok(Kind::Response { id }) = jsonrpc::parse_message(&raw).map(|m| m.kind) else {
+        let Ok(Kind::Response { id }) = jsonrpc::kind_of(message) else {
             return None;
         };
         self.take(&id)?.answered(message)
