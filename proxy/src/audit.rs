@@ -1,8 +1,9 @@
 //! The audit log: one JSON line per `tools/call`, `prompts/get` and
-//! `resources/read`, with who asked, what, the policy's decision and how
-//! it ended. Lines are written by a thread of their own, so a slow disk
-//! never holds a request; when it falls behind by [`QUEUE`] lines, lines
-//! are dropped and counted (`ratatosk_audit_dropped_total`).
+//! `resources/read`, with who asked, what, the policy's decision, how it
+//! ended and which replica served it. Lines are written by a thread of
+//! their own, so a slow disk or Redis never holds a request; when it falls
+//! behind by [`QUEUE`] lines, lines are dropped and counted
+//! (`ratatosk_audit_dropped_total`).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -111,6 +112,8 @@ pub struct Entry {
     pub rule: Option<String>,
     /// The call's arguments, as the config wants them shown.
     pub arguments: Option<Value>,
+    /// The upstream replica that answered, by its name, once one did.
+    pub replica: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -135,8 +138,18 @@ struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     error_code: Option<i64>,
     duration_ms: f64,
+    replica: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     arguments: Option<&'a Value>,
+}
+
+/// Where the Redis sink writes: the sessions' Redis, one stream for all
+/// nodes, each entry naming the node that wrote it.
+pub struct RedisSink<'a> {
+    pub url: &'a str,
+    /// The stream's key.
+    pub key: String,
+    pub node: u32,
 }
 
 /// Where audit lines go.
@@ -148,10 +161,11 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// The audit log `config` asks for; `calls` counts lines by org,
-    /// server and outcome.
+    /// The audit log `config` asks for (`redis`: where `sink: redis`
+    /// writes); `calls` counts lines by org, server and outcome.
     pub fn new(
         config: &AuditConfig,
+        redis: Option<RedisSink<'_>>,
         calls: IntCounterVec,
         dropped: IntCounter,
     ) -> std::io::Result<Audit> {
@@ -167,6 +181,18 @@ impl Audit {
                     keep: config.keep,
                 };
                 Some(spawn_writer(Box::new(file), Some(rotation))?)
+            }
+            AuditSink::Redis => {
+                let Some(sink) = redis else {
+                    return Err(std::io::Error::other(
+                        "`audit.sink: redis` needs `sessions.store: redis`",
+                    ));
+                };
+                Some(spawn_redis_writer(
+                    sink,
+                    config.max_entries,
+                    dropped.clone(),
+                )?)
             }
         };
         Ok(Audit {
@@ -225,6 +251,7 @@ impl Audit {
             outcome,
             error_code,
             duration_ms: (entry.started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+            replica: entry.replica.as_deref(),
             arguments: entry.arguments.as_ref(),
         };
         let Ok(text) = serde_json::to_string(&line) else {
@@ -298,6 +325,90 @@ fn spawn_writer(
     Ok(tx)
 }
 
+/// Lines the Redis writer sends in one pipeline, at most.
+const REDIS_BATCH: usize = 256;
+/// How long the Redis writer waits to connect, or for an answer.
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The Redis writer thread: lines in, `XADD`ed in pipelines of up to
+/// [`REDIS_BATCH`] to the stream (trimmed to about `max_entries`). While
+/// Redis cannot be reached, the lines of each batch that fails twice are
+/// dropped and counted; the writer reconnects with the next batch.
+fn spawn_redis_writer(
+    sink: RedisSink<'_>,
+    max_entries: usize,
+    dropped: IntCounter,
+) -> std::io::Result<SyncSender<String>> {
+    let client = redis::Client::open(sink.url).map_err(|e| {
+        std::io::Error::other(format!("the audit sink's Redis URL is not valid: {e}"))
+    })?;
+    let (key, node) = (sink.key, sink.node.to_string());
+    let (tx, rx) = sync_channel::<String>(QUEUE);
+    std::thread::Builder::new()
+        .name("ratatosk-audit".into())
+        .spawn(move || {
+            let mut conn: Option<redis::Connection> = None;
+            let mut batch = Vec::with_capacity(REDIS_BATCH);
+            while let Ok(first) = rx.recv() {
+                batch.push(first);
+                while batch.len() < REDIS_BATCH {
+                    match rx.try_recv() {
+                        Ok(line) => batch.push(line),
+                        Err(_) => break,
+                    }
+                }
+                let mut pipe = redis::pipe();
+                for line in &batch {
+                    pipe.cmd("XADD")
+                        .arg(&key)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(max_entries)
+                        .arg("*")
+                        .arg("node")
+                        .arg(&node)
+                        .arg("line")
+                        .arg(line)
+                        .ignore();
+                }
+                let mut sent = false;
+                for _ in 0..2 {
+                    let c = match conn.take() {
+                        Some(c) => c,
+                        None => match redis_connection(&client) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::warn!("cannot write the audit log to Redis: {e}");
+                                continue;
+                            }
+                        },
+                    };
+                    let mut c = c;
+                    match pipe.exec(&mut c) {
+                        Ok(()) => {
+                            conn = Some(c);
+                            sent = true;
+                            break;
+                        }
+                        Err(e) => tracing::warn!("cannot write the audit log to Redis: {e}"),
+                    }
+                }
+                if !sent {
+                    dropped.inc_by(batch.len() as u64);
+                }
+                batch.clear();
+            }
+        })?;
+    Ok(tx)
+}
+
+fn redis_connection(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let c = client.get_connection_with_timeout(REDIS_TIMEOUT)?;
+    c.set_read_timeout(Some(REDIS_TIMEOUT))?;
+    c.set_write_timeout(Some(REDIS_TIMEOUT))?;
+    Ok(c)
+}
+
 /// `path` becomes `path.1`, `path.1` becomes `path.2`, ... up to `keep`;
 /// a fresh `path` is opened.
 fn rotate(r: &Rotation) -> std::io::Result<File> {
@@ -349,6 +460,7 @@ pub(crate) mod tests {
             allowed: true,
             rule: Some("readers".into()),
             arguments: None,
+            replica: Some("files-1".into()),
         }
     }
 
@@ -383,9 +495,10 @@ pub(crate) mod tests {
             max_bytes: 600,
             keep: 2,
             arguments: AuditArguments::Hashed,
+            max_entries: 10,
         };
         let (calls, dropped) = counters();
-        let audit = Audit::new(&config, calls.clone(), dropped).expect("audit");
+        let audit = Audit::new(&config, None, calls.clone(), dropped).expect("audit");
         let mut e = entry("fs__read");
         e.arguments = audit.arguments_of(Some(&json!({"name": "x", "arguments": {"path": "/a"}})));
         audit.record(&e, Outcome::Result, None);
@@ -434,22 +547,115 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[tokio::test]
+    async fn a_redis_sink_adds_each_line_to_a_stream_named_by_node_and_trimmed() {
+        let redis = crate::testing::RedisServer::start().await;
+        let config = AuditConfig {
+            sink: AuditSink::Redis,
+            max_entries: 5,
+            ..AuditConfig::default()
+        };
+        let (calls, dropped) = counters();
+        let sink = RedisSink {
+            url: &redis.url(),
+            key: "gw1:audit".into(),
+            node: 7,
+        };
+        let audit = Audit::new(&config, Some(sink), calls, dropped.clone()).expect("audit");
+        for n in 0..200 {
+            audit.record(&entry(&format!("fs__t{n}")), Outcome::Result, None);
+        }
+        let client = redis::Client::open(redis.url()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        // The last line is in, with its node; the stream was trimmed.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let last = loop {
+            let got: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+                .arg("gw1:audit")
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .expect("xrevrange");
+            if got
+                .first()
+                .is_some_and(|(_, fields)| fields.iter().any(|(_, v)| v.contains("fs__t199")))
+            {
+                break got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the 200th line never reached the stream in 5 s: {got:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        let fields = &last[0].1;
+        assert_eq!(fields[0], ("node".to_owned(), "7".to_owned()));
+        let line: Value = serde_json::from_str(&fields[1].1).expect("a JSON line");
+        assert_eq!(
+            (&line["tool"], &line["replica"]),
+            (&json!("fs__t199"), &json!("files-1"))
+        );
+        let len: usize = redis::cmd("XLEN")
+            .arg("gw1:audit")
+            .query_async(&mut conn)
+            .await
+            .expect("xlen");
+        assert!(len < 200, "MAXLEN ~ 5 trims the stream: {len} entries");
+        assert_eq!(dropped.get(), 0);
+    }
+
+    #[test]
+    fn a_redis_sink_that_cannot_be_reached_drops_and_counts_lines() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let config = AuditConfig {
+            sink: AuditSink::Redis,
+            ..AuditConfig::default()
+        };
+        let (calls, dropped) = counters();
+        let url = format!("redis://127.0.0.1:{port}/");
+        let sink = RedisSink {
+            url: &url,
+            key: "a".into(),
+            node: 1,
+        };
+        let audit = Audit::new(&config, Some(sink), calls, dropped.clone()).expect("audit");
+        audit.record(&entry("fs__x"), Outcome::Result, None);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while dropped.get() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no line counted as dropped in 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(dropped.get(), 1);
+    }
+
     #[test]
     fn arguments_are_left_out_redacted_or_hashed() {
         let params = json!({"name": "x", "arguments": {"path": "/secret", "n": [1, {"k": true}]}});
         let (calls, dropped) = counters();
         let mut config = AuditConfig::default();
-        let audit = Audit::new(&config, calls.clone(), dropped.clone()).expect("audit");
+        let audit = Audit::new(&config, None, calls.clone(), dropped.clone()).expect("audit");
         assert!(!audit.is_on());
         assert_eq!(audit.arguments_of(Some(&params)), None);
         config.arguments = AuditArguments::Redacted;
-        let audit = Audit::new(&config, calls.clone(), dropped.clone()).expect("audit");
+        let audit = Audit::new(&config, None, calls.clone(), dropped.clone()).expect("audit");
         assert_eq!(
             audit.arguments_of(Some(&params)),
             Some(json!({"path": "<redacted>", "n": ["<redacted>", {"k": "<redacted>"}]}))
         );
         config.arguments = AuditArguments::Hashed;
-        let audit = Audit::new(&config, calls, dropped).expect("audit");
+        let audit = Audit::new(&config, None, calls, dropped).expect("audit");
         let a = audit.arguments_of(Some(&params));
         assert_eq!(
             a,

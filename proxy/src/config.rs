@@ -228,7 +228,8 @@ impl Default for HoldsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
-    /// Where lines go: `off`, `stderr` or `file`.
+    /// Where lines go: `off`, `stderr`, `file`, or `redis` (a Redis
+    /// stream, `<sessions.key_prefix>audit`, with `sessions.store: redis`).
     pub sink: AuditSink,
     /// With `sink: file`: the file, rotated to `<path>.1` ... when it
     /// reaches `max_bytes`.
@@ -239,6 +240,9 @@ pub struct AuditConfig {
     /// A call's arguments in the log: `omit`, `hashed` (SHA-256 of their
     /// JSON) or `redacted` (keys kept, values replaced).
     pub arguments: AuditArguments,
+    /// With `sink: redis`: entries the stream keeps, about (older ones are
+    /// trimmed as new ones are added).
+    pub max_entries: usize,
 }
 
 impl Default for AuditConfig {
@@ -249,6 +253,7 @@ impl Default for AuditConfig {
             max_bytes: 100 * 1024 * 1024,
             keep: 5,
             arguments: AuditArguments::Omit,
+            max_entries: 1_000_000,
         }
     }
 }
@@ -259,6 +264,7 @@ pub enum AuditSink {
     Off,
     Stderr,
     File,
+    Redis,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -270,7 +276,7 @@ pub enum AuditArguments {
 }
 
 impl AuditConfig {
-    fn problems(&self, at: &mut Section) {
+    fn problems(&self, at: &mut Section, store: StoreKind) {
         match (self.sink, &self.path) {
             (AuditSink::File, None) => at.bad("path", "`sink: file` needs the file's `path`"),
             (AuditSink::File, Some(path)) => {
@@ -292,6 +298,13 @@ impl AuditConfig {
             );
         }
         at.between_1_and("keep", self.keep, 1000);
+        at.between_1_and("max_entries", self.max_entries, 1_000_000_000);
+        if self.sink == AuditSink::Redis && store != StoreKind::Redis {
+            at.bad(
+                "sink",
+                "`sink: redis` writes to the sessions' Redis: it needs `sessions.store: redis`",
+            );
+        }
     }
 }
 
@@ -628,7 +641,8 @@ impl Config {
         self.sessions.problems(&mut found.at("sessions"));
         self.streams.problems(&mut found.at("streams"));
         self.holds.problems(&mut found.at("holds"));
-        self.audit.problems(&mut found.at("audit"));
+        self.audit
+            .problems(&mut found.at("audit"), self.sessions.store);
         self.publish.problems(&mut found.at("publish"));
         self.server.problems(&mut found.at("server"));
         if self.orgs.is_empty() {
@@ -1272,6 +1286,19 @@ orgs:
             assert_eq!(p.path, path);
             assert!(p.message.contains(says), "{p:?}");
         }
+    }
+
+    #[test]
+    fn the_audit_goes_to_redis_only_where_sessions_do() {
+        let text = format!("{}audit: {{sink: redis}}\n", minimal());
+        let p = only_problem(parse(&text).expect_err("no redis"));
+        assert_eq!(p.path, "audit.sink");
+        assert!(p.message.contains("needs `sessions.store: redis`"), "{p:?}");
+        let text = format!(
+            "{}audit: {{sink: redis, max_entries: 1000}}\nsessions: {{store: redis, url: \"redis://127.0.0.1/\"}}\n",
+            minimal()
+        );
+        assert_eq!(parse(&text).expect("valid").audit.max_entries, 1000);
     }
 
     #[test]

@@ -173,8 +173,18 @@ impl Gateway {
         };
         let metrics = Arc::new(Metrics::new()?);
         let routes = Routes::from_config(&config, &metrics)?;
+        let node = events.as_ref().map_or_else(rand::random, |e| e.node());
+        let redis_sink = match (&config.sessions.store, &config.sessions.url) {
+            (crate::config::StoreKind::Redis, Some(url)) => Some(crate::audit::RedisSink {
+                url,
+                key: format!("{}audit", config.sessions.key_prefix),
+                node,
+            }),
+            _ => None,
+        };
         let audit = crate::audit::Audit::new(
             &config.audit,
+            redis_sink,
             metrics.audited.clone(),
             metrics.audit_dropped.clone(),
         )
@@ -187,7 +197,6 @@ impl Gateway {
             )?),
             None => None,
         };
-        let node = events.as_ref().map_or_else(rand::random, |e| e.node());
         let limits = LogLimits {
             max_events: config.sessions.event_log_size,
             max_bytes: config.sessions.event_log_bytes,

@@ -600,6 +600,13 @@ def next_list_changed(events: "SseReader", upstream: Example) -> None:
     assert message["method"] == "notifications/tools/list_changed", message
 
 
+def answers(r: httpx2.Response) -> list[dict]:
+    """The JSON-RPC messages of a POST's answer, JSON or SSE."""
+    if r.headers.get("content-type", "").startswith("application/json"):
+        return [r.json()]
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
 def rpc_error(r: httpx2.Response) -> dict:
     """The JSON-RPC error of a refusal, checked for shape."""
     assert r.headers.get("content-type", "").startswith("application/json"), r.headers

@@ -17,7 +17,7 @@ import pytest
 
 import rawhttp
 from conftest import identity_config
-from harness import (ACCEPT_BOTH, KC_GATEWAY_SECRET, MODERN, PUBLISH_SECRET, Example, Gateway, RedisServer, SseReader,
+from harness import (ACCEPT_BOTH, answers, KC_GATEWAY_SECRET, MODERN, PUBLISH_SECRET, Example, Gateway, RedisServer, SseReader,
                      free_port, initialize, modern_call, next_list_changed, org, post, redis_gateway, result_of, rpc_error, started,
                      wait_until)
 
@@ -88,13 +88,6 @@ def get_headers(sid: str, last_event_id: str | None = None) -> dict:
     if last_event_id:
         h["Last-Event-ID"] = last_event_id
     return h
-
-
-def answers(r: httpx2.Response) -> list[dict]:
-    """The JSON-RPC messages of a POST's answer, JSON or SSE."""
-    if r.headers.get("content-type", "").startswith("application/json"):
-        return [r.json()]
-    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
 
 
 def note(n: int) -> dict:

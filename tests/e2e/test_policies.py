@@ -140,6 +140,8 @@ def test_every_call_and_refusal_leaves_an_audit_line(policy_gateway, keycloak):
         assert line["arguments"].startswith("sha256:") and "secret" not in json.dumps(line), line
     assert (allowed["tool"], allowed["decision"], allowed["rule"], allowed["outcome"]) == \
         ("py__add", "allowed", "readers", "result"), allowed
+    # The replica that answered is named (py has two); a refused call had none.
+    assert allowed["replica"] in ("pol-1/py#1", "pol-1/py#2") and denied["replica"] is None, lines
     assert (denied["tool"], denied["decision"], denied["rule"], denied["outcome"]) == \
         ("py__notify_me", "denied", "no-publishing", "denied"), denied
     metrics = policy_gateway.metrics()
@@ -188,5 +190,5 @@ async def test_a_servers_own_endpoint_applies_the_same_policy(policy_gateway, ke
     events = [e for r in replicas for e in r.events()]
     assert not any(e["tag"] == tag for e in events), "a denied call reached the server"
     lines = audit_lines(policy_gateway, before + 2)[before:]
-    assert [(x["server"], x["tool"], x["outcome"]) for x in lines] == \
-        [("py", "py__add", "result"), ("py", "py__sleep_then_return", "denied")], lines
+    assert [(x["server"], x["tool"], x["outcome"], x["replica"] is None) for x in lines] == \
+        [("py", "py__add", "result", False), ("py", "py__sleep_then_return", "denied", True)], lines

@@ -11,6 +11,7 @@ list_changed on demand).
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -18,8 +19,9 @@ import uuid
 import httpx2
 import pytest
 
-from harness import (CLIENT_ERAS, ROOTS, Example, Gateway, SseReader, client, elicit, initialize, list_roots,
-                     next_list_changed, org, post, rpc_error, running, started, streamable_session, wait_until)
+from harness import (CLIENT_ERAS, ROOTS, Example, Gateway, RedisServer, SseReader, answers, client, elicit, initialize,
+                     list_roots, next_list_changed, org, post, redis_gateway, rpc_error, running, started,
+                     streamable_session, wait_until)
 
 pytestmark = pytest.mark.anyio
 
@@ -321,3 +323,80 @@ def test_a_server_that_stops_leaves_with_list_changed_and_comes_back(multi_gatew
         flaky_server.wait_ready(timeout=60, starts=2)
         next_message_of(events, "notifications/tools/list_changed")
     wait_until("the go server's tools are back", lambda: "go__add" in tool_names(url, sid), timeout=20)
+
+
+# ----- Redis mode --------------------------------------------------------------------
+
+def audit_stream(redis: RedisServer, key: str) -> list[tuple[str, dict]]:
+    """The (node, line) entries of the audit stream `key`, oldest first."""
+    out = subprocess.run(["redis-cli", "-p", str(redis.port), "XRANGE", key, "-", "+"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+    # Raw output: each entry is its id, then its fields and values in turn.
+    return [(out[i + 2], json.loads(out[i + 4])) for i in range(0, len(out), 5)]
+
+
+def test_a_federated_session_is_served_by_any_node_in_redis_mode(log_dir, replicas, servers, go_server,
+                                                                 ts_stateful_server):
+    """Two nodes sharing one Redis front py (stateless-2025), go (modern)
+    and ts (stateful-2025): a federated session opened on A is listed and
+    called on B, each call reaching its own server; a stateful server's
+    elicitation asked on B's stream is answered through A; and both nodes'
+    audit lines land in one Redis stream, naming the node and replica."""
+    multi = {"auth": "none", "servers": {
+        "py": {"upstream": {"era": "stateless-2025", "replicas": [r.url for r in replicas]}},
+        "go": {"upstream": {"era": "modern", "replicas": [go_server.url]}, "prefix": "g"},
+        "ts": {"upstream": {"era": "stateful-2025", "replicas": [ts_stateful_server.url]}},
+    }}
+    redis = RedisServer(log_dir, name="redis-fed").start_and_wait()
+    nodes = [redis_gateway(log_dir, replicas, redis, f"fed-{c}", "fed:", orgs={"multi": multi},
+                           extra={"audit": {"sink": "redis"}}) for c in "ab"]
+    try:
+        with running(nodes[0]), running(nodes[1]):
+            a, b = (gw.url("multi") for gw in nodes)
+            r = post(a, {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                         "params": {"protocolVersion": "2025-11-25", "capabilities": {"elicitation": {}},
+                                    "clientInfo": {"name": "fed-nodes", "version": "1"}}}, version=None)
+            assert r.status_code == 200, r.text
+            sid = r.headers["mcp-session-id"]
+            assert post(a, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session=sid).status_code == 202
+            assert {"py__add", "g__add", "ts__add"} <= tool_names(b, sid)
+            for n, (name, url) in enumerate([("py", b), ("go", a), ("ts", b)]):
+                tag = f"fed-nodes-{name}-{uuid.uuid4().hex[:8]}"
+                call = {"jsonrpc": "2.0", "id": 10 + n, "method": "tools/call",
+                        "params": {"name": f"{MULTI_PREFIXES[name]}sleep_then_return",
+                                   "arguments": {"seconds": 0, "tag": tag}}}
+                r = post(url, call, session=sid, timeout=20)
+                assert r.status_code == 200 and "result" in answers(r)[-1], r.text
+                for other, examples in servers.items():
+                    hit = any(reached(ex, tag) for ex in examples)
+                    assert hit == (other == name), f"call for {name} reached {other}: {hit}"
+            # The ts server asks the client on B's answer stream; the
+            # client's answer is posted to A and reaches the ts server.
+            confirm = {"jsonrpc": "2.0", "id": 20, "method": "tools/call",
+                       "params": {"name": "ts__confirm", "arguments": {"question": "two nodes?"}}}
+            headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                       "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+            with httpx2.Client(timeout=httpx2.Timeout(10, read=20)) as http, \
+                    http.stream("POST", b, content=json.dumps(confirm), headers=headers) as stream:
+                assert stream.status_code == 200
+                events = SseReader(stream)
+                ask = next_message_of(events, "elicitation/create")
+                assert "two nodes?" in ask["params"]["message"], ask
+                reply = {"jsonrpc": "2.0", "id": ask["id"],
+                         "result": {"action": "accept", "content": {"confirmed": True}}}
+                r = post(a, reply, session=sid)
+                assert r.status_code == 202, r.text
+                _, final = events.next_message()
+                assert final["id"] == 20, final
+                assert json.loads(final["result"]["content"][0]["text"]) == {"action": "accept", "confirmed": True}
+            # One audit stream for both nodes: every call, its node, its replica.
+            wait_until("4 audit entries", lambda: len(audit_stream(redis, "fed:audit")) >= 4, timeout=10)
+            entries = audit_stream(redis, "fed:audit")
+            assert [line["tool"] for _, line in entries] == \
+                ["py__sleep_then_return", "g__sleep_then_return", "ts__sleep_then_return", "ts__confirm"], entries
+            assert len({node for node, _ in entries}) == 2, entries
+            assert all(line["outcome"] == "result" and line["org"] == "multi" for _, line in entries), entries
+            assert [line["replica"].split("#")[0] for _, line in entries] == \
+                ["multi/py", "multi/go", "multi/ts", "multi/ts"], entries
+    finally:
+        redis.stop()

@@ -840,7 +840,8 @@ impl Gateway {
                 .running
                 .insert(key.clone(), f.fed.members[i].name.clone());
         }
-        let mut answer = self.ask_member(f, session, i, id, body).await;
+        let ask = self.ask_member(f, session, i, id, body);
+        let mut answer = policed::served_in(&mut entry, ask).await;
         if let (Some(key), Answer::Json(_)) = (&running, &answer) {
             self.federations.running.remove(key);
         }

@@ -94,6 +94,7 @@ impl Gateway {
                 allowed: decision.allowed,
                 rule: decision.rule.as_deref().map(str::to_owned),
                 arguments: self.audit.arguments_of(params),
+                replica: None,
             })
         });
         if decision.allowed {
@@ -140,7 +141,17 @@ impl Gateway {
     ) -> Result<Option<Box<dyn Watcher>>, Refusal> {
         let org = call.org;
         let open = org.policy.is_open();
-        if !call.policed || id.is_none() || (open && !self.audit.is_on()) {
+        if !call.policed {
+            // A federated session's audited call: the federated endpoint
+            // waits to hear which replica answers (see `served_in`).
+            if id.is_none() || !audited(method) {
+                return Ok(None);
+            }
+            return Ok(SERVED
+                .try_with(|cell| Box::new(ServedWatch(cell.clone())) as Box<dyn Watcher>)
+                .ok());
+        }
+        if id.is_none() || (open && !self.audit.is_on()) {
             return Ok(None);
         }
         if crate::federation::ListKind::of_method(method).is_some() {
@@ -214,6 +225,45 @@ impl Gateway {
     }
 }
 
+/// Where a federated session's request to a server learns the replica
+/// that answered it.
+type Served = Arc<std::sync::Mutex<Option<String>>>;
+
+tokio::task_local! {
+    /// Set while the federated endpoint asks a server (in the same task:
+    /// the server's endpoint is called, not spawned).
+    static SERVED: Served;
+}
+
+/// `ask`: a federated session's request to one of its servers. When the
+/// call is audited (`entry`), the entry gets the name of the replica that
+/// answered, if one did.
+pub(super) async fn served_in<F: std::future::Future>(
+    entry: &mut Option<Box<Entry>>,
+    ask: F,
+) -> F::Output {
+    let Some(entry) = entry else {
+        return ask.await;
+    };
+    let cell = Served::default();
+    let out = SERVED.scope(cell.clone(), ask).await;
+    entry.replica = cell.lock().unwrap_or_else(|p| p.into_inner()).take();
+    out
+}
+
+/// Tells the federated endpoint which replica answered (see `served_in`).
+struct ServedWatch(Served);
+
+impl Watcher for ServedWatch {
+    fn answered(self: Box<Self>, _: &[u8]) -> Option<Bytes> {
+        None
+    }
+
+    fn served_by(&mut self, replica: &str) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(replica.to_owned());
+    }
+}
+
 /// A list response, cut to what the caller may see.
 struct ListWatch {
     org: Arc<OrgRoute>,
@@ -242,6 +292,12 @@ impl Watcher for CallWatch {
             self.audit.record(&entry, outcome, code);
         }
         None
+    }
+
+    fn served_by(&mut self, replica: &str) {
+        if let Some(entry) = &mut self.entry {
+            entry.replica = Some(replica.to_owned());
+        }
     }
 }
 
@@ -444,6 +500,11 @@ mod tests {
                 want("x", "allowed", "result"),
             ]
         );
+        // The replica that answered, and none for a call no server saw.
+        assert_eq!(
+            (&lines[0]["replica"], &lines[1]["replica"]),
+            (&json!(null), &json!("org-1#1"))
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -519,13 +580,14 @@ mod tests {
             .iter()
             .map(|l| {
                 format!(
-                    "{}:{}",
+                    "{}:{}:{}",
                     l["tool"].as_str().unwrap_or_default(),
-                    l["outcome"].as_str().unwrap_or_default()
+                    l["outcome"].as_str().unwrap_or_default(),
+                    l["replica"].as_str().unwrap_or("-")
                 )
             })
             .collect();
-        assert_eq!(outcomes, ["y:denied", "x:result"]);
+        assert_eq!(outcomes, ["y:denied:-", "x:result:org-1#1"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

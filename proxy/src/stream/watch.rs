@@ -24,6 +24,10 @@ pub trait Watcher: Send {
     /// The response arrived: what the client is to see instead, if not
     /// the response as it is.
     fn answered(self: Box<Self>, response: &[u8]) -> Option<Bytes>;
+
+    /// The request went to the upstream replica named `replica` (told
+    /// before its response, once per upstream answer).
+    fn served_by(&mut self, _replica: &str) {}
 }
 
 /// One log's watches, by the id of the request each waits on.
@@ -79,6 +83,17 @@ impl Watches {
         let (_, watcher) = list.remove(i);
         self.count.store(list.len(), Ordering::Release);
         Some(watcher)
+    }
+
+    /// Request `id` went to the replica named `replica`: its watch, if
+    /// any, is told.
+    pub fn served(&self, id: &Id, replica: &str) {
+        if self.is_empty() {
+            return;
+        }
+        if let Some((_, watcher)) = self.lock().iter_mut().find(|(w, _)| w == id) {
+            watcher.served_by(replica);
+        }
     }
 
     /// `message`, as the client is to see it: `Some` when it is the

@@ -395,6 +395,7 @@ impl Gateway {
         call: Call<'_>,
         id: &Id,
         request: era::ModernRequest,
+        watches: &crate::stream::watch::Watches,
     ) -> Result<Response, Reject> {
         let org = call.org;
         let era::ModernRequest { method, mut params } = request;
@@ -428,6 +429,7 @@ impl Gateway {
             .send_in_session(org, &hidden, headers, body)
             .await
             .map_err(|e| upstream_reject(e, Some(id)))?;
+        watches.served(id, answer.lease.replica());
         let reader = AnswerReader::new(answer, org.server.pool.read_limits);
         let park = Park {
             map: self.bridges.parked.parked.clone(),

@@ -14,6 +14,7 @@ use crate::config::Era;
 use crate::edge::ResponseBody;
 use crate::era::{self, errors};
 use crate::stream::KEEPALIVE;
+use crate::stream::watch::Watches;
 use crate::upstream::AnswerReader;
 
 /// Longest pause before retrying an upstream that shed load (an
@@ -87,7 +88,7 @@ impl Gateway {
         let Some((_, id, request)) = checked_modern(call.headers, message, params)? else {
             return Ok(Response::empty(StatusCode::ACCEPTED));
         };
-        let watches = crate::stream::watch::Watches::default();
+        let watches = Watches::default();
         let params = || Some(Value::Object(request.params.clone()));
         match self.police(call, &request.method, Some(id), params) {
             Ok(Some(watch)) => watches.watch(id.clone(), watch),
@@ -95,8 +96,8 @@ impl Gateway {
             Err(refusal) => return refusal.into_response(),
         }
         let answer = match self.upstream_era(call.org, Some(id)).await {
-            Ok(Era::Modern) => self.modern_to_modern(call, message).await,
-            Ok(_) => self.modern_to_legacy(call, id, request).await,
+            Ok(Era::Modern) => self.modern_to_modern(call, message, &watches).await,
+            Ok(_) => self.modern_to_legacy(call, id, request, &watches).await,
             Err(reject) => Err(reject),
         };
         if watches.is_empty() {
@@ -113,11 +114,12 @@ impl Gateway {
     }
 
     /// Pass-through, plus auth and routing: the client's modern headers go
-    /// along, its credentials do not.
+    /// along, its credentials do not. `watches` are told the replica.
     async fn modern_to_modern(
         self: &Arc<Self>,
         call: Call<'_>,
         message: &Message,
+        watches: &Watches,
     ) -> Result<Response, Reject> {
         // No gateway session: a modern client has none.
         let mut headers = call.upstream_headers("", None);
@@ -128,8 +130,8 @@ impl Gateway {
             headers,
             message.raw.clone(),
             message.request_id(),
-            None,
             listen,
+            watches,
         )
         .await
     }
@@ -137,12 +139,13 @@ impl Gateway {
     /// A modern client's request to a handshake-era upstream: the gateway
     /// has done the handshake (and answers `server/discover` from it), the
     /// request goes without the modern `_meta`, the result comes back with
-    /// the modern result fields.
+    /// the modern result fields. `watches` are told the replica.
     async fn modern_to_legacy(
         self: &Arc<Self>,
         call: Call<'_>,
         id: &Id,
         request: era::ModernRequest,
+        watches: &Watches,
     ) -> Result<Response, Reject> {
         let org = call.org;
         // The upstream's own description, only where it is needed: a
@@ -187,7 +190,7 @@ impl Gateway {
             _ => {}
         }
         if org.server.era.known() == Some(Era::Stateful2025) {
-            return self.modern_to_stateful(call, id, request).await;
+            return self.modern_to_stateful(call, id, request, watches).await;
         }
         let info = info().await?;
         let version = info
@@ -215,6 +218,7 @@ impl Gateway {
             .send(headers, body)
             .await
             .map_err(|e| modern_upstream_reject(e, Some(id)))?;
+        watches.served(id, answer.lease.replica());
         let reader = AnswerReader::new(answer, org.server.pool.read_limits);
         self.respond_modern(
             org,
@@ -235,8 +239,8 @@ impl Gateway {
         headers: http::HeaderMap,
         body: Bytes,
         id: Option<&Id>,
-        to_modern: Option<String>,
         listen: bool,
+        watches: &Watches,
     ) -> Result<Response, Reject> {
         let answer = org
             .server
@@ -244,6 +248,9 @@ impl Gateway {
             .send(headers, body)
             .await
             .map_err(|e| modern_upstream_reject(e, id))?;
+        if let Some(id) = id {
+            watches.served(id, answer.lease.replica());
+        }
         // A listen stream is meant to stay open and quiet.
         let limits = if listen {
             background::listen_limits(org)
@@ -251,8 +258,7 @@ impl Gateway {
             org.server.pool.read_limits
         };
         let reader = AnswerReader::new(answer, limits);
-        self.respond_modern(org, reader, id, to_modern, None, None)
-            .await
+        self.respond_modern(org, reader, id, None, None, None).await
     }
 
     /// A modern client's answer: JSON stays JSON, SSE is piped message by
@@ -379,6 +385,9 @@ impl Gateway {
                     .await
                     .ok_or_else(|| cancelled(id.as_ref()))?
                     .map_err(|e| upstream_reject(e, id.as_ref()))?;
+                if let Some(id) = &id {
+                    log.watches.served(id, answer.lease.replica());
+                }
                 if answer.kind != AnswerKind::Json {
                     (round, First::Answer(answer))
                 } else {
@@ -441,7 +450,10 @@ impl Gateway {
                 Some(First::Answer(answer)) => Err(answer),
                 None => match round.send(org, &headers, cancel).await {
                     None => return,
-                    Some(Ok(a)) => Err(a),
+                    Some(Ok(a)) => {
+                        log.watches.served(&id, a.lease.replica());
+                        Err(a)
+                    }
                     Some(Err(e)) => {
                         let body = upstream_reject(e, Some(&id)).body();
                         let _ = self.append(log, stream, &body, org);

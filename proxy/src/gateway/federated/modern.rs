@@ -65,8 +65,8 @@ impl Gateway {
             }
         }
         let member = &f.fed.members[i];
-        let answer = self
-            .modern_to_member(f, member, Bytes::from(body.to_string()), name.as_deref())
+        let ask = self.modern_to_member(f, member, Bytes::from(body.to_string()), name.as_deref());
+        let answer = policed::served_in(&mut entry, ask)
             .await
             .map_err(|r| r.with_id(Some(id)))?;
         Ok(match answer.body {
