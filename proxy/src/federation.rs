@@ -89,6 +89,16 @@ impl ListKind {
         })
     }
 
+    /// The method that asks for the list.
+    pub fn method(self) -> &'static str {
+        match self {
+            ListKind::Tools => "tools/list",
+            ListKind::Prompts => "prompts/list",
+            ListKind::Resources => "resources/list",
+            ListKind::Templates => "resources/templates/list",
+        }
+    }
+
     /// The field of the result that holds the items.
     pub fn field(self) -> &'static str {
         match self {

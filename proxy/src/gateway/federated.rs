@@ -892,16 +892,8 @@ impl Gateway {
         }
         for kind in [ListKind::Resources, ListKind::Templates] {
             let pages = self.list_pages(f, session, kind, None).await;
-            let merged = federation::merge(&f.fed.naming, kind, pages);
-            let found = merged.owners.iter().find(|(owned, _)| {
-                if kind == ListKind::Resources {
-                    owned == uri
-                } else {
-                    template_matches(owned, uri)
-                }
-            });
-            if let Some((_, i)) = found {
-                return Some(*i);
+            if let Some(i) = owner_in(f, kind, pages, uri) {
+                return Some(i);
             }
         }
         None
@@ -999,13 +991,7 @@ impl Gateway {
             if let Some(c) = cursor {
                 params["cursor"] = Value::String(c);
             }
-            let method = match kind {
-                ListKind::Tools => "tools/list",
-                ListKind::Prompts => "prompts/list",
-                ListKind::Resources => "resources/list",
-                ListKind::Templates => "resources/templates/list",
-            };
-            let body = json!({"jsonrpc": "2.0", "id": id.to_value(), "method": method, "params": params});
+            let body = json!({"jsonrpc": "2.0", "id": id.to_value(), "method": kind.method(), "params": params});
             let answer = self
                 .ask_member(f, session, i, Some(&id), Bytes::from(body.to_string()))
                 .await;
@@ -1018,7 +1004,7 @@ impl Gateway {
             match v.get("result") {
                 Some(result) => Some((i, Page::of_result(kind, result)?)),
                 None => {
-                    tracing::debug!(server = %f.fed.members[i].name, "no {method}: {}", v.get("error").unwrap_or(&serde_json::Value::Null));
+                    tracing::debug!(server = %f.fed.members[i].name, "no {}: {}", kind.method(), v.get("error").unwrap_or(&serde_json::Value::Null));
                     None
                 }
             }
@@ -1446,6 +1432,23 @@ fn to_client(server: &str, message: &Bytes) -> (Bytes, Option<Id>) {
         Kind::Response { id } => (message.clone(), Some(id)),
         Kind::Notification { .. } => (message.clone(), None),
     }
+}
+
+/// The server whose `kind` list (resources, or templates) in `pages` has
+/// `uri`, or a template it fits.
+fn owner_in(f: Fed<'_>, kind: ListKind, pages: Vec<(usize, Page)>, uri: &str) -> Option<usize> {
+    let merged = federation::merge(&f.fed.naming, kind, pages);
+    merged
+        .owners
+        .iter()
+        .find(|(owned, _)| {
+            if kind == ListKind::Resources {
+                owned == uri
+            } else {
+                template_matches(owned, uri)
+            }
+        })
+        .map(|(_, i)| *i)
 }
 
 fn members_contain(members: &BTreeMap<String, String>, child: &str) -> bool {

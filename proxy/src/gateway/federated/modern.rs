@@ -14,6 +14,22 @@ use crate::era::{self, MCP_NAME, MODERN_VERSION, MODERN_VERSIONS};
 /// the policy decides on.
 type Target = (usize, Option<String>, Option<(Item, String)>);
 
+/// MCP's error for an unknown resource.
+const RESOURCE_NOT_FOUND: i64 = -32002;
+
+/// The resource a request names, if it is routed by it: `resources/read`'s
+/// URI, or a resource template's in `completion/complete`.
+fn resource_uri<'b>(method: &str, body: &'b Value) -> Option<&'b str> {
+    let params = body.get("params")?;
+    match method {
+        "resources/read" => params.get("uri")?.as_str(),
+        "completion/complete" if params.pointer("/ref/type")?.as_str()? == "ref/resource" => {
+            params.pointer("/ref/uri")?.as_str()
+        }
+        _ => None,
+    }
+}
+
 /// Messages of a fanned-in stream waiting for the client, at most.
 const FAN_IN_BUFFER: usize = 64;
 
@@ -53,8 +69,24 @@ impl Gateway {
                 "the request is not JSON",
             ));
         };
+        // A resource is routed to the server whose lists have it.
+        let owner = match resource_uri(method, &body) {
+            Some(uri) if f.fed.members.len() > 1 => {
+                match self.modern_owner_of(f, message, uri).await {
+                    Some(i) => Some(i),
+                    None => {
+                        return json(jsonrpc::error_body(
+                            Some(id),
+                            RESOURCE_NOT_FOUND,
+                            &format!("resource '{}' not found", jsonrpc::clip(uri, 256)),
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
         let (i, name, check) = self
-            .modern_target(f, method, &mut body)
+            .modern_target(f, method, &mut body, owner)
             .map_err(|r| r.with_id(Some(id)))?;
         let mut entry = None;
         if let Some((kind, own)) = check {
@@ -116,7 +148,15 @@ impl Gateway {
     /// Which server a routed request goes to, with its name (or URI)
     /// rewritten to the server's own, and a retry's `requestState` to the
     /// server's: the server, and what `Mcp-Name` becomes.
-    fn modern_target(&self, f: Fed<'_>, method: &str, body: &mut Value) -> Result<Target, Reject> {
+    /// `owner` is the server of the resource a request names, when there
+    /// are several servers.
+    fn modern_target(
+        &self,
+        f: Fed<'_>,
+        method: &str,
+        body: &mut Value,
+        owner: Option<usize>,
+    ) -> Result<Target, Reject> {
         let bad =
             |message: String| Reject::new(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, message);
         let params = body
@@ -164,35 +204,27 @@ impl Gateway {
                         let own = own.to_owned();
                         (i, None, Some((Item::Prompt, own)))
                     }
-                    None if f.fed.members.len() == 1 => (0, None, None),
-                    None => {
-                        return Err(bad(
-                            "on a federated endpoint, completion/complete of a resource template is not routed yet; use the server's own endpoint".into(),
-                        ));
-                    }
+                    // A resource template's: its owner (found by its URI).
+                    None => (owner.unwrap_or(0), None, None),
                 }
             }
-            "resources/read" if f.fed.members.len() == 1 => {
+            "resources/read" => {
                 let uri = params
                     .get("uri")
                     .and_then(Value::as_str)
-                    .unwrap_or_default();
-                (0, None, Some((Item::Resource, uri.to_owned())))
+                    .ok_or_else(|| bad("resources/read needs params.uri".into()))?;
+                (
+                    owner.unwrap_or(0),
+                    None,
+                    Some((Item::Resource, uri.to_owned())),
+                )
             }
             _ => {
                 // 404, as a 2026-07-28 server answers a method it lacks.
-                let message = if method.starts_with("resources/") || method == "completion/complete"
-                {
-                    format!(
-                        "method '{method}' is not served to 2026-07-28 clients by a federated endpoint of several servers yet; use a server's own endpoint"
-                    )
-                } else {
-                    format!("method '{}' not found", jsonrpc::clip(method, 64))
-                };
                 return Err(Reject::new(
                     StatusCode::NOT_FOUND,
                     code::METHOD_NOT_FOUND,
-                    message,
+                    format!("method '{}' not found", jsonrpc::clip(method, 64)),
                 ));
             }
         };
@@ -360,6 +392,31 @@ impl Gateway {
         jsonrpc::result_body(Some(id), result)
     }
 
+    /// The server that owns resource (or resource template) `uri`, as the
+    /// first pages of the servers' resources lists tell (asked as
+    /// `message`'s client, with its `_meta`).
+    async fn modern_owner_of(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        message: &Message,
+        uri: &str,
+    ) -> Option<usize> {
+        for kind in [ListKind::Resources, ListKind::Templates] {
+            let method = kind.method();
+            let results = self
+                .ask_all_modern(f, message, method, |_| Some(json!({})))
+                .await;
+            let pages = results
+                .iter()
+                .filter_map(|(i, r)| Some((*i, Page::of_result(kind, r)?)))
+                .collect();
+            if let Some(i) = owner_in(f, kind, pages, uri) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     /// `subscriptions/listen`: every server's listen stream, in one.
     fn fed_listen(self: &Arc<Self>, f: Fed<'_>, message: &Message) -> Response {
         let (this, owned, body) = (self.clone(), f.owned(), message.raw.clone());
@@ -433,6 +490,94 @@ fn scope_state(server: &str, message: &[u8]) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::bridge::modern::tests::{json_of, modern};
+    use crate::testing;
+
+    /// A modern server `name` with resource `<name>://doc` and template
+    /// `<name>://items/{id}`, whose reads answer the URI and its name.
+    async fn resource_server(name: &'static str) -> testing::Stub {
+        testing::stub(move |body| {
+            let v: Value = serde_json::from_slice(body).unwrap_or_default();
+            let params = &v["params"];
+            let result = match v["method"].as_str().unwrap_or_default() {
+                "resources/list" => {
+                    json!({"resources": [{"uri": format!("{name}://doc"), "name": "doc"}]})
+                }
+                "resources/templates/list" => json!({"resourceTemplates": [
+                    {"uriTemplate": format!("{name}://items/{{id}}"), "name": "item"}]}),
+                "resources/read" => {
+                    let uri = params["uri"].as_str().unwrap_or_default();
+                    json!({"contents": [{"uri": uri, "text": format!("{name} has {uri}")}]})
+                }
+                "completion/complete" => json!({"completion": {"values": [name], "total": 1}}),
+                _ => json!({}),
+            };
+            let mut result = result;
+            result["resultType"] = json!("complete");
+            let answer = json!({"jsonrpc": "2.0", "id": v["id"], "result": result});
+            (200, "application/json", answer.to_string())
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_modern_clients_resource_reads_reach_the_server_that_lists_them() {
+        let (a, b) = (resource_server("a").await, resource_server("b").await);
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\npublish: {{secret: {}}}\n\
+             orgs:\n  org-1:\n    servers:\n\
+             \x20     a: {{upstream: {{era: modern, replicas: [\"{}\"], timeout: 2s}}}}\n\
+             \x20     b: {{upstream: {{era: modern, replicas: [\"{}\"], timeout: 2s}}}}\n",
+            crate::gateway::tests::SECRET,
+            a.url(),
+            b.url()
+        );
+        let config =
+            crate::config::Config::from_yaml(&yaml, std::path::Path::new("unit.yaml"), &|_| None)
+                .expect("config");
+        let gw = Gateway::new(config, Arc::new(crate::session::MemorySessionStore::new()))
+            .expect("gateway");
+        for (uri, said) in [
+            ("a://doc", "a has a://doc"),
+            ("b://doc", "b has b://doc"),
+            ("b://items/7", "b has b://items/7"),
+        ] {
+            let r = gw
+                .handle(modern(
+                    1,
+                    "resources/read",
+                    json!({"uri": uri}),
+                    json!({}),
+                    &[],
+                ))
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{uri}");
+            assert_eq!(json_of(&r)["result"]["contents"][0]["text"], said, "{uri}");
+        }
+        let r = gw
+            .handle(modern(
+                2,
+                "resources/read",
+                json!({"uri": "c://doc"}),
+                json!({}),
+                &[],
+            ))
+            .await;
+        assert_eq!(
+            (
+                json_of(&r)["error"]["code"].clone(),
+                json_of(&r)["error"]["message"].clone()
+            ),
+            (json!(-32002), json!("resource 'c://doc' not found"))
+        );
+        // A template's completion goes to the server of the template.
+        let complete = json!({"ref": {"type": "ref/resource", "uri": "b://items/{id}"},
+                              "argument": {"name": "id", "value": "1"}});
+        let r = gw
+            .handle(modern(3, "completion/complete", complete, json!({}), &[]))
+            .await;
+        assert_eq!(json_of(&r)["result"]["completion"]["values"], json!(["b"]));
+    }
 
     #[test]
     fn request_states_name_their_server() {
