@@ -207,6 +207,11 @@ impl Audit {
         self.queue.is_some()
     }
 
+    /// Whether lines show a call's arguments (so they are worth reading).
+    pub fn shows_arguments(&self) -> bool {
+        self.is_on() && self.arguments != AuditArguments::Omit
+    }
+
     /// The arguments of a call as the config wants them in the log.
     pub fn arguments_of(&self, params: Option<&Value>) -> Option<Value> {
         let arguments = params?.get("arguments")?;

@@ -46,6 +46,10 @@ pub struct Request {
     pub body: Bytes,
     /// For logs and the `X-Request-Id` response header.
     pub request_id: String,
+    /// `body`, already parsed and checked: set on a request the gateway
+    /// makes itself (a federated session's to one of its servers), so the
+    /// server's endpoint does not read it again.
+    pub parsed: Option<crate::jsonrpc::Body>,
 }
 
 impl Request {
@@ -312,6 +316,13 @@ fn accepts(headers: &HeaderMap, media: &str) -> bool {
 /// and listed first (the usual tie-break of HTTP content negotiation).
 /// Wildcards state no preference. The SDK clients list JSON first.
 pub fn prefers_sse(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::ACCEPT).iter();
+    if let (Some(only), None) = (values.next(), values.next())
+        && only.as_bytes() == b"application/json, text/event-stream"
+    {
+        // What the SDK clients (and the gateway itself) send.
+        return false;
+    }
     let mut json: Option<(u16, usize)> = None;
     let mut sse: Option<(u16, usize)> = None;
     let items = headers
@@ -647,6 +658,7 @@ mod tests {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             request_id: "r".into(),
+            parsed: None,
         };
         assert_eq!(r.query_param("session_id").as_deref(), Some("ab-c"));
         assert_eq!(r.query_param("nope"), None);

@@ -276,6 +276,43 @@ pub fn kind_of(raw: &[u8]) -> Result<Kind, FramingError> {
     Ok(kind)
 }
 
+/// A request's `params.name` (of `tools/call` and `prompts/get`), read
+/// without building the rest: its value, and where its JSON string lies in
+/// `raw`, quotes included. `None` when there is no string there (or
+/// `params` has it twice).
+pub fn param_name(raw: &[u8]) -> Option<(String, std::ops::Range<usize>)> {
+    #[derive(Deserialize)]
+    struct Request<'a> {
+        #[serde(borrow)]
+        params: Option<Params<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Params<'a> {
+        #[serde(borrow)]
+        name: Option<&'a RawValue>,
+    }
+    let name = serde_json::from_slice::<Request<'_>>(raw)
+        .ok()?
+        .params?
+        .name?;
+    let value: String = serde_json::from_str(name.get()).ok()?;
+    // The raw value is a slice of `raw`: its place is its offset.
+    let start = (name.get().as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    let span = start..start + name.get().len();
+    (raw.get(span.clone())? == name.get().as_bytes()).then_some((value, span))
+}
+
+/// `raw` with the JSON string at `span` (see [`param_name`]) replaced by
+/// `to`, every other byte as it was.
+pub fn replace_string(raw: &[u8], span: std::ops::Range<usize>, to: &str) -> Bytes {
+    let quoted = Value::from(to).to_string();
+    let mut out = Vec::with_capacity(raw.len() + quoted.len());
+    out.extend_from_slice(&raw[..span.start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&raw[span.end..]);
+    Bytes::from(out)
+}
+
 /// At most `max` characters of `text`, escaped for an error message or a
 /// log line, with an ellipsis when cut.
 pub fn clip(text: &str, max: usize) -> String {
@@ -354,6 +391,29 @@ pub fn method_label(method: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_params_name_is_found_and_replaced_in_place() {
+        let raw = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"name":"s1__x"},"name" : "s1__x","_meta":{}}}"#;
+        let (name, span) = param_name(raw).expect("a name");
+        assert_eq!(name, "s1__x");
+        let out = replace_string(raw, span, "x\"y");
+        assert_eq!(
+            std::str::from_utf8(&out).expect("utf-8"),
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"name":"s1__x"},"name" : "x\"y","_meta":{}}}"#,
+            "only params.name changes; arguments with the same text stay"
+        );
+        let escaped = br#"{"params":{"name":"a\u005fb"}}"#;
+        assert_eq!(param_name(escaped).map(|(n, _)| n), Some("a_b".to_owned()));
+        for bad in [
+            &br#"{"params":{"name":3}}"#[..],
+            br#"{"params":{}}"#,
+            br#"{"params":{"name":"a","name":"b"}}"#,
+            br#"{"id":1}"#,
+        ] {
+            assert_eq!(param_name(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     fn single(s: &str) -> Result<Message, FramingError> {
         match parse_body(&Bytes::copy_from_slice(s.as_bytes()))? {

@@ -340,6 +340,7 @@ async fn read_request(
         headers: head.headers.clone(),
         body: Bytes::new(),
         request_id: request_id.to_owned(),
+        parsed: None,
     };
     let body = read_body(session, limits).await?;
     Ok(Request { body, ..request })

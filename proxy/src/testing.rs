@@ -193,6 +193,7 @@ pub fn request(
         headers: self::headers(headers),
         body: body.into(),
         request_id: "unit".into(),
+        parsed: None,
     }
 }
 

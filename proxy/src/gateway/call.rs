@@ -24,10 +24,11 @@ pub(super) struct Call<'a> {
     pub(super) headers: &'a HeaderMap,
     /// For logs, and the upstream's `X-Request-Id`.
     pub(super) request_id: &'a str,
-    /// Whether the server's policy and the audit apply: a client's request
-    /// at the server's endpoint, not a federated session's (the federated
-    /// endpoint did both).
-    pub(super) policed: bool,
+    /// Whether a client sent it, as opposed to a federated session to one
+    /// of its servers: the server's policy and the audit apply then (the
+    /// federated endpoint did both for its own), and the framing of what
+    /// the gateway made itself is not checked again.
+    pub(super) client: bool,
 }
 
 impl<'a> Call<'a> {
@@ -41,7 +42,7 @@ impl<'a> Call<'a> {
             identity,
             headers: &req.headers,
             request_id: &req.request_id,
-            policed: true,
+            client: true,
         }
     }
 
@@ -89,7 +90,7 @@ impl<'a> Call<'a> {
             identity: self.identity.clone(),
             headers: self.headers.clone(),
             request_id: self.request_id.to_owned(),
-            policed: self.policed,
+            client: self.client,
         }
     }
 }
@@ -100,7 +101,7 @@ pub(super) struct Detached {
     identity: Arc<Identity>,
     headers: HeaderMap,
     request_id: String,
-    policed: bool,
+    client: bool,
 }
 
 impl Detached {
@@ -110,7 +111,7 @@ impl Detached {
             identity: &self.identity,
             headers: &self.headers,
             request_id: &self.request_id,
-            policed: self.policed,
+            client: self.client,
         }
     }
 }

@@ -503,8 +503,9 @@ impl Gateway {
         version: Option<&str>,
         body: Bytes,
     ) -> Request {
-        let mut headers = f.req.headers.clone();
-        for name in [
+        // The client's headers, but its credentials and what names its
+        // own session and body: one pass, no look-up per dropped name.
+        let dropped = [
             http::header::AUTHORIZATION,
             http::header::COOKIE,
             http::header::CONTENT_LENGTH,
@@ -514,8 +515,12 @@ impl Gateway {
             MCP_SESSION_ID,
             edge::MCP_PROTOCOL_VERSION,
             LAST_EVENT_ID,
-        ] {
-            headers.remove(name);
+        ];
+        let mut headers = http::HeaderMap::with_capacity(f.req.headers.len() + 4);
+        for (name, value) in &f.req.headers {
+            if !dropped.contains(name) {
+                headers.append(name.clone(), value.clone());
+            }
         }
         let mut put = |name: http::HeaderName, value: &str| {
             if let Ok(v) = HeaderValue::from_str(value) {
@@ -541,6 +546,7 @@ impl Gateway {
             headers,
             body,
             request_id: f.req.request_id.clone(),
+            parsed: None,
         }
     }
 
@@ -552,7 +558,7 @@ impl Gateway {
         req: &Request,
     ) -> Result<Response, Reject> {
         let call = Call {
-            policed: false,
+            client: false,
             ..Call::new(&member.route, f.identity, req)
         };
         let mut label = Label {
@@ -612,14 +618,15 @@ impl Gateway {
         Ok(())
     }
 
-    /// Sends one message to server `i` in the federated session; its
-    /// session there is reopened once if it has ended.
+    /// Sends one message to server `i` in the federated session (as it is
+    /// parsed: the server's endpoint does not read it again); its session
+    /// there is reopened once if it has ended.
     async fn to_member(
         self: &Arc<Self>,
         f: Fed<'_>,
         session: &SessionState,
         i: usize,
-        body: Bytes,
+        message: Message,
     ) -> Result<Response, Reject> {
         let member = &f.fed.members[i];
         let unavailable = |why: String| unavailable(f.fed, member, &why);
@@ -630,14 +637,15 @@ impl Gateway {
                 .member_session(f, session, i, reopen)
                 .await
                 .map_err(unavailable)?;
-            let req = self.member_request(
+            let mut req = self.member_request(
                 f,
                 member,
                 Method::POST,
                 Some(&child),
                 Some(&session.protocol_version),
-                body.clone(),
+                message.raw.clone(),
             );
+            req.parsed = Some(Body::Single(message.clone()));
             match self.at_member(f, member, &req).await {
                 Err(r) if r.code == code::SESSION_NOT_FOUND && !reopen => reopen = true,
                 Err(r) => {
@@ -656,17 +664,18 @@ impl Gateway {
         }
     }
 
-    /// Sends a request to server `i` and takes its answer.
+    /// Sends `request` to server `i` and takes its answer.
     async fn ask_member(
         self: &Arc<Self>,
         f: Fed<'_>,
         session: &SessionState,
         i: usize,
-        id: Option<&Id>,
-        body: Bytes,
+        request: Message,
     ) -> Answer {
         let member = &f.fed.members[i];
-        match self.to_member(f, session, i, body).await {
+        let id = request.request_id().cloned();
+        let id = id.as_ref();
+        match self.to_member(f, session, i, request).await {
             Err(reject) => Answer::Json(reject.with_id(id).body()),
             Ok(response) => match response.body {
                 edge::ResponseBody::Full(body) => Answer::Json(body),
@@ -708,6 +717,9 @@ impl Gateway {
         if let Some(kind) = ListKind::of_method(method) {
             return Answer::Json(self.fed_list(f, session, id, kind, request).await);
         }
+        if let Some(kind @ (Item::Tool | Item::Prompt)) = crate::policy::kind_of_method(method) {
+            return self.fed_named(f, session, request, kind).await;
+        }
         let Ok(mut message) = serde_json::from_slice::<Value>(&request.raw) else {
             return error(code::PARSE_ERROR, "the request is not JSON".into());
         };
@@ -715,42 +727,6 @@ impl Gateway {
         // What the policy decides on: the server's own name, or a URI.
         let mut check: Option<(Item, String)> = None;
         let target = match method {
-            "tools/call" | "prompts/get" => {
-                let what = if method == "tools/call" {
-                    "tool"
-                } else {
-                    "prompt"
-                };
-                let Some(name) = params
-                    .as_ref()
-                    .and_then(|p| p.get("name"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                else {
-                    return error(code::INVALID_PARAMS, format!("{method} needs params.name"));
-                };
-                match f.fed.naming.route(&name) {
-                    Some((i, own)) => {
-                        let own = own.to_owned();
-                        let kind = if method == "tools/call" {
-                            Item::Tool
-                        } else {
-                            Item::Prompt
-                        };
-                        check = Some((kind, own.clone()));
-                        if let Some(p) = params {
-                            p["name"] = Value::String(own);
-                        }
-                        Some(i)
-                    }
-                    None => {
-                        return error(
-                            code::INVALID_PARAMS,
-                            format!("unknown {what} '{}'", jsonrpc::clip(&name, 128)),
-                        );
-                    }
-                }
-            }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
                 let Some(uri) = params.and_then(|p| p.get("uri")).and_then(Value::as_str) else {
                     return error(code::INVALID_PARAMS, format!("{method} needs params.uri"));
@@ -826,21 +802,83 @@ impl Gateway {
                 Err(Refusal::StepUp(reject)) => return Answer::Refused(reject),
             }
         }
-        let body = Bytes::from(message.to_string());
+        let request = Message {
+            kind: request.kind.clone(),
+            raw: Bytes::from(message.to_string()),
+        };
         let Some(i) = target else {
             // logging/setLevel: every server.
             let all =
-                (0..f.fed.members.len()).map(|i| self.ask_member(f, session, i, id, body.clone()));
+                (0..f.fed.members.len()).map(|i| self.ask_member(f, session, i, request.clone()));
             futures::future::join_all(all).await;
             return Answer::Json(jsonrpc::result_body(id, json!({})));
         };
+        self.fed_route(f, session, i, request, entry).await
+    }
+
+    /// A `tools/call` or `prompts/get` (of `kind`): the name it gives is
+    /// routed, and rewritten to the server's own in the raw bytes; nothing
+    /// else of the request is parsed (its params only for an audit that
+    /// shows arguments).
+    async fn fed_named(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        session: &SessionState,
+        request: &Message,
+        kind: Item,
+    ) -> Answer {
+        let id = request.request_id();
+        let method = request.method().unwrap_or_default();
+        let Some((name, span)) = jsonrpc::param_name(&request.raw) else {
+            return Answer::Json(jsonrpc::error_body(
+                id,
+                code::INVALID_PARAMS,
+                &format!("{method} needs params.name, a string"),
+            ));
+        };
+        let Some((i, own)) = f.fed.naming.route(&name) else {
+            return Answer::Json(jsonrpc::error_body(
+                id,
+                code::INVALID_PARAMS,
+                &format!("unknown {} '{}'", kind.as_str(), jsonrpc::clip(&name, 128)),
+            ));
+        };
+        let params = match self.audit.shows_arguments() {
+            true => request.params(),
+            false => None,
+        };
+        let audited = policed::audited(method).then_some((method, params.as_ref()));
+        let entry = match self.permit_member(f, i, kind, own, id, audited) {
+            Ok(e) => e,
+            Err(Refusal::Denied(body)) => return Answer::Json(body),
+            Err(Refusal::StepUp(reject)) => return Answer::Refused(reject),
+        };
+        let request = Message {
+            kind: request.kind.clone(),
+            raw: jsonrpc::replace_string(&request.raw, span, own),
+        };
+        self.fed_route(f, session, i, request, entry).await
+    }
+
+    /// `request` (in the server's names) to server `i`; its answer ends
+    /// the audit `entry`, if any.
+    async fn fed_route(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        session: &SessionState,
+        i: usize,
+        request: Message,
+        mut entry: Option<Box<Entry>>,
+    ) -> Answer {
+        let id = request.request_id().cloned();
+        let id = id.as_ref();
         let running = id.map(|id| (session.id.clone(), id.clone()));
         if let Some(key) = &running {
             self.federations
                 .running
                 .insert(key.clone(), f.fed.members[i].name.clone());
         }
-        let ask = self.ask_member(f, session, i, id, body);
+        let ask = self.ask_member(f, session, i, request);
         let mut answer = policed::served_in(&mut entry, ask).await;
         if let (Some(key), Answer::Json(_)) = (&running, &answer) {
             self.federations.running.remove(key);
@@ -992,8 +1030,12 @@ impl Gateway {
                 params["cursor"] = Value::String(c);
             }
             let body = json!({"jsonrpc": "2.0", "id": id.to_value(), "method": kind.method(), "params": params});
+            let request = Message {
+                kind: Kind::Request { id: id.clone(), method: kind.method().to_owned() },
+                raw: Bytes::from(body.to_string()),
+            };
             let answer = self
-                .ask_member(f, session, i, Some(&id), Bytes::from(body.to_string()))
+                .ask_member(f, session, i, request)
                 .await;
             let bytes = match answer {
                 Answer::Json(b) => b,

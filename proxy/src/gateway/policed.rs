@@ -68,7 +68,7 @@ impl Gateway {
     ///
     /// A `tools/call`, `prompts/get` or `resources/read` (`audited`: its
     /// method and params) is audited: a refusal here, an allowed call by
-    /// the entry returned, which its answer ends.
+    /// the entry returned, which its answer ends (while the audit is on).
     pub(super) fn permit(
         &self,
         who: Asker<'_>,
@@ -78,6 +78,11 @@ impl Gateway {
         audited: Option<(&str, Option<&Value>)>,
     ) -> Result<Option<Box<Entry>>, Refusal> {
         let decision = who.policy.decide(who.identity, kind, own);
+        // With the audit off, a call is neither written nor counted.
+        let audited = audited.filter(|_| self.audit.is_on());
+        if decision.allowed && audited.is_none() {
+            return Ok(None);
+        }
         let shown = who.policy.shown(kind, own);
         let entry = audited.map(|(method, params)| {
             Box::new(Entry {
@@ -141,7 +146,7 @@ impl Gateway {
     ) -> Result<Option<Box<dyn Watcher>>, Refusal> {
         let org = call.org;
         let open = org.policy.is_open();
-        if !call.policed {
+        if !call.client {
             // A federated session's audited call: the federated endpoint
             // waits to hear which replica answers (see `served_in`).
             if id.is_none() || !audited(method) {

@@ -50,9 +50,16 @@ impl Gateway {
         req: &Request,
         label: &mut Label,
     ) -> Result<Response, Reject> {
-        edge::check_post_framing(&req.headers)?;
-        let body = parse_post_body(&req.body)?;
-        label.method = body_label(&body);
+        let parsed;
+        let body = match &req.parsed {
+            Some(body) => body,
+            None => {
+                edge::check_post_framing(&req.headers)?;
+                parsed = parse_post_body(&req.body)?;
+                &parsed
+            }
+        };
+        label.method = body_label(body);
         if !req.headers.contains_key(&MCP_SESSION_ID)
             && let Body::Single(m) = &body
         {
@@ -62,14 +69,14 @@ impl Gateway {
                 return self.modern_post(call, m, params).await;
             }
         }
-        if let Some(init) = self.initialize_in(&req.headers, &body)? {
+        if let Some(init) = self.initialize_in(&req.headers, body)? {
             return self.initialize(call, init).await;
         }
         let session = self.streamable_session(call).await?;
         let log = self.session_log(&session, false).await?;
         // The negotiated version governs the session, whatever other
         // supported version a request names.
-        self.check_batch(&body, &session.protocol_version, true)?;
+        self.check_batch(body, &session.protocol_version, true)?;
 
         let mut requests = Vec::new();
         for m in body.messages() {
