@@ -127,6 +127,16 @@ pub struct ForwardOrg {
     pub policy: Vec<crate::policy::PolicyRule>,
 }
 
+impl ForwardOrg {
+    /// The scopes a client is told to ask for (beside the realm's client
+    /// scopes): those the org needs, then those its policy grants with.
+    fn wanted_scopes(&self) -> Vec<String> {
+        let mut wanted = self.scopes.clone();
+        wanted.extend(crate::policy::offered_scopes(&self.policy, &self.scopes));
+        wanted
+    }
+}
+
 fn default_mode() -> AuthMode {
     AuthMode::Jwt
 }
@@ -413,7 +423,7 @@ impl ForwardAuth {
                         Self::resource_path(name, endpoint)
                     ),
                     &self.config.identity.issuer,
-                    &self.config.identity.advertised_scopes(&cfg.scopes),
+                    &self.config.identity.advertised_scopes(&cfg.wanted_scopes()),
                     name,
                 ),
             ),
@@ -617,7 +627,7 @@ impl ForwardAuth {
             self.config.public_url.trim_end_matches('/'),
             metadata_path(&Self::resource_path(org_name, endpoint))
         );
-        let mut scopes = self.config.identity.advertised_scopes(&org.scopes);
+        let mut scopes = self.config.identity.advertised_scopes(&org.wanted_scopes());
         scopes.extend(more.iter().cloned());
         let Some(challenge) = challenge(&metadata_url, &scopes, e) else {
             return false;
@@ -1110,6 +1120,13 @@ mod tests {
             challenge.contains("insufficient_scope") && challenge.contains("mcp:write"),
             "{challenge}"
         );
+        // The scope the policy grants with is advertised from the start.
+        let anonymous = ask(addr, "/check", "", &[("x-original-uri", "/org-1/mcp")]).await;
+        assert_eq!(anonymous.status(), 401);
+        let challenge = anonymous.headers()["www-authenticate"]
+            .to_str()
+            .expect("ascii");
+        assert!(challenge.contains("mcp:write\""), "{challenge}");
         let unnamed = check(&[("mcp-method", "tools/call")]).await;
         assert_eq!(unnamed.status(), 403);
         assert!(description(unnamed).await.contains("names no Mcp-Name"));

@@ -313,6 +313,23 @@ pub fn target_of<'a>(method: &str, params: Option<&'a Value>) -> Option<(Kind, &
 
 /// The kind of item a request of `method` uses by name (`params.name`, or
 /// `params.uri` for resources; a 2026-07-28 client's `Mcp-Name`).
+/// The scopes with which `rules` grant more (their `when.scopes`), but
+/// those in `required`, each once: advertised beside the required, so a
+/// client asks for them when it first logs in (one that registered itself
+/// may later ask only for the scopes it registered with).
+pub fn offered_scopes<'a>(
+    rules: impl IntoIterator<Item = &'a PolicyRule>,
+    required: &[String],
+) -> Vec<String> {
+    let mut offered: Vec<String> = Vec::new();
+    for scope in rules.into_iter().flat_map(|r| &r.when.scopes) {
+        if !offered.contains(scope) && !required.contains(scope) {
+            offered.push(scope.clone());
+        }
+    }
+    offered
+}
+
 pub fn kind_of_method(method: &str) -> Option<Kind> {
     match method {
         "tools/call" => Some(Kind::Tool),

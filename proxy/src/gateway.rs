@@ -872,6 +872,38 @@ pub(super) mod tests {
             assert_eq!(none.status, StatusCode::NOT_FOUND);
         }
 
+        /// A client that registers itself with Keycloak may ask later only
+        /// for the scopes it registered with: the scopes a policy grants
+        /// tools with are advertised from the start, after the required.
+        #[tokio::test]
+        async fn the_scopes_a_policy_grants_with_are_advertised() {
+            let idp = FakeIdp::start().await;
+            let policy = "scopes: [mcp:admin], policy: [{name: t, when: {scopes: [mcp:tools, mcp:admin]}, allow: {tools: [x]}}],";
+            let (gw, _up) = secured(&idp, policy).await;
+            let r = gw.handle(post(INIT, &[])).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+            let challenge = r.headers[http::header::WWW_AUTHENTICATE]
+                .to_str()
+                .expect("ascii");
+            assert!(
+                challenge.ends_with("scope=\"organization gateway mcp:admin mcp:tools\""),
+                "{challenge}"
+            );
+            let doc = json_of(
+                &gw.handle(request(
+                    Method::GET,
+                    "/.well-known/oauth-protected-resource/gw/org-1/mcp",
+                    &[],
+                    "",
+                ))
+                .await,
+            );
+            assert_eq!(
+                doc["scopes_supported"],
+                json!(["organization", "gateway", "mcp:admin", "mcp:tools"])
+            );
+        }
+
         #[tokio::test]
         async fn wrong_org_and_missing_scope_are_403() {
             let idp = FakeIdp::start().await;

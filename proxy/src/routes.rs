@@ -36,6 +36,9 @@ pub struct Front {
     pub auth: AuthMode,
     /// Scopes a token needs for this org.
     pub scopes: Vec<String>,
+    /// Scopes with which the org's policies grant more (see
+    /// [`crate::policy::offered_scopes`]).
+    pub offered: Vec<String>,
     /// The organization alias tokens must carry.
     pub organization: String,
     /// Who every caller is when `auth` is `none`.
@@ -57,6 +60,14 @@ impl std::ops::Deref for OrgRoute {
     type Target = Front;
     fn deref(&self) -> &Front {
         &self.front
+    }
+}
+
+impl Front {
+    /// The org's scopes a client is told to ask for (beside the realm's
+    /// client scopes): those it needs, then those its policies offer.
+    pub fn wanted_scopes(&self) -> Vec<String> {
+        self.scopes.iter().chain(&self.offered).cloned().collect()
     }
 }
 
@@ -192,12 +203,17 @@ impl Routes {
         let mut routes = Vec::new();
         let mut federations = Vec::new();
         for (name, org) in &config.orgs {
+            let entries = org.server_entries();
+            let rules = entries.iter().flat_map(|e| e.policy.iter());
+            let offered =
+                crate::policy::offered_scopes(org.policy.iter().chain(rules), &org.scopes);
             let front = |key: Arc<str>, server_name: Option<&str>| Front {
                 name: name.as_str().into(),
                 key,
                 server_name: server_name.map(Into::into),
                 auth: org.auth,
                 scopes: org.scopes.clone(),
+                offered: offered.clone(),
                 organization: org.organization.clone().unwrap_or_else(|| name.clone()),
                 anonymous: Arc::new(ratatosk_auth::Identity::anonymous(name)),
                 metrics: metrics.for_org(name),

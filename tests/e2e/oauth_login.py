@@ -23,9 +23,17 @@ from html import unescape
 from html.parser import HTMLParser
 from urllib.parse import parse_qs, urlsplit
 
+from contextlib import asynccontextmanager
+
 import anyio
 import httpx2
-from mcp.shared.auth import AuthorizationCodeResult
+from mcp import ClientSession, types
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
+
+from harness import free_port
 
 
 @dataclass
@@ -172,3 +180,33 @@ class MemoryStorage:
 
     async def set_client_info(self, client_info) -> None:
         self.client_info = client_info
+
+
+# ----- the official SDK client, logging in as a person ------------------------------
+
+def redirect_uri() -> str:
+    # Nothing listens there: the person reads the code off the redirect.
+    return f"http://127.0.0.1:{free_port()}/callback"
+
+
+def provider(url: str, person: Person, storage: MemoryStorage, **kw) -> OAuthClientProvider:
+    return OAuthClientProvider(
+        server_url=url,
+        client_metadata=OAuthClientMetadata(client_name="Ratatosk e2e client", redirect_uris=[person.redirect_uri]),
+        storage=storage, redirect_handler=person.redirect_handler, callback_handler=person.callback_handler, **kw)
+
+
+@asynccontextmanager
+async def connected(url: str, auth: OAuthClientProvider, name: str, **callbacks):
+    """An initialized session over the transport the URL names."""
+    info = types.Implementation(name=name, version="1")
+    if url.endswith("/sse"):
+        transport = sse_client(url, auth=auth, timeout=10.0, sse_read_timeout=60.0)
+    else:
+        http = httpx2.AsyncClient(auth=auth, timeout=httpx2.Timeout(30.0, read=60.0))
+        transport = streamable_http_client(url, http_client=http)
+    async with transport as (read, write):
+        async with ClientSession(read, write, read_timeout_seconds=30, client_info=info, **callbacks) as session:
+            with anyio.fail_after(60):
+                await session.initialize()
+            yield session

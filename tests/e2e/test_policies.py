@@ -21,7 +21,9 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from conftest import identity_config
-from harness import KC_GATEWAY_SECRET, Gateway, legacy_session, post, running, streamable_session, wait_until
+from harness import (KC_GATEWAY_SECRET, KC_PASSWORDS, Gateway, claims, legacy_session, post, running,
+                     streamable_session, wait_until)
+from oauth_login import MemoryStorage, Person, connected, provider, redirect_uri
 
 RULES = [
     {"name": "readers", "when": {"realm_roles": ["mcp-reader"]},
@@ -43,7 +45,10 @@ def policy_gateway(log_dir, replicas, modern_upstream, keycloak):
 
     gw = Gateway(log_dir, {"pol-1": federation("org-1"), "pol-2": federation("org-2")},
                  name="policy-gateway",
-                 extra={"identity": identity_config(keycloak.issuer),
+                 # Clients ask for Keycloak's `roles` scope too: a client that
+                 # registered itself has no other way to its users' roles.
+                 extra={"identity": identity_config(keycloak.issuer,
+                                                    client_scopes=["organization", "ratatosk", "roles"]),
                         "audit": {"sink": "file", "path": str(log_dir / "policy-audit.jsonl"),
                                   "arguments": "hashed"}},
                  env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
@@ -192,3 +197,37 @@ async def test_a_servers_own_endpoint_applies_the_same_policy(policy_gateway, ke
     lines = audit_lines(policy_gateway, before + 2)[before:]
     assert [(x["server"], x["tool"], x["outcome"], x["replica"] is None) for x in lines] == \
         [("py", "py__add", "result", False), ("py", "py__sleep_then_return", "denied", True)], lines
+
+
+@pytest.mark.anyio
+async def test_a_client_that_logs_in_through_the_front_door_gets_what_its_users_roles_allow(policy_gateway,
+                                                                                             keycloak, replicas):
+    """The official SDK's OAuth client follows the gateway's 401, registers
+    itself with the realm and alice logs in at Keycloak's pages (no token
+    is made by the test). A self-registered client gets only the scopes it
+    registered with, and no role of its own: the gateway advertises the
+    scope its policy grants with (`mcp:tools`) and Keycloak's `roles`
+    scope (in `identity.client_scopes`), and the realm's `ratatosk` scope
+    carries her groups. On the federated endpoint she sees and calls what
+    her role and that scope allow, and nothing else."""
+    alice = Person("alice", KC_PASSWORDS["alice"], redirect_uri())
+    storage = MemoryStorage()
+    url = policy_gateway.url("pol-1")
+    tag = f"front-door-{uuid.uuid4().hex[:8]}"
+    try:
+        async with connected(url, provider(url, alice, storage), "policy-front-door") as s:
+            assert alice.pages == ["username", "password", "consent"], alice.pages
+            token = claims(storage.tokens.access_token)
+            assert token["azp"] == storage.client_info.client_id != "mcp-client", token
+            assert "mcp-reader" in token["realm_access"]["roles"] and token["groups"] == ["readers"], token
+            assert "mcp:tools" in token["scope"].split(), token["scope"]
+            assert {t.name for t in (await s.list_tools()).tools} == \
+                {"py__add", "py__slow_count", "pm__slow_count", "pm__add"}
+            assert (await s.call_tool("pm__add", {"a": 20, "b": 22})).content[0].text == "42"
+            with pytest.raises(MCPError) as refused:
+                await s.call_tool("py__sleep_then_return", {"seconds": 0, "tag": tag})
+            assert refused.value.error.message == \
+                "tool 'py__sleep_then_return' is not allowed to this caller by the policy of org 'pol-1'"
+    finally:
+        await alice.aclose()
+    assert not any(e["tag"] == tag for r in replicas for e in r.events()), "a denied call reached the server"

@@ -57,8 +57,8 @@ impl Gateway {
             scope: scopes.join(" "),
         };
         let mut wanted = match &self.validator {
-            Some(validator) => validator.config().advertised_scopes(&org.scopes),
-            None => org.scopes.clone(),
+            Some(validator) => validator.config().advertised_scopes(&org.wanted_scopes()),
+            None => org.wanted_scopes(),
         };
         for s in scopes {
             if !wanted.contains(s) {
@@ -99,8 +99,8 @@ impl Gateway {
         }
         let mut reject = Reject::new(status, rpc_code, e.client_message());
         let scopes = match &self.validator {
-            Some(validator) => validator.config().advertised_scopes(&org.scopes),
-            None => org.scopes.clone(),
+            Some(validator) => validator.config().advertised_scopes(&org.wanted_scopes()),
+            None => org.wanted_scopes(),
         };
         match challenge(&self.metadata_url(org, endpoint), &scopes, e) {
             Some(challenge) => {
@@ -182,7 +182,7 @@ impl Gateway {
         let doc = resource_metadata(
             &format!("{}{resource_path}", self.public_url),
             &validator.config().issuer,
-            &validator.config().advertised_scopes(&org.scopes),
+            &validator.config().advertised_scopes(&org.wanted_scopes()),
             &org.name,
         );
         Response::json(StatusCode::OK, Bytes::from(doc.to_string()))
