@@ -376,29 +376,23 @@ fn spawn_redis_writer(
                         .arg(line)
                         .ignore();
                 }
-                let mut sent = false;
-                for _ in 0..2 {
-                    let c = match conn.take() {
+                // A connection that failed is dropped; the second try
+                // opens a fresh one.
+                let mut send = || -> redis::RedisResult<()> {
+                    let mut c = match conn.take() {
                         Some(c) => c,
-                        None => match redis_connection(&client) {
-                            Ok(c) => c,
-                            Err(e) => {
-                                tracing::warn!("cannot write the audit log to Redis: {e}");
-                                continue;
-                            }
-                        },
+                        None => redis_connection(&client)?,
                     };
-                    let mut c = c;
-                    match pipe.exec(&mut c) {
-                        Ok(()) => {
-                            conn = Some(c);
-                            sent = true;
-                            break;
-                        }
-                        Err(e) => tracing::warn!("cannot write the audit log to Redis: {e}"),
-                    }
-                }
-                if !sent {
+                    pipe.exec(&mut c)?;
+                    conn = Some(c);
+                    Ok(())
+                };
+                let sent = send().or_else(|e| {
+                    tracing::warn!("cannot write the audit log to Redis: {e}");
+                    send()
+                });
+                if let Err(e) = sent {
+                    tracing::warn!("cannot write the audit log to Redis: {e}");
                     dropped.inc_by(batch.len() as u64);
                 }
                 batch.clear();

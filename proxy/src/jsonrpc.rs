@@ -19,6 +19,9 @@ pub mod code {
     pub const BAD_REQUEST: i64 = -32000;
     /// The `Mcp-Session-Id` is unknown, ended or belongs to someone else.
     pub const SESSION_NOT_FOUND: i64 = -32001;
+    /// MCP's error for a resource no server has (the same number as
+    /// `UPSTREAM_ERROR`, as MCP chose it).
+    pub const RESOURCE_NOT_FOUND: i64 = -32002;
     /// The upstream failed, timed out or could not be reached.
     pub const UPSTREAM_ERROR: i64 = -32002;
     /// The route does not exist.

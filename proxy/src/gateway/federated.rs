@@ -734,12 +734,7 @@ impl Gateway {
                 check = Some((Item::Resource, uri.to_owned()));
                 match self.owner_of(f, session, uri).await {
                     Some(i) => Some(i),
-                    None => {
-                        return error(
-                            -32002,
-                            format!("resource '{}' not found", jsonrpc::clip(uri, 256)),
-                        );
-                    }
+                    None => return Answer::Json(resource_not_found(id, uri)),
                 }
             }
             "completion/complete" => {
@@ -843,10 +838,11 @@ impl Gateway {
                 &format!("unknown {} '{}'", kind.as_str(), jsonrpc::clip(&name, 128)),
             ));
         };
-        let params = match self.audit.shows_arguments() {
-            true => request.params(),
-            false => None,
-        };
+        let params = self
+            .audit
+            .shows_arguments()
+            .then(|| request.params())
+            .flatten();
         let audited = policed::audited(method).then_some((method, params.as_ref()));
         let entry = match self.permit_member(f, i, kind, own, id, audited) {
             Ok(e) => e,
@@ -1474,6 +1470,15 @@ fn to_client(server: &str, message: &Bytes) -> (Bytes, Option<Id>) {
         Kind::Response { id } => (message.clone(), Some(id)),
         Kind::Notification { .. } => (message.clone(), None),
     }
+}
+
+/// The answer to a request for a resource no server lists.
+fn resource_not_found(id: Option<&Id>, uri: &str) -> Bytes {
+    jsonrpc::error_body(
+        id,
+        code::RESOURCE_NOT_FOUND,
+        &format!("resource '{}' not found", jsonrpc::clip(uri, 256)),
+    )
 }
 
 /// The server whose `kind` list (resources, or templates) in `pages` has

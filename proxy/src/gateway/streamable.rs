@@ -160,9 +160,7 @@ impl Gateway {
                 a = self.send_in_session(org, &session, headers, single.raw.clone()) => a,
             };
             let answer = answer.map_err(|e| upstream_reject(e, id.as_ref()))?;
-            if let Some(id) = &id {
-                log.watches.served(id, answer.lease.replica());
-            }
+            log.watches.served(id.as_ref(), answer.lease.replica());
             match answer.kind {
                 AnswerKind::Json => {
                     // Pass the upstream's JSON through as it is.
@@ -389,9 +387,7 @@ impl Gateway {
         };
         match answer {
             Ok(answer) => {
-                if let Some(id) = &id {
-                    log.watches.served(id, answer.lease.replica());
-                }
+                log.watches.served(id.as_ref(), answer.lease.replica());
                 let reader = AnswerReader::new(answer, org.server.pool.read_limits);
                 self.relay(reader, log, stream, id, org, &guard.token, Some(session))
                     .await;

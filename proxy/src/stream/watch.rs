@@ -85,12 +85,12 @@ impl Watches {
         Some(watcher)
     }
 
-    /// Request `id` went to the replica named `replica`: its watch, if
-    /// any, is told.
-    pub fn served(&self, id: &Id, replica: &str) {
-        if self.is_empty() {
+    /// Request `id` (none for a notification) went to the replica named
+    /// `replica`: its watch, if any, is told.
+    pub fn served(&self, id: Option<&Id>, replica: &str) {
+        let Some(id) = id.filter(|_| !self.is_empty()) else {
             return;
-        }
+        };
         if let Some((_, watcher)) = self.lock().iter_mut().find(|(w, _)| w == id) {
             watcher.served_by(replica);
         }

@@ -429,7 +429,7 @@ impl Gateway {
             .send_in_session(org, &hidden, headers, body)
             .await
             .map_err(|e| upstream_reject(e, Some(id)))?;
-        watches.served(id, answer.lease.replica());
+        watches.served(Some(id), answer.lease.replica());
         let reader = AnswerReader::new(answer, org.server.pool.read_limits);
         let park = Park {
             map: self.bridges.parked.parked.clone(),

@@ -218,7 +218,7 @@ impl Gateway {
             .send(headers, body)
             .await
             .map_err(|e| modern_upstream_reject(e, Some(id)))?;
-        watches.served(id, answer.lease.replica());
+        watches.served(Some(id), answer.lease.replica());
         let reader = AnswerReader::new(answer, org.server.pool.read_limits);
         self.respond_modern(
             org,
@@ -248,9 +248,7 @@ impl Gateway {
             .send(headers, body)
             .await
             .map_err(|e| modern_upstream_reject(e, id))?;
-        if let Some(id) = id {
-            watches.served(id, answer.lease.replica());
-        }
+        watches.served(id, answer.lease.replica());
         // A listen stream is meant to stay open and quiet.
         let limits = if listen {
             background::listen_limits(org)
@@ -385,9 +383,7 @@ impl Gateway {
                     .await
                     .ok_or_else(|| cancelled(id.as_ref()))?
                     .map_err(|e| upstream_reject(e, id.as_ref()))?;
-                if let Some(id) = &id {
-                    log.watches.served(id, answer.lease.replica());
-                }
+                log.watches.served(id.as_ref(), answer.lease.replica());
                 if answer.kind != AnswerKind::Json {
                     (round, First::Answer(answer))
                 } else {
@@ -451,7 +447,7 @@ impl Gateway {
                 None => match round.send(org, &headers, cancel).await {
                     None => return,
                     Some(Ok(a)) => {
-                        log.watches.served(&id, a.lease.replica());
+                        log.watches.served(Some(&id), a.lease.replica());
                         Err(a)
                     }
                     Some(Err(e)) => {

@@ -14,9 +14,6 @@ use crate::era::{self, MCP_NAME, MODERN_VERSION, MODERN_VERSIONS};
 /// the policy decides on.
 type Target = (usize, Option<String>, Option<(Item, String)>);
 
-/// MCP's error for an unknown resource.
-const RESOURCE_NOT_FOUND: i64 = -32002;
-
 /// The resource a request names, if it is routed by it: `resources/read`'s
 /// URI, or a resource template's in `completion/complete`.
 fn resource_uri<'b>(method: &str, body: &'b Value) -> Option<&'b str> {
@@ -74,13 +71,7 @@ impl Gateway {
             Some(uri) if f.fed.members.len() > 1 => {
                 match self.modern_owner_of(f, message, uri).await {
                     Some(i) => Some(i),
-                    None => {
-                        return json(jsonrpc::error_body(
-                            Some(id),
-                            RESOURCE_NOT_FOUND,
-                            &format!("resource '{}' not found", jsonrpc::clip(uri, 256)),
-                        ));
-                    }
+                    None => return json(resource_not_found(Some(id), uri)),
                 }
             }
             _ => None,
@@ -370,19 +361,14 @@ impl Gateway {
                 );
             }
         };
-        let method = message.method().unwrap_or_default();
-        let results = self
-            .ask_all_modern(f, message, method, |i| match &cursors {
+        let pages = self
+            .modern_pages(f, message, kind, |i| match &cursors {
                 None => Some(json!({})),
                 Some(map) => map
                     .get(&*f.fed.members[i].name)
                     .map(|c| json!({"cursor": c})),
             })
             .await;
-        let pages: Vec<(usize, Page)> = results
-            .iter()
-            .filter_map(|(i, r)| Some((*i, Page::of_result(kind, r)?)))
-            .collect();
         let mut result = self.merged_list(f, kind, pages);
         result["resultType"] = Value::from("complete");
         // Lists are merged per caller (and filtered per caller once
@@ -402,19 +388,30 @@ impl Gateway {
         uri: &str,
     ) -> Option<usize> {
         for kind in [ListKind::Resources, ListKind::Templates] {
-            let method = kind.method();
-            let results = self
-                .ask_all_modern(f, message, method, |_| Some(json!({})))
+            let pages = self
+                .modern_pages(f, message, kind, |_| Some(json!({})))
                 .await;
-            let pages = results
-                .iter()
-                .filter_map(|(i, r)| Some((*i, Page::of_result(kind, r)?)))
-                .collect();
             if let Some(i) = owner_in(f, kind, pages, uri) {
                 return Some(i);
             }
         }
         None
+    }
+
+    /// The servers' pages of list `kind`, asked (with `params`, per
+    /// server) as `message`'s client.
+    async fn modern_pages(
+        self: &Arc<Self>,
+        f: Fed<'_>,
+        message: &Message,
+        kind: ListKind,
+        params: impl Fn(usize) -> Option<Value>,
+    ) -> Vec<(usize, Page)> {
+        self.ask_all_modern(f, message, kind.method(), params)
+            .await
+            .iter()
+            .filter_map(|(i, r)| Some((*i, Page::of_result(kind, r)?)))
+            .collect()
     }
 
     /// `subscriptions/listen`: every server's listen stream, in one.
