@@ -53,6 +53,10 @@ pub struct ProviderConfig {
     /// Bounds on introspection calls for tokens not in the cache.
     #[serde(default)]
     pub introspection: IntrospectionLimits,
+    /// The CA (PEM bundle) the provider's certificate chains to, in place
+    /// of the system's roots: for a Keycloak with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for ProviderConfig {
@@ -175,10 +179,22 @@ impl ProviderConfig {
         scopes
     }
 
+    /// How calls to the provider are checked: `ca_file`, or the system's
+    /// roots.
+    pub fn tls(&self) -> crate::tls::ClientTls {
+        crate::tls::ClientTls {
+            ca_file: self.ca_file.clone(),
+            ..Default::default()
+        }
+    }
+
     /// Problems with the settings, as (field, message), for the caller's
     /// config report. `needs_introspection` is true when a route uses it.
     pub fn problems(&self, needs_introspection: bool) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        if let Err(e) = self.tls().load() {
+            out.push((e.field.to_owned(), e.message));
+        }
         match url::Url::parse(&self.issuer) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
             _ => out.push((

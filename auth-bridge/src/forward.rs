@@ -30,7 +30,7 @@ use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use serde::{Deserialize, Deserializer};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::config::ProviderConfig;
 use crate::metadata::{challenge, metadata_path, resource_metadata};
@@ -42,6 +42,10 @@ use crate::{AuthError, AuthMode, SHOWN_CHARS, Validator, untrusted};
 #[serde(deny_unknown_fields)]
 pub struct ForwardConfig {
     pub listen: SocketAddr,
+    /// HTTPS on `listen`, with the gateway's `tls` shape (certificate and
+    /// key files, reloaded on SIGHUP and on a timer; optional client CA).
+    #[serde(default)]
+    pub tls: Option<crate::tls::ListenerTls>,
     /// The public URL of what the proxy protects; resources are
     /// `{public_url}/{org}/mcp`.
     pub public_url: String,
@@ -165,6 +169,14 @@ impl ForwardConfig {
         for (field, msg) in self.identity.problems(introspects) {
             out.push(format!("identity.{field}: {msg}"));
         }
+        for (field, msg) in self.tls.iter().flat_map(|t| t.problems()) {
+            let at = if field.is_empty() {
+                "tls".to_owned()
+            } else {
+                format!("tls.{field}")
+            };
+            out.push(format!("{at}: {msg}"));
+        }
         if self.orgs.is_empty() {
             out.push("orgs: expected at least one org".into());
         }
@@ -248,6 +260,8 @@ impl ListenerMetrics {
 
 pub struct ForwardAuth {
     config: ForwardConfig,
+    /// The listener's certificate, with `tls`.
+    certs: Option<Arc<crate::tls::ServingCerts>>,
     validator: Arc<Validator>,
     registry: Registry,
     metrics: ListenerMetrics,
@@ -273,8 +287,15 @@ impl ForwardAuth {
             })?;
             policies.insert(name.clone(), policy);
         }
+        let certs = config
+            .tls
+            .as_ref()
+            .map(|t| crate::tls::ServingCerts::load("tls", t))
+            .transpose()
+            .map_err(|e| crate::validator::BuildError::Config(format!("tls: {e}")))?;
         Ok(Arc::new(ForwardAuth {
             config,
+            certs,
             policies,
             validator,
             registry,
@@ -285,10 +306,13 @@ impl ForwardAuth {
         }))
     }
 
-    /// Serves on `listen` until the process is told to stop.
+    /// Serves on `listen` until the process is told to stop. With `tls`,
+    /// the certificate is re-read on SIGHUP and every `reload_interval`.
     pub async fn serve(self: Arc<Self>) -> std::io::Result<()> {
         let listener = TcpListener::bind(self.config.listen).await?;
-        self.serve_on(listener, shutdown_signal()).await
+        let (hangup, hangups) = std::sync::mpsc::channel();
+        crate::tls::keep_fresh(self.certs.iter().cloned().collect(), hangups, |_, _| {})?;
+        self.serve_on(listener, shutdown_signal(hangup)).await
     }
 
     /// Serves on a bound listener until `shutdown` completes.
@@ -297,7 +321,11 @@ impl ForwardAuth {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        tracing::info!(listen = %listener.local_addr()?, "forward-auth listening");
+        let tls = self
+            .certs
+            .as_ref()
+            .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c.server_config(&[b"http/1.1"]))));
+        tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "forward-auth listening");
         tokio::pin!(shutdown);
         let connections = Arc::new(tokio::sync::Semaphore::new(self.config.max_connections));
         loop {
@@ -329,15 +357,33 @@ impl ForwardAuth {
             };
             self.metrics.open.inc();
             let this = self.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                this.serve_connection(stream).await;
+                match tls {
+                    None => this.serve_connection(stream).await,
+                    Some(tls) => {
+                        // The handshake shares the request's deadline.
+                        let timeout = this.config.request_timeout;
+                        match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => this.serve_connection(stream).await,
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => {
+                                this.metrics.timeouts.inc();
+                                tracing::debug!("TLS handshake did not finish in time");
+                            }
+                        }
+                    }
+                }
                 this.metrics.open.dec();
                 drop(permit);
             });
         }
     }
 
-    async fn serve_connection(self: &Arc<Self>, stream: TcpStream) {
+    async fn serve_connection<S>(self: &Arc<Self>, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let first_byte = Arc::new(Mutex::new(None));
         let io = TokioIo::new(Stamped {
             stream,
@@ -689,12 +735,12 @@ fn take(first_byte: &Mutex<Option<Instant>>) -> Option<Instant> {
 /// arrived, so that one deadline covers a request's head and body together.
 /// (A pipelined request read in one go with the previous one gets its clock
 /// started when hyper takes it up: later, never earlier.)
-struct Stamped {
-    stream: TcpStream,
+struct Stamped<S> {
+    stream: S,
     first_byte: Arc<Mutex<Option<Instant>>>,
 }
 
-impl AsyncRead for Stamped {
+impl<S: AsyncRead + Unpin> AsyncRead for Stamped<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -710,7 +756,7 @@ impl AsyncRead for Stamped {
     }
 }
 
-impl AsyncWrite for Stamped {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Stamped<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -812,11 +858,14 @@ fn json_answer(status: StatusCode, body: serde_json::Value) -> Answer {
     r
 }
 
-async fn shutdown_signal() {
+/// Ends on SIGTERM or Ctrl-C; a SIGHUP is passed on to `hangup` (the TLS
+/// reload).
+async fn shutdown_signal(hangup: std::sync::mpsc::Sender<()>) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
+        let tell = hangup;
         let (Ok(mut term), Ok(mut hangup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::hangup()),
@@ -828,11 +877,13 @@ async fn shutdown_signal() {
             tokio::select! {
                 _ = &mut ctrl_c => return,
                 _ = term.recv() => return,
-                // Its default action would end the process; operators send
-                // it out of habit (logrotate, `systemctl reload`).
-                _ = hangup.recv() => tracing::warn!(
-                    "SIGHUP received: reloading the config is not supported; restart to apply a new one"
-                ),
+                // Its default action would end the process.
+                _ = hangup.recv() => {
+                    tracing::info!(
+                        "SIGHUP received: re-reading TLS certificates (the rest of the config is not reloaded; restart to apply it)"
+                    );
+                    let _ = tell.send(());
+                }
             }
         }
     }
@@ -847,6 +898,7 @@ mod tests {
     use super::*;
     use crate::testing::FakeIdp;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     #[test]
     fn orgs_come_from_the_first_segment_of_a_clean_path() {
@@ -953,6 +1005,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let mut config = ForwardConfig {
             listen: addr,
+            tls: None,
             public_url: "http://proxy.test".into(),
             identity: idp.config(),
             mode: AuthMode::Jwt,

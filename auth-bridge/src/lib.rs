@@ -22,6 +22,7 @@ pub mod policy;
 pub mod provider;
 pub mod ratelog;
 pub mod throttle;
+pub mod tls;
 pub mod validator;
 
 #[cfg(any(test, feature = "testing"))]

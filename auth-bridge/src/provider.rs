@@ -91,12 +91,19 @@ pub struct Provider {
 }
 
 impl Provider {
-    pub fn new(config: ProviderConfig, metrics: AuthMetrics) -> Result<Provider, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    pub fn new(
+        config: ProviderConfig,
+        metrics: AuthMetrics,
+    ) -> Result<Provider, crate::validator::BuildError> {
+        let tls = config
+            .tls()
+            .load()
+            .map_err(|e| crate::validator::BuildError::Config(format!("identity.{e}")))?;
+        let builder = reqwest::Client::builder()
             .no_proxy()
             .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .build()?;
+            .connect_timeout(config.timeout);
+        let http = tls.apply(builder)?.build()?;
         Ok(Provider {
             config,
             http,

@@ -2,6 +2,8 @@
 //! introspection on loopback, with tokens signed by a key made per test.
 //! The end-to-end tests use a real Keycloak instead.
 
+pub mod tls;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -181,6 +183,7 @@ impl FakeIdp {
             logout_client_ids: vec!["mcp-client".into()],
             max_token_bytes: 16 * 1024,
             introspection: Default::default(),
+            ca_file: None,
         }
     }
 }

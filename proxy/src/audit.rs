@@ -146,7 +146,7 @@ struct Line<'a> {
 /// Where the Redis sink writes: the sessions' Redis, one stream for all
 /// nodes, each entry naming the node that wrote it.
 pub struct RedisSink<'a> {
-    pub url: &'a str,
+    pub target: &'a crate::session::RedisTarget,
     /// The stream's key.
     pub key: String,
     pub node: u32,
@@ -344,7 +344,7 @@ fn spawn_redis_writer(
     max_entries: usize,
     dropped: IntCounter,
 ) -> std::io::Result<SyncSender<String>> {
-    let client = redis::Client::open(sink.url).map_err(|e| {
+    let client = sink.target.client().map_err(|e| {
         std::io::Error::other(format!("the audit sink's Redis URL is not valid: {e}"))
     })?;
     let (key, node) = (sink.key, sink.node.to_string());
@@ -556,7 +556,7 @@ pub(crate) mod tests {
         };
         let (calls, dropped) = counters();
         let sink = RedisSink {
-            url: &redis.url(),
+            target: &crate::session::RedisTarget::from(&redis.url()),
             key: "gw1:audit".into(),
             node: 7,
         };
@@ -622,7 +622,7 @@ pub(crate) mod tests {
         let (calls, dropped) = counters();
         let url = format!("redis://127.0.0.1:{port}/");
         let sink = RedisSink {
-            url: &url,
+            target: &crate::session::RedisTarget::from(&url),
             key: "a".into(),
             node: 1,
         };

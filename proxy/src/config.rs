@@ -27,6 +27,14 @@ pub struct Config {
     /// The admin listener: health, metrics, the publish and sessions APIs.
     /// Keep it on a network only operators and workers reach.
     pub admin_listen: SocketAddr,
+    /// HTTPS on `listen` (HTTP/1.1 and HTTP/2 by ALPN): certificate and key
+    /// files, reloaded on SIGHUP and on a timer, and an optional client CA
+    /// for mTLS.
+    #[serde(default)]
+    pub tls: Option<ratatosk_auth::tls::ListenerTls>,
+    /// The same for `admin_listen`.
+    #[serde(default)]
+    pub admin_tls: Option<ratatosk_auth::tls::ListenerTls>,
     /// Prefix before `/{org}/mcp`, e.g. `/api/v1/mcp`. Empty by default.
     #[serde(default)]
     pub base_path: String,
@@ -51,7 +59,8 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     /// The URL clients use to reach the gateway, e.g. `https://mcp.example.com`.
-    /// Resource URLs (RFC 9728) are built from it. Default: `http://{listen}`.
+    /// Resource URLs (RFC 9728) are built from it. Default: `http://{listen}`
+    /// (`https://` with `tls`).
     #[serde(default)]
     pub public_url: Option<String>,
     /// The identity provider (a Keycloak realm). Required when an org uses
@@ -142,6 +151,28 @@ pub struct SessionsConfig {
     /// Prefix of every Redis key, so that several gateways can share one
     /// Redis.
     pub key_prefix: String,
+    /// For a `rediss://` URL: the CA to trust in place of the system's
+    /// roots (`ca_file`), and a client certificate (`cert_file`,
+    /// `key_file`).
+    pub tls: Option<ratatosk_auth::tls::ClientTls>,
+}
+
+impl SessionsConfig {
+    /// Where the shared store is, with `store: redis`, and its TLS files
+    /// read.
+    pub fn redis(&self) -> Result<Option<crate::session::RedisTarget>, String> {
+        let (StoreKind::Redis, Some(url)) = (self.store, &self.url) else {
+            return Ok(None);
+        };
+        let tls = match &self.tls {
+            Some(tls) => tls.load().map_err(|e| format!("sessions.tls.{e}"))?,
+            None => Default::default(),
+        };
+        Ok(Some(crate::session::RedisTarget {
+            url: url.clone(),
+            tls,
+        }))
+    }
 }
 
 /// Where sessions live.
@@ -167,6 +198,7 @@ impl Default for SessionsConfig {
             store: StoreKind::Memory,
             url: None,
             key_prefix: "ratatosk:".into(),
+            tls: None,
         }
     }
 }
@@ -501,6 +533,11 @@ pub struct UpstreamConfig {
     /// take with a modern upstream before the gateway gives up on it.
     #[serde(default = "default_max_input_rounds")]
     pub max_input_rounds: u32,
+    /// For `https://` replicas: the CA to trust in place of the system's
+    /// roots (`ca_file`), a client certificate (`cert_file`, `key_file`),
+    /// or, for a test bench only, `insecure_skip_verify`.
+    #[serde(default)]
+    pub tls: Option<ratatosk_auth::tls::ClientTls>,
 }
 
 fn default_max_input_rounds() -> u32 {
@@ -579,9 +616,33 @@ fn render_problems(problems: &[Problem]) -> String {
 impl Config {
     /// The URL clients reach the gateway at, without a trailing slash.
     pub fn public_url(&self) -> String {
-        self.public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+        self.public_url.clone().unwrap_or_else(|| {
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", self.listen)
+        })
+    }
+
+    /// The upstreams (`org` or `org/server`) that accept any certificate
+    /// (`tls.insecure_skip_verify`): each gets a loud warning.
+    pub fn insecure_tls(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (org, config) in &self.orgs {
+            for entry in config.server_entries() {
+                if entry
+                    .upstream
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.insecure_skip_verify)
+                {
+                    out.push(
+                        entry
+                            .name
+                            .map_or_else(|| org.clone(), |s| format!("{org}/{s}")),
+                    );
+                }
+            }
+        }
+        out
     }
 
     /// Reads, expands and validates a config file.
@@ -687,6 +748,18 @@ impl Config {
                         self.base_path
                     ),
                 );
+            }
+        }
+        for (field, tls) in [("tls", &self.tls), ("admin_tls", &self.admin_tls)] {
+            if let Some(tls) = tls {
+                let mut at = found.at(field);
+                for (sub, message) in tls.problems() {
+                    if sub.is_empty() {
+                        at.bad_here(message);
+                    } else {
+                        at.bad(&sub, message);
+                    }
+                }
             }
         }
         if self.listen == self.admin_listen {
@@ -843,15 +916,36 @@ impl SessionsConfig {
                 "url",
                 "`store: redis` needs the Redis URL, e.g. `redis://127.0.0.1:6379/` or `${REDIS_URL}`",
             ),
-            (StoreKind::Redis, Some(url)) if !url.starts_with("redis://") => at.bad(
+            (StoreKind::Redis, Some(url))
+                if !url.starts_with("redis://") && !url.starts_with("rediss://") =>
+            {
+                at.bad(
+                    "url",
+                    "expected a `redis://` URL, or `rediss://` for TLS",
+                )
+            }
+            (StoreKind::Redis, Some(url)) if url.contains("#insecure") => at.bad(
                 "url",
-                "expected a `redis://` URL (TLS to Redis is not built in)",
+                "`#insecure` is not supported: give the server's CA in `tls.ca_file`",
             ),
+            (StoreKind::Redis, Some(url)) if self.tls.is_some() && !url.starts_with("rediss://") => {
+                at.bad("tls", "applies to a `rediss://` URL only")
+            }
             (StoreKind::Memory, Some(_)) => at.bad(
                 "url",
                 "only used with `store: redis`; remove it, or add `store: redis`",
             ),
             _ => {}
+        }
+        if let Some(tls) = &self.tls {
+            if tls.insecure_skip_verify {
+                at.bad(
+                    "tls.insecure_skip_verify",
+                    "is not supported for Redis: give the server's CA in `ca_file`",
+                );
+            } else if let Err(e) = tls.load() {
+                at.bad(&format!("tls.{}", e.field), e.message);
+            }
         }
         if self.key_prefix.is_empty()
             || self.key_prefix.len() > 64
@@ -1074,6 +1168,14 @@ impl UpstreamConfig {
         if self.replicas.is_empty() {
             at.bad("replicas", "expected at least one replica URL");
         }
+        if let Some(tls) = &self.tls {
+            if let Err(e) = tls.load() {
+                at.bad(&format!("tls.{}", e.field), e.message);
+            }
+            if !self.replicas.iter().any(|r| r.starts_with("https://")) {
+                at.bad("tls", "applies to `https://` replicas, and none is listed");
+            }
+        }
         for (i, replica) in self.replicas.iter().enumerate() {
             if let Err(why) = check_replica_url(replica) {
                 at.bad(&format!("replicas[{i}]"), why);
@@ -1125,10 +1227,9 @@ fn check_replica_url(replica: &str) -> Result<(), String> {
     let url = Url::parse(replica).map_err(|e| {
         format!("expected a URL like `http://127.0.0.1:8000/mcp`, got `{replica}` ({e})")
     })?;
-    if url.scheme() != "http" {
+    if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
-            "expected an `http://` URL, got `{replica}` (TLS to upstreams is not supported yet; \
-             keep upstreams on a trusted network)"
+            "expected an `http://` or `https://` URL, got `{replica}`"
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -1289,6 +1390,74 @@ orgs:
     }
 
     #[test]
+    fn tls_files_and_urls_are_checked_where_they_are_named() {
+        let text = format!(
+            "{}tls: {{cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem}}\n",
+            minimal()
+        );
+        let p = only_problem(parse(&text).expect_err("missing files"));
+        assert_eq!(p.path, "tls");
+        assert!(p.message.contains("/nonexistent/c.pem"), "{p:?}");
+
+        let https = minimal().replace("http://127.0.0.1:9001/mcp", "https://127.0.0.1:9001/mcp");
+        assert_ne!(https, minimal(), "the minimal config names the replica");
+        let c = parse(&https).expect("https replicas are fine");
+        assert!(c.insecure_tls().is_empty());
+        let insecure = https.replace(
+            "replicas: [https://127.0.0.1:9001/mcp]",
+            "replicas: [https://127.0.0.1:9001/mcp]\n      tls: {insecure_skip_verify: true}",
+        );
+        assert_eq!(parse(&insecure).expect("valid").insecure_tls(), ["org-1"]);
+        let plain_with_tls = minimal().replace(
+            "replicas: [http://127.0.0.1:9001/mcp]",
+            "replicas: [http://127.0.0.1:9001/mcp]\n      tls: {ca_file: /nonexistent/ca.pem}",
+        );
+        let problems = parse(&plain_with_tls).expect_err("two problems");
+        let paths: Vec<&str> = problems
+            .problems()
+            .iter()
+            .map(|p| p.path.as_str())
+            .collect();
+        assert_eq!(
+            paths,
+            ["orgs.org-1.upstream.tls.ca_file", "orgs.org-1.upstream.tls"]
+        );
+
+        for (sessions, path, says) in [
+            ("url: \"rediss://127.0.0.1/\"", None, ""),
+            (
+                "url: \"rediss://127.0.0.1/#insecure\"",
+                Some("sessions.url"),
+                "#insecure",
+            ),
+            (
+                "url: \"redis://127.0.0.1/\", tls: {ca_file: /nonexistent/ca.pem}",
+                Some("sessions.tls"),
+                "`rediss://`",
+            ),
+            (
+                "url: \"rediss://127.0.0.1/\", tls: {insecure_skip_verify: true}",
+                Some("sessions.tls.insecure_skip_verify"),
+                "not supported",
+            ),
+        ] {
+            let text = format!("{}sessions: {{store: redis, {sessions}}}\n", minimal());
+            match path {
+                None => assert!(parse(&text).is_ok(), "{sessions}"),
+                Some(path) => {
+                    let err = parse(&text).expect_err(sessions);
+                    let p = err
+                        .problems()
+                        .iter()
+                        .find(|p| p.path == path)
+                        .unwrap_or_else(|| panic!("no problem at {path}: {err}"));
+                    assert!(p.message.contains(says), "{p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_audit_goes_to_redis_only_where_sessions_do() {
         let text = format!("{}audit: {{sink: redis}}\n", minimal());
         let p = only_problem(parse(&text).expect_err("no redis"));
@@ -1327,7 +1496,7 @@ orgs:
   org-2:
     upstream:
       era: stateless-2025
-      replicas: ["https://x/mcp", "ftp://y", "http://a/mcp", "http://a/mcp"]
+      replicas: ["ws://x/mcp", "ftp://y", "http://a/mcp", "http://a/mcp"]
 "#;
         let err = parse(text).expect_err("invalid");
         let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();

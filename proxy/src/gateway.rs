@@ -98,6 +98,8 @@ pub enum BuildError {
     Audit(std::io::Error),
     #[error("cannot build the token validator: {0}")]
     Auth(#[from] ratatosk_auth::validator::BuildError),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub struct Gateway {
@@ -174,14 +176,12 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new()?);
         let routes = Routes::from_config(&config, &metrics)?;
         let node = events.as_ref().map_or_else(rand::random, |e| e.node());
-        let redis_sink = match (&config.sessions.store, &config.sessions.url) {
-            (crate::config::StoreKind::Redis, Some(url)) => Some(crate::audit::RedisSink {
-                url,
-                key: format!("{}audit", config.sessions.key_prefix),
-                node,
-            }),
-            _ => None,
-        };
+        let redis = config.sessions.redis().map_err(BuildError::Config)?;
+        let redis_sink = redis.as_ref().map(|target| crate::audit::RedisSink {
+            target,
+            key: format!("{}audit", config.sessions.key_prefix),
+            node,
+        });
         let audit = crate::audit::Audit::new(
             &config.audit,
             redis_sink,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora_core::server::Server;
 use pingora_core::server::configuration::ServerConf;
@@ -15,11 +16,11 @@ use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 use ratatosk::auth::LogoutMemory;
 use ratatosk::config::Config;
-use ratatosk::config::StoreKind;
 use ratatosk::gateway::{Gateway, Shared};
 use ratatosk::server::{AdminApp, Connections, Housekeeping, McpApp};
 use ratatosk::session::{MemorySessionStore, RedisSessionStore, SessionStore};
 use ratatosk::stream::shared::{SharedEvents, SharedLimits};
+use ratatosk_auth::tls::{ListenerTls, ServingCerts};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -76,6 +77,11 @@ fn main() -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            for upstream in config.insecure_tls() {
+                eprintln!(
+                    "warning: upstream '{upstream}' has tls.insecure_skip_verify: its certificate is not checked"
+                );
+            }
             println!(
                 "{}: ok ({} org{}: {})",
                 path.display(),
@@ -116,28 +122,83 @@ fn init_logging() {
     }
 }
 
-/// SIGHUP's default action ends the process, and operators send it out of
-/// habit (logrotate, `systemctl reload`). Until reload exists it is only
-/// logged.
-fn ignore_hangups() -> anyhow::Result<()> {
+/// SIGHUP re-reads the listeners' TLS files (its default action would end
+/// the process). The rest of the config is not reloaded yet.
+fn on_hangups() -> anyhow::Result<std::sync::mpsc::Receiver<()>> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
         .context("cannot handle SIGHUP")?;
+    let (tell, hangups) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("ratatosk-sighup".into())
         .spawn(move || {
             for _ in signals.forever() {
-                tracing::warn!(
-                    "SIGHUP received: reloading the config is not supported yet; restart the gateway to apply a new one"
+                tracing::info!(
+                    "SIGHUP received: re-reading TLS certificates (the rest of the config is not reloaded yet; restart the gateway to apply it)"
                 );
+                let _ = tell.send(());
             }
         })
         .context("cannot start the SIGHUP thread")?;
-    Ok(())
+    Ok(hangups)
+}
+
+/// The certificates of the MCP and admin listeners, loaded (and then kept
+/// fresh by a thread of their own).
+struct Certs {
+    mcp: Option<Arc<ServingCerts>>,
+    admin: Option<Arc<ServingCerts>>,
+}
+
+impl Certs {
+    fn load(config: &Config, path: &Path) -> anyhow::Result<Certs> {
+        let load = |name: &'static str, tls: &Option<ListenerTls>| {
+            tls.as_ref()
+                .map(|t| ServingCerts::load(name, t))
+                .transpose()
+                .with_context(|| format!("{}: `{name}`", path.display()))
+        };
+        Ok(Certs {
+            mcp: load("tls", &config.tls)?,
+            admin: load("admin_tls", &config.admin_tls)?,
+        })
+    }
+
+    fn keep_fresh(
+        &self,
+        hangups: std::sync::mpsc::Receiver<()>,
+        gateway: &Gateway,
+    ) -> anyhow::Result<()> {
+        let reloads = gateway.metrics.tls_reloads.clone();
+        let certs = self.mcp.iter().chain(&self.admin).cloned().collect();
+        ratatosk_auth::tls::keep_fresh(certs, hangups, move |certs, done| {
+            reloads
+                .with_label_values(&[certs.name(), done.as_str()])
+                .inc();
+        })
+        .context("cannot start the TLS reload thread")
+    }
+}
+
+/// A listener's TLS settings on `certs`: Pingora's rustls acceptor with our
+/// resolver (which reloads) in place of its files (which it would read once,
+/// and panic on if broken).
+fn tls_settings(certs: &Arc<ServingCerts>, h2: bool) -> anyhow::Result<TlsSettings> {
+    let mut tls = TlsSettings::intermediate("", "").context("cannot set up TLS")?;
+    tls.set_cert_resolver(certs.clone());
+    if let Some(verifier) = certs.client_verifier() {
+        tls.set_client_cert_verifier(verifier);
+    }
+    if h2 {
+        tls.enable_h2();
+    }
+    Ok(tls)
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {
-    ignore_hangups()?;
+    ratatosk_auth::tls::install_crypto();
+    let hangups = on_hangups()?;
     let config = Config::load(path)?;
+    let certs = Certs::load(&config, path)?;
     // Pingora panics on a busy port; find out first and say which.
     for (what, addr) in [
         ("listen", config.listen),
@@ -173,6 +234,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
         );
     }
 
+    for upstream in gateway.config.insecure_tls() {
+        tracing::warn!(
+            upstream,
+            "!!! TLS VERIFICATION IS OFF for upstream '{upstream}' (tls.insecure_skip_verify): anyone on the path can read and change its traffic, the caller's identity included !!!"
+        );
+    }
+
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
 
@@ -197,11 +265,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
         // an idle SSE stream. Writes keep the default MSS-sized buffer.
         let mut options = TcpSocketOptions::default();
         options.so_reuseport = Some(threads > 1);
-        mcp.add_listener(
-            ListenerConfig::tcp(key.as_str())
-                .tcp_socket_options(options)
-                .l4_buffer(L4BufferSettings::default().read(0)),
-        );
+        let mut listener = ListenerConfig::tcp(key.as_str())
+            .tcp_socket_options(options)
+            .l4_buffer(L4BufferSettings::default().read(0));
+        if let Some(certs) = &certs.mcp {
+            listener = listener.tls(tls_settings(certs, true)?);
+        }
+        mcp.add_listener(listener);
         server.add_service(mcp);
     }
 
@@ -211,7 +281,14 @@ fn run(path: &Path) -> anyhow::Result<()> {
             gateway: gateway.clone(),
         },
     );
-    admin.add_tcp(&admin_listen);
+    match &certs.admin {
+        // The admin app is Pingora's HTTP app, which speaks HTTP/2 by ALPN.
+        Some(certs) => admin.add_listener(
+            ListenerConfig::tcp(admin_listen.as_str()).tls(tls_settings(certs, true)?),
+        ),
+        None => admin.add_tcp(&admin_listen),
+    }
+    certs.keep_fresh(hangups, &gateway)?;
     server.add_service(admin);
 
     server.add_service(background_service(
@@ -221,7 +298,8 @@ fn run(path: &Path) -> anyhow::Result<()> {
         },
     ));
 
-    tracing::info!(%listen, %admin_listen, base_path = %gateway.config.base_path, "ratatosk listening");
+    let (tls, admin_tls) = (certs.mcp.is_some(), certs.admin.is_some());
+    tracing::info!(%listen, tls, %admin_listen, admin_tls, base_path = %gateway.config.base_path, "ratatosk listening");
     server.run_forever();
 }
 
@@ -236,7 +314,10 @@ type Stores = (
 
 fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
     let sessions = &config.sessions;
-    let (StoreKind::Redis, Some(url)) = (sessions.store, &sessions.url) else {
+    let redis = sessions
+        .redis()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let Some(target) = redis else {
         return Ok((Arc::new(MemorySessionStore::new()), None, None));
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -253,10 +334,10 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
     };
     let (store, shared) = {
         let _driven_by = runtime.enter();
-        let store = RedisSessionStore::new(url, &sessions.key_prefix, sessions.idle_ttl)
+        let store = RedisSessionStore::new(target.clone(), &sessions.key_prefix, sessions.idle_ttl)
             .with_context(unusable)?;
         let events = SharedEvents::new(
-            url,
+            target,
             &sessions.key_prefix,
             SharedLimits {
                 max_events: sessions.event_log_size,

@@ -99,6 +99,9 @@ pub struct Metrics {
     /// too long, or too much waited for it), brought up to date at each
     /// scrape.
     pub shared_dropped: IntCounter,
+    /// TLS certificate reloads by listener (`tls`, `admin_tls`) and result
+    /// (`reloaded`, `failed`).
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -223,6 +226,14 @@ impl Metrics {
             "shared_events_dropped_total",
             "Events and notices this node could not hand to Redis (sessions.store: redis)",
         )?;
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "tls_reloads_total",
+                "TLS certificate reloads by listener and result (reloaded, failed: the running certificate stays)",
+            ),
+            &["listener", "result"],
+        )?;
+        registry.register(Box::new(tls_reloads.clone()))?;
         registry.register(Box::new(shared_dropped.clone()))?;
         registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(holds.clone()))?;
@@ -263,6 +274,7 @@ impl Metrics {
             connections,
             connections_refused,
             shared_dropped,
+            tls_reloads,
         })
     }
 

@@ -24,8 +24,10 @@ use http::{HeaderValue, Method, Version, header};
 use pingora_core::ErrorType;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::apps::{HttpPersistentSettings, ServerApp};
-use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::http::v2;
+use pingora_core::protocols::http::v2::server::H2Accept;
+use pingora_core::protocols::{ALPN, Digest, Stream};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use pingora_http::ResponseHeader;
@@ -133,23 +135,26 @@ impl ServerApp for McpApp {
             refuse_connection(stream, self.connections.max).await;
             return None;
         };
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            self.serve_h2(stream, shutdown).await;
+            drop(open);
+            return None;
+        }
         let mut open = Some(open);
         let mut session = ServerSession::new_http1(stream);
         loop {
             let reuse = self.serve_one(session, shutdown, &mut open).await?;
             let Reuse {
                 mut stream,
-                settings,
+                mut settings,
                 pipelined,
             } = reuse;
             if !pipelined {
                 // Idle until the client starts its next request; the head
                 // deadline runs from its first byte.
-                let mut first = [0u8; 1];
-                let idle = Duration::from_secs(IDLE_SECS);
-                match tokio::time::timeout(idle, stream.try_peek(&mut first)).await {
-                    Ok(Ok(true)) => {}
-                    _ => return None,
+                let first = next_request_begins(&mut stream).await?;
+                if let Some(first) = first {
+                    settings.set_pipelined_prefix(first);
                 }
             }
             session = ServerSession::new_http1(stream);
@@ -157,6 +162,103 @@ impl ServerApp for McpApp {
         }
     }
 }
+
+/// Waits up to [`IDLE_SECS`] for a kept-alive connection's next request to
+/// begin. A plain socket is peeked; a TLS stream cannot be, so its first
+/// byte is read and handed back to go before the rest of the request.
+/// `None`: the client closed, or stayed idle too long.
+async fn next_request_begins(stream: &mut Stream) -> Option<Option<BytesMut>> {
+    use tokio::io::AsyncReadExt;
+    let idle = Duration::from_secs(IDLE_SECS);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(idle, stream.try_peek(&mut first)).await {
+        Ok(Ok(true)) => return Some(None),
+        // Peeking is not supported (TLS): read instead.
+        Ok(Ok(false)) if stream.get_ssl_digest().is_some() => {}
+        _ => return None,
+    }
+    match tokio::time::timeout(idle, stream.read(&mut first)).await {
+        Ok(Ok(1)) => Some(Some(BytesMut::from(&first[..]))),
+        _ => None,
+    }
+}
+
+impl McpApp {
+    /// Serves an HTTP/2 connection: each stream is a request, served in a
+    /// task of its own, so that SSE answers and other requests share the
+    /// connection. The connection closes after [`IDLE_SECS`] with no
+    /// stream, and is drained with GOAWAY on shutdown.
+    async fn serve_h2(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
+        let digest = Arc::new(Digest {
+            ssl_digest: stream.get_ssl_digest(),
+            timing_digest: stream.get_timing_digest(),
+            proxy_digest: stream.get_proxy_digest(),
+            socket_digest: stream.get_socket_digest(),
+        });
+        let handshake = tokio::time::timeout(
+            self.gateway.config.limits.head_read_timeout,
+            v2::server::handshake(stream, Some(v2::server::default_h2_options())),
+        );
+        let mut conn = match handshake.await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                tracing::debug!("HTTP/2 handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("HTTP/2 handshake did not finish in time; closing");
+                return;
+            }
+        };
+        let mut streams = tokio::task::JoinSet::new();
+        let mut shutdown = shutdown.clone();
+        let mut going_away = false;
+        let mut rejected = 0usize;
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.changed(), if !going_away => {
+                    conn.graceful_shutdown();
+                    going_away = true;
+                    continue;
+                }
+                Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+                _ = tokio::time::sleep(Duration::from_secs(IDLE_SECS)), if streams.is_empty() => {
+                    return;
+                }
+                // Accepting drives the whole connection, the streams'
+                // frames included: it runs while any stream is served.
+                accepted = v2::server::HttpSession::from_h2_conn(&mut conn, digest.clone()) => accepted,
+            };
+            match accepted {
+                Ok(Some(H2Accept::Session(h2))) => {
+                    let app = self.clone();
+                    let shutdown = shutdown.clone();
+                    streams.spawn(async move {
+                        let session = ServerSession::new_http2(h2);
+                        // Streams of a connection hold no count of their own.
+                        app.serve_one(session, &shutdown, &mut None).await;
+                    });
+                }
+                Ok(Some(H2Accept::Rejected)) => {
+                    // Pingora answered a malformed stream; bound how many a
+                    // connection may send.
+                    rejected += 1;
+                    if rejected >= MAX_REJECTED_H2_STREAMS {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!("HTTP/2 connection ended: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Malformed streams an HTTP/2 connection may open before it is closed.
+const MAX_REJECTED_H2_STREAMS: usize = 32;
 
 /// The answer to a connection over `limits.max_connections`: 503 with a
 /// JSON-RPC error, written without reading the request, then closed.

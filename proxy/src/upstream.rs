@@ -18,6 +18,7 @@ use thread_local::ThreadLocal;
 use crate::config::UpstreamConfig;
 use crate::edge::mime_is;
 use crate::metrics::Metrics;
+use ratatosk_auth::tls::ClientPems;
 
 mod forwarding;
 mod probe;
@@ -74,6 +75,7 @@ struct Replica {
     err_timeout: IntCounter,
     err_status: IntCounter,
     err_protocol: IntCounter,
+    err_tls: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,8 @@ pub enum PoolError {
         url: String,
         source: url::ParseError,
     },
+    #[error("upstream.tls.{0}")]
+    Tls(#[from] ratatosk_auth::tls::ClientTlsError),
 }
 
 /// Bounds on reading one upstream answer.
@@ -117,15 +121,21 @@ pub struct Pool {
     /// wake-ups per request (bench/RESULTS.md).
     clients: ThreadLocal<reqwest::Client>,
     connect_timeout: Duration,
+    /// What `https://` replicas are checked against, and the certificate
+    /// the gateway presents to them.
+    tls: ClientPems,
 }
 
-fn build_client(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+fn build_client(
+    connect_timeout: Duration,
+    tls: &ClientPems,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let builder = reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
+        .pool_idle_timeout(Duration::from_secs(60));
+    tls.apply(builder)?.build()
 }
 
 /// A replica chosen for one request. It counts as outstanding until dropped.
@@ -178,8 +188,12 @@ impl Pool {
         max_answer_bytes: usize,
         metrics: &Metrics,
     ) -> Result<Pool, PoolError> {
+        let tls = match &cfg.tls {
+            Some(tls) => tls.load()?,
+            None => ClientPems::default(),
+        };
         let clients = ThreadLocal::new();
-        clients.get_or_try(|| build_client(cfg.connect_timeout))?;
+        clients.get_or_try(|| build_client(cfg.connect_timeout, &tls))?;
         let replicas = cfg
             .replicas
             .iter()
@@ -209,6 +223,7 @@ impl Pool {
                     err_timeout: err("timeout"),
                     err_status: err("status"),
                     err_protocol: err("protocol"),
+                    err_tls: err("tls"),
                 })
             })
             .collect::<Result<Vec<_>, PoolError>>()?;
@@ -226,6 +241,7 @@ impl Pool {
             },
             clients,
             connect_timeout: cfg.connect_timeout,
+            tls,
         })
     }
 
@@ -382,7 +398,7 @@ impl Pool {
         let started = Instant::now();
         let client = match self
             .clients
-            .get_or_try(|| build_client(self.connect_timeout))
+            .get_or_try(|| build_client(self.connect_timeout, &self.tls))
         {
             Ok(c) => c,
             Err(e) => {
@@ -404,6 +420,17 @@ impl Pool {
                 return Attempt::Done(Err(UpstreamError::Timeout {
                     replica: replica.name.clone(),
                     after: self.read_limits.timeout,
+                }));
+            }
+            Ok(Err(e)) if let Some(reason) = ratatosk_auth::tls::tls_reason(&e) => {
+                // Never a silent fail-over: the client hears which replica
+                // failed the check and why.
+                replica.err_tls.inc();
+                tracing::error!(org = %self.org, replica = %replica.url, "upstream failed its TLS check: {reason}");
+                self.eject(index, &format!("failed its TLS check: {reason}"));
+                return Attempt::Done(Err(UpstreamError::Failed {
+                    replica: replica.name.clone(),
+                    reason: format!("TLS check failed: {reason}"),
                 }));
             }
             Ok(Err(e)) if e.is_connect() => {
@@ -542,6 +569,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             eject_for: Duration::from_secs(30),
             max_input_rounds: 10,
+            tls: None,
         };
         let metrics = Metrics::new().expect("metrics");
         Arc::new(Pool::new("org-1", &cfg, 1 << 20, &metrics).expect("pool"))

@@ -263,8 +263,14 @@ class Gateway(Proc):
     def __init__(self, log_dir: Path, orgs: dict[str, dict], *, base_path: str = "",
                  idle_ttl: str = "30m", keepalive: str = "1s", event_log_size: int = 256,
                  max_body_bytes: int = 65536, name: str = "gateway", admin_port: int | None = None,
-                 port: int | None = None, extra: dict | None = None, env: dict | None = None):
+                 port: int | None = None, extra: dict | None = None, env: dict | None = None,
+                 verify=True):
         self.port = port or free_port()
+        # With `tls` / `admin_tls` in `extra`, the listeners speak HTTPS and
+        # the harness trusts `verify` (an ssl.SSLContext) to reach them.
+        self.scheme = "https" if (extra or {}).get("tls") else "http"
+        self.admin_scheme = "https" if (extra or {}).get("admin_tls") else "http"
+        self.verify = verify
         self.admin_port = admin_port or free_port()
         self.base_path = base_path
         self.config_path = log_dir / f"{name}.yaml"
@@ -307,7 +313,7 @@ class Gateway(Proc):
 
     @property
     def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def base(self) -> str:
@@ -318,14 +324,14 @@ class Gateway(Proc):
 
     @property
     def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"{self.admin_scheme}://127.0.0.1:{self.admin_port}"
 
     def admin_get(self, path: str, **kw) -> httpx2.Response:
-        return httpx2.get(self.admin + path, timeout=5, **kw)
+        return httpx2.get(self.admin + path, timeout=5, verify=self.verify, **kw)
 
     def publish(self, session_id: str, message: dict, secret: str = PUBLISH_SECRET) -> httpx2.Response:
         return httpx2.post(f"{self.admin}/sessions/{session_id}/messages", json=message,
-                           headers={"Authorization": f"Bearer {secret}"}, timeout=5)
+                           headers={"Authorization": f"Bearer {secret}"}, timeout=5, verify=self.verify)
 
     def sessions(self, org: str) -> list[dict]:
         r = self.admin_get(f"/orgs/{org}/sessions", headers={"Authorization": f"Bearer {PUBLISH_SECRET}"})
@@ -684,9 +690,12 @@ from mcp.client.client import Client  # noqa: E402
 
 
 @asynccontextmanager
-async def streamable_session(url: str, headers: dict | None = None, **callbacks):
-    """An initialized ClientSession over Streamable HTTP (mcp 2.x client)."""
-    http = httpx2.AsyncClient(headers=headers or {}, timeout=httpx2.Timeout(30.0, read=60.0))
+async def streamable_session(url: str, headers: dict | None = None, *, verify=True, http2: bool = False,
+                             **callbacks):
+    """An initialized ClientSession over Streamable HTTP (mcp 2.x client),
+    trusting `verify` for https URLs (HTTP/2 by ALPN with `http2`)."""
+    http = httpx2.AsyncClient(headers=headers or {}, timeout=httpx2.Timeout(30.0, read=60.0), verify=verify,
+                              http2=http2)
     async with http, streamable_http_client(url, http_client=http) as (read, write):
         async with ClientSession(read, write, read_timeout_seconds=30,
                                  client_info=types.Implementation(name="e2e-streamable", version="1"),

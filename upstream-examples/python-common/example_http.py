@@ -103,7 +103,12 @@ async def serve(app: Any, host: str, port: int, name: str) -> None:
     sock.listen(512)
     sock.set_inheritable(True)
 
-    config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2)
+    # HTTPS when EXAMPLE_TLS_CERT_FILE and EXAMPLE_TLS_KEY_FILE name a PEM
+    # certificate chain and its key (the gateway's TLS tests).
+    cert, key = os.environ.get("EXAMPLE_TLS_CERT_FILE"), os.environ.get("EXAMPLE_TLS_KEY_FILE")
+    tls = {"ssl_certfile": cert, "ssl_keyfile": key} if cert and key else {}
+    scheme = "https" if tls else "http"
+    config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2, **tls)
     server = uvicorn.Server(config)
 
     async def announce() -> None:
@@ -111,7 +116,7 @@ async def serve(app: Any, host: str, port: int, name: str) -> None:
             if server.should_exit:
                 return
             await asyncio.sleep(0.01)
-        print(f"READY {name} url=http://{host}:{port}{MCP_PATH} pid={os.getpid()}", flush=True)
+        print(f"READY {name} url={scheme}://{host}:{port}{MCP_PATH} pid={os.getpid()}", flush=True)
 
     ann = asyncio.create_task(announce())
     try:

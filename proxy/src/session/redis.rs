@@ -228,14 +228,62 @@ impl Scripts {
     }
 }
 
-/// A client of the Redis at `url`, and a multiplexed connection to it
+/// Where Redis is (`redis://` or `rediss://`), and for TLS what the
+/// gateway trusts (a CA in place of the system's roots) and presents.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTarget {
+    pub url: String,
+    pub tls: ratatosk_auth::tls::ClientPems,
+}
+
+impl From<&str> for RedisTarget {
+    fn from(url: &str) -> Self {
+        RedisTarget {
+            url: url.to_owned(),
+            tls: Default::default(),
+        }
+    }
+}
+
+impl From<&String> for RedisTarget {
+    fn from(url: &String) -> Self {
+        RedisTarget::from(url.as_str())
+    }
+}
+
+impl RedisTarget {
+    /// A client (async or sync) with the TCP settings below and, for
+    /// `rediss://`, the TLS settings.
+    pub fn client(&self) -> Result<redis::Client, redis::RedisError> {
+        ratatosk_auth::tls::install_crypto();
+        let info = with_tcp_settings(&self.url)?;
+        let tls = &self.tls;
+        if tls.ca.is_none() && tls.identity.is_none() {
+            return redis::Client::open(info);
+        }
+        redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: tls.identity.clone().map(|(client_cert, client_key)| {
+                    redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }
+                }),
+                root_cert: tls.ca.clone(),
+            },
+        )
+    }
+}
+
+/// A client of the Redis at `target`, and a multiplexed connection to it
 /// that is made on first use and made again whenever it breaks, with
 /// [`OP_TIMEOUT`] on each connection attempt and each answer. Must be
 /// called within the Tokio runtime that will drive the connection.
 pub(crate) fn connection(
-    url: &str,
+    target: impl Into<RedisTarget>,
 ) -> Result<(redis::Client, ConnectionManager), redis::RedisError> {
-    let client = redis::Client::open(with_tcp_settings(url)?)?;
+    let client = target.into().client()?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(OP_TIMEOUT))
         .set_response_timeout(Some(OP_TIMEOUT))
@@ -268,12 +316,16 @@ fn with_tcp_settings(url: &str) -> Result<redis::ConnectionInfo, redis::RedisErr
 }
 
 impl RedisSessionStore {
-    /// A store on the Redis at `url`. The connection is made on first use
-    /// and made again whenever it breaks, so a gateway starts, and
+    /// A store on the Redis at `target`. The connection is made on first
+    /// use and made again whenever it breaks, so a gateway starts, and
     /// recovers, without Redis being up at that moment. Must be called
     /// within the Tokio runtime that will drive the connection.
-    pub fn new(url: &str, prefix: &str, idle_ttl: Duration) -> Result<Self, RedisStoreError> {
-        let (_, conn) = connection(url)?;
+    pub fn new(
+        target: impl Into<RedisTarget>,
+        prefix: &str,
+        idle_ttl: Duration,
+    ) -> Result<Self, RedisStoreError> {
+        let (_, conn) = connection(target)?;
         Ok(RedisSessionStore {
             conn,
             prefix: prefix.to_owned(),

@@ -249,11 +249,11 @@ impl SharedEvents {
     /// Must be called within the Tokio runtime that will drive the
     /// connections and the node's writer and bus tasks.
     pub fn new(
-        url: &str,
+        target: impl Into<crate::session::RedisTarget>,
         prefix: &str,
         limits: SharedLimits,
     ) -> Result<Arc<Self>, RedisStoreError> {
-        let (client, conn) = connection(url)?;
+        let (client, conn) = connection(target)?;
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
         Ok(Arc::new(SharedEvents {
             client,

@@ -510,6 +510,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             eject_for: Duration::from_secs(1),
             max_input_rounds: 10,
+            tls: None,
         };
         let metrics = crate::metrics::Metrics::new().expect("metrics");
         let pool =
