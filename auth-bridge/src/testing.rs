@@ -48,7 +48,19 @@ impl FakeIdp {
         let mut jwk: Value =
             serde_json::from_str(&secret.public_key().to_jwk_string()).expect("jwk");
         jwk["alg"] = json!("ES256");
-        Self::serve(encoding, jwk, Algorithm::ES256).await
+        Self::serve(encoding, jwk, Algorithm::ES256, None).await
+    }
+
+    /// [`Self::start`] over HTTPS, on `certs` (for `localhost`).
+    pub async fn start_tls(certs: Arc<crate::tls::ServingCerts>) -> FakeIdp {
+        let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+        let der = secret.to_pkcs8_der().expect("der");
+        let encoding = EncodingKey::from_ec_der(der.as_bytes());
+        let mut jwk: Value =
+            serde_json::from_str(&secret.public_key().to_jwk_string()).expect("jwk");
+        jwk["alg"] = json!("ES256");
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(certs.server_config(&[b"http/1.1"])));
+        Self::serve(encoding, jwk, Algorithm::ES256, Some(tls)).await
     }
 
     /// An IdP signing with RS256 and a 2048-bit key, as Keycloak does.
@@ -61,17 +73,25 @@ impl FakeIdp {
         let encoding = EncodingKey::from_rsa_der(der.as_bytes());
         let b64 = |b: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
         let jwk = json!({"kty": "RSA", "alg": "RS256", "n": b64(key.n().to_bytes_be()), "e": b64(key.e().to_bytes_be())});
-        Self::serve(encoding, jwk, Algorithm::RS256).await
+        Self::serve(encoding, jwk, Algorithm::RS256, None).await
     }
 
-    async fn serve(encoding: EncodingKey, mut jwk: Value, algorithm: Algorithm) -> FakeIdp {
+    async fn serve(
+        encoding: EncodingKey,
+        mut jwk: Value,
+        algorithm: Algorithm,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> FakeIdp {
         jwk["kid"] = json!(KID);
         jwk["use"] = json!("sig");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let issuer = format!("http://{addr}/realms/test");
+        let issuer = match tls {
+            Some(_) => format!("https://localhost:{}/realms/test", addr.port()),
+            None => format!("http://{addr}/realms/test"),
+        };
         let idp = FakeIdp {
             issuer: issuer.clone(),
             algorithm,
@@ -106,6 +126,7 @@ impl FakeIdp {
                     continue;
                 }
                 let state = state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let state = state.clone();
@@ -117,9 +138,17 @@ impl FakeIdp {
                             Ok(state.answer(req).await)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });

@@ -668,6 +668,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_provider_with_a_private_ca_is_trusted_through_ca_file() {
+        use crate::testing::tls::TestPki;
+        let pki = TestPki::new("idp");
+        pki.server("idp", &["localhost"]);
+        let files = crate::tls::ListenerTls {
+            cert_file: pki.dir.join("idp.pem"),
+            key_file: pki.dir.join("idp.key"),
+            client_ca_file: None,
+            client_certs: Default::default(),
+            reload_interval: Duration::from_secs(60),
+        };
+        let idp =
+            FakeIdp::start_tls(crate::tls::ServingCerts::load("idp", &files).expect("certs")).await;
+        let token = idp.token(json!({}));
+        for mode in [AuthMode::Jwt, AuthMode::Introspect] {
+            // The system's roots do not know the realm's CA.
+            let untrusting = validator(&idp);
+            match untrusting.validate(&token, mode).await {
+                Err(AuthError::Unavailable(why)) => {
+                    assert!(why.contains("UnknownIssuer"), "{mode:?}: {why}")
+                }
+                other => panic!("{mode:?}: expected Unavailable, got {other:?}"),
+            }
+            let mut config = idp.config();
+            config.ca_file = Some(pki.ca_file());
+            let trusting = Validator::new(config, &Registry::new()).expect("validator");
+            let id = trusting.validate(&token, mode).await.expect("valid");
+            assert_eq!(id.subject, "user-1", "{mode:?}");
+        }
+    }
+
+    #[tokio::test]
     async fn bad_jwts_are_refused_for_what_they_are() {
         let idp = FakeIdp::start().await;
         let v = validator(&idp);

@@ -222,25 +222,42 @@ class RedisServer(Proc):
     """A real redis-server (Debian package; scripts/prereqs installs it) on a
     free loopback port, without persistence: a restart loses everything."""
 
-    def __init__(self, log_dir: Path, name: str = "redis", persist: bool = False):
+    def __init__(self, log_dir: Path, name: str = "redis", persist: bool = False,
+                 tls: tuple[Path, Path, Path] | None = None):
         """With `persist`, every write goes to an append-only file first, so a
-        restart keeps the data."""
+        restart keeps the data. With `tls` (certificate, key, CA), it speaks
+        TLS only, and asks clients for no certificate."""
         self.port = free_port()
+        self.tls = tls
         data_dir = log_dir / f"{name}-{self.port}-data"
         data_dir.mkdir(parents=True, exist_ok=True)
         durability = (["--appendonly", "yes", "--appendfsync", "always"] if persist
                       else ["--appendonly", "no"])
-        super().__init__(name=name, argv=["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        ports = ["--port", str(self.port)]
+        if tls:
+            cert, key, ca = tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        super().__init__(name=name, argv=["redis-server", *ports, "--bind", "127.0.0.1",
                                           "--dir", str(data_dir), "--save", "", *durability],
                          log_path=log_dir / f"{name}-{self.port}.log")
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/"
+        return f"rediss://localhost:{self.port}/" if self.tls else f"redis://127.0.0.1:{self.port}/"
+
+    def _cli(self) -> list[str]:
+        tls = ["--tls", "--cacert", str(self.tls[2])] if self.tls else []
+        return ["redis-cli", "-p", str(self.port), *tls]
 
     def answers(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as c:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                c = raw
+                if self.tls:
+                    import ssl
+                    c = ssl.create_default_context(cafile=str(self.tls[2])).wrap_socket(
+                        raw, server_hostname="localhost")
                 c.sendall(b"PING\r\n")
                 return c.recv(16).startswith(b"+PONG")
         except OSError:
@@ -252,7 +269,7 @@ class RedisServer(Proc):
         return self
 
     def keys(self, pattern: str) -> list[str]:
-        out = subprocess.run(["redis-cli", "-p", str(self.port), "--scan", "--pattern", pattern],
+        out = subprocess.run([*self._cli(), "--scan", "--pattern", pattern],
                              capture_output=True, text=True, timeout=10, check=True)
         return [line for line in out.stdout.splitlines() if line]
 

@@ -25,6 +25,36 @@ def redis(log_dir):
         server.stop()
 
 
+async def test_sessions_live_in_redis_over_tls(tmp_path, replicas):
+    """`rediss://` with the server's CA: sessions, events and the bus all
+    go over TLS (the server has no plain port)."""
+    from pki import Pki
+
+    pki = Pki(tmp_path / "pki")
+    cert, key = pki.issue("redis")
+    redis = RedisServer(tmp_path, tls=(cert, key, pki.ca_file)).start_and_wait()
+    try:
+        gw = redis_gateway(tmp_path, replicas, redis, "rediss-gw",
+                           extra={"sessions": {"store": "redis", "url": "${E2E_REDIS_URL}", "key_prefix": "tls:",
+                                               "tls": {"ca_file": str(pki.ca_file)}}})
+        with running(gw):
+            assert gw.admin_get("/readyz").json()["store"] == {"kind": "redis", "ok": True}
+            async with streamable_session(gw.url("s25")) as s:
+                assert (await s.call_tool("add", {"a": 2, "b": 3})).content[0].text == "5"
+                assert len(redis.keys("tls:s:*")) == 1
+        # Without the CA, the system's roots do not know the server: the
+        # gateway says Redis is not ready, and why is in its log.
+        untrusting = redis_gateway(tmp_path, replicas, redis, "rediss-untrusting")
+        with running(untrusting):
+            ready = untrusting.admin_get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["store"]["ok"] is False
+            wait_until("the reason logged", lambda: "invalid peer certificate: UnknownIssuer" in untrusting.log_text(),
+                       timeout=10)
+    finally:
+        redis.stop()
+
+
 async def test_sessions_live_in_redis(log_dir, replicas, redis):
     with running(redis_gateway(log_dir, replicas, redis, "redis-gw")) as gw:
         ready = gw.admin_get("/readyz")
