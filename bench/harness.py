@@ -374,11 +374,15 @@ class Systems:
         return {"proc": p, "port": port, "url": f"redis://127.0.0.1:{port}/"}
 
     # -- the gateway
-    def start_gateway(self, name: str, stub_url: str, cache: bool = True, sessions: dict | None = None) -> dict:
+    def start_gateway(self, name: str, stub_url: str, cache: bool = True, sessions: dict | None = None,
+                      tls: dict | None = None) -> dict:
         """The bench gateway: orgs `jwt` and `introspect` on `stub_url`;
-        `sessions` replaces the default sessions section (e.g. `store: redis`)."""
+        `sessions` replaces the default sessions section (e.g. `store: redis`);
+        `tls` (from `tls_files`) puts the MCP listener on HTTPS."""
         org = {"upstream": {"era": "stateless-2025", "replicas": [stub_url], "timeout": "30s"}}
         extra = {"sessions": sessions} if sessions is not None else {}
+        if tls:
+            extra["tls"] = {"cert_file": tls["cert"], "key_file": tls["key"]}
         return self.run_gateway(name, {**extra,
             "identity": {"issuer": self.issuer, "audience": KC_AUDIENCE, "client_id": "ratatosk-gateway",
                          "client_secret": "${BENCH_KC_SECRET}", "timeout": "5s",
@@ -424,18 +428,53 @@ class Systems:
                                "RATATOSK_LOG": "warn"}))
         wait_tcp(port, 20, name, p)
         wait_tcp(admin, 20, name, p)
-        return {"proc": p, "base": f"http://127.0.0.1:{port}", "admin": f"http://127.0.0.1:{admin}"}
+        scheme = "https" if config.get("tls") else "http"
+        return {"proc": p, "base": f"{scheme}://127.0.0.1:{port}", "admin": f"http://127.0.0.1:{admin}"}
+
+    # -- a test CA and a certificate for 127.0.0.1 (scenario T)
+    def tls_files(self) -> dict:
+        """`ca`, `cert` and `key` (PEM paths): a P-256 certificate for
+        127.0.0.1 signed by a CA made now, with the openssl CLI. LOCAL USE
+        ONLY: made fresh for each run."""
+        d = self.run_dir / "tls"
+        if (d / "cert.pem").exists():
+            return {k: str(d / f"{k}.pem") for k in ("ca", "cert", "key")}
+        d.mkdir(parents=True, exist_ok=True)
+        ext = d / "ext.cnf"
+        ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        for argv in (
+            ["openssl", "req", "-x509", *ec, "-days", "2", "-subj", "/CN=Ratatosk bench CA", "-keyout", "ca.key",
+             "-out", "ca.pem", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ["openssl", "req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "key.pem", "-out", "cert.csr"],
+            ["openssl", "x509", "-req", "-in", "cert.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-out", "cert.pem", "-extfile", "ext.cnf"],
+        ):
+            out = subprocess.run(argv, cwd=d, capture_output=True, text=True, timeout=30)
+            if out.returncode != 0:
+                raise BenchError(f"{' '.join(argv[:3])} failed: {out.stderr[-1000:]}")
+        return {k: str(d / f"{k}.pem") for k in ("ca", "cert", "key")}
 
     # -- nginx as a reverse proxy
-    def start_nginx_proxy(self) -> str:
+    def start_nginx_proxy(self, tls: dict | None = None) -> str:
+        """nginx `proxy_pass` to the stub; with `tls` (from `tls_files`), on
+        HTTPS with the gateway's certificate, TLS 1.2 and 1.3 as the
+        gateway offers."""
         port = free_port()
-        d = self.run_dir / "nginx-proxy"
+        name = "nginx-proxy-tls" if tls else "nginx-proxy"
+        d = self.run_dir / name
         (d / "tmp").mkdir(parents=True, exist_ok=True)
+        ssl = (f"""ssl_certificate {tls['cert']};
+    ssl_certificate_key {tls['key']};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache off;""" if tls else "")
         (d / "nginx.conf").write_text(nginx_prelude(d) + f"""
   keepalive_requests 100000000;
   upstream stub {{ server 127.0.0.1:{self.stub_port}; keepalive 128; keepalive_requests 100000000; }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{port} backlog=4096{' ssl' if tls else ''};
+    {ssl}
     location / {{
       proxy_pass http://stub;
       proxy_http_version 1.1;
@@ -444,9 +483,12 @@ class Systems:
   }}
 }}
 """)
-        p = self.add(Proc("nginx-proxy", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"),
-                                          "-g", "daemon off;"], self.run_dir))
+        p = self.add(Proc(name, ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"),
+                                 "-g", "daemon off;"], self.run_dir))
         wait_tcp(port, 10, "nginx (proxy_pass)", p)
+        if tls:
+            self.nginx_proxy_tls = p
+            return f"https://127.0.0.1:{port}/mcp"
         self.nginx_proxy = p
         return f"http://127.0.0.1:{port}/mcp"
 
@@ -605,8 +647,10 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def scenario_a(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
-    """Request overhead: tools/call on one session, jwt mode with a cached token."""
+def scenario_a(s: Systems, cfg: dict, targets: dict, runs: int, extra: tuple[str, ...] = (),
+               label: str = "A") -> dict:
+    """Request overhead: tools/call on one session, jwt mode with a cached
+    token. `extra`: more load generator arguments (`--ca-file`)."""
     out: dict[str, list] = {k: [] for k in targets}
     for r in range(runs):
         token = s.tokens(1)[0]
@@ -614,11 +658,44 @@ def scenario_a(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
             pids = [pid for p in procs for pid in p.pids()]
             c0 = cpu_seconds(pids)
             res = loadgen_json(["rpc", "--url", url, "--concurrency", "64", "--duration", cfg["a_duration"],
-                                "--warmup", cfg["a_warmup"], "--init", "--token", token], timeout=600)
+                                "--warmup", cfg["a_warmup"], "--init", "--token", token, *extra], timeout=600)
             res["cpu_us_per_request"] = (cpu_seconds(pids) - c0) * 1e6 / max(res["ok"], 1) if procs else None
-            log(f"A run {r + 1} {name}: {res['rps']:.0f} req/s, p50 {res['latency']['p50_us']} µs, "
+            log(f"{label} run {r + 1} {name}: {res['rps']:.0f} req/s, p50 {res['latency']['p50_us']} µs, "
                 f"p99 {res['latency']['p99_us']} µs, errors {res['errors']}")
             out[name].append(res)
+    return out
+
+
+def scenario_t(s: Systems, cfg: dict, stub: str, runs: int) -> dict:
+    """TLS (issue 18): scenario A over HTTPS, the gateway beside nginx with
+    the same certificate, both asked by the same rustls client (so the same
+    TLS 1.3 suite and key exchange), and the gateway over plain HTTP in the
+    same run; then B's bytes per idle stream over HTTPS beside plain HTTP,
+    each on a fresh gateway, N = c_size."""
+    tls = s.tls_files()
+    gw_tls = s.start_gateway("gateway-t-https", stub, tls=tls)
+    gw_plain = s.start_gateway("gateway-t-http", stub)
+    nginx_tls = s.start_nginx_proxy(tls=tls)
+    out: dict = {"rpc": scenario_a(s, cfg, {
+        "gateway https": (f"{gw_tls['base']}/jwt/mcp", [gw_tls["proc"]]),
+        "nginx https": (nginx_tls, [s.nginx_proxy_tls]),
+        "gateway http": (f"{gw_plain['base']}/jwt/mcp", [gw_plain["proc"]]),
+    }, runs, extra=("--ca-file", tls["ca"]), label="T"), "streams": {"https": [], "http": []}}
+    for p in (gw_tls, gw_plain):
+        s.stop(p["proc"])
+    n = cfg["c_size"]
+    for r in range(runs):
+        for scheme in ("https", "http"):
+            gw = s.start_gateway(f"gateway-t{r}-{scheme}", stub, tls=tls if scheme == "https" else None)
+            token = s.tokens(1)[0]
+            args = ["--stream-url", f"{gw['base']}/jwt/mcp", "--publish-url", gw["admin"], "--token", token,
+                    "--secret", PUBLISH_SECRET, "--ca-file", tls["ca"]]
+            try:
+                res = hold_streams(s, "gateway", n, args, gw["proc"], cfg["idle_seconds"], fanout=True)
+            finally:
+                s.stop(gw["proc"])
+            log(f"T streams run {r + 1} {scheme}: {res['per_stream_pss_bytes']:.0f} B/stream")
+            out["streams"][scheme].append(res)
     return out
 
 
@@ -985,6 +1062,48 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                       median(per_run_direct) >= 0.8))
         goals.append(("A", "gateway throughput ≥ nginx proxy_pass", f"{median(per_run_nginx):.2f} ×",
                       median(per_run_nginx) >= 1.0))
+    t = res.get("T")
+    if t:
+        rpc = t["rpc"]
+        lines += ["### T. Over TLS (`tools/call` on one session, 64 connections; idle streams)", "",
+                  "The gateway and nginx serve the same P-256 certificate, and one rustls client (the load "
+                  "generator) talks to both, so both settle on the same TLS 1.3 suite and key exchange; "
+                  "connections are kept alive, so this is the cost of TLS records, not of handshakes. The "
+                  "gateway over plain HTTP ran in the same run.", "",
+                  "| path | req/s | p50 | p99 | CPU of the proxy per request | req/s vs nginx https |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        nginx = med(rpc["nginx https"], "rps")
+        for name, runs in rpc.items():
+            rps = med(runs, "rps")
+            cpu = median([r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request") is not None])
+            lines.append(f"| {name} | {rps:,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
+                         f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {cpu:.1f} µs | {rps / nginx:.2f} |")
+        lines.append("")
+        vs_nginx = [g["rps"] / n["rps"] for g, n in zip(rpc["gateway https"], rpc["nginx https"])]
+        cpu_vs = [g["cpu_us_per_request"] / n["cpu_us_per_request"]
+                  for g, n in zip(rpc["gateway https"], rpc["nginx https"])]
+        tls_cost = [g["rps"] / p["rps"] for g, p in zip(rpc["gateway https"], rpc["gateway http"])]
+        lines.append(f"Gateway https ÷ nginx https per run: {', '.join(f'{x:.2f}' for x in vs_nginx)} (req/s), "
+                     f"{', '.join(f'{x:.2f}' for x in cpu_vs)} (CPU per request); gateway https ÷ gateway http: "
+                     f"{', '.join(f'{x:.2f}' for x in tls_cost)}.")
+        lines.append("")
+        goals.append(("T", "gateway https throughput ≥ nginx https", f"{median(vs_nginx):.2f} ×",
+                      median(vs_nginx) >= 1.0))
+        goals.append(("T", "gateway https CPU per request ≤ nginx https", f"{median(cpu_vs):.2f} ×",
+                      median(cpu_vs) <= 1.0))
+        streams = t.get("streams", {})
+        if streams.get("https") and streams.get("http"):
+            n = streams["https"][0]["n"]
+            lines += [f"Idle streams over TLS, N = {n:,} (growth of the gateway's memory while they are held, "
+                      "÷ N, session included; median of runs):", "",
+                      "| listener | bytes per stream (PSS) | bytes per stream, stream only | C: fan-out p99 |",
+                      "| --- | --- | --- | --- |"]
+            for scheme in ("http", "https"):
+                runs = streams[scheme]
+                p99 = median([r["fanout"]["latency"]["p99_us"] for r in runs if "fanout" in r])
+                lines.append(f"| {scheme} | {med(runs, 'per_stream_pss_bytes'):,.0f} | "
+                             f"{med(runs, 'per_stream_only_pss_bytes'):,.0f} | {fmt_us(p99)} |")
+            lines.append("")
     bc = res.get("BC")
     if bc:
         lines += ["### B. Idle SSE streams", "",
@@ -1355,6 +1474,16 @@ def smoke_checks(res: dict) -> list[str]:
         for r in runs:
             if r["ok"] == 0 or r["errors"]:
                 problems.append(f"A {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+    for name, runs in res.get("T", {}).get("rpc", {}).items():
+        for r in runs:
+            if r["ok"] == 0 or r["errors"]:
+                problems.append(f"T {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+    for scheme, runs in res.get("T", {}).get("streams", {}).items():
+        for r in runs:
+            fo = r.get("fanout")
+            if r["open"]["opened"] != r["n"] or r["closed_while_idle"] or not fo or fo["delivered"] != r["n"]:
+                problems.append(f"T streams {scheme}: {r['open']['opened']} of {r['n']} opened "
+                                f"({r['open']['first_failure']}), delivered {fo['delivered'] if fo else 0}")
     for name, runs in res.get("D", {}).items():
         for r in runs:
             if r["ok"] == 0 or r["errors"]:
@@ -1419,9 +1548,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the small CI run (checks, no published results)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
-    ap.add_argument("--only", default="A,B,C,D,E,F,G,R",
+    ap.add_argument("--only", default="A,B,C,D,E,F,G,R,T",
                     help="scenarios to run, e.g. A,D (B and C run together; R is A, B and C on two nodes and Redis; "
-                         "G is federation)")
+                         "G is federation; T is A and B over TLS)")
     ap.add_argument("--sizes", help="stream counts for B, e.g. 10000,50000")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other scenarios of the results.json already in --out")
@@ -1460,7 +1589,7 @@ def main() -> int:
 
     try:
         stub = s.start_stub()
-        if only & {"A", "B", "C", "D", "E", "R"}:
+        if only & {"A", "B", "C", "D", "E", "R", "T"}:
             s.start_keycloak()
         gw = s.start_gateway("gateway", stub) if only & {"A", "D", "E", "R"} else {}
         runs = cfg["runs"]
@@ -1480,6 +1609,8 @@ def main() -> int:
             eras = s.start_era_gateway({"stateless-2025": stub, "stateful-2025": s.start_era_stub("stateful-2025"),
                                         "modern": s.start_era_stub("modern")})
             attempt("F", lambda: scenario_f(s, cfg, eras, runs))
+        if "T" in only:
+            attempt("T", lambda: scenario_t(s, cfg, stub, runs))
         if "G" in only:
             stubs = {f"s{i}": s.start_more_stub(f"stub-s{i}") if i > 1 else stub for i in (1, 2, 3)}
             fed = s.run_gateway("gateway-federation", {"orgs": {"fed": {"auth": "none", "servers": {
@@ -1529,6 +1660,8 @@ def main() -> int:
         checked += sum(len(runs) for paths in res.get("R", {}).get("rpc", {}).values() for runs in paths.values())
         checked += len(res.get("R", {}).get("streams", []))
         checked += sum(len(run) for part in ("setup", "rpc") for run in res.get("G", {}).get(part, []))
+        checked += sum(len(runs) for runs in res.get("T", {}).get("rpc", {}).values())
+        checked += sum(len(runs) for runs in res.get("T", {}).get("streams", {}).values())
         print(f"smoke: {max(checked - len(problems), 0)} passed, {len(problems)} failed")
         return 1 if problems else 0
     return 0

@@ -37,6 +37,9 @@ struct Cli {
     /// Bound on every single network wait.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
+    /// The CA (PEM) that `https://` targets' certificates chain to.
+    #[arg(long, global = true)]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -150,9 +153,19 @@ struct StreamArgs {
     deliver_within: Duration,
 }
 
+/// The TLS client config of `--ca-file`, for `https://` targets.
+static TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+
+fn parse_target(url: &str) -> anyhow::Result<Target> {
+    Target::parse(url, TLS.get())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(ca) = &cli.ca_file {
+        let _ = TLS.set(ratatosk_bench::client::tls_config(ca)?);
+    }
     let fds = raise_fd_limit(1_048_576).context("raising the open-file limit")?;
     let sources = Sources::new(cli.sources);
     let out = match cli.cmd {
@@ -298,10 +311,10 @@ async fn rpc(a: RpcArgs, sources: Sources, timeout: Duration) -> anyhow::Result<
     if a.duration.is_none() == a.requests.is_none() {
         bail!("give exactly one of --duration and --requests");
     }
-    let target = Target::parse(&a.url)?;
+    let target = parse_target(&a.url)?;
     let mut targets = vec![target.clone()];
     for u in &a.also_url {
-        targets.push(Target::parse(u)?);
+        targets.push(parse_target(u)?);
     }
     let tokens = Arc::new(read_tokens(&a)?);
     let first = tokens.first().map(String::as_str);
@@ -402,7 +415,7 @@ async fn setup(
     sources: Sources,
     timeout: Duration,
 ) -> anyhow::Result<serde_json::Value> {
-    let target = Target::parse(&a.url)?;
+    let target = parse_target(&a.url)?;
     let start = Instant::now();
     let measure_from = start + a.warmup;
     let stop_at = measure_from + a.duration;
@@ -532,8 +545,8 @@ fn emit(v: serde_json::Value) {
 }
 
 async fn streams(a: StreamArgs, sources: Sources, timeout: Duration) -> anyhow::Result<()> {
-    let stream_target = Target::parse(&a.stream_url)?;
-    let publish_target = Target::parse(&a.publish_url)?;
+    let stream_target = parse_target(&a.stream_url)?;
+    let publish_target = parse_target(&a.publish_url)?;
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
 
     // Gateway: one session per stream, made first so its memory can be told
@@ -560,13 +573,13 @@ async fn streams(a: StreamArgs, sources: Sources, timeout: Duration) -> anyhow::
     let t0 = Instant::now();
     for i in 0..a.n {
         let request = stream_request(&a, &stream_target, &sessions, i);
-        let (held, gate, addr) = (held.clone(), gate.clone(), stream_target.addr);
+        let (held, gate, target) = (held.clone(), gate.clone(), stream_target.clone());
         tokio::spawn(async move {
             let Ok(permit) = gate.acquire_owned().await else {
                 return;
             };
             let opened = tokio::time::timeout(timeout, async {
-                let mut s = sources.connect(i, addr).await?;
+                let mut s = target.dial(&sources, i).await?;
                 s.write_all(request.as_bytes()).await?;
                 let head = read_head(&mut s).await?;
                 Ok::<_, std::io::Error>((s, head))
@@ -698,7 +711,7 @@ fn stream_request(a: &StreamArgs, t: &Target, sessions: &[String], i: usize) -> 
 
 /// Reads the response head (up to the blank line), byte by byte: the body
 /// that follows stays in the socket for the reader loop.
-async fn read_head(s: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Result<String> {
     let mut head = Vec::with_capacity(256);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
