@@ -284,6 +284,8 @@ class Systems:
         self.procs: list[Proc] = []
         self.kc_env: dict | None = None
         self.versions: dict[str, str] = {}
+        self.nginx_proxy: Proc | None = None
+        self.nginx_proxy_url = ""
 
     def add(self, p: Proc) -> Proc:
         self.procs.append(p)
@@ -490,7 +492,8 @@ class Systems:
             self.nginx_proxy_tls = p
             return f"https://127.0.0.1:{port}/mcp"
         self.nginx_proxy = p
-        return f"http://127.0.0.1:{port}/mcp"
+        self.nginx_proxy_url = f"http://127.0.0.1:{port}/mcp"
+        return self.nginx_proxy_url
 
     # -- Nginx + Nchan
     def start_nchan(self, name: str = "nchan") -> dict:
@@ -669,17 +672,19 @@ def scenario_a(s: Systems, cfg: dict, targets: dict, runs: int, extra: tuple[str
 def scenario_t(s: Systems, cfg: dict, stub: str, runs: int) -> dict:
     """TLS (issue 18): scenario A over HTTPS, the gateway beside nginx with
     the same certificate, both asked by the same rustls client (so the same
-    TLS 1.3 suite and key exchange), and the gateway over plain HTTP in the
-    same run; then B's bytes per idle stream over HTTPS beside plain HTTP,
+    TLS 1.3 suite and key exchange), and both over plain HTTP in the same
+    run; then B's bytes per idle stream over HTTPS beside plain HTTP,
     each on a fresh gateway, N = c_size."""
     tls = s.tls_files()
     gw_tls = s.start_gateway("gateway-t-https", stub, tls=tls)
     gw_plain = s.start_gateway("gateway-t-http", stub)
     nginx_tls = s.start_nginx_proxy(tls=tls)
+    nginx_plain = s.nginx_proxy_url if s.nginx_proxy else s.start_nginx_proxy()
     out: dict = {"rpc": scenario_a(s, cfg, {
         "gateway https": (f"{gw_tls['base']}/jwt/mcp", [gw_tls["proc"]]),
         "nginx https": (nginx_tls, [s.nginx_proxy_tls]),
         "gateway http": (f"{gw_plain['base']}/jwt/mcp", [gw_plain["proc"]]),
+        "nginx http": (nginx_plain, [s.nginx_proxy]),
     }, runs, extra=("--ca-file", tls["ca"]), label="T"), "streams": {"https": [], "http": []}}
     for p in (gw_tls, gw_plain):
         s.stop(p["proc"])
@@ -1085,7 +1090,13 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
         tls_cost = [g["rps"] / p["rps"] for g, p in zip(rpc["gateway https"], rpc["gateway http"])]
         lines.append(f"Gateway https ÷ nginx https per run: {', '.join(f'{x:.2f}' for x in vs_nginx)} (req/s), "
                      f"{', '.join(f'{x:.2f}' for x in cpu_vs)} (CPU per request); gateway https ÷ gateway http: "
-                     f"{', '.join(f'{x:.2f}' for x in tls_cost)}.")
+                     f"{', '.join(f'{x:.2f}' for x in tls_cost)} (req/s).")
+        if "nginx http" in rpc:
+            added = {name: median([t["cpu_us_per_request"] - p["cpu_us_per_request"]
+                                   for t, p in zip(rpc[f"{name} https"], rpc[f"{name} http"])])
+                     for name in ("gateway", "nginx")}
+            lines.append(f"CPU that TLS adds per request (https − http, same run, median): gateway "
+                         f"{added['gateway']:.1f} µs, nginx {added['nginx']:.1f} µs.")
         lines.append("")
         goals.append(("T", "gateway https throughput ≥ nginx https", f"{median(vs_nginx):.2f} ×",
                       median(vs_nginx) >= 1.0))
