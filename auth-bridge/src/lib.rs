@@ -23,6 +23,7 @@ pub mod provider;
 pub mod ratelog;
 pub mod throttle;
 pub mod tls;
+pub mod upstream_jwt;
 pub mod validator;
 
 #[cfg(any(test, feature = "testing"))]

@@ -90,15 +90,18 @@ pub struct Provider {
     metrics: AuthMetrics,
 }
 
+/// Why the provider's HTTP client cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("identity.{0}")]
+    Tls(#[from] crate::tls::ClientTlsError),
+    #[error("cannot build the HTTP client for the identity provider: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
 impl Provider {
-    pub fn new(
-        config: ProviderConfig,
-        metrics: AuthMetrics,
-    ) -> Result<Provider, crate::validator::BuildError> {
-        let tls = config
-            .tls()
-            .load()
-            .map_err(|e| crate::validator::BuildError::Config(format!("identity.{e}")))?;
+    pub fn new(config: ProviderConfig, metrics: AuthMetrics) -> Result<Provider, ClientError> {
+        let tls = config.tls().load()?;
         let builder = reqwest::Client::builder()
             .no_proxy()
             .timeout(config.timeout)

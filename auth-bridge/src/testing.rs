@@ -19,6 +19,24 @@ use p256::pkcs8::EncodePrivateKey;
 use serde_json::{Value, json};
 
 pub const AUDIENCE: &str = "http://gateway.test";
+
+/// A fresh P-256 private key, PKCS#8 PEM.
+pub fn ec_private_key_pem() -> String {
+    p256::SecretKey::random(&mut rand_core::OsRng)
+        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .expect("pem")
+        .to_string()
+}
+
+/// The claims of a JWT, unverified (for test bookkeeping only).
+pub fn unverified_claims(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT has a payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("JSON claims")
+}
 /// The client id logout tokens are addressed to.
 pub const LOGOUT_CLIENT: &str = "mcp-client";
 pub const KID: &str = "test-key-1";

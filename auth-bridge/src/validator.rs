@@ -624,8 +624,8 @@ fn jwt_error(e: &jsonwebtoken::errors::Error, config: &ProviderConfig) -> String
 pub enum BuildError {
     #[error("cannot register auth metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("cannot build the HTTP client for the identity provider: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Http(#[from] crate::provider::ClientError),
     #[error("{0}")]
     Config(String),
 }

@@ -35,6 +35,7 @@ async fn route(
     match (method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, json!({"status": "ok"}))),
         (&Method::GET, ["readyz"]) => Ok(readiness(gw).await),
+        (_, ["jwks.json"]) => Ok(gw.serve_jwks(method)),
         (&Method::GET, ["metrics"]) => {
             // A scrape never waits on a Redis that is down for long: the
             // gauge then keeps its last count.

@@ -70,6 +70,11 @@ pub struct Config {
     /// Where the identity provider POSTs back-channel logout tokens.
     #[serde(default = "default_logout_path")]
     pub backchannel_logout_path: String,
+    /// The key the gateway signs `gateway-jwt` upstream credentials with;
+    /// its public key set is served at `/jwks.json` on the admin listener
+    /// and at `{base_path}/.well-known/jwks.json`.
+    #[serde(default)]
+    pub upstream_jwt: Option<ratatosk_auth::upstream_jwt::UpstreamJwtConfig>,
     /// One entry per organization; the key is the org alias used in paths.
     pub orgs: BTreeMap<String, OrgConfig>,
 }
@@ -538,6 +543,65 @@ pub struct UpstreamConfig {
     /// or, for a test bench only, `insecure_skip_verify`.
     #[serde(default)]
     pub tls: Option<ratatosk_auth::tls::ClientTls>,
+    /// What the upstream is told about the caller, and how the gateway
+    /// proves it: see [`UpstreamAuth`].
+    #[serde(default)]
+    pub auth: UpstreamAuth,
+}
+
+/// How the gateway authenticates to an upstream, and tells it who calls.
+/// The client's own token never goes upstream.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum UpstreamAuth {
+    /// `Ratatosk-Subject`, `Ratatosk-Org`, `Ratatosk-Scopes` and
+    /// `Ratatosk-Username` headers: for upstreams on a trusted network.
+    /// (A struct variant, so that unknown fields beside it are refused.)
+    Headers {},
+    /// A value from the environment in a header, the same for every
+    /// caller: for third-party servers with an API key.
+    Static {
+        /// Default `Authorization`.
+        #[serde(default = "default_static_header")]
+        header: String,
+        /// E.g. `Bearer ${TICKETS_API_KEY}`.
+        value: String,
+    },
+    /// A short-lived JWT the gateway signs (`upstream_jwt`), as
+    /// `Authorization: Bearer`, with the caller's subject, org, scopes and
+    /// roles, and `aud` = `audience`.
+    GatewayJwt {
+        /// Default: the route, `<org>` or `<org>/<server>`.
+        #[serde(default)]
+        audience: Option<String>,
+    },
+}
+
+impl Default for UpstreamAuth {
+    fn default() -> Self {
+        UpstreamAuth::Headers {}
+    }
+}
+
+impl std::fmt::Debug for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAuth::Headers {} => f.write_str("Headers"),
+            UpstreamAuth::Static { header, .. } => f
+                .debug_struct("Static")
+                .field("header", header)
+                .field("value", &"<redacted>")
+                .finish(),
+            UpstreamAuth::GatewayJwt { audience } => f
+                .debug_struct("GatewayJwt")
+                .field("audience", audience)
+                .finish(),
+        }
+    }
+}
+
+fn default_static_header() -> String {
+    "authorization".into()
 }
 
 fn default_max_input_rounds() -> u32 {
@@ -759,6 +823,41 @@ impl Config {
                     } else {
                         at.bad(&sub, message);
                     }
+                }
+            }
+        }
+        if let Some(jwt) = &self.upstream_jwt {
+            let mut at = found.at("upstream_jwt");
+            for (field, message) in jwt.problems() {
+                at.bad(&field, message);
+            }
+        }
+        for (org, config) in &self.orgs {
+            for entry in config.server_entries() {
+                let path = match entry.name {
+                    Some(server) => format!("orgs.{org}.servers.{server}.upstream.auth"),
+                    None => format!("orgs.{org}.upstream.auth"),
+                };
+                match &entry.upstream.auth {
+                    UpstreamAuth::GatewayJwt { .. } if self.upstream_jwt.is_none() => found.bad(
+                        &path,
+                        "`gateway-jwt` needs the top-level `upstream_jwt` (its signing key)",
+                    ),
+                    UpstreamAuth::Static { header, value } => {
+                        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                            found.bad(
+                                &format!("{path}.header"),
+                                format!("`{header}` is not a header name"),
+                            );
+                        }
+                        if value.is_empty() || http::HeaderValue::from_str(value).is_err() {
+                            found.bad(
+                                &format!("{path}.value"),
+                                "expected a non-empty header value (from the environment: `${NAME}`)",
+                            );
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1455,6 +1554,53 @@ orgs:
                 }
             }
         }
+    }
+
+    #[test]
+    fn upstream_auth_modes_are_checked() {
+        let with = |auth: &str| {
+            minimal().replace(
+                "replicas: [http://127.0.0.1:9001/mcp]",
+                &format!("replicas: [http://127.0.0.1:9001/mcp]\n      auth: {auth}"),
+            )
+        };
+        let c = parse(&with("{mode: static, header: X-Api-Key, value: k}")).expect("static");
+        assert!(matches!(
+            &c.orgs["org-1"].upstream.as_ref().expect("upstream").auth,
+            UpstreamAuth::Static { header, .. } if header == "X-Api-Key"
+        ));
+        assert!(
+            !format!("{c:?}").contains("value: \"k\""),
+            "the value is redacted"
+        );
+        for (auth, path, says) in [
+            (
+                "{mode: gateway-jwt}",
+                "orgs.org-1.upstream.auth",
+                "needs the top-level `upstream_jwt`",
+            ),
+            (
+                "{mode: static, header: \"a b\", value: k}",
+                "orgs.org-1.upstream.auth.header",
+                "not a header name",
+            ),
+            (
+                "{mode: static, value: \"\"}",
+                "orgs.org-1.upstream.auth.value",
+                "non-empty",
+            ),
+        ] {
+            let p = only_problem(parse(&with(auth)).expect_err(auth));
+            assert_eq!(p.path, path, "{auth}");
+            assert!(p.message.contains(says), "{p:?}");
+        }
+        let err = parse(&with("{mode: passthrough}")).expect_err("unknown mode");
+        assert!(
+            err.to_string().contains("unknown variant `passthrough`"),
+            "{err}"
+        );
+        let err = parse(&with("{mode: headers, audience: x}")).expect_err("unknown field");
+        assert!(err.to_string().contains("audience"), "{err}");
     }
 
     #[test]

@@ -132,6 +132,8 @@ pub struct Gateway {
     federations: federated::Federations,
     /// The audit log.
     pub audit: Arc<crate::audit::Audit>,
+    /// Signs `gateway-jwt` upstream credentials; its key set is public.
+    pub upstream_jwt: Option<Arc<ratatosk_auth::upstream_jwt::UpstreamSigner>>,
     /// With several nodes: the provider logouts Redis keeps for nodes
     /// that were off the bus.
     logouts: Option<LogoutMemory>,
@@ -174,7 +176,14 @@ impl Gateway {
             None => (None, None),
         };
         let metrics = Arc::new(Metrics::new()?);
-        let routes = Routes::from_config(&config, &metrics)?;
+        let upstream_jwt = config
+            .upstream_jwt
+            .as_ref()
+            .map(|c| ratatosk_auth::upstream_jwt::UpstreamSigner::new(c, &config.public_url()))
+            .transpose()
+            .map_err(|e| BuildError::Config(format!("upstream_jwt: {e}")))?
+            .map(Arc::new);
+        let routes = Routes::from_config(&config, &metrics, upstream_jwt.as_ref())?;
         let node = events.as_ref().map_or_else(rand::random, |e| e.node());
         let redis = config.sessions.redis().map_err(BuildError::Config)?;
         let redis_sink = redis.as_ref().map(|target| crate::audit::RedisSink {
@@ -202,6 +211,7 @@ impl Gateway {
             max_bytes: config.sessions.event_log_bytes,
         };
         let gateway = Arc::new(Gateway {
+            upstream_jwt,
             routes,
             validator,
             public_url: config.public_url(),

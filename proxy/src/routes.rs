@@ -145,11 +145,13 @@ impl ServerRoute {
         config: &UpstreamConfig,
         max_answer_bytes: usize,
         metrics: &Metrics,
+        credentials: crate::upstream::Credentials,
     ) -> Result<ServerRoute, PoolError> {
+        let pool = Pool::new(org, config, max_answer_bytes, metrics)?.with_credentials(credentials);
         Ok(ServerRoute {
             era: Arc::new(UpstreamEra::new(org, config.era, metrics)),
             max_input_rounds: config.max_input_rounds,
-            pool: Arc::new(Pool::new(org, config, max_answer_bytes, metrics)?),
+            pool: Arc::new(pool),
         })
     }
 
@@ -172,6 +174,8 @@ pub enum RoutesError {
     Pool(Arc<str>, PoolError),
     #[error("route '{0}': a policy glob: {1}")]
     Policy(Arc<str>, globset::Error),
+    #[error("route '{0}': upstream.auth: {1}")]
+    Credentials(Arc<str>, String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +202,7 @@ impl Routes {
     pub fn from_config(
         config: &crate::config::Config,
         metrics: &Metrics,
+        signer: Option<&Arc<ratatosk_auth::upstream_jwt::UpstreamSigner>>,
     ) -> Result<Routes, RoutesError> {
         let max_answer = config.limits.max_answer_bytes;
         let mut routes = Vec::new();
@@ -221,8 +226,12 @@ impl Routes {
             let mut members = Vec::new();
             for entry in org.server_entries() {
                 let key = OrgRoute::key_of(name, entry.name);
-                let server = ServerRoute::new(&key, entry.upstream, max_answer, metrics)
-                    .map_err(|e| RoutesError::Pool(key.clone(), e))?;
+                let credentials =
+                    crate::upstream::Credentials::new(&key, name, &entry.upstream.auth, signer)
+                        .map_err(|e| RoutesError::Credentials(key.clone(), e))?;
+                let server =
+                    ServerRoute::new(&key, entry.upstream, max_answer, metrics, credentials)
+                        .map_err(|e| RoutesError::Pool(key.clone(), e))?;
                 let rules = org.policy.iter().chain(entry.policy);
                 let policy = crate::policy::Policy::new(entry.prefix, org.separator(), rules)
                     .map_err(|e| RoutesError::Policy(key.clone(), e))?;
@@ -376,7 +385,7 @@ mod tests {
             crate::config::Config::from_yaml(&yaml, std::path::Path::new("t.yaml"), &|_| None)
                 .expect("config");
         let metrics = Metrics::new().expect("metrics");
-        Routes::from_config(&config, &metrics).unwrap_or_else(|e| panic!("{e}"))
+        Routes::from_config(&config, &metrics, None).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn server(target: Target) -> Arc<OrgRoute> {

@@ -20,10 +20,12 @@ use crate::edge::mime_is;
 use crate::metrics::Metrics;
 use ratatosk_auth::tls::ClientPems;
 
+mod credentials;
 mod forwarding;
 mod probe;
 mod reader;
 
+pub use credentials::Credentials;
 pub use forwarding::*;
 pub use probe::{ProbeError, UpstreamEra};
 pub use reader::{AnswerReader, ReadError};
@@ -124,6 +126,8 @@ pub struct Pool {
     /// What `https://` replicas are checked against, and the certificate
     /// the gateway presents to them.
     tls: ClientPems,
+    /// What each request carries to prove the gateway (`upstream.auth`).
+    credentials: Credentials,
 }
 
 fn build_client(
@@ -242,7 +246,14 @@ impl Pool {
             clients,
             connect_timeout: cfg.connect_timeout,
             tls,
+            credentials: Credentials::None,
         })
+    }
+
+    /// This pool, with `credentials` on every request.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Pool {
+        self.credentials = credentials;
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -332,9 +343,10 @@ impl Pool {
     /// Sends one POST to a replica and waits for the response headers.
     pub async fn send(
         self: &Arc<Self>,
-        headers: HeaderMap,
+        headers: impl Into<Outbound>,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
+        let headers = self.with_credential(headers.into())?;
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::from("no replica configured");
         while let Some(lease) = self.pick(&tried) {
@@ -357,9 +369,10 @@ impl Pool {
         self: &Arc<Self>,
         url: &str,
         method: http::Method,
-        headers: HeaderMap,
+        headers: impl Into<Outbound>,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
+        let headers = self.with_credential(headers.into())?;
         let Some(index) = self.replicas.iter().position(|r| r.url == url) else {
             return Err(UpstreamError::Unreachable {
                 org: self.org.clone(),
@@ -371,6 +384,21 @@ impl Pool {
             Attempt::Done(result) => result,
             Attempt::NotReached(why) => Err(self.unreachable(&[index], why)),
         }
+    }
+
+    /// The headers with the upstream's credential for the caller.
+    fn with_credential(&self, outbound: Outbound) -> Result<HeaderMap, UpstreamError> {
+        let Outbound {
+            mut headers,
+            caller,
+        } = outbound;
+        self.credentials
+            .apply(caller.as_deref(), &mut headers)
+            .map_err(|reason| UpstreamError::Failed {
+                replica: self.org.clone(),
+                reason,
+            })?;
+        Ok(headers)
     }
 
     fn unreachable(&self, tried: &[usize], last: String) -> UpstreamError {
@@ -570,6 +598,7 @@ mod tests {
             eject_for: Duration::from_secs(30),
             max_input_rounds: 10,
             tls: None,
+            auth: Default::default(),
         };
         let metrics = Metrics::new().expect("metrics");
         Arc::new(Pool::new("org-1", &cfg, 1 << 20, &metrics).expect("pool"))

@@ -13,6 +13,14 @@ Environment:
     RATATOSK_NOTIFY_DELAY_MS  delay before notify_me publishes, default 200
     RATATOSK_INPUT_TIMEOUT_S  how long ask_roots/confirm wait for the client's answer
                               in stateful mode, default 30
+    EXAMPLE_JWKS_URL          set: /mcp wants a bearer JWT signed by a key of this set
+                              (FastMCP's JWTVerifier), with
+    EXAMPLE_JWT_ISSUER        its `iss`, and
+    EXAMPLE_JWT_AUDIENCE      an `aud` it must have, and
+    EXAMPLE_JWT_ALGORITHM     its algorithm (default ES256; Keycloak's is RS256);
+                              `whoami` returns the token's claims
+    EXAMPLE_TLS_CERT_FILE,    set both: serve HTTPS (python-common/example_http.py)
+    EXAMPLE_TLS_KEY_FILE
 """
 
 from __future__ import annotations
@@ -150,7 +158,29 @@ class StatelessCancelMiddleware:
             await responder.cancel()
 
 
-mcp = FastMCP(name="ratatosk-example-python-fastmcp")
+def _verifier() -> Any:
+    """Bearer JWTs checked against a key set when EXAMPLE_JWKS_URL is set."""
+    jwks = os.environ.get("EXAMPLE_JWKS_URL")
+    if not jwks:
+        return None
+    from fastmcp.server.auth.providers.jwt import JWTVerifier
+
+    return JWTVerifier(jwks_uri=jwks, issuer=os.environ.get("EXAMPLE_JWT_ISSUER"),
+                       audience=os.environ.get("EXAMPLE_JWT_AUDIENCE"),
+                       algorithm=os.environ.get("EXAMPLE_JWT_ALGORITHM", "ES256"))
+
+
+mcp = FastMCP(name="ratatosk-example-python-fastmcp", auth=_verifier())
+
+
+@mcp.tool
+def whoami() -> dict:
+    """The claims of the bearer token this call came with (empty without
+    EXAMPLE_JWKS_URL)."""
+    from fastmcp.server.dependencies import get_access_token
+
+    token = get_access_token()
+    return {"claims": token.claims if token else {}}
 
 
 @mcp.tool
@@ -379,9 +409,13 @@ def _configure_logging(name: str, port: int) -> None:
 def _session_manager(app: Any) -> Any:
     """The SDK's session manager behind the /mcp route of `app`."""
     for route in app.routes:
-        manager = getattr(getattr(route, "endpoint", None), "session_manager", None)
-        if manager is not None:
-            return manager
+        # With auth, the endpoint is wrapped in FastMCP's RequireAuthMiddleware.
+        endpoint = getattr(route, "endpoint", None) or getattr(route, "app", None)
+        while endpoint is not None:
+            manager = getattr(endpoint, "session_manager", None)
+            if manager is not None:
+                return manager
+            endpoint = getattr(endpoint, "app", None)
     raise RuntimeError("no MCP route with a session manager")
 
 

@@ -14,6 +14,10 @@ use crate::edge::{Reject, Request, Response};
 use crate::jsonrpc::code;
 use crate::routes::{Endpoint, Front};
 
+/// Where the `gateway-jwt` key set is served, under `base_path` (and as
+/// `/jwks.json` on the admin listener).
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
 impl Gateway {
     /// The caller's identity on an org's route, checked against the org and
     /// its required scopes. A refusal points at the metadata of the
@@ -152,7 +156,35 @@ impl Gateway {
         if req.path == self.config.backchannel_logout_path {
             return Some(self.serve_logout(req).await);
         }
+        if req
+            .path
+            .strip_prefix(self.config.base_path.as_str())
+            .is_some_and(|p| p == JWKS_PATH)
+        {
+            return Some(self.serve_jwks(&req.method));
+        }
         None
+    }
+
+    /// The key set of the `gateway-jwt` upstream credentials, public so
+    /// that upstreams verify them without reaching the admin listener.
+    pub fn serve_jwks(&self, method: &Method) -> Response {
+        if method != Method::GET {
+            return Reject::method_not_allowed(method, "GET").into_response();
+        }
+        match &self.upstream_jwt {
+            Some(signer) => Response::json(StatusCode::OK, Bytes::from(signer.jwks().to_owned()))
+                .with_header(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=300"),
+                ),
+            None => Reject::new(
+                StatusCode::NOT_FOUND,
+                code::NOT_FOUND,
+                "no upstream_jwt key is configured",
+            )
+            .into_response(),
+        }
     }
 
     fn serve_metadata(&self, method: &Method, resource_path: &str) -> Response {

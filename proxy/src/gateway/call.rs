@@ -12,7 +12,7 @@ use ratatosk_auth::Identity;
 use crate::edge::Request;
 use crate::routes::OrgRoute;
 use crate::session::SessionState;
-use crate::upstream::{Forwarding, upstream_headers};
+use crate::upstream::{Forwarding, Outbound, upstream_headers};
 
 /// One client request on the request path, borrowed from it.
 #[derive(Clone, Copy)]
@@ -58,7 +58,7 @@ impl<'a> Call<'a> {
         &self,
         session_id: &str,
         protocol_version: Option<&str>,
-    ) -> HeaderMap {
+    ) -> Outbound {
         upstream_headers(
             &Forwarding {
                 session_id,
@@ -72,7 +72,7 @@ impl<'a> Call<'a> {
     }
 
     /// Headers of a message of `session` to the upstream, for this caller.
-    pub(super) fn session_headers(&self, session: &SessionState) -> HeaderMap {
+    pub(super) fn session_headers(&self, session: &SessionState) -> Outbound {
         let version = if session.protocol_version.is_empty() {
             // A legacy session before its initialize.
             "2024-11-05"

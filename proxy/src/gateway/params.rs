@@ -135,7 +135,7 @@ impl Expiry<(Arc<str>, String), Listed> for ListedExpiry {
 /// (stateful upstream). Headers are made only when the list is read.
 #[derive(Clone, Copy)]
 pub(super) enum Lister<'a> {
-    Sessionless(&'a http::HeaderMap),
+    Sessionless(&'a crate::upstream::Outbound),
     Hidden(&'a SessionState),
 }
 
@@ -256,7 +256,7 @@ impl Gateway {
         &self,
         org: &OrgRoute,
         lister: Lister<'_>,
-        headers: http::HeaderMap,
+        headers: crate::upstream::Outbound,
     ) -> Result<Snapshot, String> {
         let mut tools = HashMap::new();
         let mut cursor: Option<String> = None;

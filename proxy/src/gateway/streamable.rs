@@ -335,7 +335,7 @@ impl Gateway {
         log: &Arc<SessionLog>,
         stream: StreamId,
         request: &Message,
-        headers: http::HeaderMap,
+        headers: crate::upstream::Outbound,
         slot: Option<crate::stream::Slot>,
     ) {
         let id = request.request_id().cloned();
@@ -543,7 +543,7 @@ impl Gateway {
         log: &Arc<SessionLog>,
         slot: Option<crate::stream::Slot>,
         message: &Message,
-        headers: impl FnOnce() -> http::HeaderMap,
+        headers: impl FnOnce() -> crate::upstream::Outbound,
     ) -> Result<(), Reject> {
         if message.method().is_none() && self.replies.take(&session.id, message) {
             return Ok(());

@@ -24,7 +24,7 @@ pub struct Forwarding<'a> {
     pub session_id: &'a str,
     pub org: &'a str,
     /// The caller, as the auth bridge established it.
-    pub identity: &'a ratatosk_auth::Identity,
+    pub identity: &'a std::sync::Arc<ratatosk_auth::Identity>,
     /// `None` for `initialize`, which negotiates it.
     pub protocol_version: Option<&'a str>,
     pub request_id: &'a str,
@@ -45,10 +45,41 @@ pub(super) fn json_rpc_headers(capacity: usize) -> HeaderMap {
     h
 }
 
+/// A request's headers toward an upstream, and the caller they are for:
+/// the pool adds the upstream's credential for that caller (see
+/// [`super::Credentials`]) as it sends. Derefs to the headers.
+#[derive(Clone, Debug, Default)]
+pub struct Outbound {
+    pub headers: HeaderMap,
+    pub caller: Option<std::sync::Arc<ratatosk_auth::Identity>>,
+}
+
+impl From<HeaderMap> for Outbound {
+    fn from(headers: HeaderMap) -> Self {
+        Outbound {
+            headers,
+            caller: None,
+        }
+    }
+}
+
+impl std::ops::Deref for Outbound {
+    type Target = HeaderMap;
+    fn deref(&self) -> &HeaderMap {
+        &self.headers
+    }
+}
+
+impl std::ops::DerefMut for Outbound {
+    fn deref_mut(&mut self) -> &mut HeaderMap {
+        &mut self.headers
+    }
+}
+
 /// Headers of a request to the upstream. Built from scratch, so nothing
 /// of the client's (Authorization, cookies, its session id) leaks through
 /// except trace context.
-pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
+pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> Outbound {
     let mut h = json_rpc_headers(10);
     let mut put = |name: HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
@@ -76,7 +107,10 @@ pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> HeaderMap {
             h.insert(name, v.clone());
         }
     }
-    h
+    Outbound {
+        headers: h,
+        caller: Some(f.identity.clone()),
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +130,7 @@ mod tests {
         let mut alice = ratatosk_auth::Identity::anonymous("org-1");
         alice.subject = "alice".into();
         alice.scopes = vec!["openid".into(), "mcp:tools".into()];
+        let alice = std::sync::Arc::new(alice);
         let h = upstream_headers(
             &Forwarding {
                 session_id: "S",

@@ -511,6 +511,7 @@ mod tests {
             eject_for: Duration::from_secs(1),
             max_input_rounds: 10,
             tls: None,
+            auth: Default::default(),
         };
         let metrics = crate::metrics::Metrics::new().expect("metrics");
         let pool =

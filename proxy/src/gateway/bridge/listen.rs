@@ -237,7 +237,7 @@ impl Gateway {
         &self,
         org: &OrgRoute,
         session: &SessionState,
-        headers: http::HeaderMap,
+        headers: crate::upstream::Outbound,
         uris: &[String],
     ) -> Vec<String> {
         let max = self.config.sessions.max_subscriptions;
@@ -308,7 +308,7 @@ impl Gateway {
         &self,
         org: &OrgRoute,
         session: &SessionState,
-        headers: http::HeaderMap,
+        headers: crate::upstream::Outbound,
         n: usize,
         uri: &str,
     ) -> Subscribed {

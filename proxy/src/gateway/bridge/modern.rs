@@ -236,7 +236,7 @@ impl Gateway {
     async fn answer_modern_client(
         &self,
         org: &OrgRoute,
-        headers: http::HeaderMap,
+        headers: crate::upstream::Outbound,
         body: Bytes,
         id: Option<&Id>,
         listen: bool,
@@ -368,7 +368,7 @@ impl Gateway {
         session: Arc<SessionState>,
         log: Arc<SessionLog>,
         request: Message,
-        headers: http::HeaderMap,
+        headers: crate::upstream::Outbound,
         client_headers: &http::HeaderMap,
     ) -> Result<Response, Reject> {
         let id = request.request_id().cloned();
@@ -434,7 +434,7 @@ impl Gateway {
         log: &Arc<SessionLog>,
         stream: StreamId,
         mut round: ModernRound,
-        headers: http::HeaderMap,
+        headers: crate::upstream::Outbound,
         cancel: &CancellationToken,
         mut first: Option<First>,
     ) {

@@ -16,7 +16,7 @@ use super::background::{Feed, Next, Opened};
 use super::*;
 use crate::edge::MCP_PROTOCOL_VERSION;
 use crate::session::UpstreamSession;
-use crate::upstream::Answer;
+use crate::upstream::{Answer, Outbound};
 
 /// Longest wait for an upstream to confirm the end of one of its sessions.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,7 +90,7 @@ impl Gateway {
     pub(in crate::gateway) async fn handshake(
         &self,
         org: &OrgRoute,
-        headers: HeaderMap,
+        headers: Outbound,
         id: &Id,
         body: Bytes,
         params: Value,
@@ -143,7 +143,7 @@ impl Gateway {
         &self,
         org: &OrgRoute,
         session: &SessionState,
-        headers: HeaderMap,
+        headers: Outbound,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
         let Some(bound) = &session.upstream else {
@@ -168,7 +168,7 @@ impl Gateway {
         org: &OrgRoute,
         session_id: &str,
         lost: &UpstreamSession,
-        headers: &HeaderMap,
+        headers: &Outbound,
         why: &UpstreamError,
     ) -> Result<UpstreamSession, UpstreamError> {
         let fail = |reason: String| UpstreamError::Failed {
@@ -243,7 +243,7 @@ impl Gateway {
     pub(in crate::gateway) async fn open_upstream(
         &self,
         org: &OrgRoute,
-        headers: HeaderMap,
+        headers: Outbound,
         params: Value,
     ) -> Result<UpstreamSession, Reject> {
         let fail = |why: String| {
@@ -437,7 +437,7 @@ impl Gateway {
         &self,
         org: &OrgRoute,
         session: &SessionState,
-        headers: HeaderMap,
+        headers: Outbound,
         message: &Message,
     ) {
         match self
@@ -489,7 +489,7 @@ pub(in crate::gateway) async fn send_bound(
     org: &OrgRoute,
     bound: &UpstreamSession,
     method: Method,
-    mut headers: HeaderMap,
+    mut headers: Outbound,
     body: Bytes,
 ) -> Result<Answer, UpstreamError> {
     if let Ok(v) = HeaderValue::from_str(&bound.id) {
@@ -520,9 +520,10 @@ pub(in crate::gateway) fn background_headers(
     org: &OrgRoute,
     session: &SessionState,
     what: &str,
-) -> HeaderMap {
+) -> Outbound {
     let mut caller = Identity::anonymous(&org.name);
     caller.subject.clone_from(&session.subject);
+    let caller = std::sync::Arc::new(caller);
     upstream_headers(
         &Forwarding {
             session_id: &session.id,

@@ -1,0 +1,254 @@
+//! `gateway-jwt` upstream credentials: the gateway signs a short-lived ES256
+//! JWT per caller and upstream, and publishes its key set, so an upstream
+//! checks who calls without asking Keycloak.
+//!
+//! Claims: `iss` (the gateway), `sub`, `aud` (the upstream), `org`,
+//! `scope`, `roles` (realm roles), `groups`, `client_id`, `iat`, `nbf`,
+//! `exp` (`ttl` later) and `jti`. A token is reused for the same caller
+//! and upstream while more than half its life is left.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::Identity;
+
+/// `upstream_jwt:` in the gateway's config.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamJwtConfig {
+    /// The signing key: a PEM P-256 private key (PKCS#8 or SEC1). Put it in
+    /// the environment: `key: ${RATATOSK_UPSTREAM_JWT_KEY}`.
+    pub key: String,
+    /// `iss` of the tokens. Default: the gateway's `public_url`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// How long a token lives.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl std::fmt::Debug for UpstreamJwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamJwtConfig")
+            .field("key", &"<redacted>")
+            .field("issuer", &self.issuer)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl UpstreamJwtConfig {
+    /// Problems, as (field, message).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Err(e) = signing_key(&self.key) {
+            out.push(("key".to_owned(), e));
+        }
+        if self.ttl < Duration::from_secs(10) || self.ttl > Duration::from_secs(3600) {
+            out.push((
+                "ttl".to_owned(),
+                format!("expected 10s to 1h, got {:?}", self.ttl),
+            ));
+        }
+        out
+    }
+}
+
+fn signing_key(pem: &str) -> Result<(EncodingKey, Jwk), String> {
+    let key = EncodingKey::from_ec_pem(pem.as_bytes())
+        .map_err(|e| format!("expected a PEM P-256 private key (PKCS#8 or SEC1): {e}"))?;
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256)
+        .map_err(|e| format!("not a P-256 key: {e}"))?;
+    // RFC 7638 thumbprint as the key id, so a new key gets a new id.
+    let thumbprint = match &jwk.algorithm {
+        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec) => {
+            let canonical = format!(
+                r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+                ec.x, ec.y
+            );
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(canonical))
+        }
+        _ => return Err("not an EC key".to_owned()),
+    };
+    jwk.common.key_id = Some(thumbprint);
+    jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+    jwk.common.key_algorithm = Some(KeyAlgorithm::ES256);
+    Ok((key, jwk))
+}
+
+/// Signs the tokens of every `gateway-jwt` upstream.
+pub struct UpstreamSigner {
+    key: EncodingKey,
+    header: Header,
+    issuer: String,
+    ttl: Duration,
+    jwks: String,
+    /// Tokens by a hash of what they say (caller, org, audience), kept for
+    /// half their life.
+    issued: moka::sync::Cache<[u8; 32], String>,
+}
+
+impl UpstreamSigner {
+    /// `default_issuer` is the gateway's public URL.
+    pub fn new(config: &UpstreamJwtConfig, default_issuer: &str) -> Result<UpstreamSigner, String> {
+        let (key, jwk) = signing_key(&config.key)?;
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = jwk.common.key_id.clone();
+        let jwks = serde_json::to_string(&JwkSet { keys: vec![jwk] })
+            .map_err(|e| format!("cannot write the key set: {e}"))?;
+        Ok(UpstreamSigner {
+            key,
+            header,
+            issuer: config
+                .issuer
+                .clone()
+                .unwrap_or_else(|| default_issuer.to_owned()),
+            ttl: config.ttl,
+            jwks,
+            issued: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(config.ttl / 2)
+                .build(),
+        })
+    }
+
+    /// The public key set (JWKS), as JSON.
+    pub fn jwks(&self) -> &str {
+        &self.jwks
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// A token for `caller` of `org`, for the upstream `audience`.
+    pub fn token(&self, caller: &Identity, org: &str, audience: &str) -> Result<String, String> {
+        let mut what = Sha256::new();
+        for part in [caller.subject.as_str(), org, audience] {
+            what.update(part.as_bytes());
+            what.update([0]);
+        }
+        for list in [&caller.scopes, &caller.realm_roles, &caller.groups] {
+            for item in list {
+                what.update(item.as_bytes());
+                what.update([1]);
+            }
+            what.update([0]);
+        }
+        what.update(caller.client_id.as_deref().unwrap_or("").as_bytes());
+        let key: [u8; 32] = what.finalize().into();
+        if let Some(token) = self.issued.get(&key) {
+            return Ok(token);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_secs();
+        let jti: u128 = rand::random();
+        let mut claims = json!({
+            "iss": self.issuer,
+            "sub": caller.subject,
+            "aud": audience,
+            "org": org,
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.ttl.as_secs(),
+            "jti": format!("{jti:032x}"),
+        });
+        if !caller.scopes.is_empty() {
+            claims["scope"] = json!(caller.scopes.join(" "));
+        }
+        if !caller.realm_roles.is_empty() {
+            claims["roles"] = json!(caller.realm_roles);
+        }
+        if !caller.groups.is_empty() {
+            claims["groups"] = json!(caller.groups);
+        }
+        if let Some(client) = &caller.client_id {
+            claims["client_id"] = json!(client);
+        }
+        if let Some(name) = &caller.username {
+            claims["preferred_username"] = json!(name);
+        }
+        let token = jsonwebtoken::encode(&self.header, &claims, &self.key)
+            .map_err(|e| format!("cannot sign an upstream token: {e}"))?;
+        self.issued.insert(key, token.clone());
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{DecodingKey, Validation};
+
+    #[test]
+    fn tokens_verify_against_the_published_key_set_and_say_who_calls() {
+        let config = UpstreamJwtConfig {
+            key: crate::testing::ec_private_key_pem(),
+            issuer: None,
+            ttl: Duration::from_secs(120),
+        };
+        assert!(config.problems().is_empty());
+        let signer = UpstreamSigner::new(&config, "https://gw.example").expect("signer");
+        let mut alice = Identity::anonymous("org-1");
+        alice.subject = "alice-id".into();
+        alice.scopes = vec!["mcp:tools".into()];
+        alice.realm_roles = vec!["mcp-reader".into()];
+        let token = signer.token(&alice, "org-1", "tickets").expect("token");
+        assert_eq!(
+            signer.token(&alice, "org-1", "tickets").expect("again"),
+            token
+        );
+        assert_ne!(
+            signer.token(&alice, "org-1", "files").expect("other"),
+            token
+        );
+
+        let set: JwkSet = serde_json::from_str(signer.jwks()).expect("jwks");
+        let header = jsonwebtoken::decode_header(&token).expect("header");
+        assert_eq!(header.alg, Algorithm::ES256);
+        let jwk = set.find(header.kid.as_deref().expect("kid")).expect("key");
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_audience(&["tickets"]);
+        validation.set_issuer(&["https://gw.example"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(
+            &token,
+            &DecodingKey::from_jwk(jwk).expect("decoding key"),
+            &validation,
+        )
+        .expect("verifies")
+        .claims;
+        assert_eq!(claims["sub"], "alice-id");
+        assert_eq!(claims["org"], "org-1");
+        assert_eq!(claims["scope"], "mcp:tools");
+        assert_eq!(claims["roles"], json!(["mcp-reader"]));
+        assert_eq!(
+            claims["exp"].as_u64().expect("exp") - claims["iat"].as_u64().expect("iat"),
+            120
+        );
+    }
+
+    #[test]
+    fn a_bad_key_or_ttl_is_named() {
+        let config = UpstreamJwtConfig {
+            key: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into(),
+            issuer: None,
+            ttl: Duration::from_secs(1),
+        };
+        let problems = config.problems();
+        let fields: Vec<&str> = problems.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["key", "ttl"], "{problems:?}");
+        assert!(problems[0].1.contains("P-256"), "{problems:?}");
+    }
+}
