@@ -499,8 +499,8 @@ pub struct ClientTls {
 }
 
 /// A [`ClientTls`] read and checked: the PEM bytes to hand to a client
-/// library.
-#[derive(Debug, Clone, Default)]
+/// library. `Debug` leaves the private key out.
+#[derive(Clone, Default)]
 pub struct ClientPems {
     pub ca: Option<Vec<u8>>,
     /// Certificate chain then key, as reqwest's `Identity::from_pem` takes it.
@@ -552,6 +552,19 @@ impl ClientTls {
 pub struct ClientTlsError {
     pub field: &'static str,
     pub message: String,
+}
+
+impl fmt::Debug for ClientPems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientPems")
+            .field(
+                "ca",
+                &self.ca.as_ref().map(|c| format!("{} bytes", c.len())),
+            )
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .field("insecure", &self.insecure)
+            .finish()
+    }
 }
 
 impl ClientPems {

@@ -86,6 +86,14 @@ fn signing_key(pem: &str) -> Result<(EncodingKey, Jwk), String> {
     Ok((key, jwk))
 }
 
+/// A token kept for reuse, with its `iat` and `exp`.
+#[derive(Clone)]
+struct Issued {
+    token: String,
+    iat: u64,
+    exp: u64,
+}
+
 /// Signs the tokens of every `gateway-jwt` upstream.
 pub struct UpstreamSigner {
     key: EncodingKey,
@@ -93,9 +101,9 @@ pub struct UpstreamSigner {
     issuer: String,
     ttl: Duration,
     jwks: String,
-    /// Tokens by a hash of what they say (caller, org, audience), kept for
-    /// half their life.
-    issued: moka::sync::Cache<[u8; 32], String>,
+    /// Tokens by a hash of what they say (caller, org, audience), with
+    /// their `exp`; kept for half their life at most.
+    issued: moka::sync::Cache<[u8; 32], Issued>,
 }
 
 impl UpstreamSigner {
@@ -131,29 +139,45 @@ impl UpstreamSigner {
         &self.issuer
     }
 
-    /// A token for `caller` of `org`, for the upstream `audience`.
+    /// A token for `caller` of `org`, for the upstream `audience`. It
+    /// expires `ttl` from now, or with the caller's own token if that is
+    /// sooner.
     pub fn token(&self, caller: &Identity, org: &str, audience: &str) -> Result<String, String> {
-        let mut what = Sha256::new();
-        for part in [caller.subject.as_str(), org, audience] {
-            what.update(part.as_bytes());
-            what.update([0]);
-        }
-        for list in [&caller.scopes, &caller.realm_roles, &caller.groups] {
-            for item in list {
-                what.update(item.as_bytes());
-                what.update([1]);
-            }
-            what.update([0]);
-        }
-        what.update(caller.client_id.as_deref().unwrap_or("").as_bytes());
-        let key: [u8; 32] = what.finalize().into();
-        if let Some(token) = self.issued.get(&key) {
-            return Ok(token);
-        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|e| e.to_string())?
             .as_secs();
+        let caller_exp = caller
+            .expires_at
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        let exp = (now + self.ttl.as_secs()).min(caller_exp.unwrap_or(u64::MAX));
+        if exp <= now {
+            return Err("the caller's token has expired".to_owned());
+        }
+        // Every item length-prefixed: no two callers' claims hash alike.
+        let mut what = Sha256::new();
+        let mut put = |item: &str| {
+            what.update((item.len() as u64).to_le_bytes());
+            what.update(item.as_bytes());
+        };
+        for part in [caller.subject.as_str(), org, audience] {
+            put(part);
+        }
+        for list in [&caller.scopes, &caller.realm_roles, &caller.groups] {
+            put(&list.len().to_string());
+            list.iter().for_each(|item| put(item));
+        }
+        put(caller.client_id.as_deref().unwrap_or(""));
+        put(caller.username.as_deref().unwrap_or(""));
+        put(&caller_exp.unwrap_or(0).to_string());
+        let key: [u8; 32] = what.finalize().into();
+        // Reused while more than half its life is left, by the wall clock.
+        if let Some(issued) = self.issued.get(&key)
+            && now < issued.iat + (issued.exp - issued.iat) / 2
+        {
+            return Ok(issued.token);
+        }
         let jti: u128 = rand::random();
         let mut claims = json!({
             "iss": self.issuer,
@@ -162,7 +186,7 @@ impl UpstreamSigner {
             "org": org,
             "iat": now,
             "nbf": now,
-            "exp": now + self.ttl.as_secs(),
+            "exp": exp,
             "jti": format!("{jti:032x}"),
         });
         if !caller.scopes.is_empty() {
@@ -182,7 +206,14 @@ impl UpstreamSigner {
         }
         let token = jsonwebtoken::encode(&self.header, &claims, &self.key)
             .map_err(|e| format!("cannot sign an upstream token: {e}"))?;
-        self.issued.insert(key, token.clone());
+        self.issued.insert(
+            key,
+            Issued {
+                token: token.clone(),
+                iat: now,
+                exp,
+            },
+        );
         Ok(token)
     }
 }
@@ -237,6 +268,31 @@ mod tests {
             claims["exp"].as_u64().expect("exp") - claims["iat"].as_u64().expect("iat"),
             120
         );
+    }
+
+    #[test]
+    fn a_token_never_outlives_the_callers_own() {
+        let config = UpstreamJwtConfig {
+            key: crate::testing::ec_private_key_pem(),
+            issuer: None,
+            ttl: Duration::from_secs(600),
+        };
+        let signer = UpstreamSigner::new(&config, "https://gw").expect("signer");
+        let mut bob = Identity::anonymous("o");
+        bob.subject = "bob".into();
+        bob.expires_at = Some(SystemTime::now() + Duration::from_secs(60));
+        let claims =
+            crate::testing::unverified_claims(&signer.token(&bob, "o", "a").expect("token"));
+        let left = claims["exp"].as_u64().expect("exp") - claims["iat"].as_u64().expect("iat");
+        assert!((59..=60).contains(&left), "{left}");
+        let again = signer.token(&bob, "o", "a").expect("reused");
+        assert_eq!(
+            crate::testing::unverified_claims(&again),
+            claims,
+            "reused for half its life"
+        );
+        bob.expires_at = Some(SystemTime::now() - Duration::from_secs(1));
+        assert!(signer.token(&bob, "o", "a").is_err());
     }
 
     #[test]

@@ -212,31 +212,46 @@ impl McpApp {
         };
         let mut streams = tokio::task::JoinSet::new();
         let mut shutdown = shutdown.clone();
-        let mut going_away = false;
+        // Set once GOAWAY is sent: when the connection must be gone by.
+        let mut going_away: Option<tokio::time::Instant> = None;
         let mut rejected = 0usize;
         loop {
+            let drained_by = going_away.unwrap_or_else(tokio::time::Instant::now);
             let accepted = tokio::select! {
-                _ = shutdown.changed(), if !going_away => {
+                _ = shutdown.changed(), if going_away.is_none() => {
                     conn.graceful_shutdown();
-                    going_away = true;
+                    going_away = Some(tokio::time::Instant::now() + H2_DRAIN);
                     continue;
                 }
                 Some(_) = streams.join_next(), if !streams.is_empty() => continue,
-                _ = tokio::time::sleep(Duration::from_secs(IDLE_SECS)), if streams.is_empty() => {
-                    return;
+                _ = tokio::time::sleep(Duration::from_secs(IDLE_SECS)),
+                    if streams.is_empty() && going_away.is_none() => {
+                    // Idle: GOAWAY first, so that a request racing the close
+                    // is known to the client as not processed.
+                    conn.graceful_shutdown();
+                    going_away = Some(tokio::time::Instant::now() + H2_DRAIN);
+                    continue;
                 }
+                _ = tokio::time::sleep_until(drained_by), if going_away.is_some() && streams.is_empty() => break,
                 // Accepting drives the whole connection, the streams'
                 // frames included: it runs while any stream is served.
                 accepted = v2::server::HttpSession::from_h2_conn(&mut conn, digest.clone()) => accepted,
             };
             match accepted {
                 Ok(Some(H2Accept::Session(h2))) => {
+                    // Each stream counts against `limits.max_connections`
+                    // too: one connection may carry many.
+                    let open = self.connections.enter();
                     let app = self.clone();
                     let shutdown = shutdown.clone();
                     streams.spawn(async move {
                         let session = ServerSession::new_http2(h2);
-                        // Streams of a connection hold no count of their own.
-                        app.serve_one(session, &shutdown, &mut None).await;
+                        let mut open = match open {
+                            Some(open) => Some(open),
+                            None => return app.refuse_stream(session).await,
+                        };
+                        app.serve_one(session, &shutdown, &mut open).await;
+                        drop(open);
                     });
                 }
                 Ok(Some(H2Accept::Rejected)) => {
@@ -244,18 +259,40 @@ impl McpApp {
                     // connection may send.
                     rejected += 1;
                     if rejected >= MAX_REJECTED_H2_STREAMS {
-                        return;
+                        break;
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(e) => {
                     tracing::debug!("HTTP/2 connection ended: {e}");
-                    return;
+                    break;
                 }
             }
         }
+        // Requests being answered finish, as over HTTP/1.1, rather than be
+        // dropped halfway through (their writes fail if the client is gone).
+        streams.detach_all();
+    }
+
+    /// The answer to an HTTP/2 stream over `limits.max_connections`.
+    async fn refuse_stream(&self, session: ServerSession) {
+        let max = self.connections.max;
+        let reject = Reject::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            crate::jsonrpc::code::INTERNAL_ERROR,
+            format!(
+                "the gateway has {max} connections and streams open (limits.max_connections); retry shortly"
+            ),
+        );
+        let response = reject
+            .into_response()
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let _ = write_response(session, response, &self.gateway, false).await;
     }
 }
+
+/// How long an HTTP/2 connection that was sent GOAWAY may take to close.
+const H2_DRAIN: Duration = Duration::from_secs(5);
 
 /// Malformed streams an HTTP/2 connection may open before it is closed.
 const MAX_REJECTED_H2_STREAMS: usize = 32;

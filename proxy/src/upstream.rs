@@ -343,10 +343,10 @@ impl Pool {
     /// Sends one POST to a replica and waits for the response headers.
     pub async fn send(
         self: &Arc<Self>,
-        headers: impl Into<Outbound>,
+        headers: Outbound,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
-        let headers = self.with_credential(headers.into())?;
+        let headers = self.with_credential(headers)?;
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::from("no replica configured");
         while let Some(lease) = self.pick(&tried) {
@@ -369,10 +369,10 @@ impl Pool {
         self: &Arc<Self>,
         url: &str,
         method: http::Method,
-        headers: impl Into<Outbound>,
+        headers: Outbound,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
-        let headers = self.with_credential(headers.into())?;
+        let headers = self.with_credential(headers)?;
         let Some(index) = self.replicas.iter().position(|r| r.url == url) else {
             return Err(UpstreamError::Unreachable {
                 org: self.org.clone(),
@@ -672,7 +672,10 @@ mod tests {
         let p = pool(&[&testing::dead_url(), &live.url()]);
         for _ in 0..4 {
             let answer = p
-                .send(HeaderMap::new(), Bytes::from_static(b"{\"id\":1}"))
+                .send(
+                    Outbound::gateway(HeaderMap::new()),
+                    Bytes::from_static(b"{\"id\":1}"),
+                )
                 .await
                 .expect("answered by the live replica");
             assert_eq!(answer.kind, AnswerKind::Json);
@@ -695,7 +698,12 @@ mod tests {
         let p = pool(&[&a.url(), &b.url(), &dead]);
         for _ in 0..3 {
             let answer = p
-                .send_to(&b.url(), http::Method::POST, HeaderMap::new(), Bytes::new())
+                .send_to(
+                    &b.url(),
+                    http::Method::POST,
+                    Outbound::gateway(HeaderMap::new()),
+                    Bytes::new(),
+                )
                 .await
                 .expect("answered by the pinned replica");
             assert_eq!(answer.lease.url(), b.url());
@@ -703,14 +711,19 @@ mod tests {
         assert_eq!((a.hits(), b.hits()), (0, 3), "never another replica");
         // A dead pinned replica is not failed over: the session is there.
         let lost = p
-            .send_to(&dead, http::Method::POST, HeaderMap::new(), Bytes::new())
+            .send_to(
+                &dead,
+                http::Method::POST,
+                Outbound::gateway(HeaderMap::new()),
+                Bytes::new(),
+            )
             .await;
         assert!(matches!(lost, Err(UpstreamError::Unreachable { .. })));
         let gone = p
             .send_to(
                 "http://127.0.0.1:1/gone",
                 http::Method::POST,
-                HeaderMap::new(),
+                Outbound::gateway(HeaderMap::new()),
                 Bytes::new(),
             )
             .await;
@@ -726,7 +739,13 @@ mod tests {
         let failing = testing::stub(|_| (503, "text/plain", "overloaded".into())).await;
         let healthy = testing::stub(|_| (200, "application/json", "{}".into())).await;
         let p = pool(&[&failing.url(), &healthy.url()]);
-        let err = match p.send(HeaderMap::new(), Bytes::from_static(b"{}")).await {
+        let err = match p
+            .send(
+                Outbound::gateway(HeaderMap::new()),
+                Bytes::from_static(b"{}"),
+            )
+            .await
+        {
             Err(e) => e,
             Ok(_) => panic!("the first pick is the failing replica, whose 503 must surface"),
         };
@@ -740,9 +759,12 @@ mod tests {
             "a request that reached a replica is not sent again"
         );
         for _ in 0..5 {
-            p.send(HeaderMap::new(), Bytes::from_static(b"{}"))
-                .await
-                .expect("healthy replica answers");
+            p.send(
+                Outbound::gateway(HeaderMap::new()),
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .expect("healthy replica answers");
         }
         assert_eq!(
             failing.hits(),
@@ -757,7 +779,13 @@ mod tests {
     async fn answers_that_are_neither_json_nor_sse_are_protocol_errors() {
         let odd = testing::stub(|_| (200, "text/html", "<html>".into())).await;
         let p = pool(&[&odd.url()]);
-        match p.send(HeaderMap::new(), Bytes::from_static(b"{}")).await {
+        match p
+            .send(
+                Outbound::gateway(HeaderMap::new()),
+                Bytes::from_static(b"{}"),
+            )
+            .await
+        {
             Err(UpstreamError::Failed { reason, .. }) => {
                 assert!(reason.contains("text/html"), "{reason}")
             }

@@ -275,3 +275,38 @@ def test_a_client_with_only_the_system_roots_refuses_the_gateway(stack):
         httpx2.post(gw.url("secure"), json=INIT, headers={"Accept": ACCEPT_BOTH},
                     verify=ssl.create_default_context(), timeout=5)
     assert "CERTIFICATE_VERIFY_FAILED" in str(err.value), err.value
+
+
+def test_http2_streams_count_against_max_connections(tmp_path, replicas):
+    """One HTTP/2 connection may carry many streams; each counts, so the
+    bound holds however clients multiplex."""
+    pki = Pki(tmp_path / "pki")
+    gw = Gateway(tmp_path, {"o": org(replicas)}, name="gateway-h2-limit", verify=pki.context(),
+                 extra={"tls": listener_tls(pki, "gateway"),
+                        "limits": {"max_connections": 3, "body_read_timeout": "5s"}})
+    def client() -> httpx2.Client:
+        return httpx2.Client(http2=True, verify=pki.context(), timeout=httpx2.Timeout(10, read=10))
+
+    with running(gw):
+        url = gw.url("o")
+        with client() as http:
+            sessions = []
+            for _ in range(2):
+                r = http.post(url, json=INIT, headers={"Accept": ACCEPT_BOTH})
+                assert r.status_code == 200 and r.http_version == "HTTP/2", r.text
+                sessions.append({"Mcp-Session-Id": r.headers["mcp-session-id"], "MCP-Protocol-Version": PROTOCOL})
+            # The connection, and two held streams: three.
+            with http.stream("GET", url, headers={**sessions[0], "Accept": "text/event-stream"}) as first, \
+                    http.stream("GET", url, headers={**sessions[1], "Accept": "text/event-stream"}) as second:
+                assert (first.status_code, second.status_code) == (200, 200)
+                refused = http.post(url, json={"jsonrpc": "2.0", "id": 2, "method": "ping"},
+                                    headers={**sessions[0], "Accept": ACCEPT_BOTH})
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["retry-after"] == "1"
+                assert "limits.max_connections" in refused.json()["error"]["message"]
+        # The connection closed, and its streams with it: room again.
+        with client() as http:
+            wait_until("the streams counted out", lambda: http.post(
+                url, json={"jsonrpc": "2.0", "id": 3, "method": "ping"},
+                headers={**sessions[0], "Accept": ACCEPT_BOTH}).status_code == 200, timeout=10)
+        assert "ratatosk_connections_refused_total 1" in gw.metrics()

@@ -230,10 +230,28 @@ impl Scripts {
 
 /// Where Redis is (`redis://` or `rediss://`), and for TLS what the
 /// gateway trusts (a CA in place of the system's roots) and presents.
-#[derive(Debug, Clone, Default)]
+/// `Debug` leaves the URL's password and the private key out.
+#[derive(Clone, Default)]
 pub struct RedisTarget {
     pub url: String,
     pub tls: ratatosk_auth::tls::ClientPems,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match url::Url::parse(&self.url) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("redacted"));
+                u.to_string()
+            }
+            Ok(_) => self.url.clone(),
+            Err(_) => "<not a URL>".to_owned(),
+        };
+        f.debug_struct("RedisTarget")
+            .field("url", &url)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl From<&str> for RedisTarget {

@@ -47,15 +47,19 @@ pub(super) fn json_rpc_headers(capacity: usize) -> HeaderMap {
 
 /// A request's headers toward an upstream, and the caller they are for:
 /// the pool adds the upstream's credential for that caller (see
-/// [`super::Credentials`]) as it sends. Derefs to the headers.
-#[derive(Clone, Debug, Default)]
+/// [`super::Credentials`]) as it sends. Derefs to the headers. There is no
+/// conversion from a bare `HeaderMap`: a request that lost its caller on
+/// the way would be credited to the gateway, so that must be said
+/// ([`Outbound::gateway`]).
+#[derive(Clone, Debug)]
 pub struct Outbound {
     pub headers: HeaderMap,
     pub caller: Option<std::sync::Arc<ratatosk_auth::Identity>>,
 }
 
-impl From<HeaderMap> for Outbound {
-    fn from(headers: HeaderMap) -> Self {
+impl Outbound {
+    /// The gateway's own request (an era probe), on behalf of no caller.
+    pub fn gateway(headers: HeaderMap) -> Outbound {
         Outbound {
             headers,
             caller: None,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use serde_json::{Map, Value};
 
-use super::forwarding::json_rpc_headers;
+use super::forwarding::{Outbound, json_rpc_headers};
 use super::{AnswerReader, Pool, RATATOSK_ORG, ReadError, UpstreamError};
 use crate::config::Era;
 use crate::edge::MCP_SESSION_ID;
@@ -219,7 +219,7 @@ impl UpstreamEra {
             crate::era::put_modern_headers(&mut headers, method, &Map::new());
             crate::era::discover_request(&id)
         };
-        let answer = pool.send(headers.clone(), body).await?;
+        let answer = pool.send(Outbound::gateway(headers.clone()), body).await?;
         let minted = answer.response.headers().get(MCP_SESSION_ID).cloned();
         let replica = answer.lease.url().to_owned();
         let mut reader = AnswerReader::new(answer, pool.read_limits);
@@ -232,7 +232,12 @@ impl UpstreamEra {
             let pool = pool.clone();
             headers.insert(MCP_SESSION_ID, session);
             tokio::spawn(async move {
-                let close = pool.send_to(&replica, http::Method::DELETE, headers, Bytes::new());
+                let close = pool.send_to(
+                    &replica,
+                    http::Method::DELETE,
+                    Outbound::gateway(headers),
+                    Bytes::new(),
+                );
                 let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
             });
         }

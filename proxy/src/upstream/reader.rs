@@ -517,7 +517,10 @@ mod tests {
         let pool =
             Arc::new(crate::upstream::Pool::new("o", &cfg, max_bytes, &metrics).expect("pool"));
         let answer = pool
-            .send(http::HeaderMap::new(), Bytes::from_static(b"{}"))
+            .send(
+                crate::upstream::Outbound::gateway(http::HeaderMap::new()),
+                Bytes::from_static(b"{}"),
+            )
             .await
             .expect("answer");
         AnswerReader::new(answer, adjust(pool.read_limits))

@@ -680,7 +680,7 @@ impl ModernRound {
     async fn send(
         &self,
         org: &OrgRoute,
-        headers: &http::HeaderMap,
+        headers: &crate::upstream::Outbound,
         cancel: &CancellationToken,
     ) -> Option<Result<crate::upstream::Answer, UpstreamError>> {
         let mut h = headers.clone();
