@@ -15,7 +15,7 @@ import time
 import httpx2
 import pytest
 
-from harness import PROTOCOL, claims, post, rpc_error, streamable_session
+from harness import KC_GATEWAY_SECRET, PROTOCOL, claims, post, rpc_error, streamable_session
 
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "auth-e2e", "version": "1"}}}
@@ -382,3 +382,36 @@ def test_streams_end_when_their_token_expires(auth_gateway, keycloak):
     with httpx2.Client(timeout=httpx2.Timeout(5, read=10)) as http, \
             http.stream("GET", auth_gateway.url("org-1"), headers={**headers, **bearer(fresh)}) as r:
         assert r.status_code == 200
+
+
+def exchange(keycloak, subject_token: str, audience: str) -> httpx2.Response:
+    """RFC 8693 standard token exchange, as the gateway's confidential client."""
+    return httpx2.post(f"{keycloak.issuer}/protocol/openid-connect/token", timeout=10,
+                       auth=("ratatosk-gateway", KC_GATEWAY_SECRET), data={
+                           "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                           "subject_token": subject_token,
+                           "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                           "requested_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                           "audience": audience})
+
+
+def test_the_realm_lets_the_gateway_exchange_a_users_token_for_an_upstream(keycloak):
+    """The realm side of `upstream.auth: token-exchange` (issue 18): the
+    gateway's client may exchange a caller's token for one addressed to the
+    example upstream only, for the same user and session."""
+    subject = keycloak.token("alice")
+    own = claims(subject)
+    assert "mcp-upstream-py" not in own["aud"], "the caller's own token is not for the upstream"
+    r = exchange(keycloak, subject, "mcp-upstream-py")
+    assert r.status_code == 200, r.text
+    assert r.json()["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+    got = claims(r.json()["access_token"])
+    assert got["aud"] == "mcp-upstream-py"
+    assert (got["azp"], got["sub"], got["sid"]) == ("ratatosk-gateway", own["sub"], own["sid"])
+    assert "mcp-reader" in got["realm_access"]["roles"]
+    # An audience the gateway's client cannot address, and a token that is
+    # not one, are refused.
+    r = exchange(keycloak, subject, "mcp-client")
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+    r = exchange(keycloak, "not-a-token", "mcp-upstream-py")
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
