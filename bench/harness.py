@@ -1041,6 +1041,26 @@ def med(runs: list[dict], *path: str) -> float:
     return median(vals)
 
 
+def rpc_row(name: str, runs: list[dict], *bases: float) -> str:
+    """A table row of a request scenario: req/s, p50, p99, CPU per request,
+    then req/s over each of `bases`."""
+    rps = med(runs, "rps")
+    cpu = median([r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request") is not None])
+    cpu_s = "-" if cpu != cpu else f"{cpu:.1f} µs"
+    ratios = "".join(f" {rps / b:.2f} |" for b in bases)
+    return (f"| {name} | {rps:,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
+            f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {cpu_s} |{ratios}")
+
+
+def per_run(xs: list[dict], ys: list[dict], key: str = "rps") -> list[float]:
+    """`key` of x ÷ `key` of y, run by run (same run, same moment)."""
+    return [x[key] / y[key] for x, y in zip(xs, ys)]
+
+
+def fmt_ratios(xs: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in xs)
+
+
 def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bool | None]]]:
     lines: list[str] = []
     goals: list[tuple[str, str, str, bool | None]] = []
@@ -1050,18 +1070,13 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                   "| path | req/s | p50 | p99 | CPU of the proxy per request | req/s vs direct | req/s vs nginx |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         direct, nginx = med(a["direct"], "rps"), med(a["nginx"], "rps")
-        for name, runs in a.items():
-            rps = med(runs, "rps")
-            cpu = median([r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request") is not None])
-            cpu_s = "-" if cpu != cpu else f"{cpu:.1f} µs"
-            lines.append(f"| {name} | {rps:,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
-                         f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {cpu_s} | {rps / direct:.2f} | {rps / nginx:.2f} |")
+        lines += [rpc_row(name, runs, direct, nginx) for name, runs in a.items()]
         lines.append("")
         # Ratios per run (same run, same moment), then their median.
-        per_run_direct = [x["rps"] / d["rps"] for x, d in zip(a["gateway"], a["direct"])]
-        per_run_nginx = [x["rps"] / n["rps"] for x, n in zip(a["gateway"], a["nginx"])]
-        lines.append(f"Gateway ÷ direct per run: {', '.join(f'{x:.2f}' for x in per_run_direct)}; "
-                     f"gateway ÷ nginx per run: {', '.join(f'{x:.2f}' for x in per_run_nginx)}.")
+        per_run_direct = per_run(a["gateway"], a["direct"])
+        per_run_nginx = per_run(a["gateway"], a["nginx"])
+        lines.append(f"Gateway ÷ direct per run: {fmt_ratios(per_run_direct)}; "
+                     f"gateway ÷ nginx per run: {fmt_ratios(per_run_nginx)}.")
         lines.append("")
         goals.append(("A", "gateway throughput ≥ 0.8 × direct", f"{median(per_run_direct):.2f} ×",
                       median(per_run_direct) >= 0.8))
@@ -1078,22 +1093,17 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                   "| path | req/s | p50 | p99 | CPU of the proxy per request | req/s vs nginx https |",
                   "| --- | --- | --- | --- | --- | --- |"]
         nginx = med(rpc["nginx https"], "rps")
-        for name, runs in rpc.items():
-            rps = med(runs, "rps")
-            cpu = median([r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request") is not None])
-            lines.append(f"| {name} | {rps:,.0f} | {fmt_us(med(runs, 'latency', 'p50_us'))} | "
-                         f"{fmt_us(med(runs, 'latency', 'p99_us'))} | {cpu:.1f} µs | {rps / nginx:.2f} |")
+        lines += [rpc_row(name, runs, nginx) for name, runs in rpc.items()]
         lines.append("")
-        vs_nginx = [g["rps"] / n["rps"] for g, n in zip(rpc["gateway https"], rpc["nginx https"])]
-        cpu_vs = [g["cpu_us_per_request"] / n["cpu_us_per_request"]
-                  for g, n in zip(rpc["gateway https"], rpc["nginx https"])]
-        tls_cost = [g["rps"] / p["rps"] for g, p in zip(rpc["gateway https"], rpc["gateway http"])]
-        lines.append(f"Gateway https ÷ nginx https per run: {', '.join(f'{x:.2f}' for x in vs_nginx)} (req/s), "
-                     f"{', '.join(f'{x:.2f}' for x in cpu_vs)} (CPU per request); gateway https ÷ gateway http: "
-                     f"{', '.join(f'{x:.2f}' for x in tls_cost)} (req/s).")
+        vs_nginx = per_run(rpc["gateway https"], rpc["nginx https"])
+        cpu_vs = per_run(rpc["gateway https"], rpc["nginx https"], "cpu_us_per_request")
+        tls_cost = per_run(rpc["gateway https"], rpc["gateway http"])
+        lines.append(f"Gateway https ÷ nginx https per run: {fmt_ratios(vs_nginx)} (req/s), "
+                     f"{fmt_ratios(cpu_vs)} (CPU per request); gateway https ÷ gateway http: "
+                     f"{fmt_ratios(tls_cost)} (req/s).")
         if "nginx http" in rpc:
-            added = {name: median([t["cpu_us_per_request"] - p["cpu_us_per_request"]
-                                   for t, p in zip(rpc[f"{name} https"], rpc[f"{name} http"])])
+            added = {name: median([tls["cpu_us_per_request"] - plain["cpu_us_per_request"]
+                                   for tls, plain in zip(rpc[f"{name} https"], rpc[f"{name} http"])])
                      for name in ("gateway", "nginx")}
             lines.append(f"CPU that TLS adds per request (https − http, same run, median): gateway "
                          f"{added['gateway']:.1f} µs, nginx {added['nginx']:.1f} µs.")

@@ -361,22 +361,28 @@ impl ForwardAuth {
             tokio::spawn(async move {
                 match tls {
                     None => this.serve_connection(stream).await,
-                    Some(tls) => {
-                        // The handshake shares the request's deadline.
-                        let timeout = this.config.request_timeout;
-                        match tokio::time::timeout(timeout, tls.accept(stream)).await {
-                            Ok(Ok(stream)) => this.serve_connection(stream).await,
-                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => {
-                                this.metrics.timeouts.inc();
-                                tracing::debug!("TLS handshake did not finish in time");
-                            }
-                        }
-                    }
+                    Some(tls) => this.serve_tls_connection(&tls, stream).await,
                 }
                 this.metrics.open.dec();
                 drop(permit);
             });
+        }
+    }
+
+    /// The TLS handshake, within the request's deadline, then the
+    /// connection.
+    async fn serve_tls_connection(
+        self: &Arc<Self>,
+        tls: &tokio_rustls::TlsAcceptor,
+        stream: tokio::net::TcpStream,
+    ) {
+        match tokio::time::timeout(self.config.request_timeout, tls.accept(stream)).await {
+            Ok(Ok(stream)) => self.serve_connection(stream).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => {
+                self.metrics.timeouts.inc();
+                tracing::debug!("TLS handshake did not finish in time");
+            }
         }
     }
 
@@ -858,14 +864,13 @@ fn json_answer(status: StatusCode, body: serde_json::Value) -> Answer {
     r
 }
 
-/// Ends on SIGTERM or Ctrl-C; a SIGHUP is passed on to `hangup` (the TLS
+/// Ends on SIGTERM or Ctrl-C; a SIGHUP is passed on to `tell` (the TLS
 /// reload).
-async fn shutdown_signal(hangup: std::sync::mpsc::Sender<()>) {
+async fn shutdown_signal(tell: std::sync::mpsc::Sender<()>) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let tell = hangup;
         let (Ok(mut term), Ok(mut hangup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::hangup()),

@@ -20,6 +20,15 @@ use serde_json::{Value, json};
 
 pub const AUDIENCE: &str = "http://gateway.test";
 
+/// A fresh ES256 signing key, and its public JWK.
+fn es256_key() -> (EncodingKey, Value) {
+    let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+    let der = secret.to_pkcs8_der().expect("der");
+    let mut jwk: Value = serde_json::from_str(&secret.public_key().to_jwk_string()).expect("jwk");
+    jwk["alg"] = json!("ES256");
+    (EncodingKey::from_ec_der(der.as_bytes()), jwk)
+}
+
 /// A fresh P-256 private key, PKCS#8 PEM.
 pub fn ec_private_key_pem() -> String {
     p256::SecretKey::random(&mut rand_core::OsRng)
@@ -60,23 +69,13 @@ pub struct FakeIdp {
 impl FakeIdp {
     /// An IdP signing with ES256 (a key made in microseconds).
     pub async fn start() -> FakeIdp {
-        let secret = p256::SecretKey::random(&mut rand_core::OsRng);
-        let der = secret.to_pkcs8_der().expect("der");
-        let encoding = EncodingKey::from_ec_der(der.as_bytes());
-        let mut jwk: Value =
-            serde_json::from_str(&secret.public_key().to_jwk_string()).expect("jwk");
-        jwk["alg"] = json!("ES256");
+        let (encoding, jwk) = es256_key();
         Self::serve(encoding, jwk, Algorithm::ES256, None).await
     }
 
     /// [`Self::start`] over HTTPS, on `certs` (for `localhost`).
     pub async fn start_tls(certs: Arc<crate::tls::ServingCerts>) -> FakeIdp {
-        let secret = p256::SecretKey::random(&mut rand_core::OsRng);
-        let der = secret.to_pkcs8_der().expect("der");
-        let encoding = EncodingKey::from_ec_der(der.as_bytes());
-        let mut jwk: Value =
-            serde_json::from_str(&secret.public_key().to_jwk_string()).expect("jwk");
-        jwk["alg"] = json!("ES256");
+        let (encoding, jwk) = es256_key();
         let tls = tokio_rustls::TlsAcceptor::from(Arc::new(certs.server_config(&[b"http/1.1"])));
         Self::serve(encoding, jwk, Algorithm::ES256, Some(tls)).await
     }

@@ -10,6 +10,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use bytes::Bytes;
+use http::HeaderValue;
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Deserialize;
@@ -86,10 +88,11 @@ fn signing_key(pem: &str) -> Result<(EncodingKey, Jwk), String> {
     Ok((key, jwk))
 }
 
-/// A token kept for reuse, with its `iat` and `exp`.
+/// A token kept for reuse, as the `Authorization` value it is sent in,
+/// with its `iat` and `exp`.
 #[derive(Clone)]
 struct Issued {
-    token: String,
+    bearer: HeaderValue,
     iat: u64,
     exp: u64,
 }
@@ -100,7 +103,7 @@ pub struct UpstreamSigner {
     header: Header,
     issuer: String,
     ttl: Duration,
-    jwks: String,
+    jwks: Bytes,
     /// Tokens by a hash of what they say (caller, org, audience), with
     /// their `exp`; kept for half their life at most.
     issued: moka::sync::Cache<[u8; 32], Issued>,
@@ -112,8 +115,9 @@ impl UpstreamSigner {
         let (key, jwk) = signing_key(&config.key)?;
         let mut header = Header::new(Algorithm::ES256);
         header.kid = jwk.common.key_id.clone();
-        let jwks = serde_json::to_string(&JwkSet { keys: vec![jwk] })
-            .map_err(|e| format!("cannot write the key set: {e}"))?;
+        let jwks = serde_json::to_vec(&JwkSet { keys: vec![jwk] })
+            .map_err(|e| format!("cannot write the key set: {e}"))?
+            .into();
         Ok(UpstreamSigner {
             key,
             header,
@@ -131,18 +135,19 @@ impl UpstreamSigner {
     }
 
     /// The public key set (JWKS), as JSON.
-    pub fn jwks(&self) -> &str {
-        &self.jwks
+    pub fn jwks(&self) -> Bytes {
+        self.jwks.clone()
     }
 
-    pub fn issuer(&self) -> &str {
-        &self.issuer
-    }
-
-    /// A token for `caller` of `org`, for the upstream `audience`. It
-    /// expires `ttl` from now, or with the caller's own token if that is
-    /// sooner.
-    pub fn token(&self, caller: &Identity, org: &str, audience: &str) -> Result<String, String> {
+    /// `Bearer <token>` for `caller` of `org`, for the upstream `audience`:
+    /// the `Authorization` value, marked sensitive. The token expires `ttl`
+    /// from now, or with the caller's own token if that is sooner.
+    pub fn bearer(
+        &self,
+        caller: &Identity,
+        org: &str,
+        audience: &str,
+    ) -> Result<HeaderValue, String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|e| e.to_string())?
@@ -155,28 +160,29 @@ impl UpstreamSigner {
         if exp <= now {
             return Err("the caller's token has expired".to_owned());
         }
-        // Every item length-prefixed: no two callers' claims hash alike.
+        // Every item and list length-prefixed: no two callers' claims hash
+        // alike.
         let mut what = Sha256::new();
-        let mut put = |item: &str| {
+        let mut put = |item: &[u8]| {
             what.update((item.len() as u64).to_le_bytes());
-            what.update(item.as_bytes());
+            what.update(item);
         };
         for part in [caller.subject.as_str(), org, audience] {
-            put(part);
+            put(part.as_bytes());
         }
         for list in [&caller.scopes, &caller.realm_roles, &caller.groups] {
-            put(&list.len().to_string());
-            list.iter().for_each(|item| put(item));
+            put(&(list.len() as u64).to_le_bytes());
+            list.iter().for_each(|item| put(item.as_bytes()));
         }
-        put(caller.client_id.as_deref().unwrap_or(""));
-        put(caller.username.as_deref().unwrap_or(""));
-        put(&caller_exp.unwrap_or(0).to_string());
+        put(caller.client_id.as_deref().unwrap_or("").as_bytes());
+        put(caller.username.as_deref().unwrap_or("").as_bytes());
+        put(&caller_exp.unwrap_or(0).to_le_bytes());
         let key: [u8; 32] = what.finalize().into();
         // Reused while more than half its life is left, by the wall clock.
         if let Some(issued) = self.issued.get(&key)
             && now < issued.iat + (issued.exp - issued.iat) / 2
         {
-            return Ok(issued.token);
+            return Ok(issued.bearer);
         }
         let jti: u128 = rand::random();
         let mut claims = json!({
@@ -206,15 +212,18 @@ impl UpstreamSigner {
         }
         let token = jsonwebtoken::encode(&self.header, &claims, &self.key)
             .map_err(|e| format!("cannot sign an upstream token: {e}"))?;
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|e| format!("an upstream token is not a header value: {e}"))?;
+        bearer.set_sensitive(true);
         self.issued.insert(
             key,
             Issued {
-                token: token.clone(),
+                bearer: bearer.clone(),
                 iat: now,
                 exp,
             },
         );
-        Ok(token)
+        Ok(bearer)
     }
 }
 
@@ -222,6 +231,20 @@ impl UpstreamSigner {
 mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation};
+
+    /// The token of [`UpstreamSigner::bearer`].
+    fn token_of(
+        signer: &UpstreamSigner,
+        caller: &Identity,
+        audience: &str,
+    ) -> Result<String, String> {
+        let bearer = signer.bearer(caller, caller.orgs[0].as_str(), audience)?;
+        let value = bearer.to_str().expect("ascii");
+        Ok(value
+            .strip_prefix("Bearer ")
+            .expect("a bearer value")
+            .to_owned())
+    }
 
     #[test]
     fn tokens_verify_against_the_published_key_set_and_say_who_calls() {
@@ -236,17 +259,11 @@ mod tests {
         alice.subject = "alice-id".into();
         alice.scopes = vec!["mcp:tools".into()];
         alice.realm_roles = vec!["mcp-reader".into()];
-        let token = signer.token(&alice, "org-1", "tickets").expect("token");
-        assert_eq!(
-            signer.token(&alice, "org-1", "tickets").expect("again"),
-            token
-        );
-        assert_ne!(
-            signer.token(&alice, "org-1", "files").expect("other"),
-            token
-        );
+        let token = token_of(&signer, &alice, "tickets").expect("token");
+        assert_eq!(token_of(&signer, &alice, "tickets").expect("again"), token);
+        assert_ne!(token_of(&signer, &alice, "files").expect("other"), token);
 
-        let set: JwkSet = serde_json::from_str(signer.jwks()).expect("jwks");
+        let set: JwkSet = serde_json::from_slice(&signer.jwks()).expect("jwks");
         let header = jsonwebtoken::decode_header(&token).expect("header");
         assert_eq!(header.alg, Algorithm::ES256);
         let jwk = set.find(header.kid.as_deref().expect("kid")).expect("key");
@@ -282,17 +299,17 @@ mod tests {
         bob.subject = "bob".into();
         bob.expires_at = Some(SystemTime::now() + Duration::from_secs(60));
         let claims =
-            crate::testing::unverified_claims(&signer.token(&bob, "o", "a").expect("token"));
+            crate::testing::unverified_claims(&token_of(&signer, &bob, "a").expect("token"));
         let left = claims["exp"].as_u64().expect("exp") - claims["iat"].as_u64().expect("iat");
         assert!((59..=60).contains(&left), "{left}");
-        let again = signer.token(&bob, "o", "a").expect("reused");
+        let again = token_of(&signer, &bob, "a").expect("reused");
         assert_eq!(
             crate::testing::unverified_claims(&again),
             claims,
             "reused for half its life"
         );
         bob.expires_at = Some(SystemTime::now() - Duration::from_secs(1));
-        assert!(signer.token(&bob, "o", "a").is_err());
+        assert!(token_of(&signer, &bob, "a").is_err());
     }
 
     #[test]

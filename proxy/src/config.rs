@@ -784,6 +784,7 @@ impl Config {
             }
             org.problems(
                 self.identity.is_some(),
+                self.upstream_jwt.is_some(),
                 &mut found.at(&format!("orgs.{name}")),
             );
         }
@@ -830,35 +831,6 @@ impl Config {
             let mut at = found.at("upstream_jwt");
             for (field, message) in jwt.problems() {
                 at.bad(&field, message);
-            }
-        }
-        for (org, config) in &self.orgs {
-            for entry in config.server_entries() {
-                let path = match entry.name {
-                    Some(server) => format!("orgs.{org}.servers.{server}.upstream.auth"),
-                    None => format!("orgs.{org}.upstream.auth"),
-                };
-                match &entry.upstream.auth {
-                    UpstreamAuth::GatewayJwt { .. } if self.upstream_jwt.is_none() => found.bad(
-                        &path,
-                        "`gateway-jwt` needs the top-level `upstream_jwt` (its signing key)",
-                    ),
-                    UpstreamAuth::Static { header, value } => {
-                        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                            found.bad(
-                                &format!("{path}.header"),
-                                format!("`{header}` is not a header name"),
-                            );
-                        }
-                        if value.is_empty() || http::HeaderValue::from_str(value).is_err() {
-                            found.bad(
-                                &format!("{path}.value"),
-                                "expected a non-empty header value (from the environment: `${NAME}`)",
-                            );
-                        }
-                    }
-                    _ => {}
-                }
             }
         }
         if self.listen == self.admin_listen {
@@ -1110,8 +1082,9 @@ impl ServerConfig {
 
 impl OrgConfig {
     /// An org's fields; `identity` says whether the config has an
-    /// identity provider, which auth modes other than `none` need.
-    fn problems(&self, identity: bool, at: &mut Section) {
+    /// identity provider, which auth modes other than `none` need, and
+    /// `upstream_jwt` whether it has the key `gateway-jwt` upstreams need.
+    fn problems(&self, identity: bool, upstream_jwt: bool, at: &mut Section) {
         if self.auth != AuthMode::None && !identity {
             at.bad(
                 "auth",
@@ -1143,11 +1116,11 @@ impl OrgConfig {
                     "servers",
                     "give either `upstream` (the one-server shorthand) or `servers`, not both",
                 );
-                upstream.problems(&mut at.sub("upstream"));
-                self.servers_problems(at);
+                upstream.problems(upstream_jwt, &mut at.sub("upstream"));
+                self.servers_problems(upstream_jwt, at);
             }
             (Some(upstream), true) => {
-                upstream.problems(&mut at.sub("upstream"));
+                upstream.problems(upstream_jwt, &mut at.sub("upstream"));
                 if self.separator.is_some() {
                     at.bad(
                         "separator",
@@ -1155,7 +1128,7 @@ impl OrgConfig {
                     );
                 }
             }
-            (None, false) => self.servers_problems(at),
+            (None, false) => self.servers_problems(upstream_jwt, at),
         }
         let mut names = BTreeMap::new();
         let server_rules = self.servers.iter().flat_map(|(server, s)| {
@@ -1175,7 +1148,7 @@ impl OrgConfig {
     }
 
     /// `servers`: names, prefixes and the separator.
-    fn servers_problems(&self, at: &mut Section) {
+    fn servers_problems(&self, upstream_jwt: bool, at: &mut Section) {
         let separator = self.separator();
         if separator.is_empty() || separator.len() > MAX_SEPARATOR || !is_name_part(separator) {
             at.bad(
@@ -1225,7 +1198,9 @@ impl OrgConfig {
                     "prefix `{prefix}` is also server `{other}`'s: each server needs its own"
                 ));
             }
-            server.upstream.problems(&mut at.sub("upstream"));
+            server
+                .upstream
+                .problems(upstream_jwt, &mut at.sub("upstream"));
         }
     }
 }
@@ -1263,9 +1238,28 @@ fn rule_problems(
 }
 
 impl UpstreamConfig {
-    fn problems(&self, at: &mut Section) {
+    /// `upstream_jwt`: whether the config has the key of `gateway-jwt`.
+    fn problems(&self, upstream_jwt: bool, at: &mut Section) {
         if self.replicas.is_empty() {
             at.bad("replicas", "expected at least one replica URL");
+        }
+        match &self.auth {
+            UpstreamAuth::GatewayJwt { .. } if !upstream_jwt => at.bad(
+                "auth",
+                "`gateway-jwt` needs the top-level `upstream_jwt` (its signing key)",
+            ),
+            UpstreamAuth::Static { header, value } => {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    at.bad("auth.header", format!("`{header}` is not a header name"));
+                }
+                if value.is_empty() || http::HeaderValue::from_str(value).is_err() {
+                    at.bad(
+                        "auth.value",
+                        "expected a non-empty header value (from the environment: `${NAME}`)",
+                    );
+                }
+            }
+            _ => {}
         }
         if let Some(tls) = &self.tls {
             if let Err(e) = tls.load() {

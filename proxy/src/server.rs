@@ -149,13 +149,10 @@ impl ServerApp for McpApp {
                 mut settings,
                 pipelined,
             } = reuse;
-            if !pipelined {
-                // Idle until the client starts its next request; the head
-                // deadline runs from its first byte.
-                let first = next_request_begins(&mut stream).await?;
-                if let Some(first) = first {
-                    settings.set_pipelined_prefix(first);
-                }
+            // Idle until the client starts its next request; the head
+            // deadline runs from its first byte.
+            if !pipelined && !next_request_begins(&mut stream, &mut settings).await {
+                return None;
             }
             session = ServerSession::new_http1(stream);
             settings.apply_to_session(&mut session);
@@ -164,23 +161,27 @@ impl ServerApp for McpApp {
 }
 
 /// Waits up to [`IDLE_SECS`] for a kept-alive connection's next request to
-/// begin. A plain socket is peeked; a TLS stream cannot be, so its first
-/// byte is read and handed back to go before the rest of the request.
-/// `None`: the client closed, or stayed idle too long.
-async fn next_request_begins(stream: &mut Stream) -> Option<Option<BytesMut>> {
+/// begin; false if the client closed, or stayed idle too long. A plain
+/// socket is peeked; a TLS stream cannot be, so its first byte is read and
+/// goes to the next session as a pipelined prefix.
+async fn next_request_begins(stream: &mut Stream, settings: &mut HttpPersistentSettings) -> bool {
     use tokio::io::AsyncReadExt;
     let idle = Duration::from_secs(IDLE_SECS);
     let mut first = [0u8; 1];
     match tokio::time::timeout(idle, stream.try_peek(&mut first)).await {
-        Ok(Ok(true)) => return Some(None),
+        Ok(Ok(true)) => return true,
         // Peeking is not supported (TLS): read instead.
         Ok(Ok(false)) if stream.get_ssl_digest().is_some() => {}
-        _ => return None,
+        _ => return false,
     }
-    match tokio::time::timeout(idle, stream.read(&mut first)).await {
-        Ok(Ok(1)) => Some(Some(BytesMut::from(&first[..]))),
-        _ => None,
+    let read = matches!(
+        tokio::time::timeout(idle, stream.read(&mut first)).await,
+        Ok(Ok(1))
+    );
+    if read {
+        settings.set_pipelined_prefix(BytesMut::from(&first[..]));
     }
+    read
 }
 
 impl McpApp {

@@ -51,18 +51,12 @@ impl TestPki {
     /// `{name}.pem` and `{name}.key`: a server certificate for `sans`
     /// (names or IP addresses).
     pub fn server(&self, name: &str, sans: &[&str]) {
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(name, params);
+        self.issue(name, server_params(sans));
     }
 
     /// As [`Self::server`], but it expired in 2000.
     pub fn expired_server(&self, name: &str, sans: &[&str]) {
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("params");
+        let mut params = server_params(sans);
         params.not_before = rcgen::date_time_ymd(1999, 1, 1);
         params.not_after = rcgen::date_time_ymd(2000, 1, 1);
         self.issue(name, params);
@@ -74,6 +68,13 @@ impl TestPki {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(name, params);
     }
+}
+
+fn server_params(sans: &[&str]) -> CertificateParams {
+    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("params");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params
 }
 
 impl Drop for TestPki {

@@ -173,11 +173,10 @@ impl Gateway {
             return Reject::method_not_allowed(method, "GET").into_response();
         }
         match &self.upstream_jwt {
-            Some(signer) => Response::json(StatusCode::OK, Bytes::from(signer.jwks().to_owned()))
-                .with_header(
-                    header::CACHE_CONTROL,
-                    HeaderValue::from_static("public, max-age=300"),
-                ),
+            Some(signer) => Response::json(StatusCode::OK, signer.jwks()).with_header(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            ),
             None => Reject::new(
                 StatusCode::NOT_FOUND,
                 code::NOT_FOUND,

@@ -74,11 +74,8 @@ impl Credentials {
                 audience,
                 gateway,
             } => {
-                let token = signer.token(caller.unwrap_or(gateway.as_ref()), org, audience)?;
-                let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-                    .map_err(|e| format!("an upstream token is not a header value: {e}"))?;
-                value.set_sensitive(true);
-                headers.insert(header::AUTHORIZATION, value);
+                let bearer = signer.bearer(caller.unwrap_or(gateway.as_ref()), org, audience)?;
+                headers.insert(header::AUTHORIZATION, bearer);
             }
         }
         Ok(())
