@@ -189,8 +189,9 @@ impl ProviderConfig {
     }
 
     /// Problems with the settings, as (field, message), for the caller's
-    /// config report. `needs_introspection` is true when a route uses it.
-    pub fn problems(&self, needs_introspection: bool) -> Vec<(String, String)> {
+    /// config report. `needs_client` says what needs the confidential client
+    /// (introspection, token exchange), if anything does.
+    pub fn problems(&self, needs_client: Option<&str>) -> Vec<(String, String)> {
         let mut out = Vec::new();
         if let Err(e) = self.tls().load() {
             out.push((e.field.to_owned(), e.message));
@@ -209,29 +210,24 @@ impl ProviderConfig {
             out.push(("audience".into(), "expected a non-empty audience".into()));
         }
         for (i, scope) in self.client_scopes.iter().enumerate() {
-            // RFC 6749 scope-token: printable ASCII but space, `"` and `\\`.
-            let valid = !scope.is_empty()
-                && scope
-                    .bytes()
-                    .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\');
-            if !valid {
+            if !is_scope_token(scope) {
                 out.push((
                     format!("client_scopes[{i}]"),
                     format!("expected one scope name (printable ASCII, no space, quote or backslash), got `{scope}`"),
                 ));
             }
         }
-        if needs_introspection {
+        if let Some(what) = needs_client {
             if self.client_id.as_deref().is_none_or(str::is_empty) {
                 out.push((
                     "client_id".into(),
-                    "introspection needs a confidential client id".into(),
+                    format!("{what} needs the gateway's confidential client id"),
                 ));
             }
             if self.client_secret.as_deref().is_none_or(str::is_empty) {
                 out.push((
                     "client_secret".into(),
-                    "introspection needs the client's secret (set it from the environment)".into(),
+                    format!("{what} needs the client's secret (set it from the environment)"),
                 ));
             }
         }
@@ -284,6 +280,14 @@ impl ProviderConfig {
     }
 }
 
+/// An RFC 6749 scope-token: printable ASCII but space, `"` and `\`.
+pub fn is_scope_token(scope: &str) -> bool {
+    !scope.is_empty()
+        && scope
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,7 +304,7 @@ mod tests {
         let default = config("");
         assert_eq!(default.client_scopes, vec!["organization"]);
         let c = config(", client_scopes: [organization, gateway]");
-        assert!(c.problems(false).is_empty(), "{:?}", c.problems(false));
+        assert!(c.problems(None).is_empty(), "{:?}", c.problems(None));
         assert_eq!(
             c.advertised_scopes(&["mcp:tools".into(), "gateway".into()]),
             vec!["organization", "gateway", "mcp:tools"]
@@ -310,7 +314,7 @@ mod tests {
     #[test]
     fn a_client_scope_must_be_one_scope_name() {
         let c = config(", client_scopes: [organization, 'a b', '', 'x\"y']");
-        let fields: Vec<_> = c.problems(false).into_iter().map(|(f, _)| f).collect();
+        let fields: Vec<_> = c.problems(None).into_iter().map(|(f, _)| f).collect();
         assert_eq!(
             fields,
             vec!["client_scopes[1]", "client_scopes[2]", "client_scopes[3]"]

@@ -166,7 +166,10 @@ impl ForwardConfig {
                 .orgs
                 .values()
                 .any(|o| o.mode.is_some_and(AuthMode::uses_introspection));
-        for (field, msg) in self.identity.problems(introspects) {
+        for (field, msg) in self
+            .identity
+            .problems(introspects.then_some("introspection"))
+        {
             out.push(format!("identity.{field}: {msg}"));
         }
         for (field, msg) in self.tls.iter().flat_map(|t| t.problems()) {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub mod claims;
 pub mod config;
 pub mod env;
+pub mod exchange;
 pub mod forward;
 pub mod logout;
 pub mod metadata;

@@ -76,6 +76,7 @@ impl CacheOutcome {
 struct Handles {
     validations: [[OnceLock<IntCounter>; Outcome::ALL]; 4],
     cache: [OnceLock<IntCounter>; 3],
+    exchange_cache: [OnceLock<IntCounter>; 3],
     prechecks: [OnceLock<IntCounter>; 3],
 }
 
@@ -102,6 +103,14 @@ pub struct AuthMetrics {
     pub logouts: IntCounterVec,
     /// Sessions and subjects on the revocation list.
     pub revoked: IntGauge,
+    /// Token exchanges (RFC 8693) for upstreams by result: `ok`,
+    /// `refused`, `unavailable` (calls made), `paused` (failed at once
+    /// after a failure, no call).
+    pub exchanges: IntCounterVec,
+    /// Look-ups of exchanged tokens by outcome, as `cache`.
+    pub exchange_cache_outcomes: IntCounterVec,
+    /// Exchanged tokens dropped because their session logged out.
+    pub exchanges_dropped: IntCounter,
     handles: Handles,
 }
 
@@ -168,6 +177,24 @@ impl AuthMetrics {
                 "auth_revoked_entries",
                 "Logged-out sessions and subjects on the revocation list",
             )?,
+            exchanges: IntCounterVec::new(
+                Opts::new(
+                    "auth_token_exchanges_total",
+                    "Token exchanges for upstreams by result (ok, refused, unavailable: calls made; paused: refused without a call after a failure)",
+                ),
+                &["result"],
+            )?,
+            exchange_cache_outcomes: IntCounterVec::new(
+                Opts::new(
+                    "auth_token_exchange_cache_total",
+                    "Look-ups of exchanged upstream tokens by outcome (hit, miss, coalesced)",
+                ),
+                &["outcome"],
+            )?,
+            exchanges_dropped: IntCounter::new(
+                "auth_token_exchanges_dropped_total",
+                "Exchanged upstream tokens dropped because their session logged out",
+            )?,
             handles: Handles::default(),
         };
         registry.register(Box::new(m.validations.clone()))?;
@@ -180,6 +207,9 @@ impl AuthMetrics {
         registry.register(Box::new(m.jwks_fetches.clone()))?;
         registry.register(Box::new(m.logouts.clone()))?;
         registry.register(Box::new(m.revoked.clone()))?;
+        registry.register(Box::new(m.exchanges.clone()))?;
+        registry.register(Box::new(m.exchange_cache_outcomes.clone()))?;
+        registry.register(Box::new(m.exchanges_dropped.clone()))?;
         Ok(m)
     }
 
@@ -210,5 +240,13 @@ impl AuthMetrics {
     pub fn cache_outcome(&self, outcome: CacheOutcome) -> &IntCounter {
         self.handles.cache[outcome as usize]
             .get_or_init(|| self.cache.with_label_values(&[outcome.as_str()]))
+    }
+
+    /// The `auth_token_exchange_cache_total` counter of an outcome.
+    pub fn exchange_cache(&self, outcome: CacheOutcome) -> &IntCounter {
+        self.handles.exchange_cache[outcome as usize].get_or_init(|| {
+            self.exchange_cache_outcomes
+                .with_label_values(&[outcome.as_str()])
+        })
     }
 }

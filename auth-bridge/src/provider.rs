@@ -49,6 +49,7 @@ type Metadata = ProviderMetadata<
 struct Endpoints {
     jwks_uri: String,
     introspection: Option<String>,
+    token: Option<String>,
 }
 
 /// A signing key from the JWKS.
@@ -69,6 +70,26 @@ pub enum KeyError {
     /// them again: the key may be new, so the verdict must not be cached.
     #[error("the token was signed with a key not known yet (kid `{0}`); retry shortly")]
     NotYetKnown(String),
+}
+
+/// Why a token exchange (RFC 8693) gave no token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExchangeFailure {
+    /// The provider could not be asked, or failed: worth retrying later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The provider answered and refused: retrying will not help (a token
+    /// it does not take, an audience the gateway's client may not address).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A token the provider issued in an exchange.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub access_token: String,
+    /// Seconds from now, as the provider says (`expires_in`).
+    pub expires_in: Option<u64>,
 }
 
 /// Why introspection gave no answer about the token.
@@ -169,6 +190,7 @@ impl Provider {
                 .additional_metadata()
                 .introspection_endpoint
                 .clone(),
+            token: metadata.token_endpoint().map(|u| u.url().to_string()),
         });
         tracing::info!(issuer = %self.config.issuer, jwks = %endpoints.jwks_uri, "identity provider discovered");
         *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = Some(endpoints.clone());
@@ -330,23 +352,12 @@ impl Provider {
         token: &str,
     ) -> Result<Claims, Unavailable> {
         let fail = |what: String| Unavailable(format!("introspection at {url}: {what}"));
-        // RFC 6749 2.3.1: the credentials are form-urlencoded before Basic.
-        let form = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
         let body = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("token", token)
             .append_pair("token_type_hint", "access_token")
             .finish();
         let response = self
-            .http
-            .post(url)
-            .basic_auth(form(client_id), Some(form(secret)))
-            .header(
-                http::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .header(http::header::ACCEPT, "application/json")
-            .body(body)
-            .send()
+            .post_form(url, client_id, secret, body)
             .await
             .map_err(|e| fail(error_chain(&e)))?;
         let status = response.status();
@@ -380,6 +391,129 @@ impl Provider {
         Ok(claims)
     }
 }
+
+impl Provider {
+    /// Exchanges `subject_token` (a caller's access token) for an access
+    /// token addressed to `audience` (RFC 8693), as the confidential client,
+    /// with `scopes` if any.
+    pub async fn exchange(
+        &self,
+        subject_token: &str,
+        audience: &str,
+        scopes: &[String],
+    ) -> Result<IssuedToken, ExchangeFailure> {
+        let endpoints = self
+            .endpoints()
+            .await
+            .map_err(|e| ExchangeFailure::Unavailable(e.0))?;
+        let url = endpoints.token.as_deref().ok_or_else(|| {
+            ExchangeFailure::Refused(format!(
+                "{} announces no token_endpoint",
+                self.config.issuer
+            ))
+        })?;
+        let (Some(id), Some(secret)) = (&self.config.client_id, &self.config.client_secret) else {
+            return Err(ExchangeFailure::Refused(
+                "token exchange needs identity.client_id and identity.client_secret".into(),
+            ));
+        };
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT)
+                .append_pair("subject_token", subject_token)
+                .append_pair("subject_token_type", ACCESS_TOKEN_TYPE)
+                .append_pair("requested_token_type", ACCESS_TOKEN_TYPE)
+                .append_pair("audience", audience);
+            if !scopes.is_empty() {
+                form.append_pair("scope", &scopes.join(" "));
+            }
+            form.finish()
+        };
+        let at = |what: String| format!("token exchange at {url}: {what}");
+        let response = self
+            .post_form(url, id, secret, body)
+            .await
+            .map_err(|e| ExchangeFailure::Unavailable(at(error_chain(&e))))?;
+        let status = response.status();
+        let body = read_capped(response)
+            .await
+            .map_err(|e| ExchangeFailure::Unavailable(at(e)))?;
+        if status.is_server_error() {
+            return Err(ExchangeFailure::Unavailable(at(format!(
+                "answered HTTP {status}"
+            ))));
+        }
+        if !status.is_success() {
+            // RFC 6749 5.2: `error` and `error_description`, from the
+            // provider; shown as text, clipped.
+            let refusal: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let field = |name: &str| {
+                refusal
+                    .get(name)
+                    .and_then(serde_json::Value::as_str)
+                    .map(|s| crate::untrusted(s, 200))
+            };
+            let hint = if status.as_u16() == 401 {
+                " (check identity.client_id and identity.client_secret)"
+            } else {
+                ""
+            };
+            return Err(ExchangeFailure::Refused(at(format!(
+                "refused (HTTP {status}{hint}): {}{}",
+                field("error").unwrap_or_else(|| "no error code".into()),
+                field("error_description")
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default(),
+            ))));
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            access_token: String,
+            token_type: String,
+            expires_in: Option<u64>,
+        }
+        let answer: Answer = serde_json::from_slice(&body).map_err(|e| {
+            ExchangeFailure::Refused(at(format!("answered something that is not a token: {e}")))
+        })?;
+        if !answer.token_type.eq_ignore_ascii_case("bearer") {
+            return Err(ExchangeFailure::Refused(at(format!(
+                "issued a `{}` token; only bearer tokens can be passed on",
+                crate::untrusted(&answer.token_type, 40)
+            ))));
+        }
+        Ok(IssuedToken {
+            access_token: answer.access_token,
+            expires_in: answer.expires_in,
+        })
+    }
+
+    /// POSTs a form to the provider as the confidential client.
+    async fn post_form(
+        &self,
+        url: &str,
+        client_id: &str,
+        secret: &str,
+        body: String,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        // RFC 6749 2.3.1: the credentials are form-urlencoded before Basic.
+        let form = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        self.http
+            .post(url)
+            .basic_auth(form(client_id), Some(form(secret)))
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(body)
+            .send()
+            .await
+    }
+}
+
+/// RFC 8693's grant type, and its type of the tokens exchanged.
+const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// Signing keys of a JWKS document by key id. Keys for encryption, without
 /// an id, or of a kind `jsonwebtoken` cannot use are skipped.

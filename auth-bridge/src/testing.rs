@@ -64,7 +64,15 @@ pub struct FakeIdp {
     pub down: Arc<AtomicBool>,
     /// Tokens introspection reports as inactive.
     pub revoked: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Token exchanges (RFC 8693) answered with a token.
+    pub exchanges: Arc<AtomicUsize>,
+    /// `expires_in` of exchanged tokens, in seconds (300 at first).
+    pub exchange_lifetime: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// The audience the stand-in provider refuses to exchange for, as Keycloak
+/// refuses one the gateway's client may not address.
+pub const FORBIDDEN_AUDIENCE: &str = "not-for-the-gateway";
 
 impl FakeIdp {
     /// An IdP signing with ES256 (a key made in microseconds).
@@ -119,8 +127,13 @@ impl FakeIdp {
             garbage: Default::default(),
             down: Default::default(),
             revoked: Default::default(),
+            exchanges: Default::default(),
+            exchange_lifetime: Arc::new(300.into()),
         };
         let state = Arc::new(State {
+            encoding: idp.encoding.clone(),
+            exchanges: idp.exchanges.clone(),
+            exchange_lifetime: idp.exchange_lifetime.clone(),
             issuer,
             jwks: json!({"keys": [jwk]}),
             introspections: idp.introspections.clone(),
@@ -234,6 +247,19 @@ impl FakeIdp {
     }
 }
 
+/// A request's form body, after a pause long enough that concurrent
+/// calls (introspections, exchanges) overlap.
+async fn slow_form(req: Request<Incoming>) -> Bytes {
+    let form = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    form
+}
+
 struct State {
     issuer: String,
     jwks: Value,
@@ -246,6 +272,9 @@ struct State {
     revoked: Arc<std::sync::Mutex<Vec<String>>>,
     algorithm: Algorithm,
     key: jsonwebtoken::DecodingKey,
+    encoding: EncodingKey,
+    exchanges: Arc<AtomicUsize>,
+    exchange_lifetime: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl State {
@@ -276,14 +305,7 @@ impl State {
             self.introspections.fetch_add(1, Ordering::SeqCst);
             let now = self.in_progress.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_concurrent.fetch_max(now, Ordering::SeqCst);
-            let form = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            // Slow enough that concurrent look-ups overlap.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let form = slow_form(req).await;
             self.in_progress.fetch_sub(1, Ordering::SeqCst);
             if garbage {
                 "not json at all".into()
@@ -294,6 +316,8 @@ impl State {
                     .unwrap_or_default();
                 self.introspect(&token).to_string()
             }
+        } else if path == format!("{base}/protocol/openid-connect/token") {
+            return self.exchange(&slow_form(req).await);
         } else {
             return Response::builder()
                 .status(StatusCode::NOT_FOUND)
@@ -303,6 +327,55 @@ impl State {
         Response::builder()
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
+            .expect("response")
+    }
+
+    /// RFC 8693 as Keycloak answers it: a token for the audience, with the
+    /// subject token's `sub` and `sid`; 400 for a token it does not take
+    /// or an audience it will not address.
+    fn exchange(&self, form: &[u8]) -> Response<Full<Bytes>> {
+        let field = |name: &str| {
+            url::form_urlencoded::parse(form)
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        let refuse = |error: &str, description: &str| {
+            Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(
+                    json!({"error": error, "error_description": description}).to_string(),
+                )))
+                .expect("response")
+        };
+        if field("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange" {
+            return refuse("unsupported_grant_type", "not a token exchange");
+        }
+        let subject = self.introspect(&field("subject_token"));
+        if subject["active"] != json!(true) {
+            return refuse("invalid_request", "Invalid token");
+        }
+        let audience = field("audience");
+        if audience == FORBIDDEN_AUDIENCE {
+            return refuse("invalid_request", "Requested audience not available");
+        }
+        self.exchanges.fetch_add(1, Ordering::SeqCst);
+        let lifetime = self.exchange_lifetime.load(Ordering::SeqCst);
+        let now = crate::validator::unix_now();
+        let claims = json!({"iss": self.issuer, "aud": audience, "sub": subject["sub"],
+            "sid": subject["sid"], "azp": "gateway-client", "iat": now, "exp": now + lifetime as i64,
+            "typ": "Bearer"});
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(KID.into());
+        let token = jsonwebtoken::encode(&header, &claims, &self.encoding).expect("sign");
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime,
+                    "issued_token_type": "urn:ietf:params:oauth:token-type:access_token"})
+                .to_string(),
+            )))
             .expect("response")
     }
 

@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::claims::{Claims, access_token_type};
 use crate::config::ProviderConfig;
+use crate::exchange::{Asker, ExchangeError, Exchanged, Exchanges, Target};
 use crate::logout::{self, LogoutEvent};
 use crate::metrics::{AuthMetrics, CacheOutcome, Outcome, Precheck};
 use crate::provider::{KeyError, Provider};
@@ -103,6 +104,8 @@ pub struct Validator {
     unverified_calls: Throttle,
     /// Anyone can post a bad logout token: their refusals are logged sparsely.
     logout_refusals: LogEvery,
+    /// Tokens exchanged for upstreams (`upstream.auth: token-exchange`).
+    exchanges: Exchanges,
 }
 
 impl Validator {
@@ -119,6 +122,7 @@ impl Validator {
         let limits = &config.introspection;
         let verified_calls = Throttle::new(&limits.verified, limits.max_wait);
         let unverified_calls = Throttle::new(&limits.unverified, limits.max_wait);
+        let exchanges = Exchanges::new(config.cache.max_entries, config.max_token_lifetime);
         Ok(Arc::new(Validator {
             provider: Provider::new(config, metrics.clone())?,
             logout_ids: DashMap::new(),
@@ -128,7 +132,39 @@ impl Validator {
             verified_calls,
             unverified_calls,
             logout_refusals: LogEvery::default(),
+            exchanges,
         }))
+    }
+
+    /// A token for `caller`'s request to an upstream (`target`), exchanged
+    /// from `subject_token` (see [`crate::exchange`]).
+    pub async fn exchange(
+        &self,
+        caller: &Identity,
+        subject_token: Option<&str>,
+        target: &Target<'_>,
+    ) -> Result<Arc<Exchanged>, ExchangeError> {
+        self.exchanges
+            .token(
+                Asker {
+                    provider: &self.provider,
+                    metrics: &self.metrics,
+                },
+                caller,
+                subject_token,
+                target,
+            )
+            .await
+    }
+
+    #[cfg(test)]
+    pub(crate) fn metrics(&self) -> &AuthMetrics {
+        &self.metrics
+    }
+
+    /// Exchanged tokens held.
+    pub fn exchanged_tokens(&self) -> u64 {
+        self.exchanges.len()
     }
 
     pub fn config(&self) -> &ProviderConfig {
@@ -519,10 +555,12 @@ impl Validator {
             }
             (None, None) => {}
         }
+        let dropped = self.exchanges.revoke(event);
+        self.metrics.exchanges_dropped.inc_by(dropped as u64);
         self.metrics
             .revoked
             .set((self.revocations.sessions.len() + self.revocations.subjects.len()) as i64);
-        tracing::info!(sid = ?event.sid, sub = ?event.sub, "session logged out: its tokens are refused from now on");
+        tracing::info!(sid = ?event.sid, sub = ?event.sub, exchanged_tokens_dropped = dropped, "session logged out: its tokens are refused from now on");
     }
 
     fn sweep_revocations(&self) {

@@ -575,6 +575,16 @@ pub enum UpstreamAuth {
         #[serde(default)]
         audience: Option<String>,
     },
+    /// The caller's token exchanged (RFC 8693) at the identity provider,
+    /// by the gateway's confidential client (`identity.client_id`), for
+    /// one addressed to `audience` only, as `Authorization: Bearer`.
+    TokenExchange {
+        /// The upstream's client id at the provider.
+        audience: String,
+        /// Scopes to ask for, if any (the provider's defaults otherwise).
+        #[serde(default)]
+        scopes: Vec<String>,
+    },
 }
 
 impl Default for UpstreamAuth {
@@ -595,6 +605,11 @@ impl std::fmt::Debug for UpstreamAuth {
             UpstreamAuth::GatewayJwt { audience } => f
                 .debug_struct("GatewayJwt")
                 .field("audience", audience)
+                .finish(),
+            UpstreamAuth::TokenExchange { audience, scopes } => f
+                .debug_struct("TokenExchange")
+                .field("audience", audience)
+                .field("scopes", scopes)
                 .finish(),
         }
     }
@@ -790,8 +805,20 @@ impl Config {
         }
         if let Some(identity) = &self.identity {
             let introspects = self.orgs.values().any(|o| o.auth.uses_introspection());
+            let exchanges = self.orgs.values().any(|o| {
+                o.server_entries()
+                    .iter()
+                    .any(|e| matches!(e.upstream.auth, UpstreamAuth::TokenExchange { .. }))
+            });
+            let needs_client = if introspects {
+                Some("introspection")
+            } else if exchanges {
+                Some("`upstream.auth: token-exchange`")
+            } else {
+                None
+            };
             let mut at = found.at("identity");
-            for (field, message) in identity.problems(introspects) {
+            for (field, message) in identity.problems(needs_client) {
                 at.bad(&field, message);
             }
         }
@@ -1085,6 +1112,10 @@ impl OrgConfig {
     /// identity provider, which auth modes other than `none` need, and
     /// `upstream_jwt` whether it has the key `gateway-jwt` upstreams need.
     fn problems(&self, identity: bool, upstream_jwt: bool, at: &mut Section) {
+        let sources = Sources {
+            upstream_jwt,
+            caller_tokens: self.auth != AuthMode::None,
+        };
         if self.auth != AuthMode::None && !identity {
             at.bad(
                 "auth",
@@ -1116,11 +1147,11 @@ impl OrgConfig {
                     "servers",
                     "give either `upstream` (the one-server shorthand) or `servers`, not both",
                 );
-                upstream.problems(upstream_jwt, &mut at.sub("upstream"));
-                self.servers_problems(upstream_jwt, at);
+                upstream.problems(sources, &mut at.sub("upstream"));
+                self.servers_problems(sources, at);
             }
             (Some(upstream), true) => {
-                upstream.problems(upstream_jwt, &mut at.sub("upstream"));
+                upstream.problems(sources, &mut at.sub("upstream"));
                 if self.separator.is_some() {
                     at.bad(
                         "separator",
@@ -1128,7 +1159,7 @@ impl OrgConfig {
                     );
                 }
             }
-            (None, false) => self.servers_problems(upstream_jwt, at),
+            (None, false) => self.servers_problems(sources, at),
         }
         let mut names = BTreeMap::new();
         let server_rules = self.servers.iter().flat_map(|(server, s)| {
@@ -1148,7 +1179,7 @@ impl OrgConfig {
     }
 
     /// `servers`: names, prefixes and the separator.
-    fn servers_problems(&self, upstream_jwt: bool, at: &mut Section) {
+    fn servers_problems(&self, sources: Sources, at: &mut Section) {
         let separator = self.separator();
         if separator.is_empty() || separator.len() > MAX_SEPARATOR || !is_name_part(separator) {
             at.bad(
@@ -1198,11 +1229,19 @@ impl OrgConfig {
                     "prefix `{prefix}` is also server `{other}`'s: each server needs its own"
                 ));
             }
-            server
-                .upstream
-                .problems(upstream_jwt, &mut at.sub("upstream"));
+            server.upstream.problems(sources, &mut at.sub("upstream"));
         }
     }
+}
+
+/// What an org offers its upstreams' `auth` modes.
+#[derive(Clone, Copy)]
+struct Sources {
+    /// The top-level `upstream_jwt` key, for `gateway-jwt`.
+    upstream_jwt: bool,
+    /// Callers with tokens (an `auth` mode other than `none`), for
+    /// `token-exchange`.
+    caller_tokens: bool,
 }
 
 /// A policy rule's problems; `names` are the rule names of the org so far.
@@ -1239,12 +1278,12 @@ fn rule_problems(
 
 impl UpstreamConfig {
     /// `upstream_jwt`: whether the config has the key of `gateway-jwt`.
-    fn problems(&self, upstream_jwt: bool, at: &mut Section) {
+    fn problems(&self, sources: Sources, at: &mut Section) {
         if self.replicas.is_empty() {
             at.bad("replicas", "expected at least one replica URL");
         }
         match &self.auth {
-            UpstreamAuth::GatewayJwt { .. } if !upstream_jwt => at.bad(
+            UpstreamAuth::GatewayJwt { .. } if !sources.upstream_jwt => at.bad(
                 "auth",
                 "`gateway-jwt` needs the top-level `upstream_jwt` (its signing key)",
             ),
@@ -1257,6 +1296,28 @@ impl UpstreamConfig {
                         "auth.value",
                         "expected a non-empty header value (from the environment: `${NAME}`)",
                     );
+                }
+            }
+            UpstreamAuth::TokenExchange { audience, scopes } => {
+                if !sources.caller_tokens {
+                    at.bad(
+                        "auth",
+                        "`token-exchange` exchanges the caller's token: the org needs an `auth` mode other than `none`",
+                    );
+                }
+                if audience.trim().is_empty() || audience.chars().any(char::is_control) {
+                    at.bad(
+                        "auth.audience",
+                        "expected the upstream's client id at the identity provider",
+                    );
+                }
+                for (i, scope) in scopes.iter().enumerate() {
+                    if !ratatosk_auth::config::is_scope_token(scope) {
+                        at.bad(
+                            &format!("auth.scopes[{i}]"),
+                            format!("expected one scope name (printable ASCII, no space, quote or backslash), got `{scope}`"),
+                        );
+                    }
                 }
             }
             _ => {}
@@ -1595,6 +1656,51 @@ orgs:
         );
         let err = parse(&with("{mode: headers, audience: x}")).expect_err("unknown field");
         assert!(err.to_string().contains("audience"), "{err}");
+    }
+
+    #[test]
+    fn token_exchange_needs_callers_with_tokens_and_the_gateways_client() {
+        let exchange = "{mode: token-exchange, audience: tickets, scopes: [\"tickets:read\"]}";
+        let text = minimal().replace(
+            "replicas: [http://127.0.0.1:9001/mcp]",
+            &format!("replicas: [http://127.0.0.1:9001/mcp]\n      auth: {exchange}"),
+        );
+        let p = only_problem(parse(&text).expect_err("auth none"));
+        assert_eq!(p.path, "orgs.org-1.upstream.auth");
+        assert!(
+            p.message.contains("needs an `auth` mode other than `none`"),
+            "{p:?}"
+        );
+        let identity = "identity:\n  issuer: http://kc/realms/r\n  audience: http://gw\n";
+        let with_jwt = format!(
+            "{}{identity}",
+            text.replace("  org-1:\n", "  org-1:\n    auth: jwt\n")
+        );
+        let problems = parse(&with_jwt).expect_err("no client").problems().to_vec();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["identity.client_id", "identity.client_secret"],
+            "{problems:?}"
+        );
+        assert!(
+            problems[0]
+                .message
+                .contains("`upstream.auth: token-exchange` needs"),
+            "{problems:?}"
+        );
+        let complete = format!("{with_jwt}  client_id: gw\n  client_secret: s\n");
+        let c = parse(&complete).expect("valid");
+        assert_eq!(
+            c.orgs["org-1"].upstream.as_ref().expect("upstream").auth,
+            UpstreamAuth::TokenExchange {
+                audience: "tickets".into(),
+                scopes: vec!["tickets:read".into()]
+            }
+        );
+        let bad = complete.replace("tickets:read", "two words");
+        let p = only_problem(parse(&bad).expect_err("bad scope"));
+        assert_eq!(p.path, "orgs.org-1.upstream.auth.scopes[0]");
     }
 
     #[test]

@@ -183,7 +183,6 @@ impl Gateway {
             .transpose()
             .map_err(|e| BuildError::Config(format!("upstream_jwt: {e}")))?
             .map(Arc::new);
-        let routes = Routes::from_config(&config, &metrics, upstream_jwt.as_ref())?;
         let node = events.as_ref().map_or_else(rand::random, |e| e.node());
         let redis = config.sessions.redis().map_err(BuildError::Config)?;
         let redis_sink = redis.as_ref().map(|target| crate::audit::RedisSink {
@@ -206,6 +205,11 @@ impl Gateway {
             )?),
             None => None,
         };
+        let issuers = crate::upstream::Issuers {
+            jwt: upstream_jwt.as_ref(),
+            provider: validator.as_ref(),
+        };
+        let routes = Routes::from_config(&config, &metrics, issuers)?;
         let limits = LogLimits {
             max_events: config.sessions.event_log_size,
             max_bytes: config.sessions.event_log_bytes,

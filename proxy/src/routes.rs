@@ -202,7 +202,7 @@ impl Routes {
     pub fn from_config(
         config: &crate::config::Config,
         metrics: &Metrics,
-        signer: Option<&Arc<ratatosk_auth::upstream_jwt::UpstreamSigner>>,
+        issuers: crate::upstream::Issuers<'_>,
     ) -> Result<Routes, RoutesError> {
         let max_answer = config.limits.max_answer_bytes;
         let mut routes = Vec::new();
@@ -227,7 +227,7 @@ impl Routes {
             for entry in org.server_entries() {
                 let key = OrgRoute::key_of(name, entry.name);
                 let credentials =
-                    crate::upstream::Credentials::new(&key, name, &entry.upstream.auth, signer)
+                    crate::upstream::Credentials::new(&key, name, &entry.upstream.auth, issuers)
                         .map_err(|e| RoutesError::Credentials(key.clone(), e))?;
                 let server =
                     ServerRoute::new(&key, entry.upstream, max_answer, metrics, credentials)
@@ -385,7 +385,7 @@ mod tests {
             crate::config::Config::from_yaml(&yaml, std::path::Path::new("t.yaml"), &|_| None)
                 .expect("config");
         let metrics = Metrics::new().expect("metrics");
-        Routes::from_config(&config, &metrics, None).unwrap_or_else(|e| panic!("{e}"))
+        Routes::from_config(&config, &metrics, Default::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn server(target: Target) -> Arc<OrgRoute> {

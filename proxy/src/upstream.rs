@@ -25,7 +25,7 @@ mod forwarding;
 mod probe;
 mod reader;
 
-pub use credentials::Credentials;
+pub use credentials::{CredentialError, Credentials, Issuers};
 pub use forwarding::*;
 pub use probe::{ProbeError, UpstreamEra};
 pub use reader::{AnswerReader, ReadError};
@@ -58,6 +58,14 @@ pub enum UpstreamError {
     },
     #[error("upstream {replica} failed: {reason}")]
     Failed { replica: String, reason: String },
+    /// No credential for the request (`upstream.auth`), so it was not sent;
+    /// with `retry_after` when the cause is passing.
+    #[error("upstream {upstream} gets no credential: {reason}")]
+    Credential {
+        upstream: String,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 struct Replica {
@@ -346,7 +354,7 @@ impl Pool {
         headers: Outbound,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
-        let headers = self.with_credential(headers)?;
+        let headers = self.with_credential(headers).await?;
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = String::from("no replica configured");
         while let Some(lease) = self.pick(&tried) {
@@ -372,7 +380,7 @@ impl Pool {
         headers: Outbound,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
-        let headers = self.with_credential(headers)?;
+        let headers = self.with_credential(headers).await?;
         let Some(index) = self.replicas.iter().position(|r| r.url == url) else {
             return Err(UpstreamError::Unreachable {
                 org: self.org.clone(),
@@ -387,16 +395,19 @@ impl Pool {
     }
 
     /// The headers with the upstream's credential for the caller.
-    fn with_credential(&self, outbound: Outbound) -> Result<HeaderMap, UpstreamError> {
+    async fn with_credential(&self, outbound: Outbound) -> Result<HeaderMap, UpstreamError> {
         let Outbound {
             mut headers,
             caller,
+            authorization,
         } = outbound;
         self.credentials
-            .apply(caller.as_deref(), &mut headers)
-            .map_err(|reason| UpstreamError::Failed {
-                replica: self.org.clone(),
-                reason,
+            .apply(caller.as_deref(), authorization.as_ref(), &mut headers)
+            .await
+            .map_err(|e| UpstreamError::Credential {
+                upstream: self.org.clone(),
+                reason: e.reason,
+                retry_after: e.retry_after,
             })?;
         Ok(headers)
     }

@@ -115,10 +115,32 @@ def identity_config(issuer: str, **over) -> dict:
             "jwks_min_refetch": "1s", "logout_client_ids": ["mcp-client"], **over}
 
 
+# The example upstream's client at Keycloak: the audience of the tokens the
+# gateway exchanges for it (`upstream.auth: token-exchange`).
+KC_UPSTREAM_AUDIENCE = "mcp-upstream-py"
+
+
 @pytest.fixture(scope="session")
-def auth_gateway(log_dir, replicas, keycloak, auth_gateway_port):
+def exchange_upstream(log_dir, keycloak):
+    """The FastMCP example wanting Keycloak's tokens addressed to it: signed
+    by the realm, with `aud` mcp-upstream-py (FastMCP's JWTVerifier)."""
+    upstream = Example("python-fastmcp", log_dir, env={
+        "EXAMPLE_JWKS_URL": f"{keycloak.issuer}/protocol/openid-connect/certs",
+        "EXAMPLE_JWT_ISSUER": keycloak.issuer, "EXAMPLE_JWT_AUDIENCE": KC_UPSTREAM_AUDIENCE,
+        "EXAMPLE_JWT_ALGORITHM": "RS256"})
+    with started(upstream):
+        yield upstream
+
+
+@pytest.fixture(scope="session")
+def auth_gateway(log_dir, replicas, keycloak, auth_gateway_port, exchange_upstream):
     orgs = {name: org(replicas, auth=mode, organization=alias, **({"scopes": scopes} if scopes else {}))
             for name, (mode, alias, scopes) in AUTH_ORGS.items()}
+    # The example that wants Keycloak's tokens: behind an exchange, and
+    # (to show it refuses anything else) without one.
+    orgs["org-1-exchange"] = org([exchange_upstream], auth="jwt", organization="org-1")
+    orgs["org-1-exchange"]["upstream"]["auth"] = {"mode": "token-exchange", "audience": KC_UPSTREAM_AUDIENCE}
+    orgs["org-1-unexchanged"] = org([exchange_upstream], auth="jwt", organization="org-1")
     gw = Gateway(log_dir, orgs, name="gateway-auth", port=auth_gateway_port,
                  extra={"identity": identity_config(keycloak.issuer),
                         "public_url": f"http://127.0.0.1:{auth_gateway_port}"},

@@ -61,6 +61,21 @@ pub(super) fn cancelled(id: Option<&Id>) -> Reject {
 pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
     let status = match &e {
         UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::Credential {
+            retry_after: Some(after),
+            ..
+        } => {
+            // The identity provider is down: passing, and not the
+            // upstream's fault.
+            let seconds = HeaderValue::from(after.as_secs().max(1));
+            return Reject::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::UPSTREAM_ERROR,
+                e.to_string(),
+            )
+            .with_id(id)
+            .with_header(header::RETRY_AFTER, seconds);
+        }
         UpstreamError::Status {
             status,
             body,

@@ -1,12 +1,16 @@
 //! The credential each upstream gets with a request, for its caller
 //! (`upstream.auth`): none beyond the `Ratatosk-*` headers, a static
-//! header, or a JWT the gateway signs. The client's own token is never
-//! one of them.
+//! header, a JWT the gateway signs, or the caller's token exchanged at the
+//! identity provider for one addressed to the upstream. The client's own
+//! token is never one of them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use ratatosk_auth::Identity;
+use ratatosk_auth::Validator;
+use ratatosk_auth::exchange::{ExchangeError, Target};
 use ratatosk_auth::upstream_jwt::UpstreamSigner;
 
 use crate::config::UpstreamAuth;
@@ -26,6 +30,38 @@ pub enum Credentials {
         /// Who the gateway's own requests are from.
         gateway: Box<Identity>,
     },
+    Exchange {
+        validator: Arc<Validator>,
+        audience: String,
+        /// Space-separated.
+        scopes: String,
+    },
+}
+
+/// What signs or issues upstream credentials: the gateway's JWT key
+/// (`upstream_jwt`), the identity provider (token exchange).
+#[derive(Clone, Copy, Default)]
+pub struct Issuers<'a> {
+    pub jwt: Option<&'a Arc<UpstreamSigner>>,
+    pub provider: Option<&'a Arc<Validator>>,
+}
+
+/// Why a request got no credential: it is not sent.
+#[derive(Debug)]
+pub struct CredentialError {
+    pub reason: String,
+    /// Set when the cause is passing (the identity provider is down):
+    /// the client may retry after this long.
+    pub retry_after: Option<Duration>,
+}
+
+impl From<String> for CredentialError {
+    fn from(reason: String) -> Self {
+        CredentialError {
+            reason,
+            retry_after: None,
+        }
+    }
 }
 
 impl Credentials {
@@ -35,7 +71,7 @@ impl Credentials {
         route: &str,
         org: &str,
         auth: &UpstreamAuth,
-        signer: Option<&Arc<UpstreamSigner>>,
+        issuers: Issuers<'_>,
     ) -> Result<Credentials, String> {
         Ok(match auth {
             UpstreamAuth::Headers {} => Credentials::None,
@@ -48,7 +84,9 @@ impl Credentials {
                 Credentials::Static(name, value)
             }
             UpstreamAuth::GatewayJwt { audience } => {
-                let signer = signer.ok_or("`gateway-jwt` needs the top-level `upstream_jwt`")?;
+                let signer = issuers
+                    .jwt
+                    .ok_or("`gateway-jwt` needs the top-level `upstream_jwt`")?;
                 let mut gateway = Identity::anonymous(org);
                 gateway.subject = GATEWAY_SUBJECT.to_owned();
                 Credentials::Jwt {
@@ -58,11 +96,26 @@ impl Credentials {
                     gateway: Box::new(gateway),
                 }
             }
+            UpstreamAuth::TokenExchange { audience, scopes } => Credentials::Exchange {
+                validator: issuers
+                    .provider
+                    .ok_or("`token-exchange` needs the `identity` section")?
+                    .clone(),
+                audience: audience.clone(),
+                scopes: scopes.join(" "),
+            },
         })
     }
 
-    /// Adds the credential for `caller` (`None`: the gateway's own request).
-    pub fn apply(&self, caller: Option<&Identity>, headers: &mut HeaderMap) -> Result<(), String> {
+    /// Adds the credential for `caller` (`None`: the gateway's own request)
+    /// whose own token, if the request has one, is `authorization` (the
+    /// client's `Authorization` header).
+    pub async fn apply(
+        &self,
+        caller: Option<&Identity>,
+        authorization: Option<&HeaderValue>,
+        headers: &mut HeaderMap,
+    ) -> Result<(), CredentialError> {
         match self {
             Credentials::None => {}
             Credentials::Static(name, value) => {
@@ -77,21 +130,58 @@ impl Credentials {
                 let bearer = signer.bearer(caller.unwrap_or(gateway.as_ref()), org, audience)?;
                 headers.insert(header::AUTHORIZATION, bearer);
             }
+            Credentials::Exchange {
+                validator,
+                audience,
+                scopes,
+            } => {
+                // The gateway's own request (an era probe) has no caller
+                // whose token could be exchanged: it goes without.
+                let Some(caller) = caller else {
+                    return Ok(());
+                };
+                let target = Target { audience, scopes };
+                let token = authorization.and_then(bearer_token);
+                let exchanged = validator
+                    .exchange(caller, token, &target)
+                    .await
+                    .map_err(|e| CredentialError {
+                        retry_after: match &e {
+                            ExchangeError::Unavailable { retry_after, .. } => {
+                                Some((*retry_after).max(Duration::from_secs(1)))
+                            }
+                            _ => None,
+                        },
+                        reason: format!("token exchange for audience `{audience}`: {e}"),
+                    })?;
+                headers.insert(header::AUTHORIZATION, exchanged.bearer.clone());
+            }
         }
         Ok(())
     }
+}
+
+/// The token of an `Authorization: Bearer` value (RFC 6750: the scheme is
+/// case-insensitive).
+fn bearer_token(v: &HeaderValue) -> Option<&str> {
+    let v = v.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_mode_adds_its_credential_and_headers_mode_none() {
+    #[tokio::test]
+    async fn each_mode_adds_its_credential_and_headers_mode_none() {
+        let none = Issuers::default();
         let mut h = HeaderMap::new();
-        Credentials::new("o", "o", &UpstreamAuth::default(), None)
+        Credentials::new("o", "o", &UpstreamAuth::default(), none)
             .expect("headers")
-            .apply(None, &mut h)
+            .apply(None, None, &mut h)
+            .await
             .expect("apply");
         assert!(h.is_empty());
 
@@ -99,16 +189,17 @@ mod tests {
             header: "x-api-key".into(),
             value: "k-1".into(),
         };
-        Credentials::new("o", "o", &api_key, None)
+        Credentials::new("o", "o", &api_key, none)
             .expect("static")
-            .apply(None, &mut h)
+            .apply(None, None, &mut h)
+            .await
             .expect("apply");
         assert_eq!(h.get("x-api-key").expect("key"), "k-1");
         assert!(h.get("x-api-key").expect("key").is_sensitive());
 
         let jwt = UpstreamAuth::GatewayJwt { audience: None };
         assert!(
-            Credentials::new("o/s", "o", &jwt, None).is_err(),
+            Credentials::new("o/s", "o", &jwt, none).is_err(),
             "needs a signer"
         );
         let config: ratatosk_auth::upstream_jwt::UpstreamJwtConfig =
@@ -121,8 +212,15 @@ mod tests {
         let mut alice = Identity::anonymous("o");
         alice.subject = "alice".into();
         let mut h = HeaderMap::new();
-        let creds = Credentials::new("o/s", "o", &jwt, Some(&signer)).expect("jwt");
-        creds.apply(Some(&alice), &mut h).expect("apply");
+        let issuers = Issuers {
+            jwt: Some(&signer),
+            provider: None,
+        };
+        let creds = Credentials::new("o/s", "o", &jwt, issuers).expect("jwt");
+        creds
+            .apply(Some(&alice), None, &mut h)
+            .await
+            .expect("apply");
         let bearer = h[header::AUTHORIZATION].to_str().expect("ascii").to_owned();
         let claims =
             ratatosk_auth::testing::unverified_claims(bearer.trim_start_matches("Bearer "));
@@ -130,10 +228,23 @@ mod tests {
             (claims["sub"].as_str(), claims["aud"].as_str()),
             (Some("alice"), Some("o/s"))
         );
-        creds.apply(None, &mut h).expect("the gateway's own");
+        creds
+            .apply(None, None, &mut h)
+            .await
+            .expect("the gateway's own");
         let bearer = h[header::AUTHORIZATION].to_str().expect("ascii").to_owned();
         let claims =
             ratatosk_auth::testing::unverified_claims(bearer.trim_start_matches("Bearer "));
         assert_eq!(claims["sub"], GATEWAY_SUBJECT);
+    }
+
+    #[test]
+    fn a_bearer_token_is_read_whatever_the_schemes_case() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(bearer_token(&v("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&v("bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&v("Basic abc")), None);
+        assert_eq!(bearer_token(&v("Bearer ")), None);
+        assert_eq!(bearer_token(&v("Bearer")), None);
     }
 }

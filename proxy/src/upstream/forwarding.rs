@@ -55,6 +55,9 @@ pub(super) fn json_rpc_headers(capacity: usize) -> HeaderMap {
 pub struct Outbound {
     pub headers: HeaderMap,
     pub caller: Option<std::sync::Arc<ratatosk_auth::Identity>>,
+    /// The caller's own `Authorization`, when the request came with it:
+    /// only ever exchanged (`upstream.auth: token-exchange`), never sent.
+    pub authorization: Option<HeaderValue>,
 }
 
 impl Outbound {
@@ -63,6 +66,7 @@ impl Outbound {
         Outbound {
             headers,
             caller: None,
+            authorization: None,
         }
     }
 }
@@ -114,6 +118,11 @@ pub fn upstream_headers(f: &Forwarding<'_>, client: &HeaderMap) -> Outbound {
     Outbound {
         headers: h,
         caller: Some(f.identity.clone()),
+        authorization: client.get(header::AUTHORIZATION).map(|v| {
+            let mut v = v.clone();
+            v.set_sensitive(true);
+            v
+        }),
     }
 }
 
