@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::HeaderValue;
 use moka::Expiry;
 use moka::future::Cache;
+use moka::ops::compute::{CompResult, Op};
 use sha2::{Digest, Sha256};
 
 use crate::Identity;
@@ -44,8 +45,11 @@ pub struct Exchanged {
     /// When the token expires, and when it is exchanged again.
     expires: Instant,
     refresh_at: Instant,
-    subject: String,
-    session: Option<String>,
+    /// Whose, and when it was asked for (a logout of the subject drops
+    /// exchanges made before it).
+    pub subject: String,
+    pub session: Option<String>,
+    pub made: SystemTime,
 }
 
 impl std::fmt::Debug for Exchanged {
@@ -77,21 +81,39 @@ pub enum ExchangeError {
         "no exchanged token for `{subject}` is left to use and none of its tokens is valid; its next request brings one"
     )]
     NoToken { subject: String },
+    /// The caller's token has expired (the gateway takes it within its
+    /// clock skew; the provider would not exchange it).
+    #[error("the caller's token has expired; send a fresh one")]
+    Expired,
+    /// The caller's provider session logged out.
+    #[error("the caller's session has logged out")]
+    LoggedOut,
+}
+
+impl ExchangeError {
+    /// Whether the caller's token is the cause (a fresh token would do).
+    pub fn is_callers(&self) -> bool {
+        matches!(self, ExchangeError::Expired | ExchangeError::LoggedOut)
+    }
 }
 
 /// The newest exchange for a (subject, audience, scopes), with the subject
-/// token it came from, for requests that carry none.
+/// token it came from and who held it, for requests that carry none.
 struct Newest {
     exchanged: Arc<Exchanged>,
     subject_token: String,
-    /// When the subject token expires (`None`: not said; not reused then).
-    subject_expires: Option<Instant>,
+    holder: Identity,
 }
 
 impl Newest {
+    /// When the subject token expires (`None`: not said, or past).
+    fn subject_expires(&self) -> Option<Instant> {
+        self.holder.expires_at.and_then(instant_of)
+    }
+
     /// Kept while either token is usable.
     fn until(&self) -> Instant {
-        self.subject_expires
+        self.subject_expires()
             .map_or(self.exchanged.expires, |s| s.max(self.exchanged.expires))
     }
 }
@@ -107,6 +129,8 @@ pub struct Exchanges {
 
 struct Until;
 
+/// Kept until it expires: renewed from its refresh time on, but served
+/// while the provider cannot renew it.
 impl Expiry<[u8; 32], Arc<Exchanged>> for Until {
     fn expire_after_create(
         &self,
@@ -114,7 +138,16 @@ impl Expiry<[u8; 32], Arc<Exchanged>> for Until {
         v: &Arc<Exchanged>,
         now: Instant,
     ) -> Option<Duration> {
-        Some(v.refresh_at.saturating_duration_since(now))
+        Some(v.expires.saturating_duration_since(now))
+    }
+    fn expire_after_update(
+        &self,
+        _: &[u8; 32],
+        v: &Arc<Exchanged>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.expires.saturating_duration_since(now))
     }
 }
 
@@ -206,24 +239,41 @@ impl Exchanges {
         target: &Target<'_>,
     ) -> Result<Arc<Exchanged>, ExchangeError> {
         let k = key(&[token, target.audience, target.scopes]);
-        if let Some(hit) = self.cache.get(&k).await {
+        if let Some(hit) = self.cache.get(&k).await
+            && Instant::now() < hit.refresh_at
+        {
             asker.metrics.exchange_cache(CacheOutcome::Hit).inc();
             return Ok(hit);
         }
+        // Calls for one key run one after the other: the first exchanges,
+        // the others find its token.
         let ran = AtomicBool::new(false);
-        let result = self
+        let computed = self
             .cache
-            .try_get_with(k, async {
+            .entry(k)
+            .and_try_compute_with(|current| async {
+                let current = current.map(|e| e.into_value());
+                if current
+                    .as_ref()
+                    .is_some_and(|c| Instant::now() < c.refresh_at)
+                {
+                    return Ok(Op::Nop);
+                }
                 ran.store(true, Ordering::Relaxed);
-                let made = self.call(asker, caller, token, target).await?;
-                let newest = Arc::new(Newest {
-                    exchanged: made.clone(),
-                    subject_token: token.to_owned(),
-                    subject_expires: caller.expires_at.and_then(instant_of),
-                });
-                let n = key(&[&caller.subject, target.audience, target.scopes]);
-                self.newest.insert(n, newest).await;
-                Ok::<_, ExchangeError>(made)
+                match self.call(asker, caller, token, target).await {
+                    Ok(made) => {
+                        self.remember(caller, token, target, &made).await;
+                        Ok(Op::Put(made))
+                    }
+                    // The provider is down, and the token held is still
+                    // valid (within its margin): it serves meanwhile.
+                    Err(ExchangeError::Unavailable { .. })
+                        if current.as_ref().is_some_and(|c| Instant::now() < c.expires) =>
+                    {
+                        Ok(Op::Nop)
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await;
         let outcome = if ran.load(Ordering::Relaxed) {
@@ -232,7 +282,40 @@ impl Exchanges {
             CacheOutcome::Coalesced
         };
         asker.metrics.exchange_cache(outcome).inc();
-        result.map_err(|e| (*e).clone())
+        match computed? {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
+                Ok(e.into_value())
+            }
+            CompResult::StillNone(_) | CompResult::Removed(_) => Err(ExchangeError::Refused(
+                "the exchanged token was dropped as it was made (a logout?)".into(),
+            )),
+        }
+    }
+
+    /// Keeps `made` as the newest exchange for the caller's subject, unless
+    /// a newer one is kept already.
+    async fn remember(
+        &self,
+        caller: &Identity,
+        token: &str,
+        target: &Target<'_>,
+        made: &Arc<Exchanged>,
+    ) {
+        let newest = Arc::new(Newest {
+            exchanged: made.clone(),
+            subject_token: token.to_owned(),
+            holder: caller.clone(),
+        });
+        let n = key(&[&caller.subject, target.audience, target.scopes]);
+        self.newest
+            .entry(n)
+            .and_compute_with(|current| async move {
+                match current {
+                    Some(c) if c.value().exchanged.expires >= newest.exchanged.expires => Op::Nop,
+                    _ => Op::Put(newest),
+                }
+            })
+            .await;
     }
 
     async fn for_subject(
@@ -251,20 +334,18 @@ impl Exchanges {
             asker.metrics.exchange_cache(CacheOutcome::Hit).inc();
             return Ok(newest.exchanged.clone());
         }
-        let refreshable = newest
-            .subject_expires
+        // Renewed from the subject's newest token, as its holder (its
+        // provider session: a logout of that session drops the renewal).
+        let renewable = newest
+            .subject_expires()
             .is_some_and(|at| at > now + refresh_margin(self.max_lifetime));
-        let refreshed = if refreshable {
-            let mut holder = caller.clone();
-            holder.expires_at = newest
-                .subject_expires
-                .map(|at| SystemTime::now() + at.saturating_duration_since(now));
-            self.for_token(asker, &holder, &newest.subject_token, target)
+        let renewed = if renewable {
+            self.for_token(asker, &newest.holder, &newest.subject_token, target)
                 .await
         } else {
             Err(none())
         };
-        match refreshed {
+        match renewed {
             Ok(fresh) => Ok(fresh),
             // Still valid, if near its end: better than nothing.
             Err(_) if now < newest.exchanged.expires => Ok(newest.exchanged.clone()),
@@ -280,6 +361,12 @@ impl Exchanges {
         token: &str,
         target: &Target<'_>,
     ) -> Result<Arc<Exchanged>, ExchangeError> {
+        if caller
+            .expires_at
+            .is_some_and(|exp| exp <= SystemTime::now())
+        {
+            return Err(ExchangeError::Expired);
+        }
         if let Some((until, why)) = self.paused() {
             asker.metrics.exchanges.with_label_values(&["paused"]).inc();
             return Err(ExchangeError::Unavailable {
@@ -320,6 +407,7 @@ impl Exchanges {
                     refresh_at: expires - refresh_margin(lifetime),
                     subject: caller.subject.clone(),
                     session: caller.session_id.clone(),
+                    made: SystemTime::now() - asked.elapsed(),
                 }))
             }
             Err(ExchangeFailure::Refused(why)) => {
@@ -523,10 +611,12 @@ mod tests {
             v.exchange(&alice, None, &UPSTREAM).await,
             Err(ExchangeError::NoToken { .. })
         ));
-        v.exchange(&alice, Some(&token), &UPSTREAM)
-            .await
-            .expect("exchanged anew");
-        assert_eq!(idp.exchanges.load(Ordering::SeqCst), 2);
+        // The logged-out token itself gets nothing (the gateway refuses it
+        // at the door anyway).
+        assert!(matches!(
+            v.exchange(&alice, Some(&token), &UPSTREAM).await,
+            Err(ExchangeError::LoggedOut)
+        ));
     }
 
     #[tokio::test]
@@ -566,29 +656,95 @@ mod tests {
         let v = Validator::new(idp.config(), &prometheus::Registry::new()).expect("validator");
         // Lives 2 s: renewed from 1.5 s on.
         idp.exchange_lifetime.store(2, Ordering::SeqCst);
-        let token = idp.token(json!({}));
+        let token = idp.token(json!({"sid": "s-1"}));
         let alice = caller(&v, &token).await;
-        let mut subject = alice.clone();
-        subject.expires_at = None;
+        // The gateway's own requests know the subject only (as a session's
+        // background stream does).
+        let mut background = Identity::anonymous("org-1");
+        background.subject.clone_from(&alice.subject);
         assert!(matches!(
-            v.exchange(&subject, None, &UPSTREAM).await,
+            v.exchange(&background, None, &UPSTREAM).await,
             Err(ExchangeError::NoToken { .. })
         ));
         let made = v
             .exchange(&alice, Some(&token), &UPSTREAM)
             .await
             .expect("exchanged");
-        let again = v.exchange(&subject, None, &UPSTREAM).await.expect("newest");
+        let again = v
+            .exchange(&background, None, &UPSTREAM)
+            .await
+            .expect("newest");
         assert_eq!(again.bearer, made.bearer);
         assert_eq!(idp.exchanges.load(Ordering::SeqCst), 1);
-        // Past its refresh time, exchanged again from the subject's token.
-        tokio::time::sleep(Duration::from_millis(1600)).await;
+        // Past its refresh time, exchanged again from the subject's token,
+        // for its provider session.
+        tokio::time::sleep_until((made.refresh_at + Duration::from_millis(50)).into()).await;
         let renewed = v
-            .exchange(&subject, None, &UPSTREAM)
+            .exchange(&background, None, &UPSTREAM)
             .await
             .expect("renewed");
         assert_eq!(idp.exchanges.load(Ordering::SeqCst), 2);
         assert_ne!(renewed.bearer, made.bearer);
+        assert_eq!(renewed.session.as_deref(), Some("s-1"));
+        // So that session's logout drops the renewal too.
+        v.revoke(&LogoutEvent {
+            sid: Some("s-1".into()),
+            sub: None,
+            issued_at: None,
+        });
+        assert!(v.exchange(&background, None, &UPSTREAM).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn provider_down_a_token_in_its_renewal_margin_serves_until_it_expires() {
+        let idp = FakeIdp::start().await;
+        let v = Validator::new(idp.config(), &prometheus::Registry::new()).expect("validator");
+        // Lives 4 s: renewed from 3 s on.
+        idp.exchange_lifetime.store(4, Ordering::SeqCst);
+        let token = idp.token(json!({}));
+        let alice = caller(&v, &token).await;
+        let made = v
+            .exchange(&alice, Some(&token), &UPSTREAM)
+            .await
+            .expect("exchanged");
+        idp.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep_until((made.refresh_at + Duration::from_millis(50)).into()).await;
+        let kept = v
+            .exchange(&alice, Some(&token), &UPSTREAM)
+            .await
+            .expect("still valid: served");
+        assert_eq!(kept.bearer, made.bearer);
+        assert_eq!(results(&v, "unavailable"), 1, "a renewal was tried");
+    }
+
+    #[tokio::test]
+    async fn an_exchange_for_a_logged_out_session_or_an_expired_token_is_not_used() {
+        let idp = FakeIdp::start().await;
+        let v = Validator::new(idp.config(), &prometheus::Registry::new()).expect("validator");
+        let token = idp.token(json!({"sid": "s-9"}));
+        let alice = caller(&v, &token).await;
+        // The logout came while the exchange was under way: what it made
+        // is refused even though the logout could not drop it.
+        v.revoke(&LogoutEvent {
+            sid: Some("s-9".into()),
+            sub: None,
+            issued_at: None,
+        });
+        assert!(matches!(
+            v.exchange(&alice, Some(&token), &UPSTREAM).await,
+            Err(ExchangeError::LoggedOut)
+        ));
+        // A token past its exp (accepted within the clock skew) is not
+        // sent to the provider.
+        let mut late = caller(&v, &idp.token(json!({"sid": "s-10"}))).await;
+        late.expires_at = Some(SystemTime::now() - Duration::from_secs(1));
+        let asked = idp.exchanges.load(Ordering::SeqCst);
+        let e = v
+            .exchange(&late, Some("the-late-token"), &UPSTREAM)
+            .await
+            .expect_err("expired");
+        assert!(e.is_callers(), "{e:?}");
+        assert_eq!(idp.exchanges.load(Ordering::SeqCst), asked);
     }
 
     #[test]

@@ -85,11 +85,20 @@ pub enum ExchangeFailure {
 }
 
 /// A token the provider issued in an exchange.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IssuedToken {
     pub access_token: String,
     /// Seconds from now, as the provider says (`expires_in`).
     pub expires_in: Option<u64>,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("access_token", &"<redacted>")
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
 }
 
 /// Why introspection gave no answer about the token.
@@ -438,7 +447,8 @@ impl Provider {
         let body = read_capped(response)
             .await
             .map_err(|e| ExchangeFailure::Unavailable(at(e)))?;
-        if status.is_server_error() {
+        // Failing, busy, or too slow to read the request: passing.
+        if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
             return Err(ExchangeFailure::Unavailable(at(format!(
                 "answered HTTP {status}"
             ))));

@@ -137,24 +137,43 @@ impl Validator {
     }
 
     /// A token for `caller`'s request to an upstream (`target`), exchanged
-    /// from `subject_token` (see [`crate::exchange`]).
-    pub async fn exchange(
+    /// from `subject_token` (see [`crate::exchange`]). Boxed: the cache's
+    /// per-key computation is a deep type that would otherwise weigh on
+    /// every future that awaits an upstream request.
+    pub fn exchange<'a>(
+        &'a self,
+        caller: &'a Identity,
+        subject_token: Option<&'a str>,
+        target: &'a Target<'a>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Arc<Exchanged>, ExchangeError>> + Send + 'a>>
+    {
+        Box::pin(self.exchange_inner(caller, subject_token, target))
+    }
+
+    async fn exchange_inner(
         &self,
         caller: &Identity,
         subject_token: Option<&str>,
         target: &Target<'_>,
     ) -> Result<Arc<Exchanged>, ExchangeError> {
-        self.exchanges
-            .token(
-                Asker {
-                    provider: &self.provider,
-                    metrics: &self.metrics,
-                },
-                caller,
-                subject_token,
-                target,
-            )
-            .await
+        let asker = Asker {
+            provider: &self.provider,
+            metrics: &self.metrics,
+        };
+        let exchanged = self
+            .exchanges
+            .token(asker, caller, subject_token, target)
+            .await?;
+        // One made while its session logged out is not used (the logout
+        // dropped only what was held when it came).
+        match self.logged_out(
+            exchanged.session.as_deref(),
+            &exchanged.subject,
+            Some(exchanged.made),
+        ) {
+            Some(_) => Err(ExchangeError::LoggedOut),
+            None => Ok(exchanged),
+        }
     }
 
     #[cfg(test)]
@@ -277,22 +296,30 @@ impl Validator {
         {
             return Err(AuthError::InvalidToken("the token has expired".into()));
         }
-        if let Some(sid) = &id.session_id
-            && self.revocations.sessions.contains_key(sid)
-        {
-            return Err(AuthError::InvalidToken(format!(
-                "{LOGGED_OUT} (session ended)"
-            )));
+        match self.logged_out(id.session_id.as_deref(), &id.subject, id.issued_at) {
+            Some(what) => Err(AuthError::InvalidToken(format!("{LOGGED_OUT} ({what})"))),
+            None => Ok(()),
         }
-        if let Some(entry) = self.revocations.subjects.get(&id.subject) {
+    }
+
+    /// Whether a token of provider session `sid`, of `subject`, issued at
+    /// `issued` has been logged out, and how.
+    fn logged_out(
+        &self,
+        sid: Option<&str>,
+        subject: &str,
+        issued: Option<SystemTime>,
+    ) -> Option<&'static str> {
+        if sid.is_some_and(|sid| self.revocations.sessions.contains_key(sid)) {
+            return Some("session ended");
+        }
+        if let Some(entry) = self.revocations.subjects.get(subject) {
             let (at, _) = *entry;
-            if id.issued_at.is_none_or(|iat| iat <= at) {
-                return Err(AuthError::InvalidToken(format!(
-                    "{LOGGED_OUT} (user logged out)"
-                )));
+            if issued.is_none_or(|iat| iat <= at) {
+                return Some("user logged out");
             }
         }
-        Ok(())
+        None
     }
 
     /// Verifies a token with the provider's keys or the provider itself.

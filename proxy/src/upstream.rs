@@ -65,6 +65,8 @@ pub enum UpstreamError {
         upstream: String,
         reason: String,
         retry_after: Option<Duration>,
+        /// The caller's token is the cause (expired, logged out).
+        callers: bool,
     },
 }
 
@@ -408,6 +410,7 @@ impl Pool {
                 upstream: self.org.clone(),
                 reason: e.reason,
                 retry_after: e.retry_after,
+                callers: e.callers,
             })?;
         Ok(headers)
     }

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -410,13 +411,19 @@ class Keycloak:
     """A real Keycloak started by keycloak/start, on loopback ports. It
     trusts `trust` (PEM certificates) when it fetches over HTTPS."""
 
-    def __init__(self, run_dir: Path, backchannel_url: str, trust: list[Path] | None = None):
+    def __init__(self, run_dir: Path, backchannel_url: str, trust: list[Path] | None = None,
+                 https: tuple[Path, Path, Path] | None = None):
+        """`https`: (certificate, key, CA file) to serve HTTPS as
+        https://localhost:<port> (the certificate must name localhost)."""
         self.port = free_port()
         self.management_port = free_port()
         self.run_dir = run_dir
         self.backchannel_url = backchannel_url
         self.trust = trust or []
-        self.issuer = f"http://127.0.0.1:{self.port}/realms/ratatosk"
+        self.https = https
+        self.origin = f"https://localhost:{self.port}" if https else f"http://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(https[2])) if https else True
+        self.issuer = f"{self.origin}/realms/ratatosk"
 
     def _env(self) -> dict:
         env = {**os.environ, "KEYCLOAK_PORT": str(self.port),
@@ -425,6 +432,8 @@ class Keycloak:
                "KEYCLOAK_ADMIN_PASSWORD": KC_ADMIN_PASSWORD}
         if self.trust:
             env["KEYCLOAK_TRUSTSTORE_PATHS"] = ",".join(str(p) for p in self.trust)
+        if self.https:
+            env["KEYCLOAK_HTTPS_CERT_FILE"], env["KEYCLOAK_HTTPS_KEY_FILE"] = str(self.https[0]), str(self.https[1])
         return env
 
     def start(self, reuse: bool = False) -> "Keycloak":
@@ -443,7 +452,7 @@ class Keycloak:
 
     def token_response(self, user: str, client: str = "mcp-client",
                        scope: str = "openid organization:* mcp:tools") -> dict:
-        r = httpx2.post(f"{self.issuer}/protocol/openid-connect/token", timeout=10, data={
+        r = httpx2.post(f"{self.issuer}/protocol/openid-connect/token", timeout=10, verify=self.verify, data={
             "grant_type": "password", "client_id": client, "username": user,
             "password": KC_PASSWORDS[user], "scope": scope})
         assert r.status_code == 200, r.text
@@ -453,14 +462,14 @@ class Keycloak:
         return self.token_response(user, **kw)["access_token"]
 
     def admin_token(self) -> str:
-        r = httpx2.post(f"http://127.0.0.1:{self.port}/realms/master/protocol/openid-connect/token", timeout=10,
+        r = httpx2.post(f"{self.origin}/realms/master/protocol/openid-connect/token", timeout=10, verify=self.verify,
                         data={"grant_type": "password", "client_id": "admin-cli", "username": "admin",
                               "password": KC_ADMIN_PASSWORD})
         assert r.status_code == 200, r.text
         return r.json()["access_token"]
 
     def admin(self, method: str, path: str, **kw) -> httpx2.Response:
-        return httpx2.request(method, f"http://127.0.0.1:{self.port}/admin/realms/ratatosk{path}", timeout=30,
+        return httpx2.request(method, f"{self.origin}/admin/realms/ratatosk{path}", timeout=30, verify=self.verify,
                               headers={"Authorization": f"Bearer {self.admin_token()}"}, **kw)
 
     def logout_user(self, user: str) -> None:

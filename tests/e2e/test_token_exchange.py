@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 import pytest
@@ -80,9 +81,15 @@ async def test_the_upstream_gets_a_token_addressed_to_it_never_the_callers(auth_
 async def test_a_hundred_calls_with_one_token_make_one_exchange(auth_gateway, keycloak):
     token = keycloak.token("alice")
     before = exchanges(auth_gateway)
+    # Eight clients start at once with the new token: they race for its
+    # exchange, and wait for the one call.
+    with ThreadPoolExecutor(8) as pool:
+        starts = list(pool.map(lambda _: post(auth_gateway.url(ROUTE), INIT, version=None, headers=bearer(token)),
+                               range(8)))
+    assert [r.status_code for r in starts] == [200] * 8, [r.text for r in starts]
+    assert exchanges(auth_gateway) - before == 1
     async with streamable_session(auth_gateway.url(ROUTE), headers=bearer(token)) as s:
-        # Ten at a time (a session's limit of requests in flight is above
-        # that), so the first ten race for the one exchange.
+        # Ten at a time (below a session's limit of requests in flight).
         results = []
         for tens in range(0, 100, 10):
             results += await asyncio.gather(*(s.call_tool("add", {"a": i, "b": 1}) for i in range(tens, tens + 10)))
@@ -102,7 +109,7 @@ async def test_a_logout_drops_the_exchanged_tokens_of_the_session(auth_gateway, 
     wait_until("the exchanged token dropped", lambda: dropped(auth_gateway) > before, timeout=10, every=0.1)
     r = post(auth_gateway.url(ROUTE), INIT, version=None, headers=bearer(token))
     assert r.status_code == 401, r.text
-    # A new login is exchanged anew.
+    # A new login works, with an exchange of its own.
     made = exchanges(auth_gateway)
     assert (await whoami(auth_gateway, keycloak.token("carol")))["aud"] == KC_UPSTREAM_AUDIENCE
     assert exchanges(auth_gateway) - made == 1

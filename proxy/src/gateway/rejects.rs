@@ -76,6 +76,16 @@ pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
             .with_id(id)
             .with_header(header::RETRY_AFTER, seconds);
         }
+        UpstreamError::Credential { callers: true, .. } => {
+            // Only a fresh token of the caller's helps: as for any token
+            // the gateway refuses.
+            return Reject::new(StatusCode::UNAUTHORIZED, code::BAD_REQUEST, e.to_string())
+                .with_id(id)
+                .with_header(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+        }
         UpstreamError::Status {
             status,
             body,

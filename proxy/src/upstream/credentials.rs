@@ -53,6 +53,9 @@ pub struct CredentialError {
     /// Set when the cause is passing (the identity provider is down):
     /// the client may retry after this long.
     pub retry_after: Option<Duration>,
+    /// Whether the caller's token is the cause (expired, logged out): a
+    /// fresh one would do.
+    pub callers: bool,
 }
 
 impl From<String> for CredentialError {
@@ -60,6 +63,7 @@ impl From<String> for CredentialError {
         CredentialError {
             reason,
             retry_after: None,
+            callers: false,
         }
     }
 }
@@ -152,6 +156,7 @@ impl Credentials {
                             }
                             _ => None,
                         },
+                        callers: e.is_callers(),
                         reason: format!("token exchange for audience `{audience}`: {e}"),
                     })?;
                 headers.insert(header::AUTHORIZATION, exchanged.bearer.clone());
