@@ -387,9 +387,12 @@ impl Exchanges {
         {
             Ok(issued) => {
                 asker.metrics.exchanges.with_label_values(&["ok"]).inc();
+                // As the provider says; else as the token says; else short.
                 let lifetime = issued
                     .expires_in
-                    .map_or(UNSAID_LIFETIME, Duration::from_secs)
+                    .map(Duration::from_secs)
+                    .or_else(|| crate::validator::unverified_lifetime(&issued.access_token))
+                    .unwrap_or(UNSAID_LIFETIME)
                     .min(self.max_lifetime);
                 let mut bearer = HeaderValue::from_str(&format!("Bearer {}", issued.access_token))
                     .map_err(|_| {

@@ -633,6 +633,18 @@ fn peek_claims(payload: &str) -> Option<Peek> {
     serde_json::from_slice(&decode_part(payload)?).ok()
 }
 
+/// How long a JWT says it has left (its `exp`, unverified), if it is one
+/// and says so.
+pub(crate) fn unverified_lifetime(token: &str) -> Option<Duration> {
+    let exp = peek_claims(token.split('.').nth(1)?)?.exp?;
+    let left = exp
+        - SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64();
+    (left.is_finite() && left > 0.0).then(|| Duration::from_secs_f64(left.min(1e9)))
+}
+
 /// The checks both modes make of a token's claims once its signature (or
 /// the identity provider) vouched for them: an access token, for us, naming
 /// its user.
@@ -715,6 +727,19 @@ mod tests {
 
     fn count(v: &Validator, outcome: &str) -> u64 {
         v.metrics.cache.with_label_values(&[outcome]).get()
+    }
+
+    #[tokio::test]
+    async fn a_jwts_lifetime_is_read_from_its_exp() {
+        let idp = FakeIdp::start().await;
+        let left = unverified_lifetime(&idp.token(json!({"exp": unix_now() + 100})))
+            .expect("a JWT with exp");
+        assert!((98..=100).contains(&left.as_secs()), "{left:?}");
+        assert_eq!(
+            unverified_lifetime(&idp.token(json!({"exp": unix_now() - 5}))),
+            None
+        );
+        assert_eq!(unverified_lifetime("opaque-token"), None);
     }
 
     #[tokio::test]
