@@ -139,6 +139,30 @@ impl Claims {
     }
 }
 
+/// One base64url part of a JWT, decoded.
+pub(crate) fn decode_part(part: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .ok()
+}
+
+/// How long a JWT says it has left (its `exp`, unverified), if it is one
+/// and says so.
+pub(crate) fn unverified_lifetime(token: &str) -> Option<Duration> {
+    #[derive(Deserialize)]
+    struct Exp {
+        exp: Option<f64>,
+    }
+    let payload: Exp = serde_json::from_slice(&decode_part(token.split('.').nth(1)?)?).ok()?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    let left = payload.exp? - now;
+    (left.is_finite() && left > 0.0).then(|| Duration::from_secs_f64(left.min(1e9)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -391,7 +391,7 @@ impl Exchanges {
                 let lifetime = issued
                     .expires_in
                     .map(Duration::from_secs)
-                    .or_else(|| crate::validator::unverified_lifetime(&issued.access_token))
+                    .or_else(|| crate::claims::unverified_lifetime(&issued.access_token))
                     .unwrap_or(UNSAID_LIFETIME)
                     .min(self.max_lifetime);
                 let mut bearer = HeaderValue::from_str(&format!("Bearer {}", issued.access_token))

@@ -26,7 +26,7 @@ use moka::future::Cache;
 use prometheus::Registry;
 use sha2::{Digest, Sha256};
 
-use crate::claims::{Claims, access_token_type};
+use crate::claims::{Claims, access_token_type, decode_part};
 use crate::config::ProviderConfig;
 use crate::exchange::{Asker, ExchangeError, Exchanged, Exchanges, Target};
 use crate::logout::{self, LogoutEvent};
@@ -614,13 +614,6 @@ fn organization_from_payload(token: &str, subject: Option<&str>) -> Option<serde
         .flatten()
 }
 
-fn decode_part(part: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part.trim_end_matches('='))
-        .ok()
-}
-
 /// The claims `introspect` mode looks at before a call, unverified.
 #[derive(serde::Deserialize)]
 struct Peek {
@@ -631,18 +624,6 @@ struct Peek {
 
 fn peek_claims(payload: &str) -> Option<Peek> {
     serde_json::from_slice(&decode_part(payload)?).ok()
-}
-
-/// How long a JWT says it has left (its `exp`, unverified), if it is one
-/// and says so.
-pub(crate) fn unverified_lifetime(token: &str) -> Option<Duration> {
-    let exp = peek_claims(token.split('.').nth(1)?)?.exp?;
-    let left = exp
-        - SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()?
-            .as_secs_f64();
-    (left.is_finite() && left > 0.0).then(|| Duration::from_secs_f64(left.min(1e9)))
 }
 
 /// The checks both modes make of a token's claims once its signature (or
@@ -732,14 +713,14 @@ mod tests {
     #[tokio::test]
     async fn a_jwts_lifetime_is_read_from_its_exp() {
         let idp = FakeIdp::start().await;
-        let left = unverified_lifetime(&idp.token(json!({"exp": unix_now() + 100})))
+        let left = crate::claims::unverified_lifetime(&idp.token(json!({"exp": unix_now() + 100})))
             .expect("a JWT with exp");
         assert!((98..=100).contains(&left.as_secs()), "{left:?}");
         assert_eq!(
-            unverified_lifetime(&idp.token(json!({"exp": unix_now() - 5}))),
+            crate::claims::unverified_lifetime(&idp.token(json!({"exp": unix_now() - 5}))),
             None
         );
-        assert_eq!(unverified_lifetime("opaque-token"), None);
+        assert_eq!(crate::claims::unverified_lifetime("opaque-token"), None);
     }
 
     #[tokio::test]
