@@ -756,6 +756,18 @@ def scenario_g(s: Systems, cfg: dict, gw: dict, runs: int) -> dict:
     return out
 
 
+def scenario_i(cfg: dict, run_dir: Path) -> dict:
+    """Instructions per `tools/call` of the stub, nginx and the gateway
+    (`bench/callgrind-a`, which starts its own processes under callgrind).
+    Counts repeat within about 1%, so one run is enough."""
+    out = run_dir / "callgrind-a.json"
+    env = {**os.environ, "N": str(cfg["i_requests"]), "JSON": str(out)}
+    done = subprocess.run([str(BENCH / "callgrind-a")], env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise BenchError(f"bench/callgrind-a failed: {(done.stderr or done.stdout)[-2000:]}")
+    return json.loads(out.read_text())
+
+
 def scenario_d(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
     out: dict[str, list] = {k: [] for k in targets}
     for r in range(runs):
@@ -1082,6 +1094,25 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                       median(per_run_direct) >= 0.8))
         goals.append(("A", "gateway throughput ≥ nginx proxy_pass", f"{median(per_run_nginx):.2f} ×",
                       median(per_run_nginx) >= 1.0))
+    i = res.get("I")
+    if i:
+        nginx_own = i["nginx"]["proxy"]
+        lines += ["### I. Instructions per `tools/call` (scenario A's shape, under callgrind)", "",
+                  f"`bench/callgrind-a`: each process under `valgrind --tool=callgrind`, {i['requests']:,} "
+                  f"requests on {i['connections']} connections after a warm-up, counters zeroed in between; the "
+                  "gateway's org has `auth: none` (A's `jwt` route adds a cached validation). Instruction counts "
+                  "repeat within about 1% from run to run, where wall-clock figures here do not.", "",
+                  "| path | the proxy's instructions per request | the stub's | proxy ÷ nginx |",
+                  "| --- | --- | --- | --- |"]
+        for name in ("direct", "nginx", "gateway"):
+            own = i[name]["proxy"]
+            ratio = f"{own / nginx_own:.2f} ×" if name != "direct" and nginx_own else ""
+            shown = f"{own:,}" if name != "direct" else "(no proxy)"
+            lines.append(f"| {name} | {shown} | {i[name]['stub']:,} | {ratio} |")
+        lines.append("")
+        if nginx_own:
+            ratio = i["gateway"]["proxy"] / nginx_own
+            goals.append(("A", "gateway instructions per request ≤ nginx's", f"{ratio:.2f} ×", ratio <= 1.0))
     t = res.get("T")
     if t:
         rpc = t["rpc"]
@@ -1509,6 +1540,9 @@ def smoke_checks(res: dict) -> list[str]:
         for r in runs:
             if r["ok"] == 0 or r["errors"]:
                 problems.append(f"D {name}: {r['ok']} ok, {r['errors']} errors ({r['first_error']})")
+    i = res.get("I")
+    if i and not (i["direct"]["stub"] > 0 and i["nginx"]["proxy"] > 0 and i["gateway"]["proxy"] > 0):
+        problems.append(f"I: an instruction count is zero: {i}")
     for part in ("setup", "rpc"):
         for run in res.get("G", {}).get(part, []):
             for name, r in run.items():
@@ -1560,18 +1594,20 @@ def smoke_checks(res: dict) -> list[str]:
 
 
 FULL = {"a_duration": "20s", "a_warmup": "2s", "b_sizes": [10_000, 50_000, 100_000], "c_size": 10_000,
-        "idle_seconds": 10.0, "d_duration": "10s", "e_tokens": 100, "e_requests": 10_000, "runs": 3}
+        "idle_seconds": 10.0, "d_duration": "10s", "e_tokens": 100, "e_requests": 10_000, "runs": 3,
+        "i_requests": 2000}
 SMOKE = {"a_duration": "2s", "a_warmup": "0s", "b_sizes": [200], "c_size": 200, "idle_seconds": 1.0,
-         "d_duration": "2s", "e_tokens": 10, "e_requests": 300, "runs": 1}
+         "d_duration": "2s", "e_tokens": 10, "e_requests": 300, "runs": 1, "i_requests": 100}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the small CI run (checks, no published results)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
-    ap.add_argument("--only", default="A,B,C,D,E,F,G,R,T",
+    ap.add_argument("--only", default="A,B,C,D,E,F,G,I,R,T",
                     help="scenarios to run, e.g. A,D (B and C run together; R is A, B and C on two nodes and Redis; "
-                         "G is federation; T is A and B over TLS)")
+                         "G is federation; T is A and B over TLS; I is A's instructions per request under "
+                         "callgrind)")
     ap.add_argument("--sizes", help="stream counts for B, e.g. 10000,50000")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other scenarios of the results.json already in --out")
@@ -1659,19 +1695,28 @@ def main() -> int:
             attempt("BC", lambda: scenario_bc(s, cfg, runs, stub))
         if "R" in only:
             attempt("R", lambda: scenario_r(s, cfg, gw, stub, runs))
+        if "I" in only:
+            attempt("I", lambda: scenario_i(cfg, run_dir))
     finally:
         s.stop_all()
+    seconds = round(time.monotonic() - started)
     if args.merge and (out_dir / "results.json").exists():
+        # The full run's meta stays (its date, seconds, versions); what was
+        # run since is listed with how long it took.
         old = json.loads((out_dir / "results.json").read_text())
+        new = sorted(k for k in res if k not in ("meta", "failed"))
+        merged = {**old["meta"].get("merged_seconds", {}), **{k: seconds for k in new}}
         res = {**old, **{k: v for k, v in res.items() if k != "meta"},
-               "meta": {**old["meta"], "merged": sorted(k for k in res if k != "meta")}}
-    res["meta"]["versions"] = {**peer_versions(), **s.versions}
-    res["meta"]["seconds"] = round(time.monotonic() - started)
+               "meta": {**old["meta"], "merged": sorted(set(old["meta"].get("merged", [])) | set(new)),
+                        "merged_seconds": merged}}
+    else:
+        res["meta"]["seconds"] = seconds
+    res["meta"]["versions"] = {**res["meta"].get("versions", {}), **peer_versions(), **s.versions}
     res["meta"]["plots"] = plots(res, out_dir)
     (out_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     command = "bench/run --smoke" if args.smoke else "make bench"
     write_results_md(out_dir / "RESULTS.md", render(res, command))
-    log(f"results in {out_dir / 'RESULTS.md'} ({res['meta']['seconds']} s)")
+    log(f"results in {out_dir / 'RESULTS.md'} ({seconds} s)")
     if args.smoke:
         problems = smoke_checks(res)
         for p in problems:
@@ -1683,6 +1728,7 @@ def main() -> int:
         checked += sum(len(run) for part in ("setup", "rpc") for run in res.get("G", {}).get(part, []))
         checked += sum(len(runs) for runs in res.get("T", {}).get("rpc", {}).values())
         checked += sum(len(runs) for runs in res.get("T", {}).get("streams", {}).values())
+        checked += 1 if "I" in res else 0
         print(f"smoke: {max(checked - len(problems), 0)} passed, {len(problems)} failed")
         return 1 if problems else 0
     return 0
