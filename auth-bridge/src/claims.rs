@@ -147,19 +147,28 @@ pub(crate) fn decode_part(part: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
+/// The claims `introspect` mode looks at before a call, unverified.
+#[derive(Deserialize)]
+pub(crate) struct Peek {
+    pub(crate) iss: Option<String>,
+    pub(crate) exp: Option<f64>,
+    pub(crate) typ: Option<String>,
+}
+
+/// A JWT's payload part, read for a look (not verified).
+pub(crate) fn peek_claims(payload: &str) -> Option<Peek> {
+    serde_json::from_slice(&decode_part(payload)?).ok()
+}
+
 /// How long a JWT says it has left (its `exp`, unverified), if it is one
 /// and says so.
 pub(crate) fn unverified_lifetime(token: &str) -> Option<Duration> {
-    #[derive(Deserialize)]
-    struct Exp {
-        exp: Option<f64>,
-    }
-    let payload: Exp = serde_json::from_slice(&decode_part(token.split('.').nth(1)?)?).ok()?;
+    let exp = peek_claims(token.split('.').nth(1)?)?.exp?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .ok()?
         .as_secs_f64();
-    let left = payload.exp? - now;
+    let left = exp - now;
     (left.is_finite() && left > 0.0).then(|| Duration::from_secs_f64(left.min(1e9)))
 }
 

@@ -210,11 +210,8 @@ impl ProviderConfig {
             out.push(("audience".into(), "expected a non-empty audience".into()));
         }
         for (i, scope) in self.client_scopes.iter().enumerate() {
-            if !is_scope_token(scope) {
-                out.push((
-                    format!("client_scopes[{i}]"),
-                    format!("expected one scope name (printable ASCII, no space, quote or backslash), got `{scope}`"),
-                ));
+            if let Err(why) = check_scope(scope) {
+                out.push((format!("client_scopes[{i}]"), why));
             }
         }
         if let Some(what) = needs_client {
@@ -280,12 +277,20 @@ impl ProviderConfig {
     }
 }
 
-/// An RFC 6749 scope-token: printable ASCII but space, `"` and `\`.
-pub fn is_scope_token(scope: &str) -> bool {
-    !scope.is_empty()
+/// Whether `scope` is one RFC 6749 scope-token: printable ASCII but space,
+/// `"` and `\`; if not, the message that says so.
+pub fn check_scope(scope: &str) -> Result<(), String> {
+    let valid = !scope.is_empty()
         && scope
             .bytes()
-            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected one scope name (printable ASCII, no space, quote or backslash), got `{scope}`"
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,6 @@ use http::HeaderValue;
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
-use sha2::{Digest, Sha256};
 
 use crate::Identity;
 use crate::logout::LogoutEvent;
@@ -110,12 +109,6 @@ impl Newest {
     fn subject_expires(&self) -> Option<Instant> {
         self.holder.expires_at.and_then(instant_of)
     }
-
-    /// Kept while either token is usable.
-    fn until(&self) -> Instant {
-        self.subject_expires()
-            .map_or(self.exchanged.expires, |s| s.max(self.exchanged.expires))
-    }
 }
 
 /// The exchanges made, and the provider's last failure.
@@ -127,43 +120,53 @@ pub struct Exchanges {
     max_lifetime: Duration,
 }
 
-struct Until;
+/// How long a cache entry is kept.
+trait Lasts {
+    fn until(&self) -> Instant;
+}
 
-/// Kept until it expires: renewed from its refresh time on, but served
-/// while the provider cannot renew it.
-impl Expiry<[u8; 32], Arc<Exchanged>> for Until {
-    fn expire_after_create(
-        &self,
-        _: &[u8; 32],
-        v: &Arc<Exchanged>,
-        now: Instant,
-    ) -> Option<Duration> {
-        Some(v.expires.saturating_duration_since(now))
-    }
-    fn expire_after_update(
-        &self,
-        _: &[u8; 32],
-        v: &Arc<Exchanged>,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(v.expires.saturating_duration_since(now))
+/// An exchanged token is kept until it expires: renewed from its refresh
+/// time on, but served while the provider cannot renew it.
+impl Lasts for Exchanged {
+    fn until(&self) -> Instant {
+        self.expires
     }
 }
 
-impl Expiry<[u8; 32], Arc<Newest>> for Until {
-    fn expire_after_create(&self, _: &[u8; 32], v: &Arc<Newest>, now: Instant) -> Option<Duration> {
+/// The newest exchange is kept while either token is usable.
+impl Lasts for Newest {
+    fn until(&self) -> Instant {
+        self.subject_expires()
+            .map_or(self.exchanged.expires, |s| s.max(self.exchanged.expires))
+    }
+}
+
+/// Entries live until their value says ([`Lasts`]), whenever put.
+struct Until;
+
+impl<V: Lasts> Expiry<[u8; 32], Arc<V>> for Until {
+    fn expire_after_create(&self, _: &[u8; 32], v: &Arc<V>, now: Instant) -> Option<Duration> {
         Some(v.until().saturating_duration_since(now))
     }
     fn expire_after_update(
         &self,
         _: &[u8; 32],
-        v: &Arc<Newest>,
+        v: &Arc<V>,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
         Some(v.until().saturating_duration_since(now))
     }
+}
+
+/// A cache of entries that live as long as they say, and that logouts can
+/// drop.
+fn lasting<V: Lasts + Send + Sync + 'static>(max_entries: u64) -> Cache<[u8; 32], Arc<V>> {
+    Cache::builder()
+        .max_capacity(max_entries)
+        .expire_after(Until)
+        .support_invalidation_closures()
+        .build()
 }
 
 /// How long before its expiry a token of `lifetime` is exchanged again: a
@@ -175,12 +178,11 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
 
 /// A cache key: SHA-256 over length-prefixed parts.
 fn key(parts: &[&str]) -> [u8; 32] {
-    let mut h = Sha256::new();
+    let mut k = crate::CacheKey::default();
     for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p.as_bytes());
+        k.part(p.as_bytes());
     }
-    h.finalize().into()
+    k.finish()
 }
 
 /// Who exchanges: the provider, and the metrics that count it.
@@ -200,16 +202,8 @@ pub struct Target<'a> {
 impl Exchanges {
     pub fn new(max_entries: u64, max_lifetime: Duration) -> Exchanges {
         Exchanges {
-            cache: Cache::builder()
-                .max_capacity(max_entries)
-                .expire_after(Until)
-                .support_invalidation_closures()
-                .build(),
-            newest: Cache::builder()
-                .max_capacity(max_entries)
-                .expire_after(Until)
-                .support_invalidation_closures()
-                .build(),
+            cache: lasting(max_entries),
+            newest: lasting(max_entries),
             paused: std::sync::Mutex::new(None),
             max_lifetime,
         }
@@ -375,14 +369,9 @@ impl Exchanges {
             });
         }
         let asked = Instant::now();
-        let scopes: Vec<String> = target
-            .scopes
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
         match asker
             .provider
-            .exchange(token, target.audience, &scopes)
+            .exchange(token, target.audience, target.scopes)
             .await
         {
             Ok(issued) => {
@@ -466,15 +455,6 @@ impl Exchanges {
             .newest
             .invalidate_entries_if(move |_, v| of_newest(&v.exchanged));
         dropped
-    }
-
-    /// Exchanged tokens held (for tests and the admin view).
-    pub fn len(&self) -> u64 {
-        self.cache.entry_count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -239,6 +239,25 @@ pub fn untrusted(text: &str, max: usize) -> String {
     out
 }
 
+/// A cache key: SHA-256 over length-prefixed parts, so that no two lists
+/// of parts hash alike by running into each other.
+#[derive(Default)]
+pub(crate) struct CacheKey(sha2::Sha256);
+
+impl CacheKey {
+    pub(crate) fn part(&mut self, bytes: &[u8]) -> &mut Self {
+        use sha2::Digest;
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+
+    pub(crate) fn finish(self) -> [u8; 32] {
+        use sha2::Digest;
+        self.0.finalize().into()
+    }
+}
+
 /// The bearer token of an `Authorization` header value.
 pub fn bearer_token(header: Option<&[u8]>, max_len: usize) -> Result<&str, AuthError> {
     let Some(raw) = header else {

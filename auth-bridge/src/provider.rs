@@ -336,11 +336,9 @@ impl Provider {
                 self.config.issuer
             ))
         })?;
-        let (Some(id), Some(secret)) = (&self.config.client_id, &self.config.client_secret) else {
-            return Err(Unavailable(
-                "introspection needs identity.client_id and identity.client_secret".into(),
-            ));
-        };
+        let (id, secret) = self
+            .confidential_client("introspection")
+            .map_err(Unavailable)?;
         self.metrics.introspections.inc();
         let started = Instant::now();
         let result = self.call_introspection(url, id, secret, token).await;
@@ -404,12 +402,12 @@ impl Provider {
 impl Provider {
     /// Exchanges `subject_token` (a caller's access token) for an access
     /// token addressed to `audience` (RFC 8693), as the confidential client,
-    /// with `scopes` if any.
+    /// with `scope` (space-separated) if not empty.
     pub async fn exchange(
         &self,
         subject_token: &str,
         audience: &str,
-        scopes: &[String],
+        scope: &str,
     ) -> Result<IssuedToken, ExchangeFailure> {
         let endpoints = self
             .endpoints()
@@ -421,11 +419,9 @@ impl Provider {
                 self.config.issuer
             ))
         })?;
-        let (Some(id), Some(secret)) = (&self.config.client_id, &self.config.client_secret) else {
-            return Err(ExchangeFailure::Refused(
-                "token exchange needs identity.client_id and identity.client_secret".into(),
-            ));
-        };
+        let (id, secret) = self
+            .confidential_client("token exchange")
+            .map_err(ExchangeFailure::Refused)?;
         let body = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT)
@@ -433,8 +429,8 @@ impl Provider {
                 .append_pair("subject_token_type", ACCESS_TOKEN_TYPE)
                 .append_pair("requested_token_type", ACCESS_TOKEN_TYPE)
                 .append_pair("audience", audience);
-            if !scopes.is_empty() {
-                form.append_pair("scope", &scopes.join(" "));
+            if !scope.is_empty() {
+                form.append_pair("scope", scope);
             }
             form.finish()
         };
@@ -495,6 +491,16 @@ impl Provider {
             access_token: answer.access_token,
             expires_in: answer.expires_in,
         })
+    }
+
+    /// The gateway's confidential client (id, secret), which `what` needs.
+    fn confidential_client(&self, what: &str) -> Result<(&str, &str), String> {
+        match (&self.config.client_id, &self.config.client_secret) {
+            (Some(id), Some(secret)) => Ok((id, secret)),
+            _ => Err(format!(
+                "{what} needs identity.client_id and identity.client_secret"
+            )),
+        }
     }
 
     /// POSTs a form to the provider as the confidential client.

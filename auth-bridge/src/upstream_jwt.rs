@@ -162,22 +162,20 @@ impl UpstreamSigner {
         }
         // Every item and list length-prefixed: no two callers' claims hash
         // alike.
-        let mut what = Sha256::new();
-        let mut put = |item: &[u8]| {
-            what.update((item.len() as u64).to_le_bytes());
-            what.update(item);
-        };
+        let mut what = crate::CacheKey::default();
         for part in [caller.subject.as_str(), org, audience] {
-            put(part.as_bytes());
+            what.part(part.as_bytes());
         }
         for list in [&caller.scopes, &caller.realm_roles, &caller.groups] {
-            put(&(list.len() as u64).to_le_bytes());
-            list.iter().for_each(|item| put(item.as_bytes()));
+            what.part(&(list.len() as u64).to_le_bytes());
+            list.iter().for_each(|item| {
+                what.part(item.as_bytes());
+            });
         }
-        put(caller.client_id.as_deref().unwrap_or("").as_bytes());
-        put(caller.username.as_deref().unwrap_or("").as_bytes());
-        put(&caller_exp.unwrap_or(0).to_le_bytes());
-        let key: [u8; 32] = what.finalize().into();
+        what.part(caller.client_id.as_deref().unwrap_or("").as_bytes())
+            .part(caller.username.as_deref().unwrap_or("").as_bytes())
+            .part(&caller_exp.unwrap_or(0).to_le_bytes());
+        let key = what.finish();
         // Reused while more than half its life is left, by the wall clock.
         if let Some(issued) = self.issued.get(&key)
             && now < issued.iat + (issued.exp - issued.iat) / 2

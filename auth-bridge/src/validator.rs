@@ -26,7 +26,7 @@ use moka::future::Cache;
 use prometheus::Registry;
 use sha2::{Digest, Sha256};
 
-use crate::claims::{Claims, access_token_type, decode_part};
+use crate::claims::{Claims, access_token_type, decode_part, peek_claims};
 use crate::config::ProviderConfig;
 use crate::exchange::{Asker, ExchangeError, Exchanged, Exchanges, Target};
 use crate::logout::{self, LogoutEvent};
@@ -179,11 +179,6 @@ impl Validator {
     #[cfg(test)]
     pub(crate) fn metrics(&self) -> &AuthMetrics {
         &self.metrics
-    }
-
-    /// Exchanged tokens held.
-    pub fn exchanged_tokens(&self) -> u64 {
-        self.exchanges.len()
     }
 
     pub fn config(&self) -> &ProviderConfig {
@@ -612,18 +607,6 @@ fn organization_from_payload(token: &str, subject: Option<&str>) -> Option<serde
     (claims.sub.is_some() && claims.sub.as_deref() == subject)
         .then_some(claims.organization)
         .flatten()
-}
-
-/// The claims `introspect` mode looks at before a call, unverified.
-#[derive(serde::Deserialize)]
-struct Peek {
-    iss: Option<String>,
-    exp: Option<f64>,
-    typ: Option<String>,
-}
-
-fn peek_claims(payload: &str) -> Option<Peek> {
-    serde_json::from_slice(&decode_part(payload)?).ok()
 }
 
 /// The checks both modes make of a token's claims once its signature (or

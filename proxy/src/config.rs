@@ -1277,7 +1277,7 @@ fn rule_problems(
 }
 
 impl UpstreamConfig {
-    /// `upstream_jwt`: whether the config has the key of `gateway-jwt`.
+    /// `sources`: what the org offers the `auth` modes.
     fn problems(&self, sources: Sources, at: &mut Section) {
         if self.replicas.is_empty() {
             at.bad("replicas", "expected at least one replica URL");
@@ -1312,11 +1312,8 @@ impl UpstreamConfig {
                     );
                 }
                 for (i, scope) in scopes.iter().enumerate() {
-                    if !ratatosk_auth::config::is_scope_token(scope) {
-                        at.bad(
-                            &format!("auth.scopes[{i}]"),
-                            format!("expected one scope name (printable ASCII, no space, quote or backslash), got `{scope}`"),
-                        );
+                    if let Err(why) = ratatosk_auth::config::check_scope(scope) {
+                        at.bad(&format!("auth.scopes[{i}]"), why);
                     }
                 }
             }

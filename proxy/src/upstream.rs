@@ -25,7 +25,7 @@ mod forwarding;
 mod probe;
 mod reader;
 
-pub use credentials::{CredentialError, Credentials, Issuers};
+pub use credentials::{Cause, CredentialError, Credentials, Issuers};
 pub use forwarding::*;
 pub use probe::{ProbeError, UpstreamEra};
 pub use reader::{AnswerReader, ReadError};
@@ -58,15 +58,11 @@ pub enum UpstreamError {
     },
     #[error("upstream {replica} failed: {reason}")]
     Failed { replica: String, reason: String },
-    /// No credential for the request (`upstream.auth`), so it was not sent;
-    /// with `retry_after` when the cause is passing.
-    #[error("upstream {upstream} gets no credential: {reason}")]
+    /// No credential for the request (`upstream.auth`), so it was not sent.
+    #[error("upstream {upstream} gets no credential: {error}")]
     Credential {
         upstream: String,
-        reason: String,
-        retry_after: Option<Duration>,
-        /// The caller's token is the cause (expired, logged out).
-        callers: bool,
+        error: CredentialError,
     },
 }
 
@@ -406,11 +402,9 @@ impl Pool {
         self.credentials
             .apply(caller.as_deref(), authorization.as_ref(), &mut headers)
             .await
-            .map_err(|e| UpstreamError::Credential {
+            .map_err(|error| UpstreamError::Credential {
                 upstream: self.org.clone(),
-                reason: e.reason,
-                retry_after: e.retry_after,
-                callers: e.callers,
+                error,
             })?;
         Ok(headers)
     }

@@ -11,7 +11,7 @@ use crate::holds::HoldPublishError;
 use crate::jsonrpc::{self, Id, code};
 use crate::routes::OrgRoute;
 use crate::session::StoreError;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Cause, UpstreamError};
 use crate::upstream::{ProbeError, ReadError};
 
 /// A session id no session has (any more).
@@ -61,31 +61,31 @@ pub(super) fn cancelled(id: Option<&Id>) -> Reject {
 pub fn upstream_reject(e: UpstreamError, id: Option<&Id>) -> Reject {
     let status = match &e {
         UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        UpstreamError::Credential {
-            retry_after: Some(after),
-            ..
-        } => {
+        UpstreamError::Credential { error, .. } => match error.cause {
+            Cause::Refused => StatusCode::BAD_GATEWAY,
             // The identity provider is down: passing, and not the
             // upstream's fault.
-            let seconds = HeaderValue::from(after.as_secs().max(1));
-            return Reject::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                code::UPSTREAM_ERROR,
-                e.to_string(),
-            )
-            .with_id(id)
-            .with_header(header::RETRY_AFTER, seconds);
-        }
-        UpstreamError::Credential { callers: true, .. } => {
+            Cause::Passing(after) => {
+                let seconds = HeaderValue::from(after.as_secs().max(1));
+                return Reject::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code::UPSTREAM_ERROR,
+                    e.to_string(),
+                )
+                .with_id(id)
+                .with_header(header::RETRY_AFTER, seconds);
+            }
             // Only a fresh token of the caller's helps: as for any token
             // the gateway refuses.
-            return Reject::new(StatusCode::UNAUTHORIZED, code::BAD_REQUEST, e.to_string())
-                .with_id(id)
-                .with_header(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
-                );
-        }
+            Cause::Callers => {
+                return Reject::new(StatusCode::UNAUTHORIZED, code::BAD_REQUEST, e.to_string())
+                    .with_id(id)
+                    .with_header(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                    );
+            }
+        },
         UpstreamError::Status {
             status,
             body,

@@ -47,23 +47,29 @@ pub struct Issuers<'a> {
 }
 
 /// Why a request got no credential: it is not sent.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
 pub struct CredentialError {
     pub reason: String,
-    /// Set when the cause is passing (the identity provider is down):
-    /// the client may retry after this long.
-    pub retry_after: Option<Duration>,
-    /// Whether the caller's token is the cause (expired, logged out): a
-    /// fresh one would do.
-    pub callers: bool,
+    pub cause: Cause,
+}
+
+/// Whose the failure is, which says what helps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The configuration, or the identity provider's refusal.
+    Refused,
+    /// The identity provider is down: retry after this long.
+    Passing(Duration),
+    /// The caller's token (expired, logged out): a fresh one would do.
+    Callers,
 }
 
 impl From<String> for CredentialError {
     fn from(reason: String) -> Self {
         CredentialError {
             reason,
-            retry_after: None,
-            callers: false,
+            cause: Cause::Refused,
         }
     }
 }
@@ -150,13 +156,13 @@ impl Credentials {
                     .exchange(caller, token, &target)
                     .await
                     .map_err(|e| CredentialError {
-                        retry_after: match &e {
+                        cause: match &e {
                             ExchangeError::Unavailable { retry_after, .. } => {
-                                Some((*retry_after).max(Duration::from_secs(1)))
+                                Cause::Passing(*retry_after)
                             }
-                            _ => None,
+                            e if e.is_callers() => Cause::Callers,
+                            _ => Cause::Refused,
                         },
-                        callers: e.is_callers(),
                         reason: format!("token exchange for audience `{audience}`: {e}"),
                     })?;
                 headers.insert(header::AUTHORIZATION, exchanged.bearer.clone());
@@ -166,13 +172,10 @@ impl Credentials {
     }
 }
 
-/// The token of an `Authorization: Bearer` value (RFC 6750: the scheme is
-/// case-insensitive).
+/// The token of an `Authorization: Bearer` value, which the gateway has
+/// already checked (so no bound on its length here).
 fn bearer_token(v: &HeaderValue) -> Option<&str> {
-    let v = v.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    ratatosk_auth::bearer_token(Some(v.as_bytes()), usize::MAX).ok()
 }
 
 #[cfg(test)]
