@@ -35,6 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 BIN = ROOT / "target" / "release"
 LOADGEN = BIN / "ratatosk-loadgen"
+# The gateway under test; RATATOSK_GATEWAY_BIN runs another build (e.g. the
+# one before a change, for its before/after figures).
+GATEWAY_BIN = Path(os.environ.get("RATATOSK_GATEWAY_BIN", BIN / "ratatosk"))
 
 # LOCAL USE ONLY: test credentials of the local realm (keycloak/realm-ratatosk.json).
 KC_USER, KC_PASSWORD = "alice", "alice-local-only"
@@ -424,7 +427,7 @@ class Systems:
         config["limits"] = {"max_connections": 1_000_000, **config.get("limits", {})}
         path = self.run_dir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-        p = self.add(Proc(name, [str(BIN / "ratatosk"), "--config", str(path)], self.run_dir,
+        p = self.add(Proc(name, [str(GATEWAY_BIN), "--config", str(path)], self.run_dir,
                           env={"BENCH_PUBLISH_SECRET": PUBLISH_SECRET, "BENCH_KC_SECRET": KC_GATEWAY_SECRET,
                                # No access log on either side: nginx runs with access_log off.
                                "RATATOSK_LOG": "warn"}))

@@ -591,6 +591,95 @@ impl ClientPems {
     }
 }
 
+impl ClientPems {
+    /// A rustls client configuration of these: the CA replaces the system's
+    /// roots (else the platform's verifier checks), the identity is
+    /// presented, and `insecure` accepts any certificate.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, ClientTlsError> {
+        let bad = |field: &'static str, message: String| ClientTlsError { field, message };
+        let provider = provider();
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("tls", e.to_string()))?;
+        let builder = if self.insecure {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        } else if let Some(ca) = &self.ca {
+            let roots =
+                root_store(Path::new("ca_file"), ca).map_err(|e| bad("ca_file", e.to_string()))?;
+            builder.with_root_certificates(roots)
+        } else {
+            use rustls_platform_verifier::BuilderVerifierExt;
+            builder
+                .with_platform_verifier()
+                .map_err(|e| bad("ca_file", format!("the system's roots: {e}")))?
+        };
+        match &self.identity {
+            None => Ok(builder.with_no_client_auth()),
+            Some((cert, key)) => {
+                let certs = certificates(Path::new("cert_file"), cert)
+                    .map_err(|e| bad("cert_file", e.to_string()))?;
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| bad("key_file", format!("no PEM private key: {e}")))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| bad("key_file", e.to_string()))
+            }
+        }
+    }
+}
+
+/// The verifier of `insecure_skip_verify`: any certificate passes, but the
+/// handshake's signatures are still checked against the one presented.
+#[derive(Debug)]
+struct AcceptAny(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Why a connection failed its TLS check, if that is why: rustls's reason
 /// (`invalid peer certificate: UnknownIssuer`, `... Expired ...`), found in
 /// an error chain that may hide it inside `std::io::Error`s (whose
@@ -752,7 +841,55 @@ mod tests {
         addr
     }
 
+    /// A GET of `addr` with `tls`, by both clients the project builds from
+    /// it: reqwest's (the identity provider's, through `apply`) and a bare
+    /// rustls one (the upstreams', through `client_config`), which must
+    /// agree: both fail or both pass, for the same TLS reason.
     async fn get(addr: std::net::SocketAddr, tls: &ClientTls) -> Result<String, String> {
+        let by_reqwest = get_with_reqwest(addr, tls).await;
+        let by_rustls = get_with_rustls(addr, tls).await;
+        match (&by_reqwest, &by_rustls) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Err(a), Err(b)) if !a.starts_with("not a TLS failure") => assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            _ => panic!("the clients disagree: reqwest {by_reqwest:?}, rustls {by_rustls:?}"),
+        }
+        by_reqwest
+    }
+
+    async fn get_with_rustls(
+        addr: std::net::SocketAddr,
+        tls: &ClientTls,
+    ) -> Result<String, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config = tls
+            .load()
+            .expect("client files")
+            .client_config()
+            .expect("config");
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let reason =
+            |e: std::io::Error| tls_reason(&e).unwrap_or_else(|| format!("not a TLS failure: {e}"));
+        let mut stream = connector.connect(name, tcp).await.map_err(reason)?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .map_err(reason)?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.map_err(reason)?;
+        let answer = String::from_utf8_lossy(&answer);
+        Ok(answer
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default())
+    }
+
+    async fn get_with_reqwest(
+        addr: std::net::SocketAddr,
+        tls: &ClientTls,
+    ) -> Result<String, String> {
         let client = tls
             .load()
             .expect("client files")

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let pieces = chunks(body, *split);
     let (read, end) = runtime().block_on(async move {
-        let stream = futures::stream::iter(pieces.into_iter().map(Ok::<Bytes, reqwest::Error>));
+        let stream = futures::stream::iter(pieces.into_iter().map(Ok::<Bytes, std::io::Error>));
         let mut reader = AnswerReader::from_sse_body(stream, limits, "fuzz");
         let mut read = Vec::new();
         loop {

@@ -13,18 +13,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use prometheus::{Histogram, IntCounter, IntGauge};
-use thread_local::ThreadLocal;
 
 use crate::config::UpstreamConfig;
 use crate::edge::mime_is;
 use crate::metrics::Metrics;
 use ratatosk_auth::tls::ClientPems;
 
+mod conn;
 mod credentials;
 mod forwarding;
 mod probe;
 mod reader;
 
+pub use conn::{Response, SendError};
 pub use credentials::{Cause, CredentialError, Credentials, Issuers};
 pub use forwarding::*;
 pub use probe::{ProbeError, UpstreamEra};
@@ -70,7 +71,7 @@ struct Replica {
     /// As configured: for logs, metrics and the admin API.
     url: String,
     /// Parsed once: requests reuse it rather than parse `url` each time.
-    target: reqwest::Url,
+    target: conn::Target,
     /// How clients see it in errors, e.g. `org-1#2`: the URL is internal.
     name: String,
     outstanding: AtomicUsize,
@@ -88,13 +89,8 @@ struct Replica {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("cannot build the upstream client: {0}")]
-    Client(#[from] reqwest::Error),
-    #[error("replica '{url}' is not a URL: {source}")]
-    Url {
-        url: String,
-        source: url::ParseError,
-    },
+    #[error("replica '{url}' is not a usable URL: {reason}")]
+    Url { url: String, reason: String },
     #[error("upstream.tls.{0}")]
     Tls(#[from] ratatosk_auth::tls::ClientTlsError),
 }
@@ -123,29 +119,13 @@ pub struct Pool {
     eject_for: Duration,
     /// How long to wait for answers of this pool, and how they are read.
     pub read_limits: ReadLimits,
-    /// One client, and so one connection pool, per thread. The gateway runs
-    /// one runtime per thread, and a pooled connection is driven by a task
-    /// on the runtime that opened it: one shared pool cost two cross-thread
-    /// wake-ups per request (bench/RESULTS.md).
-    clients: ThreadLocal<reqwest::Client>,
+    /// The connections to the replicas, kept per thread: the gateway runs
+    /// one runtime per thread, and a connection is best read on the thread
+    /// that opened it (bench/RESULTS.md).
+    client: conn::Client,
     connect_timeout: Duration,
-    /// What `https://` replicas are checked against, and the certificate
-    /// the gateway presents to them.
-    tls: ClientPems,
     /// What each request carries to prove the gateway (`upstream.auth`).
     credentials: Credentials,
-}
-
-fn build_client(
-    connect_timeout: Duration,
-    tls: &ClientPems,
-) -> Result<reqwest::Client, reqwest::Error> {
-    let builder = reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(60));
-    tls.apply(builder)?.build()
 }
 
 /// A replica chosen for one request. It counts as outstanding until dropped.
@@ -186,7 +166,7 @@ impl Drop for Lease {
 pub struct Answer {
     pub kind: AnswerKind,
     pub status: StatusCode,
-    pub response: reqwest::Response,
+    pub response: conn::Response,
     /// Keeps the replica counted as busy while the body streams.
     pub lease: Lease,
 }
@@ -198,20 +178,25 @@ impl Pool {
         max_answer_bytes: usize,
         metrics: &Metrics,
     ) -> Result<Pool, PoolError> {
-        let tls = match &cfg.tls {
-            Some(tls) => tls.load()?,
-            None => ClientPems::default(),
+        // A TLS configuration only where a replica needs one: the system's
+        // roots are read once per pool, not for plain HTTP.
+        let tls = if cfg.replicas.iter().any(|r| r.starts_with("https:")) {
+            let pems = match &cfg.tls {
+                Some(tls) => tls.load()?,
+                None => ClientPems::default(),
+            };
+            Some(pems.client_config()?)
+        } else {
+            None
         };
-        let clients = ThreadLocal::new();
-        clients.get_or_try(|| build_client(cfg.connect_timeout, &tls))?;
         let replicas = cfg
             .replicas
             .iter()
             .enumerate()
             .map(|(i, url)| {
-                let target = reqwest::Url::parse(url).map_err(|source| PoolError::Url {
+                let target = conn::Target::parse(url).map_err(|reason| PoolError::Url {
                     url: url.clone(),
-                    source,
+                    reason,
                 })?;
                 let labels = [org, url.as_str()];
                 let err = |kind: &str| {
@@ -249,9 +234,8 @@ impl Pool {
                 max_bytes: max_answer_bytes,
                 max_event_bytes: max_answer_bytes,
             },
-            clients,
+            client: conn::Client::new(cfg.replicas.len(), cfg.connect_timeout, tls),
             connect_timeout: cfg.connect_timeout,
-            tls,
             credentials: Credentials::None,
         })
     }
@@ -432,23 +416,9 @@ impl Pool {
         let index = lease.index;
         let replica = &self.replicas[index];
         let started = Instant::now();
-        let client = match self
-            .clients
-            .get_or_try(|| build_client(self.connect_timeout, &self.tls))
-        {
-            Ok(c) => c,
-            Err(e) => {
-                return Attempt::Done(Err(UpstreamError::Failed {
-                    replica: replica.name.clone(),
-                    reason: format!("cannot build an HTTP client: {e}"),
-                }));
-            }
-        };
-        let request = client
-            .request(method, replica.target.clone())
-            .headers(headers)
-            .body(body)
-            .send();
+        let request = self
+            .client
+            .send(index, &replica.target, method, headers, body);
         let response = match tokio::time::timeout(self.read_limits.timeout, request).await {
             Err(_) => {
                 replica.err_timeout.inc();
@@ -458,7 +428,7 @@ impl Pool {
                     after: self.read_limits.timeout,
                 }));
             }
-            Ok(Err(e)) if let Some(reason) = ratatosk_auth::tls::tls_reason(&e) => {
+            Ok(Err(SendError::Tls(reason))) => {
                 // Never a silent fail-over: the client hears which replica
                 // failed the check and why.
                 replica.err_tls.inc();
@@ -469,14 +439,14 @@ impl Pool {
                     reason: format!("TLS check failed: {reason}"),
                 }));
             }
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(SendError::Connect(why))) => {
                 replica.err_connect.inc();
-                self.eject(index, &format!("cannot connect: {}", error_chain(&e)));
+                self.eject(index, &format!("cannot connect: {why}"));
                 return Attempt::NotReached(format!("{}: cannot connect", replica.name));
             }
-            Ok(Err(e)) => {
+            Ok(Err(SendError::Failed(why))) => {
                 replica.err_protocol.inc();
-                self.eject(index, &format!("request failed: {}", error_chain(&e)));
+                self.eject(index, &format!("request failed: {why}"));
                 return Attempt::Done(Err(UpstreamError::Failed {
                     replica: replica.name.clone(),
                     reason: "the request failed (see the gateway log)".into(),
@@ -491,7 +461,7 @@ impl Pool {
             if status.is_server_error() {
                 self.eject(index, &format!("answered HTTP {status}"));
             }
-            let content_type = content_type(response.headers()).map(str::to_owned);
+            let content_type = content_type(&response).map(str::to_owned);
             let body = read_error_body(response, self.read_limits.timeout).await;
             tracing::warn!(org = %self.org, replica = %replica.url, %status, "upstream refused a request");
             return Attempt::Done(Err(UpstreamError::Status {
@@ -501,7 +471,7 @@ impl Pool {
                 content_type,
             }));
         }
-        let kind = match content_type(response.headers()) {
+        let kind = match content_type(&response) {
             Some(ct) if mime_is(ct, "text/event-stream") => AnswerKind::Sse,
             Some(ct) if mime_is(ct, "application/json") => AnswerKind::Json,
             _ if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT => {
@@ -531,14 +501,8 @@ impl Pool {
     /// needs a session nor fills its log.
     pub async fn accepts_connections(&self) -> bool {
         for replica in &self.replicas {
-            let (Some(host), Some(port)) = (
-                replica.target.host_str(),
-                replica.target.port_or_known_default(),
-            ) else {
-                continue;
-            };
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let connect = tokio::net::TcpStream::connect((host, port));
+            let target = &replica.target;
+            let connect = tokio::net::TcpStream::connect((target.host(), target.port()));
             if let Ok(Ok(_)) = tokio::time::timeout(self.connect_timeout, connect).await {
                 return true;
             }
@@ -565,7 +529,7 @@ impl Pool {
 
 /// The start of an error answer's body (64 KiB at most), for passing a
 /// JSON-RPC error on; whatever cannot be read in time is dropped.
-async fn read_error_body(mut response: reqwest::Response, timeout: Duration) -> Bytes {
+async fn read_error_body(mut response: conn::Response, timeout: Duration) -> Bytes {
     const MAX: usize = 64 * 1024;
     let mut body = bytes::BytesMut::new();
     let read = async {
@@ -581,9 +545,9 @@ async fn read_error_body(mut response: reqwest::Response, timeout: Duration) -> 
     body.freeze()
 }
 
-fn content_type(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(http::header::CONTENT_TYPE)
+fn content_type(response: &conn::Response) -> Option<&str> {
+    response
+        .header(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
 }
 

@@ -1448,7 +1448,7 @@ fn read_member(source: Box<dyn ChunkSource>, limits: ReadLimits, server: &str) -
     let chunks = futures::stream::unfold(source, |mut source| async move {
         let chunk = source.next_chunk().await?;
         source.written();
-        Some((Ok::<Bytes, reqwest::Error>(chunk), source))
+        Some((Ok::<Bytes, std::io::Error>(chunk), source))
     });
     AnswerReader::from_sse_body(chunks, limits, server)
 }

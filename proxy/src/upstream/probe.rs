@@ -220,7 +220,7 @@ impl UpstreamEra {
             crate::era::discover_request(&id)
         };
         let answer = pool.send(Outbound::gateway(headers.clone()), body).await?;
-        let minted = answer.response.headers().get(MCP_SESSION_ID).cloned();
+        let minted = answer.response.header(MCP_SESSION_ID).cloned();
         let replica = answer.lease.url().to_owned();
         let mut reader = AnswerReader::new(answer, pool.read_limits);
         let result = read_result(&mut reader, &id, method).await;

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 
-use super::{Answer, AnswerKind, ReadLimits, error_chain};
+use super::{Answer, AnswerKind, ReadLimits, Response, error_chain};
 use crate::jsonrpc::{self, Id, Kind};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +82,7 @@ impl EventBytes {
 #[derive(Debug, thiserror::Error)]
 enum BodyError {
     #[error(transparent)]
-    Http(#[from] reqwest::Error),
+    Transport(#[from] std::io::Error),
     #[error("the answer exceeds {0} bytes")]
     TooLarge(usize),
 }
@@ -92,7 +92,7 @@ type SseEvents = Pin<
 >;
 
 enum Source {
-    Json(Option<reqwest::Response>),
+    Json(Option<Response>),
     Sse(SseEvents),
     Done,
 }
@@ -144,7 +144,7 @@ impl AnswerReader {
     /// from a replica: for the fuzz targets.
     #[doc(hidden)]
     pub fn from_sse_body(
-        body: impl Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static,
+        body: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
         limits: ReadLimits,
         replica: &str,
     ) -> AnswerReader {
@@ -295,17 +295,17 @@ impl AnswerReader {
 
 /// How an answer's body is read: one JSON body, or SSE events, capped
 /// in all by `limits.max_bytes` and per event by `limits.max_event_bytes`.
-fn source_of(kind: AnswerKind, response: reqwest::Response, limits: ReadLimits) -> Source {
+fn source_of(kind: AnswerKind, response: Response, limits: ReadLimits) -> Source {
     match kind {
         AnswerKind::Json => Source::Json(Some(response)),
-        AnswerKind::Sse => sse_events(response.bytes_stream(), limits),
+        AnswerKind::Sse => sse_events(response.into_stream(), limits),
         AnswerKind::Empty => Source::Done,
     }
 }
 
 impl Bounds {
     /// Reads a whole body, chunk by chunk, within the limits.
-    async fn read_capped(&self, mut response: reqwest::Response) -> Result<Bytes, ReadError> {
+    async fn read_capped(&self, mut response: Response) -> Result<Bytes, ReadError> {
         let max = self.limits.max_bytes;
         if response.content_length().is_some_and(|n| n > max as u64) {
             return Err(ReadError::TooLarge {
@@ -370,7 +370,7 @@ impl Bounds {
 /// body as it came against `max_bytes`, each event as the parser reads it
 /// against `max_event_bytes`.
 fn sse_events(
-    body: impl Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static,
+    body: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     limits: ReadLimits,
 ) -> Source {
     let (max, max_event) = (limits.max_bytes, limits.max_event_bytes);

@@ -103,8 +103,7 @@ impl Gateway {
             .map_err(|e| upstream_reject(e, Some(id)))?;
         let minted = answer
             .response
-            .headers()
-            .get(&MCP_SESSION_ID)
+            .header(&MCP_SESSION_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let replica = answer.lease.url().to_owned();
