@@ -256,10 +256,14 @@ impl Validator {
                     v
                 }
                 None => {
-                    let entry = self
+                    // Boxed: verifying is the rare path, and its future is
+                    // large; inline, every cached look-up's future (and each
+                    // holding it) would be as large to move.
+                    let verify = self
                         .cache
                         .entry(key)
-                        .or_try_insert_with(self.verify(token, mode))
+                        .or_try_insert_with(self.verify(token, mode));
+                    let entry = Box::pin(verify)
                         .await
                         .map_err(|e: Arc<AuthError>| (*e).clone())?;
                     let outcome = if entry.is_fresh() {

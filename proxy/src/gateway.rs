@@ -350,8 +350,8 @@ impl Gateway {
                 self.dispatch(call, endpoint, req, &mut label).await
             }
             Target::Federated(federation) => {
-                self.federated(federation, &identity, endpoint, req, &mut label)
-                    .await
+                // Boxed: not to make every request's future larger.
+                Box::pin(self.federated(federation, &identity, endpoint, req, &mut label)).await
             }
         };
         result.unwrap_or_else(Reject::into_response).labeled(label)

@@ -659,7 +659,10 @@ async fn write_response(
         }
     };
     let mut settings = HttpPersistentSettings::for_session(&session);
-    let reuse = match tokio::time::timeout(WRITE_TIMEOUT, session.finish()).await {
+    // Boxed: Pingora's `finish` future is about 3.7 KB, and held inline it
+    // made this future, and every one holding it, that much larger to move
+    // on each request (issue 19; bench/RESULTS.md, scenario I).
+    let reuse = match tokio::time::timeout(WRITE_TIMEOUT, Box::pin(session.finish())).await {
         Ok(Ok(Some(s))) => {
             let (stream, prefix) = s.into_parts();
             let prefix = prefix.filter(|p| !p.is_empty());

@@ -66,11 +66,15 @@ impl Gateway {
             // Parsed once: the modern checks use the same params.
             let params = m.params();
             if crate::era::speaks_modern(&req.headers, m.method(), params.as_ref()) {
-                return self.modern_post(call, m, params).await;
+                // Boxed: each future on the request path is moved (copied)
+                // whole when it starts, so the rare and large paths (a
+                // 2026-07-28 request, initialize, a client's message) are
+                // kept out of this one's size (issue 19).
+                return Box::pin(self.modern_post(call, m, params)).await;
             }
         }
         if let Some(init) = self.initialize_in(&req.headers, body)? {
-            return self.initialize(call, init).await;
+            return Box::pin(self.initialize(call, init)).await;
         }
         let session = self.streamable_session(call).await?;
         let log = self.session_log(&session, false).await?;
@@ -83,9 +87,9 @@ impl Gateway {
             if m.is_request() {
                 requests.push(m.clone());
             } else {
-                self.absorb(call.org, &session, &log, None, m, || {
+                Box::pin(self.absorb(call.org, &session, &log, None, m, || {
                     call.session_headers(&session)
-                })
+                }))
                 .await?;
             }
         }
@@ -220,9 +224,9 @@ impl Gateway {
         }
 
         if let [single] = requests.as_slice() {
-            return self
-                .forward_modern(org, session, log, single.clone(), headers, call.headers)
-                .await;
+            let modern =
+                self.forward_modern(org, session, log, single.clone(), headers, call.headers);
+            return Box::pin(modern).await;
         }
         // A batch (2025-03-26): each request goes upstream on its own, and
         // every answer streams back on one SSE response.

@@ -121,6 +121,12 @@ impl UpstreamEra {
         if let Some(era) = self.known() {
             return Ok(era);
         }
+        // Boxed: the probe's future is large, and every request's future
+        // would carry its size.
+        Box::pin(self.probe_once(pool)).await
+    }
+
+    async fn probe_once(&self, pool: &Arc<Pool>) -> Result<Era, ProbeError> {
         let _probe = self.probing.lock().await;
         if let Some(era) = self.known() {
             return Ok(era);

@@ -149,9 +149,12 @@ impl Gateway {
             return org.server.pool.send(headers, body).await;
         };
         match send_bound(org, bound, Method::POST, headers.clone(), body.clone()).await {
+            // Boxed, as rare paths on the request path are (issue 19): held
+            // inline, a rare path's future makes every request's larger to
+            // move.
             Err(e) if is_lost(&e) => {
-                let fresh = self.rebind(org, &session.id, bound, &headers, &e).await?;
-                send_bound(org, &fresh, Method::POST, headers, body).await
+                let fresh = Box::pin(self.rebind(org, &session.id, bound, &headers, &e)).await?;
+                Box::pin(send_bound(org, &fresh, Method::POST, headers, body)).await
             }
             other => other,
         }
