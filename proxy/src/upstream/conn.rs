@@ -14,6 +14,7 @@
 //! wait) before it is used again.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -116,10 +117,12 @@ pub struct Client {
     idle: Arc<IdleLists>,
 }
 
-/// Per thread, per replica: the idle connections, newest last.
+/// Per thread, per replica: the idle connections, oldest first. The newest
+/// is used first; the oldest leave once idle for [`IDLE_FOR`], so a burst's
+/// connections do not stay open (perhaps closed by the replica) for good.
 struct IdleLists {
     replicas: usize,
-    lists: ThreadLocal<RefCell<Vec<Vec<Idle>>>>,
+    lists: ThreadLocal<RefCell<Vec<VecDeque<Idle>>>>,
 }
 
 struct Idle {
@@ -128,18 +131,26 @@ struct Idle {
 }
 
 impl IdleLists {
-    fn with<R>(&self, f: impl FnOnce(&mut Vec<Vec<Idle>>) -> R) -> R {
+    fn with<R>(&self, index: usize, f: impl FnOnce(&mut VecDeque<Idle>) -> R) -> Option<R> {
         let cell = self
             .lists
-            .get_or(|| RefCell::new((0..self.replicas).map(|_| Vec::new()).collect()));
-        f(&mut cell.borrow_mut())
+            .get_or(|| RefCell::new((0..self.replicas).map(|_| VecDeque::new()).collect()));
+        let mut lists = cell.borrow_mut();
+        let list = lists.get_mut(index)?;
+        while list
+            .front()
+            .is_some_and(|idle| idle.since.elapsed() >= IDLE_FOR)
+        {
+            list.pop_front();
+        }
+        Some(f(list))
     }
 
     /// An idle connection to replica `index` that is still open.
     fn take(&self, index: usize) -> Option<Stream> {
         loop {
-            let idle = self.with(|lists| lists.get_mut(index)?.pop())?;
-            if idle.since.elapsed() < IDLE_FOR && still_open(&idle.stream) {
+            let idle = self.with(index, VecDeque::pop_back).flatten()?;
+            if still_open(&idle.stream) {
                 return Some(idle.stream);
             }
             // Dropped, so closed.
@@ -147,15 +158,14 @@ impl IdleLists {
     }
 
     fn put(&self, index: usize, stream: Stream) {
-        self.with(|lists| {
-            if let Some(list) = lists.get_mut(index)
-                && list.len() < MAX_IDLE
-            {
-                list.push(Idle {
-                    stream,
-                    since: Instant::now(),
-                });
+        self.with(index, |list| {
+            if list.len() >= MAX_IDLE {
+                list.pop_front();
             }
+            list.push_back(Idle {
+                stream,
+                since: Instant::now(),
+            });
         });
     }
 }
