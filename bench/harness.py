@@ -38,6 +38,11 @@ LOADGEN = BIN / "ratatosk-loadgen"
 # The gateway under test; RATATOSK_GATEWAY_BIN runs another build (e.g. the
 # one before a change, for its before/after figures).
 GATEWAY_BIN = Path(os.environ.get("RATATOSK_GATEWAY_BIN", BIN / "ratatosk"))
+# Another build beside it in the same run (scenarios A and I), for a
+# change's before/after figures: RATATOSK_BASELINE_BIN=path, and
+# RATATOSK_BASELINE_LABEL (e.g. its commit) to name it in RESULTS.md.
+BASELINE_BIN = os.environ.get("RATATOSK_BASELINE_BIN")
+BASELINE = "gateway (baseline)"
 
 # LOCAL USE ONLY: test credentials of the local realm (keycloak/realm-ratatosk.json).
 KC_USER, KC_PASSWORD = "alice", "alice-local-only"
@@ -380,7 +385,7 @@ class Systems:
 
     # -- the gateway
     def start_gateway(self, name: str, stub_url: str, cache: bool = True, sessions: dict | None = None,
-                      tls: dict | None = None) -> dict:
+                      tls: dict | None = None, binary: Path | None = None) -> dict:
         """The bench gateway: orgs `jwt` and `introspect` on `stub_url`;
         `sessions` replaces the default sessions section (e.g. `store: redis`);
         `tls` (from `tls_files`) puts the MCP listener on HTTPS."""
@@ -394,7 +399,7 @@ class Systems:
                          "cache": {"enabled": cache}},
             "orgs": {"jwt": {"auth": "jwt", "organization": "org-1", **org},
                      "introspect": {"auth": "introspect", "organization": "org-1", **org}},
-        })
+        }, binary)
 
     def start_redis_gateway(self, name: str, stub_url: str, redis: dict) -> dict:
         """A gateway node in distributed mode: sessions in `redis`, under the
@@ -409,8 +414,9 @@ class Systems:
             era: {"auth": "none", "upstream": {"era": era, "replicas": [url], "timeout": "30s"}}
             for era, url in upstreams.items()}})
 
-    def run_gateway(self, name: str, config: dict) -> dict:
-        """Starts a gateway with `config` (identity, orgs) on fresh loopback ports."""
+    def run_gateway(self, name: str, config: dict, binary: Path | None = None) -> dict:
+        """Starts a gateway (`binary`, else GATEWAY_BIN) with `config`
+        (identity, orgs) on fresh loopback ports."""
         port, admin = free_port(), free_port()
         config = {
             "listen": f"127.0.0.1:{port}",
@@ -427,7 +433,7 @@ class Systems:
         config["limits"] = {"max_connections": 1_000_000, **config.get("limits", {})}
         path = self.run_dir / f"{name}.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-        p = self.add(Proc(name, [str(GATEWAY_BIN), "--config", str(path)], self.run_dir,
+        p = self.add(Proc(name, [str(binary or GATEWAY_BIN), "--config", str(path)], self.run_dir,
                           env={"BENCH_PUBLISH_SECRET": PUBLISH_SECRET, "BENCH_KC_SECRET": KC_GATEWAY_SECRET,
                                # No access log on either side: nginx runs with access_log off.
                                "RATATOSK_LOG": "warn"}))
@@ -768,7 +774,14 @@ def scenario_i(cfg: dict, run_dir: Path) -> dict:
     done = subprocess.run([str(BENCH / "callgrind-a")], env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise BenchError(f"bench/callgrind-a failed: {(done.stderr or done.stdout)[-2000:]}")
-    return json.loads(out.read_text())
+    counts = json.loads(out.read_text())
+    if BASELINE_BIN:
+        env["RATATOSK_GATEWAY_BIN"] = BASELINE_BIN
+        done = subprocess.run([str(BENCH / "callgrind-a")], env=env, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            raise BenchError(f"bench/callgrind-a (baseline) failed: {(done.stderr or done.stdout)[-2000:]}")
+        counts[BASELINE] = json.loads(out.read_text())["gateway"]
+    return counts
 
 
 def scenario_d(s: Systems, cfg: dict, targets: dict, runs: int) -> dict:
@@ -867,8 +880,8 @@ def scenario_bc(s: Systems, cfg: dict, runs: int, stub: str) -> dict:
                     nc = s.start_nchan(f"nchan-b{n}-{r}")
                     proc, args = nc["proc"], ["--stream-url", nc["sub"], "--publish-url", nc["pub"]]
                 try:
-                    res = hold_streams(s, name, n, args, proc, cfg["idle_seconds"],
-                                       fanout=n == cfg["c_size"])
+                    # C at every N too: the scaling of both (issue 19).
+                    res = hold_streams(s, name, n, args, proc, cfg["idle_seconds"], fanout=True)
                 finally:
                     s.stop(proc)
                 out.setdefault(name, {}).setdefault(str(n), []).append(res)
@@ -1092,11 +1105,18 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
         per_run_nginx = per_run(a["gateway"], a["nginx"])
         lines.append(f"Gateway ÷ direct per run: {fmt_ratios(per_run_direct)}; "
                      f"gateway ÷ nginx per run: {fmt_ratios(per_run_nginx)}.")
+        if BASELINE in a:
+            lines.append(f"The baseline is {res['meta'].get('baseline', 'another build')}, run beside the "
+                         f"gateway: gateway ÷ baseline per run: {fmt_ratios(per_run(a['gateway'], a[BASELINE]))} "
+                         f"(req/s), {fmt_ratios(per_run(a['gateway'], a[BASELINE], 'cpu_us_per_request'))} (CPU per request); "
+                         f"baseline ÷ nginx per run: {fmt_ratios(per_run(a[BASELINE], a['nginx']))} (req/s).")
         lines.append("")
         goals.append(("A", "gateway throughput ≥ 0.8 × direct", f"{median(per_run_direct):.2f} ×",
                       median(per_run_direct) >= 0.8))
         goals.append(("A", "gateway throughput ≥ nginx proxy_pass", f"{median(per_run_nginx):.2f} ×",
                       median(per_run_nginx) >= 1.0))
+        cpu_vs = median(per_run(a["gateway"], a["nginx"], "cpu_us_per_request"))
+        goals.append(("A", "gateway CPU per request ≤ nginx's", f"{cpu_vs:.2f} ×", cpu_vs <= 1.0))
     i = res.get("I")
     if i:
         nginx_own = i["nginx"]["proxy"]
@@ -1107,7 +1127,9 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                   "repeat within about 1% from run to run, where wall-clock figures here do not.", "",
                   "| path | the proxy's instructions per request | the stub's | proxy ÷ nginx |",
                   "| --- | --- | --- | --- |"]
-        for name in ("direct", "nginx", "gateway"):
+        for name in ("direct", "nginx", "gateway", BASELINE):
+            if name not in i:
+                continue
             own = i[name]["proxy"]
             ratio = f"{own / nginx_own:.2f} ×" if name != "direct" and nginx_own else ""
             shown = f"{own:,}" if name != "direct" else "(no proxy)"
@@ -1187,8 +1209,8 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                 held = min(r.get("held_streams", n) for r in runs)
                 lines.append(f"| {n:,} | {label} | {held:,} | {pss:,.0f} | {rss:,.0f} | {total:,.0f} | {cpu:.2f} % | {ratio} |")
             if gw_runs:
-                goals.append(("B", f"≤ 8 KiB gateway memory per idle stream (N = {n:,})", f"{gw_pss / 1024:.1f} KiB",
-                              gw_pss <= 8192))
+                goals.append(("B", f"≤ 6.5 KiB gateway memory per idle stream (N = {n:,})", f"{gw_pss / 1024:.1f} KiB",
+                              gw_pss <= 6.5 * 1024))
                 pp = bc.get("pushpin", {}).get(str(n))
                 if pp:
                     ratio = gw_pss / med(pp, "per_stream_pss_bytes")
@@ -1221,6 +1243,7 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                     goals.append(("C", f"gateway fan-out p99 ≤ {name}'s (N = {n:,})",
                                   f"{fmt_us(gw_p99[n])} vs {fmt_us(p99)}", gw_p99[n] <= p99))
             lines.append("")
+        lines += scaling_lines(bc)
     d = res.get("D")
     if d:
         lines += ["### D. Session set-up (`initialize` + `notifications/initialized` + `tools/list`, one client)", "",
@@ -1267,6 +1290,14 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
     r = res.get("R")
     if r:
         lines += r_tables(r, res.get("BC"))
+        for answer, path, floor in (("sse", "1 node, redis", 0.7), ("sse", "2 nodes, redis", 0.7),
+                                    ("json", "2 nodes, redis", 0.85)):
+            paths = r["rpc"].get(answer, {})
+            runs, base = paths.get(path), paths.get("1 node, memory")
+            if runs and base:
+                ratio = median([x["rps"] / b["rps"] for x, b in zip(runs, base)])
+                goals.append(("R", f"{'SSE' if answer == 'sse' else 'JSON'} answers, {path} ≥ {floor} × "
+                              "1 node in memory (req/s)", f"{ratio:.2f} ×", ratio >= floor))
     return lines, goals
 
 
@@ -1456,6 +1487,51 @@ def write_results_md(path: Path, section: str) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
+def scaling(bc: dict) -> dict:
+    """Per system, per N (ascending): the medians of B's bytes per stream
+    (PSS), C's fan-out p99 and C's time until all N have the message."""
+    out: dict = {}
+    for name in ("gateway", "pushpin", "nchan"):
+        for n in sorted(int(k) for k in bc.get(name, {})):
+            runs = bc[name][str(n)]
+            fo = [r["fanout"] for r in runs if "fanout" in r]
+            out.setdefault(name, []).append({
+                "n": n, "pss": med(runs, "per_stream_pss_bytes"),
+                "p99_us": median([f["latency"]["p99_us"] for f in fo]) if fo else float("nan"),
+                "all_s": median([f["all_delivered_seconds"] for f in fo]) if fo else float("nan")})
+    return out
+
+
+def scaling_lines(bc: dict) -> list[str]:
+    """B and C against N: how each cost grows from the smallest N to the
+    largest (issue 19)."""
+    sc = scaling(bc)
+    if not any(len(rows) > 1 for rows in sc.values()):
+        return []
+    lines = ["### B and C against N", "",
+             "Cost per stream as N grows, per system (medians of runs; each N on a freshly started "
+             "system). \"Delivery time per stream\" is C's time until all N have the message, ÷ N. "
+             "Plot: `plot-bc-scaling.png`.", "",
+             "| system | N | bytes per idle stream (PSS) | fan-out p99 | until all N have it | delivery time per stream |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, rows in sc.items():
+        for r in rows:
+            lines.append(f"| {name} | {r['n']:,} | {r['pss']:,.0f} | {fmt_us(r['p99_us'])} | "
+                         f"{r['all_s'] * 1000:.0f} ms | {r['all_s'] * 1e6 / r['n']:.1f} µs |")
+    lines += ["", "How each grows from the smallest N to the largest (× is largest ÷ smallest; flat is 1.0 ×):", "",
+              "| system | N | bytes per stream | fan-out p99 | delivery time per stream |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, rows in sc.items():
+        if len(rows) < 2:
+            continue
+        a, b = rows[0], rows[-1]
+        lines.append(f"| {name} | {a['n']:,} → {b['n']:,} | {b['pss'] / a['pss']:.2f} × | "
+                     f"{b['p99_us'] / a['p99_us']:.2f} × | "
+                     f"{(b['all_s'] / b['n']) / (a['all_s'] / a['n']):.2f} × |")
+    lines.append("")
+    return lines
+
+
 def plots(res: dict, out_dir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -1490,7 +1566,7 @@ def plots(res: dict, out_dir: Path) -> list[str]:
             vals = [med(res["BC"][s][str(n)], "per_stream_pss_bytes") / 1024 if str(n) in res["BC"][s] else 0
                     for n in sizes]
             ax.bar([i + j * w for i in range(len(sizes))], vals, w, label=s)
-        ax.axhline(8, color="red", linestyle="--", linewidth=1, label="goal: 8 KiB")
+        ax.axhline(6.5, color="red", linestyle="--", linewidth=1, label="goal: 6.5 KiB")
         ax.set_xticks([i + w * (len(systems) - 1) / 2 for i in range(len(sizes))], [f"N={n:,}" for n in sizes])
         ax.set_ylabel("KiB per idle stream")
         ax.set_title("B: memory per idle SSE stream")
@@ -1512,6 +1588,24 @@ def plots(res: dict, out_dir: Path) -> list[str]:
             ax.set_title("C: fan-out latency")
             ax.legend()
             save(fig, "plot-c-fanout.png")
+        sc = scaling(res["BC"])
+        if any(len(rows) > 1 for rows in sc.values()):
+            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+            for name, rows in sc.items():
+                ns = [r["n"] for r in rows]
+                ax1.plot(ns, [r["pss"] / 1024 for r in rows], marker="o", label=name)
+                ax2.plot(ns, [r["p99_us"] / 1000 for r in rows], marker="o", label=name)
+            for ax in (ax1, ax2):
+                ax.set_xscale("log")
+                ax.set_xlabel("N streams")
+                ax.legend()
+            ax1.set_yscale("log")
+            ax1.set_ylabel("KiB per idle stream")
+            ax1.set_title("B: memory per stream against N")
+            ax2.set_yscale("log")
+            ax2.set_ylabel("ms, publish to delivery")
+            ax2.set_title("C: fan-out p99 against N")
+            save(fig, "plot-bc-scaling.png")
     if "E" in res:
         names = list(res["E"])
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -1596,7 +1690,7 @@ def smoke_checks(res: dict) -> list[str]:
     return problems
 
 
-FULL = {"a_duration": "20s", "a_warmup": "2s", "b_sizes": [10_000, 50_000, 100_000], "c_size": 10_000,
+FULL = {"a_duration": "20s", "a_warmup": "2s", "b_sizes": [1_000, 10_000, 50_000], "c_size": 10_000,
         "idle_seconds": 10.0, "d_duration": "10s", "e_tokens": 100, "e_requests": 10_000, "runs": 3,
         "i_requests": 2000}
 SMOKE = {"a_duration": "2s", "a_warmup": "0s", "b_sizes": [200], "c_size": 200, "idle_seconds": 1.0,
@@ -1655,11 +1749,16 @@ def main() -> int:
         runs = cfg["runs"]
         if "A" in only:
             nginx = s.start_nginx_proxy()
-            attempt("A", lambda: scenario_a(s, cfg, {
+            targets = {
                 "direct": (stub, []),
                 "gateway": (f"{gw['base']}/jwt/mcp", [gw["proc"]]),
                 "nginx": (nginx, [s.nginx_proxy]),
-            }, runs))
+            }
+            if BASELINE_BIN:
+                gw0 = s.start_gateway("gateway-baseline", stub, binary=Path(BASELINE_BIN))
+                targets[BASELINE] = (f"{gw0['base']}/jwt/mcp", [gw0["proc"]])
+                res["meta"]["baseline"] = os.environ.get("RATATOSK_BASELINE_LABEL", BASELINE_BIN)
+            attempt("A", lambda: scenario_a(s, cfg, targets, runs))
         if "D" in only:
             attempt("D", lambda: scenario_d(s, cfg, {"direct": stub, "gateway": f"{gw['base']}/jwt/mcp"}, runs))
         if "E" in only:
