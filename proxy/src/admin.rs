@@ -1,6 +1,9 @@
-//! The admin listener: health, readiness, metrics, the publish API and the
-//! sessions API. Keep it on a network only operators and workers reach;
-//! the publish and sessions APIs also need the publish secret.
+//! The admin listener: health, readiness, metrics, the publish API, the
+//! sessions API and config reloads. Keep it on a network only operators and
+//! workers reach; all but health, readiness and metrics also need the
+//! publish secret.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -13,7 +16,7 @@ use crate::jsonrpc::code;
 
 /// Answers one admin request. `body` is already read (and bounded).
 pub async fn handle(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
@@ -25,7 +28,7 @@ pub async fn handle(
 }
 
 async fn route(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
@@ -112,7 +115,8 @@ async fn route(
         (&Method::GET, ["orgs", org, "sessions"]) => {
             authorize(gw, headers)?;
             // Every route of the org: its one, or one per server.
-            let mut keys: Vec<&str> = gw.routes.of_org(org).map(|r| &*r.key).collect();
+            let live = gw.live_full();
+            let mut keys: Vec<&str> = live.routes.of_org(org).map(|r| &*r.key).collect();
             if keys.is_empty() {
                 return Err(Reject::new(
                     StatusCode::NOT_FOUND,
@@ -144,7 +148,20 @@ async fn route(
                 json!({"org": org, "count": listed.len(), "sessions": listed}),
             ))
         }
+        (&Method::POST, ["reload"]) => {
+            authorize(gw, headers)?;
+            match gw.reload_file().await {
+                Ok(done) => Ok(json_response(StatusCode::OK, done.to_json())),
+                Err(e) => Err(Reject::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    code::BAD_REQUEST,
+                    format!("config reload refused, the running config stays: {e}"),
+                )
+                .with_data(e.problems_json())),
+            }
+        }
         (_, ["healthz" | "readyz" | "metrics"]) => Err(Reject::method_not_allowed(method, "GET")),
+        (_, ["reload"]) => Err(Reject::method_not_allowed(method, "POST")),
         (_, ["sessions", _, "messages"]) => Err(Reject::method_not_allowed(method, "POST")),
         (_, ["sessions", _, "holds", _]) => Err(Reject::method_not_allowed(method, "GET, POST")),
         (_, ["orgs", _, "sessions"]) => Err(Reject::method_not_allowed(method, "GET")),
@@ -152,7 +169,7 @@ async fn route(
             StatusCode::NOT_FOUND,
             code::NOT_FOUND,
             format!(
-                "no admin endpoint at '{}'; see /healthz, /readyz, /metrics, /sessions/{{id}}/messages, /sessions/{{id}}/holds/{{hold}}, /orgs/{{org}}/sessions",
+                "no admin endpoint at '{}'; see /healthz, /readyz, /metrics, /reload, /sessions/{{id}}/messages, /sessions/{{id}}/holds/{{hold}}, /orgs/{{org}}/sessions",
                 crate::jsonrpc::clip(path, 64)
             ),
         )),
@@ -162,7 +179,8 @@ async fn route(
 /// Ready unless draining, or the session store or the node bus does not
 /// answer.
 async fn readiness(gw: &Gateway) -> Response {
-    let orgs: serde_json::Map<String, serde_json::Value> = gw
+    let live = gw.live_full();
+    let orgs: serde_json::Map<String, serde_json::Value> = live
         .routes
         .orgs()
         .map(|o| {
@@ -185,7 +203,12 @@ async fn readiness(gw: &Gateway) -> Response {
         Ok(()) if !bus_up => (StatusCode::SERVICE_UNAVAILABLE, "event bus unavailable"),
         Ok(()) => (StatusCode::OK, "ready"),
     };
-    let mut body = json!({"status": status, "store": store, "orgs": orgs});
+    let mut body = json!({
+        "status": status,
+        "store": store,
+        "config": {"generation": live.generation},
+        "orgs": orgs,
+    });
     if let Some(events) = gw.hub.events() {
         body["events"] = json!({"bus": events.bus_up(), "dropped": events.dropped()});
     }
@@ -220,7 +243,7 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), Reject> {
         Some(token)
             if constant_time_eq::constant_time_eq(
                 token.as_bytes(),
-                gw.config.publish.secret.as_bytes(),
+                gw.live().config.publish.secret.as_bytes(),
             ) =>
         {
             Ok(())

@@ -77,7 +77,60 @@ pub struct Config {
     pub upstream_jwt: Option<ratatosk_auth::upstream_jwt::UpstreamJwtConfig>,
     /// One entry per organization; the key is the org alias used in paths.
     pub orgs: BTreeMap<String, OrgConfig>,
+    /// The file's tree after `${NAME}` expansion, for a reload to compare.
+    #[serde(skip)]
+    pub source: Source,
 }
+
+/// A config file's tree after `${NAME}` expansion (secrets included, so
+/// its `Debug` shows none of it).
+#[derive(Clone, Default, PartialEq)]
+pub struct Source(Value);
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Source(..)")
+    }
+}
+
+impl Source {
+    /// The subtree at `path` (mapping keys), if there is one.
+    pub fn at(&self, path: &[&str]) -> Option<&Value> {
+        path.iter().try_fold(&self.0, |value, key| value.get(*key))
+    }
+
+    /// What an org's routes are built from: its tree, and the limit that
+    /// shapes every route. Equal in two configs: the routes are the same.
+    /// (All of an org's servers count: one server's policy changes the
+    /// scopes that every route of the org offers.)
+    pub fn of_org(&self, org: &str) -> Option<Value> {
+        let tree = self.at(&["orgs", org])?.clone();
+        let limits = self.at(&["limits", "max_answer_bytes"]).cloned();
+        Some(Value::Sequence(vec![tree, limits.unwrap_or(Value::Null)]))
+    }
+}
+
+/// Fields read only when the gateway starts (listeners, the session store,
+/// the identity provider, keys, ...): a reload that changes one is refused.
+/// Everything else (orgs, their servers, replicas and policies, the other
+/// limits and timeouts, streams, allowed origins, the publish secret)
+/// changes in place.
+pub const RESTART_ONLY: &[&[&str]] = &[
+    &["listen"],
+    &["admin_listen"],
+    &["tls"],
+    &["admin_tls"],
+    &["server"],
+    &["sessions"],
+    &["holds"],
+    &["audit"],
+    &["public_url"],
+    &["base_path"],
+    &["identity"],
+    &["backchannel_logout_path"],
+    &["upstream_jwt"],
+    &["limits", "max_connections"],
+];
 
 fn default_logout_path() -> String {
     "/auth/backchannel-logout".into()
@@ -724,6 +777,19 @@ impl Config {
         out
     }
 
+    /// What a reload from `self` to `next` would change that only a
+    /// restart applies: one problem per field (see [`RESTART_ONLY`]).
+    pub fn restart_only_changes(&self, next: &Config) -> Vec<Problem> {
+        RESTART_ONLY
+            .iter()
+            .filter(|path| self.source.at(path) != next.source.at(path))
+            .map(|path| Problem {
+                path: path.join("."),
+                message: "changed, but it is read only when the gateway starts: restart the gateway to apply it (the running config stays)".into(),
+            })
+            .collect()
+    }
+
     /// Reads, expands and validates a config file.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
@@ -757,13 +823,15 @@ impl Config {
         if !problems.is_empty() {
             return Err(invalid(problems));
         }
-        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let source = Source(tree.clone());
+        let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
             invalid(vec![Problem {
                 path: if path == "." { String::new() } else { path },
                 message: e.into_inner().to_string(),
             }])
         })?;
+        config.source = source;
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)

@@ -62,6 +62,8 @@ mod params;
 mod policed;
 /// Where failures become responses.
 mod rejects;
+/// A new config in place of the running one.
+mod reload;
 /// The gateway's own requests to clients, waiting for answers.
 mod replies;
 /// Streamable HTTP: POST, GET and DELETE on `/mcp`.
@@ -77,6 +79,7 @@ use lifecycle::{negotiated_version, session_header};
 use policed::{Asker, Refusal};
 pub use rejects::hold_reject;
 use rejects::*;
+pub use reload::{ReloadError, Reloaded};
 use streamable::{json_unless_cancelled, parse_post_body};
 
 /// How many requests of one batch go upstream at once.
@@ -103,8 +106,10 @@ pub enum BuildError {
 }
 
 pub struct Gateway {
-    pub config: Arc<Config>,
-    pub routes: Routes,
+    /// The config and the routes built from it; a reload swaps both.
+    live: arc_swap::ArcSwap<Live>,
+    /// Reloads one at a time; the SIGHUP watcher waits on its `Notify`.
+    reloads: reload::Reloads,
     /// Validates tokens; `None` when no org needs it.
     pub validator: Option<Arc<ratatosk_auth::Validator>>,
     /// `config.public_url()`, computed once.
@@ -138,6 +143,14 @@ pub struct Gateway {
     /// that were off the bus.
     logouts: Option<LogoutMemory>,
     draining: AtomicBool,
+}
+
+/// The running config, the routes built from it, and its generation (1 at
+/// start, one more per reload).
+pub struct Live {
+    pub config: Config,
+    pub routes: Routes,
+    pub generation: u64,
 }
 
 /// What the nodes of a gateway share through Redis: their sessions' event
@@ -216,7 +229,6 @@ impl Gateway {
         };
         let gateway = Arc::new(Gateway {
             upstream_jwt,
-            routes,
             validator,
             public_url: config.public_url(),
             own_origin: edge::origin_of(&config.public_url()),
@@ -235,7 +247,12 @@ impl Gateway {
             audit,
             logouts,
             draining: AtomicBool::new(false),
-            config: Arc::new(config),
+            reloads: reload::Reloads::default(),
+            live: arc_swap::ArcSwap::from_pointee(Live {
+                config,
+                routes,
+                generation: 1,
+            }),
         });
         if let Some(events) = &events {
             let handler: Arc<dyn BusHandler> = gateway.clone();
@@ -244,10 +261,49 @@ impl Gateway {
         Ok(gateway)
     }
 
+    /// The running config and routes: cheap, and current until the end of
+    /// the statement (or for as long as it is kept). Across an `.await`,
+    /// keep [`Gateway::live_full`] instead.
+    pub fn live(&self) -> arc_swap::Guard<Arc<Live>> {
+        self.live.load()
+    }
+
+    /// The running config and routes, kept as long as the caller likes:
+    /// a reload meanwhile does not change them.
+    pub fn live_full(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// What issues upstream credentials (for building routes).
+    fn issuers(&self) -> crate::upstream::Issuers<'_> {
+        crate::upstream::Issuers {
+            jwt: self.upstream_jwt.as_ref(),
+            provider: self.validator.as_ref(),
+        }
+    }
+
+    /// Warns, loudly, about each org without auth and each upstream whose
+    /// certificate is not checked: at start and after each reload.
+    pub fn warn_about_unsafe_settings(&self) {
+        for org in self.unauthenticated_orgs() {
+            tracing::warn!(
+                org,
+                "!!! AUTH IS OFF for org '{org}' (auth: none): anyone who can reach the gateway can use its MCP servers !!!"
+            );
+        }
+        for upstream in self.live().config.insecure_tls() {
+            tracing::warn!(
+                upstream,
+                "!!! TLS VERIFICATION IS OFF for upstream '{upstream}' (tls.insecure_skip_verify): anyone on the path can read and change its traffic, the caller's identity included !!!"
+            );
+        }
+    }
+
     /// Routes that serve every caller as anonymous. The binary warns about
     /// each at start.
     pub fn unauthenticated_orgs(&self) -> Vec<String> {
         let mut names: Vec<String> = self
+            .live()
             .routes
             .orgs()
             .filter(|o| o.auth == AuthMode::None)
@@ -282,7 +338,7 @@ impl Gateway {
     async fn check_and_route(self: &Arc<Self>, req: &Request) -> Response {
         match edge::check_origin(
             &req.headers,
-            &self.config.allowed_origins,
+            &self.live().config.allowed_origins,
             self.own_origin.as_deref(),
         ) {
             Err(reject) => {
@@ -302,6 +358,7 @@ impl Gateway {
     pub fn label_for_path(&self, path: &str, method: &Method) -> Label {
         Label {
             org: self
+                .live()
                 .routes
                 .resolve(path)
                 .ok()
@@ -317,7 +374,7 @@ impl Gateway {
                 method: "auth",
             });
         }
-        let (target, endpoint) = match self.routes.resolve(&req.path) {
+        let (target, endpoint) = match self.live().routes.resolve(&req.path) {
             Ok(found) => found,
             Err(e) => {
                 return self
@@ -380,7 +437,8 @@ impl Gateway {
 
     /// Why a path reaches no route, for the client.
     fn route_reject(&self, e: RouteError, path: &str) -> Reject {
-        let base = self.routes.base_path();
+        let live = self.live();
+        let base = live.routes.base_path();
         let message = match e {
             RouteError::NoEndpoint => format!(
                 "no MCP endpoint at '{}'; expected {base}/{{org}}/mcp, /sse or /messages, or {base}/{{org}}/{{server}}/mcp and so on",

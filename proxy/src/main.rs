@@ -122,24 +122,48 @@ fn init_logging() {
     }
 }
 
-/// SIGHUP re-reads the listeners' TLS files (its default action would end
-/// the process). The rest of the config is not reloaded yet.
-fn on_hangups() -> anyhow::Result<std::sync::mpsc::Receiver<()>> {
+/// What SIGHUP asks for: the listeners' TLS files re-read, and the config
+/// file (its default action would end the process).
+struct Hangups {
+    tls: std::sync::mpsc::Receiver<()>,
+    config: std::sync::mpsc::Receiver<()>,
+}
+
+/// Handles SIGHUP from now on (before anything else starts, so an early one
+/// does not end the process).
+fn on_hangups() -> anyhow::Result<Hangups> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
         .context("cannot handle SIGHUP")?;
-    let (tell, hangups) = std::sync::mpsc::channel();
+    let (tell_tls, tls) = std::sync::mpsc::channel();
+    let (tell_config, config) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("ratatosk-sighup".into())
         .spawn(move || {
             for _ in signals.forever() {
-                tracing::info!(
-                    "SIGHUP received: re-reading TLS certificates (the rest of the config is not reloaded yet; restart the gateway to apply it)"
-                );
-                let _ = tell.send(());
+                tracing::info!("SIGHUP received: re-reading the config file and TLS certificates");
+                let _ = tell_tls.send(());
+                let _ = tell_config.send(());
             }
         })
         .context("cannot start the SIGHUP thread")?;
-    Ok(hangups)
+    Ok(Hangups { tls, config })
+}
+
+/// Passes SIGHUP's config reloads to the gateway (which reloads in its
+/// housekeeping task).
+fn forward_reloads(
+    hangups: std::sync::mpsc::Receiver<()>,
+    gateway: Arc<Gateway>,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("ratatosk-reload".into())
+        .spawn(move || {
+            for () in hangups {
+                gateway.request_reload();
+            }
+        })
+        .context("cannot start the reload thread")?;
+    Ok(())
 }
 
 /// The certificates of the MCP and admin listeners, loaded (and then kept
@@ -227,19 +251,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
     // serving threads' runtimes only start with the server.
     let (store, shared, _store_runtime) = session_store(&config, path)?;
     let gateway = Gateway::with_nodes(config, store, shared).context("cannot build the gateway")?;
-    for org in gateway.unauthenticated_orgs() {
-        tracing::warn!(
-            org,
-            "!!! AUTH IS OFF for org '{org}' (auth: none): anyone who can reach the gateway can use its MCP servers !!!"
-        );
-    }
-
-    for upstream in gateway.config.insecure_tls() {
-        tracing::warn!(
-            upstream,
-            "!!! TLS VERIFICATION IS OFF for upstream '{upstream}' (tls.insecure_skip_verify): anyone on the path can read and change its traffic, the caller's identity included !!!"
-        );
-    }
+    gateway.set_config_file(path);
+    forward_reloads(hangups.config, gateway.clone())?;
+    gateway.warn_about_unsafe_settings();
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
@@ -251,7 +265,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     // listener, Pingora registers every accepted socket with the accepting
     // runtime and wakes the serving thread across threads on each event
     // (bench/RESULTS.md).
-    let threads = gateway.config.server.threads;
+    let threads = gateway.live().config.server.threads;
     let connections = Connections::new(&gateway);
     for i in 0..threads {
         let key = listen_key(listen_addr, i);
@@ -288,7 +302,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         ),
         None => admin.add_tcp(&admin_listen),
     }
-    certs.keep_fresh(hangups, &gateway)?;
+    certs.keep_fresh(hangups.tls, &gateway)?;
     server.add_service(admin);
 
     server.add_service(background_service(
@@ -299,7 +313,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     ));
 
     let (tls, admin_tls) = (certs.mcp.is_some(), certs.admin.is_some());
-    tracing::info!(%listen, tls, %admin_listen, admin_tls, base_path = %gateway.config.base_path, "ratatosk listening");
+    tracing::info!(%listen, tls, %admin_listen, admin_tls, base_path = %gateway.live().config.base_path, "ratatosk listening");
     server.run_forever();
 }
 

@@ -102,6 +102,11 @@ pub struct Metrics {
     /// TLS certificate reloads by listener (`tls`, `admin_tls`) and result
     /// (`reloaded`, `failed`).
     pub tls_reloads: IntCounterVec,
+    /// Config reloads by result (`reloaded`, `refused`: the running config
+    /// stays).
+    pub config_reloads: IntCounterVec,
+    /// The running config's generation: 1 at start, one more per reload.
+    pub config_generation: IntGauge,
 }
 
 impl Metrics {
@@ -233,6 +238,20 @@ impl Metrics {
             ),
             &["listener", "result"],
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "config_reloads_total",
+                "Config reloads (SIGHUP, POST /reload) by result (reloaded, refused: the running config stays)",
+            ),
+            &["result"],
+        )?;
+        let config_generation = IntGauge::new(
+            "config_generation",
+            "The running config's generation: 1 at start, one more per reload",
+        )?;
+        config_generation.set(1);
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(tls_reloads.clone()))?;
         registry.register(Box::new(shared_dropped.clone()))?;
         registry.register(Box::new(refused.clone()))?;
@@ -275,6 +294,8 @@ impl Metrics {
             connections_refused,
             shared_dropped,
             tls_reloads,
+            config_reloads,
+            config_generation,
         })
     }
 

@@ -204,6 +204,18 @@ impl Routes {
         metrics: &Metrics,
         issuers: crate::upstream::Issuers<'_>,
     ) -> Result<Routes, RoutesError> {
+        Self::reusing(config, metrics, issuers, &|_| None)
+    }
+
+    /// The same, except that a route `reuse` gives (by key) is taken as it
+    /// is: a reload keeps the routes whose config did not change, with
+    /// their connections, probed era and replica health.
+    pub fn reusing(
+        config: &crate::config::Config,
+        metrics: &Metrics,
+        issuers: crate::upstream::Issuers<'_>,
+        reuse: &dyn Fn(&str) -> Option<Arc<OrgRoute>>,
+    ) -> Result<Routes, RoutesError> {
         let max_answer = config.limits.max_answer_bytes;
         let mut routes = Vec::new();
         let mut federations = Vec::new();
@@ -226,20 +238,35 @@ impl Routes {
             let mut members = Vec::new();
             for entry in org.server_entries() {
                 let key = OrgRoute::key_of(name, entry.name);
-                let credentials =
-                    crate::upstream::Credentials::new(&key, name, &entry.upstream.auth, issuers)
+                let route = match reuse(&key) {
+                    Some(route) => route,
+                    None => {
+                        let credentials = crate::upstream::Credentials::new(
+                            &key,
+                            name,
+                            &entry.upstream.auth,
+                            issuers,
+                        )
                         .map_err(|e| RoutesError::Credentials(key.clone(), e))?;
-                let server =
-                    ServerRoute::new(&key, entry.upstream, max_answer, metrics, credentials)
+                        let server = ServerRoute::new(
+                            &key,
+                            entry.upstream,
+                            max_answer,
+                            metrics,
+                            credentials,
+                        )
                         .map_err(|e| RoutesError::Pool(key.clone(), e))?;
-                let rules = org.policy.iter().chain(entry.policy);
-                let policy = crate::policy::Policy::new(entry.prefix, org.separator(), rules)
-                    .map_err(|e| RoutesError::Policy(key.clone(), e))?;
-                let route = Arc::new(OrgRoute {
-                    front: front(key, entry.name),
-                    server,
-                    policy,
-                });
+                        let rules = org.policy.iter().chain(entry.policy);
+                        let policy =
+                            crate::policy::Policy::new(entry.prefix, org.separator(), rules)
+                                .map_err(|e| RoutesError::Policy(key.clone(), e))?;
+                        Arc::new(OrgRoute {
+                            front: front(key, entry.name),
+                            server,
+                            policy,
+                        })
+                    }
+                };
                 if let Some(server_name) = entry.name {
                     let member = Member {
                         name: server_name.into(),

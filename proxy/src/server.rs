@@ -80,7 +80,7 @@ impl Connections {
     pub fn new(gateway: &Gateway) -> Arc<Connections> {
         Arc::new(Connections {
             open: std::sync::atomic::AtomicUsize::new(0),
-            max: gateway.config.limits.max_connections,
+            max: gateway.live().config.limits.max_connections,
             gauge: gateway.metrics.connections.clone(),
             refused: gateway.metrics.connections_refused.clone(),
         })
@@ -197,7 +197,7 @@ impl McpApp {
             socket_digest: stream.get_socket_digest(),
         });
         let handshake = tokio::time::timeout(
-            self.gateway.config.limits.head_read_timeout,
+            self.gateway.live().config.limits.head_read_timeout,
             v2::server::handshake(stream, Some(v2::server::default_h2_options())),
         );
         let mut conn = match handshake.await {
@@ -355,7 +355,7 @@ impl McpApp {
         let draining = *shutdown.borrow() || self.gateway.is_draining();
         session.set_keepalive((!draining).then_some(IDLE_SECS));
         session.set_read_timeout(Some(Duration::from_secs(IDLE_SECS)));
-        let head_timeout = self.gateway.config.limits.head_read_timeout;
+        let head_timeout = self.gateway.live().config.limits.head_read_timeout;
         match tokio::time::timeout(head_timeout, session.read_request()).await {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => return None,
@@ -391,7 +391,7 @@ impl McpApp {
         open: &mut Option<OpenConnection>,
     ) -> Option<Reuse> {
         let started = Instant::now();
-        let limits = &self.gateway.config.limits;
+        let limits = &self.gateway.live().config.limits;
         session.set_write_timeout(Some(WRITE_TIMEOUT));
         let (method, path) = {
             let h = session.req_header();
@@ -733,7 +733,7 @@ impl ServeHttp for AdminApp {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
         let headers = session.req_header().headers.clone();
-        let response = match read_body(session, &self.gateway.config.limits).await {
+        let response = match read_body(session, &self.gateway.live().config.limits).await {
             Ok(body) => crate::admin::handle(&self.gateway, &method, &path, &headers, body).await,
             Err(reject) => {
                 session.set_keepalive(None);
@@ -770,7 +770,8 @@ impl BackgroundService for Housekeeping {
         let gateway = self.gateway.clone();
         tokio::spawn(async move { gateway.probe_eras().await });
         tokio::spawn(self.gateway.clone().watch_members());
-        let ttl = self.gateway.config.sessions.idle_ttl;
+        tokio::spawn(self.gateway.clone().watch_reloads());
+        let ttl = self.gateway.live().config.sessions.idle_ttl;
         let period = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
         loop {
             tokio::select! {

@@ -309,8 +309,8 @@ class Gateway(Proc):
             **(extra or {}),
         }
         log_dir.mkdir(parents=True, exist_ok=True)
-        # JSON is YAML: no YAML library is needed in the test venv.
-        self.config_path.write_text(json.dumps(config, indent=2))
+        self.config = config
+        self.write_config()
         super().__init__(
             name=name,
             argv=[str(gateway_binary()), "--config", str(self.config_path)],
@@ -318,6 +318,12 @@ class Gateway(Proc):
             env={"RATATOSK_PUBLISH_SECRET": PUBLISH_SECRET, "RATATOSK_LOG": "info", "NO_COLOR": "1",
                  **(env or {})},
         )
+
+    def write_config(self) -> None:
+        """Writes `self.config` to the config file (read at start, and again
+        on SIGHUP or POST /reload)."""
+        # JSON is YAML: no YAML library is needed in the test venv.
+        self.config_path.write_text(json.dumps(self.config, indent=2))
 
     def start_and_wait(self, timeout: float = 20.0) -> "Gateway":
         if not gateway_binary().exists():

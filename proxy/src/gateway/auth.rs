@@ -133,7 +133,7 @@ impl Gateway {
             Endpoint::Mcp => Endpoint::Mcp,
             Endpoint::Sse | Endpoint::Messages => Endpoint::Sse,
         };
-        self.routes.path_of(org, endpoint)
+        self.live().routes.path_of(org, endpoint)
     }
 
     fn metadata_url(&self, org: &Front, endpoint: Endpoint) -> String {
@@ -153,12 +153,12 @@ impl Gateway {
         {
             return Some(self.serve_metadata(&req.method, resource));
         }
-        if req.path == self.config.backchannel_logout_path {
+        if req.path == self.live().config.backchannel_logout_path {
             return Some(self.serve_logout(req).await);
         }
         if req
             .path
-            .strip_prefix(self.config.base_path.as_str())
+            .strip_prefix(self.live().config.base_path.as_str())
             .is_some_and(|p| p == JWKS_PATH)
         {
             return Some(self.serve_jwks(&req.method));
@@ -187,7 +187,8 @@ impl Gateway {
     }
 
     fn serve_metadata(&self, method: &Method, resource_path: &str) -> Response {
-        let org = self
+        let live = self.live();
+        let org = live
             .routes
             .fronts()
             .find(|o| {
@@ -265,7 +266,7 @@ impl Gateway {
             (Some(sid), _) => self.store.ids_of_idp_session(sid).await,
             (None, Some(sub)) => {
                 let mut ids = Vec::new();
-                for org in self.routes.orgs() {
+                for org in self.live().routes.orgs() {
                     match self.store.ids_of_subject(&org.key, sub).await {
                         Ok(more) => ids.extend(more),
                         Err(e) => {

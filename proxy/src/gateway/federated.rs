@@ -541,7 +541,7 @@ impl Gateway {
         }
         Request {
             method,
-            path: self.routes.path_of(&member.route.key, Endpoint::Mcp),
+            path: self.live().routes.path_of(&member.route.key, Endpoint::Mcp),
             query: None,
             headers,
             body,
@@ -1389,7 +1389,7 @@ impl Gateway {
 
     /// Tells every federated session of `fed` on this node that its lists
     /// changed.
-    fn lists_changed(self: &Arc<Self>, fed: &Federation) {
+    pub(super) fn lists_changed(self: &Arc<Self>, fed: &Federation) {
         let ids: Vec<String> = self
             .federations
             .feeds
@@ -1420,11 +1420,10 @@ impl Gateway {
     /// one that stops answering leaves the lists, one that answers again
     /// comes back, each with `list_changed` to the federated sessions.
     pub async fn watch_members(self: Arc<Self>) {
-        let federations: Vec<Arc<Federation>> = self.routes.federations().cloned().collect();
-        if federations.is_empty() {
-            return;
-        }
         while !self.is_draining() {
+            // The running config's: a reload may change them.
+            let federations: Vec<Arc<Federation>> =
+                self.live().routes.federations().cloned().collect();
             for fed in &federations {
                 for member in &fed.members {
                     let up = member.route.server.pool.accepts_connections().await;

@@ -34,7 +34,7 @@ impl Gateway {
             .map_err(|_| session_not_found())?;
         let endpoint = format!(
             "{}?session_id={}",
-            self.routes.path_of(&front.key, Endpoint::Messages),
+            self.live().routes.path_of(&front.key, Endpoint::Messages),
             session.id
         );
         let prelude = sse_frame(None, Some("endpoint"), endpoint.as_bytes());

@@ -89,7 +89,8 @@ impl Gateway {
         // The gauge is the org's: the sessions of all its routes.
         let mut counts: std::collections::HashMap<&str, (i64, &OrgRoute)> =
             std::collections::HashMap::new();
-        for route in self.routes.orgs() {
+        let live = self.live_full();
+        for route in live.routes.orgs() {
             match self.store.count_org(&route.key).await {
                 Ok(n) => {
                     let n = i64::try_from(n).unwrap_or(i64::MAX);
@@ -111,7 +112,7 @@ impl Gateway {
         if self.cluster().is_shared() {
             return;
         }
-        if let Some(route) = self.routes.org(org) {
+        if let Some(route) = self.live().routes.org(org) {
             route.metrics.sessions.add(by);
         }
     }
@@ -124,7 +125,7 @@ impl Gateway {
                 ("params.clientInfo", params.get("clientInfo")),
                 ("params.capabilities", params.get("capabilities")),
             ],
-            self.config.sessions.max_client_bytes,
+            self.live().config.sessions.max_client_bytes,
         )
         .map_err(|why| {
             org.metrics.refused.client_data.inc();
@@ -135,8 +136,8 @@ impl Gateway {
     /// The session limits of the config, for the store.
     pub(super) fn admission(&self) -> session::Admission {
         session::Admission {
-            per_subject: self.config.sessions.max_per_subject,
-            total: self.config.sessions.max_total,
+            per_subject: self.live().config.sessions.max_per_subject,
+            total: self.live().config.sessions.max_total,
         }
     }
 
@@ -168,7 +169,7 @@ impl Gateway {
         let state = match self.store.insert(state, self.admission()).await {
             Ok(state) => state,
             Err(e) => {
-                return Err(match self.routes.org(&org) {
+                return Err(match self.live().routes.org(&org) {
                     Some(route) => self.session_reject(route, e),
                     None => store_reject(e),
                 });
@@ -346,7 +347,7 @@ impl Gateway {
             .publish(session_id, &message.raw)
             .await?
             .ok_or(PublishError::UnknownSession)?;
-        if let Some(org) = self.routes.org(&state.org) {
+        if let Some(org) = self.live().routes.org(&state.org) {
             org.metrics.published_publish.inc();
         }
         Ok(id)
@@ -360,7 +361,11 @@ impl Gateway {
                 tracing::warn!(error = %e, "cannot refresh a session with an open stream");
             }
         }
-        let expired = match self.store.remove_idle(self.config.sessions.idle_ttl).await {
+        let expired = match self
+            .store
+            .remove_idle(self.live().config.sessions.idle_ttl)
+            .await
+        {
             Ok(expired) => expired,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reap idle sessions");
@@ -377,7 +382,7 @@ impl Gateway {
         self.holds.sweep();
         self.hub.drop_idle_mirrors();
         self.count_sessions().await;
-        for org in self.routes.orgs() {
+        for org in self.live().routes.orgs() {
             org.server.pool.available();
         }
         expired.len()

@@ -501,7 +501,7 @@ mod tests {
         })
         .await;
         let gw = gateway("stateless-2025", &up.url());
-        let org = gw.routes.org("org-1").expect("org").clone();
+        let org = gw.live().routes.org("org-1").expect("org").clone();
         let caller = |subject: &str| {
             Arc::new(Identity {
                 subject: subject.into(),

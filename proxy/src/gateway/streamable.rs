@@ -30,7 +30,7 @@ impl Gateway {
                 ),
             ));
         }
-        let max = self.config.limits.max_batch;
+        let max = self.live().config.limits.max_batch;
         if items.len() > max {
             return Err(Reject::new(
                 StatusCode::BAD_REQUEST,
@@ -320,11 +320,14 @@ impl Gateway {
             log,
             attach,
             prelude,
-            self.config.streams.keepalive,
+            self.live().config.streams.keepalive,
             Some(org.metrics.stream.clone()),
         );
         if edge::wants_priming(&session.protocol_version) {
-            live.set_prelude(priming_frame(live.position(), self.config.streams.retry));
+            live.set_prelude(priming_frame(
+                live.position(),
+                self.live().config.streams.retry,
+            ));
         }
         live
     }
@@ -636,7 +639,7 @@ impl Gateway {
             )));
         };
         let subscribe = method == "resources/subscribe";
-        let max = self.config.sessions.max_subscriptions;
+        let max = self.live().config.sessions.max_subscriptions;
         if subscribe && value.len() > MAX_SUBSCRIPTION_URI_BYTES {
             org.metrics.refused.subscriptions.inc();
             return Some(Err(Reject::new(
@@ -705,7 +708,7 @@ impl Gateway {
         log: &Arc<SessionLog>,
         id: Option<&Id>,
     ) -> Result<crate::stream::Slot, Reject> {
-        let max = self.config.sessions.max_in_flight;
+        let max = self.live().config.sessions.max_in_flight;
         log.try_reserve(max).ok_or_else(|| {
             org.metrics.refused.in_flight.inc();
             Reject::new(
@@ -803,6 +806,7 @@ impl Gateway {
             return;
         };
         let skew = self
+            .live()
             .config
             .identity
             .as_ref()

@@ -588,7 +588,7 @@ impl Gateway {
             log,
             attach,
             None,
-            self.config.streams.keepalive,
+            self.live().config.streams.keepalive,
             Some(org.metrics.stream.clone()),
         );
         let now = Instant::now();
@@ -675,7 +675,7 @@ impl Gateway {
             call.clone(),
             request.method.clone(),
             org,
-            self.config.streams.keepalive,
+            self.live().config.streams.keepalive,
             park,
         );
         let stream = log
@@ -754,7 +754,7 @@ impl Gateway {
                     meta.and_then(|m| m.get(era::META_CAPABILITIES)),
                 ),
             ],
-            self.config.sessions.max_client_bytes,
+            self.live().config.sessions.max_client_bytes,
         )
         .map_err(|why| {
             org.metrics.refused.client_data.inc();
@@ -852,7 +852,7 @@ impl Gateway {
             return false;
         };
         let (Some(org), Some(bound)) = (
-            self.routes.org(&session.org).cloned(),
+            self.live().routes.org(&session.org).cloned(),
             session.upstream.clone(),
         ) else {
             return true;

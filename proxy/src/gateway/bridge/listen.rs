@@ -214,7 +214,7 @@ impl Gateway {
             log,
             attach,
             Some(sse_frame(None, Some("message"), ack.to_string().as_bytes())),
-            self.config.streams.keepalive,
+            self.live().config.streams.keepalive,
             Some(org.metrics.stream.clone()),
         );
         self.end_with_token(&mut live, call.identity);
@@ -240,7 +240,7 @@ impl Gateway {
         headers: crate::upstream::Outbound,
         uris: &[String],
     ) -> Vec<String> {
-        let max = self.config.sessions.max_subscriptions;
+        let max = self.live().config.sessions.max_subscriptions;
         let held = &session.resource_subscriptions;
         let room = max.saturating_sub(held.len());
         let refused = self.bridges.refused_subscriptions.of(&session.id);
@@ -529,7 +529,7 @@ mod tests {
             "{text}"
         );
         assert_eq!(subscribes.load(Ordering::SeqCst), 1);
-        let org = gw.routes.org("org-1").expect("org");
+        let org = gw.live().routes.org("org-1").cloned().expect("org");
         assert_eq!(
             org.metrics.stream.delivered.get(),
             2,

@@ -66,7 +66,7 @@ impl Gateway {
     /// Probes the upstreams whose era is `auto` and still unknown, so the
     /// first client does not wait for it and `/metrics` shows it early.
     pub async fn probe_eras(&self) {
-        for org in self.routes.orgs() {
+        for org in self.live().routes.orgs() {
             if org.server.era.known().is_none()
                 && let Err(e) = org.server.resolve_era().await
             {
@@ -184,7 +184,7 @@ impl Gateway {
                 });
                 return Ok(Response::sse(Box::new(Quiet {
                     first: Some(sse_frame(None, Some("message"), ack.to_string().as_bytes())),
-                    keepalive: self.config.streams.keepalive,
+                    keepalive: self.live().config.streams.keepalive,
                 })));
             }
             _ => {}
@@ -305,7 +305,7 @@ impl Gateway {
             upstream_id,
             to_modern,
             org: org.name.clone(),
-            keepalive: self.config.streams.keepalive,
+            keepalive: self.live().config.streams.keepalive,
             park,
             hold,
             held: None,
@@ -314,7 +314,7 @@ impl Gateway {
             final_status: StatusCode::OK,
         };
         if legacy {
-            let decide_by = tokio::time::Instant::now() + self.config.streams.keepalive;
+            let decide_by = tokio::time::Instant::now() + self.live().config.streams.keepalive;
             loop {
                 match tokio::time::timeout_at(decide_by, pipe.step()).await {
                     Ok(Some(Step::Send(out, true))) if pipe.failed => {
@@ -961,7 +961,7 @@ impl HoldHook {
         let method = method.to_owned();
         let log = Arc::new(SessionLog::new(gateway.hub.limits()));
         let cancel = CancellationToken::new();
-        let keepalive = gateway.config.streams.keepalive;
+        let keepalive = gateway.live().config.streams.keepalive;
         let (stream, attach) = match log
             .begin_stream()
             .ok()

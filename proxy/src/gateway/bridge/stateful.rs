@@ -465,7 +465,7 @@ impl Gateway {
     /// Ends upstream session `bound` of `state`'s org in the background;
     /// failures are only logged, the upstream expires its sessions anyway.
     fn close_bound(&self, state: &SessionState, bound: UpstreamSession) {
-        let Some(org) = self.routes.org(&state.org).cloned() else {
+        let Some(org) = self.live().routes.org(&state.org).cloned() else {
             return;
         };
         let headers = background_headers(&org, state, "close");
@@ -922,7 +922,8 @@ mod tests {
                 "re-initialized, level restored, then the call"
             );
             assert_eq!(
-                gw.routes
+                gw.live()
+                    .routes
                     .org("org-1")
                     .expect("org")
                     .metrics

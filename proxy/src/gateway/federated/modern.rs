@@ -450,7 +450,7 @@ impl Gateway {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(FAN_IN_BUFFER);
-        let keepalive = self.config.streams.keepalive;
+        let keepalive = self.live().config.streams.keepalive;
         tokio::spawn(fill(tx));
         Response::sse(Box::new(FanIn { rx, keepalive }))
     }

@@ -1,0 +1,536 @@
+//! A new config in place of the running one: SIGHUP, or `POST /reload` on
+//! the admin listener, re-reads the config file.
+//!
+//! The new file is checked as `ratatosk check` checks it, and so are the
+//! fields only a restart applies ([`crate::config::RESTART_ONLY`]); a file
+//! with any problem is refused, every problem named, and the running config
+//! stays. Otherwise the routes are rebuilt (an org whose part of the file
+//! did not change keeps its routes as they are: connections, probed era,
+//! replica health) and swapped in. Requests in flight finish on the routes
+//! they started on; sessions and streams are kept. A route that is gone
+//! ends its sessions, and the sessions of a changed org are told that its
+//! lists may have changed.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, Notify};
+
+use super::{Gateway, Live};
+use crate::config::{Config, ConfigError};
+use crate::routes::{Routes, RoutesError};
+
+/// What reloading needs besides the config: the file, and order.
+#[derive(Default)]
+pub(crate) struct Reloads {
+    /// The file the config came from.
+    file: OnceLock<PathBuf>,
+    /// One reload at a time.
+    running: Mutex<()>,
+    /// Set by SIGHUP; [`Gateway::watch_reloads`] waits on it.
+    requested: Notify,
+}
+
+/// Why a reload was refused. The running config stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload (the gateway was not started with --config)")]
+    NoFile,
+    /// Unreadable, invalid, or changing a field only a restart applies.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{file}: {source}")]
+    Routes { file: PathBuf, source: RoutesError },
+}
+
+impl ReloadError {
+    /// Each problem as `{path, message}`: the field of the file, and what
+    /// is wrong with it (none when the file cannot be read, or its routes
+    /// cannot be built).
+    pub fn problems_json(&self) -> Value {
+        let problems: Vec<Value> = match self {
+            ReloadError::Config(e) => e
+                .problems()
+                .iter()
+                .map(|p| json!({"path": p.path, "message": p.message}))
+                .collect(),
+            _ => Vec::new(),
+        };
+        json!({ "problems": problems })
+    }
+}
+
+/// What a reload changed: route keys (`org`, or `org/server`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub generation: u64,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Routes whose org's part of the file changed (rebuilt).
+    pub changed: Vec<String>,
+    /// Sessions ended because their route is gone.
+    pub sessions_ended: usize,
+}
+
+impl Reloaded {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "reloaded": true,
+            "generation": self.generation,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+            "sessions_ended": self.sessions_ended,
+        })
+    }
+}
+
+impl Gateway {
+    /// The file reloads re-read; set once, at start.
+    pub fn set_config_file(&self, file: &Path) {
+        let _ = self.reloads.file.set(file.to_owned());
+    }
+
+    /// Asks [`Gateway::watch_reloads`] for a reload (SIGHUP); callable
+    /// from any thread.
+    pub fn request_reload(&self) {
+        self.reloads.requested.notify_one();
+    }
+
+    /// Reloads whenever asked, until the gateway drains. Results are
+    /// logged and counted.
+    pub async fn watch_reloads(self: Arc<Self>) {
+        while !self.is_draining() {
+            self.reloads.requested.notified().await;
+            let _ = self.reload_file().await;
+        }
+    }
+
+    /// Re-reads the config file and applies it (see the module's doc).
+    pub async fn reload_file(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
+        let outcome = match self
+            .reloads
+            .file
+            .get()
+            .map(|file| (Config::load(file), file))
+        {
+            Some((Ok(config), file)) => self.reload(config, file).await,
+            unread => {
+                self.count_reload(false);
+                match unread {
+                    Some((Err(e), _)) => Err(e.into()),
+                    _ => Err(ReloadError::NoFile),
+                }
+            }
+        };
+        match &outcome {
+            Ok(done) => tracing::info!(
+                generation = done.generation,
+                added = ?done.added,
+                removed = ?done.removed,
+                changed = ?done.changed,
+                sessions_ended = done.sessions_ended,
+                "config reloaded"
+            ),
+            Err(e) => tracing::error!("config reload refused, the running config stays: {e}"),
+        }
+        outcome
+    }
+
+    /// Applies `config` (read from `file`, named in errors) in place of the
+    /// running one.
+    pub async fn reload(
+        self: &Arc<Self>,
+        config: Config,
+        file: &Path,
+    ) -> Result<Reloaded, ReloadError> {
+        let _one_at_a_time = self.reloads.running.lock().await;
+        let result = self.swap_in(config, file);
+        self.count_reload(result.is_ok());
+        let (old, mut done) = result?;
+        self.metrics.config_generation.set(done.generation as i64);
+        self.warn_about_unsafe_settings();
+        for key in &done.removed {
+            done.sessions_ended += self.end_sessions_of_route(key).await;
+        }
+        let live = self.live_full();
+        for org in changed_orgs(&old, &live) {
+            self.tell_lists_changed(&live, &org).await;
+        }
+        Ok(done)
+    }
+
+    /// Checks `config` against the running one, builds its routes and
+    /// swaps both in: the old ones and what changed, or why not.
+    fn swap_in(&self, config: Config, file: &Path) -> Result<(Arc<Live>, Reloaded), ReloadError> {
+        let old = self.live_full();
+        let problems = old.config.restart_only_changes(&config);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                problems,
+            }
+            .into());
+        }
+        let unchanged = |org: &str| old.config.source.of_org(org) == config.source.of_org(org);
+        let reuse = |key: &str| {
+            let route = old.routes.org(key)?;
+            unchanged(&route.name).then(|| route.clone())
+        };
+        let routes =
+            Routes::reusing(&config, &self.metrics, self.issuers(), &reuse).map_err(|source| {
+                ReloadError::Routes {
+                    file: file.to_owned(),
+                    source,
+                }
+            })?;
+        // Keyed by kind too: an org that goes from one upstream to
+        // `servers` (or back) has other sessions under the same key.
+        let entries = |routes: &Routes| -> BTreeSet<(String, bool)> {
+            let servers = routes.orgs().map(|r| (r.key.to_string(), false));
+            servers
+                .chain(routes.federations().map(|f| (f.key.to_string(), true)))
+                .collect()
+        };
+        let (before, after) = (entries(&old.routes), entries(&routes));
+        let keys =
+            |found: Vec<&(String, bool)>| found.into_iter().map(|(k, _)| k.clone()).collect();
+        let done = Reloaded {
+            generation: old.generation + 1,
+            added: keys(after.difference(&before).collect()),
+            removed: keys(before.difference(&after).collect()),
+            changed: keys(
+                after
+                    .intersection(&before)
+                    .filter(|(key, _)| !unchanged(org_of(key)))
+                    .collect(),
+            ),
+            sessions_ended: 0,
+        };
+        self.live.store(Arc::new(Live {
+            config,
+            routes,
+            generation: done.generation,
+        }));
+        Ok((old, done))
+    }
+
+    fn count_reload(&self, reloaded: bool) {
+        let result = if reloaded { "reloaded" } else { "refused" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Ends the sessions of route `key`, which a reload removed; how many.
+    async fn end_sessions_of_route(&self, key: &str) -> usize {
+        let records = match self.store.list_org(key).await {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!(
+                    route = key,
+                    "cannot list the sessions of a removed route: {e}"
+                );
+                return 0;
+            }
+        };
+        let mut ended = 0;
+        for record in records {
+            match self
+                .end_session(&record.state.id, "its route was removed from the config")
+                .await
+            {
+                Ok(true) => ended += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(route = key, "cannot end a session of a removed route: {e}")
+                }
+            }
+        }
+        ended
+    }
+
+    /// Tells the sessions of org `org` (its routes' and its federated
+    /// endpoint's) that its tools, prompts and resources may have changed.
+    async fn tell_lists_changed(self: &Arc<Self>, live: &Live, org: &str) {
+        for route in live.routes.of_org(org) {
+            let Ok(records) = self.store.list_org(&route.key).await else {
+                continue;
+            };
+            for record in records {
+                for method in ["tools", "prompts", "resources"] {
+                    let note = format!(
+                        r#"{{"jsonrpc":"2.0","method":"notifications/{method}/list_changed"}}"#
+                    );
+                    let _ = self.hub.publish(&record.state.id, note.as_bytes()).await;
+                }
+            }
+        }
+        if let Some(federation) = live.routes.federation(org) {
+            self.lists_changed(federation);
+        }
+    }
+}
+
+/// The org of route key `org` or `org/server`.
+fn org_of(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(org, _)| org)
+}
+
+/// The orgs of `new` that `old` has too, with another part of the file.
+fn changed_orgs(old: &Live, new: &Live) -> Vec<String> {
+    new.config
+        .orgs
+        .keys()
+        .filter(|org| {
+            old.config.orgs.contains_key(*org)
+                && old.config.source.of_org(org) != new.config.source.of_org(org)
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edge::{Response, ResponseBody};
+    use crate::gateway::tests::*;
+    use crate::session::MemorySessionStore;
+    use bytes::Bytes;
+    use http::{Method, StatusCode};
+    use std::time::Duration;
+
+    /// A config with `orgs` (YAML lines under `orgs:`) and `origin` allowed.
+    fn yaml(origin: &str, orgs: &str) -> String {
+        format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\nbase_path: /gw\n\
+             allowed_origins: [\"{origin}\"]\npublish: {{secret: {SECRET}}}\n\
+             streams: {{keepalive: 10s}}\norgs:\n{orgs}"
+        )
+    }
+
+    fn org(name: &str, url: &str, extra: &str) -> String {
+        format!(
+            "  {name}: {{{extra} upstream: {{era: stateless-2025, replicas: [\"{url}\"], timeout: 2s}}}}\n"
+        )
+    }
+
+    fn config(text: &str) -> Config {
+        Config::from_yaml(text, Path::new("unit.yaml"), &|_| None).expect("config")
+    }
+
+    fn post_to(org: &str, body: &str, extra: &[(&str, &str)]) -> crate::edge::Request {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+        ];
+        headers.extend_from_slice(extra);
+        request(Method::POST, &format!("/gw/{org}/mcp"), &headers, body)
+    }
+
+    async fn initialize_at(gw: &Arc<Gateway>, org: &str) -> String {
+        let r = gw.handle(post_to(org, INIT, &[])).await;
+        assert_eq!(r.status, StatusCode::OK, "initialize on {org}");
+        r.headers
+            .get("mcp-session-id")
+            .expect("a session id")
+            .to_str()
+            .expect("ascii")
+            .to_owned()
+    }
+
+    async fn stream_at(gw: &Arc<Gateway>, org: &str, sid: &str) -> Response {
+        let r = gw
+            .handle(request(
+                Method::GET,
+                &format!("/gw/{org}/mcp"),
+                &[("accept", "text/event-stream"), ("mcp-session-id", sid)],
+                "",
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        r
+    }
+
+    async fn ping(gw: &Arc<Gateway>, org: &str, sid: &str) -> StatusCode {
+        let ping = r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#;
+        let headers = [
+            ("mcp-session-id", sid),
+            ("mcp-protocol-version", "2025-06-18"),
+        ];
+        gw.handle(post_to(org, ping, &headers)).await.status
+    }
+
+    /// Whether the stream ends within 5 s (reading what comes first).
+    async fn ends(stream: &mut Response) -> bool {
+        let ResponseBody::Stream(src) = &mut stream.body else {
+            panic!("expected a stream")
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, src.next_chunk()).await {
+                Err(_) => return false,
+                Ok(None) => return true,
+                Ok(Some(_)) => src.written(),
+            }
+        }
+    }
+
+    fn reloads(gw: &Gateway, result: &str) -> u64 {
+        gw.metrics.config_reloads.with_label_values(&[result]).get()
+    }
+
+    #[tokio::test]
+    async fn orgs_come_and_go_sessions_stay_and_a_removed_orgs_sessions_end() {
+        let (up1, up2, up3) = (mcp_stub().await, mcp_stub().await, mcp_stub().await);
+        let before = yaml(
+            "http://old.example",
+            &(org("org-1", &up1.url(), "") + &org("org-2", &up2.url(), "")),
+        );
+        let gw = Gateway::new(config(&before), Arc::new(MemorySessionStore::new())).expect("gw");
+        let (s1, s2) = (
+            initialize_at(&gw, "org-1").await,
+            initialize_at(&gw, "org-2").await,
+        );
+        let mut stream1 = stream_at(&gw, "org-1", &s1).await;
+        let mut stream2 = stream_at(&gw, "org-2", &s2).await;
+        let route1 = gw.live().routes.org("org-1").cloned().expect("org-1");
+
+        let after = yaml(
+            "http://new.example",
+            &(org("org-1", &up1.url(), "") + &org("org-3", &up3.url(), "")),
+        );
+        let done = gw
+            .reload(config(&after), Path::new("unit.yaml"))
+            .await
+            .expect("reloaded");
+        assert_eq!(
+            done,
+            Reloaded {
+                generation: 2,
+                added: vec!["org-3".into()],
+                removed: vec!["org-2".into()],
+                changed: vec![],
+                sessions_ended: 1,
+            }
+        );
+        assert_eq!(gw.live().generation, 2);
+        assert_eq!(gw.metrics.config_generation.get(), 2);
+        assert_eq!(reloads(&gw, "reloaded"), 1);
+
+        // org-1 is untouched: the same route, its session and stream live on.
+        let kept = gw.live().routes.org("org-1").cloned().expect("org-1");
+        assert!(
+            Arc::ptr_eq(&route1, &kept),
+            "an unchanged org keeps its route"
+        );
+        assert_eq!(ping(&gw, "org-1", &s1).await, StatusCode::OK);
+        let note =
+            br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"still here"}}"#;
+        gw.publish(&s1, &Bytes::from_static(note))
+            .await
+            .expect("published");
+        assert!(
+            text_until(&mut stream1, "still here")
+                .await
+                .contains("still here")
+        );
+
+        // org-2 is gone: its stream ended, its session and path with it.
+        assert!(ends(&mut stream2).await, "the removed org's stream ends");
+        assert!(gw.store.lookup(&s2).await.expect("store").is_none());
+        assert_eq!(ping(&gw, "org-2", &s2).await, StatusCode::NOT_FOUND);
+
+        // org-3 is new; the new origin passes and the old one no longer does.
+        initialize_at(&gw, "org-3").await;
+        let from = |origin: &str| post_to("org-3", INIT, &[("origin", origin)]);
+        assert_eq!(
+            gw.handle(from("http://new.example")).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            gw.handle(from("http://old.example")).await.status,
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[tokio::test]
+    async fn a_changed_org_is_rebuilt_and_its_sessions_hear_that_lists_changed() {
+        let up = mcp_stub().await;
+        let plain = yaml("http://ok.example", &org("org-1", &up.url(), ""));
+        let gw = Gateway::new(config(&plain), Arc::new(MemorySessionStore::new())).expect("gw");
+        let sid = initialize_at(&gw, "org-1").await;
+        let mut stream = stream_at(&gw, "org-1", &sid).await;
+        let before = gw.live().routes.org("org-1").cloned().expect("org-1");
+
+        let policy = "policy: [{name: only-x, allow: {tools: [x]}}],";
+        let policed = yaml("http://ok.example", &org("org-1", &up.url(), policy));
+        let done = gw
+            .reload(config(&policed), Path::new("unit.yaml"))
+            .await
+            .expect("reloaded");
+        assert_eq!(done.changed, vec!["org-1".to_string()]);
+        assert_eq!(
+            (done.added.len(), done.removed.len(), done.sessions_ended),
+            (0, 0, 0)
+        );
+        let after = gw.live().routes.org("org-1").cloned().expect("org-1");
+        assert!(
+            !Arc::ptr_eq(&before, &after),
+            "a changed org gets new routes"
+        );
+        text_until(&mut stream, "notifications/tools/list_changed").await;
+        assert_eq!(ping(&gw, "org-1", &sid).await, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_bad_or_restart_only_change_is_refused_and_nothing_changes() {
+        let up = mcp_stub().await;
+        let text = yaml("http://ok.example", &org("org-1", &up.url(), ""));
+        let gw = Gateway::new(config(&text), Arc::new(MemorySessionStore::new())).expect("gw");
+        let sid = initialize_at(&gw, "org-1").await;
+
+        // Fields only a restart applies: each one named.
+        let moved = text
+            .replace("listen: 127.0.0.1:1\n", "listen: 127.0.0.1:3\n")
+            .replace("base_path: /gw\n", "base_path: /other\n");
+        let Err(ReloadError::Config(e)) = gw.reload(config(&moved), Path::new("unit.yaml")).await
+        else {
+            panic!("a restart-only change must be refused")
+        };
+        let paths: Vec<&str> = e.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["listen", "base_path"]);
+        assert!(e.to_string().contains("restart the gateway"), "{e}");
+
+        // An invalid file, through the file path as SIGHUP takes it: every
+        // problem named.
+        let file =
+            std::env::temp_dir().join(format!("ratatosk-reload-{}.yaml", rand::random::<u64>()));
+        let broken = text
+            .replace("era: stateless-2025", "era: sometime")
+            .replace("timeout: 2s", "timeout: soon");
+        std::fs::write(&file, broken).expect("write");
+        assert!(matches!(gw.reload_file().await, Err(ReloadError::NoFile)));
+        gw.set_config_file(&file);
+        let Err(e) = gw.reload_file().await else {
+            panic!("an invalid file must be refused")
+        };
+        let _ = std::fs::remove_file(&file);
+        assert!(
+            !e.problems_json()["problems"]
+                .as_array()
+                .expect("problems")
+                .is_empty(),
+            "{e}"
+        );
+        assert!(e.to_string().contains("orgs.org-1.upstream"), "{e}");
+
+        assert_eq!(gw.live().generation, 1);
+        assert_eq!(reloads(&gw, "refused"), 3);
+        assert_eq!(reloads(&gw, "reloaded"), 0);
+        assert_eq!(ping(&gw, "org-1", &sid).await, StatusCode::OK);
+    }
+}
