@@ -20,7 +20,7 @@ use ratatosk::gateway::{Gateway, Shared};
 use ratatosk::server::{AdminApp, Connections, Housekeeping, McpApp};
 use ratatosk::session::{MemorySessionStore, RedisSessionStore, SessionStore};
 use ratatosk::stream::shared::{SharedEvents, SharedLimits};
-use ratatosk_auth::tls::{ListenerTls, ServingCerts};
+use ratatosk_auth::tls::{ListenerTls, Reload, ServingCerts};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -193,7 +193,14 @@ impl Certs {
         gateway: &Gateway,
     ) -> anyhow::Result<()> {
         let reloads = gateway.metrics.tls_reloads.clone();
-        let certs = self.mcp.iter().chain(&self.admin).cloned().collect();
+        let certs: Vec<Arc<ServingCerts>> = self.mcp.iter().chain(&self.admin).cloned().collect();
+        // Every listener's series from the start, at 0: an alert on
+        // `increase()` sees the first failure.
+        for certs in &certs {
+            for result in [Reload::Reloaded, Reload::Failed] {
+                reloads.with_label_values(&[certs.name(), result.as_str()]);
+            }
+        }
         ratatosk_auth::tls::keep_fresh(certs, hangups, move |certs, done| {
             reloads
                 .with_label_values(&[certs.name(), done.as_str()])

@@ -250,6 +250,11 @@ impl Metrics {
             "The running config's generation: 1 at start, one more per reload",
         )?;
         config_generation.set(1);
+        // Both series from the start, at 0: an alert on `increase()` sees
+        // the first refusal.
+        for result in ["reloaded", "refused"] {
+            config_reloads.with_label_values(&[result]);
+        }
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(tls_reloads.clone()))?;
