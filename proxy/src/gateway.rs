@@ -336,11 +336,12 @@ impl Gateway {
     }
 
     async fn check_and_route(self: &Arc<Self>, req: &Request) -> Response {
-        match edge::check_origin(
+        let checked = edge::check_origin(
             &req.headers,
             &self.live().config.allowed_origins,
             self.own_origin.as_deref(),
-        ) {
+        );
+        match checked {
             Err(reject) => {
                 let label = self.label_for_path(&req.path, &req.method);
                 reject.into_response().labeled(label)

@@ -391,7 +391,8 @@ impl McpApp {
         open: &mut Option<OpenConnection>,
     ) -> Option<Reuse> {
         let started = Instant::now();
-        let limits = &self.gateway.live().config.limits;
+        // A copy: the running config may change while a stream lasts.
+        let limits = &self.gateway.live().config.limits.clone();
         session.set_write_timeout(Some(WRITE_TIMEOUT));
         let (method, path) = {
             let h = session.req_header();
@@ -733,7 +734,8 @@ impl ServeHttp for AdminApp {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
         let headers = session.req_header().headers.clone();
-        let response = match read_body(session, &self.gateway.live().config.limits).await {
+        let limits = self.gateway.live().config.limits.clone();
+        let response = match read_body(session, &limits).await {
             Ok(body) => crate::admin::handle(&self.gateway, &method, &path, &headers, body).await,
             Err(reject) => {
                 session.set_keepalive(None);

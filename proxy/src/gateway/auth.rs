@@ -266,7 +266,8 @@ impl Gateway {
             (Some(sid), _) => self.store.ids_of_idp_session(sid).await,
             (None, Some(sub)) => {
                 let mut ids = Vec::new();
-                for org in self.live().routes.orgs() {
+                let live = self.live_full();
+                for org in live.routes.orgs() {
                     match self.store.ids_of_subject(&org.key, sub).await {
                         Ok(more) => ids.extend(more),
                         Err(e) => {

@@ -1314,6 +1314,10 @@ impl Gateway {
         let member = &f.fed.members[i];
         let mut resume: Option<String> = None;
         loop {
+            if !self.still_a_member(f.fed, member) {
+                // A reload took the server out of the federation.
+                return;
+            }
             let Ok(Some(session)) = self.store.lookup(session_id).await else {
                 return;
             };
@@ -1372,6 +1376,14 @@ impl Gateway {
             }
             tokio::time::sleep(FEED_RETRY).await;
         }
+    }
+
+    /// Whether the running config still has `member` in `fed`'s org.
+    fn still_a_member(&self, fed: &Federation, member: &Member) -> bool {
+        let live = self.live();
+        live.routes
+            .federation(&fed.name)
+            .is_some_and(|now| now.members.iter().any(|m| m.name == member.name))
     }
 
     /// Takes a server out of its federation's lists until it answers again.

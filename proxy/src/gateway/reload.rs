@@ -110,12 +110,23 @@ impl Gateway {
 
     /// Re-reads the config file and applies it (see the module's doc).
     pub async fn reload_file(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
-        let outcome = match self
-            .reloads
-            .file
-            .get()
-            .map(|file| (Config::load(file), file))
-        {
+        let read = match self.reloads.file.get() {
+            Some(file) => {
+                let path = file.clone();
+                // File reads and PEM checks: off the serving threads.
+                let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ConfigError::Read {
+                            file: file.clone(),
+                            source: std::io::Error::other(e),
+                        })
+                    });
+                Some((loaded, file))
+            }
+            None => None,
+        };
+        let outcome = match read {
             Some((Ok(config), file)) => self.reload(config, file).await,
             unread => {
                 self.count_reload(false);
@@ -147,24 +158,32 @@ impl Gateway {
         file: &Path,
     ) -> Result<Reloaded, ReloadError> {
         let _one_at_a_time = self.reloads.running.lock().await;
-        let result = self.swap_in(config, file);
-        self.count_reload(result.is_ok());
-        let (old, mut done) = result?;
-        self.metrics.config_generation.set(done.generation as i64);
-        self.warn_about_unsafe_settings();
+        let prepared = self.prepare(config, file);
+        self.count_reload(prepared.is_ok());
+        let (old, next, mut done) = prepared?;
+        // The removed routes' sessions end while those routes still run, so
+        // their upstream sessions are closed and they are counted out. (A
+        // session opened on one of them meanwhile ends at its idle expiry.)
         for key in &done.removed {
             done.sessions_ended += self.end_sessions_of_route(key).await;
         }
-        let live = self.live_full();
+        let live = Arc::new(next);
+        self.live.store(live.clone());
+        self.metrics.config_generation.set(done.generation as i64);
+        self.warn_about_unsafe_settings();
         for org in changed_orgs(&old, &live) {
             self.tell_lists_changed(&live, &org).await;
         }
         Ok(done)
     }
 
-    /// Checks `config` against the running one, builds its routes and
-    /// swaps both in: the old ones and what changed, or why not.
-    fn swap_in(&self, config: Config, file: &Path) -> Result<(Arc<Live>, Reloaded), ReloadError> {
+    /// Checks `config` against the running one and builds its routes: the
+    /// running config, the next one and what would change, or why not.
+    fn prepare(
+        &self,
+        config: Config,
+        file: &Path,
+    ) -> Result<(Arc<Live>, Live, Reloaded), ReloadError> {
         let old = self.live_full();
         let problems = old.config.restart_only_changes(&config);
         if !problems.is_empty() {
@@ -209,12 +228,12 @@ impl Gateway {
             ),
             sessions_ended: 0,
         };
-        self.live.store(Arc::new(Live {
+        let next = Live {
             config,
             routes,
             generation: done.generation,
-        }));
-        Ok((old, done))
+        };
+        Ok((old, next, done))
     }
 
     fn count_reload(&self, reloaded: bool) {

@@ -66,7 +66,8 @@ impl Gateway {
     /// Probes the upstreams whose era is `auto` and still unknown, so the
     /// first client does not wait for it and `/metrics` shows it early.
     pub async fn probe_eras(&self) {
-        for org in self.live().routes.orgs() {
+        let live = self.live_full();
+        for org in live.routes.orgs() {
             if org.server.era.known().is_none()
                 && let Err(e) = org.server.resolve_era().await
             {
