@@ -103,10 +103,11 @@ impl Source {
     /// shapes every route. Equal in two configs: the routes are the same.
     /// (All of an org's servers count: one server's policy changes the
     /// scopes that every route of the org offers.)
-    pub fn of_org(&self, org: &str) -> Option<Value> {
-        let tree = self.at(&["orgs", org])?.clone();
-        let limits = self.at(&["limits", "max_answer_bytes"]).cloned();
-        Some(Value::Sequence(vec![tree, limits.unwrap_or(Value::Null)]))
+    pub fn of_org(&self, org: &str) -> [Option<&Value>; 2] {
+        [
+            self.at(&["orgs", org]),
+            self.at(&["limits", "max_answer_bytes"]),
+        ]
     }
 }
 

@@ -606,6 +606,15 @@ def modern_call(url: str, name: str, args: dict, caps: dict | None = None, timeo
                 version=MODERN, headers={"Mcp-Method": "tools/call", "Mcp-Name": name}, timeout=timeout)
 
 
+def tool_names(url: str, sid: str) -> set[str]:
+    """The tool names of a tools/list on session `sid` (a JSON answer)."""
+    r = post(url, {"jsonrpc": "2.0", "id": 9, "method": "tools/list"}, session=sid)
+    assert r.status_code == 200, r.text
+    body = r.json() if r.headers["content-type"].startswith("application/json") else None
+    assert body is not None, r.text
+    return {t["name"] for t in body["result"]["tools"]}
+
+
 def result_of(r: httpx2.Response) -> dict:
     """The JSON-RPC result of an answer, JSON or SSE."""
     if r.headers["content-type"].startswith("application/json"):

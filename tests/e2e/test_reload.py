@@ -18,7 +18,7 @@ import httpx2
 import pytest
 
 from harness import (PUBLISH_SECRET, Gateway, SseReader, initialize, org, post, rpc_error, running,
-                     streamable_session)
+                     streamable_session, tool_names)
 
 AUTH = {"Authorization": f"Bearer {PUBLISH_SECRET}"}
 
@@ -189,12 +189,6 @@ def test_post_reload_needs_the_secret_and_refuses_a_bad_file_naming_each_problem
         assert 'ratatosk_config_reloads_total{result="reloaded"} 1' in metrics
         gw.config = good
         gw.write_config()
-
-
-def tool_names(url: str, sid: str) -> set[str]:
-    r = post(url, {"jsonrpc": "2.0", "id": 9, "method": "tools/list"}, session=sid)
-    assert r.status_code == 200, r.text
-    return {t["name"] for t in r.json()["result"]["tools"]}
 
 
 def test_a_removed_server_leaves_the_federated_endpoint_with_list_changed(log_dir, replicas):

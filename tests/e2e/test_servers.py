@@ -21,7 +21,7 @@ import pytest
 
 from harness import (CLIENT_ERAS, ROOTS, Example, Gateway, RedisServer, SseReader, answers, client, elicit, initialize,
                      list_roots, next_list_changed, org, post, redis_gateway, rpc_error, running, started,
-                     streamable_session, wait_until)
+                     streamable_session, tool_names, wait_until)
 
 pytestmark = pytest.mark.anyio
 
@@ -283,14 +283,6 @@ def test_list_changed_from_one_server_reaches_the_federated_stream(multi_gateway
             http.stream("GET", url, headers=headers) as r:
         assert r.status_code == 200
         next_list_changed(SseReader(r), modern_upstream)
-
-
-def tool_names(url: str, sid: str) -> set[str]:
-    r = post(url, {"jsonrpc": "2.0", "id": 9, "method": "tools/list"}, session=sid)
-    assert r.status_code == 200, r.text
-    body = r.json() if r.headers["content-type"].startswith("application/json") else None
-    assert body is not None, r.text
-    return {t["name"] for t in body["result"]["tools"]}
 
 
 def next_message_of(events: SseReader, method: str, within: float = 20.0) -> dict:

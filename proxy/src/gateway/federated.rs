@@ -1418,14 +1418,22 @@ impl Gateway {
                 if *state.org != *key {
                     continue;
                 }
-                for method in ["tools", "prompts", "resources"] {
-                    let note = format!(
-                        r#"{{"jsonrpc":"2.0","method":"notifications/{method}/list_changed"}}"#
-                    );
-                    let _ = this.hub.publish(&id, note.as_bytes()).await;
-                }
+                this.publish_lists_changed(&id).await;
             }
         });
+    }
+
+    /// Tells session `id` that its tools, prompts and resources may have
+    /// changed.
+    pub(super) async fn publish_lists_changed(&self, id: &str) {
+        const NOTES: [&[u8]; 3] = [
+            br#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#,
+            br#"{"jsonrpc":"2.0","method":"notifications/prompts/list_changed"}"#,
+            br#"{"jsonrpc":"2.0","method":"notifications/resources/list_changed"}"#,
+        ];
+        for note in NOTES {
+            let _ = self.hub.publish(id, note).await;
+        }
     }
 
     /// Checks the servers of every federation, every [`WATCH_EVERY`]:

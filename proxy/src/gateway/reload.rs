@@ -110,30 +110,15 @@ impl Gateway {
 
     /// Re-reads the config file and applies it (see the module's doc).
     pub async fn reload_file(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
-        let read = match self.reloads.file.get() {
-            Some(file) => {
-                let path = file.clone();
-                // File reads and PEM checks: off the serving threads.
-                let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(ConfigError::Read {
-                            file: file.clone(),
-                            source: std::io::Error::other(e),
-                        })
-                    });
-                Some((loaded, file))
-            }
-            None => None,
+        let loaded = match self.reloads.file.get() {
+            Some(file) => load_off_thread(file).await.map(|config| (config, file)),
+            None => Err(ReloadError::NoFile),
         };
-        let outcome = match read {
-            Some((Ok(config), file)) => self.reload(config, file).await,
-            unread => {
+        let outcome = match loaded {
+            Ok((config, file)) => self.reload(config, file).await,
+            Err(e) => {
                 self.count_reload(false);
-                match unread {
-                    Some((Err(e), _)) => Err(e.into()),
-                    _ => Err(ReloadError::NoFile),
-                }
+                Err(e)
             }
         };
         match &outcome {
@@ -160,7 +145,7 @@ impl Gateway {
         let _one_at_a_time = self.reloads.running.lock().await;
         let prepared = self.prepare(config, file);
         self.count_reload(prepared.is_ok());
-        let (old, next, mut done) = prepared?;
+        let (next, mut done) = prepared?;
         // The removed routes' sessions end while those routes still run, so
         // their upstream sessions are closed and they are counted out. (A
         // session opened on one of them meanwhile ends at its idle expiry.)
@@ -171,19 +156,16 @@ impl Gateway {
         self.live.store(live.clone());
         self.metrics.config_generation.set(done.generation as i64);
         self.warn_about_unsafe_settings();
-        for org in changed_orgs(&old, &live) {
-            self.tell_lists_changed(&live, &org).await;
+        let changed: BTreeSet<&str> = done.changed.iter().map(|key| org_of(key)).collect();
+        for org in changed {
+            self.tell_lists_changed(&live, org).await;
         }
         Ok(done)
     }
 
     /// Checks `config` against the running one and builds its routes: the
-    /// running config, the next one and what would change, or why not.
-    fn prepare(
-        &self,
-        config: Config,
-        file: &Path,
-    ) -> Result<(Arc<Live>, Live, Reloaded), ReloadError> {
+    /// next config and what would change, or why not.
+    fn prepare(&self, config: Config, file: &Path) -> Result<(Live, Reloaded), ReloadError> {
         let old = self.live_full();
         let problems = old.config.restart_only_changes(&config);
         if !problems.is_empty() {
@@ -233,7 +215,7 @@ impl Gateway {
             routes,
             generation: done.generation,
         };
-        Ok((old, next, done))
+        Ok((next, done))
     }
 
     fn count_reload(&self, reloaded: bool) {
@@ -280,12 +262,7 @@ impl Gateway {
                 continue;
             };
             for record in records {
-                for method in ["tools", "prompts", "resources"] {
-                    let note = format!(
-                        r#"{{"jsonrpc":"2.0","method":"notifications/{method}/list_changed"}}"#
-                    );
-                    let _ = self.hub.publish(&record.state.id, note.as_bytes()).await;
-                }
+                self.publish_lists_changed(&record.state.id).await;
             }
         }
         if let Some(federation) = live.routes.federation(org) {
@@ -294,22 +271,21 @@ impl Gateway {
     }
 }
 
+/// Reads `file` off the serving threads (file reads, PEM checks).
+async fn load_off_thread(file: &Path) -> Result<Config, ReloadError> {
+    let path = file.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+        .await
+        .map_err(|e| ConfigError::Read {
+            file: file.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+    Ok(loaded?)
+}
+
 /// The org of route key `org` or `org/server`.
 fn org_of(key: &str) -> &str {
     key.split_once('/').map_or(key, |(org, _)| org)
-}
-
-/// The orgs of `new` that `old` has too, with another part of the file.
-fn changed_orgs(old: &Live, new: &Live) -> Vec<String> {
-    new.config
-        .orgs
-        .keys()
-        .filter(|org| {
-            old.config.orgs.contains_key(*org)
-                && old.config.source.of_org(org) != new.config.source.of_org(org)
-        })
-        .cloned()
-        .collect()
 }
 
 #[cfg(test)]
@@ -339,6 +315,11 @@ mod tests {
 
     fn config(text: &str) -> Config {
         Config::from_yaml(text, Path::new("unit.yaml"), &|_| None).expect("config")
+    }
+
+    /// A gateway on `text`, sessions in memory.
+    fn gateway_of(text: &str) -> Arc<Gateway> {
+        Gateway::new(config(text), Arc::new(MemorySessionStore::new())).expect("gw")
     }
 
     fn post_to(org: &str, body: &str, extra: &[(&str, &str)]) -> crate::edge::Request {
@@ -409,7 +390,7 @@ mod tests {
             "http://old.example",
             &(org("org-1", &up1.url(), "") + &org("org-2", &up2.url(), "")),
         );
-        let gw = Gateway::new(config(&before), Arc::new(MemorySessionStore::new())).expect("gw");
+        let gw = gateway_of(&before);
         let (s1, s2) = (
             initialize_at(&gw, "org-1").await,
             initialize_at(&gw, "org-2").await,
@@ -480,7 +461,7 @@ mod tests {
     async fn a_changed_org_is_rebuilt_and_its_sessions_hear_that_lists_changed() {
         let up = mcp_stub().await;
         let plain = yaml("http://ok.example", &org("org-1", &up.url(), ""));
-        let gw = Gateway::new(config(&plain), Arc::new(MemorySessionStore::new())).expect("gw");
+        let gw = gateway_of(&plain);
         let sid = initialize_at(&gw, "org-1").await;
         let mut stream = stream_at(&gw, "org-1", &sid).await;
         let before = gw.live().routes.org("org-1").cloned().expect("org-1");
@@ -509,7 +490,7 @@ mod tests {
     async fn a_bad_or_restart_only_change_is_refused_and_nothing_changes() {
         let up = mcp_stub().await;
         let text = yaml("http://ok.example", &org("org-1", &up.url(), ""));
-        let gw = Gateway::new(config(&text), Arc::new(MemorySessionStore::new())).expect("gw");
+        let gw = gateway_of(&text);
         let sid = initialize_at(&gw, "org-1").await;
 
         // Fields only a restart applies: each one named.
