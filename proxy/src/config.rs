@@ -466,6 +466,115 @@ pub struct OrgConfig {
     /// and scopes. With rules, what no rule allows is denied.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
+    /// Rate limits on the org's requests, at every endpoint of the org.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// A rate limit of an org (`orgs.<org>.rate_limits[]`): a rate and a
+/// burst (GCRA), for each subject, client or the org as a whole, on the
+/// requests it selects. Every node of a Redis-mode gateway shares it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Named in refusals and in `ratatosk_refused_total{limit}`.
+    pub name: String,
+    /// `10/s`, `600/min`, `1000/h`, or a count per any duration (`5/30s`).
+    pub rate: Rate,
+    /// Requests allowed at once after a quiet spell. Default: the rate's
+    /// count.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Whose requests share one budget.
+    #[serde(default)]
+    pub per: RatePer,
+    /// The methods counted (`tools/call`, `resources/read`, ...).
+    /// Default: every request.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Only requests to these of the org's `servers`. Default: all.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Only calls of these tools (globs over the names as the federated
+    /// endpoint shows them, `fs__read_*`, as policy rules see them).
+    /// Default: every request the other fields select.
+    #[serde(default)]
+    pub tools: Vec<String>,
+}
+
+/// Whose requests share a rate limit's budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RatePer {
+    /// Each user (the token's subject).
+    #[default]
+    Subject,
+    /// Each OAuth client (the token's `azp` or `client_id`), the subject
+    /// when it has none.
+    Client,
+    /// The org as a whole.
+    Org,
+}
+
+impl RatePer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RatePer::Subject => "subject",
+            RatePer::Client => "client",
+            RatePer::Org => "org",
+        }
+    }
+}
+
+/// A count per period: `10/s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    /// The time one request takes of the budget: period ÷ count.
+    pub fn interval(&self) -> Duration {
+        self.period / self.count.max(1)
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Rate, String> {
+        let wrong = || format!("expected a rate like `10/s`, `600/min` or `5/30s`, got `{s}`");
+        let (count, period) = s.split_once('/').ok_or_else(wrong)?;
+        let count: u32 = count.trim().parse().map_err(|_| wrong())?;
+        let period = period.trim();
+        // `s`, `min`, `h`: one of the unit.
+        let period = if period.starts_with(|c: char| c.is_ascii_digit()) {
+            humantime::parse_duration(period)
+        } else {
+            humantime::parse_duration(&format!("1{period}"))
+        }
+        .map_err(|_| wrong())?;
+        Ok(Rate { count, period })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rate, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} per {}",
+            self.count,
+            humantime::format_duration(self.period)
+        )
+    }
 }
 
 /// One of an org's servers (`orgs.<org>.servers.<name>`).
@@ -1245,6 +1354,87 @@ impl OrgConfig {
         for (path, rule) in org_rules.chain(server_rules) {
             rule_problems(rule, &path, &mut names, at);
         }
+        self.rate_limit_problems(at);
+    }
+
+    /// `rate_limits`: names, rates, bursts and what they select.
+    fn rate_limit_problems(&self, at: &mut Section) {
+        let mut names = BTreeMap::new();
+        for (i, limit) in self.rate_limits.iter().enumerate() {
+            let mut at = at.sub(&format!("rate_limits[{i}]"));
+            let name = &limit.name;
+            if name.is_empty() || name.len() > 64 || !is_name_part(name) {
+                at.bad("name", "expected a name of 1 to 64 of `A-Z a-z 0-9 _ - .`");
+            } else if let Some(first) = names.insert(name.as_str(), i) {
+                at.bad(
+                    "name",
+                    format!("`{name}` is also the name of rate_limits[{first}]; each limit needs its own"),
+                );
+            }
+            let rate = limit.rate;
+            if rate.count == 0 || rate.period.is_zero() || rate.period > Duration::from_secs(86_400)
+            {
+                at.bad(
+                    "rate",
+                    format!(
+                        "expected at least 1 request per a period of at most a day, got {rate}"
+                    ),
+                );
+            } else if rate.interval() < Duration::from_micros(1) {
+                at.bad(
+                    "rate",
+                    format!("{rate} is more than one request per microsecond"),
+                );
+            }
+            if let Some(burst) = limit.burst
+                && (burst == 0 || burst > 1_000_000)
+            {
+                at.bad(
+                    "burst",
+                    format!("expected between 1 and 1000000, got {burst}"),
+                );
+            }
+            for (j, method) in limit.methods.iter().enumerate() {
+                if method.is_empty() || method.len() > 128 {
+                    at.bad(
+                        &format!("methods[{j}]"),
+                        "expected a method name like `tools/call`",
+                    );
+                }
+            }
+            if !limit.tools.is_empty()
+                && !limit.methods.is_empty()
+                && !limit.methods.iter().any(|m| m == "tools/call")
+            {
+                at.bad(
+                    "tools",
+                    "tools are named by `tools/call` only: add it to `methods`, or leave `methods` out",
+                );
+            }
+            for (j, tool) in limit.tools.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(tool) {
+                    at.bad(&format!("tools[{j}]"), format!("not a glob: {e}"));
+                }
+            }
+            for (j, server) in limit.servers.iter().enumerate() {
+                if !self.servers.contains_key(server) {
+                    let known: Vec<&str> = self.servers.keys().map(String::as_str).collect();
+                    at.bad(
+                        &format!("servers[{j}]"),
+                        if known.is_empty() {
+                            format!(
+                                "`{server}`: the org has no `servers` (only the one `upstream`)"
+                            )
+                        } else {
+                            format!(
+                                "the org has no server `{server}` (it has {})",
+                                known.join(", ")
+                            )
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// `servers`: names, prefixes and the separator.
@@ -1506,6 +1696,49 @@ orgs:
         let problems = err.problems().to_vec();
         assert_eq!(problems.len(), 1, "expected one problem, got {problems:?}");
         problems.into_iter().next().expect("one problem")
+    }
+
+    #[test]
+    fn rate_limits_are_checked_with_the_org_they_belong_to() {
+        let text = format!(
+            r#"{}    rate_limits:
+      - {{name: calls, rate: 10/s, methods: [tools/call], tools: ["x*"]}}
+      - {{name: calls, rate: 0/s}}
+      - {{name: "bad name", rate: ten}}
+"#,
+            minimal()
+        );
+        // A rate that does not parse is a problem of the file's shape.
+        let problem = only_problem(parse(&text).expect_err("invalid"));
+        assert_eq!(problem.path, "orgs.org-1.rate_limits[2].rate");
+        assert!(problem.message.contains("`10/s`"), "{problem}");
+        let text = format!(
+            r#"{}    rate_limits:
+      - {{name: calls, rate: 10/s, burst: 0, servers: [fs], methods: [prompts/get], tools: [x]}}
+      - {{name: calls, rate: 0/s}}
+"#,
+            minimal()
+        );
+        let err = parse(&text).expect_err("invalid");
+        let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "orgs.org-1.rate_limits[0].burst",
+                "orgs.org-1.rate_limits[0].tools",
+                "orgs.org-1.rate_limits[0].servers[0]",
+                "orgs.org-1.rate_limits[1].name",
+                "orgs.org-1.rate_limits[1].rate",
+            ]
+        );
+        let good = format!(
+            "{}    rate_limits:\n      - {{name: calls, rate: 600/min, per: client}}\n",
+            minimal()
+        );
+        let c = parse(&good).expect("valid");
+        let limit = &c.orgs["org-1"].rate_limits[0];
+        assert_eq!(limit.rate.interval(), Duration::from_millis(100));
+        assert_eq!(limit.per, RatePer::Client);
     }
 
     #[test]

@@ -60,6 +60,8 @@ mod lifecycle;
 mod params;
 /// Tool policies and the audit.
 mod policed;
+/// Rate limits.
+mod rated;
 /// Where failures become responses.
 mod rejects;
 /// A new config in place of the running one.
@@ -142,6 +144,8 @@ pub struct Gateway {
     /// With several nodes: the provider logouts Redis keeps for nodes
     /// that were off the bus.
     logouts: Option<LogoutMemory>,
+    /// With several nodes: where the rate limits are decided.
+    rates: Option<crate::ratelimit::SharedRates>,
     draining: AtomicBool,
 }
 
@@ -158,6 +162,8 @@ pub struct Live {
 pub struct Shared {
     pub events: Arc<SharedEvents>,
     pub logouts: LogoutMemory,
+    /// For the rate limits, which all nodes share.
+    pub rates: redis::aio::ConnectionManager,
 }
 
 /// Why a publish was refused.
@@ -184,11 +190,18 @@ impl Gateway {
         store: Arc<dyn SessionStore>,
         shared: Option<Shared>,
     ) -> Result<Arc<Gateway>, BuildError> {
-        let (events, logouts) = match shared {
-            Some(Shared { events, logouts }) => (Some(events), Some(logouts)),
-            None => (None, None),
+        let (events, logouts, rates) = match shared {
+            Some(Shared {
+                events,
+                logouts,
+                rates,
+            }) => (Some(events), Some(logouts), Some(rates)),
+            None => (None, None, None),
         };
         let metrics = Arc::new(Metrics::new()?);
+        let rates = rates.map(|conn| {
+            crate::ratelimit::SharedRates::new(conn, &config.sessions.key_prefix, &metrics)
+        });
         let upstream_jwt = config
             .upstream_jwt
             .as_ref()
@@ -246,6 +259,7 @@ impl Gateway {
             federations: federated::Federations::default(),
             audit,
             logouts,
+            rates,
             draining: AtomicBool::new(false),
             reloads: reload::Reloads::default(),
             live: arc_swap::ArcSwap::from_pointee(Live {

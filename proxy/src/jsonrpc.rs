@@ -26,6 +26,8 @@ pub mod code {
     pub const UPSTREAM_ERROR: i64 = -32002;
     /// The route does not exist.
     pub const NOT_FOUND: i64 = -32004;
+    /// A rate limit refused the request (HTTP 429, with `Retry-After`).
+    pub const RATE_LIMITED: i64 = -32029;
 }
 
 /// Longest JSON-RPC id accepted, as JSON text. Ids are kept per request in

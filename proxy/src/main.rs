@@ -369,7 +369,15 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
         )
         .with_context(unusable)?;
         let logouts = LogoutMemory::new(store.connection(), &sessions.key_prefix);
-        (store, Shared { events, logouts })
+        let rates = store.connection();
+        (
+            store,
+            Shared {
+                events,
+                logouts,
+                rates,
+            },
+        )
     };
     tracing::info!(prefix = %sessions.key_prefix, node = shared.events.node(), "sessions and their events are kept in redis");
     Ok((Arc::new(store), Some(shared), Some(runtime)))

@@ -107,6 +107,11 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// The running config's generation: 1 at start, one more per reload.
     pub config_generation: IntGauge,
+    /// Requests refused by a rate limit, by org and limit name.
+    pub rate_limited: IntCounterVec,
+    /// Rate-limit decisions Redis did not answer in time (the request
+    /// passed).
+    pub rate_limit_errors: IntCounter,
 }
 
 impl Metrics {
@@ -212,6 +217,17 @@ impl Metrics {
             ),
             &["org", "limit"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests refused by a rate limit (429), by org and limit",
+            ),
+            &["org", "limit"],
+        )?;
+        let rate_limit_errors = IntCounter::new(
+            "rate_limit_errors_total",
+            "Rate-limit decisions Redis did not answer in time; the requests passed",
+        )?;
         let connections = IntGauge::new(
             "connections",
             "Client connections open on the MCP listener, streams included",
@@ -260,6 +276,8 @@ impl Metrics {
         registry.register(Box::new(tls_reloads.clone()))?;
         registry.register(Box::new(shared_dropped.clone()))?;
         registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(rate_limit_errors.clone()))?;
         registry.register(Box::new(holds.clone()))?;
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
@@ -301,6 +319,8 @@ impl Metrics {
             tls_reloads,
             config_reloads,
             config_generation,
+            rate_limited,
+            rate_limit_errors,
         })
     }
 

@@ -44,6 +44,8 @@ pub struct Front {
     /// Who every caller is when `auth` is `none`.
     pub anonymous: Arc<ratatosk_auth::Identity>,
     pub metrics: crate::metrics::OrgMetrics,
+    /// The org's rate limits: one state for all of its endpoints.
+    pub rates: Arc<crate::ratelimit::RateLimits>,
 }
 
 /// One route: an org's front and one server behind it.
@@ -176,6 +178,8 @@ pub enum RoutesError {
     Policy(Arc<str>, globset::Error),
     #[error("route '{0}': upstream.auth: {1}")]
     Credentials(Arc<str>, String),
+    #[error("org '{0}': {1}")]
+    RateLimit(String, crate::ratelimit::RateLimitError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +228,16 @@ impl Routes {
             let rules = entries.iter().flat_map(|e| e.policy.iter());
             let offered =
                 crate::policy::offered_scopes(org.policy.iter().chain(rules), &org.scopes);
+            // A reload keeps an unchanged org's routes whole, and with them
+            // the state of its limits, which its federation shares.
+            let first = OrgRoute::key_of(name, entries.first().and_then(|e| e.name));
+            let rates = match reuse(&first) {
+                Some(route) => route.rates.clone(),
+                None => Arc::new(
+                    crate::ratelimit::RateLimits::new(name, &org.rate_limits, metrics)
+                        .map_err(|e| RoutesError::RateLimit(name.clone(), e))?,
+                ),
+            };
             let front = |key: Arc<str>, server_name: Option<&str>| Front {
                 name: name.as_str().into(),
                 key,
@@ -234,6 +248,7 @@ impl Routes {
                 organization: org.organization.clone().unwrap_or_else(|| name.clone()),
                 anonymous: Arc::new(ratatosk_auth::Identity::anonymous(name)),
                 metrics: metrics.for_org(name),
+                rates: rates.clone(),
             };
             let mut members = Vec::new();
             for entry in org.server_entries() {

@@ -785,6 +785,7 @@ impl BackgroundService for Housekeeping {
                 _ = tokio::time::sleep(period) => {
                     self.gateway.reap_idle().await;
                     self.gateway.probe_eras().await;
+                    self.gateway.forget_full_budgets();
                 }
             }
         }

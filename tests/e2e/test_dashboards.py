@@ -76,10 +76,12 @@ def test_every_metric_of_the_dashboard_and_the_rules_is_exported(gateway, auth_g
     assert r.status_code == 200, r.text
     found = exported(gateway.metrics()) | exported(auth_gateway.metrics())
 
-    # TLS on the listener: its certificate reload series.
+    # TLS on the listener: its certificate reload series; and a rate limit,
+    # whose series exist from the start.
     pki = Pki(tmp_path / "pki")
     cert, key = pki.issue("dash")
-    tls = Gateway(log_dir / "dash-tls", {"org-1": org(replicas)}, name="dash-tls", verify=pki.context(),
+    rated = {**org(replicas), "rate_limits": [{"name": "calls", "rate": "100/s"}]}
+    tls = Gateway(log_dir / "dash-tls", {"org-1": rated}, name="dash-tls", verify=pki.context(),
                   extra={"tls": {"cert_file": str(cert), "key_file": str(key)}})
     with running(tls):
         found |= exported(httpx2.get(tls.admin + "/metrics", timeout=5).text)

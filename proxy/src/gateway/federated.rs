@@ -169,6 +169,7 @@ impl Gateway {
         let body = parse_post_body(&f.req.body)?;
         label.method = body_label(&body);
         self.check_batch(&body, "2024-11-05", true)?;
+        self.rate_limit_federated(f.fed, f.identity, &body).await?;
         let (this, owned) = (self.clone(), f.owned());
         tokio::spawn(async move {
             let f = owned.fed();
@@ -257,6 +258,7 @@ impl Gateway {
         edge::check_post_framing(headers)?;
         let body = parse_post_body(&f.req.body)?;
         label.method = body_label(&body);
+        self.rate_limit_federated(f.fed, f.identity, &body).await?;
         if !headers.contains_key(&MCP_SESSION_ID)
             && let Body::Single(m) = &body
         {

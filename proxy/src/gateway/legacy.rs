@@ -73,6 +73,7 @@ impl Gateway {
         let body = parse_post_body(&req.body)?;
         label.method = body_label(&body);
         self.check_batch(&body, "2024-11-05", true)?;
+        self.rate_limit_server(call, &body).await?;
         for m in body.messages() {
             if m.method() == Some("initialize") {
                 let params = m.params().unwrap_or(Value::Null);

@@ -60,6 +60,7 @@ impl Gateway {
             }
         };
         label.method = body_label(body);
+        self.rate_limit_server(call, body).await?;
         if !req.headers.contains_key(&MCP_SESSION_ID)
             && let Body::Single(m) = &body
         {
