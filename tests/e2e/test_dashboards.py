@@ -2,12 +2,15 @@
 alert rules (deploy/prometheus/ratatosk-rules.yaml) use only metrics the
 gateway exports: each ratatosk_ name in their queries is in some gateway's
 /metrics, after traffic that makes its series (plain, with a token checked
-by the real Keycloak, and over TLS)."""
+by the real Keycloak, and over TLS). promtool (scripts/go-tools) accepts
+the rules and passes their unit tests (ratatosk-rules.test.yaml)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import httpx2
@@ -16,6 +19,8 @@ from harness import Gateway, initialize, org, post, running
 from pki import Pki
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+GOBIN = Path(os.environ.get("RATATOSK_GOBIN",
+                            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ratatosk" / "gobin"))
 NAME = re.compile(r"\bratatosk_[a-z_]+")
 # A histogram's series carry these suffixes; its family does not.
 SUFFIXES = ("_bucket", "_sum", "_count")
@@ -89,3 +94,29 @@ def test_every_metric_of_the_dashboard_and_the_rules_is_exported(gateway, auth_g
     for what, names in wanted.items():
         missing = sorted(names - found)
         assert not missing, f"the {what} uses metrics no gateway exports: {missing}"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    path = GOBIN / "promtool"
+    assert path.exists(), f"{path} is missing: run scripts/go-tools"
+    return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path):
+    rules = DEPLOY / "prometheus" / "ratatosk-rules.yaml"
+    alerts = len(re.findall(r"^\s*- alert: ", rules.read_text(), re.M))
+    checked = promtool("check", "rules", str(rules))
+    assert checked.returncode == 0 and f"SUCCESS: {alerts} rules found" in checked.stdout, checked
+
+    tests = DEPLOY / "prometheus" / "ratatosk-rules.test.yaml"
+    tested = promtool("test", "rules", str(tests))
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested
+    # The unit tests can fail: the same file expecting the alert of the
+    # error rate on the instance whose rate is low is refused.
+    wrong = tests.read_text().replace('summary: "More than 5% of MCP requests end in 5xx on gw-0"',
+                                      'summary: "More than 5% of MCP requests end in 5xx on gw-1"')
+    assert wrong != tests.read_text()
+    (tmp_path / "ratatosk-rules.yaml").write_text(rules.read_text())
+    (tmp_path / "wrong.test.yaml").write_text(wrong)
+    failed = promtool("test", "rules", str(tmp_path / "wrong.test.yaml"))
+    assert failed.returncode == 1 and "RatatoskHighErrorRate" in failed.stdout + failed.stderr, failed
