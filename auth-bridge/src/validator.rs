@@ -252,7 +252,7 @@ impl Validator {
             let key = cache_key(mode, token);
             match self.cache.get(&key).await {
                 Some(v) => {
-                    self.metrics.cache_outcome(CacheOutcome::Hit).inc();
+                    self.cache_outcome(CacheOutcome::Hit);
                     v
                 }
                 None => {
@@ -271,7 +271,7 @@ impl Validator {
                     } else {
                         CacheOutcome::Coalesced
                     };
-                    self.metrics.cache_outcome(outcome).inc();
+                    self.cache_outcome(outcome);
                     entry.into_value()
                 }
             }
@@ -285,6 +285,13 @@ impl Validator {
                 Ok(identity)
             }
         }
+    }
+
+    /// Counts a cache outcome, and gives it to the span of the check (its
+    /// `cache` field, where the caller's span has one: a trace's).
+    fn cache_outcome(&self, outcome: CacheOutcome) {
+        self.metrics.cache_outcome(outcome).inc();
+        tracing::Span::current().record("cache", outcome.as_str());
     }
 
     /// What the cache cannot know: time passing, and logouts since.

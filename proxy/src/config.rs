@@ -63,6 +63,11 @@ pub struct Config {
     /// (`https://` with `tls`).
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Traces over OTLP. Also on, with the defaults, when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// is set; `OTEL_SDK_DISABLED=true` turns them off.
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
     /// The identity provider (a Keycloak realm). Required when an org uses
     /// an `auth` mode other than `none`.
     #[serde(default)]
@@ -131,6 +136,7 @@ pub const RESTART_ONLY: &[&[&str]] = &[
     &["backchannel_logout_path"],
     &["upstream_jwt"],
     &["limits", "max_connections"],
+    &["telemetry"],
 ];
 
 fn default_logout_path() -> String {
@@ -469,6 +475,31 @@ pub struct OrgConfig {
     /// Rate limits on the org's requests, at every endpoint of the org.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// `telemetry`: where traces go and how many. The standard `OTEL_*`
+/// variables (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `..._HEADERS`,
+/// `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, ...) override it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub endpoint: Option<String>,
+    /// `service.name` of the traces.
+    pub service_name: String,
+    /// The share of traces kept, 0 to 1, for requests that do not come
+    /// with a sampled `traceparent` (a parent's choice is followed).
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            endpoint: None,
+            service_name: "ratatosk".into(),
+            sample_ratio: 1.0,
+        }
+    }
 }
 
 /// A rate limit of an org (`orgs.<org>.rate_limits[]`): a rate and a
@@ -963,6 +994,28 @@ impl Config {
             .problems(&mut found.at("audit"), self.sessions.store);
         self.publish.problems(&mut found.at("publish"));
         self.server.problems(&mut found.at("server"));
+        if let Some(telemetry) = &self.telemetry {
+            let mut at = found.at("telemetry");
+            if !(0.0..=1.0).contains(&telemetry.sample_ratio) {
+                at.bad(
+                    "sample_ratio",
+                    format!("expected 0 to 1, got {}", telemetry.sample_ratio),
+                );
+            }
+            if let Some(endpoint) = &telemetry.endpoint
+                && !matches!(
+                    Url::parse(endpoint)
+                        .map(|u| u.scheme().to_owned())
+                        .as_deref(),
+                    Ok("http" | "https")
+                )
+            {
+                at.bad(
+                    "endpoint",
+                    format!("expected an http(s) URL like `http://127.0.0.1:4318/v1/traces`, got `{endpoint}`"),
+                );
+            }
+        }
         if self.orgs.is_empty() {
             found.bad("orgs", "expected at least one org");
         }

@@ -22,6 +22,7 @@ pub mod routes;
 pub mod server;
 pub mod session;
 pub mod stream;
+pub mod telemetry;
 pub mod upstream;
 
 #[cfg(test)]

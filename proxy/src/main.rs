@@ -56,17 +56,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match (cli.command, cli.config) {
         (Some(Command::Check { config }), _) => check(&config),
-        (None, Some(config)) => {
-            init_logging();
-            match run(&config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("ratatosk: {e:#}");
-                    ExitCode::FAILURE
-                }
+        (None, Some(config)) => match run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("ratatosk: {e:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
         (None, None) => {
             eprintln!("ratatosk: missing --config FILE (see --help)");
             ExitCode::from(2)
@@ -108,18 +105,32 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs (text, or JSON with `RATATOSK_LOG_FORMAT=json`, filtered by
+/// `RATATOSK_LOG`), and traces over OTLP when `telemetry` or the `OTEL_*`
+/// variables ask for them (spans at `info` and above, not log lines).
+fn init_logging(telemetry: Option<&ratatosk::config::TelemetryConfig>) -> anyhow::Result<()> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_env("RATATOSK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,pingora_core=warn"));
     let json = std::env::var("RATATOSK_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    if json {
-        builder.json().init();
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let logs = if json {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    let traces = ratatosk::telemetry::start(telemetry)?.map(|layer| {
+        layer.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_span() && *meta.level() <= tracing::Level::INFO
+        }))
+    });
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .init();
+    Ok(())
 }
 
 /// What SIGHUP asks for: the listeners' TLS files re-read, and the config
@@ -229,6 +240,10 @@ fn run(path: &Path) -> anyhow::Result<()> {
     ratatosk_auth::tls::install_crypto();
     let hangups = on_hangups()?;
     let config = Config::load(path)?;
+    init_logging(config.telemetry.as_ref())?;
+    if ratatosk::telemetry::on() {
+        tracing::info!("traces go over OTLP (telemetry, OTEL_* variables)");
+    }
     let certs = Certs::load(&config, path)?;
     // Pingora panics on a busy port; find out first and say which.
     for (what, addr) in [

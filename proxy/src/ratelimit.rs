@@ -281,7 +281,10 @@ impl SharedRates {
         let interval = u64::try_from(limit.interval.as_micros()).unwrap_or(u64::MAX);
         let mut invocation = self.script.key(redis_key);
         invocation.arg(interval).arg(limit.burst);
-        let call = invocation.invoke_async::<u64>(&mut conn);
+        let call = tracing::Instrument::instrument(
+            invocation.invoke_async::<u64>(&mut conn),
+            crate::telemetry::redis("rate limit"),
+        );
         match tokio::time::timeout(REDIS_WAIT, call).await {
             Ok(Ok(0)) => Ok(None),
             Ok(Ok(wait)) => Ok(Some(Duration::from_micros(wait))),

@@ -149,9 +149,12 @@ impl ServerRoute {
         metrics: &Metrics,
         credentials: crate::upstream::Credentials,
     ) -> Result<ServerRoute, PoolError> {
-        let pool = Pool::new(org, config, max_answer_bytes, metrics)?.with_credentials(credentials);
+        let era = Arc::new(UpstreamEra::new(org, config.era, metrics));
+        let pool = Pool::new(org, config, max_answer_bytes, metrics)?
+            .with_credentials(credentials)
+            .with_era(era.clone());
         Ok(ServerRoute {
-            era: Arc::new(UpstreamEra::new(org, config.era, metrics)),
+            era,
             max_input_rounds: config.max_input_rounds,
             pool: Arc::new(pool),
         })

@@ -380,7 +380,22 @@ impl McpApp {
             session.get_keepalive().is_some() && !*shutdown.borrow() && !self.gateway.is_draining();
         session.set_keepalive(keepalive.then_some(IDLE_SECS));
         let request_id = request_id(session.req_header().headers.get(&edge::REQUEST_ID));
-        let span = tracing::info_span!("request", id = %request_id);
+        let span = if crate::telemetry::on() {
+            let h = session.req_header();
+            let span = tracing::info_span!(
+                "request",
+                id = %request_id,
+                otel.name = %format_args!("{} {}", h.method, h.uri.path()),
+                otel.kind = "server",
+                http.request.method = %h.method,
+                url.path = h.uri.path(),
+                http.response.status_code = tracing::field::Empty,
+            );
+            crate::telemetry::continue_trace(&span, &h.headers);
+            span
+        } else {
+            tracing::info_span!("request", id = %request_id)
+        };
         self.serve(session, request_id, open).instrument(span).await
     }
 
@@ -415,6 +430,7 @@ impl McpApp {
             }
         };
         let status = response.status.as_u16();
+        tracing::Span::current().record("http.response.status_code", status);
         // Only HTTP/1.1 streams are chunked, and so can be written by `pump`.
         let detach = method == Method::GET
             && matches!(response.body, ResponseBody::Stream(_))

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use prometheus::{Histogram, IntCounter, IntGauge};
 
-use crate::config::UpstreamConfig;
+use tracing::Instrument as _;
+
+use crate::config::{Era, UpstreamConfig};
 use crate::edge::mime_is;
 use crate::metrics::Metrics;
 use ratatosk_auth::tls::ClientPems;
@@ -126,6 +128,8 @@ pub struct Pool {
     connect_timeout: Duration,
     /// What each request carries to prove the gateway (`upstream.auth`).
     credentials: Credentials,
+    /// The era the server speaks, for traces (set once the route is built).
+    era: std::sync::OnceLock<Arc<probe::UpstreamEra>>,
 }
 
 /// A replica chosen for one request. It counts as outstanding until dropped.
@@ -237,12 +241,19 @@ impl Pool {
             client: conn::Client::new(cfg.replicas.len(), cfg.connect_timeout, tls),
             connect_timeout: cfg.connect_timeout,
             credentials: Credentials::None,
+            era: std::sync::OnceLock::new(),
         })
     }
 
     /// This pool, with `credentials` on every request.
     pub fn with_credentials(mut self, credentials: Credentials) -> Pool {
         self.credentials = credentials;
+        self
+    }
+
+    /// Names the era the pool's server speaks, for its traces.
+    pub fn with_era(self, era: Arc<UpstreamEra>) -> Pool {
+        let _ = self.era.set(era);
         self
     }
 
@@ -405,8 +416,41 @@ impl Pool {
         }
     }
 
-    /// One request to the leased replica.
+    /// One request to the leased replica; with traces on, in a span of its
+    /// own whose `traceparent` the replica gets.
     async fn attempt(
+        &self,
+        lease: Lease,
+        method: http::Method,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Attempt {
+        if !crate::telemetry::on() {
+            return self.attempt_in(lease, method, headers, body).await;
+        }
+        let replica = &self.replicas[lease.index];
+        let era = self.era.get().and_then(|e| e.known());
+        let span = tracing::info_span!(
+            "upstream",
+            otel.name = %format_args!("upstream {method}"),
+            otel.kind = "client",
+            server = %self.org,
+            replica = %replica.name,
+            era = era.map_or("unknown", Era::as_str),
+            http.response.status_code = tracing::field::Empty,
+        );
+        span.in_scope(|| crate::telemetry::inject(&mut headers));
+        let done = self
+            .attempt_in(lease, method, headers, body)
+            .instrument(span.clone())
+            .await;
+        if let Attempt::Done(Ok(answer)) = &done {
+            span.record("http.response.status_code", answer.status.as_u16());
+        }
+        done
+    }
+
+    async fn attempt_in(
         &self,
         lease: Lease,
         method: http::Method,

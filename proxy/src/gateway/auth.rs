@@ -37,9 +37,14 @@ impl Gateway {
                     .headers
                     .get(header::AUTHORIZATION)
                     .map(HeaderValue::as_bytes);
-                validator
-                    .authenticate(authorization, org.auth, &org.organization, &org.scopes)
-                    .await
+                let span = crate::telemetry::span(
+                    || tracing::info_span!("auth", org = %org.name, mode = org.auth.as_str(), cache = tracing::field::Empty),
+                );
+                tracing::Instrument::instrument(
+                    validator.authenticate(authorization, org.auth, &org.organization, &org.scopes),
+                    span,
+                )
+                .await
             }
             None => Err(AuthError::Unavailable(
                 "no identity provider is configured".into(),

@@ -275,7 +275,11 @@ impl Gateway {
                 Some(_) => session_not_found(),
             });
         };
-        match self.store.lookup(id).await.map_err(store_reject)? {
+        let span = crate::telemetry::span(|| {
+            tracing::info_span!("session", route = key, store = self.store.kind())
+        });
+        let found = tracing::Instrument::instrument(self.store.lookup(id), span).await;
+        match found.map_err(store_reject)? {
             Some(s)
                 if *s.org == *key && s.subject == identity.subject && s.transport == transport =>
             {

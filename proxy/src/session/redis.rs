@@ -29,6 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+use tracing::Instrument as _;
 
 use super::{Admission, SessionRecord, SessionState, SessionStore, StoreError};
 
@@ -434,6 +435,7 @@ impl RedisSessionStore {
             .arg(id)
             .arg(self.key_ttl_ms)
             .invoke_async(&mut conn)
+            .instrument(crate::telemetry::redis("session lookup"))
             .await?)
     }
 
@@ -537,6 +539,7 @@ impl SessionStore for RedisSessionStore {
             .arg(admission.total)
             .arg(index)
             .invoke_async(&mut conn)
+            .instrument(crate::telemetry::redis("session insert"))
             .await?;
         refusal(outcome, &state.org, admission)?;
         Ok(Arc::new(state))
@@ -601,6 +604,7 @@ impl SessionStore for RedisSessionStore {
                 .arg(version)
                 .arg(json)
                 .invoke_async(&mut conn)
+                .instrument(crate::telemetry::redis("session change"))
                 .await?;
             match outcome {
                 1 => return Ok(true),
@@ -623,6 +627,7 @@ impl SessionStore for RedisSessionStore {
             .arg(id)
             .arg(&self.prefix)
             .invoke_async(&mut conn)
+            .instrument(crate::telemetry::redis("session remove"))
             .await?;
         match removed {
             None => Ok(None),

@@ -946,7 +946,11 @@ async fn deliver_input(
                       "message": format!("the client sent no inputResponses.{INPUT_KEY}")},
         }),
     };
-    let failed = match tokio::time::timeout(REPLY_TIMEOUT, parked.park.send(reply)).await {
+    let span = crate::telemetry::span(
+        || tracing::info_span!("bridge round", org = %parked.park.org.name, delivered = "input"),
+    );
+    let send = tracing::Instrument::instrument(parked.park.send(reply), span);
+    let failed = match tokio::time::timeout(REPLY_TIMEOUT, send).await {
         Ok(Ok(_)) => None,
         Ok(Err(e)) => Some(format!(
             "the upstream lost the call that asked for this input ({e})"

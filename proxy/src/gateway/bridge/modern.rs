@@ -504,10 +504,11 @@ impl Gateway {
                 }
                 Map::new()
             } else {
-                match self
-                    .ask_client(org, session, log, stream, &input.requests, cancel)
-                    .await
-                {
+                let span = crate::telemetry::span(
+                    || tracing::info_span!("bridge round", org = %org.name, round = rounds, method = %round.method, asks = input.requests.len()),
+                );
+                let asked = self.ask_client(org, session, log, stream, &input.requests, cancel);
+                match tracing::Instrument::instrument(asked, span).await {
                     Ok(Some(answers)) => answers,
                     Ok(None) => return,
                     Err(reject) => {
