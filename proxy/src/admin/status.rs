@@ -432,6 +432,8 @@ code, .mono { font-family: ui-monospace, monospace; font-size: 13px; }
 .badge.ok { background: var(--ok); color: #fff; } .badge.bad { background: var(--bad); color: #fff; }
 dl { display: grid; grid-template-columns: max-content auto; gap: .15rem 1.2rem; margin: .3rem 0; }
 dt { font-weight: 600; } dd { margin: 0; }
+dl.figures { grid-template-columns: repeat(3, max-content minmax(4rem, max-content)); }
+dl.figures dt { font-weight: normal; } dl.figures dd { text-align: right; padding-right: 2rem; white-space: nowrap; }
 .msg { max-width: 60rem; overflow-wrap: anywhere; }
 footer { margin-top: 2rem; font-size: .85rem; }
 ";
@@ -525,17 +527,17 @@ pub fn render(s: &Status) -> String {
             "<p class=\"dim\" data-field=\"auth-off\">No identity provider is configured: no org validates tokens.</p>",
         ),
         Some(figures) => {
-            h.push_str("<table><tbody>");
+            h.push_str("<dl class=\"figures\">");
             for f in figures {
                 let _ = write!(
                     h,
-                    "<tr><th>{}</th><td class=\"n\" data-field=\"{}\">{}</td></tr>",
+                    "<dt>{}</dt><dd class=\"n\" data-field=\"{}\">{}</dd>",
                     escape(f.label),
                     escape(f.key),
                     escape(&f.value)
                 );
             }
-            h.push_str("</tbody></table>");
+            h.push_str("</dl>");
         }
     }
     h.push_str("</section>\n");
