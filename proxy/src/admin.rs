@@ -1,7 +1,7 @@
-//! The admin listener: health, readiness, metrics, the publish API, the
-//! sessions API and config reloads. Keep it on a network only operators and
-//! workers reach; all but health, readiness and metrics also need the
-//! publish secret.
+//! The admin listener: health, readiness, metrics, the status page, the
+//! publish API, the sessions API and config reloads. Keep it on a network
+//! only operators and workers reach; all but health, readiness and metrics
+//! also need the publish secret.
 
 use std::sync::Arc;
 
@@ -13,6 +13,9 @@ use crate::edge::{Reject, Response};
 use crate::gateway::{Gateway, PublishError};
 use crate::holds::HoldPublishError;
 use crate::jsonrpc::code;
+
+/// The status page: what the gateway is doing, as one HTML page.
+mod status;
 
 /// Answers one admin request. `body` is already read (and bounded).
 pub async fn handle(
@@ -36,6 +39,10 @@ async fn route(
 ) -> Result<Response, Reject> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
+        (&Method::GET, [""]) => match authorize_page(gw, headers) {
+            Ok(()) => Ok(status::page(gw).await),
+            Err(e) => Ok(status::unauthorized(&e.to_string())),
+        },
         (&Method::GET, ["healthz"]) => Ok(json_response(StatusCode::OK, json!({"status": "ok"}))),
         (&Method::GET, ["readyz"]) => Ok(readiness(gw).await),
         (_, ["jwks.json"]) => Ok(gw.serve_jwks(method)),
@@ -160,7 +167,9 @@ async fn route(
                 .with_data(e.problems_json())),
             }
         }
-        (_, ["healthz" | "readyz" | "metrics"]) => Err(Reject::method_not_allowed(method, "GET")),
+        (_, ["" | "healthz" | "readyz" | "metrics"]) => {
+            Err(Reject::method_not_allowed(method, "GET"))
+        }
         (_, ["reload"]) => Err(Reject::method_not_allowed(method, "POST")),
         (_, ["sessions", _, "messages"]) => Err(Reject::method_not_allowed(method, "POST")),
         (_, ["sessions", _, "holds", _]) => Err(Reject::method_not_allowed(method, "GET, POST")),
@@ -169,7 +178,7 @@ async fn route(
             StatusCode::NOT_FOUND,
             code::NOT_FOUND,
             format!(
-                "no admin endpoint at '{}'; see /healthz, /readyz, /metrics, /reload, /sessions/{{id}}/messages, /sessions/{{id}}/holds/{{hold}}, /orgs/{{org}}/sessions",
+                "no admin endpoint at '{}'; see / (the status page), /healthz, /readyz, /metrics, /reload, /sessions/{{id}}/messages, /sessions/{{id}}/holds/{{hold}}, /orgs/{{org}}/sessions",
                 crate::jsonrpc::clip(path, 64)
             ),
         )),
@@ -179,7 +188,16 @@ async fn route(
 /// Ready unless draining, or the session store or the node bus does not
 /// answer.
 async fn readiness(gw: &Gateway) -> Response {
-    let live = gw.live_full();
+    let (code, body) = readiness_report(gw, &gw.live_full()).await;
+    json_response(code, body)
+}
+
+/// What `/readyz` answers, for the routes of `live`; the status page shows
+/// the same.
+async fn readiness_report(
+    gw: &Gateway,
+    live: &crate::gateway::Live,
+) -> (StatusCode, serde_json::Value) {
     let orgs: serde_json::Map<String, serde_json::Value> = live
         .routes
         .orgs()
@@ -212,11 +230,65 @@ async fn readiness(gw: &Gateway) -> Response {
     if let Some(events) = gw.hub.events() {
         body["events"] = json!({"bus": events.bus_up(), "dropped": events.dropped()});
     }
-    json_response(code, body)
+    (code, body)
 }
 
 fn json_response(status: StatusCode, v: serde_json::Value) -> Response {
     Response::json(status, Bytes::from(v.to_string()))
+}
+
+/// The status page takes the publish secret as the API does, or as the
+/// password of HTTP Basic (any user name): a browser cannot send a bearer
+/// token, but asks for a password after a `Basic` challenge.
+fn authorize_page(gw: &Gateway, headers: &HeaderMap) -> Result<(), PageRefusal> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .and_then(|(scheme, credentials)| {
+            let credentials = credentials.trim();
+            if scheme.eq_ignore_ascii_case("bearer") {
+                Some(credentials.as_bytes().to_vec())
+            } else if scheme.eq_ignore_ascii_case("basic") {
+                basic_password(credentials)
+            } else {
+                None
+            }
+        });
+    let live = gw.live();
+    match presented {
+        None => Err(PageRefusal::Missing),
+        Some(password)
+            if constant_time_eq::constant_time_eq(
+                &password,
+                live.config.publish.secret.as_bytes(),
+            ) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(PageRefusal::Wrong),
+    }
+}
+
+/// Why the status page was refused.
+#[derive(Debug, thiserror::Error)]
+enum PageRefusal {
+    #[error(
+        "this page needs the admin secret (publish.secret): give it as the password, with any user name"
+    )]
+    Missing,
+    #[error("wrong admin secret (publish.secret)")]
+    Wrong,
+}
+
+/// The password of HTTP Basic credentials (`base64(user:password)`).
+fn basic_password(credentials: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .ok()?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 /// The publish and sessions APIs take `Authorization: Bearer <publish secret>`.
@@ -249,5 +321,144 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), Reject> {
             Ok(())
         }
         Some(_) => Err(unauthorized("wrong publish secret")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::edge::ResponseBody;
+    use crate::session::MemorySessionStore;
+    use base64::Engine as _;
+
+    const SECRET: &str = "admin-unit-secret-0123";
+
+    /// A gateway whose only replica refuses connections: every request
+    /// that reaches it fails.
+    fn gateway() -> Arc<Gateway> {
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\npublish: {{secret: {SECRET}}}\n\
+             orgs:\n  org-1: {{upstream: {{era: stateless-2025, replicas: [\"http://127.0.0.1:1/mcp\"], connect_timeout: 1s}}}}\n"
+        );
+        let config =
+            Config::from_yaml(&yaml, std::path::Path::new("unit.yaml"), &|_| None).expect("config");
+        Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway")
+    }
+
+    async fn get(gw: &Arc<Gateway>, path: &str, authorization: Option<String>) -> Response {
+        let mut headers = HeaderMap::new();
+        if let Some(a) = authorization {
+            headers.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&a).expect("header"),
+            );
+        }
+        handle(gw, &Method::GET, path, &headers, Bytes::new()).await
+    }
+
+    fn basic(user: &str, password: &str) -> Option<String> {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        Some(format!("Basic {encoded}"))
+    }
+
+    fn text(r: &Response) -> String {
+        match &r.body {
+            ResponseBody::Full(b) => String::from_utf8(b.to_vec()).expect("utf-8"),
+            _ => String::new(),
+        }
+    }
+
+    fn header_of(r: &Response, name: header::HeaderName) -> &str {
+        r.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    #[tokio::test]
+    async fn the_status_page_asks_a_browser_for_the_secret() {
+        let gw = gateway();
+        for refused in [
+            None,
+            basic("admin", "wrong"),
+            basic("admin", &format!("{SECRET}x")),
+            Some(format!("Bearer {SECRET}x")),
+            Some(format!("Digest {SECRET}")),
+            Some("Basic not-base64!".into()),
+        ] {
+            let r = get(&gw, "/", refused.clone()).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{refused:?}");
+            assert_eq!(
+                header_of(&r, header::WWW_AUTHENTICATE),
+                "Basic realm=\"ratatosk-admin\""
+            );
+            assert_eq!(header_of(&r, header::CACHE_CONTROL), "no-store");
+            assert!(!text(&r).contains("org-1"), "{}", text(&r));
+        }
+        // RFC 7617: the user name ends at the first colon.
+        for user in ["admin", "", "ops team"] {
+            let r = get(&gw, "/", basic(user, SECRET)).await;
+            assert_eq!(r.status, StatusCode::OK, "user {user:?}");
+        }
+        let r = get(&gw, "/", Some(format!("Bearer {SECRET}"))).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(
+            header_of(&r, header::CONTENT_TYPE),
+            "text/html; charset=utf-8"
+        );
+        assert_eq!(header_of(&r, header::CACHE_CONTROL), "no-store");
+        assert!(
+            header_of(&r, header::CONTENT_SECURITY_POLICY)
+                .starts_with("default-src 'none'; style-src 'unsafe-inline'")
+        );
+        let page = text(&r);
+        assert!(page.contains("<tr data-org=\"org-1\">"), "{page}");
+        assert!(page.contains("data-replica=\"org-1#1\""), "{page}");
+    }
+
+    #[tokio::test]
+    async fn basic_credentials_open_the_page_only() {
+        let gw = gateway();
+        let r = get(&gw, "/orgs/org-1/sessions", basic("admin", SECRET)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        let r = handle(&gw, &Method::POST, "/", &HeaderMap::new(), Bytes::new()).await;
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+        let r = get(&gw, "/nothing", None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        assert!(text(&r).contains("see / (the status page)"), "{}", text(&r));
+    }
+
+    #[tokio::test]
+    async fn an_answered_upstream_failure_is_listed_on_the_page() {
+        let gw = gateway();
+        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"unit","version":"1"}}}"#;
+        let mut req = crate::testing::request(
+            Method::POST,
+            "/org-1/mcp",
+            &[
+                ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
+            ],
+            init,
+        );
+        req.request_id = "failing-request".into();
+        let answer = gw.handle(req).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", text(&answer));
+        let page = text(&get(&gw, "/", basic("ops", SECRET)).await);
+        assert!(
+            page.contains("<span data-field=\"errors-total\">1</span>"),
+            "{page}"
+        );
+        let row = &page[page.find("<tr data-error>").expect("an error row")..];
+        assert!(row.contains("<td data-field=\"org\">org-1</td>"), "{row}");
+        assert!(
+            row.contains("<td data-field=\"kind\">upstream</td>"),
+            "{row}"
+        );
+        assert!(row.contains("<td data-field=\"status\">502</td>"), "{row}");
+        assert!(row.contains("no replica of org"), "{row}");
+        assert!(row.contains("failing-request"), "{row}");
     }
 }

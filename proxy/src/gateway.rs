@@ -147,6 +147,10 @@ pub struct Gateway {
     /// With several nodes: where the rate limits are decided.
     rates: Option<crate::ratelimit::SharedRates>,
     draining: AtomicBool,
+    /// When this node started: `started_at` to show, `started` to count
+    /// the uptime without wall-clock steps.
+    started: std::time::Instant,
+    started_at: std::time::SystemTime,
 }
 
 /// The running config, the routes built from it, and its generation (1 at
@@ -261,6 +265,8 @@ impl Gateway {
             logouts,
             rates,
             draining: AtomicBool::new(false),
+            started: std::time::Instant::now(),
+            started_at: std::time::SystemTime::now(),
             reloads: reload::Reloads::default(),
             live: arc_swap::ArcSwap::from_pointee(Live {
                 config,
@@ -286,6 +292,16 @@ impl Gateway {
     /// a reload meanwhile does not change them.
     pub fn live_full(&self) -> Arc<Live> {
         self.live.load_full()
+    }
+
+    /// This node's random tag, as other nodes know it.
+    pub fn node_id(&self) -> u32 {
+        self.node
+    }
+
+    /// When this node started, and how long ago.
+    pub fn started(&self) -> (std::time::SystemTime, std::time::Duration) {
+        (self.started_at, self.started.elapsed())
     }
 
     /// What issues upstream credentials (for building routes).
@@ -341,7 +357,14 @@ impl Gateway {
             .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
             .labeled(self.label_for_path(&req.path, &req.method))
         } else {
-            self.check_and_route(&req).await
+            let response = self.check_and_route(&req).await;
+            if response.status.is_server_error() {
+                // Only here: a request that succeeds pays one comparison.
+                self.metrics
+                    .recent_errors
+                    .record(recent_error(&req, &response));
+            }
+            response
         };
         if let Ok(v) = HeaderValue::from_str(&req.request_id) {
             response.headers.insert(edge::REQUEST_ID, v);

@@ -1,7 +1,13 @@
-//! Prometheus metrics, served as text by the admin listener.
+//! Prometheus metrics, served as text by the admin listener, and the recent
+//! errors that the status page lists.
 //!
 //! Label values are bounded: orgs come from the config (unknown ones are
 //! counted as `unknown`), methods from a fixed list, replicas from the config.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -112,6 +118,8 @@ pub struct Metrics {
     /// Rate-limit decisions Redis did not answer in time (the request
     /// passed).
     pub rate_limit_errors: IntCounter,
+    /// The last errors answered, for the status page.
+    pub recent_errors: RecentErrors,
 }
 
 impl Metrics {
@@ -321,6 +329,7 @@ impl Metrics {
             config_generation,
             rate_limited,
             rate_limit_errors,
+            recent_errors: RecentErrors::default(),
         })
     }
 
@@ -376,9 +385,102 @@ impl Metrics {
     }
 }
 
+/// How many errors [`RecentErrors`] keeps.
+pub const RECENT_ERRORS: usize = 50;
+
+/// Longest message kept of one recent error, in characters.
+const RECENT_MESSAGE_CHARS: usize = 500;
+
+/// One error the gateway answered, as the status page lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentError {
+    pub at: SystemTime,
+    /// The org the request named, if it named a configured one.
+    pub org: Option<Arc<str>>,
+    /// What the request is counted as in `requests_total` (its MCP method
+    /// or HTTP verb).
+    pub method: &'static str,
+    pub status: u16,
+    /// What failed, in a word or two: `upstream`, `upstream timeout`,
+    /// `unavailable`, `internal`.
+    pub kind: &'static str,
+    pub message: String,
+    /// The `X-Request-Id` of the request, to find it in the log.
+    pub request_id: String,
+}
+
+/// The last [`RECENT_ERRORS`] errors. Only an error takes the lock: the
+/// paths that succeed never touch it.
+#[derive(Default)]
+pub struct RecentErrors {
+    entries: Mutex<VecDeque<RecentError>>,
+    total: AtomicU64,
+}
+
+impl RecentErrors {
+    pub fn record(&self, mut error: RecentError) {
+        if let Some((cut, _)) = error.message.char_indices().nth(RECENT_MESSAGE_CHARS) {
+            error.message.truncate(cut);
+            error.message.push_str("...");
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        // A panic elsewhere while holding it leaves a ring that is still whole.
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= RECENT_ERRORS {
+            entries.pop_front();
+        }
+        entries.push_back(error);
+    }
+
+    /// How many errors were recorded since the start, and the kept ones,
+    /// newest first.
+    pub fn snapshot(&self) -> (u64, Vec<RecentError>) {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let total = self.total.load(Ordering::Relaxed);
+        (total, entries.iter().rev().cloned().collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn error(n: usize) -> RecentError {
+        RecentError {
+            at: SystemTime::UNIX_EPOCH,
+            org: Some("org-1".into()),
+            method: "tools/call",
+            status: 502,
+            kind: "upstream",
+            message: format!("failure {n}"),
+            request_id: format!("r{n}"),
+        }
+    }
+
+    #[test]
+    fn recent_errors_keep_the_last_ones_newest_first() {
+        let recent = RecentErrors::default();
+        for n in 0..RECENT_ERRORS + 7 {
+            recent.record(error(n));
+        }
+        let (total, kept) = recent.snapshot();
+        assert_eq!(total, (RECENT_ERRORS + 7) as u64);
+        assert_eq!(kept.len(), RECENT_ERRORS);
+        assert_eq!(kept[0].message, format!("failure {}", RECENT_ERRORS + 6));
+        assert_eq!(kept[RECENT_ERRORS - 1].message, "failure 7");
+    }
+
+    #[test]
+    fn a_recent_error_message_is_clipped_on_a_char_boundary() {
+        let recent = RecentErrors::default();
+        recent.record(RecentError {
+            message: "é".repeat(RECENT_MESSAGE_CHARS + 10),
+            ..error(0)
+        });
+        let (_, kept) = recent.snapshot();
+        assert_eq!(kept[0].message.chars().count(), RECENT_MESSAGE_CHARS + 3);
+        assert!(kept[0].message.ends_with("é..."));
+    }
 
     #[test]
     fn renders_with_prefix_and_labels() {

@@ -6,9 +6,10 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
 use super::REQUEST_CANCELLED;
-use crate::edge::{self, Reject};
+use crate::edge::{self, Reject, Request, Response, ResponseBody};
 use crate::holds::HoldPublishError;
 use crate::jsonrpc::{self, Id, code};
+use crate::metrics::RecentError;
 use crate::routes::OrgRoute;
 use crate::session::StoreError;
 use crate::upstream::{Cause, UpstreamError};
@@ -232,4 +233,99 @@ pub(super) fn hidden_session_ended(org: &OrgRoute, id: &Id) -> Reject {
     )
     .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
     .with_id(Some(id))
+}
+
+/// A 5xx answer as the status page lists it: its JSON-RPC error's message,
+/// and what failed, told by the status and the JSON-RPC code.
+pub(super) fn recent_error(req: &Request, response: &Response) -> RecentError {
+    let error = match &response.body {
+        ResponseBody::Full(body) => serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("error").cloned()),
+        _ => None,
+    };
+    let rpc_code = error
+        .as_ref()
+        .and_then(|e| e.get("code"))
+        .and_then(Value::as_i64);
+    let message = error
+        .as_ref()
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .map_or_else(|| format!("HTTP {}", response.status), str::to_owned);
+    RecentError {
+        at: std::time::SystemTime::now(),
+        org: response.label.org.clone(),
+        method: response.label.method,
+        status: response.status.as_u16(),
+        kind: error_kind(response.status, rpc_code),
+        message,
+        request_id: req.request_id.clone(),
+    }
+}
+
+/// What failed, in a word or two, for a 5xx answer.
+fn error_kind(status: StatusCode, rpc_code: Option<i64>) -> &'static str {
+    match (status, rpc_code) {
+        (StatusCode::GATEWAY_TIMEOUT, Some(code::UPSTREAM_ERROR)) => "upstream timeout",
+        (_, Some(code::UPSTREAM_ERROR)) => "upstream",
+        // The identity provider, the session store, a full gateway.
+        (StatusCode::SERVICE_UNAVAILABLE, _) => "unavailable",
+        _ => "internal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        Request {
+            method: http::Method::POST,
+            path: "/org-1/mcp".into(),
+            query: None,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+            request_id: "req-7".into(),
+            parsed: None,
+        }
+    }
+
+    #[test]
+    fn an_upstream_failure_is_listed_with_its_message_org_and_request() {
+        let answer = upstream_reject(
+            crate::upstream::UpstreamError::Timeout {
+                replica: "org-1#2".into(),
+                after: std::time::Duration::from_secs(3),
+            },
+            None,
+        )
+        .into_response()
+        .labeled(edge::Label {
+            org: Some("org-1".into()),
+            method: "tools/call",
+        });
+        let e = recent_error(&request(), &answer);
+        assert_eq!(e.status, 504);
+        assert_eq!(e.kind, "upstream timeout");
+        assert_eq!(e.org.as_deref(), Some("org-1"));
+        assert_eq!(e.method, "tools/call");
+        assert_eq!(e.request_id, "req-7");
+        assert_eq!(e.message, "upstream org-1#2 did not answer within 3s");
+    }
+
+    #[test]
+    fn unavailable_and_bodiless_answers_have_a_kind_and_a_message() {
+        let store = store_reject(StoreError::Unavailable("redis is down".into())).into_response();
+        let e = recent_error(&request(), &store);
+        assert_eq!((e.status, e.kind), (503, "unavailable"));
+        assert!(e.message.contains("redis is down"), "{}", e.message);
+        let bare = Response::empty(StatusCode::INTERNAL_SERVER_ERROR);
+        let e = recent_error(&request(), &bare);
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            ("internal", "HTTP 500 Internal Server Error")
+        );
+        assert_eq!(e.org, None);
+    }
 }
