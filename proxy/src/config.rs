@@ -67,7 +67,7 @@ pub struct Config {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
     /// is set; `OTEL_SDK_DISABLED=true` turns them off.
     #[serde(default)]
-    pub telemetry: Option<TelemetryConfig>,
+    pub telemetry: Option<crate::telemetry::TelemetryConfig>,
     /// The identity provider (a Keycloak realm). Required when an org uses
     /// an `auth` mode other than `none`.
     #[serde(default)]
@@ -475,31 +475,6 @@ pub struct OrgConfig {
     /// Rate limits on the org's requests, at every endpoint of the org.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
-}
-
-/// `telemetry`: where traces go and how many. The standard `OTEL_*`
-/// variables (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `..._HEADERS`,
-/// `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, ...) override it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    /// The OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
-    pub endpoint: Option<String>,
-    /// `service.name` of the traces.
-    pub service_name: String,
-    /// The share of traces kept, 0 to 1, for requests that do not come
-    /// with a sampled `traceparent` (a parent's choice is followed).
-    pub sample_ratio: f64,
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        TelemetryConfig {
-            endpoint: None,
-            service_name: "ratatosk".into(),
-            sample_ratio: 1.0,
-        }
-    }
 }
 
 /// A rate limit of an org (`orgs.<org>.rate_limits[]`): a rate and a

@@ -108,7 +108,7 @@ fn check(path: &Path) -> ExitCode {
 /// Logs (text, or JSON with `RATATOSK_LOG_FORMAT=json`, filtered by
 /// `RATATOSK_LOG`), and traces over OTLP when `telemetry` or the `OTEL_*`
 /// variables ask for them (spans at `info` and above, not log lines).
-fn init_logging(telemetry: Option<&ratatosk::config::TelemetryConfig>) -> anyhow::Result<()> {
+fn init_logging(telemetry: Option<&ratatosk::telemetry::TelemetryConfig>) -> anyhow::Result<()> {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -116,20 +116,30 @@ fn init_logging(telemetry: Option<&ratatosk::config::TelemetryConfig>) -> anyhow
         .unwrap_or_else(|_| EnvFilter::new("info,pingora_core=warn"));
     let json = std::env::var("RATATOSK_LOG_FORMAT").is_ok_and(|v| v == "json");
     let fmt = tracing_subscriber::fmt::layer().with_target(false);
-    let logs = if json {
-        fmt.json().with_filter(filter).boxed()
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        fmt.with_filter(filter).boxed()
+        fmt.boxed()
     };
-    let traces = ratatosk::telemetry::start(telemetry)?.map(|layer| {
-        layer.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-            meta.is_span() && *meta.level() <= tracing::Level::INFO
-        }))
-    });
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(traces)
-        .init();
+    match ratatosk::telemetry::start(telemetry)? {
+        // Without traces the filter is global, as cheap as it gets.
+        None => tracing_subscriber::registry().with(filter).with(fmt).init(),
+        Some(traces) => {
+            let fmt = tracing_subscriber::fmt::layer().with_target(false);
+            let fmt = if json {
+                fmt.json().boxed()
+            } else {
+                fmt.boxed()
+            };
+            let spans = tracing_subscriber::filter::filter_fn(|meta| {
+                meta.is_span() && *meta.level() <= tracing::Level::INFO
+            });
+            tracing_subscriber::registry()
+                .with(fmt.with_filter(filter))
+                .with(traces.with_filter(spans))
+                .init();
+        }
+    }
     Ok(())
 }
 

@@ -796,6 +796,11 @@ impl BackgroundService for Housekeeping {
                 _ = shutdown.changed() => {
                     tracing::info!("shutting down: closing streams so clients reconnect elsewhere");
                     self.gateway.set_draining();
+                    // The process ends without dropping the exporter.
+                    if crate::telemetry::on() {
+                        let flushed = tokio::task::spawn_blocking(crate::telemetry::flush);
+                        let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+                    }
                     return;
                 }
                 _ = tokio::time::sleep(period) => {

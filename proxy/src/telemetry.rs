@@ -18,7 +18,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::config::TelemetryConfig;
+use serde::Deserialize;
 
 static ON: AtomicBool = AtomicBool::new(false);
 
@@ -29,6 +29,31 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 /// otherwise.
 pub fn on() -> bool {
     ON.load(Ordering::Relaxed)
+}
+
+/// `telemetry`: where traces go and how many. The standard `OTEL_*`
+/// variables (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `..._HEADERS`,
+/// `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, ...) override it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub endpoint: Option<String>,
+    /// `service.name` of the traces.
+    pub service_name: String,
+    /// The share of traces kept, 0 to 1, for requests that do not come
+    /// with a sampled `traceparent` (a parent's choice is followed).
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            endpoint: None,
+            service_name: "ratatosk".into(),
+            sample_ratio: 1.0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -435,7 +435,7 @@ impl Pool {
             otel.name = %format_args!("upstream {method}"),
             otel.kind = "client",
             server = %self.org,
-            replica = %replica.name,
+            replica = %replica.url,
             era = era.map_or("unknown", Era::as_str),
             http.response.status_code = tracing::field::Empty,
         );
