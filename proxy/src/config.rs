@@ -532,6 +532,10 @@ impl RatePer {
     }
 }
 
+/// The longest a rate limit's full budget may take to fill up again
+/// (interval × burst).
+pub const MAX_RATE_SPAN: Duration = Duration::from_secs(366 * 86_400);
+
 /// A count per period: `10/s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -1421,6 +1425,17 @@ impl OrgConfig {
                     "burst",
                     format!("expected between 1 and 1000000, got {burst}"),
                 );
+            } else if rate
+                .interval()
+                .saturating_mul(limit.burst.unwrap_or(rate.count))
+                > MAX_RATE_SPAN
+            {
+                at.bad(
+                    "burst",
+                    format!(
+                        "with {rate}, a burst this large takes more than a year to fill up again"
+                    ),
+                );
             }
             for (j, method) in limit.methods.iter().enumerate() {
                 if method.is_empty() || method.len() > 128 {
@@ -1759,6 +1774,13 @@ orgs:
                 "orgs.org-1.rate_limits[1].rate",
             ]
         );
+        let slow = format!(
+            "{}    rate_limits:\n      - {{name: slow, rate: 1/d, burst: 1000}}\n",
+            minimal()
+        );
+        let problem = only_problem(parse(&slow).expect_err("a budget of 1000 days"));
+        assert_eq!(problem.path, "orgs.org-1.rate_limits[0].burst");
+        assert!(problem.message.contains("more than a year"), "{problem}");
         let good = format!(
             "{}    rate_limits:\n      - {{name: calls, rate: 600/min, per: client}}\n",
             minimal()

@@ -133,7 +133,10 @@ fn init_logging(telemetry: Option<&ratatosk::telemetry::TelemetryConfig>) -> any
             };
             let spans = tracing_subscriber::filter::filter_fn(|meta| {
                 meta.is_span() && *meta.level() <= tracing::Level::INFO
-            });
+            })
+            // Without the hint the most verbose level would be enabled
+            // everywhere (and `log` records below info made and dropped).
+            .with_max_level_hint(tracing::level_filters::LevelFilter::INFO);
             tracing_subscriber::registry()
                 .with(fmt.with_filter(filter))
                 .with(traces.with_filter(spans))

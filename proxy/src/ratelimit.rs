@@ -10,13 +10,17 @@
 //! node until it ends, so a client that keeps knocking costs no round trip.
 //! If Redis does not answer in time the request passes (the limit fails
 //! open, as a protection must not take the service down), and
-//! `rate_limit_errors_total` counts it.
+//! `rate_limit_errors_total` counts it; for a second after such an error
+//! the node does not ask Redis, so a Redis that hangs costs each request
+//! one wait at most once a second.
 //!
 //! Several limits that select one request are each charged, in order,
-//! until one refuses.
+//! until one refuses; a refusal a node remembers for any of them refuses
+//! first, without charging the others.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -26,11 +30,16 @@ use ratatosk_auth::Identity;
 use redis::Script;
 use redis::aio::ConnectionManager;
 
+use ratatosk_auth::ratelog::LogEvery;
+
 use crate::config::{RateLimitConfig, RatePer};
 use crate::metrics::Metrics;
 
 /// How long a decision may wait on Redis before the request passes.
 const REDIS_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a node passes requests without asking Redis after an error.
+const REDIS_PAUSE: Duration = Duration::from_secs(1);
 
 /// Most callers a limit remembers a refusal of (Redis mode).
 const MAX_REMEMBERED: u64 = 100_000;
@@ -63,6 +72,8 @@ pub struct RateLimits {
 
 struct Limit {
     name: Arc<str>,
+    /// `<org>:<name>`: what its Redis keys are under.
+    key: String,
     per: RatePer,
     interval: Duration,
     burst: u32,
@@ -125,13 +136,19 @@ impl RateLimits {
     /// Charges `ask` to each limit that selects it, in Redis: what all
     /// nodes share.
     pub async fn check_shared(&self, ask: &Ask<'_>, shared: &SharedRates) -> Result<(), Limited> {
+        // A refusal remembered for any limit refuses before any is charged.
         for limit in self.selecting(ask) {
-            let key = limit.key(ask.identity);
-            if let Some(until) = limit.refused_until.get(&key) {
+            if let Some(until) = limit.refused_until.get(&limit.key(ask.identity)) {
                 let now = Instant::now();
                 if until > now {
                     return Err(limit.refuse(until - now));
                 }
+            }
+        }
+        for limit in self.selecting(ask) {
+            let key = limit.key(ask.identity);
+            if shared.paused() {
+                return Ok(());
             }
             match shared.charge(limit, &key).await {
                 Ok(None) => {}
@@ -140,8 +157,10 @@ impl RateLimits {
                     return Err(limit.refuse(wait));
                 }
                 Err(e) => {
-                    shared.errors.inc();
-                    tracing::warn!(limit = %limit.name, error = %e, "rate limit not decided (Redis did not answer); the request passes");
+                    shared.failed();
+                    if let Some(suppressed) = shared.warned.ready() {
+                        tracing::warn!(limit = %limit.name, error = %e, suppressed, "rate limit not decided (Redis did not answer); requests pass for {REDIS_PAUSE:?}");
+                    }
                 }
             }
         }
@@ -166,6 +185,10 @@ impl Limit {
         let quota_error = || RateLimitError::Quota(c.name.clone());
         let burst = c.burst.unwrap_or(c.rate.count);
         let interval = c.rate.interval();
+        // The config check bounds interval × burst (governor's tolerance).
+        if interval.saturating_mul(burst) > crate::config::MAX_RATE_SPAN {
+            return Err(quota_error());
+        }
         let quota = Quota::with_period(interval)
             .ok_or_else(quota_error)?
             .allow_burst(NonZeroU32::new(burst).ok_or_else(quota_error)?);
@@ -188,6 +211,7 @@ impl Limit {
         };
         Ok(Limit {
             name: c.name.as_str().into(),
+            key: format!("{org}:{}", c.name),
             per: c.per,
             interval,
             burst,
@@ -196,9 +220,10 @@ impl Limit {
             servers: c.servers.clone(),
             tools,
             local: RateLimiter::keyed(quota),
+            // A refusal's wait is at most one interval.
             refused_until: moka::sync::Cache::builder()
                 .max_capacity(MAX_REMEMBERED)
-                .time_to_live(c.rate.period.max(interval * burst))
+                .time_to_live(interval)
                 .build(),
             refused: metrics.rate_limited.with_label_values(&[org, &c.name]),
         })
@@ -239,7 +264,9 @@ impl Limit {
 }
 
 /// GCRA in Redis, on the server's clock (microseconds). KEYS[1]: the
-/// caller's theoretical arrival time; ARGV: the interval and the burst.
+/// caller's theoretical arrival time (TAT); ARGV: the interval and the
+/// burst. A TAT stays below now + burst × interval, at most a year on,
+/// well within a Lua number's exact integers.
 /// Answers 0 when the request passes, else the microseconds to wait.
 const GCRA: &str = "
 local t = redis.call('TIME')
@@ -248,6 +275,9 @@ local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
+-- A budget kept from before a reload to other terms never waits longer
+-- than a full budget of the new ones.
+if tat > now + burst * interval then tat = now + burst * interval end
 local next = tat + interval
 local allowed_at = next - burst * interval
 if now < allowed_at then return allowed_at - now end
@@ -258,10 +288,15 @@ return 0
 /// What the nodes share of rate limits: the Redis their sessions are in.
 pub struct SharedRates {
     conn: ConnectionManager,
-    /// `sessions.key_prefix` and the org: `<prefix>rl:<org>:`.
+    /// `sessions.key_prefix` and `rl:`; then the org, the limit and the
+    /// caller.
     prefix: String,
     script: Script,
     errors: IntCounter,
+    /// Since `epoch`, the millisecond until which Redis is not asked.
+    paused_until: AtomicU64,
+    epoch: Instant,
+    warned: LogEvery,
 }
 
 impl SharedRates {
@@ -271,13 +306,32 @@ impl SharedRates {
             prefix: format!("{key_prefix}rl:"),
             script: Script::new(GCRA),
             errors: metrics.rate_limit_errors.clone(),
+            paused_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            warned: LogEvery::default(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether Redis failed a decision within the last [`REDIS_PAUSE`].
+    fn paused(&self) -> bool {
+        self.now_ms() < self.paused_until.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self) {
+        self.errors.inc();
+        let pause = u64::try_from(REDIS_PAUSE.as_millis()).unwrap_or(u64::MAX);
+        self.paused_until
+            .store(self.now_ms().saturating_add(pause), Ordering::Relaxed);
     }
 
     /// The wait, if `limit` refuses caller `key` now.
     async fn charge(&self, limit: &Limit, key: &str) -> Result<Option<Duration>, String> {
         let mut conn = self.conn.clone();
-        let redis_key = format!("{}{}:{key}", self.prefix, limit.name);
+        let redis_key = format!("{}{}:{key}", self.prefix, limit.key);
         let interval = u64::try_from(limit.interval.as_micros()).unwrap_or(u64::MAX);
         let mut invocation = self.script.key(redis_key);
         invocation.arg(interval).arg(limit.burst);
@@ -321,7 +375,7 @@ mod tests {
 
     #[test]
     fn a_burst_passes_then_the_rate_holds_and_each_user_has_their_own_budget() {
-        let l = limits("- {name: calls, rate: 10/s, burst: 3, methods: [tools/call]}");
+        let l = limits("- {name: calls, rate: 60/h, burst: 3, methods: [tools/call]}");
         let (alice, bob) = (user("alice"), user("bob"));
         for _ in 0..3 {
             assert_eq!(l.check_local(&call(&alice, "x")), Ok(()));
@@ -330,10 +384,10 @@ mod tests {
             .check_local(&call(&alice, "x"))
             .expect_err("over the burst");
         assert_eq!(&*refused.limit, "calls");
-        assert_eq!(refused.terms, "10 per 1s, burst 3, per subject");
+        assert_eq!(refused.terms, "60 per 1h, burst 3, per subject");
         assert!(
-            refused.retry_after > Duration::ZERO
-                && refused.retry_after <= Duration::from_millis(100),
+            refused.retry_after > Duration::from_secs(50)
+                && refused.retry_after <= Duration::from_secs(60),
             "{refused:?}"
         );
         assert_eq!(l.check_local(&call(&bob, "x")), Ok(()));
@@ -398,7 +452,11 @@ mod tests {
     async fn in_redis_the_budget_is_shared_and_a_refusal_is_remembered() {
         let redis = crate::testing::RedisServer::start().await;
         let l = limits("- {name: calls, rate: 2/min, burst: 2}");
+        // Another org's limit of the same name keeps its own budgets.
+        let configs: Vec<RateLimitConfig> =
+            yaml_serde::from_str("- {name: calls, rate: 2/min, burst: 2}").expect("config");
         let metrics = Metrics::new().expect("metrics");
+        let other_org = RateLimits::new("org-2", &configs, &metrics).expect("limits");
         let node = || {
             let (_, conn) = crate::session::redis::connection(&redis.url()).expect("redis");
             SharedRates::new(conn, "t:", &metrics)
@@ -420,6 +478,7 @@ mod tests {
         assert!(refused.retry_after > Duration::from_secs(25), "{refused:?}");
         let again = l.check_shared(&ask, &a).await.expect_err("remembered");
         assert!(again.retry_after <= refused.retry_after);
+        assert_eq!(other_org.check_shared(&ask, &b).await, Ok(()));
         assert_eq!(metrics.rate_limit_errors.get(), 0);
     }
 }

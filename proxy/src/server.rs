@@ -382,10 +382,14 @@ impl McpApp {
         let request_id = request_id(session.req_header().headers.get(&edge::REQUEST_ID));
         let span = if crate::telemetry::on() {
             let h = session.req_header();
+            // Named by the path only where it is a route's: a scan of
+            // random paths makes no new operation names.
+            let path = h.uri.path();
+            let routed = self.gateway.live().routes.resolve(path).is_ok();
             let span = tracing::info_span!(
                 "request",
                 id = %request_id,
-                otel.name = %format_args!("{} {}", h.method, h.uri.path()),
+                otel.name = %format_args!("{} {}", h.method, if routed { path } else { "(no route)" }),
                 otel.kind = "server",
                 http.request.method = %h.method,
                 url.path = h.uri.path(),
@@ -796,10 +800,14 @@ impl BackgroundService for Housekeeping {
                 _ = shutdown.changed() => {
                     tracing::info!("shutting down: closing streams so clients reconnect elsewhere");
                     self.gateway.set_draining();
-                    // The process ends without dropping the exporter.
+                    // The process ends without dropping the exporter: what
+                    // ends in the grace period is sent at its end.
                     if crate::telemetry::on() {
-                        let flushed = tokio::task::spawn_blocking(crate::telemetry::flush);
-                        let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+                        let grace = self.gateway.live().config.server.shutdown_grace;
+                        std::thread::spawn(move || {
+                            std::thread::sleep(grace);
+                            crate::telemetry::flush();
+                        });
                     }
                     return;
                 }

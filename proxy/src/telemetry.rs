@@ -91,7 +91,8 @@ pub fn start<S>(
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
-    let env = |name: &str| std::env::var(name).ok();
+    // An empty variable counts as unset.
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     if disabled || (config.is_none() && !wanted_by_env(&env)) {
         return Ok(None);

@@ -92,10 +92,17 @@ def test_a_limit_per_user_holds_across_two_nodes_and_spares_other_users(log_dir,
         stop = threading.Event()
         first_refusal: list[httpx2.Response] = []
 
+        failures: list[BaseException] = []
+
         def hammer(k: int) -> None:
             i = 0
             while not stop.is_set():
-                r = alice.call(urls[(i + k) % 2], "add", {"a": i, "b": k}, rid=1000 + 10 * i + k)
+                try:
+                    r = alice.call(urls[(i + k) % 2], "add", {"a": i, "b": k}, rid=1000 + 10 * i + k)
+                except httpx2.HTTPError as e:
+                    with lock:
+                        failures.append(e)
+                    return
                 with lock:
                     if r.status_code == 200:
                         counts["ok"] += 1
@@ -112,7 +119,11 @@ def test_a_limit_per_user_holds_across_two_nodes_and_spares_other_users(log_dir,
         def calm() -> None:
             i = 0
             while not stop.wait(0.5):
-                r = carol.call(urls[i % 2], "add", {"a": 1, "b": i}, rid=i)
+                try:
+                    r = carol.call(urls[i % 2], "add", {"a": 1, "b": i}, rid=i)
+                except httpx2.HTTPError as e:
+                    failures.append(e)
+                    return
                 carol_results.append(r.status_code)
                 i += 1
 
@@ -128,6 +139,7 @@ def test_a_limit_per_user_holds_across_two_nodes_and_spares_other_users(log_dir,
             assert not t.is_alive(), "a caller did not finish within 15 s"
         elapsed = time.monotonic() - started
 
+        assert failures == [], f"a caller's request failed: {failures[:3]}"
         assert counts["other"] == [], counts["other"][:3]
         expected = BURST + RATE * elapsed
         print(f"alice: {counts['ok']} calls passed, {counts['refused']} refused in {elapsed:.2f} s "

@@ -111,7 +111,9 @@ def test_a_call_is_one_trace_from_the_clients_span_to_the_upstream(log_dir, jaeg
     gw = Gateway(log_dir, {"tr": traced}, name="traces",
                  extra={"identity": identity_config(keycloak.issuer),
                         "telemetry": {"endpoint": f"{jaeger.otlp}/v1/traces", "service_name": "ratatosk-e2e"}},
-                 env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET})
+                 # Variables the environment might set would win over the section.
+                 env={"RATATOSK_KC_SECRET": KC_GATEWAY_SECRET, "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+                      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "", "OTEL_SERVICE_NAME": "", "OTEL_TRACES_SAMPLER": ""})
     with running(gw):
         auth = {"Authorization": f"Bearer {keycloak.token('alice')}"}
         r = post(gw.url("tr"), {"jsonrpc": "2.0", "id": 1, "method": "initialize",

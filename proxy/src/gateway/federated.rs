@@ -171,7 +171,7 @@ impl Gateway {
         self.check_batch(&body, "2024-11-05", true)?;
         self.rate_limit_federated(f.fed, f.identity, &body).await?;
         let (this, owned) = (self.clone(), f.owned());
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let f = owned.fed();
             let mut session = session;
             for m in body.messages() {
@@ -192,15 +192,15 @@ impl Gateway {
                     let (this, owned, s, l) =
                         (this.clone(), owned.clone(), session.clone(), log.clone());
                     let id = m.request_id().cloned();
-                    tokio::spawn(async move {
+                    tokio::spawn(tracing::Instrument::in_current_span(async move {
                         this.write_answer(owned.fed(), &s, &l, STANDALONE, answer, id.as_ref())
                             .await;
-                    });
+                    }));
                 } else {
                     this.fed_absorb(f, &session, m).await;
                 }
             }
-        });
+        }));
         Ok(Response::json(
             StatusCode::ACCEPTED,
             Bytes::from_static(b"{}"),
@@ -295,11 +295,11 @@ impl Gateway {
                     let (this, owned, s, l) =
                         (self.clone(), f.owned(), session.clone(), log.clone());
                     let id = only.request_id().cloned();
-                    tokio::spawn(async move {
+                    tokio::spawn(tracing::Instrument::in_current_span(async move {
                         this.write_answer(owned.fed(), &s, &l, stream, answer, id.as_ref())
                             .await;
                         l.end_stream(stream);
-                    });
+                    }));
                     Ok(self.post_stream_response(front, &session, log, stream))
                 }
             },
@@ -307,7 +307,7 @@ impl Gateway {
                 // A batch (2025-03-26): every answer on one stream, in turn.
                 let stream = log.begin_stream().map_err(|_| session_not_found())?;
                 let (this, owned, s, l) = (self.clone(), f.owned(), session.clone(), log.clone());
-                tokio::spawn(async move {
+                tokio::spawn(tracing::Instrument::in_current_span(async move {
                     let f = owned.fed();
                     for m in &requests {
                         let answer = this.fed_answer(f, &s, m).await;
@@ -315,7 +315,7 @@ impl Gateway {
                             .await;
                     }
                     l.end_stream(stream);
-                });
+                }));
                 Ok(self.post_stream_response(front, &session, log, stream))
             }
         }

@@ -91,13 +91,13 @@ impl Gateway {
             .collect::<Result<Vec<_>, _>>()?;
         let this = self.clone();
         let caller = call.detach();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             futures::stream::iter(body.messages().iter().zip(slots))
                 .for_each_concurrent(BATCH_CONCURRENCY, |(m, slot)| {
                     this.legacy_message(caller.call(), &session, &log, m, slot)
                 })
                 .await;
-        });
+        }));
         Ok(Response::json(
             StatusCode::ACCEPTED,
             Bytes::from_static(b"{}"),

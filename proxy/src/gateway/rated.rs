@@ -18,7 +18,7 @@ impl Gateway {
         body: &Body,
     ) -> Result<(), Reject> {
         let org = call.org;
-        if !call.client || org.rates.is_empty() {
+        if !call.client || org.rates.is_empty() || self.too_large(body) {
             return Ok(());
         }
         let by_tool = org.rates.by_tool();
@@ -50,7 +50,7 @@ impl Gateway {
         identity: &Identity,
         body: &Body,
     ) -> Result<(), Reject> {
-        if fed.rates.is_empty() {
+        if fed.rates.is_empty() || self.too_large(body) {
             return Ok(());
         }
         for m in body.messages() {
@@ -79,6 +79,12 @@ impl Gateway {
         Ok(())
     }
 
+    /// A batch over `limits.max_batch` is refused whole right after (by
+    /// `check_batch`), and is not charged.
+    fn too_large(&self, body: &Body) -> bool {
+        body.messages().len() > self.live().config.limits.max_batch
+    }
+
     /// Forgets, on this node, the callers whose rate-limit budgets are
     /// full again (a periodic chore).
     pub fn forget_full_budgets(&self) {
@@ -96,7 +102,7 @@ impl Gateway {
             Some(shared) => front.rates.check_shared(&ask, shared).await,
         };
         decided.map_err(|limited| {
-            tracing::info!(org = %front.name, subject = %ask.identity.subject, limit = %limited.limit, method = ask.method, "rate limited");
+            tracing::debug!(org = %front.name, subject = %ask.identity.subject, limit = %limited.limit, method = ask.method, "rate limited");
             rate_limited(front, &limited).with_id(id)
         })
     }

@@ -271,11 +271,11 @@ impl Gateway {
             stream,
         );
         let ending = log.clone();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let kept = work.await;
             ending.end_stream(stream);
             drop(kept);
-        });
+        }));
         Ok(self.post_stream_response(org, session, log, stream))
     }
 
