@@ -241,33 +241,34 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response {
 /// password of HTTP Basic (any user name): a browser cannot send a bearer
 /// token, but asks for a password after a `Basic` challenge.
 fn authorize_page(gw: &Gateway, headers: &HeaderMap) -> Result<(), PageRefusal> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .and_then(|(scheme, credentials)| {
-            let credentials = credentials.trim();
-            if scheme.eq_ignore_ascii_case("bearer") {
-                Some(credentials.as_bytes().to_vec())
-            } else if scheme.eq_ignore_ascii_case("basic") {
-                basic_password(credentials)
-            } else {
-                None
-            }
-        });
-    let live = gw.live();
-    match presented {
+    match presented_secret(headers, true) {
         None => Err(PageRefusal::Missing),
-        Some(password)
-            if constant_time_eq::constant_time_eq(
-                &password,
-                live.config.publish.secret.as_bytes(),
-            ) =>
-        {
-            Ok(())
-        }
+        Some(password) if is_secret(gw, &password) => Ok(()),
         Some(_) => Err(PageRefusal::Wrong),
     }
+}
+
+/// The secret in `Authorization`: a bearer token, or with `basic` also the
+/// password of HTTP Basic credentials.
+fn presented_secret(headers: &HeaderMap, basic: bool) -> Option<Vec<u8>> {
+    let (scheme, credentials) = headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .split_once(' ')?;
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        Some(credentials.as_bytes().to_vec())
+    } else if basic && scheme.eq_ignore_ascii_case("basic") {
+        basic_password(credentials)
+    } else {
+        None
+    }
+}
+
+/// Whether `presented` is the publish secret (compared in constant time).
+fn is_secret(gw: &Gateway, presented: &[u8]) -> bool {
+    constant_time_eq::constant_time_eq(presented, gw.live().config.publish.secret.as_bytes())
 }
 
 /// Why the status page was refused.
@@ -293,13 +294,6 @@ fn basic_password(credentials: &str) -> Option<Vec<u8>> {
 
 /// The publish and sessions APIs take `Authorization: Bearer <publish secret>`.
 fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), Reject> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
     let unauthorized = |message: &str| {
         let mut r = Reject::new(StatusCode::UNAUTHORIZED, code::BAD_REQUEST, message);
         r.headers.push((
@@ -308,18 +302,11 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), Reject> {
         ));
         r
     };
-    match presented {
+    match presented_secret(headers, false) {
         None => Err(unauthorized(
             "missing Authorization: Bearer <publish secret>",
         )),
-        Some(token)
-            if constant_time_eq::constant_time_eq(
-                token.as_bytes(),
-                gw.live().config.publish.secret.as_bytes(),
-            ) =>
-        {
-            Ok(())
-        }
+        Some(token) if is_secret(gw, &token) => Ok(()),
         Some(_) => Err(unauthorized("wrong publish secret")),
     }
 }

@@ -121,6 +121,14 @@ impl RateLimits {
         self.limits.iter().any(|l| l.tools.is_some())
     }
 
+    /// Whether some limit selects requests by their tool or server, so that
+    /// the federated endpoint needs a call's name to route it.
+    pub fn by_name(&self) -> bool {
+        self.limits
+            .iter()
+            .any(|l| l.tools.is_some() || !l.servers.is_empty())
+    }
+
     /// Charges `ask` to each limit that selects it, on this node.
     pub fn check_local(&self, ask: &Ask<'_>) -> Result<(), Limited> {
         for limit in self.selecting(ask) {
@@ -136,17 +144,20 @@ impl RateLimits {
     /// Charges `ask` to each limit that selects it, in Redis: what all
     /// nodes share.
     pub async fn check_shared(&self, ask: &Ask<'_>, shared: &SharedRates) -> Result<(), Limited> {
+        let keyed: Vec<(&Limit, String)> = self
+            .selecting(ask)
+            .map(|limit| (limit, limit.key(ask.identity)))
+            .collect();
         // A refusal remembered for any limit refuses before any is charged.
-        for limit in self.selecting(ask) {
-            if let Some(until) = limit.refused_until.get(&limit.key(ask.identity)) {
+        for (limit, key) in &keyed {
+            if let Some(until) = limit.refused_until.get(key) {
                 let now = Instant::now();
                 if until > now {
                     return Err(limit.refuse(until - now));
                 }
             }
         }
-        for limit in self.selecting(ask) {
-            let key = limit.key(ask.identity);
+        for (limit, key) in keyed {
             if shared.paused() {
                 return Ok(());
             }

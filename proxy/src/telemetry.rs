@@ -73,10 +73,20 @@ pub fn flush() {
 
 /// Whether the environment asks for traces (an OTLP endpoint, and the SDK
 /// not disabled).
+#[cfg(test)]
 fn wanted_by_env(var: &dyn Fn(&str) -> Option<String>) -> bool {
+    !disabled_by_env(var) && endpoint_in_env(var)
+}
+
+/// `OTEL_SDK_DISABLED=true`.
+fn disabled_by_env(var: &dyn Fn(&str) -> Option<String>) -> bool {
+    var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// Whether the environment names an OTLP endpoint.
+fn endpoint_in_env(var: &dyn Fn(&str) -> Option<String>) -> bool {
     let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());
-    let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 }
 
 /// The exporter and its tracing layer, if the config or the environment
@@ -93,17 +103,15 @@ where
 {
     // An empty variable counts as unset.
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    if disabled || (config.is_none() && !wanted_by_env(&env)) {
+    let from_env = endpoint_in_env(&env);
+    if disabled_by_env(&env) || (config.is_none() && !from_env) {
         return Ok(None);
     }
     let defaults = TelemetryConfig::default();
     let config = config.unwrap_or(&defaults);
     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
     // The variables win: the endpoint of the file only when none is set.
-    if !wanted_by_env(&env)
-        && let Some(endpoint) = &config.endpoint
-    {
+    if !from_env && let Some(endpoint) = &config.endpoint {
         use opentelemetry_otlp::WithExportConfig as _;
         exporter = exporter.with_endpoint(endpoint.clone());
     }

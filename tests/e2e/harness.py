@@ -372,6 +372,16 @@ class Gateway(Proc):
         assert self.admin_get("/healthz").status_code == 200
 
 
+@contextmanager
+def redis_running(log_dir: Path, name: str, **kw):
+    """A redis-server of the test's own, answering, for the length of a block."""
+    server = RedisServer(log_dir, name=name, **kw).start_and_wait()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def redis_gateway(log_dir: Path, replicas, redis: RedisServer, name: str, prefix: str | None = None,
                   orgs: dict | None = None, extra: dict | None = None, env: dict | None = None,
                   **kw) -> "Gateway":

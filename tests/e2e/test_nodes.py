@@ -18,7 +18,7 @@ import pytest
 import rawhttp
 from conftest import identity_config
 from harness import (ACCEPT_BOTH, answers, KC_GATEWAY_SECRET, MODERN, PUBLISH_SECRET, Example, Gateway, RedisServer, SseReader,
-                     free_port, initialize, modern_call, next_list_changed, org, post, redis_gateway, result_of, rpc_error, started,
+                     free_port, initialize, modern_call, next_list_changed, org, post, redis_gateway, redis_running, result_of, rpc_error, started,
                      wait_until)
 
 pytestmark = pytest.mark.anyio
@@ -58,11 +58,8 @@ class Nodes:
 
 @pytest.fixture(scope="module")
 def redis(log_dir):
-    server = RedisServer(log_dir, name="redis-nodes").start_and_wait()
-    try:
+    with redis_running(log_dir, "redis-nodes") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from conftest import identity_config
-from harness import (KC_GATEWAY_SECRET, PROTOCOL, Gateway, RedisServer, org, post, redis_gateway, result_of,
+from harness import (KC_GATEWAY_SECRET, PROTOCOL, Gateway, org, post, redis_gateway, redis_running, result_of,
                      rpc_error, running, wait_until)
 
 RATE = 10          # tool calls per second per user
@@ -25,11 +25,8 @@ SECONDS = 10.0
 
 @pytest.fixture(scope="module")
 def redis(log_dir):
-    server = RedisServer(log_dir, name="redis-rate").start_and_wait()
-    try:
+    with redis_running(log_dir, "redis-rate") as server:
         yield server
-    finally:
-        server.stop()
 
 
 class Session:

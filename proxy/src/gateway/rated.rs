@@ -18,28 +18,19 @@ impl Gateway {
         body: &Body,
     ) -> Result<(), Reject> {
         let org = call.org;
-        if !call.client || org.rates.is_empty() || self.too_large(body) {
+        if !call.client {
             return Ok(());
         }
         let by_tool = org.rates.by_tool();
-        for m in body.messages() {
-            let (Some(method), true) = (m.method(), m.is_request()) else {
-                continue;
-            };
+        self.charge_requests(org, call.identity, body, |method, m| {
             // Tools as the policy shows them: with the server's prefix.
             let tool = (by_tool && method == "tools/call")
                 .then(|| jsonrpc::param_name(&m.raw))
                 .flatten()
                 .map(|(own, _)| org.policy.shown(Item::Tool, &own));
-            let ask = Ask {
-                method,
-                server: org.server_name.as_deref(),
-                tool: tool.as_deref(),
-                identity: call.identity,
-            };
-            self.rate_limit(org, ask, m.request_id()).await?;
-        }
-        Ok(())
+            (org.server_name.clone(), tool)
+        })
+        .await
     }
 
     /// The same at an org's federated endpoint: a call is charged to the
@@ -50,31 +41,47 @@ impl Gateway {
         identity: &Identity,
         body: &Body,
     ) -> Result<(), Reject> {
-        if fed.rates.is_empty() || self.too_large(body) {
+        let by_name = fed.rates.by_name();
+        self.charge_requests(fed, identity, body, |method, m| {
+            let Some((name, _)) = (by_name && matches!(method, "tools/call" | "prompts/get"))
+                .then(|| jsonrpc::param_name(&m.raw))
+                .flatten()
+            else {
+                return (None, None);
+            };
+            let server = fed
+                .naming
+                .route(&name)
+                .map(|(i, _)| fed.members[i].name.clone());
+            (server, (method == "tools/call").then_some(name))
+        })
+        .await
+    }
+
+    /// Charges each request of `body` to `front`'s limits, with the server
+    /// and tool `target` finds for it; the first refusal refuses them all.
+    async fn charge_requests(
+        &self,
+        front: &Front,
+        identity: &Identity,
+        body: &Body,
+        target: impl Fn(&str, &Message) -> (Option<Arc<str>>, Option<String>),
+    ) -> Result<(), Reject> {
+        if front.rates.is_empty() || self.too_large(body) {
             return Ok(());
         }
         for m in body.messages() {
             let (Some(method), true) = (m.method(), m.is_request()) else {
                 continue;
             };
-            let named = matches!(method, "tools/call" | "prompts/get")
-                .then(|| jsonrpc::param_name(&m.raw))
-                .flatten();
-            let server = named
-                .as_ref()
-                .and_then(|(name, _)| fed.naming.route(name))
-                .map(|(i, _)| &*fed.members[i].name);
-            let tool = named
-                .as_ref()
-                .filter(|_| method == "tools/call")
-                .map(|(name, _)| name.as_str());
+            let (server, tool) = target(method, m);
             let ask = Ask {
                 method,
-                server,
-                tool,
+                server: server.as_deref(),
+                tool: tool.as_deref(),
                 identity,
             };
-            self.rate_limit(fed, ask, m.request_id()).await?;
+            self.rate_limit(front, ask, m.request_id()).await?;
         }
         Ok(())
     }
@@ -89,8 +96,13 @@ impl Gateway {
     /// full again (a periodic chore).
     pub fn forget_full_budgets(&self) {
         let live = self.live_full();
+        // An org's routes share its limits: each is tidied once.
+        let mut done: Vec<&Arc<crate::ratelimit::RateLimits>> = Vec::new();
         for org in live.routes.orgs() {
-            org.rates.retain_recent();
+            if !done.iter().any(|r| Arc::ptr_eq(r, &org.rates)) {
+                org.rates.retain_recent();
+                done.push(&org.rates);
+            }
         }
     }
 
