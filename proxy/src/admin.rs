@@ -228,7 +228,8 @@ async fn readiness_report(
         "orgs": orgs,
     });
     if let Some(events) = gw.hub.events() {
-        body["events"] = json!({"bus": events.bus_up(), "dropped": events.dropped()});
+        body["events"] = json!({"bus": events.bus_up(), "dropped": events.dropped(),
+            "unreplicated": events.unreplicated()});
     }
     (code, body)
 }

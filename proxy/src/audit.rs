@@ -344,9 +344,12 @@ fn spawn_redis_writer(
     max_entries: usize,
     dropped: IntCounter,
 ) -> std::io::Result<SyncSender<String>> {
-    let client = sink.target.client().map_err(|e| {
-        std::io::Error::other(format!("the audit sink's Redis URL is not valid: {e}"))
-    })?;
+    if sink.target.sentinel.is_none() {
+        sink.target.client().map_err(|e| {
+            std::io::Error::other(format!("the audit sink's Redis URL is not valid: {e}"))
+        })?;
+    }
+    let target = sink.target.clone();
     let (key, node) = (sink.key, sink.node.to_string());
     let (tx, rx) = sync_channel::<String>(QUEUE);
     std::thread::Builder::new()
@@ -381,7 +384,7 @@ fn spawn_redis_writer(
                 let mut send = || -> redis::RedisResult<()> {
                     let mut c = match conn.take() {
                         Some(c) => c,
-                        None => redis_connection(&client)?,
+                        None => target.sync_connection(REDIS_TIMEOUT)?,
                     };
                     pipe.exec(&mut c)?;
                     conn = Some(c);
@@ -399,13 +402,6 @@ fn spawn_redis_writer(
             }
         })?;
     Ok(tx)
-}
-
-fn redis_connection(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
-    let c = client.get_connection_with_timeout(REDIS_TIMEOUT)?;
-    c.set_read_timeout(Some(REDIS_TIMEOUT))?;
-    c.set_write_timeout(Some(REDIS_TIMEOUT))?;
-    Ok(c)
 }
 
 /// `path` becomes `path.1`, `path.1` becomes `path.2`, ... up to `keep`;

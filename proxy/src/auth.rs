@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use crate::session::RedisLink;
 use ratatosk_auth::logout::LogoutEvent;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use crate::session::redis::{NOW, RedisStoreError};
 
@@ -15,7 +15,7 @@ use crate::session::redis::{NOW, RedisStoreError};
 /// live, so that a node that was off the bus when one came (starting, or
 /// cut off from Redis) refuses those tokens too once it is back.
 pub struct LogoutMemory {
-    conn: ConnectionManager,
+    conn: RedisLink,
     /// A sorted set: logout JSON by expiry.
     key: String,
     remember: Script,
@@ -25,7 +25,7 @@ pub struct LogoutMemory {
 impl LogoutMemory {
     /// The memory under `{prefix}logouts`, on `conn`: the session store's
     /// connection ([`crate::session::RedisSessionStore::connection`]).
-    pub fn new(conn: ConnectionManager, prefix: &str) -> LogoutMemory {
+    pub fn new(conn: RedisLink, prefix: &str) -> LogoutMemory {
         LogoutMemory {
             conn,
             key: format!("{prefix}logouts"),
@@ -85,7 +85,7 @@ mod tests {
     use crate::testing::{RedisServer, eventually};
 
     fn memory(url: &str, prefix: &str) -> LogoutMemory {
-        LogoutMemory::new(connection(url).expect("connection").1, prefix)
+        LogoutMemory::new(connection(url).expect("connection"), prefix)
     }
 
     #[tokio::test]

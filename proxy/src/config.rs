@@ -220,22 +220,118 @@ pub struct SessionsConfig {
     /// roots (`ca_file`), and a client certificate (`cert_file`,
     /// `key_file`).
     pub tls: Option<ratatosk_auth::tls::ClientTls>,
+    /// With `store: redis`, in place of `url`: a primary that Redis
+    /// Sentinel watches. Every node asks the sentinels where it is and
+    /// follows it across failovers.
+    pub sentinel: Option<SentinelConfig>,
+    /// With `store: redis`: each write of events, and each new session,
+    /// waits until this many replicas have it (Redis `WAIT`), up to
+    /// `timeout`; a publish that is not replicated in time gets 503 (its
+    /// event may still arrive). Without it, replication is asynchronous:
+    /// a primary that dies can take its last writes with it.
+    pub wait: Option<WaitConfig>,
+}
+
+/// Nodes given as `host:port`: each checked, under `field`.
+fn check_nodes(at: &mut Section<'_>, field: &str, nodes: &[String], what: &str) {
+    if nodes.is_empty() {
+        at.bad(field, format!("expected at least one {what}, `host:port`"));
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let port = node
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p > 0) {
+            at.bad(
+                &format!("{field}[{i}]"),
+                format!("expected `host:port`, got `{node}`"),
+            );
+        }
+    }
+}
+
+/// `sessions.wait`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitConfig {
+    pub replicas: u32,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// The longest `sessions.wait.timeout`: a write that waits longer would
+/// outlast the gateway's own timeout on Redis answers.
+const OP_TIMEOUT_MAX: Duration = Duration::from_secs(1);
+
+/// Redis Sentinel (`sessions.sentinel`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the sentinels know the primary by (`sentinel monitor
+    /// <name> ...` in their config).
+    pub master_name: String,
+    /// The sentinels, `host:port` each; one that answers is enough.
+    pub nodes: Vec<String>,
+    /// The primary's user, if not `default`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The primary's password: `${REDIS_PASSWORD}`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The database number on the primary.
+    #[serde(default)]
+    pub db: i64,
+    /// The sentinels' own password, if they ask for one.
+    #[serde(default)]
+    pub sentinel_password: Option<String>,
+    /// TLS to the sentinels and the primary (then `sessions.tls` names the
+    /// CA and a client certificate, if the system's roots are not enough).
+    #[serde(default)]
+    pub tls: bool,
+}
+
+impl SentinelConfig {
+    fn check(&self, at: &mut Section<'_>) {
+        if self.master_name.trim().is_empty() {
+            at.bad(
+                "master_name",
+                "expected the name the sentinels know the primary by",
+            );
+        }
+        check_nodes(at, "nodes", &self.nodes, "sentinel");
+        if !(0..=1_000_000).contains(&self.db) {
+            at.bad("db", format!("expected a database number, got {}", self.db));
+        }
+    }
 }
 
 impl SessionsConfig {
     /// Where the shared store is, with `store: redis`, and its TLS files
     /// read.
     pub fn redis(&self) -> Result<Option<crate::session::RedisTarget>, String> {
-        let (StoreKind::Redis, Some(url)) = (self.store, &self.url) else {
+        if self.store != StoreKind::Redis || (self.url.is_none() && self.sentinel.is_none()) {
             return Ok(None);
-        };
+        }
         let tls = match &self.tls {
             Some(tls) => tls.load().map_err(|e| format!("sessions.tls.{e}"))?,
             None => Default::default(),
         };
+        let sentinel = self
+            .sentinel
+            .as_ref()
+            .map(|s| crate::session::SentinelTarget {
+                master_name: s.master_name.clone(),
+                nodes: s.nodes.clone(),
+                username: s.username.clone(),
+                password: s.password.clone(),
+                db: s.db,
+                sentinel_password: s.sentinel_password.clone(),
+                tls: s.tls,
+            });
         Ok(Some(crate::session::RedisTarget {
-            url: url.clone(),
+            url: self.url.clone().unwrap_or_default(),
             tls,
+            sentinel,
         }))
     }
 }
@@ -264,6 +360,8 @@ impl Default for SessionsConfig {
             url: None,
             key_prefix: "ratatosk:".into(),
             tls: None,
+            sentinel: None,
+            wait: None,
         }
     }
 }
@@ -1219,12 +1317,26 @@ impl SessionsConfig {
         at.between_1_and("max_subscriptions", self.max_subscriptions, 100_000);
         at.at_least("max_client_bytes", self.max_client_bytes, 256, " bytes");
         at.at_least("event_log_bytes", self.event_log_bytes, 1024, " bytes");
-        match (self.store, &self.url) {
-            (StoreKind::Redis, None) => at.bad(
-                "url",
-                "`store: redis` needs the Redis URL, e.g. `redis://127.0.0.1:6379/` or `${REDIS_URL}`",
+        match (self.store, &self.url, &self.sentinel) {
+            (StoreKind::Redis, None, Some(sentinel)) => {
+                sentinel.check(&mut at.sub("sentinel"));
+                if self.tls.is_some() && !sentinel.tls {
+                    at.bad("tls", "applies with `sentinel.tls: true` only");
+                }
+            }
+            (StoreKind::Redis, Some(_), Some(_)) => at.bad(
+                "sentinel",
+                "give either `url` (one Redis) or `sentinel` (the sentinels find the primary), not both",
             ),
-            (StoreKind::Redis, Some(url))
+            (StoreKind::Memory, _, Some(_)) => at.bad(
+                "sentinel",
+                "only used with `store: redis`; remove it, or add `store: redis`",
+            ),
+            (StoreKind::Redis, None, None) => at.bad(
+                "url",
+                "`store: redis` needs the Redis URL, e.g. `redis://127.0.0.1:6379/` or `${REDIS_URL}`, or `sentinel`",
+            ),
+            (StoreKind::Redis, Some(url), _)
                 if !url.starts_with("redis://") && !url.starts_with("rediss://") =>
             {
                 at.bad(
@@ -1232,18 +1344,35 @@ impl SessionsConfig {
                     "expected a `redis://` URL, or `rediss://` for TLS",
                 )
             }
-            (StoreKind::Redis, Some(url)) if url.contains("#insecure") => at.bad(
+            (StoreKind::Redis, Some(url), _) if url.contains("#insecure") => at.bad(
                 "url",
                 "`#insecure` is not supported: give the server's CA in `tls.ca_file`",
             ),
-            (StoreKind::Redis, Some(url)) if self.tls.is_some() && !url.starts_with("rediss://") => {
+            (StoreKind::Redis, Some(url), _) if self.tls.is_some() && !url.starts_with("rediss://") => {
                 at.bad("tls", "applies to a `rediss://` URL only")
             }
-            (StoreKind::Memory, Some(_)) => at.bad(
+            (StoreKind::Memory, Some(_), _) => at.bad(
                 "url",
                 "only used with `store: redis`; remove it, or add `store: redis`",
             ),
             _ => {}
+        }
+        if let Some(wait) = &self.wait {
+            if self.store != StoreKind::Redis {
+                at.bad("wait", "only used with `store: redis`");
+            }
+            if !(1..=64).contains(&wait.replicas) {
+                at.bad(
+                    "wait.replicas",
+                    format!("expected between 1 and 64, got {}", wait.replicas),
+                );
+            }
+            if wait.timeout.is_zero() || wait.timeout > OP_TIMEOUT_MAX {
+                at.bad(
+                    "wait.timeout",
+                    "expected more than 0 and at most 1s (a write waits this long at most)",
+                );
+            }
         }
         if let Some(tls) = &self.tls {
             if tls.insecure_skip_verify {
@@ -1888,6 +2017,79 @@ orgs:
             let text = format!("{}sessions:\n{extra}", minimal());
             let p = only_problem(parse(&text).expect_err(extra));
             assert_eq!(p.path, path);
+            assert!(p.message.contains(says), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn sentinel_stands_in_for_the_url_and_wait_is_checked() {
+        let text = format!(
+            "{}sessions:\n  store: redis\n  sentinel: {{master_name: main, nodes: [\"127.0.0.1:26379\", \"[::1]:26380\"], password: \"${{PW}}\", db: 2}}\n  wait: {{replicas: 1, timeout: 100ms}}\n",
+            minimal()
+        );
+        let c = parse_with(&text, &[("PW", "secret")]).expect("valid");
+        let target = c.sessions.redis().expect("target").expect("redis");
+        let sentinel = target.sentinel.as_ref().expect("sentinel");
+        assert_eq!(sentinel.master_name, "main");
+        assert_eq!(sentinel.nodes, ["127.0.0.1:26379", "[::1]:26380"]);
+        assert_eq!(
+            (sentinel.password.as_deref(), sentinel.db),
+            (Some("secret"), 2)
+        );
+        assert!(
+            !format!("{target:?}").contains("secret"),
+            "Debug keeps passwords out"
+        );
+        let wait = c.sessions.wait.expect("wait");
+        assert_eq!(
+            (wait.replicas, wait.timeout),
+            (1, Duration::from_millis(100))
+        );
+        for (sessions, path, says) in [
+            (
+                "{store: redis, url: \"redis://127.0.0.1/\", sentinel: {master_name: m, nodes: [\"h:1\"]}}",
+                "sessions.sentinel",
+                "not both",
+            ),
+            (
+                "{store: redis, sentinel: {master_name: m, nodes: []}}",
+                "sessions.sentinel.nodes",
+                "at least one",
+            ),
+            (
+                "{store: redis, sentinel: {master_name: m, nodes: [\"h\"]}}",
+                "sessions.sentinel.nodes[0]",
+                "host:port",
+            ),
+            (
+                "{store: redis, sentinel: {master_name: \" \", nodes: [\"h:1\"]}}",
+                "sessions.sentinel.master_name",
+                "name",
+            ),
+            (
+                "{sentinel: {master_name: m, nodes: [\"h:1\"]}}",
+                "sessions.sentinel",
+                "only used with `store: redis`",
+            ),
+            (
+                "{store: redis, url: \"redis://h/\", wait: {replicas: 0, timeout: 1s}}",
+                "sessions.wait.replicas",
+                "between 1 and 64",
+            ),
+            (
+                "{store: redis, url: \"redis://h/\", wait: {replicas: 1, timeout: 5s}}",
+                "sessions.wait.timeout",
+                "at most 1s",
+            ),
+            (
+                "{wait: {replicas: 1, timeout: 1s}}",
+                "sessions.wait",
+                "only used with `store: redis`",
+            ),
+        ] {
+            let text = format!("{}sessions: {sessions}\n", minimal());
+            let p = only_problem(parse(&text).expect_err(sessions));
+            assert_eq!(p.path, path, "{sessions}");
             assert!(p.message.contains(says), "{p:?}");
         }
     }

@@ -167,7 +167,7 @@ pub struct Shared {
     pub events: Arc<SharedEvents>,
     pub logouts: LogoutMemory,
     /// For the rate limits, which all nodes share.
-    pub rates: redis::aio::ConnectionManager,
+    pub rates: crate::session::RedisLink,
 }
 
 /// Why a publish was refused.

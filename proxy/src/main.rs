@@ -377,14 +377,18 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
         .context("cannot start the session store's runtime")?;
     let unusable = || {
         format!(
-            "{}: `sessions.url` is not a usable Redis URL",
+            "{}: `sessions.url` or `sessions.sentinel` does not name a usable Redis",
             path.display()
         )
     };
     let (store, shared) = {
         let _driven_by = runtime.enter();
-        let store = RedisSessionStore::new(target.clone(), &sessions.key_prefix, sessions.idle_ttl)
-            .with_context(unusable)?;
+        let mut store =
+            RedisSessionStore::new(target.clone(), &sessions.key_prefix, sessions.idle_ttl)
+                .with_context(unusable)?;
+        if let Some(wait) = sessions.wait {
+            store = store.waiting_for(wait.replicas, wait.timeout);
+        }
         let events = SharedEvents::new(
             target,
             &sessions.key_prefix,
@@ -393,6 +397,7 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
                 max_bytes: sessions.event_log_bytes,
                 max_age: sessions.event_log_max_age,
                 idle_ttl: sessions.idle_ttl,
+                wait: sessions.wait.map(|w| (w.replicas, w.timeout)),
             },
         )
         .with_context(unusable)?;

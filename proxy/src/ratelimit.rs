@@ -23,12 +23,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::session::RedisLink;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus::IntCounter;
 use ratatosk_auth::Identity;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use ratatosk_auth::ratelog::LogEvery;
 
@@ -298,7 +298,7 @@ return 0
 
 /// What the nodes share of rate limits: the Redis their sessions are in.
 pub struct SharedRates {
-    conn: ConnectionManager,
+    conn: RedisLink,
     /// `sessions.key_prefix` and `rl:`; then the org, the limit and the
     /// caller.
     prefix: String,
@@ -311,7 +311,7 @@ pub struct SharedRates {
 }
 
 impl SharedRates {
-    pub fn new(conn: ConnectionManager, key_prefix: &str, metrics: &Metrics) -> SharedRates {
+    pub fn new(conn: RedisLink, key_prefix: &str, metrics: &Metrics) -> SharedRates {
         SharedRates {
             conn,
             prefix: format!("{key_prefix}rl:"),
@@ -469,7 +469,7 @@ mod tests {
         let metrics = Metrics::new().expect("metrics");
         let other_org = RateLimits::new("org-2", &configs, &metrics).expect("limits");
         let node = || {
-            let (_, conn) = crate::session::redis::connection(&redis.url()).expect("redis");
+            let conn = crate::session::redis::connection(&redis.url()).expect("redis");
             SharedRates::new(conn, "t:", &metrics)
         };
         let (a, b) = (node(), node());

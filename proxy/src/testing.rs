@@ -213,21 +213,76 @@ pub fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
 pub struct RedisServer {
     child: std::process::Child,
     pub port: u16,
+    /// Its working directory (a replica's synced data, a sentinel's
+    /// config), removed on drop.
+    dir: std::path::PathBuf,
+}
+
+/// A fresh directory for the server on `port`, under the system's temp.
+fn server_dir(port: u16) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ratatosk-redis-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("the server's directory");
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        RedisServer::start_with(&[]).await
+    }
+
+    /// A redis-server with more arguments (`--replicaof host port`, say).
+    pub async fn start_with(args: &[&str]) -> RedisServer {
+        let port = free_port();
+        let dir = server_dir(port);
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .args(args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is not installed: scripts/test installs it (apt-get install redis-server)");
-        let server = RedisServer { child, port };
+        RedisServer::answering(child, port, dir).await
+    }
+
+    /// A real redis-sentinel (Debian's package) watching the primary on
+    /// `primary` as `master_name`, alone (quorum 1), with its config file
+    /// (which it rewrites) in a fresh directory under the system's temp.
+    pub async fn sentinel(master_name: &str, primary: u16) -> RedisServer {
+        let port = free_port();
+        let dir = server_dir(port);
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {master_name} 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds {master_name} 1000\nsentinel failover-timeout {master_name} 5000\n",
+                dir.display()
+            ),
+        )
+        .expect("the sentinel's config");
+        let child = std::process::Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-sentinel is not installed: scripts/test installs it (apt-get install redis-sentinel)");
+        RedisServer::answering(child, port, dir).await
+    }
+
+    async fn answering(
+        child: std::process::Child,
+        port: u16,
+        dir: std::path::PathBuf,
+    ) -> RedisServer {
+        let server = RedisServer { child, port, dir };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if let Ok(mut sock) = TcpStream::connect(("127.0.0.1", port)).await {
@@ -256,6 +311,7 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

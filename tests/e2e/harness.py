@@ -224,7 +224,7 @@ class RedisServer(Proc):
     free loopback port, without persistence: a restart loses everything."""
 
     def __init__(self, log_dir: Path, name: str = "redis", persist: bool = False,
-                 tls: tuple[Path, Path, Path] | None = None):
+                 tls: tuple[Path, Path, Path] | None = None, args: tuple[str, ...] = ()):
         """With `persist`, every write goes to an append-only file first, so a
         restart keeps the data. With `tls` (certificate, key, CA), it speaks
         TLS only, and asks clients for no certificate."""
@@ -240,7 +240,7 @@ class RedisServer(Proc):
             ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
         super().__init__(name=name, argv=["redis-server", *ports, "--bind", "127.0.0.1",
-                                          "--dir", str(data_dir), "--save", "", *durability],
+                                          "--dir", str(data_dir), "--save", "", *durability, *args],
                          log_path=log_dir / f"{name}-{self.port}.log")
 
     @property
@@ -273,6 +273,104 @@ class RedisServer(Proc):
         out = subprocess.run([*self._cli(), "--scan", "--pattern", pattern],
                              capture_output=True, text=True, timeout=10, check=True)
         return [line for line in out.stdout.splitlines() if line]
+
+    def cli(self, *args: str) -> str:
+        """What redis-cli prints for one command (raw, one line per item)."""
+        out = subprocess.run([*self._cli(), "--raw", *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+
+class Sentinels:
+    """A Redis primary, its replicas and three real redis-sentinel processes
+    (Debian's redis-sentinel; scripts/prereqs installs it) watching it as
+    `master_name`, quick to fail over: a primary that does not answer for
+    `down_after_ms` is replaced by a replica."""
+
+    master_name = "e2e"
+
+    def __init__(self, log_dir: Path, name: str = "sentinel", replicas: int = 1, down_after_ms: int = 1000):
+        self.log_dir = log_dir
+        self.name = name
+        self.down_after_ms = down_after_ms
+        self.primary = RedisServer(log_dir, name=f"{name}-primary")
+        self.replicas = [RedisServer(log_dir, name=f"{name}-replica{i}",
+                                     args=("--replicaof", "127.0.0.1", str(self.primary.port)))
+                         for i in range(replicas)]
+        self.sentinels: list[Proc] = []
+        self.ports: list[int] = []
+        for i in range(3):
+            port = free_port()
+            data = log_dir / f"{name}-s{i}-{port}"
+            data.mkdir(parents=True, exist_ok=True)
+            conf = data / "sentinel.conf"
+            # Sentinel rewrites its file as it learns: a fresh one each run.
+            conf.write_text("\n".join([
+                f"port {port}", "bind 127.0.0.1", f"dir {data}",
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.primary.port} 2",
+                f"sentinel down-after-milliseconds {self.master_name} {down_after_ms}",
+                f"sentinel failover-timeout {self.master_name} 10000",
+                f"sentinel parallel-syncs {self.master_name} 1", ""]))
+            self.ports.append(port)
+            self.sentinels.append(Proc(name=f"{name}-s{i}", argv=["redis-sentinel", str(conf)],
+                                       log_path=log_dir / f"{name}-s{i}-{port}.log"))
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+    def ask(self, i: int, *args: str) -> list[str]:
+        out = subprocess.run(["redis-cli", "-p", str(self.ports[i]), "--raw", *args],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.split() if out.returncode == 0 else []
+
+    def primary_port(self, i: int = 0) -> int | None:
+        """The primary's port as sentinel `i` names it now."""
+        addr = self.ask(i, "SENTINEL", "get-master-addr-by-name", self.master_name)
+        return int(addr[1]) if len(addr) == 2 else None
+
+    def _all_known(self) -> bool:
+        for i in range(3):
+            if self.primary_port(i) != self.primary.port:
+                return False
+            flags = self.ask(i, "SENTINEL", "replicas", self.master_name)
+            if flags.count("slave") < len(self.replicas) or "s_down" in " ".join(flags):
+                return False
+            # Each knows the other two: enough for a quorum and an election.
+            if self.ask(i, "SENTINEL", "sentinels", self.master_name).count("name") < 2:
+                return False
+        return all(r.cli("INFO", "replication").find("master_link_status:up") >= 0 for r in self.replicas)
+
+    def start_and_wait(self) -> "Sentinels":
+        self.primary.start_and_wait()
+        for r in self.replicas:
+            r.start_and_wait()
+        for s in self.sentinels:
+            s.start()
+        wait_until(f"{self.name}: the replicas in sync and the sentinels knowing them and each other",
+                   self._all_known, timeout=60, every=0.2,
+                   alive=lambda: next((p.death() for p in [self.primary, *self.replicas, *self.sentinels]
+                                       if p.death()), None))
+        return self
+
+    def servers(self) -> list[RedisServer]:
+        return [self.primary, *self.replicas]
+
+    def fail_over(self) -> RedisServer:
+        """Kills the primary (SIGKILL, no goodbye) and waits until every
+        sentinel names a replica in its place; that replica."""
+        old = self.primary
+        old.kill()
+        by_port = {r.port: r for r in self.replicas}
+        wait_until(f"{self.name}: the sentinels promoting a replica",
+                   lambda: all(self.primary_port(i) in by_port for i in range(3)), timeout=60, every=0.1)
+        self.primary = by_port[self.primary_port(0)]
+        self.replicas = [r for r in self.replicas if r is not self.primary]
+        return self.primary
+
+    def stop(self) -> None:
+        for p in [*self.sentinels, self.primary, *self.replicas]:
+            p.stop()
+
 
 
 class Gateway(Proc):

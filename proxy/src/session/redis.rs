@@ -27,11 +27,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tracing::Instrument as _;
 
 use super::{Admission, SessionRecord, SessionState, SessionStore, StoreError};
+
+mod link;
+pub use link::RedisLink;
 
 /// How long one Redis operation may take, and one connection attempt.
 pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,6 +62,10 @@ pub enum RedisStoreError {
     Contended(String),
     #[error(transparent)]
     Unavailable(#[from] RedisUnavailable),
+    #[error(
+        "{got} of the {wanted} redis replicas asked for confirmed the write in time (sessions.wait)"
+    )]
+    NotReplicated { wanted: u32, got: i64 },
 }
 
 impl From<redis::RedisError> for StoreError {
@@ -103,11 +109,13 @@ end
 ";
 
 pub struct RedisSessionStore {
-    conn: ConnectionManager,
+    conn: RedisLink,
     prefix: String,
     /// How long a session key outlives its last activity, if no node
     /// reaps it first.
     key_ttl_ms: u64,
+    /// Replicas a new session waits for, and milliseconds it waits at most.
+    wait: Option<(u32, u64)>,
     scripts: Scripts,
 }
 
@@ -229,13 +237,33 @@ impl Scripts {
     }
 }
 
-/// Where Redis is (`redis://` or `rediss://`), and for TLS what the
-/// gateway trusts (a CA in place of the system's roots) and presents.
-/// `Debug` leaves the URL's password and the private key out.
+/// Where Redis is: one server (`redis://` or `rediss://`), or a primary
+/// found through Sentinel; for TLS, what the gateway trusts (a CA in place
+/// of the system's roots) and presents. `Debug` leaves passwords and the
+/// private key out.
 #[derive(Clone, Default)]
 pub struct RedisTarget {
+    /// The one server's URL; empty with `sentinel`.
     pub url: String,
     pub tls: ratatosk_auth::tls::ClientPems,
+    pub sentinel: Option<SentinelTarget>,
+}
+
+/// A primary that Redis Sentinel watches and fails over.
+#[derive(Clone, Default)]
+pub struct SentinelTarget {
+    /// The name the sentinels know it by (`sentinel monitor <name> ...`).
+    pub master_name: String,
+    /// The sentinels, `host:port`.
+    pub nodes: Vec<String>,
+    /// The primary's (and its replicas') user and password, and database.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: i64,
+    /// The sentinels' own password, if they ask for one.
+    pub sentinel_password: Option<String>,
+    /// TLS to the sentinels and the primary.
+    pub tls: bool,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -246,10 +274,21 @@ impl std::fmt::Debug for RedisTarget {
                 u.to_string()
             }
             Ok(_) => self.url.clone(),
+            Err(_) if self.url.is_empty() => String::new(),
             Err(_) => "<not a URL>".to_owned(),
         };
+        let sentinel = self.sentinel.as_ref().map(|s| {
+            format!(
+                "{} at {} (db {}{})",
+                s.master_name,
+                s.nodes.join(", "),
+                s.db,
+                if s.tls { ", TLS" } else { "" }
+            )
+        });
         f.debug_struct("RedisTarget")
             .field("url", &url)
+            .field("sentinel", &sentinel)
             .field("tls", &self.tls)
             .finish()
     }
@@ -259,7 +298,7 @@ impl From<&str> for RedisTarget {
     fn from(url: &str) -> Self {
         RedisTarget {
             url: url.to_owned(),
-            tls: Default::default(),
+            ..Default::default()
         }
     }
 }
@@ -270,46 +309,65 @@ impl From<&String> for RedisTarget {
     }
 }
 
-impl RedisTarget {
-    /// A client (async or sync) with the TCP settings below and, for
-    /// `rediss://`, the TLS settings.
-    pub fn client(&self) -> Result<redis::Client, redis::RedisError> {
-        ratatosk_auth::tls::install_crypto();
-        let info = with_tcp_settings(&self.url)?;
-        let tls = &self.tls;
-        if tls.ca.is_none() && tls.identity.is_none() {
-            return redis::Client::open(info);
-        }
-        redis::Client::build_with_tls(
-            info,
-            redis::TlsCertificates {
-                client_tls: tls.identity.clone().map(|(client_cert, client_key)| {
-                    redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }
-                }),
-                root_cert: tls.ca.clone(),
-            },
-        )
+/// The redis crate's form of the TLS files.
+fn certificates(tls: &ratatosk_auth::tls::ClientPems) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: tls
+            .identity
+            .clone()
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: tls.ca.clone(),
     }
 }
 
-/// A client of the Redis at `target`, and a multiplexed connection to it
-/// that is made on first use and made again whenever it breaks, with
+impl RedisTarget {
+    /// A client (async or sync) of the one server, with the TCP settings
+    /// below and, for `rediss://`, the TLS settings.
+    pub fn client(&self) -> Result<redis::Client, redis::RedisError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str())?;
+        RedisTarget::client_of(info, &self.tls)
+    }
+
+    /// A client of the server at `info`, with the TCP settings below and,
+    /// if the files name any, the TLS settings.
+    pub(crate) fn client_of(
+        info: redis::ConnectionInfo,
+        tls: &ratatosk_auth::tls::ClientPems,
+    ) -> Result<redis::Client, redis::RedisError> {
+        ratatosk_auth::tls::install_crypto();
+        let info = info.set_tcp_settings(tcp_settings());
+        if tls.ca.is_none() && tls.identity.is_none() {
+            return redis::Client::open(info);
+        }
+        redis::Client::build_with_tls(info, certificates(tls))
+    }
+
+    /// A blocking connection to the server, or to the primary the
+    /// sentinels name now, with `timeout` on connecting (to the server),
+    /// reading and writing.
+    pub fn sync_connection(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+        let conn = match &self.sentinel {
+            None => self.client()?.get_connection_with_timeout(timeout)?,
+            Some(sentinel) => {
+                let primary = link::sentinel_client(sentinel, &self.tls)?.get_client()?;
+                RedisTarget::client_of(primary.get_connection_info().clone(), &self.tls)?
+                    .get_connection_with_timeout(timeout)?
+            }
+        };
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        Ok(conn)
+    }
+}
+
+/// A link to the Redis at `target` (see [`RedisLink`]), with
 /// [`OP_TIMEOUT`] on each connection attempt and each answer. Must be
 /// called within the Tokio runtime that will drive the connection.
-pub(crate) fn connection(
-    target: impl Into<RedisTarget>,
-) -> Result<(redis::Client, ConnectionManager), redis::RedisError> {
-    let client = target.into().client()?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(OP_TIMEOUT))
-        .set_response_timeout(Some(OP_TIMEOUT))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-    Ok((client, conn))
+pub(crate) fn connection(target: impl Into<RedisTarget>) -> Result<RedisLink, redis::RedisError> {
+    RedisLink::new(&target.into())
 }
 
 /// How long a connection to Redis may go without an answer to what it
@@ -318,20 +376,18 @@ pub(crate) fn connection(
 /// fails and is made again, instead of waiting forever.
 const DEAD_AFTER: Duration = Duration::from_secs(15);
 
-/// The URL's connection info with TCP keep-alive probes, a bound on
-/// unacknowledged writes (`TCP_USER_TIMEOUT`) and no Nagle delay.
-fn with_tcp_settings(url: &str) -> Result<redis::ConnectionInfo, redis::RedisError> {
-    use redis::IntoConnectionInfo;
+/// TCP keep-alive probes, a bound on unacknowledged writes
+/// (`TCP_USER_TIMEOUT`) and no Nagle delay.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
     use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
     let probes = TcpKeepalive::new()
         .with_time(DEAD_AFTER / 3)
         .with_interval(DEAD_AFTER / 6)
         .with_retries(3);
-    let tcp = TcpSettings::default()
+    TcpSettings::default()
         .set_nodelay(true)
         .set_keepalive(probes)
-        .set_user_timeout(DEAD_AFTER);
-    Ok(url.into_connection_info()?.set_tcp_settings(tcp))
+        .set_user_timeout(DEAD_AFTER)
 }
 
 impl RedisSessionStore {
@@ -344,18 +400,29 @@ impl RedisSessionStore {
         prefix: &str,
         idle_ttl: Duration,
     ) -> Result<Self, RedisStoreError> {
-        let (_, conn) = connection(target)?;
+        let conn = connection(target)?;
         Ok(RedisSessionStore {
             conn,
             prefix: prefix.to_owned(),
             key_ttl_ms: u64::try_from(idle_ttl.as_millis().saturating_mul(2)).unwrap_or(u64::MAX),
+            wait: None,
             scripts: Scripts::new(),
         })
     }
 
+    /// A new session waits until `replicas` replicas have it (Redis
+    /// `WAIT`), up to `timeout`; short of that, its insert fails.
+    pub fn waiting_for(mut self, replicas: u32, timeout: Duration) -> Self {
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.wait = Some((replicas, ms));
+        self
+    }
+
     /// The store's connection, for what else the nodes keep in the same
     /// Redis (the logouts): one connection, not one per part.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisLink {
         self.conn.clone()
     }
 
@@ -531,17 +598,41 @@ impl SessionStore for RedisSessionStore {
         if let Some(sid) = &state.idp_session {
             invocation.key(self.idp_session_key(sid));
         }
-        let outcome: i64 = invocation
+        invocation
             .arg(&state.id)
             .arg(json)
             .arg(self.key_ttl_ms)
             .arg(admission.per_subject)
             .arg(admission.total)
-            .arg(index)
-            .invoke_async(&mut conn)
+            .arg(index);
+        let Some((wanted, ms)) = self.wait else {
+            let outcome: i64 = invocation
+                .invoke_async(&mut conn)
+                .instrument(crate::telemetry::redis("session insert"))
+                .await?;
+            refusal(outcome, &state.org, admission)?;
+            return Ok(Arc::new(state));
+        };
+        // One pipeline: WAIT counts the writes of the connection it is
+        // on: the one that wrote.
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.scripts.insert)
+            .ignore()
+            .invoke_script(&invocation)
+            .cmd("WAIT")
+            .arg(wanted)
+            .arg(ms);
+        let (outcome, got): (i64, i64) = pipe
+            .query_async(&mut conn)
             .instrument(crate::telemetry::redis("session insert"))
             .await?;
         refusal(outcome, &state.org, admission)?;
+        if got < i64::from(wanted) {
+            return Err(StoreError::Redis(RedisStoreError::NotReplicated {
+                wanted,
+                got,
+            }));
+        }
         Ok(Arc::new(state))
     }
 

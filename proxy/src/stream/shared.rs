@@ -31,19 +31,23 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::StreamExt as _;
-use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{Entry, Hub, LogRead, StreamId};
-use crate::session::redis::{NOW, OP_TIMEOUT, RedisStoreError, connection};
+use crate::session::redis::{NOW, OP_TIMEOUT, RedisLink, RedisStoreError, connection};
 
 /// Most operations the writer sends in one pipeline.
 const BATCH: usize = 512;
 
 /// How long the writer keeps trying a batch Redis refused to take.
 const RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// Seqs a session's log skips when its key is first written by another
+/// primary than the last (a failover): more than a reader can have seen
+/// of the old primary's unreplicated tail.
+const SEQ_GAP: u64 = 1 << 20;
 
 /// Most operations, and payload bytes, waiting for the writer or being
 /// written: what a node holds while Redis is slow or away. More are
@@ -203,12 +207,13 @@ pub struct SharedLimits {
     pub max_bytes: usize,
     pub max_age: Duration,
     pub idle_ttl: Duration,
+    /// Replicas each write waits for (Redis `WAIT`), and for how long.
+    pub wait: Option<(u32, Duration)>,
 }
 
 /// One node's side of the shared event log.
 pub struct SharedEvents {
-    client: redis::Client,
-    conn: ConnectionManager,
+    conn: RedisLink,
     prefix: String,
     channel: String,
     /// This node's random tag: it makes POST stream ids unique across
@@ -226,6 +231,8 @@ pub struct SharedEvents {
     max_bytes: usize,
     max_age_ms: u64,
     key_ttl_ms: u64,
+    /// Replicas each write waits for, and milliseconds it waits at most.
+    wait: Option<(u32, u64)>,
     append: Script,
     running: Script,
     read: Script,
@@ -235,6 +242,8 @@ pub struct SharedEvents {
     hold_claim: Script,
     bus_up: AtomicBool,
     dropped: AtomicU64,
+    /// Events written that the replicas did not confirm in time.
+    unreplicated: AtomicU64,
     /// Leases this node holds for its tasks, renewed at each heartbeat: by
     /// key, a number telling holds apart and what to cancel on loss.
     held: DashMap<String, (u64, CancellationToken)>,
@@ -253,10 +262,9 @@ impl SharedEvents {
         prefix: &str,
         limits: SharedLimits,
     ) -> Result<Arc<Self>, RedisStoreError> {
-        let (client, conn) = connection(target)?;
+        let conn = connection(target)?;
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
         Ok(Arc::new(SharedEvents {
-            client,
             conn,
             prefix: prefix.to_owned(),
             channel: format!("{prefix}bus"),
@@ -271,7 +279,11 @@ impl SharedEvents {
             max_bytes: limits.max_bytes.max(1),
             max_age_ms: millis(limits.max_age),
             key_ttl_ms: millis(limits.idle_ttl).saturating_mul(2),
-            append: Script::new(&format!("{NOW}{APPEND}")),
+            wait: limits.wait.map(|(n, t)| (n, millis(t).max(1))),
+            append: Script::new(&format!(
+                "{NOW}{}",
+                APPEND.replace("SEQ_GAP", &SEQ_GAP.to_string())
+            )),
             running: Script::new(RUNNING),
             read: Script::new(READ),
             lease: Script::new(LEASE),
@@ -280,6 +292,7 @@ impl SharedEvents {
             hold_claim: Script::new(HOLD_CLAIM),
             bus_up: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            unreplicated: AtomicU64::new(0),
             held: DashMap::new(),
             next_hold: AtomicU64::new(1),
         }))
@@ -397,6 +410,12 @@ impl SharedEvents {
     /// Entries the writer gave up on (Redis did not take them in time).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Events written that the replicas did not confirm in time
+    /// (`sessions.wait`).
+    pub fn unreplicated(&self) -> u64 {
+        self.unreplicated.load(Ordering::Relaxed)
     }
 
     pub fn node(&self) -> u32 {
@@ -739,10 +758,18 @@ impl SharedEvents {
             drop_superseded_marks(&mut batch);
             drop_short_requests(&mut batch);
             match self.write(&batch).await {
-                Ok(replies) => {
+                Ok((replies, replicated)) => {
+                    if !replicated {
+                        tracing::warn!(
+                            entries = batch.len(),
+                            "redis replicas did not confirm events in time (sessions.wait); their publishers are told"
+                        );
+                        self.unreplicated
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    }
                     for (q, seq) in batch.drain(..).zip(replies) {
                         if let Some(done) = q.done {
-                            let _ = done.send(Ok(seq));
+                            let _ = done.send(if replicated { Ok(seq) } else { Err(()) });
                         }
                     }
                 }
@@ -773,9 +800,10 @@ impl SharedEvents {
     }
 
     /// Sends one batch as one pipeline, one script call per run of a
-    /// session's operations; while Redis refuses connections, tries again
-    /// for a while. One reply per operation: a seq, or `None`.
-    async fn write(&self, batch: &[Queued]) -> Result<Vec<Option<u64>>, RedisStoreError> {
+    /// session's operations, then `WAIT` with `sessions.wait`; while Redis
+    /// refuses connections, tries again for a while. One reply per
+    /// operation: a seq, or `None`; and whether enough replicas confirmed.
+    async fn write(&self, batch: &[Queued]) -> Result<(Vec<Option<u64>>, bool), RedisStoreError> {
         let mut pipe = redis::pipe();
         pipe.load_script(&self.append).ignore();
         if batch.iter().any(|q| matches!(q.op, Op::Running(_))) {
@@ -830,9 +858,12 @@ impl SharedEvents {
             }
             pipe.invoke_script(&invocation);
         }
+        if let Some((replicas, ms)) = self.wait {
+            pipe.cmd("WAIT").arg(replicas).arg(ms);
+        }
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(100);
-        let replies = loop {
+        let mut replies = loop {
             let mut conn = self.conn.clone();
             match pipe.query_async::<Vec<Value>>(&mut conn).await {
                 Ok(replies) => break replies,
@@ -842,6 +873,12 @@ impl SharedEvents {
                 }
                 Err(e) => return Err(e.into()),
             }
+        };
+        let replicated = match self.wait {
+            Some((replicas, _)) => {
+                matches!(replies.pop(), Some(Value::Int(n)) if n >= i64::from(replicas))
+            }
+            None => true,
         };
         let mut out = Vec::with_capacity(batch.len());
         for (run, reply) in runs.into_iter().zip(replies) {
@@ -856,7 +893,7 @@ impl SharedEvents {
                 });
             }
         }
-        Ok(out)
+        Ok((out, replicated))
     }
 
     /// Holds the node's one subscription, and makes it again when it
@@ -866,7 +903,7 @@ impl SharedEvents {
         while handler.strong_count() > 0 {
             let alive_channel = self.alive_channel();
             let subscribed = async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
+                let mut pubsub = self.conn.pubsub().await?;
                 pubsub.subscribe(&[&self.channel, &alive_channel]).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
@@ -1071,6 +1108,16 @@ fn parse_read(value: Value) -> Option<LogRead> {
 /// passed, so an append costs about the same whatever the log holds.
 const APPEND: &str = "
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+-- A primary that took over from another (Sentinel, or a restart) has a
+-- new replication id, and may lack the last events the old one gave out
+-- (replication is asynchronous): their seqs are skipped, so that no
+-- reader who saw them takes a new event for one it already has.
+local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+local was = redis.call('HGET', KEYS[1], 'r')
+if rid and was ~= rid then
+    if was then redis.call('HINCRBY', KEYS[1], 'q', SEQ_GAP) end
+    redis.call('HSET', KEYS[1], 'r', rid)
+end
 local max_len, max_age, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[6])
 local seqs = {}
 local wrote = {0, 0}
@@ -1263,6 +1310,7 @@ mod tests {
                 max_bytes: LIMITS.max_bytes,
                 max_age,
                 idle_ttl: Duration::from_secs(60),
+                wait: None,
             },
         )
         .await
@@ -1419,6 +1467,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 max_age: Duration::from_secs(60),
                 idle_ttl: Duration::from_secs(60),
+                wait: None,
             },
         )
         .expect("events");
@@ -1667,6 +1716,59 @@ mod tests {
         );
     }
 
+    /// A primary that takes over (here: Redis made a replica and a primary
+    /// again, which gives it a new replication id, as a promotion does)
+    /// gives each session's next event a seq past a gap, so that a reader
+    /// who saw the old primary's unreplicated tail never takes a new event
+    /// for one it has: it gets it, and a resume across the gap is told.
+    #[tokio::test]
+    async fn a_new_primary_skips_the_seqs_the_old_one_may_have_given_out() {
+        let (redis, _store) = redis_with_session("fo:", "moved").await;
+        let node = node(&redis.url(), "fo:").await;
+        let events = node.hub.events().expect("shared");
+        let log = node.hub.create("moved");
+        let mut live = reader(&log, STANDALONE, None);
+        for n in 1..=3 {
+            assert_eq!(
+                events.publish("moved", b"{}").await.expect("publish"),
+                Some(n)
+            );
+        }
+        assert_eq!(read(&mut live, 3).await.len(), 3);
+        let mut conn = crate::session::redis::connection(&redis.url()).expect("link");
+        let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        for args in [
+            vec!["127.0.0.1".to_owned(), unreachable.to_string()],
+            vec!["NO".into(), "ONE".into()],
+        ] {
+            let () = redis::cmd("REPLICAOF")
+                .arg(&args)
+                .query_async(&mut conn)
+                .await
+                .expect("replicaof");
+        }
+        let seq = events
+            .publish("moved", b"{\"after\":1}")
+            .await
+            .expect("publish")
+            .expect("the session exists");
+        assert_eq!(seq, 3 + SEQ_GAP + 1);
+        assert_eq!(
+            events.publish("moved", b"{}").await.expect("publish"),
+            Some(seq + 1),
+            "one gap per takeover"
+        );
+        let got = read(&mut live, 2).await;
+        assert_eq!(
+            got[0].1, "{\"after\":1}",
+            "the live reader gets the event past the gap"
+        );
+        assert!(log.attach(STANDALONE, Some(3)).expect("attach").gap);
+    }
+
     #[tokio::test]
     async fn events_older_than_max_age_leave_the_shared_log() {
         let (redis, _store) = redis_with_session("age:", "aged").await;
@@ -1711,6 +1813,7 @@ mod tests {
             max_bytes: 1 << 20,
             max_age: Duration::from_secs(60),
             idle_ttl: Duration::from_secs(60),
+            wait: None,
         };
         let events =
             SharedEvents::new(&format!("redis://127.0.0.1:{port}/"), "q:", limits).expect("events");
@@ -1750,6 +1853,7 @@ mod tests {
             max_bytes: 1000,
             max_age: Duration::from_secs(60),
             idle_ttl: Duration::from_secs(60),
+            wait: None,
         };
         let node = node_with(&redis.url(), "bytes:", limits).await;
         let events = node.hub.events().expect("shared");
@@ -1801,6 +1905,7 @@ mod tests {
             max_bytes: 1000,
             max_age: Duration::from_secs(60),
             idle_ttl: Duration::from_secs(60),
+            wait: None,
         };
         let node = node_with(&redis.url(), "empty:", limits).await;
         let events = node.hub.events().expect("shared");
