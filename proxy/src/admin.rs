@@ -229,7 +229,7 @@ async fn readiness_report(
     });
     if let Some(events) = gw.hub.events() {
         body["events"] = json!({"bus": events.bus_up(), "dropped": events.dropped(),
-            "unreplicated": events.unreplicated()});
+            "unreplicated": events.unreplicated(), "primary": events.primary()});
     }
     (code, body)
 }

@@ -344,7 +344,7 @@ fn spawn_redis_writer(
     max_entries: usize,
     dropped: IntCounter,
 ) -> std::io::Result<SyncSender<String>> {
-    if sink.target.sentinel.is_none() {
+    if sink.target.sentinel.is_none() && sink.target.cluster.is_none() {
         sink.target.client().map_err(|e| {
             std::io::Error::other(format!("the audit sink's Redis URL is not valid: {e}"))
         })?;

@@ -224,12 +224,73 @@ pub struct SessionsConfig {
     /// Sentinel watches. Every node asks the sentinels where it is and
     /// follows it across failovers.
     pub sentinel: Option<SentinelConfig>,
+    /// With `store: redis`, in place of `url`: a Redis Cluster. Every key
+    /// of the gateway goes to one slot (the hash tag `key_prefix` must
+    /// hold), whose primary every node finds and follows across
+    /// failovers: the cluster gives failover, not sharding.
+    pub cluster: Option<ClusterConfig>,
     /// With `store: redis`: each write of events, and each new session,
     /// waits until this many replicas have it (Redis `WAIT`), up to
     /// `timeout`; a publish that is not replicated in time gets 503 (its
     /// event may still arrive). Without it, replication is asynchronous:
     /// a primary that dies can take its last writes with it.
     pub wait: Option<WaitConfig>,
+}
+
+/// Redis Cluster (`sessions.cluster`). `Debug` leaves the password out.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Some of the cluster's nodes, `host:port` each; one that answers is
+    /// enough.
+    pub nodes: Vec<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// `${REDIS_PASSWORD}`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// TLS to the nodes (then `sessions.tls` names a private CA or a client
+    /// certificate, if the system's roots are not enough).
+    #[serde(default)]
+    pub tls: bool,
+}
+
+/// A secret as `Debug` shows it: whether it is set.
+fn redacted(secret: &Option<String>) -> Option<&'static str> {
+    secret.as_ref().map(|_| "redacted")
+}
+
+impl std::fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("master_name", &self.master_name)
+            .field("nodes", &self.nodes)
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .field("db", &self.db)
+            .field("sentinel_password", &redacted(&self.sentinel_password))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("nodes", &self.nodes)
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// The hash tag of a Redis key: what lies between its first `{` and the
+/// next `}`, if that is not empty.
+fn hash_tag(key: &str) -> Option<&str> {
+    let (_, rest) = key.split_once('{')?;
+    let (tag, _) = rest.split_once('}')?;
+    (!tag.is_empty()).then_some(tag)
 }
 
 /// Nodes given as `host:port`: each checked, under `field`.
@@ -263,8 +324,8 @@ pub struct WaitConfig {
 /// outlast the gateway's own timeout on Redis answers.
 const OP_TIMEOUT_MAX: Duration = Duration::from_secs(1);
 
-/// Redis Sentinel (`sessions.sentinel`).
-#[derive(Debug, Clone, Deserialize)]
+/// Redis Sentinel (`sessions.sentinel`). `Debug` leaves the passwords out.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SentinelConfig {
     /// The name the sentinels know the primary by (`sentinel monitor
@@ -309,7 +370,9 @@ impl SessionsConfig {
     /// Where the shared store is, with `store: redis`, and its TLS files
     /// read.
     pub fn redis(&self) -> Result<Option<crate::session::RedisTarget>, String> {
-        if self.store != StoreKind::Redis || (self.url.is_none() && self.sentinel.is_none()) {
+        if self.store != StoreKind::Redis
+            || (self.url.is_none() && self.sentinel.is_none() && self.cluster.is_none())
+        {
             return Ok(None);
         }
         let tls = match &self.tls {
@@ -328,10 +391,21 @@ impl SessionsConfig {
                 sentinel_password: s.sentinel_password.clone(),
                 tls: s.tls,
             });
+        let cluster = self
+            .cluster
+            .as_ref()
+            .map(|c| crate::session::ClusterTarget {
+                nodes: c.nodes.clone(),
+                username: c.username.clone(),
+                password: c.password.clone(),
+                tls: c.tls,
+                key: self.key_prefix.clone(),
+            });
         Ok(Some(crate::session::RedisTarget {
             url: self.url.clone().unwrap_or_default(),
             tls,
             sentinel,
+            cluster,
         }))
     }
 }
@@ -361,6 +435,7 @@ impl Default for SessionsConfig {
             key_prefix: "ratatosk:".into(),
             tls: None,
             sentinel: None,
+            cluster: None,
             wait: None,
         }
     }
@@ -1317,7 +1392,32 @@ impl SessionsConfig {
         at.between_1_and("max_subscriptions", self.max_subscriptions, 100_000);
         at.at_least("max_client_bytes", self.max_client_bytes, 256, " bytes");
         at.at_least("event_log_bytes", self.event_log_bytes, 1024, " bytes");
+        if let Some(cluster) = &self.cluster {
+            if self.store != StoreKind::Redis {
+                at.bad(
+                    "cluster",
+                    "only used with `store: redis`; remove it, or add `store: redis`",
+                );
+            } else if self.url.is_some() || self.sentinel.is_some() {
+                at.bad(
+                    "cluster",
+                    "give one of `url`, `sentinel` and `cluster`, not several",
+                );
+            } else {
+                check_nodes(&mut at.sub("cluster"), "nodes", &cluster.nodes, "node");
+                if hash_tag(&self.key_prefix).is_none() {
+                    at.bad(
+                        "key_prefix",
+                        "with `cluster`, must hold a hash tag, e.g. `{ratatosk}:`, so that every key is in one slot",
+                    );
+                }
+                if self.tls.is_some() && !cluster.tls {
+                    at.bad("tls", "applies with `cluster.tls: true` only");
+                }
+            }
+        }
         match (self.store, &self.url, &self.sentinel) {
+            _ if self.cluster.is_some() => {}
             (StoreKind::Redis, None, Some(sentinel)) => {
                 sentinel.check(&mut at.sub("sentinel"));
                 if self.tls.is_some() && !sentinel.tls {
@@ -1334,7 +1434,7 @@ impl SessionsConfig {
             ),
             (StoreKind::Redis, None, None) => at.bad(
                 "url",
-                "`store: redis` needs the Redis URL, e.g. `redis://127.0.0.1:6379/` or `${REDIS_URL}`, or `sentinel`",
+                "`store: redis` needs the Redis URL, e.g. `redis://127.0.0.1:6379/` or `${REDIS_URL}`; or `sentinel` or `cluster`",
             ),
             (StoreKind::Redis, Some(url), _)
                 if !url.starts_with("redis://") && !url.starts_with("rediss://") =>
@@ -2022,23 +2122,38 @@ orgs:
     }
 
     #[test]
-    fn sentinel_stands_in_for_the_url_and_wait_is_checked() {
+    fn sentinel_or_cluster_stand_in_for_the_url_and_wait_is_checked() {
         let text = format!(
             "{}sessions:\n  store: redis\n  sentinel: {{master_name: main, nodes: [\"127.0.0.1:26379\", \"[::1]:26380\"], password: \"${{PW}}\", db: 2}}\n  wait: {{replicas: 1, timeout: 100ms}}\n",
             minimal()
         );
-        let c = parse_with(&text, &[("PW", "secret")]).expect("valid");
+        let c = parse_with(&text, &[("PW", "pw-s3cr3t")]).expect("valid");
         let target = c.sessions.redis().expect("target").expect("redis");
         let sentinel = target.sentinel.as_ref().expect("sentinel");
         assert_eq!(sentinel.master_name, "main");
         assert_eq!(sentinel.nodes, ["127.0.0.1:26379", "[::1]:26380"]);
         assert_eq!(
             (sentinel.password.as_deref(), sentinel.db),
-            (Some("secret"), 2)
+            (Some("pw-s3cr3t"), 2)
         );
         assert!(
-            !format!("{target:?}").contains("secret"),
+            !format!("{target:?}").contains("pw-s3cr3t") && !format!("{c:?}").contains("pw-s3cr3t"),
             "Debug keeps passwords out"
+        );
+        let text = format!(
+            "{}sessions:\n  store: redis\n  key_prefix: \"{{gw}}:\"\n  cluster: {{nodes: [\"127.0.0.1:7000\"], password: \"${{PW}}\"}}\n",
+            minimal()
+        );
+        let clustered = parse_with(&text, &[("PW", "pw-s3cr3t")]).expect("valid");
+        let target = clustered.sessions.redis().expect("target").expect("redis");
+        let cluster = target.cluster.as_ref().expect("cluster");
+        assert_eq!(
+            (cluster.nodes.as_slice(), cluster.key.as_str()),
+            (&["127.0.0.1:7000".to_owned()][..], "{gw}:")
+        );
+        assert!(
+            !format!("{target:?}").contains("pw-s3cr3t")
+                && !format!("{clustered:?}").contains("pw-s3cr3t")
         );
         let wait = c.sessions.wait.expect("wait");
         assert_eq!(
@@ -2085,6 +2200,26 @@ orgs:
                 "{wait: {replicas: 1, timeout: 1s}}",
                 "sessions.wait",
                 "only used with `store: redis`",
+            ),
+            (
+                "{store: redis, key_prefix: \"gw:\", cluster: {nodes: [\"h:1\"]}}",
+                "sessions.key_prefix",
+                "hash tag",
+            ),
+            (
+                "{store: redis, key_prefix: \"{}gw:\", cluster: {nodes: [\"h:1\"]}}",
+                "sessions.key_prefix",
+                "hash tag",
+            ),
+            (
+                "{store: redis, key_prefix: \"{gw}\", cluster: {nodes: [\"h\"]}}",
+                "sessions.cluster.nodes[0]",
+                "host:port",
+            ),
+            (
+                "{store: redis, url: \"redis://h/\", key_prefix: \"{gw}\", cluster: {nodes: [\"h:1\"]}}",
+                "sessions.cluster",
+                "not several",
             ),
         ] {
             let text = format!("{}sessions: {sessions}\n", minimal());

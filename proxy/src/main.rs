@@ -387,7 +387,9 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
             RedisSessionStore::new(target.clone(), &sessions.key_prefix, sessions.idle_ttl)
                 .with_context(unusable)?;
         if let Some(wait) = sessions.wait {
-            store = store.waiting_for(wait.replicas, wait.timeout);
+            store = store
+                .waiting_for(wait.replicas, wait.timeout)
+                .with_context(unusable)?;
         }
         let events = SharedEvents::new(
             target,

@@ -105,6 +105,10 @@ pub struct Metrics {
     /// too long, or too much waited for it), brought up to date at each
     /// scrape.
     pub shared_dropped: IntCounter,
+    /// Events written to Redis that its replicas did not confirm within
+    /// `sessions.wait.timeout` (their publishers got 503), brought up to
+    /// date at each scrape.
+    pub shared_unreplicated: IntCounter,
     /// TLS certificate reloads by listener (`tls`, `admin_tls`) and result
     /// (`reloaded`, `failed`).
     pub tls_reloads: IntCounterVec,
@@ -255,6 +259,10 @@ impl Metrics {
             "shared_events_dropped_total",
             "Events and notices this node could not hand to Redis (sessions.store: redis)",
         )?;
+        let shared_unreplicated = IntCounter::new(
+            "shared_events_unreplicated_total",
+            "Events Redis's replicas did not confirm within sessions.wait.timeout (publishers got 503)",
+        )?;
         let tls_reloads = IntCounterVec::new(
             Opts::new(
                 "tls_reloads_total",
@@ -283,6 +291,7 @@ impl Metrics {
         registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(tls_reloads.clone()))?;
         registry.register(Box::new(shared_dropped.clone()))?;
+        registry.register(Box::new(shared_unreplicated.clone()))?;
         registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(rate_limit_errors.clone()))?;
@@ -324,6 +333,7 @@ impl Metrics {
             connections,
             connections_refused,
             shared_dropped,
+            shared_unreplicated,
             tls_reloads,
             config_reloads,
             config_generation,

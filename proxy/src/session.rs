@@ -46,7 +46,9 @@ pub fn now_ms() -> u64 {
 }
 
 pub(crate) mod redis;
-pub use redis::{RedisLink, RedisSessionStore, RedisStoreError, RedisTarget, SentinelTarget};
+pub use redis::{
+    ClusterTarget, RedisLink, RedisSessionStore, RedisStoreError, RedisTarget, SentinelTarget,
+};
 
 /// Which client transport a session was opened with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

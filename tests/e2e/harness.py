@@ -332,8 +332,9 @@ class Sentinels:
         for i in range(3):
             if self.primary_port(i) != self.primary.port:
                 return False
-            flags = self.ask(i, "SENTINEL", "replicas", self.master_name)
-            if flags.count("slave") < len(self.replicas) or "s_down" in " ".join(flags):
+            # Each replica suitable for promotion: its link to the primary up.
+            fields = self.ask(i, "SENTINEL", "replicas", self.master_name)
+            if sum(1 for a, b in zip(fields, fields[1:]) if (a, b) == ("master-link-status", "ok")) < len(self.replicas):
                 return False
             # Each knows the other two: enough for a quorum and an election.
             if self.ask(i, "SENTINEL", "sentinels", self.master_name).count("name") < 2:
@@ -363,13 +364,103 @@ class Sentinels:
         by_port = {r.port: r for r in self.replicas}
         wait_until(f"{self.name}: the sentinels promoting a replica",
                    lambda: all(self.primary_port(i) in by_port for i in range(3)), timeout=60, every=0.1)
+        self.killed = old
         self.primary = by_port[self.primary_port(0)]
         self.replicas = [r for r in self.replicas if r is not self.primary]
         return self.primary
 
+    def rejoin(self) -> None:
+        """Starts the killed primary again (empty: no persistence); the
+        sentinels make it a replica of the new primary. Waits until it is
+        one, in sync."""
+        old = self.killed
+        old.start_and_wait()
+        wait_until(f"{self.name}: the old primary back as a replica in sync",
+                   lambda: "master_link_status:up" in old.cli("INFO", "replication")
+                   and f"master_port:{self.primary.port}" in old.cli("INFO", "replication"),
+                   timeout=60, every=0.2)
+        self.replicas.append(old)
+
     def stop(self) -> None:
         for p in [*self.sentinels, self.primary, *self.replicas]:
             p.stop()
+
+
+class RedisCluster:
+    """A real Redis Cluster (redis-server in cluster mode, joined with
+    `redis-cli --cluster create`): three primaries with one replica each,
+    quick to fail over (`cluster-node-timeout` `node_timeout_ms`).
+    `primary` serves the slot of hash tag `tag`; `replicas` are its own."""
+
+    def __init__(self, log_dir: Path, tag: str, name: str = "cluster", node_timeout_ms: int = 1000):
+        self.name = name
+        self.tag = tag
+        self.all: list[RedisServer] = []
+        for i in range(6):
+            data = log_dir / f"{name}-{i}-conf"
+            data.mkdir(parents=True, exist_ok=True)
+            self.all.append(RedisServer(
+                log_dir, name=f"{name}-{i}",
+                args=("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms),
+                      "--cluster-port", str(free_port()), "--cluster-config-file", str(data / "nodes.conf"))))
+        self.primary: RedisServer | None = None
+        self.replicas: list[RedisServer] = []
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"127.0.0.1:{s.port}" for s in self.all]
+
+    def _owner(self, via: RedisServer) -> tuple[RedisServer | None, list[RedisServer]]:
+        """The primary serving the tag's slot as `via` sees it, and its replicas."""
+        slot = int(via.cli("CLUSTER", "KEYSLOT", "{" + self.tag + "}") or "-1")
+        by_port = {s.port: s for s in self.all}
+        port_of = lambda row: int(row[1].split("@")[0].rsplit(":", 1)[1])  # noqa: E731
+        table = [line.split() for line in via.cli("CLUSTER", "NODES").splitlines() if line.strip()]
+        for row in table:
+            if "master" not in row[2] or "fail" in row[2]:
+                continue
+            for r in row[8:]:
+                lo, _, hi = r.partition("-")
+                if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                    replicas = [by_port[port_of(x)] for x in table
+                                if "slave" in x[2] and x[3] == row[0] and "fail" not in x[2]]
+                    return by_port.get(port_of(row)), replicas
+        return None, []
+
+    def _ready(self) -> bool:
+        live = [s for s in self.all if s.death() is None]
+        if not all("cluster_state:ok" in s.cli("CLUSTER", "INFO") for s in live):
+            return False
+        primary, replicas = self._owner(live[0])
+        return primary is not None and bool(replicas) and all(
+            "master_link_status:up" in r.cli("INFO", "replication") for r in replicas)
+
+    def start_and_wait(self) -> "RedisCluster":
+        for s in self.all:
+            s.start_and_wait()
+        out = subprocess.run(["redis-cli", "--cluster", "create", *self.nodes, "--cluster-replicas", "1",
+                              "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_until(f"{self.name}: the cluster ok on every node, the tag's primary with a replica in sync",
+                   self._ready, timeout=60, every=0.2)
+        self.primary, self.replicas = self._owner(self.all[0])
+        return self
+
+    def fail_over(self) -> RedisServer:
+        """Kills the tag's primary (SIGKILL) and waits until its replica
+        serves the slot and the cluster is ok again; that replica."""
+        assert self.primary is not None and self.replicas
+        replica = self.replicas[0]
+        self.primary.kill()
+        wait_until(f"{self.name}: the replica taking over the slot",
+                   lambda: self._owner(replica)[0] is replica and "cluster_state:ok" in replica.cli("CLUSTER", "INFO"),
+                   timeout=60, every=0.1)
+        self.primary, self.replicas = replica, []
+        return replica
+
+    def stop(self) -> None:
+        for s in self.all:
+            s.stop()
 
 
 

@@ -1,5 +1,6 @@
 """Redis without a single point of failure (issue 20): gateway nodes find
-the primary through real redis-sentinel processes and follow a failover. Under load (1,000 sessions, each with an
+the primary through real redis-sentinel processes, or the primary of
+their slot of a real Redis Cluster, and follow a failover. Under load (1,000 sessions, each with an
 open stream, events published through both nodes) the primary is killed:
 the sessions and their open streams survive, and what asynchronous
 replication lost, or `sessions.wait` kept, is counted."""
@@ -16,7 +17,7 @@ import time
 import pytest
 
 import rawhttp
-from harness import PUBLISH_SECRET, Gateway, Sentinels, org, wait_until
+from harness import PUBLISH_SECRET, Gateway, RedisCluster, Sentinels, org, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -25,11 +26,12 @@ BEFORE = 10  # events per session published before the primary dies
 AFTER = 10  # events per session published after the nodes have followed
 
 
-def sentinel_gateway(log_dir, replicas, group: Sentinels, name: str, prefix: str,
-                     wait: dict | None = None) -> Gateway:
+def ha_gateway(log_dir, replicas, group: Sentinels | RedisCluster, name: str, prefix: str,
+               wait: dict | None = None) -> Gateway:
+    topology = ({"sentinel": {"master_name": group.master_name, "nodes": group.nodes}}
+                if isinstance(group, Sentinels) else {"cluster": {"nodes": group.nodes}})
     sessions = {"idle_ttl": "30m", "event_log_size": 256, "store": "redis", "key_prefix": prefix,
-                "max_per_subject": 100_000,
-                "sentinel": {"master_name": group.master_name, "nodes": group.nodes}}
+                "max_per_subject": 100_000, **topology}
     if wait:
         sessions["wait"] = wait
     return Gateway(log_dir, {"s25": org(replicas)}, name=name, extra={"sessions": sessions})
@@ -39,7 +41,7 @@ def note(n: int) -> dict:
     return {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": n}}
 
 
-def offsets(group: Sentinels) -> tuple[int, int]:
+def offsets(group: Sentinels | RedisCluster) -> tuple[int, int]:
     """The primary's replication offset, and its replica's as last acknowledged."""
     info = dict(line.strip().split(":", 1) for line in group.primary.cli("INFO", "replication").splitlines()
                 if ":" in line)
@@ -47,7 +49,7 @@ def offsets(group: Sentinels) -> tuple[int, int]:
     return int(info.get("master_repl_offset", "0")), int(fields.get("offset", "-1"))
 
 
-def logged(group: Sentinels, prefix: str, sids: list[str]) -> dict[str, list[int]]:
+def logged(group: Sentinels | RedisCluster, prefix: str, sids: list[str]) -> dict[str, list[int]]:
     """The event data in each session's shared log on the (new) primary."""
     out: dict[str, list[int]] = {}
     for sid in sids:
@@ -56,11 +58,18 @@ def logged(group: Sentinels, prefix: str, sids: list[str]) -> dict[str, list[int
     return out
 
 
-async def failover_under_load(log_dir, replicas, name: str, wait: dict | None) -> dict:
-    # Two replicas: after the failover, the new primary still has one.
-    group = Sentinels(log_dir, name=name, replicas=2).start_and_wait()
-    prefix = f"{name}:"
-    gws = [sentinel_gateway(log_dir, replicas, group, f"{name}-{c}", prefix, wait) for c in "ab"]
+async def failover_under_load(log_dir, replicas, name: str, wait: dict | None, cluster: bool = False) -> dict:
+    group: Sentinels | RedisCluster
+    if cluster:
+        # Every key under one hash tag: one slot, served by one primary.
+        group = RedisCluster(log_dir, tag=name, name=name).start_and_wait()
+        prefix = "{" + name + "}:"
+    else:
+        # One replica: with `wait`, the one that confirmed is the one
+        # promoted. The old primary comes back as the new one's replica.
+        group = Sentinels(log_dir, name=name, replicas=1).start_and_wait()
+        prefix = f"{name}:"
+    gws = [ha_gateway(log_dir, replicas, group, f"{name}-{c}", prefix, wait) for c in "ab"]
     pools: list[rawhttp.Pool] = []
     try:
         for gw in gws:
@@ -156,11 +165,22 @@ async def failover_under_load(log_dir, replicas, name: str, wait: dict | None) -
                 await asyncio.sleep(0.01)
             started = time.monotonic()
             rate = done / (started - load_started)
-            await asyncio.to_thread(group.fail_over)
-            await asyncio.to_thread(
-                wait_until, "every node ready on the new primary",
-                lambda: all(gw.admin_get("/readyz").status_code == 200 for gw in gws), 30)
+            new = await asyncio.to_thread(group.fail_over)
+
+            def following() -> bool:
+                for gw in gws:
+                    r = gw.admin_get("/readyz")
+                    if r.status_code != 200:
+                        return False
+                    if r.json()["events"].get("primary") != f"127.0.0.1:{new.port}":
+                        return False
+                return True
+
+            await asyncio.to_thread(wait_until, "every node ready on the new primary", following, 30)
             took = time.monotonic() - started
+            if wait and isinstance(group, Sentinels):
+                # WAIT needs a replica again.
+                await asyncio.to_thread(group.rejoin)
             followed.set()
             return took
 
@@ -201,6 +221,8 @@ async def failover_under_load(log_dir, replicas, name: str, wait: dict | None) -
             "pings_failed": sum(1 for s in pings if s != 200),
             "publish_ms_median": statistics.median(latencies) * 1000, "rate": rate,
             "unreplicated": [gw.admin_get("/readyz").json()["events"].get("unreplicated") for gw in gws],
+            "primaries": [gw.admin_get("/readyz").json()["events"].get("primary") for gw in gws],
+            "new_primary": f"127.0.0.1:{group.primary.port}",
         }
         print(f"{name}: {result['acked']} events acknowledged, {refused} refused while the primary was away; "
               f"nodes ready on the new primary {took:.1f} s after the kill; lost from the log {lost_from_log}, "
@@ -223,6 +245,7 @@ def assert_survived(result: dict) -> None:
     assert not result["out_of_order"], f"{len(result['out_of_order'])} streams repeated or reordered events"
     assert result["lost_after"] == 0, "events published after the failover did not all arrive"
     assert result["acked_after"] == SESSIONS * AFTER
+    assert result["primaries"] == [result["new_primary"]] * 2, "/readyz names the primary each node follows"
 
 
 async def test_a_failover_under_load_keeps_sessions_and_open_streams(log_dir, replicas):
@@ -240,3 +263,10 @@ async def test_with_wait_no_acknowledged_event_is_lost_in_a_failover(log_dir, re
     assert result["lost_from_log"] == 0, f"{result['lost_from_log']} acknowledged events lost despite WAIT"
     assert result["lost_live"] == 0
 
+
+
+async def test_a_cluster_failover_under_load_keeps_sessions_and_open_streams(log_dir, replicas):
+    """Redis Cluster: the primary of the gateway's slot dies, its replica
+    takes over, and every node follows."""
+    result = await failover_under_load(log_dir, replicas, "fo-cluster", None, cluster=True)
+    assert_survived(result)

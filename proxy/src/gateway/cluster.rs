@@ -35,6 +35,12 @@ impl<'a> Cluster<'a> {
         self.0.map(|events| events.dropped())
     }
 
+    /// Entries written that the replicas did not confirm in time
+    /// (`sessions.wait`); `None` on one node.
+    pub(super) fn unreplicated(&self) -> Option<u64> {
+        self.0.map(|events| events.unreplicated())
+    }
+
     /// Tells every other node.
     pub(super) fn notify(&self, notice: &Notice) {
         if let Some(events) = self.0 {

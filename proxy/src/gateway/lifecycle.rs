@@ -86,6 +86,13 @@ impl Gateway {
         if dropped > counted {
             self.metrics.shared_dropped.inc_by(dropped - counted);
         }
+        let unreplicated = self.cluster().unreplicated().unwrap_or(0);
+        let counted = self.metrics.shared_unreplicated.get();
+        if unreplicated > counted {
+            self.metrics
+                .shared_unreplicated
+                .inc_by(unreplicated - counted);
+        }
         // The gauge is the org's: the sessions of all its routes.
         let mut counts: std::collections::HashMap<&str, (i64, &OrgRoute)> =
             std::collections::HashMap::new();

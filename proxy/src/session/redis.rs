@@ -114,8 +114,11 @@ pub struct RedisSessionStore {
     /// How long a session key outlives its last activity, if no node
     /// reaps it first.
     key_ttl_ms: u64,
-    /// Replicas a new session waits for, and milliseconds it waits at most.
-    wait: Option<(u32, u64)>,
+    /// Replicas a new session waits for, and milliseconds it waits at most;
+    /// and the connection that waits (WAIT holds it until the replicas
+    /// answer, so not the one every lookup goes through).
+    wait: Option<(u32, u64, RedisLink)>,
+    target: RedisTarget,
     scripts: Scripts,
 }
 
@@ -143,6 +146,9 @@ impl Scripts {
                 "if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return -2 end
                  if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[4]) then return -1 end
                  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'v', 1)
+                 -- The primary it was made on: see the event log's append.
+                 local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+                 if rid then redis.call('HSET', KEYS[1], 'r', rid) end
                  redis.call('PEXPIRE', KEYS[1], ARGV[3])
                  redis.call('ZADD', KEYS[2], now, ARGV[1])
                  redis.call('SADD', KEYS[3], ARGV[1])
@@ -247,6 +253,19 @@ pub struct RedisTarget {
     pub url: String,
     pub tls: ratatosk_auth::tls::ClientPems,
     pub sentinel: Option<SentinelTarget>,
+    pub cluster: Option<ClusterTarget>,
+}
+
+/// A Redis Cluster whose slot of `key` holds every key of the gateway.
+#[derive(Clone, Default)]
+pub struct ClusterTarget {
+    /// Some of its nodes, `host:port` each.
+    pub nodes: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: bool,
+    /// A key in the gateway's slot (the key prefix, with its hash tag).
+    pub key: String,
 }
 
 /// A primary that Redis Sentinel watches and fails over.
@@ -286,9 +305,18 @@ impl std::fmt::Debug for RedisTarget {
                 if s.tls { ", TLS" } else { "" }
             )
         });
+        let cluster = self.cluster.as_ref().map(|c| {
+            format!(
+                "{} for {}{}",
+                c.nodes.join(", "),
+                c.key,
+                if c.tls { ", TLS" } else { "" }
+            )
+        });
         f.debug_struct("RedisTarget")
             .field("url", &url)
             .field("sentinel", &sentinel)
+            .field("cluster", &cluster)
             .field("tls", &self.tls)
             .finish()
     }
@@ -349,13 +377,17 @@ impl RedisTarget {
     /// sentinels name now, with `timeout` on connecting (to the server),
     /// reading and writing.
     pub fn sync_connection(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
-        let conn = match &self.sentinel {
-            None => self.client()?.get_connection_with_timeout(timeout)?,
-            Some(sentinel) => {
+        let conn = match (&self.sentinel, &self.cluster) {
+            (_, Some(cluster)) => {
+                let info = link::cluster_primary_sync(cluster, &self.tls, timeout)?;
+                RedisTarget::client_of(info, &self.tls)?.get_connection_with_timeout(timeout)?
+            }
+            (Some(sentinel), None) => {
                 let primary = link::sentinel_client(sentinel, &self.tls)?.get_client()?;
                 RedisTarget::client_of(primary.get_connection_info().clone(), &self.tls)?
                     .get_connection_with_timeout(timeout)?
             }
+            (None, None) => self.client()?.get_connection_with_timeout(timeout)?,
         };
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;
@@ -400,8 +432,10 @@ impl RedisSessionStore {
         prefix: &str,
         idle_ttl: Duration,
     ) -> Result<Self, RedisStoreError> {
-        let conn = connection(target)?;
+        let target = target.into();
+        let conn = connection(target.clone())?;
         Ok(RedisSessionStore {
+            target,
             conn,
             prefix: prefix.to_owned(),
             key_ttl_ms: u64::try_from(idle_ttl.as_millis().saturating_mul(2)).unwrap_or(u64::MAX),
@@ -412,12 +446,18 @@ impl RedisSessionStore {
 
     /// A new session waits until `replicas` replicas have it (Redis
     /// `WAIT`), up to `timeout`; short of that, its insert fails.
-    pub fn waiting_for(mut self, replicas: u32, timeout: Duration) -> Self {
+    /// Must be called within the Tokio runtime that will drive the
+    /// connection.
+    pub fn waiting_for(
+        mut self,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<Self, RedisStoreError> {
         let ms = u64::try_from(timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        self.wait = Some((replicas, ms));
-        self
+        self.wait = Some((replicas, ms, connection(self.target.clone())?));
+        Ok(self)
     }
 
     /// The store's connection, for what else the nodes keep in the same
@@ -605,7 +645,7 @@ impl SessionStore for RedisSessionStore {
             .arg(admission.per_subject)
             .arg(admission.total)
             .arg(index);
-        let Some((wanted, ms)) = self.wait else {
+        let Some((wanted, ms, waiting)) = &self.wait else {
             let outcome: i64 = invocation
                 .invoke_async(&mut conn)
                 .instrument(crate::telemetry::redis("session insert"))
@@ -620,16 +660,21 @@ impl SessionStore for RedisSessionStore {
             .ignore()
             .invoke_script(&invocation)
             .cmd("WAIT")
-            .arg(wanted)
-            .arg(ms);
+            .arg(*wanted)
+            .arg(*ms);
         let (outcome, got): (i64, i64) = pipe
-            .query_async(&mut conn)
+            .query_async(&mut waiting.clone())
             .instrument(crate::telemetry::redis("session insert"))
             .await?;
         refusal(outcome, &state.org, admission)?;
-        if got < i64::from(wanted) {
+        if got < i64::from(*wanted) {
+            // Not kept: it would count against the caps while its client,
+            // told 503, opens another.
+            if let Err(e) = self.remove(&state.id).await {
+                tracing::warn!(error = %e, "cannot remove a session its replicas did not confirm");
+            }
             return Err(StoreError::Redis(RedisStoreError::NotReplicated {
-                wanted,
+                wanted: *wanted,
                 got,
             }));
         }

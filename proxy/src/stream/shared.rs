@@ -214,6 +214,9 @@ pub struct SharedLimits {
 /// One node's side of the shared event log.
 pub struct SharedEvents {
     conn: RedisLink,
+    /// The writer's connection: `conn`, or with `sessions.wait` one of its
+    /// own.
+    writer: RedisLink,
     prefix: String,
     channel: String,
     /// This node's random tag: it makes POST stream ids unique across
@@ -250,6 +253,18 @@ pub struct SharedEvents {
     next_hold: AtomicU64,
 }
 
+/// Whether a failed write was certainly not applied, so that sending it
+/// again cannot apply it twice: refused (or never sent, for want of a
+/// primary), or refused by a replica or a primary cut off from its own.
+fn not_applied(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        )
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -262,10 +277,18 @@ impl SharedEvents {
         prefix: &str,
         limits: SharedLimits,
     ) -> Result<Arc<Self>, RedisStoreError> {
-        let conn = connection(target)?;
+        let target = target.into();
+        let conn = connection(target.clone())?;
+        // WAIT holds its connection until the replicas answer: the writer,
+        // which waits anyway, gets one of its own.
+        let writer = match limits.wait {
+            Some(_) => connection(target)?,
+            None => conn.clone(),
+        };
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
         Ok(Arc::new(SharedEvents {
             conn,
+            writer,
             prefix: prefix.to_owned(),
             channel: format!("{prefix}bus"),
             node: rand::random::<u32>().max(1),
@@ -416,6 +439,11 @@ impl SharedEvents {
     /// (`sessions.wait`).
     pub fn unreplicated(&self) -> u64 {
         self.unreplicated.load(Ordering::Relaxed)
+    }
+
+    /// The Redis primary the sentinels named last (`sessions.sentinel`).
+    pub fn primary(&self) -> Option<String> {
+        self.conn.primary()
     }
 
     pub fn node(&self) -> u32 {
@@ -864,10 +892,11 @@ impl SharedEvents {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(100);
         let mut replies = loop {
-            let mut conn = self.conn.clone();
+            let mut conn = self.writer.clone();
             match pipe.query_async::<Vec<Value>>(&mut conn).await {
                 Ok(replies) => break replies,
-                Err(e) if e.is_connection_refusal() && started.elapsed() < RETRY_FOR => {
+                // Not applied: refused, or a demoted primary (a failover).
+                Err(e) if not_applied(&e) && started.elapsed() < RETRY_FOR => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }

@@ -1,14 +1,16 @@
 //! One logical connection to the shared Redis, whatever stands behind it:
-//! one server at a fixed address, or a primary found through Redis
-//! Sentinel and followed across failovers.
+//! one server at a fixed address, or a primary that is found and followed
+//! across failovers: the one Redis Sentinel names, or the one serving the
+//! gateway's slot of a Redis Cluster (every key of the gateway is in one
+//! slot, by the hash tag of its key prefix).
 //!
-//! With Sentinel, the link asks the sentinels for the primary (the redis
-//! crate checks its `ROLE`) on first use, and again when a command fails
-//! in a way that says the primary may have changed: the connection broke
-//! or was refused, an answer timed out, or the server answered `READONLY`
-//! or `MASTERDOWN` (a demoted primary). One look-up runs at a time, and a
-//! failed one is not repeated for [`RESOLVE_PAUSE`], so a failover does
-//! not turn every request into a round of questions to the sentinels.
+//! A followed primary is looked up (the sentinels, or the cluster's
+//! `CLUSTER SLOTS`, then its `ROLE` checked) on first use, and again when
+//! a command fails in a way that says it may have changed: the connection
+//! broke or was refused, an answer timed out, or the server answered
+//! `READONLY`, `MASTERDOWN`, `MOVED` or `CLUSTERDOWN`. One look-up runs at a
+//! time, and a failed one is not repeated for [`RESOLVE_PAUSE`], so a
+//! failover does not turn every request into a round of questions.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +23,7 @@ use redis::{
     Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
 };
 
-use super::{OP_TIMEOUT, RedisTarget, SentinelTarget};
+use super::{ClusterTarget, OP_TIMEOUT, RedisTarget, SentinelTarget};
 
 /// After a failed look-up of the primary, how long the link answers with
 /// that failure before it asks the sentinels again.
@@ -40,31 +42,242 @@ enum Inner {
         client: redis::Client,
         conn: ConnectionManager,
     },
-    Sentinel(Followed),
+    Followed(Followed),
 }
 
-/// A primary found through the sentinels, and the connection to it.
+/// A primary found (through the sentinels or the cluster), and the
+/// connection to it.
 struct Primary {
     addr: String,
     client: redis::Client,
     conn: ConnectionManager,
     /// A command failed in a way that says the primary may have changed:
-    /// the next command asks the sentinels first.
+    /// the next command looks it up first.
     suspect: AtomicBool,
 }
 
 struct Followed {
-    sentinel: tokio::sync::Mutex<Resolver>,
+    finder: tokio::sync::Mutex<Resolver>,
+    /// Look-ups done: a caller that waited for its turn while one was
+    /// done takes its answer.
+    lookups: std::sync::atomic::AtomicU64,
     primary: ArcSwapOption<Primary>,
     tls: ratatosk_auth::tls::ClientPems,
     db: i64,
 }
 
 struct Resolver {
-    client: SentinelClient,
+    finder: Finder,
     /// The last failed look-up, answered again until [`RESOLVE_PAUSE`]
     /// has passed.
     failed: Option<(Instant, RedisError)>,
+}
+
+/// Who names the primary. One per link: the variants' sizes do not
+/// matter.
+#[allow(clippy::large_enum_variant)]
+enum Finder {
+    Sentinel(SentinelClient),
+    /// Clients of some of a cluster's nodes, and a key in the slot.
+    Cluster {
+        seeds: Vec<redis::Client>,
+        key: String,
+    },
+}
+
+impl Finder {
+    /// Where the primary is now, and that it says it is one.
+    async fn find(&mut self) -> RedisResult<redis::ConnectionInfo> {
+        match self {
+            Finder::Sentinel(client) => Ok(client
+                .async_get_client()
+                .await?
+                .get_connection_info()
+                .clone()),
+            Finder::Cluster { seeds, key } => {
+                let mut last = None;
+                // A node that does not answer must not use up the time
+                // the others would have.
+                for seed in seeds.iter() {
+                    match tokio::time::timeout(OP_TIMEOUT / 4, slot_primary(seed, key)).await {
+                        Ok(Ok(info)) => return Ok(info),
+                        Ok(Err(e)) => last = Some(e),
+                        Err(_) => {
+                            last = Some(timed_out(
+                                "asking a redis cluster node for the slot's primary",
+                            ))
+                        }
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    RedisError::from((
+                        ErrorKind::InvalidClientConfig,
+                        "no redis cluster node given",
+                    ))
+                }))
+            }
+        }
+    }
+
+    fn who(&self) -> &'static str {
+        match self {
+            Finder::Sentinel(_) => "the sentinels",
+            Finder::Cluster { .. } => "the redis cluster",
+        }
+    }
+}
+
+/// The primary serving `key`'s slot as node `seed` knows it, if that
+/// primary answers `ROLE` as one.
+async fn slot_primary(seed: &redis::Client, key: &str) -> RedisResult<redis::ConnectionInfo> {
+    let mut conn = seed.get_multiplexed_async_connection().await?;
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut conn)
+        .await?;
+    let slots: Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn)
+        .await?;
+    let info = owner_of(seed.get_connection_info(), &slots, slot)?;
+    let mut primary = redis::Client::open(info.clone())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut primary).await?;
+    if !matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") {
+        return Err(not_primary(&info));
+    }
+    Ok(info)
+}
+
+/// The same, blocking, with `timeout` on each connection and answer (the
+/// audit log's writer thread).
+pub(super) fn cluster_primary_sync(
+    target: &ClusterTarget,
+    tls: &ratatosk_auth::tls::ClientPems,
+    timeout: Duration,
+) -> RedisResult<redis::ConnectionInfo> {
+    let connect = |info: redis::ConnectionInfo| -> RedisResult<redis::Connection> {
+        let conn = RedisTarget::client_of(info, tls)?.get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        Ok(conn)
+    };
+    let mut last = None;
+    for seed in cluster_nodes(target)? {
+        let found = connect(seed.clone()).and_then(|mut conn| {
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&target.key)
+                .query(&mut conn)?;
+            let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn)?;
+            let info = owner_of(&seed, &slots, slot)?;
+            let role: Vec<Value> = redis::cmd("ROLE").query(&mut connect(info.clone())?)?;
+            match role.first() {
+                Some(Value::BulkString(r)) if r == b"master" => Ok(info),
+                _ => Err(not_primary(&info)),
+            }
+        });
+        match found {
+            Ok(info) => return Ok(info),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "no redis cluster node given",
+        ))
+    }))
+}
+
+fn not_primary(info: &redis::ConnectionInfo) -> RedisError {
+    RedisError::from((
+        ErrorKind::Server(ServerErrorKind::ReadOnly),
+        "the node named for the slot is not a primary (yet)",
+        info.addr().to_string(),
+    ))
+}
+
+/// Where the primary serving `slot` is, by a `CLUSTER SLOTS` answer, with
+/// the seed's credentials and TLS.
+fn owner_of(
+    seed: &redis::ConnectionInfo,
+    slots: &Value,
+    slot: i64,
+) -> RedisResult<redis::ConnectionInfo> {
+    let Value::Array(ranges) = slots else {
+        return Err(RedisError::from((
+            ErrorKind::Parse,
+            "CLUSTER SLOTS did not answer a list",
+        )));
+    };
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            continue;
+        };
+        let (Some(Value::Int(lo)), Some(Value::Int(hi)), Some(Value::Array(primary))) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        if !(*lo..=*hi).contains(&slot) {
+            continue;
+        }
+        let host = match primary.first() {
+            Some(Value::BulkString(h)) if !h.is_empty() && h != b"?" => {
+                String::from_utf8_lossy(h).into_owned()
+            }
+            // No address announced: the seed's host.
+            _ => match seed.addr() {
+                redis::ConnectionAddr::Tcp(h, _)
+                | redis::ConnectionAddr::TcpTls { host: h, .. } => h.clone(),
+                other => other.to_string(),
+            },
+        };
+        let Some(Value::Int(port)) = primary.get(1) else {
+            continue;
+        };
+        let port = u16::try_from(*port)
+            .map_err(|_| RedisError::from((ErrorKind::Parse, "CLUSTER SLOTS named no port")))?;
+        let addr = match seed.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => redis::ConnectionAddr::Tcp(host, port),
+        };
+        return Ok(seed.clone().set_addr(addr));
+    }
+    Err(RedisError::from((
+        ErrorKind::Server(ServerErrorKind::ClusterDown),
+        "no primary serves the gateway's slot",
+        slot.to_string(),
+    )))
+}
+
+/// The connection info of each node of `target`, with its credentials.
+fn cluster_nodes(target: &ClusterTarget) -> RedisResult<Vec<redis::ConnectionInfo>> {
+    let mut out = Vec::with_capacity(target.nodes.len());
+    for node in &target.nodes {
+        let addr = node_addr(node, target.tls)?;
+        let mut redis = redis::RedisConnectionInfo::default();
+        if let Some(user) = &target.username {
+            redis = redis.set_username(user);
+        }
+        if let Some(password) = &target.password {
+            redis = redis.set_password(password);
+        }
+        out.push(
+            redis::IntoConnectionInfo::into_connection_info(addr)?
+                .set_redis_settings(redis)
+                .set_tcp_settings(super::tcp_settings()),
+        );
+    }
+    Ok(out)
 }
 
 fn manager_config() -> ConnectionManagerConfig {
@@ -84,6 +297,7 @@ fn moved(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_dropped()
         || e.is_timeout()
+        || e.is_cluster_error()
         || matches!(
             e.kind(),
             ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
@@ -96,7 +310,12 @@ fn moved_in(values: &[Value]) -> bool {
     values.iter().any(|v| match v {
         Value::ServerError(e) => matches!(
             e.kind(),
-            Some(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+            Some(
+                ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::ClusterDown
+            )
         ),
         _ => false,
     })
@@ -107,22 +326,42 @@ impl RedisLink {
     /// gateway starts, and recovers, without Redis being up at that moment.
     /// Must be called within the Tokio runtime that will drive it.
     pub fn new(target: &RedisTarget) -> RedisResult<RedisLink> {
-        let inner = match &target.sentinel {
-            None => {
+        let followed = |finder: Finder, db: i64| {
+            Inner::Followed(Followed {
+                finder: tokio::sync::Mutex::new(Resolver {
+                    finder,
+                    failed: None,
+                }),
+                lookups: std::sync::atomic::AtomicU64::new(0),
+                primary: ArcSwapOption::empty(),
+                tls: target.tls.clone(),
+                db,
+            })
+        };
+        let inner = match (&target.sentinel, &target.cluster) {
+            (_, Some(cluster)) => {
+                let mut seeds = Vec::with_capacity(cluster.nodes.len());
+                for info in cluster_nodes(cluster)? {
+                    seeds.push(RedisTarget::client_of(info, &target.tls)?);
+                }
+                followed(
+                    Finder::Cluster {
+                        seeds,
+                        key: cluster.key.clone(),
+                    },
+                    0,
+                )
+            }
+            (Some(sentinel), None) => followed(
+                Finder::Sentinel(sentinel_client(sentinel, &target.tls)?),
+                sentinel.db,
+            ),
+            (None, None) => {
                 let client = target.client()?;
                 let conn =
                     ConnectionManager::new_lazy_with_config(client.clone(), manager_config())?;
                 Inner::Direct { client, conn }
             }
-            Some(sentinel) => Inner::Sentinel(Followed {
-                sentinel: tokio::sync::Mutex::new(Resolver {
-                    client: sentinel_client(sentinel, &target.tls)?,
-                    failed: None,
-                }),
-                primary: ArcSwapOption::empty(),
-                tls: target.tls.clone(),
-                db: sentinel.db,
-            }),
         };
         Ok(RedisLink(Arc::new(inner)))
     }
@@ -133,9 +372,8 @@ impl RedisLink {
     pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
         match &*self.0 {
             Inner::Direct { client, .. } => client.get_async_pubsub().await,
-            Inner::Sentinel(followed) => {
-                let stale = followed.primary.load_full();
-                let primary = followed.resolve(stale.as_ref()).await?;
+            Inner::Followed(followed) => {
+                let primary = followed.resolve(true).await?;
                 let subscribed = primary.client.get_async_pubsub().await;
                 if let Err(e) = &subscribed
                     && moved(e)
@@ -152,7 +390,7 @@ impl RedisLink {
     pub fn primary(&self) -> Option<String> {
         match &*self.0 {
             Inner::Direct { .. } => None,
-            Inner::Sentinel(followed) => followed.primary.load().as_ref().map(|p| p.addr.clone()),
+            Inner::Followed(followed) => followed.primary.load().as_ref().map(|p| p.addr.clone()),
         }
     }
 }
@@ -163,50 +401,66 @@ impl Followed {
     async fn current(&self) -> RedisResult<Arc<Primary>> {
         match self.primary.load_full() {
             Some(p) if !p.suspect.load(Ordering::Relaxed) => Ok(p),
-            known => self.resolve(known.as_ref()).await,
+            _ => self.resolve(false).await,
         }
     }
 
-    /// Asks the sentinels for the primary, unless another caller replaced
-    /// `stale` meanwhile. The same address keeps its connection.
-    async fn resolve(&self, stale: Option<&Arc<Primary>>) -> RedisResult<Arc<Primary>> {
-        let mut resolver = tokio::time::timeout(OP_TIMEOUT, self.sentinel.lock())
+    /// Looks the primary up, unless a look-up finished while this caller
+    /// waited for its turn (then its answer stands), or `fresh` is false
+    /// and the known primary is not suspect. When the look-up fails, the
+    /// primary known so far is used still (it may well be fine: the
+    /// finder may be what is away), marked so that the next command asks
+    /// again; with none known, the error, as a refusal: nothing was sent.
+    /// The same address keeps its connection.
+    async fn resolve(&self, fresh: bool) -> RedisResult<Arc<Primary>> {
+        let seen = self.lookups.load(Ordering::Acquire);
+        let mut resolver = tokio::time::timeout(OP_TIMEOUT, self.finder.lock())
             .await
-            .map_err(|_| timed_out("waiting for the look-up of the redis primary"))?;
+            .map_err(|_| unsent(&timed_out("waiting for the look-up of the redis primary")))?;
         let now = self.primary.load_full();
-        if let Some(now) = &now
-            && stale.is_none_or(|s| !Arc::ptr_eq(s, now))
-            && !now.suspect.load(Ordering::Relaxed)
-        {
-            return Ok(now.clone());
+        if let Some(now) = &now {
+            let answered_meanwhile = self.lookups.load(Ordering::Acquire) != seen;
+            if answered_meanwhile || (!fresh && !now.suspect.load(Ordering::Relaxed)) {
+                return Ok(now.clone());
+            }
         }
-        if let Some((at, e)) = &resolver.failed
-            && at.elapsed() < RESOLVE_PAUSE
-        {
-            return Err(e.clone());
-        }
-        let found = tokio::time::timeout(OP_TIMEOUT, resolver.client.async_get_client())
-            .await
-            .unwrap_or_else(|_| Err(timed_out("asking the sentinels for the redis primary")));
-        let client = match found {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot find the redis primary through the sentinels");
-                resolver.failed = Some((Instant::now(), e.clone()));
-                return Err(e);
+        let recent_failure = match &resolver.failed {
+            Some((at, e)) if at.elapsed() < RESOLVE_PAUSE => Some(e.clone()),
+            _ => None,
+        };
+        let found = match recent_failure {
+            Some(e) => Err(e),
+            None => {
+                let who = resolver.finder.who();
+                let found = tokio::time::timeout(OP_TIMEOUT, resolver.finder.find())
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out("looking up the redis primary")));
+                self.lookups.fetch_add(1, Ordering::AcqRel);
+                if let Err(e) = &found {
+                    tracing::warn!(error = %e, "cannot find the redis primary through {who}");
+                    resolver.failed = Some((Instant::now(), e.clone()));
+                } else {
+                    resolver.failed = None;
+                }
+                found
             }
         };
-        resolver.failed = None;
-        let addr = client.get_connection_info().addr().to_string();
-        if let Some(now) = now
+        let info = match (found, now) {
+            (Ok(info), _) => info,
+            (Err(_), Some(now)) => return Ok(now),
+            (Err(e), None) => return Err(unsent(&e)),
+        };
+        let addr = info.addr().to_string();
+        if let Some(now) = self.primary.load_full()
             && now.addr == addr
         {
             now.suspect.store(false, Ordering::Relaxed);
             return Ok(now);
         }
-        let client = RedisTarget::client_of(client.get_connection_info().clone(), &self.tls)?;
+        let who = resolver.finder.who();
+        let client = RedisTarget::client_of(info, &self.tls)?;
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config())?;
-        tracing::info!(primary = %addr, "following the redis primary the sentinels name");
+        tracing::info!(primary = %addr, "following the redis primary {who} name");
         let primary = Arc::new(Primary {
             addr,
             client,
@@ -216,6 +470,30 @@ impl Followed {
         self.primary.store(Some(primary.clone()));
         Ok(primary)
     }
+}
+
+/// An error of a command that was never sent (no primary to send it to),
+/// as a refusal: a caller may try again without fear of doing it twice.
+fn unsent(e: &RedisError) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        format!("no redis primary to send to: {e}"),
+    ))
+}
+
+/// The address of node `host:port`, over TLS if `tls`.
+fn node_addr(node: &str, tls: bool) -> RedisResult<redis::ConnectionAddr> {
+    let (host, port) = host_port(node)?;
+    Ok(if tls {
+        redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        redis::ConnectionAddr::Tcp(host, port)
+    })
 }
 
 /// `host:port` (a `[v6]` host too).
@@ -244,20 +522,11 @@ pub(super) fn sentinel_client(
     tls: &ratatosk_auth::tls::ClientPems,
 ) -> RedisResult<SentinelClient> {
     let secure = target.tls;
-    let mut nodes = Vec::with_capacity(target.nodes.len());
-    for node in &target.nodes {
-        let (host, port) = host_port(node)?;
-        nodes.push(if secure {
-            redis::ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: false,
-                tls_params: None,
-            }
-        } else {
-            redis::ConnectionAddr::Tcp(host, port)
-        });
-    }
+    let nodes = target
+        .nodes
+        .iter()
+        .map(|node| node_addr(node, secure))
+        .collect::<RedisResult<Vec<_>>>()?;
     let mut builder =
         SentinelClientBuilder::new(nodes, &target.master_name, SentinelServerType::Master)?
             .set_client_to_redis_db(target.db)
@@ -291,7 +560,7 @@ impl ConnectionLike for RedisLink {
                 let mut conn = conn.clone();
                 Box::pin(async move { conn.req_packed_command(cmd).await })
             }
-            Inner::Sentinel(followed) => Box::pin(async move {
+            Inner::Followed(followed) => Box::pin(async move {
                 let primary = followed.current().await?;
                 let answer = primary.conn.clone().req_packed_command(cmd).await;
                 if let Err(e) = &answer
@@ -315,7 +584,7 @@ impl ConnectionLike for RedisLink {
                 let mut conn = conn.clone();
                 Box::pin(async move { conn.req_packed_commands(pipeline, offset, count).await })
             }
-            Inner::Sentinel(followed) => Box::pin(async move {
+            Inner::Followed(followed) => Box::pin(async move {
                 let primary = followed.current().await?;
                 let answers = primary
                     .conn
@@ -337,7 +606,7 @@ impl ConnectionLike for RedisLink {
     fn get_db(&self) -> i64 {
         match &*self.0 {
             Inner::Direct { conn, .. } => conn.get_db(),
-            Inner::Sentinel(followed) => followed.db,
+            Inner::Followed(followed) => followed.db,
         }
     }
 }
