@@ -388,7 +388,7 @@ fn session_store(config: &Config, path: &Path) -> anyhow::Result<Stores> {
                 .with_context(unusable)?;
         if let Some(wait) = sessions.wait {
             store = store
-                .waiting_for(wait.replicas, wait.timeout)
+                .waiting_for(target.clone(), wait.replicas, wait.timeout)
                 .with_context(unusable)?;
         }
         let events = SharedEvents::new(

@@ -561,6 +561,18 @@ class Gateway(Proc):
         assert self.admin_get("/healthz").status_code == 200
 
 
+async def raw_initialize(pool, path: str, client: str) -> str:
+    """A 2025-11-25 `initialize` through a rawhttp.Pool (load tests, no SDK);
+    the new session's id."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                       "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                  "clientInfo": {"name": client, "version": "1"}}}).encode()
+    status, head, answer = await pool.request(
+        "POST", path, {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}, body)
+    assert status == 200, answer
+    return head["mcp-session-id"]
+
+
 @contextmanager
 def redis_running(log_dir: Path, name: str, **kw):
     """A redis-server of the test's own, answering, for the length of a block."""

@@ -18,7 +18,7 @@ import pytest
 import rawhttp
 from conftest import identity_config
 from harness import (ACCEPT_BOTH, answers, KC_GATEWAY_SECRET, MODERN, PUBLISH_SECRET, Example, Gateway, RedisServer, SseReader,
-                     free_port, initialize, modern_call, next_list_changed, org, post, redis_gateway, redis_running, result_of, rpc_error, started,
+                     free_port, initialize, modern_call, raw_initialize, next_list_changed, org, post, redis_gateway, redis_running, result_of, rpc_error, started,
                      wait_until)
 
 pytestmark = pytest.mark.anyio
@@ -542,17 +542,11 @@ async def test_load_1000_sessions_100_events_while_clients_hop(three):
     rng = random.Random(6)
     mcp = [rawhttp.Pool("127.0.0.1", gw.port, 16) for gw in three]
     admin = [rawhttp.Pool("127.0.0.1", gw.admin_port, 32) for gw in three]
-    json_headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
     auth = {"Authorization": f"Bearer {PUBLISH_SECRET}", "Content-Type": "application/json"}
     path = three[0].url("s25").removeprefix(three[0].origin)
 
     async def open_session(i: int) -> str:
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                           "params": {"protocolVersion": "2025-11-25", "capabilities": {},
-                                      "clientInfo": {"name": f"load-{i}", "version": "1"}}}).encode()
-        status, head, answer = await mcp[i % 3].request("POST", path, json_headers, body)
-        assert status == 200, answer
-        return head["mcp-session-id"]
+        return await raw_initialize(mcp[i % 3], path, f"load-{i}")
 
     try:
         sids = await asyncio.gather(*(open_session(i) for i in range(sessions)))

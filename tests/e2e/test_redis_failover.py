@@ -17,7 +17,7 @@ import time
 import pytest
 
 import rawhttp
-from harness import PUBLISH_SECRET, Gateway, RedisCluster, Sentinels, org, wait_until
+from harness import PUBLISH_SECRET, Gateway, RedisCluster, Sentinels, org, raw_initialize, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -85,12 +85,7 @@ async def failover_under_load(log_dir, replicas, name: str, wait: dict | None, c
         rng = random.Random(20)
 
         async def open_session(i: int) -> str:
-            body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                               "params": {"protocolVersion": "2025-11-25", "capabilities": {},
-                                          "clientInfo": {"name": f"fo-{i}", "version": "1"}}}).encode()
-            status, head, answer = await mcp[i % 2].request("POST", path, json_headers, body)
-            assert status == 200, answer
-            return head["mcp-session-id"]
+            return await raw_initialize(mcp[i % 2], path, f"fo-{i}")
 
         sids = await asyncio.gather(*(open_session(i) for i in range(SESSIONS)))
         probe = await open_session(SESSIONS)

@@ -82,16 +82,13 @@ impl Gateway {
         let Some(dropped) = self.cluster().dropped() else {
             return;
         };
-        let counted = self.metrics.shared_dropped.get();
-        if dropped > counted {
-            self.metrics.shared_dropped.inc_by(dropped - counted);
-        }
+        // The writer's own counts, brought to the counters.
         let unreplicated = self.cluster().unreplicated().unwrap_or(0);
-        let counted = self.metrics.shared_unreplicated.get();
-        if unreplicated > counted {
-            self.metrics
-                .shared_unreplicated
-                .inc_by(unreplicated - counted);
+        for (counter, total) in [
+            (&self.metrics.shared_dropped, dropped),
+            (&self.metrics.shared_unreplicated, unreplicated),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
         // The gauge is the org's: the sessions of all its routes.
         let mut counts: std::collections::HashMap<&str, (i64, &OrgRoute)> =

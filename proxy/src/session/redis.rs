@@ -118,7 +118,6 @@ pub struct RedisSessionStore {
     /// and the connection that waits (WAIT holds it until the replicas
     /// answer, so not the one every lookup goes through).
     wait: Option<(u32, u64, RedisLink)>,
-    target: RedisTarget,
     scripts: Scripts,
 }
 
@@ -377,18 +376,15 @@ impl RedisTarget {
     /// sentinels name now, with `timeout` on connecting (to the server),
     /// reading and writing.
     pub fn sync_connection(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
-        let conn = match (&self.sentinel, &self.cluster) {
-            (_, Some(cluster)) => {
-                let info = link::cluster_primary_sync(cluster, &self.tls, timeout)?;
-                RedisTarget::client_of(info, &self.tls)?.get_connection_with_timeout(timeout)?
-            }
-            (Some(sentinel), None) => {
-                let primary = link::sentinel_client(sentinel, &self.tls)?.get_client()?;
-                RedisTarget::client_of(primary.get_connection_info().clone(), &self.tls)?
-                    .get_connection_with_timeout(timeout)?
-            }
-            (None, None) => self.client()?.get_connection_with_timeout(timeout)?,
+        let info = match (&self.sentinel, &self.cluster) {
+            (_, Some(cluster)) => link::cluster_primary_sync(cluster, &self.tls, timeout)?,
+            (Some(sentinel), None) => link::sentinel_client(sentinel, &self.tls)?
+                .get_client()?
+                .get_connection_info()
+                .clone(),
+            (None, None) => redis::IntoConnectionInfo::into_connection_info(self.url.as_str())?,
         };
+        let conn = RedisTarget::client_of(info, &self.tls)?.get_connection_with_timeout(timeout)?;
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;
         Ok(conn)
@@ -432,10 +428,8 @@ impl RedisSessionStore {
         prefix: &str,
         idle_ttl: Duration,
     ) -> Result<Self, RedisStoreError> {
-        let target = target.into();
-        let conn = connection(target.clone())?;
+        let conn = connection(target)?;
         Ok(RedisSessionStore {
-            target,
             conn,
             prefix: prefix.to_owned(),
             key_ttl_ms: u64::try_from(idle_ttl.as_millis().saturating_mul(2)).unwrap_or(u64::MAX),
@@ -445,18 +439,20 @@ impl RedisSessionStore {
     }
 
     /// A new session waits until `replicas` replicas have it (Redis
-    /// `WAIT`), up to `timeout`; short of that, its insert fails.
+    /// `WAIT`), up to `timeout`; short of that, its insert fails. The
+    /// wait holds a connection of its own to `target` (the store's).
     /// Must be called within the Tokio runtime that will drive the
     /// connection.
     pub fn waiting_for(
         mut self,
+        target: impl Into<RedisTarget>,
         replicas: u32,
         timeout: Duration,
     ) -> Result<Self, RedisStoreError> {
         let ms = u64::try_from(timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        self.wait = Some((replicas, ms, connection(self.target.clone())?));
+        self.wait = Some((replicas, ms, connection(target)?));
         Ok(self)
     }
 
