@@ -49,6 +49,9 @@ pub struct Config {
     pub sessions: SessionsConfig,
     #[serde(default)]
     pub streams: StreamsConfig,
+    /// The WebSocket endpoints (`{org}/ws`, `{org}/{server}/ws`).
+    #[serde(default)]
+    pub websocket: WebSocketConfig,
     /// Deferred answers that workers finish through the publish API.
     #[serde(default)]
     pub holds: HoldsConfig,
@@ -457,6 +460,47 @@ impl Default for StreamsConfig {
         StreamsConfig {
             keepalive: Duration::from_secs(15),
             retry: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How the gateway keeps WebSocket connections toward clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest message (of one frame or several) a client may send; a
+    /// larger one closes the connection with 1009. By default
+    /// `limits.max_body_bytes`, as for a POST.
+    pub max_message_bytes: Option<usize>,
+    /// How often the gateway pings an open connection.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long after a ping the client has to answer (a pong or any
+    /// frame); otherwise the connection closes with 4408.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// Requests of one connection that run at once; the gateway reads no
+    /// further frame until one finishes.
+    pub max_in_flight: usize,
+    /// Messages waiting to be written to one client; when they are
+    /// queued, the gateway stops taking events for it (they wait in the
+    /// session's event log) until the client reads.
+    pub send_queue: usize,
+    /// How long one write to a client may stay blocked before the
+    /// connection is dropped.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_message_bytes: None,
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(20),
+            max_in_flight: 16,
+            send_queue: 64,
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -1141,6 +1185,7 @@ impl Config {
         self.limits.problems(&mut found.at("limits"));
         self.sessions.problems(&mut found.at("sessions"));
         self.streams.problems(&mut found.at("streams"));
+        self.websocket.problems(&mut found.at("websocket"));
         self.holds.problems(&mut found.at("holds"));
         self.audit
             .problems(&mut found.at("audit"), self.sessions.store);
@@ -1507,6 +1552,19 @@ impl StreamsConfig {
         }
         at.duration("keepalive", self.keepalive, None);
         at.duration("retry", self.retry, None);
+    }
+}
+
+impl WebSocketConfig {
+    fn problems(&self, at: &mut Section) {
+        if let Some(max) = self.max_message_bytes {
+            at.at_least("max_message_bytes", max, 1024, " bytes");
+        }
+        at.between_1_and("max_in_flight", self.max_in_flight, 1024);
+        at.between_1_and("send_queue", self.send_queue, 65_536);
+        at.duration("ping_interval", self.ping_interval, Some("20s"));
+        at.duration("pong_timeout", self.pong_timeout, Some("20s"));
+        at.duration("send_timeout", self.send_timeout, Some("30s"));
     }
 }
 

@@ -24,6 +24,19 @@ pub trait ChunkSource: Send {
     fn written(&mut self) {}
 }
 
+/// A connection after `101 Switching Protocols`: any byte stream both ways.
+pub trait UpgradedIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> UpgradedIo for T {}
+
+/// What serves a connection once it is upgraded (a WebSocket).
+#[async_trait::async_trait]
+pub trait Upgraded: Send {
+    /// Serves the connection until it ends; the HTTP layer has written the
+    /// 101 head and reads nothing more from it.
+    async fn run(self: Box<Self>, io: Box<dyn UpgradedIo>);
+}
+
 /// Whether a Content-Type names the given media type, ignoring parameters
 /// and case.
 pub fn mime_is(content_type: &str, media: &str) -> bool {
@@ -72,6 +85,9 @@ pub enum ResponseBody {
     /// Written chunk by chunk as the source yields; the connection stays
     /// open until the source ends or the client goes away.
     Stream(Box<dyn ChunkSource>),
+    /// The answer to an upgrade (status 101): what serves the connection
+    /// afterwards.
+    Upgrade(Box<dyn Upgraded>),
 }
 
 pub struct Response {

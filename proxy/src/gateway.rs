@@ -70,6 +70,8 @@ mod reload;
 mod replies;
 /// Streamable HTTP: POST, GET and DELETE on `/mcp`.
 mod streamable;
+/// The MCP endpoint over a WebSocket: `/ws`.
+mod websocket;
 
 use bridge::{modern, stateful};
 pub use bus::{Notice, ResumeRequest, Resumed};
@@ -435,6 +437,13 @@ impl Gateway {
         {
             return edge::preflight(origin.clone()).labeled(label);
         }
+        if endpoint == Endpoint::Ws {
+            // Boxed: rare, and not to make every request's future larger.
+            return Box::pin(self.websocket_upgrade(front, req, has_origin))
+                .await
+                .unwrap_or_else(Reject::into_response)
+                .labeled(label);
+        }
         let identity = match self.authenticate(front, endpoint, req).await {
             Ok(identity) => identity,
             Err(reject) => return reject.into_response().labeled(label),
@@ -470,6 +479,7 @@ impl Gateway {
             (Endpoint::Sse, m) => Err(Reject::method_not_allowed(m, "GET, OPTIONS")),
             (Endpoint::Messages, &Method::POST) => self.legacy_post(call, req, label).await,
             (Endpoint::Messages, m) => Err(Reject::method_not_allowed(m, "POST, OPTIONS")),
+            (Endpoint::Ws, _) => Err(websocket::upgrade_required()),
         }
     }
 

@@ -70,6 +70,11 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub sessions: IntGaugeVec,
     pub open_streams: IntGaugeVec,
+    /// Open WebSocket connections, by org.
+    pub websockets: IntGaugeVec,
+    /// WebSocket connections closed, by org and close code (`client`,
+    /// `client <code>` when the client closed, `gone` when it vanished).
+    pub websocket_closes: IntCounterVec,
     /// Sessions whose background upstream stream this node holds, by org.
     pub background_streams: IntGaugeVec,
     pub upstream_latency: HistogramVec,
@@ -146,6 +151,20 @@ impl Metrics {
                 "Open SSE streams held by the gateway, by org",
             ),
             &["org"],
+        )?;
+        let websockets = IntGaugeVec::new(
+            Opts::new(
+                "websockets",
+                "Open WebSocket connections of MCP clients, by org",
+            ),
+            &["org"],
+        )?;
+        let websocket_closes = IntCounterVec::new(
+            Opts::new(
+                "websocket_closes_total",
+                "WebSocket connections closed, by org and close code (`client ...` when the client closed, `gone` when it vanished)",
+            ),
+            &["org", "code"],
         )?;
         let background_streams = IntGaugeVec::new(
             Opts::new(
@@ -306,6 +325,8 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(open_streams.clone()))?;
+        registry.register(Box::new(websockets.clone()))?;
+        registry.register(Box::new(websocket_closes.clone()))?;
         registry.register(Box::new(background_streams.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
@@ -317,6 +338,8 @@ impl Metrics {
             requests,
             sessions,
             open_streams,
+            websockets,
+            websocket_closes,
             background_streams,
             upstream_latency,
             upstream_errors,

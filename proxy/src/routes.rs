@@ -1,7 +1,8 @@
 //! Routes: which org, which server and which endpoint a path names.
 //!
 //! Paths are `{base_path}/{org}/mcp` (Streamable HTTP), `{base_path}/{org}/sse`
-//! and `{base_path}/{org}/messages` (HTTP+SSE of 2024-11-05) for an org with
+//! and `{base_path}/{org}/messages` (HTTP+SSE of 2024-11-05) and
+//! `{base_path}/{org}/ws` (the MCP endpoint over a WebSocket) for an org with
 //! one `upstream`, and `{base_path}/{org}/{server}/mcp` (and so on) for each
 //! of an org's `servers`. A route's key (`org`, or `org/server`) is what its
 //! sessions belong to: a session of one route is unknown on every other.
@@ -20,6 +21,8 @@ pub enum Endpoint {
     Mcp,
     Sse,
     Messages,
+    /// `ws`: the MCP endpoint over a WebSocket.
+    Ws,
 }
 
 /// What every endpoint of an org shares: how callers are checked, and the
@@ -369,6 +372,7 @@ impl Routes {
             Endpoint::Mcp => "mcp",
             Endpoint::Sse => "sse",
             Endpoint::Messages => "messages",
+            Endpoint::Ws => "ws",
         };
         format!("{}/{key}/{tail}", self.base_path)
     }
@@ -383,6 +387,7 @@ impl Routes {
             "mcp" => Endpoint::Mcp,
             "sse" => Endpoint::Sse,
             "messages" => Endpoint::Messages,
+            "ws" => Endpoint::Ws,
             _ => return Err(RouteError::NoEndpoint),
         };
         if let Some(route) = self.routes.get(key) {

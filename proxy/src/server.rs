@@ -433,13 +433,25 @@ impl McpApp {
                 r
             }
         };
+        // An upgrade (a WebSocket) takes over an HTTP/1.1 connection only:
+        // HTTP/2 has no `Upgrade` (RFC 8441's extended CONNECT is not served).
+        let upgradable = matches!(session, ServerSession::H1(_))
+            && session.req_header().version == Version::HTTP_11;
+        let response = match response.body {
+            ResponseBody::Upgrade(_) if !upgradable => Reject::new(
+                http::StatusCode::BAD_REQUEST,
+                crate::jsonrpc::code::BAD_REQUEST,
+                "a WebSocket upgrade needs HTTP/1.1",
+            )
+            .into_response()
+            .labeled(response.label),
+            _ => response,
+        };
         let status = response.status.as_u16();
         tracing::Span::current().record("http.response.status_code", status);
         // Only HTTP/1.1 streams are chunked, and so can be written by `pump`.
-        let detach = method == Method::GET
-            && matches!(response.body, ResponseBody::Stream(_))
-            && matches!(session, ServerSession::H1(_))
-            && session.req_header().version == Version::HTTP_11;
+        let detach =
+            method == Method::GET && matches!(response.body, ResponseBody::Stream(_)) && upgradable;
         let log_served = move |streamed: bool, outcome: Outcome| {
             tracing::info!(
                 %method,
@@ -461,6 +473,18 @@ impl McpApp {
                     async move {
                         let outcome = pump(stream, source).await;
                         log_served(true, outcome);
+                        drop(open);
+                    }
+                    .instrument(span),
+                );
+            }
+            Written::Upgraded(stream, upgraded) => {
+                let span = tracing::Span::current();
+                let open = open.take();
+                tokio::spawn(
+                    async move {
+                        upgraded.run(Box::new(stream)).await;
+                        log_served(true, "upgraded connection closed");
                         drop(open);
                     }
                     .instrument(span),
@@ -558,6 +582,8 @@ enum Written {
     /// The head is out; the socket and the event source are handed to
     /// [`pump`].
     Detached(Stream, Box<dyn ChunkSource>),
+    /// The 101 head is out; the socket is handed to what serves it.
+    Upgraded(Stream, Box<dyn edge::Upgraded>),
 }
 
 /// Writes a response; streams are written chunk by chunk until the source
@@ -611,7 +637,7 @@ async fn write_response(
                 HeaderValue::from_static("chunked"),
             );
         }
-        ResponseBody::Stream(_) => {}
+        ResponseBody::Stream(_) | ResponseBody::Upgrade(_) => {}
     }
     let head = ResponseHeader::from(parts);
     if detach {
@@ -638,6 +664,16 @@ async fn write_response(
                 return done("client gone during the body", false);
             }
             "complete"
+        }
+        ResponseBody::Upgrade(upgraded) => {
+            // Pingora saw the 101 answer an upgrade request: the socket is
+            // the upgraded connection's from here on.
+            return match session {
+                ServerSession::H1(h1) if status == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    (Written::Upgraded(h1.into_inner(), upgraded), None)
+                }
+                _ => done("an upgrade outside HTTP/1.1", false),
+            };
         }
         ResponseBody::Stream(source) if detach => {
             // A chunked head without a body is flushed when written.
@@ -764,7 +800,7 @@ impl ServeHttp for AdminApp {
         };
         let body = match response.body {
             ResponseBody::Full(b) => b.to_vec(),
-            ResponseBody::Empty | ResponseBody::Stream(_) => Vec::new(),
+            ResponseBody::Empty | ResponseBody::Stream(_) | ResponseBody::Upgrade(_) => Vec::new(),
         };
         let mut out = http::Response::new(Vec::new());
         *out.status_mut() = response.status;

@@ -135,7 +135,8 @@ impl Gateway {
     /// the URL they use, or a prefix of it, so each endpoint has its own.
     fn resource_path(&self, org: &str, endpoint: Endpoint) -> String {
         let endpoint = match endpoint {
-            Endpoint::Mcp => Endpoint::Mcp,
+            // The WebSocket is the MCP endpoint over another transport.
+            Endpoint::Mcp | Endpoint::Ws => Endpoint::Mcp,
             Endpoint::Sse | Endpoint::Messages => Endpoint::Sse,
         };
         self.live().routes.path_of(org, endpoint)

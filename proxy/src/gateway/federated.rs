@@ -138,6 +138,7 @@ impl Gateway {
             (Endpoint::Sse, m) => Err(Reject::method_not_allowed(m, "GET, OPTIONS")),
             (Endpoint::Messages, &Method::POST) => self.fed_messages(f, label).await,
             (Endpoint::Messages, m) => Err(Reject::method_not_allowed(m, "POST, OPTIONS")),
+            (Endpoint::Ws, _) => Err(websocket::upgrade_required()),
         }
     }
 
@@ -690,14 +691,16 @@ impl Gateway {
                         &member.name,
                     )),
                 },
-                edge::ResponseBody::Empty => Answer::Json(jsonrpc::error_body(
-                    id,
-                    code::UPSTREAM_ERROR,
-                    &format!(
-                        "server '{}' answered HTTP {} without a body",
-                        member.name, response.status
-                    ),
-                )),
+                edge::ResponseBody::Empty | edge::ResponseBody::Upgrade(_) => {
+                    Answer::Json(jsonrpc::error_body(
+                        id,
+                        code::UPSTREAM_ERROR,
+                        &format!(
+                            "server '{}' answered HTTP {} without a body",
+                            member.name, response.status
+                        ),
+                    ))
+                }
             },
         }
     }

@@ -132,7 +132,7 @@ impl Gateway {
                     }
                 })
             }
-            edge::ResponseBody::Empty => answer,
+            edge::ResponseBody::Empty | edge::ResponseBody::Upgrade(_) => answer,
         })
     }
 
@@ -299,7 +299,7 @@ impl Gateway {
                             .ok()
                             .flatten()?
                     }
-                    edge::ResponseBody::Empty => return None,
+                    edge::ResponseBody::Empty | edge::ResponseBody::Upgrade(_) => return None,
                 };
                 let v: Value = serde_json::from_slice(&bytes).ok()?;
                 Some((i, v.get("result")?.clone()))
