@@ -713,6 +713,28 @@ def scenario_t(s: Systems, cfg: dict, stub: str, runs: int) -> dict:
     return out
 
 
+def scenario_w(s: Systems, cfg: dict, stub: str, runs: int) -> dict:
+    """WebSocket (issue 21): B's bytes per idle stream when each session's
+    stream is held over a WebSocket (`/ws`, resuming the session), beside a
+    GET (SSE) stream, each on a fresh gateway, N = c_size; then C's fan-out
+    to them."""
+    n = cfg["c_size"]
+    out: dict[str, list] = {"sse": [], "websocket": []}
+    for r in range(runs):
+        for kind in ("sse", "websocket"):
+            gw = s.start_gateway(f"gateway-w{r}-{kind}", stub)
+            token = s.tokens(1)[0]
+            args = ["--stream-url", f"{gw['base']}/jwt/mcp", "--publish-url", gw["admin"], "--token", token,
+                    "--secret", PUBLISH_SECRET, *(["--websocket"] if kind == "websocket" else [])]
+            try:
+                res = hold_streams(s, "gateway", n, args, gw["proc"], cfg["idle_seconds"], fanout=True)
+            finally:
+                s.stop(gw["proc"])
+            log(f"W run {r + 1} {kind}: {res['per_stream_pss_bytes']:.0f} B/stream")
+            out[kind].append(res)
+    return out
+
+
 ERAS = ("stateless-2025", "stateful-2025", "modern")
 
 
@@ -1181,6 +1203,22 @@ def goals_and_tables(res: dict) -> tuple[list[str], list[tuple[str, str, str, bo
                 lines.append(f"| {scheme} | {med(runs, 'per_stream_pss_bytes'):,.0f} | "
                              f"{med(runs, 'per_stream_only_pss_bytes'):,.0f} | {fmt_us(p99)} |")
             lines.append("")
+    w = res.get("W")
+    if w and w.get("sse") and w.get("websocket"):
+        n = w["sse"][0]["n"]
+        lines += [f"### W. Idle streams over a WebSocket, N = {n:,}", "",
+                  "Each session's stream held over a WebSocket (`/ws`, resuming the session) beside a GET "
+                  "(SSE) stream, each on a fresh gateway in the same run; growth of the gateway's memory while "
+                  "they are held, ÷ N (median of runs); the client answers the gateway's pings.", "",
+                  "| transport | bytes per stream (PSS) | bytes per stream, stream only | C: fan-out p99 |",
+                  "| --- | --- | --- | --- |"]
+        for kind in ("sse", "websocket"):
+            runs = w[kind]
+            p99 = median([r["fanout"]["latency"]["p99_us"] for r in runs if "fanout" in r])
+            lines.append(f"| {kind} | {med(runs, 'per_stream_pss_bytes'):,.0f} | "
+                         f"{med(runs, 'per_stream_only_pss_bytes'):,.0f} | {fmt_us(p99)} |")
+        ratios = per_run(w["websocket"], w["sse"], "per_stream_pss_bytes")
+        lines += ["", f"WebSocket ÷ SSE bytes per stream, per run: {fmt_ratios(ratios)}.", ""]
     bc = res.get("BC")
     if bc:
         lines += ["### B. Idle SSE streams", "",
@@ -1633,6 +1671,12 @@ def smoke_checks(res: dict) -> list[str]:
             if r["open"]["opened"] != r["n"] or r["closed_while_idle"] or not fo or fo["delivered"] != r["n"]:
                 problems.append(f"T streams {scheme}: {r['open']['opened']} of {r['n']} opened "
                                 f"({r['open']['first_failure']}), delivered {fo['delivered'] if fo else 0}")
+    for kind, runs in res.get("W", {}).items():
+        for r in runs:
+            fo = r.get("fanout")
+            if r["open"]["opened"] != r["n"] or r["closed_while_idle"] or not fo or fo["delivered"] != r["n"]:
+                problems.append(f"W streams {kind}: {r['open']['opened']} of {r['n']} opened "
+                                f"({r['open']['first_failure']}), delivered {fo['delivered'] if fo else 0}")
     for name, runs in res.get("D", {}).items():
         for r in runs:
             if r["ok"] == 0 or r["errors"]:
@@ -1701,9 +1745,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the small CI run (checks, no published results)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
-    ap.add_argument("--only", default="A,B,C,D,E,F,G,I,R,T",
+    ap.add_argument("--only", default="A,B,C,D,E,F,G,I,R,T,W",
                     help="scenarios to run, e.g. A,D (B and C run together; R is A, B and C on two nodes and Redis; "
-                         "G is federation; T is A and B over TLS; I is A's instructions per request under "
+                         "G is federation; T is A and B over TLS; W is B and C over WebSockets; I is A's instructions per request under "
                          "callgrind)")
     ap.add_argument("--sizes", help="stream counts for B, e.g. 10000,50000")
     ap.add_argument("--merge", action="store_true",
@@ -1743,7 +1787,7 @@ def main() -> int:
 
     try:
         stub = s.start_stub()
-        if only & {"A", "B", "C", "D", "E", "R", "T"}:
+        if only & {"A", "B", "C", "D", "E", "R", "T", "W"}:
             s.start_keycloak()
         gw = s.start_gateway("gateway", stub) if only & {"A", "D", "E", "R"} else {}
         runs = cfg["runs"]
@@ -1770,6 +1814,8 @@ def main() -> int:
             attempt("F", lambda: scenario_f(s, cfg, eras, runs))
         if "T" in only:
             attempt("T", lambda: scenario_t(s, cfg, stub, runs))
+        if "W" in only:
+            attempt("W", lambda: scenario_w(s, cfg, stub, runs))
         if "G" in only:
             stubs = {f"s{i}": s.start_more_stub(f"stub-s{i}") if i > 1 else stub for i in (1, 2, 3)}
             fed = s.run_gateway("gateway-federation", {"orgs": {"fed": {"auth": "none", "servers": {
@@ -1830,6 +1876,7 @@ def main() -> int:
         checked += sum(len(run) for part in ("setup", "rpc") for run in res.get("G", {}).get(part, []))
         checked += sum(len(runs) for runs in res.get("T", {}).get("rpc", {}).values())
         checked += sum(len(runs) for runs in res.get("T", {}).get("streams", {}).values())
+        checked += sum(len(runs) for runs in res.get("W", {}).values())
         checked += 1 if "I" in res else 0
         print(f"smoke: {max(checked - len(problems), 0)} passed, {len(problems)} failed")
         return 1 if problems else 0

@@ -151,6 +151,10 @@ struct StreamArgs {
     /// How long the fan-out may take before the missing messages count as lost.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     deliver_within: Duration,
+    /// Gateway: hold each session's stream over a WebSocket (`/ws`,
+    /// resuming the session) rather than a GET stream.
+    #[arg(long)]
+    websocket: bool,
 }
 
 /// The TLS client config of `--ca-file`, for `https://` targets.
@@ -574,6 +578,7 @@ async fn streams(a: StreamArgs, sources: Sources, timeout: Duration) -> anyhow::
     for i in 0..a.n {
         let request = stream_request(&a, &stream_target, &sessions, i);
         let (held, gate, target) = (held.clone(), gate.clone(), stream_target.clone());
+        let websocket = a.websocket;
         tokio::spawn(async move {
             let Ok(permit) = gate.acquire_owned().await else {
                 return;
@@ -590,7 +595,12 @@ async fn streams(a: StreamArgs, sources: Sources, timeout: Duration) -> anyhow::
                 Ok(Err(e)) => return held.fail(format!("stream {i}: {e}")),
                 Err(_) => return held.fail(format!("stream {i}: no answer within {timeout:?}")),
             };
-            if !head.starts_with("HTTP/1.1 200") {
+            let expected = if websocket {
+                "HTTP/1.1 101"
+            } else {
+                "HTTP/1.1 200"
+            };
+            if !head.starts_with(expected) {
                 let line = head.lines().next().unwrap_or_default().to_owned();
                 return held.fail(format!("stream {i}: {line}"));
             }
@@ -605,6 +615,16 @@ async fn streams(a: StreamArgs, sources: Sources, timeout: Duration) -> anyhow::
                         return;
                     }
                     Ok(n) => {
+                        // The gateway's pings (an unmasked, empty ping
+                        // frame: 0x89 0x00, which JSON text never holds)
+                        // get a masked, empty pong.
+                        if websocket
+                            && buf[..n].windows(2).any(|w| w == [0x89, 0x00])
+                            && s.write_all(&[0x8a, 0x80, 0, 0, 0, 0]).await.is_err()
+                        {
+                            held.closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
                         if count_markers(&mut carry, &buf[..n]) > 0 {
                             let slot = &held.delivered[i];
                             let _ = slot.compare_exchange(
@@ -694,6 +714,13 @@ async fn make_sessions(
 
 fn stream_request(a: &StreamArgs, t: &Target, sessions: &[String], i: usize) -> String {
     match a.system {
+        System::Gateway if a.websocket => format!(
+            "GET {}/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: mcp\r\nMcp-Session-Id: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+            t.path.trim_end_matches("/mcp"),
+            t.authority,
+            sessions.get(i).map_or("", String::as_str),
+            a.token.as_deref().unwrap_or_default(),
+        ),
         System::Gateway => format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nMcp-Session-Id: {}\r\nMCP-Protocol-Version: {PROTOCOL_VERSION}\r\nAuthorization: Bearer {}\r\n\r\n",
             t.path,

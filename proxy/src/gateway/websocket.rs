@@ -41,7 +41,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use ratatosk_auth::Identity;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -275,6 +275,14 @@ impl Gateway {
         };
         let session = header_or_query(req, &MCP_SESSION_ID, "session_id");
         let last_event_id = header_or_query(req, &LAST_EVENT_ID, "last_event_id");
+        if last_event_id
+            .as_deref()
+            .is_some_and(|id| HeaderValue::from_str(id).is_err())
+        {
+            return Err(Reject::bad_request(
+                "the last event id is not a valid header value",
+            ));
+        }
         match (session, last_event_id) {
             (None, Some(_)) => {
                 return Err(Reject::bad_request(
@@ -347,6 +355,8 @@ enum Out {
     Text(Bytes),
     Ping,
     Close(u16, String),
+    /// Answered once everything queued before it is written.
+    Flushed(oneshot::Sender<()>),
 }
 
 /// Why the connection ends.
@@ -377,17 +387,21 @@ impl Upgraded for Connection {
         let (sink, frames) = ws.split();
         let (out, queue) = mpsc::channel(settings.send_queue);
         let mut writer = tokio::spawn(write_frames(sink, queue, settings.send_timeout));
-        let gauge = self
-            .gateway
-            .metrics
-            .websockets
-            .with_label_values(&[&*self.org]);
-        gauge.inc();
+        let open = Open::new(
+            self.gateway
+                .metrics
+                .websockets
+                .with_label_values(&[&*self.org]),
+        );
         let (end, frames) = self.serve(frames, &out, &mut writer).await;
-        gauge.dec();
+        drop(open);
+        // A client picks its close code: the label keeps a few (no new
+        // series per code a client makes up).
         let code = match &end {
             End::Close(code, _) => code.to_string(),
-            End::ClientClosed(Some(code)) => format!("client {code}"),
+            End::ClientClosed(Some(close::NORMAL)) => "client 1000".to_owned(),
+            End::ClientClosed(Some(close::GOING_AWAY)) => "client 1001".to_owned(),
+            End::ClientClosed(Some(_)) => "client other".to_owned(),
             End::ClientClosed(None) => "client".to_owned(),
             End::Gone => "gone".to_owned(),
         };
@@ -415,7 +429,7 @@ impl Upgraded for Connection {
                 if let (Some(sink), Some(frames)) = (sink, frames)
                     && let Ok(ws) = sink.reunite(frames)
                 {
-                    linger(ws.into_inner()).await;
+                    linger(ws, unreadable(code)).await;
                 }
             }
             End::ClientClosed(code) => {
@@ -456,6 +470,10 @@ async fn write_frames(
                 }
             },
             Out::Ping => (Frame::Ping(Bytes::new()), false),
+            Out::Flushed(done) => {
+                let _ = done.send(());
+                continue;
+            }
             Out::Close(code, reason) => (
                 Frame::Close(Some(CloseFrame {
                     code: CloseCode::from(code),
@@ -468,6 +486,9 @@ async fn write_frames(
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!("cannot write to the WebSocket: {e}");
+                // After the client's close frame, sends fail; the reply to
+                // it still goes out with a flush.
+                let _ = tokio::time::timeout(CLOSE_QUEUE_TIMEOUT, sink.close()).await;
                 return None;
             }
             Err(_) => {
@@ -496,15 +517,49 @@ fn clip_reason(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
-/// Reads and drops what a client still sends after the close frame, until
-/// it closes or [`LINGER`] passes, so that the close frame is not lost to
-/// a reset.
-async fn linger(mut io: Box<dyn UpgradedIo>) {
-    let mut buf = [0u8; 8192];
+/// Whether a close is for a frame that could not be read: the client may
+/// still be sending it, and no further frame can be read.
+fn unreadable(code: u16) -> bool {
+    matches!(code, close::TOO_BIG | close::PROTOCOL | close::NOT_UTF8)
+}
+
+/// After the gateway's close frame: waits, up to [`LINGER`], for the
+/// client's close frame (then the connection is dropped, which is the
+/// server's part of the closing handshake); when frames cannot be read,
+/// reads and drops bytes until the client stops, so that the close frame
+/// is not lost to a reset.
+async fn linger(mut ws: WebSocketStream<Box<dyn UpgradedIo>>, unreadable: bool) {
     let _ = tokio::time::timeout(LINGER, async {
-        while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+        if unreadable {
+            let io = ws.get_mut();
+            let mut buf = [0u8; 8192];
+            while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+        } else {
+            while let Some(Ok(frame)) = ws.next().await {
+                if matches!(frame, Frame::Close(_)) {
+                    break;
+                }
+            }
+        }
     })
     .await;
+}
+
+/// Counts an open connection in a gauge, and out when dropped (also when
+/// the connection's future is dropped).
+struct Open(prometheus::IntGauge);
+
+impl Open {
+    fn new(gauge: prometheus::IntGauge) -> Open {
+        gauge.inc();
+        Open(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Connection {
@@ -527,21 +582,30 @@ impl Connection {
         if let Some(source) = resumed {
             tasks.spawn(self.pump_standalone(source, out.clone(), ending.clone()));
         }
-        let mut heard = Instant::now();
+        // A ping is sent each interval once the last one was answered (by
+        // any frame); one unanswered for `pong_timeout` closes.
         let mut pings = tokio::time::interval_at(
             Instant::now() + settings.ping_interval,
             settings.ping_interval,
         );
-        let silent_for = settings.ping_interval + settings.pong_timeout;
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let pong_due = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(pong_due);
+        let mut awaiting_pong = false;
         let end = loop {
             tokio::select! {
+                // Frames the client already sent are read before a missing
+                // pong is decided.
+                biased;
+                Some(end) = ended.recv() => break end,
+                _ = &mut *writer => break End::Gone,
                 frame = frames.next() => {
                     let frame = match frame {
                         None => break End::Gone,
                         Some(Err(e)) => break read_error(e, self.max_message),
                         Some(Ok(frame)) => frame,
                     };
-                    heard = Instant::now();
+                    awaiting_pong = false;
                     match frame {
                         Frame::Text(text) => {
                             if let Some(end) = self.receive(Bytes::from(text), out, &ending, &permits, &mut tasks).await {
@@ -556,19 +620,22 @@ impl Connection {
                         Frame::Ping(_) | Frame::Pong(_) | Frame::Frame(_) => {}
                     }
                 }
-                _ = pings.tick() => {
-                    if heard.elapsed() > silent_for {
-                        break End::Close(close::PONG_TIMEOUT, format!(
-                            "nothing heard for {silent_for:?} (websocket.ping_interval + pong_timeout)"
-                        ));
-                    }
-                    // A full queue means the client reads nothing: no ping.
-                    let _ = out.try_send(Out::Ping);
-                }
-                Some(end) = ended.recv() => break end,
-                _ = &mut *writer => break End::Gone,
                 // Finished requests leave the set.
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                () = &mut pong_due, if awaiting_pong => {
+                    break End::Close(close::PONG_TIMEOUT, format!(
+                        "no answer to a ping within {:?} (websocket.pong_timeout)",
+                        settings.pong_timeout
+                    ));
+                }
+                _ = pings.tick(), if !awaiting_pong => {
+                    // A full queue means the client reads nothing: its
+                    // writes stall, and websocket.send_timeout applies.
+                    if out.try_send(Out::Ping).is_ok() {
+                        awaiting_pong = true;
+                        pong_due.as_mut().reset(Instant::now() + settings.pong_timeout);
+                    }
+                }
             }
         };
         let frames = match end {
@@ -580,8 +647,11 @@ impl Connection {
 
     /// One text frame from the client. An `initialize`, and messages that
     /// are not requests (notifications, answers to the server's requests),
-    /// are served in order before the next frame is read; requests run in
-    /// tasks, at most `websocket.max_in_flight` at once.
+    /// are served in order before the next frame is read: none of them
+    /// waits on the client. Requests run in tasks, at most
+    /// `websocket.max_in_flight` at once; one more is refused at once
+    /// (waiting for a slot would stop reading the answers that the running
+    /// ones may be waiting for, such as an elicitation's).
     async fn receive(
         &mut self,
         text: Bytes,
@@ -600,8 +670,27 @@ impl Connection {
             [only] => only.request_id().cloned(),
             _ => None,
         };
+        if initialize && self.session.is_some() {
+            let refusal = Reject::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "this WebSocket already has a session: a new one needs a new connection",
+            )
+            .with_id(asked.as_ref());
+            let _ = out.send(Out::Text(refusal.body())).await;
+            return None;
+        }
         let has_requests = messages.iter().any(|m| m.is_request());
-        let req = self.request(Method::POST, text, None);
+        let mut req = self.request(Method::POST, text, None);
+        if self.session.is_none()
+            && let [only] = messages
+            && let Some(method) = only.method()
+            && let Some(Value::Object(params)) = only.params()
+            && crate::era::looks_modern(&req.headers, Some(&Value::Object(params.clone())))
+        {
+            // A 2026-07-28 client: the headers its POST would carry.
+            crate::era::put_modern_headers(&mut req.headers, method, &params);
+        }
         let span = tracing::info_span!("message", id = %req.request_id);
         if initialize || !has_requests {
             let mut response = Box::pin(self.gateway.handle(req))
@@ -636,10 +725,16 @@ impl Connection {
             }
             return None;
         }
-        // Waiting for a permit reads no further frame: the client's sends
-        // back up, not the gateway's memory.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return Some(End::Close(close::INTERNAL, "the gateway failed".into()));
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let max = self.settings.max_in_flight;
+            let refusal = Reject::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                code::BAD_REQUEST,
+                format!("this WebSocket already has {max} requests running (websocket.max_in_flight); wait for their answers"),
+            )
+            .with_id(asked.as_ref());
+            let _ = out.send(Out::Text(refusal.body())).await;
+            return None;
         };
         let this = self.replier(out, ending);
         tasks.spawn(
@@ -722,7 +817,7 @@ impl Connection {
             } else {
                 End::Close(
                     close::SESSION_GONE,
-                    "the session's stream ended: the session ended, or its user logged out".into(),
+                    "the session's stream ended: the session ended, its user logged out, or another connection resumed it".into(),
                 )
             };
             let _ = ending.try_send(end);
@@ -831,6 +926,10 @@ impl Replier {
                 .unwrap_or_default()
         };
         match status {
+            StatusCode::SERVICE_UNAVAILABLE if self.gateway.is_draining() => Some(End::Close(
+                close::GOING_AWAY,
+                "the gateway is shutting down: reconnect and resume the session".into(),
+            )),
             StatusCode::UNAUTHORIZED => Some(End::Close(
                 close::UNAUTHORIZED,
                 format!("the token was refused: {}", message()),
@@ -875,15 +974,29 @@ fn with_id(body: Bytes, asked: Option<&Id>) -> Bytes {
 /// Sends the messages of an SSE answer as frames; with `numbered`, each
 /// carries its event id. False if the connection's writer is gone.
 async fn pump(source: Box<dyn ChunkSource>, out: &mpsc::Sender<Out>, numbered: bool) -> bool {
-    // A chunk counts as written when the parser asks for the next one:
-    // its events are all queued by then.
-    let chunks = futures::stream::unfold((source, false), |(mut source, read)| async move {
-        if read {
-            source.written();
-        }
-        let chunk = source.next_chunk().await?;
-        Some((Ok::<_, std::convert::Infallible>(chunk), (source, true)))
-    });
+    // A chunk counts as written when the parser asks for the next one: its
+    // events are all queued by then. The standalone stream's are written
+    // too (the writer says so): what counts as delivered is where a resume
+    // without an event id starts.
+    let flushes = numbered.then(|| out.clone());
+    let chunks = futures::stream::unfold(
+        (source, false, flushes),
+        |(mut source, read, flushes)| async move {
+            if read {
+                if let Some(out) = &flushes {
+                    let (done, flushed) = oneshot::channel();
+                    out.send(Out::Flushed(done)).await.ok()?;
+                    flushed.await.ok()?;
+                }
+                source.written();
+            }
+            let chunk = source.next_chunk().await?;
+            Some((
+                Ok::<_, std::convert::Infallible>(chunk),
+                (source, true, flushes),
+            ))
+        },
+    );
     let mut events = std::pin::pin!(chunks.eventsource());
     while let Some(event) = events.next().await {
         let Ok(event) = event else { break };
@@ -947,14 +1060,17 @@ fn read_error(e: WsError, max: usize) -> End {
             End::Close(close::PROTOCOL, format!("WebSocket protocol error: {p}"))
         }
         WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => End::Gone,
-        other => End::Close(close::INTERNAL, format!("cannot read a frame: {other}")),
+        other => {
+            tracing::warn!("cannot read a WebSocket frame: {other}");
+            End::Close(close::INTERNAL, "cannot read a frame".into())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::tests::{gateway, gateway_yaml, json_of, mcp_stub, open_stream, request};
+    use crate::gateway::tests::{gateway, gateway_yaml, json_of, mcp_stub, request};
     use tokio::io::DuplexStream;
 
     type Client = WebSocketStream<DuplexStream>;
@@ -1085,13 +1201,56 @@ mod tests {
         // A normal close ends the session.
         ws.close(None).await.expect("closed");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while open_stream(&gw, &sid).await.status != StatusCode::NOT_FOUND {
+        while gw.store.lookup(&sid).await.expect("store").is_some() {
             assert!(
                 Instant::now() < deadline,
                 "the session outlived its WebSocket"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn requests_over_max_in_flight_are_refused_without_blocking_the_connection() {
+        let up = mcp_stub().await;
+        let gw = gateway_yaml(&[up.url()], "", "websocket: {max_in_flight: 1}", "");
+        let mut ws = connect(&gw, &[]).await;
+        initialize(&gw, &mut ws).await;
+        // Stays in flight (the stub does not answer it in the test's time).
+        send(
+            &mut ws,
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"x","arguments":{"v":"stub-hang:1"}}}"#,
+        )
+        .await;
+        send(&mut ws, r#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#).await;
+        let refused = next_json(&mut ws).await;
+        assert_eq!(refused["id"], 3, "{refused}");
+        let message = refused["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("websocket.max_in_flight"), "{message}");
+        // Frames are still read: the cancel reaches the call, which ends
+        // and frees its slot.
+        send(
+            &mut ws,
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":2}}"#,
+        )
+        .await;
+        let cancelled = next_json(&mut ws).await;
+        assert_eq!(cancelled["id"], 2, "{cancelled}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            send(&mut ws, r#"{"jsonrpc":"2.0","id":4,"method":"ping"}"#).await;
+            let answer = next_json(&mut ws).await;
+            if answer.get("result").is_some() {
+                assert_eq!(answer["id"], 4);
+                break;
+            }
+            assert!(Instant::now() < deadline, "no free slot: {answer}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A second initialize on the same connection is refused.
+        send(&mut ws, crate::gateway::tests::INIT).await;
+        let again = next_json(&mut ws).await;
+        assert_eq!(again["error"]["code"], code::INVALID_REQUEST, "{again}");
     }
 
     #[tokio::test]
@@ -1188,6 +1347,38 @@ mod tests {
         };
         assert!(pings >= 1);
         assert_eq!(code, close::PONG_TIMEOUT);
+    }
+
+    // Paused time: it moves only when every task waits, so a loaded
+    // machine cannot make the client late.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_pings_stays_open() {
+        let up = mcp_stub().await;
+        let gw = gateway_yaml(
+            &[up.url()],
+            "",
+            "websocket: {ping_interval: 100ms, pong_timeout: 200ms}",
+            "",
+        );
+        let mut ws = connect(&gw, &[]).await;
+        let mut pings = 0;
+        let until = Instant::now() + Duration::from_secs(3);
+        // Reading answers each ping (tungstenite queues the pong, and this
+        // client's next send flushes it).
+        while Instant::now() < until {
+            if let Ok(frame) = tokio::time::timeout(Duration::from_millis(50), ws.next()).await {
+                match frame.expect("open").expect("a frame") {
+                    Frame::Ping(_) => pings += 1,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            ws.flush().await.expect("flushed");
+        }
+        assert!(pings >= 5, "{pings} pings");
+        send(&mut ws, r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).await;
+        // No session yet: the gateway's answer is an error, on an open
+        // connection.
+        assert_eq!(next_json(&mut ws).await["id"], 1);
     }
 
     #[tokio::test]
