@@ -155,6 +155,20 @@ async fn route(
                 json!({"org": org, "count": listed.len(), "sessions": listed}),
             ))
         }
+        (&Method::PUT, ["orgs", org, "servers", name]) => {
+            authorize_registration(gw, headers, org)?;
+            let (status, answer) = gw.register(org, name, &body).await?;
+            Ok(json_response(status, answer))
+        }
+        (&Method::DELETE, ["orgs", org, "servers", name]) => {
+            authorize_registration(gw, headers, org)?;
+            gw.deregister(org, name).await?;
+            Ok(Response::empty(StatusCode::NO_CONTENT))
+        }
+        (&Method::GET, ["orgs", org, "servers"]) => {
+            authorize_registration(gw, headers, org)?;
+            Ok(json_response(StatusCode::OK, gw.servers_of(org).await?))
+        }
         (&Method::POST, ["reload"]) => {
             authorize(gw, headers)?;
             match gw.reload_file().await {
@@ -173,12 +187,13 @@ async fn route(
         (_, ["reload"]) => Err(Reject::method_not_allowed(method, "POST")),
         (_, ["sessions", _, "messages"]) => Err(Reject::method_not_allowed(method, "POST")),
         (_, ["sessions", _, "holds", _]) => Err(Reject::method_not_allowed(method, "GET, POST")),
-        (_, ["orgs", _, "sessions"]) => Err(Reject::method_not_allowed(method, "GET")),
+        (_, ["orgs", _, "sessions" | "servers"]) => Err(Reject::method_not_allowed(method, "GET")),
+        (_, ["orgs", _, "servers", _]) => Err(Reject::method_not_allowed(method, "PUT, DELETE")),
         _ => Err(Reject::new(
             StatusCode::NOT_FOUND,
             code::NOT_FOUND,
             format!(
-                "no admin endpoint at '{}'; see / (the status page), /healthz, /readyz, /metrics, /reload, /sessions/{{id}}/messages, /sessions/{{id}}/holds/{{hold}}, /orgs/{{org}}/sessions",
+                "no admin endpoint at '{}'; see / (the status page), /healthz, /readyz, /metrics, /reload, /sessions/{{id}}/messages, /sessions/{{id}}/holds/{{hold}}, /orgs/{{org}}/sessions, /orgs/{{org}}/servers[/{{name}}]",
                 crate::jsonrpc::clip(path, 64)
             ),
         )),
@@ -309,6 +324,22 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), Reject> {
         )),
         Some(token) if is_secret(gw, &token) => Ok(()),
         Some(_) => Err(unauthorized("wrong publish secret")),
+    }
+}
+
+/// The registration API takes the admin secret, or the org's own
+/// registration secret (`orgs.<org>.registration.secret`).
+fn authorize_registration(gw: &Gateway, headers: &HeaderMap, org: &str) -> Result<(), Reject> {
+    match presented_secret(headers, false) {
+        Some(token) if gw.is_registration_secret(org, &token) => Ok(()),
+        _ => authorize(gw, headers).map_err(|mut refusal| {
+            refusal.message = format!(
+                "{}, or the org's registration secret (orgs.{}.registration.secret)",
+                refusal.message,
+                crate::jsonrpc::clip(org, 64)
+            );
+            refusal
+        }),
     }
 }
 

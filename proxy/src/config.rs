@@ -117,6 +117,38 @@ impl Source {
             self.at(&["limits", "max_answer_bytes"]),
         ]
     }
+
+    /// What one route is built from (`server`: `None` for the one-server
+    /// shorthand): the org's tree without its servers, except their
+    /// policies (which shape the scopes every route of the org offers),
+    /// the server's tree, and the limit that shapes every route. Equal in
+    /// two configs: the route is the same, though other servers of its
+    /// org came or went.
+    pub fn of_route(&self, org: &str, server: Option<&str>) -> [Option<Value>; 3] {
+        let org_tree = self.at(&["orgs", org]).map(|tree| {
+            let mut tree = tree.clone();
+            if let Some(map) = tree.as_mapping_mut()
+                && let Some(servers) = map.get_mut("servers").and_then(Value::as_mapping_mut)
+            {
+                servers.retain(|_, s| s.get("policy").is_some());
+                for (_, s) in servers.iter_mut() {
+                    if let Some(s) = s.as_mapping_mut() {
+                        s.retain(|k, _| k.as_str() == Some("policy"));
+                    }
+                }
+                if servers.is_empty() {
+                    map.remove("servers");
+                }
+            }
+            tree
+        });
+        let server_tree = server.and_then(|name| self.at(&["orgs", org, "servers", name]).cloned());
+        [
+            org_tree,
+            server_tree,
+            self.at(&["limits", "max_answer_bytes"]).cloned(),
+        ]
+    }
 }
 
 /// Fields read only when the gateway starts (listeners, the session store,
@@ -692,7 +724,50 @@ pub struct OrgConfig {
     /// Rate limits on the org's requests, at every endpoint of the org.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
+    /// Servers may register themselves in this org through the admin API
+    /// (`PUT /orgs/{org}/servers/{name}`) and join its federated endpoint.
+    /// Only with `servers` (which may then be empty), not `upstream`.
+    #[serde(default)]
+    pub registration: Option<RegistrationConfig>,
 }
+
+/// Self-registration of servers in an org (`orgs.<org>.registration`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// A bearer secret for this org's registrations only, beside the admin
+    /// secret (`publish.secret`), which registers in every org. Put it in
+    /// the environment: `secret: ${TEAM_REGISTRATION_SECRET}`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// The longest `ttl` a registration may ask for.
+    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// How many servers may be registered in the org at once.
+    #[serde(default = "default_max_servers")]
+    pub max_servers: usize,
+}
+
+impl fmt::Debug for RegistrationConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistrationConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("max_ttl", &self.max_ttl)
+            .field("max_servers", &self.max_servers)
+            .finish()
+    }
+}
+
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_max_servers() -> usize {
+    32
+}
+
+/// The shortest `ttl` a registration may ask for.
+pub const MIN_REGISTRATION_TTL: Duration = Duration::from_secs(1);
 
 /// A rate limit of an org (`orgs.<org>.rate_limits[]`): a rate and a
 /// burst (GCRA), for each subject, client or the org as a whole, on the
@@ -1160,21 +1235,79 @@ impl Config {
         if !problems.is_empty() {
             return Err(invalid(problems));
         }
+        Config::from_tree(tree).map_err(invalid)
+    }
+
+    /// The config of a tree whose `${NAME}` placeholders are expanded
+    /// already: deserialized and checked.
+    fn from_tree(tree: Value) -> Result<Config, Vec<Problem>> {
         let source = Source(tree.clone());
         let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
-            invalid(vec![Problem {
+            vec![Problem {
                 path: if path == "." { String::new() } else { path },
                 message: e.into_inner().to_string(),
-            }])
+            }]
         })?;
         config.source = source;
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)
         } else {
-            Err(invalid(problems))
+            Err(problems)
         }
+    }
+
+    /// This config with servers added to orgs' `servers` (registered
+    /// ones: org, name and the server's tree, taken as it is, without
+    /// `${NAME}` expansion), checked as a file is. A name the org has
+    /// already is not replaced: that is a problem too.
+    pub fn with_servers<'a>(
+        &self,
+        added: impl IntoIterator<Item = (&'a str, &'a str, &'a serde_json::Value)>,
+    ) -> Result<Config, Vec<Problem>> {
+        let mut tree = self.source.0.clone();
+        let mut problems = Vec::new();
+        for (org, name, server) in added {
+            let path = format!("orgs.{org}.servers.{name}");
+            let Some(servers) = tree
+                .get_mut("orgs")
+                .and_then(|orgs| orgs.get_mut(org))
+                .and_then(Value::as_mapping_mut)
+                .map(|org| {
+                    org.entry(Value::from("servers"))
+                        .or_insert_with(|| Value::Mapping(Default::default()))
+                })
+                .and_then(Value::as_mapping_mut)
+            else {
+                problems.push(Problem {
+                    path,
+                    message: format!("no org `{org}` with `servers`"),
+                });
+                continue;
+            };
+            let key = Value::from(name);
+            if servers.contains_key(&key) {
+                problems.push(Problem {
+                    path,
+                    message: format!("org `{org}` has a server `{name}` already"),
+                });
+                continue;
+            }
+            match yaml_serde::to_value(server) {
+                Ok(value) => {
+                    servers.insert(key, value);
+                }
+                Err(e) => problems.push(Problem {
+                    path,
+                    message: e.to_string(),
+                }),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Config::from_tree(tree)
     }
 
     /// The rules serde cannot express: every problem found, section by
@@ -1634,10 +1767,32 @@ impl OrgConfig {
                 "scopes can only be required of tokens: set `auth` to a mode other than `none`",
             );
         }
+        if let Some(registration) = &self.registration {
+            let mut at = at.sub("registration");
+            if self.upstream.is_some() {
+                at.bad_here(
+                    "servers register beside `servers`, not `upstream` (the one-server shorthand): move the upstream under `servers`",
+                );
+            }
+            if registration.secret.as_ref().is_some_and(|s| s.len() < 16) {
+                at.bad(
+                    "secret",
+                    "expected a secret of at least 16 characters (set it from the environment, e.g. `${TEAM_REGISTRATION_SECRET}`)",
+                );
+            }
+            at.between_1_and("max_servers", registration.max_servers, 1024);
+            if registration.max_ttl < MIN_REGISTRATION_TTL
+                || registration.max_ttl > Duration::from_secs(86_400)
+            {
+                at.bad("max_ttl", "expected between 1s and 24h");
+            }
+        }
         match (&self.upstream, self.servers.is_empty()) {
+            // Its servers may all register themselves.
+            (None, true) if self.registration.is_some() => self.servers_problems(sources, at),
             (None, true) => at.bad(
                 "upstream",
-                "expected `upstream` (the org's one server) or `servers` (several, by name)",
+                "expected `upstream` (the org's one server) or `servers` (several, by name), or `registration`",
             ),
             (Some(upstream), false) => {
                 at.bad(

@@ -62,9 +62,10 @@ mod params;
 mod policed;
 /// Rate limits.
 mod rated;
+/// A new config in place of the running one.
+mod registry;
 /// Where failures become responses.
 mod rejects;
-/// A new config in place of the running one.
 mod reload;
 /// The gateway's own requests to clients, waiting for answers.
 mod replies;
@@ -114,6 +115,8 @@ pub struct Gateway {
     live: arc_swap::ArcSwap<Live>,
     /// Reloads one at a time; the SIGHUP watcher waits on its `Notify`.
     reloads: reload::Reloads,
+    /// Servers registered through the admin API.
+    registry: registry::Registry,
     /// Validates tokens; `None` when no org needs it.
     pub validator: Option<Arc<ratatosk_auth::Validator>>,
     /// `config.public_url()`, computed once.
@@ -205,6 +208,11 @@ impl Gateway {
             None => (None, None, None),
         };
         let metrics = Arc::new(Metrics::new()?);
+        let registry = registry::Registry::new(
+            rates
+                .clone()
+                .map(|conn| (conn, config.sessions.key_prefix.as_str())),
+        );
         let rates = rates.map(|conn| {
             crate::ratelimit::SharedRates::new(conn, &config.sessions.key_prefix, &metrics)
         });
@@ -269,7 +277,8 @@ impl Gateway {
             draining: AtomicBool::new(false),
             started: std::time::Instant::now(),
             started_at: std::time::SystemTime::now(),
-            reloads: reload::Reloads::default(),
+            reloads: reload::Reloads::new(&config),
+            registry,
             live: arc_swap::ArcSwap::from_pointee(Live {
                 config,
                 routes,

@@ -75,6 +75,12 @@ pub struct Metrics {
     /// WebSocket connections closed, by org and close code (`client`,
     /// `client <code>` when the client closed, `gone` when it vanished).
     pub websocket_closes: IntCounterVec,
+    /// Servers registered through the admin API that the running config
+    /// serves, by org.
+    pub registered_servers: IntGaugeVec,
+    /// Registration requests answered here, by org and result
+    /// (`registered`, `renewed`, `updated`, `removed`, `refused`).
+    pub registrations: IntCounterVec,
     /// Sessions whose background upstream stream this node holds, by org.
     pub background_streams: IntGaugeVec,
     pub upstream_latency: HistogramVec,
@@ -165,6 +171,20 @@ impl Metrics {
                 "WebSocket connections closed, by org and close code (`client ...` when the client closed, `gone` when it vanished)",
             ),
             &["org", "code"],
+        )?;
+        let registered_servers = IntGaugeVec::new(
+            Opts::new(
+                "registered_servers",
+                "Servers registered through the admin API that the running config serves, by org",
+            ),
+            &["org"],
+        )?;
+        let registrations = IntCounterVec::new(
+            Opts::new(
+                "registrations_total",
+                "Server registration requests by org and result (registered, renewed, updated, removed, refused)",
+            ),
+            &["org", "result"],
         )?;
         let background_streams = IntGaugeVec::new(
             Opts::new(
@@ -327,6 +347,8 @@ impl Metrics {
         registry.register(Box::new(open_streams.clone()))?;
         registry.register(Box::new(websockets.clone()))?;
         registry.register(Box::new(websocket_closes.clone()))?;
+        registry.register(Box::new(registered_servers.clone()))?;
+        registry.register(Box::new(registrations.clone()))?;
         registry.register(Box::new(background_streams.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
@@ -340,6 +362,8 @@ impl Metrics {
             open_streams,
             websockets,
             websocket_closes,
+            registered_servers,
+            registrations,
             background_streams,
             upstream_latency,
             upstream_errors,

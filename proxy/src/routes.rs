@@ -214,17 +214,19 @@ impl Routes {
         metrics: &Metrics,
         issuers: crate::upstream::Issuers<'_>,
     ) -> Result<Routes, RoutesError> {
-        Self::reusing(config, metrics, issuers, &|_| None)
+        Self::reusing(config, metrics, issuers, &|_| None, &|_| None)
     }
 
     /// The same, except that a route `reuse` gives (by key) is taken as it
     /// is: a reload keeps the routes whose config did not change, with
-    /// their connections, probed era and replica health.
+    /// their connections, probed era and replica health; and an org's
+    /// rate limits that `reuse_rates` gives (by org), with their state.
     pub fn reusing(
         config: &crate::config::Config,
         metrics: &Metrics,
         issuers: crate::upstream::Issuers<'_>,
         reuse: &dyn Fn(&str) -> Option<Arc<OrgRoute>>,
+        reuse_rates: &dyn Fn(&str) -> Option<Arc<crate::ratelimit::RateLimits>>,
     ) -> Result<Routes, RoutesError> {
         let max_answer = config.limits.max_answer_bytes;
         let mut routes = Vec::new();
@@ -234,11 +236,10 @@ impl Routes {
             let rules = entries.iter().flat_map(|e| e.policy.iter());
             let offered =
                 crate::policy::offered_scopes(org.policy.iter().chain(rules), &org.scopes);
-            // A reload keeps an unchanged org's routes whole, and with them
-            // the state of its limits, which its federation shares.
-            let first = OrgRoute::key_of(name, entries.first().and_then(|e| e.name));
-            let rates = match reuse(&first) {
-                Some(route) => route.rates.clone(),
+            // A reload keeps the state of an org's limits, which all its
+            // routes and its federation share, while they are unchanged.
+            let rates = match reuse_rates(name) {
+                Some(rates) => rates,
                 None => Arc::new(
                     crate::ratelimit::RateLimits::new(name, &org.rate_limits, metrics)
                         .map_err(|e| RoutesError::RateLimit(name.clone(), e))?,
@@ -297,7 +298,9 @@ impl Routes {
                 }
                 routes.push(route);
             }
-            if !members.is_empty() {
+            // An org open to registration has its federated endpoint
+            // before any server registers.
+            if !members.is_empty() || org.registration.is_some() {
                 members.sort_by(|(a, _), (b, _)| a.name.cmp(&b.name));
                 let (members, prefixes) = members.into_iter().unzip();
                 federations.push(Federation {

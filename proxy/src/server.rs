@@ -829,6 +829,7 @@ impl BackgroundService for Housekeeping {
         tokio::spawn(async move { gateway.probe_eras().await });
         tokio::spawn(self.gateway.clone().watch_members());
         tokio::spawn(self.gateway.clone().watch_reloads());
+        tokio::spawn(self.gateway.clone().watch_registrations());
         let ttl = self.gateway.live().config.sessions.idle_ttl;
         let period = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
         loop {

@@ -1554,7 +1554,7 @@ fn template_matches(template: &str, uri: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::gateway) mod tests {
     use super::*;
     use crate::gateway::tests::{json_of, post_to, text_until};
     use crate::session::MemorySessionStore;
@@ -1563,7 +1563,7 @@ mod tests {
 
     /// A stateless server `name` with tools `x` and `y`, whose calls answer
     /// the tool's name and the server's.
-    async fn server(name: &'static str) -> testing::Stub {
+    pub(in crate::gateway) async fn server(name: &'static str) -> testing::Stub {
         testing::stub(move |body| {
             let id = testing::request_id(body);
             let text = String::from_utf8_lossy(body);

@@ -18,12 +18,12 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify};
 
+use super::registry::{Registrations, merged};
 use super::{Gateway, Live};
 use crate::config::{Config, ConfigError};
 use crate::routes::{Routes, RoutesError};
 
 /// What reloading needs besides the config: the file, and order.
-#[derive(Default)]
 pub(crate) struct Reloads {
     /// The file the config came from.
     file: OnceLock<PathBuf>,
@@ -31,6 +31,40 @@ pub(crate) struct Reloads {
     running: Mutex<()>,
     /// Set by SIGHUP; [`Gateway::watch_reloads`] waits on it.
     requested: Notify,
+    /// The config as the file gives it; the running one adds the
+    /// registered servers.
+    base: std::sync::Mutex<Arc<Config>>,
+    /// The registrations last applied, and those of them served.
+    registered: std::sync::Mutex<(Registrations, Registrations)>,
+}
+
+impl Reloads {
+    pub(crate) fn new(base: &Config) -> Reloads {
+        Reloads {
+            file: OnceLock::new(),
+            running: Mutex::default(),
+            requested: Notify::new(),
+            base: std::sync::Mutex::new(Arc::new(base.clone())),
+            registered: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The config as the file gives it.
+    pub(crate) fn base(&self) -> Arc<Config> {
+        self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The registrations last applied.
+    pub(crate) fn registered(&self) -> Registrations {
+        let kept = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        kept.0.clone()
+    }
+
+    /// The registered servers the running config serves.
+    pub(crate) fn served(&self) -> Registrations {
+        let kept = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        kept.1.clone()
+    }
 }
 
 /// Why a reload was refused. The running config stays.
@@ -136,16 +170,50 @@ impl Gateway {
     }
 
     /// Applies `config` (read from `file`, named in errors) in place of the
-    /// running one.
+    /// running one, with the registered servers that fit it.
     pub async fn reload(
         self: &Arc<Self>,
         config: Config,
         file: &Path,
     ) -> Result<Reloaded, ReloadError> {
+        self.apply(Some(config), None, file).await
+    }
+
+    /// Applies `registered` in place of the registrations served now.
+    pub(crate) async fn apply_registrations(
+        self: &Arc<Self>,
+        registered: Registrations,
+    ) -> Result<Reloaded, ReloadError> {
+        let file = self.reloads.file.get().cloned().unwrap_or_default();
+        self.apply(None, Some(registered), &file).await
+    }
+
+    /// Applies a new config file's config, or new registrations (what is
+    /// not given stays): the file's config plus the registered servers
+    /// that fit it.
+    async fn apply(
+        self: &Arc<Self>,
+        base: Option<Config>,
+        registered: Option<Registrations>,
+        file: &Path,
+    ) -> Result<Reloaded, ReloadError> {
         let _one_at_a_time = self.reloads.running.lock().await;
+        let from_file = base.is_some();
+        let base = base.map_or_else(|| self.reloads.base(), Arc::new);
+        let registered = registered.unwrap_or_else(|| self.reloads.registered());
+        let (config, served) = merged(&base, &registered);
         let prepared = self.prepare(config, file);
-        self.count_reload(prepared.is_ok());
+        if from_file {
+            self.count_reload(prepared.is_ok());
+        }
         let (next, mut done) = prepared?;
+        self.gauge_registered(&base, &served);
+        *self.reloads.base.lock().unwrap_or_else(|e| e.into_inner()) = base;
+        *self
+            .reloads
+            .registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = (registered, served);
         // The removed routes' sessions end while those routes still run, so
         // their upstream sessions are closed and they are counted out. (A
         // session opened on one of them meanwhile ends at its idle expiry.)
@@ -176,16 +244,29 @@ impl Gateway {
             .into());
         }
         let unchanged = |org: &str| old.config.source.of_org(org) == config.source.of_org(org);
+        // A route is kept while what it is built from is unchanged, though
+        // other servers of its org came or went.
         let reuse = |key: &str| {
             let route = old.routes.org(key)?;
-            unchanged(&route.name).then(|| route.clone())
+            let (org, server) = (&*route.name, route.server_name.as_deref());
+            (old.config.source.of_route(org, server) == config.source.of_route(org, server))
+                .then(|| route.clone())
         };
-        let routes =
-            Routes::reusing(&config, &self.metrics, self.issuers(), &reuse).map_err(|source| {
-                ReloadError::Routes {
-                    file: file.to_owned(),
-                    source,
-                }
+        let reuse_rates = |org: &str| {
+            let at = ["orgs", org, "rate_limits"];
+            if old.config.source.at(&at) != config.source.at(&at) {
+                return None;
+            }
+            let front = match old.routes.federation(org) {
+                Some(federation) => &federation.front,
+                None => &old.routes.of_org(org).next()?.front,
+            };
+            Some(front.rates.clone())
+        };
+        let routes = Routes::reusing(&config, &self.metrics, self.issuers(), &reuse, &reuse_rates)
+            .map_err(|source| ReloadError::Routes {
+                file: file.to_owned(),
+                source,
             })?;
         // Keyed by kind too: an org that goes from one upstream to
         // `servers` (or back) has other sessions under the same key.
