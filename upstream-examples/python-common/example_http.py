@@ -1,6 +1,7 @@
 """What the Python example upstreams share: header and event recording for
 the tests, the `confirm` schema, logging, and serving on a socket of their
-own with one READY line.
+own with one READY line (and, with RATATOSK_REGISTER_URL, registered with
+the gateway while serving: see register.py).
 
 Imported by python-fastmcp/server.py and python-modern/server.py, which put
 this folder on sys.path; it needs only uvicorn and starlette, which both of
@@ -22,6 +23,8 @@ from typing import Any
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from register import Registration, registration_from_env
 
 MCP_PATH = "/mcp"
 DEBUG_HEADERS_PATH = "/debug/headers"
@@ -109,17 +112,38 @@ async def serve(app: Any, host: str, port: int, name: str) -> None:
     tls = {"ssl_certfile": cert, "ssl_keyfile": key} if cert and key else {}
     scheme = "https" if tls else "http"
     config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2, **tls)
-    server = uvicorn.Server(config)
+    server = _Server(config)
+
+    url = f"{scheme}://{host}:{port}{MCP_PATH}"
+    # With RATATOSK_REGISTER_URL, registered with the gateway while it runs.
+    registration = server.registration = registration_from_env(url)
 
     async def announce() -> None:
         while not server.started:
             if server.should_exit:
                 return
             await asyncio.sleep(0.01)
-        print(f"READY {name} url={scheme}://{host}:{port}{MCP_PATH} pid={os.getpid()}", flush=True)
+        print(f"READY {name} url={url} pid={os.getpid()}", flush=True)
+        if registration is not None:
+            registration.start()
 
     ann = asyncio.create_task(announce())
     try:
         await server.serve(sockets=[sock])
     finally:
         ann.cancel()
+        if registration is not None:
+            await registration.stop()
+
+
+class _Server(uvicorn.Server):
+    """Leaves the gateway before it stops serving: after a signal,
+    uvicorn raises the signal again once `serve` returns, so nothing after
+    it runs."""
+
+    registration: Registration | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.registration is not None:
+            await self.registration.stop()
+        await super().shutdown(sockets)

@@ -39,6 +39,9 @@ pub enum Notice {
         hold: String,
         body: String,
     },
+    /// A server registered, changed or left: read the registrations
+    /// again now, not at the next poll.
+    Registrations,
     /// Node `node`'s answer to its [`Notice::Resume`] `token`.
     Resumed {
         node: u32,
@@ -171,6 +174,13 @@ impl BusHandler for Gateway {
                 }
             }
             Notice::Relisten { session } => self.reopen_listener(&session),
+            Notice::Registrations => {
+                tokio::spawn(async move {
+                    if let Err(e) = self.sync_registrations().await {
+                        tracing::error!("registered servers changed, but cannot be applied: {e}");
+                    }
+                });
+            }
             Notice::Hold {
                 node,
                 session,

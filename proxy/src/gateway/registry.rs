@@ -6,7 +6,7 @@
 //! The registrations are kept in the session store's place: in memory, or
 //! in Redis (one hash per org, each entry's expiry taken from Redis's
 //! clock), so that every node serves them. Each node reads them again
-//! every [`POLL`] (and at once after a change it made) and, when they
+//! every [`POLL`] (and at once when a node tells of a change) and, when they
 //! changed, applies its config file's config plus the registered servers
 //! as a reload does: the org's federated endpoint gains or loses them,
 //! and its sessions are told that the lists changed. A registration that
@@ -587,14 +587,8 @@ impl Gateway {
         };
         self.count_registration(org, result);
         if !unchanged {
-            // Served here before the answer; other nodes within POLL.
-            if let Err(e) = self.sync_registrations().await {
-                tracing::error!(
-                    org,
-                    server = name,
-                    "a registration was stored but not applied: {e}"
-                );
-            }
+            // Served here before the answer.
+            self.registrations_changed(org, name).await;
         }
         tracing::info!(org, server = name, ttl = ?ttl, result, "server registration");
         let base_url = format!("{}{}/{org}", self.public_url, base.base_path);
@@ -637,14 +631,23 @@ impl Gateway {
         }
         self.count_registration(org, "removed");
         tracing::info!(org, server = name, "server deregistered");
+        self.registrations_changed(org, name).await;
+        Ok(())
+    }
+
+    /// A registration of `org` changed here: applied on this node, and the
+    /// other nodes told to read them now (not at their next poll).
+    async fn registrations_changed(self: &Arc<Self>, org: &str, name: &str) {
+        if let Some(events) = self.hub.events() {
+            super::bus::Notice::Registrations.send(events);
+        }
         if let Err(e) = self.sync_registrations().await {
             tracing::error!(
                 org,
                 server = name,
-                "a removal was stored but not applied: {e}"
+                "a registration changed but cannot be applied: {e}"
             );
         }
-        Ok(())
     }
 
     /// `GET /orgs/{org}/servers`: the config file's servers and the

@@ -223,7 +223,9 @@ impl Gateway {
         let live = Arc::new(next);
         self.live.store(live.clone());
         self.metrics.config_generation.set(done.generation as i64);
-        self.warn_about_unsafe_settings();
+        if from_file {
+            self.warn_about_unsafe_settings();
+        }
         let changed: BTreeSet<&str> = done.changed.iter().map(|key| org_of(key)).collect();
         for org in changed {
             self.tell_lists_changed(&live, org).await;
