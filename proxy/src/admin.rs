@@ -480,4 +480,71 @@ mod tests {
         assert!(row.contains("no replica of org"), "{row}");
         assert!(row.contains("failing-request"), "{row}");
     }
+
+    #[tokio::test]
+    async fn the_registration_api_takes_the_admin_secret_or_the_orgs_own() {
+        const TEAM_SECRET: &str = "team-registration-secret";
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\npublish: {{secret: {SECRET}}}\n\
+             orgs:\n  team: {{registration: {{secret: {TEAM_SECRET}}}}}\n\
+             \x20 other: {{registration: {{}}}}\n"
+        );
+        let config =
+            Config::from_yaml(&yaml, std::path::Path::new("unit.yaml"), &|_| None).expect("config");
+        let gw = Gateway::new(config, Arc::new(MemorySessionStore::new())).expect("gateway");
+        let call =
+            |method: Method, path: &'static str, secret: Option<&str>, body: &'static str| {
+                let gw = gw.clone();
+                let mut headers = HeaderMap::new();
+                if let Some(secret) = secret {
+                    let value = HeaderValue::from_str(&format!("Bearer {secret}")).expect("header");
+                    headers.insert(header::AUTHORIZATION, value);
+                }
+                async move {
+                    let r = handle(&gw, &method, path, &headers, Bytes::from(body)).await;
+                    (r.status.as_u16(), text(&r))
+                }
+            };
+        let ok = r#"{"upstream":{"era":"stateless-2025","replicas":["http://127.0.0.1:1/mcp"]},"ttl":"30s"}"#;
+        for (secret, path, status) in [
+            (None, "/orgs/team/servers/a", 401),
+            (
+                Some("wrong-secret-wrong-secret"),
+                "/orgs/team/servers/a",
+                401,
+            ),
+            // The org's secret is for its own org only.
+            (Some(TEAM_SECRET), "/orgs/other/servers/a", 401),
+            (Some(TEAM_SECRET), "/orgs/team/servers/a", 201),
+            (Some(SECRET), "/orgs/team/servers/a", 200),
+            (Some(SECRET), "/orgs/other/servers/a", 201),
+        ] {
+            let (got, text) = call(Method::PUT, path, secret, ok).await;
+            assert_eq!(got, status, "{secret:?} {path}: {text}");
+            if status == 401 {
+                assert!(text.contains("registration secret"), "{text}");
+            }
+        }
+        let (got, text) = call(Method::GET, "/orgs/team/servers", Some(TEAM_SECRET), "").await;
+        assert_eq!(got, 200, "{text}");
+        assert!(text.contains(r#""name":"a""#), "{text}");
+        let (got, _) = call(Method::POST, "/orgs/team/servers/a", Some(SECRET), "").await;
+        assert_eq!(got, 405);
+        let (got, text) = call(
+            Method::DELETE,
+            "/orgs/team/servers/a",
+            Some(TEAM_SECRET),
+            "",
+        )
+        .await;
+        assert_eq!(got, 204, "{text}");
+        let (got, _) = call(
+            Method::DELETE,
+            "/orgs/team/servers/a",
+            Some(TEAM_SECRET),
+            "",
+        )
+        .await;
+        assert_eq!(got, 404);
+    }
 }
