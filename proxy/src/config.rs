@@ -879,19 +879,173 @@ impl fmt::Display for Rate {
     }
 }
 
-/// One of an org's servers (`orgs.<org>.servers.<name>`).
+/// One of an org's servers (`orgs.<org>.servers.<name>`): an MCP
+/// `upstream`, or a REST API described by an `openapi` document, which
+/// the gateway serves as an MCP server of its own.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawOrgServerConfig")]
 pub struct OrgServerConfig {
+    /// For an `openapi` server, made from it: `stateless-2025`, its
+    /// timeouts, TLS and credentials, and the API's URL as the replica
+    /// (which the federation's watch checks).
     pub upstream: UpstreamConfig,
+    pub openapi: Option<OpenApiConfig>,
+    pub prefix: Option<String>,
+    pub policy: Vec<PolicyRule>,
+}
+
+/// `orgs.<org>.servers.<name>` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrgServerConfig {
+    #[serde(default)]
+    upstream: Option<UpstreamConfig>,
+    #[serde(default)]
+    openapi: Option<OpenApiConfig>,
     /// What its tools, prompts and resource templates are prefixed with
     /// on the federated endpoint (then the separator). Default: the
     /// server's name; `""` for none.
     #[serde(default)]
-    pub prefix: Option<String>,
+    prefix: Option<String>,
     /// Rules for this server alone, beside the org's.
     #[serde(default)]
-    pub policy: Vec<PolicyRule>,
+    policy: Vec<PolicyRule>,
+}
+
+impl TryFrom<RawOrgServerConfig> for OrgServerConfig {
+    type Error = String;
+
+    fn try_from(raw: RawOrgServerConfig) -> Result<OrgServerConfig, String> {
+        let upstream = match (raw.upstream, &raw.openapi) {
+            (Some(upstream), None) => upstream,
+            (None, Some(openapi)) => openapi.as_upstream(),
+            (None, None) => {
+                return Err("expected `upstream` (an MCP server) or `openapi` (a REST API)".into());
+            }
+            (Some(_), Some(_)) => {
+                return Err("give either `upstream` or `openapi`, not both".into());
+            }
+        };
+        Ok(OrgServerConfig {
+            upstream,
+            openapi: raw.openapi,
+            prefix: raw.prefix,
+            policy: raw.policy,
+        })
+    }
+}
+
+/// A REST API served as MCP tools (`orgs.<org>.servers.<name>.openapi`):
+/// each allowed operation of its OpenAPI 3.0 or 3.1 document is a tool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenApiConfig {
+    /// The document: an `http://` or `https://` URL (read when the server
+    /// is first used), or a file.
+    pub spec: String,
+    /// The API's URL, which operations' paths follow. Default: the
+    /// document's first `servers` URL, relative to the document's URL;
+    /// without one, the document's origin. Required when `spec` is a file.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The operation ids served (globs: `list*`). Nothing else is.
+    pub operations: Vec<String>,
+    /// Longest wait for the API's answer.
+    #[serde(default = "default_openapi_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// For `https://` APIs, as `upstream.tls`.
+    #[serde(default)]
+    pub tls: Option<ratatosk_auth::tls::ClientTls>,
+    /// How the gateway authenticates to the API, as `upstream.auth`: the
+    /// credential's header goes on every call.
+    #[serde(default)]
+    pub auth: UpstreamAuth,
+}
+
+impl OpenApiConfig {
+    fn problems(&self, at: &mut Section) {
+        if self.spec_is_url() {
+            if let Err(e) = Url::parse(&self.spec) {
+                at.bad("spec", format!("not a URL: {e}"));
+            }
+        } else if self.spec.is_empty() {
+            at.bad("spec", "expected the OpenAPI document's URL or file");
+        } else {
+            if self.base_url.is_none() {
+                at.bad(
+                    "base_url",
+                    "required when `spec` is a file: the API's URL, like `https://api.example.com/v1`",
+                );
+            }
+            if let Err(e) = std::fs::metadata(&self.spec) {
+                at.bad("spec", format!("cannot read `{}`: {e}", self.spec));
+            }
+        }
+        if let Some(base) = &self.base_url {
+            match Url::parse(base) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => at.bad(
+                    "base_url",
+                    format!("expected an http:// or https:// URL, got `{base}`"),
+                ),
+            }
+        }
+        if self.operations.is_empty() {
+            at.bad(
+                "operations",
+                "expected the operation ids to serve (globs like `list*`); nothing else is served",
+            );
+        }
+        for (i, op) in self.operations.iter().enumerate() {
+            if let Err(e) = globset::Glob::new(op) {
+                at.bad(&format!("operations[{i}]"), format!("not a glob: {e}"));
+            }
+        }
+        at.duration("timeout", self.timeout, Some("30s"));
+        at.duration("connect_timeout", self.connect_timeout, Some("2s"));
+    }
+}
+
+fn default_openapi_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl OpenApiConfig {
+    /// Whether `spec` names a URL (not a file).
+    pub fn spec_is_url(&self) -> bool {
+        self.spec.starts_with("http://") || self.spec.starts_with("https://")
+    }
+
+    /// The upstream the gateway's routes see: `stateless-2025`, served
+    /// in-process; its replica names the API (`base_url`, or the
+    /// document's origin).
+    fn as_upstream(&self) -> UpstreamConfig {
+        let replica = match &self.base_url {
+            Some(url) => url.clone(),
+            None => Url::parse(&self.spec)
+                .map(|u| u.origin().ascii_serialization())
+                .unwrap_or_default(),
+        };
+        UpstreamConfig {
+            era: Era::Stateless2025,
+            replicas: if replica.is_empty() {
+                Vec::new()
+            } else {
+                vec![replica]
+            },
+            // Beyond the API's own timeout: the call's error is the
+            // server's, not the pool's.
+            timeout: self.timeout + Duration::from_secs(5),
+            max_duration: default_max_duration().max(self.timeout + Duration::from_secs(5)),
+            connect_timeout: self.connect_timeout,
+            eject_for: default_eject_for(),
+            max_input_rounds: default_max_input_rounds(),
+            tls: self.tls.clone(),
+            auth: self.auth.clone(),
+        }
+    }
 }
 
 /// Path segments that name endpoints, which servers may not be named.
@@ -915,6 +1069,8 @@ pub struct ServerEntry<'a> {
     pub prefix: &'a str,
     /// The server's own policy rules (the org's apply too).
     pub policy: &'a [PolicyRule],
+    /// A REST API the gateway serves as this MCP server.
+    pub openapi: Option<&'a OpenApiConfig>,
 }
 
 impl OrgConfig {
@@ -926,6 +1082,7 @@ impl OrgConfig {
                 upstream,
                 prefix: "",
                 policy: &[],
+                openapi: None,
             }];
         }
         self.servers
@@ -935,6 +1092,7 @@ impl OrgConfig {
                 upstream: &s.upstream,
                 prefix: s.prefix.as_deref().unwrap_or(name),
                 policy: &s.policy,
+                openapi: s.openapi.as_ref(),
             })
             .collect()
     }
@@ -1973,7 +2131,17 @@ impl OrgConfig {
                     "prefix `{prefix}` is also server `{other}`'s: each server needs its own"
                 ));
             }
-            server.upstream.problems(sources, &mut at.sub("upstream"));
+            match &server.openapi {
+                None => server.upstream.problems(sources, &mut at.sub("upstream")),
+                Some(openapi) => {
+                    let mut at = at.sub("openapi");
+                    openapi.problems(&mut at);
+                    if !server.upstream.replicas.is_empty() {
+                        // Its auth, as an upstream's.
+                        server.upstream.problems(sources, &mut at);
+                    }
+                }
+            }
         }
     }
 }

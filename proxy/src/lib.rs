@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod holds;
 pub mod jsonrpc;
 pub mod metrics;
+pub mod openapi;
 pub mod ratelimit;
 pub use ratatosk_auth::policy;
 pub mod routes;

@@ -152,10 +152,26 @@ impl ServerRoute {
         metrics: &Metrics,
         credentials: crate::upstream::Credentials,
     ) -> Result<ServerRoute, PoolError> {
+        Self::serving(org, config, max_answer_bytes, metrics, credentials, None)
+    }
+
+    /// The same, its requests served in-process by `local` if given (an
+    /// `openapi` server).
+    pub fn serving(
+        org: &str,
+        config: &UpstreamConfig,
+        max_answer_bytes: usize,
+        metrics: &Metrics,
+        credentials: crate::upstream::Credentials,
+        local: Option<Arc<dyn crate::upstream::LocalServer>>,
+    ) -> Result<ServerRoute, PoolError> {
         let era = Arc::new(UpstreamEra::new(org, config.era, metrics));
-        let pool = Pool::new(org, config, max_answer_bytes, metrics)?
+        let mut pool = Pool::new(org, config, max_answer_bytes, metrics)?
             .with_credentials(credentials)
             .with_era(era.clone());
+        if let Some(local) = local {
+            pool = pool.with_local(local);
+        }
         Ok(ServerRoute {
             era,
             max_input_rounds: config.max_input_rounds,
@@ -184,6 +200,8 @@ pub enum RoutesError {
     Policy(Arc<str>, globset::Error),
     #[error("route '{0}': upstream.auth: {1}")]
     Credentials(Arc<str>, String),
+    #[error("route '{0}': openapi.{1}")]
+    OpenApi(Arc<str>, String),
     #[error("org '{0}': {1}")]
     RateLimit(String, crate::ratelimit::RateLimitError),
 }
@@ -270,12 +288,21 @@ impl Routes {
                             issuers,
                         )
                         .map_err(|e| RoutesError::Credentials(key.clone(), e))?;
-                        let server = ServerRoute::new(
+                        let local = match entry.openapi {
+                            Some(openapi) => Some(Arc::new(
+                                crate::openapi::OpenApiServer::new(&key, openapi, max_answer)
+                                    .map_err(|e| RoutesError::OpenApi(key.clone(), e))?,
+                            )
+                                as Arc<dyn crate::upstream::LocalServer>),
+                            None => None,
+                        };
+                        let server = ServerRoute::serving(
                             &key,
                             entry.upstream,
                             max_answer,
                             metrics,
                             credentials,
+                            local,
                         )
                         .map_err(|e| RoutesError::Pool(key.clone(), e))?;
                         let rules = org.policy.iter().chain(entry.policy);

@@ -27,7 +27,7 @@ mod forwarding;
 mod probe;
 mod reader;
 
-pub use conn::{Response, SendError};
+pub use conn::{Client, Response, SendError, Target};
 pub use credentials::{Cause, CredentialError, Credentials, Issuers};
 pub use forwarding::*;
 pub use probe::{ProbeError, UpstreamEra};
@@ -130,6 +130,22 @@ pub struct Pool {
     credentials: Credentials,
     /// The era the server speaks, for traces (set once the route is built).
     era: std::sync::OnceLock<Arc<probe::UpstreamEra>>,
+    /// A server the gateway runs itself (an `openapi` server): requests
+    /// go to it in-process, not to the replicas, which only name it.
+    local: Option<Arc<dyn LocalServer>>,
+}
+
+/// An MCP server the gateway runs in-process (stateless, as a
+/// `stateless-2025` upstream): it takes the request a replica would
+/// (credentials applied) and answers as one would.
+#[async_trait::async_trait]
+pub trait LocalServer: Send + Sync {
+    async fn serve(
+        &self,
+        method: http::Method,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<conn::Response, SendError>;
 }
 
 /// A replica chosen for one request. It counts as outstanding until dropped.
@@ -242,7 +258,14 @@ impl Pool {
             connect_timeout: cfg.connect_timeout,
             credentials: Credentials::None,
             era: std::sync::OnceLock::new(),
+            local: None,
         })
+    }
+
+    /// This pool, with its requests served by `local`.
+    pub fn with_local(mut self, local: Arc<dyn LocalServer>) -> Pool {
+        self.local = Some(local);
+        self
     }
 
     /// This pool, with `credentials` on every request.
@@ -460,9 +483,16 @@ impl Pool {
         let index = lease.index;
         let replica = &self.replicas[index];
         let started = Instant::now();
-        let request = self
-            .client
-            .send(index, &replica.target, method, headers, body);
+        let request = async {
+            match &self.local {
+                Some(local) => local.serve(method, headers, body).await,
+                None => {
+                    self.client
+                        .send(index, &replica.target, method, headers, body)
+                        .await
+                }
+            }
+        };
         let response = match tokio::time::timeout(self.read_limits.timeout, request).await {
             Err(_) => {
                 replica.err_timeout.inc();

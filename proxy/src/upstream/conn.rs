@@ -285,7 +285,8 @@ impl Client {
                     return Ok(Response {
                         status,
                         session: Some(session),
-                        home: (self.idle.clone(), index),
+                        home: Some((self.idle.clone(), index)),
+                        memory: None,
                     });
                 }
                 None => return Err(SendError::Failed("an answer without a status".into())),
@@ -315,16 +316,32 @@ type Stream = pingora_core::protocols::Stream;
 pub struct Response {
     status: StatusCode,
     session: Option<Box<HttpSession>>,
-    home: (Arc<IdleLists>, usize),
+    home: Option<(Arc<IdleLists>, usize)>,
+    /// An answer made in-process (an `openapi` server's): its headers,
+    /// and its body until read.
+    memory: Option<Box<(HeaderMap, Option<Bytes>)>>,
 }
 
 impl Response {
+    /// An answer made in-process, not read from a connection.
+    pub fn in_memory(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response {
+        Response {
+            status,
+            session: None,
+            home: None,
+            memory: Some(Box::new((headers, Some(body)))),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         self.status
     }
 
     /// A header of the answer (`None` too once the body has been read).
     pub fn header(&self, name: impl header::AsHeaderName) -> Option<&HeaderValue> {
+        if let Some(memory) = &self.memory {
+            return memory.0.get(name);
+        }
         self.session.as_ref()?.get_header(name)
     }
 
@@ -338,6 +355,9 @@ impl Response {
 
     /// The next piece of the body, or `None` at its end.
     pub async fn chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        if let Some(memory) = self.memory.as_mut() {
+            return Ok(memory.1.take().filter(|b| !b.is_empty()));
+        }
         let Some(session) = self.session.as_mut() else {
             return Ok(None);
         };
@@ -379,8 +399,9 @@ impl Response {
             return;
         }
         session.respect_keepalive();
-        if session.will_keepalive() {
-            let (lists, index) = &self.home;
+        if session.will_keepalive()
+            && let Some((lists, index)) = &self.home
+        {
             lists.put(*index, session.into_inner());
         }
     }
