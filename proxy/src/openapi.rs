@@ -84,6 +84,18 @@ impl Api {
         allowed: &globset::GlobSet,
         base_url: Option<&str>,
     ) -> Result<Api, String> {
+        Self::parse_with(text, source, allowed, base_url, None)
+    }
+
+    /// The same; a header parameter named `credential` (the header the
+    /// gateway's `auth` sets) is left out of the tools' arguments.
+    pub fn parse_with(
+        text: &str,
+        source: Option<&url::Url>,
+        allowed: &globset::GlobSet,
+        base_url: Option<&str>,
+        credential: Option<&http::HeaderName>,
+    ) -> Result<Api, String> {
         let mut doc: Value =
             yaml_serde::from_str(text).map_err(|e| format!("not JSON or YAML: {e}"))?;
         let version = doc
@@ -121,7 +133,15 @@ impl Api {
             }
             let name = tool_name(id);
             let item = spec.paths.as_ref().and_then(|p| p.get(&path));
-            match operation(&spec, &components, item, &path, method, op, &name) {
+            match operation(
+                &spec,
+                &components,
+                item,
+                (&path, method),
+                op,
+                &name,
+                credential,
+            ) {
                 Ok(operation) => {
                     operations.insert(name, operation);
                 }
@@ -202,10 +222,10 @@ fn operation(
     spec: &oas3::Spec,
     components: &Map<String, Value>,
     item: Option<&oas3::spec::PathItem>,
-    path: &str,
-    method: http::Method,
+    (path, method): (&str, http::Method),
     op: &oas3::spec::Operation,
     name: &str,
+    credential: Option<&http::HeaderName>,
 ) -> Result<Operation, String> {
     // The path's parameters, then the operation's, which override them.
     let mut params: Vec<oas3::spec::Parameter> = Vec::new();
@@ -232,6 +252,16 @@ fn operation(
             // Cookies are the caller's business, not a tool's.
             ParameterIn::Cookie => continue,
         };
+        // What the gateway sets, a caller does not (OpenAPI ignores these
+        // three header parameters; the credential is the server's).
+        if location == In::Header {
+            let lower = p.name.to_ascii_lowercase();
+            let reserved = ["accept", "content-type", "authorization"].contains(&lower.as_str())
+                || credential.is_some_and(|c| c.as_str() == lower);
+            if reserved {
+                continue;
+            }
+        }
         let mut schema = match &p.schema {
             Some(s) => serde_json::to_value(s).map_err(|e| e.to_string())?,
             None => json!({"type": "string"}),
@@ -327,7 +357,8 @@ fn operation(
         let mut out = if wraps {
             json!({"type": "object", "properties": {"result": schema}, "required": ["result"]})
         } else {
-            schema
+            // MCP wants `type: object` at the top, not a `$ref` to it.
+            object_at_top(schema, &output_defs)
         };
         if !output_defs.is_empty()
             && let Some(obj) = out.as_object_mut()
@@ -393,6 +424,34 @@ fn is_object_schema(schema: &Value, defs: &Map<String, Value>) -> bool {
         Some(_) => false,
         None => schema.get("properties").is_some(),
     }
+}
+
+/// An object schema with `type: object` at its top: a `$ref` there is
+/// replaced by what it refers to.
+fn object_at_top(schema: Value, defs: &Map<String, Value>) -> Value {
+    let mut out = match schema
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| r.strip_prefix("#/$defs/"))
+        .and_then(|name| defs.get(name))
+    {
+        Some(Value::Object(target)) => {
+            let mut merged = target.clone();
+            if let Value::Object(own) = &schema {
+                for (k, v) in own {
+                    if k != "$ref" {
+                        merged.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            Value::Object(merged)
+        }
+        _ => schema,
+    };
+    if let Some(obj) = out.as_object_mut() {
+        obj.insert("type".into(), json!("object"));
+    }
+    out
 }
 
 /// `#/components/schemas/X` becomes `#/$defs/X`; the names are noted.

@@ -1711,4 +1711,84 @@ pub(in crate::gateway) mod tests {
             (response, Some("7".into()))
         );
     }
+
+    #[tokio::test]
+    async fn an_openapi_server_joins_its_orgs_federated_endpoint() {
+        use crate::edge::ResponseBody;
+        // A REST API with one operation; it says which key it got.
+        let api = testing::full_stub(|head, _| {
+            let line = head.lines().next().unwrap_or_default().to_owned();
+            let reply = |body: String| testing::Reply::new(200, "application/json", body);
+            if line.starts_with("get /openapi.json") {
+                return reply(r#"{"openapi":"3.1.0","info":{"title":"t","version":"1"},"paths":{"/items/{item_id}":{"get":{"operationId":"getItem","parameters":[{"name":"item_id","in":"path","required":true,"schema":{"type":"integer"}}],"responses":{"200":{"description":"ok"}}}}}}"#.into());
+            }
+            let key = head.lines().find_map(|l| l.strip_prefix("x-api-key: ")).unwrap_or("none");
+            reply(format!(r#"{{"id":7,"key":"{key}"}}"#))
+        })
+        .await;
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:2\npublish: {{secret: unit-test-secret-0123}}\n\
+             orgs:\n  team:\n    servers:\n      items:\n        openapi: {{spec: 'http://{}/openapi.json', operations: [getItem], \
+             auth: {{mode: static, header: x-api-key, value: from-config}}}}\n",
+            api.addr
+        );
+        let config =
+            crate::config::Config::from_yaml(&yaml, std::path::Path::new("unit.yaml"), &|_| None)
+                .expect("config");
+        let gw = Gateway::new(config, Arc::new(crate::session::MemorySessionStore::new()))
+            .expect("gateway");
+        let post = |body: String, sid: Option<String>| {
+            let gw = gw.clone();
+            async move {
+                let mut headers = vec![
+                    ("content-type", "application/json"),
+                    ("accept", "application/json, text/event-stream"),
+                ];
+                let sid = sid.unwrap_or_default();
+                if !sid.is_empty() {
+                    headers.push(("mcp-session-id", sid.as_str()));
+                    headers.push(("mcp-protocol-version", "2025-06-18"));
+                }
+                let r = gw
+                    .handle(testing::request(
+                        http::Method::POST,
+                        "/team/mcp",
+                        &headers,
+                        body,
+                    ))
+                    .await;
+                let sid = r
+                    .headers
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = match r.body {
+                    ResponseBody::Full(b) => {
+                        serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null)
+                    }
+                    _ => Value::Null,
+                };
+                (sid, body)
+            }
+        };
+        let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"unit","version":"1"}}}"#;
+        let (sid, answer) = post(init.into(), None).await;
+        assert_eq!(
+            answer["result"]["protocolVersion"], "2025-06-18",
+            "{answer}"
+        );
+        let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#.to_owned();
+        let (_, answer) = post(list, sid.clone()).await;
+        assert_eq!(
+            answer["result"]["tools"][0]["name"], "items__getItem",
+            "{answer}"
+        );
+        let call = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"items__getItem","arguments":{"item_id":7}}}"#;
+        let (_, answer) = post(call.into(), sid).await;
+        // The API got the server's credential, not the caller's.
+        assert_eq!(
+            answer["result"]["structuredContent"]["key"], "from-config",
+            "{answer}"
+        );
+    }
 }

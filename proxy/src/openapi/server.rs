@@ -162,11 +162,12 @@ impl OpenApiServer {
                 .map_err(|e| e.to_string())?;
             (text, None)
         };
-        let api = Api::parse(
+        let api = Api::parse_with(
             &text,
             source.as_ref(),
             &self.allowed,
             self.config.base_url.as_deref(),
+            self.credential.as_ref(),
         )?;
         Ok(std::sync::Arc::new(api))
     }
