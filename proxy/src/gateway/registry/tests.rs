@@ -342,3 +342,77 @@ fn registration_sits_beside_servers_only() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn in_redis_registrations_are_shared_and_expire_by_redis_time() {
+    let redis = crate::testing::RedisServer::start().await;
+    let node = || {
+        let conn = crate::session::redis::connection(&redis.url()).expect("redis");
+        Registry::new(Some((conn, "t:")))
+    };
+    let (a, b) = (node(), node());
+    let server =
+        serde_json::json!({"upstream": {"era": "auto", "replicas": ["http://127.0.0.1:1/mcp"]}});
+    assert!(
+        a.put("team", "one", &server, Duration::from_secs(30), 2)
+            .await
+            .expect("put")
+    );
+    assert!(
+        !b.put("team", "one", &server, Duration::from_secs(30), 2)
+            .await
+            .expect("renewed")
+    );
+    assert!(
+        b.put("team", "two", &server, Duration::from_millis(1500), 2)
+            .await
+            .expect("put")
+    );
+    // The org's most: a third is refused, a renewal is not.
+    assert!(matches!(
+        a.put("team", "three", &server, Duration::from_secs(30), 2)
+            .await,
+        Err(RegistryError::Full)
+    ));
+    assert!(
+        !a.put("team", "two", &server, Duration::from_millis(1500), 2)
+            .await
+            .expect("renewed")
+    );
+    // Another org counts its own.
+    assert!(
+        a.put("other", "one", &server, Duration::from_secs(30), 2)
+            .await
+            .expect("put")
+    );
+    let listed = b.list("team").await.expect("list");
+    let names: Vec<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["one", "two"]);
+    assert_eq!(*listed[0].server, server);
+    assert!(
+        listed[0].expires_in > Duration::from_secs(28),
+        "{:?}",
+        listed[0].expires_in
+    );
+    // Not renewed: gone for every node after its ttl, and its place free.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.list("team").await.expect("list").len() == 2 {
+        assert!(Instant::now() < deadline, "`two` did not expire");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        b.put("team", "three", &server, Duration::from_secs(30), 2)
+            .await
+            .expect("put")
+    );
+    assert!(a.remove("team", "one").await.expect("removed"));
+    assert!(!b.remove("team", "one").await.expect("gone already"));
+    let names: Vec<String> = a
+        .list("team")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(names, ["three"]);
+}
