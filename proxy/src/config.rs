@@ -1035,10 +1035,10 @@ impl OpenApiConfig {
             } else {
                 vec![replica]
             },
-            // Beyond the API's own timeout: the call's error is the
-            // server's, not the pool's.
-            timeout: self.timeout + Duration::from_secs(5),
-            max_duration: default_max_duration().max(self.timeout + Duration::from_secs(5)),
+            // Beyond the API's own timeouts (the document's read, then
+            // the call): the call's error is the server's, not the pool's.
+            timeout: self.timeout * 2 + Duration::from_secs(5),
+            max_duration: default_max_duration().max(self.timeout * 2 + Duration::from_secs(5)),
             connect_timeout: self.connect_timeout,
             eject_for: default_eject_for(),
             max_input_rounds: default_max_input_rounds(),

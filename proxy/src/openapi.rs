@@ -183,12 +183,23 @@ fn base_of(
         (None, None) => return Err("no `base_url`, and the document names no server".into()),
     };
     let base = base.map_err(|e| format!("the document's server URL: {e}"))?;
-    match base.scheme() {
-        "http" | "https" => Ok(base),
-        other => Err(format!(
-            "the document's server URL `{base}` is `{other}:`, not http or https; set `base_url`"
-        )),
+    if !matches!(base.scheme(), "http" | "https") {
+        return Err(format!(
+            "the document's server URL `{base}` is `{}:`, not http or https; set `base_url`",
+            base.scheme()
+        ));
     }
+    // The server's credential goes where the operator said, not where a
+    // document names.
+    if let Some(source) = source
+        && source.origin() != base.origin()
+    {
+        return Err(format!(
+            "the document names a server at another origin ({}) than its own; set `base_url` to call it",
+            base.origin().ascii_serialization()
+        ));
+    }
+    Ok(base)
 }
 
 /// A tool name from an operation id: MCP names are `A-Z a-z 0-9 _ - .`,
@@ -254,13 +265,8 @@ fn operation(
         };
         // What the gateway sets, a caller does not (OpenAPI ignores these
         // three header parameters; the credential is the server's).
-        if location == In::Header {
-            let lower = p.name.to_ascii_lowercase();
-            let reserved = ["accept", "content-type", "authorization"].contains(&lower.as_str())
-                || credential.is_some_and(|c| c.as_str() == lower);
-            if reserved {
-                continue;
-            }
+        if location == In::Header && is_reserved_header(&p.name, credential) {
+            continue;
         }
         let mut schema = match &p.schema {
             Some(s) => serde_json::to_value(s).map_err(|e| e.to_string())?,
@@ -403,6 +409,35 @@ fn operation(
     })
 }
 
+/// A header no argument may set: those OpenAPI ignores as parameters,
+/// the gateway's own (`Ratatosk-*`, the credential, traces), and those
+/// that frame or route the request.
+pub fn is_reserved_header(name: &str, credential: Option<&http::HeaderName>) -> bool {
+    let lower = name.to_ascii_lowercase();
+    const RESERVED: [&str; 16] = [
+        "accept",
+        "content-type",
+        "authorization",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "cookie",
+        "traceparent",
+        "tracestate",
+        "user-agent",
+    ];
+    RESERVED.contains(&lower.as_str())
+        || lower.starts_with("ratatosk-")
+        || lower.starts_with("proxy-")
+        || credential.is_some_and(|c| c.as_str() == lower)
+}
+
 fn is_json(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     essence.eq_ignore_ascii_case("application/json")
@@ -539,6 +574,8 @@ pub struct RestCall {
     /// `GET /items/{item_id}`, for messages.
     pub what: String,
     wraps: bool,
+    /// The tool has an `outputSchema`: a success must be JSON.
+    has_output: bool,
 }
 
 /// Why a call was not made: an unknown tool (a protocol error), or bad
@@ -599,8 +636,23 @@ impl Api {
                         .get(&p.name)
                         .ok_or_else(|| bad(format!("missing required argument `{}`", p.name)))?;
                     check_type(&p.name, value, &p.schema).map_err(bad)?;
-                    segment = segment.replace(&placeholder, &scalar(value));
+                    let text = scalar(value);
+                    if text.is_empty() || text.chars().any(char::is_control) {
+                        return Err(bad(format!(
+                            "`{}`: a path value must be non-empty, without control characters",
+                            p.name
+                        )));
+                    }
+                    segment = segment.replace(&placeholder, &text);
                 }
+            }
+            // A value that makes a segment `.` or `..` would reach another
+            // path than the operation's.
+            if segment == "." || segment == ".." {
+                return Err(bad(format!(
+                    "a path value makes the segment `{segment}` of {}",
+                    op.path
+                )));
             }
             segments.push(segment);
         }
@@ -657,6 +709,7 @@ impl Api {
             body,
             what: format!("{} {}", op.method, op.path),
             wraps: op.wraps,
+            has_output: op.tool.get("outputSchema").is_some(),
         })
     }
 }
@@ -735,12 +788,25 @@ pub fn result_of(
         };
         return json!({"content": [{"type": "text", "text": message}], "isError": true});
     }
+    let json = content_type
+        .filter(|ct| is_json(ct))
+        .and_then(|_| serde_json::from_slice::<Value>(body).ok());
+    if call.has_output && json.is_none() {
+        // Its output schema promises structured content.
+        return tool_error(&format!(
+            "the API answered HTTP {status} to {} with {}, not the JSON its document promises",
+            call.what,
+            if body.is_empty() {
+                "no body".to_owned()
+            } else {
+                format!("Content-Type {}", content_type.unwrap_or("(none)"))
+            }
+        ));
+    }
     if body.is_empty() {
         return json!({"content": [{"type": "text", "text": format!("HTTP {status} (no body)")}]});
     }
-    if content_type.is_some_and(is_json)
-        && let Ok(value) = serde_json::from_slice::<Value>(body)
-    {
+    if let Some(value) = json {
         let structured = match value {
             Value::Object(_) if !call.wraps => value,
             other => json!({"result": other}),

@@ -43,6 +43,13 @@ def registering(log_dir, admin: str, name: str, ttl: int) -> Example:
         "RATATOSK_REGISTER_SECRET": TEAM_SECRET, "RATATOSK_REGISTER_TTL": str(ttl)})
 
 
+def open_streams(gw, org: str) -> int:
+    """The SSE streams `gw` holds for `org` (its metric)."""
+    prefix = f'ratatosk_open_streams{{org="{org}"}} '
+    line = next((x for x in gw.metrics().splitlines() if x.startswith(prefix)), None)
+    return int(float(line[len(prefix):])) if line else 0
+
+
 def listed(gw, org: str = "team") -> dict[str, dict]:
     r = httpx2.get(f"{gw.admin}/orgs/{org}/servers", headers={"Authorization": f"Bearer {TEAM_SECRET}"}, timeout=5)
     assert r.status_code == 200, r.text
@@ -76,9 +83,12 @@ async def test_a_server_registers_itself_on_every_node_and_vanishes_after_its_tt
     upstream = registering(log_dir, a.admin, "billing", ttl=3)
     # A client of node b, which never hears from the upstream itself.
     async with streamable_session(b.url("team"), message_handler=on_message) as s:
+        # Its GET stream is open (each node tells the streams it holds).
+        await anyio.to_thread.run_sync(lambda: wait_until(
+            "the SDK session's stream at node b", lambda: open_streams(b, "team") >= 1, timeout=10))
         upstream.start()
         try:
-            upstream.wait_ready()
+            await anyio.to_thread.run_sync(upstream.wait_ready)
             # As a client does: list again on each list_changed (each node
             # sends one as it applies the change).
             with anyio.fail_after(15):
@@ -147,7 +157,7 @@ async def test_a_server_that_stops_deregisters_at_once(nodes, log_dir):
     upstream = registering(log_dir, f"{b.admin},{a.admin}", "reports", ttl=60)
     upstream.start()
     try:
-        upstream.wait_ready()
+        await anyio.to_thread.run_sync(upstream.wait_ready)
         await wait_for_tools(a, lambda t: "reports__add" in t, "registered", 15)
     finally:
         upstream.stop()

@@ -210,9 +210,10 @@ def test_a_removed_server_leaves_the_federated_endpoint_with_list_changed(log_di
             gw.write_config()
             done = reload(gw, headers=AUTH)
             assert done.status_code == 200, done.text
-            # The federated session's own session at `b` ends with the direct one.
+            # The federated session's own session at `b` ends with the direct one;
+            # `a`'s route is kept as it was (only its federation changed).
             assert done.json() == {"reloaded": True, "generation": 2, "added": [], "removed": ["fed/b"],
-                                   "changed": ["fed", "fed/a"], "sessions_ended": 2}
+                                   "changed": ["fed"], "sessions_ended": 2}
             events = SseReader(stream)
             methods = [events.next_message()[1].get("method") for _ in range(3)]
             assert "notifications/tools/list_changed" in methods, methods

@@ -1416,6 +1416,7 @@ impl Gateway {
         let key = fed.key.clone();
         let this = self.clone();
         tokio::spawn(async move {
+            let mut told = 0;
             for id in ids {
                 let Ok(Some(state)) = this.store.lookup(&id).await else {
                     continue;
@@ -1424,7 +1425,9 @@ impl Gateway {
                     continue;
                 }
                 this.publish_lists_changed(&id).await;
+                told += 1;
             }
+            tracing::debug!(org = %key, sessions = told, "federated sessions told that the lists changed");
         });
     }
 

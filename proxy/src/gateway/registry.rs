@@ -53,6 +53,7 @@ enum Store {
         prefix: String,
         put: redis::Script,
         list: redis::Script,
+        remove: redis::Script,
     },
 }
 
@@ -102,6 +103,19 @@ end
 return out
 ";
 
+/// KEYS[1]: the org's registrations. ARGV: name. -> 1 if it was there
+/// and live.
+const REMOVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local exp = tonumber(string.match(entry, '^(%d+) '))
+if exp == nil or exp <= now then return 0 end
+return 1
+";
+
 /// One registration, as read back.
 pub(crate) struct Listed {
     pub name: String,
@@ -127,6 +141,7 @@ impl Registry {
                 prefix: format!("{prefix}reg:"),
                 put: redis::Script::new(PUT),
                 list: redis::Script::new(LIST),
+                remove: redis::Script::new(REMOVE),
             },
             None => Store::Memory(Mutex::default()),
         };
@@ -181,11 +196,16 @@ impl Registry {
                 let removed = map.remove(&(org.to_owned(), name.to_owned()));
                 Ok(removed.is_some_and(|(_, expires)| expires > Instant::now()))
             }
-            Store::Redis { conn, prefix, .. } => {
+            Store::Redis {
+                conn,
+                prefix,
+                remove,
+                ..
+            } => {
                 let mut conn = conn.clone();
-                let mut cmd = redis::cmd("HDEL");
-                cmd.arg(format!("{prefix}{org}")).arg(name);
-                let removed: i64 = redis_call(cmd.query_async(&mut conn)).await?;
+                let mut invocation = remove.key(format!("{prefix}{org}"));
+                invocation.arg(name);
+                let removed: i64 = redis_call(invocation.invoke_async(&mut conn)).await?;
                 Ok(removed == 1)
             }
         }
@@ -309,6 +329,18 @@ pub(crate) fn merged(base: &Config, registered: &Registrations) -> (Config, Regi
     }
     let served = served(&kept);
     (config, served)
+}
+
+/// A URL as the servers' list shows it: without a user or password.
+fn without_userinfo(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => String::new(),
+    }
 }
 
 fn render(problems: &[Problem]) -> String {
@@ -485,7 +517,12 @@ impl Gateway {
     }
 
     /// The org's registration settings, or why it takes none.
-    fn registration_of(&self, org: &str) -> Result<crate::config::RegistrationConfig, Reject> {
+    /// The config file's config (read once: a reload may change it), and
+    /// the org's registration settings and servers; or why it takes none.
+    fn registration_of(
+        &self,
+        org: &str,
+    ) -> Result<(crate::config::RegistrationConfig, Arc<Config>), Reject> {
         let base = self.reloads.base();
         let Some(org_config) = base.orgs.get(org) else {
             return Err(Reject::new(
@@ -494,7 +531,7 @@ impl Gateway {
                 format!("unknown org '{}'", crate::jsonrpc::clip(org, 64)),
             ));
         };
-        org_config.registration.clone().ok_or_else(|| {
+        let registration = org_config.registration.clone().ok_or_else(|| {
             Reject::new(
                 StatusCode::FORBIDDEN,
                 code::BAD_REQUEST,
@@ -502,7 +539,15 @@ impl Gateway {
                     "org '{org}' takes no registrations: its config has no `orgs.{org}.registration`"
                 ),
             )
-        })
+        })?;
+        Ok((registration, base))
+    }
+
+    /// Whether the config file gives org `org` a server `name`.
+    fn in_file(base: &Config, org: &str, name: &str) -> bool {
+        base.orgs
+            .get(org)
+            .is_some_and(|o| o.servers.contains_key(name))
     }
 
     /// `PUT /orgs/{org}/servers/{name}`: registers or renews a server;
@@ -526,9 +571,8 @@ impl Gateway {
         name: &str,
         body: &[u8],
     ) -> Result<(StatusCode, Value), Reject> {
-        let registration = self.registration_of(org)?;
-        let base = self.reloads.base();
-        if base.orgs[org].servers.contains_key(name) {
+        let (registration, base) = self.registration_of(org)?;
+        if Self::in_file(&base, org, name) {
             return Err(conflict(format!(
                 "org '{org}' has a server '{name}' in its config file, which a registration cannot replace; choose another name"
             )));
@@ -589,6 +633,18 @@ impl Gateway {
         if !unchanged {
             // Served here before the answer.
             self.registrations_changed(org, name).await;
+            let served = self.reloads.served();
+            if !served.get(org).is_some_and(|s| s.contains_key(name)) {
+                // Another registration took its prefix meanwhile (the
+                // servers are taken in the order of their names).
+                if fresh {
+                    let _ = self.registry.remove(org, name).await;
+                    self.registrations_changed(org, name).await;
+                }
+                return Err(conflict(format!(
+                    "server '{name}' cannot join org '{org}': another server took its prefix `{prefix}` meanwhile (the gateway's log says more)"
+                )));
+            }
         }
         tracing::info!(org, server = name, ttl = ?ttl, result, "server registration");
         let base_url = format!("{}{}/{org}", self.public_url, base.base_path);
@@ -613,8 +669,8 @@ impl Gateway {
 
     /// `DELETE /orgs/{org}/servers/{name}`.
     pub async fn deregister(self: &Arc<Self>, org: &str, name: &str) -> Result<(), Reject> {
-        self.registration_of(org)?;
-        if self.reloads.base().orgs[org].servers.contains_key(name) {
+        let (_, base) = self.registration_of(org)?;
+        if Self::in_file(&base, org, name) {
             return Err(conflict(format!(
                 "server '{name}' of org '{org}' is in the config file; only registered servers can be removed through the API"
             )));
@@ -672,7 +728,7 @@ impl Gateway {
                     "source": "config",
                     "prefix": entry.prefix,
                     "era": entry.upstream.era.as_str(),
-                    "replicas": entry.upstream.replicas,
+                    "replicas": entry.upstream.replicas.iter().map(|r| without_userinfo(r)).collect::<Vec<_>>(),
                 }));
             }
         }
@@ -687,7 +743,10 @@ impl Gateway {
                     "source": "registration",
                     "prefix": r.server.get("prefix").and_then(Value::as_str).unwrap_or(&r.name),
                     "era": upstream.and_then(|u| u.get("era")),
-                    "replicas": upstream.and_then(|u| u.get("replicas")),
+                    "replicas": upstream
+                        .and_then(|u| u.get("replicas"))
+                        .and_then(Value::as_array)
+                        .map(|rs| rs.iter().filter_map(Value::as_str).map(without_userinfo).collect::<Vec<_>>()),
                     "expires_in_ms": u64::try_from(r.expires_in.as_millis()).unwrap_or(u64::MAX),
                     "served": served,
                 }));
@@ -709,6 +768,9 @@ impl Gateway {
     pub(crate) async fn sync_registrations(
         self: &Arc<Self>,
     ) -> Result<(), super::reload::ReloadError> {
+        // Read and applied in one turn: an older read never replaces a
+        // newer one.
+        let _one_at_a_time = self.reloading().await;
         let base = self.reloads.base();
         let before = self.reloads.registered();
         let mut wanted = Registrations::new();
@@ -742,7 +804,8 @@ impl Gateway {
                 }
             }
         }
-        self.apply_registrations(wanted).await.map(|_| ())
+        let file = self.reloads.file().unwrap_or_default();
+        self.apply_held(None, Some(wanted), &file).await.map(|_| ())
     }
 
     /// Reads the registrations again every [`POLL`] (a change made here
@@ -756,14 +819,20 @@ impl Gateway {
                 .orgs
                 .values()
                 .any(|o| o.registration.is_some());
-            if any || !self.reloads.registered().is_empty() {
-                let _ = self.sync_registrations().await;
+            if (any || !self.reloads.registered().is_empty())
+                && let Err(e) = self.sync_registrations().await
+            {
+                tracing::error!(
+                    "registered servers changed, but the config with them is refused: {e}"
+                );
             }
         }
     }
 
     /// Sets `ratatosk_registered_servers` from what is served.
     pub(crate) fn gauge_registered(&self, base: &Config, served: &Registrations) {
+        // An org gone, or no longer taking registrations, leaves the gauge.
+        self.metrics.registered_servers.reset();
         for (org, config) in &base.orgs {
             if config.registration.is_some() {
                 let count = served.get(org).map_or(0, BTreeMap::len);

@@ -54,6 +54,11 @@ impl Reloads {
         self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The config file, if the gateway was started with one.
+    pub(crate) fn file(&self) -> Option<PathBuf> {
+        self.file.get().cloned()
+    }
+
     /// The registrations last applied.
     pub(crate) fn registered(&self) -> Registrations {
         let kept = self.registered.lock().unwrap_or_else(|e| e.into_inner());
@@ -102,7 +107,9 @@ pub struct Reloaded {
     pub generation: u64,
     pub added: Vec<String>,
     pub removed: Vec<String>,
-    /// Routes whose org's part of the file changed (rebuilt).
+    /// Routes rebuilt (a server's own config, or its org's other than its
+    /// other servers, changed), and federated endpoints whose org's part
+    /// of the config changed at all.
     pub changed: Vec<String>,
     /// Sessions ended because their route is gone.
     pub sessions_ended: usize,
@@ -179,15 +186,6 @@ impl Gateway {
         self.apply(Some(config), None, file).await
     }
 
-    /// Applies `registered` in place of the registrations served now.
-    pub(crate) async fn apply_registrations(
-        self: &Arc<Self>,
-        registered: Registrations,
-    ) -> Result<Reloaded, ReloadError> {
-        let file = self.reloads.file.get().cloned().unwrap_or_default();
-        self.apply(None, Some(registered), &file).await
-    }
-
     /// Applies a new config file's config, or new registrations (what is
     /// not given stays): the file's config plus the registered servers
     /// that fit it.
@@ -198,6 +196,22 @@ impl Gateway {
         file: &Path,
     ) -> Result<Reloaded, ReloadError> {
         let _one_at_a_time = self.reloads.running.lock().await;
+        self.apply_held(base, registered, file).await
+    }
+
+    /// One reload at a time: held while the registrations are read and
+    /// applied, so that an older read never replaces a newer one.
+    pub(crate) async fn reloading(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reloads.running.lock().await
+    }
+
+    /// [`Gateway::apply`], its caller holding [`Gateway::reloading`].
+    pub(crate) async fn apply_held(
+        self: &Arc<Self>,
+        base: Option<Config>,
+        registered: Option<Registrations>,
+        file: &Path,
+    ) -> Result<Reloaded, ReloadError> {
         let from_file = base.is_some();
         let base = base.map_or_else(|| self.reloads.base(), Arc::new);
         let registered = registered.unwrap_or_else(|| self.reloads.registered());
@@ -225,11 +239,24 @@ impl Gateway {
         self.metrics.config_generation.set(done.generation as i64);
         if from_file {
             self.warn_about_unsafe_settings();
+        } else {
+            tracing::info!(
+                generation = done.generation,
+                added = ?done.added,
+                removed = ?done.removed,
+                changed = ?done.changed,
+                "registered servers applied"
+            );
         }
-        let changed: BTreeSet<&str> = done.changed.iter().map(|key| org_of(key)).collect();
-        for org in changed {
-            self.tell_lists_changed(&live, org).await;
-        }
+        // Told after the swap, without holding up the reload (or the
+        // registration that caused it).
+        let this = self.clone();
+        let changed = done.changed.clone();
+        tokio::spawn(async move {
+            for key in &changed {
+                this.tell_lists_changed(&live, key).await;
+            }
+        });
         Ok(done)
     }
 
@@ -248,11 +275,13 @@ impl Gateway {
         let unchanged = |org: &str| old.config.source.of_org(org) == config.source.of_org(org);
         // A route is kept while what it is built from is unchanged, though
         // other servers of its org came or went.
+        let route_unchanged = |route: &crate::routes::OrgRoute| {
+            let (org, server) = (&*route.name, route.server_name.as_deref());
+            old.config.source.of_route(org, server) == config.source.of_route(org, server)
+        };
         let reuse = |key: &str| {
             let route = old.routes.org(key)?;
-            let (org, server) = (&*route.name, route.server_name.as_deref());
-            (old.config.source.of_route(org, server) == config.source.of_route(org, server))
-                .then(|| route.clone())
+            route_unchanged(route).then(|| route.clone())
         };
         let reuse_rates = |org: &str| {
             let at = ["orgs", org, "rate_limits"];
@@ -288,7 +317,12 @@ impl Gateway {
             changed: keys(
                 after
                     .intersection(&before)
-                    .filter(|(key, _)| !unchanged(org_of(key)))
+                    .filter(|(key, federated)| match old.routes.org(key) {
+                        // A server's route: what it is built from.
+                        Some(route) if !federated => !route_unchanged(route),
+                        // A federated endpoint: anything of its org.
+                        _ => !unchanged(org_of(key)),
+                    })
                     .collect(),
             ),
             sessions_ended: 0,
@@ -337,19 +371,21 @@ impl Gateway {
         ended
     }
 
-    /// Tells the sessions of org `org` (its routes' and its federated
-    /// endpoint's) that its tools, prompts and resources may have changed.
-    async fn tell_lists_changed(self: &Arc<Self>, live: &Live, org: &str) {
-        for route in live.routes.of_org(org) {
-            let Ok(records) = self.store.list_org(&route.key).await else {
-                continue;
-            };
-            for record in records {
-                self.publish_lists_changed(&record.state.id).await;
-            }
-        }
-        if let Some(federation) = live.routes.federation(org) {
+    /// Tells the sessions of route `key` (a server's, or an org's
+    /// federated endpoint) that its tools, prompts and resources may have
+    /// changed: every session of a server's route, and the federated
+    /// sessions this node feeds (each node tells its own when it applies
+    /// the change).
+    async fn tell_lists_changed(self: &Arc<Self>, live: &Live, key: &str) {
+        if let Some(federation) = live.routes.federation(key) {
             self.lists_changed(federation);
+            return;
+        }
+        let Ok(records) = self.store.list_org(key).await else {
+            return;
+        };
+        for record in records {
+            self.publish_lists_changed(&record.state.id).await;
         }
     }
 }

@@ -129,11 +129,12 @@ impl OpenApiServer {
                 Ok(loaded)
             }
             Err(why) => {
+                // Callers are not told where the document is.
+                tracing::error!(server = %self.name, spec = %self.config.spec, "the OpenAPI document cannot be read: {why}");
                 let why = format!(
-                    "the OpenAPI document of server '{}' ({}): {why}",
-                    self.name, self.config.spec
+                    "the OpenAPI document of server '{}' cannot be read: {why}",
+                    self.name
                 );
-                tracing::error!("{why}");
                 *self.failed.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((Instant::now(), why.clone()));
                 Err(why)
@@ -174,7 +175,13 @@ impl OpenApiServer {
 
     /// Calls the API for `call`; the tool's result.
     async fn call(&self, call: RestCall, forwarded: &HeaderMap) -> Value {
+        // The arguments' headers first: the gateway's own go over them.
         let mut headers = HeaderMap::new();
+        for (name, value) in &call.headers {
+            if !super::is_reserved_header(name.as_str(), self.credential.as_ref()) {
+                headers.insert(name, value.clone());
+            }
+        }
         headers.insert(
             header::ACCEPT,
             HeaderValue::from_static("application/json, */*;q=0.5"),
@@ -187,9 +194,6 @@ impl OpenApiServer {
             if ours {
                 headers.append(name, value.clone());
             }
-        }
-        for (name, value) in &call.headers {
-            headers.insert(name, value.clone());
         }
         let body = match &call.body {
             Some(body) => {
@@ -314,7 +318,7 @@ impl LocalServer for OpenApiServer {
             _ => {
                 return Ok(json_answer(
                     StatusCode::BAD_REQUEST,
-                    json!({"jsonrpc": "2.0", "id": null, "error": {"code": crate::jsonrpc::code::INVALID_REQUEST, "message": "expected one JSON-RPC message"}}),
+                    json!({"jsonrpc": "2.0", "id": null, "error": {"code": crate::jsonrpc::code::PARSE_ERROR, "message": "expected one JSON-RPC message (a JSON object)"}}),
                 ));
             }
         };

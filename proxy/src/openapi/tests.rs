@@ -129,6 +129,41 @@ components:
     assert_eq!(props["note"]["type"], json!(["string", "null"]));
     assert_eq!(props["size"]["exclusiveMinimum"], 0);
     assert!(props["size"].get("minimum").is_none());
+    // A server at another origin than the document's is not called
+    // unless `base_url` says so.
+    let elsewhere = doc.replace(
+        "servers: [{url: /v2}]",
+        "servers: [{url: 'https://api.example.com/v2'}]",
+    );
+    let source = url::Url::parse("http://127.0.0.1:9/openapi.yaml").expect("url");
+    let all = allowed(&["*".into()]).expect("glob");
+    let e = Api::parse(&elsewhere, Some(&source), &all, None).expect_err("refused");
+    assert!(
+        e.contains("another origin (https://api.example.com)"),
+        "{e}"
+    );
+    let ok = Api::parse(
+        &elsewhere,
+        Some(&source),
+        &all,
+        Some("https://api.example.com/v2"),
+    )
+    .expect("api");
+    assert_eq!(ok.base.as_str(), "https://api.example.com/v2");
+    // Headers the gateway sets are no arguments.
+    for name in [
+        "Ratatosk-Subject",
+        "host",
+        "Authorization",
+        "x-api-key",
+        "Traceparent",
+    ] {
+        assert!(
+            is_reserved_header(name, Some(&http::HeaderName::from_static("x-api-key"))),
+            "{name}"
+        );
+    }
+    assert!(!is_reserved_header("x-request-tag", None));
     let swagger = r#"{"swagger": "2.0", "info": {"title": "x", "version": "1"}, "paths": {}}"#;
     let e = Api::parse(swagger, None, &allowed(&["*".into()]).expect("glob"), None)
         .expect_err("refused");
@@ -191,6 +226,31 @@ fn arguments_become_a_request_or_a_precise_error() {
             other => panic!("{name} {args}: {other:?}"),
         }
     }
+    // No path value reaches another path than the operation's.
+    for value in ["..", ".", "", "a\tb"] {
+        match api.call("deleteItem", Some(&json!({"item_id": value}))) {
+            Err(CallError::Arguments(_)) => {}
+            other => panic!("{value:?}: {other:?}"),
+        }
+    }
+    let doc = DOC_3_1.replace(
+        r#""required": true, "schema": {"type": "integer"}}],"#,
+        r#""required": true, "schema": {"type": "string"}}],"#,
+    );
+    let lax = parse(&doc, &["*"], Some("http://127.0.0.1:9/api/"));
+    for value in ["..", ".", "", ".\t."] {
+        assert!(
+            matches!(
+                lax.call("deleteItem", Some(&json!({"item_id": value}))),
+                Err(CallError::Arguments(_))
+            ),
+            "{value:?}"
+        );
+    }
+    let call = lax
+        .call("deleteItem", Some(&json!({"item_id": "a/../b"})))
+        .expect("call");
+    assert_eq!(call.url.path(), "/api/items/a%2F..%2Fb");
     assert_eq!(
         api.call("nope", None),
         Err(CallError::UnknownTool("nope".into()))
@@ -235,11 +295,26 @@ fn answers_become_results() {
         refused["content"][0]["text"],
         r#"the API answered HTTP 404 Not Found to GET /items/{item_id}: {"detail":"Item not found"}"#
     );
+    // Its output schema promises JSON.
     let text = result_of(&call, http::StatusCode::OK, Some("text/plain"), b"hello");
+    assert_eq!(text["isError"], true);
+    assert!(
+        text["content"][0]["text"]
+            .as_str()
+            .expect("text")
+            .contains("not the JSON its document promises")
+    );
+    // Without one, text is text.
+    let delete = api
+        .call("deleteItem", Some(&json!({"item_id": 1})))
+        .expect("call");
+    let text = result_of(&delete, http::StatusCode::OK, Some("text/plain"), b"hello");
     assert_eq!(
         text,
         json!({"content": [{"type": "text", "text": "hello"}]})
     );
+    let gone = result_of(&delete, http::StatusCode::NO_CONTENT, None, b"");
+    assert_eq!(gone["content"][0]["text"], "HTTP 204 No Content (no body)");
 }
 
 /// A REST API stub: the document, and items.

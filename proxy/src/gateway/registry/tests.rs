@@ -407,6 +407,14 @@ async fn in_redis_registrations_are_shared_and_expire_by_redis_time() {
     );
     assert!(a.remove("team", "one").await.expect("removed"));
     assert!(!b.remove("team", "one").await.expect("gone already"));
+    // Expired but not yet dropped (nothing listed since): not there either.
+    assert!(
+        a.put("late", "x", &server, Duration::from_millis(200), 2)
+            .await
+            .expect("put")
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!a.remove("late", "x").await.expect("expired"));
     let names: Vec<String> = a
         .list("team")
         .await
@@ -415,4 +423,37 @@ async fn in_redis_registrations_are_shared_and_expire_by_redis_time() {
         .map(|l| l.name)
         .collect();
     assert_eq!(names, ["three"]);
+}
+
+#[tokio::test]
+async fn federated_streams_hear_that_the_lists_changed() {
+    use crate::gateway::tests::{request, text_until};
+    let (fixed, extra) = (server("fixed").await, server("extra").await);
+    let gw = gateway(&fixed.url());
+    let r = gw
+        .handle(post_to("/gw/team/mcp", crate::gateway::tests::INIT, &[]))
+        .await;
+    let sid = r.headers["mcp-session-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let mut stream = gw
+        .handle(request(
+            http::Method::GET,
+            "/gw/team/mcp",
+            &[
+                ("accept", "text/event-stream"),
+                ("mcp-session-id", &sid),
+                ("mcp-protocol-version", "2025-06-18"),
+            ],
+            "",
+        ))
+        .await;
+    assert_eq!(stream.status, StatusCode::OK);
+    gw.register("team", "extra", &body(&extra.url(), "30s", ""))
+        .await
+        .expect("registered");
+    text_until(&mut stream, "notifications/tools/list_changed").await;
+    gw.deregister("team", "extra").await.expect("removed");
+    text_until(&mut stream, "notifications/tools/list_changed").await;
 }
