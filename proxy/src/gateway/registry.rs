@@ -642,7 +642,7 @@ impl Gateway {
                     self.registrations_changed(org, name).await;
                 }
                 return Err(conflict(format!(
-                    "server '{name}' cannot join org '{org}': another server took its prefix `{prefix}` meanwhile (the gateway's log says more)"
+                    "server '{name}' is not served in org '{org}': another server took its prefix `{prefix}` meanwhile, or the registrations cannot be read now (the gateway's log says which)"
                 )));
             }
         }
