@@ -125,11 +125,7 @@ async fn route(
             let live = gw.live_full();
             let mut keys: Vec<&str> = live.routes.of_org(org).map(|r| &*r.key).collect();
             if keys.is_empty() {
-                return Err(Reject::new(
-                    StatusCode::NOT_FOUND,
-                    code::NOT_FOUND,
-                    format!("unknown org '{}'", crate::jsonrpc::clip(org, 64)),
-                ));
+                return Err(crate::gateway::unknown_org(org));
             }
             keys.sort_unstable();
             let mut sessions = Vec::new();

@@ -82,6 +82,7 @@ use holding::HoldClient;
 use in_flight::InFlight;
 use lifecycle::{negotiated_version, session_header};
 use policed::{Asker, Refusal};
+pub use registry::unknown_org;
 pub use rejects::hold_reject;
 use rejects::*;
 pub use reload::{ReloadError, Reloaded};

@@ -365,6 +365,15 @@ fn bad_field(field: &str, message: impl Into<String>) -> Reject {
     .with_data(json!({"problems": [{"path": field, "message": message}]}))
 }
 
+/// 404 for an org the config does not name.
+pub fn unknown_org(org: &str) -> Reject {
+    Reject::new(
+        StatusCode::NOT_FOUND,
+        code::NOT_FOUND,
+        format!("unknown org '{}'", crate::jsonrpc::clip(org, 64)),
+    )
+}
+
 fn conflict(message: String) -> Reject {
     Reject::new(StatusCode::CONFLICT, code::BAD_REQUEST, message)
 }
@@ -525,11 +534,7 @@ impl Gateway {
     ) -> Result<(crate::config::RegistrationConfig, Arc<Config>), Reject> {
         let base = self.reloads.base();
         let Some(org_config) = base.orgs.get(org) else {
-            return Err(Reject::new(
-                StatusCode::NOT_FOUND,
-                code::NOT_FOUND,
-                format!("unknown org '{}'", crate::jsonrpc::clip(org, 64)),
-            ));
+            return Err(unknown_org(org));
         };
         let registration = org_config.registration.clone().ok_or_else(|| {
             Reject::new(
@@ -711,11 +716,7 @@ impl Gateway {
     pub async fn servers_of(&self, org: &str) -> Result<Value, Reject> {
         let live = self.live_full();
         let Some(org_config) = live.config.orgs.get(org) else {
-            return Err(Reject::new(
-                StatusCode::NOT_FOUND,
-                code::NOT_FOUND,
-                format!("unknown org '{}'", crate::jsonrpc::clip(org, 64)),
-            ));
+            return Err(unknown_org(org));
         };
         let base = self.reloads.base();
         let file_servers = base.orgs.get(org).map(|o| &o.servers);

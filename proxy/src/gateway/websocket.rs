@@ -827,22 +827,16 @@ impl Connection {
     /// A request to the route's `/mcp` endpoint, as this connection's
     /// client would send it.
     fn request(&mut self, method: Method, body: Bytes, last_event_id: Option<&str>) -> Request {
-        let mut headers = HeaderMap::new();
-        if method == Method::POST {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            headers.insert(
-                header::ACCEPT,
-                HeaderValue::from_static("application/json, text/event-stream"),
-            );
+        let mut headers = if method == Method::POST {
+            crate::upstream::json_rpc_headers(8)
         } else {
-            headers.insert(
+            let mut h = HeaderMap::with_capacity(8);
+            h.insert(
                 header::ACCEPT,
                 HeaderValue::from_static("text/event-stream"),
             );
-        }
+            h
+        };
         let known = [
             (header::AUTHORIZATION, &self.authorization),
             (header::ORIGIN, &self.origin),

@@ -32,7 +32,8 @@ pub struct OpenApiServer {
     max_bytes: usize,
     client: Client,
     /// The API, once its document is read; or when it last failed, why.
-    api: tokio::sync::Mutex<Option<Loaded>>,
+    /// Set once: every call after the first reads it without a lock.
+    api: tokio::sync::OnceCell<Loaded>,
     failed: Mutex<Option<(Instant, String)>>,
     /// The credential header the pool adds (`auth`), which the API gets.
     credential: Option<HeaderName>,
@@ -63,7 +64,7 @@ impl OpenApiServer {
             allowed,
             max_bytes,
             client: Client::new(2, config.connect_timeout, Some(tls)),
-            api: tokio::sync::Mutex::new(None),
+            api: tokio::sync::OnceCell::new(),
             failed: Mutex::new(None),
             credential,
         })
@@ -113,33 +114,32 @@ impl OpenApiServer {
 
     /// The API, its document read now if it is not yet.
     async fn api(&self) -> Result<Loaded, String> {
-        let mut api = self.api.lock().await;
-        if let Some(loaded) = &*api {
-            return Ok(loaded.clone());
-        }
-        if let Some((at, why)) = &*self.failed.lock().unwrap_or_else(|e| e.into_inner())
-            && at.elapsed() < RETRY_AFTER
-        {
-            return Err(why.clone());
-        }
-        match self.load().await {
-            Ok(loaded) => {
-                tracing::info!(server = %self.name, tools = loaded.operations.len(), base = %loaded.base, "OpenAPI document read");
-                *api = Some(loaded.clone());
-                Ok(loaded)
+        // One read at a time; a failed one is not tried again for a while.
+        let read = self.api.get_or_try_init(|| async {
+            if let Some((at, why)) = &*self.failed.lock().unwrap_or_else(|e| e.into_inner())
+                && at.elapsed() < RETRY_AFTER
+            {
+                return Err(why.clone());
             }
-            Err(why) => {
-                // Callers are not told where the document is.
-                tracing::error!(server = %self.name, spec = %self.config.spec, "the OpenAPI document cannot be read: {why}");
-                let why = format!(
-                    "the OpenAPI document of server '{}' cannot be read: {why}",
-                    self.name
-                );
-                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Instant::now(), why.clone()));
-                Err(why)
+            match self.load().await {
+                Ok(loaded) => {
+                    tracing::info!(server = %self.name, tools = loaded.operations.len(), base = %loaded.base, "OpenAPI document read");
+                    Ok(loaded)
+                }
+                Err(why) => {
+                    // Callers are not told where the document is.
+                    tracing::error!(server = %self.name, spec = %self.config.spec, "the OpenAPI document cannot be read: {why}");
+                    let why = format!(
+                        "the OpenAPI document of server '{}' cannot be read: {why}",
+                        self.name
+                    );
+                    *self.failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), why.clone()));
+                    Err(why)
+                }
             }
-        }
+        });
+        read.await.cloned()
     }
 
     async fn load(&self) -> Result<Loaded, String> {

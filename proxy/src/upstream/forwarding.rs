@@ -30,9 +30,9 @@ pub struct Forwarding<'a> {
     pub request_id: &'a str,
 }
 
-/// The headers of every JSON-RPC POST to an upstream: JSON in, JSON or
-/// SSE back.
-pub(super) fn json_rpc_headers(capacity: usize) -> HeaderMap {
+/// The headers of every JSON-RPC POST (to an upstream, or a WebSocket's
+/// to its route): JSON in, JSON or SSE back.
+pub(crate) fn json_rpc_headers(capacity: usize) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(capacity);
     h.insert(
         header::CONTENT_TYPE,

@@ -353,35 +353,40 @@ async fn in_redis_registrations_are_shared_and_expire_by_redis_time() {
     let (a, b) = (node(), node());
     let server =
         serde_json::json!({"upstream": {"era": "auto", "replicas": ["http://127.0.0.1:1/mcp"]}});
+    // Whether it is new; the org takes at most 2.
+    async fn put(
+        node: &Registry,
+        (org, name): (&str, &str),
+        server: &Value,
+        ttl_ms: u64,
+    ) -> Result<bool, RegistryError> {
+        node.put(org, name, server, Duration::from_millis(ttl_ms), 2)
+            .await
+    }
     assert!(
-        a.put("team", "one", &server, Duration::from_secs(30), 2)
+        put(&a, ("team", "one"), &server, 30_000)
             .await
             .expect("put")
     );
     assert!(
-        !b.put("team", "one", &server, Duration::from_secs(30), 2)
+        !put(&b, ("team", "one"), &server, 30_000)
             .await
             .expect("renewed")
     );
-    assert!(
-        b.put("team", "two", &server, Duration::from_millis(1500), 2)
-            .await
-            .expect("put")
-    );
+    assert!(put(&b, ("team", "two"), &server, 1_500).await.expect("put"));
     // The org's most: a third is refused, a renewal is not.
     assert!(matches!(
-        a.put("team", "three", &server, Duration::from_secs(30), 2)
-            .await,
+        put(&a, ("team", "three"), &server, 30_000).await,
         Err(RegistryError::Full)
     ));
     assert!(
-        !a.put("team", "two", &server, Duration::from_millis(1500), 2)
+        !put(&a, ("team", "two"), &server, 1_500)
             .await
             .expect("renewed")
     );
     // Another org counts its own.
     assert!(
-        a.put("other", "one", &server, Duration::from_secs(30), 2)
+        put(&a, ("other", "one"), &server, 30_000)
             .await
             .expect("put")
     );
@@ -401,18 +406,14 @@ async fn in_redis_registrations_are_shared_and_expire_by_redis_time() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        b.put("team", "three", &server, Duration::from_secs(30), 2)
+        put(&b, ("team", "three"), &server, 30_000)
             .await
             .expect("put")
     );
     assert!(a.remove("team", "one").await.expect("removed"));
     assert!(!b.remove("team", "one").await.expect("gone already"));
     // Expired but not yet dropped (nothing listed since): not there either.
-    assert!(
-        a.put("late", "x", &server, Duration::from_millis(200), 2)
-            .await
-            .expect("put")
-    );
+    assert!(put(&a, ("late", "x"), &server, 200).await.expect("put"));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(!a.remove("late", "x").await.expect("expired"));
     let names: Vec<String> = a
